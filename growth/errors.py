@@ -27,3 +27,7 @@ class CheckpointError(GrowthError):
 
 class ConfigError(GrowthError):
     """A campaign config is invalid (names the file and the key)."""
+
+
+class ReportError(GrowthError):
+    """Run metrics are missing, corrupt or malformed (names the file or the bad value)."""
