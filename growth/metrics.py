@@ -1,0 +1,290 @@
+"""Continual-learning metrics: the R matrix, ACC/BWT/FWT, model size and the run's metrics files.
+
+Conventions (used by the campaign, the metrics files and the report):
+
+- Tasks are indexed 0..T-1: the columns of R and the positions in ``metrics["tasks"]``.
+- R has shape (T+1, T). Row 0 holds the accuracies of the random initial model; row i (1..T)
+  holds the accuracies after training the i-th task, ``tasks[i-1]``. An entry that was not
+  measured yet (a run in progress) is NaN in memory and ``null`` in JSON.
+- METHODS.md writes the formulas with 1-based tasks: its R[i][j] is ``R[i, j-1]`` here, so its
+  diagonal R[i][i] (task i just after training it) is ``R[i, i-1]``.
+- ``metrics["sizes"][k]`` and ``metrics["wall_time_s"][k]`` describe the run after training
+  ``tasks[k]``; ``sizes[k]["task"]`` is that 0-based index k.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from growth.errors import ReportError
+
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+REQUIRED_KEYS = ("run", "tasks", "R")
+
+
+# --------------------------------------------------------------------------- R matrix metrics
+
+
+def as_matrix(R: Any) -> np.ndarray:
+    """Return R as a float (T+1, T) array with None turned into NaN; reject other shapes."""
+    if isinstance(R, RMatrix):
+        return R.values.copy()
+    rows = [[np.nan if v is None else v for v in row] for row in R]
+    try:
+        arr = np.asarray(rows, dtype=float)
+    except ValueError as exc:
+        raise ReportError(f"R matrix rows are ragged or not numeric: {exc}") from exc
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] + 1 or arr.shape[1] < 1:
+        raise ReportError(f"R matrix must have shape (T+1, T) with T >= 1, got {arr.shape}")
+    return arr
+
+
+def acc(R: Any) -> float:
+    """ACC: mean accuracy over all tasks after the last one (row T)."""
+    m = as_matrix(R)
+    return float(np.mean(m[-1]))
+
+
+def bwt(R: Any) -> float:
+    """BWT: mean over tasks i < T of final accuracy minus accuracy just after training i.
+
+    Negative means forgetting. NaN when T = 1 (no earlier task to forget).
+    """
+    m = as_matrix(R)
+    T = m.shape[1]
+    if T < 2:
+        return math.nan
+    # 1-based i = 1..T-1 -> column i-1, "just trained" entry R[i, i-1].
+    return float(np.mean([m[T, i - 1] - m[i, i - 1] for i in range(1, T)]))
+
+
+def fwt(R: Any) -> float:
+    """FWT: mean over tasks i >= 2 of accuracy before training i minus the initial model's.
+
+    Positive means earlier tasks helped task i before it was seen. NaN when T = 1.
+    """
+    m = as_matrix(R)
+    T = m.shape[1]
+    if T < 2:
+        return math.nan
+    # 1-based i = 2..T -> column i-1, "after task i-1" row i-1.
+    return float(np.mean([m[i - 1, i - 1] - m[0, i - 1] for i in range(2, T + 1)]))
+
+
+def finished_tasks(R: Any) -> int:
+    """Number of trained tasks: the last row after row 0 holding any measured value."""
+    m = as_matrix(R)
+    done = [i for i in range(1, m.shape[0]) if not np.all(np.isnan(m[i]))]
+    return max(done, default=0)
+
+
+def summarize(R: Any, upto: int | None = None) -> dict[str, float]:
+    """ACC/BWT/FWT of the first ``upto`` tasks (default: all finished), as a finished run.
+
+    A run in progress after k tasks is scored on R[:k+1, :k], so its numbers are comparable
+    with a k-task run. With no finished task every value is NaN.
+    """
+    m = as_matrix(R)
+    k = finished_tasks(m) if upto is None else upto
+    if not 0 <= k <= m.shape[1]:
+        raise ReportError(f"upto must be between 0 and T={m.shape[1]}, got {k}")
+    if k == 0:
+        return {"acc": math.nan, "bwt": math.nan, "fwt": math.nan}
+    sub = m[: k + 1, :k]
+    return {"acc": acc(sub), "bwt": bwt(sub), "fwt": fwt(sub)}
+
+
+class RMatrix:
+    """R matrix filled in as the campaign evaluates; NaN marks what is not measured yet."""
+
+    def __init__(self, num_tasks: int) -> None:
+        if num_tasks < 1:
+            raise ReportError(f"a run needs at least one task, got num_tasks={num_tasks}")
+        self.values = np.full((num_tasks + 1, num_tasks), np.nan)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.values.shape[1]
+
+    def record(self, after_task: int, task: int, accuracy: float) -> None:
+        """Store the accuracy on ``task`` (0-based) after ``after_task`` tasks (0 = init)."""
+        if not 0 <= after_task <= self.num_tasks:
+            raise ReportError(f"after_task must be in 0..{self.num_tasks}, got {after_task}")
+        if not 0 <= task < self.num_tasks:
+            raise ReportError(f"task must be in 0..{self.num_tasks - 1}, got {task}")
+        self.values[after_task, task] = float(accuracy)
+
+    def row(self, i: int) -> np.ndarray:
+        """Accuracies on every task after ``i`` tasks (row 0 = initial model); a copy."""
+        return self.values[i].copy()
+
+    def to_list(self) -> list[list[float | None]]:
+        """JSON-ready nested lists, NaN written as None."""
+        return [[_finite_or_none(v) for v in row] for row in self.values]
+
+    @classmethod
+    def from_list(cls, rows: Sequence[Sequence[float | None]]) -> RMatrix:
+        """Rebuild from ``to_list`` output (or a metrics.json "R")."""
+        m = as_matrix(rows)
+        out = cls(m.shape[1])
+        out.values = m
+        return out
+
+    def summarize(self, upto: int | None = None) -> dict[str, float]:
+        return summarize(self.values, upto)
+
+
+# --------------------------------------------------------------------------- model size
+
+
+def tensor_bytes(t: Any) -> int:
+    """Bytes the tensor's elements take in memory (bool = 1 byte, float16 = 2, ...)."""
+    if hasattr(t, "element_size"):  # torch.Tensor
+        return int(t.numel()) * int(t.element_size())
+    return int(np.asarray(t).nbytes)
+
+
+def _numel(t: Any) -> int:
+    return int(t.numel()) if hasattr(t, "numel") and callable(t.numel) else int(np.size(t))
+
+
+def size_report(groups: dict[str, Iterable[Any]], base_params: int | None = None) -> dict:
+    """Parameter and byte counts per group (trunk, heads, masks, ...) and in total.
+
+    ``relative`` is total params over the base network's params, so growth is visible at a
+    glance; None without a base. Every tensor is counted each time a group lists it.
+    """
+    out: dict[str, Any] = {"params": 0, "bytes": 0}
+    for name, tensors in groups.items():
+        tensors = list(tensors)
+        n = sum(_numel(t) for t in tensors)
+        b = sum(tensor_bytes(t) for t in tensors)
+        out[f"{name}_params"], out[f"{name}_bytes"] = n, b
+        out["params"] += n
+        out["bytes"] += b
+    out["relative"] = out["params"] / base_params if base_params else None
+    return out
+
+
+# --------------------------------------------------------------------------- metrics files
+
+
+def _finite_or_none(v: Any) -> Any:
+    """Turn NaN/inf into None and numpy scalars into Python ones so JSON stays strict."""
+    if isinstance(v, (np.floating, float)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, RMatrix):
+        return obj.to_list()
+    return _finite_or_none(obj)
+
+
+def make_metrics(
+    run: dict,
+    tasks: Sequence[str],
+    R: Any,
+    sizes: Sequence[dict] = (),
+    wall_time_s: Sequence[float] = (),
+    search: dict | None = None,
+) -> dict:
+    """Assemble a metrics.json dict, computing ACC/BWT/FWT over the finished tasks of R."""
+    m = as_matrix(R)
+    if m.shape[1] != len(tasks):
+        raise ReportError(f"R has {m.shape[1]} task columns but {len(tasks)} task names")
+    return _jsonable(
+        {
+            "run": dict(run),
+            "tasks": list(tasks),
+            "R": m,
+            **summarize(m),
+            "sizes": list(sizes),
+            "wall_time_s": list(wall_time_s),
+            "search": dict(search or {"children": 0, "child_time_s": 0.0}),
+            "finished_tasks": finished_tasks(m),
+        }
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder so readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def metrics_csv(metrics: dict) -> str:
+    """CSV text, one row per measured (after_task, task) entry of R."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["after_task", "task", "task_name", "accuracy"])
+    for i, row in enumerate(metrics["R"]):
+        for j, v in enumerate(row):
+            if v is not None and math.isfinite(v):
+                w.writerow([i, j, metrics["tasks"][j], repr(float(v))])
+    return buf.getvalue()
+
+
+def write_metrics(run_dir: str | Path, metrics: dict) -> Path:
+    """Write metrics.json and metrics.csv into run_dir atomically; return the JSON path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = _jsonable(metrics)
+    _check_metrics(data, run_dir / METRICS_JSON)
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    _atomic_write(run_dir / METRICS_JSON, text)
+    _atomic_write(run_dir / METRICS_CSV, metrics_csv(data))
+    return run_dir / METRICS_JSON
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """Load and check a run's metrics.json; a missing or corrupt file is a ReportError."""
+    path = Path(run_dir) / METRICS_JSON
+    if not path.is_file():
+        raise ReportError(f"{path}: no metrics file; is {run_dir} a run directory?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: cannot read metrics ({exc})") from exc
+    _check_metrics(data, path)
+    return data
+
+
+def _check_metrics(data: Any, path: Path) -> None:
+    """Reject metrics that the report could not render, naming the file and the key."""
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: metrics must be a JSON object, got {type(data).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
+    try:
+        m = as_matrix(data["R"])
+    except (ReportError, TypeError) as exc:
+        raise ReportError(f"{path}: bad 'R': {exc}") from exc
+    if m.shape[1] != len(data["tasks"]):
+        raise ReportError(f"{path}: 'R' has {m.shape[1]} columns but 'tasks' has "
+                          f"{len(data['tasks'])} names")
