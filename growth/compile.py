@@ -1,0 +1,130 @@
+"""NetGraph -> torch module by torch.fx code generation, and trained weights back into a graph.
+
+The compiled module is an `fx.GraphModule`: its forward is generated Python source that calls
+the layers directly, so it runs like the same network written by hand. Submodules are named
+after graph nodes, so `module.state_dict()` keys equal `graph.named_tensors()` keys.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from growth.errors import CheckpointError, GraphError
+from growth.graph import NetGraph
+from growth.layers import PARAMETRIC, build_module, kind_of
+
+
+def compile_graph(graph: NetGraph, head: str | None = None,
+                  modules: nn.Module | None = None) -> fx.GraphModule:
+    """Compile `graph` into a module.
+
+    head: None returns every head (a tensor if there is one, else a dict head -> tensor);
+    a head name returns only that head's tensor, and only the layers it needs run.
+    modules: reuse this module's layers (shared parameters) instead of building new ones:
+    how per-head views of one network share weights.
+    """
+    heads = graph.heads
+    if head is not None and head not in heads:
+        raise GraphError(f"no head named {head!r}; the graph's heads are {heads}")
+    wanted = heads if head is None else [head]
+    root = modules if modules is not None else _build_layers(graph)
+    g = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for name in _needed(graph, wanted):
+        node = graph.node(name)
+        args = [env[i] for i in graph.inputs(name)]
+        env[name] = _emit(g, name, node.kind, node.attrs, args)
+    if len(wanted) == 1 and (head is not None or len(heads) == 1):
+        g.output(env[wanted[0]])
+    else:
+        g.output({h: env[h] for h in wanted})
+    return fx.GraphModule(root, g, class_name="CompiledNet")
+
+
+def head_view(module: fx.GraphModule, graph: NetGraph, head: str) -> fx.GraphModule:
+    """A module computing one head that shares every parameter with `module`."""
+    return compile_graph(graph, head, modules=module)
+
+
+def _needed(graph: NetGraph, wanted: list[str]) -> list[str]:
+    keep: set[str] = set()
+    stack = list(wanted)
+    while stack:
+        n = stack.pop()
+        if n not in keep:
+            keep.add(n)
+            stack.extend(graph.inputs(n))
+    return [n for n in graph.topo_order() if n in keep]
+
+
+def _build_layers(graph: NetGraph) -> nn.Module:
+    root = nn.Module()
+    for name in graph.topo_order():
+        node = graph.node(name)
+        spec = kind_of(node.kind)
+        if spec.module is None:
+            continue
+        layer = build_module(node.kind, node.attrs)
+        if node.kind in PARAMETRIC and node.tensors:
+            _load_layer(layer, name, node.tensors)
+        root.add_module(name, layer)
+    return root
+
+
+def _load_layer(layer: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    own = layer.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise GraphError(f"node {name!r} lacks tensors {missing}")
+    with torch.no_grad():
+        for key, value in own.items():
+            src = tensors[key]
+            if src.shape != value.shape:
+                raise GraphError(
+                    f"node {name!r}: tensor {key!r} has shape {tuple(src.shape)}, the layer "
+                    f"needs {tuple(value.shape)}"
+                )
+            value.copy_(src)
+
+
+def _emit(g: fx.Graph, name: str, kind: str, attrs: dict, args: list[fx.Node]) -> fx.Node:
+    if kind == "input":
+        return g.placeholder(name)
+    if kind == "output":
+        return args[0]
+    if kind == "flatten":
+        return g.call_function(torch.flatten, (args[0], 1))
+    if kind == "add":
+        out = args[0]
+        for a in args[1:]:
+            out = g.call_function(operator.add, (out, a))
+        return out
+    if kind == "concat":
+        return g.call_function(torch.cat, (tuple(args), 1))
+    return g.call_module(name, tuple(args))
+
+
+def graph_with_weights(graph: NetGraph, module: nn.Module) -> NetGraph:
+    """The way back: a copy of `graph` holding `module`'s current (trained) tensors."""
+    state = module.state_dict()
+    out = graph.copy()
+    for name in out.topo_order():
+        node = out.node(name)
+        if node.kind not in PARAMETRIC:
+            continue
+        fresh = {}
+        for key, old in node.tensors.items():
+            full = f"{name}.{key}"
+            if full not in state:
+                raise CheckpointError(f"module has no tensor {full!r}; was it compiled from "
+                                      "this graph?")
+            new = state[full].detach().clone()
+            if new.shape != old.shape:
+                raise CheckpointError(f"{full}: module holds shape {tuple(new.shape)}, graph "
+                                      f"expects {tuple(old.shape)}")
+            fresh[key] = new
+        node.tensors = fresh
+    return out
