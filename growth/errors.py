@@ -31,3 +31,7 @@ class ConfigError(GrowthError):
 
 class ReportError(GrowthError):
     """Run metrics are missing, corrupt or malformed (names the file or the bad value)."""
+
+
+class DataError(GrowthError):
+    """A dataset is missing, malformed or a task stream is asked for impossible values."""
