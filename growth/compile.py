@@ -8,6 +8,7 @@ after graph nodes, so `module.state_dict()` keys equal `graph.named_tensors()` k
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 
 import torch
 from torch import fx, nn
@@ -107,9 +108,11 @@ def _emit(g: fx.Graph, name: str, kind: str, attrs: dict, args: list[fx.Node]) -
     return g.call_module(name, tuple(args))
 
 
-def graph_with_weights(graph: NetGraph, module: nn.Module) -> NetGraph:
-    """The way back: a copy of `graph` holding `module`'s current (trained) tensors."""
-    state = module.state_dict()
+def graph_with_weights(graph: NetGraph, module: nn.Module | Mapping[str, torch.Tensor]
+                       ) -> NetGraph:
+    """The way back: a copy of `graph` holding the trained tensors of `module` (a module
+    compiled from this graph, or its state dict); tensors come back detached, on the CPU."""
+    state = module.state_dict() if isinstance(module, nn.Module) else module
     out = graph.copy()
     for name in out.topo_order():
         node = out.node(name)
@@ -121,7 +124,7 @@ def graph_with_weights(graph: NetGraph, module: nn.Module) -> NetGraph:
             if full not in state:
                 raise CheckpointError(f"module has no tensor {full!r}; was it compiled from "
                                       "this graph?")
-            new = state[full].detach().clone()
+            new = state[full].detach().to("cpu", copy=True)
             if new.shape != old.shape:
                 raise CheckpointError(f"{full}: module holds shape {tuple(new.shape)}, graph "
                                       f"expects {tuple(old.shape)}")

@@ -1,0 +1,115 @@
+"""The strategy protocol: hooks on the one training loop, plus state that checkpoints carry.
+
+A strategy is a flat class with a few hooks, each a no-op by default. The loop in
+`growth.train` calls only the hooks a strategy overrides, so an idle hook costs nothing.
+
+Hooks, in the order the loop calls them:
+  before_task(ctx)                 set up (snapshot old weights, add masks, grow the graph)
+  train_sets(ctx) -> list[Task]    the tasks whose data this task trains on (joint: all seen)
+  penalty(ctx, x, y, logits)       extra loss terms for a batch (regularisers, distillation)
+  after_backward(ctx)              edit gradients (masks) or read them (SI)
+  after_step(ctx)                  after optimizer.step (SI's path integral, re-apply masks)
+  after_task(ctx)                  consolidate (Fisher, importance, pruning, compression)
+
+State: importance tensors, anchors and masks live in `self.state`, a flat dict keyed
+"<what>/<task>/<parameter name>" (e.g. "fisher/2/fc1.weight"), so every strategy stores them
+one way and checkpoints see them all; `extra` holds small JSON-able values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from growth.data import Task
+    from growth.model import Model
+
+HOOKS = ("before_task", "penalty", "after_backward", "after_step", "after_task")
+
+
+class StrategyParams(BaseModel):
+    """Base of every strategy's validated settings (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+@dataclass
+class Context:
+    """What hooks see: the model, the task being learned and what came before."""
+
+    model: Model
+    task: Task
+    seen: list[Task]  # tasks learned before this one, in order
+    head_of: Callable[[Task], str]  # head name serving a task
+    label_of: Callable[[Task, torch.Tensor], torch.Tensor]  # local labels -> head labels
+    device: torch.device
+    optimizer: torch.optim.Optimizer | None = None
+    epoch: int = 0
+    step: int = 0
+    train_fit: Callable[..., Any] | None = None  # the loop itself, for strategies that retrain
+    info: dict[str, Any] = field(default_factory=dict)  # per-task scratch (not checkpointed)
+
+
+class Strategy:
+    """Fine-tuning: the base of all strategies, and the lower bound (no protection at all)."""
+
+    name: ClassVar[str] = "finetune"
+    description: ClassVar[str] = "train on each task in turn with no protection (lower bound)"
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+
+    def __init__(self, params: StrategyParams | None = None) -> None:
+        self.params = params if params is not None else type(self).Params()
+        self.state: dict[str, torch.Tensor] = {}
+        self.extra: dict[str, Any] = {}
+
+    # ---- hooks (no-ops) -------------------------------------------------------------------
+    def before_task(self, ctx: Context) -> None:
+        """Called before the task's first epoch."""
+
+    def train_sets(self, ctx: Context) -> list[Task]:
+        """Tasks whose training data the loop iterates over (default: the current one)."""
+        return [ctx.task]
+
+    def penalty(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
+                ) -> torch.Tensor | None:
+        """Extra loss for the batch (added to cross-entropy), or None."""
+        return None
+
+    def after_backward(self, ctx: Context) -> None:
+        """Called after loss.backward(), before the optimizer step."""
+
+    def after_step(self, ctx: Context) -> None:
+        """Called after each optimizer step."""
+
+    def after_task(self, ctx: Context) -> None:
+        """Called after the task's last epoch, before evaluation."""
+
+    # ---- state ----------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors (to safetensors) and small JSON-able values (to JSON)."""
+        return dict(self.state), dict(self.extra)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        self.state = dict(tensors)
+        self.extra = dict(extra)
+
+    def overridden(self) -> set[str]:
+        """Names of the hooks this strategy really implements (the loop skips the rest)."""
+        return {h for h in HOOKS if getattr(type(self), h) is not getattr(Strategy, h)}
+
+
+def state_key(what: str, task: int | str, param: str) -> str:
+    """The one key format for per-task, per-parameter strategy state."""
+    return f"{what}/{task}/{param}"
+
+
+def snapshot(model: Model, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Detached copies of the model's parameters (all, or `names`)."""
+    params = model.named_parameters()
+    keep = names if names is not None else list(params)
+    return {n: params[n].detach().clone() for n in keep}

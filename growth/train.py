@@ -1,0 +1,147 @@
+"""The one training loop every strategy shares, and evaluation.
+
+`learn_task` = before_task -> fit -> after_task. `fit` is plain minibatch SGD/Adam over the
+strategy's training sets with cross-entropy plus the strategy's penalty; strategies that need
+extra training (pruning, distillation, search children) call `fit` again rather than writing
+a loop of their own. Only the hooks a strategy overrides are called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from growth.strategies.base import Context, Strategy
+
+if TYPE_CHECKING:
+    from growth.data import Task
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings for one task (validated; unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(5, ge=0)
+    batch_size: int = Field(32, ge=1)
+    optimizer: str = Field("sgd", pattern="^(sgd|adam)$")
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class _Set:
+    view: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def _sets(ctx: Context, tasks: list[Task]) -> list[_Set]:
+    out = []
+    for t in tasks:
+        x, y = t.train
+        out.append(_Set(ctx.model.head(ctx.head_of(t)), x.to(ctx.device),
+                        ctx.label_of(t, y).to(ctx.device)))
+    return out
+
+
+def _batches(sets: list[_Set], batch_size: int, gen: torch.Generator
+             ) -> Iterator[tuple[_Set, torch.Tensor]]:
+    """Shuffled minibatches of every set; with several sets, batches are interleaved."""
+    if len(sets) == 1:
+        s = sets[0]
+        for idx in torch.randperm(len(s.y), generator=gen).split(batch_size):
+            yield s, idx
+        return
+    plan = [(i, idx) for i, s in enumerate(sets)
+            for idx in torch.randperm(len(s.y), generator=gen).split(batch_size)]
+    for k in torch.randperm(len(plan), generator=gen).tolist():
+        i, idx = plan[k]
+        yield sets[i], idx
+
+
+def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
+        epochs: int | None = None,
+        params: list[torch.nn.Parameter] | None = None,
+        on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train ctx.model on the strategy's training sets; returns the mean loss of each epoch.
+
+    params: the parameters to optimise (default: all of the model's).
+    """
+    hooks = strategy.overridden()
+    use_penalty = "penalty" in hooks
+    use_after_backward = "after_backward" in hooks
+    use_after_step = "after_step" in hooks
+    sets = _sets(ctx, strategy.train_sets(ctx))
+    if params is None:
+        params = [p for p in ctx.model.module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    ctx.optimizer = optimizer
+    gen = torch.Generator().manual_seed(seed)
+    ctx.model.train()
+    losses: list[float] = []
+    for epoch in range(cfg.epochs if epochs is None else epochs):
+        ctx.epoch = epoch
+        total = torch.zeros((), device=ctx.device)
+        n = 0
+        for s, idx in _batches(sets, cfg.batch_size, gen):
+            x, y = s.x[idx], s.y[idx]
+            logits = s.view(x)
+            loss = F.cross_entropy(logits, y)
+            if use_penalty:
+                extra = strategy.penalty(ctx, x, y, logits)
+                if extra is not None:
+                    loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if use_after_backward:
+                strategy.after_backward(ctx)
+            optimizer.step()
+            if use_after_step:
+                strategy.after_step(ctx)
+            ctx.step += 1
+            total += loss.detach()
+            n += 1
+        losses.append(float(total) / max(n, 1))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    ctx.optimizer = None
+    return losses
+
+
+def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
+               on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+    """before_task -> fit -> after_task: how a campaign learns one task."""
+    ctx.train_fit = lambda **kw: fit(ctx, strategy, cfg, **{"seed": seed, **kw})
+    strategy.before_task(ctx)
+    losses = fit(ctx, strategy, cfg, seed=seed, on_epoch=on_epoch)
+    strategy.after_task(ctx)
+    return losses
+
+
+@torch.no_grad()
+def evaluate(ctx: Context, task: Task, split: str = "test", batch_size: int = 1024) -> float:
+    """Accuracy of the model on one task's split, through that task's head."""
+    x, y = getattr(task, split)
+    view = ctx.model.head(ctx.head_of(task))
+    labels = ctx.label_of(task, y).to(ctx.device)
+    was_training = ctx.model.module.training
+    ctx.model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        logits = view(x[i:i + batch_size].to(ctx.device))
+        correct += int((logits.argmax(1) == labels[i:i + batch_size]).sum())
+    ctx.model.train(was_training)
+    return correct / max(len(labels), 1)
