@@ -286,5 +286,6 @@ def _check_metrics(data: Any, path: Path) -> None:
     except (ReportError, TypeError) as exc:
         raise ReportError(f"{path}: bad 'R': {exc}") from exc
     if m.shape[1] != len(data["tasks"]):
-        raise ReportError(f"{path}: 'R' has {m.shape[1]} columns but 'tasks' has "
-                          f"{len(data['tasks'])} names")
+        raise ReportError(
+            f"{path}: 'R' has {m.shape[1]} columns but 'tasks' has {len(data['tasks'])} names"
+        )

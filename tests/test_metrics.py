@@ -153,8 +153,13 @@ def test_torch_sizes_by_dtype_and_relative():
 def test_size_report_without_base_and_empty_group():
     rep = size_report({"trunk": [np.zeros(5, dtype=np.float64)], "adapters": []}, None)
     assert rep == {
-        "params": 5, "bytes": 40, "trunk_params": 5, "trunk_bytes": 40,
-        "adapters_params": 0, "adapters_bytes": 0, "relative": None,
+        "params": 5,
+        "bytes": 40,
+        "trunk_params": 5,
+        "trunk_bytes": 40,
+        "adapters_params": 0,
+        "adapters_bytes": 0,
+        "relative": None,
     }
 
 

@@ -1,0 +1,153 @@
+"""Reports from fake run folders: files written, PNGs valid, numbers shown, errors typed."""
+
+import math
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from growth.errors import ReportError  # noqa: E402
+from growth.metrics import make_metrics, read_metrics, write_metrics  # noqa: E402
+from growth.report import write_report  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TASKS = ["mnist-01", "mnist-23", "mnist-45"]
+R3 = [
+    [0.1000, 0.2000, 0.3000],
+    [0.9123, 0.2500, 0.3500],
+    [0.8000, 0.8500, 0.4000],
+    [0.7000, 0.7500, 0.9500],
+]
+# ACC = 0.8, BWT = ((0.70 - 0.9123) + (0.75 - 0.85)) / 2 = -0.15615, FWT = 0.075
+
+
+def _sizes(n):
+    base = 1000
+    out = []
+    for k in range(n):
+        trunk, heads = base + 100 * k, 10 * (k + 1)
+        total = trunk + heads
+        out.append(
+            {
+                "task": k,
+                "params": total,
+                "bytes": 4 * total,
+                "relative": total / base,
+                "trunk_params": trunk,
+                "heads_params": heads,
+            }
+        )
+    return out
+
+
+def make_run(root, name="demo", strategy="finetune", seed=0, R=R3, finished=3):
+    run_dir = root / name
+    metrics = make_metrics(
+        run={"name": name, "strategy": strategy, "seed": seed, "stream": "s", "dataset": "mnist"},
+        tasks=TASKS,
+        R=R,
+        sizes=_sizes(finished),
+        wall_time_s=[12.5] * finished,
+        search={"children": 7, "child_time_s": 33.0},
+    )
+    write_metrics(run_dir, metrics)
+    return run_dir
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5000, path  # a real plot, not an empty canvas
+
+
+def test_single_run_report(tmp_path):
+    run_dir = make_run(tmp_path)
+    md = write_report([run_dir])
+    assert md == run_dir / "report" / "report.md"
+    for png in ("r_matrix.png", "accuracy_curves.png", "model_size.png"):
+        assert_png(md.parent / png)
+    text = md.read_text()
+    for value in ("0.1000", "0.9123", "0.8500", "0.9500"):  # R entries
+        assert value in text
+    assert "| ACC | BWT | FWT |" in text
+    assert "| 0.8000 | -0.1562 | 0.0750 |" in text
+    for name in TASKS:
+        assert f"after {name}" in text
+    assert "1,230" in text  # final params: trunk 1000 + 2 * 100, heads 3 * 10
+    assert "Child networks trained: 7" in text
+    assert "Total: 37.5 s" in text
+    assert "finetune" in text and "mnist" in text
+
+
+def test_out_folder_overrides_default(tmp_path):
+    run_dir = make_run(tmp_path)
+    md = write_report([run_dir], out=tmp_path / "elsewhere")
+    assert md == tmp_path / "elsewhere" / "report.md"
+    assert not (run_dir / "report").exists()
+
+
+def test_partial_run_reports_without_crashing(tmp_path):
+    R = [row[:] for row in R3]
+    R[2] = [math.nan] * 3
+    R[3] = [math.nan] * 3
+    run_dir = make_run(tmp_path, R=R, finished=1)
+    md = write_report([run_dir])
+    text = md.read_text()
+    assert "n/a" in text  # unmeasured entries and BWT/FWT after one task
+    assert "1 / 3" in text
+    assert "| 0.9123 | n/a | n/a |" in text  # ACC over the one finished task
+    for png in ("r_matrix.png", "accuracy_curves.png", "model_size.png"):
+        assert_png(md.parent / png)
+
+
+def test_run_with_nothing_finished(tmp_path):
+    R = [R3[0]] + [[math.nan] * 3] * 3
+    md = write_report([make_run(tmp_path, R=R, finished=0)])
+    assert "No size recorded yet" in md.read_text()
+    assert_png(md.parent / "model_size.png")
+
+
+def test_comparison_lists_every_run_and_strategy_means(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    worse = [row[:] for row in R3]
+    worse[3] = [0.5, 0.6, 0.9]  # ACC = 2.0 / 3 = 0.6667
+    runs = [
+        make_run(tmp_path, "ft-s0", "finetune", 0),
+        make_run(tmp_path, "ft-s1", "finetune", 1, R=worse),
+        make_run(tmp_path, "grow-s0", "grow", 0),
+    ]
+    md = write_report(runs)
+    assert md.resolve() == (tmp_path / "report" / "report.md").resolve()
+    for png in ("r_matrices.png", "acc.png", "model_size.png"):
+        assert_png(md.parent / png)
+    text = md.read_text()
+    for name in ("ft-s0", "ft-s1", "grow-s0"):
+        assert name in text
+    assert "0.6667" in text
+    # finetune has two seeds: ACC mean (0.8 + 0.6667) / 2 = 0.7333, std (ddof=1) 0.0943.
+    assert "| finetune | 2 | 0.7333 ± 0.0943 |" in text
+    assert "| grow | 2 |" not in text  # a single run gets no mean row
+
+
+def test_duplicate_run_names_stay_distinguishable(tmp_path):
+    a = make_run(tmp_path / "a", "same")
+    b = make_run(tmp_path / "b", "same")
+    c = make_run(tmp_path / "c", "other-dir")
+    write_metrics(c, {**read_metrics(c), "run": {"name": "same", "strategy": "x", "seed": 2}})
+    text = write_report([a, b, c], out=tmp_path / "cmp").read_text()
+    # Same name in folders both called "same": told apart by position; the third by folder.
+    assert "| same [same] [#1] |" in text and "| same [same] [#2] |" in text
+    assert "| same [other-dir] |" in text
+
+
+def test_missing_metrics_is_a_typed_error_naming_the_path(tmp_path):
+    good = make_run(tmp_path)
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    with pytest.raises(ReportError, match=str(empty / "metrics.json")):
+        write_report([good, empty], out=tmp_path / "cmp")
+
+
+def test_no_run_dirs_is_a_typed_error():
+    with pytest.raises(ReportError):
+        write_report([])
