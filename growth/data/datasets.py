@@ -1,0 +1,63 @@
+"""One entry point, `load_dataset`, for every dataset the engine knows.
+
+`digits` (scikit-learn's bundled 8x8 digits) needs no download and is the offline default; the
+others read the official files from `root` (torchvision downloads them when `download=True`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from growth.data.containers import Dataset, labels_to_long
+from growth.data.folders import load_cub200, load_imagefolder
+from growth.data.sampling import generator, stratified_split
+from growth.data.torchvision_sets import load_torchvision
+from growth.errors import DataError
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "cub200", "imagefolder")
+DIGITS_TEST_FRACTION = 0.2
+
+
+def load_dataset(
+    name: str,
+    root: str | Path = "data",
+    download: bool = False,
+    image_size: int = 64,
+    seed: int = 0,
+) -> Dataset:
+    """Load dataset `name` fully into memory.
+
+    `image_size` applies to the folder datasets (cub200, imagefolder), which are resized to a
+    square; `seed` fixes the train/test split of datasets without an official one (digits,
+    imagefolder without train/test subfolders).
+    """
+    key = name.lower().replace("-", "_")
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if int(image_size) < 1:
+        raise DataError(f"image_size must be a positive integer, got {image_size}")
+    root = Path(root).expanduser()
+    if key == "digits":
+        return load_digits(seed)
+    if key == "cub200":
+        return load_cub200(root, int(image_size))
+    if key == "imagefolder":
+        return load_imagefolder(root, int(image_size), seed)
+    return load_torchvision(key, root, download)
+
+
+def load_digits(seed: int = 0) -> Dataset:
+    """scikit-learn's 1797 8x8 digits (values 0..16 scaled to [0, 1]), 80/20 stratified split.
+
+    The split depends only on `seed`, so it is the same on every run and machine.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+    y = labels_to_long(bunch.target)
+    train, test = stratified_split(y, DIGITS_TEST_FRACTION, generator(seed, "digits-test"))
+    names = [str(c) for c in bunch.target_names]
+    return Dataset("digits", x[train], y[train], x[test], y[test], class_names=names)
