@@ -98,6 +98,11 @@ class Strategy:
         self.state = dict(tensors)
         self.extra = dict(extra)
 
+    def size_tensors(self) -> list[torch.Tensor]:
+        """Tensors that are part of the deployed model besides its parameters (masks,
+        adapters); counted in model size. Regulariser memory (Fisher, anchors) is not."""
+        return []
+
     def overridden(self) -> set[str]:
         """Names of the hooks this strategy really implements (the loop skips the rest)."""
         return {h for h in HOOKS if getattr(type(self), h) is not getattr(Strategy, h)}

@@ -1,0 +1,176 @@
+"""The `growth` command: run | resume | report | ops | demo.
+
+User mistakes (a config typo, a corrupt checkpoint, a missing run) print one line naming the
+file and key and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from growth.errors import GrowthError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except GrowthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; `growth resume RUNDIR` continues from the last finished task",
+              file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="growth", description="Lifelong learning by network "
+                                "growth: run campaigns, resume them, report, list operators.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a campaign config into a run directory")
+    run.add_argument("config", help="YAML campaign config, e.g. experiments/quickstart.yaml")
+    run.add_argument("--out", help="run directory (default: runs/<config name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a config key, e.g. train.epochs=3")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
+
+    res = sub.add_parser("resume", help="continue a killed run from its last finished task")
+    res.add_argument("run_dir")
+    res.add_argument("--quiet", action="store_true")
+    res.set_defaults(func=_resume)
+
+    rep = sub.add_parser("report", help="markdown report and plots of one or more runs")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", help="output folder (default: RUNDIR/report for one run, "
+                                   "./report for several)")
+    rep.set_defaults(func=_report)
+
+    ops = sub.add_parser("ops", help="growth operators")
+    ops_sub = ops.add_subparsers(metavar="ACTION")
+    lst = ops_sub.add_parser("list", help="list every registered operator")
+    lst.set_defaults(func=_ops_list)
+
+    demo = sub.add_parser("demo", help="import a network, grow it, check it computes the same")
+    demo.set_defaults(func=_demo)
+    return p
+
+
+def _default_out(config: str) -> Path:
+    base = Path("runs") / Path(config).stem
+    out, k = base, 2
+    while (out / "checkpoints").exists():
+        out, k = Path(f"{base}-{k}"), k + 1
+    return out
+
+
+def _setup_logging(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("growth")
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from growth.campaign import Campaign
+    from growth.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validate before touching the disk
+    out = Path(args.out) if args.out else _default_out(args.config)
+    campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet))
+    _setup_logging(out)
+    metrics = campaign.start()
+    _print_summary(out, metrics)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from growth.campaign import resume_run
+    from growth.config import load_config
+
+    run_dir = Path(args.run_dir)
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    epochs = cfg.train.epochs if cfg else 1
+    if cfg is not None:
+        _setup_logging(run_dir)
+    metrics = resume_run(run_dir, _progress(epochs, args.quiet))
+    _print_summary(run_dir, metrics)
+    return 0
+
+
+def _progress(epochs: int, quiet: bool) -> Any:
+    from growth.campaign import Progress
+
+    if quiet:
+        return Progress()
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def start(i: int, task: Any) -> None:
+        bar["t"] = tqdm(total=epochs, desc=f"task {i + 1} {task.name}", unit="epoch",
+                        leave=True, dynamic_ncols=True)
+
+    def epoch(i: int, e: int, loss: float) -> None:
+        bar["t"].set_postfix(loss=f"{loss:.4f}")
+        bar["t"].update(1)
+
+    def end(i: int, metrics: dict[str, Any]) -> None:
+        row = metrics["R"][i + 1]
+        bar["t"].set_postfix(acc=f"{row[i]:.3f}", ACC=f"{metrics['acc']:.3f}")
+        bar["t"].close()
+
+    return Progress(start, epoch, end)
+
+
+def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    size = metrics["sizes"][-1] if metrics["sizes"] else {}
+    print(f"run directory: {out}")
+    print(f"ACC {fmt(metrics['acc'])}  BWT {fmt(metrics['bwt'])}  FWT {fmt(metrics['fwt'])}  "
+          f"params {size.get('params', 0):,} ({fmt(size.get('relative'))}x base)  "
+          f"time {sum(metrics['wall_time_s']):.1f}s")
+    print(f"report: growth report {out}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from growth.report import write_report
+
+    path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
+    print(f"report written: {path}")
+    return 0
+
+
+def _ops_list(args: argparse.Namespace) -> int:
+    from growth.ops import available_operators
+
+    ops = available_operators()
+    width = max((len(n) for n in ops), default=0)
+    for name, op in sorted(ops.items()):
+        print(f"{name.ljust(width)}  {op.description}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from growth.demo import run_demo
+
+    print(run_demo())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
