@@ -206,9 +206,15 @@ def make_metrics(
     sizes: Sequence[dict] = (),
     wall_time_s: Sequence[float] = (),
     search: dict | None = None,
+    finished: int | None = None,
 ) -> dict:
-    """Assemble a metrics.json dict, computing ACC/BWT/FWT over the finished tasks of R."""
+    """Assemble a metrics.json dict, computing ACC/BWT/FWT over the finished tasks of R.
+
+    ``finished`` defaults to the last row of R with a measured value; pass it while a row is
+    being filled so the scores cover whole rows only.
+    """
     m = as_matrix(R)
+    done = finished_tasks(m) if finished is None else finished
     if m.shape[1] != len(tasks):
         raise ReportError(f"R has {m.shape[1]} task columns but {len(tasks)} task names")
     return _jsonable(
@@ -216,11 +222,11 @@ def make_metrics(
             "run": dict(run),
             "tasks": list(tasks),
             "R": m,
-            **summarize(m),
+            **summarize(m, done),
             "sizes": list(sizes),
             "wall_time_s": list(wall_time_s),
             "search": dict(search or {"children": 0, "child_time_s": 0.0}),
-            "finished_tasks": finished_tasks(m),
+            "finished_tasks": done,
         }
     )
 

@@ -39,9 +39,16 @@ class Run:
         return self.metrics.get("run") or {}
 
     @property
+    def done(self) -> int:
+        """Finished tasks: as the campaign recorded it, else read off the measured rows of R."""
+        k = self.metrics.get("finished_tasks")
+        T = self.R.shape[1]
+        return k if isinstance(k, int) and 0 <= k <= T else finished_tasks(self.R)
+
+    @property
     def scores(self) -> dict[str, float]:
         """ACC/BWT/FWT recomputed from R over finished tasks, so partial runs score alike."""
-        return summarize(self.R)
+        return summarize(self.R, self.done)
 
     @property
     def sizes(self) -> list[dict]:
@@ -166,7 +173,7 @@ def _single_report(run: Run, folder: Path) -> str:
 
 def _run_info(run: Run) -> str:
     keys = ("name", "strategy", "seed", "stream", "dataset")
-    done, T = finished_tasks(run.R), run.R.shape[1]
+    done, T = run.done, run.R.shape[1]
     cells = [str(run.info.get(k, "n/a")) for k in keys] + [f"{done} / {T}", str(run.dir)]
     return _table([*keys, "finished tasks", "run dir"], [cells])
 
@@ -174,7 +181,7 @@ def _run_info(run: Run) -> str:
 def _scores_section(run: Run) -> str:
     s = run.scores
     cells = [_num(s[k]) for k in ("acc", "bwt", "fwt")]
-    head = f"## Scores (over {finished_tasks(run.R)} finished tasks)\n\n"
+    head = f"## Scores (over {run.done} finished tasks)\n\n"
     return head + _table(["ACC", "BWT", "FWT"], [cells])
 
 
@@ -273,7 +280,7 @@ def _comparison_table(runs: list[Run]) -> str:
             r.label,
             _strategy(r),
             str(r.info.get("seed", "n/a")),
-            f"{finished_tasks(r.R)} / {r.R.shape[1]}",
+            f"{r.done} / {r.R.shape[1]}",
             *_summary_cells(_summary(r)),
         ]
         for r in runs

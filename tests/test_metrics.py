@@ -183,6 +183,12 @@ def test_make_metrics_fills_scores_and_progress():
     assert m["search"] == {"children": 0, "child_time_s": 0.0}
     with pytest.raises(ReportError, match="task names"):
         make_metrics({}, ["a"], R3)
+    # Row 3 half measured while the campaign says 2 tasks are done: scores cover 2 tasks.
+    R = [row[:] for row in R3]
+    R[3] = [0.7, NAN, NAN]
+    m2 = make_metrics({}, ["a", "b", "c"], R, finished=2)
+    assert m2["finished_tasks"] == 2 and m2["acc"] == pytest.approx(0.825)
+    assert m2["R"][3] == [0.7, None, None]
 
 
 def test_write_then_read_round_trip_with_partial_run(tmp_path):

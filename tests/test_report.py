@@ -151,3 +151,15 @@ def test_missing_metrics_is_a_typed_error_naming_the_path(tmp_path):
 def test_no_run_dirs_is_a_typed_error():
     with pytest.raises(ReportError):
         write_report([])
+
+
+def test_recorded_finished_tasks_bounds_the_scores(tmp_path):
+    # Row 3 is partly measured (evaluation of the last task in progress); the campaign says 2.
+    R = [row[:] for row in R3]
+    R[3] = [0.7, math.nan, math.nan]
+    run_dir = make_run(tmp_path, R=R, finished=2)
+    write_metrics(run_dir, {**read_metrics(run_dir), "finished_tasks": 2})
+    text = write_report([run_dir]).read_text()
+    # Over 2 tasks: ACC = (0.80 + 0.85) / 2, BWT = 0.80 - 0.9123, FWT = 0.25 - 0.20.
+    assert "| 0.8250 | -0.1123 | 0.0500 |" in text
+    assert "2 / 3" in text
