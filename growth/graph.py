@@ -23,7 +23,7 @@ import networkx as nx
 import torch
 
 from growth.errors import CheckpointError, GraphError, ShapeError
-from growth.layers import PARAMETRIC, Attrs, Shape, build_module, complete_attrs, kind_of
+from growth.layers import PARAMETRIC, Attrs, Kind, Shape, build_module, complete_attrs, kind_of
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -70,7 +70,7 @@ class NetGraph:
         parametric kinds without `tensors`, initialises weights as torch would."""
         inputs = list(inputs)
         self._check_new_name(name)
-        spec = kind_of(kind)
+        spec = _kind(name, kind)
         lo, hi = spec.arity
         if len(inputs) < lo or (hi >= 0 and len(inputs) > hi):
             raise GraphError(
@@ -116,6 +116,7 @@ class NetGraph:
 
     def rewire(self, consumer: str, old: str, new: str) -> None:
         """Make `consumer` read `new` where it read `old`, keeping the port."""
+        self._require(new)
         edges = [(k, d["port"]) for _, _, k, d in self._g.in_edges(consumer, keys=True, data=True)
                  if _ == old]
         if not edges:
@@ -203,6 +204,8 @@ class NetGraph:
         self._require(name)
         sub = self._g.subgraph(nx.ancestors(self._g, name) | {name})
         out: dict[str, Shape] = {}
+        if not nx.is_directed_acyclic_graph(sub):
+            self.topo_order()  # raises a GraphError naming the cycle
         for n in nx.lexicographical_topological_sort(sub):
             node = self.node(n)
             out[n] = kind_of(node.kind).infer(n, node.attrs, [out[i] for i in self.inputs(n)])
@@ -236,7 +239,7 @@ class NetGraph:
             raise GraphError("the graph has no output node; add one with add_output(name, src)")
         for name in order:
             node = self.node(name)
-            lo, hi = kind_of(node.kind).arity
+            lo, hi = _kind(name, node.kind).arity
             n_in = len(self.inputs(name))
             if n_in < lo or (hi >= 0 and n_in > hi):
                 raise GraphError(
@@ -345,15 +348,23 @@ class NetGraph:
             g = cls.from_dict(data, tensors)
             g._check_weight_keys(tensors)
             g.validate()
-        except (GraphError, KeyError, TypeError) as exc:
+        except (GraphError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(
-                f"{folder}: weights do not match the structure: {exc}") from None
+                f"{folder / 'weights.safetensors'} does not match {structure}: {exc}") from None
         return g
 
     def _check_weight_keys(self, tensors: dict[str, torch.Tensor]) -> None:
         extra = sorted(set(tensors) - set(self.named_tensors()))
         if extra:
             raise CheckpointError(f"weights for nodes not in the structure: {extra[:5]}")
+
+
+def _kind(node: str, kind: str) -> Kind:
+    """kind_of, with the node named in the error."""
+    try:
+        return kind_of(kind)
+    except GraphError as exc:
+        raise GraphError(f"node {node!r}: {exc}") from None
 
 
 def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
