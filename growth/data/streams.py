@@ -7,7 +7,7 @@ Kinds:
 - variations: one task per listed variation (see growth.data.variations); n_tasks, if given,
   keeps the first n_tasks of the list.
 - split: disjoint class groups; `by="classes"` makes n_tasks equal groups of the class order
-  ("fixed": 0..K-1, "random": a seeded shuffle), `by="superclass"` one task per superclass
+  ("fixed": 0..K-1, "shuffled": a seeded shuffle), `by="superclass"` one task per superclass
   (cifar100: 20 tasks of 5 classes), ordered by superclass id or shuffled likewise.
 
 Per task, `max_train_per_task` first caps the task's training pool (seeded, stratified), then a
@@ -32,7 +32,7 @@ from growth.errors import DataError
 
 STREAMS = ("permuted", "variations", "split")
 SPLIT_BY = ("classes", "superclass")
-CLASS_ORDERS = ("fixed", "random")
+CLASS_ORDERS = ("fixed", "shuffled")  # "random" is accepted as an alias of "shuffled"
 DEFAULT_TASKS = 5
 
 
@@ -166,6 +166,7 @@ def _class_groups(
     ds: Dataset, n_tasks: int | None, seed: int, by: str, class_order: str
 ) -> list[list[int]]:
     """The dataset's class ids grouped into tasks, in task order."""
+    class_order = "shuffled" if class_order == "random" else class_order
     if class_order not in CLASS_ORDERS:
         raise DataError(f"unknown class_order {class_order!r}; valid: {', '.join(CLASS_ORDERS)}")
     if by == "superclass":
@@ -203,7 +204,7 @@ def _superclass_groups(
 
 
 def _order(n: int, seed: int, class_order: str, purpose: str) -> Tensor:
-    if class_order == "random":
+    if class_order == "shuffled":
         return torch.randperm(n, generator=generator(seed, purpose))
     return torch.arange(n)
 

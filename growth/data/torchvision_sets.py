@@ -72,7 +72,10 @@ def _attach_coarse(ds: Dataset, root: Path) -> None:
 def _coarse_of(folder: Path, files: list[list[str]]) -> list[int]:
     labels: list[int] = []
     for file_name, _md5 in files:
-        labels.extend(_unpickle(folder / file_name)["coarse_labels"])
+        entry = _unpickle(folder / file_name)
+        if "coarse_labels" not in entry:
+            raise DataError(f"cifar100: {folder / file_name} has no 'coarse_labels'")
+        labels.extend(entry["coarse_labels"])
     return labels
 
 
