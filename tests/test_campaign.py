@@ -1,0 +1,179 @@
+"""Campaigns end to end: configs, run directories, checkpoints, resume after a real kill, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from growth.campaign import Campaign, latest_checkpoint, resume_run
+from growth.cli import main
+from growth.config import load_config
+from growth.errors import CheckpointError, ConfigError
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "threads": 1,
+    "data": {"dataset": "digits", "stream": "permuted", "n_tasks": 3, "max_train_per_task": 300},
+    "model": {"kind": "mlp", "hidden": [32]},
+    "train": {"epochs": 5, "batch_size": 32, "lr": 0.05},
+    "strategy": {"name": "finetune"},
+}
+
+
+def write_config(path: Path, **changes: object) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(cfg_path: Path, out: Path, *sets: str) -> dict:
+    return Campaign(load_config(cfg_path, list(sets)), out).start()
+
+
+def test_run_directory_holds_everything(tmp_path: Path) -> None:
+    m = run(write_config(tmp_path / "c.yaml"), tmp_path / "run")
+    run_dir = tmp_path / "run"
+    for name in ("config.yaml", "metrics.json", "metrics.csv"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "task_000", "task_001", "task_002"]
+    assert len(m["R"]) == 4 and all(v is not None for row in m["R"] for v in row)
+    assert m["finished_tasks"] == 3 and len(m["sizes"]) == 3 and len(m["wall_time_s"]) == 3
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 5 and resolved["strategy"]["name"] == "finetune"
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk["R"] == m["R"] and on_disk["acc"] == pytest.approx(m["acc"])
+    # the network learns: each task is well above chance right after it is trained
+    assert all(m["R"][i + 1][i] > 0.5 for i in range(3))
+
+
+def test_same_seed_same_R_and_other_seed_differs(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml")
+    a = run(cfg, tmp_path / "a")
+    b = run(cfg, tmp_path / "b")
+    c = run(cfg, tmp_path / "c", "seed=4")
+    assert a["R"] == b["R"]
+    assert a["R"] != c["R"]
+
+
+def test_resume_in_process_matches_uninterrupted(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", strategy={"name": "joint"})
+    full = run(cfg, tmp_path / "full")
+    part = tmp_path / "part"
+    run(cfg, part)
+    for name in ("task_001", "task_002"):  # as if killed after task 0
+        import shutil
+        shutil.rmtree(part / "checkpoints" / name)
+    assert resume_run(part)["R"] == full["R"]
+
+
+def test_resume_after_real_kill_gives_same_R(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", data__n_tasks=4, data__max_train_per_task=None,
+                       train__epochs=8)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "run", str(cfg), "--out",
+                             str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = latest_checkpoint(out)
+    assert done is not None, proc.stderr.read().decode() if proc.stderr else ""
+    assert done.name != "task_003", "the run finished before it could be killed"
+    assert not (out / "checkpoints" / "task_003").exists()
+    assert main(["resume", str(out), "--quiet"]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    full = run(cfg, tmp_path / "full")
+    assert resumed["R"] == full["R"]
+
+
+def test_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(write_config(tmp_path / "c.yaml"), out)
+    weights = out / "checkpoints" / "task_002" / "graph" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="weights.safetensors"):
+        resume_run(out)
+    assert main(["resume", str(out), "--quiet"]) == 2
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml")
+    run(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match="growth resume"):
+        run(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"data__strem": "permuted"}, "unknown key 'data.strem'"),
+        ({"train__epochs": "many"}, "train.epochs"),
+        ({"strategy": {"name": "nope"}}, "unknown strategy 'nope'"),
+        ({"model__kind": "transformer"}, "model.kind"),
+    ],
+)
+def test_config_errors_name_file_and_key(tmp_path: Path, changes: dict, needle: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path / "bad.yaml", **changes)
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert needle in str(err.value) and "bad.yaml" in str(err.value)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "never")]) == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "never").exists()
+
+
+def test_set_overrides_and_bad_set(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml")
+    assert load_config(cfg, ["train.epochs=7", "model.hidden=[8, 8]"]).model.hidden == [8, 8]
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(cfg, ["train.epochs"])
+    with pytest.raises(ConfigError, match="unknown key 'train.epoch'"):
+        load_config(cfg, ["train.epoch=3"])
+
+
+def test_cli_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path / "c.yaml", data__n_tasks=2)
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert "ACC" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "report.md").is_file()
+    assert (out / "report" / "r_matrix.png").is_file()
+
+
+def test_class_incremental_split_stream(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", scenario="class",
+                       data={"dataset": "digits", "stream": "split", "n_tasks": 5})
+    m = run(cfg, tmp_path / "run")
+    # single head over all 10 classes; finetune forgets old classes almost entirely
+    assert m["R"][1][0] > 0.8
+    assert m["R"][5][0] < 0.5
+
+
+def test_class_scenario_needs_split(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", scenario="class")
+    with pytest.raises(ConfigError, match="split"):
+        Campaign(load_config(cfg), tmp_path / "run")
