@@ -1,0 +1,60 @@
+"""Optimizer state follows the parameters when the graph grows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from growth.model import Model
+from growth.ops import net2wider
+from growth.optim import follow, remap
+from search_spaces.networks import add_head, mlp
+
+
+def _trained_model() -> tuple[Model, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Model(add_head(mlp((1, 4, 4), [6, 5]), "t0", 3))
+    opt = torch.optim.Adam(model.module.parameters(), lr=0.01)
+    x, y = torch.rand(16, 1, 4, 4), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model.head("t0")(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def test_adam_state_follows_a_widening() -> None:
+    model, opt = _trained_model()
+    old = model.named_parameters()
+    first = next(n for n in model.graph.topo_order() if model.graph.node(n).kind == "linear")
+    result = net2wider(model.graph, first, 9)
+    model.replace_graph(result.graph)
+    new = model.named_parameters()
+    opt2 = follow(opt, old, new, result.record.index_maps)
+    assert set(opt2.state) == set(new.values())  # every parameter has state, none stale
+    for name, p in new.items():
+        before = opt.state[old[name]]
+        after = opt2.state[p]
+        assert after["exp_avg"].shape == p.shape
+        assert torch.equal(after["step"], before["step"])
+        maps = result.record.index_maps.get(name)
+        if not maps:  # untouched parameters keep their moments exactly
+            assert torch.equal(after["exp_avg"], before["exp_avg"])
+            continue
+        for dim, idx in maps.items():  # resized ones carry the copied units' moments
+            expect = before["exp_avg_sq"].index_select(dim, torch.tensor(idx))
+            assert torch.equal(after["exp_avg_sq"], expect)
+    # the optimizer really trains the new parameters
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    snap = {n: p.detach().clone() for n, p in new.items()}
+    opt2.zero_grad()
+    F.cross_entropy(model.head("t0")(x), y).backward()
+    opt2.step()
+    assert all(not torch.equal(snap[n], p) for n, p in new.items())
+
+
+def test_remap_fresh_positions_are_zero_and_overlap_kept() -> None:
+    t = torch.arange(6.0).view(2, 3)
+    assert torch.equal(remap(t, (3, 3), {0: [1, -1, 0]}),
+                       torch.tensor([[3.0, 4, 5], [0, 0, 0], [0, 1, 2]]))
+    assert torch.equal(remap(t, (3, 2)), torch.tensor([[0.0, 1], [3, 4], [0, 0]]))
