@@ -33,16 +33,20 @@ CHUNK = 8192
 def rotate(x: Tensor, degrees: Tensor) -> Tensor:
     """Rotate each image of x [N, C, H, W] by its own angle (degrees, counter-clockwise as
     displayed, like torch.rot90 over dims (2, 3))."""
+    n, _, h, w = x.shape
+    identity = torch.eye(2, 3, dtype=x.dtype)[None]
+    base = F.affine_grid(identity, [1, 1, h, w], align_corners=False).view(1, h * w, 2)
+    base = torch.cat([base, torch.ones(1, h * w, 1, dtype=x.dtype)], dim=2)
+    rad = degrees.to(torch.float64) * (math.pi / 180.0)
+    cos, sin, zero = torch.cos(rad), torch.sin(rad), torch.zeros_like(rad)
+    # The sampling grid maps output to input coordinates (y points down): the inverse rotation.
+    theta = torch.stack(
+        [torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1), torch.stack([zero, zero], 1)], 1
+    ).to(x.dtype)  # [N, 3, 2]
     out = torch.empty_like(x)
-    for start in range(0, len(x), CHUNK):
+    for start in range(0, n, CHUNK):
         part = slice(start, start + CHUNK)
-        rad = degrees[part].to(torch.float64) * (math.pi / 180.0)
-        cos, sin = torch.cos(rad), torch.sin(rad)
-        zero = torch.zeros_like(cos)
-        # affine_grid maps output to input coordinates (y points down): the inverse rotation.
-        rows = [torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)]
-        theta = torch.stack(rows, 1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x[part].shape), align_corners=False)
+        grid = torch.matmul(base, theta[part]).view(-1, h, w, 2)
         out[part] = F.grid_sample(x[part], grid, mode="bilinear", align_corners=False)
     return out.clamp_(0.0, 1.0)
 
