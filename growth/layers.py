@@ -108,6 +108,9 @@ def _pool(name: str, a: Attrs, shapes: list[Shape]) -> Shape:
     p = _pair(a.get("padding", 0))
     d = _pair(a.get("dilation", 1))
     ceil = bool(a.get("ceil_mode", False))
+    if any(p[i] > k[i] // 2 for i in range(2)):
+        raise ShapeError(f"node {name!r} (pool) has padding {p} over half its kernel {k}; "
+                         "torch refuses that")
     h, w = (_spatial(s[1 + i], k[i], st[i], p[i], d[i], ceil) for i in range(2))
     if h < 1 or w < 1:
         raise ShapeError(f"node {name!r} (pool) turns input {s} into an empty map ({h}x{w})")

@@ -178,9 +178,8 @@ def test_conv_and_pool_arithmetic_matches_torch(size, k, s, p, d, ceil, pool):
     except RuntimeError:  # torch refuses (pad too large, empty output): so must the graph
         want = None
     if want is None or 0 in want:
-        with pytest.raises((ShapeError, RuntimeError, ValueError)):
+        with pytest.raises(ShapeError, match="'n'"):
             single_node_graph(kind, (1, size, size), attrs)
-            compile_graph(single_node_graph(kind, (1, size, size), attrs))(x)
         return
     assert single_node_graph(kind, (1, size, size), attrs).shape("n") == want
 
