@@ -1,0 +1,155 @@
+"""compile_graph against hand-written torch modules; head views; weights back into graphs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from growth.compile import compile_graph, graph_with_weights, head_view
+from growth.errors import CheckpointError, GraphError
+from growth.graph import NetGraph
+from growth.layers import module_tensors
+from search_spaces.networks import add_head, mlp
+
+
+class HandCNN(nn.Module):
+    """conv-BN-ReLU, a residual add, a concat with the input, pool, flatten, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(7 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(self.conv1(x)))
+        r = self.conv2(a) + a
+        c = torch.cat([r, x], 1)
+        return self.fc(torch.flatten(F.max_pool2d(c, 2), 1))
+
+
+def graph_of(hand: HandCNN) -> NetGraph:
+    """The same network as a NetGraph holding the hand module's tensors."""
+    g = NetGraph()
+    g.add_input("x", (3, 8, 8))
+    g.add("conv1", "conv2d", ["x"], module_tensors(hand.conv1), out_channels=4, kernel_size=3,
+          padding=1)
+    g.add("bn1", "batchnorm2d", ["conv1"], module_tensors(hand.bn1))
+    g.add("act1", "relu", ["bn1"])
+    g.add("conv2", "conv2d", ["act1"], module_tensors(hand.conv2), out_channels=4,
+          kernel_size=3, padding=1, bias=False)
+    g.add("res", "add", ["conv2", "act1"])
+    g.add("cat", "concat", ["res", "x"])
+    g.add("pool", "maxpool2d", ["cat"], kernel_size=2)
+    g.add("flat", "flatten", ["pool"])
+    g.add("fc", "linear", ["flat"], module_tensors(hand.fc), out_features=5)
+    g.add_output("out", "fc")
+    g.validate()
+    return g
+
+
+def two_head_graph() -> NetGraph:
+    return add_head(add_head(mlp((6,), [8, 8], batchnorm=True), "t1", 3), "t2", 4)
+
+
+@pytest.fixture
+def hand() -> HandCNN:
+    torch.manual_seed(0)
+    m = HandCNN()
+    m.bn1.running_mean.uniform_(-0.5, 0.5)
+    m.bn1.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def test_compiled_equals_hand_written_in_eval_and_train_mode(hand):
+    compiled = compile_graph(graph_of(hand))
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(compiled.eval()(x), hand.eval()(x), atol=1e-6)
+        assert torch.allclose(compiled.train()(x), hand.train()(x), atol=1e-6)
+    # BN running statistics moved the same way during the train-mode pass
+    assert torch.allclose(compiled.bn1.running_mean, hand.bn1.running_mean)
+
+
+def test_state_dict_keys_are_graph_tensor_keys(hand):
+    g = graph_of(hand)
+    assert set(compile_graph(g).state_dict()) == set(g.named_tensors())
+
+
+def test_compiled_tensors_are_copies_of_the_graph(hand):
+    g = graph_of(hand)
+    compiled = compile_graph(g)
+    with torch.no_grad():
+        compiled.fc.weight.zero_()
+    assert g.node("fc").tensors["weight"].abs().sum() > 0
+
+
+def test_generated_code_calls_layers_directly(hand):
+    g = graph_of(hand)
+    code = compile_graph(g).code
+    for layer in ("conv1", "bn1", "act1", "conv2", "pool", "fc"):
+        assert code.count(f"self.{layer}(") == 1
+    assert "torch.cat(" in code and "torch.flatten(" in code and " + " in code
+    assert "for " not in code and "while " not in code  # straight-line code, no interpreter
+    body = [line for line in code.splitlines() if " = " in line]
+    assert len(body) == len(g) - 2  # one statement per node except input and output
+
+
+def test_multi_head_returns_a_dict_and_views_share_parameters():
+    torch.manual_seed(1)
+    g = two_head_graph()
+    net = compile_graph(g).eval()
+    x = torch.randn(5, 6)
+    out = net(x)
+    assert list(out) == ["t1", "t2"] and out["t1"].shape == (5, 3) and out["t2"].shape == (5, 4)
+    v1, v2 = head_view(net, g, "t1").eval(), head_view(net, g, "t2").eval()
+    assert v1.fc1.weight is net.fc1.weight and v2.head_t2.weight is net.head_t2.weight
+    assert not hasattr(v1, "head_t2") and not hasattr(v2, "head_t1")
+    assert torch.equal(v1(x), out["t1"]) and torch.equal(v2(x), out["t2"])
+
+    before = v2(x).detach().clone()
+    opt = torch.optim.SGD(v1.parameters(), lr=0.5)
+    v1.train()
+    F.cross_entropy(v1(x), torch.tensor([0, 1, 2, 0, 1])).backward()
+    opt.step()
+    after = v2(x)
+    assert not torch.allclose(after, before)  # the shared trunk moved
+    assert torch.equal(after, net(x)["t2"])
+
+
+def test_single_head_compile_returns_a_tensor():
+    g = two_head_graph()
+    assert isinstance(compile_graph(g, "t2")(torch.randn(2, 6)), torch.Tensor)
+    with pytest.raises(GraphError, match="no head named 't3'.*t1"):
+        compile_graph(g, "t3")
+
+
+def test_graph_with_weights_brings_trained_weights_back(hand):
+    g = graph_of(hand)
+    net = compile_graph(g).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.manual_seed(2)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    trained = graph_with_weights(g, net)
+    net.eval()
+    again = compile_graph(trained).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))
+        assert not torch.allclose(compile_graph(g).eval()(x), net(x))  # original untouched
+    assert torch.equal(trained.node("bn1").tensors["running_mean"], net.bn1.running_mean)
+    assert trained.to_dict() == g.to_dict()
+
+
+def test_graph_with_weights_rejects_a_module_of_another_graph():
+    small, wide = mlp((4,), [8]), mlp((4,), [9])
+    small, wide = add_head(small, "t", 2), add_head(wide, "t", 2)
+    with pytest.raises(CheckpointError, match="fc1.weight.*\\(9, 4\\).*\\(8, 4\\)"):
+        graph_with_weights(small, compile_graph(wide))
+    with pytest.raises(CheckpointError, match="no tensor 'fc1.weight'"):
+        graph_with_weights(small, nn.Linear(4, 8))
+
