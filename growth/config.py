@@ -28,7 +28,7 @@ class DataConfig(_Section):
     download: bool = False
     image_size: int = Field(64, ge=4)
     stream: Literal["permuted", "variations", "split"] = "permuted"
-    n_tasks: int | None = Field(5, ge=1)
+    n_tasks: int | None = Field(None, ge=1)  # None: 5 (permuted, split), 20 (superclass)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     max_train_per_task: int | None = Field(None, ge=1)
     variations: list[str] | None = None

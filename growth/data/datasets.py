@@ -11,9 +11,7 @@ from pathlib import Path
 import torch
 
 from growth.data.containers import Dataset, labels_to_long
-from growth.data.folders import load_cub200, load_imagefolder
 from growth.data.sampling import generator, stratified_split
-from growth.data.torchvision_sets import load_torchvision
 from growth.errors import DataError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "cub200", "imagefolder")
@@ -42,9 +40,15 @@ def load_dataset(
     if key == "digits":
         return load_digits(seed)
     if key == "cub200":
+        from growth.data.folders import load_cub200  # torchvision loads lazily: it is slow
+
         return load_cub200(root, int(image_size))
     if key == "imagefolder":
+        from growth.data.folders import load_imagefolder
+
         return load_imagefolder(root, int(image_size), seed)
+    from growth.data.torchvision_sets import load_torchvision
+
     return load_torchvision(key, root, download)
 
 
