@@ -117,8 +117,8 @@ class NetGraph:
     def rewire(self, consumer: str, old: str, new: str) -> None:
         """Make `consumer` read `new` where it read `old`, keeping the port."""
         self._require(new)
-        edges = [(k, d["port"]) for _, _, k, d in self._g.in_edges(consumer, keys=True, data=True)
-                 if _ == old]
+        edges = [(k, d["port"]) for src, _, k, d in self._g.in_edges(consumer, keys=True,
+                                                                      data=True) if src == old]
         if not edges:
             raise GraphError(f"node {consumer!r} does not read from {old!r}")
         for key, port in edges:

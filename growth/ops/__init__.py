@@ -1,0 +1,31 @@
+"""Growth operators: pure functions NetGraph -> OpResult(graph, ChangeRecord).
+
+Importing this package registers the built-ins; plug-ins come from the "growth.ops" entry-point
+group (see docs/operators.md).
+"""
+
+from growth.ops.channels import ChannelGroup, apply_index, find_group, resizable
+from growth.ops.net2deeper import deepenable, net2deeper
+from growth.ops.net2wider import NOISE_BOUND, net2wider
+from growth.ops.prune_units import prune_units
+from growth.ops.registry import (
+    ChangeRecord,
+    Operator,
+    OpResult,
+    available_operators,
+    get_operator,
+    register,
+)
+
+register(Operator("net2wider", "add units to a layer and its channel group, keeping the function "
+                  "(Net2WiderNet)", net2wider))
+register(Operator("net2deeper", "insert an identity layer (linear or conv, optional BN/ReLU) "
+                  "after a node (Net2DeeperNet)", net2deeper))
+register(Operator("prune_units", "keep a layer's most important units and shrink its channel "
+                  "group to match", prune_units))
+
+__all__ = [
+    "NOISE_BOUND", "ChangeRecord", "ChannelGroup", "OpResult", "Operator", "apply_index",
+    "available_operators", "deepenable", "find_group", "get_operator", "net2deeper", "net2wider",
+    "prune_units", "register", "resizable",
+]

@@ -1,0 +1,179 @@
+"""Net2Deeper: insert an identity layer after a node without changing the function.
+
+The new layer is a linear layer (identity matrix, zero bias) on vector outputs, or a conv2d
+(1 at the centre tap of matching channels, same padding) on image outputs; optionally followed by
+BatchNorm set to undo its own normalisation, and by ReLU only where ReLU(x) = x, i.e. where the
+node's output cannot be negative.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from growth.compile import compile_graph
+from growth.errors import OperatorError
+from growth.graph import NetGraph
+from growth.layers import Shape
+from growth.ops.registry import ChangeRecord, OpResult
+
+_NONNEG_PASS = frozenset({"maxpool2d", "avgpool2d", "adaptive_avgpool2d", "dropout", "identity",
+                          "flatten", "concat"})
+_ACTIVATIONS = ("auto", "relu", "none")
+
+
+def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: str = "auto",
+               batchnorm: bool = False, sample: torch.Tensor | None = None) -> OpResult:
+    """Insert an identity block after node `after`; every consumer of `after` reads the block.
+
+    kernel_size: odd, for image outputs (ignored on vectors, still checked to be odd).
+    activation: "auto" adds ReLU iff `after`'s output is non-negative (a relu, or pools/flatten/
+    concat of relus), "relu" demands it (an error elsewhere, since identity would not hold),
+    "none" adds none.
+    batchnorm: add BN after the new layer whose running stats are the mean/var of `after`'s
+    output on `sample` (a batch of network inputs) and whose affine part undoes them, so eval
+    mode is unchanged and training on that batch starts from the identity too.
+    """
+    node = graph.node(after)
+    shape = _check(graph, after, node.kind, kernel_size, activation, batchnorm, sample)
+    relu = _wants_relu(graph, after, activation)
+    params = {"after": after, "kernel_size": kernel_size, "activation": activation,
+              "batchnorm": batchnorm,
+              "sample_shape": None if sample is None else list(sample.shape)}
+    dtype = _dtype(graph)
+    stats = _statistics(graph, after, sample, dtype) if batchnorm else None
+    out = graph.copy()
+    consumers = out.consumers(after)
+    base = _fresh_name(out, after)
+    kind, tensors, attrs = _identity_layer(shape, kernel_size, dtype)
+    names = [out.add(base, kind, [after], tensors=tensors, **attrs)]
+    if stats is not None:
+        names.append(out.add(f"{base}_bn", f"batchnorm{1 if len(shape) == 1 else 2}d",
+                             [names[-1]], tensors=_undo_bn(*stats)))
+    if relu:
+        names.append(out.add(f"{base}_relu", "relu", [names[-1]]))
+    for c in consumers:
+        out.rewire(c, after, names[-1])
+    added = [f"{n}.{k}" for n in names for k in out.node(n).tensors]
+    return OpResult(out, ChangeRecord("net2deeper", params, added=added, added_nodes=names))
+
+
+def _check(graph: NetGraph, after: str, kind: str, kernel_size: int, activation: str,
+           batchnorm: bool, sample: torch.Tensor | None) -> Shape:
+    if kind == "output":
+        raise OperatorError(f"net2deeper: {after!r} is an output head; deepen after the node it "
+                            f"reads ({graph.inputs(after)[0]!r}) instead")
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
+            or kernel_size % 2 == 0:
+        raise OperatorError(f"net2deeper after {after!r}: kernel_size must be a positive odd int "
+                            f"(an identity needs a centre tap), got {kernel_size!r}; use 1, 3 or 5")
+    if activation not in _ACTIVATIONS:
+        raise OperatorError(f"net2deeper after {after!r}: activation must be one of "
+                            f"{_ACTIVATIONS}, got {activation!r}")
+    shape = graph.shape(after)
+    if len(shape) not in (1, 3):
+        raise OperatorError(f"net2deeper after {after!r}: its output has shape {shape}; only "
+                            "vectors (features,) and images (C, H, W) can be deepened")
+    if len(shape) == 3 and kernel_size > min(shape[1:]):
+        raise OperatorError(f"net2deeper after {after!r}: kernel_size {kernel_size} is larger than "
+                            f"its {shape[1]}x{shape[2]} map; use kernel_size <= {min(shape[1:])}")
+    if batchnorm and sample is None:
+        raise OperatorError(f"net2deeper after {after!r}: batchnorm=True needs `sample`, a batch "
+                            "of network inputs, to set the new BatchNorm's statistics")
+    return shape
+
+
+def _wants_relu(graph: NetGraph, after: str, activation: str) -> bool:
+    nonneg = _nonnegative(graph, after)
+    if activation == "relu" and not nonneg:
+        raise OperatorError(
+            f"net2deeper after {after!r} ({graph.node(after).kind}): a ReLU here would clip its "
+            "negative outputs, so the new block could not be an identity; deepen after a relu "
+            "node or use activation='none' (or 'auto')")
+    return activation == "relu" or (activation == "auto" and nonneg)
+
+
+def _nonnegative(graph: NetGraph, name: str) -> bool:
+    """True if the node's output is >= 0 for every input (a relu, or pools/concat of relus)."""
+    kind = graph.node(name).kind
+    if kind == "relu":
+        return True
+    if kind in _NONNEG_PASS:
+        return all(_nonnegative(graph, i) for i in graph.inputs(name))
+    return False
+
+
+def _dtype(graph: NetGraph) -> torch.dtype:
+    for t in graph.named_tensors().values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def _fresh_name(graph: NetGraph, after: str) -> str:
+    k = 1
+    while any(n in graph for n in (f"{after}_deep{k}", f"{after}_deep{k}_bn",
+                                   f"{after}_deep{k}_relu")):
+        k += 1
+    return f"{after}_deep{k}"
+
+
+def _identity_layer(shape: Shape, kernel_size: int, dtype: torch.dtype
+                    ) -> tuple[str, dict[str, torch.Tensor], dict[str, int]]:
+    """Kind, tensors and attrs of a layer computing the identity on outputs of `shape`."""
+    c = shape[0]
+    if len(shape) == 1:
+        tensors = {"weight": torch.eye(c, dtype=dtype), "bias": torch.zeros(c, dtype=dtype)}
+        return "linear", tensors, {"out_features": c}
+    weight = torch.zeros(c, c, kernel_size, kernel_size, dtype=dtype)
+    centre = kernel_size // 2
+    weight[torch.arange(c), torch.arange(c), centre, centre] = 1.0
+    tensors = {"weight": weight, "bias": torch.zeros(c, dtype=dtype)}
+    return "conv2d", tensors, {"out_channels": c, "kernel_size": kernel_size, "padding": centre}
+
+
+def _statistics(graph: NetGraph, after: str, sample: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of `after`'s output on `sample`, in eval mode."""
+    want = tuple(graph.shape(graph.input_node()))
+    if sample.dim() != len(want) + 1 or tuple(sample.shape[1:]) != want:
+        raise OperatorError(f"net2deeper after {after!r}: sample has shape {tuple(sample.shape)}; "
+                            f"expected a batch of inputs (B, {', '.join(map(str, want))})")
+    probe = _truncate(graph, after)
+    module = compile_graph(probe).eval()
+    with torch.no_grad():
+        y = module(sample.to(dtype))
+    dims = [0] if y.dim() == 2 else [0, 2, 3]
+    return y.mean(dims), y.var(dims, unbiased=False)
+
+
+def _truncate(graph: NetGraph, after: str) -> NetGraph:
+    """A graph computing only `after` (its ancestors and one output), cheap to compile."""
+    keep, stack = set(), [after]
+    while stack:
+        n = stack.pop()
+        if n not in keep:
+            keep.add(n)
+            stack.extend(graph.inputs(n))
+    out = graph.copy()
+    for n in list(out.nx.nodes):
+        if n not in keep:
+            out.remove(n)
+    name = "probe_out"
+    while name in out:
+        name += "_"
+    out.add_output(name, after)
+    return out
+
+
+def _undo_bn(mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5
+             ) -> dict[str, torch.Tensor]:
+    """BN tensors with running stats = (mean, var) and affine part that adds them back."""
+    return {"weight": torch.sqrt(var + eps), "bias": mean.clone(), "running_mean": mean.clone(),
+            "running_var": var.clone(), "num_batches_tracked": torch.tensor(0)}
+
+
+def deepenable(graph: NetGraph) -> list[str]:
+    """Nodes after which net2deeper can insert a layer (non-output nodes with vector or image
+    outputs)."""
+    return [n for n, s in graph.shapes().items()
+            if graph.node(n).kind != "output" and len(s) in (1, 3)]

@@ -1,0 +1,48 @@
+"""prune_units: keep a layer's most important units (and shrink its whole channel group).
+
+The same channel-group walk as Net2Wider, with an index of kept units and no division: pruning
+removes contributions, it does not split them. Compression uses it to bring a grown network back
+to a size budget.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from growth.errors import OperatorError
+from growth.graph import NetGraph
+from growth.ops.channels import ChannelGroup, apply_index, find_group
+from growth.ops.registry import ChangeRecord, OpResult
+
+
+def prune_units(graph: NetGraph, node: str, keep: int,
+                scores: torch.Tensor | None = None) -> OpResult:
+    """Keep the `keep` highest-scoring units of producer `node` (in their original order).
+
+    scores: one importance value per current unit (e.g. magnitude or Fisher); default: the L1 norm
+    of each unit's incoming weights summed over every producer of the channel group. Ties keep
+    the earlier unit. The function changes by exactly the pruned units' contributions.
+    """
+    group = find_group(graph, node)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < group.width:
+        raise OperatorError(f"prune_units({node!r}): keep must be an int in 1..{group.width - 1} "
+                            f"(the layer has {group.width} units), got {keep!r}; use net2wider "
+                            "to grow a layer")
+    params = {"node": node, "keep": keep, "scores": "given" if scores is not None else "l1"}
+    scores = _scores(graph, group) if scores is None else torch.as_tensor(scores)
+    if scores.shape != (group.width,):
+        raise OperatorError(f"prune_units({node!r}): scores must have shape ({group.width},), one "
+                            f"per unit, got {tuple(scores.shape)}")
+    order = torch.sort(scores.detach().float(), descending=True, stable=True).indices
+    idx = order[:keep].sort().values
+    out = graph.copy()
+    changes = apply_index(out, group, idx, divide=False)
+    return OpResult(out, ChangeRecord("prune_units", params, changes.resized, changes.index_maps))
+
+
+def _scores(graph: NetGraph, group: ChannelGroup) -> torch.Tensor:
+    """L1 norm of each unit's incoming weights, summed over the group's producers."""
+    total = torch.zeros(group.width)
+    for p in group.producers:
+        total = total + graph.node(p).tensors["weight"].detach().abs().flatten(1).sum(1).float()
+    return total

@@ -1,0 +1,124 @@
+"""Operator registry: built-in growth operators plus plug-ins from the "growth.ops" entry points.
+
+An operator is a pure function `graph -> OpResult`. The result carries a `ChangeRecord` that says
+exactly which tensors changed and how their entries map back to the parent's, so optimizer state,
+masks and regularisers can follow a change without comparing graphs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from growth.errors import OperatorError
+from growth.graph import NetGraph
+
+ENTRY_POINT_GROUP = "growth.ops"
+TensorShape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChangeRecord:
+    """What one operator did to a graph.
+
+    resized: "node.tensor" -> (old shape, new shape).
+    index_maps: for each resized tensor, per resized dim, the old position each new position was
+    copied from (-1 for a fresh entry).
+    added / removed: tensor names that appeared / disappeared; added_nodes / removed_nodes alike.
+    """
+
+    op: str
+    params: dict[str, Any] = field(default_factory=dict)
+    resized: dict[str, tuple[TensorShape, TensorShape]] = field(default_factory=dict)
+    index_maps: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    added_nodes: list[str] = field(default_factory=list)
+    removed_nodes: list[str] = field(default_factory=list)
+
+    @property
+    def is_noop(self) -> bool:
+        return not (self.resized or self.added or self.removed or self.added_nodes
+                    or self.removed_nodes)
+
+
+@dataclass(frozen=True)
+class OpResult:
+    """A new graph and the record of how it differs from the operator's input."""
+
+    graph: NetGraph
+    record: ChangeRecord
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A named growth operator; calling it applies `fn` to a graph."""
+
+    name: str
+    description: str
+    fn: Callable[..., OpResult]
+
+    def __call__(self, graph: NetGraph, *args: Any, **kwargs: Any) -> OpResult:
+        return self.fn(graph, *args, **kwargs)
+
+
+_BUILTIN: dict[str, Operator] = {}
+
+
+def register(op: Operator, *, replace: bool = False) -> Operator:
+    """Make `op` available by name; a name already taken by another operator needs replace=True."""
+    if not isinstance(op, Operator):
+        raise OperatorError(f"register() takes an Operator, got {type(op).__name__}; wrap your "
+                            "function as Operator(name, description, fn)")
+    old = _BUILTIN.get(op.name)
+    if old is not None and old != op and not replace:
+        raise OperatorError(f"an operator named {op.name!r} is already registered; pick another "
+                            "name or pass replace=True")
+    _BUILTIN[op.name] = op
+    return op
+
+
+def _as_operator(obj: Any, entry: str) -> Operator:
+    if isinstance(obj, Operator):
+        return obj
+    name, desc = getattr(obj, "name", None), getattr(obj, "description", None)
+    if callable(obj) and isinstance(name, str) and isinstance(desc, str):
+        return Operator(name, desc, obj)
+    raise TypeError(f"{entry} is neither an Operator nor a callable with str `name` and "
+                    "`description` attributes")
+
+
+def _plugins() -> dict[str, Operator]:
+    """Operators from installed distributions; a broken plug-in warns and is skipped."""
+    found: dict[str, Operator] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            op = _as_operator(ep.load(), f"{ep.name} = {ep.value}")
+        except Exception as exc:  # a plug-in must never break the engine
+            warnings.warn(f"growth.ops plug-in {ep.name!r} ({ep.value}) could not be loaded: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+            continue
+        if op.name in _BUILTIN or op.name in found:
+            warnings.warn(f"growth.ops plug-in {ep.name!r} ({ep.value}) is named {op.name!r}, "
+                          "which is already taken; it is ignored", RuntimeWarning, stacklevel=3)
+            continue
+        found[op.name] = op
+    return found
+
+
+def available_operators() -> dict[str, Operator]:
+    """Every operator by name: the built-ins, then installed plug-ins."""
+    return {**_BUILTIN, **_plugins()}
+
+
+def get_operator(name: str) -> Operator:
+    """The operator called `name`, or an OperatorError listing the available ones."""
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    ops = available_operators()
+    if name not in ops:
+        raise OperatorError(f"unknown operator {name!r}; available operators: {sorted(ops)}")
+    return ops[name]
