@@ -204,9 +204,12 @@ class NetGraph:
         self._require(name)
         sub = self._g.subgraph(nx.ancestors(self._g, name) | {name})
         out: dict[str, Shape] = {}
-        if not nx.is_directed_acyclic_graph(sub):
+        try:
+            order = list(nx.lexicographical_topological_sort(sub))
+        except nx.NetworkXUnfeasible:
             self.topo_order()  # raises a GraphError naming the cycle
-        for n in nx.lexicographical_topological_sort(sub):
+            raise
+        for n in order:
             node = self.node(n)
             out[n] = kind_of(node.kind).infer(n, node.attrs, [out[i] for i in self.inputs(n)])
         return out[name]
