@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from growth.errors import GraphError, UnsupportedModuleError
 from growth.graph import _RESERVED, NetGraph
-from growth.layers import Attrs, Shape, module_tensors
+from growth.layers import Attrs, Shape, kind_of, module_tensors
 
 
 class _Batch:
@@ -273,8 +273,8 @@ def _fn_name(fn: Any) -> str:
         return fn
     mod = getattr(fn, "__module__", None) or ""
     name = getattr(fn, "__name__", None) or repr(fn)
-    mod = {"torch._C._VariableFunctions": "torch", "torch._C._nn": "torch.nn.functional"}.get(
-        mod, mod)
+    mod = {"torch._C._VariableFunctions": "torch", "torch._C._nn": "torch.nn.functional",
+           "_operator": "operator"}.get(mod, mod)
     return f"{mod}.{name}" if mod else name
 
 
@@ -438,7 +438,9 @@ class _Importer:
         name = self._fresh(node.name)
         self.graph.add(name, layer.kind, [r.name for r in layer.inputs], tensors=layer.tensors,
                        **layer.attrs)
-        ref = _Ref(name, self.graph.shape(name))
+        attrs = self.graph.node(name).attrs  # completed by add()
+        shape = kind_of(layer.kind).infer(name, attrs, [r.shape for r in layer.inputs])
+        ref = _Ref(name, shape)
         first = node.args[0] if node.args else None
         if layer.inplace and isinstance(first, fx.Node):
             self.env[first] = ref  # later reads of the overwritten tensor see the new value

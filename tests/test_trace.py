@@ -1,0 +1,334 @@
+"""import_module: user MLPs and CNNs, torchvision models, multi-output heads, clear refusals."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from growth.compile import compile_graph
+from growth.errors import GraphError, UnsupportedModuleError
+from growth.graph import output_scale
+from growth.trace import import_module
+
+
+def randomize_bn(module: nn.Module) -> None:
+    """Non-trivial BN statistics and affine terms, so a lost buffer changes the output."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+
+
+def assert_same_function(module: nn.Module, shape: tuple[int, ...], batch: int = 3,
+                         **kw) -> None:
+    """Import, compile, and compare with the module in eval mode (1e-5 of output scale)."""
+    module.eval()
+    graph = import_module(module, shape, **kw)
+    compiled = compile_graph(graph).eval()
+    x = torch.randn(batch, *shape)
+    with torch.no_grad():
+        want, got = module(x.clone()), compiled(x.clone())  # in-place ops may write into x
+    if isinstance(want, torch.Tensor):
+        want, got = {"out": want}, {"out": got}
+    elif isinstance(want, (tuple, list)):
+        want = dict(zip(graph.heads, want))
+    assert list(got) == list(want)
+    for k in want:
+        err = float((want[k] - got[k]).abs().max()) / output_scale(want[k])
+        assert err <= 1e-5, (k, err)
+    assert graph.param_count() == sum(p.numel() for p in module.parameters())
+    return graph
+
+
+FLATTENS = {
+    "view_size0": lambda x: x.view(x.size(0), -1),
+    "view_shape0": lambda x: x.view(x.shape[0], -1),
+    "reshape_n": lambda x: x.reshape(-1, 48),
+    "method_flatten": lambda x: x.flatten(1),
+    "torch_flatten": lambda x: torch.flatten(x, 1),
+    "torch_reshape": lambda x: torch.reshape(x, (x.size()[0], -1)),
+    "contiguous_view": lambda x: x.contiguous().view(x.size(0), 48),
+}
+
+
+class UserMLP(nn.Module):
+    def __init__(self, flatten=FLATTENS["view_size0"]) -> None:
+        super().__init__()
+        self.flat = flatten
+        self.fc1 = nn.Linear(48, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.act = nn.ReLU(inplace=True)  # called twice: one node per call
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(16, 16)
+        self.out = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.fc1(self.flat(x))))
+        h2 = self.act(self.fc2(self.drop(h)))
+        return self.out(torch.cat([h, h2], dim=1))
+
+
+@pytest.mark.parametrize("style", sorted(FLATTENS))
+def test_user_mlp_with_each_flatten_style(style):
+    torch.manual_seed(0)
+    m = UserMLP(FLATTENS[style])
+    randomize_bn(m)
+    graph = assert_same_function(m, (3, 4, 4))
+    assert [graph.node(n).kind for n in ("act", "act_1")] == ["relu", "relu"]
+    assert graph.heads == ["out"] and graph.input_node() == "x"
+
+
+class UserCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                  nn.ReLU(inplace=True))
+        self.branch = nn.Conv2d(8, 8, 3, padding=1)
+        self.side = nn.Conv2d(8, 4, 1, bias=False)
+        self.pool = nn.AvgPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        a = self.stem(x)
+        b = F.relu(self.branch(a))
+        b += a  # residual, written in place
+        c = torch.cat((torch.add(b, a), torch.sigmoid(self.side(a))), 1)
+        c = F.max_pool2d(self.pool(c), kernel_size=2, stride=2)
+        d = F.adaptive_avg_pool2d(c, 1)
+        return self.fc(torch.flatten(torch.cat([d, self.gap(c)], 1), 1))
+
+
+def test_user_cnn_with_residual_cat_and_functional_ops():
+    torch.manual_seed(0)
+    m = UserCNN()
+    randomize_bn(m)
+    graph = assert_same_function(m, (3, 8, 8))
+    assert graph.node("stem_0").kind == "conv2d" and graph.node("stem_1").kind == "batchnorm2d"
+    assert graph.node("cat").kind == "concat" and graph.node("add").kind == "add"
+    assert graph.inputs("add") == ["relu", "stem_2"]
+
+
+class Zoo(nn.Module):
+    """Every activation form the importer maps, as modules, functions and methods."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.mods = nn.Sequential(nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Sigmoid(),
+                                  nn.LeakyReLU(0.2), nn.ELU(0.5), nn.Identity())
+
+    def forward(self, x):
+        h = self.mods(self.fc(x))
+        h = F.gelu(F.silu(F.elu(F.leaky_relu(h, 0.3), alpha=0.7)))
+        h = torch.tanh(F.relu(h)) + torch.relu(h).sigmoid() + h.tanh() + F.dropout(h, 0.5, False)
+        return h.relu() + h.add(h)
+
+
+def test_every_activation_form_is_imported():
+    torch.manual_seed(0)
+    graph = assert_same_function(Zoo(), (6,))
+    kinds = {graph.node(n).kind for n in graph}
+    assert {"gelu", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "identity", "relu"} <= kinds
+    assert graph.node("mods_4").attrs["negative_slope"] == 0.2
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h.relu_()  # result unused: later reads of h see the rectified values
+        torch.relu_(x)
+        return self.fc2(h + x)
+
+
+def test_in_place_ops_feed_later_reads():
+    torch.manual_seed(0)
+    m = InPlace()
+    with torch.no_grad():
+        m.fc1.bias.fill_(-0.5)  # many negative pre-activations: a dropped relu_ would show
+    graph = assert_same_function(m, (4,), batch=8)
+    assert graph.inputs("add") == ["relu_", "relu__1"]
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.trunk, self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 3)
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        return {"task_a": self.a(h), "task_b": self.b(h)} if self.as_dict else \
+            (self.a(h), self.b(h), h)
+
+
+def test_tuple_and_dict_outputs_become_heads():
+    torch.manual_seed(0)
+    g = assert_same_function(TwoOutputs(as_dict=False), (4,))
+    assert g.heads == ["out0", "out1", "out2"]
+    g = assert_same_function(TwoOutputs(as_dict=True), (4,))
+    assert g.heads == ["task_a", "task_b"]
+    g = import_module(TwoOutputs(as_dict=False), (4,), head_names=["a", "b", "features"])
+    assert g.heads == ["a", "b", "features"] and g.inputs("features") == ["relu"]
+    assert g.inputs("a") == ["a_1"]  # the layer gave its name to the head
+    with pytest.raises(GraphError, match="3 distinct names"):
+        import_module(TwoOutputs(as_dict=False), (4,), head_names=["a", "a", "c"])
+
+
+class Unused(TwoOutputs):
+    def forward(self, x):
+        return self.a(torch.relu(self.trunk(x)))
+
+
+def test_unused_layers_are_left_out():
+    g = import_module(Unused(as_dict=False), (4,))
+    assert "b" not in g and g.param_count() == 4 * 8 + 8 + 8 * 2 + 2
+
+
+def test_head_name_clashing_with_a_layer_renames_the_layer():
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    g = import_module(m, (4,), head_names=["_1"])  # fx names the ReLU node "_1"
+    assert g.heads == ["_1"] and g.inputs("_1") == ["_1_1"]
+
+
+def test_graph_holds_copies_of_the_module_tensors():
+    m = nn.Sequential(nn.Linear(4, 4))
+    g = import_module(m, (4,))
+    with torch.no_grad():
+        m[0].weight.zero_()
+    assert g.node("_0").tensors["weight"].abs().sum() > 0
+
+
+def test_resnet18_imports_with_equal_outputs():
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None, num_classes=10)
+    randomize_bn(m)
+    graph = assert_same_function(m, (3, 32, 32), batch=2)
+    assert graph.node("layer1_0_conv1").kind == "conv2d"
+    assert graph.node("layer1_0_relu_1").kind == "relu"  # self.relu reused: one node per call
+    assert graph.inputs("add") == ["layer1_0_bn2", "maxpool"]
+    assert graph.node("layer2_0_downsample_0").attrs["stride"] == (2, 2)
+
+
+@pytest.mark.slow
+def test_vgg11_bn_imports_with_equal_outputs():
+    torch.manual_seed(0)
+    m = torchvision.models.vgg11_bn(weights=None, num_classes=10)
+    randomize_bn(m)
+    graph = assert_same_function(m, (3, 32, 32), batch=2)
+    assert graph.node("avgpool").attrs["output_size"] == (7, 7)
+    assert graph.node("classifier_2").kind == "dropout"
+
+
+# ---- refusals --------------------------------------------------------------------------------
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x
+        return -x
+
+
+class Wrapper(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.block = inner
+
+    def forward(self, x):
+        return self.block(self.fc(x))
+
+
+def test_untraceable_module_names_the_layer():
+    with pytest.raises(UnsupportedModuleError, match="'block' \\(Branchy.*control flow"):
+        import_module(Wrapper(Branchy()), (4,))
+
+
+@pytest.mark.parametrize("inner,match", [
+    (nn.LSTM(4, 4), "layer 'block' \\(LSTM\\).*no node kind"),
+    (nn.Softmax(dim=1), "layer 'block' \\(Softmax\\)"),
+    (nn.Linear(4, 4, bias=False).requires_grad_(False), None),
+])
+def test_unsupported_layer_names_path_and_type(inner, match):
+    if match is None:  # a supported layer imports fine
+        import_module(Wrapper(inner), (4,)).validate()
+        return
+    with pytest.raises(UnsupportedModuleError, match=match) as info:
+        import_module(Wrapper(inner), (4,))
+    assert "supported modules: " in str(info.value) and "Conv2d" in str(info.value)
+
+
+def test_grouped_conv_is_refused_naming_it():
+    m = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(UnsupportedModuleError, match="layer '1' \\(Conv2d\\): groups=2"):
+        import_module(m, (4, 8, 8))
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.fc(x))
+
+
+def test_weight_sharing_is_refused_naming_the_layer():
+    with pytest.raises(UnsupportedModuleError, match="'fc' \\(Linear\\).*more than once"):
+        import_module(Shared(), (4,))
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda s, x: torch.mean(x, dim=1, keepdim=True), "function torch.mean"),
+    (lambda s, x: x * 2, "function operator.mul"),
+    (lambda s, x: x + 1, "second operand must be a tensor"),
+    (lambda s, x: x * s.w, "attribute 'w'"),
+    (lambda s, x: x.view(x.size(0), 2, -1), "only x.view"),
+    (lambda s, x: torch.cat([x, x], dim=0), "dim=1"),
+    (lambda s, x: torch.flatten(x), "flatten\\(x, 1\\)"),
+    (lambda s, x: x[:, :2], "indexing"),
+    (lambda s, x: F.gelu(x, approximate="tanh"), "approximate='tanh'"),
+    (lambda s, x: x.softmax(1), "tensor method .softmax\\(\\)"),
+])
+def test_unsupported_calls_name_the_function(fn, match):
+    with pytest.raises(UnsupportedModuleError, match=match):
+        import_module(Lambda(fn), (4,))
+
+
+def test_two_inputs_or_non_tensor_outputs_are_refused():
+    class TwoIn(nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    class SizeOut(nn.Module):
+        def forward(self, x):
+            return x.size(0)
+
+    with pytest.raises(UnsupportedModuleError, match="2 inputs"):
+        import_module(TwoIn(), (4,))
+    with pytest.raises(UnsupportedModuleError, match="not a tensor"):
+        import_module(SizeOut(), (4,))
+
+
+def test_wrong_input_shape_is_a_shape_error_naming_the_node():
+    from growth.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="'_0'"):
+        import_module(nn.Sequential(nn.Linear(4, 4)), (5,))
