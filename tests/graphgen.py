@@ -8,6 +8,7 @@ non-trivial BN statistics, so an example replays exactly.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -60,6 +61,30 @@ def max_rel_error(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
     assert before.keys() == after.keys(), (before.keys(), after.keys())
     return max(float((after[h] - before[h]).abs().max()) / output_scale(before[h])
                for h in before)
+
+
+def snapshot(graph: NetGraph) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Structure and cloned tensors, to check later that nothing changed the graph."""
+    return graph.to_dict(), {k: v.clone() for k, v in graph.named_tensors().items()}
+
+
+def assert_unchanged(graph: NetGraph, snap: tuple[dict, dict[str, torch.Tensor]]) -> None:
+    structure, tensors = snap
+    assert graph.to_dict() == structure
+    now = graph.named_tensors()
+    assert now.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert torch.equal(now[k], v), f"the input tensor {k} was written into"
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny networks run faster on one thread, and a loaded box does not stall on spin-waits.
+    Use with `pytestmark = pytest.mark.usefixtures("single_thread")` after importing it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---- building blocks -------------------------------------------------------------------------
@@ -190,3 +215,52 @@ def multi_head_nets(draw: Draw) -> NetGraph:
 def networks() -> st.SearchStrategy[NetGraph]:
     """Any of the shapes above."""
     return st.one_of(mlps(), cnns(), residual_nets(), concat_nets(), multi_head_nets())
+
+
+# ---- small hand-made graphs (names fixed, so tests can check index maps by hand) -------
+def mlp(hidden: int = 3) -> NetGraph:
+    g = NetGraph()
+    g.add_input("x", (2,))
+    g.add("l1", "linear", ["x"], out_features=hidden)
+    g.add("r1", "relu", ["l1"])
+    g.add("l2", "linear", ["r1"], out_features=2)
+    g.add_output("out", "l2")
+    return randomize(g, 0)
+
+
+def residual() -> NetGraph:
+    """c0 -> bn0 -> r0 is added to two blocks' outputs: {c0, c1, c2} form one residual group."""
+    g = NetGraph()
+    g.add_input("x", (3, 6, 6))
+    g.add("c0", "conv2d", ["x"], out_channels=4, kernel_size=3, padding=1)
+    g.add("bn0", "batchnorm2d", ["c0"])
+    g.add("r0", "relu", ["bn0"])
+    g.add("c1", "conv2d", ["r0"], out_channels=4, kernel_size=3, padding=1)
+    g.add("bn1", "batchnorm2d", ["c1"])
+    g.add("add1", "add", ["bn1", "r0"])
+    g.add("r1", "relu", ["add1"])
+    g.add("inner", "conv2d", ["r1"], out_channels=3, kernel_size=1)
+    g.add("ri", "relu", ["inner"])
+    g.add("c2", "conv2d", ["ri"], out_channels=4, kernel_size=3, padding=1)
+    g.add("add2", "add", ["c2", "r1"])
+    g.add("r2", "relu", ["add2"])
+    g.add("gap", "adaptive_avgpool2d", ["r2"], output_size=1)
+    g.add("flat", "flatten", ["gap"])
+    g.add("fc", "linear", ["flat"], out_features=3)
+    g.add_output("out", "fc")
+    return randomize(g, 1)
+
+
+def concat_net() -> NetGraph:
+    g = NetGraph()
+    g.add_input("x", (2, 5, 5))
+    g.add("a", "conv2d", ["x"], out_channels=3, kernel_size=3, padding=1)
+    g.add("b", "conv2d", ["x"], out_channels=2, kernel_size=1)
+    g.add("cat", "concat", ["a", "b"])
+    g.add("bn", "batchnorm2d", ["cat"])
+    g.add("r", "relu", ["bn"])
+    g.add("c", "conv2d", ["r"], out_channels=2, kernel_size=1)
+    g.add("flat", "flatten", ["c"])
+    g.add("fc", "linear", ["flat"], out_features=3)
+    g.add_output("out", "fc")
+    return randomize(g, 2)

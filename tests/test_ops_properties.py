@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from graphgen import (
+from graphgen import (  # noqa: F401 (single_thread is a fixture)
+    assert_unchanged,
     cnns,
     concat_nets,
     max_rel_error,
@@ -15,6 +16,8 @@ from graphgen import (
     outputs,
     random_input,
     residual_nets,
+    single_thread,
+    snapshot,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,26 +30,7 @@ FAST = settings(deadline=None, derandomize=True, max_examples=25,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread, and a loaded CI box does not stall on spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def snapshot(graph: NetGraph) -> tuple[dict, dict[str, torch.Tensor]]:
-    return graph.to_dict(), {k: v.clone() for k, v in graph.named_tensors().items()}
-
-
-def assert_unchanged(graph: NetGraph, snap: tuple[dict, dict[str, torch.Tensor]]) -> None:
-    structure, tensors = snap
-    assert graph.to_dict() == structure
-    now = graph.named_tensors()
-    assert now.keys() == tensors.keys()
-    for k, v in tensors.items():
-        assert torch.equal(now[k], v), f"operator wrote into the input tensor {k}"
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_step(data: st.DataObject, graph: NetGraph, sample: torch.Tensor) -> OpResult:

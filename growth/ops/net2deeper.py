@@ -30,8 +30,9 @@ def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: st
     concat of relus), "relu" demands it (an error elsewhere, since identity would not hold),
     "none" adds none.
     batchnorm: add BN after the new layer whose running stats are the mean/var of `after`'s
-    output on `sample` (a batch of network inputs) and whose affine part undoes them, so eval
-    mode is unchanged and training on that batch starts from the identity too.
+    output on `sample` (a batch of network inputs, BNs in training mode) and whose affine part
+    undoes them: eval mode is unchanged, and a training step on that batch starts from the
+    identity too.
     """
     node = graph.node(after)
     shape = _check(graph, after, node.kind, kernel_size, activation, batchnorm, sample)
@@ -133,13 +134,19 @@ def _identity_layer(shape: Shape, kernel_size: int, dtype: torch.dtype
 
 def _statistics(graph: NetGraph, after: str, sample: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance of `after`'s output on `sample`, in eval mode."""
+    """Per-channel mean and (biased) variance of `after`'s output on `sample` as training sees
+    it: upstream BNs use batch statistics (on a compiled copy), dropout is off."""
     want = tuple(graph.shape(graph.input_node()))
     if sample.dim() != len(want) + 1 or tuple(sample.shape[1:]) != want:
         raise OperatorError(f"net2deeper after {after!r}: sample has shape {tuple(sample.shape)}; "
                             f"expected a batch of inputs (B, {', '.join(map(str, want))})")
-    probe = _truncate(graph, after)
-    module = compile_graph(probe).eval()
+    if sample.shape[0] < 2:
+        raise OperatorError(f"net2deeper after {after!r}: sample has {sample.shape[0]} input; "
+                            "batch statistics need at least 2")
+    module = compile_graph(_truncate(graph, after)).eval()
+    for m in module.modules():  # the statistics the new BN will see when training on `sample`
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.train()
     with torch.no_grad():
         y = module(sample.to(dtype))
     dims = [0] if y.dim() == 2 else [0, 2, 3]

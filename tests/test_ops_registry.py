@@ -1,0 +1,97 @@
+"""The operator registry: built-ins with descriptions, plug-ins from entry points."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import textwrap
+
+import pytest
+from graphgen import mlp
+
+from growth.errors import OperatorError
+from growth.ops import Operator, OpResult, available_operators, get_operator, register
+from growth.ops import registry as reg
+
+PLUGIN = textwrap.dedent('''
+    from growth.ops import ChangeRecord, Operator, OpResult
+
+    def _same(graph, **kwargs):
+        return OpResult(graph.copy(), ChangeRecord("identity_op", dict(kwargs)))
+
+    IDENTITY = Operator("identity_op", "return a copy of the graph", _same)
+
+    class Bare:
+        name = "bare_op"
+        description = "a plain callable with name and description"
+
+        def __call__(self, graph, **kwargs):
+            return OpResult(graph.copy(), ChangeRecord("bare_op"))
+
+    BARE = Bare()
+    NOT_AN_OP = 42
+    IDENTITY_CLASH = Operator("net2wider", "takes a built-in's name", _same)
+''')
+
+
+def test_builtins_are_listed_with_one_line_descriptions() -> None:
+    ops = available_operators()
+    assert {"net2wider", "net2deeper", "prune_units"} <= set(ops)
+    for name in ("net2wider", "net2deeper", "prune_units"):
+        op = ops[name]
+        assert op.name == name and op.description and "\n" not in op.description
+
+
+def test_get_operator_applies_the_builtin() -> None:
+    result = get_operator("net2wider")(mlp(), node="l1", width=6)
+    assert isinstance(result, OpResult) and result.graph.shape("l1") == (6,)
+    assert result.record.op == "net2wider"
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch):
+    (tmp_path / "fake_growth_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [md.EntryPoint(name, value, reg.ENTRY_POINT_GROUP) for name, value in [
+        ("identity", "fake_growth_plugin:IDENTITY"),
+        ("bare", "fake_growth_plugin:BARE"),
+        ("wrong", "fake_growth_plugin:NOT_AN_OP"),
+        ("missing", "no_such_module_anywhere:OP"),
+        ("clash", "fake_growth_plugin:IDENTITY_CLASH"),
+    ]]
+    seen = []
+
+    def entry_points(**kwargs):
+        seen.append(kwargs)
+        return [ep for ep in eps if ep.group == kwargs.get("group")]
+
+    monkeypatch.setattr(reg.metadata, "entry_points", entry_points)
+    return seen
+
+
+def test_entry_point_plugins_show_up_and_broken_ones_only_warn(plugins) -> None:
+    with pytest.warns(RuntimeWarning) as caught:
+        ops = available_operators()
+    assert plugins == [{"group": "growth.ops"}]
+    assert ops["identity_op"].description == "return a copy of the graph"
+    assert ops["bare_op"].description.startswith("a plain callable")
+    assert {"net2wider", "net2deeper", "prune_units"} <= set(ops)
+    messages = " ".join(str(w.message) for w in caught)
+    for broken in ("'wrong'", "'missing'", "'clash'"):
+        assert broken in messages
+    g = mlp()
+    with pytest.warns(RuntimeWarning):
+        assert get_operator("bare_op")(g).record.op == "bare_op"
+
+
+def test_register_refuses_a_taken_name_unless_replaced() -> None:
+    op = Operator("net2wider", "impostor", lambda graph: None)
+    with pytest.raises(OperatorError, match="already registered"):
+        register(op)
+    with pytest.raises(OperatorError, match="Operator"):
+        register(lambda graph: None)  # type: ignore[arg-type]
+    original = get_operator("net2wider")
+    try:
+        register(op, replace=True)
+        assert get_operator("net2wider") is op
+    finally:
+        register(original, replace=True)
