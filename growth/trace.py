@@ -441,9 +441,9 @@ class _Importer:
         attrs = self.graph.node(name).attrs  # completed by add()
         shape = kind_of(layer.kind).infer(name, attrs, [r.shape for r in layer.inputs])
         ref = _Ref(name, shape)
-        first = node.args[0] if node.args else None
-        if layer.inplace and isinstance(first, fx.Node):
-            self.env[first] = ref  # later reads of the overwritten tensor see the new value
+        if layer.inplace:  # later reads of the overwritten tensor (and its aliases) see `ref`
+            old = layer.inputs[0]
+            self.env.update({k: ref for k, v in self.env.items() if v == old})
         return ref
 
     def _describe(self, node: fx.Node) -> str:

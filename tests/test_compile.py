@@ -9,7 +9,7 @@ from growth.compile import compile_graph, graph_with_weights, head_view
 from growth.errors import CheckpointError, GraphError
 from growth.graph import NetGraph
 from growth.layers import module_tensors
-from search_spaces.networks import add_head, mlp
+from search_spaces.networks import add_head, mlp, small_cnn
 
 
 class HandCNN(nn.Module):
@@ -153,3 +153,39 @@ def test_graph_with_weights_rejects_a_module_of_another_graph():
     with pytest.raises(CheckpointError, match="no tensor 'fc1.weight'"):
         graph_with_weights(small, nn.Linear(4, 8))
 
+
+
+# ---- base networks (search_spaces.networks) compile and run --------------------------------
+def test_mlp_builder_trunk_ends_at_features_without_heads():
+    g = mlp((1, 4, 4), [8, 6], activation="tanh", batchnorm=True, dropout=0.1)
+    assert g.heads == [] and g.shape("features") == (6,)
+    assert g.inputs("features") == ["drop2"] and g.node("act1").kind == "tanh"
+    assert [g.node(n).kind for n in g.inputs("fc1")] == ["flatten"]
+    g2 = add_head(g, "task1", 3)
+    assert g.heads == [] and g2.heads == ["task1"]  # add_head returns a new graph
+    assert compile_graph(g2).eval()(torch.randn(2, 1, 4, 4)).shape == (2, 3)
+    assert mlp((5,), []).inputs("features") == ["x"]
+
+
+def test_small_cnn_builder_with_fc_and_heads():
+    g = small_cnn((3, 16, 16), channels=[4, 8], fc=[12])
+    assert g.shape("pool2") == (8, 4, 4) and g.shape("features") == (12,)
+    assert g.node("conv1").attrs["padding"] == 1 and g.inputs("features") == ["act3"]
+    g = add_head(add_head(g, "a", 2), "b", 5)
+    out = compile_graph(g)(torch.randn(3, 3, 16, 16))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (3, 2), "b": (3, 5)}
+    assert g.inputs("head_a") == ["features"] and g.node("head_b").kind == "linear"
+    g.validate()
+
+
+def test_builders_reject_bad_arguments():
+    with pytest.raises(GraphError, match="activation 'swish'"):
+        mlp((4,), [3], activation="swish")
+    with pytest.raises(GraphError, match="\\(C, H, W\\)"):
+        small_cnn((4,))
+    with pytest.raises(GraphError, match="identifier"):
+        add_head(mlp((4,), [3]), "task-1", 2)
+    with pytest.raises(GraphError, match="'t'.*already exists|already exists"):
+        add_head(add_head(mlp((4,), [3]), "t", 2), "t", 2)
+    with pytest.raises(GraphError, match="linear head needs a vector"):
+        add_head(small_cnn((1, 4, 4), [2]), "t", 2, source="pool1")

@@ -144,7 +144,7 @@ class InPlace(nn.Module):
 
     def forward(self, x):
         h = self.fc1(x)
-        h.relu_()  # result unused: later reads of h see the rectified values
+        h.contiguous().relu_()  # result unused: later reads of h (an alias) see the change
         torch.relu_(x)
         return self.fc2(h + x)
 
