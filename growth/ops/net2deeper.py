@@ -70,7 +70,7 @@ def _check(graph: NetGraph, after: str, kind: str, kernel_size: int, activation:
     if activation not in _ACTIVATIONS:
         raise OperatorError(f"net2deeper after {after!r}: activation must be one of "
                             f"{_ACTIVATIONS}, got {activation!r}")
-    shape = graph.shape(after)
+    shape = graph.shapes()[after]  # one pass over the graph: cheaper than walking ancestors
     if len(shape) not in (1, 3):
         raise OperatorError(f"net2deeper after {after!r}: its output has shape {shape}; only "
                             "vectors (features,) and images (C, H, W) can be deepened")
@@ -104,9 +104,10 @@ def _nonnegative(graph: NetGraph, name: str) -> bool:
 
 
 def _dtype(graph: NetGraph) -> torch.dtype:
-    for t in graph.named_tensors().values():
-        if t.is_floating_point():
-            return t.dtype
+    for name in graph.nx.nodes:
+        for t in graph.node(name).tensors.values():
+            if t.is_floating_point():
+                return t.dtype
     return torch.get_default_dtype()
 
 
