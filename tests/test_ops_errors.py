@@ -54,6 +54,8 @@ def test_widening_when_a_concat_feeds_the_residual_group() -> None:
     g.add_output("out2", "fc2")
     with raises(OperatorError, "'side'", "concat node 'cat'"):
         net2wider(g, "side", 6)
+    with raises(OperatorError, "'a'", "add 'join' after a concat"):
+        net2wider(g, "a", 4)
 
 
 def test_grouped_convolutions_are_refused() -> None:

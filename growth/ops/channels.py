@@ -66,14 +66,14 @@ def find_group(graph: NetGraph, node: str, shapes: Mapping[str, Shape] | None = 
             if kind in PRODUCERS:
                 _check_layer(graph, c, shapes, node)
                 consumers.add(c)
+            elif kind == "add" and not plain:  # checked before `in region`: order-independent
+                raise OperatorError(
+                    f"cannot resize {node!r}: its channels reach add {c!r} after a concat or "
+                    "flatten, where the other operands would need a different mapping; resize a "
+                    "layer outside that path")
             elif c in region:
                 continue
             elif kind == "add":
-                if not plain:
-                    raise OperatorError(
-                        f"cannot resize {node!r}: its channels reach add {c!r} after a concat or "
-                        "flatten, where the other operands would need a different mapping; "
-                        "resize a layer outside that path")
                 region[c] = True
                 stack.append((c, True))
                 for member in _members(graph, c, producers, region, node):
