@@ -19,7 +19,7 @@ def test_demo_grows_and_preserves_the_function(capsys: pytest.CaptureFixture[str
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "function preserved" in out and "NOT preserved" not in out
-    before, after = out.split("parameters: ")[1].split("\n")[0].split(" -> ")
+    before, after = out.split("\nparameters: ")[1].split("\n")[0].split(" -> ")
     assert int(after.replace(",", "")) > int(before.replace(",", ""))
 
 
