@@ -6,7 +6,13 @@ from typing import Any
 
 from growth.errors import ConfigError
 from growth.strategies.base import Context, Strategy, StrategyParams, snapshot, state_key
+from growth.strategies.ewc import EWC
 from growth.strategies.joint import Joint
+from growth.strategies.l2 import L2
+from growth.strategies.lwf import LwF
+from growth.strategies.mas import MAS
+from growth.strategies.mwc import MWC
+from growth.strategies.si import SI
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -26,7 +32,7 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     return cls(cls.Params.model_validate(params or {}))
 
 
-for _cls in (Strategy, Joint):
+for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC):
     register(_cls)
 
 __all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "make_strategy", "register",

@@ -1,0 +1,262 @@
+"""Pieces the regularisation strategies share: per-sample importances, quadratic penalties, KD.
+
+- `fisher_diagonal` / `mas_importance`: exact per-sample gradients (torch.func: functional_call
+  + vmap + grad, in chunks) reduced to the diagonal Fisher (mean squared gradient of
+  log p(y|x), labels given) or MAS's mean |d ||f(x)||^2 / d theta|.
+- `Quadratic`: sum_k s_k sum_i W_{k,i} (theta_i - a_{k,i})^2 over parameters keyed by name,
+  merged once into one term per parameter, W (theta - m)^2 + const, so the hot loop costs the
+  same for one anchor or twenty. Anchors smaller than the parameter (the network grew since)
+  cover the leading slice only: weights outside it are zero, so grown units go unpenalised.
+- `kd_loss`: distillation at a temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from growth.errors import ShapeError
+from growth.strategies.base import Strategy, state_key
+
+if TYPE_CHECKING:
+    from growth.data import Task
+    from growth.strategies.base import Context
+
+GRAD_BUDGET = 1 << 25  # floats of per-sample gradients held at once (128 MiB in float32)
+
+SampleLoss = Callable[[Tensor, Tensor], Tensor]  # (logits [1, C], label [1]) -> scalar
+
+
+# ---- per-sample importances ------------------------------------------------------------------
+def mean_sample_grads(view: nn.Module, names: list[str], x: Tensor, y: Tensor,
+                      loss: SampleLoss, reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Mean over samples of reduce(per-sample gradient of loss), for parameters `names`.
+
+    Runs the view in eval mode (deterministic; BatchNorm uses running statistics).
+    """
+    params = dict(view.named_parameters())
+    own = {n: params[n].detach() for n in names}
+    fixed = {n: p.detach() for n, p in params.items() if n not in own}
+    fixed.update(dict(view.named_buffers()))
+
+    def one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(view, {**fixed, **p}, (xi.unsqueeze(0),))
+        return loss(out, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+    chunk = max(1, min(len(y), GRAD_BUDGET // max(1, sum(p.numel() for p in own.values()))))
+    acc = {n: torch.zeros_like(p) for n, p in own.items()}
+    with evaluating(view):
+        for i in range(0, len(y), chunk):
+            grads = per_sample(own, x[i:i + chunk], y[i:i + chunk])
+            for n, g in grads.items():
+                acc[n] += reduce(g).sum(0)
+    return {n: a / max(len(y), 1) for n, a in acc.items()}
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode for a module and its (possibly shared) layers, each layer's mode restored."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _log_likelihood(out: Tensor, y: Tensor) -> Tensor:
+    return F.log_softmax(out, dim=1).gather(1, y.view(-1, 1)).sum()
+
+
+def _squared_norm(out: Tensor, _y: Tensor) -> Tensor:
+    return out.square().sum()
+
+
+def fisher_diagonal(view: nn.Module, names: list[str], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Diagonal Fisher: mean over samples of (d log p(y|x) / d theta)^2, with the given labels."""
+    return mean_sample_grads(view, names, x, y, _log_likelihood, torch.square)
+
+
+def mas_importance(view: nn.Module, names: list[str], x: Tensor) -> dict[str, Tensor]:
+    """MAS importance: mean over samples of |d ||f(x)||_2^2 / d theta| (no labels needed)."""
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    return mean_sample_grads(view, names, x, y, _squared_norm, torch.abs)
+
+
+def task_sample(ctx: Context, task: Task, n: int | None) -> tuple[Tensor, Tensor]:
+    """Up to n training samples of a task (a subset fixed by the task index), head labels."""
+    x, y = task.train
+    if n is not None and n < len(y):
+        gen = torch.Generator().manual_seed(1_000_003 * (task.index + 1))
+        idx = torch.randperm(len(y), generator=gen)[:n]
+        x, y = x[idx], y[idx]
+    return x.to(ctx.device), ctx.label_of(task, y).to(ctx.device)
+
+
+def task_view(ctx: Context, task: Task) -> tuple[nn.Module, list[str]]:
+    """The module serving a task's head, and the names of its trainable parameters."""
+    view = ctx.model.head(ctx.head_of(task))
+    return view, [n for n, p in view.named_parameters() if p.requires_grad]
+
+
+def task_fisher(ctx: Context, task: Task, samples: int | None) -> dict[str, Tensor]:
+    """Diagonal Fisher of a task through its head (CPU tensors, ready for strategy state)."""
+    view, names = task_view(ctx, task)
+    x, y = task_sample(ctx, task, samples)
+    return {n: f.cpu() for n, f in fisher_diagonal(view, names, x, y).items()}
+
+
+# ---- growth-aware tensor arithmetic ------------------------------------------------------------
+def overlap(a: Tensor, b: Tensor, name: str = "") -> tuple[slice, ...]:
+    """The leading slice two versions of one parameter share (before and after growth)."""
+    if a.dim() != b.dim():
+        raise ShapeError(f"parameter {name!r} changed rank from {a.dim()} to {b.dim()}; "
+                         "its stored state cannot follow it")
+    return tuple(slice(0, min(s, t)) for s, t in zip(a.shape, b.shape))
+
+
+def accumulate(old: Tensor | None, new: Tensor, decay: float = 1.0, name: str = "") -> Tensor:
+    """new + decay * old over their overlap (old state of a parameter that has since grown)."""
+    out = new.clone()
+    if old is not None:
+        sl = overlap(old, new, name)
+        out[sl] += decay * old[sl].to(out)
+    return out
+
+
+def stored(state: dict[str, Tensor], what: str, task: int | str) -> dict[str, Tensor]:
+    """{parameter: tensor} of the state entries keyed "<what>/<task>/<parameter>"."""
+    prefix = f"{what}/{task}/"
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ---- the quadratic penalty -----------------------------------------------------------------------
+Component = tuple[float, dict[str, Tensor] | None, dict[str, Tensor]]  # scale, weights, anchors
+
+
+@dataclass
+class Quadratic:
+    """sum over terms of (W * (theta - m)^2).sum() + const, built for one compiled module."""
+
+    module: nn.Module
+    terms: list[tuple[nn.Parameter, Tensor, Tensor]]  # (parameter, centre m, weight W)
+    const: float
+
+    def __call__(self) -> Tensor | None:
+        if not self.terms:
+            return None
+        total = sum((w * (p - m).square()).sum() for p, m, w in self.terms)
+        return total + self.const
+
+
+def build_quadratic(module: nn.Module, components: Iterable[Component]) -> Quadratic:
+    """Merge sum_k s_k sum_i W_{k,i} (theta_i - a_{k,i})^2 into one term per parameter.
+
+    weights None means all ones (L2). Parameters absent from the module are skipped; anchors
+    smaller than their parameter cover the leading slice only. Merging is exact:
+    sum_k v_k (theta - a_k)^2 = V (theta - m)^2 + c with V = sum v_k, m = sum v_k a_k / V.
+    """
+    params = dict(module.named_parameters())
+    acc: dict[str, list[Tensor]] = {}  # name -> [V, sum v a, sum v a^2], float64, param shape
+    for scale, weights, anchors in components:
+        for name, anchor in anchors.items():
+            p = params.get(name)
+            if p is None:
+                continue
+            v, va, vaa = acc.setdefault(name, [torch.zeros(p.shape, dtype=torch.float64)
+                                               for _ in range(3)])
+            sl = overlap(anchor, p, name)
+            a = anchor[sl].double()
+            w = torch.ones_like(a) if weights is None else weights[name][sl].double()
+            w = scale * w
+            v[sl] += w
+            va[sl] += w * a
+            vaa[sl] += w * a * a
+    terms, const = [], 0.0
+    for name, (v, va, vaa) in acc.items():
+        m = torch.where(v > 0, va / v.clamp_min(1e-300), torch.zeros_like(va))
+        const += float((vaa - v * m * m).sum())
+        p = params[name]
+        terms.append((p, m.to(p), v.to(p)))
+    return Quadratic(module, terms, const)
+
+
+# ---- distillation ------------------------------------------------------------------------------
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 2.0) -> Tensor:
+    """KL(teacher || student) of temperature-softened outputs, times T^2 (Hinton et al.) so its
+    gradient scale does not depend on T; zero when the outputs agree."""
+    t = temperature
+    log_s = F.log_softmax(student / t, dim=1)
+    log_t = F.log_softmax(teacher.detach() / t, dim=1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (t * t)
+
+
+# ---- strategies whose penalty is such a quadratic ------------------------------------------------
+class QuadraticStrategy(Strategy):
+    """Base of EWC, MWC, SI, MAS and L2: the penalty is `build_quadratic(components(ctx))`.
+
+    The merged terms are built lazily on the first batch of a task, and again whenever the
+    model was recompiled (growth swaps parameters) or the state changed.
+    """
+
+    _quad: Quadratic | None = None
+
+    def components(self, ctx: Context) -> list[Component]:
+        """(scale, weights, anchors) of every quadratic term the current task pays."""
+        raise NotImplementedError
+
+    def before_task(self, ctx: Context) -> None:
+        self._quad = None
+
+    def penalty(self, ctx: Context, x: Tensor | None = None, y: Tensor | None = None,
+                logits: Tensor | None = None) -> Tensor | None:
+        q = self._quad
+        if q is None or q.module is not ctx.model.module:
+            q = self._quad = build_quadratic(ctx.model.module, self.components(ctx))
+        return q()
+
+    def after_task(self, ctx: Context) -> None:
+        self.consolidate(ctx)
+        self._quad = None
+
+    def consolidate(self, ctx: Context) -> None:
+        """Store what protects the task just learned (importance, anchors)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, tensors: dict[str, Tensor], extra: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, extra)
+        self._quad = None
+
+    def finished(self) -> list[int]:
+        """Indices of the tasks consolidated so far, in order."""
+        return list(self.extra.get("tasks", []))
+
+    def mark_finished(self, task: Task) -> None:
+        self.extra["tasks"] = [*self.finished(), task.index]
+
+    def update_running(self, ctx: Context, what: str, new: dict[str, Tensor],
+                       decay: float = 1.0) -> None:
+        """what/all <- decay * what/all + new (over grown shapes), anchor/latest <- theta now."""
+        old = stored(self.state, what, "all")
+        merged = {n: decay * t for n, t in old.items()}
+        merged.update({n: accumulate(old.get(n), t, decay, n) for n, t in new.items()})
+        for n, t in merged.items():
+            self.state[state_key(what, "all", n)] = t
+        self.set_anchors(ctx, "latest", list(merged))
+
+    def set_anchors(self, ctx: Context, task: int | str, names: list[str]) -> None:
+        """anchor/<task>/<name> <- the parameter's current value (names gone from the model
+        keep their previous anchor)."""
+        params = ctx.model.named_parameters()
+        for n in names:
+            if n in params:
+                self.state[state_key("anchor", task, n)] = params[n].detach().cpu().clone()
