@@ -8,6 +8,9 @@
   same for one anchor or twenty. Anchors smaller than the parameter (the network grew since)
   cover the leading slice only: weights outside it are zero, so grown units go unpenalised.
 - `kd_loss`: distillation at a temperature.
+
+The strategies built on them are in `growth.strategies` (the quadratic ones share
+`growth.strategies.ewc.QuadraticStrategy`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from growth.errors import ShapeError
-from growth.strategies.base import Strategy, state_key
 
 if TYPE_CHECKING:
     from growth.data import Task
@@ -182,7 +184,8 @@ def build_quadratic(module: nn.Module, components: Iterable[Component]) -> Quadr
             va[sl] += w * a
             vaa[sl] += w * a * a
     terms, const = [], 0.0
-    for name, (v, va, vaa) in acc.items():
+    for name in (n for n in params if n in acc):  # module order: sums independent of the state's
+        v, va, vaa = acc[name]
         m = torch.where(v > 0, va / v.clamp_min(1e-300), torch.zeros_like(va))
         const += float((vaa - v * m * m).sum())
         p = params[name]
@@ -199,64 +202,3 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 2.0) -> Tenso
     log_t = F.log_softmax(teacher.detach() / t, dim=1)
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (t * t)
 
-
-# ---- strategies whose penalty is such a quadratic ------------------------------------------------
-class QuadraticStrategy(Strategy):
-    """Base of EWC, MWC, SI, MAS and L2: the penalty is `build_quadratic(components(ctx))`.
-
-    The merged terms are built lazily on the first batch of a task, and again whenever the
-    model was recompiled (growth swaps parameters) or the state changed.
-    """
-
-    _quad: Quadratic | None = None
-
-    def components(self, ctx: Context) -> list[Component]:
-        """(scale, weights, anchors) of every quadratic term the current task pays."""
-        raise NotImplementedError
-
-    def before_task(self, ctx: Context) -> None:
-        self._quad = None
-
-    def penalty(self, ctx: Context, x: Tensor | None = None, y: Tensor | None = None,
-                logits: Tensor | None = None) -> Tensor | None:
-        q = self._quad
-        if q is None or q.module is not ctx.model.module:
-            q = self._quad = build_quadratic(ctx.model.module, self.components(ctx))
-        return q()
-
-    def after_task(self, ctx: Context) -> None:
-        self.consolidate(ctx)
-        self._quad = None
-
-    def consolidate(self, ctx: Context) -> None:
-        """Store what protects the task just learned (importance, anchors)."""
-        raise NotImplementedError
-
-    def load_state_dict(self, tensors: dict[str, Tensor], extra: dict[str, Any]) -> None:
-        super().load_state_dict(tensors, extra)
-        self._quad = None
-
-    def finished(self) -> list[int]:
-        """Indices of the tasks consolidated so far, in order."""
-        return list(self.extra.get("tasks", []))
-
-    def mark_finished(self, task: Task) -> None:
-        self.extra["tasks"] = [*self.finished(), task.index]
-
-    def update_running(self, ctx: Context, what: str, new: dict[str, Tensor],
-                       decay: float = 1.0) -> None:
-        """what/all <- decay * what/all + new (over grown shapes), anchor/latest <- theta now."""
-        old = stored(self.state, what, "all")
-        merged = {n: decay * t for n, t in old.items()}
-        merged.update({n: accumulate(old.get(n), t, decay, n) for n, t in new.items()})
-        for n, t in merged.items():
-            self.state[state_key(what, "all", n)] = t
-        self.set_anchors(ctx, "latest", list(merged))
-
-    def set_anchors(self, ctx: Context, task: int | str, names: list[str]) -> None:
-        """anchor/<task>/<name> <- the parameter's current value (names gone from the model
-        keep their previous anchor)."""
-        params = ctx.model.named_parameters()
-        for n in names:
-            if n in params:
-                self.state[state_key("anchor", task, n)] = params[n].detach().cpu().clone()

@@ -9,12 +9,84 @@ task ends (empirical Fisher: the task's own labels). Two modes:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
+from torch import Tensor
 
-from growth.regularizers import Component, QuadraticStrategy, stored, task_fisher
-from growth.strategies.base import Context, StrategyParams, state_key
+from growth.regularizers import (
+    Component,
+    Quadratic,
+    accumulate,
+    build_quadratic,
+    stored,
+    task_fisher,
+)
+from growth.strategies.base import Context, Strategy, StrategyParams, state_key
+
+if TYPE_CHECKING:
+    from growth.data import Task
+
+
+class QuadraticStrategy(Strategy):
+    """Base of EWC, MWC, SI, MAS and L2: the penalty is `build_quadratic(components(ctx))`.
+
+    The merged terms are built lazily on the first batch of a task, and again whenever the
+    model was recompiled (growth swaps parameters) or the state changed.
+    """
+
+    _quad: Quadratic | None = None
+
+    def components(self, ctx: Context) -> list[Component]:
+        """(scale, weights, anchors) of every quadratic term the current task pays."""
+        raise NotImplementedError
+
+    def before_task(self, ctx: Context) -> None:
+        self._quad = None
+
+    def penalty(self, ctx: Context, x: Tensor | None = None, y: Tensor | None = None,
+                logits: Tensor | None = None) -> Tensor | None:
+        q = self._quad
+        if q is None or q.module is not ctx.model.module:
+            q = self._quad = build_quadratic(ctx.model.module, self.components(ctx))
+        return q()
+
+    def after_task(self, ctx: Context) -> None:
+        self.consolidate(ctx)
+        self._quad = None
+
+    def consolidate(self, ctx: Context) -> None:
+        """Store what protects the task just learned (importance, anchors)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, tensors: dict[str, Tensor], extra: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, extra)
+        self._quad = None
+
+    def finished(self) -> list[int]:
+        """Indices of the tasks consolidated so far, in order."""
+        return list(self.extra.get("tasks", []))
+
+    def mark_finished(self, task: Task) -> None:
+        self.extra["tasks"] = [*self.finished(), task.index]
+
+    def update_running(self, ctx: Context, what: str, new: dict[str, Tensor],
+                       decay: float = 1.0) -> None:
+        """what/all <- decay * what/all + new (over grown shapes), anchor/latest <- theta now."""
+        old = stored(self.state, what, "all")
+        merged = {n: decay * t for n, t in old.items()}
+        merged.update({n: accumulate(old.get(n), t, decay, n) for n, t in new.items()})
+        for n, t in merged.items():
+            self.state[state_key(what, "all", n)] = t
+        self.set_anchors(ctx, "latest", list(merged))
+
+    def set_anchors(self, ctx: Context, task: int | str, names: list[str]) -> None:
+        """anchor/<task>/<name> <- the parameter's current value (names gone from the model
+        keep their previous anchor)."""
+        params = ctx.model.named_parameters()
+        for n in names:
+            if n in params:
+                self.state[state_key("anchor", task, n)] = params[n].detach().cpu().clone()
 
 
 class EWCParams(StrategyParams):

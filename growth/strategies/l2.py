@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from growth.regularizers import Component, QuadraticStrategy, stored, task_view
+from growth.regularizers import Component, stored, task_view
 from growth.strategies.base import Context, StrategyParams
+from growth.strategies.ewc import QuadraticStrategy
 
 
 class L2Params(StrategyParams):

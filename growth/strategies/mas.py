@@ -12,13 +12,13 @@ from pydantic import Field
 
 from growth.regularizers import (
     Component,
-    QuadraticStrategy,
     mas_importance,
     stored,
     task_sample,
     task_view,
 )
 from growth.strategies.base import Context, StrategyParams
+from growth.strategies.ewc import QuadraticStrategy
 
 
 class MASParams(StrategyParams):

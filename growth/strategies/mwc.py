@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from growth.regularizers import Component, QuadraticStrategy, overlap, stored, task_fisher
+from growth.regularizers import Component, overlap, stored, task_fisher
 from growth.strategies.base import Context, StrategyParams
-from growth.strategies.ewc import separate_components, store_task_fisher
+from growth.strategies.ewc import QuadraticStrategy, separate_components, store_task_fisher
 
 
 class MWCParams(StrategyParams):

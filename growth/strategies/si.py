@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from growth.regularizers import Component, QuadraticStrategy, stored, task_view
+from growth.regularizers import Component, stored, task_view
 from growth.strategies.base import Context, StrategyParams
+from growth.strategies.ewc import QuadraticStrategy
 
 
 class SIParams(StrategyParams):
