@@ -160,14 +160,16 @@ class Quadratic:
         return total + self.const
 
 
-def build_quadratic(module: nn.Module, components: Iterable[Component]) -> Quadratic:
+def build_quadratic(module: nn.Module, components: Iterable[Component],
+                    only: set[str] | None = None) -> Quadratic:
     """Merge sum_k s_k sum_i W_{k,i} (theta_i - a_{k,i})^2 into one term per parameter.
 
-    weights None means all ones (L2). Parameters absent from the module are skipped; anchors
-    smaller than their parameter cover the leading slice only. Merging is exact:
-    sum_k v_k (theta - a_k)^2 = V (theta - m)^2 + c with V = sum v_k, m = sum v_k a_k / V.
+    weights None means all ones (L2). Parameters absent from the module, or from `only` when
+    given, are skipped; anchors smaller than their parameter cover the leading slice only.
+    Merging is exact: sum_k v_k (theta - a_k)^2 = V (theta - m)^2 + c with V = sum v_k,
+    m = sum v_k a_k / V.
     """
-    params = dict(module.named_parameters())
+    params = {n: p for n, p in module.named_parameters() if only is None or n in only}
     acc: dict[str, list[Tensor]] = {}  # name -> [V, sum v a, sum v a^2], float64, param shape
     for scale, weights, anchors in components:
         for name, anchor in anchors.items():

@@ -100,6 +100,11 @@ def perturb(model: Model, seed: int, scale: float = 0.1) -> None:
         p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
+def trained(ctx: Context) -> set[str]:
+    """Parameters the current task can move: the trunk and its own head."""
+    return {n for n, _ in ctx.model.head(ctx.head_of(ctx.task)).named_parameters()}
+
+
 def value(s, ctx) -> float:
     out = s.penalty(ctx, None, None, None)
     return 0.0 if out is None else float(out.detach())
@@ -225,9 +230,21 @@ def test_ewc_separate_penalty_is_half_lambda_sum_fisher_times_squared_distance()
         by_hand = sum(
             3.5 * (s.state[state_key("fisher", k, n)]
                    * (params[n].detach() - s.state[state_key("anchor", k, n)]) ** 2).sum()
-            for k in (0, 1) for n in stored(s.state, "fisher", k))
+            for k in (0, 1) for n in stored(s.state, "fisher", k) if n in trained(ctx))
         assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
+
+@pytest.mark.parametrize("name", ["ewc", "si", "mas", "l2", "mwc"])
+def test_penalties_leave_other_tasks_heads_without_gradients(name):
+    tasks, model = synthetic(), mlp()
+    s, _ = run(name, {}, tasks, model, upto=2)
+    ctx = context(model, tasks, 2)
+    s.before_task(ctx)
+    perturb(model, 0)
+    model.module.zero_grad(set_to_none=True)
+    s.penalty(ctx, None, None, None).backward()
+    graded = {n for n, p in model.named_parameters().items() if p.grad is not None}
+    assert graded == {"fc1.weight", "fc1.bias", "features.weight", "features.bias"}
 
 def test_ewc_stores_each_tasks_fisher_through_its_own_head():
     tasks, model = synthetic(), mlp()
@@ -303,7 +320,7 @@ def test_mwc_weights_are_a_scaled_softmax_of_fisher_cosines_on_the_trunk():
     by_hand = sum(
         lam / 2 * w[k] * (s.state[state_key("fisher", k, n)]
                           * (params[n].detach() - s.state[state_key("anchor", k, n)]) ** 2).sum()
-        for k in range(3) for n in stored(s.state, "fisher", k))
+        for k in range(3) for n in stored(s.state, "fisher", k) if n in trained(ctx))
     assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
 
@@ -387,7 +404,7 @@ def test_si_path_integral_and_importance_match_a_hand_computation():
     perturb(model, 5)
     params = model.named_parameters()
     by_hand = sum((0.5 * t * (params[n].detach() - s.state[state_key("anchor", "latest", n)])
-                   ** 2).sum() for n, t in omega_all.items())
+                   ** 2).sum() for n, t in omega_all.items() if n in trained(ctx))
     assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
 
@@ -409,7 +426,8 @@ def test_mas_accumulates_importance_over_tasks_without_labels():
     perturb(model, 1)
     params = model.named_parameters()
     by_hand = sum((0.3 * t * (params[n].detach() - s.state[state_key("anchor", "latest", n)])
-                   ** 2).sum() for n, t in stored(s.state, "importance", "all").items())
+                   ** 2).sum() for n, t in stored(s.state, "importance", "all").items()
+                  if n in trained(ctx))
     assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
 
@@ -424,7 +442,8 @@ def test_l2_penalty_is_lambda_sum_squared_distance_to_the_last_weights():
     assert set(anchors) >= {"fc1.weight", "features.bias", "head0.weight", "head1.weight"}
     perturb(model, 2)
     params = model.named_parameters()
-    by_hand = sum((0.4 * (params[n].detach() - a) ** 2).sum() for n, a in anchors.items())
+    by_hand = sum((0.4 * (params[n].detach() - a) ** 2).sum() for n, a in anchors.items()
+                  if n in trained(ctx))
     assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
 
