@@ -324,11 +324,9 @@ def test_mwc_weights_are_a_scaled_softmax_of_fisher_cosines_on_the_trunk():
     assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
 
-def test_grown_parameters_carry_no_penalty_until_their_task_ends():
-    tasks = synthetic(3)
-    model = mlp(hidden=4)
-    s, _ = run("mwc", {"lambda": 5.0}, tasks, model, upto=2)
-    wide = mlp(hidden=6, seed=1).graph  # fc1 (6, 16), features (6, 6), heads (4, 6)
+def widen(model: Model, hidden: int) -> None:
+    """Grow both hidden layers to `hidden` units, the old weights on the leading slices."""
+    wide = mlp(n_heads=len(model.heads), hidden=hidden, seed=1).graph
     old = model.graph
     for name in wide.topo_order():
         node = wide.node(name)
@@ -341,6 +339,13 @@ def test_grown_parameters_carry_no_penalty_until_their_task_ends():
                 grown[k] = t
             node.tensors = grown
     model.replace_graph(wide)
+
+
+def test_grown_parameters_carry_no_penalty_until_their_task_ends():
+    tasks = synthetic(3)
+    model = mlp(hidden=4)
+    s, _ = run("mwc", {"lambda": 5.0}, tasks, model, upto=2)
+    widen(model, 6)  # fc1 (6, 16), features (6, 6), heads (4, 6)
     ctx = context(model, tasks, 2)
     s.before_task(ctx)
     before = value(s, ctx)
@@ -407,6 +412,28 @@ def test_si_path_integral_and_importance_match_a_hand_computation():
                    ** 2).sum() for n, t in omega_all.items() if n in trained(ctx))
     assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
+
+def test_si_follows_a_model_grown_in_the_middle_of_a_task():
+    tasks, model = synthetic(2), mlp(n_heads=2, hidden=4)
+    s = make_strategy("si", {"xi": 0.2})
+    ctx = context(model, tasks, 0)
+    x, y = tasks[0].train
+    s.before_task(ctx)
+    start = {n: p.detach().clone() for n, p in model.named_parameters().items()}
+    (g1,) = sgd_steps(s, ctx, [(x[:12], y[:12])], 0.1)
+    widen(model, 6)
+    grown = {n: p.detach().clone() for n, p in model.named_parameters().items()}
+    (g2,) = sgd_steps(s, ctx, [(x[12:24], y[12:24])], 0.1)
+    s.after_task(ctx)
+    end = model.named_parameters()
+    for n in ("fc1.weight", "features.weight", "head0.weight"):
+        old = tuple(slice(0, d) for d in start[n].shape)
+        omega = 0.1 * g2[n] ** 2
+        omega[old] += 0.1 * g1[n] ** 2
+        first = grown[n].clone()
+        first[old] = start[n]  # old units count their change from the task start
+        expect = omega / ((end[n].detach() - first) ** 2 + 0.2)
+        torch.testing.assert_close(s.state[state_key("omega", "all", n)], expect)
 
 def test_mas_accumulates_importance_over_tasks_without_labels():
     tasks, model = synthetic(), mlp()

@@ -5,15 +5,17 @@ penalty included; delta: the step's parameter change). At the task's end
 Omega_i += omega_i / (Delta_i^2 + xi), Delta_i the parameter's total change over the task, and
 the next tasks pay c * sum_i Omega_i (theta_i - theta*_i)^2, theta* the parameters after the
 last task. State: omega/all/ (Omega) and anchor/latest/. The per-step path sums live only
-during a task (campaigns checkpoint between tasks).
+during a task (campaigns checkpoint between tasks); if the model is recompiled mid-task
+(growth), they follow it: kept on the old units, new units start from zero at that step.
 """
 
 from __future__ import annotations
 
 import torch
 from pydantic import Field
+from torch import Tensor
 
-from growth.regularizers import Component, stored, task_view
+from growth.regularizers import Component, overlap, stored, task_view
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy
 
@@ -40,16 +42,28 @@ class SI(QuadraticStrategy):
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)
-        _, names = task_view(ctx, ctx.task)
+        self._module = None
+        self._track(ctx, {}, {})
+
+    @torch.no_grad()
+    def _track(self, ctx: Context, start: dict[str, Tensor], omega: dict[str, Tensor]) -> None:
+        """Follow the current task's parameters; `start`/`omega` carry the sums of a model that
+        was since recompiled (growth): kept on the overlap, new units start from now."""
+        _, self._names = task_view(ctx, ctx.task)
         params = ctx.model.named_parameters()
-        self._names = names
-        self._params = [params[n] for n in names]
-        self._start = [p.detach().clone() for p in self._params]
+        self._module = ctx.model.module
+        self._params = [params[n] for n in self._names]
         self._prev = [p.detach().clone() for p in self._params]
-        self._omega = [torch.zeros_like(p) for p in self._params]
-        self._grads: list[torch.Tensor | None] = [None] * len(names)
+        self._start = [_carry(start.get(n), p.detach().clone(), n)
+                       for n, p in zip(self._names, self._params)]
+        self._omega = [_carry(omega.get(n), torch.zeros_like(p), n)
+                       for n, p in zip(self._names, self._params)]
+        self._grads: list[Tensor | None] = [None] * len(self._names)
 
     def after_backward(self, ctx: Context) -> None:
+        if ctx.model.module is not self._module:
+            self._track(ctx, dict(zip(self._names, self._start)),
+                        dict(zip(self._names, self._omega)))
         self._grads = [p.grad for p in self._params]
 
     @torch.no_grad()
@@ -74,3 +88,11 @@ class SI(QuadraticStrategy):
         self.update_running(ctx, "omega", new)
         self.mark_finished(ctx.task)
         self._grads = [None] * len(self._names)
+
+
+def _carry(old: Tensor | None, fresh: Tensor, name: str) -> Tensor:
+    """fresh, with old's values on the leading slice the two share."""
+    if old is not None:
+        sl = overlap(old, fresh, name)
+        fresh[sl] = old[sl]
+    return fresh
