@@ -35,3 +35,7 @@ class ReportError(GrowthError):
 
 class DataError(GrowthError):
     """A dataset is missing, malformed or a task stream is asked for impossible values."""
+
+
+class DivergedError(GrowthError):
+    """Training produced a non-finite loss (names the task and epoch, suggests what to lower)."""

@@ -8,6 +8,7 @@ a loop of their own. Only the hooks a strategy overrides are called.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from growth.errors import DivergedError
 from growth.strategies.base import Context, Strategy
 
 if TYPE_CHECKING:
@@ -115,6 +117,10 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
             total += loss.detach()
             n += 1
         losses.append(float(total) / max(n, 1))
+        if not math.isfinite(losses[-1]):
+            raise DivergedError(
+                f"training diverged on task {ctx.task.name!r} in epoch {epoch + 1}: the loss is "
+                f"{losses[-1]}; lower train.lr or the strategy's strength (lambda, c, lambda_o)")
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     ctx.optimizer = None

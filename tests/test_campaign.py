@@ -177,3 +177,10 @@ def test_class_scenario_needs_split(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", scenario="class")
     with pytest.raises(ConfigError, match="split"):
         Campaign(load_config(cfg), tmp_path / "run")
+
+
+def test_divergence_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path / "c.yaml", train__lr=1e25, data__n_tasks=1)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "diverged" in err and "train.lr" in err
