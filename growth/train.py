@@ -77,19 +77,23 @@ def _batches(sets: list[_Set], batch_size: int, gen: torch.Generator
 def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
         epochs: int | None = None,
         params: list[torch.nn.Parameter] | None = None,
-        on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+        on_epoch: Callable[[int, float], None] | None = None,
+        optimizer: torch.optim.Optimizer | None = None) -> list[float]:
     """Train ctx.model on the strategy's training sets; returns the mean loss of each epoch.
 
     params: the parameters to optimise (default: all of the model's).
+    optimizer: go on with this optimizer (e.g. `ctx.optimizer` after `ctx.replace_graph`)
+    instead of a fresh one; the last optimizer stays in `ctx.optimizer` after the fit.
     """
     hooks = strategy.overridden()
     use_penalty = "penalty" in hooks
     use_after_backward = "after_backward" in hooks
     use_after_step = "after_step" in hooks
     sets = _sets(ctx, strategy.train_sets(ctx))
-    if params is None:
-        params = [p for p in ctx.model.module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    if optimizer is None:
+        if params is None:
+            params = [p for p in ctx.model.module.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, cfg)
     ctx.optimizer = optimizer
     gen = torch.Generator().manual_seed(seed)
     ctx.model.train()
@@ -123,7 +127,6 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
                 f"{losses[-1]}; lower train.lr or the strategy's strength (lambda, c, lambda_o)")
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
-    ctx.optimizer = None
     return losses
 
 

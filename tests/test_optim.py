@@ -58,3 +58,26 @@ def test_remap_fresh_positions_are_zero_and_overlap_kept() -> None:
     assert torch.equal(remap(t, (3, 3), {0: [1, -1, 0]}),
                        torch.tensor([[3.0, 4, 5], [0, 0, 0], [0, 1, 2]]))
     assert torch.equal(remap(t, (3, 2)), torch.tensor([[0.0, 1], [3, 4], [0, 0]]))
+
+
+def test_training_goes_on_after_growth_with_the_followed_optimizer() -> None:
+    from growth.data.containers import Task
+    from growth.strategies import Context, Strategy
+    from growth.train import TrainConfig, fit
+
+    torch.manual_seed(1)
+    x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 3, (64,))
+    task = Task(0, "t", (x, y), (x, y), (x, y), [0, 1, 2], 3, 0, (1, 4, 4))
+    model = Model(add_head(mlp((1, 4, 4), [6]), "t0", 3))
+    ctx = Context(model, task, [], lambda t: "t0", lambda t, y: y, torch.device("cpu"))
+    cfg = TrainConfig(epochs=3, optimizer="adam", lr=0.01)
+    first = fit(ctx, Strategy(), cfg)
+    result = net2wider(model.graph, "fc1", 12)
+    ctx.replace_graph(result.graph, result.record.index_maps)
+    params = set(model.named_parameters().values())
+    assert set(ctx.optimizer.state) == params  # no stale parameters, every new one has state
+    with torch.no_grad():  # the grown network computes the same function
+        assert torch.allclose(model.head("t0")(x), Model(result.graph).head("t0")(x))
+    more = fit(ctx, Strategy(), cfg, optimizer=ctx.optimizer)
+    assert more[-1] < first[0]
+    assert model.named_parameters()["fc1.weight"].shape == (12, 16)

@@ -18,15 +18,18 @@ one way and checkpoints see them all; `extra` holds small JSON-able values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from growth.optim import follow
+
 if TYPE_CHECKING:
     from growth.data import Task
+    from growth.graph import NetGraph
     from growth.model import Model
 
 HOOKS = ("before_task", "penalty", "after_backward", "after_step", "after_task")
@@ -53,6 +56,20 @@ class Context:
     step: int = 0
     train_fit: Callable[..., Any] | None = None  # the loop itself, for strategies that retrain
     info: dict[str, Any] = field(default_factory=dict)  # per-task scratch (not checkpointed)
+
+    def replace_graph(self, graph: NetGraph,
+                      index_maps: Mapping[str, Mapping[int, Sequence[int]]] | None = None) -> None:
+        """Swap in a grown or compressed graph; the optimizer's state follows the parameters.
+
+        Call it between fits (before_task, after_task, or between `train_fit` calls) and pass
+        the operator's `record.index_maps`; then `train_fit(optimizer=ctx.optimizer)` goes on
+        training with the carried momentum instead of a fresh optimizer.
+        """
+        old = self.model.named_parameters()
+        self.model.replace_graph(graph)
+        if self.optimizer is not None:
+            self.optimizer = follow(self.optimizer, old, self.model.named_parameters(),
+                                    index_maps)
 
 
 class Strategy:
