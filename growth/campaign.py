@@ -137,6 +137,9 @@ class Campaign:
         self.model = Model(build_base_graph(self.cfg, self.tasks), self.device)
         base = self.model.graph.param_count()
         self.state = CampaignState(RMatrix(len(self.tasks)), base_params=base)
+        log.info("campaign %r: strategy %s on %s/%s, %d tasks, %s scenario; base network %d "
+                 "parameters", self.cfg.name, self.cfg.strategy.name, self.cfg.data.dataset,
+                 self.cfg.data.stream, len(self.tasks), self.cfg.scenario, base)
         for j, task in enumerate(self.tasks):
             self.state.R.record(0, j, evaluate(self._ctx(task), task))
         log.info("R[0] (random init): %s", self.state.R.row(0).round(4).tolist())
@@ -158,7 +161,9 @@ class Campaign:
     def _loop(self) -> dict[str, Any]:
         for i in range(self.state.finished, len(self.tasks)):
             self._learn(i)
-        return self.metrics()
+        metrics = self.metrics()
+        write_metrics(self.run_dir, metrics)  # also when a kill fell between checkpoint and this
+        return metrics
 
     def _ctx(self, task: Task) -> Context:
         seen = [t for t in self.tasks if t.index < task.index]
@@ -176,6 +181,7 @@ class Campaign:
         losses = learn_task(ctx, self.strategy, self.cfg.train, seed=seed,
                             on_epoch=lambda e, loss: self.progress.on_epoch(i, e, loss))
         wall = time.perf_counter() - start
+        log.info("task %d validation accuracy %.4f", i, evaluate(ctx, task, "val"))
         for j, other in enumerate(self.tasks):
             self.state.R.record(i + 1, j, evaluate(ctx, other))
         self.state.wall_time_s.append(wall)
