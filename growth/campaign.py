@@ -14,7 +14,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,8 @@ import torch
 from growth.config import Config, dump_config, load_config
 from growth.data import Task, build_stream
 from growth.errors import CheckpointError, ConfigError
-from growth.graph import NetGraph, atomic_write, load_tensors
+from growth.graph import NetGraph
+from growth.io import atomic_write_text, load_tensors, sha256
 from growth.metrics import RMatrix, make_metrics, size_report, write_metrics
 from growth.model import Model
 from growth.strategies import Context, Strategy, make_strategy
@@ -131,8 +131,7 @@ class Campaign:
             raise ConfigError(f"{self.run_dir} already holds a run; continue it with "
                               f"`growth resume {self.run_dir}` or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.run_dir / "config.yaml",
-                     lambda p: p.write_text(dump_config(self._resolved())))
+        atomic_write_text(self.run_dir / "config.yaml", dump_config(self._resolved()))
         _seed_all(self.cfg.seed)
         self.model = Model(build_base_graph(self.cfg, self.tasks), self.device)
         base = self.model.graph.param_count()
@@ -234,10 +233,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strategy,
                      state: CampaignState) -> Path:
     """Write the checkpoint into a temp folder, then rename it into place (atomic)."""
@@ -255,7 +250,7 @@ def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strate
                 "finished": state.finished, "strategy_extra": extra}
     (tmp / "state.json").write_text(json.dumps(campaign, indent=1))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+    manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -276,7 +271,7 @@ def read_checkpoint(ckpt: Path) -> tuple[NetGraph, dict[str, torch.Tensor], dict
         path = ckpt / rel
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint")
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             raise CheckpointError(f"{path} is corrupt (its SHA-256 does not match the manifest)")
     graph = NetGraph.load(ckpt / "graph")
     tensors = load_tensors(ckpt / "strategy.safetensors")

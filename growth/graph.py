@@ -13,7 +13,6 @@ import json
 import keyword
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import networkx as nx
 import torch
 
 from growth.errors import CheckpointError, GraphError, ShapeError
+from growth.io import atomic_write, load_tensors
 from growth.layers import PARAMETRIC, Attrs, Kind, Shape, build_module, complete_attrs, kind_of
 
 FORMAT_VERSION = 1
@@ -370,33 +370,6 @@ def _kind(node: str, kind: str) -> Kind:
         raise GraphError(f"node {node!r}: {exc}") from None
 
 
-def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing or corrupt file is a CheckpointError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p} is missing")
-    try:
-        return load_file(str(p))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{p} is corrupt or not a safetensors file ({exc})") from None
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path) then rename over `path`, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _jsonable(attrs: Attrs) -> Attrs:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
 
@@ -406,4 +379,4 @@ def output_scale(t: torch.Tensor) -> float:
     return max(float(t.abs().max()), 1e-12) if t.numel() else 1.0
 
 
-__all__ = ["NetGraph", "Node", "ShapeError", "atomic_write", "load_tensors", "output_scale"]
+__all__ = ["NetGraph", "Node", "ShapeError", "output_scale"]

@@ -18,8 +18,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from growth.errors import ReportError
+from growth.io import atomic_write_text
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -231,18 +230,6 @@ def make_metrics(
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def metrics_csv(metrics: dict) -> str:
     """CSV text, one row per measured (after_task, task) entry of R."""
     buf = io.StringIO()
@@ -262,8 +249,8 @@ def write_metrics(run_dir: str | Path, metrics: dict) -> Path:
     data = _jsonable(metrics)
     _check_metrics(data, run_dir / METRICS_JSON)
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    _atomic_write(run_dir / METRICS_JSON, text)
-    _atomic_write(run_dir / METRICS_CSV, metrics_csv(data))
+    atomic_write_text(run_dir / METRICS_JSON, text)
+    atomic_write_text(run_dir / METRICS_CSV, metrics_csv(data))
     return run_dir / METRICS_JSON
 
 
