@@ -200,18 +200,25 @@ class NetGraph:
         return out
 
     def shape(self, name: str) -> Shape:
-        """Output shape of one node (walks only its ancestors)."""
+        """Output shape of one node (walks only its ancestors, depth first)."""
         self._require(name)
-        sub = self._g.subgraph(nx.ancestors(self._g, name) | {name})
         out: dict[str, Shape] = {}
-        try:
-            order = list(nx.lexicographical_topological_sort(sub))
-        except nx.NetworkXUnfeasible:
-            self.topo_order()  # raises a GraphError naming the cycle
-            raise
-        for n in order:
-            node = self.node(n)
-            out[n] = kind_of(node.kind).infer(n, node.attrs, [out[i] for i in self.inputs(n)])
+        stack: list[tuple[str, bool]] = [(name, False)]
+        on_path: set[str] = set()
+        while stack:
+            n, inputs_done = stack.pop()
+            if inputs_done:
+                on_path.discard(n)
+                node = self.node(n)
+                out[n] = kind_of(node.kind).infer(n, node.attrs, [out[i] for i in self.inputs(n)])
+                continue
+            if n in out:
+                continue
+            if n in on_path:
+                self.topo_order()  # raises a GraphError naming the cycle
+            on_path.add(n)
+            stack.append((n, True))
+            stack.extend((i, False) for i in self.inputs(n) if i not in out)
         return out[name]
 
     def param_count(self, name: str | None = None) -> int:
