@@ -184,3 +184,18 @@ def test_divergence_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "diverged" in err and "train.lr" in err
+
+
+@pytest.mark.parametrize("path", sorted(Path("experiments").glob("*.yaml")) or
+                         sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_split_digits_class_config_runs(tmp_path: Path) -> None:
+    root = Path(__file__).parents[1]
+    m = Campaign(load_config(root / "experiments" / "split_digits_class.yaml",
+                             ["train.epochs=2"]), tmp_path / "run").start()
+    assert m["finished_tasks"] == 5 and m["run"]["scenario"] == "class"
