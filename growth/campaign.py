@@ -166,7 +166,8 @@ class Campaign:
 
     def _ctx(self, task: Task) -> Context:
         seen = [t for t in self.tasks if t.index < task.index]
-        return Context(self.model, task, seen, self.head_of, self.label_of, self.device)
+        return Context(self.model, task, seen, self.head_of, self.label_of, self.device,
+                       seed=task_seed(self.cfg.seed, task.index))
 
     def _learn(self, i: int) -> None:
         task = self.tasks[i]

@@ -117,7 +117,6 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
             optimizer.step()
             if use_after_step:
                 strategy.after_step(ctx)
-            ctx.step += 1
             total += loss.detach()
             n += 1
         losses.append(float(total) / max(n, 1))

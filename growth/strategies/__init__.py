@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from growth.errors import ConfigError
-from growth.strategies.base import Context, Strategy, StrategyParams, snapshot, state_key
+from growth.strategies.base import Context, Strategy, StrategyParams, state_key
 from growth.strategies.ewc import EWC
 from growth.strategies.joint import Joint
 from growth.strategies.l2 import L2
@@ -36,4 +36,4 @@ for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC):
     register(_cls)
 
 __all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "make_strategy", "register",
-           "snapshot", "state_key"]
+           "state_key"]

@@ -52,8 +52,8 @@ class Context:
     label_of: Callable[[Task, torch.Tensor], torch.Tensor]  # local labels -> head labels
     device: torch.device
     optimizer: torch.optim.Optimizer | None = None
+    seed: int = 0  # the task's seed: draw any randomness a hook needs from it
     epoch: int = 0
-    step: int = 0
     train_fit: Callable[..., Any] | None = None  # the loop itself, for strategies that retrain
     info: dict[str, Any] = field(default_factory=dict)  # per-task scratch (not checkpointed)
 
@@ -128,10 +128,3 @@ class Strategy:
 def state_key(what: str, task: int | str, param: str) -> str:
     """The one key format for per-task, per-parameter strategy state."""
     return f"{what}/{task}/{param}"
-
-
-def snapshot(model: Model, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Detached copies of the model's parameters (all, or `names`)."""
-    params = model.named_parameters()
-    keep = names if names is not None else list(params)
-    return {n: params[n].detach().clone() for n in keep}
