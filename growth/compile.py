@@ -65,12 +65,15 @@ def _build_layers(graph: NetGraph) -> nn.Module:
     root = nn.Module()
     for name in graph.topo_order():
         node = graph.node(name)
-        spec = kind_of(node.kind)
-        if spec.module is None:
+        if kind_of(node.kind).module is None or node.kind == "identity":
             continue
-        layer = build_module(node.kind, node.attrs)
         if node.kind in PARAMETRIC and node.tensors:
+            with torch.device("meta"):  # no random init: the graph's tensors are copied in
+                layer = build_module(node.kind, node.attrs)
+            layer = layer.to_empty(device="cpu")
             _load_layer(layer, name, node.tensors)
+        else:
+            layer = build_module(node.kind, node.attrs)
         root.add_module(name, layer)
     return root
 
@@ -94,7 +97,7 @@ def _load_layer(layer: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -
 def _emit(g: fx.Graph, name: str, kind: str, attrs: dict, args: list[fx.Node]) -> fx.Node:
     if kind == "input":
         return g.placeholder(name)
-    if kind == "output":
+    if kind in ("output", "identity"):
         return args[0]
     if kind == "flatten":
         return g.call_function(torch.flatten, (args[0], 1))

@@ -238,7 +238,8 @@ _register(Kind("add", _add, arity=(2, -1), channels="merge"))
 _register(Kind("concat", _concat, arity=(2, -1), channels="merge"))
 
 ACTIVATIONS = frozenset({"relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid"})
-PARAMETRIC = frozenset(k for k, v in KINDS.items() if v.module is not None)
+# Kinds whose layers hold tensors (weights, BN statistics); every other kind is stateless.
+PARAMETRIC = frozenset({"linear", "conv2d", "batchnorm1d", "batchnorm2d"})
 
 
 def kind_of(name: str) -> Kind:

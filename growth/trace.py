@@ -208,8 +208,13 @@ _METHODS: dict[str, Callable[..., Any]] = {
 
 # ---- call_module converters ------------------------------------------------------------------
 def _weights(m: nn.Module) -> dict[str, torch.Tensor]:
-    """A private copy: the graph's tensors must not change when the user trains `m`."""
-    return {k: v.clone() for k, v in module_tensors(m).items()}
+    """A private CPU copy: the graph's tensors must not change when the user trains `m`, and a
+    graph always holds CPU tensors, wherever the model lives."""
+    tensors = module_tensors(m)
+    meta = [k for k, v in tensors.items() if v.is_meta]
+    _require(not meta, f"its tensors {', '.join(meta)} are on the meta device and hold no "
+                       "values; materialise the model (e.g. to_empty() and an init) first")
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
 
 def _m_linear(m: nn.Linear, x: _Ref) -> _Layer:

@@ -138,6 +138,9 @@ def _statistics(graph: NetGraph, after: str, sample: torch.Tensor, dtype: torch.
     """Per-channel mean and (biased) variance of `after`'s output on `sample` as training sees
     it: upstream BNs use batch statistics (on a compiled copy), dropout is off."""
     want = tuple(graph.shape(graph.input_node()))
+    if sample.is_meta:
+        raise OperatorError(f"net2deeper after {after!r}: sample is on the meta device and holds "
+                            "no values; pass a batch of real inputs (on any device)")
     if sample.dim() != len(want) + 1 or tuple(sample.shape[1:]) != want:
         raise OperatorError(f"net2deeper after {after!r}: sample has shape {tuple(sample.shape)}; "
                             f"expected a batch of inputs (B, {', '.join(map(str, want))})")
@@ -148,8 +151,8 @@ def _statistics(graph: NetGraph, after: str, sample: torch.Tensor, dtype: torch.
     for m in module.modules():  # the statistics the new BN will see when training on `sample`
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.train()
-    with torch.no_grad():
-        y = module(sample.to(dtype))
+    with torch.no_grad():  # the graph, and so the compiled copy, lives on the CPU
+        y = module(sample.detach().to("cpu", dtype))
     dims = [0] if y.dim() == 2 else [0, 2, 3]
     return y.mean(dims), y.var(dims, unbiased=False)
 

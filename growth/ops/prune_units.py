@@ -29,15 +29,32 @@ def prune_units(graph: NetGraph, node: str, keep: int,
                             f"(the layer has {group.width} units), got {keep!r}; use net2wider "
                             "to grow a layer")
     params = {"node": node, "keep": keep, "scores": "given" if scores is not None else "l1"}
-    scores = _scores(graph, group) if scores is None else torch.as_tensor(scores)
-    if scores.shape != (group.width,):
-        raise OperatorError(f"prune_units({node!r}): scores must have shape ({group.width},), one "
-                            f"per unit, got {tuple(scores.shape)}")
-    order = torch.sort(scores.detach().float(), descending=True, stable=True).indices
+    scores = _scores(graph, group) if scores is None else _given(node, scores, group.width)
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
     idx = order[:keep].sort().values
     out = graph.copy()
     changes = apply_index(out, group, idx, divide=False)
     return OpResult(out, ChangeRecord("prune_units", params, changes.resized, changes.index_maps))
+
+
+def _given(node: str, scores: object, width: int) -> torch.Tensor:
+    """The caller's scores as a CPU tensor of shape (width,) (the graph's tensors are on the CPU,
+    so the kept-unit index must be too), or an OperatorError saying what is wrong."""
+    try:
+        t = torch.as_tensor(scores)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise OperatorError(f"prune_units({node!r}): scores must be {width} numbers, one per unit "
+                            f"(a tensor, array or list), got {type(scores).__name__}: {exc}"
+                            ) from None
+    if t.shape != (width,):
+        raise OperatorError(f"prune_units({node!r}): scores must have shape ({width},), one "
+                            f"per unit, got {tuple(t.shape)}")
+    if t.is_meta:
+        raise OperatorError(f"prune_units({node!r}): scores are on the meta device and hold no "
+                            "values; pass real scores (on any device)")
+    if t.is_complex():
+        raise OperatorError(f"prune_units({node!r}): scores must be real numbers, got {t.dtype}")
+    return t.detach().to("cpu")
 
 
 def _scores(graph: NetGraph, group: ChannelGroup) -> torch.Tensor:
