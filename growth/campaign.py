@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from growth.config import Config, dump_config, load_config
 from growth.data import Task, build_stream
-from growth.errors import CheckpointError, ConfigError
+from growth.errors import CheckpointError, ConfigError, GraphError
 from growth.graph import NetGraph
 from growth.io import atomic_write_text, load_tensors, sha256
 from growth.metrics import RMatrix, make_metrics, size_report, write_metrics
@@ -59,6 +58,7 @@ class CampaignState:
     wall_time_s: list[float] = field(default_factory=list)
     base_params: int = 0
     finished: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # resolved config the run began with
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -75,7 +75,8 @@ def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
         g = mlp(shape, m.hidden, activation=m.activation, batchnorm=m.batchnorm,
                 dropout=m.dropout)
     else:
-        g = small_cnn(shape, m.channels, batchnorm=m.batchnorm)
+        g = small_cnn(shape, m.channels, batchnorm=m.batchnorm, activation=m.activation,
+                      fc=m.fc, dropout=m.dropout)
     if cfg.scenario == "class":
         total = max(t.class_offset + t.n_classes for t in tasks)
         return add_head(g, "all", total)
@@ -121,6 +122,15 @@ class Campaign:
                               "use scenario: task for permuted or variations streams")
         self.head_of, self.label_of = _labelers(cfg)
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.settings())
+        _seed_all(cfg.seed)
+        try:  # a model section the data cannot feed is a config error, found before any write
+            self.base = build_base_graph(cfg, self.tasks)
+        except GraphError as exc:
+            raise ConfigError(f"model: {exc} (input shape {self.tasks[0].input_shape})"
+                              ) from None
+        if self.device.type == "cuda":  # bitwise-equal resumes need deterministic kernels
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
 
     def _stream_args(self) -> dict[str, Any]:
         return {**self.cfg.data.model_dump(), "seed": self.cfg.seed}
@@ -132,10 +142,10 @@ class Campaign:
                               f"`growth resume {self.run_dir}` or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.yaml", dump_config(self._resolved()))
-        _seed_all(self.cfg.seed)
-        self.model = Model(build_base_graph(self.cfg, self.tasks), self.device)
+        self.model = Model(self.base, self.device)
         base = self.model.graph.param_count()
-        self.state = CampaignState(RMatrix(len(self.tasks)), base_params=base)
+        self.state = CampaignState(RMatrix(len(self.tasks)), base_params=base,
+                                   config=self._resolved().to_dict())
         log.info("campaign %r: strategy %s on %s/%s, %d tasks, %s scenario; base network %d "
                  "parameters", self.cfg.name, self.cfg.strategy.name, self.cfg.data.dataset,
                  self.cfg.data.stream, len(self.tasks), self.cfg.scenario, base)
@@ -150,6 +160,7 @@ class Campaign:
             log.info("no finished task in %s; starting from the beginning", self.run_dir)
             return self.start()
         graph, tensors, extra, state = read_checkpoint(ckpt)
+        self._check_same_config(state.config)
         self.model = Model(graph, self.device)
         self.strategy.load_state_dict(tensors, extra)
         self.state = state
@@ -181,7 +192,8 @@ class Campaign:
         losses = learn_task(ctx, self.strategy, self.cfg.train, seed=seed,
                             on_epoch=lambda e, loss: self.progress.on_epoch(i, e, loss))
         wall = time.perf_counter() - start
-        log.info("task %d validation accuracy %.4f", i, evaluate(ctx, task, "val"))
+        if len(task.val[1]):
+            log.info("task %d validation accuracy %.4f", i, evaluate(ctx, task, "val"))
         for j, other in enumerate(self.tasks):
             self.state.R.record(i + 1, j, evaluate(ctx, other))
         self.state.wall_time_s.append(wall)
@@ -212,6 +224,14 @@ class Campaign:
         return make_metrics(run, [t.name for t in self.tasks], self.state.R, self.state.sizes,
                             self.state.wall_time_s)
 
+    def _check_same_config(self, started: dict[str, Any]) -> None:
+        now = self._resolved().to_dict()
+        changed = sorted(_diff(started, now))
+        if started and changed:
+            raise ConfigError(f"{self.run_dir / 'config.yaml'} changed since the run started "
+                              f"(keys: {', '.join(changed)}); put the old values back to resume,"
+                              " or start a new run with the new config")
+
     def _resolved(self) -> Config:
         """The config with the strategy's defaults written out."""
         data = self.cfg.to_dict()
@@ -222,7 +242,16 @@ class Campaign:
 
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in set(a) | set(b):
+            out |= _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
 
 
 # ---- checkpoints --------------------------------------------------------------------------
@@ -248,7 +277,7 @@ def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strate
               str(tmp / "strategy.safetensors"))
     campaign = {"task": task, "R": state.R.to_list(), "sizes": state.sizes,
                 "wall_time_s": state.wall_time_s, "base_params": state.base_params,
-                "finished": state.finished, "strategy_extra": extra}
+                "finished": state.finished, "config": state.config, "strategy_extra": extra}
     (tmp / "state.json").write_text(json.dumps(campaign, indent=1))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
@@ -278,7 +307,7 @@ def read_checkpoint(ckpt: Path) -> tuple[NetGraph, dict[str, torch.Tensor], dict
     tensors = load_tensors(ckpt / "strategy.safetensors")
     data = json.loads((ckpt / "state.json").read_text())
     state = CampaignState(RMatrix.from_list(data["R"]), data["sizes"], data["wall_time_s"],
-                          data["base_params"], data["finished"])
+                          data["base_params"], data["finished"], data.get("config", {}))
     return graph, tensors, data.get("strategy_extra", {}), state
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from growth.errors import GrowthError
+from growth.errors import ConfigError, GrowthError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,13 +76,20 @@ def _default_out(config: str) -> Path:
     return out
 
 
-def _setup_logging(run_dir: Path) -> None:
+@contextmanager
+def _logging_to(run_dir: Path) -> Iterator[None]:
+    """Log the engine's messages to RUNDIR/log.txt for the duration of one command."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("growth")
     root.setLevel(logging.INFO)
     root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -90,8 +99,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # validate before touching the disk
     out = Path(args.out) if args.out else _default_out(args.config)
     campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet))
-    _setup_logging(out)
-    metrics = campaign.start()
+    with _logging_to(out):
+        metrics = campaign.start()
     _print_summary(out, metrics)
     return 0
 
@@ -101,11 +110,11 @@ def _resume(args: argparse.Namespace) -> int:
     from growth.config import load_config
 
     run_dir = Path(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-    epochs = cfg.train.epochs if cfg else 1
-    if cfg is not None:
-        _setup_logging(run_dir)
-    metrics = resume_run(run_dir, _progress(epochs, args.quiet))
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    epochs = load_config(run_dir / "config.yaml").train.epochs
+    with _logging_to(run_dir):
+        metrics = resume_run(run_dir, _progress(epochs, args.quiet))
     _print_summary(run_dir, metrics)
     return 0
 

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from growth.data.datasets import DATASETS
 from growth.errors import ConfigError
+from growth.layers import ACTIVATIONS
 from growth.train import TrainConfig
 
 
@@ -23,7 +25,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which dataset and how it is cut into tasks (see growth.data.build_stream)."""
 
-    dataset: str = "digits"
+    dataset: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
     root: str = "data"
     download: bool = False
     image_size: int = Field(64, ge=4)
@@ -40,11 +42,19 @@ class ModelConfig(_Section):
     """The base network: an MLP or a small CNN trunk, one linear head per task."""
 
     kind: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [100, 100])
-    channels: list[int] = Field(default_factory=lambda: [32, 64])
-    activation: str = "relu"
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [100, 100])  # mlp widths
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])  # cnn conv blocks
+    fc: list[PositiveInt] = Field(default_factory=list)  # cnn dense blocks after the convs
+    activation: Literal[tuple(sorted(ACTIVATIONS))] = "relu"  # type: ignore[valid-type]
     batchnorm: bool = False
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # mlp: after every block; cnn: after fc blocks
+
+    @model_validator(mode="after")
+    def _dropout_has_a_place(self) -> ModelConfig:
+        if self.kind == "cnn" and self.dropout > 0 and not self.fc:
+            raise ValueError("dropout in a cnn applies to its fc blocks: set model.fc "
+                             "(e.g. [256]) or dropout: 0")
+        return self
 
 
 class StrategyConfig(BaseModel):

@@ -274,6 +274,9 @@ def _check_metrics(data: Any, path: Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
+    _expect(path, "'run'", data["run"], dict)
+    _expect(path, "'tasks'", data["tasks"], list)
+    _check_entries(path, data)
     try:
         m = as_matrix(data["R"])
     except (ReportError, TypeError) as exc:
@@ -282,3 +285,54 @@ def _check_metrics(data: Any, path: Path) -> None:
         raise ReportError(
             f"{path}: 'R' has {m.shape[1]} columns but 'tasks' has {len(data['tasks'])} names"
         )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _expect(path: Path, what: str, value: Any, kind: type) -> None:
+    if not isinstance(value, kind):
+        name = "an object" if kind is dict else "a list"
+        raise ReportError(f"{path}: {what} must be {name}, got {_json_type(value)}")
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if _is_number(value):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return "an object" if isinstance(value, dict) else "a list"
+
+
+def _check_entries(path: Path, data: dict) -> None:
+    """sizes: a list of objects of numbers (or null); wall_time_s: a list of numbers; search: an
+    object of numbers. Each may be absent or null (nothing recorded)."""
+    sizes = data.get("sizes")
+    if sizes is not None:
+        _expect(path, "'sizes' (one object per finished task)", sizes, list)
+        for k, entry in enumerate(sizes):
+            _expect(path, f"'sizes'[{k}]", entry, dict)
+            for key, v in entry.items():
+                if v is not None and not _is_number(v):
+                    raise ReportError(f"{path}: 'sizes'[{k}][{key!r}] must be a number or null, "
+                                      f"got {_json_type(v)}")
+    wall = data.get("wall_time_s")
+    if wall is not None:
+        _expect(path, "'wall_time_s' (seconds per finished task)", wall, list)
+        for k, v in enumerate(wall):
+            if not _is_number(v):
+                raise ReportError(f"{path}: 'wall_time_s'[{k}] must be a number of seconds, "
+                                  f"got {_json_type(v)}")
+    search = data.get("search")
+    if search is not None:
+        _expect(path, "'search'", search, dict)
+        for key, v in search.items():
+            if v is not None and not _is_number(v):
+                raise ReportError(f"{path}: 'search'[{key!r}] must be a number or null, "
+                                  f"got {_json_type(v)}")

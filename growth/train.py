@@ -64,14 +64,18 @@ def _batches(sets: list[_Set], batch_size: int, gen: torch.Generator
     """Shuffled minibatches of every set; with several sets, batches are interleaved."""
     if len(sets) == 1:
         s = sets[0]
-        for idx in torch.randperm(len(s.y), generator=gen).split(batch_size):
+        for idx in _order(s, gen).split(batch_size):
             yield s, idx
         return
-    plan = [(i, idx) for i, s in enumerate(sets)
-            for idx in torch.randperm(len(s.y), generator=gen).split(batch_size)]
+    plan = [(i, idx) for i, s in enumerate(sets) for idx in _order(s, gen).split(batch_size)]
     for k in torch.randperm(len(plan), generator=gen).tolist():
         i, idx = plan[k]
         yield sets[i], idx
+
+
+def _order(s: _Set, gen: torch.Generator) -> torch.Tensor:
+    """A shuffled order drawn on the CPU (seeded), moved to the data's device once per epoch."""
+    return torch.randperm(len(s.y), generator=gen).to(s.y.device)
 
 
 def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
@@ -141,8 +145,10 @@ def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0
 
 @torch.no_grad()
 def evaluate(ctx: Context, task: Task, split: str = "test", batch_size: int = 1024) -> float:
-    """Accuracy of the model on one task's split, through that task's head."""
+    """Accuracy of the model on one task's split, through that task's head (NaN if empty)."""
     x, y = getattr(task, split)
+    if len(y) == 0:
+        return float("nan")
     view = ctx.model.head(ctx.head_of(task))
     labels = ctx.label_of(task, y).to(ctx.device)
     was_training = ctx.model.module.training

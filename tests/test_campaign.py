@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_resume_in_process_matches_uninterrupted(tmp_path: Path) -> None:
     part = tmp_path / "part"
     run(cfg, part)
     for name in ("task_001", "task_002"):  # as if killed after task 0
-        import shutil
+
         shutil.rmtree(part / "checkpoints" / name)
     assert resume_run(part)["R"] == full["R"]
 
@@ -199,3 +200,71 @@ def test_split_digits_class_config_runs(tmp_path: Path) -> None:
     m = Campaign(load_config(root / "experiments" / "split_digits_class.yaml",
                              ["train.epochs=2"]), tmp_path / "run").start()
     assert m["finished_tasks"] == 5 and m["run"]["scenario"] == "class"
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["model.hidden=[-3]"], "model.hidden"),
+        (["model.activation=foo"], "model.activation"),
+        (["model.kind=cnn", "model.channels=[4, 4, 4, 4]"], "model:"),  # 8x8 pooled 4 times
+        (["model.kind=cnn", "model.dropout=0.5"], "model.fc"),
+    ],
+)
+def test_model_section_errors_write_nothing(tmp_path: Path, sets: list[str], needle: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path / "c.yaml")
+    args = ["run", str(cfg), "--out", str(tmp_path / "never"), "--quiet"]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(write_config(tmp_path / "c.yaml"), out)
+    shutil.rmtree(out / "checkpoints" / "task_002")
+    text = (out / "config.yaml").read_text().replace("- 32", "- 16")
+    (out / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="model.hidden"):
+        resume_run(out)
+
+
+def test_cnn_campaign_uses_dropout_and_activation(tmp_path: Path) -> None:
+    model = {"kind": "cnn", "channels": [8, 16], "fc": [32], "batchnorm": True}
+    base = run(write_config(tmp_path / "a.yaml", model=model, data__n_tasks=2), tmp_path / "a")
+    drop = run(write_config(tmp_path / "b.yaml", model={**model, "dropout": 0.5},
+                            data__n_tasks=2), tmp_path / "b")
+    tanh = run(write_config(tmp_path / "c.yaml", model={**model, "activation": "tanh"},
+                            data__n_tasks=2), tmp_path / "c")
+    assert base["R"][1][0] > 0.5
+    assert base["R"] != drop["R"] and base["R"] != tanh["R"]
+    graph = yaml.safe_load((tmp_path / "b" / "checkpoints" / "task_001" / "graph" /
+                            "structure.json").read_text())
+    kinds = [n["kind"] for n in graph["nodes"]]
+    assert "dropout" in kinds and "conv2d" in kinds and "batchnorm2d" in kinds
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf",
+                                      "mwc"])
+def test_every_strategy_resumes_to_the_same_R(tmp_path: Path, strategy: str) -> None:
+    cfg = write_config(tmp_path / "c.yaml", strategy={"name": strategy},
+                       model={"kind": "mlp", "hidden": [32], "batchnorm": True, "dropout": 0.2},
+                       train__epochs=2)
+    full = run(cfg, tmp_path / "full")
+    part = tmp_path / "part"
+    run(cfg, part)
+    for name in ("task_001", "task_002"):
+        shutil.rmtree(part / "checkpoints" / name)
+    assert resume_run(part)["R"] == full["R"]
+
+
+def test_each_run_logs_only_to_its_own_directory(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", data__n_tasks=1)
+    for name in ("a", "b"):
+        assert main(["run", str(cfg), "--out", str(tmp_path / name), "--quiet"]) == 0
+    first = (tmp_path / "a" / "log.txt").read_text()
+    assert str(tmp_path / "b") not in first and first.count("campaign 'tiny'") == 1
