@@ -234,6 +234,8 @@ def test_corrupt_metrics_names_the_file(tmp_path):
         ({"run": {}, "tasks": ["a"], "R": [[0.1, 0.2]]}, "R"),
         ({"run": {}, "tasks": ["a", "b"], "R": [[0.1], [0.2]]}, "tasks"),
         ([1, 2], "object"),
+        ({"run": "x", "tasks": ["a"], "R": [[0.1], [0.2]]}, "'run' must be an object"),
+        ({"run": {}, "tasks": 3, "R": [[0.1], [0.2]]}, "'tasks' must be a list"),
     ],
 )
 def test_malformed_metrics_are_rejected(tmp_path, data, key):
@@ -251,3 +253,52 @@ def test_failed_write_leaves_previous_file_intact(tmp_path):
         write_metrics(tmp_path, bad)
     assert (tmp_path / "metrics.json").read_text() == before
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+GOOD = {"run": {"name": "r"}, "tasks": ["a"], "R": [[0.1], [0.9]],
+        "sizes": [{"task": 0, "params": 10, "bytes": 40, "relative": None}],
+        "wall_time_s": [1.5], "search": {"children": 0, "child_time_s": 0.0}}
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"run": "x"}, r"'run' must be an object, got the string 'x'"),
+        ({"run": None}, r"'run' must be an object, got null"),
+        ({"sizes": 3}, r"'sizes' .* must be a list, got the number 3"),
+        ({"sizes": {"params": 3}}, r"'sizes' .* must be a list, got an object"),
+        ({"sizes": [3]}, r"'sizes'\[0\] must be an object, got the number 3"),
+        ({"sizes": [{"params": 1}, "big"]}, r"'sizes'\[1\] must be an object"),
+        ({"sizes": [{"params": "10"}]}, r"'sizes'\[0\]\['params'\] must be a number"),
+        ({"wall_time_s": "a"}, r"'wall_time_s' .* must be a list, got the string 'a'"),
+        ({"wall_time_s": ["a"]}, r"'wall_time_s'\[0\] must be a number"),
+        ({"wall_time_s": [1.0, None]}, r"'wall_time_s'\[1\] must be a number"),
+        ({"wall_time_s": [True]}, r"'wall_time_s'\[0\] must be a number"),
+        ({"search": [1]}, r"'search' must be an object, got a list"),
+        ({"search": {"children": "many"}}, r"'search'\['children'\] must be a number"),
+    ],
+)
+def test_mistyped_entries_name_the_file_and_the_key(tmp_path, change, key):
+    (tmp_path / "metrics.json").write_text(json.dumps({**GOOD, **change}))
+    with pytest.raises(ReportError, match=str(tmp_path / "metrics.json") + ": " + key):
+        read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {k: GOOD[k] for k in ("run", "tasks", "R")},
+        {**GOOD, "sizes": None, "wall_time_s": None, "search": None},
+        {**GOOD, "sizes": [], "wall_time_s": []},
+        {**GOOD, "search": {"children": 2, "child_time_s": 3, "best": "child-7"}},
+    ],
+)
+def test_absent_or_empty_entries_and_extra_search_keys_are_accepted(tmp_path, data):
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    assert read_metrics(tmp_path) == data
+
+
+def test_mistyped_entries_are_refused_before_writing(tmp_path):
+    with pytest.raises(ReportError, match="'wall_time_s'"):
+        write_metrics(tmp_path, {**_metrics(), "wall_time_s": "slow"})
+    assert not (tmp_path / "metrics.json").exists()

@@ -163,3 +163,23 @@ def test_recorded_finished_tasks_bounds_the_scores(tmp_path):
     # Over 2 tasks: ACC = (0.80 + 0.85) / 2, BWT = 0.80 - 0.9123, FWT = 0.25 - 0.20.
     assert "| 0.8250 | -0.1123 | 0.0500 |" in text
     assert "2 / 3" in text
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("run", "x"), ("sizes", 3), ("sizes", [3]), ("wall_time_s", "a"), ("search", [])],
+)
+def test_mistyped_metrics_entries_are_one_line_errors(tmp_path, capsys, key, value):
+    import json
+
+    from growth.cli import main
+
+    run_dir = make_run(tmp_path)
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(ReportError, match=f"{path}: '{key}'"):
+        write_report([run_dir])
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{key}'" in err and str(path) in err and "Traceback" not in err
+    assert not (run_dir / "report").exists()
