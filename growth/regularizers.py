@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from growth.data.sampling import generator
 from growth.errors import ShapeError
 
 if TYPE_CHECKING:
@@ -95,10 +96,11 @@ def mas_importance(view: nn.Module, names: list[str], x: Tensor) -> dict[str, Te
 
 
 def task_sample(ctx: Context, task: Task, n: int | None) -> tuple[Tensor, Tensor]:
-    """Up to n training samples of a task (a subset fixed by the task index), head labels."""
+    """Up to n training samples of a task, head labels. The subset is drawn from the run's
+    randomness: fixed by (ctx.seed, task index), so another seed measures another subset."""
     x, y = task.train
     if n is not None and n < len(y):
-        gen = torch.Generator().manual_seed(1_000_003 * (task.index + 1))
+        gen = generator(ctx.seed, "importance-sample", task.index)
         idx = torch.randperm(len(y), generator=gen)[:n]
         x, y = x[idx], y[idx]
     return x.to(ctx.device), ctx.label_of(task, y).to(ctx.device)
