@@ -8,7 +8,7 @@ after graph nodes, so `module.state_dict()` keys equal `graph.named_tensors()` k
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -17,20 +17,25 @@ from growth.errors import CheckpointError, GraphError
 from growth.graph import NetGraph
 from growth.layers import PARAMETRIC, build_module, kind_of
 
+Heads = str | Sequence[str] | None
 
-def compile_graph(graph: NetGraph, head: str | None = None,
+
+def compile_graph(graph: NetGraph, head: Heads = None,
                   modules: nn.Module | None = None) -> fx.GraphModule:
     """Compile `graph` into a module.
 
     head: None returns every head (a tensor if there is one, else a dict head -> tensor);
-    a head name returns only that head's tensor, and only the layers it needs run.
+    a head name returns only that head's tensor; a list of names returns a dict of those
+    heads. Only the layers the chosen heads need run, and shared layers run once.
     modules: reuse this module's layers (shared parameters) instead of building new ones:
     how per-head views of one network share weights.
     """
     heads = graph.heads
-    if head is not None and head not in heads:
-        raise GraphError(f"no head named {head!r}; the graph's heads are {heads}")
-    wanted = heads if head is None else [head]
+    wanted = heads if head is None else [head] if isinstance(head, str) else list(head)
+    unknown = [h for h in wanted if h not in heads]
+    if unknown or not wanted:
+        missing = ", ".join(repr(h) for h in unknown) or repr(head)
+        raise GraphError(f"no head named {missing}; the graph's heads are {heads}")
     root = modules if modules is not None else _build_layers(graph)
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
@@ -38,15 +43,16 @@ def compile_graph(graph: NetGraph, head: str | None = None,
         node = graph.node(name)
         args = [env[i] for i in graph.inputs(name)]
         env[name] = _emit(g, name, node.kind, node.attrs, args)
-    if len(wanted) == 1 and (head is not None or len(heads) == 1):
+    if isinstance(head, str) or (head is None and len(heads) == 1):
         g.output(env[wanted[0]])
     else:
         g.output({h: env[h] for h in wanted})
     return fx.GraphModule(root, g, class_name="CompiledNet")
 
 
-def head_view(module: fx.GraphModule, graph: NetGraph, head: str) -> fx.GraphModule:
-    """A module computing one head that shares every parameter with `module`."""
+def head_view(module: fx.GraphModule, graph: NetGraph, head: Heads) -> fx.GraphModule:
+    """A module computing one head (or a dict of several) sharing every parameter with
+    `module`."""
     return compile_graph(graph, head, modules=module)
 
 

@@ -25,14 +25,15 @@ class Model:
         graph.validate()
         self._graph = graph
         self.module: fx.GraphModule = compile_graph(graph).to(self.device)
-        self._views: dict[str, fx.GraphModule] = {}
+        self._views: dict[str | tuple[str, ...], fx.GraphModule] = {}
 
     @property
     def heads(self) -> list[str]:
         return self._graph.heads
 
-    def head(self, name: str) -> fx.GraphModule:
-        """A module computing head `name`, sharing every parameter with `module`."""
+    def head(self, name: str | tuple[str, ...]) -> fx.GraphModule:
+        """A module computing head `name` (or a dict of the heads in a tuple of names),
+        sharing every parameter with `module`."""
         view = self._views.get(name)
         if view is None:
             view = self._views[name] = head_view(self.module, self._graph, name)

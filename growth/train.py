@@ -48,14 +48,19 @@ class _Set:
     view: torch.nn.Module
     x: torch.Tensor
     y: torch.Tensor
+    head: str
+    multi: bool  # the view returns a dict of heads (the task's own and the strategy's extras)
 
 
-def _sets(ctx: Context, tasks: list[Task]) -> list[_Set]:
+def _sets(ctx: Context, tasks: list[Task], extra: list[str]) -> list[_Set]:
     out = []
     for t in tasks:
         x, y = t.train
-        out.append(_Set(ctx.model.head(ctx.head_of(t)), x.to(ctx.device),
-                        ctx.label_of(t, y).to(ctx.device)))
+        head = ctx.head_of(t)
+        heads = tuple(dict.fromkeys([head, *extra]))
+        view = ctx.model.head(heads if len(heads) > 1 else head)
+        out.append(_Set(view, x.to(ctx.device), ctx.label_of(t, y).to(ctx.device), head,
+                        len(heads) > 1))
     return out
 
 
@@ -93,7 +98,8 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
     use_penalty = "penalty" in hooks
     use_after_backward = "after_backward" in hooks
     use_after_step = "after_step" in hooks
-    sets = _sets(ctx, strategy.train_sets(ctx))
+    extra = strategy.extra_heads(ctx)
+    sets = _sets(ctx, strategy.train_sets(ctx), extra)
     if optimizer is None:
         if params is None:
             params = [p for p in ctx.model.module.parameters() if p.requires_grad]
@@ -108,12 +114,18 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
         n = 0
         for s, idx in _batches(sets, cfg.batch_size, gen):
             x, y = s.x[idx], s.y[idx]
-            logits = s.view(x)
+            if s.multi:
+                ctx.outputs = s.view(x)
+                logits = ctx.outputs[s.head]
+            else:
+                logits = s.view(x)
+                if extra:
+                    ctx.outputs = {s.head: logits}
             loss = F.cross_entropy(logits, y)
             if use_penalty:
-                extra = strategy.penalty(ctx, x, y, logits)
-                if extra is not None:
-                    loss = loss + extra
+                term = strategy.penalty(ctx, x, y, logits)
+                if term is not None:
+                    loss = loss + term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if use_after_backward:
@@ -123,6 +135,7 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
                 strategy.after_step(ctx)
             total += loss.detach()
             n += 1
+        ctx.outputs = None
         losses.append(float(total) / max(n, 1))
         if not math.isfinite(losses[-1]):
             raise DivergedError(

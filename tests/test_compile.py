@@ -189,3 +189,17 @@ def test_builders_reject_bad_arguments():
         add_head(add_head(mlp((4,), [3]), "t", 2), "t", 2)
     with pytest.raises(GraphError, match="linear head needs a vector"):
         add_head(small_cnn((1, 4, 4), [2]), "t", 2, source="pool1")
+
+
+def test_a_list_of_heads_runs_the_shared_trunk_once():
+    g = two_head_graph()
+    gm = compile_graph(g)
+    both = compile_graph(g, ["t2", "t1"], modules=gm)
+    x = torch.randn(3, 6)
+    out = both(x)
+    assert set(out) == {"t1", "t2"}
+    full = gm(x)
+    assert torch.equal(out["t1"], full["t1"]) and torch.equal(out["t2"], full["t2"])
+    assert isinstance(compile_graph(g, ["t1"])(x), dict)  # a list always gives a dict
+    calls = [n.target for n in both.graph.nodes if n.op == "call_module"]
+    assert len(calls) == len(set(calls))  # no layer runs twice

@@ -617,3 +617,25 @@ def test_lambda_is_the_user_facing_key_and_defaults_are_documented():
         params = make_strategy(name).params
         assert type(params).__doc__ and "quickstart" in type(params).__doc__
         assert params.model_dump()  # every default validates
+
+
+def test_lwf_trains_with_one_forward_pass_per_batch():
+    """BN statistics move once per batch: the old heads come from the training forward."""
+    from growth.graph import NetGraph
+
+    g = NetGraph()
+    g.add_input("x", (1, 4, 4))
+    g.add("flat", "flatten", ["x"])
+    g.add("fc", "linear", ["flat"], out_features=8)
+    g.add("bn", "batchnorm1d", ["fc"])
+    g.add("features", "relu", ["bn"])
+    for i in range(3):
+        g.add(f"head{i}", "linear", ["features"], out_features=4)
+        g.add_output(f"out{i}", f"head{i}")
+    model = Model(g)
+    tasks = synthetic(3)
+    s = make_strategy("lwf", {})
+    for i in range(2):
+        learn_task(context(model, tasks, i), s, CFG, seed=i)
+    batches = sum(math.ceil(len(t.train[1]) / CFG.batch_size) for t in tasks[:2]) * CFG.epochs
+    assert int(model.module.bn.num_batches_tracked) == batches

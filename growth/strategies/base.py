@@ -6,6 +6,9 @@ A strategy is a flat class with a few hooks, each a no-op by default. The loop i
 Hooks, in the order the loop calls them:
   before_task(ctx)                 set up (snapshot old weights, add masks, grow the graph)
   train_sets(ctx) -> list[Task]    the tasks whose data this task trains on (joint: all seen)
+  extra_heads(ctx) -> list[str]    heads to compute in the same forward pass as the task's
+                                   own (LwF: the old heads); they reach `penalty` as
+                                   ctx.outputs, a dict head -> logits
   penalty(ctx, x, y, logits)       extra loss terms for a batch (regularisers, distillation)
   after_backward(ctx)              edit gradients (masks) or read them (SI)
   after_step(ctx)                  after optimizer.step (SI's path integral, re-apply masks)
@@ -53,6 +56,7 @@ class Context:
     device: torch.device
     optimizer: torch.optim.Optimizer | None = None
     seed: int = 0  # the task's seed: draw any randomness a hook needs from it
+    outputs: dict[str, torch.Tensor] | None = None  # this batch's heads, with extra_heads
     epoch: int = 0
     train_fit: Callable[..., Any] | None = None  # the loop itself, for strategies that retrain
     info: dict[str, Any] = field(default_factory=dict)  # per-task scratch (not checkpointed)
@@ -91,6 +95,10 @@ class Strategy:
     def train_sets(self, ctx: Context) -> list[Task]:
         """Tasks whose training data the loop iterates over (default: the current one)."""
         return [ctx.task]
+
+    def extra_heads(self, ctx: Context) -> list[str]:
+        """Heads the penalty needs besides the task's own, computed in one forward pass."""
+        return []
 
     def penalty(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
                 ) -> torch.Tensor | None:

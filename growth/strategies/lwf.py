@@ -42,10 +42,6 @@ def old_outputs(ctx: Context) -> dict[str, Tensor]:
     return {h: torch.cat(c).unique().to(ctx.device) for h, c in cols.items()}
 
 
-def _by_head(out: Tensor | dict[str, Tensor], heads: list[str]) -> dict[str, Tensor]:
-    return out if isinstance(out, dict) else {heads[0]: out}
-
-
 class LwF(Strategy):
     name = "lwf"
     description = "learning without forgetting: distil old heads from a frozen copy"
@@ -60,18 +56,22 @@ class LwF(Strategy):
     def before_task(self, ctx: Context) -> None:
         self._old = old_outputs(ctx)
         self._teacher = None
-        if self._old:
-            teacher = compile_graph(ctx.model.graph).to(ctx.device).eval()
-            self._teacher = teacher.requires_grad_(False)
+        if self._old:  # the frozen copy computes only the old heads
+            teacher = compile_graph(ctx.model.graph, head=list(self._old)).to(ctx.device)
+            self._teacher = teacher.eval().requires_grad_(False)
+
+    def extra_heads(self, ctx: Context) -> list[str]:
+        return list(old_outputs(ctx))
 
     def penalty(self, ctx: Context, x: Tensor, y: Tensor | None = None,
                 logits: Tensor | None = None) -> Tensor | None:
         if self._teacher is None:
             return None
-        heads = ctx.model.heads
         with torch.no_grad():
-            target = _by_head(self._teacher(x), heads)
-        current = _by_head(ctx.model.module(x), heads)
+            target = self._teacher(x)
+        current = ctx.outputs  # the old heads, from the training forward pass itself
+        if current is None:  # called outside the training loop
+            current = ctx.model.head(tuple(self._old))(x)
         t = self.params.temperature
         loss = sum(kd_loss(current[h][:, c], target[h][:, c], t) for h, c in self._old.items())
         return self.params.lambda_o * loss
