@@ -36,6 +36,7 @@ class DataConfig(_Section):
     variations: list[str] | None = None
     by: Literal["classes", "superclass"] = "classes"
     class_order: Literal["fixed", "shuffled"] = "fixed"
+    split_seed: int = 0  # train/test split of datasets without one (digits, one-folder trees)
 
 
 class ModelConfig(_Section):

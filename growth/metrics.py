@@ -6,7 +6,7 @@ Conventions (used by the campaign, the metrics files and the report):
 - R has shape (T+1, T). Row 0 holds the accuracies of the random initial model; row i (1..T)
   holds the accuracies after training the i-th task, ``tasks[i-1]``. An entry that was not
   measured yet (a run in progress) is NaN in memory and ``null`` in JSON.
-- METHODS.md writes the formulas with 1-based tasks: its R[i][j] is ``R[i, j-1]`` here, so its
+- docs/methods.md writes the formulas with 1-based tasks: its R[i][j] is ``R[i, j-1]`` here, so its
   diagonal R[i][i] (task i just after training it) is ``R[i, i-1]``.
 - ``metrics["sizes"][k]`` and ``metrics["wall_time_s"][k]`` describe the run after training
   ``tasks[k]``; ``sizes[k]["task"]`` is that 0-based index k.

@@ -24,7 +24,7 @@ from growth.metrics import (
 
 NAN = math.nan
 
-# 3 tasks. Row 0 = random init, row i = after training task i (1-based, as in METHODS.md).
+# 3 tasks. Row 0 = random init, row i = after training task i (1-based, as in docs/methods.md).
 R3 = [
     [0.10, 0.20, 0.30],  # init
     [0.90, 0.25, 0.35],  # after task 1

@@ -1,4 +1,4 @@
-"""MWC, multi-task weight consolidation (project definition, METHODS.md "REC -> MWC").
+"""MWC, multi-task weight consolidation (the project's definition, docs/methods.md).
 
 After task k: store theta*_k and the diagonal Fisher F_k (as EWC "separate"). At the start of
 task t: measure F^_t on the new task's training data (through its head, before training),
