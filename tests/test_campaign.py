@@ -268,3 +268,17 @@ def test_each_run_logs_only_to_its_own_directory(tmp_path: Path) -> None:
         assert main(["run", str(cfg), "--out", str(tmp_path / name), "--quiet"]) == 0
     first = (tmp_path / "a" / "log.txt").read_text()
     assert str(tmp_path / "b") not in first and first.count("campaign 'tiny'") == 1
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf",
+                                      "mwc"])
+def test_every_strategy_runs_and_resumes_on_cuda(tmp_path: Path, strategy: str) -> None:
+    cfg = write_config(tmp_path / "c.yaml", device="cuda", strategy={"name": strategy},
+                       model={"kind": "mlp", "hidden": [32], "batchnorm": True})
+    part = tmp_path / "part"
+    full = run(cfg, part)
+    shutil.rmtree(part / "checkpoints" / "task_002")
+    resumed = resume_run(part)
+    assert resumed["finished_tasks"] == 3
+    assert resumed["R"][:3] == full["R"][:3] and full["R"][3][2] > 0.5
