@@ -76,7 +76,8 @@ def _build_layers(graph: NetGraph) -> nn.Module:
         if node.kind in PARAMETRIC and node.tensors:
             with torch.device("meta"):  # no random init: the graph's tensors are copied in
                 layer = build_module(node.kind, node.attrs)
-            layer = layer.to_empty(device="cpu")
+            dtype = next(t.dtype for t in node.tensors.values() if t.is_floating_point())
+            layer = layer.to_empty(device="cpu").to(dtype)  # the graph's precision
             _load_layer(layer, name, node.tensors)
         else:
             layer = build_module(node.kind, node.attrs)

@@ -203,3 +203,14 @@ def test_a_list_of_heads_runs_the_shared_trunk_once():
     assert isinstance(compile_graph(g, ["t1"])(x), dict)  # a list always gives a dict
     calls = [n.target for n in both.graph.nodes if n.op == "call_module"]
     assert len(calls) == len(set(calls))  # no layer runs twice
+
+
+def test_a_float64_graph_compiles_to_float64():
+    g = two_head_graph()
+    for name in g.topo_order():
+        node = g.node(name)
+        node.tensors = {k: v.double() if v.is_floating_point() else v
+                        for k, v in node.tensors.items()}
+    gm = compile_graph(g, "t1").eval()
+    out = gm(torch.randn(2, 6, dtype=torch.float64))
+    assert out.dtype == torch.float64
