@@ -317,9 +317,14 @@ def run_config(path: str | Path, out: str | Path, overrides: list[str] | None = 
     return Campaign(load_config(path, overrides), out, progress).start()
 
 
+def run_config_of(run_dir: str | Path) -> Config:
+    """The config a run directory was started with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    return load_config(path)
+
+
 def resume_run(run_dir: str | Path, progress: Progress | None = None) -> dict[str, Any]:
     """Continue a run from its last finished task, with the config it was started with."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    return Campaign(load_config(run_dir / "config.yaml"), run_dir, progress).resume()
+    return Campaign(run_config_of(run_dir), run_dir, progress).resume()

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from growth.errors import ConfigError, GrowthError
+from growth.errors import GrowthError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,15 +106,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from growth.campaign import resume_run
-    from growth.config import load_config
+    from growth.campaign import Campaign, run_config_of
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    epochs = load_config(run_dir / "config.yaml").train.epochs
+    cfg = run_config_of(run_dir)
+    campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet))
     with _logging_to(run_dir):
-        metrics = resume_run(run_dir, _progress(epochs, args.quiet))
+        metrics = campaign.resume()
     _print_summary(run_dir, metrics)
     return 0
 

@@ -39,7 +39,8 @@ def compile_graph(graph: NetGraph, head: Heads = None,
     root = modules if modules is not None else _build_layers(graph)
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
-    for name in _needed(graph, wanted):
+    needed = graph.ancestors(wanted)
+    for name in (n for n in graph.topo_order() if n in needed):
         node = graph.node(name)
         args = [env[i] for i in graph.inputs(name)]
         env[name] = _emit(g, name, node.kind, node.attrs, args)
@@ -54,17 +55,6 @@ def head_view(module: fx.GraphModule, graph: NetGraph, head: Heads) -> fx.GraphM
     """A module computing one head (or a dict of several) sharing every parameter with
     `module`."""
     return compile_graph(graph, head, modules=module)
-
-
-def _needed(graph: NetGraph, wanted: list[str]) -> list[str]:
-    keep: set[str] = set()
-    stack = list(wanted)
-    while stack:
-        n = stack.pop()
-        if n not in keep:
-            keep.add(n)
-            stack.extend(graph.inputs(n))
-    return [n for n in graph.topo_order() if n in keep]
 
 
 def _build_layers(graph: NetGraph) -> nn.Module:

@@ -227,13 +227,24 @@ class NetGraph:
             return self.node(name).param_count
         return sum(self.node(n).param_count for n in self._g.nodes)
 
+    def ancestors(self, names: Iterable[str]) -> set[str]:
+        """`names` and every node they read from, directly or not."""
+        keep: set[str] = set()
+        stack = list(names)
+        while stack:
+            n = stack.pop()
+            if n not in keep:
+                keep.add(n)
+                stack.extend(self.inputs(n))
+        return keep
+
     def trunk_nodes(self) -> list[str]:
         """Nodes that feed more than one head, or all nodes of a single-head graph."""
         heads = self.heads
         if len(heads) <= 1:
             return self.topo_order()
-        feeds = {h: nx.ancestors(self._g, h) for h in heads}
-        return [n for n in self.topo_order() if sum(n in a for a in feeds.values()) > 1]
+        feeds = [self.ancestors([h]) for h in heads]
+        return [n for n in self.topo_order() if sum(n in a for a in feeds) > 1]
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, keyed `node.tensor` (the compiled module's state_dict keys)."""

@@ -1,7 +1,7 @@
 """Model: a NetGraph with its compiled module and cached per-head views.
 
 Strategies train `model.module`'s parameters; the graph is brought up to date from the module
-(`sync_graph`) whenever a graph operation or a checkpoint needs it. Replacing the graph
+(`model.graph`) whenever a graph operation or a checkpoint needs it. Replacing the graph
 (after growth or compression) recompiles; `growth.optim.follow` moves optimizer state along.
 """
 
@@ -39,14 +39,10 @@ class Model:
             view = self._views[name] = head_view(self.module, self._graph, name)
         return view
 
-    def sync_graph(self) -> NetGraph:
-        """The graph with the module's current weights (a new graph; tensors on the CPU)."""
-        return graph_with_weights(self._graph, self.module)
-
     @property
     def graph(self) -> NetGraph:
-        """The structure and the weights as of now (synced from the module)."""
-        return self.sync_graph()
+        """The structure with the module's current weights (a new graph; CPU tensors)."""
+        return graph_with_weights(self._graph, self.module)
 
     def replace_graph(self, graph: NetGraph) -> None:
         """Swap in a new graph (after growth or compression); recompiles the module."""

@@ -159,12 +159,7 @@ def _statistics(graph: NetGraph, after: str, sample: torch.Tensor, dtype: torch.
 
 def _truncate(graph: NetGraph, after: str) -> NetGraph:
     """A graph computing only `after` (its ancestors and one output), cheap to compile."""
-    keep, stack = set(), [after]
-    while stack:
-        n = stack.pop()
-        if n not in keep:
-            keep.add(n)
-            stack.extend(graph.inputs(n))
+    keep = graph.ancestors([after])
     out = graph.copy()
     for n in list(out.nx.nodes):
         if n not in keep:
