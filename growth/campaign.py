@@ -57,8 +57,12 @@ class CampaignState:
     sizes: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: list[float] = field(default_factory=list)
     base_params: int = 0
-    finished: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # resolved config the run began with
+
+    @property
+    def finished(self) -> int:
+        """Tasks learned so far (each finished task records its wall time)."""
+        return len(self.wall_time_s)
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -122,7 +126,7 @@ class Campaign:
                               "use scenario: task for permuted or variations streams")
         self.head_of, self.label_of = _labelers(cfg)
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.settings())
-        _seed_all(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the base network's initial weights
         try:  # a model section the data cannot feed is a config error, found before any write
             self.base = build_base_graph(cfg, self.tasks)
         except GraphError as exc:
@@ -141,11 +145,12 @@ class Campaign:
             raise ConfigError(f"{self.run_dir} already holds a run; continue it with "
                               f"`growth resume {self.run_dir}` or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(self._resolved()))
+        resolved = self._resolved()
+        atomic_write_text(self.run_dir / "config.yaml", dump_config(resolved))
         self.model = Model(self.base, self.device)
-        base = self.model.graph.param_count()
+        base = self.base.param_count()
         self.state = CampaignState(RMatrix(len(self.tasks)), base_params=base,
-                                   config=self._resolved().to_dict())
+                                   config=resolved.to_dict())
         log.info("campaign %r: strategy %s on %s/%s, %d tasks, %s scenario; base network %d "
                  "parameters", self.cfg.name, self.cfg.strategy.name, self.cfg.data.dataset,
                  self.cfg.data.stream, len(self.tasks), self.cfg.scenario, base)
@@ -185,11 +190,10 @@ class Campaign:
         self.progress.on_task_start(i, task)
         log.info("task %d (%s): %d train / %d val / %d test samples", i, task.name,
                  len(task.train[1]), len(task.val[1]), len(task.test[1]))
-        seed = task_seed(self.cfg.seed, i)
-        _seed_all(seed)
-        start = time.perf_counter()
         ctx = self._ctx(task)
-        losses = learn_task(ctx, self.strategy, self.cfg.train, seed=seed,
+        torch.manual_seed(ctx.seed)  # dropout and any hook's draws start from the task's seed
+        start = time.perf_counter()
+        losses = learn_task(ctx, self.strategy, self.cfg.train, seed=ctx.seed,
                             on_epoch=lambda e, loss: self.progress.on_epoch(i, e, loss))
         wall = time.perf_counter() - start
         if len(task.val[1]):
@@ -198,7 +202,6 @@ class Campaign:
             self.state.R.record(i + 1, j, evaluate(ctx, other))
         self.state.wall_time_s.append(wall)
         self.state.sizes.append({"task": i, **self._size()})
-        self.state.finished = i + 1
         write_checkpoint(self.run_dir, i, self.model.graph, self.strategy, self.state)
         metrics = self.metrics()
         write_metrics(self.run_dir, metrics)
@@ -240,10 +243,6 @@ class Campaign:
         return Config.model_validate(data)
 
 
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
 def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:
     """Dotted keys whose values differ between two nested dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -275,9 +274,9 @@ def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strate
     tensors, extra = strategy.state_dict()
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
               str(tmp / "strategy.safetensors"))
-    campaign = {"task": task, "R": state.R.to_list(), "sizes": state.sizes,
+    campaign = {"R": state.R.to_list(), "sizes": state.sizes,
                 "wall_time_s": state.wall_time_s, "base_params": state.base_params,
-                "finished": state.finished, "config": state.config, "strategy_extra": extra}
+                "config": state.config, "strategy_extra": extra}
     (tmp / "state.json").write_text(json.dumps(campaign, indent=1))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
@@ -307,7 +306,7 @@ def read_checkpoint(ckpt: Path) -> tuple[NetGraph, dict[str, torch.Tensor], dict
     tensors = load_tensors(ckpt / "strategy.safetensors")
     data = json.loads((ckpt / "state.json").read_text())
     state = CampaignState(RMatrix.from_list(data["R"]), data["sizes"], data["wall_time_s"],
-                          data["base_params"], data["finished"], data.get("config", {}))
+                          data["base_params"], data.get("config", {}))
     return graph, tensors, data.get("strategy_extra", {}), state
 
 
