@@ -17,7 +17,7 @@ from pathlib import Path
 from growth.campaign import Campaign, latest_checkpoint, resume_run
 from growth.config import load_config
 from growth.metrics import read_metrics
-from growth.report import write_report
+from growth.report import mean_std, write_report
 
 DEFAULT = ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf", "mwc"]
 
@@ -32,12 +32,6 @@ def run_one(config: str, strategy: str, seed: int, out: Path) -> dict:
     cfg = load_config(config, [f"strategy={{name: {strategy}}}", f"seed={seed}",
                                f"name={strategy}"])
     return Campaign(cfg, out).start()
-
-
-def _ms(values: list[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def main() -> None:
@@ -59,8 +53,9 @@ def main() -> None:
             print(f"{strategy:9s} seed {seed}: ACC {m['acc']:.4f} BWT {m['bwt']:.4f} "
                   f"time {sum(m['wall_time_s']):.1f}s", flush=True)
         last = [m["sizes"][-1] for m in results]
-        rows.append((strategy, _ms([m["acc"] for m in results]),
-                     _ms([m["bwt"] for m in results]), _ms([m["fwt"] for m in results]),
+        rows.append((strategy, mean_std([m["acc"] for m in results], 3),
+                     mean_std([m["bwt"] for m in results], 3),
+                     mean_std([m["fwt"] for m in results], 3),
                      f"{last[0]['params']:,}", f"{last[0]['relative']:.2f}",
                      f"{statistics.fmean(sum(m['wall_time_s']) for m in results):.1f}"))
     report = write_report(dirs, root / "report")

@@ -288,7 +288,8 @@ def _comparison_table(runs: list[Run]) -> str:
     return _table(header, rows)
 
 
-def _mean_std(values: Sequence[float | None], digits: int) -> str:
+def mean_std(values: Sequence[float | None], digits: int) -> str:
+    """"mean ± std" (sample std) of the finite values, or "n/a"."""
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not xs:
         return "n/a"
@@ -311,7 +312,7 @@ def _strategy_table(runs: list[Run]) -> str:
             [
                 strategy,
                 str(len(group)),
-                *(_mean_std(c, d) for c, d in zip(cols, (4, 4, 4, 0, 3, 1))),
+                *(mean_std(c, d) for c, d in zip(cols, (4, 4, 4, 0, 3, 1))),
             ]
         )
     return _table(["strategy", "runs", *_SUMMARY_COLS], rows) if rows else ""
