@@ -19,9 +19,10 @@ class Model:
 
     def __init__(self, graph: NetGraph, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        self._set(graph)
+        self.replace_graph(graph)
 
-    def _set(self, graph: NetGraph) -> None:
+    def replace_graph(self, graph: NetGraph) -> None:
+        """Take `graph` (the first, or a grown or compressed one) and compile it."""
         graph.validate()
         self._graph = graph
         self.module: fx.GraphModule = compile_graph(graph).to(self.device)
@@ -43,10 +44,6 @@ class Model:
     def graph(self) -> NetGraph:
         """The structure with the module's current weights (a new graph; CPU tensors)."""
         return graph_with_weights(self._graph, self.module)
-
-    def replace_graph(self, graph: NetGraph) -> None:
-        """Swap in a new graph (after growth or compression); recompiles the module."""
-        self._set(graph)
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self.module.named_parameters())
