@@ -15,7 +15,12 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 def test_readme_python_block_runs(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
+    scope: dict = {"__name__": "readme_example"}
+    exec(compile(code, str(README), "exec"), scope)  # raises if the example is broken
+    if "print(" in code:
+        assert capsys.readouterr().out.strip()
+    if ".save(" in code:  # an example that saves writes real files
+        assert any(tmp_path.rglob("weights.safetensors"))
 
 
 def test_readme_operator_example_registers_and_runs(monkeypatch: pytest.MonkeyPatch) -> None:
