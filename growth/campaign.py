@@ -155,7 +155,8 @@ class Campaign:
                  "parameters", self.cfg.name, self.cfg.strategy.name, self.cfg.data.dataset,
                  self.cfg.data.stream, len(self.tasks), self.cfg.scenario, base)
         for j, task in enumerate(self.tasks):
-            self.state.R.record(0, j, evaluate(self._ctx(task), task))
+            self.state.R.record(0, j, evaluate(self._ctx(task), task,
+                                                strategy=self.strategy))
         log.info("R[0] (random init): %s", self.state.R.row(0).round(4).tolist())
         return self._loop()
 
@@ -197,9 +198,10 @@ class Campaign:
                             on_epoch=lambda e, loss: self.progress.on_epoch(i, e, loss))
         wall = time.perf_counter() - start
         if len(task.val[1]):
-            log.info("task %d validation accuracy %.4f", i, evaluate(ctx, task, "val"))
+            log.info("task %d validation accuracy %.4f", i, evaluate(ctx, task, "val",
+                                                                     strategy=self.strategy))
         for j, other in enumerate(self.tasks):
-            self.state.R.record(i + 1, j, evaluate(ctx, other))
+            self.state.R.record(i + 1, j, evaluate(ctx, other, strategy=self.strategy))
         self.state.wall_time_s.append(wall)
         self.state.sizes.append({"task": i, **self._size()})
         write_checkpoint(self.run_dir, i, self.model.graph, self.strategy, self.state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -157,18 +158,25 @@ def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0
 
 
 @torch.no_grad()
-def evaluate(ctx: Context, task: Task, split: str = "test", batch_size: int = 1024) -> float:
-    """Accuracy of the model on one task's split, through that task's head (NaN if empty)."""
+def evaluate(ctx: Context, task: Task, split: str = "test", batch_size: int = 1024,
+             strategy: Strategy | None = None) -> float:
+    """Accuracy of the model on one task's split (NaN if empty): through that task's head, or
+    through `strategy.evaluation` when the strategy overrides it."""
     x, y = getattr(task, split)
     if len(y) == 0:
         return float("nan")
-    view = ctx.model.head(ctx.head_of(task))
     labels = ctx.label_of(task, y).to(ctx.device)
+    scoring = (strategy.evaluation(ctx, task)
+               if strategy is not None and "evaluation" in strategy.overridden()
+               else nullcontext(ctx.model.head(ctx.head_of(task))))
     was_training = ctx.model.module.training
     ctx.model.eval()
     correct = 0
-    for i in range(0, len(labels), batch_size):
-        logits = view(x[i:i + batch_size].to(ctx.device))
-        correct += int((logits.argmax(1) == labels[i:i + batch_size]).sum())
-    ctx.model.train(was_training)
+    try:
+        with scoring as score:
+            for i in range(0, len(labels), batch_size):
+                scores = score(x[i:i + batch_size].to(ctx.device))
+                correct += int((scores.argmax(1) == labels[i:i + batch_size]).sum())
+    finally:
+        ctx.model.train(was_training)
     return correct / max(len(labels), 1)

@@ -13,6 +13,11 @@ Hooks, in the order the loop calls them:
   after_backward(ctx)              edit gradients (masks) or read them (SI)
   after_step(ctx)                  after optimizer.step (SI's path integral, re-apply masks)
   after_task(ctx)                  consolidate (Fisher, importance, pruning, compression)
+  evaluation(ctx, task)            a context manager yielding the scorer of a task's inputs
+                                   (default: the task's head view); strategies whose
+                                   prediction is not "the head as trained" override it
+                                   (per-task masks, nearest-mean classifiers, a network
+                                   retrained before evaluation)
 
 State: importance tensors, anchors and masks live in `self.state`, a flat dict keyed
 "<what>/<task>/<parameter name>" (e.g. "fisher/2/fc1.weight"), so every strategy stores them
@@ -21,7 +26,8 @@ one way and checkpoints see them all; `extra` holds small JSON-able values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,7 +41,8 @@ if TYPE_CHECKING:
     from growth.graph import NetGraph
     from growth.model import Model
 
-HOOKS = ("before_task", "penalty", "after_backward", "after_step", "after_task")
+HOOKS = ("before_task", "penalty", "after_backward", "after_step", "after_task", "evaluation")
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # inputs -> class scores (argmax = prediction)
 
 
 class StrategyParams(BaseModel):
@@ -113,6 +120,13 @@ class Strategy:
 
     def after_task(self, ctx: Context) -> None:
         """Called after the task's last epoch, before evaluation."""
+
+    @contextmanager
+    def evaluation(self, ctx: Context, task: Task) -> Iterator[Scorer]:
+        """Yield what scores `task`'s inputs in eval mode; scores' argmax is the prediction,
+        in the task's head labels. Set-up and tear-down (masks swapped in and out) go around
+        the yield, so a whole split is scored in one set-up."""
+        yield ctx.model.head(ctx.head_of(task))
 
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
