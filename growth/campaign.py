@@ -1,11 +1,18 @@
 """A campaign: one strategy over one task stream, with a run directory that survives a crash.
 
-Run directory:
+Run directory (growth.rundir: lock, run id, paths; growth.checkpoint: checkpoints):
+  run.json               the run id, written once at start and carried by every checkpoint
   config.yaml            the resolved config (defaults filled in)
+  .lock                  held by the one process writing the run (its pid inside)
   log.txt                what happened, task by task
-  metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes, wall times (rewritten after every task)
-  checkpoints/task_NNN/  graph (structure.json + weights.safetensors), strategy state,
-                         campaign state, and a manifest of SHA-256 sums checked on resume
+  metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes, wall times (rewritten after every task,
+                         and rebuilt from the latest checkpoint on resume when behind)
+  checkpoints/task_NNN/  graph, strategy state, campaign state and a manifest of SHA-256
+                         sums; everything is checked before a resume trusts it
+
+A run or resume holds the directory's lock from before its first write to its exit; a resume
+checks the run id, the newest checkpoint and the config before it changes anything, so a
+refused resume leaves the directory as it was.
 
 Each task starts from a seed derived from (config seed, task index), never from the random
 state the previous task left behind, so a resumed run ends with the same R matrix as an
@@ -14,30 +21,46 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from growth.checkpoint import (
+    CampaignState,
+    Checkpoint,
+    latest_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from growth.config import Config, dump_config, load_config
 from growth.data import Task, build_stream
-from growth.errors import CheckpointError, ConfigError, GraphError
+from growth.errors import ConfigError, DataError, GraphError, ReportError, RunDirError
 from growth.graph import NetGraph
-from growth.io import atomic_write_text, load_tensors, sha256
-from growth.metrics import RMatrix, make_metrics, size_report, write_metrics
+from growth.io import atomic_write_text
+from growth.metrics import RMatrix, make_metrics, read_metrics, size_report, write_metrics
 from growth.model import Model
+from growth.rundir import (
+    CONFIG,
+    RunLock,
+    check_run_dir,
+    check_writable_dir,
+    clean_leftovers,
+    holds_run,
+    logging_to,
+    new_run_id,
+    read_run_id,
+)
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import evaluate, learn_task
 
 log = logging.getLogger("growth.campaign")
-CHECKPOINTS = "checkpoints"
+__all__ = ["Campaign", "CampaignState", "Progress", "latest_checkpoint", "resume_run",
+           "run_config", "run_config_of"]
 
 
 @dataclass
@@ -47,22 +70,6 @@ class Progress:
     on_task_start: Callable[[int, Task], None] = lambda i, t: None
     on_epoch: Callable[[int, int, float], None] = lambda task, epoch, loss: None
     on_task_end: Callable[[int, dict[str, Any]], None] = lambda i, m: None
-
-
-@dataclass
-class CampaignState:
-    """What a checkpoint must restore besides the graph and the strategy."""
-
-    R: RMatrix
-    sizes: list[dict[str, Any]] = field(default_factory=list)
-    wall_time_s: list[float] = field(default_factory=list)
-    base_params: int = 0
-    config: dict[str, Any] = field(default_factory=dict)  # resolved config the run began with
-
-    @property
-    def finished(self) -> int:
-        """Tasks learned so far (each finished task records its wall time)."""
-        return len(self.wall_time_s)
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -100,12 +107,12 @@ def _labelers(cfg: Config) -> tuple[Callable[[Task], str], Callable[[Task, torch
     return head_name, (lambda t, y: y)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, source: str = "<config>") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but no CUDA device is available; "
-                          "use device: cpu or auto")
+        raise ConfigError(f"{source}: device: cuda was asked for but no CUDA device is "
+                          "available; use device: cpu or auto")
     return torch.device(name)
 
 
@@ -117,21 +124,23 @@ class Campaign:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress or Progress()
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, cfg.source)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.tasks = build_stream(self._stream_args())
-        if cfg.scenario == "class" and cfg.data.stream != "split":
-            raise ConfigError("scenario: class needs data.stream: split (disjoint classes); "
-                              "use scenario: task for permuted or variations streams")
+        try:
+            self.tasks = build_stream(self._stream_args())
+        except DataError as exc:  # names the config the data section came from
+            raise type(exc)(f"{cfg.source}: data: {exc}") from None
         self.head_of, self.label_of = _labelers(cfg)
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.settings())
         torch.manual_seed(cfg.seed)  # the base network's initial weights
         try:  # a model section the data cannot feed is a config error, found before any write
             self.base = build_base_graph(cfg, self.tasks)
         except GraphError as exc:
-            raise ConfigError(f"model: {exc} (input shape {self.tasks[0].input_shape})"
-                              ) from None
+            raise ConfigError(f"{cfg.source}: model: {exc} (input shape "
+                              f"{self.tasks[0].input_shape})") from None
+        self.run_id = ""
+        self.resumed_at: int | None = None  # finished tasks found by resume
         if self.device.type == "cuda":  # bitwise-equal resumes need deterministic kernels
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
@@ -141,12 +150,48 @@ class Campaign:
 
     # ---- entry points ----------------------------------------------------------------------
     def start(self) -> dict[str, Any]:
-        if latest_checkpoint(self.run_dir) is not None:
-            raise ConfigError(f"{self.run_dir} already holds a run; continue it with "
-                              f"`growth resume {self.run_dir}` or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Run from the first task into a folder that holds no run yet."""
+        check_writable_dir(self.run_dir)
+        _mkdir(self.run_dir)
+        with RunLock(self.run_dir) as lock:
+            if holds_run(self.run_dir):
+                raise RunDirError(f"{self.run_dir} already holds a run; continue it with "
+                                  f"`growth resume {self.run_dir}` or choose another --out")
+            self.run_id = new_run_id(self.run_dir)
+            with logging_to(self.run_dir):
+                lock.note_stale()
+                return self._begin()
+
+    def resume(self) -> dict[str, Any]:
+        """Continue from the newest checkpoint, after checking everything it loads."""
+        check_run_dir(self.run_dir)
+        with RunLock(self.run_dir) as lock:
+            self.run_id = read_run_id(self.run_dir)
+            path = latest_checkpoint(self.run_dir)
+            ckpt = None
+            if path is not None:
+                ckpt = read_checkpoint(path, self.run_id, len(self.tasks), self.strategy)
+                self._check_same_config(ckpt)
+            # everything is checked: from here on the run directory may change
+            removed = clean_leftovers(self.run_dir)
+            if ckpt is not None and ckpt.state.finished == len(self.tasks) and not removed:
+                self._restore(ckpt)
+                return self._refresh_metrics()  # nothing to train; metrics may lag behind
+            with logging_to(self.run_dir):
+                lock.note_stale()
+                for p in removed:
+                    log.info("removed %s, left by an interrupted write", p)
+                if ckpt is None:
+                    log.info("no finished task in %s; starting from the beginning",
+                             self.run_dir)
+                    return self._begin()
+                self._restore(ckpt)
+                log.info("resuming after task %d from %s", ckpt.state.finished - 1, path)
+                return self._loop()
+
+    def _begin(self) -> dict[str, Any]:
         resolved = self._resolved()
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(resolved))
+        atomic_write_text(self.run_dir / CONFIG, dump_config(resolved))
         self.model = Model(self.base, self.device)
         base = self.base.param_count()
         self.state = CampaignState(RMatrix(len(self.tasks)), base_params=base,
@@ -160,18 +205,22 @@ class Campaign:
         log.info("R[0] (random init): %s", self.state.R.row(0).round(4).tolist())
         return self._loop()
 
-    def resume(self) -> dict[str, Any]:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            log.info("no finished task in %s; starting from the beginning", self.run_dir)
-            return self.start()
-        graph, tensors, extra, state = read_checkpoint(ckpt)
-        self._check_same_config(state.config)
-        self.model = Model(graph, self.device)
-        self.strategy.load_state_dict(tensors, extra)
-        self.state = state
-        log.info("resuming after task %d from %s", state.finished - 1, ckpt)
-        return self._loop()
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.model = Model(ckpt.graph, self.device)
+        self.strategy.load_state_dict(ckpt.tensors, ckpt.extra)
+        self.state = ckpt.state
+        self.resumed_at = ckpt.state.finished
+
+    def _refresh_metrics(self) -> dict[str, Any]:
+        """metrics.json from the checkpoint, rewritten only if it is missing or behind."""
+        metrics = self.metrics()
+        try:
+            current = read_metrics(self.run_dir)
+        except ReportError:
+            current = None
+        if current != metrics:
+            write_metrics(self.run_dir, metrics)
+        return metrics
 
     # ---- the loop ------------------------------------------------------------------------
     def _loop(self) -> dict[str, Any]:
@@ -204,7 +253,8 @@ class Campaign:
             self.state.R.record(i + 1, j, evaluate(ctx, other, strategy=self.strategy))
         self.state.wall_time_s.append(wall)
         self.state.sizes.append({"task": i, **self._size()})
-        write_checkpoint(self.run_dir, i, self.model.graph, self.strategy, self.state)
+        write_checkpoint(self.run_dir, i, self.model.graph, self.strategy, self.state,
+                         self.run_id)
         metrics = self.metrics()
         write_metrics(self.run_dir, metrics)
         log.info("task %d done in %.1fs, final loss %.4f; R[%d] = %s; ACC so far %.4f", i,
@@ -229,13 +279,14 @@ class Campaign:
         return make_metrics(run, [t.name for t in self.tasks], self.state.R, self.state.sizes,
                             self.state.wall_time_s)
 
-    def _check_same_config(self, started: dict[str, Any]) -> None:
+    def _check_same_config(self, ckpt: Checkpoint) -> None:
         now = self._resolved().to_dict()
-        changed = sorted(_diff(started, now))
-        if started and changed:
-            raise ConfigError(f"{self.run_dir / 'config.yaml'} changed since the run started "
-                              f"(keys: {', '.join(changed)}); put the old values back to resume,"
-                              " or start a new run with the new config")
+        changed = sorted(_diff(ckpt.state.config, now))
+        if changed:
+            raise ConfigError(f"{self.run_dir / CONFIG} changed since the run started "
+                              f"(keys: {', '.join(changed)}; the checkpoint {ckpt.path.name} "
+                              "has the old values); put them back to resume, or start a new "
+                              "run with the new config")
 
     def _resolved(self) -> Config:
         """The config with the strategy's defaults written out."""
@@ -255,61 +306,11 @@ def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
-# ---- checkpoints --------------------------------------------------------------------------
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    folder = run_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("task_"))
-    return done[-1] if done else None
-
-
-def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strategy,
-                     state: CampaignState) -> Path:
-    """Write the checkpoint into a temp folder, then rename it into place (atomic)."""
-    from safetensors.torch import save_file
-
-    final = run_dir / CHECKPOINTS / f"task_{task:03d}"
-    tmp = run_dir / CHECKPOINTS / f".tmp_task_{task:03d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    graph.save(tmp / "graph")
-    tensors, extra = strategy.state_dict()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-              str(tmp / "strategy.safetensors"))
-    campaign = {"R": state.R.to_list(), "sizes": state.sizes,
-                "wall_time_s": state.wall_time_s, "base_params": state.base_params,
-                "config": state.config, "strategy_extra": extra}
-    (tmp / "state.json").write_text(json.dumps(campaign, indent=1))
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): sha256(p) for p in files}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def read_checkpoint(ckpt: Path) -> tuple[NetGraph, dict[str, torch.Tensor], dict[str, Any],
-                                         CampaignState]:
-    """Load and verify a checkpoint; any damage is a CheckpointError naming the file."""
-    manifest_path = ckpt / "manifest.json"
+def _mkdir(path: Path) -> None:
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{manifest_path} is missing or corrupt ({exc}); the checkpoint "
-                              f"{ckpt} cannot be trusted") from None
-    for rel, digest in manifest.items():
-        path = ckpt / rel
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing from the checkpoint")
-        if sha256(path) != digest:
-            raise CheckpointError(f"{path} is corrupt (its SHA-256 does not match the manifest)")
-    graph = NetGraph.load(ckpt / "graph")
-    tensors = load_tensors(ckpt / "strategy.safetensors")
-    data = json.loads((ckpt / "state.json").read_text())
-    state = CampaignState(RMatrix.from_list(data["R"]), data["sizes"], data["wall_time_s"],
-                          data["base_params"], data.get("config", {}))
-    return graph, tensors, data.get("strategy_extra", {}), state
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"--out {path}: cannot create the folder ({exc.strerror})") from None
 
 
 def run_config(path: str | Path, out: str | Path, overrides: list[str] | None = None,
@@ -320,10 +321,8 @@ def run_config(path: str | Path, out: str | Path, overrides: list[str] | None = 
 
 def run_config_of(run_dir: str | Path) -> Config:
     """The config a run directory was started with."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    return load_config(path)
+    check_run_dir(Path(run_dir))
+    return load_config(Path(run_dir) / CONFIG)
 
 
 def resume_run(run_dir: str | Path, progress: Progress | None = None) -> dict[str, Any]:

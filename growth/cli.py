@@ -7,10 +7,7 @@ file and key and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except GrowthError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused: name the path, no traceback
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; `growth resume RUNDIR` continues from the last finished task",
@@ -69,38 +71,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _default_out(config: str) -> Path:
+    from growth.rundir import holds_run
+
     base = Path("runs") / Path(config).stem
     out, k = base, 2
-    while (out / "checkpoints").exists():
+    while holds_run(out):
         out, k = Path(f"{base}-{k}"), k + 1
     return out
-
-
-@contextmanager
-def _logging_to(run_dir: Path) -> Iterator[None]:
-    """Log the engine's messages to RUNDIR/log.txt for the duration of one command."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("growth")
-    root.setLevel(logging.INFO)
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
 
 
 def _run(args: argparse.Namespace) -> int:
     from growth.campaign import Campaign
     from growth.config import load_config
+    from growth.rundir import check_writable_dir
 
     cfg = load_config(args.config, args.overrides)  # validate before touching the disk
     out = Path(args.out) if args.out else _default_out(args.config)
+    check_writable_dir(out)
     campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet))
-    with _logging_to(out):
-        metrics = campaign.start()
+    metrics = campaign.start()
     _print_summary(out, metrics)
     return 0
 
@@ -111,8 +100,9 @@ def _resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg = run_config_of(run_dir)
     campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet))
-    with _logging_to(run_dir):
-        metrics = campaign.resume()
+    metrics = campaign.resume()
+    if campaign.resumed_at == len(campaign.tasks):
+        print(f"{run_dir}: all {len(campaign.tasks)} tasks are finished; nothing to do")
     _print_summary(run_dir, metrics)
     return 0
 

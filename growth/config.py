@@ -1,25 +1,52 @@
 """Campaign configs: YAML validated at load, with `--set key=value` overrides.
 
-Every mistake is a ConfigError naming the file and the dotted key (an unknown key, a wrong
-type, a bad value), so the CLI can print one line and exit 2.
+Every mistake is a ConfigError naming where it came from (the file, or the `--set` item) and
+the dotted key: bytes that are not UTF-8, YAML that does not parse, duplicate keys, nesting or
+size beyond the limits, an unknown key, a wrong type, a non-finite number, a key that does
+not apply to the chosen stream/model/optimizer, a value above a sane bound. Many problems are
+reported together, capped at MAX_PROBLEMS lines plus a count.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from growth.data.datasets import DATASETS
 from growth.errors import ConfigError
 from growth.layers import ACTIVATIONS
 from growth.train import TrainConfig
 
+MAX_CONFIG_BYTES = 1 << 20  # a campaign config is a page of YAML, not a data file
+MAX_DEPTH = 12  # sections nest two or three levels; a search space a few more
+MAX_NODES = 20_000  # values after YAML aliases are expanded
+MAX_PROBLEMS = 10  # lines of a multi-problem error before "... and N more"
+MAX_SHOWN = 60  # characters of an offending value quoted in an error
+
+MINIMAL_EXAMPLE = (
+    "name: my-run\n"
+    "data: {dataset: digits, stream: permuted, n_tasks: 5}\n"
+    "model: {kind: mlp, hidden: [100, 100]}\n"
+    "train: {epochs: 5, lr: 0.05}\n"
+    "strategy: {name: ewc}"
+)
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -61,7 +88,7 @@ class ModelConfig(_Section):
 class StrategyConfig(BaseModel):
     """`name` plus the strategy's own settings, validated by that strategy's Params model."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str = "finetune"
 
     def settings(self) -> dict[str, Any]:
@@ -74,89 +101,354 @@ class Config(_Section):
     scenario: Literal["task", "class"] = "task"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1)
+    allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    _source: str = PrivateAttr("<config>")
+
+    @property
+    def source(self) -> str:
+        """Where the config came from (its file), for error messages."""
+        return self._source
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config, as it is written to a run directory."""
-        return self.model_dump(mode="json", by_alias=True)
+        """The resolved config, as it is written to a run directory: keys that do not apply
+        to the chosen stream/model/optimizer are left out, so reading it back is valid."""
+        data = self.model_dump(mode="json", by_alias=True)
+        for section, key, _why in _inapplicable(self, only_set=False):
+            data[section].pop(key, None)
+        return data
 
 
+# ---- which keys apply when (a key set where it does not apply is an error) -----------------
+# section -> key -> (selector key in the same section, the selector values it applies to)
+APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    "data": {
+        "variations": ("stream", ("variations",)),
+        "by": ("stream", ("split",)),
+        "class_order": ("stream", ("split",)),
+        "image_size": ("dataset", ("cub200", "imagefolder")),
+        "download": ("dataset", ("mnist", "fashion_mnist", "cifar10", "cifar100")),
+        "root": ("dataset", tuple(d for d in DATASETS if d != "digits")),
+        "split_seed": ("dataset", ("digits", "imagefolder")),
+    },
+    "model": {
+        "hidden": ("kind", ("mlp",)),
+        "channels": ("kind", ("cnn",)),
+        "fc": ("kind", ("cnn",)),
+    },
+    "train": {
+        "momentum": ("optimizer", ("sgd",)),
+    },
+}
+
+# dotted key -> largest value accepted without `allow_large: true`; for a list, every entry
+# is bounded, and "key#" bounds its length
+LIMITS: dict[str, int] = {
+    "threads": 256,
+    "data.n_tasks": 100,
+    "data.image_size": 1024,
+    "model.hidden": 65_536,
+    "model.hidden#": 64,
+    "model.channels": 8_192,
+    "model.channels#": 32,
+    "model.fc": 65_536,
+    "model.fc#": 64,
+    "train.epochs": 10_000,
+    "train.batch_size": 65_536,
+}
+
+
+# ---- reading --------------------------------------------------------------------------------
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a config file; every problem is a ConfigError."""
     path = Path(path)
+    source = str(path)
+    raw = parse_yaml(read_config_text(path), source)
+    if raw is None:
+        raise ConfigError(f"{source}: the config is empty; a minimal one:\n{MINIMAL_EXAMPLE}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got "
+                          f"{_type_name(raw)}; a minimal config:\n{MINIMAL_EXAMPLE}")
+    origins: dict[str, str] = {}
+    for item in overrides or []:
+        origins[apply_override(raw, item)] = item
+    return validate_config(raw, source, origins)
+
+
+def read_config_text(path: Path) -> str:
+    """The file's text; a folder, a missing, unreadable, huge or non-UTF-8 file is an error."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file; pass a YAML file such as "
+                          "experiments/quickstart.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is too large for a config (limit "
+                              f"{MAX_CONFIG_BYTES:,}); is this the right file?")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got "
-                          f"{type(raw).__name__}")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return validate_config(raw, str(path))
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `dotted.key=value` (value parsed as YAML) to a raw config dict."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    parts = key.strip().split(".")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line "
+                          f"{line}); save the file as UTF-8") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a name, got {key!r}", key_node.start_mark
+                ) from None
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text within the depth and size limits; errors name `source` and the line."""
+    try:
+        _check_shape(yaml.parse(text, Loader=yaml.SafeLoader), source)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(f"{source}: {_yaml_problem(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+    _count_values(data, source)
+    return data
+
+
+def _check_shape(events: Iterator[yaml.Event], source: str) -> None:
+    """Refuse deep nesting before the (recursive) composer sees it."""
+    depth = 0
+    for event in events:
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(f"{source}: line {line}: nested deeper than {MAX_DEPTH} "
+                                  "levels; a config is a few levels of sections")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+def _count_values(data: Any, source: str) -> None:
+    """Refuse alias bombs: count values as validation would walk them, stop past the limit."""
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ConfigError(f"{source}: more than {MAX_NODES:,} values (after expanding YAML "
+                              "aliases); a config is a page of keys")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    what = exc.problem or exc.context or "not valid YAML"
+    if exc.context and exc.problem:
+        what = f"{exc.problem} ({exc.context})"
+    return f"{where}{what}"
+
+
+def apply_override(raw: dict[str, Any], item: str) -> str:
+    """Apply one `dotted.key=value` (value parsed as YAML) to a raw config dict.
+
+    Returns the dotted key. A value that is not valid YAML is an error (quote a string that
+    holds YAML syntax, e.g. --set "name='[draft'").
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {item!r}: expected key=value with a dotted key, e.g. "
+                          "train.epochs=3")
+    value = parse_yaml(text, f"--set {item!r}")
     node = raw
-    for part in parts[:-1]:
+    for k, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            where = ".".join(parts[: k + 1])
+            raise ConfigError(f"--set {item!r}: {where} is not a section")
         node = child
     node[parts[-1]] = value
+    return key
 
 
-def validate_config(raw: dict[str, Any], source: str = "<config>") -> Config:
-    """Validate a raw dict (top level and the strategy's own settings)."""
+# ---- validation -----------------------------------------------------------------------------
+def validate_config(raw: dict[str, Any], source: str = "<config>",
+                    origins: dict[str, str] | None = None) -> Config:
+    """Validate a raw dict: types and ranges, the strategy's own settings, which keys apply,
+    and the upper bounds. `origins` maps dotted keys to the `--set` item that gave them."""
+    where = _Where(source, origins or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got "
+                          f"{_type_name(raw)}")
+    if not raw:
+        raise ConfigError(f"{source}: the config is empty; a minimal one:\n{MINIMAL_EXAMPLE}")
+    problems = list(_raw_problems(raw, where))
+    if problems:
+        raise ConfigError(_cap(problems))
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
-    _validate_strategy(cfg, source)
+        raise ConfigError(_cap(_describe(exc, where))) from None
+    problems = [*_strategy_problems(cfg, where), *_applicability_problems(cfg, where),
+                *_limit_problems(cfg, where), *_scenario_problems(cfg, where)]
+    if problems:
+        raise ConfigError(_cap(problems))
+    cfg._source = source
     return cfg
 
 
-def _validate_strategy(cfg: Config, source: str) -> None:
-    from growth.strategies import STRATEGIES
+class _Where:
+    """Names the origin of a dotted key: the `--set` item that set it, else the file."""
 
-    name = cfg.strategy.name
-    if name not in STRATEGIES:
-        raise ConfigError(f"{source}: strategy.name: unknown strategy {name!r}; "
-                          f"available: {sorted(STRATEGIES)}")
-    try:
-        STRATEGIES[name].Params.model_validate(cfg.strategy.settings())
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, source, prefix="strategy")) from None
+    def __init__(self, source: str, origins: dict[str, str]) -> None:
+        self.source, self.origins = source, origins
+
+    def __call__(self, key: str) -> str:
+        parts = key.split(".")
+        for k in range(len(parts), 0, -1):
+            item = self.origins.get(".".join(parts[:k]))
+            if item is not None:
+                return f"--set {item!r}"
+        return self.source
 
 
-def _describe(exc: ValidationError, source: str, prefix: str = "") -> str:
+def _raw_problems(raw: Any, where: _Where, prefix: str = "") -> Iterator[str]:
+    """Keys that are not names and numbers that are not finite, anywhere in the tree."""
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            key = f"{prefix}{k}"
+            if not isinstance(k, str):
+                yield f"{where(prefix.rstrip('.') or key)}: key {k!r} in " \
+                      f"{prefix.rstrip('.') or 'the top level'} is not a name"
+                continue
+            yield from _raw_problems(v, where, f"{key}.")
+    elif isinstance(raw, list):
+        for i, v in enumerate(raw):
+            yield from _raw_problems(v, where, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(raw, float) and not math.isfinite(raw):
+        key = prefix.rstrip(".")
+        yield f"{where(key)}: {key}: {raw} is not a finite number"
+
+
+def _describe(exc: ValidationError, where: _Where, prefix: str = "",
+              strategy: str | None = None) -> list[str]:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key {key!r} (check the spelling)")
+            hint = "check the spelling" if strategy is None else \
+                f"not a setting of strategy {strategy!r}; see `growth strategies list`"
+            lines.append(f"{where(key)}: unknown key {key!r} ({hint})")
         else:
             got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: {key}: {err['msg']}{shown}")
-    return "\n".join(lines)
+            shown = "" if isinstance(got, (dict, list)) else f" (got {_short(got)})"
+            lines.append(f"{where(key)}: {key}: {err['msg']}{shown}")
+    return lines
+
+
+def _strategy_problems(cfg: Config, where: _Where) -> list[str]:
+    from growth.strategies import available_strategies
+
+    name = cfg.strategy.name
+    strategies = available_strategies()
+    if name not in strategies:
+        return [f"{where('strategy.name')}: strategy.name: unknown strategy {name!r}; "
+                f"available: {sorted(strategies)}"]
+    try:
+        strategies[name].Params.model_validate(cfg.strategy.settings())
+    except ValidationError as exc:
+        return _describe(exc, where, prefix="strategy", strategy=name)
+    return []
+
+
+def _inapplicable(cfg: Config, only_set: bool = True) -> Iterator[tuple[str, str, str]]:
+    """(section, key, reason) of every key set where it has no effect."""
+    for section, rules in APPLIES.items():
+        model = getattr(cfg, section)
+        for key, (selector, values) in rules.items():
+            if only_set and key not in model.model_fields_set:
+                continue
+            chosen = getattr(model, selector)
+            if chosen not in values:
+                yield section, key, (f"applies only to {section}.{selector}: "
+                                     f"{' | '.join(values)}, not {chosen}")
+
+
+def _applicability_problems(cfg: Config, where: _Where) -> list[str]:
+    return [f"{where(f'{s}.{k}')}: {s}.{k}: {why}; remove the key"
+            for s, k, why in _inapplicable(cfg)]
+
+
+def _limit_problems(cfg: Config, where: _Where) -> list[str]:
+    if cfg.allow_large:
+        return []
+    data, out = cfg.model_dump(), []
+    for dotted, limit in LIMITS.items():
+        key = dotted.rstrip("#")
+        value: Any = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        if dotted.endswith("#"):
+            over = f"{len(value)} entries" if len(value) > limit else None
+        else:
+            big = [v for v in (value if isinstance(value, list) else [value]) if v > limit]
+            over = f"{big[0]:,}" if big else None
+        if over:
+            out.append(f"{where(key)}: {key}: {over} is above the limit of {limit:,}; "
+                       "set allow_large: true to go beyond")
+    return out
+
+
+def _scenario_problems(cfg: Config, where: _Where) -> list[str]:
+    if cfg.scenario == "class" and cfg.data.stream != "split":
+        return [f"{where('scenario')}: scenario: class needs data.stream: split (disjoint "
+                "classes); use scenario: task for permuted or variations streams"]
+    return []
+
+
+def _cap(problems: list[str]) -> str:
+    shown = problems[:MAX_PROBLEMS]
+    if len(problems) > MAX_PROBLEMS:
+        shown.append(f"... and {len(problems) - MAX_PROBLEMS:,} more problems")
+    return "\n".join(shown)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text):,} chars)"
+
+
+def _type_name(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

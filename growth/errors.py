@@ -39,3 +39,8 @@ class DataError(GrowthError):
 
 class DivergedError(GrowthError):
     """Training produced a non-finite loss (names the task and epoch, suggests what to lower)."""
+
+
+class RunDirError(GrowthError):
+    """A run directory or output path cannot be used: in use by another process, unwritable,
+    a file where a folder belongs, or not a run directory (names the path)."""

@@ -369,7 +369,8 @@ class NetGraph:
             g = cls.from_dict(data, tensors)
             g._check_weight_keys(tensors)
             g.validate()
-        except (GraphError, KeyError, TypeError, AttributeError) as exc:
+        except (GraphError, CheckpointError, KeyError, TypeError, AttributeError, ValueError
+                ) as exc:
             raise CheckpointError(
                 f"{folder / 'weights.safetensors'} does not match {structure}: {exc}") from None
         return g

@@ -12,6 +12,8 @@ import torch
 
 from growth.errors import CheckpointError
 
+FILE_MODE = 0o644
+
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path) then rename over `path`, so readers never see a half-written file."""
@@ -20,6 +22,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; run files are for others to read too
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

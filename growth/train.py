@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class TrainConfig(BaseModel):
     """Optimisation settings for one task (validated; unknown keys are errors)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(32, ge=1)
     optimizer: str = Field("sgd", pattern="^(sgd|adam)$")

@@ -17,7 +17,7 @@ import yaml
 from growth.campaign import Campaign, latest_checkpoint, resume_run
 from growth.cli import main
 from growth.config import load_config
-from growth.errors import CheckpointError, ConfigError
+from growth.errors import CheckpointError, ConfigError, RunDirError
 
 TINY = {
     "name": "tiny",
@@ -121,7 +121,7 @@ def test_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path: Path) -> None:
 def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml")
     run(cfg, tmp_path / "run")
-    with pytest.raises(ConfigError, match="growth resume"):
+    with pytest.raises(RunDirError, match="growth resume"):
         run(cfg, tmp_path / "run")
 
 
@@ -207,8 +207,8 @@ def test_split_digits_class_config_runs(tmp_path: Path) -> None:
     [
         (["model.hidden=[-3]"], "model.hidden"),
         (["model.activation=foo"], "model.activation"),
-        (["model.kind=cnn", "model.channels=[4, 4, 4, 4]"], "model:"),  # 8x8 pooled 4 times
-        (["model.kind=cnn", "model.dropout=0.5"], "model.fc"),
+        (["model={kind: cnn, channels: [4, 4, 4, 4]}"], "model:"),  # 8x8 pooled 4 times
+        (["model={kind: cnn, dropout: 0.5}"], "model.fc"),
     ],
 )
 def test_model_section_errors_write_nothing(tmp_path: Path, sets: list[str], needle: str,

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 from graphgen import mlp
 
+from growth import plugins as plugin_loader
 from growth.errors import OperatorError
 from growth.ops import Operator, OpResult, available_operators, get_operator, register
 from growth.ops import registry as reg
@@ -64,7 +65,7 @@ def plugins(tmp_path, monkeypatch):
         seen.append(kwargs)
         return [ep for ep in eps if ep.group == kwargs.get("group")]
 
-    monkeypatch.setattr(reg.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(plugin_loader.metadata, "entry_points", entry_points)
     return seen
 
 

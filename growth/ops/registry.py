@@ -7,14 +7,13 @@ masks and regularisers can follow a change without comparing graphs.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 from growth.errors import OperatorError
 from growth.graph import NetGraph
+from growth.plugins import load_plugins
 
 ENTRY_POINT_GROUP = "growth.ops"
 TensorShape = tuple[int, ...]
@@ -93,20 +92,7 @@ def _as_operator(obj: Any, entry: str) -> Operator:
 
 def _plugins() -> dict[str, Operator]:
     """Operators from installed distributions; a broken plug-in warns and is skipped."""
-    found: dict[str, Operator] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            op = _as_operator(ep.load(), f"{ep.name} = {ep.value}")
-        except Exception as exc:  # a plug-in must never break the engine
-            warnings.warn(f"growth.ops plug-in {ep.name!r} ({ep.value}) could not be loaded: "
-                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
-            continue
-        if op.name in _BUILTIN or op.name in found:
-            warnings.warn(f"growth.ops plug-in {ep.name!r} ({ep.value}) is named {op.name!r}, "
-                          "which is already taken; it is ignored", RuntimeWarning, stacklevel=3)
-            continue
-        found[op.name] = op
-    return found
+    return load_plugins(ENTRY_POINT_GROUP, _as_operator, _BUILTIN)
 
 
 def available_operators() -> dict[str, Operator]:

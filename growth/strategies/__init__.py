@@ -1,10 +1,15 @@
-"""Continual-learning strategies, one file each, behind a name registry."""
+"""Continual-learning strategies, one file each, behind a name registry.
+
+Built-ins register here; plug-ins come from the "growth.strategies" entry-point group (a
+Strategy subclass per entry, see docs/plugins.md).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from growth.errors import ConfigError
+from growth.plugins import load_plugins
 from growth.strategies.base import Context, Strategy, StrategyParams, state_key
 from growth.strategies.ewc import EWC
 from growth.strategies.joint import Joint
@@ -14,6 +19,7 @@ from growth.strategies.mas import MAS
 from growth.strategies.mwc import MWC
 from growth.strategies.si import SI
 
+ENTRY_POINT_GROUP = "growth.strategies"
 STRATEGIES: dict[str, type[Strategy]] = {}
 
 
@@ -23,17 +29,37 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
+def _as_strategy(obj: Any, entry: str) -> type[Strategy]:
+    if isinstance(obj, type) and issubclass(obj, Strategy) and obj is not Strategy:
+        if not isinstance(obj.__dict__.get("name"), str):
+            raise TypeError(f"{entry}: the class must set its own `name`")
+        return obj
+    raise TypeError(f"{entry} is not a subclass of growth.strategies.Strategy")
+
+
+def available_strategies() -> dict[str, type[Strategy]]:
+    """Every strategy by name: the built-ins, then installed plug-ins."""
+    return {**STRATEGIES, **load_plugins(ENTRY_POINT_GROUP, _as_strategy, STRATEGIES)}
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    """The strategy class called `name`, or a ConfigError listing the available ones."""
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    found = available_strategies()
+    if name not in found:
+        raise ConfigError(f"unknown strategy {name!r}; available: {sorted(found)}")
+    return found[name]
+
+
 def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     """Build a strategy from its name and raw settings (validated by its Params model)."""
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise ConfigError(f"unknown strategy {name!r}; available: {sorted(STRATEGIES)}") from None
+    cls = get_strategy(name)
     return cls(cls.Params.model_validate(params or {}))
 
 
 for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC):
     register(_cls)
 
-__all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "make_strategy", "register",
-           "state_key"]
+__all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "available_strategies",
+           "get_strategy", "make_strategy", "register", "state_key"]

@@ -21,7 +21,8 @@ Hooks, in the order the loop calls them:
 
 State: importance tensors, anchors and masks live in `self.state`, a flat dict keyed
 "<what>/<task>/<parameter name>" (e.g. "fisher/2/fc1.weight"), so every strategy stores them
-one way and checkpoints see them all; `extra` holds small JSON-able values.
+one way and checkpoints see them all; `extra` holds small JSON-able values. `state_spec`
+declares what the tensors look like, so a checkpoint is checked before it is loaded.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from growth.optim import follow
+from growth.strategies.spec import TensorSpec, check_tensors
 
 if TYPE_CHECKING:
     from growth.data import Task
@@ -48,7 +50,7 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # inputs -> class scores (argma
 class StrategyParams(BaseModel):
     """Base of every strategy's validated settings (unknown keys are errors)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 @dataclass
@@ -136,6 +138,17 @@ class Strategy:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         self.state = dict(tensors)
         self.extra = dict(extra)
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        """What `state` holds, by `what` (see growth.strategies.spec); a checkpoint's tensors
+        are checked against it before loading. Default: no tensors. Declare yours."""
+        return {}
+
+    def check_state(self, tensors: Mapping[str, torch.Tensor], extra: Mapping[str, Any],
+                    graph_tensors: Mapping[str, torch.Tensor], finished: int) -> list[str]:
+        """Problems with saved state after `finished` tasks, before it is loaded (empty: it
+        fits). Override to check `extra` too, calling this for the tensors."""
+        return check_tensors(self.state_spec(), tensors, graph_tensors, finished, self.name)
 
     def size_tensors(self) -> list[torch.Tensor]:
         """Tensors that are part of the deployed model besides its parameters (masks,

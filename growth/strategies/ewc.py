@@ -9,6 +9,7 @@ task ends (empirical Fisher: the task's own labels). Two modes:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -23,6 +24,7 @@ from growth.regularizers import (
     task_fisher,
 )
 from growth.strategies.base import Context, Strategy, StrategyParams, state_key
+from growth.strategies.spec import TensorSpec
 
 if TYPE_CHECKING:
     from growth.data import Task
@@ -72,6 +74,14 @@ class QuadraticStrategy(Strategy):
     def load_state_dict(self, tensors: dict[str, Tensor], extra: dict[str, Any]) -> None:
         super().load_state_dict(tensors, extra)
         self._quad = None
+
+    def check_state(self, tensors: Mapping[str, Tensor], extra: Mapping[str, Any],
+                    graph_tensors: Mapping[str, Tensor], finished: int) -> list[str]:
+        problems = super().check_state(tensors, extra, graph_tensors, finished)
+        if extra.get("tasks", []) != list(range(finished)):
+            problems.append(f"extra 'tasks' is {extra.get('tasks')!r}, expected the "
+                            f"{finished} finished tasks {list(range(finished))}")
+        return problems
 
     def finished(self) -> list[int]:
         """Indices of the tasks consolidated so far, in order."""
@@ -141,6 +151,11 @@ class EWC(QuadraticStrategy):
     description = "elastic weight consolidation: Fisher-weighted pull to old tasks' weights"
     Params = EWCParams
     params: EWCParams
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        if self.params.mode == "separate":
+            return {"fisher": TensorSpec(), "anchor": TensorSpec()}
+        return {"fisher": TensorSpec(("all",)), "anchor": TensorSpec(("latest",))}
 
     def components(self, ctx: Context) -> list[Component]:
         scale = self.params.lam / 2

@@ -11,6 +11,7 @@ from pydantic import Field
 from growth.regularizers import Component, stored, task_view
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy
+from growth.strategies.spec import TensorSpec
 
 
 class L2Params(StrategyParams):
@@ -31,6 +32,9 @@ class L2(QuadraticStrategy):
     description = "uniform quadratic pull to the weights after the previous task"
     Params = L2Params
     params: L2Params
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        return {"anchor": TensorSpec(("latest",))}
 
     def components(self, ctx: Context) -> list[Component]:
         if not self.finished():

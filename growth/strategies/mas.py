@@ -19,6 +19,7 @@ from growth.regularizers import (
 )
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy
+from growth.strategies.spec import TensorSpec
 
 
 class MASParams(StrategyParams):
@@ -41,6 +42,9 @@ class MAS(QuadraticStrategy):
     description = "memory-aware synapses: output-sensitivity importance, quadratic pull"
     Params = MASParams
     params: MASParams
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        return {"importance": TensorSpec(("all",)), "anchor": TensorSpec(("latest",))}
 
     def components(self, ctx: Context) -> list[Component]:
         if not self.finished():

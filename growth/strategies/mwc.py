@@ -16,6 +16,7 @@ from pydantic import Field
 from growth.regularizers import Component, overlap, stored, task_fisher
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy, separate_components, store_task_fisher
+from growth.strategies.spec import TensorSpec
 
 
 class MWCParams(StrategyParams):
@@ -64,6 +65,9 @@ class MWC(QuadraticStrategy):
     description = "multi-task weight consolidation: EWC terms weighted by task relatedness"
     Params = MWCParams
     params: MWCParams
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        return {"fisher": TensorSpec(), "anchor": TensorSpec()}
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)

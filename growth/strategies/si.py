@@ -18,6 +18,7 @@ from torch import Tensor
 from growth.regularizers import Component, overlap, stored, task_view
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy
+from growth.strategies.spec import TensorSpec
 
 
 class SIParams(StrategyParams):
@@ -39,6 +40,9 @@ class SI(QuadraticStrategy):
     description = "synaptic intelligence: path-integral importance, quadratic pull"
     Params = SIParams
     params: SIParams
+
+    def state_spec(self) -> dict[str, TensorSpec]:
+        return {"omega": TensorSpec(("all",)), "anchor": TensorSpec(("latest",))}
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)

@@ -1,0 +1,7 @@
+"""`python -m growth` is the `growth` command."""
+
+import sys
+
+from growth.cli import main
+
+sys.exit(main())
