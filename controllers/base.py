@@ -1,0 +1,211 @@
+"""The controller protocol, proposals, and the rollout every controller shares.
+
+A controller proposes children of a parent network as lists of JSON actions (operator calls)
+and learns from their validation accuracies. Every controller builds its children with the
+same rollout over the same `SearchSpace`: a number of wider steps (each a widen/keep decision
+per layer) then deeper steps (block, position in the block, kernel), with the space's masks.
+Controllers differ only in the probabilities they give those decisions, so a comparison
+between them compares policies, never action sets.
+
+Trained architectures are cached by their canonical string: `known(arch)` gives the accuracy
+observed for an architecture, so a driver does not train a duplicate and passes the cached
+accuracy to `observe` like any other result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor
+
+from growth.errors import CheckpointError, ConfigError
+from growth.graph import NetGraph
+from search_spaces.space import Action, SearchSpace, describe_errors
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One child: the operator calls that build it from its parent, in order (plain JSON)."""
+
+    actions: tuple[Action, ...]
+    arch: str  # canonical architecture string of the child (the cache key)
+    decisions: dict[str, Any] = field(default_factory=dict)  # what observe() needs to score it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"actions": list(self.actions), "arch": self.arch, "decisions": self.decisions}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Proposal:
+        return cls(tuple(data["actions"]), data["arch"], data.get("decisions", {}))
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """The one protocol: propose children, observe their accuracies, save and restore."""
+
+    name: ClassVar[str]
+    space: SearchSpace
+
+    def propose(self, parent: NetGraph, n: int) -> list[Proposal]:
+        """n children of `parent` (each from the controller's own seeded generator)."""
+
+    def observe(self, results: Sequence[tuple[Proposal, float | None]]) -> None:
+        """Validation accuracy per child (None: the child failed); one call per generation."""
+
+    def known(self, arch: str) -> float | None:
+        """The accuracy observed for architecture `arch`, or None if it was never trained."""
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors (policy, optimizer, generator) and JSON-able extra (baseline, cache, ...)."""
+
+    def load_state_dict(self, tensors: dict[str, Tensor], extra: dict[str, Any]) -> None:
+        """Restore exactly: a restored controller proposes what the saved one would have."""
+
+
+class ControllerSettings(BaseModel):
+    """Settings every controller has (validated; unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+    wider_actions: int = Field(2, ge=0)  # wider steps per child (paper: 4)
+    deeper_actions: int = Field(2, ge=0)  # deeper steps per child (paper: 5)
+
+
+# ---- the shared rollout ---------------------------------------------------------------------
+class Policy(Protocol):
+    """The probabilities a controller gives the rollout's decisions."""
+
+    def wider_probs(self, tokens: list[int]) -> list[float]:
+        """P(widen) for each layer token."""
+
+    def deeper_start(self, tokens: list[int]) -> Any:
+        """The decoder state for one deeper step on a network with these tokens."""
+
+    def deeper_probs(self, state: Any, step: int, previous: int | None) -> tuple[Tensor, Any]:
+        """Unmasked probabilities of decision `step` (0 block, 1 position, 2 kernel) given the
+        previous decision, and the next state."""
+
+
+def sample_masked(probs: Tensor, mask: Sequence[bool], gen: torch.Generator) -> int:
+    """One draw from `probs` restricted to `mask` and renormalised."""
+    p = probs.detach().double() * torch.tensor(mask, dtype=torch.float64)
+    total = float(p.sum())
+    if not total > 0 or not math.isfinite(total):  # all masked mass underflowed: uniform
+        p = torch.tensor(mask, dtype=torch.float64)
+    return int(torch.multinomial(p, 1, generator=gen))
+
+
+def rollout(space: SearchSpace, parent: NetGraph, policy: Policy, gen: torch.Generator,
+            settings: ControllerSettings) -> Proposal:
+    """Build one child: `wider_actions` wider steps, then `deeper_actions` deeper steps.
+
+    A wider step reads the layer tokens once and decides widen/keep for each layer the space
+    offers (in order, on the network as widened so far in this step); a deeper step picks a
+    block, a position and a kernel among the insertions the space offers. The decisions and
+    their masks are kept in `Proposal.decisions["steps"]` so a learning controller can score
+    them again."""
+    graph, actions, steps = parent, [], []
+    for _ in range(settings.wider_actions):
+        graph = _wider_step(space, graph, policy, gen, actions, steps)
+    for _ in range(settings.deeper_actions):
+        graph = _deeper_step(space, graph, policy, gen, actions, steps)
+    decisions = {"steps": steps, "params": graph.param_count()}
+    return Proposal(tuple(actions), space.arch(graph), decisions)
+
+
+def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.Generator,
+                actions: list[Action], steps: list[dict[str, Any]]) -> NetGraph:
+    layers = space.layers(graph)
+    tokens = space.tokens(layers)
+    probs = policy.wider_probs(tokens) if tokens else []
+    widenable = space.widenable(graph)
+    mask, choice = [], []
+    for layer, p in zip(layers, probs):
+        option = space.wider_option(graph, layer, widenable, seed=len(actions))
+        if option is None:
+            mask.append(0)
+            choice.append(0)
+            continue
+        widen = int(float(torch.rand((), generator=gen, dtype=torch.float64)) < p)
+        mask.append(1)
+        choice.append(widen)
+        if widen:
+            action, child = option
+            graph = space.step(graph, action) if child is None else child
+            actions.append(action)
+            widenable = space.widenable(graph)
+    steps.append({"type": "wider", "tokens": tokens, "mask": mask, "choice": choice})
+    return graph
+
+
+def _deeper_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.Generator,
+                 actions: list[Action], steps: list[dict[str, Any]]) -> NetGraph:
+    layers = space.layers(graph)
+    menu = space.deeper_menu(graph, layers)
+    block_mask = menu.block_mask()
+    if not any(block_mask):  # nothing to insert (size limit, all excluded): no decision
+        return graph
+    tokens = space.tokens(layers)
+    state = policy.deeper_start(tokens)
+    probs, state = policy.deeper_probs(state, 0, None)
+    block = sample_masked(probs, block_mask, gen)
+    probs, state = policy.deeper_probs(state, 1, block)
+    pos_mask = menu.position_mask(block)
+    position = sample_masked(probs, pos_mask, gen)
+    k_mask = menu.kernel_mask(block, position)
+    kernel = None
+    if k_mask is not None:  # images: choose a kernel size (never offered on vectors)
+        probs, state = policy.deeper_probs(state, 2, position)
+        kernel = sample_masked(probs, k_mask, gen)
+    steps.append({"type": "deeper", "tokens": tokens, "block_mask": block_mask, "block": block,
+                  "position_mask": pos_mask, "position": position, "kernel_mask": k_mask,
+                  "kernel": kernel})
+    actions.append(menu.action(block, position, kernel))
+    return menu.child(block, position, kernel)
+
+
+# ---- cache and state helpers ----------------------------------------------------------------
+class ArchCache:
+    """Accuracy per trained architecture (the first observation of an arch is kept)."""
+
+    def __init__(self, entries: dict[str, float] | None = None) -> None:
+        self.entries: dict[str, float] = dict(entries or {})
+
+    def record(self, results: Sequence[tuple[Proposal, float | None]]) -> None:
+        for proposal, acc in results:
+            if acc is not None and math.isfinite(acc):
+                self.entries.setdefault(proposal.arch, float(acc))
+
+    def get(self, arch: str) -> float | None:
+        return self.entries.get(arch)
+
+
+def generator_state(gen: torch.Generator) -> Tensor:
+    return gen.get_state().clone()
+
+
+def set_generator_state(gen: torch.Generator, tensors: dict[str, Tensor], key: str = "rng"
+                        ) -> None:
+    if key not in tensors:
+        raise CheckpointError(f"controller state has no {key!r} tensor (the generator state); "
+                              "was it saved by this controller?")
+    gen.set_state(tensors[key].to(torch.uint8).cpu())
+
+
+def validate_settings(model: type[BaseModel], params: dict[str, Any] | None, where: str
+                      ) -> BaseModel:
+    """Controller settings from a dict; every problem is a ConfigError naming the key."""
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got "
+                          f"{type(params).__name__}")
+    try:
+        return model.model_validate(params or {})
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, where)) from None
+
+
+__all__ = ["Controller", "ControllerSettings", "Policy", "Proposal", "rollout", "sample_masked"]

@@ -1,0 +1,522 @@
+"""The Net2Net action space: which layers may widen (and to what), where a layer may be
+inserted (and with which kernel), and how large a child may grow.
+
+A space never decides on its own whether an operator accepts a change: widening is offered
+only for layers in `growth.ops.resizable`, insertion only after nodes in
+`growth.ops.deepenable` for which `net2deeper` itself accepts the kernel (a dry run), so the
+space follows the operators when they learn new layer kinds. What the space adds is policy:
+width lists (a widened layer jumps to the next value), kernel sizes, excluded layers and a
+parameter limit.
+
+Layers are read off the graph as the EAS controller sees them: a sequence of tokens
+(`conv-filters-kernel`, `fc-units`, `pool`) in a canonical order, cut into blocks at pooling
+layers and wherever the resolution changes (stages of a residual network).
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from growth.errors import ConfigError, GraphError, OperatorError
+from growth.graph import NetGraph
+from growth.layers import ACTIVATIONS, kind_of
+from growth.ops import ChangeRecord, deepenable, get_operator, resizable
+
+# The paper's width lists (Cai et al. 2018, CIFAR-10 search).
+CONV_WIDTHS = (16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 576, 640)
+FC_WIDTHS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1152, 1280)
+KERNEL_SIZES = (1, 3, 5)
+POOLS = frozenset({"maxpool2d", "avgpool2d", "adaptive_avgpool2d"})
+PRODUCERS = frozenset({"linear", "conv2d"})
+_UNIT_TAIL = ACTIVATIONS | {"batchnorm1d", "batchnorm2d"}  # what a layer's unit ends with
+Action = dict[str, Any]
+
+
+# ---- the declared space (YAML `search.space`, or Python) -----------------------------------
+def _increasing(values: list[int], what: str) -> list[int]:
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{what} must increase strictly, e.g. [64, 128, 256]; got {values}")
+    return values
+
+
+class Widths(BaseModel):
+    """Width lists by layer type; a widened layer jumps to the next value above its width."""
+
+    model_config = ConfigDict(extra="forbid")
+    conv: list[PositiveInt] = Field(default_factory=lambda: list(CONV_WIDTHS), min_length=1)
+    fc: list[PositiveInt] = Field(default_factory=lambda: list(FC_WIDTHS), min_length=1)
+
+    @field_validator("conv", "fc")
+    @classmethod
+    def _strict(cls, v: list[int]) -> list[int]:
+        return _increasing(v, "a width list")
+
+
+class SpaceSpec(BaseModel):
+    """A search space as declared by a user; `make_space` checks it against the network."""
+
+    model_config = ConfigDict(extra="forbid")
+    widths: Widths = Field(default_factory=Widths)
+    layer_widths: dict[str, list[PositiveInt]] = Field(default_factory=dict)  # per-layer lists
+    kernel_sizes: list[PositiveInt] = Field(default_factory=lambda: list(KERNEL_SIZES),
+                                            min_length=1)
+    exclude: list[str] = Field(default_factory=list)  # layers never widened nor deepened after
+    deeper_batchnorm: bool = False  # inserted conv/fc layers get a BatchNorm (needs a sample)
+    noise: float = Field(0.0, ge=0)  # net2wider noise on new copies; 0 keeps the function exact
+    max_params: PositiveInt | None = None  # no child above this many parameters
+    max_growth: float | None = Field(None, gt=1)  # ... nor above this times the base network
+    max_blocks: PositiveInt = 8  # insertion is offered in the first max_blocks blocks
+    max_layers_per_block: PositiveInt = 32  # ... and the first positions of each block
+
+    @field_validator("kernel_sizes")
+    @classmethod
+    def _odd(cls, v: list[int]) -> list[int]:
+        if any(k % 2 == 0 for k in v):
+            raise ValueError(f"kernel sizes must be odd (an identity needs a centre tap); got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"kernel sizes must be distinct; got {v}")
+        return v
+
+    @field_validator("layer_widths")
+    @classmethod
+    def _layer_lists(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name, widths in v.items():
+            if not widths:
+                raise ValueError(f"the width list of layer {name!r} is empty")
+            _increasing(widths, f"the width list of layer {name!r}")
+        return v
+
+
+def describe_errors(exc: ValidationError, where: str) -> str:
+    """One line per problem, each naming the dotted key under `where` (e.g. search.space)."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in (where, *err["loc"]) if p != "")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (check the spelling)")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}")
+    return "\n".join(lines)
+
+
+# ---- layers as the controllers see them -----------------------------------------------------
+@dataclass(frozen=True)
+class Layer:
+    """One token of the layer sequence.
+
+    node: the graph node (a linear/conv2d producer, or a pool); kind: "conv", "fc" or "pool";
+    width and kernel for conv/fc; block and position (index among the block's conv/fc layers,
+    None for pools); after: where net2deeper inserts a layer behind this one (the end of its
+    unit: BN and activation included), None for pools.
+    """
+
+    node: str
+    kind: Literal["conv", "fc", "pool"]
+    width: int | None
+    kernel: int | None
+    block: int
+    position: int | None
+    after: str | None
+
+
+@dataclass(frozen=True)
+class DeeperOption:
+    """One insertion the space offers: block, position in it, kernel index (None on vectors)."""
+
+    block: int
+    position: int
+    kernel: int | None
+    action: Action
+
+
+class SearchSpace:
+    """A Net2Net action space over NetGraphs; see the module docstring."""
+
+    def __init__(self, spec: SpaceSpec | Mapping[str, Any] | None = None,
+                 base_params: int | None = None) -> None:
+        self.spec = spec if isinstance(spec, SpaceSpec) else _validate(spec or {})
+        limits = [self.spec.max_params]
+        if self.spec.max_growth is not None and base_params is not None:
+            limits.append(int(self.spec.max_growth * base_params))
+        limits = [v for v in limits if v is not None]
+        self.max_params: int | None = min(limits) if limits else None
+        s = self.spec
+        self._conv_tokens = (len(s.widths.conv) + 1) * (len(s.kernel_sizes) + 1)
+        self.vocab_size = self._conv_tokens + len(s.widths.fc) + 1 + 1  # conv, fc, pool
+
+    def __repr__(self) -> str:
+        return f"SearchSpace(max_params={self.max_params}, spec={self.spec!r})"
+
+    # ---- reading a graph ------------------------------------------------------------------
+    def layers(self, graph: NetGraph) -> list[Layer]:
+        """The token sequence: conv/fc layers (output heads excluded) and pools, in canonical
+        order, with blocks cut at pools and at changes of resolution."""
+        shapes = graph.shapes()
+        out: list[Layer] = []
+        block, position, last_res = 0, 0, None
+        for name in canonical_order(graph):
+            node = graph.node(name)
+            if node.kind in POOLS:  # a pool ends its block (EAS), unless the block is empty
+                out.append(Layer(name, "pool", None, None, block, None, None))
+                if position > 0:
+                    block, position = block + 1, 0
+                last_res = None
+                continue
+            if node.kind not in PRODUCERS or _feeds_output(graph, name):
+                continue
+            res = shapes[name][1:]
+            if last_res is not None and res != last_res:
+                block, position = block + 1, 0
+            last_res = res
+            kind = "conv" if node.kind == "conv2d" else "fc"
+            k = node.attrs.get("kernel_size") if kind == "conv" else None
+            k = k if isinstance(k, int) or k is None else (k[0] if k[0] == k[1] else -1)
+            out.append(Layer(name, kind, shapes[name][0], k, block, position,
+                             _unit_end(graph, name)))
+            position += 1
+        return out
+
+    def token(self, layer: Layer) -> int:
+        """The layer's vocabulary id: conv (width bucket x kernel), fc (width bucket), pool."""
+        s = self.spec
+        if layer.kind == "pool":
+            return self.vocab_size - 1
+        if layer.kind == "fc":
+            return self._conv_tokens + bisect_left(s.widths.fc, layer.width)
+        ks = s.kernel_sizes
+        k = ks.index(layer.kernel) if layer.kernel in ks else len(ks)
+        return bisect_left(s.widths.conv, layer.width) * (len(ks) + 1) + k
+
+    def tokens(self, layers: Sequence[Layer]) -> list[int]:
+        return [self.token(layer) for layer in layers]
+
+    def widths_of(self, layer: Layer) -> list[int]:
+        own = self.spec.layer_widths.get(layer.node)
+        if own is not None:
+            return own
+        return self.spec.widths.conv if layer.kind == "conv" else self.spec.widths.fc
+
+    def next_width(self, layer: Layer, width: int | None = None) -> int | None:
+        """The next value of the layer's width list above `width` (default: the layer's);
+        None at the limit and for pools."""
+        width = layer.width if width is None else width
+        if layer.kind == "pool" or width is None:
+            return None
+        widths = self.widths_of(layer)
+        i = bisect_right(widths, width)
+        return widths[i] if i < len(widths) else None
+
+    # ---- what may be done -----------------------------------------------------------------
+    def widenable(self, graph: NetGraph) -> set[str]:
+        """Layers the operators can widen and the space does not exclude."""
+        return set(resizable(graph)) - set(self.spec.exclude)
+
+    def wider_option(self, graph: NetGraph, layer: Layer, widenable: set[str] | None = None,
+                     seed: int = 0) -> tuple[Action, NetGraph | None] | None:
+        """The widening of `layer` to the next width above its width in `graph` (which may
+        have changed since `layer` was read: a residual group widens together), or None if the
+        space does not offer it (pooling, width limit, a layer the operators cannot resize,
+        an excluded layer, the parameter limit). With a parameter limit, the child built to
+        check it comes along (else None), so a caller need not build it twice."""
+        if layer.kind == "pool" or layer.node not in (self.widenable(graph) if widenable is None
+                                                      else widenable):
+            return None
+        width = self.next_width(layer, graph.shape(layer.node)[0])
+        if width is None:
+            return None
+        action: Action = {"op": "net2wider", "node": layer.node, "width": width, "seed": seed}
+        if self.max_params is None:
+            return action, None
+        child = self.step(graph, action)
+        return (action, child) if child.param_count() <= self.max_params else None
+
+    def deeper_menu(self, graph: NetGraph, layers: Sequence[Layer] | None = None
+                    ) -> DeeperMenu:
+        """The insertions the space offers on `graph`, checked lazily (see DeeperMenu)."""
+        return DeeperMenu(self, graph, self.layers(graph) if layers is None else layers)
+
+    def deeper_options(self, graph: NetGraph, layers: Sequence[Layer] | None = None
+                       ) -> list[DeeperOption]:
+        """Every insertion the space offers on `graph` (all of DeeperMenu, enumerated)."""
+        menu = self.deeper_menu(graph, layers)
+        out = []
+        for block, positions in menu.candidates.items():
+            for position in positions:
+                for k in menu.kernels(block, position):
+                    if menu.accepts(block, position, k):
+                        out.append(DeeperOption(block, position, k,
+                                                menu.action(block, position, k)))
+        return out
+
+    def deeper_action(self, after: str, kernel: int | None) -> Action:
+        action: Action = {"op": "net2deeper", "after": after}
+        if kernel is not None:
+            action["kernel_size"] = kernel
+        if self.spec.deeper_batchnorm:
+            action["batchnorm"] = True
+        return action
+
+    # ---- building children ----------------------------------------------------------------
+    def step(self, graph: NetGraph, action: Mapping[str, Any],
+             sample: torch.Tensor | None = None) -> NetGraph:
+        """Apply one action with its registered operator (see `apply`)."""
+        return self._call(graph, action, sample, 0)[0]
+
+    def apply(self, parent: NetGraph, actions: Sequence[Mapping[str, Any]],
+              sample: torch.Tensor | None = None) -> tuple[NetGraph, list[ChangeRecord]]:
+        """Rebuild a child from `parent` and its JSON actions, in order, with the registered
+        operators (`growth.ops.get_operator`); deterministic given the actions (and `sample`,
+        the batch of inputs that actions with batchnorm need). The parent is not changed.
+        Raises OperatorError naming the action that the operators or the space refuse."""
+        graph, records = parent, []
+        for i, action in enumerate(actions):
+            graph, record = self._call(graph, action, sample, i)
+            records.append(record)
+        if self.max_params is not None and graph.param_count() > self.max_params:
+            raise OperatorError(f"the child has {graph.param_count():,} parameters, above the "
+                                f"space's limit of {self.max_params:,}; drop actions or raise "
+                                "search.space.max_params / max_growth")
+        return graph, records
+
+    def _call(self, graph: NetGraph, action: Mapping[str, Any], sample: torch.Tensor | None,
+              index: int) -> tuple[NetGraph, ChangeRecord]:
+        if not isinstance(action, Mapping) or "op" not in action:
+            raise OperatorError(f"action {index}: {action!r} is not a JSON object with an "
+                                "'op' key, e.g. {'op': 'net2wider', 'node': 'fc1', "
+                                "'width': 128}")
+        kwargs = {k: v for k, v in action.items() if k != "op"}
+        op = action["op"]
+        if op == "net2wider":
+            kwargs.setdefault("noise", self.spec.noise)
+        elif op == "net2deeper" and kwargs.get("batchnorm"):
+            if sample is None:
+                raise OperatorError(f"action {index} ({op} after {kwargs.get('after')!r}) adds a "
+                                    "BatchNorm and needs `sample`, a batch of network inputs")
+            kwargs["sample"] = sample
+        try:
+            result = get_operator(op)(graph, **kwargs)
+        except TypeError as exc:
+            raise OperatorError(f"action {index}: {dict(action)!r} does not fit operator "
+                                f"{op!r}: {exc}") from None
+        except OperatorError as exc:
+            raise OperatorError(f"action {index}: {exc}") from None
+        except GraphError as exc:
+            raise OperatorError(f"action {index}: {exc}") from None
+        return result.graph, result.record
+
+    # ---- identity -------------------------------------------------------------------------
+    @staticmethod
+    def arch(graph: NetGraph) -> str:
+        """The canonical architecture string (the cache key of trained children)."""
+        return arch_string(graph)
+
+
+class DeeperMenu:
+    """Where a layer may be inserted on one graph: after each conv/fc layer's unit in the
+    first max_blocks blocks and max_layers_per_block positions, with each kernel size on
+    images (no kernel choice on vectors), where `net2deeper` itself accepts the call (a dry
+    run) and the child fits the parameter limit.
+
+    Checks run lazily and are remembered, so a controller that needs the mask of blocks, then
+    of positions in one block, then of kernels at one position, builds a few children instead
+    of all of them. `child` returns the dry run's graph for the chosen insertion.
+    """
+
+    def __init__(self, space: SearchSpace, graph: NetGraph, layers: Sequence[Layer]) -> None:
+        self.space, self.graph = space, graph
+        spec = space.spec
+        allowed = set(deepenable(graph)) - set(spec.exclude)
+        shapes = graph.shapes()
+        self.candidates: dict[int, dict[int, str]] = {}
+        self._vector: dict[str, bool] = {}
+        for layer in layers:
+            if (layer.after is None or layer.after not in allowed or layer.node in spec.exclude
+                    or layer.block >= spec.max_blocks
+                    or layer.position >= spec.max_layers_per_block):
+                continue
+            self.candidates.setdefault(layer.block, {})[layer.position] = layer.after
+            self._vector[layer.after] = len(shapes[layer.after]) == 1
+        self._checked: dict[tuple[int, int, int | None], NetGraph | None] = {}
+
+    def kernels(self, block: int, position: int) -> list[int | None]:
+        """Kernel indices into spec.kernel_sizes to try here ([None] on vectors)."""
+        after = self.candidates[block][position]
+        return [None] if self._vector[after] else list(range(len(self.space.spec.kernel_sizes)))
+
+    def action(self, block: int, position: int, kernel: int | None) -> Action:
+        k = None if kernel is None else self.space.spec.kernel_sizes[kernel]
+        return self.space.deeper_action(self.candidates[block][position], k)
+
+    def accepts(self, block: int, position: int, kernel: int | None) -> bool:
+        return self.child(block, position, kernel) is not None
+
+    def child(self, block: int, position: int, kernel: int | None) -> NetGraph | None:
+        """The child with this insertion, or None if the operator or the limit refuses it."""
+        key = (block, position, kernel)
+        if key not in self._checked:
+            action = self.action(block, position, kernel)
+            try:
+                child = self.space.step(self.graph, action,
+                                        sample=probe_sample(self.graph, action))
+            except OperatorError:
+                child = None
+            limit = self.space.max_params
+            self._checked[key] = (child if child is None or limit is None
+                                  or child.param_count() <= limit else None)
+        return self._checked[key]
+
+    def position_ok(self, block: int, position: int) -> bool:
+        return any(self.accepts(block, position, k) for k in self.kernels(block, position))
+
+    def block_ok(self, block: int) -> bool:
+        return any(self.position_ok(block, p) for p in self.candidates.get(block, {}))
+
+    def block_mask(self) -> list[int]:
+        return [int(self.block_ok(b)) for b in range(self.space.spec.max_blocks)]
+
+    def position_mask(self, block: int) -> list[int]:
+        positions = self.candidates.get(block, {})
+        return [int(p in positions and self.position_ok(block, p))
+                for p in range(self.space.spec.max_layers_per_block)]
+
+    def kernel_mask(self, block: int, position: int) -> list[int] | None:
+        """Accepted kernels at this position, or None on vectors (no kernel decision)."""
+        if self.kernels(block, position) == [None]:
+            return None
+        return [int(self.accepts(block, position, k))
+                for k in range(len(self.space.spec.kernel_sizes))]
+
+
+def make_space(spec: SpaceSpec | Mapping[str, Any] | None, graph: NetGraph,
+               where: str = "search.space") -> SearchSpace:
+    """A space for `graph` (the base network): validates `spec` (a YAML `search.space`
+    section, a dict or a SpaceSpec; None gives the defaults for MLPs and CNNs) and checks the
+    layer names it mentions. Every problem is a ConfigError naming the key."""
+    spec = spec if isinstance(spec, SpaceSpec) else _validate(spec or {}, where)
+    layers = {n for n in graph.nx.nodes if graph.node(n).kind in PRODUCERS}
+    for key, names in (("exclude", spec.exclude), ("layer_widths", list(spec.layer_widths))):
+        missing = [n for n in names if n not in layers]
+        if missing:
+            raise ConfigError(f"{where}.{key}: no conv/linear layer named {missing[0]!r} in the "
+                              f"network; its layers are {sorted(layers)}")
+    return SearchSpace(spec, base_params=graph.param_count())
+
+
+def _validate(raw: Mapping[str, Any], where: str = "search.space") -> SpaceSpec:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        return SpaceSpec.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, where)) from None
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _feeds_output(graph: NetGraph, name: str) -> bool:
+    return any(graph.node(c).kind == "output" for c in graph.consumers(name))
+
+
+def _unit_end(graph: NetGraph, name: str) -> str:
+    """The last node of a layer's unit: follow single-consumer BN/activation nodes."""
+    end = name
+    while True:
+        consumers = graph.consumers(end)
+        if len(consumers) != 1 or graph.node(consumers[0]).kind not in _UNIT_TAIL:
+            return end
+        if len(graph.inputs(consumers[0])) != 1:
+            return end
+        end = consumers[0]
+
+
+def probe_sample(graph: NetGraph, action: Action) -> torch.Tensor | None:
+    """A stand-in batch for dry runs of BN insertions: the structure (all a dry run looks at)
+    does not depend on the statistics, and eval-mode function is exact for any of them."""
+    if not action.get("batchnorm"):
+        return None
+    shape = graph.shape(graph.input_node())
+    return torch.randn((4, *shape), generator=torch.Generator().manual_seed(0))
+
+
+# ---- canonical architecture strings --------------------------------------------------------
+_DERIVED = frozenset({"in_features", "in_channels", "num_features"})
+
+
+def _label(graph: NetGraph, name: str) -> str:
+    node = graph.node(name)
+    kind, a = node.kind, node.attrs
+    if kind == "output":
+        return f"out:{name}"
+    if kind == "input":
+        return "in" + "x".join(map(str, a["shape"]))
+    defaults = kind_of(kind).defaults
+    extra = {k: v for k, v in sorted(a.items()) if k not in _DERIVED and defaults.get(k) != v
+             and k not in ("out_features", "out_channels", "kernel_size")}
+    rest = "".join(f",{k}={_short(v)}" for k, v in extra.items())
+    if kind == "linear":
+        return f"fc{a['out_features']}{rest and '(' + rest[1:] + ')'}"
+    if kind == "conv2d":
+        k = a["kernel_size"]
+        k = f"{k}x{k}" if isinstance(k, int) else "x".join(map(str, k))
+        return f"conv{k}-{a['out_channels']}{rest and '(' + rest[1:] + ')'}"
+    if "kernel_size" in a:
+        rest = f",k={_short(a['kernel_size'])}" + rest
+    return f"{kind}{rest and '(' + rest[1:] + ')'}"
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "x".join(map(str, v))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def canonical_order(graph: NetGraph) -> list[str]:
+    """A topological order that depends on the structure, not on node names: among ready
+    nodes, the one with the smallest (label, input positions) goes first (names break ties
+    between nodes that are identical so far)."""
+    labels = {n: _label(graph, n) for n in graph.nx.nodes}
+    inputs = {n: graph.inputs(n) for n in graph.nx.nodes}
+    waiting = {n: len(set(v)) for n, v in inputs.items()}
+    pos: dict[str, int] = {}
+    ready = [(labels[n], (), n) for n, k in waiting.items() if k == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        _, _, n = heapq.heappop(ready)
+        pos[n] = len(order)
+        order.append(n)
+        for c in graph.consumers(n):
+            waiting[c] -= 1
+            if waiting[c] == 0:
+                heapq.heappush(ready, (labels[c], tuple(pos[i] for i in inputs[c]), c))
+    if len(order) != len(labels):
+        graph.topo_order()  # raises the GraphError naming the cycle
+    return order
+
+
+def arch_string(graph: NetGraph) -> str:
+    """Nodes in canonical order, space-separated; a node reading anything but the previous
+    node lists its inputs' positions, e.g. `add<3,7`."""
+    order = canonical_order(graph)
+    pos = {n: i for i, n in enumerate(order)}
+    parts = []
+    for i, n in enumerate(order):
+        ins = [pos[s] for s in graph.inputs(n)]
+        ref = "" if ins == ([i - 1] if i else []) else "<" + ",".join(map(str, ins))
+        parts.append(_label(graph, n) + ref)
+    return " ".join(parts)
+
+
+__all__ = ["CONV_WIDTHS", "FC_WIDTHS", "KERNEL_SIZES", "DeeperMenu", "DeeperOption", "Layer",
+           "SearchSpace", "SpaceSpec", "Widths", "arch_string", "canonical_order",
+           "describe_errors", "make_space"]

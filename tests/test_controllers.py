@@ -1,0 +1,149 @@
+"""Controllers: the shared protocol on random search and EAS — children keep their parent's
+function, limits hold, seeds and saved state reproduce proposals, settings are validated."""
+
+from __future__ import annotations
+
+import json
+
+import cloudpickle
+import pytest
+import torch
+from graphgen import max_rel_error, outputs, randomize, residual, single_thread  # noqa: F401
+
+from controllers import CONTROLLERS, Controller, Proposal, make_controller
+from growth.errors import CheckpointError, ConfigError
+from growth.graph import NetGraph
+from search_spaces import SearchSpace, make_space
+from search_spaces.networks import add_head, mlp, small_cnn
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+NAMES = sorted(CONTROLLERS)
+TOL = 1e-5
+
+
+def _mlp() -> NetGraph:
+    return randomize(add_head(mlp((6,), [5, 7]), "t0", 3), 0)
+
+
+def _cnn_bn() -> NetGraph:
+    return randomize(add_head(small_cnn((2, 8, 8), [3, 4], batchnorm=True), "t0", 3), 1)
+
+
+def _input(g: NetGraph, n: int = 6) -> torch.Tensor:
+    shape = g.shape(g.input_node())
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(5))
+
+
+def _small_space(g: NetGraph, **extra) -> SearchSpace:
+    return make_space({"widths": {"conv": [4, 6, 8, 12], "fc": [8, 12, 16, 24]}, **extra}, g)
+
+
+def _check_children(controller: Controller, g: NetGraph, n: int, x: torch.Tensor) -> None:
+    """Every proposal rebuilds (from its JSON) to the architecture it names, keeps the
+    parent's function and respects the space's parameter limit."""
+    before = outputs(g, x)
+    space = controller.space
+    for p in controller.propose(g, n):
+        actions = json.loads(json.dumps(p.to_json()))["actions"]
+        child, _ = space.apply(g, actions, sample=x)
+        assert space.arch(child) == p.arch
+        assert max_rel_error(before, outputs(child, x)) <= TOL, p.actions
+        if space.max_params is not None:
+            assert child.param_count() <= space.max_params
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("build", [_mlp, _cnn_bn, residual], ids=["mlp", "cnn_bn", "residual"])
+def test_children_start_with_the_parents_function(name: str, build) -> None:
+    g = build()
+    space = _small_space(g, deeper_batchnorm=build is _cnn_bn)
+    controller = make_controller(name, space, {"wider_actions": 2, "deeper_actions": 3}, seed=3)
+    _check_children(controller, g, 4, _input(g))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_limit_holds_for_every_child(name: str) -> None:
+    g = _cnn_bn()
+    space = _small_space(g, max_params=g.param_count() + 400)
+    controller = make_controller(name, space, {"wider_actions": 3, "deeper_actions": 3}, seed=0)
+    proposals = controller.propose(g, 6)
+    assert any(p.actions for p in proposals)
+    for p in proposals:
+        child, _ = space.apply(g, p.actions)
+        assert child.param_count() <= space.max_params
+        assert p.decisions["params"] == child.param_count()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeds_reproduce_and_differ(name: str) -> None:
+    g = _mlp()
+    space = _small_space(g)
+    run = lambda seed: [p.to_json() for p in  # noqa: E731
+                        make_controller(name, space, seed=seed).propose(g, 5)]
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_restored_state_proposes_what_the_uninterrupted_controller_would(name: str) -> None:
+    g = _cnn_bn()
+    space = _small_space(g)
+    a = make_controller(name, space, seed=4)
+    first = a.propose(g, 3)
+    a.observe([(p, 0.5 + 0.1 * i) for i, p in enumerate(first)])
+    tensors, extra = a.state_dict()
+    saved = {k: v.clone() for k, v in tensors.items()}
+    extra = json.loads(json.dumps(extra))  # the extra part is plain JSON
+    want = [p.to_json() for p in a.propose(g, 3)]
+    b = make_controller(name, space, seed=99)  # another seed: everything must come from state
+    b.load_state_dict(saved, extra)
+    assert [p.to_json() for p in b.propose(g, 3)] == want
+    assert b.known(first[2].arch) == a.known(first[2].arch) is not None
+    c = cloudpickle.loads(cloudpickle.dumps(a))  # a Tune searcher holds one
+    assert isinstance(c, Controller)
+    assert [p.to_json() for p in c.propose(g, 2)] == [p.to_json() for p in a.propose(g, 2)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_known_architectures_come_from_observed_results(name: str) -> None:
+    g = _mlp()
+    controller = make_controller(name, _small_space(g), seed=0)
+    p, q, r = controller.propose(g, 3)
+    assert controller.known(p.arch) is None
+    controller.observe([(p, 0.75), (q, None), (r, float("nan"))])
+    assert controller.known(p.arch) == 0.75
+    if q.arch != p.arch:
+        assert controller.known(q.arch) is None  # a failed child is not known
+    controller.observe([(Proposal(p.actions, p.arch, p.decisions), 0.1)])
+    assert controller.known(p.arch) == 0.75  # the first result stays
+
+
+def test_make_controller_validates_name_and_settings() -> None:
+    space = SearchSpace()
+    with pytest.raises(ConfigError, match="search.controller.name: unknown controller 'ppo'; "
+                                          r"available: \['eas', 'random'\]"):
+        make_controller("ppo", space)
+    with pytest.raises(ConfigError, match=r"search.controller.wider_action: unknown key"):
+        make_controller("random", space, {"wider_action": 3})
+    with pytest.raises(ConfigError, match=r"search.controller.widen_probability: Input should "
+                                          "be less than or equal to 1"):
+        make_controller("random", space, {"widen_probability": 2})
+    with pytest.raises(ConfigError, match=r"search.controller.deeper_actions: Input should be "
+                                          "greater than or equal to 0"):
+        make_controller("random", space, {"deeper_actions": -1})
+
+
+def test_load_state_refuses_a_state_without_a_generator() -> None:
+    controller = make_controller("random", SearchSpace())
+    with pytest.raises(CheckpointError, match="'rng'"):
+        controller.load_state_dict({}, {})
+
+
+def test_random_search_widens_with_its_probability() -> None:
+    g = _mlp()
+    space = make_space({"widths": {"fc": list(range(8, 200))}}, g)
+    never = make_controller("random", space, {"widen_probability": 0.0, "deeper_actions": 0})
+    always = make_controller("random", space, {"widen_probability": 1.0, "deeper_actions": 0})
+    assert all(p.actions == () for p in never.propose(g, 3))
+    for p in always.propose(g, 3):
+        assert [a["node"] for a in p.actions] == ["fc1", "fc2", "fc1", "fc2"]

@@ -1,0 +1,266 @@
+"""Search spaces: layer tokens and blocks, what may widen and where a layer may go, limits,
+children rebuilt from JSON actions, canonical architecture strings, declared specs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from graphgen import max_rel_error, outputs, randomize, residual, single_thread  # noqa: F401
+
+from growth.errors import ConfigError, OperatorError
+from growth.graph import NetGraph
+from growth.ops import net2deeper, net2wider
+from search_spaces import SearchSpace, arch_string, make_space
+from search_spaces.networks import add_head, mlp, small_cnn
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _mlp() -> NetGraph:
+    return randomize(add_head(mlp((6,), [5, 7]), "t0", 3), 0)
+
+
+def _cnn() -> NetGraph:  # 8x8 -> conv1 8x8 -> pool 4x4 -> conv2 4x4 -> pool 2x2
+    return randomize(add_head(small_cnn((1, 8, 8), [3, 4]), "t0", 3), 0)
+
+
+# ---- layers as tokens -------------------------------------------------------------------------
+def test_mlp_layers_are_fc_tokens_in_one_block_heads_excluded() -> None:
+    space = SearchSpace()
+    layers = space.layers(_mlp())
+    assert [(x.node, x.kind, x.width, x.block, x.position, x.after) for x in layers] == [
+        ("fc1", "fc", 5, 0, 0, "act1"), ("fc2", "fc", 7, 0, 1, "act2")]
+
+
+def test_cnn_blocks_end_at_pools_and_tokens_encode_width_and_kernel() -> None:
+    space = SearchSpace({"widths": {"conv": [4, 8], "fc": [16]}, "kernel_sizes": [1, 3]})
+    layers = space.layers(_cnn())
+    assert [(x.node, x.kind, x.block, x.position) for x in layers] == [
+        ("conv1", "conv", 0, 0), ("pool1", "pool", 0, None),
+        ("conv2", "conv", 1, 0), ("pool2", "pool", 1, None)]
+    # conv: bucket (widths below) x kernel (index, or "other"); fc after; pool last
+    # conv1 width 3 -> bucket 0, kernel 3 -> index 1; conv2 width 4 -> bucket 0 (4 is in list)
+    assert space.tokens(layers) == [0 * 3 + 1, space.vocab_size - 1, 0 * 3 + 1,
+                                    space.vocab_size - 1]
+    assert space.vocab_size == 3 * 3 + 2 + 1
+    wide = net2wider(_cnn(), "conv2", 5).graph  # 5 > 4: bucket 1
+    assert space.tokens(space.layers(wide))[2] == 1 * 3 + 1
+
+
+def test_residual_stages_are_blocks_by_resolution() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 8, 8))
+    g.add("c1", "conv2d", ["x"], out_channels=3, kernel_size=3, padding=1)
+    g.add("r1", "relu", ["c1"])
+    g.add("c2", "conv2d", ["r1"], out_channels=3, kernel_size=3, padding=1, stride=2)
+    g.add("r2", "relu", ["c2"])
+    g.add("c3", "conv2d", ["r2"], out_channels=3, kernel_size=3, padding=1)
+    g.add("flat", "flatten", ["c3"])
+    g.add("fc", "linear", ["flat"], out_features=2)
+    g.add_output("out", "fc")
+    layers = SearchSpace().layers(g)
+    assert [(x.node, x.block, x.position) for x in layers] == [("c1", 0, 0), ("c2", 1, 0),
+                                                              ("c3", 1, 1)]
+
+
+# ---- what may widen ------------------------------------------------------------------------
+def test_widening_follows_the_operators_check_and_jumps_to_the_next_width() -> None:
+    g = residual()  # c0, c1, c2 form one residual group; inner is a plain layer
+    space = SearchSpace({"widths": {"conv": [4, 6, 8], "fc": [16]}})
+    layers = {x.node: x for x in space.layers(g)}
+    assert space.widenable(g) == {"c0", "c1", "c2", "inner"}
+    action, _ = space.wider_option(g, layers["c0"])
+    assert action == {"op": "net2wider", "node": "c0", "width": 6, "seed": 0}  # 4 -> next 6
+    # widening c0 widened its whole group: c2 now jumps from 6 to 8, not from 4 to 6
+    g6 = space.step(g, action)
+    assert space.wider_option(g6, layers["c2"])[0]["width"] == 8
+    g8 = space.step(g6, space.wider_option(g6, layers["c2"])[0])
+    assert space.wider_option(g8, layers["c1"]) is None  # at the end of the width list
+    assert space.wider_option(g, layers["gap"]) is None  # pools never widen
+
+
+def test_layers_the_operators_cannot_resize_are_not_offered() -> None:
+    g = NetGraph()  # a residual add with the network input: the group cannot change
+    g.add_input("x", (2, 4, 4))
+    g.add("c", "conv2d", ["x"], out_channels=2, kernel_size=1)
+    g.add("a", "add", ["c", "x"])
+    g.add("c2", "conv2d", ["a"], out_channels=3, kernel_size=1)
+    g.add("r", "relu", ["c2"])
+    g.add("flat", "flatten", ["r"])
+    g.add("fc", "linear", ["flat"], out_features=2)
+    g.add_output("out", "fc")
+    space = SearchSpace()
+    layers = {x.node: x for x in space.layers(g)}
+    with pytest.raises(OperatorError):
+        net2wider(g, "c", 4)
+    assert space.wider_option(g, layers["c"]) is None
+    assert space.wider_option(g, layers["c2"]) is not None
+
+
+def test_excluded_and_per_layer_widths() -> None:
+    g = _mlp()
+    space = make_space({"exclude": ["fc1"], "layer_widths": {"fc2": [9, 30]}}, g)
+    layers = {x.node: x for x in space.layers(g)}
+    assert space.wider_option(g, layers["fc1"]) is None
+    assert space.wider_option(g, layers["fc2"])[0]["width"] == 9
+    assert all(o.action["after"] != "act1" for o in space.deeper_options(g))
+
+
+# ---- where a layer may go ----------------------------------------------------------------------
+def test_kernels_follow_the_operator_and_vectors_get_no_kernel_choice() -> None:
+    g = _cnn()
+    options = SearchSpace().deeper_options(g)
+    got = {(o.block, o.position, o.action["after"], o.action.get("kernel_size"))
+           for o in options}
+    # act1 sees 8x8 (kernels 1, 3, 5); act2 sees 4x4 (5 is larger than the map)
+    assert got == {(0, 0, "act1", 1), (0, 0, "act1", 3), (0, 0, "act1", 5),
+                   (1, 0, "act2", 1), (1, 0, "act2", 3)}
+    with pytest.raises(OperatorError):
+        net2deeper(g, "act2", kernel_size=5)
+    mlp_options = SearchSpace().deeper_options(_mlp())
+    assert [(o.kernel, o.action) for o in mlp_options] == [
+        (None, {"op": "net2deeper", "after": "act1"}),
+        (None, {"op": "net2deeper", "after": "act2"})]
+
+
+def test_block_and_position_capacity() -> None:
+    g = _cnn()
+    space = SearchSpace({"max_blocks": 1})
+    assert {o.block for o in space.deeper_options(g)} == {0}
+    menu = space.deeper_menu(g)
+    assert menu.block_mask() == [1]
+    assert menu.position_mask(0) == [1] + [0] * 31
+    assert menu.kernel_mask(0, 0) == [1, 1, 1]
+
+
+# ---- size limits -----------------------------------------------------------------------------
+def test_parameter_limit_masks_what_would_exceed_it() -> None:
+    g = _mlp()  # 6 -> 5 -> 7 -> 3
+    base = g.param_count()
+    # fc1 5 -> 64: 64*6+64 + (64-5)*7 more in fc2's columns; fc2 7 -> 64 changes fc2 and head
+    widen_fc1 = net2wider(g, "fc1", 64).graph.param_count()
+    widen_fc2 = net2wider(g, "fc2", 64).graph.param_count()
+    assert widen_fc1 == base + (64 - 5) * (6 + 1) + (64 - 5) * 7
+    limit = (widen_fc1 + widen_fc2) // 2
+    lo, hi = sorted([widen_fc1, widen_fc2])
+    assert lo <= limit < hi
+    space = SearchSpace({"max_params": limit})
+    layers = {x.node: x for x in space.layers(g)}
+    offered = {n for n in ("fc1", "fc2") if space.wider_option(g, layers[n]) is not None}
+    assert offered == {"fc1" if widen_fc1 <= limit else "fc2"}
+    # inserting a 5x5 or 7x7 identity: only the one that fits
+    deep1 = net2deeper(g, "act1").graph.param_count()
+    deep2 = net2deeper(g, "act2").graph.param_count()
+    assert (deep1, deep2) == (base + 30, base + 56)
+    tight = SearchSpace({"max_params": base + 40})
+    assert [o.action["after"] for o in tight.deeper_options(g)] == ["act1"]
+    with pytest.raises(OperatorError, match="above the space's limit"):
+        tight.apply(g, [{"op": "net2deeper", "after": "act2"}])
+
+
+def test_growth_limit_is_relative_to_the_base_network() -> None:
+    g = _mlp()
+    space = make_space({"max_growth": 1.5, "max_params": 10**9}, g)
+    assert space.max_params == int(1.5 * g.param_count())
+    assert make_space({"max_growth": 2.0, "max_params": 10}, g).max_params == 10
+
+
+# ---- children from JSON actions ---------------------------------------------------------------
+def test_apply_rebuilds_the_child_with_the_operators_and_keeps_the_function() -> None:
+    g = _cnn()
+    space = SearchSpace({"deeper_batchnorm": True})
+    actions = [{"op": "net2wider", "node": "conv1", "width": 16, "seed": 0},
+               {"op": "net2deeper", "after": "act2", "kernel_size": 3, "batchnorm": True},
+               {"op": "net2wider", "node": "act2_deep1", "width": 32, "seed": 2}]
+    actions = json.loads(json.dumps(actions))  # what travels in a trial config
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    child, records = space.apply(g, actions, sample=x)
+    again, _ = space.apply(g, actions, sample=x)
+    assert [r.op for r in records] == ["net2wider", "net2deeper", "net2wider"]
+    assert child.shape("conv1")[0] == 16 and child.shape("act2_deep1")[0] == 32
+    assert max_rel_error(outputs(g, x), outputs(child, x)) <= 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(child.named_tensors().values(),
+                                                 again.named_tensors().values()))
+    with pytest.raises(OperatorError, match="needs `sample`"):
+        space.apply(g, actions)
+
+
+def test_apply_names_the_refused_action() -> None:
+    g = _mlp()
+    with pytest.raises(OperatorError, match=r"action 1: .*below the current width"):
+        SearchSpace().apply(g, [{"op": "net2wider", "node": "fc1", "width": 64},
+                                {"op": "net2wider", "node": "fc1", "width": 8}])
+    with pytest.raises(OperatorError, match="action 0: unknown operator 'widen'"):
+        SearchSpace().apply(g, [{"op": "widen", "node": "fc1"}])
+    with pytest.raises(OperatorError, match="action 0: .* does not fit operator"):
+        SearchSpace().apply(g, [{"op": "net2wider", "node": "fc1", "units": 8}])
+    with pytest.raises(OperatorError, match="'op' key"):
+        SearchSpace().apply(g, [["net2wider", "fc1"]])
+
+
+# ---- canonical architecture strings -----------------------------------------------------------
+def test_arch_string_ignores_names_but_not_structure() -> None:
+    a = _mlp()
+    b = NetGraph()  # the same network with other names, built in another order
+    b.add_input("inp", (6,))
+    b.add("zz_first", "linear", ["inp"], out_features=5)
+    b.add("a_relu", "relu", ["zz_first"])
+    b.add("m", "linear", ["a_relu"], out_features=7)
+    b.add("q", "relu", ["m"])
+    b.add("feat", "identity", ["q"])
+    b.add("h", "linear", ["feat"], out_features=3)
+    b.add_output("t0", "h")
+    assert arch_string(a) == arch_string(b) == (
+        "in6 fc5 relu fc7 relu identity fc3 out:t0")
+    assert arch_string(net2wider(a, "fc1", 6).graph) != arch_string(a)
+    # widening in two orders gives one architecture
+    one = net2wider(net2wider(a, "fc1", 9).graph, "fc2", 9).graph
+    two = net2wider(net2wider(a, "fc2", 9).graph, "fc1", 9).graph
+    assert arch_string(one) == arch_string(two)
+
+
+def test_arch_string_of_a_branching_network_lists_inputs() -> None:
+    s = arch_string(residual())
+    assert "add<" in s and s.startswith("in3x6x6 conv3x3-4(padding=1) batchnorm2d relu")
+
+
+# ---- declared specs ---------------------------------------------------------------------------
+SPEC = """
+search:
+  space:
+    widths: {conv: [32, 64, 128], fc: [128, 256]}
+    kernel_sizes: [3, 5]
+    exclude: [fc2]
+    max_params: 50000
+"""
+
+
+def test_a_space_from_yaml() -> None:
+    raw = yaml.safe_load(SPEC)["search"]["space"]
+    space = make_space(raw, _mlp())
+    assert space.spec.widths.fc == [128, 256] and space.spec.kernel_sizes == [3, 5]
+    assert space.max_params == 50000 and space.spec.exclude == ["fc2"]
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"widths": {"fc": [256, 128]}}, "search.space.widths.fc: a width list must increase "
+                                     "strictly"),
+    ({"widths": {"fc": [0, 128]}}, "search.space.widths.fc.0: Input should be greater than 0"),
+    ({"kernel_sizes": [2, 3]}, "search.space.kernel_sizes: kernel sizes must be odd"),
+    ({"max_growth": 0.5}, "search.space.max_growth: Input should be greater than 1"),
+    ({"widht": {}}, "search.space.widht: unknown key (check the spelling)"),
+    ({"exclude": ["fc9"]}, "search.space.exclude: no conv/linear layer named 'fc9' in the "
+                           "network; its layers are ['fc1', 'fc2', 'head_t0']"),
+    ({"layer_widths": {"act1": [5]}}, "search.space.layer_widths: no conv/linear layer named "
+                                      "'act1'"),
+    ({"layer_widths": {"fc1": [9, 8]}}, "search.space.layer_widths: the width list of layer "
+                                        "'fc1' must increase strictly"),
+    ([1, 2], "search.space: expected a mapping of keys, got list"),
+])
+def test_bad_specs_are_one_line_config_errors(raw, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_space(raw, _mlp())
+    assert str(info.value).startswith(message), str(info.value)
