@@ -1,4 +1,4 @@
-"""The `growth` command: run | resume | report | ops | demo.
+"""The `growth` command: run | resume | report | compress | ops | demo.
 
 User mistakes (a config typo, a corrupt checkpoint, a missing run) print one line naming the
 file and key and exit with status 2, without a traceback.
@@ -64,6 +64,24 @@ def _parser() -> argparse.ArgumentParser:
     ops_sub = ops.add_subparsers(metavar="ACTION")
     lst = ops_sub.add_parser("list", help="list every registered operator")
     lst.set_defaults(func=_ops_list)
+
+    comp = sub.add_parser("compress", help="compress a saved network to a size budget and "
+                          "distil it on a dataset")
+    comp.add_argument("network", help="folder of a saved network (structure.json + "
+                      "weights.safetensors), e.g. RUNDIR/checkpoints/task_004/graph")
+    comp.add_argument("--budget", required=True, type=float,
+                      help="trunk parameters to keep (a count), or a fraction <= 1 of the base")
+    comp.add_argument("--data", required=True, help="a campaign config (its stream and train "
+                      "settings) or a dataset name (digits, mnist, ...: one task of all classes)")
+    comp.add_argument("--base", help="saved base network: the student takes its architecture "
+                      "(layers not in it are dropped); default: the network's own")
+    comp.add_argument("--task", type=int, help="task of the config's stream (default: the last)")
+    comp.add_argument("--importance", choices=("magnitude", "fisher"), default="magnitude")
+    comp.add_argument("--epochs", type=int, default=5, help="distillation epochs (default 5)")
+    comp.add_argument("--lr", type=float, help="learning rate (default: the config's, or 0.05)")
+    comp.add_argument("--root", default="data", help="dataset folder for a dataset name")
+    comp.add_argument("--out", help="output folder (default: NETWORK-compressed)")
+    comp.set_defaults(func=_compress)
 
     demo = sub.add_parser("demo", help="import a network, grow it, check it computes the same")
     demo.set_defaults(func=_demo)
@@ -149,6 +167,32 @@ def _report(args: argparse.Namespace) -> int:
 
     path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
     print(f"report written: {path}")
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from growth.compress import CompressParams, compress_saved
+    from growth.errors import ConfigError
+
+    try:
+        params = CompressParams(budget=args.budget, importance=args.importance,
+                                epochs=args.epochs)
+    except ValidationError as exc:
+        raise ConfigError(f"growth compress: {exc.errors()[0]['loc'][0]}: "
+                          f"{exc.errors()[0]['msg']}") from None
+    train = {"lr": args.lr} if args.lr is not None else None
+    report, folder = compress_saved(args.network, args.data, params, out=args.out,
+                                    base=args.base, task=args.task, root=args.root, train=train)
+    print(f"compressed network: {folder}")
+    print(f"trunk parameters {report.trunk_before:,} -> {report.trunk_after:,} (budget "
+          f"{report.budget:,}); all parameters {report.params_before:,} -> "
+          f"{report.params_after:,}")
+    if report.dropped:
+        print(f"dropped layers: {', '.join(report.dropped)}")
+    for split, before in report.accuracy_before.items():
+        print(f"{split} accuracy {before:.4f} -> {report.accuracy_after[split]:.4f}")
     return 0
 
 

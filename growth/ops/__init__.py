@@ -16,6 +16,7 @@ from growth.ops.registry import (
     get_operator,
     register,
 )
+from growth.ops.remove_layer import remove_layer
 
 register(Operator("net2wider", "add units to a layer and its channel group, keeping the function "
                   "(Net2WiderNet)", net2wider))
@@ -23,9 +24,11 @@ register(Operator("net2deeper", "insert an identity layer (linear or conv, optio
                   "after a node (Net2DeeperNet)", net2deeper))
 register(Operator("prune_units", "keep a layer's most important units and shrink its channel "
                   "group to match", prune_units))
+register(Operator("remove_layer", "drop a one-input, shape-preserving layer and reconnect its "
+                  "consumers to its input (undoes Net2Deeper)", remove_layer))
 
 __all__ = [
     "NOISE_BOUND", "ChangeRecord", "ChannelGroup", "OpResult", "Operator", "apply_index",
     "available_operators", "deepenable", "find_group", "get_operator", "net2deeper", "net2wider",
-    "prune_units", "register", "resizable",
+    "prune_units", "register", "remove_layer", "resizable",
 ]

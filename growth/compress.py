@@ -1,0 +1,413 @@
+"""Compression: bring a grown network back to a size budget, then distil it from itself.
+
+Two steps, one function (`compress`), the same for REC and for `growth compress`:
+
+1. Shrink (`shrink`): the student is the *base* architecture. Every channel group of an original
+   layer keeps its most important units (`prune_units`), as many as the base had (times a
+   common factor below 1 when the budget is smaller than the base); layers that are not in the
+   base (Net2Deeper's insertions) are first cut to their input's width, keeping the units that
+   their (near-identity) weights tie to the kept inputs, then dropped with `remove_layer`. The
+   trunk's parameter count ends at or under the budget.
+2. Distil: the one training loop (`growth.train.fit`) trains the student on a task's data with
+   cross-entropy on the task plus, per head (the task's and every old head, old heads' outputs
+   on new data as in LwF), KL at temperature T to the teacher (the expanded network, frozen),
+   plus an optional penalty (REC passes MWC's).
+
+Unit importance (config `importance`): "magnitude" = L1 norm of each unit's incoming weights
+over the group's producers; "fisher" = the diagonal Fisher of the unit's own parameters
+(incoming weights and bias of every producer, per-channel BatchNorm parameters) measured through
+the task's head on the task's data, plus any importance the caller adds (REC: old tasks'
+Fisher, carried into the expanded network's shapes). Scores are computed once on the teacher:
+pruning one group never changes another group's units, only their columns.
+
+The budget counts *trunk* parameters (nodes feeding more than one head; the whole network when
+it has one head): heads keep their classes, so only the trunk can shrink.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from growth.compile import compile_graph
+from growth.errors import OperatorError
+from growth.graph import NetGraph
+from growth.ops.channels import PRODUCERS, ChannelGroup, find_group
+from growth.ops.prune_units import prune_units
+from growth.ops.registry import ChangeRecord
+from growth.ops.remove_layer import remove_layer
+from growth.regularizers import kd_loss, task_fisher
+from growth.strategies.base import Context, Strategy
+from growth.train import TrainConfig, evaluate, fit
+
+if TYPE_CHECKING:
+    from growth.data import Task
+
+Penalty = Callable[[Context, Tensor, Tensor, Tensor], Tensor | None]
+_SEARCH_STEPS = 20  # bisection steps on the width factor when the budget is below the base
+
+
+class CompressParams(BaseModel):
+    """Compression settings (validated; unknown keys are errors).
+
+    budget: trunk parameters the student may have; a value <= 1 is a fraction of the base
+    network's trunk; None means the base trunk's size (REC's "back to the base size").
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    budget: float | None = Field(None, gt=0, description="trunk parameters, or a fraction <= 1")
+    importance: Literal["magnitude", "fisher"] = Field(
+        "magnitude", description="how the units each layer keeps are chosen")
+    epochs: int = Field(5, ge=0, description="distillation epochs on the task's data")
+    kd_weight: float = Field(1.0, ge=0, description="weight of the KL terms (one per head)")
+    temperature: float = Field(2.0, gt=0, description="softening of the distilled outputs")
+    fisher_samples: int | None = Field(
+        500, ge=1, description="training samples that estimate the Fisher (None: all)")
+
+
+@dataclass
+class CompressReport:
+    """What one compression did: sizes, accuracies (on the task) and the operator records."""
+
+    graph: NetGraph
+    records: list[ChangeRecord]
+    budget: int
+    trunk_before: int
+    trunk_after: int
+    params_before: int
+    params_after: int
+    accuracy_before: dict[str, float] = field(default_factory=dict)
+    accuracy_after: dict[str, float] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    widths: dict[str, int] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able figures (no graph, no records)."""
+        return {"budget": self.budget, "trunk_before": self.trunk_before,
+                "trunk_after": self.trunk_after, "params_before": self.params_before,
+                "params_after": self.params_after, "accuracy_before": self.accuracy_before,
+                "accuracy_after": self.accuracy_after, "dropped": self.dropped,
+                "widths": self.widths, "losses": self.losses,
+                "wall_time_s": self.wall_time_s}
+
+
+# ---- sizes -----------------------------------------------------------------------------------
+def trunk_params(graph: NetGraph) -> int:
+    """Trainable parameters of the trunk (all of them in a one-head network)."""
+    return sum(graph.param_count(n) for n in graph.trunk_nodes())
+
+
+def budget_params(budget: float | None, base: NetGraph) -> int:
+    """The budget in parameters: a fraction (<= 1) of the base trunk, or a count."""
+    if budget is None:
+        return trunk_params(base)
+    if budget <= 0:
+        raise OperatorError(f"compression budget must be positive, got {budget}")
+    return int(math.floor(budget * trunk_params(base))) if budget <= 1 else int(budget)
+
+
+# ---- step 1: the student's structure -----------------------------------------------------------
+def _width(graph: NetGraph, node: str) -> int:
+    n = graph.node(node)
+    return int(n.attrs["out_features" if n.kind == "linear" else "out_channels"])
+
+
+def _in_width(graph: NetGraph, node: str) -> int:
+    n = graph.node(node)
+    return int(n.attrs["in_features" if n.kind == "linear" else "in_channels"])
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Original channel groups (representative -> base width, unit scores) and inserted nodes."""
+
+    groups: dict[str, tuple[int, Tensor | None]]
+    inserted: list[str]
+
+
+def _plan(teacher: NetGraph, base: NetGraph, importance: dict[str, Tensor] | None) -> _Plan:
+    missing = [n for n in base.topo_order() if n not in teacher]
+    if missing:
+        raise OperatorError(f"compress: the network lacks base nodes {missing[:5]}; it is not "
+                            "an expansion of the base network given")
+    for n in base.topo_order():
+        if teacher.node(n).kind != base.node(n).kind:
+            raise OperatorError(f"compress: node {n!r} is a {teacher.node(n).kind} in the "
+                                f"network but a {base.node(n).kind} in the base")
+    shapes = teacher.shapes()
+    groups: dict[str, tuple[int, Tensor | None]] = {}
+    seen: set[frozenset[str]] = set()
+    for n in base.topo_order():
+        if base.node(n).kind not in PRODUCERS:
+            continue
+        try:
+            group = find_group(teacher, n, shapes)
+        except OperatorError:  # reaches a head, grouped conv, ...: must already be base-sized
+            if _width(teacher, n) != _width(base, n):
+                raise OperatorError(
+                    f"compress: {n!r} has {_width(teacher, n)} units against {_width(base, n)} "
+                    "in the base, and its units cannot be pruned") from None
+            continue
+        key = frozenset(group.producers)
+        if key in seen:
+            continue
+        seen.add(key)
+        groups[n] = (_width(base, n), _unit_scores(teacher, group, importance))
+    inserted = [n for n in teacher.topo_order() if n not in base]
+    return _Plan(groups, inserted)
+
+
+def _unit_scores(graph: NetGraph, group: ChannelGroup, importance: dict[str, Tensor] | None
+                 ) -> Tensor:
+    """One importance per unit of the group (see the module docstring)."""
+    total = torch.zeros(group.width, dtype=torch.float64)
+    if importance is None:
+        for p in group.producers:
+            total += graph.node(p).tensors["weight"].detach().abs().flatten(1).sum(1).double()
+        return total
+    for p in (*group.producers, *group.region):
+        for key in ("weight", "bias"):
+            t = importance.get(f"{p}.{key}")
+            if t is None or t.shape[0] != group.width:
+                continue  # a region node behind a flatten/concat holds other positions
+            total += t.detach().double().cpu().reshape(group.width, -1).sum(1)
+    return total
+
+
+def _student(teacher: NetGraph, base: NetGraph, plan: _Plan, factor: float
+             ) -> tuple[NetGraph, list[ChangeRecord], dict[str, int]]:
+    """The base architecture at `factor` times the base widths, cut out of the teacher."""
+    g, records, widths = teacher, [], {}
+    for rep, (base_width, scores) in plan.groups.items():
+        target = max(1, min(_width(g, rep), int(math.floor(factor * base_width + 1e-9))))
+        widths[rep] = target
+        if target < _width(g, rep):
+            result = prune_units(g, rep, target, scores=scores)
+            g, records = result.graph, [*records, result.record]
+    for n in plan.inserted:  # topological: an insertion's input is final when it is reached
+        if g.node(n).kind in PRODUCERS and _width(g, n) > _in_width(g, n):
+            result = prune_units(g, n, _in_width(g, n))  # L1 of incoming weights: alignment
+            g, records = result.graph, [*records, result.record]
+    for n in plan.inserted:
+        try:
+            result = remove_layer(g, n)
+        except OperatorError as exc:
+            raise OperatorError(f"compress: layer {n!r} is not in the base and cannot be "
+                                f"dropped: {exc}") from None
+        g, records = result.graph, [*records, result.record]
+    _check_structure(g, base)
+    return g, records, widths
+
+
+def _check_structure(student: NetGraph, base: NetGraph) -> None:
+    for n in base.topo_order():
+        if student.inputs(n) != base.inputs(n):
+            raise OperatorError(f"compress: after dropping the inserted layers, {n!r} reads "
+                                f"{student.inputs(n)} instead of the base's {base.inputs(n)}")
+
+
+def shrink(teacher: NetGraph, budget: int, base: NetGraph | None = None,
+           importance: dict[str, Tensor] | None = None
+           ) -> tuple[NetGraph, list[ChangeRecord], dict[str, int]]:
+    """The student: `base`'s architecture (default: the teacher's own) cut out of `teacher`
+    with at most `budget` trunk parameters. Returns (student, operator records in order,
+    width kept per original channel group).
+
+    importance: per-parameter importance in the teacher's shapes (units are then scored by
+    it), or None for magnitude.
+    """
+    base = teacher if base is None else base
+    plan = _plan(teacher, base, importance)
+    student, records, widths = _student(teacher, base, plan, 1.0)
+    if trunk_params(student) <= budget:
+        return student, records, widths
+    lo, hi = 0.0, 1.0
+    best = None
+    for _ in range(_SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        candidate = _student(teacher, base, plan, mid)
+        if trunk_params(candidate[0]) <= budget:
+            lo, best = mid, candidate
+        else:
+            hi = mid
+    if best is None:
+        smallest = _student(teacher, base, plan, 0.0)[0]
+        if trunk_params(smallest) > budget:
+            raise OperatorError(f"compress: a budget of {budget:,} trunk parameters is below the "
+                                f"smallest student ({trunk_params(smallest):,} with one unit "
+                                "per layer); raise the budget")
+        best = _student(teacher, base, plan, 0.0)
+    return best
+
+
+# ---- step 2: distillation ------------------------------------------------------------------------
+class Distillation(Strategy):
+    """A strategy-like object for `fit`: KL(T) to a frozen teacher on several heads, plus an
+    optional penalty (cross-entropy on the task is the loop's own)."""
+
+    name = "distillation"
+    description = "distil a student from a frozen teacher on the task's data"
+
+    def __init__(self, teacher: nn.Module, heads: list[str], temperature: float = 2.0,
+                 weight: float = 1.0, extra: Penalty | None = None) -> None:
+        super().__init__()
+        self.teacher, self.heads = teacher, heads
+        self.temperature, self.weight, self.extra = temperature, weight, extra
+
+    def extra_heads(self, ctx: Context) -> list[str]:
+        own = ctx.head_of(ctx.task)
+        return [h for h in self.heads if h != own]
+
+    def penalty(self, ctx: Context, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
+        with torch.no_grad():
+            target = self.teacher(x)
+        current = ctx.outputs if ctx.outputs is not None else {ctx.head_of(ctx.task): logits}
+        loss = self.weight * sum(kd_loss(current[h], target[h], self.temperature)
+                                 for h in self.heads)
+        if self.extra is not None:
+            term = self.extra(ctx, x, y, logits)
+            if term is not None:
+                loss = loss + term
+        return loss
+
+
+def default_heads(ctx: Context) -> list[str]:
+    """The task's head and the heads of every task seen before (deduplicated, in order)."""
+    return list(dict.fromkeys([ctx.head_of(ctx.task), *(ctx.head_of(t) for t in ctx.seen)]))
+
+
+def _accuracy(ctx: Context, task: Task, splits: tuple[str, ...]) -> dict[str, float]:
+    return {s: evaluate(ctx, task, s) for s in splits}
+
+
+def compress(ctx: Context, params: CompressParams, train: TrainConfig,
+             base: NetGraph | None = None, heads: list[str] | None = None,
+             penalty: Penalty | None = None, importance: dict[str, Tensor] | None = None,
+             seed: int = 0, splits: tuple[str, ...] = ("val", "test")) -> CompressReport:
+    """Compress `ctx.model` (the teacher) to `params.budget` and distil it on `ctx.task`.
+
+    After the call `ctx.model` is the student (through `ctx.replace_graph`, so whatever follows
+    the graph, such as a strategy's state, is carried along the operator records).
+    base: the architecture the student takes (default: the teacher's own; then only widths
+    shrink). heads: heads to distil (default: the task's and the seen tasks'). penalty: added
+    to the distillation loss on every batch (called like a strategy's `penalty`).
+    importance: extra per-parameter importance in the teacher's shapes, added to the task's
+    Fisher when `params.importance` is "fisher". splits: the task's splits whose accuracy is
+    reported before and after.
+    """
+    start = time.perf_counter()
+    teacher = ctx.model.graph
+    reference = teacher if base is None else base
+    budget = budget_params(params.budget, reference)
+    heads = default_heads(ctx) if heads is None else list(heads)
+    before = _accuracy(ctx, ctx.task, splits)
+    scores = None
+    if params.importance == "fisher":
+        scores = task_fisher(ctx, ctx.task, params.fisher_samples)
+        for name, extra in (importance or {}).items():
+            if name in scores and extra.shape == scores[name].shape:
+                scores[name] = scores[name] + extra.to(scores[name])
+    student, records, widths = shrink(teacher, budget, base, scores)
+    frozen = compile_graph(teacher, head=heads).to(ctx.device).eval().requires_grad_(False)
+    ctx.replace_graph(student)
+    distiller = Distillation(frozen, heads, params.temperature, params.kd_weight, penalty)
+    losses = fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs}), seed=seed)
+    final = ctx.model.graph
+    return CompressReport(
+        graph=final, records=records, budget=budget, trunk_before=trunk_params(teacher),
+        trunk_after=trunk_params(final), params_before=teacher.param_count(),
+        params_after=final.param_count(), accuracy_before=before,
+        accuracy_after=_accuracy(ctx, ctx.task, splits),
+        dropped=[n for n in teacher.topo_order() if n not in final], widths=widths,
+        losses=losses, wall_time_s=time.perf_counter() - start)
+
+
+# ---- a saved network (the `growth compress` command) -------------------------------------------
+@dataclass
+class _Source:
+    """The task to distil on, how it maps to the network's heads, and the training settings."""
+
+    task: Task
+    seen: list[Task]
+    head_of: Callable[[Task], str]
+    label_of: Callable[[Task, Tensor], Tensor]
+    train: TrainConfig
+    seed: int
+
+
+def _source(data: str, graph: NetGraph, task_index: int | None, root: str) -> _Source:
+    """A campaign config (its stream, scenario and train section) or a dataset name (one task
+    with every class, trained with the default settings)."""
+    from pathlib import Path
+
+    from growth.data import DATASETS, load_dataset, make_stream
+    from growth.errors import ConfigError
+
+    if Path(data).suffix in (".yaml", ".yml") or Path(data).is_file():
+        from growth.campaign import _labelers
+        from growth.config import load_config
+        from growth.data import build_stream
+
+        cfg = load_config(data)
+        tasks = build_stream({**cfg.data.model_dump(), "seed": cfg.seed})
+        head_of, label_of = _labelers(cfg)
+        train, seed = cfg.train, cfg.seed
+    elif data.lower().replace("-", "_") in DATASETS:
+        tasks = make_stream(load_dataset(data, root=root), "split", n_tasks=1)
+        head_of, label_of = (lambda t: graph.heads[0]), (lambda t, y: y)
+        train, seed = TrainConfig(lr=0.05), 0
+    else:
+        raise ConfigError(f"--data {data!r} is neither a config file (.yaml) nor a dataset "
+                          f"name ({', '.join(DATASETS)})")
+    k = len(tasks) - 1 if task_index is None else task_index
+    if not 0 <= k < len(tasks):
+        raise ConfigError(f"--task {task_index}: the data has tasks 0..{len(tasks) - 1}")
+    if len(graph.heads) == 1 and head_of(tasks[k]) not in graph.heads:
+        only = graph.heads[0]
+        head_of = lambda t: only  # noqa: E731 (a one-head network serves every task)
+    if head_of(tasks[k]) not in graph.heads:
+        raise ConfigError(f"the network has heads {graph.heads} but task {k} needs head "
+                          f"{head_of(tasks[k])!r}; pass the config the network was trained with")
+    want = tuple(graph.shape(graph.input_node()))
+    if tuple(tasks[k].input_shape) != want:
+        raise ConfigError(f"the data's inputs have shape {tuple(tasks[k].input_shape)} but the "
+                          f"network reads {want}")
+    seen = [t for t in tasks[:k] if head_of(t) in graph.heads]
+    return _Source(tasks[k], seen, head_of, label_of, train, seed)
+
+
+def compress_saved(network: str, data: str, params: CompressParams, out: str | None = None,
+                   base: str | None = None, task: int | None = None, root: str = "data",
+                   train: dict[str, Any] | None = None) -> tuple[CompressReport, str]:
+    """Load a saved network (NetGraph.save format), compress it on a task of `data` and save
+    the student next to it (or to `out`) with `compress.json`; returns (report, folder)."""
+    import json
+    from pathlib import Path
+
+    from growth.io import atomic_write_text
+    from growth.model import Model
+
+    graph = NetGraph.load(network)
+    base_graph = NetGraph.load(base) if base is not None else None
+    src = _source(data, graph, task, root)
+    cfg = src.train.model_copy(update=train or {})
+    ctx = Context(Model(graph), src.task, src.seen, src.head_of, src.label_of,
+                  torch.device("cpu"), seed=src.seed)
+    heads = list(dict.fromkeys([src.head_of(src.task), *(src.head_of(t) for t in src.seen)]))
+    torch.manual_seed(src.seed)
+    report = compress(ctx, params, cfg, base=base_graph, heads=heads, seed=src.seed)
+    folder = Path(out) if out else Path(f"{str(network).rstrip('/')}-compressed")
+    report.graph.save(folder)
+    summary = {"network": str(network), "base": base, "data": data, "task": src.task.name,
+               "settings": params.model_dump(), **report.summary()}
+    atomic_write_text(folder / "compress.json", json.dumps(summary, indent=1))
+    return report, str(folder)
