@@ -85,6 +85,10 @@ def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
     if m.kind == "mlp":
         g = mlp(shape, m.hidden, activation=m.activation, batchnorm=m.batchnorm,
                 dropout=m.dropout)
+    elif m.kind == "torchvision":
+        from search_spaces.zoo import torchvision_trunk
+
+        g = torchvision_trunk(m.arch, shape, m.weights)
     else:
         g = small_cnn(shape, m.channels, batchnorm=m.batchnorm, activation=m.activation,
                       fc=m.fc, dropout=m.dropout)

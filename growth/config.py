@@ -67,15 +67,32 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The base network: an MLP or a small CNN trunk, one linear head per task."""
+    """The base network: an MLP, a small CNN, or a torchvision architecture imported by name
+    (its classifier replaced by the heads); one linear head per task."""
 
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: Literal["mlp", "cnn", "torchvision"] = "mlp"
+    arch: str | None = None  # torchvision: e.g. resnet18, vgg11_bn (search_spaces/zoo.py)
+    weights: str | None = None  # torchvision: a local state-dict file for a pretrained start
     hidden: list[PositiveInt] = Field(default_factory=lambda: [100, 100])  # mlp widths
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])  # cnn conv blocks
     fc: list[PositiveInt] = Field(default_factory=list)  # cnn dense blocks after the convs
     activation: Literal[tuple(sorted(ACTIVATIONS))] = "relu"  # type: ignore[valid-type]
     batchnorm: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)  # mlp: after every block; cnn: after fc blocks
+
+    @model_validator(mode="after")
+    def _torchvision_needs_an_arch(self) -> ModelConfig:
+        if self.kind == "torchvision":
+            from search_spaces.zoo import classification_models
+
+            if self.arch is None:
+                raise ValueError("model.kind: torchvision needs model.arch, the name of a "
+                                 "torchvision classification architecture (e.g. resnet18)")
+            if self.arch not in classification_models():
+                raise ValueError(f"model.arch: {self.arch!r} is not a torchvision "
+                                 "classification architecture (torchvision.models."
+                                 "list_models())")
+        return self
 
     @model_validator(mode="after")
     def _dropout_has_a_place(self) -> ModelConfig:
@@ -138,6 +155,11 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "hidden": ("kind", ("mlp",)),
         "channels": ("kind", ("cnn",)),
         "fc": ("kind", ("cnn",)),
+        "activation": ("kind", ("mlp", "cnn")),
+        "batchnorm": ("kind", ("mlp", "cnn")),
+        "dropout": ("kind", ("mlp", "cnn")),
+        "arch": ("kind", ("torchvision",)),
+        "weights": ("kind", ("torchvision",)),
     },
     "train": {
         "momentum": ("optimizer", ("sgd",)),

@@ -1,0 +1,119 @@
+"""torchvision architectures as base networks: import by name, local weights, heads at
+"features", inputs with other channel counts, and the `model: kind: torchvision` config key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from graphgen import single_thread  # noqa: F401 (fixture)
+
+from growth.campaign import Campaign
+from growth.compile import compile_graph
+from growth.config import load_config
+from growth.errors import ConfigError, GraphError
+from search_spaces.networks import FEATURES, add_head
+from search_spaces.zoo import torchvision_trunk
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, str]:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so a wrong load would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return model, str(path)
+
+
+def with_classifier(trunk, model: torch.nn.Module):
+    """The trunk with the original classifier as its head: must compute the original model."""
+    g = add_head(trunk, "t0", model.fc.out_features)
+    node = g.node("head_t0")
+    node.tensors = {"weight": model.fc.weight.detach().clone(),
+                    "bias": model.fc.bias.detach().clone()}
+    return g
+
+
+def test_local_weights_give_the_original_network(resnet_file) -> None:
+    model, path = resnet_file
+    trunk = torchvision_trunk("resnet18", (3, 32, 32), path)
+    assert trunk.inputs(FEATURES) == ["flatten"] and trunk.heads == []
+    assert "fc" not in trunk
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        got = compile_graph(with_classifier(trunk, model)).eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_fresh_weights_without_a_file_differ_from_the_file(resnet_file) -> None:
+    model, path = resnet_file
+    torch.manual_seed(5)
+    fresh = torchvision_trunk("resnet18", (3, 32, 32))
+    loaded = torchvision_trunk("resnet18", (3, 32, 32), path)
+    assert not torch.equal(fresh.node("conv1").tensors["weight"],
+                           loaded.node("conv1").tensors["weight"])
+
+
+def test_one_channel_inputs_see_what_rgb_sees_of_a_grey_image(resnet_file) -> None:
+    model, path = resnet_file
+    grey = torchvision_trunk("resnet18", (1, 16, 16), path)
+    assert grey.shape(grey.input_node()) == (1, 16, 16)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(x.repeat(1, 3, 1, 1))
+        got = compile_graph(with_classifier(grey, model)).eval()(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_weights_file_that_does_not_fit_is_a_config_error(resnet_file, tmp_path) -> None:
+    model, _ = resnet_file
+    state = dict(model.state_dict())
+    state.pop("layer1.0.conv1.weight")
+    state["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(ConfigError, match=r"does not fit resnet18: missing \['layer1.0.conv1"
+                       r".weight'\]; unexpected \['extra.weight'\]"):
+        torchvision_trunk("resnet18", (3, 32, 32), bad)
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="cannot read"):
+        torchvision_trunk("resnet18", (3, 32, 32), tmp_path / "junk.pth")
+
+
+def test_an_architecture_without_a_linear_classifier_is_refused() -> None:
+    with pytest.raises(GraphError, match="not a linear classifier"):
+        torchvision_trunk("squeezenet1_1", (3, 64, 64))
+
+
+def test_config_key_builds_a_campaign_with_per_task_heads(tmp_path) -> None:
+    cfg_path = tmp_path / "tv.yaml"
+    cfg_path.write_text("data: {dataset: digits, stream: split, n_tasks: 2}\n"
+                        "model: {kind: torchvision, arch: resnet18}\n"
+                        "train: {epochs: 0}\n")
+    campaign = Campaign(load_config(cfg_path), tmp_path / "run")
+    g = campaign.base
+    assert g.heads == ["t0", "t1"] and g.inputs("head_t0") == [FEATURES]
+    assert g.shape(g.input_node()) == (1, 8, 8)
+    assert g.node("head_t0").attrs["out_features"] == 5
+
+
+@pytest.mark.parametrize("model, words", [
+    ("{kind: torchvision}", "needs model.arch"),
+    ("{kind: torchvision, arch: resnet19}", "'resnet19' is not a torchvision"),
+    ("{kind: torchvision, arch: resnet18, hidden: [4]}", "model.hidden: applies only to"),
+    ("{kind: mlp, arch: resnet18}", "model.arch: applies only to model.kind: torchvision"),
+])
+def test_model_keys_are_validated(tmp_path, model: str, words: str) -> None:
+    cfg_path = tmp_path / "tv.yaml"
+    cfg_path.write_text("data: {dataset: digits}\n")
+    with pytest.raises(ConfigError, match="model") as err:
+        load_config(cfg_path, [f"model={model}"])
+    assert words in str(err.value)
