@@ -137,6 +137,9 @@ class Campaign:
             raise type(exc)(f"{cfg.source}: data: {exc}") from None
         self.head_of, self.label_of = _labelers(cfg)
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.settings())
+        if cfg.scenario not in self.strategy.scenarios:
+            raise ConfigError(f"strategy {cfg.strategy.name!r} runs only in scenario "
+                              f"{' or '.join(self.strategy.scenarios)}, not {cfg.scenario!r}")
         torch.manual_seed(cfg.seed)  # the base network's initial weights
         try:  # a model section the data cannot feed is a config error, found before any write
             self.base = build_base_graph(cfg, self.tasks)
@@ -256,7 +259,7 @@ class Campaign:
         for j, other in enumerate(self.tasks):
             self.state.R.record(i + 1, j, evaluate(ctx, other, strategy=self.strategy))
         self.state.wall_time_s.append(wall)
-        self.state.sizes.append({"task": i, **self._size()})
+        self.state.sizes.append({"task": i, **self._size(), **self._memory()})
         write_checkpoint(self.run_dir, i, self.model.graph, self.strategy, self.state,
                          self.run_id)
         metrics = self.metrics()
@@ -275,6 +278,12 @@ class Campaign:
             "extra": list(self.strategy.size_tensors()),
         }
         return size_report(groups, self.state.base_params)
+
+    def _memory(self) -> dict[str, int]:
+        """Old data the strategy keeps (replay memory, generator): memory_samples,
+        memory_bytes, ...; apart from model size, absent for strategies that keep none."""
+        report = self.strategy.memory_report()
+        return {f"memory_{k}": v for k, v in (report or {}).items()}
 
     def metrics(self) -> dict[str, Any]:
         run = {"name": self.cfg.name, "strategy": self.cfg.strategy.name, "seed": self.cfg.seed,

@@ -1,9 +1,10 @@
 """The one training loop every strategy shares, and evaluation.
 
 `learn_task` = before_task -> fit -> after_task. `fit` is plain minibatch SGD/Adam over the
-strategy's training sets with cross-entropy plus the strategy's penalty; strategies that need
-extra training (pruning, distillation, search children) call `fit` again rather than writing
-a loop of their own. Only the hooks a strategy overrides are called.
+strategy's training sets with cross-entropy (or the strategy's own `loss`) plus its penalty;
+strategies that need extra training (pruning, distillation, search children, a generator)
+call `fit` again rather than writing a loop of their own. Only the hooks a strategy overrides
+are called.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
     instead of a fresh one; the last optimizer stays in `ctx.optimizer` after the fit.
     """
     hooks = strategy.overridden()
+    use_loss = "loss" in hooks
     use_penalty = "penalty" in hooks
     use_after_backward = "after_backward" in hooks
     use_after_step = "after_step" in hooks
@@ -122,7 +124,7 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
                 logits = s.view(x)
                 if extra:
                     ctx.outputs = {s.head: logits}
-            loss = F.cross_entropy(logits, y)
+            loss = strategy.loss(ctx, x, y, logits) if use_loss else F.cross_entropy(logits, y)
             if use_penalty:
                 term = strategy.penalty(ctx, x, y, logits)
                 if term is not None:

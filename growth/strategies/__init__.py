@@ -10,12 +10,16 @@ from typing import Any
 
 from growth.errors import ConfigError
 from growth.plugins import load_plugins
+from growth.strategies.agem import AGEM
 from growth.strategies.base import Context, Strategy, StrategyParams, state_key
+from growth.strategies.er import ER
 from growth.strategies.ewc import EWC
+from growth.strategies.gem import GEM
 from growth.strategies.joint import Joint
 from growth.strategies.l2 import L2
 from growth.strategies.lwf import LwF
 from growth.strategies.mas import MAS
+from growth.strategies.mir import MIR
 from growth.strategies.mwc import MWC
 from growth.strategies.si import SI
 
@@ -58,7 +62,7 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     return cls(cls.Params.model_validate(params or {}))
 
 
-for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC):
+for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR):
     register(_cls)
 
 __all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "available_strategies",

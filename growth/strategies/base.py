@@ -9,7 +9,10 @@ Hooks, in the order the loop calls them:
   extra_heads(ctx) -> list[str]    heads to compute in the same forward pass as the task's
                                    own (LwF: the old heads); they reach `penalty` as
                                    ctx.outputs, a dict head -> logits
-  penalty(ctx, x, y, logits)       extra loss terms for a batch (regularisers, distillation)
+  loss(ctx, x, y, logits)          the batch's loss in place of cross-entropy (a method's own
+                                   loss)
+  penalty(ctx, x, y, logits)       extra loss terms for a batch (regularisers, distillation,
+                                   a replay batch's loss)
   after_backward(ctx)              edit gradients (masks) or read them (SI)
   after_step(ctx)                  after optimizer.step (SI's path integral, re-apply masks)
   after_task(ctx)                  consolidate (Fisher, importance, pruning, compression)
@@ -23,6 +26,8 @@ State: importance tensors, anchors and masks live in `self.state`, a flat dict k
 "<what>/<task>/<parameter name>" (e.g. "fisher/2/fc1.weight"), so every strategy stores them
 one way and checkpoints see them all; `extra` holds small JSON-able values. `state_spec`
 declares what the tensors look like, so a checkpoint is checked before it is loaded.
+Strategies that keep old data (a replay memory, a generator of it) say how much in
+`memory_report`; it is reported apart from model size.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from growth.optim import follow
@@ -43,7 +49,8 @@ if TYPE_CHECKING:
     from growth.graph import NetGraph
     from growth.model import Model
 
-HOOKS = ("before_task", "penalty", "after_backward", "after_step", "after_task", "evaluation")
+HOOKS = ("before_task", "loss", "penalty", "after_backward", "after_step", "after_task",
+         "evaluation")
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # inputs -> class scores (argmax = prediction)
 
 
@@ -91,6 +98,7 @@ class Strategy:
     name: ClassVar[str] = "finetune"
     description: ClassVar[str] = "train on each task in turn with no protection (lower bound)"
     Params: ClassVar[type[StrategyParams]] = StrategyParams
+    scenarios: ClassVar[tuple[str, ...]] = ("task", "class")  # where the method makes sense
 
     def __init__(self, params: StrategyParams | None = None) -> None:
         self.params = params if params is not None else type(self).Params()
@@ -108,6 +116,11 @@ class Strategy:
     def extra_heads(self, ctx: Context) -> list[str]:
         """Heads the penalty needs besides the task's own, computed in one forward pass."""
         return []
+
+    def loss(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
+             ) -> torch.Tensor:
+        """The batch's loss in place of cross-entropy (only called when overridden)."""
+        return F.cross_entropy(logits, y)
 
     def penalty(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
                 ) -> torch.Tensor | None:
@@ -154,6 +167,12 @@ class Strategy:
         """Tensors that are part of the deployed model besides its parameters (masks,
         adapters); counted in model size. Regulariser memory (Fisher, anchors) is not."""
         return []
+
+    def memory_report(self) -> dict[str, int] | None:
+        """How much old data the strategy keeps, reported apart from model size: None if it
+        keeps none; else {"samples": stored samples, "bytes": their bytes} and, for a
+        generator of old data, "generator_params" (its bytes counted in "bytes")."""
+        return None
 
     def overridden(self) -> set[str]:
         """Names of the hooks this strategy really implements (the loop skips the rest)."""
