@@ -3,62 +3,74 @@
 After growth or compression the module is recompiled and its parameters are new tensors;
 an optimizer still holding the old ones would silently train nothing (or the wrong shapes).
 `follow` builds the same optimizer over the new parameters and carries each parameter's state
-(momentum, Adam moments) across, remapped with the operator's index maps.
+across the operators' change records (`growth.remap`). Moments are running statistics of the
+gradient, so they follow as the gradient does: a first moment (SGD momentum, Adam's exp_avg)
+by r, a second moment (exp_avg_sq) by r^2, where r is the factor between the widened network's
+gradient and the parent's at that position (1 on a divided consumer column, 1/c on the row of
+a unit with c copies). Along the parent's trajectory those are exactly the moments the widened
+network's own gradients would have built, so the next steps mix old and new gradients of one
+scale (scaling a column's momentum like its weight, 1/c, would mix a 1/c history with full-size
+new gradients).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
-IndexMaps = Mapping[str, Mapping[int, Sequence[int]]]
+from growth.errors import ShapeError
+from growth.remap import GRADIENT, GRADIENT_SQ, as_records, remap
+
+if TYPE_CHECKING:
+    from growth.ops.registry import ChangeRecord
+
+MOMENT_ROLES = {"momentum_buffer": GRADIENT, "exp_avg": GRADIENT, "exp_avg_sq": GRADIENT_SQ,
+                "max_exp_avg_sq": GRADIENT_SQ, "sum": GRADIENT_SQ, "square_avg": GRADIENT_SQ}
 
 
 def follow(optimizer: torch.optim.Optimizer, old: Mapping[str, torch.Tensor],
-           new: Mapping[str, torch.nn.Parameter], index_maps: IndexMaps | None = None
+           new: Mapping[str, torch.nn.Parameter],
+           records: ChangeRecord | Iterable[ChangeRecord] | None = None
            ) -> torch.optim.Optimizer:
     """The same optimizer (type and hyperparameters of its first group) over `new` params.
 
-    old/new: parameters by name before and after the change. index_maps: per parameter name,
-    per resized dim, the old position each new position was copied from (-1 = fresh), as
-    growth operators record them. State of an unchanged parameter is copied; of a resized
-    one, gathered along the maps (fresh positions start at zero); without a map the
-    overlapping leading block is kept. Parameters that are new start with empty state.
+    old/new: parameters by name before and after the change; records: the operators' change
+    records, in the order they were applied. State of an unchanged parameter is copied; of a
+    resized one, carried through the records by its role (MOMENT_ROLES). A resized parameter no
+    record covers, or a per-element state the module does not know how to carry, is a
+    ShapeError. Parameters that are new start with empty state.
     """
+    records = as_records(records)
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
     fresh = type(optimizer)(list(new.values()), **group)
-    maps = index_maps or {}
     for name, p_new in new.items():
         p_old = old.get(name)
         if p_old is None or p_old not in optimizer.state:
             continue
-        fresh.state[p_new] = {
-            k: remap(v, tuple(p_new.shape), maps.get(name))
-            if torch.is_tensor(v) and v.shape == p_old.shape else _copy(v)
-            for k, v in optimizer.state[p_old].items()
-        }
+        fresh.state[p_new] = {k: _carry(k, v, name, p_old, p_new, records)
+                              for k, v in optimizer.state[p_old].items()}
     return fresh
 
 
-def _copy(v: object) -> object:
-    return v.clone() if torch.is_tensor(v) else v
+def _carry(key: str, v: object, name: str, p_old: torch.Tensor, p_new: torch.Tensor,
+           records: list[ChangeRecord]) -> object:
+    if not torch.is_tensor(v):
+        return v
+    if v.shape != p_old.shape or p_old.shape == p_new.shape and not _touched(name, records):
+        return v.clone()  # scalars (Adam's step) and unchanged parameters
+    role = MOMENT_ROLES.get(key)
+    if role is None:
+        raise ShapeError(f"optimizer state {key!r} of parameter {name!r} cannot follow its "
+                         f"resize: its role is unknown (known: {sorted(MOMENT_ROLES)})")
+    out = remap(v, name, records, role)
+    if out is None or out.shape != p_new.shape:
+        raise ShapeError(f"optimizer state of {name!r}: the parameter changed from "
+                         f"{tuple(p_old.shape)} to {tuple(p_new.shape)} but no change record "
+                         "says how; pass the operators' records to Context.replace_graph")
+    return out
 
 
-def remap(t: torch.Tensor, shape: tuple[int, ...],
-          maps: Mapping[int, Sequence[int]] | None = None) -> torch.Tensor:
-    """`t` brought to `shape`: gathered along mapped dims, else the leading overlap kept."""
-    out = t.detach().clone()
-    for dim, idx in (maps or {}).items():
-        index = torch.as_tensor(list(idx), dtype=torch.long, device=t.device)
-        valid = index >= 0
-        gathered = out.index_select(dim, index.clamp(min=0))
-        mask_shape = [1] * out.dim()
-        mask_shape[dim] = len(index)
-        out = gathered * valid.view(mask_shape).to(gathered.dtype)
-    if tuple(out.shape) == tuple(shape):
-        return out
-    result = torch.zeros(shape, dtype=t.dtype, device=t.device)
-    region = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, shape))
-    result[region] = out[region]
-    return result
+def _touched(name: str, records: list[ChangeRecord]) -> bool:
+    return any(name in r.index_maps for r in records)

@@ -5,8 +5,8 @@
   log p(y|x), labels given) or MAS's mean |d ||f(x)||^2 / d theta|.
 - `Quadratic`: sum_k s_k sum_i W_{k,i} (theta_i - a_{k,i})^2 over parameters keyed by name,
   merged once into one term per parameter, W (theta - m)^2 + const, so the hot loop costs the
-  same for one anchor or twenty. Anchors smaller than the parameter (the network grew since)
-  cover the leading slice only: weights outside it are zero, so grown units go unpenalised.
+  same for one anchor or twenty. Anchors and weights have their parameter's shape: after a
+  graph change they were carried through its record (`growth.remap`), never sliced.
 - `kd_loss`: distillation at a temperature.
 
 The strategies built on them are in `growth.strategies` (the quadratic ones share
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from growth.data import Task
     from growth.strategies.base import Context
 
+CANCELLED = 1e-12  # |sum v| below this fraction of sum |v|: the weights cancel (linear term)
 GRAD_BUDGET = 1 << 25  # floats of per-sample gradients held at once (128 MiB in float32)
 
 SampleLoss = Callable[[Tensor, Tensor], Tensor]  # (logits [1, C], label [1]) -> scalar
@@ -119,28 +120,20 @@ def task_fisher(ctx: Context, task: Task, samples: int | None) -> dict[str, Tens
     return {n: f.cpu() for n, f in fisher_diagonal(view, names, x, y).items()}
 
 
-# ---- growth-aware tensor arithmetic ------------------------------------------------------------
-def overlap(a: Tensor, b: Tensor, name: str = "") -> tuple[slice, ...]:
-    """The leading slice two versions of one parameter share (before and after growth)."""
-    if a.dim() != b.dim():
-        raise ShapeError(f"parameter {name!r} changed rank from {a.dim()} to {b.dim()}; "
-                         "its stored state cannot follow it")
-    return tuple(slice(0, min(s, t)) for s, t in zip(a.shape, b.shape))
-
-
-def accumulate(old: Tensor | None, new: Tensor, decay: float = 1.0, name: str = "") -> Tensor:
-    """new + decay * old over their overlap (old state of a parameter that has since grown)."""
-    out = new.clone()
-    if old is not None:
-        sl = overlap(old, new, name)
-        out[sl] += decay * old[sl].to(out)
-    return out
-
-
+# ---- stored state ------------------------------------------------------------------------------
 def stored(state: dict[str, Tensor], what: str, task: int | str) -> dict[str, Tensor]:
     """{parameter: tensor} of the state entries keyed "<what>/<task>/<parameter>"."""
     prefix = f"{what}/{task}/"
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def same_shape(a: Tensor, b: Tensor, name: str) -> None:
+    """ShapeError unless two versions of one parameter's state have one shape (state follows
+    graph changes through `Context.replace_graph`, never by matching slices)."""
+    if a.shape != b.shape:
+        raise ShapeError(f"state of parameter {name!r} has shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}; the graph changed without its change record reaching "
+                         "the strategy (use Context.replace_graph(graph, record))")
 
 
 # ---- the quadratic penalty -----------------------------------------------------------------------
@@ -149,16 +142,19 @@ Component = tuple[float, dict[str, Tensor] | None, dict[str, Tensor]]  # scale, 
 
 @dataclass
 class Quadratic:
-    """sum over terms of (W * (theta - m)^2).sum() + const, built for one compiled module."""
+    """sum over terms of (W * (theta - m)^2).sum() + sum over linear terms of (L * theta).sum()
+    + const, built for one compiled module."""
 
     module: nn.Module
     terms: list[tuple[nn.Parameter, Tensor, Tensor]]  # (parameter, centre m, weight W)
     const: float
+    linear: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)  # (parameter, L)
 
     def __call__(self) -> Tensor | None:
-        if not self.terms:
+        if not self.terms and not self.linear:
             return None
         total = sum((w * (p - m).square()).sum() for p, m, w in self.terms)
+        total = total + sum((lin * p).sum() for p, lin in self.linear)
         return total + self.const
 
 
@@ -166,35 +162,55 @@ def build_quadratic(module: nn.Module, components: Iterable[Component],
                     only: set[str] | None = None) -> Quadratic:
     """Merge sum_k s_k sum_i W_{k,i} (theta_i - a_{k,i})^2 into one term per parameter.
 
-    weights None means all ones (L2). Parameters absent from the module, or from `only` when
-    given, are skipped; anchors smaller than their parameter cover the leading slice only.
-    Merging is exact: sum_k v_k (theta - a_k)^2 = V (theta - m)^2 + c with V = sum v_k,
-    m = sum v_k a_k / V.
+    weights None (or a parameter missing from them) means all ones. Parameters absent from the
+    module, or from `only` when given, are skipped; an anchor or weight of another shape than
+    its parameter is a ShapeError. Merging is exact for weights of any sign (SI's Omega can be
+    negative). With b_k = a_k - a_1 (exact in float64), sum_k v_k (theta - a_k)^2 is
+    V (theta - m)^2 + const, m = a_1 + sum v b / V, const = sum v b^2 - (sum v b)^2 / V, where
+    V != 0: at a common anchor b = 0, so the penalty, its constant and its gradient are exactly
+    0 there. Where the weights cancel (|V| <= CANCELLED * sum |v|: a V left by rounding would
+    put m far away and lose the penalty to float32 cancellation; dropping it changes the
+    penalty by V (theta - a_1)^2) it is the linear term -2 sum v b (theta - a_1) + sum v b^2.
     """
     params = {n: p for n, p in module.named_parameters() if only is None or n in only}
-    acc: dict[str, list[Tensor]] = {}  # name -> [V, sum v a, sum v a^2], float64, param shape
+    acc: dict[str, list[Tensor]] = {}  # name -> [a_1, V, sum v b, sum v b^2, sum |v|], float64
     for scale, weights, anchors in components:
         for name, anchor in anchors.items():
             p = params.get(name)
             if p is None:
                 continue
-            v, va, vaa = acc.setdefault(name, [torch.zeros(p.shape, dtype=torch.float64)
-                                               for _ in range(3)])
-            sl = overlap(anchor, p, name)
-            a = anchor[sl].double()
-            w = torch.ones_like(a) if weights is None else weights[name][sl].double()
+            same_shape(anchor, p, name)
+            a = anchor.detach().cpu().double()
+            if name not in acc:
+                acc[name] = [a, *(torch.zeros(p.shape, dtype=torch.float64) for _ in range(4))]
+            ref, v, vb, vbb, mass = acc[name]
+            w = None if weights is None else weights.get(name)
+            if w is None:
+                w = torch.ones_like(a)
+            else:
+                same_shape(w, p, name)
+                w = w.detach().cpu().double()
             w = scale * w
-            v[sl] += w
-            va[sl] += w * a
-            vaa[sl] += w * a * a
-    terms, const = [], 0.0
+            b = a - ref
+            v += w
+            vb += w * b
+            vbb += w * b * b
+            mass += w.abs()
+    terms, linear, const = [], [], 0.0
     for name in (n for n in params if n in acc):  # module order: sums independent of the state's
-        v, va, vaa = acc[name]
-        m = torch.where(v > 0, va / v.clamp_min(1e-300), torch.zeros_like(va))
-        const += float((vaa - v * m * m).sum())
+        ref, v, vb, vbb, mass = acc[name]
+        nonzero = v.abs() > CANCELLED * mass
+        safe = torch.where(nonzero, v, torch.ones_like(v))
+        shift = torch.where(nonzero, vb / safe, torch.zeros_like(vb))
+        lin = torch.where(nonzero, torch.zeros_like(vb), -2 * vb)
+        const += float((vbb - torch.where(nonzero, vb * shift, torch.zeros_like(vb))
+                        - lin * ref).sum())
         p = params[name]
-        terms.append((p, m.to(p), v.to(p)))
-    return Quadratic(module, terms, const)
+        if bool(nonzero.any()):
+            terms.append((p, (ref + shift).to(p), torch.where(nonzero, v, 0.0).to(p)))
+        if bool((lin != 0).any()):
+            linear.append((p, lin.to(p)))
+    return Quadratic(module, terms, const, linear)
 
 
 # ---- distillation ------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
     optimizer: go on with this optimizer (e.g. `ctx.optimizer` after `ctx.replace_graph`)
     instead of a fresh one; the last optimizer stays in `ctx.optimizer` after the fit.
     """
+    ctx.strategy = strategy  # graph changes during the fit carry its state
     hooks = strategy.overridden()
     use_loss = "loss" in hooks
     use_penalty = "penalty" in hooks
@@ -153,6 +154,7 @@ def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0
                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """before_task -> fit -> after_task: how a campaign learns one task."""
     ctx.train_fit = lambda **kw: fit(ctx, strategy, cfg, **{"seed": seed, **kw})
+    ctx.strategy = strategy
     strategy.before_task(ctx)
     losses = fit(ctx, strategy, cfg, seed=seed, on_epoch=on_epoch)
     strategy.after_task(ctx)

@@ -14,8 +14,8 @@ from safetensors.torch import load, save
 from growth.data.containers import Task
 from growth.graph import NetGraph
 from growth.model import Model
+from growth.ops import net2wider
 from growth.regularizers import (
-    accumulate,
     build_quadratic,
     fisher_diagonal,
     kd_loss,
@@ -176,22 +176,12 @@ def test_importance_runs_batchnorm_and_dropout_nets_in_eval_mode_and_restores_mo
     assert torch.equal(running, model.module.bn.running_mean)
 
 
-def test_quadratic_penalises_only_the_overlap_of_a_grown_parameter():
-    lin = torch.nn.Linear(3, 6)  # weight (6, 3); anchor and Fisher taken at (4, 3)
-    anchor = torch.randn(4, 3)
-    weight = torch.rand(4, 3)
-    q = build_quadratic(lin, [(0.5, {"weight": weight}, {"weight": anchor})])
-    expect = 0.5 * (weight * (lin.weight.detach()[:4] - anchor) ** 2).sum()
-    torch.testing.assert_close(q().detach(), expect)
-    with torch.no_grad():
-        lin.weight[4:] += 10.0  # the grown rows are free
-    torch.testing.assert_close(q().detach(), expect)
-    q().backward()
-    assert torch.all(lin.weight.grad[4:] == 0) and torch.any(lin.weight.grad[:4] != 0)
-    assert lin.bias.grad is None  # no anchor, no term
-    with torch.no_grad():
-        lin.weight[:4] = anchor
-    assert float(q().detach()) == pytest.approx(0.0, abs=1e-6)
+def test_quadratic_refuses_state_of_another_shape_than_its_parameter():
+    from growth.errors import ShapeError
+
+    lin = torch.nn.Linear(3, 6)
+    with pytest.raises(ShapeError, match="'weight'.*Context.replace_graph"):
+        build_quadratic(lin, [(0.5, {"weight": torch.rand(4, 3)}, {"weight": torch.rand(4, 3)})])
 
 
 def test_merged_terms_equal_the_sum_of_separate_terms():
@@ -202,13 +192,6 @@ def test_merged_terms_equal_the_sum_of_separate_terms():
     by_hand = sum(s * (w["weight"] * (lin.weight.detach() - a["weight"]) ** 2).sum()
                   for s, w, a in comps)
     assert float(build_quadratic(lin, comps)().detach()) == pytest.approx(float(by_hand), rel=1e-5)
-
-
-def test_accumulate_adds_the_old_state_on_the_overlap():
-    old, new = torch.ones(4, 3), torch.full((6, 3), 2.0)
-    out = accumulate(old, new, 0.5)
-    assert out.shape == (6, 3)
-    assert torch.all(out[:4] == 2.5) and torch.all(out[4:] == 2.0)
 
 
 def test_kd_loss_is_zero_for_equal_outputs_and_positive_otherwise():
@@ -324,42 +307,30 @@ def test_mwc_weights_are_a_scaled_softmax_of_fisher_cosines_on_the_trunk():
     assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
 
-def widen(model: Model, hidden: int) -> None:
-    """Grow both hidden layers to `hidden` units, the old weights on the leading slices."""
-    wide = mlp(n_heads=len(model.heads), hidden=hidden, seed=1).graph
-    old = model.graph
-    for name in wide.topo_order():
-        node = wide.node(name)
-        if node.tensors:
-            grown = {}
-            for k, t in node.tensors.items():
-                t = t.clone()
-                o = old.node(name).tensors[k]
-                t[tuple(slice(0, d) for d in o.shape)] = o
-                grown[k] = t
-            node.tensors = grown
-    model.replace_graph(wide)
-
-
 def test_grown_parameters_carry_no_penalty_until_their_task_ends():
     tasks = synthetic(3)
     model = mlp(hidden=4)
     s, _ = run("mwc", {"lambda": 5.0}, tasks, model, upto=2)
-    widen(model, 6)  # fc1 (6, 16), features (6, 6), heads (4, 6)
     ctx = context(model, tasks, 2)
+    ctx.strategy = s
+    grown = net2wider(model.graph, "fc1", 6, seed=3)  # fc1 rows 4 -> 6, features columns 4 -> 6
+    ctx.replace_graph(grown.graph, grown.record)
     s.before_task(ctx)
     before = value(s, ctx)
-    with torch.no_grad():
-        model.module.fc1.weight[4:] += 1.0
-        model.module.features.weight[:, 4:] += 1.0
-        model.module.features.bias[4:] -= 1.0
+    new = [j for j in range(4, 6)]
+    with torch.no_grad():  # the copies (rows 4, 5 of fc1, columns 4, 5 of features) are free
+        model.module.fc1.weight[new] += 1.0
+        model.module.fc1.bias[new] -= 1.0
+        model.module.features.weight[:, new] += 1.0
     assert value(s, ctx) == pytest.approx(before, rel=1e-6, abs=1e-7)
     with torch.no_grad():
         model.module.fc1.weight[:4] += 0.1
     assert value(s, ctx) > before
     learn_task(ctx, s, CFG, seed=2)  # after the task ends, its Fisher covers the new units
     assert s.state[state_key("fisher", 2, "fc1.weight")].shape == (6, 16)
-    assert s.state[state_key("fisher", 0, "fc1.weight")].shape == (4, 16)
+    assert s.state[state_key("fisher", 0, "fc1.weight")].shape == (6, 16)
+    assert torch.all(s.state[state_key("fisher", 0, "fc1.weight")][new] == 0)
+    assert torch.any(s.state[state_key("fisher", 2, "fc1.weight")][new] != 0)
 
 
 # ---- SI, MAS, L2 ---------------------------------------------------------------------------------
@@ -417,23 +388,36 @@ def test_si_follows_a_model_grown_in_the_middle_of_a_task():
     tasks, model = synthetic(2), mlp(n_heads=2, hidden=4)
     s = make_strategy("si", {"xi": 0.2})
     ctx = context(model, tasks, 0)
+    ctx.strategy = s
     x, y = tasks[0].train
     s.before_task(ctx)
     start = {n: p.detach().clone() for n, p in model.named_parameters().items()}
     (g1,) = sgd_steps(s, ctx, [(x[:12], y[:12])], 0.1)
-    widen(model, 6)
-    grown = {n: p.detach().clone() for n, p in model.named_parameters().items()}
+    grown = net2wider(model.graph, "fc1", 7, seed=1)
+    idx = grown.record.index_maps["fc1.weight"][0]
+    copies = [idx.count(i) for i in idx]  # c of each new unit's old unit
+    ctx.replace_graph(grown.graph, grown.record)
     (g2,) = sgd_steps(s, ctx, [(x[12:24], y[12:24])], 0.1)
     s.after_task(ctx)
     end = model.named_parameters()
-    for n in ("fc1.weight", "features.weight", "head0.weight"):
-        old = tuple(slice(0, d) for d in start[n].shape)
-        omega = 0.1 * g2[n] ** 2
-        omega[old] += 0.1 * g1[n] ** 2
-        first = grown[n].clone()
-        first[old] = start[n]  # old units count their change from the task start
+    # path sums of SGD at lr 0.1: -g * step = 0.1 g^2. Along the parent's path, a unit's row
+    # (gradient / c) and its consumer column (value / c, gradient as before) each gained
+    # 1/c of the parent's sum; copies start from zero. Start values follow like weights.
+    omega_rows = 0.1 * g2["fc1.weight"] ** 2
+    first_rows = start["fc1.weight"][idx].clone()
+    omega_cols = 0.1 * g2["features.weight"] ** 2
+    first_cols = start["features.weight"][:, idx] / torch.tensor(copies, dtype=torch.float32)
+    for j in range(4):
+        omega_rows[j] += 0.1 * g1["fc1.weight"][j] ** 2 / copies[j]
+        omega_cols[:, j] += 0.1 * g1["features.weight"][:, j] ** 2 / copies[j]
+    for n, omega, first in (("fc1.weight", omega_rows, first_rows),
+                            ("features.weight", omega_cols, first_cols)):
         expect = omega / ((end[n].detach() - first) ** 2 + 0.2)
         torch.testing.assert_close(s.state[state_key("omega", "all", n)], expect)
+    omega = 0.1 * (g1["head0.weight"] ** 2 + g2["head0.weight"] ** 2)  # untouched by the change
+    expect = omega / ((end["head0.weight"].detach() - start["head0.weight"]) ** 2 + 0.2)
+    torch.testing.assert_close(s.state[state_key("omega", "all", "head0.weight")], expect)
+
 
 def test_mas_accumulates_importance_over_tasks_without_labels():
     tasks, model = synthetic(), mlp()

@@ -42,6 +42,7 @@ class Changes:
 
     resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     index_maps: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    divisors: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
     def put(self, node: Node, key: str, new: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         name = f"{node.name}.{key}"
@@ -191,10 +192,13 @@ def _resize_rows(node: Node, idx: torch.Tensor, changes: Changes) -> None:
 
 def _resize_columns(node: Node, cols: torch.Tensor, divide: bool, changes: Changes) -> None:
     weight = node.tensors["weight"].index_select(1, cols)
+    counts = None
     if divide:
-        counts = torch.bincount(cols)[cols].to(weight.dtype)
-        weight = weight / counts.view(1, -1, *([1] * (weight.dim() - 2)))
+        counts = torch.bincount(cols)[cols]
+        weight = weight / counts.to(weight.dtype).view(1, -1, *([1] * (weight.dim() - 2)))
     changes.put(node, "weight", weight, 1, cols)
+    if counts is not None:
+        changes.divisors.setdefault(f"{node.name}.weight", {})[1] = counts.double().tolist()
     node.attrs[_SIZE_ATTR[node.kind][0]] = len(cols)
 
 

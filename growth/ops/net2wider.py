@@ -42,7 +42,8 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     changes = apply_index(out, group, idx, divide=True)
     if noise > 0:
         _perturb_copies(out, group, noise, gen)
-    return OpResult(out, ChangeRecord("net2wider", params, changes.resized, changes.index_maps))
+    return OpResult(out, ChangeRecord("net2wider", params, changes.resized, changes.index_maps,
+                                      changes.divisors))
 
 
 def _check_width(node: str, width: int, current: int) -> None:

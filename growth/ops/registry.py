@@ -26,6 +26,11 @@ class ChangeRecord:
     resized: "node.tensor" -> (old shape, new shape).
     index_maps: for each resized tensor, per resized dim, the old position each new position was
     copied from (-1 for a fresh entry).
+    divisors: for a resized tensor and dim whose copied entries were also divided (Net2Wider's
+    consumer columns: by the number of copies of their unit), the divisor of each new position;
+    a dim not listed was copied unscaled (divisor 1). Stored as divisors, not scales, so that
+    whatever follows the change (anchors, optimizer state) reproduces the operator's arithmetic
+    bit for bit. `growth.remap` turns a record into the transform of any per-parameter tensor.
     added / removed: tensor names that appeared / disappeared; added_nodes / removed_nodes alike.
     """
 
@@ -33,6 +38,7 @@ class ChangeRecord:
     params: dict[str, Any] = field(default_factory=dict)
     resized: dict[str, tuple[TensorShape, TensorShape]] = field(default_factory=dict)
     index_maps: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    divisors: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     added_nodes: list[str] = field(default_factory=list)

@@ -25,14 +25,19 @@ Hooks, in the order the loop calls them:
 State: importance tensors, anchors and masks live in `self.state`, a flat dict keyed
 "<what>/<task>/<parameter name>" (e.g. "fisher/2/fc1.weight"), so every strategy stores them
 one way and checkpoints see them all; `extra` holds small JSON-able values. `state_spec`
-declares what the tensors look like, so a checkpoint is checked before it is loaded.
+declares what the tensors look like, so a checkpoint is checked before it is loaded. When the
+graph changes (`Context.replace_graph(graph, records)`), `follow` carries every entry through
+the operators' change records by the role the strategy declares for its `what` in
+`state_roles` (`growth.remap`: anchors like weights, importances onto the old units, masks
+gathered with new positions free); a strategy with live buffers (SI's path sums) extends
+`follow`. So every per-parameter tensor always has its parameter's shape.
 Strategies that keep old data (a replay memory, a generator of it) say how much in
 `memory_report`; it is reported apart from model size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -41,13 +46,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
+from growth.errors import ShapeError
 from growth.optim import follow
+from growth.remap import as_records, remap_state
 from growth.strategies.spec import TensorSpec, check_tensors
 
 if TYPE_CHECKING:
     from growth.data import Task
     from growth.graph import NetGraph
     from growth.model import Model
+    from growth.ops.registry import ChangeRecord
 
 HOOKS = ("before_task", "loss", "penalty", "after_backward", "after_step", "after_task",
          "evaluation")
@@ -76,20 +84,39 @@ class Context:
     epoch: int = 0
     train_fit: Callable[..., Any] | None = None  # the loop itself, for strategies that retrain
     info: dict[str, Any] = field(default_factory=dict)  # per-task scratch (not checkpointed)
+    strategy: Strategy | None = None  # whose state follows graph changes (set by learn_task)
 
     def replace_graph(self, graph: NetGraph,
-                      index_maps: Mapping[str, Mapping[int, Sequence[int]]] | None = None) -> None:
-        """Swap in a grown or compressed graph; the optimizer's state follows the parameters.
+                      records: ChangeRecord | Iterable[ChangeRecord] | None = None) -> None:
+        """Swap in a grown or compressed graph; the optimizer's and the strategy's state follow.
 
-        Call it between fits (before_task, after_task, or between `train_fit` calls) and pass
-        the operator's `record.index_maps`; then `train_fit(optimizer=ctx.optimizer)` goes on
-        training with the carried momentum instead of a fresh optimizer.
+        records: the change record of every operator that led from the current graph to
+        `graph`, in order (one record, or a list for a chain such as widen, widen, prune).
+        Call it between fits (before_task, after_task, or between `train_fit` calls); then
+        `train_fit(optimizer=ctx.optimizer)` goes on with the carried moments instead of a
+        fresh optimizer. A parameter whose shape changed with no record saying how is a
+        ShapeError, before any state is touched.
         """
+        records = as_records(records)
         old = self.model.named_parameters()
+        shapes = {n: tuple(p.shape) for n, p in old.items()}
         self.model.replace_graph(graph)
+        new = self.model.named_parameters()
+        _check_covered(shapes, new, records)
         if self.optimizer is not None:
-            self.optimizer = follow(self.optimizer, old, self.model.named_parameters(),
-                                    index_maps)
+            self.optimizer = follow(self.optimizer, old, new, records)
+        if self.strategy is not None:
+            self.strategy.follow(self, records)
+
+
+def _check_covered(old: dict[str, tuple[int, ...]], new: dict[str, torch.nn.Parameter],
+                   records: list[ChangeRecord]) -> None:
+    mapped = {n for r in records for n in r.index_maps}
+    for name, p in new.items():
+        if name in old and old[name] != tuple(p.shape) and name not in mapped:
+            raise ShapeError(f"parameter {name!r} changed from {old[name]} to {tuple(p.shape)} "
+                             "but no change record passed to Context.replace_graph maps it; "
+                             "pass the record of every operator applied, in order")
 
 
 class Strategy:
@@ -99,6 +126,8 @@ class Strategy:
     description: ClassVar[str] = "train on each task in turn with no protection (lower bound)"
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     scenarios: ClassVar[tuple[str, ...]] = ("task", "class")  # where the method makes sense
+    # role of each kind of state ("what" in "what/task/param") under a graph change
+    state_roles: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: StrategyParams | None = None) -> None:
         self.params = params if params is not None else type(self).Params()
@@ -144,6 +173,12 @@ class Strategy:
         yield ctx.model.head(ctx.head_of(task))
 
     # ---- state ----------------------------------------------------------------------------
+    def follow(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        """Carry the state through a graph change (called by `Context.replace_graph`, after
+        the model was recompiled): every entry by the role of its `what` in `state_roles`."""
+        shapes = {n: tuple(p.shape) for n, p in ctx.model.named_parameters().items()}
+        self.state = remap_state(self.state, records, self.state_roles, shapes, self.name)
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (to safetensors) and small JSON-able values (to JSON)."""
         return dict(self.state), dict(self.extra)

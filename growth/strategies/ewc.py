@@ -10,7 +10,7 @@ task ends (empirical Fisher: the task's own labels). Two modes:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor
@@ -18,16 +18,18 @@ from torch import Tensor
 from growth.regularizers import (
     Component,
     Quadratic,
-    accumulate,
     build_quadratic,
+    same_shape,
     stored,
     task_fisher,
 )
+from growth.remap import IMPORTANCE, WEIGHT
 from growth.strategies.base import Context, Strategy, StrategyParams, state_key
 from growth.strategies.spec import TensorSpec
 
 if TYPE_CHECKING:
     from growth.data import Task
+    from growth.ops.registry import ChangeRecord
 
 
 def trained_parameters(strategy: Strategy, ctx: Context) -> set[str]:
@@ -47,6 +49,7 @@ class QuadraticStrategy(Strategy):
     """
 
     _quad: Quadratic | None = None
+    state_roles: ClassVar[dict[str, str]] = {"anchor": WEIGHT, "fisher": IMPORTANCE}
 
     def components(self, ctx: Context) -> list[Component]:
         """(scale, weights, anchors) of every quadratic term the current task pays."""
@@ -83,6 +86,10 @@ class QuadraticStrategy(Strategy):
                             f"{finished} finished tasks {list(range(finished))}")
         return problems
 
+    def follow(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        super().follow(ctx, records)
+        self._quad = None
+
     def finished(self) -> list[int]:
         """Indices of the tasks consolidated so far, in order."""
         return list(self.extra.get("tasks", []))
@@ -92,10 +99,15 @@ class QuadraticStrategy(Strategy):
 
     def update_running(self, ctx: Context, what: str, new: dict[str, Tensor],
                        decay: float = 1.0) -> None:
-        """what/all <- decay * what/all + new (over grown shapes), anchor/latest <- theta now."""
+        """what/all <- decay * what/all + new, anchor/latest <- theta now. The old sums have
+        followed every graph change since, so they have their parameters' shapes."""
         old = stored(self.state, what, "all")
         merged = {n: decay * t for n, t in old.items()}
-        merged.update({n: accumulate(old.get(n), t, decay, n) for n, t in new.items()})
+        for n, t in new.items():
+            if n in old:
+                same_shape(old[n], t, n)
+                t = t + decay * old[n].to(t)
+            merged[n] = t
         for n, t in merged.items():
             self.state[state_key(what, "all", n)] = t
         self.set_anchors(ctx, "latest", list(merged))
@@ -154,8 +166,8 @@ class EWC(QuadraticStrategy):
 
     def state_spec(self) -> dict[str, TensorSpec]:
         if self.params.mode == "separate":
-            return {"fisher": TensorSpec(), "anchor": TensorSpec()}
-        return {"fisher": TensorSpec(("all",)), "anchor": TensorSpec(("latest",))}
+            return {"fisher": TensorSpec(shape="same"), "anchor": TensorSpec(shape="same")}
+        return {"fisher": TensorSpec(("all",), "same"), "anchor": TensorSpec(("latest",), "same")}
 
     def components(self, ctx: Context) -> list[Component]:
         scale = self.params.lam / 2

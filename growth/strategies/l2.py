@@ -1,15 +1,22 @@
 """L2 to the previous task's weights: lambda * sum_i (theta_i - theta*_i)^2.
 
 Every weight counts the same (no importance): the baseline that shows what the importance
-estimates of EWC, SI and MAS buy. State: anchor/latest/.
+estimates of EWC, SI and MAS buy. State: anchor/latest/ and importance/latest/, the unit
+weights (ones when a task ends). They are stored so that they follow a graph change as
+importances do (new units free, rows of copied units at 1/c^2, docs/methods.md) until the
+next task ends and every weight counts 1 again.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import torch
 from pydantic import Field
 
 from growth.regularizers import Component, stored, task_view
-from growth.strategies.base import Context, StrategyParams
+from growth.remap import IMPORTANCE, WEIGHT
+from growth.strategies.base import Context, StrategyParams, state_key
 from growth.strategies.ewc import QuadraticStrategy
 from growth.strategies.spec import TensorSpec
 
@@ -32,17 +39,22 @@ class L2(QuadraticStrategy):
     description = "uniform quadratic pull to the weights after the previous task"
     Params = L2Params
     params: L2Params
+    state_roles: ClassVar[dict[str, str]] = {"anchor": WEIGHT, "importance": IMPORTANCE}
 
     def state_spec(self) -> dict[str, TensorSpec]:
-        return {"anchor": TensorSpec(("latest",))}
+        return {"anchor": TensorSpec(("latest",), "same"),
+                "importance": TensorSpec(("latest",), "same")}
 
     def components(self, ctx: Context) -> list[Component]:
         if not self.finished():
             return []
-        return [(self.params.lam, None, stored(self.state, "anchor", "latest"))]
+        return [(self.params.lam, stored(self.state, "importance", "latest"),
+                 stored(self.state, "anchor", "latest"))]
 
     def consolidate(self, ctx: Context) -> None:
         _, names = task_view(ctx, ctx.task)
         old = set(stored(self.state, "anchor", "latest"))
         self.set_anchors(ctx, "latest", sorted(old | set(names)))
+        for n, a in stored(self.state, "anchor", "latest").items():
+            self.state[state_key("importance", "latest", n)] = torch.ones_like(a)
         self.mark_finished(ctx.task)

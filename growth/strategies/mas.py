@@ -8,6 +8,8 @@ State: importance/all/ (Omega) and anchor/latest/.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from growth.regularizers import (
@@ -17,6 +19,7 @@ from growth.regularizers import (
     task_sample,
     task_view,
 )
+from growth.remap import IMPORTANCE, WEIGHT
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy
 from growth.strategies.spec import TensorSpec
@@ -42,9 +45,10 @@ class MAS(QuadraticStrategy):
     description = "memory-aware synapses: output-sensitivity importance, quadratic pull"
     Params = MASParams
     params: MASParams
+    state_roles: ClassVar[dict[str, str]] = {"anchor": WEIGHT, "importance": IMPORTANCE}
 
     def state_spec(self) -> dict[str, TensorSpec]:
-        return {"importance": TensorSpec(("all",)), "anchor": TensorSpec(("latest",))}
+        return {"importance": TensorSpec(("all",), "same"), "anchor": TensorSpec(("latest",), "same")}
 
     def components(self, ctx: Context) -> list[Component]:
         if not self.finished():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from growth.regularizers import Component, overlap, stored, task_fisher
+from growth.regularizers import Component, same_shape, stored, task_fisher
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy, separate_components, store_task_fisher
 from growth.strategies.spec import TensorSpec
@@ -39,13 +39,14 @@ class MWCParams(StrategyParams):
 
 def fisher_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                   names: list[str]) -> float:
-    """Cosine of two diagonal Fishers over `names`, each parameter on its shared leading slice."""
+    """Cosine of two diagonal Fishers over `names`. A stored Fisher has followed every graph
+    change since its task (units it never saw are 0), so both have the parameter's shape."""
     xs, ys = [], []
     for n in names:
         if n in a and n in b:
-            sl = overlap(a[n], b[n], n)
-            xs.append(a[n][sl].double().flatten().cpu())
-            ys.append(b[n][sl].double().flatten().cpu())
+            same_shape(a[n], b[n], n)
+            xs.append(a[n].double().flatten().cpu())
+            ys.append(b[n].double().flatten().cpu())
     if not xs:
         return 0.0
     x, y = torch.cat(xs), torch.cat(ys)
@@ -67,7 +68,7 @@ class MWC(QuadraticStrategy):
     params: MWCParams
 
     def state_spec(self) -> dict[str, TensorSpec]:
-        return {"fisher": TensorSpec(), "anchor": TensorSpec()}
+        return {"fisher": TensorSpec(shape="same"), "anchor": TensorSpec(shape="same")}
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)

@@ -5,20 +5,28 @@ penalty included; delta: the step's parameter change). At the task's end
 Omega_i += omega_i / (Delta_i^2 + xi), Delta_i the parameter's total change over the task, and
 the next tasks pay c * sum_i Omega_i (theta_i - theta*_i)^2, theta* the parameters after the
 last task. State: omega/all/ (Omega) and anchor/latest/. The per-step path sums live only
-during a task (campaigns checkpoint between tasks); if the model is recompiled mid-task
-(growth), they follow it: kept on the old units, new units start from zero at that step.
+during a task (campaigns checkpoint between tasks); if the graph changes mid-task
+(`Context.replace_graph`), they follow it through the change records (`growth.remap`: start
+values like weights, path sums as PATH; new units start from zero at that step).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from growth.regularizers import Component, overlap, stored, task_view
+from growth.errors import GraphError
+from growth.regularizers import Component, stored, task_view
+from growth.remap import IMPORTANCE, PATH, WEIGHT, remap
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy
 from growth.strategies.spec import TensorSpec
+
+if TYPE_CHECKING:
+    from growth.ops.registry import ChangeRecord
 
 
 class SIParams(StrategyParams):
@@ -40,34 +48,49 @@ class SI(QuadraticStrategy):
     description = "synaptic intelligence: path-integral importance, quadratic pull"
     Params = SIParams
     params: SIParams
+    state_roles: ClassVar[dict[str, str]] = {"anchor": WEIGHT, "omega": IMPORTANCE}
+    _module: torch.nn.Module | None = None
 
     def state_spec(self) -> dict[str, TensorSpec]:
-        return {"omega": TensorSpec(("all",)), "anchor": TensorSpec(("latest",))}
+        return {"omega": TensorSpec(("all",), "same"), "anchor": TensorSpec(("latest",), "same")}
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)
-        self._module = None
         self._track(ctx, {}, {})
 
     @torch.no_grad()
     def _track(self, ctx: Context, start: dict[str, Tensor], omega: dict[str, Tensor]) -> None:
-        """Follow the current task's parameters; `start`/`omega` carry the sums of a model that
-        was since recompiled (growth): kept on the overlap, new units start from now."""
+        """Follow the current task's parameters, with the sums `start`/`omega` carried through a
+        graph change (parameters without them start from now)."""
         _, self._names = task_view(ctx, ctx.task)
         params = ctx.model.named_parameters()
         self._module = ctx.model.module
         self._params = [params[n] for n in self._names]
         self._prev = [p.detach().clone() for p in self._params]
-        self._start = [_carry(start.get(n), p.detach().clone(), n)
+        self._start = [start[n] if n in start else p.detach().clone()
                        for n, p in zip(self._names, self._params)]
-        self._omega = [_carry(omega.get(n), torch.zeros_like(p), n)
+        self._omega = [omega[n] if n in omega else torch.zeros_like(p)
                        for n, p in zip(self._names, self._params)]
         self._grads: list[Tensor | None] = [None] * len(self._names)
 
+    def follow(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        """Omega and anchors by their roles; during a task, the live sums too: the start values
+        like weights, the path sums omega as PATH (growth.remap)."""
+        super().follow(ctx, records)
+        if self._module is None:
+            return
+        start = {n: remap(t, n, records, WEIGHT) for n, t in zip(self._names, self._start)}
+        omega = {n: remap(t, n, records, PATH) for n, t in zip(self._names, self._omega)}
+        self._track(ctx, {n: t for n, t in start.items() if t is not None},
+                    {n: t for n, t in omega.items() if t is not None})
+
     def after_backward(self, ctx: Context) -> None:
-        if ctx.model.module is not self._module:
-            self._track(ctx, dict(zip(self._names, self._start)),
-                        dict(zip(self._names, self._omega)))
+        if self._module is None:  # a fit outside learn_task: start the sums here
+            self._track(ctx, {}, {})
+        elif ctx.model.module is not self._module:
+            raise GraphError("SI: the model was recompiled during a task without "
+                             "Context.replace_graph, so the path sums cannot follow it; replace "
+                             "the graph through the task's context with the operators' records")
         self._grads = [p.grad for p in self._params]
 
     @torch.no_grad()
@@ -92,11 +115,4 @@ class SI(QuadraticStrategy):
         self.update_running(ctx, "omega", new)
         self.mark_finished(ctx.task)
         self._grads = [None] * len(self._names)
-
-
-def _carry(old: Tensor | None, fresh: Tensor, name: str) -> Tensor:
-    """fresh, with old's values on the leading slice the two share."""
-    if old is not None:
-        sl = overlap(old, fresh, name)
-        fresh[sl] = old[sl]
-    return fresh
+        self._module = None
