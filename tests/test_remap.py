@@ -264,7 +264,7 @@ def test_the_penalty_is_exactly_zero_with_zero_gradient_at_the_transformed_ancho
     with torch.no_grad():  # and it is a real penalty: moving an old weight costs
         model.module.fc1.weight[0] += 0.5
     s._quad = None
-    assert float(s.penalty(ctx, None, None, None)) > 0
+    assert float(s.penalty(ctx, None, None, None).detach()) > 0
 
 
 def _narrow_penalty(key: str, s, names: list[str], delta: dict[str, torch.Tensor]) -> float:

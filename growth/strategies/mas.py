@@ -48,7 +48,8 @@ class MAS(QuadraticStrategy):
     state_roles: ClassVar[dict[str, str]] = {"anchor": WEIGHT, "importance": IMPORTANCE}
 
     def state_spec(self) -> dict[str, TensorSpec]:
-        return {"importance": TensorSpec(("all",), "same"), "anchor": TensorSpec(("latest",), "same")}
+        return {"importance": TensorSpec(("all",), "same"),
+                "anchor": TensorSpec(("latest",), "same")}
 
     def components(self, ctx: Context) -> list[Component]:
         if not self.finished():
