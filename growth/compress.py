@@ -318,7 +318,7 @@ def compress(ctx: Context, params: CompressParams, train: TrainConfig,
                 scores[name] = scores[name] + extra.to(scores[name])
     student, records, widths = shrink(teacher, budget, base, scores)
     frozen = compile_graph(teacher, head=heads).to(ctx.device).eval().requires_grad_(False)
-    ctx.replace_graph(student)
+    ctx.replace_graph(student, records)
     distiller = Distillation(frozen, heads, params.temperature, params.kd_weight, penalty)
     losses = fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs}), seed=seed)
     final = ctx.model.graph

@@ -96,7 +96,6 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
     optimizer: go on with this optimizer (e.g. `ctx.optimizer` after `ctx.replace_graph`)
     instead of a fresh one; the last optimizer stays in `ctx.optimizer` after the fit.
     """
-    ctx.strategy = strategy  # graph changes during the fit carry its state
     hooks = strategy.overridden()
     use_loss = "loss" in hooks
     use_penalty = "penalty" in hooks
