@@ -230,16 +230,18 @@ class _StrictLoader(yaml.SafeLoader):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"a key must be a name, got {key!r}", key_node.start_mark
                 ) from None
-            if first != key_node.start_mark.line + 1:
+            if first is not None:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first on line {first})",
                     key_node.start_mark)
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -306,7 +308,7 @@ def apply_override(raw: dict[str, Any], item: str) -> str:
     if not sep or not key or not all(p.strip() for p in parts):
         raise ConfigError(f"--set {item!r}: expected key=value with a dotted key, e.g. "
                           "train.epochs=3")
-    value = parse_yaml(text, f"--set {item!r}")
+    value = parse_yaml(text, f"--set {item!r}: the value")
     node = raw
     for k, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})

@@ -260,11 +260,30 @@ def read_metrics(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise ReportError(f"{path}: no metrics file; is {run_dir} a run directory?")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path}: cannot read metrics ({exc})") from exc
+        raise ReportError(f"{path}: cannot read metrics ({exc})") from None
+    except ValueError as exc:
+        raise ReportError(f"{path}: {exc}") from None
     _check_metrics(data, path)
+    _check_finite(data, path)
     return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number; metrics hold finite numbers or null")
+
+
+def _check_finite(data: Any, path: Path, key: str = "") -> None:
+    """Refuse numbers that JSON reads as infinite (1e999): the report would show them."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _check_finite(v, path, f"{key}[{k!r}]")
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _check_finite(v, path, f"{key}[{i}]")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise ReportError(f"{path}: {key or 'value'} is {data}, not a finite number")
 
 
 def _check_metrics(data: Any, path: Path) -> None:

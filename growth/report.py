@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from growth.errors import ReportError
 from growth.metrics import as_matrix, finished_tasks, read_metrics, summarize
+from growth.rundir import check_writable_dir
 
 
 @dataclass
@@ -67,9 +68,11 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     runs = load_runs(run_dirs)
     if len(runs) == 1:
         folder = Path(out) if out is not None else runs[0].dir / "report"
+        check_writable_dir(folder, "report folder")
         text = _single_report(runs[0], folder)
     else:
         folder = Path(out) if out is not None else Path("report")
+        check_writable_dir(folder, "report folder")
         text = _comparison_report(runs, folder)
     path = folder / "report.md"
     path.write_text(text, encoding="utf-8")
@@ -80,8 +83,11 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
     """Read every run's metrics; ReportError names the first folder without valid metrics."""
     if not run_dirs:
         raise ReportError("no run directory given; pass at least one folder with metrics.json")
-    runs = []
+    runs, seen = [], set()
     for d in map(Path, run_dirs):
+        if d.resolve() in seen:  # one run named twice (or through a link) counts once
+            continue
+        seen.add(d.resolve())
         m = read_metrics(d)
         name = str((m.get("run") or {}).get("name") or d.name)
         runs.append(Run(d, m, as_matrix(m["R"]), name))

@@ -243,6 +243,28 @@ def test_cifar100_pickles_load_with_coarse_labels(cifar100_files: dict) -> None:
     assert ds.coarse_names == cifar100_files["coarse_names"]
 
 
+def test_cifar100_reads_each_verified_pickle_once(cifar100_files: dict,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[str] = []
+    real_load = pickle.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(Path(f.name).name)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(pickle, "load", counting_load)
+    ds = load_dataset("cifar100", root=cifar100_files["root"])
+    assert sorted(reads) == ["meta", "test", "train"]
+    assert ds.coarse_names == cifar100_files["coarse_names"] and ds.train_coarse is not None
+    # the pickles are only read after torchvision's MD5 check: a changed file is refused
+    train = cifar100_files["root"] / "cifar-100-python" / "train"
+    train.write_bytes(train.read_bytes() + b"x")
+    reads.clear()
+    with pytest.raises(DataError, match="not found .or corrupted."):
+        load_dataset("cifar100", root=cifar100_files["root"])
+    assert reads == []
+
+
 def test_cifar100_superclass_split_gives_20_tasks_of_5_classes(cifar100_files: dict) -> None:
     ds = load_dataset("cifar100", root=cifar100_files["root"])
     tasks = make_stream(ds, "split", by="superclass", val_fraction=0.0)

@@ -1,6 +1,7 @@
 """Reports from fake run folders: files written, PNGs valid, numbers shown, errors typed."""
 
 import math
+import re
 
 import pytest
 
@@ -183,3 +184,32 @@ def test_mistyped_metrics_entries_are_one_line_errors(tmp_path, capsys, key, val
     err = capsys.readouterr().err
     assert f"'{key}'" in err and str(path) in err and "Traceback" not in err
     assert not (run_dir / "report").exists()
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_values_are_refused_naming_the_file(tmp_path, capsys, text):
+    from growth.cli import main
+
+    run_dir = make_run(tmp_path)
+    path = run_dir / "metrics.json"
+    raw = path.read_text()
+    path.write_text(re.sub(r'"acc": [0-9.e+-]+', f'"acc": {text}', raw, count=1))
+    assert path.read_text() != raw
+    with pytest.raises(ReportError, match=str(path)):
+        write_report([run_dir])
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "finite" in err and "Traceback" not in err
+    assert not (run_dir / "report").exists()
+
+
+def test_a_run_named_twice_is_counted_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    worse = [row[:] for row in R3]
+    worse[3] = [0.5, 0.6, 0.9]
+    a = make_run(tmp_path, "ft-s0", "finetune", 0)
+    b = make_run(tmp_path, "ft-s1", "finetune", 1, R=worse)
+    twice = write_report([a, b, tmp_path / "." / "ft-s0"], out=tmp_path / "twice").read_text()
+    once = write_report([a, b], out=tmp_path / "once").read_text()
+    assert twice.replace("twice", "once") == once
+    assert "Comparison of 2 runs" in twice

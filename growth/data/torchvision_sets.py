@@ -2,15 +2,20 @@
 
 torchvision owns the file formats, the download mirrors and the checksum checks, so data read
 here is exactly what `download=True` fetched. CIFAR-100's superclass labels are not exposed by
-torchvision; they are read from the same pickles it just verified.
+torchvision's class; a subclass keeps them from the same single reading of each verified
+pickle (no second unpickling).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from torchvision import datasets as tvd
+from torchvision.datasets.utils import check_integrity
 
 from growth.data.containers import Dataset, images_to_float, labels_to_long
 from growth.errors import DataError
@@ -19,13 +24,16 @@ _CLASSES: dict[str, type[tvd.VisionDataset]] = {
     "mnist": tvd.MNIST,
     "fashion_mnist": tvd.FashionMNIST,
     "cifar10": tvd.CIFAR10,
-    "cifar100": tvd.CIFAR100,
 }
+
+
+def _classes() -> dict[str, type[tvd.VisionDataset]]:
+    return {**_CLASSES, "cifar100": CIFAR100Coarse}
 
 
 def expected_folder(name: str, root: Path) -> Path:
     """Where torchvision looks for the files of dataset `name` under `root`."""
-    cls = _CLASSES[name]
+    cls = _classes()[name]
     if issubclass(cls, tvd.MNIST):
         return root / cls.__name__ / "raw"
     return root / cls.base_folder
@@ -35,7 +43,7 @@ def _open(name: str, root: Path, train: bool, download: bool) -> tvd.VisionDatas
     """Instantiate torchvision's dataset, turning its missing-data errors into DataError."""
     where = expected_folder(name, root)
     try:
-        return _CLASSES[name](str(root), train=train, download=download)
+        return _classes()[name](str(root), train=train, download=download)
     except RuntimeError as err:
         if download:
             raise DataError(f"{name}: download into {where} failed: {err}") from err
@@ -55,31 +63,53 @@ def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
     xs = [images_to_float(p.data, channels_last) for p in parts]
     ys = [labels_to_long(p.targets) for p in parts]
     ds = Dataset(name, xs[0], ys[0], xs[1], ys[1], class_names=list(parts[0].classes))
-    if name == "cifar100":
-        _attach_coarse(ds, root)
+    if isinstance(parts[0], CIFAR100Coarse):
+        ds.train_coarse, ds.test_coarse = (labels_to_long(p.coarse_targets) for p in parts)
+        ds.coarse_names = list(parts[0].coarse_classes)
     return ds
 
 
-def _attach_coarse(ds: Dataset, root: Path) -> None:
-    """Add CIFAR-100 superclass labels and names from the pickles torchvision verified."""
-    cls = tvd.CIFAR100
-    folder = root / cls.base_folder
-    ds.train_coarse = labels_to_long(_coarse_of(folder, cls.train_list))
-    ds.test_coarse = labels_to_long(_coarse_of(folder, cls.test_list))
-    ds.coarse_names = list(_unpickle(folder / cls.meta["filename"])["coarse_label_names"])
+class CIFAR100Coarse(tvd.CIFAR100):
+    """torchvision's CIFAR-100 (same files, download and MD5 checks) that also keeps the
+    superclass labels and names, reading each verified pickle once. The test part skips the
+    meta file (the train part read the names)."""
+
+    def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+        tvd.VisionDataset.__init__(self, root)
+        self.train = train
+        if download:
+            self.download()
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to "
+                               "download it")
+        files = self.train_list if train else self.test_list
+        entries = [_unpickle(Path(self.root, self.base_folder, f)) for f, _md5 in files]
+        for (f, _md5), entry in zip(files, entries):
+            missing = {"data", "fine_labels", "coarse_labels"} - set(entry)
+            if missing:
+                raise DataError(f"cifar100: {Path(self.root, self.base_folder, f)} lacks "
+                                f"{sorted(missing)}")
+        self.data = np.vstack([e["data"] for e in entries]).reshape(-1, 3, 32, 32)
+        self.data = self.data.transpose((0, 2, 3, 1))
+        self.targets = [y for e in entries for y in e["fine_labels"]]
+        self.coarse_targets = [y for e in entries for y in e["coarse_labels"]]
+        self.classes: list[str] = []
+        self.coarse_classes: list[str] = []
+        if train:
+            self._load_meta()
+
+    def _load_meta(self) -> None:
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        if not check_integrity(path, self.meta["md5"]):
+            raise RuntimeError("Dataset metadata file not found or corrupted. You can use "
+                               "download=True to download it")
+        meta = _unpickle(Path(path))
+        self.classes = list(meta["fine_label_names"])
+        self.coarse_classes = list(meta["coarse_label_names"])
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-def _coarse_of(folder: Path, files: list[list[str]]) -> list[int]:
-    labels: list[int] = []
-    for file_name, _md5 in files:
-        entry = _unpickle(folder / file_name)
-        if "coarse_labels" not in entry:
-            raise DataError(f"cifar100: {folder / file_name} has no 'coarse_labels'")
-        labels.extend(entry["coarse_labels"])
-    return labels
-
-
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path) -> dict[str, Any]:
     """Read one CIFAR pickle (latin1, as the official files were written by Python 2)."""
     try:
         with open(path, "rb") as f:
