@@ -64,6 +64,9 @@ class DataConfig(_Section):
     by: Literal["classes", "superclass"] = "classes"
     class_order: Literal["fixed", "shuffled"] = "fixed"
     split_seed: int = 0  # train/test split of datasets without one (digits, one-folder trees)
+    load: Literal["auto", "memory", "stream"] = "auto"  # folder datasets: memory or disk
+    workers: int = Field(2, ge=0)  # DataLoader processes reading streamed images
+    augment: Literal["none", "crop_flip", "resized_crop_flip"] = "none"  # training batches
 
 
 class ModelConfig(_Section):
@@ -150,6 +153,8 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "download": ("dataset", ("mnist", "fashion_mnist", "cifar10", "cifar100")),
         "root": ("dataset", tuple(d for d in DATASETS if d != "digits")),
         "split_seed": ("dataset", ("digits", "imagefolder")),
+        "load": ("dataset", ("cub200", "imagefolder")),
+        "workers": ("dataset", ("cub200", "imagefolder")),
     },
     "model": {
         "hidden": ("kind", ("mlp",)),
@@ -172,6 +177,7 @@ LIMITS: dict[str, int] = {
     "threads": 256,
     "data.n_tasks": 100,
     "data.image_size": 1024,
+    "data.workers": 64,
     "model.hidden": 65_536,
     "model.hidden#": 64,
     "model.channels": 8_192,

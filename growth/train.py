@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from growth.data.augment import augment
+from growth.data.streaming import ImageFiles, is_lazy, loader_batches
 from growth.errors import DivergedError
 from growth.strategies.base import Context, Strategy
 
@@ -48,10 +50,11 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 @dataclass
 class _Set:
     view: torch.nn.Module
-    x: torch.Tensor
+    x: torch.Tensor | ImageFiles  # the whole split on the device, or files read per batch
     y: torch.Tensor
     head: str
     multi: bool  # the view returns a dict of heads (the task's own and the strategy's extras)
+    augment: str = "none"  # growth.data.augment, applied to training batches only
 
 
 def _sets(ctx: Context, tasks: list[Task], extra: list[str]) -> list[_Set]:
@@ -62,22 +65,55 @@ def _sets(ctx: Context, tasks: list[Task], extra: list[str]) -> list[_Set]:
         heads = tuple(dict.fromkeys([head, *extra]))
         view = ctx.model.head(heads if len(heads) > 1 else head)
         out.append(_Set(view, x.to(ctx.device), ctx.label_of(t, y).to(ctx.device), head,
-                        len(heads) > 1))
+                        len(heads) > 1, t.augment))
     return out
 
 
-def _batches(sets: list[_Set], batch_size: int, gen: torch.Generator
-             ) -> Iterator[tuple[_Set, torch.Tensor]]:
-    """Shuffled minibatches of every set; with several sets, batches are interleaved."""
+Batch = tuple[_Set, torch.Tensor, torch.Tensor]
+
+
+def _batches(sets: list[_Set], batch_size: int, gen: torch.Generator,
+             device: torch.device) -> Iterator[Batch]:
+    """Shuffled minibatches (set, x, y) of every set; with several sets, batches are
+    interleaved. Splits held as tensors are indexed in place (the fast path); files are read
+    through a DataLoader."""
+    if any(is_lazy(s.x) for s in sets):
+        yield from _streamed(sets, batch_size, gen, device)
+        return
     if len(sets) == 1:
         s = sets[0]
         for idx in _order(s, gen).split(batch_size):
-            yield s, idx
+            x = s.x[idx]
+            yield s, (x if s.augment == "none" else augment(x, s.augment, gen)), s.y[idx]
         return
     plan = [(i, idx) for i, s in enumerate(sets) for idx in _order(s, gen).split(batch_size)]
     for k in torch.randperm(len(plan), generator=gen).tolist():
         i, idx = plan[k]
-        yield sets[i], idx
+        s = sets[i]
+        x = s.x[idx]
+        yield s, (x if s.augment == "none" else augment(x, s.augment, gen)), s.y[idx]
+
+
+def _streamed(sets: list[_Set], batch_size: int, gen: torch.Generator,
+              device: torch.device) -> Iterator[Batch]:
+    """The fast path's batches, in its order (each set's shuffle, then the interleaving),
+    with files read through DataLoaders: a loader reads its set's batches in the order the
+    interleaving will ask for them."""
+    splits = [_order(s, gen).split(batch_size) for s in sets]
+    plan = [(i, j) for i, parts in enumerate(splits) for j in range(len(parts))]
+    picks = (torch.randperm(len(plan), generator=gen).tolist() if len(sets) > 1
+             else list(range(len(plan))))
+    sources: list[Iterator[tuple[torch.Tensor, torch.Tensor]]] = []
+    for i, s in enumerate(sets):
+        parts = [splits[i][plan[k][1]] for k in picks if plan[k][0] == i]
+        if is_lazy(s.x):
+            sources.append(loader_batches(s.x, [p.cpu() for p in parts], device))
+        else:
+            sources.append((s.x[idx], idx) for idx in parts)
+    for k in picks:
+        s = sets[plan[k][0]]
+        x, positions = next(sources[plan[k][0]])
+        yield s, (x if s.augment == "none" else augment(x, s.augment, gen)), s.y[positions]
 
 
 def _order(s: _Set, gen: torch.Generator) -> torch.Tensor:
@@ -115,8 +151,7 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
         ctx.epoch = epoch
         total = torch.zeros((), device=ctx.device)
         n = 0
-        for s, idx in _batches(sets, cfg.batch_size, gen):
-            x, y = s.x[idx], s.y[idx]
+        for s, x, y in _batches(sets, cfg.batch_size, gen, ctx.device):
             if s.multi:
                 ctx.outputs = s.view(x)
                 logits = ctx.outputs[s.head]

@@ -13,7 +13,8 @@ Split = tuple[Tensor, Tensor]
 
 @dataclass
 class Dataset:
-    """A whole dataset in memory: x float32 [N, C, H, W] in [0, 1], y int64 [N].
+    """A dataset: x float32 [N, C, H, W] in [0, 1] (a tensor, or `ImageFiles` read on demand
+    for folder datasets too large for memory), y int64 [N] (always in memory).
 
     `train_coarse`/`test_coarse` hold superclass labels where the dataset has them (cifar100),
     so that a stream can group classes by superclass.
@@ -55,6 +56,7 @@ class Task:
     n_classes: int
     class_offset: int
     input_shape: tuple[int, ...]
+    augment: str = "none"  # training-batch augmentation (growth.data.augment.AUGMENTATIONS)
 
 
 def images_to_float(images: np.ndarray | Tensor, channels_last: bool) -> Tensor:

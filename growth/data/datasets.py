@@ -16,6 +16,7 @@ from growth.errors import DataError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "cub200", "imagefolder")
 DIGITS_TEST_FRACTION = 0.2
+LOADS = ("auto", "memory", "stream")
 
 
 def load_dataset(
@@ -24,29 +25,35 @@ def load_dataset(
     download: bool = False,
     image_size: int = 64,
     seed: int = 0,
+    load: str = "auto",
+    workers: int = 2,
 ) -> Dataset:
-    """Load dataset `name` fully into memory.
+    """Load dataset `name` into memory, or (folder datasets) as files read on demand.
 
     `image_size` applies to the folder datasets (cub200, imagefolder), which are resized to a
     square; `seed` fixes the train/test split of datasets without an official one (digits,
-    imagefolder without train/test subfolders).
+    imagefolder without train/test subfolders). `load` (folder datasets): "memory" reads every
+    image now, "stream" keeps file paths that the training loop reads through a DataLoader with
+    `workers` processes, "auto" streams when the images would take more than 1 GiB as floats.
     """
     key = name.lower().replace("-", "_")
     if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if int(image_size) < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size}")
+    if load not in LOADS:
+        raise DataError(f"unknown load mode {load!r}; valid: {', '.join(LOADS)}")
     root = Path(root).expanduser()
     if key == "digits":
         return load_digits(seed)
     if key == "cub200":
         from growth.data.folders import load_cub200  # torchvision loads lazily: it is slow
 
-        return load_cub200(root, int(image_size))
+        return load_cub200(root, int(image_size), load, int(workers))
     if key == "imagefolder":
         from growth.data.folders import load_imagefolder
 
-        return load_imagefolder(root, int(image_size), seed)
+        return load_imagefolder(root, int(image_size), seed, load, int(workers))
     from growth.data.torchvision_sets import load_torchvision
 
     return load_torchvision(key, root, download)

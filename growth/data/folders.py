@@ -1,7 +1,8 @@
 """Image datasets read from folders: CUB-200-2011 (official layout) and any ImageFolder tree.
 
-Images are converted to RGB and resized to a square `image_size` (aspect ratio not kept) so the
-whole dataset fits one tensor; the pixel reading is shared by both layouts.
+Images are converted to RGB and resized to a square `image_size` (aspect ratio not kept), read
+into one tensor, or kept as files that the training loop streams (`load`: memory | stream |
+auto, see `growth.data.streaming`); the pixel reading is shared by both layouts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torchvision.datasets import ImageFolder
 
 from growth.data.containers import Dataset, images_to_float, labels_to_long
 from growth.data.sampling import generator, stratified_split
+from growth.data.streaming import STREAM_BYTES, ImageFiles, take
 from growth.errors import DataError
 
 CUB_FOLDER = "CUB_200_2011"
@@ -36,7 +38,17 @@ def read_images(paths: Sequence[Path | str], image_size: int) -> torch.Tensor:
     return images_to_float(out, channels_last=True)
 
 
-def load_cub200(root: Path, image_size: int) -> Dataset:
+def images(paths: Sequence[Path | str], image_size: int, load: str, workers: int
+           ) -> torch.Tensor | ImageFiles:
+    """The images as one tensor, or as files read on demand (see load_dataset's `load`)."""
+    files = ImageFiles(paths, image_size, workers)
+    if load == "stream" or (load == "auto" and files.nbytes > STREAM_BYTES):
+        return files
+    return read_images(paths, image_size)
+
+
+def load_cub200(root: Path, image_size: int, load: str = "memory", workers: int = 2
+                ) -> Dataset:
     """CUB-200-2011 from `<root>/CUB_200_2011` with its official train/test split."""
     base = root / CUB_FOLDER
     missing = [f for f in CUB_FILES if not (base / f).is_file()]
@@ -52,12 +64,13 @@ def load_cub200(root: Path, image_size: int) -> Dataset:
     parts = {}
     for train in (True, False):
         ids = sorted((k for k in paths if is_train.get(k) == train), key=int)
-        x = read_images([base / "images" / paths[k] for k in ids], image_size)
+        x = images([base / "images" / paths[k] for k in ids], image_size, load, workers)
         parts[train] = (x, labels_to_long([labels[k] for k in ids]))
     return Dataset("cub200", *parts[True], *parts[False], class_names=names)
 
 
-def load_imagefolder(root: Path, image_size: int, seed: int) -> Dataset:
+def load_imagefolder(root: Path, image_size: int, seed: int, load: str = "memory",
+                     workers: int = 2) -> Dataset:
     """An ImageFolder tree: `<root>/train` + `<root>/test`, or one tree split by `seed`."""
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = _folder(root / "train"), _folder(root / "test")
@@ -66,13 +79,14 @@ def load_imagefolder(root: Path, image_size: int, seed: int) -> Dataset:
                 f"imagefolder: class folders differ between {root / 'train'} and "
                 f"{root / 'test'}: {train.classes} vs {test.classes}"
             )
-        tr_x, tr_y = _folder_tensors(train, image_size)
-        te_x, te_y = _folder_tensors(test, image_size)
+        tr_x, tr_y = _folder_tensors(train, image_size, load, workers)
+        te_x, te_y = _folder_tensors(test, image_size, load, workers)
         return Dataset("imagefolder", tr_x, tr_y, te_x, te_y, class_names=list(train.classes))
     tree = _folder(root)
-    x, y = _folder_tensors(tree, image_size)
+    x, y = _folder_tensors(tree, image_size, load, workers)
     keep, held = stratified_split(y, TEST_FRACTION, generator(seed, "imagefolder-test"))
-    return Dataset("imagefolder", x[keep], y[keep], x[held], y[held], list(tree.classes))
+    return Dataset("imagefolder", take(x, keep), y[keep], take(x, held), y[held],
+                   list(tree.classes))
 
 
 def _folder(path: Path) -> ImageFolder:
@@ -84,9 +98,11 @@ def _folder(path: Path) -> ImageFolder:
         raise DataError(f"imagefolder: no usable class folders in {path}: {err}") from err
 
 
-def _folder_tensors(tree: ImageFolder, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _folder_tensors(tree: ImageFolder, image_size: int, load: str, workers: int
+                    ) -> tuple[torch.Tensor | ImageFiles, torch.Tensor]:
     paths = [p for p, _ in tree.samples]
-    return read_images(paths, image_size), labels_to_long([c for _, c in tree.samples])
+    return images(paths, image_size, load, workers), labels_to_long([c for _, c in
+                                                                      tree.samples])
 
 
 def _table(path: Path) -> dict[str, str]:

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from growth.data.augment import AUGMENTATIONS
 from growth.data.containers import Dataset, Split, Task
 from growth.data.datasets import load_dataset
 from growth.data.sampling import generator, stratified_pick, stratified_split
+from growth.data.streaming import is_lazy, take
 from growth.data.variations import VARIATIONS, apply_variation, texture_bank
 from growth.errors import DataError
 
@@ -49,6 +51,10 @@ def make_stream(
 ) -> list[Task]:
     """Build the task list of stream `kind` over `dataset` (see the module docstring)."""
     _check_sampling(val_fraction, max_train_per_task)
+    if kind != "split" and is_lazy(dataset.train_x):
+        raise DataError(f"a {kind} stream transforms every image in memory; {dataset.name} is "
+                        "read from disk (data.load: stream): use data.load: memory, or a "
+                        "split stream")
     carve = _Carver(seed, val_fraction, max_train_per_task)
     if kind == "permuted":
         return _permuted(dataset, _task_count(n_tasks, DEFAULT_TASKS), seed, carve)
@@ -65,9 +71,10 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
     """Load the dataset and build the stream described by a plain config dict.
 
     Keys (missing or None means the default): dataset, root, download, image_size, stream,
-    n_tasks, seed, val_fraction, max_train_per_task, variations, by, class_order, and
-    split_seed (train/test split of datasets without an official one; kept apart from `seed`
-    so that runs with different seeds are tested on the same images).
+    n_tasks, seed, val_fraction, max_train_per_task, variations, by, class_order, load and
+    workers (folder datasets read into memory or streamed from disk), augment (training
+    batches), and split_seed (train/test split of datasets without an official one; kept
+    apart from `seed` so that runs with different seeds are tested on the same images).
     """
 
     def get(key: str, default: Any) -> Any:
@@ -80,8 +87,10 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
         download=bool(get("download", False)),
         image_size=get("image_size", 64),
         seed=get("split_seed", 0),
+        load=get("load", "auto"),
+        workers=get("workers", 2),
     )
-    return make_stream(
+    tasks = make_stream(
         dataset,
         get("stream", "split"),
         n_tasks=cfg.get("n_tasks"),
@@ -92,6 +101,12 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
         by=get("by", "classes"),
         class_order=get("class_order", "fixed"),
     )
+    kind = get("augment", "none")
+    if kind not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
+    for t in tasks:
+        t.augment = kind
+    return tasks
 
 
 class _Carver:
@@ -153,9 +168,9 @@ def _split(ds: Dataset, groups: list[list[int]], carve: _Carver) -> list[Task]:
         sel_test = torch.nonzero(local[ds.test_y] >= 0).flatten()
         y_train = local[ds.train_y[sel_train]]
         tr, va = carve(y_train, i)
-        train = (ds.train_x[sel_train[tr]], y_train[tr])
-        val = (ds.train_x[sel_train[va]], y_train[va])
-        test = (ds.test_x[sel_test], local[ds.test_y[sel_test]])
+        train = (take(ds.train_x, sel_train[tr]), y_train[tr])
+        val = (take(ds.train_x, sel_train[va]), y_train[va])
+        test = (take(ds.test_x, sel_test), local[ds.test_y[sel_test]])
         n = len(classes)
         tasks.append(Task(i, f"split-{i}", train, val, test, classes, n, offset, ds.input_shape))
         offset += n
