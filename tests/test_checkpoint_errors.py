@@ -224,7 +224,7 @@ CASES = [
          "corrupt"),
     Case("strategy-too-big", edit_tensors("strategy.safetensors", tensor_change(
         lambda t: torch.zeros(t.shape[0] + 5, *t.shape[1:]), "fisher/0/fc1.weight")), T,
-         "does not fit"),
+         "'fisher/0/fc1.weight' has shape (37, 64)"),
     Case("strategy-int", edit_tensors("strategy.safetensors", tensor_change(
         lambda t: t.long(), "anchor/")), T, "dtype torch.int64"),
     Case("strategy-nan", edit_tensors("strategy.safetensors", tensor_change(
