@@ -37,6 +37,7 @@ from growth.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from growth.compile import compile_graph
 from growth.config import Config, dump_config, load_config
 from growth.data import Task, build_stream
 from growth.errors import ConfigError, DataError, GraphError, ReportError, RunDirError
@@ -146,6 +147,7 @@ class Campaign:
         except GraphError as exc:
             raise ConfigError(f"{cfg.source}: model: {exc} (input shape "
                               f"{self.tasks[0].input_shape})") from None
+        self._base_bytes: int | None = None
         self.run_id = ""
         self.resumed_at: int | None = None  # finished tasks found by resume
         if self.device.type == "cuda":  # bitwise-equal resumes need deterministic kernels
@@ -270,14 +272,13 @@ class Campaign:
         self.progress.on_task_end(i, metrics)
 
     def _size(self) -> dict[str, Any]:
-        params = self.model.named_parameters()
-        trunk = set(self.model.trunk_parameter_names())
-        groups = {
-            "trunk": [p for n, p in params.items() if n in trunk],
-            "heads": [p for n, p in params.items() if n not in trunk],
-            "extra": list(self.strategy.size_tensors()),
-        }
-        return size_report(groups, self.state.base_params)
+        """Trunk, heads and the strategy's stored parts (masks, adapters), relative to the
+        base network (`Strategy.size_parts`)."""
+        if self._base_bytes is None:
+            self._base_bytes = sum(p.numel() * p.element_size()
+                                   for p in compile_graph(self.base).parameters())
+        return size_report(self.strategy.size_parts(self.model), self.state.base_params,
+                           self._base_bytes)
 
     def _memory(self) -> dict[str, int]:
         """Old data the strategy keeps (replay memory, generator): memory_samples,

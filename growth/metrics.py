@@ -19,6 +19,7 @@ import io
 import json
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,22 +148,50 @@ class RMatrix:
 # --------------------------------------------------------------------------- model size
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A piece of the deployed model as it is stored: `entries` values of `bits` bits each.
+    `parameters`: learned weights (counted in params and bytes) or side data such as owner
+    indices and binary masks (counted in bytes only)."""
+
+    entries: int
+    bits: int
+    parameters: bool = True
+
+    @property
+    def bytes(self) -> int:
+        return -(-self.entries * self.bits // 8)
+
+
+def index_bits(values: int) -> int:
+    """Bits that store an index taking `values` distinct values (an owner index 0..T: T + 1)."""
+    return max(1, math.ceil(math.log2(max(values, 2))))
+
+
 def tensor_bytes(t: Any) -> int:
     """Bytes the tensor's elements take in memory (bool = 1 byte, float16 = 2, ...)."""
+    if isinstance(t, Stored):
+        return t.bytes
     if hasattr(t, "element_size"):  # torch.Tensor
         return int(t.numel()) * int(t.element_size())
     return int(np.asarray(t).nbytes)
 
 
 def _numel(t: Any) -> int:
+    if isinstance(t, Stored):
+        return t.entries if t.parameters else 0
     return int(t.numel()) if hasattr(t, "numel") and callable(t.numel) else int(np.size(t))
 
 
-def size_report(groups: dict[str, Iterable[Any]], base_params: int | None = None) -> dict:
+def size_report(groups: dict[str, Iterable[Any]], base_params: int | None = None,
+                base_bytes: int | None = None) -> dict:
     """Parameter and byte counts per group (trunk, heads, masks, ...) and in total.
 
+    A group lists tensors (every element a parameter, bytes as held in memory) or `Stored`
+    pieces (as stored: masks in bits, owner indices in the bits they need).
     ``relative`` is total params over the base network's params, so growth is visible at a
-    glance; None without a base. Every tensor is counted each time a group lists it.
+    glance, ``relative_bytes`` total bytes over the base's (masks and owner indices show
+    there); None without a base. Every tensor is counted each time a group lists it.
     """
     out: dict[str, Any] = {"params": 0, "bytes": 0}
     for name, tensors in groups.items():
@@ -173,6 +202,8 @@ def size_report(groups: dict[str, Iterable[Any]], base_params: int | None = None
         out["params"] += n
         out["bytes"] += b
     out["relative"] = out["params"] / base_params if base_params else None
+    if base_bytes is not None:
+        out["relative_bytes"] = out["bytes"] / base_bytes if base_bytes else None
     return out
 
 

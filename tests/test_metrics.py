@@ -302,3 +302,21 @@ def test_mistyped_entries_are_refused_before_writing(tmp_path):
     with pytest.raises(ReportError, match="'wall_time_s'"):
         write_metrics(tmp_path, {**_metrics(), "wall_time_s": "slow"})
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_stored_parts_count_bits_as_stored_and_side_data_only_in_bytes():
+    from growth.metrics import Stored, index_bits
+
+    assert [index_bits(v) for v in (1, 2, 3, 4, 5, 6, 9, 256, 257)] == [1, 1, 2, 2, 3, 3, 4, 8, 9]
+    torch = pytest.importorskip("torch")
+    w = torch.zeros(100, 10)  # 1000 float32 weights: 4000 bytes
+    owner = Stored(1000, index_bits(6), parameters=False)  # owners 0..5 in 3 bits: 375 bytes
+    picks = Stored(1001, 1, parameters=False)  # 1001 bits: 126 bytes (rounded up)
+    adapter = Stored(50, 32)  # learned: params and bytes
+    rep = size_report({"trunk": [w], "masks": [owner, picks], "adapters": [adapter]},
+                      base_params=1000, base_bytes=4000)
+    assert rep["masks_params"] == 0 and rep["masks_bytes"] == 375 + 126
+    assert rep["adapters_params"] == 50 and rep["adapters_bytes"] == 200
+    assert rep["params"] == 1050 and rep["bytes"] == 4000 + 501 + 200
+    assert rep["relative"] == pytest.approx(1.05)
+    assert rep["relative_bytes"] == pytest.approx(4701 / 4000)

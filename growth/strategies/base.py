@@ -200,8 +200,21 @@ class Strategy:
 
     def size_tensors(self) -> list[torch.Tensor]:
         """Tensors that are part of the deployed model besides its parameters (masks,
-        adapters); counted in model size. Regulariser memory (Fisher, anchors) is not."""
+        adapters); counted in model size (group "extra"). Regulariser memory (Fisher,
+        anchors) is not."""
         return []
+
+    def size_parts(self, model: Model) -> dict[str, list[Any]]:
+        """The deployed model by part, for `metrics.json` sizes: lists of tensors (counted as
+        held) or `growth.metrics.Stored` pieces (counted as stored: owner indices in the bits
+        they need, binary masks as bits, `parameters=False`). Default: "trunk" (parameters
+        every head uses), "heads" (the rest), "extra" (`size_tensors`). Override to regroup
+        parameters (columns, adapters) or to add stored side data ("masks")."""
+        params = model.named_parameters()
+        trunk = set(model.trunk_parameter_names())
+        return {"trunk": [p for n, p in params.items() if n in trunk],
+                "heads": [p for n, p in params.items() if n not in trunk],
+                "extra": list(self.size_tensors())}
 
     def memory_report(self) -> dict[str, int] | None:
         """How much old data the strategy keeps, reported apart from model size: None if it
