@@ -90,13 +90,16 @@ class Policy(Protocol):
         previous decision, and the next state."""
 
 
-def sample_masked(probs: Tensor, mask: Sequence[bool], gen: torch.Generator) -> int:
-    """One draw from `probs` restricted to `mask` and renormalised."""
+def sample_masked(probs: Tensor, mask: Sequence[int], gen: torch.Generator
+                  ) -> tuple[int, float]:
+    """One draw from `probs` restricted to `mask` and renormalised, and its log-probability."""
     p = probs.detach().double() * torch.tensor(mask, dtype=torch.float64)
     total = float(p.sum())
     if not total > 0 or not math.isfinite(total):  # all masked mass underflowed: uniform
         p = torch.tensor(mask, dtype=torch.float64)
-    return int(torch.multinomial(p, 1, generator=gen))
+    p = p / p.sum()
+    choice = int(torch.multinomial(p, 1, generator=gen))
+    return choice, math.log(float(p[choice]))
 
 
 def rollout(space: SearchSpace, parent: NetGraph, policy: Policy, gen: torch.Generator,
@@ -107,7 +110,7 @@ def rollout(space: SearchSpace, parent: NetGraph, policy: Policy, gen: torch.Gen
     offers (in order, on the network as widened so far in this step); a deeper step picks a
     block, a position and a kernel among the insertions the space offers. The decisions and
     their masks are kept in `Proposal.decisions["steps"]` so a learning controller can score
-    them again."""
+    them again; each step also records `logp`, the log-probability it was sampled with."""
     graph, actions, steps = parent, [], []
     for _ in range(settings.wider_actions):
         graph = _wider_step(space, graph, policy, gen, actions, steps)
@@ -123,7 +126,7 @@ def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.
     tokens = space.tokens(layers)
     probs = policy.wider_probs(tokens) if tokens else []
     widenable = space.widenable(graph)
-    mask, choice = [], []
+    mask, choice, logp = [], [], 0.0
     for layer, p in zip(layers, probs):
         option = space.wider_option(graph, layer, widenable, seed=len(actions))
         if option is None:
@@ -133,12 +136,14 @@ def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.
         widen = int(float(torch.rand((), generator=gen, dtype=torch.float64)) < p)
         mask.append(1)
         choice.append(widen)
+        logp += math.log(p if widen else 1 - p) if 0 < p < 1 else 0.0
         if widen:
             action, child = option
             graph = space.step(graph, action) if child is None else child
             actions.append(action)
             widenable = space.widenable(graph)
-    steps.append({"type": "wider", "tokens": tokens, "mask": mask, "choice": choice})
+    steps.append({"type": "wider", "tokens": tokens, "mask": mask, "choice": choice,
+                  "logp": logp})
     return graph
 
 
@@ -152,18 +157,20 @@ def _deeper_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch
     tokens = space.tokens(layers)
     state = policy.deeper_start(tokens)
     probs, state = policy.deeper_probs(state, 0, None)
-    block = sample_masked(probs, block_mask, gen)
+    block, logp = sample_masked(probs, block_mask, gen)
     probs, state = policy.deeper_probs(state, 1, block)
     pos_mask = menu.position_mask(block)
-    position = sample_masked(probs, pos_mask, gen)
+    position, lp = sample_masked(probs, pos_mask, gen)
+    logp += lp
     k_mask = menu.kernel_mask(block, position)
     kernel = None
     if k_mask is not None:  # images: choose a kernel size (never offered on vectors)
         probs, state = policy.deeper_probs(state, 2, position)
-        kernel = sample_masked(probs, k_mask, gen)
+        kernel, lp = sample_masked(probs, k_mask, gen)
+        logp += lp
     steps.append({"type": "deeper", "tokens": tokens, "block_mask": block_mask, "block": block,
                   "position_mask": pos_mask, "position": position, "kernel_mask": k_mask,
-                  "kernel": kernel})
+                  "kernel": kernel, "logp": logp})
     actions.append(menu.action(block, position, kernel))
     return menu.child(block, position, kernel)
 

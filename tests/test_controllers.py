@@ -4,6 +4,7 @@ function, limits hold, seeds and saved state reproduce proposals, settings are v
 from __future__ import annotations
 
 import json
+import math
 
 import cloudpickle
 import pytest
@@ -147,3 +148,18 @@ def test_random_search_widens_with_its_probability() -> None:
     assert all(p.actions == () for p in never.propose(g, 3))
     for p in always.propose(g, 3):
         assert [a["node"] for a in p.actions] == ["fc1", "fc2", "fc1", "fc2"]
+
+
+def test_random_search_is_uniform_over_what_the_space_offers() -> None:
+    g = randomize(add_head(small_cnn((1, 8, 8), [3, 4], fc=(6,)), "t0", 3), 0)
+    space = make_space({"widths": {"conv": [3, 4], "fc": [6, 8]}, "max_blocks": 4}, g)
+    c = make_controller("random", space, {"wider_actions": 1, "deeper_actions": 3}, seed=0)
+    for p in c.propose(g, 5):
+        for step in p.decisions["steps"]:
+            if step["type"] == "wider":  # each offered layer: widen or keep, 1/2 each
+                assert step["logp"] == pytest.approx(sum(step["mask"]) * math.log(0.5))
+                continue
+            offered = [sum(step["block_mask"]), sum(step["position_mask"])]
+            if step["kernel_mask"] is not None:
+                offered.append(sum(step["kernel_mask"]))
+            assert step["logp"] == pytest.approx(-sum(math.log(n) for n in offered))

@@ -222,6 +222,28 @@ def test_arch_string_ignores_names_but_not_structure() -> None:
     assert arch_string(one) == arch_string(two)
 
 
+def _two_branches(wide: str, narrow: str) -> NetGraph:
+    """A 3x3 branch named `wide` and a 1x1 branch named `narrow`, added (3x3 first)."""
+    g = NetGraph()
+    g.add_input("x", (2, 5, 5))
+    g.add(wide, "conv2d", ["x"], out_channels=3, kernel_size=3, padding=1)
+    g.add(f"{wide}_r", "relu", [wide])
+    g.add(narrow, "conv2d", ["x"], out_channels=3, kernel_size=1)
+    g.add(f"{narrow}_r", "tanh", [narrow])
+    g.add("sum", "add", [f"{wide}_r", f"{narrow}_r"])
+    g.add("flat", "flatten", ["sum"])
+    g.add("fc", "linear", ["flat"], out_features=2)
+    g.add_output("out", "fc")
+    return g
+
+
+def test_arch_string_of_branches_does_not_depend_on_names() -> None:
+    a, b = _two_branches("a", "b"), _two_branches("b", "a")
+    assert arch_string(a) == arch_string(b)
+    assert arch_string(a) == ("in2x5x5 conv1x1-3 conv3x3-3(padding=1)<0 relu tanh<1 add<3,4 "
+                              "flatten fc2 out:out")
+
+
 def test_arch_string_of_a_branching_network_lists_inputs() -> None:
     s = arch_string(residual())
     assert "add<" in s and s.startswith("in3x6x6 conv3x3-4(padding=1) batchnorm2d relu")

@@ -1,0 +1,282 @@
+"""The EAS controller: masks and log-probabilities checked against the network's own logits
+(computed here by hand), REINFORCE moving the policy toward a rewarded action, the EMA
+baseline and the paper's reward, and children of an imported ResNet-18."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from graphgen import max_rel_error, outputs, randomize, single_thread  # noqa: F401
+
+from controllers import make_controller
+from controllers.base import sample_masked
+from controllers.eas import ACC_CAP, EASController, reward, step_log_prob
+from growth.graph import NetGraph
+from search_spaces import make_space
+from search_spaces.networks import add_head, mlp, small_cnn
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _cnn(fc: tuple[int, ...] = ()) -> NetGraph:  # 8x8: act1 sees 8x8, act2 4x4 (no 5x5 there)
+    return randomize(add_head(small_cnn((1, 8, 8), [3, 4], fc=fc), "t0", 3), 0)
+
+
+def _mlp() -> NetGraph:  # fc1 5 units, fc2 7 units
+    return randomize(add_head(mlp((6,), [5, 7]), "t0", 3), 0)
+
+
+def _eas(g: NetGraph, spec: dict | None = None, seed: int = 0, **settings) -> EASController:
+    space = make_space(spec or {}, g)
+    return make_controller("eas", space, settings, seed=seed)
+
+
+# ---- independent scoring of a rollout step --------------------------------------------------
+def _manual_wider(net, step) -> float:
+    """Sum of log P(decision) over the layers offered, from the raw sigmoid probabilities."""
+    with torch.no_grad():
+        p = torch.sigmoid(net.wider_logits(step["tokens"])).double()
+    total = 0.0
+    for i, (offered, widen) in enumerate(zip(step["mask"], step["choice"])):
+        if offered:
+            total += math.log(p[i]) if widen else math.log(1 - p[i])
+        else:
+            assert widen == 0
+    return total
+
+
+def _renormalised(logits: torch.Tensor, mask: list[int]) -> torch.Tensor:
+    probs = torch.softmax(logits.double(), -1) * torch.tensor(mask, dtype=torch.float64)
+    probs = probs / probs.sum()
+    assert abs(float(probs.sum()) - 1) < 1e-12
+    assert all(float(probs[i]) == 0 for i, m in enumerate(mask) if not m)
+    return probs
+
+
+def _manual_deeper(net, step) -> float:
+    """Block, position, kernel: softmax of the decoder's logits, masked, renormalised."""
+    with torch.no_grad():
+        state = net.deeper_start(step["tokens"])
+        logits, state = net.deeper_logits(state, 0, None)
+        p_block = _renormalised(logits, step["block_mask"])
+        logits, state = net.deeper_logits(state, 1, step["block"])
+        p_pos = _renormalised(logits, step["position_mask"])
+        total = math.log(p_block[step["block"]]) + math.log(p_pos[step["position"]])
+        if step["kernel_mask"] is not None:
+            logits, state = net.deeper_logits(state, 2, step["position"])
+            p_kernel = _renormalised(logits, step["kernel_mask"])
+            total += math.log(p_kernel[step["kernel"]])
+    return total
+
+
+def _manual(net, proposal) -> float:
+    return sum(_manual_wider(net, s) if s["type"] == "wider" else _manual_deeper(net, s)
+               for s in proposal.decisions["steps"])
+
+
+def test_log_probabilities_match_the_networks_probabilities() -> None:
+    g = _cnn(fc=(6,))
+    c = _eas(g, {"widths": {"conv": [4, 8], "fc": [8, 16]}, "max_blocks": 4},
+             wider_actions=2, deeper_actions=4, seed=1)
+    proposals = c.propose(g, 4)
+    kinds = {s["type"] for p in proposals for s in p.decisions["steps"]}
+    assert kinds == {"wider", "deeper"}
+    for p in proposals:
+        for step in p.decisions["steps"]:
+            got = float(step_log_prob(c.net, step)[0].detach())
+            want = _manual_wider(c.net, step) if step["type"] == "wider" else \
+                _manual_deeper(c.net, step)
+            assert got == pytest.approx(want, abs=1e-5)
+            assert step["logp"] == pytest.approx(want, abs=1e-5)  # what it was sampled with
+    # the loss is -(1/N) sum_i A_i log p(child i) (entropy weight 0 here)
+    c.settings.entropy_weight = 0.0
+    a, b = proposals[:2]
+    loss = float(c.loss([(a, 0.7), (b, -1.3)]).detach())
+    assert loss == pytest.approx(-(0.7 * _manual(c.net, a) - 1.3 * _manual(c.net, b)) / 2,
+                                 rel=1e-5)
+    # with zero advantages, what is left is -weight * the mean entropy per decision
+    c.settings.entropy_weight = 0.5
+    entropies = [h for p in (a, b) for st in p.decisions["steps"] for h in _entropies(c.net, st)]
+    loss = float(c.loss([(a, 0.0), (b, 0.0)]).detach())
+    assert loss == pytest.approx(-0.5 * sum(entropies) / len(entropies), rel=1e-5)
+
+
+def _entropies(net, step) -> list[float]:
+    """Entropy of each decision of a step, from the probabilities it was offered."""
+    with torch.no_grad():
+        if step["type"] == "wider":
+            p = torch.sigmoid(net.wider_logits(step["tokens"])).double()
+            return [float(-(q * q.log() + (1 - q) * (1 - q).log()))
+                    for q, m in zip(p, step["mask"]) if m]
+        state = net.deeper_start(step["tokens"])
+        out, previous = [], None
+        for i, key in enumerate(["block", "position", "kernel"]):
+            if step[f"{key}_mask"] is None:
+                break
+            logits, state = net.deeper_logits(state, i, previous)
+            p = _renormalised(logits, step[f"{key}_mask"])
+            out.append(float(-sum(q * q.log() for q in p if q > 0)))
+            previous = step[key]
+        return out
+
+
+def test_masks_offer_only_what_the_space_offers() -> None:
+    g = _cnn(fc=(6,))
+    # conv widths end at 4: conv2 (4) is at the limit; conv1 (3) may widen to 4
+    c = _eas(g, {"widths": {"conv": [3, 4], "fc": [6, 8]}, "max_blocks": 4},
+             wider_actions=1, deeper_actions=6, seed=2)
+    space = c.space
+    layers = space.layers(g)
+    assert [x.node for x in layers] == ["conv1", "pool1", "conv2", "pool2", "fc3"]
+    for p in c.propose(g, 8):
+        wider, *deeper = p.decisions["steps"]
+        assert wider["mask"] == [1, 0, 0, 0, 1]  # pools never; conv2 at its width limit
+        for step in deeper:
+            assert step["block_mask"][3] == 0  # only three blocks exist
+            assert step["position_mask"][step["position"]] == 1
+            assert step["block_mask"][step["block"]] == 1
+        for step, action in zip(deeper, [a for a in p.actions if a["op"] == "net2deeper"]):
+            if action["after"].startswith("act3"):  # the fc layer: no kernel decision
+                assert step["kernel_mask"] is None and "kernel_size" not in action
+            else:
+                assert step["kernel_mask"] is not None
+                assert step["kernel_mask"][step["kernel"]] == 1
+                assert space.spec.kernel_sizes[step["kernel"]] == action["kernel_size"]
+            if action["after"] == "act2":  # a 4x4 map: no 5x5 kernel
+                assert step["kernel_mask"] == [1, 1, 0]
+
+
+def test_an_mlp_never_gets_a_kernel_decision() -> None:
+    g = _mlp()
+    c = _eas(g, deeper_actions=4)
+    for p in c.propose(g, 5):
+        for step in p.decisions["steps"]:
+            if step["type"] == "deeper":
+                assert step["kernel_mask"] is None and step["kernel"] is None
+        assert all("kernel_size" not in a for a in p.actions)
+
+
+def test_masked_sampling_draws_from_the_renormalised_distribution() -> None:
+    probs = torch.tensor([0.5, 0.1, 0.3, 0.1])
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_masked(probs, [1, 1, 0, 1], gen)[0] for _ in range(4000)]
+    assert sample_masked(probs, [0, 1, 0, 0], gen) == (1, 0.0)
+    assert 2 not in draws
+    freq = [draws.count(i) / len(draws) for i in (0, 1, 3)]
+    assert freq == pytest.approx([0.5 / 0.7, 0.1 / 0.7, 0.1 / 0.7], abs=0.03)
+
+
+# ---- learning ------------------------------------------------------------------------------
+def _p_block(c: EASController, g: NetGraph, block: int) -> float:
+    menu = c.space.deeper_menu(g)
+    with torch.no_grad():
+        state = c.net.deeper_start(c.space.tokens(c.space.layers(g)))
+        logits, _ = c.net.deeper_logits(state, 0, None)
+    return float(_renormalised(logits, menu.block_mask())[block])
+
+
+def _p_widen_first(c: EASController, g: NetGraph) -> float:
+    with torch.no_grad():
+        return float(torch.sigmoid(c.net.wider_logits(c.space.tokens(c.space.layers(g)))[0]))
+
+
+@pytest.mark.parametrize("what", ["deeper", "wider"])
+def test_reinforce_moves_the_policy_toward_the_rewarded_action(what: str) -> None:
+    """Accuracy 0.5 (reward tan(pi/4) = 1) for one action, 0 (reward 0) otherwise."""
+    if what == "deeper":
+        g = _cnn()
+        c = _eas(g, {"max_blocks": 2}, wider_actions=0, deeper_actions=1, lr=0.05, seed=3)
+        prob = lambda: _p_block(c, g, 1)  # noqa: E731
+        rewarded = lambda p: p.actions[0]["after"] == "act2"  # noqa: E731
+    else:
+        g = _mlp()
+        c = _eas(g, wider_actions=1, deeper_actions=0, lr=0.05, seed=3)
+        prob = lambda: _p_widen_first(c, g)  # noqa: E731
+        rewarded = lambda p: any(a["node"] == "fc1" for a in p.actions)  # noqa: E731
+    before = prob()
+    for _ in range(6):
+        proposals = c.propose(g, 8)
+        c.observe([(p, 0.5 if rewarded(p) else 0.0) for p in proposals])
+    assert c.updates == 6
+    assert prob() > before + 0.15, (before, prob())
+
+
+def test_baseline_is_an_exponential_moving_average_of_mean_rewards() -> None:
+    g = _mlp()
+    c = _eas(g, baseline_decay=0.9)
+    ps = c.propose(g, 2)
+    c.observe([(ps[0], 0.5), (ps[1], None)])  # a failed child has no reward
+    assert c.baseline == pytest.approx(1.0)  # starts at the first mean: tan(pi/4)
+    c.observe([(ps[0], 0.0), (ps[1], 0.0)])
+    assert c.baseline == pytest.approx(0.9 * 1.0 + 0.1 * 0.0)
+    c.observe([(ps[0], None)])  # nothing scored: no update
+    assert c.updates == 2 and c.baseline == pytest.approx(0.9)
+
+
+def test_rewards_enter_the_update_as_advantages_over_the_baseline() -> None:
+    """Equal rewards on the first generation: the baseline is their mean, every advantage is
+    0 and (without the entropy bonus) the policy does not move; unequal ones move it."""
+    g = _mlp()
+    c = _eas(g, entropy_weight=0.0, wider_actions=1, deeper_actions=1)
+    before = {k: v.clone() for k, v in c.net.state_dict().items()}
+    ps = c.propose(g, 4)
+    c.observe([(p, 0.6) for p in ps])
+    assert all(torch.equal(before[k], v) for k, v in c.net.state_dict().items())
+    c.observe([(p, 0.2 * i) for i, p in enumerate(ps)])
+    assert not all(torch.equal(before[k], v) for k, v in c.net.state_dict().items())
+
+
+def test_reward_is_tan_of_accuracy_times_half_pi() -> None:
+    assert reward(0.5) == pytest.approx(1.0)
+    assert reward(0.0) == 0.0
+    assert reward(0.9) == pytest.approx(math.tan(0.45 * math.pi))
+    assert math.isfinite(reward(1.0)) and reward(1.0) == pytest.approx(
+        math.tan(ACC_CAP * math.pi / 2))
+
+
+def test_paper_settings_are_reachable_and_validated() -> None:
+    g = _mlp()
+    c = _eas(g, wider_actions=4, deeper_actions=5)
+    s = c.settings
+    assert (s.embedding_dim, s.hidden, s.lr, s.entropy_weight, s.baseline_decay) == (
+        16, 50, 2e-3, 1e-5, 0.95)
+    assert c.net.encoder.bidirectional and c.net.encoder.hidden_size == 50
+    assert c.net.embed.embedding_dim == 16 and c.net.decoder.hidden_size == 100
+    p = c.propose(g, 1)[0]
+    assert [s["type"] for s in p.decisions["steps"]] == ["wider"] * 4 + ["deeper"] * 5
+
+
+# ---- an imported torchvision network ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def resnet18() -> NetGraph:
+    torchvision = pytest.importorskip("torchvision")
+    from growth.trace import import_module
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial BN statistics, so a wrong gather shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return import_module(model, (3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["eas", "random"])
+def test_children_of_an_imported_resnet18_keep_its_function(resnet18: NetGraph,
+                                                            name: str) -> None:
+    g = resnet18
+    space = make_space(None, g)
+    layers = space.layers(g)
+    assert sum(x.kind == "conv" for x in layers) == 20 and layers[-1].kind == "pool"
+    c = make_controller(name, space, {"wider_actions": 1, "deeper_actions": 2}, seed=1)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    before = outputs(g, x)
+    for p in c.propose(g, 2):
+        assert any(a["op"] == "net2deeper" for a in p.actions)
+        child, _ = space.apply(g, p.actions)
+        assert space.arch(child) == p.arch
+        assert max_rel_error(before, outputs(child, x)) <= 1e-5
