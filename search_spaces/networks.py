@@ -102,4 +102,28 @@ def add_head(graph: NetGraph, name: str, n_classes: int, source: str = FEATURES)
     return out
 
 
-__all__ = ["FEATURES", "add_head", "mlp", "small_cnn"]
+# The base networks of the benchmarks: the starting points of searches and campaigns.
+BENCHMARKS = {
+    "digits_mlp": "MLP 64-100-100 for 8x8 digits (permuted, variations, split streams)",
+    "mnist_mlp": "MLP 784-256-256 for MNIST-sized images (permuted, variations)",
+    "cifar_cnn": "small CNN for 32x32 RGB: conv 32 and 64, BatchNorm, 2x2 max pools",
+}
+
+
+def benchmark_network(name: str, n_classes: int = 10, heads: Sequence[str] = ("t0",)
+                      ) -> NetGraph:
+    """A benchmark's base network (see BENCHMARKS) with one `n_classes` head per name."""
+    if name == "digits_mlp":
+        g = mlp((1, 8, 8), [100, 100])
+    elif name == "mnist_mlp":
+        g = mlp((1, 28, 28), [256, 256])
+    elif name == "cifar_cnn":
+        g = small_cnn((3, 32, 32), (32, 64), batchnorm=True)
+    else:
+        raise GraphError(f"unknown benchmark network {name!r}; known: {sorted(BENCHMARKS)}")
+    for head in heads:
+        g = add_head(g, head, n_classes)
+    return g
+
+
+__all__ = ["BENCHMARKS", "FEATURES", "add_head", "benchmark_network", "mlp", "small_cnn"]

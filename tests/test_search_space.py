@@ -10,11 +10,11 @@ import torch
 import yaml
 from graphgen import max_rel_error, outputs, randomize, residual, single_thread  # noqa: F401
 
-from growth.errors import ConfigError, OperatorError
+from growth.errors import ConfigError, GraphError, OperatorError
 from growth.graph import NetGraph
 from growth.ops import net2deeper, net2wider
 from search_spaces import SearchSpace, arch_string, make_space
-from search_spaces.networks import add_head, mlp, small_cnn
+from search_spaces.networks import BENCHMARKS, add_head, benchmark_network, mlp, small_cnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -286,3 +286,16 @@ def test_bad_specs_are_one_line_config_errors(raw, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         make_space(raw, _mlp())
     assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_benchmark_networks_have_a_search_space(name: str) -> None:
+    g = benchmark_network(name, n_classes=4, heads=("a", "b"))
+    assert sorted(g.heads) == ["a", "b"]
+    space = make_space(None, g)
+    layers = space.layers(g)
+    assert layers and all(x.node not in ("head_a", "head_b") for x in layers)
+    assert space.widenable(g) == {x.node for x in layers if x.kind != "pool"}
+    assert space.deeper_options(g)
+    with pytest.raises(GraphError, match="unknown benchmark network 'vgg'"):
+        benchmark_network("vgg")
