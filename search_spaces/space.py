@@ -281,9 +281,11 @@ class SearchSpace:
         for i, action in enumerate(actions):
             graph, record = self._call(graph, action, sample, i)
             records.append(record)
-        if self.max_params is not None and graph.param_count() > self.max_params:
-            raise OperatorError(f"the child has {graph.param_count():,} parameters, above the "
-                                f"space's limit of {self.max_params:,}; drop actions or raise "
+        size = graph.param_count()
+        if self.max_params is not None and size > self.max_params and size > \
+                parent.param_count():  # growth past the limit (a parent above it may stay)
+            raise OperatorError(f"the child has {size:,} parameters, above the space's limit "
+                                f"of {self.max_params:,}; drop actions or raise "
                                 "search.space.max_params / max_growth")
         return graph, records
 

@@ -9,7 +9,16 @@ import math
 import cloudpickle
 import pytest
 import torch
-from graphgen import max_rel_error, outputs, randomize, residual, single_thread  # noqa: F401
+from graphgen import (  # noqa: F401
+    max_rel_error,
+    networks,
+    outputs,
+    randomize,
+    residual,
+    single_thread,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controllers import CONTROLLERS, Controller, Proposal, make_controller
 from growth.errors import CheckpointError, ConfigError
@@ -100,6 +109,10 @@ def test_restored_state_proposes_what_the_uninterrupted_controller_would(name: s
     b.load_state_dict(saved, extra)
     assert [p.to_json() for p in b.propose(g, 3)] == want
     assert b.known(first[2].arch) == a.known(first[2].arch) is not None
+    # ... and learns from that generation as the saved one does
+    for ctl in (a, b):
+        ctl.observe([(Proposal.from_json(p), 0.9 - 0.2 * i) for i, p in enumerate(want)])
+    assert [p.to_json() for p in b.propose(g, 3)] == [p.to_json() for p in a.propose(g, 3)]
     c = cloudpickle.loads(cloudpickle.dumps(a))  # a Tune searcher holds one
     assert isinstance(c, Controller)
     assert [p.to_json() for p in c.propose(g, 2)] == [p.to_json() for p in a.propose(g, 2)]
@@ -163,3 +176,13 @@ def test_random_search_is_uniform_over_what_the_space_offers() -> None:
             if step["kernel_mask"] is not None:
                 offered.append(sum(step["kernel_mask"]))
             assert step["logp"] == pytest.approx(-sum(math.log(n) for n in offered))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(g=networks(), seed=st.integers(0, 1000))
+def test_random_children_of_random_networks_keep_the_function(g: NetGraph, seed: int) -> None:
+    """MLPs, CNNs, residual, concat and multi-head networks (tests/graphgen.py)."""
+    space = _small_space(g)
+    controller = make_controller("random", space, {"wider_actions": 2, "deeper_actions": 2},
+                                 seed=seed)
+    _check_children(controller, g, 2, _input(g, 4))

@@ -159,6 +159,11 @@ def test_parameter_limit_masks_what_would_exceed_it() -> None:
     assert [o.action["after"] for o in tight.deeper_options(g)] == ["act1"]
     with pytest.raises(OperatorError, match="above the space's limit"):
         tight.apply(g, [{"op": "net2deeper", "after": "act2"}])
+    # a parent already above the limit: nothing is offered, and it may stay as it is
+    below = SearchSpace({"max_params": base - 1})
+    assert below.deeper_options(g) == []
+    assert all(below.wider_option(g, x) is None for x in below.layers(g))
+    assert below.apply(g, [])[0].param_count() == base
 
 
 def test_growth_limit_is_relative_to_the_base_network() -> None:
