@@ -8,14 +8,15 @@ after graph nodes, so `module.state_dict()` keys equal `graph.named_tensors()` k
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from growth.errors import CheckpointError, GraphError
 from growth.graph import NetGraph
-from growth.layers import PARAMETRIC, build_module, kind_of
+from growth.layers import PARAMETRIC, build_module, decode_index, kind_of
 
 Heads = str | Sequence[str] | None
 
@@ -104,8 +105,31 @@ def _emit(g: fx.Graph, name: str, kind: str, attrs: dict, args: list[fx.Node]) -
             out = g.call_function(operator.add, (out, a))
         return out
     if kind == "concat":
-        return g.call_function(torch.cat, (tuple(args), 1))
+        return g.call_function(torch.cat, (tuple(args), _batched(attrs["dim"])))
+    plumbing = _PLUMBING.get(kind)
+    if plumbing is not None:
+        return plumbing(g, attrs, args)
     return g.call_module(name, tuple(args))
+
+
+def _batched(dim: int) -> int:
+    """A per-sample dim as a dim of the batched tensor."""
+    return dim if dim < 0 else dim + 1
+
+
+# Functional kinds: the torch call the model itself makes, with the batch dim put back.
+_PLUMBING: dict[str, Callable[[fx.Graph, dict, list[fx.Node]], fx.Node]] = {
+    "mul": lambda g, a, x: g.call_function(operator.mul, tuple(x)),
+    "permute": lambda g, a, x: g.call_function(
+        torch.permute, (x[0], (0, *(d + 1 for d in a["dims"])))),
+    "reshape": lambda g, a, x: g.call_method("reshape", (x[0], -1, *a["shape"])),
+    "getitem": lambda g, a, x: g.call_function(
+        operator.getitem, (x[0], (slice(None), *decode_index(a["index"])))),
+    "mean": lambda g, a, x: g.call_function(
+        torch.mean, (x[0], [_batched(d) for d in a["dims"]], a["keepdim"])),
+    "pad": lambda g, a, x: g.call_function(F.pad, (x[0], list(a["pad"]), "constant",
+                                                   a["value"])),
+}
 
 
 def graph_with_weights(graph: NetGraph, module: nn.Module | Mapping[str, torch.Tensor]

@@ -44,11 +44,11 @@ class Node:
 
     @property
     def param_count(self) -> int:
-        return sum(t.numel() for k, t in self.tensors.items() if k in _trainable(self.kind))
-
-
-def _trainable(kind: str) -> frozenset[str]:
-    return frozenset({"weight", "bias"}) if kind in PARAMETRIC else frozenset()
+        """Trainable values: every tensor of a parametric kind but its buffers."""
+        if self.kind not in PARAMETRIC:
+            return 0
+        buffers = kind_of(self.kind).buffers
+        return sum(t.numel() for k, t in self.tensors.items() if k not in buffers)
 
 
 class NetGraph:
@@ -69,6 +69,13 @@ class NetGraph:
         """Add a node fed by `inputs` (in order); fills sizes from input shapes and, for
         parametric kinds without `tensors`, initialises weights as torch would."""
         inputs = list(inputs)
+        shapes = [self.shape(s) if s in self._g else () for s in inputs]  # add_known checks
+        return self.add_known(name, kind, inputs, shapes, tensors, attrs)
+
+    def add_known(self, name: str, kind: str, inputs: list[str], in_shapes: list[Shape],
+                  tensors: dict[str, torch.Tensor] | None, attrs: Attrs) -> str:
+        """`add`, given the inputs' shapes: a builder that tracks shapes itself (the importer)
+        adds each node in constant time instead of walking its ancestors."""
         self._check_new_name(name)
         spec = _kind(name, kind)
         lo, hi = spec.arity
@@ -82,7 +89,6 @@ class NetGraph:
                 raise GraphError(f"node {name!r} reads from {src!r}, which is not in the graph")
             if self.node(src).kind == "output":
                 raise GraphError(f"node {name!r} reads from output node {src!r}; read its source")
-        in_shapes = [self.shape(s) for s in inputs]
         attrs = complete_attrs(kind, attrs, in_shapes)
         spec.infer(name, attrs, in_shapes)  # raises ShapeError naming the node
         if tensors is None and kind in PARAMETRIC:
@@ -278,8 +284,9 @@ class NetGraph:
     def _check_tensors(self, node: Node) -> None:
         if node.kind not in PARAMETRIC:
             return
-        want = {k: tuple(v.shape) for k, v in build_module(node.kind, node.attrs)
-                .to("meta").state_dict().items()}
+        with torch.device("meta"):  # shapes only: no memory, no random init
+            layer = build_module(node.kind, node.attrs)
+        want = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
         have = {k: tuple(v.shape) for k, v in node.tensors.items()}
         if set(want) != set(have):
             raise GraphError(

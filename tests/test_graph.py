@@ -123,7 +123,31 @@ SHAPE_CASES = [
     ("flatten", (2, 3, 4), {}),
     ("flatten", (6,), {}),
     *[(k, (3, 4, 4), {}) for k in ("relu", "leaky_relu", "elu", "gelu", "silu", "tanh",
-                                   "sigmoid", "identity", "dropout")],
+                                   "sigmoid", "identity", "dropout", "relu6", "hardswish",
+                                   "hardsigmoid", "hardtanh", "mish", "softplus", "dropout2d",
+                                   "stochastic_depth")],
+    ("conv2d", (4, 6, 6), {"out_channels": 8, "kernel_size": 3, "groups": 4}),
+    ("conv2d", (4, 6, 6), {"out_channels": 6, "kernel_size": 1, "groups": 2}),
+    ("permute", (2, 3, 4), {"dims": [2, 0, 1]}),
+    ("reshape", (2, 3, 4), {"shape": [6, 2, 2]}),
+    ("getitem", (2, 3, 4), {"index": [[None, None, None], 1]}),
+    ("getitem", (2, 3, 4), {"index": [[0, 2, None], [None, None, 2], -1]}),
+    ("mean", (2, 3, 4), {"dims": [1, -1]}),
+    ("mean", (2, 3, 4), {"dims": [0], "keepdim": True}),
+    ("pad", (2, 3, 4), {"pad": [1, 0, 0, 2]}),
+    ("channel_shuffle", (4, 3, 3), {"groups": 2}),
+    ("scale", (3, 4, 4), {"shape": [3, 1, 1]}),
+    ("scale", (3, 4, 4), {}),
+    ("offset", (5, 4), {"shape": [1, 5, 4]}),
+    ("class_token", (5, 4), {"shape": [1, 2, 4]}),
+    ("layernorm", (5, 4), {"normalized_shape": [4]}),
+    ("layernorm", (3, 5, 4), {"normalized_shape": [5, 4], "bias": False}),
+    ("self_attention", (5, 4), {"embed_dim": 4, "num_heads": 2}),
+    ("window_attention", (4, 6, 8), {"dim": 8, "window_size": [2, 2], "shift_size": [1, 1],
+                                     "num_heads": 2}),
+    ("window_attention", (4, 4, 8), {"dim": 8, "window_size": [2, 2], "shift_size": [1, 1],
+                                     "num_heads": 2, "version": 2}),
+    ("relative_attention", (3, 4, 8), {"feat_dim": 8, "head_dim": 4, "max_seq_len": 4}),
 ]
 
 
@@ -154,8 +178,25 @@ def test_merge_shapes_match_torch(kind):
     assert g.shape("m") == tuple(got.shape[1:]) == ((2, 4, 4) if kind == "add" else (9, 4, 4))
 
 
+@pytest.mark.parametrize("dim,pooled,gate_first", [(0, 1, False), (2, (4, 1), True),
+                                                   (-1, (1, 4), False)])
+def test_concat_on_any_dim_and_broadcast_mul_match_torch(dim, pooled, gate_first):
+    g = NetGraph()
+    g.add_input("x", (3, 4, 2))
+    g.add("c", "concat", ["x", "x"], dim=dim)
+    g.add_output("out", "c")
+    assert g.shape("c") == tuple(compile_graph(g)(torch.randn(2, 3, 4, 2)).shape[1:])
+    g = NetGraph()
+    g.add_input("x", (3, 4, 4))
+    g.add("s", "adaptive_avgpool2d", ["x"], output_size=pooled)  # a gate broadcast over x
+    g.add("m", "mul", ["s", "x"] if gate_first else ["x", "s"])
+    g.add_output("out", "m")
+    got = compile_graph(g)(torch.randn(2, 3, 4, 4))
+    assert g.shape("m") == tuple(got.shape[1:]) == (3, 4, 4)
+
+
 def test_every_kind_has_a_shape_case():
-    covered = {k for k, _, _ in SHAPE_CASES} | {"add", "concat", "input", "output"}
+    covered = {k for k, _, _ in SHAPE_CASES} | {"add", "concat", "mul", "input", "output"}
     assert covered == set(KINDS)
 
 

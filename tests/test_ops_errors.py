@@ -62,12 +62,15 @@ def test_grouped_convolutions_are_refused() -> None:
     g = NetGraph()
     g.add_input("x", (4, 4, 4))
     g.add("c", "conv2d", ["x"], out_channels=4, kernel_size=1)
-    g.add("dw", "conv2d", ["c"], out_channels=4, kernel_size=3, padding=1, groups=4)
-    g.add("f", "flatten", ["dw"])
+    g.add("gc", "conv2d", ["c"], out_channels=4, kernel_size=3, padding=1, groups=2)
+    g.add("f", "flatten", ["gc"])
     g.add("fc", "linear", ["f"], out_features=2)
     g.add_output("out", "fc")
-    with raises(OperatorError, "'dw'", "grouped convolution", "'c'"):
+    with raises(OperatorError, "net2wider('c')", "'gc'", "grouped convolution (groups=2)"):
         net2wider(g, "c", 6)
+    with raises(OperatorError, "prune_units('gc')", "grouped convolution (groups=2)",
+                "its own input channels"):
+        prune_units(g, "gc", 2)
 
 
 def test_unknown_nodes_are_graph_errors_naming_them() -> None:

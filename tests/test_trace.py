@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from growth.compile import compile_graph
-from growth.errors import GraphError, UnsupportedModuleError
+from growth.errors import GraphError, ShapeError, UnsupportedModuleError
 from growth.graph import output_scale
 from growth.trace import import_module
 
@@ -120,11 +120,14 @@ class Zoo(nn.Module):
         super().__init__()
         self.fc = nn.Linear(6, 6)
         self.mods = nn.Sequential(nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Sigmoid(),
-                                  nn.LeakyReLU(0.2), nn.ELU(0.5), nn.Identity())
+                                  nn.LeakyReLU(0.2), nn.ELU(0.5), nn.Identity(), nn.ReLU6(),
+                                  nn.Hardswish(), nn.Hardsigmoid(), nn.Hardtanh(-2, 3),
+                                  nn.Mish(), nn.Softplus(2.0), nn.GELU("tanh"))
 
     def forward(self, x):
         h = self.mods(self.fc(x))
-        h = F.gelu(F.silu(F.elu(F.leaky_relu(h, 0.3), alpha=0.7)))
+        h = F.relu6(F.hardswish(F.hardsigmoid(F.hardtanh(F.mish(F.softplus(h, 0.5)), -1, 2))))
+        h = F.gelu(F.silu(F.elu(F.leaky_relu(h, 0.3), alpha=0.7)), approximate="tanh")
         h = torch.tanh(F.relu(h)) + torch.relu(h).sigmoid() + h.tanh() + F.dropout(h, 0.5, False)
         return h.relu() + h.add(h)
 
@@ -133,8 +136,11 @@ def test_every_activation_form_is_imported():
     torch.manual_seed(0)
     graph = assert_same_function(Zoo(), (6,))
     kinds = {graph.node(n).kind for n in graph}
-    assert {"gelu", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "identity", "relu"} <= kinds
+    assert {"gelu", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "identity", "relu", "relu6",
+            "hardswish", "hardsigmoid", "hardtanh", "mish", "softplus"} <= kinds
     assert graph.node("mods_4").attrs["negative_slope"] == 0.2
+    assert graph.node("mods_10").attrs == {"min_val": -2, "max_val": 3}
+    assert graph.node("mods_13").attrs["approximate"] == "tanh"
 
 
 class InPlace(nn.Module):
@@ -265,10 +271,12 @@ def test_unsupported_layer_names_path_and_type(inner, match):
     assert "supported modules: " in str(info.value) and "Conv2d" in str(info.value)
 
 
-def test_grouped_conv_is_refused_naming_it():
-    m = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(UnsupportedModuleError, match="layer '1' \\(Conv2d\\): groups=2"):
-        import_module(m, (4, 8, 8))
+def test_grouped_and_depthwise_convolutions_import():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 6, 3, groups=2),
+                      nn.Conv2d(6, 12, 3, padding=1, groups=6))
+    graph = assert_same_function(m, (4, 8, 8))
+    assert [graph.node(n).attrs["groups"] for n in ("_0", "_1", "_2")] == [1, 2, 6]
 
 
 class Shared(nn.Module):
@@ -296,20 +304,104 @@ class Lambda(nn.Module):
 
 
 @pytest.mark.parametrize("fn,match", [
-    (lambda s, x: torch.mean(x, dim=1, keepdim=True), "function torch.mean"),
-    (lambda s, x: x * 2, "function operator.mul"),
+    (lambda s, x: torch.sum(x, dim=1), "function torch.sum"),
+    (lambda s, x: x * 2, "function operator.mul.*by 2 \\(a number\\)"),
     (lambda s, x: x + 1, "second operand must be a tensor"),
-    (lambda s, x: x * s.w, "attribute 'w'"),
-    (lambda s, x: x.view(x.size(0), 2, -1), "only x.view"),
-    (lambda s, x: torch.cat([x, x], dim=0), "dim=1"),
-    (lambda s, x: torch.flatten(x), "flatten\\(x, 1\\)"),
-    (lambda s, x: x[:, :2], "indexing"),
-    (lambda s, x: F.gelu(x, approximate="tanh"), "approximate='tanh'"),
+    (lambda s, x: x * s.w + s.w, "parameter 'w' is read more than once"),
+    (lambda s, x: x.view(3, -1), "fixes the batch size"),
+    (lambda s, x: torch.cat([x, x], dim=0), "dim=0 is the batch dim"),
+    (lambda s, x: torch.flatten(x), "start_dim=0 is the batch dim"),
+    (lambda s, x: x[0], "keep the whole batch"),
+    (lambda s, x: torch.mean(x), "every dim"),
     (lambda s, x: x.softmax(1), "tensor method .softmax\\(\\)"),
 ])
 def test_unsupported_calls_name_the_function(fn, match):
     with pytest.raises(UnsupportedModuleError, match=match):
         import_module(Lambda(fn), (4,))
+
+
+class ManyGaps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x).softmax(1)  # unsupported
+        g = torch.sum(x, 1, keepdim=True) * 3  # unsupported, and so is its use
+        return self.rnn(x)[0] + g + h + x.exp()  # an unsupported layer and one more call
+
+
+def test_every_unsupported_call_is_listed_in_one_error():
+    with pytest.raises(UnsupportedModuleError) as info:
+        import_module(ManyGaps(), (4,))
+    msg = str(info.value)
+    assert msg.startswith("cannot import ManyGaps: 4 calls cannot be imported.")
+    for what in ("tensor method .softmax() (fx node 'softmax') in the forward of ManyGaps "
+                 "(test_trace.py:", "function torch.sum (fx node 'sum_1')",
+                 "layer 'rnn' (LSTM)", "tensor method .exp()"):
+        assert what in msg, what
+    assert "mul" not in msg.split("supported modules")[0]  # a consequence, not a cause
+    assert "\n" not in msg
+
+
+class Checked(nn.Module):
+    """Shape checks as models write them (ViT asserts its image size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        n, c, w = x.shape
+        torch._assert((c == 3) & (w * 2 == 4), f"expected (3, 2) inputs, got ({c}, {w})")
+        torch._assert(x.dim() == 3, "expected a batch of matrices")
+        torch._assert(n > 0, "empty batch")  # depends on the batch size: cannot be evaluated
+        return self.fc(x.reshape(n, c * w))
+
+
+def test_shape_assertions_are_evaluated_at_import():
+    with pytest.warns(UserWarning, match="function torch._assert.*dropped"):
+        graph = assert_same_function(Checked(), (3, 2))
+    assert [graph.node(n).kind for n in graph] == ["input", "flatten", "linear", "output"]
+    with pytest.raises(ShapeError, match="input shape \\(3, 3\\) fails the model's own check at "
+                       "function torch._assert .*forward of Checked .*: expected \\(3, 2\\)"):
+        import_module(Checked(), (3, 3))
+
+
+class Layouts(nn.Module):
+    """Layout plumbing, learned tensors read directly, layers called as functions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)  # layer scale
+        self.pos = nn.Parameter(torch.randn(1, 16, 8))  # positional embedding
+        self.ln_w, self.ln_b = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+        self.w, self.b = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = self.gamma * self.conv(x)  # (8, 4, 4)
+        t = h.flatten(2).transpose(1, 2) + self.pos  # tokens (16, 8)
+        t = F.layer_norm(t, (8,), self.ln_w, self.ln_b, 1e-6)
+        a, b = t.chunk(2, dim=-1)  # (16, 4) each
+        u = torch.cat([b, a], dim=2).permute(0, 2, 1).unsqueeze(-1)  # (8, 16, 1)
+        u = F.pad(u.squeeze(3), (1, 1)).mean(-1, keepdim=True)  # (8, 1)
+        v = F.linear(t[:, 1:, :], self.w, self.b)[..., ::2]  # (15, 3)
+        return torch.cat([u.view(u.size(0), -1), v.reshape(-1, 45)], 1)
+
+
+def test_layout_plumbing_and_learned_tensors_import_bit_identical():
+    torch.manual_seed(0)
+    m = Layouts().eval()
+    graph = import_module(m, (3, 4, 4))
+    kinds = [graph.node(n).kind for n in graph]
+    for kind in ("scale", "offset", "layernorm", "getitem", "permute", "reshape", "pad", "mean",
+                 "linear"):
+        assert kind in kinds, kind
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(compile_graph(graph).eval()(x), m(x))
+    assert graph.param_count() == sum(p.numel() for p in m.parameters())
 
 
 def test_two_inputs_or_non_tensor_outputs_are_refused():
@@ -328,7 +420,5 @@ def test_two_inputs_or_non_tensor_outputs_are_refused():
 
 
 def test_wrong_input_shape_is_a_shape_error_naming_the_node():
-    from growth.errors import ShapeError
-
     with pytest.raises(ShapeError, match="'_0'"):
         import_module(nn.Sequential(nn.Linear(4, 4)), (5,))

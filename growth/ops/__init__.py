@@ -4,8 +4,17 @@ Importing this package registers the built-ins; plug-ins come from the "growth.o
 group (see docs/operators.md).
 """
 
-from growth.ops.channels import ChannelGroup, apply_index, find_group, resizable
-from growth.ops.net2deeper import deepenable, net2deeper
+from growth.ops.channels import (
+    ChannelGroup,
+    apply_index,
+    find_group,
+    not_resizable,
+    resizable,
+    widening_cost,
+)
+from growth.ops.guards import MAX_NEW_PARAMS
+from growth.ops.layout import feature_axes
+from growth.ops.net2deeper import deepenable, deepening_cost, net2deeper
 from growth.ops.net2wider import NOISE_BOUND, net2wider
 from growth.ops.prune_units import prune_units
 from growth.ops.registry import (
@@ -28,7 +37,8 @@ register(Operator("remove_layer", "drop a one-input, shape-preserving layer and 
                   "consumers to its input (undoes Net2Deeper)", remove_layer))
 
 __all__ = [
-    "NOISE_BOUND", "ChangeRecord", "ChannelGroup", "OpResult", "Operator", "apply_index",
-    "available_operators", "deepenable", "find_group", "get_operator", "net2deeper", "net2wider",
-    "prune_units", "register", "remove_layer", "resizable",
+    "MAX_NEW_PARAMS", "NOISE_BOUND", "ChangeRecord", "ChannelGroup", "OpResult", "Operator",
+    "apply_index", "available_operators", "deepenable", "deepening_cost", "feature_axes",
+    "find_group", "get_operator", "net2deeper", "net2wider", "not_resizable", "prune_units",
+    "register", "remove_layer", "resizable", "widening_cost",
 ]

@@ -1,11 +1,16 @@
 """Channel groups: every tensor that must change when one layer's output units change.
 
 Resizing the outputs of a producer (linear `out_features`, conv2d `out_channels`) touches the
-whole channel space it writes: producers whose outputs meet it through `add` (a residual group
-changes with one mapping), per-channel nodes downstream (BN tensors, activations, pools) and the
-input columns of every linear/conv2d that reads the space, also through `flatten` (each channel
-becomes H*W features) and `concat` (the space sits at an offset). Net2Wider and pruning are the
-same walk with a different index vector, so both live on `find_group` + `apply_index`.
+whole channel space it writes: producers whose outputs meet it through `add` or `mul` (a
+residual group, a squeeze-and-excitation gate: all change with one mapping), the nodes
+downstream that keep channels apart (BN tensors, activations, pools, depthwise convolutions,
+layer scales, permutes and reshapes that leave the channel axis whole) and the input columns of
+every linear/conv2d that reads the space, also through `flatten` (each channel becomes many
+features) and `concat` (the space sits at an offset). The channel axis of each node comes from
+`growth.ops.layout`. Net2Wider and pruning are the same walk with a different index vector, so
+both live on `find_group` + `apply_index`. A node where no mapping keeps the function
+(LayerNorm, attention, grouped convolutions, channel shuffles) stops the walk with an
+OperatorError that names it and says why.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from growth.errors import OperatorError
 from growth.graph import NetGraph, Node
 from growth.layers import Shape, kind_of
+from growth.ops.layout import Axis, feature_axes, indexed_dims, kept_axis
 
 PRODUCERS = frozenset({"linear", "conv2d"})
 _SIZE_ATTR = {"linear": ("in_features", "out_features"), "conv2d": ("in_channels", "out_channels")}
@@ -34,6 +40,7 @@ class ChannelGroup:
     consumers: tuple[str, ...]  # linear/conv2d reading the space: input columns follow it
     width: int
     shapes: Mapping[str, Shape] = field(repr=False)  # per-sample shapes before the change
+    axes: Mapping[str, Axis] = field(repr=False, default_factory=dict)  # channel axis per node
 
 
 @dataclass
@@ -53,94 +60,241 @@ class Changes:
 
 
 # ---- finding a group ------------------------------------------------------------------------
-def find_group(graph: NetGraph, node: str, shapes: Mapping[str, Shape] | None = None
-               ) -> ChannelGroup:
-    """The channel group of producer `node`; OperatorError (naming the node) if it cannot change."""
+def find_group(graph: NetGraph, node: str, shapes: Mapping[str, Shape] | None = None,
+               op: str = "resize") -> ChannelGroup:
+    """The channel group of producer `node`; an OperatorError naming the operator `op`, the node
+    and the reason if its channels cannot change without changing the function."""
     shapes = graph.shapes() if shapes is None else shapes
-    _check_producer(graph, node, shapes, node)
-    producers, region, consumers = {node}, {}, set()
-    stack: list[tuple[str, bool]] = [(node, True)]  # (node in the space, at the producers' index)
-    while stack:
-        src, plain = stack.pop()
-        for c in graph.consumers(src):
-            kind = graph.node(c).kind
-            if kind in PRODUCERS:
-                _check_layer(graph, c, shapes, node)
-                consumers.add(c)
-            elif kind == "add" and not plain:  # checked before `in region`: order-independent
-                raise OperatorError(
-                    f"cannot resize {node!r}: its channels reach add {c!r} after a concat or "
-                    "flatten, where the other operands would need a different mapping; resize a "
-                    "layer outside that path")
-            elif c in region:
-                continue
-            elif kind == "add":
-                region[c] = True
-                stack.append((c, True))
-                for member in _members(graph, c, producers, region, node):
-                    _check_producer(graph, member, shapes, node)
-                    producers.add(member)
-                    stack.append((member, True))
-            elif kind_of(kind).channels == "pass":
-                region[c] = plain
-                stack.append((c, plain))
-            elif kind in ("concat", "flatten"):
-                region[c] = False
-                stack.append((c, False))
-            elif kind == "output":
-                raise OperatorError(
-                    f"cannot resize {node!r}: its channels reach output head {c!r} (through "
-                    f"{src!r}), so the network's output would change size; resize an inner layer")
-            else:
-                raise OperatorError(f"cannot resize {node!r}: its channels reach {c!r} ({kind}), "
-                                    "which the channel-group walk does not know how to resize")
-    order = {n: i for i, n in enumerate(shapes)}
-    ranked = lambda names: tuple(sorted(names, key=order.__getitem__))  # noqa: E731
-    return ChannelGroup(node, ranked(producers), ranked(region), ranked(consumers),
-                        shapes[node][0], shapes)
+    return _Walk(graph, node, shapes, feature_axes(graph, shapes), op).run()
 
 
-def _members(graph: NetGraph, add: str, producers: set[str], region: dict[str, bool],
-             node: str) -> list[str]:
-    """Producers feeding `add` that are not in the group yet (walking back through pass nodes)."""
-    found: list[str] = []
-    stack = list(graph.inputs(add))
-    while stack:
-        n = stack.pop()
-        if n in producers or n in region or n in found:
-            continue
-        kind = graph.node(n).kind
+class _Walk:
+    """One walk over a channel space, from the producer asked for."""
+
+    def __init__(self, graph: NetGraph, node: str, shapes: Mapping[str, Shape],
+                 axes: Mapping[str, Axis], op: str) -> None:
+        self.graph, self.node, self.shapes, self.axes, self.op = graph, node, shapes, axes, op
+
+    def refuse(self, why: str) -> OperatorError:
+        return OperatorError(f"{self.op}({self.node!r}): cannot resize {self.node!r}: {why}")
+
+    def run(self) -> ChannelGroup:
+        self.check_producer(self.node)
+        producers, region, consumers = {self.node}, {}, set()
+        stack: list[tuple[str, bool]] = [(self.node, True)]  # (in the space, index unchanged)
+        while stack:
+            src, plain = stack.pop()
+            for c in self.graph.consumers(src):
+                role = self.role(c, src)
+                if role == "consumer":
+                    consumers.add(c)
+                elif role == "merge" and not plain:  # checked before `in region`: order-free
+                    raise self.refuse(
+                        f"its channels reach {self.kind(c)} {c!r} after a concat or flatten, "
+                        "where the other operands would need a different mapping; resize a "
+                        "layer outside that path")
+                elif c in region:
+                    continue
+                elif role == "merge":
+                    region[c] = True
+                    stack.append((c, True))
+                    for member in self.members(c, producers, region):
+                        producers.add(member)
+                        stack.append((member, True))
+                else:  # "pass" keeps the index, "moved" offsets or expands it
+                    region[c] = plain and role == "pass"
+                    stack.append((c, region[c]))
+        order = {n: i for i, n in enumerate(self.shapes)}
+        ranked = lambda names: tuple(sorted(names, key=order.__getitem__))  # noqa: E731
+        return ChannelGroup(self.node, ranked(producers), ranked(region), ranked(consumers),
+                            self.shapes[self.node][self.axes[self.node]], self.shapes, self.axes)
+
+    def kind(self, name: str) -> str:
+        return self.graph.node(name).kind
+
+    # ---- what a node does to the space it reads -----------------------------------------------
+    def role(self, c: str, src: str) -> str:
+        """"consumer", "merge" (operands share the mapping), "pass" (same index, maybe on another
+        axis) or "moved" (an offset or expanded index); raises where no mapping can follow."""
+        node, kind = self.graph.node(c), self.graph.node(c).kind
+        axis, shape = self.axes[src], self.shapes[src]
+        if kind == "output":
+            raise self.refuse(f"its channels reach output head {c!r} (through {src!r}), so the "
+                              "network's output would change size; resize an inner layer")
+        if axis is None:
+            raise self.refuse(f"its channels are split or merged with another axis at {src!r} "
+                              f"({self.kind(src)}), where no mapping can follow them")
+        if kind == "conv2d" and _depthwise(node):
+            self.need(axis == 0, c, "a depthwise convolution reads channels along axis 0")
+            return "pass" if node.attrs["out_channels"] == node.attrs["in_channels"] else "moved"
         if kind in PRODUCERS:
-            found.append(n)
-        elif kind == "add" or kind_of(kind).channels == "pass":
-            stack.extend(graph.inputs(n))
-        else:
-            what = "the network input" if kind == "input" else f"{kind} node"
-            raise OperatorError(
-                f"cannot resize {node!r}: its output is added at {add!r} to {what} {n!r}, whose "
-                "channels cannot change with it; resize a layer outside this residual group or "
-                "give the shortcut a projection layer")
-    return found
+            self.check_layer(c, src)
+            return "consumer"
+        if kind in ("add", "mul"):
+            return "merge"
+        if kind == "concat":
+            return "moved" if node.attrs["dim"] % len(shape) == axis else "merge"
+        if kind == "flatten":
+            return "moved"
+        if kind in _AXIS_ZERO:
+            self.need(axis == 0, c, f"{kind} works on channels along axis 0")
+            return "pass"
+        check = _CHECKS.get(kind)
+        if check is not None:
+            why = check(node, shape, axis)
+            if why:
+                raise self.refuse(f"its channels reach {kind} {c!r}, which {why}")
+            return "pass"
+        if kind_of(kind).channels == "pass":
+            return "pass"
+        raise self.refuse(f"its channels reach {c!r} ({kind}), which the channel-group walk "
+                          "does not know how to resize")
+
+    def need(self, ok: bool, c: str, why: str) -> None:
+        if not ok:
+            raise self.refuse(f"{self.kind(c)} {c!r}: {why}, but the channels lie along another "
+                              "axis there")
+
+    def members(self, merge: str, producers: set[str], region: dict[str, bool]) -> list[str]:
+        """Producers feeding `merge` that are not in the group yet (walking back through nodes
+        that keep channels apart): every operand must change with the same mapping."""
+        found: list[str] = []
+        stack = self.operands(merge)
+        while stack:
+            n = stack.pop()
+            if n in producers or n in region or n in found:
+                continue
+            kind = self.kind(n)
+            if kind in PRODUCERS and not _depthwise(self.graph.node(n)):
+                self.check_producer(n)
+                found.append(n)
+                continue
+            if kind in ("add", "mul") or (kind == "concat" and self.role(n, self.graph.inputs(
+                    n)[0]) == "merge"):
+                stack.extend(self.operands(n))
+                continue
+            try:
+                role = self.role(n, self.graph.inputs(n)[0]) if kind != "input" else None
+            except OperatorError:
+                role = None
+            if role != "pass":
+                what = "the network input" if kind == "input" else f"{kind} node"
+                raise self.refuse(
+                    f"its output meets, at {self.kind(merge)} {merge!r}, {what} {n!r}, whose "
+                    "channels cannot change with it; resize a layer outside this group or give "
+                    "that operand a projection layer")
+            stack.extend(self.graph.inputs(n))
+        return found
+
+    def operands(self, merge: str) -> list[str]:
+        """The inputs of a merge that carry channels (a gate broadcast over them does not)."""
+        axis = self.axes[merge]
+        out = self.shapes[merge]
+        return [i for i in self.graph.inputs(merge)
+                if axis is None or out[axis] == 1 or self.shapes[i][axis] != 1]
+
+    # ---- layers that write or read the space ---------------------------------------------------
+    def check_producer(self, name: str) -> None:
+        n = self.graph.node(name)
+        if n.kind == "conv2d" and _depthwise(n):
+            src = self.graph.inputs(name)[0]
+            raise self.refuse(f"{name!r} is a depthwise convolution (groups={n.attrs['groups']}): "
+                              f"its channels follow its input's; resize the layer that produces "
+                              f"{src!r} instead")
+        if n.kind not in PRODUCERS:
+            raise self.refuse(f"node {name!r} is a {n.kind} node, which has no output units to "
+                              "resize; pick a linear or conv2d node")
+        self.check_grouped(name)
+
+    def check_layer(self, name: str, src: str) -> None:
+        """A linear/conv2d reading the space: it must read along the channel axis."""
+        n = self.graph.node(name)
+        self.check_grouped(name)
+        axis, shape = self.axes[src], self.shapes[src]
+        who = f"{name!r}" if name == self.node else \
+            f"{name!r} (in the channel group of {self.node!r})"
+        if n.kind == "linear" and axis != len(shape) - 1:
+            raise self.refuse(f"node {who} is a linear layer reading the last axis of a {shape} "
+                              f"input whose channels lie along axis {axis}; insert a flatten "
+                              "before it to resize its channels")
+        if n.kind == "conv2d" and axis != 0:
+            raise self.refuse(f"node {who} is a convolution reading axis 0 of a {shape} input "
+                              f"whose channels lie along axis {axis}")
+
+    def check_grouped(self, name: str) -> None:
+        n = self.graph.node(name)
+        groups = n.attrs.get("groups", 1)
+        if n.kind == "conv2d" and groups != 1 and not _depthwise(n):
+            who = f"{name!r}" if name == self.node else \
+                f"{name!r} (in the channel group of {self.node!r})"
+            raise self.refuse(
+                f"node {who} is a grouped convolution (groups={groups}): each group reads only "
+                "its own input channels, so copies of a channel would have to join a group with "
+                "the same number of new channels in every group; resize a layer outside it")
 
 
-def _check_producer(graph: NetGraph, name: str, shapes: Mapping[str, Shape], node: str) -> None:
-    n = graph.node(name)
-    if n.kind not in PRODUCERS:
-        raise OperatorError(f"node {name!r} is a {n.kind} node, which has no output units to "
-                            "resize; pick a linear or conv2d node")
-    _check_layer(graph, name, shapes, node)
+def _depthwise(node: Node) -> bool:
+    """A convolution whose every group reads one input channel (groups == in_channels > 1)."""
+    g = node.attrs.get("groups", 1)
+    return node.kind == "conv2d" and g > 1 and g == node.attrs["in_channels"]
 
 
-def _check_layer(graph: NetGraph, name: str, shapes: Mapping[str, Shape], node: str) -> None:
-    n = graph.node(name)
-    who = f"{name!r}" if name == node else f"{name!r} (in the channel group of {node!r})"
-    if n.kind == "conv2d" and n.attrs.get("groups", 1) != 1:
-        raise OperatorError(f"node {who} is a grouped convolution (groups={n.attrs['groups']}); "
-                            "resizing channels through grouped convolutions is not supported")
-    if n.kind == "linear" and len(shapes[graph.inputs(name)[0]]) != 1:
-        raise OperatorError(f"node {who} is a linear layer applied to a "
-                            f"{shapes[graph.inputs(name)[0]]} input (not a vector); insert a "
-                            "flatten before it to resize its channels")
+# Kinds that keep channels apart only where the channels lie along axis 0 of their input.
+_AXIS_ZERO = frozenset({"batchnorm1d", "batchnorm2d", "maxpool2d", "avgpool2d",
+                        "adaptive_avgpool2d"})
+_ATTENTION = ("mixes all features of a token (heads split them), so copied units would change "
+              "its output; resize layers inside its MLP instead")
+
+
+def _norm_check(node: Node, shape: Shape, axis: int) -> str | None:
+    if axis >= len(shape) - len(node.attrs["normalized_shape"]):
+        return ("normalises over the features: copies of a unit would change its mean and "
+                "variance, so widening through it cannot keep the function")
+    return None
+
+
+def _pad_check(node: Node, shape: Shape, axis: int) -> str | None:
+    pad = list(node.attrs["pad"])
+    padded = {len(shape) - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
+    return "pads along the channels" if axis in padded else None
+
+
+def _mean_check(node: Node, shape: Shape, axis: int) -> str | None:
+    dims = {d % len(shape) for d in node.attrs["dims"]}
+    return "averages over the channels" if axis in dims else None
+
+
+def _index_check(node: Node, shape: Shape, axis: int) -> str | None:
+    return "slices the channels" if axis in indexed_dims(node.attrs["index"], shape) else None
+
+
+def _reshape_check(node: Node, shape: Shape, axis: int) -> str | None:
+    if kept_axis(shape, tuple(node.attrs["shape"]), axis) is None:
+        return "splits the channel axis or merges it with another"
+    return None
+
+
+def _token_check(node: Node, shape: Shape, axis: int) -> str | None:
+    return None if axis == len(shape) - 1 else "prepends tokens along the channel axis"
+
+
+_CHECKS = {
+    "layernorm": _norm_check,
+    "pad": _pad_check,
+    "mean": _mean_check,
+    "getitem": _index_check,
+    "reshape": _reshape_check,
+    "class_token": _token_check,
+    "permute": lambda node, shape, axis: None,
+    "scale": lambda node, shape, axis: None,
+    "offset": lambda node, shape, axis: None,
+    "channel_shuffle": lambda node, shape, axis: (
+        "interleaves the channels of its groups; copies of a channel would land in other "
+        "groups"),
+    "self_attention": lambda node, shape, axis: _ATTENTION,
+    "window_attention": lambda node, shape, axis: _ATTENTION,
+    "relative_attention": lambda node, shape, axis: _ATTENTION,
+}
 
 
 # ---- applying an index ----------------------------------------------------------------------
@@ -153,34 +307,70 @@ def apply_index(graph: NetGraph, group: ChannelGroup, idx: torch.Tensor,
     changes = Changes()
     local: dict[str, torch.Tensor] = {p: idx for p in group.producers}
     for n in group.region:
-        local[n] = _local_index(graph, n, local, group.shapes)
+        local[n] = _local_index(graph, n, local, group)
     for p in group.producers:
         _resize_rows(graph.node(p), idx, changes)
     for c in group.consumers:
         _resize_columns(graph.node(c), local[graph.inputs(c)[0]], divide, changes)
     for n in group.region:
-        _resize_channelwise(graph.node(n), local[n], changes)
+        _resize_region(graph, n, local, group, changes)
     return changes
 
 
 def _local_index(graph: NetGraph, name: str, local: dict[str, torch.Tensor],
-                 shapes: Mapping[str, Shape]) -> torch.Tensor:
-    """The index as seen at `name`'s output (offset by concat, expanded by flatten)."""
-    kind = graph.node(name).kind
-    inputs = graph.inputs(name)
-    if kind == "flatten":
-        src = inputs[0]
-        hw = math.prod(shapes[src][1:])
-        return (local[src][:, None] * hw + torch.arange(hw)).flatten()
-    if kind == "concat":
+                 group: ChannelGroup) -> torch.Tensor:
+    """The index as seen at `name`'s output (offset by concat, expanded by flatten and by
+    depthwise channel multipliers)."""
+    node, inputs = graph.node(name), graph.inputs(name)
+    shapes, axes = group.shapes, group.axes
+    src = next(i for i in inputs if i in local)
+    if node.kind == "flatten":  # the flat positions of each kept channel's values
+        positions = torch.arange(math.prod(shapes[src])).view(shapes[src])
+        return positions.index_select(axes[src], local[src]).flatten()
+    if node.kind == "concat" and node.attrs["dim"] % len(shapes[src]) == axes[src]:
         parts, offset = [], 0
-        for src in inputs:
-            width = shapes[src][0]
-            parts.append(local[src] + offset if src in local else torch.arange(offset,
-                                                                               offset + width))
+        for i in inputs:
+            width = shapes[i][axes[src]]
+            parts.append(local[i] + offset if i in local else torch.arange(offset,
+                                                                           offset + width))
             offset += width
         return torch.cat(parts)
-    return local[inputs[0]]  # pass nodes and add (all operands share the producers' index)
+    if node.kind == "conv2d":  # depthwise: output channel o reads input channel o // m
+        m = node.attrs["out_channels"] // node.attrs["in_channels"]
+        return (local[src][:, None] * m + torch.arange(m)).flatten()
+    return local[src]  # pass nodes and merges (all operands share the producers' index)
+
+
+def _resize_region(graph: NetGraph, name: str, local: dict[str, torch.Tensor],
+                   group: ChannelGroup, changes: Changes) -> None:
+    """Gather the tensors (and fix the attrs) of a node the space passes through."""
+    node, idx = graph.node(name), local[name]
+    if node.kind == "conv2d":  # depthwise: its filters follow their channels
+        for key in ("weight", "bias"):
+            if key in node.tensors:
+                changes.put(node, key, node.tensors[key].index_select(0, idx), 0, idx)
+        width = len(local[graph.inputs(name)[0]])
+        node.attrs.update(in_channels=width, out_channels=len(idx), groups=width)
+    elif node.kind in ("scale", "offset", "class_token"):
+        _resize_param(node, idx, group.axes[name], len(group.shapes[name]), changes)
+    elif node.kind == "reshape":
+        shape = list(node.attrs["shape"])
+        shape[group.axes[name]] = len(idx)
+        node.attrs["shape"] = shape
+    else:
+        _resize_channelwise(node, idx, changes)
+
+
+def _resize_param(node: Node, idx: torch.Tensor, axis: int, rank: int, changes: Changes
+                  ) -> None:
+    """A learned tensor broadcast onto the activations: gather its channel dim, unless it is
+    1 there (one value shared by every channel, e.g. a scalar gate)."""
+    weight = node.tensors["weight"]
+    dim = axis + weight.dim() - rank  # right-aligned with the per-sample shape
+    if dim < 0 or weight.shape[dim] == 1:
+        return
+    changes.put(node, "weight", weight.index_select(dim, idx), dim, idx)
+    node.attrs["shape"] = list(node.tensors["weight"].shape)
 
 
 def _resize_rows(node: Node, idx: torch.Tensor, changes: Changes) -> None:
@@ -211,14 +401,41 @@ def _resize_channelwise(node: Node, idx: torch.Tensor, changes: Changes) -> None
 
 
 def resizable(graph: NetGraph) -> list[str]:
-    """Producers whose units can be widened or pruned (their group reaches no output head)."""
+    """Producers whose units can be widened or pruned exactly (see `not_resizable` for why the
+    others cannot)."""
     shapes = graph.shapes()
-    out = []
+    refused = not_resizable(graph, shapes)
+    return [n for n in shapes if graph.node(n).kind in PRODUCERS and n not in refused]
+
+
+def not_resizable(graph: NetGraph, shapes: Mapping[str, Shape] | None = None) -> dict[str, str]:
+    """linear/conv2d nodes that cannot be widened or pruned, each with the reason."""
+    shapes = graph.shapes() if shapes is None else shapes
+    axes = feature_axes(graph, shapes)
+    out = {}
     for name in shapes:
         if graph.node(name).kind in PRODUCERS:
             try:
-                find_group(graph, name, shapes)
-            except OperatorError:
-                continue
-            out.append(name)
+                _Walk(graph, name, shapes, axes, "resize").run()
+            except OperatorError as exc:
+                out[name] = str(exc)
     return out
+
+
+def widening_cost(graph: NetGraph, node: str, width: int,
+                  group: ChannelGroup | None = None) -> int:
+    """Trainable parameters that resizing `node` to `width` units adds (negative: removes),
+    counted on shapes alone: no tensor is built, however large."""
+    group = find_group(graph, node) if group is None else group
+    probe = graph.copy()
+    for n in (*group.producers, *group.region, *group.consumers):
+        held = probe.node(n)
+        held.tensors = {k: v.to("meta") for k, v in held.tensors.items()}
+    idx = torch.arange(width) % group.width
+    changes = apply_index(probe, group, idx)
+    total = 0
+    for name, (old, new) in changes.resized.items():
+        owner, key = name.rsplit(".", 1)
+        if key not in kind_of(graph.node(owner).kind).buffers:
+            total += math.prod(new) - math.prod(old)
+    return total

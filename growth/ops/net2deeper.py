@@ -1,9 +1,10 @@
 """Net2Deeper: insert an identity layer after a node without changing the function.
 
-The new layer is a linear layer (identity matrix, zero bias) on vector outputs, or a conv2d
-(1 at the centre tap of matching channels, same padding) on image outputs; optionally followed by
-BatchNorm set to undo its own normalisation, and by ReLU only where ReLU(x) = x, i.e. where the
-node's output cannot be negative.
+The new layer is a conv2d (1 at the centre tap of matching channels, same padding) on
+channels-first images (C, H, W), or a linear layer (identity matrix, zero bias) mixing the last
+axis where the features lie there: vectors, token sequences (L, D), channels-last maps
+(H, W, C). It is optionally followed by BatchNorm set to undo its own normalisation, and by ReLU
+only where ReLU(x) = x, i.e. where the node's output cannot be negative.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from growth.compile import compile_graph
 from growth.errors import OperatorError
 from growth.graph import NetGraph
 from growth.layers import Shape
+from growth.ops.guards import MAX_NEW_PARAMS, check_size
+from growth.ops.layout import feature_axes
 from growth.ops.registry import ChangeRecord, OpResult
 
-_NONNEG_PASS = frozenset({"maxpool2d", "avgpool2d", "adaptive_avgpool2d", "dropout", "identity",
-                          "flatten", "concat"})
+_NONNEG = frozenset({"relu", "relu6"})
+_NONNEG_PASS = frozenset({"maxpool2d", "avgpool2d", "adaptive_avgpool2d", "dropout", "dropout2d",
+                          "stochastic_depth", "identity", "flatten", "concat", "permute",
+                          "reshape", "getitem", "mean", "channel_shuffle"})
 _ACTIVATIONS = ("auto", "relu", "none")
 
 
 def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: str = "auto",
-               batchnorm: bool = False, sample: torch.Tensor | None = None) -> OpResult:
+               batchnorm: bool = False, sample: torch.Tensor | None = None,
+               max_new_params: int | None = MAX_NEW_PARAMS) -> OpResult:
     """Insert an identity block after node `after`; every consumer of `after` reads the block.
 
     kernel_size: odd, for image outputs (ignored on vectors, still checked to be odd).
@@ -33,9 +39,14 @@ def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: st
     output on `sample` (a batch of network inputs, BNs in training mode) and whose affine part
     undoes them: eval mode is unchanged, and a training step on that batch starts from the
     identity too.
+    max_new_params: refuse an insertion with more parameters (None: no limit); see
+    `growth.ops.guards`.
     """
     node = graph.node(after)
-    shape = _check(graph, after, node.kind, kernel_size, activation, batchnorm, sample)
+    shape, conv = _check(graph, after, node.kind, kernel_size, activation, batchnorm, sample)
+    check_size(f"net2deeper after {after!r} (kernel_size={kernel_size})",
+               deepening_cost(shape[0] if conv else shape[-1], kernel_size if conv else 1,
+                              batchnorm), max_new_params)
     relu = _wants_relu(graph, after, activation)
     params = {"after": after, "kernel_size": kernel_size, "activation": activation,
               "batchnorm": batchnorm,
@@ -45,10 +56,10 @@ def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: st
     out = graph.copy()
     consumers = out.consumers(after)
     base = _fresh_name(out, after)
-    kind, tensors, attrs = _identity_layer(shape, kernel_size, dtype)
+    kind, tensors, attrs = _identity_layer(shape, kernel_size if conv else None, dtype)
     names = [out.add(base, kind, [after], tensors=tensors, **attrs)]
     if stats is not None:
-        names.append(out.add(f"{base}_bn", f"batchnorm{1 if len(shape) == 1 else 2}d",
+        names.append(out.add(f"{base}_bn", f"batchnorm{2 if conv else 1}d",
                              [names[-1]], tensors=_undo_bn(*stats)))
     if relu:
         names.append(out.add(f"{base}_relu", "relu", [names[-1]]))
@@ -59,28 +70,45 @@ def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: st
 
 
 def _check(graph: NetGraph, after: str, kind: str, kernel_size: int, activation: str,
-           batchnorm: bool, sample: torch.Tensor | None) -> Shape:
+           batchnorm: bool, sample: torch.Tensor | None) -> tuple[Shape, bool]:
+    """The output shape of `after`, and whether the identity is a conv (else a linear)."""
+    call = f"net2deeper after {after!r}"
     if kind == "output":
         raise OperatorError(f"net2deeper: {after!r} is an output head; deepen after the node it "
                             f"reads ({graph.inputs(after)[0]!r}) instead")
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
             or kernel_size % 2 == 0:
-        raise OperatorError(f"net2deeper after {after!r}: kernel_size must be a positive odd int "
+        raise OperatorError(f"{call}: kernel_size must be a positive odd int "
                             f"(an identity needs a centre tap), got {kernel_size!r}; use 1, 3 or 5")
     if activation not in _ACTIVATIONS:
-        raise OperatorError(f"net2deeper after {after!r}: activation must be one of "
+        raise OperatorError(f"{call}: activation must be one of "
                             f"{_ACTIVATIONS}, got {activation!r}")
-    shape = graph.shapes()[after]  # one pass over the graph: cheaper than walking ancestors
-    if len(shape) not in (1, 3):
-        raise OperatorError(f"net2deeper after {after!r}: its output has shape {shape}; only "
-                            "vectors (features,) and images (C, H, W) can be deepened")
-    if len(shape) == 3 and kernel_size > min(shape[1:]):
-        raise OperatorError(f"net2deeper after {after!r}: kernel_size {kernel_size} is larger than "
+    shapes = graph.shapes()  # one pass over the graph: cheaper than walking ancestors
+    shape, axis = shapes[after], feature_axes(graph, shapes)[after]
+    conv = len(shape) == 3 and axis == 0
+    if not conv and (axis is None or axis != len(shape) - 1):
+        raise OperatorError(
+            f"{call}: its output has shape {shape} with the features along "
+            f"{'no single axis' if axis is None else f'axis {axis}'}; an identity layer needs "
+            "channels-first images (C, H, W) or features on the last axis (vectors, tokens, "
+            "channels-last maps)")
+    if conv and kernel_size > min(shape[1:]):
+        raise OperatorError(f"{call}: kernel_size {kernel_size} is larger than "
                             f"its {shape[1]}x{shape[2]} map; use kernel_size <= {min(shape[1:])}")
+    if batchnorm and not (conv or len(shape) == 1):
+        raise OperatorError(f"{call}: batchnorm=True needs vectors or channels-first images, "
+                            f"but its output {shape} has the features on its last axis")
     if batchnorm and sample is None:
-        raise OperatorError(f"net2deeper after {after!r}: batchnorm=True needs `sample`, a batch "
+        raise OperatorError(f"{call}: batchnorm=True needs `sample`, a batch "
                             "of network inputs, to set the new BatchNorm's statistics")
-    return shape
+    return shape, conv
+
+
+def deepening_cost(channels: int, kernel_size: int = 1, batchnorm: bool = False) -> int:
+    """Trainable parameters of an identity layer on `channels` features (a conv when
+    kernel_size > 1) and of its BN."""
+    c = channels
+    return c * c * kernel_size * kernel_size + c + (2 * c if batchnorm else 0)
 
 
 def _wants_relu(graph: NetGraph, after: str, activation: str) -> bool:
@@ -96,7 +124,7 @@ def _wants_relu(graph: NetGraph, after: str, activation: str) -> bool:
 def _nonnegative(graph: NetGraph, name: str) -> bool:
     """True if the node's output is >= 0 for every input (a relu, or pools/concat of relus)."""
     kind = graph.node(name).kind
-    if kind == "relu":
+    if kind in _NONNEG:
         return True
     if kind in _NONNEG_PASS:
         return all(_nonnegative(graph, i) for i in graph.inputs(name))
@@ -119,13 +147,16 @@ def _fresh_name(graph: NetGraph, after: str) -> str:
     return f"{after}_deep{k}"
 
 
-def _identity_layer(shape: Shape, kernel_size: int, dtype: torch.dtype
+def _identity_layer(shape: Shape, kernel_size: int | None, dtype: torch.dtype
                     ) -> tuple[str, dict[str, torch.Tensor], dict[str, int]]:
-    """Kind, tensors and attrs of a layer computing the identity on outputs of `shape`."""
-    c = shape[0]
-    if len(shape) == 1:
+    """Kind, tensors and attrs of a layer computing the identity on outputs of `shape`: a conv
+    with `kernel_size` on channels-first images, else (kernel_size None) a linear layer on the
+    last axis."""
+    if kernel_size is None:
+        c = shape[-1]
         tensors = {"weight": torch.eye(c, dtype=dtype), "bias": torch.zeros(c, dtype=dtype)}
         return "linear", tensors, {"out_features": c}
+    c = shape[0]
     weight = torch.zeros(c, c, kernel_size, kernel_size, dtype=dtype)
     centre = kernel_size // 2
     weight[torch.arange(c), torch.arange(c), centre, centre] = 1.0
@@ -178,8 +209,24 @@ def _undo_bn(mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5
             "running_var": var.clone(), "num_batches_tracked": torch.tensor(0)}
 
 
-def deepenable(graph: NetGraph) -> list[str]:
-    """Nodes after which net2deeper can insert a layer (non-output nodes with vector or image
-    outputs)."""
-    return [n for n, s in graph.shapes().items()
-            if graph.node(n).kind != "output" and len(s) in (1, 3)]
+def deepenable(graph: NetGraph, kernel_size: int = 1,
+               max_new_params: int | None = MAX_NEW_PARAMS) -> list[str]:
+    """Nodes after which `net2deeper(graph, node, kernel_size)` inserts an identity layer within
+    the size guard: non-output nodes with channels-first images (whose maps fit the kernel) or
+    features on the last axis."""
+    shapes = graph.shapes()
+    axes = feature_axes(graph, shapes)
+    out = []
+    for n, shape in shapes.items():
+        axis = axes[n]
+        if graph.node(n).kind == "output" or axis is None:
+            continue
+        conv = len(shape) == 3 and axis == 0
+        if not conv and axis != len(shape) - 1:
+            continue
+        if conv and kernel_size > min(shape[1:]):
+            continue
+        cost = deepening_cost(shape[0] if conv else shape[-1], kernel_size if conv else 1)
+        if max_new_params is None or cost <= max_new_params:
+            out.append(n)
+    return out

@@ -11,14 +11,15 @@ import torch
 
 from growth.errors import OperatorError
 from growth.graph import NetGraph
-from growth.ops.channels import ChannelGroup, apply_index, find_group
+from growth.ops.channels import ChannelGroup, apply_index, find_group, widening_cost
+from growth.ops.guards import MAX_NEW_PARAMS, check_size
 from growth.ops.registry import ChangeRecord, OpResult
 
 NOISE_BOUND = 10.0  # max relative output error per unit of noise, one widening (measured <= 4.4)
 
 
 def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
-              seed: int = 0) -> OpResult:
+              seed: int = 0, max_new_params: int | None = MAX_NEW_PARAMS) -> OpResult:
     """Widen producer `node` (linear or conv2d) and its channel group to `width` units.
 
     noise=0 preserves the network's function to float precision. noise>0 breaks the symmetry
@@ -27,8 +28,10 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     exactly. On random networks the output then moves by at most NOISE_BOUND * noise relative
     to the output's scale (max |output|), measured with margin; the tests check this bound.
     The mapping and the noise are drawn from a torch.Generator seeded with `seed`.
+    max_new_params: refuse a widening that adds more parameters (None: no limit); see
+    `growth.ops.guards`.
     """
-    group = find_group(graph, node)
+    group = find_group(graph, node, op="net2wider")
     params = {"node": node, "width": width, "noise": float(noise), "seed": int(seed)}
     _check_width(node, width, group.width)
     if noise < 0:
@@ -36,6 +39,9 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     out = graph.copy()
     if width == group.width:
         return OpResult(out, ChangeRecord("net2wider", params))
+    if max_new_params is not None:
+        check_size(f"net2wider({node!r}, width={width})",
+                   widening_cost(graph, node, width, group), max_new_params)
     gen = torch.Generator().manual_seed(int(seed))
     extra = torch.randint(group.width, (width - group.width,), generator=gen)
     idx = torch.cat([torch.arange(group.width), extra])

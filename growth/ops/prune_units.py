@@ -23,7 +23,7 @@ def prune_units(graph: NetGraph, node: str, keep: int,
     of each unit's incoming weights summed over every producer of the channel group. Ties keep
     the earlier unit. The function changes by exactly the pruned units' contributions.
     """
-    group = find_group(graph, node)
+    group = find_group(graph, node, op="prune_units")
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < group.width:
         raise OperatorError(f"prune_units({node!r}): keep must be an int in 1..{group.width - 1} "
                             f"(the layer has {group.width} units), got {keep!r}; use net2wider "
