@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from growth.data.augment import augment
 from growth.data.streaming import ImageFiles, is_lazy, loader_batches
 from growth.errors import DivergedError
-from growth.strategies.base import Context, Strategy
+from growth.strategies.base import Context, Forward, Strategy
 
 if TYPE_CHECKING:
     from growth.data import Task
@@ -139,24 +139,38 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
     use_after_step = "after_step" in hooks
     extra = strategy.extra_heads(ctx)
     sets = _sets(ctx, strategy.train_sets(ctx), extra)
-    if optimizer is None:
-        if params is None:
-            params = [p for p in ctx.model.module.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, cfg)
-    ctx.optimizer = optimizer
     gen = torch.Generator().manual_seed(seed)
     ctx.model.train()
+    with ExitStack() as stack:
+        forward = (stack.enter_context(strategy.training(ctx)) if "training" in hooks
+                   else None)
+        if optimizer is None:
+            if params is None:
+                params = [p for p in ctx.model.module.parameters() if p.requires_grad]
+            optimizer = make_optimizer(params, cfg)
+        ctx.optimizer = optimizer
+        return _epochs(ctx, strategy, cfg, sets, extra, gen, epochs, optimizer, forward,
+                       on_epoch, (use_loss, use_penalty, use_after_backward, use_after_step))
+
+
+def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set],
+            extra: list[str], gen: torch.Generator, epochs: int | None,
+            optimizer: torch.optim.Optimizer, forward: Forward | None,
+            on_epoch: Callable[[int, float], None] | None,
+            use: tuple[bool, bool, bool, bool]) -> list[float]:
+    use_loss, use_penalty, use_after_backward, use_after_step = use
     losses: list[float] = []
     for epoch in range(cfg.epochs if epochs is None else epochs):
         ctx.epoch = epoch
         total = torch.zeros((), device=ctx.device)
         n = 0
         for s, x, y in _batches(sets, cfg.batch_size, gen, ctx.device):
+            out = s.view(x) if forward is None else forward(s.view, x)
             if s.multi:
-                ctx.outputs = s.view(x)
-                logits = ctx.outputs[s.head]
+                ctx.outputs = out
+                logits = out[s.head]
             else:
-                logits = s.view(x)
+                logits = out
                 if extra:
                     ctx.outputs = {s.head: logits}
             loss = strategy.loss(ctx, x, y, logits) if use_loss else F.cross_entropy(logits, y)
@@ -188,6 +202,7 @@ def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0
                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """before_task -> fit -> after_task: how a campaign learns one task."""
     ctx.train_fit = lambda **kw: fit(ctx, strategy, cfg, **{"seed": seed, **kw})
+    ctx.train_cfg = cfg
     ctx.strategy = strategy
     strategy.before_task(ctx)
     losses = fit(ctx, strategy, cfg, seed=seed, on_epoch=on_epoch)

@@ -21,6 +21,7 @@ from growth.strategies.lwf import LwF
 from growth.strategies.mas import MAS
 from growth.strategies.mir import MIR
 from growth.strategies.mwc import MWC
+from growth.strategies.packnet import PackNet
 from growth.strategies.si import SI
 
 ENTRY_POINT_GROUP = "growth.strategies"
@@ -62,7 +63,7 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     return cls(cls.Params.model_validate(params or {}))
 
 
-for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR):
+for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet):
     register(_cls)
 
 __all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "available_strategies",

@@ -9,6 +9,9 @@ Hooks, in the order the loop calls them:
   extra_heads(ctx) -> list[str]    heads to compute in the same forward pass as the task's
                                    own (LwF: the old heads); they reach `penalty` as
                                    ctx.outputs, a dict head -> logits
+  training(ctx)                    a context manager around each fit, yielding None or the
+                                   forward function (view, x) -> outputs it trains through
+                                   (masked or picked effective weights, frozen BatchNorm)
   loss(ctx, x, y, logits)          the batch's loss in place of cross-entropy (a method's own
                                    loss)
   penalty(ctx, x, y, logits)       extra loss terms for a batch (regularisers, distillation,
@@ -57,9 +60,11 @@ if TYPE_CHECKING:
     from growth.model import Model
     from growth.ops.registry import ChangeRecord
 
-HOOKS = ("before_task", "loss", "penalty", "after_backward", "after_step", "after_task",
-         "evaluation")
+HOOKS = ("before_task", "training", "loss", "penalty", "after_backward", "after_step",
+         "after_task", "evaluation")
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # inputs -> class scores (argmax = prediction)
+# (view, inputs) -> the view's outputs: how a strategy runs the training forward pass
+Forward = Callable[[torch.nn.Module, torch.Tensor], Any]
 
 
 class StrategyParams(BaseModel):
@@ -83,6 +88,7 @@ class Context:
     outputs: dict[str, torch.Tensor] | None = None  # this batch's heads, with extra_heads
     epoch: int = 0
     train_fit: Callable[..., Any] | None = None  # the loop itself, for strategies that retrain
+    train_cfg: Any = None  # the task's TrainConfig (set by learn_task), to train other models
     info: dict[str, Any] = field(default_factory=dict)  # per-task scratch (not checkpointed)
     strategy: Strategy | None = None  # whose state follows graph changes (set by learn_task)
 
@@ -164,6 +170,15 @@ class Strategy:
 
     def after_task(self, ctx: Context) -> None:
         """Called after the task's last epoch, before evaluation."""
+
+    @contextmanager
+    def training(self, ctx: Context) -> Iterator[Forward | None]:
+        """Wraps one fit (entered after the model is put in training mode, before the
+        optimizer is built): set-up and tear-down around the whole fit (BatchNorm in eval mode,
+        parameters frozen, masked weights restored), yielding None (the loop calls the view)
+        or a function (view, x) -> outputs that runs the training forward pass instead
+        (effective weights through torch.func.functional_call). Only called when overridden."""
+        yield None
 
     @contextmanager
     def evaluation(self, ctx: Context, task: Task) -> Iterator[Scorer]:
