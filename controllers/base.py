@@ -128,8 +128,8 @@ def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.
     widenable = space.widenable(graph)
     mask, choice, logp = [], [], 0.0
     for layer, p in zip(layers, probs):
-        option = space.wider_option(graph, layer, widenable, seed=len(actions))
-        if option is None:
+        action = space.wider_option(graph, layer, widenable, seed=len(actions))
+        if action is None:
             mask.append(0)
             choice.append(0)
             continue
@@ -138,8 +138,7 @@ def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.
         choice.append(widen)
         logp += math.log(p if widen else 1 - p) if 0 < p < 1 else 0.0
         if widen:
-            action, child = option
-            graph = space.step(graph, action) if child is None else child
+            graph = space.step(graph, action)
             actions.append(action)
             widenable = space.widenable(graph)
     steps.append({"type": "wider", "tokens": tokens, "mask": mask, "choice": choice,

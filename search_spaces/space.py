@@ -2,11 +2,12 @@
 inserted (and with which kernel), and how large a child may grow.
 
 A space never decides on its own whether an operator accepts a change: widening is offered
-only for layers in `growth.ops.resizable`, insertion only after nodes in
-`growth.ops.deepenable` for which `net2deeper` itself accepts the kernel (a dry run), so the
-space follows the operators when they learn new layer kinds. What the space adds is policy:
-width lists (a widened layer jumps to the next value), kernel sizes, excluded layers and a
-parameter limit.
+only for layers in `growth.ops.resizable`, insertion only after nodes that
+`growth.ops.deepenable` lists for the kernel size, and sizes are the operators' own counts
+(`widening_cost`, `deepening_cost`), held to the operators' size guard (`max_new_params`).
+So the space follows the operators when they learn new layer kinds. What the space adds is
+policy: width lists (a widened layer jumps to the next value), kernel sizes, excluded layers
+and a parameter limit.
 
 Layers are read off the graph as the EAS controller sees them: a sequence of tokens
 (`conv-filters-kernel`, `fc-units`, `pool`) in a canonical order, cut into blocks at pooling
@@ -27,7 +28,16 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from growth.errors import ConfigError, GraphError, OperatorError
 from growth.graph import NetGraph
 from growth.layers import ACTIVATIONS, kind_of
-from growth.ops import ChangeRecord, deepenable, get_operator, resizable
+from growth.ops import (
+    MAX_NEW_PARAMS,
+    ChangeRecord,
+    deepenable,
+    deepening_cost,
+    feature_axes,
+    get_operator,
+    resizable,
+    widening_cost,
+)
 
 # The paper's width lists (Cai et al. 2018, CIFAR-10 search).
 CONV_WIDTHS = (16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 576, 640)
@@ -35,7 +45,9 @@ FC_WIDTHS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1152, 1280)
 KERNEL_SIZES = (1, 3, 5)
 POOLS = frozenset({"maxpool2d", "avgpool2d", "adaptive_avgpool2d"})
 PRODUCERS = frozenset({"linear", "conv2d"})
-_UNIT_TAIL = ACTIVATIONS | {"batchnorm1d", "batchnorm2d"}  # what a layer's unit ends with
+# what a layer's unit ends with: its normalisation and element-wise activation
+_UNIT_TAIL = ACTIVATIONS | {"batchnorm1d", "batchnorm2d", "relu6", "hardswish", "hardsigmoid",
+                            "hardtanh", "mish", "softplus"}
 Action = dict[str, Any]
 
 
@@ -72,6 +84,8 @@ class SpaceSpec(BaseModel):
     noise: float = Field(0.0, ge=0)  # net2wider noise on new copies; 0 keeps the function exact
     max_params: PositiveInt | None = None  # no child above this many parameters
     max_growth: float | None = Field(None, gt=1)  # ... nor above this times the base network
+    # the operators' size guard: no single call adds more (None lifts it; see growth.ops.guards)
+    max_new_params: int | None = Field(MAX_NEW_PARAMS, ge=0)
     max_blocks: PositiveInt = 8  # insertion is offered in the first max_blocks blocks
     max_layers_per_block: PositiveInt = 32  # ... and the first positions of each block
 
@@ -221,12 +235,11 @@ class SearchSpace:
         return set(resizable(graph)) - set(self.spec.exclude)
 
     def wider_option(self, graph: NetGraph, layer: Layer, widenable: set[str] | None = None,
-                     seed: int = 0) -> tuple[Action, NetGraph | None] | None:
+                     seed: int = 0) -> Action | None:
         """The widening of `layer` to the next width above its width in `graph` (which may
         have changed since `layer` was read: a residual group widens together), or None if the
         space does not offer it (pooling, width limit, a layer the operators cannot resize,
-        an excluded layer, the parameter limit). With a parameter limit, the child built to
-        check it comes along (else None), so a caller need not build it twice."""
+        an excluded layer, the size guard, the parameter limit)."""
         if layer.kind == "pool" or layer.node not in (self.widenable(graph) if widenable is None
                                                       else widenable):
             return None
@@ -234,10 +247,15 @@ class SearchSpace:
         if width is None:
             return None
         action: Action = {"op": "net2wider", "node": layer.node, "width": width, "seed": seed}
-        if self.max_params is None:
-            return action, None
-        child = self.step(graph, action)
-        return (action, child) if child.param_count() <= self.max_params else None
+        return action if self.fits(graph, widening_cost(graph, layer.node, width)) else None
+
+    def fits(self, graph: NetGraph, added: int) -> bool:
+        """May one operator call add `added` parameters to `graph`? (The operators' size guard
+        and the space's parameter limit.)"""
+        guard = self.spec.max_new_params
+        if guard is not None and added > guard:
+            return False
+        return self.max_params is None or graph.param_count() + added <= self.max_params
 
     def deeper_menu(self, graph: NetGraph, layers: Sequence[Layer] | None = None
                     ) -> DeeperMenu:
@@ -297,6 +315,8 @@ class SearchSpace:
                                 "'width': 128}")
         kwargs = {k: v for k, v in action.items() if k != "op"}
         op = action["op"]
+        if op in ("net2wider", "net2deeper"):
+            kwargs.setdefault("max_new_params", self.spec.max_new_params)
         if op == "net2wider":
             kwargs.setdefault("noise", self.spec.noise)
         elif op == "net2deeper" and kwargs.get("batchnorm"):
@@ -325,32 +345,44 @@ class SearchSpace:
 class DeeperMenu:
     """Where a layer may be inserted on one graph: after each conv/fc layer's unit in the
     first max_blocks blocks and max_layers_per_block positions, with each kernel size on
-    images (no kernel choice on vectors), where `net2deeper` itself accepts the call (a dry
-    run) and the child fits the parameter limit.
-
-    Checks run lazily and are remembered, so a controller that needs the mask of blocks, then
-    of positions in one block, then of kernels at one position, builds a few children instead
-    of all of them. `child` returns the dry run's graph for the chosen insertion.
+    images (no kernel choice on vectors), where `growth.ops.deepenable` lists the node for that
+    kernel and the identity layer (`deepening_cost`, BatchNorm included) fits the operators'
+    size guard and the parameter limit. No child is built until one is chosen (`child`).
     """
 
     def __init__(self, space: SearchSpace, graph: NetGraph, layers: Sequence[Layer]) -> None:
         self.space, self.graph = space, graph
         spec = space.spec
-        allowed = set(deepenable(graph)) - set(spec.exclude)
         shapes = graph.shapes()
+        axes = feature_axes(graph, shapes)
+        ks = spec.kernel_sizes
+        allowed: dict[int, set[str]] = {}  # kernel size -> nodes deepenable with it
         self.candidates: dict[int, dict[int, str]] = {}
+        self._ok: dict[str, list[int | None]] = {}  # kernel indices accepted after a node
         self._vector: dict[str, bool] = {}
         for layer in layers:
-            if (layer.after is None or layer.after not in allowed or layer.node in spec.exclude
-                    or layer.block >= spec.max_blocks
+            if (layer.after is None or layer.node in spec.exclude
+                    or layer.after in spec.exclude or layer.block >= spec.max_blocks
                     or layer.position >= spec.max_layers_per_block):
                 continue
+            shape = shapes[layer.after]
+            conv = len(shape) == 3 and axes[layer.after] == 0
+            channels = shape[0] if conv else shape[-1]
+            kernels: list[int | None] = list(range(len(ks))) if conv else [None]
+            ok = []
+            for i in kernels:
+                k = 1 if i is None else ks[i]
+                if k not in allowed:  # the size guard is checked below, with the BN's cost
+                    allowed[k] = set(deepenable(graph, k, max_new_params=None))
+                if layer.after in allowed[k] and space.fits(
+                        graph, deepening_cost(channels, k, spec.deeper_batchnorm)):
+                    ok.append(i)
             self.candidates.setdefault(layer.block, {})[layer.position] = layer.after
-            self._vector[layer.after] = len(shapes[layer.after]) == 1
-        self._checked: dict[tuple[int, int, int | None], NetGraph | None] = {}
+            self._ok[layer.after] = ok
+            self._vector[layer.after] = not conv
 
     def kernels(self, block: int, position: int) -> list[int | None]:
-        """Kernel indices into spec.kernel_sizes to try here ([None] on vectors)."""
+        """Kernel indices into spec.kernel_sizes to choose from here ([None] on vectors)."""
         after = self.candidates[block][position]
         return [None] if self._vector[after] else list(range(len(self.space.spec.kernel_sizes)))
 
@@ -359,25 +391,15 @@ class DeeperMenu:
         return self.space.deeper_action(self.candidates[block][position], k)
 
     def accepts(self, block: int, position: int, kernel: int | None) -> bool:
-        return self.child(block, position, kernel) is not None
+        return kernel in self._ok[self.candidates[block][position]]
 
-    def child(self, block: int, position: int, kernel: int | None) -> NetGraph | None:
-        """The child with this insertion, or None if the operator or the limit refuses it."""
-        key = (block, position, kernel)
-        if key not in self._checked:
-            action = self.action(block, position, kernel)
-            try:
-                child = self.space.step(self.graph, action,
-                                        sample=probe_sample(self.graph, action))
-            except OperatorError:
-                child = None
-            limit = self.space.max_params
-            self._checked[key] = (child if child is None or limit is None
-                                  or child.param_count() <= limit else None)
-        return self._checked[key]
+    def child(self, block: int, position: int, kernel: int | None) -> NetGraph:
+        """The graph with this insertion (built with the operator)."""
+        action = self.action(block, position, kernel)
+        return self.space.step(self.graph, action, sample=probe_sample(self.graph, action))
 
     def position_ok(self, block: int, position: int) -> bool:
-        return any(self.accepts(block, position, k) for k in self.kernels(block, position))
+        return bool(self._ok[self.candidates[block][position]])
 
     def block_ok(self, block: int) -> bool:
         return any(self.position_ok(block, p) for p in self.candidates.get(block, {}))

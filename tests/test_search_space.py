@@ -12,7 +12,7 @@ from graphgen import max_rel_error, outputs, randomize, residual, single_thread 
 
 from growth.errors import ConfigError, GraphError, OperatorError
 from growth.graph import NetGraph
-from growth.ops import net2deeper, net2wider
+from growth.ops import MAX_NEW_PARAMS, net2deeper, net2wider
 from search_spaces import SearchSpace, arch_string, make_space
 from search_spaces.networks import BENCHMARKS, add_head, benchmark_network, mlp, small_cnn
 
@@ -72,12 +72,12 @@ def test_widening_follows_the_operators_check_and_jumps_to_the_next_width() -> N
     space = SearchSpace({"widths": {"conv": [4, 6, 8], "fc": [16]}})
     layers = {x.node: x for x in space.layers(g)}
     assert space.widenable(g) == {"c0", "c1", "c2", "inner"}
-    action, _ = space.wider_option(g, layers["c0"])
+    action = space.wider_option(g, layers["c0"])
     assert action == {"op": "net2wider", "node": "c0", "width": 6, "seed": 0}  # 4 -> next 6
     # widening c0 widened its whole group: c2 now jumps from 6 to 8, not from 4 to 6
     g6 = space.step(g, action)
-    assert space.wider_option(g6, layers["c2"])[0]["width"] == 8
-    g8 = space.step(g6, space.wider_option(g6, layers["c2"])[0])
+    assert space.wider_option(g6, layers["c2"])["width"] == 8
+    g8 = space.step(g6, space.wider_option(g6, layers["c2"]))
     assert space.wider_option(g8, layers["c1"]) is None  # at the end of the width list
     assert space.wider_option(g, layers["gap"]) is None  # pools never widen
 
@@ -105,7 +105,7 @@ def test_excluded_and_per_layer_widths() -> None:
     space = make_space({"exclude": ["fc1"], "layer_widths": {"fc2": [9, 30]}}, g)
     layers = {x.node: x for x in space.layers(g)}
     assert space.wider_option(g, layers["fc1"]) is None
-    assert space.wider_option(g, layers["fc2"])[0]["width"] == 9
+    assert space.wider_option(g, layers["fc2"])["width"] == 9
     assert all(o.action["after"] != "act1" for o in space.deeper_options(g))
 
 
@@ -164,6 +164,38 @@ def test_parameter_limit_masks_what_would_exceed_it() -> None:
     assert below.deeper_options(g) == []
     assert all(below.wider_option(g, x) is None for x in below.layers(g))
     assert below.apply(g, [])[0].param_count() == base
+
+
+def test_the_operators_size_guard_is_respected_and_can_be_lifted() -> None:
+    g = _cnn()  # widening to 16 adds 624 parameters to conv1's group, 504 to conv2's
+    guard = 550
+    space = SearchSpace({"widths": {"conv": [16]}, "max_new_params": guard})
+    layers = {x.node: x for x in space.layers(g)}
+    for name in ("conv1", "conv2"):  # offered exactly where the operator accepts the call
+        try:
+            net2wider(g, name, 16, max_new_params=guard)
+            accepted = True
+        except OperatorError:
+            accepted = False
+        assert (space.wider_option(g, layers[name]) is not None) == accepted == (
+            name == "conv2")
+    with pytest.raises(OperatorError, match="action 0: .*over the limit of 550"):
+        space.apply(g, [{"op": "net2wider", "node": "conv1", "width": 16}])
+    # insertions: a 3x3 identity on 3 channels has 84 parameters, on 4 channels 148
+    insert = {(o.action["after"], o.action["kernel_size"])
+              for o in SearchSpace({"max_new_params": 100}).deeper_options(g)}
+    assert insert == {("act1", 1), ("act1", 3), ("act2", 1)}
+    lifted = SearchSpace({"widths": {"conv": [16]}, "max_new_params": None})
+    assert lifted.wider_option(g, layers["conv1"]) is not None
+    lifted.apply(g, [{"op": "net2wider", "node": "conv1", "width": 16}])
+    assert SearchSpace().spec.max_new_params == MAX_NEW_PARAMS
+    assert make_space(yaml.safe_load("max_new_params: null"), g).spec.max_new_params is None
+
+
+def test_kernel_list_without_1_still_deepens_vectors() -> None:
+    options = SearchSpace({"kernel_sizes": [3, 5]}).deeper_options(_mlp())
+    assert [o.action for o in options] == [{"op": "net2deeper", "after": "act1"},
+                                           {"op": "net2deeper", "after": "act2"}]
 
 
 def test_growth_limit_is_relative_to_the_base_network() -> None:
