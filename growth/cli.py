@@ -1,4 +1,4 @@
-"""The `growth` command: run | resume | report | compress | ops | demo.
+"""The `growth` command: run | resume | report | compress | strategies | ops | demo.
 
 User mistakes (a config typo, a corrupt checkpoint, a missing run) print one line naming the
 file and key and exit with status 2, without a traceback.
@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from growth import __version__
+
     p = argparse.ArgumentParser(prog="growth", description="Lifelong learning by network "
                                 "growth: run campaigns, resume them, report, list operators.")
+    p.add_argument("--version", action="version", version=f"growth {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a campaign config into a run directory")
@@ -50,12 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     res = sub.add_parser("resume", help="continue a killed run from its last finished task")
-    res.add_argument("run_dir")
-    res.add_argument("--quiet", action="store_true")
+    res.add_argument("run_dir", help="the run directory (the --out of `growth run`)")
+    res.add_argument("--quiet", action="store_true", help="no progress bar")
     res.set_defaults(func=_resume)
 
     rep = sub.add_parser("report", help="markdown report and plots of one or more runs")
-    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("run_dirs", nargs="+", help="run directories; runs whose resolved "
+                     "configs differ only in the seed are grouped (mean ± std)")
     rep.add_argument("--out", help="output folder (default: RUNDIR/report for one run, "
                                    "./report for several)")
     rep.set_defaults(func=_report)
@@ -64,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     ops_sub = ops.add_subparsers(metavar="ACTION")
     lst = ops_sub.add_parser("list", help="list every registered operator")
     lst.set_defaults(func=_ops_list)
+
+    strat = sub.add_parser("strategies", help="continual-learning strategies")
+    strat_sub = strat.add_subparsers(metavar="ACTION")
+    slst = strat_sub.add_parser("list", help="every strategy, built-in or plug-in, with its "
+                                "settings and their defaults")
+    slst.set_defaults(func=_strategies_list)
 
     comp = sub.add_parser("compress", help="compress a saved network to a size budget and "
                           "distil it on a dataset")
@@ -76,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--base", help="saved base network: the student takes its architecture "
                       "(layers not in it are dropped); default: the network's own")
     comp.add_argument("--task", type=int, help="task of the config's stream (default: the last)")
-    comp.add_argument("--importance", choices=("magnitude", "fisher"), default="magnitude")
+    comp.add_argument("--importance", choices=("magnitude", "fisher"), default="magnitude",
+                      help="how units are ranked for keeping (default magnitude)")
     comp.add_argument("--epochs", type=int, default=5, help="distillation epochs (default 5)")
     comp.add_argument("--lr", type=float, help="learning rate (default: the config's, or 0.05)")
     comp.add_argument("--root", default="data", help="dataset folder for a dataset name")
@@ -135,7 +147,7 @@ def _progress(epochs: int, quiet: bool) -> Any:
     bar: dict[str, Any] = {}
 
     def start(i: int, task: Any) -> None:
-        bar["t"] = tqdm(total=epochs, desc=f"task {i + 1} {task.name}", unit="epoch",
+        bar["t"] = tqdm(total=epochs, desc=f"task {i} ({task.name})", unit="epoch",
                         leave=True, dynamic_ncols=True)
 
     def epoch(i: int, e: int, loss: float) -> None:
@@ -204,6 +216,30 @@ def _ops_list(args: argparse.Namespace) -> int:
     for name, op in sorted(ops.items()):
         print(f"{name.ljust(width)}  {op.description}")
     return 0
+
+
+def _strategies_list(args: argparse.Namespace) -> int:
+    from growth.strategies import STRATEGIES, available_strategies
+
+    for name, cls in sorted(available_strategies().items()):
+        origin = "" if name in STRATEGIES else f"  [plug-in from {cls.__module__}]"
+        print(f"{name}: {cls.description}{origin}")
+        fields = cls.Params.model_fields
+        if not fields:
+            print("    (no settings)")
+        for key, info in fields.items():
+            default = "(required)" if info.is_required() else _yaml_scalar(info.get_default(
+                call_default_factory=True))
+            line = f"    {info.alias or key}: {default}"
+            print(f"{line.ljust(32)}  # {info.description}" if info.description else line)
+    return 0
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A default as it would be written in a config (null, true, 0.5, separate)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _demo(args: argparse.Namespace) -> int:

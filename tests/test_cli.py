@@ -26,3 +26,54 @@ def test_demo_grows_and_preserves_the_function(capsys: pytest.CaptureFixture[str
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "run" in capsys.readouterr().out
+
+
+def _actions(parser, path=("growth",)):
+    """Every (command path, argparse action) of the parser and its subcommands."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, (*path, name))
+        else:
+            yield path, action
+
+
+def test_every_option_and_argument_has_help() -> None:
+    from growth.cli import _parser
+
+    missing = [f"{' '.join(path)} {a.dest}" for path, a in _actions(_parser())
+               if a.dest != "help" and not (a.help or "").strip()]
+    assert missing == []
+    commands = {path for path, _ in _actions(_parser())}
+    assert ("growth", "strategies", "list") in commands and ("growth", "run") in commands
+
+
+def test_version_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    import growth
+
+    assert growth.__version__ == importlib.metadata.version("growth")
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"growth {growth.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "growth", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"growth {growth.__version__}"
+
+
+def test_progress_bar_and_log_number_tasks_alike(tmp_path, capsys) -> None:
+    from runfiles import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", data__n_tasks=2, train__epochs=1)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    bar = capsys.readouterr().err
+    log = (tmp_path / "run" / "log.txt").read_text()
+    for i in range(2):
+        assert f"task {i} (perm-{i})" in bar and f"task {i} (perm-{i})" in log
+    assert "task 2" not in bar and "task 2" not in log

@@ -1,0 +1,152 @@
+"""Plug-ins by entry point: the example strategy package (examples/plugin) installed as pip
+would install it, then used by `growth strategies list`, `growth run` and `growth resume`; a
+controller plug-in; broken plug-ins only warn."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from runfiles import write_config
+
+from growth.cli import main
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugin"
+
+
+def install(site: Path, name: str, version: str, modules: dict[str, str],
+            entry_points: dict[str, dict[str, str]]) -> None:
+    """Lay out a distribution in `site` as pip does: its modules and a dist-info folder whose
+    entry_points.txt importlib.metadata reads."""
+    site.mkdir(exist_ok=True)
+    for module, text in modules.items():
+        (site / f"{module}.py").write_text(text)
+    dist = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = []
+    for group, entries in entry_points.items():
+        lines += [f"[{group}]", *(f"{k} = {v}" for k, v in entries.items()), ""]
+    (dist / "entry_points.txt").write_text("\n".join(lines))
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "site"
+    path.mkdir()
+    monkeypatch.syspath_prepend(str(path))
+    before = set(sys.modules)
+    yield path
+    for name in set(sys.modules) - before:  # forget the plug-in modules imported here
+        if name.startswith(("growth_anchor", "fake_controllers")):
+            del sys.modules[name]
+
+
+def install_example(site: Path) -> None:
+    """The example package, from its own pyproject.toml (what the docs tell users to run)."""
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
+    meta = project["project"]
+    modules = {m: (EXAMPLE / f"{m}.py").read_text()
+               for m in project["tool"]["setuptools"]["py-modules"]}
+    install(site, meta["name"], meta["version"], modules, meta["entry-points"])
+
+
+def test_plugin_strategy_is_unknown_until_installed(site: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = write_config(tmp_path / "c.yaml", strategy={"name": "anchor"})
+    assert main(["run", str(cfg), "--out", str(tmp_path / "never"), "--quiet"]) == 2
+    assert "unknown strategy 'anchor'" in capsys.readouterr().err
+    install_example(site)
+    assert main(["strategies", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "anchor: pull the trunk toward the previous task's weights (L1 or L2)  [plug-in from " \
+           "growth_anchor]" in out
+    assert "    strength: 0.001" in out and "# weight of the pull" in out
+    assert "    norm: l1" in out
+    assert "ewc: elastic weight consolidation" in out  # the built-ins are still there
+
+
+def test_plugin_strategy_runs_and_resumes(site: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    install_example(site)
+    cfg = write_config(tmp_path / "c.yaml", strategy={"name": "anchor", "strength": 0.01},
+                       train__epochs=2)
+    full, part = tmp_path / "full", tmp_path / "part"
+    for out in (full, part):
+        assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    shutil.rmtree(part / "checkpoints" / "task_002")  # as if killed during the last task
+    assert main(["resume", str(part), "--quiet"]) == 0
+    R = json.loads((full / "metrics.json").read_text())["R"]
+    assert json.loads((part / "metrics.json").read_text())["R"] == R
+    state = json.loads((full / "checkpoints" / "task_002" / "state.json").read_text())
+    assert state["strategy"] == "anchor" and state["config"]["strategy"] == {
+        "name": "anchor", "strength": 0.01, "norm": "l1"}
+    from safetensors.torch import load_file
+
+    saved = load_file(str(full / "checkpoints" / "task_002" / "strategy.safetensors"))
+    assert sorted(saved) == ["anchor/latest/fc1.bias", "anchor/latest/fc1.weight"]
+    # the pull works: a strong one keeps task 0 better than fine-tuning does
+    finetune = tmp_path / "finetune"
+    assert main(["run", str(write_config(tmp_path / "f.yaml", train__epochs=2)), "--out",
+                 str(finetune), "--quiet"]) == 0
+    strong = tmp_path / "strong"
+    cfg2 = write_config(tmp_path / "s.yaml", strategy={"name": "anchor", "strength": 0.05},
+                        train__epochs=2)
+    assert main(["run", str(cfg2), "--out", str(strong), "--quiet"]) == 0
+    forgot = [json.loads((d / "metrics.json").read_text())["R"] for d in (finetune, strong)]
+    assert forgot[1][3][0] > forgot[0][3][0]
+
+
+CONTROLLER = textwrap.dedent('''
+    from controllers.random_search import RandomController
+
+    class Shy(RandomController):
+        name = "shy"
+
+        def propose(self, parent, n):
+            return super().propose(parent, min(n, 1))
+
+    NOT_A_CONTROLLER = object()
+''')
+
+
+def test_controller_plugin_is_made_by_name(site: Path) -> None:
+    from controllers import available_controllers, make_controller
+    from search_spaces import make_space
+    from search_spaces.networks import add_head, mlp
+
+    install(site, "fake-controllers", "1.0", {"fake_controllers": CONTROLLER},
+            {"growth.controllers": {"shy": "fake_controllers:Shy",
+                                    "broken": "fake_controllers:NOT_A_CONTROLLER"}})
+    with pytest.warns(RuntimeWarning, match="'broken'"):
+        assert {"eas", "random", "shy"} <= set(available_controllers())
+    graph = add_head(mlp((6,), [5, 7]), "t0", 3)
+    space = make_space({"widths": {"fc": [8, 12]}}, graph)
+    with pytest.warns(RuntimeWarning):
+        shy = make_controller("shy", space, seed=1)
+    assert type(shy).__name__ == "Shy" and len(shy.propose(graph, 4)) == 1
+
+
+def test_broken_strategy_plugins_only_warn(site: Path) -> None:
+    from growth.strategies import available_strategies
+
+    install(site, "bad-plugins", "1.0", {"bad_plugins": "from growth.strategies import "
+                                         "Strategy\nclass Nameless(Strategy):\n    pass\n"},
+            {"growth.strategies": {"nameless": "bad_plugins:Nameless",
+                                   "missing": "no_such_module_here:X",
+                                   "clash": "growth.strategies.ewc:EWC"}})
+    with pytest.warns(RuntimeWarning) as caught:
+        found = available_strategies()
+    text = " ".join(str(w.message) for w in caught)
+    for name in ("'nameless'", "'missing'", "'clash'"):
+        assert name in text
+    assert found["ewc"].__module__ == "growth.strategies.ewc" and "nameless" not in found
