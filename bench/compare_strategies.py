@@ -1,6 +1,6 @@
 """Run several strategies over several seeds on one config and print a comparison table.
 
-    python bench/compare_strategies.py                      # permuted digits, 8 strategies, 3 seeds
+    python bench/compare_strategies.py                      # permuted digits, 9 strategies, 3 seeds
     python bench/compare_strategies.py --strategies ewc mwc --seeds 0 1 --out runs/compare
 
 Each (strategy, seed) is an ordinary run directory under --out (a finished one is reused, a
@@ -19,7 +19,7 @@ from growth.config import load_config
 from growth.metrics import read_metrics
 from growth.report import mean_std, write_report
 
-DEFAULT = ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf", "mwc"]
+DEFAULT = ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf", "mwc", "pnn"]
 
 
 def run_one(config: str, strategy: str, seed: int, out: Path) -> dict:

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from growth.errors import CheckpointError, GraphError
 from growth.graph import NetGraph
-from growth.layers import PARAMETRIC, build_module, decode_index, kind_of
+from growth.layers import FROZEN, PARAMETRIC, build_module, decode_index, kind_of
 
 Heads = str | Sequence[str] | None
 
@@ -62,7 +62,7 @@ def _build_layers(graph: NetGraph) -> nn.Module:
     root = nn.Module()
     for name in graph.topo_order():
         node = graph.node(name)
-        if kind_of(node.kind).module is None or node.kind == "identity":
+        if not _has_layer(node.kind):
             continue
         if node.kind in PARAMETRIC and node.tensors:
             with torch.device("meta"):  # no random init: the graph's tensors are copied in
@@ -72,6 +72,8 @@ def _build_layers(graph: NetGraph) -> nn.Module:
             _load_layer(layer, name, node.tensors)
         else:
             layer = build_module(node.kind, node.attrs)
+        if node.attrs.get(FROZEN):
+            layer.requires_grad_(False)
         root.add_module(name, layer)
     return root
 
@@ -93,6 +95,8 @@ def _load_layer(layer: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -
 
 
 def _emit(g: fx.Graph, name: str, kind: str, attrs: dict, args: list[fx.Node]) -> fx.Node:
+    if attrs.get(FROZEN) and _has_layer(kind):  # frozen: as in eval mode, always
+        return g.call_function(_run_frozen, (g.get_attr(name), *args))
     if kind == "input":
         return g.placeholder(name)
     if kind in ("output", "identity"):
@@ -130,6 +134,24 @@ _PLUMBING: dict[str, Callable[[fx.Graph, dict, list[fx.Node]], fx.Node]] = {
     "pad": lambda g, a, x: g.call_function(F.pad, (x[0], list(a["pad"]), "constant",
                                                    a["value"])),
 }
+
+
+def _has_layer(kind: str) -> bool:
+    """Whether nodes of `kind` compile to a submodule of their own."""
+    return kind_of(kind).module is not None and kind != "identity"
+
+
+def _run_frozen(layer: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """A frozen layer computes exactly what it computes in eval mode, whatever mode the model
+    is in: BatchNorm uses (and never updates) its running statistics; dropout and stochastic
+    depth are off."""
+    if not layer.training:
+        return layer(*args)
+    layer.train(False)
+    try:
+        return layer(*args)
+    finally:
+        layer.train(True)
 
 
 def graph_with_weights(graph: NetGraph, module: nn.Module | Mapping[str, torch.Tensor]

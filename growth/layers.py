@@ -466,6 +466,9 @@ ACTIVATIONS = frozenset({"relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "s
 PARAMETRIC = frozenset({"linear", "conv2d", "batchnorm1d", "batchnorm2d", "layernorm", "scale",
                         "offset", "class_token", "self_attention", "window_attention",
                         "relative_attention"})
+# A node attribute every kind accepts: a frozen node's parameters get no gradient and its layer
+# computes as in eval mode in every mode (BatchNorm statistics fixed, dropout off; growth.compile).
+FROZEN = "frozen"
 
 
 def kind_of(name: str) -> Kind:

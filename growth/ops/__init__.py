@@ -12,6 +12,7 @@ from growth.ops.channels import (
     resizable,
     widening_cost,
 )
+from growth.ops.columns import add_column, freeze
 from growth.ops.guards import MAX_NEW_PARAMS
 from growth.ops.layout import feature_axes
 from growth.ops.net2deeper import deepenable, deepening_cost, net2deeper
@@ -31,6 +32,11 @@ register(Operator("net2wider", "add units to a layer and its channel group, keep
                   "(Net2WiderNet)", net2wider))
 register(Operator("net2deeper", "insert an identity layer (linear or conv, optional BN/ReLU) "
                   "after a node (Net2DeeperNet)", net2deeper))
+register(Operator("add_column", "add a progressive-network column: a fresh copy of the base "
+                  "trunk with lateral adapters from every earlier column; move heads onto it",
+                  add_column))
+register(Operator("freeze", "mark nodes frozen: no gradient, BatchNorm and dropout as in eval "
+                  "mode", freeze))
 register(Operator("prune_units", "keep a layer's most important units and shrink its channel "
                   "group to match", prune_units))
 register(Operator("remove_layer", "drop a one-input, shape-preserving layer and reconnect its "
@@ -38,7 +44,7 @@ register(Operator("remove_layer", "drop a one-input, shape-preserving layer and 
 
 __all__ = [
     "MAX_NEW_PARAMS", "NOISE_BOUND", "ChangeRecord", "ChannelGroup", "OpResult", "Operator",
-    "apply_index", "available_operators", "deepenable", "deepening_cost", "feature_axes",
-    "find_group", "get_operator", "net2deeper", "net2wider", "not_resizable", "prune_units",
-    "register", "remove_layer", "resizable", "widening_cost",
+    "add_column", "apply_index", "available_operators", "deepenable", "deepening_cost",
+    "feature_axes", "find_group", "freeze", "get_operator", "net2deeper", "net2wider",
+    "not_resizable", "prune_units", "register", "remove_layer", "resizable", "widening_cost",
 ]

@@ -22,6 +22,7 @@ from growth.strategies.mas import MAS
 from growth.strategies.mir import MIR
 from growth.strategies.mwc import MWC
 from growth.strategies.packnet import PackNet
+from growth.strategies.pnn import ProgressiveNets
 from growth.strategies.si import SI
 
 ENTRY_POINT_GROUP = "growth.strategies"
@@ -63,7 +64,8 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     return cls(cls.Params.model_validate(params or {}))
 
 
-for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet):
+for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet,
+             ProgressiveNets):
     register(_cls)
 
 __all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "available_strategies",
