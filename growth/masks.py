@@ -47,9 +47,13 @@ def owner_dtype(tasks: int) -> torch.dtype:
 def prune_smallest(weight: Tensor, candidates: Tensor, ratio: float) -> Tensor:
     """The round(ratio * n) entries of `weight` with the smallest magnitude among the n
     `candidates` (ties: the earlier entry goes first), as a boolean mask."""
+    return smallest(weight, candidates, int(round(ratio * int(candidates.sum()))))
+
+
+def smallest(weight: Tensor, candidates: Tensor, k: int) -> Tensor:
+    """The k `candidates` entries of `weight` with the smallest magnitude (ties: the earlier
+    entry first), as a boolean mask."""
     flat = candidates.flatten()
-    n = int(flat.sum())
-    k = int(round(ratio * n))
     out = torch.zeros_like(flat)
     if k <= 0:
         return out.view_as(candidates)

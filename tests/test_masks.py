@@ -21,6 +21,7 @@ from growth.errors import ConfigError
 from growth.masks import prune_smallest
 from growth.metrics import index_bits
 from growth.strategies import Context, make_strategy
+from growth.strategies.cpg import binarise
 
 BASE: dict[str, Any] = {
     "seed": 1, "threads": 1,
@@ -32,6 +33,7 @@ CNN = {"kind": "cnn", "channels": [4, 6], "batchnorm": True}
 STRATEGIES = {
     "packnet": {"name": "packnet", "retrain_epochs": 1},
     "packnet_per_task": {"name": "packnet", "retrain_epochs": 1, "shared": "per_task"},
+    "cpg": {"name": "cpg", "prune_epochs": 1, "ratios": [0.5, 0.75]},
 }
 
 
@@ -97,29 +99,36 @@ def test_finetune_outputs_do_change(tmp_path: Path) -> None:
     assert not torch.equal(rec.outputs[(2, 0)], rec.outputs[(0, 0)])
 
 
-@pytest.mark.parametrize("key", ["packnet", "packnet_per_task"])
+@pytest.mark.parametrize("key", ["packnet", "packnet_per_task", "cpg"])
 def test_a_cnn_with_batchnorm_keeps_earlier_outputs(key: str, tmp_path: Path) -> None:
     rec = Recorder(config(STRATEGIES[key], model=CNN), tmp_path / "run")
     rec.run()
     _check_bitwise(rec, 3)
 
 
-@pytest.mark.parametrize("key", ["packnet"])
+@pytest.mark.parametrize("key", ["packnet", "cpg", "cpg_growing"])
 def test_one_owner_per_weight_owned_weights_fixed_and_free_weights_zero(key: str,
                                                                         tmp_path: Path) -> None:
-    rec = Recorder(config(STRATEGIES[key]), tmp_path / "run")
+    rec = Recorder(config(STRATEGIES[key.removesuffix("_growing")]), tmp_path / "run")
+    if key.endswith("_growing"):  # task 1 misses its goal: the network grows during it
+        rec.campaign.strategy._goal = lambda ctx: 1.01 if ctx.task.index == 1 else 0.0
     rec.run()
     for i in range(1, 3):
         for n, owner in rec.owners[i].items():
             before = rec.owners[i - 1][n]
+            old = tuple(slice(0, d) for d in before.shape)  # net2wider appends new units
             kept = before > 0  # an owned weight keeps its owner and its exact value
-            assert torch.equal(owner[kept], before[kept])
-            assert torch.equal(rec.weights[i][n][kept], rec.weights[i - 1][n][kept])
-            assert set(owner[~kept].unique().tolist()) <= {0, i + 1}  # new owners: this task
+            assert torch.equal(owner[old][kept], before[kept])
+            assert torch.equal(rec.weights[i][n][old][kept], rec.weights[i - 1][n][kept])
+            fresh = torch.ones_like(owner, dtype=torch.bool)
+            fresh[old] = ~kept
+            assert set(owner[fresh].unique().tolist()) <= {0, i + 1}  # new owners: this task
     for i, owners in enumerate(rec.owners):
         for n, owner in owners.items():  # pruned or never used: exactly zero, despite decay
             assert torch.all(rec.weights[i][n][owner == 0] == 0)
-            assert bool((owner == i + 1).any())
+            # every task owns some weights (but the growing task kept all it had: it missed
+            # its goal, so the last task learns through its picks and head alone)
+            assert bool((owner == i + 1).any()) or (key == "cpg_growing" and i == 2)
 
 
 def test_packnet_prunes_its_fraction_of_each_layer(tmp_path: Path) -> None:
@@ -163,7 +172,7 @@ def test_settings_are_validated() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["packnet"])
+@pytest.mark.parametrize("key", ["packnet", "cpg"])
 def test_resume_after_a_real_kill_gives_the_same_r_matrix(key: str, tmp_path: Path) -> None:
     import yaml
 
@@ -224,7 +233,7 @@ def test_no_step_moves_a_weight_the_task_does_not_own(decay: float, tmp_path: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["packnet"])
+@pytest.mark.parametrize("key", ["packnet", "cpg"])
 def test_an_imported_torchvision_resnet18_keeps_earlier_outputs(key: str, tmp_path: Path) -> None:
     pytest.importorskip("torchvision")
     cfg = config(STRATEGIES[key], model={"kind": "torchvision", "arch": "resnet18"},
@@ -233,3 +242,105 @@ def test_an_imported_torchvision_resnet18_keeps_earlier_outputs(key: str, tmp_pa
     metrics = rec.run()
     _check_bitwise(rec, 2)
     assert metrics["sizes"][-1]["masks_bytes"] > 0
+
+
+# ---- CPG -------------------------------------------------------------------------------------
+def _cpg(tmp_path: Path, goal, **strategy: Any) -> tuple[Recorder, Any]:
+    rec = Recorder(config({**STRATEGIES["cpg"], **strategy}), tmp_path / "run")
+    rec.campaign.strategy._goal = goal
+    return rec, rec.campaign.strategy
+
+
+def test_cpg_never_grows_when_every_goal_is_met(tmp_path: Path) -> None:
+    rec, s = _cpg(tmp_path, lambda ctx: 0.0)
+    metrics = rec.run()
+    assert s.extra["grown"] == {"0": 0, "1": 0, "2": 0}
+    assert all(size["relative"] == 1.0 for size in metrics["sizes"])
+
+
+def test_cpg_grows_while_the_goal_is_missed_and_stops_at_the_budget(tmp_path: Path) -> None:
+    rec, s = _cpg(tmp_path, lambda ctx: 1.01 if ctx.task.index == 0 else 0.0)
+    metrics = rec.run()
+    # MLP 64-24 with three 10-way heads: 64*24+24 + 3*(24*10+10) = 2310 parameters. Each step
+    # adds ceil(0.25 * 24) = 6 units: 30 units 2880 (1.25x), 36 units 3450 (1.49x), 42 units
+    # 4020 (1.74x, past the 1.5x budget): task 0 grows twice, the others never.
+    assert s.extra["grown"] == {"0": 2, "1": 0, "2": 0}
+    assert [size["params"] for size in metrics["sizes"]] == [3450, 3450, 3450]
+    assert max(size["relative"] for size in metrics["sizes"]) <= 1.5
+    _check_bitwise(rec, 3)
+
+
+def test_cpg_growth_keeps_every_function_and_frees_the_new_units(tmp_path: Path) -> None:
+    rec, s = _cpg(tmp_path, lambda ctx: 1.01 if ctx.task.index == 1 else 0.0, max_grow=1)
+    rec.run()
+    assert s.extra["grown"] == {"0": 0, "1": 1, "2": 0}
+    _check_bitwise(rec, 3)
+    before, after = rec.owners[0]["fc1.weight"], rec.owners[1]["fc1.weight"]
+    assert before.shape == (24, 64) and after.shape == (30, 64)
+    assert not bool((after[24:] == 1).any())  # new units never belong to an earlier task
+
+
+def test_cpg_keeps_the_largest_ratio_that_meets_the_goal(tmp_path: Path) -> None:
+    checks = iter([1.0, 1.0, 0.0])  # task 0: no growth, stage 0.5 passes, stage 0.75 fails
+    rec, s = _cpg(tmp_path, lambda ctx: 0.5)
+    s._accuracy = lambda ctx: next(checks, 1.0)
+    rec.run()
+    assert s.extra["pruned"] == {"0": 0.5, "1": 0.75, "2": 0.75}
+    owner = rec.owners[0]["fc1.weight"]
+    assert int((owner == 1).sum()) == owner.numel() - round(0.5 * owner.numel())
+    free = rec.owners[0]["fc1.weight"] == 0
+    taken = int((rec.owners[1]["fc1.weight"] == 2).sum())
+    assert taken == int(free.sum()) - round(0.75 * int(free.sum()))
+
+
+def test_cpg_evaluates_a_task_with_its_own_and_picked_weights(tmp_path: Path) -> None:
+    rec, s = _cpg(tmp_path, lambda ctx: 0.0)
+    rec.run()
+    c = rec.campaign
+    owner = s.state["owner/all/fc1.weight"]
+    pick = s.state["pick/2/fc1.weight"]
+    assert pick.dtype == torch.bool and bool(pick.any())  # task 2 picked old weights
+    assert not bool((pick & ((owner == 0) | (owner == 3))).any())  # only earlier tasks' ones
+    task = c.tasks[2]
+    x = task.test[0]
+    w = c.model.named_parameters()["fc1.weight"].detach()
+    b = c.model.named_parameters()["fc1.bias"].detach()
+    head = c.model.named_parameters()["head_t2.weight"].detach()
+    hb = c.model.named_parameters()["head_t2.bias"].detach()
+    eff = w * ((owner == 3) | pick)
+    expect = torch.relu(x.flatten(1) @ eff.T + b) @ head.T + hb  # by hand: MLP 64-24, relu
+    torch.testing.assert_close(rec.outputs[(2, 2)], expect, rtol=1e-5, atol=1e-5)
+    sizes = json.loads((tmp_path / "run" / "metrics.json").read_text())["sizes"]
+    earlier = int(((owner > 0) & (owner <= 2)).sum())
+    assert sizes[-1]["masks_bytes"] == (-(-owner.numel() * 2 // 8) + -(-earlier // 8)
+                                        + -(-int((owner == 1).sum()) // 8))
+
+
+def test_binarise_is_a_threshold_with_a_straight_through_gradient() -> None:
+    pick = torch.tensor([0.01, 0.004, 0.0051, -0.2], requires_grad=True)
+    out = binarise(pick)
+    assert out.tolist() == [1.0, 0.0, 1.0, 0.0]
+    (out * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert pick.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_cpg_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="ratios"):
+        validate_config(config({"name": "cpg", "ratios": [0.75, 0.5]}))
+    with pytest.raises(ConfigError, match="budget"):
+        validate_config(config({"name": "cpg", "budget": 0.9}))
+    assert make_strategy("cpg", {}).params.budget == 1.5
+
+
+def test_cpg_old_tasks_are_scored_on_the_network_they_had_after_growth(tmp_path: Path) -> None:
+    """Wide enough that zero-weight new units would change the floating-point sums of the
+    layers reading them (a 512- against a 640-wide matrix product): old tasks are scored on
+    the network cut back to their widths, so their outputs stay bitwise identical."""
+    cfg = config({**STRATEGIES["cpg"], "ratios": [0.5], "max_grow": 1},
+                 model={"kind": "mlp", "hidden": [512, 256]}, train__epochs=1)
+    rec = Recorder(cfg, tmp_path / "run")
+    s = rec.campaign.strategy
+    s._goal = lambda ctx: 1.01 if ctx.task.index == 1 else 0.0
+    rec.run()
+    assert s.extra["grown"]["1"] == 1 and s.extra["widths"]["0"] == {"fc1": 512, "fc2": 256}
+    _check_bitwise(rec, 3)

@@ -12,6 +12,7 @@ from growth.errors import ConfigError
 from growth.plugins import load_plugins
 from growth.strategies.agem import AGEM
 from growth.strategies.base import Context, Strategy, StrategyParams, state_key
+from growth.strategies.cpg import CPG
 from growth.strategies.er import ER
 from growth.strategies.ewc import EWC
 from growth.strategies.gem import GEM
@@ -64,7 +65,7 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     return cls(cls.Params.model_validate(params or {}))
 
 
-for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet,
+for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet, CPG,
              ProgressiveNets):
     register(_cls)
 
