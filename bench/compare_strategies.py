@@ -1,11 +1,15 @@
 """Run several strategies over several seeds on one config and print a comparison table.
 
-    python bench/compare_strategies.py                      # permuted digits, 9 strategies, 3 seeds
+    python bench/compare_strategies.py          # permuted digits, 11 strategies, 3 seeds
+    python bench/compare_strategies.py --config experiments/split_digits_task.yaml \
+        --out runs/compare_split                # split digits, one head per task
     python bench/compare_strategies.py --strategies ewc mwc --seeds 0 1 --out runs/compare
 
 Each (strategy, seed) is an ordinary run directory under --out (a finished one is reused, a
 killed one resumed); the side-by-side report goes to <out>/report. The last lines are a
-markdown table of mean ± std over seeds.
+markdown table of mean ± std over seeds; sizes are means over seeds after the last task:
+parameters, parameters relative to the base network, and stored bytes relative to the base's
+(owner indices and masks count there, in the bits they need).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from growth.config import load_config
 from growth.metrics import read_metrics
 from growth.report import mean_std, write_report
 
-DEFAULT = ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf", "mwc", "pnn"]
+DEFAULT = ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf", "mwc", "pnn", "packnet", "cpg"]
 
 
 def run_one(config: str, strategy: str, seed: int, out: Path) -> dict:
@@ -32,6 +36,11 @@ def run_one(config: str, strategy: str, seed: int, out: Path) -> dict:
     cfg = load_config(config, [f"strategy={{name: {strategy}}}", f"seed={seed}",
                                f"name={strategy}"])
     return Campaign(cfg, out).start()
+
+
+def _mean(sizes: list[dict], key: str) -> float:
+    """Mean of a size entry over seeds (runs written before bytes were reported: params)."""
+    return statistics.fmean(s.get(key) or s["relative"] for s in sizes)
 
 
 def main() -> None:
@@ -56,13 +65,15 @@ def main() -> None:
         rows.append((strategy, mean_std([m["acc"] for m in results], 3),
                      mean_std([m["bwt"] for m in results], 3),
                      mean_std([m["fwt"] for m in results], 3),
-                     f"{last[0]['params']:,}", f"{last[0]['relative']:.2f}",
+                     f"{round(_mean(last, 'params')):,}", f"{_mean(last, 'relative'):.2f}",
+                     f"{_mean(last, 'relative_bytes'):.2f}",
                      f"{statistics.fmean(sum(m['wall_time_s']) for m in results):.1f}"))
     report = write_report(dirs, root / "report")
     print(f"\nreport: {report}\n")
     print(f"{args.config}, seeds {args.seeds}: mean ± std over seeds\n")
-    print("| strategy | ACC | BWT | FWT | params | size vs base | train time (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| strategy | ACC | BWT | FWT | params | params vs base | bytes vs base | "
+          "train time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
 
