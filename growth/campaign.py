@@ -5,6 +5,8 @@ Run directory (growth.rundir: lock, run id, paths; growth.checkpoint: checkpoint
   config.yaml            the resolved config (defaults filled in)
   .lock                  held by the one process writing the run (its pid inside)
   log.txt                what happened, task by task
+  epochs.csv             per epoch of every task: training loss, validation accuracy
+  tensorboard/           the same as TensorBoard event files (with `tensorboard: true`)
   metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes, wall times (rewritten after every task,
                          and rebuilt from the latest checkpoint on resume when behind)
   checkpoints/task_NNN/  graph, strategy state, campaign state and a manifest of SHA-256
@@ -56,6 +58,7 @@ from growth.rundir import (
     new_run_id,
     read_run_id,
 )
+from growth.runlog import EpochLog
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import evaluate, learn_task
 
@@ -233,8 +236,13 @@ class Campaign:
 
     # ---- the loop ------------------------------------------------------------------------
     def _loop(self) -> dict[str, Any]:
-        for i in range(self.state.finished, len(self.tasks)):
-            self._learn(i)
+        self.epoch_log = EpochLog(self.run_dir, self.cfg.train.epochs, self.cfg.tensorboard,
+                                  self.state.finished)
+        try:
+            for i in range(self.state.finished, len(self.tasks)):
+                self._learn(i)
+        finally:
+            self.epoch_log.close()
         metrics = self.metrics()
         write_metrics(self.run_dir, metrics)  # also when a kill fell between checkpoint and this
         return metrics
@@ -251,10 +259,11 @@ class Campaign:
                  len(task.train[1]), len(task.val[1]), len(task.test[1]))
         ctx = self._ctx(task)
         torch.manual_seed(ctx.seed)  # dropout and any hook's draws start from the task's seed
+        self._val_time = 0.0
         start = time.perf_counter()
         losses = learn_task(ctx, self.strategy, self.cfg.train, seed=ctx.seed,
-                            on_epoch=lambda e, loss: self.progress.on_epoch(i, e, loss))
-        wall = time.perf_counter() - start
+                            on_epoch=lambda e, loss: self._epoch(ctx, e, loss))
+        wall = time.perf_counter() - start - self._val_time  # training time only
         if len(task.val[1]):
             log.info("task %d validation accuracy %.4f", i, evaluate(ctx, task, "val",
                                                                      strategy=self.strategy))
@@ -269,7 +278,25 @@ class Campaign:
         log.info("task %d done in %.1fs, final loss %.4f; R[%d] = %s; ACC so far %.4f", i,
                  wall, losses[-1] if losses else float("nan"), i + 1,
                  self.state.R.row(i + 1).round(4).tolist(), metrics["acc"] or float("nan"))
+        self.epoch_log.task_done(i, metrics)
         self.progress.on_task_end(i, metrics)
+
+    def _epoch(self, ctx: Context, epoch: int, loss: float) -> None:
+        """After each epoch: log the loss and the validation accuracy of the network as it
+        trains (the task's head; every module's train/eval mode is put back as it was)."""
+        start = time.perf_counter()
+        task = ctx.task
+        val = float("nan")
+        if len(task.val[1]):
+            modes = [(m, m.training) for m in ctx.model.module.modules()]
+            try:
+                val = evaluate(ctx, task, "val")
+            finally:
+                for m, mode in modes:
+                    m.train(mode)
+        self.epoch_log.epoch(task.index, task.name, epoch, loss, val)
+        self._val_time += time.perf_counter() - start
+        self.progress.on_epoch(task.index, epoch, loss)
 
     def _size(self) -> dict[str, Any]:
         """Trunk, heads and the strategy's stored parts (masks, adapters), relative to the
@@ -291,7 +318,7 @@ class Campaign:
                "stream": self.cfg.data.stream, "dataset": self.cfg.data.dataset,
                "scenario": self.cfg.scenario}
         return make_metrics(run, [t.name for t in self.tasks], self.state.R, self.state.sizes,
-                            self.state.wall_time_s)
+                            self.state.wall_time_s, config=self.state.config)
 
     def _check_same_config(self, ckpt: Checkpoint) -> None:
         now = self._resolved().to_dict()

@@ -122,6 +122,7 @@ class Config(_Section):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int | None = Field(None, ge=1)
     allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)
+    tensorboard: bool = False  # also log per-epoch numbers as TensorBoard event files
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -345,7 +346,8 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
     except ValidationError as exc:
         raise ConfigError(_cap(_describe(exc, where))) from None
     problems = [*_strategy_problems(cfg, where), *_applicability_problems(cfg, where),
-                *_limit_problems(cfg, where), *_scenario_problems(cfg, where)]
+                *_limit_problems(cfg, where), *_scenario_problems(cfg, where),
+                *_feature_problems(cfg, where)]
     if problems:
         raise ConfigError(_cap(problems))
     cfg._source = source
@@ -460,6 +462,16 @@ def _scenario_problems(cfg: Config, where: _Where) -> list[str]:
     if cfg.scenario == "class" and cfg.data.stream != "split":
         return [f"{where('scenario')}: scenario: class needs data.stream: split (disjoint "
                 "classes); use scenario: task for permuted or variations streams"]
+    return []
+
+
+def _feature_problems(cfg: Config, where: _Where) -> list[str]:
+    """Optional packages a config asks for, checked before anything runs."""
+    from importlib.util import find_spec
+
+    if cfg.tensorboard and find_spec("tensorboard") is None:
+        return [f"{where('tensorboard')}: tensorboard: true needs the tensorboard package; "
+                "pip install 'growth[tensorboard]' or set tensorboard: false"]
     return []
 
 

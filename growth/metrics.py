@@ -82,6 +82,14 @@ def fwt(R: Any) -> float:
     return float(np.mean([m[i - 1, i - 1] - m[0, i - 1] for i in range(2, T + 1)]))
 
 
+def average_accuracy(R: Any, upto: int | None = None) -> list[float]:
+    """Mean accuracy over the tasks seen so far, after each of the first `upto` tasks
+    (default: all finished): element i-1 is the mean of R[i, :i], i = 1..upto."""
+    m = as_matrix(R)
+    k = finished_tasks(m) if upto is None else upto
+    return [float(np.mean(m[i, :i])) for i in range(1, k + 1)]
+
+
 def finished_tasks(R: Any) -> int:
     """Number of trained tasks: the last row after row 0 holding any measured value."""
     m = as_matrix(R)
@@ -237,11 +245,13 @@ def make_metrics(
     wall_time_s: Sequence[float] = (),
     search: dict | None = None,
     finished: int | None = None,
+    config: dict | None = None,
 ) -> dict:
     """Assemble a metrics.json dict, computing ACC/BWT/FWT over the finished tasks of R.
 
     ``finished`` defaults to the last row of R with a measured value; pass it while a row is
-    being filled so the scores cover whole rows only.
+    being filled so the scores cover whole rows only. ``config`` (the run's resolved config)
+    lets a report group runs by what they ran.
     """
     m = as_matrix(R)
     done = finished_tasks(m) if finished is None else finished
@@ -257,6 +267,7 @@ def make_metrics(
             "wall_time_s": list(wall_time_s),
             "search": dict(search or {"children": 0, "child_time_s": 0.0}),
             "finished_tasks": done,
+            **({"config": dict(config)} if config is not None else {}),
         }
     )
 
@@ -326,6 +337,8 @@ def _check_metrics(data: Any, path: Path) -> None:
         raise ReportError(f"{path}: missing key(s) {', '.join(missing)}")
     _expect(path, "'run'", data["run"], dict)
     _expect(path, "'tasks'", data["tasks"], list)
+    if data.get("config") is not None:
+        _expect(path, "'config' (the resolved config)", data["config"], dict)
     _check_entries(path, data)
     try:
         m = as_matrix(data["R"])

@@ -1,25 +1,30 @@
 """Markdown and PNG reports for one run or a comparison of runs, read from their metrics.json.
 
-Plots use matplotlib's object API (``Figure`` rendered by Agg), so no screen and no global
-pyplot state are involved; each figure is released once saved.
+A comparison groups runs whose resolved configs are equal but for the seed (and the run's name
+and thread count): each group gets n, mean ± std (sample std) and error bars in the plots; a
+group of one run is listed like any other. Groups of one strategy whose configs differ are
+told apart by the keys that differ, and marked. The figures are in growth.plots.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+import yaml
 
+from growth import plots
 from growth.errors import ReportError
 from growth.metrics import as_matrix, finished_tasks, read_metrics, summarize
 from growth.rundir import check_writable_dir
+
+IGNORED_KEYS = ("seed", "name", "threads")  # config keys that do not make runs different
 
 
 @dataclass
@@ -59,6 +64,41 @@ class Run:
     def wall(self) -> list[float]:
         return [float(w) for w in self.metrics.get("wall_time_s") or []]
 
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The resolved config: from metrics.json, else the run's config.yaml, else None."""
+        cfg = self.metrics.get("config")
+        if isinstance(cfg, dict):
+            return cfg
+        path = self.dir / "config.yaml"
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+@dataclass
+class Group:
+    """Runs whose configs are equal but for IGNORED_KEYS; `differs` tells it apart from other
+    groups of the same strategy (empty when it is the strategy's only group)."""
+
+    config: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    differs: dict[str, Any] = field(default_factory=dict)
+    known: bool = True  # False: no config was found; grouped by the run's metrics info
+
+    @property
+    def strategy(self) -> str:
+        return _strategy(self.runs[0])
+
+    @property
+    def label(self) -> str:
+        if not self.differs:
+            return self.strategy
+        keys = ", ".join(f"{k}={_short(v)}" for k, v in self.differs.items())
+        return f"{self.strategy} † ({keys})"
+
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
     """Write report.md and PNG plots; one run -> <run_dir>/report, several -> ./report.
@@ -93,6 +133,43 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
         runs.append(Run(d, m, as_matrix(m["R"]), name))
     _make_labels_unique(runs)
     return runs
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Groups of runs with equal configs but the seed, in order of first appearance."""
+    groups: dict[str, Group] = {}
+    for r in runs:
+        cfg, known = r.config, True
+        if cfg is None:  # older metrics without a config: what the metrics say about the run
+            cfg = {"run": {k: v for k, v in r.info.items() if k not in IGNORED_KEYS},
+                   "tasks": r.tasks}
+            known = False
+        cfg = {k: v for k, v in cfg.items() if k not in IGNORED_KEYS}
+        key = json.dumps([known, cfg], sort_keys=True, default=str)
+        groups.setdefault(key, Group(cfg, known=known)).runs.append(r)
+    out = list(groups.values())
+    for g in out:
+        same = [o for o in out if o.strategy == g.strategy]
+        if len(same) > 1:
+            flat = [_flatten(o.config) for o in same]
+            keys = sorted({k for f in flat for k in f if len({str(x.get(k)) for x in flat}) > 1})
+            mine = _flatten(g.config)
+            g.differs = {k: mine.get(k) for k in keys}
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def _short(v: Any, limit: int = 24) -> str:
+    text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _make_labels_unique(runs: list[Run]) -> None:
@@ -138,18 +215,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)]) + "\n"
 
 
-def _row_labels(tasks: Sequence[str]) -> list[str]:
-    return ["init"] + [f"after {t}" for t in tasks]
-
-
-def _groups(sizes: Sequence[dict]) -> list[str]:
-    """Size groups (trunk, heads, masks, ...) in first-seen order, from '<group>_params' keys."""
-    seen: dict[str, None] = {}
-    for s in sizes:
-        for k in s:
-            if k.endswith("_params") and k != "params":
-                seen[k[: -len("_params")]] = None
-    return list(seen)
+_row_labels = plots.row_labels
+_groups = plots._size_groups
 
 
 # --------------------------------------------------------------------------- single run
@@ -157,9 +224,9 @@ def _groups(sizes: Sequence[dict]) -> list[str]:
 
 def _single_report(run: Run, folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
-    _save(_heatmap_figure([run]), folder / "r_matrix.png")
-    _save(_curves_figure(run), folder / "accuracy_curves.png")
-    _save(_size_figure([run]), folder / "model_size.png")
+    plots.save(plots.heatmap_figure([run]), folder / "r_matrix.png")
+    plots.save(plots.curves_figure(run), folder / "accuracy_curves.png")
+    plots.save(plots.size_figure(run), folder / "model_size.png")
     return "\n".join(
         [
             f"# Run report: {run.label}\n",
@@ -171,7 +238,7 @@ def _single_report(run: Run, folder: Path) -> str:
             _search_section(run),
             "## Plots\n",
             "![R matrix](r_matrix.png)\n",
-            "![Accuracy curves](accuracy_curves.png)\n",
+            "![Accuracy curves and the average over tasks seen](accuracy_curves.png)\n",
             "![Model size](model_size.png)\n",
         ]
     )
@@ -242,19 +309,26 @@ def _search_section(run: Run) -> str:
 
 def _comparison_report(runs: list[Run], folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
-    _save(_heatmap_figure(runs), folder / "r_matrices.png")
-    _save(_acc_figure(runs), folder / "acc.png")
-    _save(_size_figure(runs), folder / "model_size.png")
-    parts = [f"# Comparison of {len(runs)} runs\n", _comparison_table(runs)]
-    agg = _strategy_table(runs)
-    if agg:
-        parts += ["## Mean ± std per strategy (over seeds, sample std)\n", agg]
-    parts += [
-        "## Plots\n",
-        "![R matrices](r_matrices.png)\n",
-        "![ACC per run](acc.png)\n",
-        "![Model size per task](model_size.png)\n",
-    ]
+    groups = group_runs(runs)
+    figures = {
+        "r_matrices.png": ("R matrices", plots.heatmap_figure(runs)),
+        "average_accuracy.png": ("Average accuracy after each task",
+                                 plots.average_accuracy_figure(groups)),
+        "acc.png": ("ACC per group", plots.group_scores_figure(
+            groups, "acc", "ACC after the last finished task (mean ± std per group)",
+            "ACC (mean final test accuracy, fraction)", accuracy=True)),
+        "bwt.png": ("BWT per group", plots.group_scores_figure(
+            groups, "bwt", "Backward transfer (mean ± std per group; below 0: forgetting)",
+            "BWT (change in test accuracy, fraction)", accuracy=False)),
+        "model_size.png": ("Model size per task", plots.group_size_figure(groups)),
+    }
+    for name, (_, fig) in figures.items():
+        plots.save(fig, folder / name)
+    parts = [f"# Comparison of {len(runs)} runs in {len(groups)} groups\n",
+             "## Groups (same config but the seed): mean ± std over runs (sample std)\n",
+             _group_table(groups), _group_notes(groups),
+             "## Runs\n", _comparison_table(runs, groups), "## Plots\n"]
+    parts += [f"![{alt}]({name})\n" for name, (alt, _) in figures.items()]
     return "\n".join(parts)
 
 
@@ -279,12 +353,13 @@ def _summary_cells(values: Sequence[float | None]) -> list[str]:
     return [_num(v, d) for v, d in zip(values, digits)]
 
 
-def _comparison_table(runs: list[Run]) -> str:
-    header = ["run", "strategy", "seed", "tasks", *_SUMMARY_COLS]
+def _comparison_table(runs: list[Run], groups: list[Group]) -> str:
+    group_of = {id(r): g.label for g in groups for r in g.runs}
+    header = ["run", "group", "seed", "tasks", *_SUMMARY_COLS]
     rows = [
         [
             r.label,
-            _strategy(r),
+            group_of[id(r)],
             str(r.info.get("seed", "n/a")),
             f"{r.done} / {r.R.shape[1]}",
             *_summary_cells(_summary(r)),
@@ -304,184 +379,33 @@ def mean_std(values: Sequence[float | None], digits: int) -> str:
     return f"{fmt.format(mean)} ± {fmt.format(std)}"
 
 
-def _strategy_table(runs: list[Run]) -> str:
-    """One mean ± std row per strategy run more than once; empty if there is none."""
-    by: dict[str, list[Run]] = defaultdict(list)
-    for r in runs:
-        by[_strategy(r)].append(r)
+def _group_table(groups: list[Group]) -> str:
+    """One row per group: n, seeds, mean ± std of each summary column (a lone run: its value)."""
+    digits = (4, 4, 4, 0, 3, 1)
     rows = []
-    for strategy, group in by.items():
-        if len(group) < 2:
-            continue
-        cols = list(zip(*(_summary(r) for r in group)))
-        rows.append(
-            [
-                strategy,
-                str(len(group)),
-                *(mean_std(c, d) for c, d in zip(cols, (4, 4, 4, 0, 3, 1))),
-            ]
-        )
-    return _table(["strategy", "runs", *_SUMMARY_COLS], rows) if rows else ""
+    for g in groups:
+        cols = list(zip(*(_summary(r) for r in g.runs)))
+        cells = [mean_std(c, d) if len(g.runs) > 1 else _num(c[0], d) for c, d in
+                 zip(cols, digits)]
+        seeds = ", ".join(str(r.info.get("seed", "?")) for r in g.runs)
+        tasks = sorted({f"{r.done} / {r.R.shape[1]}" for r in g.runs})
+        rows.append([g.label, str(len(g.runs)), seeds, ", ".join(tasks), *cells])
+    return _table(["group", "n", "seeds", "tasks", *_SUMMARY_COLS], rows)
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    fig.clear()
-
-
-def _heatmap(ax: Axes, R: np.ndarray, tasks: Sequence[str], title: str) -> None:
-    """R as a heatmap with each value written in its cell; unmeasured cells grey."""
-    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
-    vmax = max(1.0, float(np.nanmax(R))) if np.isfinite(R).any() else 1.0
-    img = ax.imshow(np.ma.masked_invalid(R), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
-    T = R.shape[1]
-    size = max(5.0, min(10.0, 60.0 / T))
-    for (i, j), v in np.ndenumerate(R):
-        text, color = ("–", "black") if np.isnan(v) else (f"{v:.2f}", _ink(v / vmax))
-        ax.text(j, i, text, ha="center", va="center", fontsize=size, color=color)
-    ax.set_xticks(range(T), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(T + 1), _row_labels(tasks))
-    ax.set_xlabel("evaluated task")
-    ax.set_ylabel("model state")
-    ax.set_title(title)
-    ax.figure.colorbar(img, ax=ax, label="test accuracy")
-
-
-def _ink(level: float) -> str:
-    """Text colour readable on viridis: white on the dark end, black on the light end."""
-    return "white" if level < 0.6 else "black"
-
-
-def _heatmap_figure(runs: list[Run]) -> Figure:
-    n = len(runs)
-    ncols = min(3, n)
-    nrows = math.ceil(n / ncols)
-    T = max(r.R.shape[1] for r in runs)
-    w, h = min(12.0, max(4.5, 0.9 * T + 2.5)), min(10.0, max(3.5, 0.55 * T + 2.5))
-    fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, r in zip(axes, runs):
-        title = f"R matrix: {r.label}" if n > 1 else f"Accuracy matrix R ({r.label})"
-        _heatmap(ax, r.R, r.tasks, title)
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig
-
-
-def _curves_figure(run: Run) -> Figure:
-    """Each task's accuracy from its own training onwards, as later tasks are learned."""
-    T = run.R.shape[1]
-    fig = Figure(figsize=(_line_width(T), 4.5), layout="constrained")
-    ax = fig.subplots()
-    for j, name in enumerate(run.tasks):
-        xs = np.arange(j + 1, T + 1)
-        ys = run.R[j + 1 :, j]
-        keep = ~np.isnan(ys)
-        if keep.any():
-            ax.plot(xs[keep], ys[keep], marker="o", label=name)
-    ax.set_xticks(range(1, T + 1), run.tasks, rotation=45, ha="right")
-    ax.set_xlim(0.5, T + 0.5)
-    top = float(np.nanmax(run.R)) if np.isfinite(run.R).any() else 1.0
-    ax.set_ylim(0.0, 1.02 * max(1.0, top))  # full scale, so forgetting is not exaggerated
-    ax.set_xlabel("after training task")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"Accuracy of each task as later tasks are learned ({run.label})")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(
-            title="evaluated task",
-            fontsize="small",
-            ncols=max(1, T // 10),
-            loc="center left",
-            bbox_to_anchor=(1.01, 0.5),
-        )
-    else:
-        _no_data(ax)
-    return fig
-
-
-def _line_width(T: int) -> float:
-    """Figure width for one x position per task: wider with more tasks, within a page."""
-    return min(12.0, max(6.0, 0.6 * T + 3))
-
-
-def _no_data(ax: Axes) -> None:
-    ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
-
-
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-
-
-def _size_figure(runs: list[Run]) -> Figure:
-    """Parameters after each task; one run shows its groups and relative-size labels."""
-    T = max(r.R.shape[1] for r in runs)
-    fig = Figure(figsize=(_line_width(T), 4.5), layout="constrained")
-    ax = fig.subplots()
-    for k, r in enumerate(runs):
-        params = [s.get("params") for s in r.sizes]
-        xs = np.arange(1, len(params) + 1)
-        label = "total" if len(runs) == 1 else r.label
-        ys = [np.nan if p is None else p for p in params]
-        ax.plot(xs, ys, marker=_MARKERS[k % len(_MARKERS)], label=label)
-        if len(runs) == 1:
-            _size_details(ax, r, xs)
-    same_tasks = all(r.tasks == runs[0].tasks for r in runs)
-    names = runs[0].tasks if same_tasks else [f"task {k}" for k in range(1, T + 1)]
-    ax.set_xticks(range(1, T + 1), names, rotation=45, ha="right")
-    ax.set_xlim(0.5, T + 0.5)
-    ax.set_xlabel("after training task")
-    ax.set_ylabel("parameters")
-    ax.margins(y=0.12)  # room for the relative-size labels
-    ax.set_ylim(bottom=0)
-    if len(runs) > 1:
-        ax.set_title("Model size after each task")
-    else:
-        ax.set_title(f"Model size ({runs[0].label}); labels: size relative to the base network")
-    ax.grid(alpha=0.3)
-    if any(r.sizes for r in runs):
-        ax.legend(fontsize="small")
-    else:
-        _no_data(ax)
-    return fig
-
-
-def _size_details(ax: Axes, run: Run, xs: np.ndarray) -> None:
-    """Per-group parameter lines and '×relative' labels on the total line."""
-    for g in _groups(run.sizes):
-        ys = [s.get(f"{g}_params", np.nan) for s in run.sizes]
-        ax.plot(xs, ys, linestyle="--", marker=".", label=g)
-    for x, s in zip(xs, run.sizes):
-        rel, p = s.get("relative"), s.get("params")
-        if rel is not None and p is not None:
-            ax.annotate(
-                f"×{rel:.2f}",
-                (x, p),
-                textcoords="offset points",
-                xytext=(0, 6),
-                ha="center",
-                fontsize=8,
-            )
-
-
-def _acc_figure(runs: list[Run]) -> Figure:
-    """Final ACC per run, coloured by strategy, value written on each bar."""
-    fig = Figure(figsize=(max(6.0, 0.9 * len(runs) + 3), 4.5), layout="constrained")
-    ax = fig.subplots()
-    strategies = list(dict.fromkeys(_strategy(r) for r in runs))
-    colors, labelled = colormaps["tab10"], set()
-    for k, r in enumerate(runs):
-        strategy, value = _strategy(r), r.scores["acc"]
-        label = None if strategy in labelled else strategy
-        labelled.add(strategy)
-        color = colors(strategies.index(strategy) % 10)
-        bar = ax.bar(k, 0.0 if math.isnan(value) else value, color=color, label=label)
-        ax.bar_label(bar, labels=[_num(value, 3)], fontsize=8)
-    ax.set_xticks(range(len(runs)), [r.label for r in runs], rotation=45, ha="right")
-    ax.set_xlabel("run")
-    ax.set_ylabel("ACC (mean final accuracy)")
-    ax.set_title("Average accuracy after the last finished task")
-    ax.legend(title="strategy", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-    return fig
+def _group_notes(groups: list[Group]) -> str:
+    notes = []
+    marked = sorted({g.strategy for g in groups if g.differs})
+    for strategy in marked:
+        keys = sorted({k for g in groups if g.strategy == strategy for k in g.differs})
+        notes.append(f"- † {strategy}: runs with different configs are kept apart; they "
+                     f"differ in {', '.join(f'`{k}`' for k in keys)}.")
+    partial = [g.label for g in groups if len({r.done for r in g.runs}) > 1]
+    if partial:
+        notes.append(f"- Runs of {', '.join(partial)} finished different numbers of tasks; "
+                     "each is scored over its own finished tasks.")
+    if any(not g.known for g in groups):
+        notes.append("- Some runs have no config (no `config` in metrics.json and no "
+                     "config.yaml); they are grouped by strategy, stream, dataset, scenario "
+                     "and task names only.")
+    return "\n".join(notes) + "\n" if notes else ""

@@ -522,3 +522,27 @@ def test_build_stream_from_a_config_dict(digits: Dataset) -> None:
     }
     expected = make_stream(digits, "split", n_tasks=5, seed=3, class_order="shuffled")
     assert same_tasks(build_stream(cfg), expected)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_failed_download_says_what_to_do_and_leaves_no_folders(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as err:
+        load_dataset(name, root=root, download=True)
+    message = str(err.value)
+    folder = root / ("MNIST/raw" if name == "mnist" else "cifar-10-batches-py")
+    assert str(folder) in message and "no network here" in message
+    assert "data.download: false" in message and "data.root" in message
+    assert "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # no empty folders left behind
+    with pytest.raises(DataError, match="set data.download: true"):
+        load_dataset(name, root=root, download=False)
+    assert list(tmp_path.iterdir()) == []

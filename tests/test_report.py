@@ -41,7 +41,7 @@ def _sizes(n):
     return out
 
 
-def make_run(root, name="demo", strategy="finetune", seed=0, R=R3, finished=3):
+def make_run(root, name="demo", strategy="finetune", seed=0, R=R3, finished=3, config=None):
     run_dir = root / name
     metrics = make_metrics(
         run={"name": name, "strategy": strategy, "seed": seed, "stream": "s", "dataset": "mnist"},
@@ -50,6 +50,7 @@ def make_run(root, name="demo", strategy="finetune", seed=0, R=R3, finished=3):
         sizes=_sizes(finished),
         wall_time_s=[12.5] * finished,
         search={"children": 7, "child_time_s": 33.0},
+        config=config,
     )
     write_metrics(run_dir, metrics)
     return run_dir
@@ -126,8 +127,10 @@ def test_comparison_lists_every_run_and_strategy_means(tmp_path, monkeypatch):
         assert name in text
     assert "0.6667" in text
     # finetune has two seeds: ACC mean (0.8 + 0.6667) / 2 = 0.7333, std (ddof=1) 0.0943.
-    assert "| finetune | 2 | 0.7333 ± 0.0943 |" in text
-    assert "| grow | 2 |" not in text  # a single run gets no mean row
+    assert "| finetune | 2 | 0, 1 | 3 / 3 | 0.7333 ± 0.0943 |" in text
+    assert "| grow | 1 | 0 | 3 / 3 | 0.8000 | -0.1562 |" in text  # a single run is listed too
+    for png in ("average_accuracy.png", "bwt.png"):
+        assert_png(md.parent / png)
 
 
 def test_duplicate_run_names_stay_distinguishable(tmp_path):
@@ -213,3 +216,127 @@ def test_a_run_named_twice_is_counted_once(tmp_path, monkeypatch):
     once = write_report([a, b], out=tmp_path / "once").read_text()
     assert twice.replace("twice", "once") == once
     assert "Comparison of 2 runs" in twice
+
+
+def _config(strategy="mwc", seed=0, epochs=10, name="cmp", threads=1):
+    return {"name": name, "seed": seed, "threads": threads,
+            "data": {"dataset": "digits", "stream": "permuted", "n_tasks": 3},
+            "train": {"epochs": epochs, "lr": 0.05}, "strategy": {"name": strategy}}
+
+
+def test_runs_with_different_configs_are_kept_apart(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    worse = [row[:] for row in R3]
+    worse[3] = [0.5, 0.6, 0.9]  # ACC 0.6667
+    runs = [
+        make_run(tmp_path, "a", "mwc", 0, config=_config(seed=0, name="a", threads=1)),
+        make_run(tmp_path, "b", "mwc", 1, R=worse, config=_config(seed=1, name="b", threads=2)),
+        make_run(tmp_path, "c", "mwc", 0, R=worse, config=_config(seed=0, epochs=1)),
+        make_run(tmp_path, "d", "ewc", 0, config=_config("ewc")),
+    ]
+    text = write_report(runs).read_text()
+    assert "Comparison of 4 runs in 3 groups" in text
+    # the 10-epoch runs form one group (seed, name and threads do not count), n = 2
+    assert "| mwc † (train.epochs=10) | 2 | 0, 1 | 3 / 3 | 0.7333 ± 0.0943 |" in text
+    # the 1-epoch run is not averaged in: its own row, n = 1
+    assert "| mwc † (train.epochs=1) | 1 | 0 | 3 / 3 | 0.6667 |" in text
+    assert "| ewc | 1 | 0 | 3 / 3 | 0.8000 |" in text
+    assert "† mwc: runs with different configs are kept apart; they differ in `train.epochs`" \
+        in text
+    assert "| c | mwc † (train.epochs=1) | 0 |" in text
+
+
+def test_config_yaml_groups_runs_whose_metrics_lack_it(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    dirs = [make_run(tmp_path, n, "ewc", k) for k, n in enumerate("xyz")]
+    for d, epochs in zip(dirs, (5, 5, 7)):
+        (d / "config.yaml").write_text(yaml.safe_dump(_config("ewc", epochs=epochs)))
+    text = write_report(dirs).read_text()
+    assert "| ewc † (train.epochs=5) | 2 | 0, 1 |" in text
+    assert "| ewc † (train.epochs=7) | 1 | 2 |" in text
+    assert "have no config" not in text
+
+
+def test_average_accuracy_by_hand():
+    from growth.metrics import average_accuracy
+
+    # after task 1: R[1][0]; after 2: mean(R[2][0:2]); after 3: mean(R[3][0:3])
+    expected = [0.9123, (0.80 + 0.85) / 2, (0.70 + 0.75 + 0.95) / 3]
+    assert average_accuracy(R3) == pytest.approx(expected)
+    assert average_accuracy(R3, 2) == pytest.approx(expected[:2])
+
+
+def _axes(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def test_every_plot_has_a_title_labels_and_units(tmp_path):
+    from growth import plots
+    from growth.report import group_runs, load_runs
+
+    runs = load_runs([make_run(tmp_path, n, "ft", k) for k, n in enumerate("ab")])
+    groups = group_runs(runs)
+    figures = [plots.heatmap_figure(runs), plots.curves_figure(runs[0]),
+               plots.size_figure(runs[0]), plots.average_accuracy_figure(groups),
+               plots.group_scores_figure(groups, "acc", "ACC", "ACC (fraction)", True),
+               plots.group_scores_figure(groups, "bwt", "BWT", "BWT (fraction)", False),
+               plots.group_size_figure(groups)]
+    for fig in figures:
+        for ax in _axes(fig):
+            if not ax.get_visible() or not ax.get_ylabel():  # colorbars carry their label
+                continue
+            assert ax.get_title() and ax.get_xlabel(), fig
+            assert "(" in ax.get_ylabel() and "(" in ax.get_xlabel(), (ax.get_xlabel(),
+                                                                      ax.get_ylabel())
+
+
+def test_accuracy_curves_zoom_to_the_data_and_show_the_average(tmp_path):
+    from growth import plots
+    from growth.report import load_runs
+
+    high = [[0.10, 0.10, 0.10], [0.97, 0.1, 0.1], [0.95, 0.98, 0.1], [0.93, 0.96, 0.99]]
+    run = load_runs([make_run(tmp_path, R=high)])[0]
+    ax = plots.curves_figure(run).axes[0]
+    lo, hi = ax.get_ylim()
+    assert 0.85 < lo < 0.93 and 0.99 < hi <= 1.0  # not a 0-1 axis
+    avg = next(line for line in ax.lines if line.get_label() == "average over tasks seen")
+    assert list(avg.get_ydata()) == pytest.approx([0.97, (0.95 + 0.98) / 2,
+                                                   (0.93 + 0.96 + 0.99) / 3])
+
+
+def test_group_error_bars_are_the_sample_std(tmp_path):
+    from growth import plots
+    from growth.report import group_runs, load_runs
+
+    worse = [row[:] for row in R3]
+    worse[3] = [0.5, 0.6, 0.9]
+    runs = load_runs([make_run(tmp_path, "a", "ft", 0), make_run(tmp_path, "b", "ft", 1, R=worse)])
+    fig = plots.group_scores_figure(group_runs(runs), "acc", "ACC", "ACC (fraction)", True)
+    container = fig.axes[0].containers[0]
+    (mean,) = container.lines[0].get_ydata()
+    segment = container.lines[2][0].get_segments()[0]
+    accs = [0.8, 2.0 / 3.0]
+    std = (sum((a - sum(accs) / 2) ** 2 for a in accs) / 1) ** 0.5
+    assert mean == pytest.approx(sum(accs) / 2)
+    assert segment[1][1] - segment[0][1] == pytest.approx(2 * std)
+
+
+def test_report_of_real_runs_groups_by_their_resolved_config(tmp_path, monkeypatch):
+    from runfiles import write_config
+
+    from growth.campaign import Campaign
+    from growth.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    dirs = []
+    for seed, epochs in ((0, 2), (1, 2), (0, 1)):
+        cfg = write_config(tmp_path / f"c{seed}{epochs}.yaml", seed=seed, name=f"s{seed}",
+                           train__epochs=epochs, data__n_tasks=2)
+        Campaign(load_config(cfg), tmp_path / f"run{seed}{epochs}").start()
+        dirs.append(tmp_path / f"run{seed}{epochs}")
+    assert read_metrics(dirs[0])["config"]["train"]["epochs"] == 2
+    text = write_report(dirs).read_text()
+    assert "| finetune † (train.epochs=2) | 2 | 0, 1 | 2 / 2 |" in text
+    assert "| finetune † (train.epochs=1) | 1 | 0 | 2 / 2 |" in text

@@ -40,20 +40,43 @@ def expected_folder(name: str, root: Path) -> Path:
 
 
 def _open(name: str, root: Path, train: bool, download: bool) -> tvd.VisionDataset:
-    """Instantiate torchvision's dataset, turning its missing-data errors into DataError."""
+    """Instantiate torchvision's dataset; a failed download or missing files is a DataError
+    that says what to do in the config's own terms, and folders made for a download that
+    failed are removed again."""
     where = expected_folder(name, root)
+    made = _missing(where)
     try:
         return _classes()[name](str(root), train=train, download=download)
-    except RuntimeError as err:
+    except (RuntimeError, OSError) as err:
+        _remove_empty(made)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1][:200] if lines else type(err).__name__  # the innermost cause
         if download:
-            raise DataError(f"{name}: download into {where} failed: {err}") from err
+            raise DataError(
+                f"{name}: downloading into {where} failed ({reason}); without network access, "
+                f"copy the official {name} files into {where} (or point data.root at a folder "
+                "that has them) and set data.download: false") from None
         raise DataError(
-            f"{name}: dataset files not found (or corrupted) in {where}; "
-            "pass download=True (config key `download: true`) to fetch them, "
-            f"or place the official files there"
-        ) from err
-    except OSError as err:
-        raise DataError(f"{name}: cannot read {where}: {err}") from err
+            f"{name}: dataset files not found (or corrupted) in {where}; set "
+            f"data.download: true to fetch them, or place the official files there (data.root "
+            f"is {root})") from None
+
+
+def _missing(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not folder.exists() and folder.parent != folder:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first, so a parent is empty once its child is gone
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a partial download the user may want), or not there
+            pass
 
 
 def load_torchvision(name: str, root: Path, download: bool) -> Dataset:
