@@ -131,9 +131,13 @@ class _Walk:
             self.check_layer(c, src)
             return "consumer"
         if kind in ("add", "mul"):
+            self.need_full(c, src)
             return "merge"
         if kind == "concat":
-            return "moved" if node.attrs["dim"] % len(shape) == axis else "merge"
+            if node.attrs["dim"] % len(shape) == axis:
+                return "moved"
+            self.need_full(c, src)
+            return "merge"
         if kind == "flatten":
             return "moved"
         if kind in _AXIS_ZERO:
@@ -154,6 +158,15 @@ class _Walk:
         if not ok:
             raise self.refuse(f"{self.kind(c)} {c!r}: {why}, but the channels lie along another "
                               "axis there")
+
+    def need_full(self, merge: str, src: str) -> None:
+        """A space broadcast along its channels at a merge cannot grow: its one channel is
+        shared by all the channels of the other operands."""
+        axis = self.axes[src]
+        if self.shapes[src][axis] == 1 and self.shapes[merge][self.axes[merge]] > 1:
+            raise self.refuse(
+                f"its single channel is broadcast over the {self.shapes[merge][axis]} channels "
+                f"of {self.kind(merge)} {merge!r}; more channels would no longer broadcast")
 
     def members(self, merge: str, producers: set[str], region: dict[str, bool]) -> list[str]:
         """Producers feeding `merge` that are not in the group yet (walking back through nodes

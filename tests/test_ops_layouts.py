@@ -1,0 +1,352 @@
+"""Operators on the kinds of modern networks, on small hand-made graphs: depthwise convolutions,
+squeeze-and-excitation gates, channels-last and token layouts, layer scales, class tokens and
+positional embeddings; the refusals (LayerNorm, attention, shuffles) and the size guards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from graphgen import max_rel_error, outputs, randomize, single_thread  # noqa: F401 (fixture)
+
+from growth.errors import OperatorError
+from growth.graph import NetGraph
+from growth.ops import (
+    deepenable,
+    deepening_cost,
+    feature_axes,
+    find_group,
+    net2deeper,
+    net2wider,
+    not_resizable,
+    prune_units,
+    resizable,
+    widening_cost,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TOL = 1e-5
+
+
+def preserved(parent: NetGraph, child: NetGraph) -> float:
+    shape = parent.shape(parent.input_node())
+    x = torch.randn((6, *shape), generator=torch.Generator().manual_seed(3))
+    return max_rel_error(outputs(parent, x), outputs(child, x))
+
+
+def _head(g: NetGraph, src: str) -> None:
+    g.add("flat", "flatten", [src])
+    g.add("fc", "linear", ["flat"], out_features=3)
+    g.add_output("out", "fc")
+
+
+def depthwise_net(multiplier: int = 1) -> NetGraph:
+    g = NetGraph()
+    g.add_input("x", (2, 5, 5))
+    g.add("c", "conv2d", ["x"], out_channels=3, kernel_size=1)
+    g.add("bn", "batchnorm2d", ["c"])
+    g.add("r", "relu6", ["bn"])
+    g.add("dw", "conv2d", ["r"], out_channels=3 * multiplier, kernel_size=3, padding=1, groups=3)
+    g.add("dw_bn", "batchnorm2d", ["dw"])
+    g.add("dw_act", "hardswish", ["dw_bn"])
+    g.add("p", "conv2d", ["dw_act"], out_channels=2, kernel_size=1)
+    _head(g, "p")
+    return randomize(g, 4)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_widening_through_a_depthwise_conv_grows_its_groups(multiplier: int) -> None:
+    g = depthwise_net(multiplier)
+    group = find_group(g, "c")
+    assert group.region == ("bn", "r", "dw", "dw_bn", "dw_act") and group.consumers == ("p",)
+    result = net2wider(g, "c", 5, seed=2)
+    idx = result.record.index_maps["c.weight"][0]
+    dw = result.graph.node("dw")
+    assert dw.attrs["groups"] == dw.attrs["in_channels"] == 5
+    assert dw.attrs["out_channels"] == 5 * multiplier
+    rows = [src * multiplier + k for src in idx for k in range(multiplier)]  # by hand
+    assert result.record.index_maps["dw.weight"] == {0: rows}
+    assert torch.equal(dw.tensors["weight"], g.node("dw").tensors["weight"][rows])
+    assert result.record.index_maps["dw_bn.running_var"] == {0: rows}
+    assert preserved(g, result.graph) <= TOL
+
+
+def test_pruning_through_a_depthwise_conv() -> None:
+    g = depthwise_net()
+    result = prune_units(g, "c", 2, scores=torch.tensor([3.0, 1.0, 2.0]))
+    assert result.graph.node("dw").attrs["groups"] == 2
+    assert result.record.index_maps["dw.weight"] == {0: [0, 2]}
+    result.graph.validate()
+
+
+def test_a_depthwise_conv_is_not_a_layer_to_resize_itself() -> None:
+    with pytest.raises(OperatorError, match="net2wider\\('dw'\\).*depthwise.*produces 'r'"):
+        net2wider(depthwise_net(), "dw", 6)
+
+
+def se_net(spatial_gate: bool = False) -> NetGraph:
+    """c -> relu -> (avgpool -> f1 -> relu -> f2 -> sigmoid) * features -> p: an SE block."""
+    g = NetGraph()
+    g.add_input("x", (2, 4, 4))
+    g.add("c", "conv2d", ["x"], out_channels=4, kernel_size=3, padding=1)
+    g.add("r", "relu", ["c"])
+    g.add("pool", "adaptive_avgpool2d", ["r"], output_size=1)
+    g.add("f1", "conv2d", ["pool"], out_channels=2, kernel_size=1)
+    g.add("f1_act", "silu", ["f1"])
+    g.add("f2", "conv2d", ["f1_act"], out_channels=4, kernel_size=1)
+    g.add("gate", "hardsigmoid", ["f2"])
+    g.add("se", "mul", ["gate", "r"])
+    src = "se"
+    if spatial_gate:  # a (1, H, W) map broadcast over every channel
+        g.add("s", "conv2d", ["se"], out_channels=1, kernel_size=1)
+        g.add("s_act", "sigmoid", ["s"])
+        src = g.add("sp", "mul", ["se", "s_act"])
+    g.add("p", "conv2d", [src], out_channels=3, kernel_size=1)
+    _head(g, "p")
+    return randomize(g, 5)
+
+
+@pytest.mark.parametrize("node", ["c", "f2"])
+def test_a_gate_and_the_features_it_scales_widen_with_one_mapping(node: str) -> None:
+    g = se_net()
+    group = find_group(g, node)
+    assert group.producers == ("c", "f2") and set(group.consumers) == {"f1", "p"}
+    result = net2wider(g, node, 7, seed=3)
+    maps = result.record.index_maps
+    assert maps["c.weight"][0] == maps["f2.weight"][0] == maps["p.weight"][1]
+    assert preserved(g, result.graph) <= TOL
+
+
+def test_a_gate_broadcast_over_the_channels_does_not_change() -> None:
+    g = se_net(spatial_gate=True)
+    group = find_group(g, "c")
+    assert group.producers == ("c", "f2") and set(group.consumers) == {"f1", "s", "p"}
+    result = net2wider(g, "c", 6, seed=1)
+    assert result.graph.node("s").attrs == {**g.node("s").attrs, "in_channels": 6}
+    assert preserved(g, result.graph) <= TOL
+    with pytest.raises(OperatorError, match="single channel is broadcast over the 4 channels "
+                       "of mul 'sp'"):
+        net2wider(g, "s", 2)
+
+
+def test_pruning_dead_units_through_a_gate_keeps_the_function() -> None:
+    g = se_net()
+    p = g.node("p")
+    p.tensors = {**p.tensors, "weight": p.tensors["weight"].clone()}
+    p.tensors["weight"][:, 1] = 0  # unit 1 of the gated features feeds nothing
+    f1 = g.node("f1")
+    f1.tensors = {**f1.tensors, "weight": f1.tensors["weight"].clone()}
+    f1.tensors["weight"][:, 1] = 0
+    result = prune_units(g, "c", 3, scores=torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert result.record.index_maps["f2.weight"] == {0: [0, 2, 3]}
+    assert preserved(g, result.graph) <= TOL
+
+
+def convnext_block() -> NetGraph:
+    """ConvNeXt's block: depthwise conv, channels-last MLP, layer scale, residual add."""
+    g = NetGraph()
+    g.add_input("x", (3, 4, 4))
+    g.add("stem", "conv2d", ["x"], out_channels=4, kernel_size=1)
+    g.add("dw", "conv2d", ["stem"], out_channels=4, kernel_size=3, padding=1, groups=4)
+    g.add("last", "permute", ["dw"], dims=[1, 2, 0])
+    g.add("l1", "linear", ["last"], out_features=8)
+    g.add("act", "gelu", ["l1"])
+    g.add("l2", "linear", ["act"], out_features=4)
+    g.add("first", "permute", ["l2"], dims=[2, 0, 1])
+    g.add("gamma", "scale", ["first"], shape=[4, 1, 1])
+    g.add("drop", "stochastic_depth", ["gamma"], p=0.1)
+    g.add("res", "add", ["drop", "stem"])
+    g.add("tail", "conv2d", ["res"], out_channels=2, kernel_size=1)
+    g.add("mean", "mean", ["tail"], dims=[1, 2])
+    g.add("fc", "linear", ["mean"], out_features=3)
+    g.add_output("out", "fc")
+    return randomize(g, 6)
+
+
+def test_channels_last_mlp_and_a_residual_through_layer_scale_widen_exactly() -> None:
+    g = convnext_block()
+    axes = feature_axes(g)
+    assert (axes["dw"], axes["last"], axes["l1"], axes["first"], axes["mean"]) == (0, 2, 2, 0, 0)
+    hidden = net2wider(g, "l1", 11, seed=1)
+    assert hidden.graph.shape("act") == (4, 4, 11)
+    assert preserved(g, hidden.graph) <= TOL
+    group = find_group(g, "stem")
+    assert group.producers == ("stem", "l2") and set(group.consumers) == {"l1", "tail"}
+    result = net2wider(g, "stem", 6, seed=2)
+    idx = result.record.index_maps["stem.weight"][0]
+    assert result.record.index_maps["gamma.weight"] == {0: idx}
+    assert torch.equal(result.graph.node("gamma").tensors["weight"],
+                       g.node("gamma").tensors["weight"][idx])
+    assert preserved(g, result.graph) <= TOL
+
+
+def test_deepening_inside_channels_last_blocks_inserts_a_linear_layer() -> None:
+    g = convnext_block()
+    result = net2deeper(g, "act")
+    assert result.graph.node("act_deep1").kind == "linear"
+    assert result.graph.shape("act_deep1") == (4, 4, 8)
+    assert preserved(g, result.graph) <= TOL
+    conv = net2deeper(g, "dw", kernel_size=3, batchnorm=True,
+                      sample=torch.randn(4, 3, 4, 4))
+    assert conv.graph.node("dw_deep1").kind == "conv2d"
+    assert preserved(g, conv.graph) <= TOL
+    with pytest.raises(OperatorError, match="net2deeper after 'act'.*batchnorm.*last axis"):
+        net2deeper(g, "act", batchnorm=True, sample=torch.randn(4, 3, 4, 4))
+
+
+def vit_like(norm: bool = False, attention: bool = False) -> NetGraph:
+    """Patch embedding, reshape to tokens, class token, positional embedding, token MLP."""
+    g = NetGraph()
+    g.add_input("x", (3, 4, 4))
+    g.add("patch", "conv2d", ["x"], out_channels=6, kernel_size=2, stride=2)
+    g.add("seq", "reshape", ["patch"], shape=[6, 4])
+    g.add("tokens", "permute", ["seq"], dims=[1, 0])
+    g.add("cls", "class_token", ["tokens"], shape=[1, 1, 6])
+    src = g.add("pos", "offset", ["cls"], shape=[1, 5, 6])
+    if norm:
+        src = g.add("ln", "layernorm", [src], normalized_shape=[6])
+    if attention:
+        src = g.add("attn", "self_attention", [src], embed_dim=6, num_heads=2)
+    g.add("mlp", "linear", [src], out_features=8)
+    g.add("act", "gelu", ["mlp"])
+    g.add("first", "getitem", ["act"], index=[0])
+    g.add("head", "linear", ["first"], out_features=3)
+    g.add_output("out", "head")
+    return randomize(g, 7)
+
+
+def test_tokens_keep_their_class_token_and_embedding_per_channel() -> None:
+    g = vit_like()
+    result = net2wider(g, "patch", 9, seed=4)
+    idx = result.record.index_maps["patch.weight"][0]
+    assert result.graph.node("seq").attrs["shape"] == [9, 4]
+    assert result.record.index_maps["cls.weight"] == {2: idx}
+    assert result.record.index_maps["pos.weight"] == {2: idx}
+    assert torch.equal(result.graph.node("pos").tensors["weight"],
+                       g.node("pos").tensors["weight"][:, :, idx])
+    assert preserved(g, result.graph) <= TOL
+    mlp = net2wider(g, "mlp", 12, seed=5)
+    assert mlp.record.index_maps["head.weight"] == {1: mlp.record.index_maps["mlp.weight"][0]}
+    assert preserved(g, mlp.graph) <= TOL
+    deeper = net2deeper(g, "pos")
+    assert deeper.graph.node("pos_deep1").attrs["in_features"] == 6
+    assert preserved(g, deeper.graph) <= TOL
+
+
+@pytest.mark.parametrize("norm,attention,where,why", [
+    (True, False, "layernorm 'ln'", "normalises over the features"),
+    (False, True, "self_attention 'attn'", "mixes all features of a token"),
+])
+def test_norms_and_attention_refuse_naming_the_node_and_why(norm, attention, where, why) -> None:
+    g = vit_like(norm, attention)
+    for op, call in (("net2wider", lambda: net2wider(g, "patch", 8)),
+                     ("prune_units", lambda: prune_units(g, "patch", 4))):
+        with pytest.raises(OperatorError) as info:
+            call()
+        msg = str(info.value)
+        assert msg.startswith(f"{op}('patch'): cannot resize 'patch'") and where in msg \
+            and why in msg, msg
+    assert "patch" in not_resizable(g) and "patch" not in resizable(g)
+    assert "mlp" in resizable(g)
+
+
+def test_flatten_of_channels_last_maps_expands_each_channel_where_it_lies() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 3, 3))
+    g.add("t", "permute", ["x"], dims=[1, 2, 0])
+    g.add("l", "linear", ["t"], out_features=4)
+    g.add("r", "relu", ["l"])
+    g.add("f", "flatten", ["r"])
+    g.add("fc", "linear", ["f"], out_features=2)
+    g.add_output("out", "fc")
+    randomize(g, 8)
+    result = net2wider(g, "l", 5, seed=0)
+    idx = result.record.index_maps["l.weight"][0]
+    cols = [p * 4 + c for p in range(9) for c in idx]  # flat position of (h, w, c) is p*C + c
+    assert result.record.index_maps["fc.weight"] == {1: cols}
+    assert preserved(g, result.graph) <= TOL
+
+
+def test_concat_along_a_spatial_dim_makes_its_operands_one_group() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 4, 4))
+    g.add("a", "conv2d", ["x"], out_channels=3, kernel_size=1)
+    g.add("b", "conv2d", ["x"], out_channels=3, kernel_size=3, padding=1)
+    g.add("cat", "concat", ["a", "b"], dim=1)  # (3, 8, 4): stacked along H
+    g.add("c", "conv2d", ["cat"], out_channels=2, kernel_size=1)
+    _head(g, "c")
+    randomize(g, 9)
+    assert find_group(g, "a").producers == ("a", "b")
+    assert preserved(g, net2wider(g, "b", 5, seed=1).graph) <= TOL
+
+
+def test_shuffles_grouped_convs_and_split_channels_are_refused_with_the_reason() -> None:
+    g = NetGraph()
+    g.add_input("x", (4, 4, 4))
+    g.add("a", "conv2d", ["x"], out_channels=4, kernel_size=1)
+    g.add("sh", "channel_shuffle", ["a"], groups=2)
+    g.add("b", "conv2d", ["x"], out_channels=4, kernel_size=1)
+    g.add("part", "getitem", ["b"], index=[[0, 2, None]])
+    g.add("d", "conv2d", ["x"], out_channels=4, kernel_size=1)
+    g.add("split", "reshape", ["d"], shape=[2, 2, 4, 4])
+    g.add("join", "reshape", ["split"], shape=[4, 4, 4])
+    g.add("cat", "concat", ["sh", "part", "join"])
+    _head(g, "cat")
+    reasons = not_resizable(randomize(g, 1))
+    assert "interleaves the channels" in reasons["a"] and "'sh'" in reasons["a"]
+    assert "slices the channels" in reasons["b"]
+    assert "splits the channel axis" in reasons["d"]
+    assert set(resizable(g)) == set()
+    assert "d" not in deepenable(g) or feature_axes(g)["split"] is None
+    with pytest.raises(OperatorError, match="net2deeper after 'split'.*no single axis"):
+        net2deeper(g, "split")
+
+
+def test_eligibility_lists_agree_with_the_operators() -> None:
+    for g in (depthwise_net(2), se_net(True), convnext_block(), vit_like(True, True)):
+        shapes = g.shapes()
+        producers = [n for n in shapes if g.node(n).kind in ("linear", "conv2d")
+                     and not (g.node(n).attrs.get("groups", 1) > 1)]
+        ok, refused = resizable(g), not_resizable(g)
+        assert set(ok) | set(refused) >= set(producers) and not set(ok) & set(refused)
+        for n in ok:
+            assert preserved(g, net2wider(g, n, find_group(g, n).width + 2).graph) <= TOL
+        for n, why in refused.items():  # the operator refuses with the listed reason
+            with pytest.raises(OperatorError) as info:
+                net2wider(g, n, 99)
+            assert str(info.value).replace("net2wider(", "resize(", 1) == why
+        for n in deepenable(g):
+            assert preserved(g, net2deeper(g, n, kernel_size=1).graph) <= TOL
+
+
+def test_an_identity_layer_after_a_huge_flatten_needs_permission() -> None:
+    g = NetGraph()
+    g.add_input("x", (512, 7, 7))
+    g.add("flat", "flatten", ["x"])
+    g.add("fc", "linear", ["flat"], out_features=10)
+    g.add_output("out", "fc")
+    want = 25088 * 25088 + 25088  # an identity matrix and a bias
+    assert deepening_cost(25088) == want
+    with pytest.raises(OperatorError, match=f"net2deeper after 'flat'.*{want:,} parameters.*"
+                       "limit of 32,000,000.*max_new_params"):
+        net2deeper(g, "flat")  # refused before any tensor is built
+    assert "flat" not in deepenable(g) and "x" in deepenable(g)
+    assert "flat" in deepenable(g, max_new_params=None)
+
+
+def test_a_widening_over_the_limit_is_refused_until_allowed() -> None:
+    g = NetGraph()
+    g.add_input("x", (3, 7, 7))
+    g.add("c", "conv2d", ["x"], out_channels=8, kernel_size=3, padding=1)
+    g.add("bn", "batchnorm2d", ["c"])
+    g.add("flat", "flatten", ["bn"])
+    g.add("fc", "linear", ["flat"], out_features=100)
+    g.add("out_fc", "linear", ["fc"], out_features=2)
+    g.add_output("out", "out_fc")
+    randomize(g, 2)
+    added = 8 * (3 * 9 + 1) + 8 * 2 + 8 * 49 * 100  # conv rows, BN affine, fc columns
+    assert widening_cost(g, "c", 16) == added
+    with pytest.raises(OperatorError, match=f"net2wider\\('c', width=16\\) would add {added:,}"):
+        net2wider(g, "c", 16, max_new_params=added - 1)
+    result = net2wider(g, "c", 16, max_new_params=added)
+    assert result.graph.param_count() - g.param_count() == added
+    assert widening_cost(g, "c", 4) == -added // 2
