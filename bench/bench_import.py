@@ -45,9 +45,12 @@ def calibrate(model: nn.Module, size: int) -> nn.Module:
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.any():
                 nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # only BN sees the batch
                 m.momentum = 1.0
-        model.train()(torch.randn(4, 3, size, size))
+                m.train()
+        model(torch.randn(4, 3, size, size))
     return model.eval()
 
 
@@ -56,9 +59,9 @@ def grow(graph: NetGraph, steps: int, seed: int) -> NetGraph:
     for step in range(steps):
         wide = resizable(graph)
         if wide and rng.random() < 0.5:
-            node = rng.choice(wide)
-            graph = net2wider(graph, node, find_group(graph, node).width + rng.randint(1, 8),
-                              seed=step).graph
+            group = find_group(graph, rng.choice(wide))  # grouped convs: whole groups
+            width = group.width + group.block * rng.randint(1, max(1, 8 // group.block))
+            graph = net2wider(graph, group.node, width, seed=step).graph
         else:
             graph = net2deeper(graph, rng.choice(deepenable(graph)), kernel_size=1).graph
     return graph

@@ -56,7 +56,7 @@ def _swin(v2: bool) -> nn.Module:
 
 # name -> (builder, what a widening must pass through, where a deepening goes)
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
-    "resnext": (_resnext, "add", "relu"),
+    "resnext": (_resnext, "grouped", "relu"),
     "densenet": (lambda: tvm.DenseNet(8, (2, 2), 16, 2, num_classes=10), "concat", "relu"),
     "mobilenet_v2": (lambda: tvm.MobileNetV2(10, 0.25, [[1, 16, 1, 1], [6, 24, 2, 2],
                                                         [6, 32, 1, 2]]), "depthwise", "depthwise"),
@@ -70,7 +70,7 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
     "mnasnet": (lambda: tvm.MNASNet(0.25, num_classes=10), "depthwise", "depthwise"),
     "regnet": (lambda: tvm.RegNet(regnet.BlockParams.from_init_params(
         depth=3, w_0=8, w_a=8.0, w_m=2.0, group_width=4, se_ratio=0.25), num_classes=10,
-        stem_width=8), "relu", "relu"),  # its gates scale grouped convs: refused
+        stem_width=8), "mul", "relu"),
     "shufflenet": (lambda: tvm.ShuffleNetV2([2, 1, 1], [8, 16, 32, 64, 128], num_classes=10),
                    "depthwise", "depthwise"),
     "squeezenet": (lambda: tvm.squeezenet1_1(num_classes=10), "concat", "relu"),
@@ -95,9 +95,12 @@ def calibrated(model: nn.Module, size: int, dtype: torch.dtype = torch.float32) 
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.any():
                 nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+        model.eval()  # auxiliary heads and dropout stay off; BN takes this batch's statistics
+        for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = 1.0  # the running statistics become this batch's
-        model.train()(torch.randn(8, 3, size, size, dtype=dtype))
+                m.momentum = 1.0
+                m.train()
+        model(torch.randn(8, 3, size, size, dtype=dtype))
     return model.eval()
 
 
@@ -125,13 +128,15 @@ def test_import_is_bit_identical_and_survives_save_and_load(family: str) -> None
 
 
 def _touched(graph: NetGraph, node: str) -> set[str]:
-    """Kinds a widening of `node` passes through ('depthwise' for depthwise convs)."""
+    """Kinds a widening of `node` passes through ('depthwise' and 'grouped' convs apart)."""
     group = find_group(graph, node)
     kinds = set()
     for n in (*group.region, *group.producers):
         kind = graph.node(n).kind
-        depthwise = kind == "conv2d" and graph.node(n).attrs["groups"] > 1
-        kinds.add("depthwise" if depthwise else kind)
+        groups = graph.node(n).attrs.get("groups", 1)
+        if kind == "conv2d" and groups > 1:
+            kind = "depthwise" if groups == graph.node(n).attrs["in_channels"] else "grouped"
+        kinds.add(kind)
     return kinds
 
 
@@ -160,7 +165,8 @@ def grow(graph: NetGraph, family: str, steps: int, seed: int) -> tuple[NetGraph,
     for step in range(steps):
         if step == 0 or (step > 1 and rng.random() < 0.5):
             node = rng.choice(special if step == 0 else resizable(graph))
-            width = find_group(graph, node).width + rng.randint(1, 5)
+            group = find_group(graph, node)  # grouped convs: whole groups at a time
+            width = group.width + group.block * rng.randint(1, max(1, 5 // group.block))
             graph = net2wider(graph, node, width, seed=step).graph
             log.append(f"net2wider({node}, {width})")
         else:
@@ -204,8 +210,8 @@ def test_full_builders_import_bit_identical_and_grow_exactly(name: str) -> None:
     with torch.no_grad():
         assert torch.equal(compile_graph(graph).eval()(x), model(x))
     rng = random.Random(0)
-    grown = net2wider(graph, (node := rng.choice(resizable(graph))),
-                      find_group(graph, node).width + 3, seed=1).graph
+    group = find_group(graph, rng.choice(resizable(graph)))
+    grown = net2wider(graph, group.node, group.width + group.block, seed=1).graph
     grown = net2deeper(grown, rng.choice(deepenable(grown)), kernel_size=1).graph
     with torch.no_grad():
         want, got = model(x), compile_graph(grown).eval()(x)

@@ -58,7 +58,7 @@ def test_widening_when_a_concat_feeds_the_residual_group() -> None:
         net2wider(g, "a", 4)
 
 
-def test_grouped_convolutions_are_refused() -> None:
+def test_grouped_convolutions_change_in_whole_groups() -> None:
     g = NetGraph()
     g.add_input("x", (4, 4, 4))
     g.add("c", "conv2d", ["x"], out_channels=4, kernel_size=1)
@@ -66,10 +66,13 @@ def test_grouped_convolutions_are_refused() -> None:
     g.add("f", "flatten", ["gc"])
     g.add("fc", "linear", ["f"], out_features=2)
     g.add_output("out", "fc")
-    with raises(OperatorError, "net2wider('c')", "'gc'", "grouped convolution (groups=2)"):
-        net2wider(g, "c", 6)
+    with raises(OperatorError, "net2wider('c')", "groups hold 2 channels", "steps of 2",
+                "use width 6 or 8 instead of 7"):
+        net2wider(g, "c", 7)
+    with raises(OperatorError, "prune_units('c')", "steps of 2", "use width 2 or 4 instead of 3"):
+        prune_units(g, "c", 3)
     with raises(OperatorError, "prune_units('gc')", "grouped convolution (groups=2)",
-                "its own input channels"):
+                "resize the layer that produces 'c' instead"):
         prune_units(g, "gc", 2)
 
 

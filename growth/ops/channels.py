@@ -41,6 +41,7 @@ class ChannelGroup:
     width: int
     shapes: Mapping[str, Shape] = field(repr=False)  # per-sample shapes before the change
     axes: Mapping[str, Axis] = field(repr=False, default_factory=dict)  # channel axis per node
+    block: int = 1  # channels change in whole aligned blocks of this size (grouped convs)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class _Walk:
     def __init__(self, graph: NetGraph, node: str, shapes: Mapping[str, Shape],
                  axes: Mapping[str, Axis], op: str) -> None:
         self.graph, self.node, self.shapes, self.axes, self.op = graph, node, shapes, axes, op
+        self.block = 1  # lcm of the input group widths of the grouped convs on the way
 
     def refuse(self, why: str) -> OperatorError:
         return OperatorError(f"{self.op}({self.node!r}): cannot resize {self.node!r}: {why}")
@@ -102,12 +104,26 @@ class _Walk:
                         producers.add(member)
                         stack.append((member, True))
                 else:  # "pass" keeps the index, "moved" offsets or expands it
+                    self.grouped_reads(c, plain)
                     region[c] = plain and role == "pass"
                     stack.append((c, region[c]))
         order = {n: i for i, n in enumerate(self.shapes)}
         ranked = lambda names: tuple(sorted(names, key=order.__getitem__))  # noqa: E731
         return ChannelGroup(self.node, ranked(producers), ranked(region), ranked(consumers),
-                            self.shapes[self.node][self.axes[self.node]], self.shapes, self.axes)
+                            self.shapes[self.node][self.axes[self.node]], self.shapes, self.axes,
+                            self.block)
+
+    def grouped_reads(self, c: str, plain: bool) -> None:
+        """A grouped conv reading the space: its groups grow with whole copied groups of
+        channels, so the space changes in blocks of its group width (aligned, hence plain)."""
+        node = self.graph.node(c)
+        if not _grouped(node):
+            return
+        width = group_width(node)
+        if width > 1 and not plain:
+            raise self.refuse(f"its channels reach grouped convolution {c!r} after a concat, "
+                              "flatten or channel expansion, so its groups could not stay whole")
+        self.block = math.lcm(self.block, width)
 
     def kind(self, name: str) -> str:
         return self.graph.node(name).kind
@@ -124,8 +140,8 @@ class _Walk:
         if axis is None:
             raise self.refuse(f"its channels are split or merged with another axis at {src!r} "
                               f"({self.kind(src)}), where no mapping can follow them")
-        if kind == "conv2d" and _depthwise(node):
-            self.need(axis == 0, c, "a depthwise convolution reads channels along axis 0")
+        if kind == "conv2d" and _grouped(node):
+            self.need(axis == 0, c, "a grouped convolution reads channels along axis 0")
             return "pass" if node.attrs["out_channels"] == node.attrs["in_channels"] else "moved"
         if kind in PRODUCERS:
             self.check_layer(c, src)
@@ -178,7 +194,7 @@ class _Walk:
             if n in producers or n in region or n in found:
                 continue
             kind = self.kind(n)
-            if kind in PRODUCERS and not _depthwise(self.graph.node(n)):
+            if kind in PRODUCERS and not _grouped(self.graph.node(n)):
                 self.check_producer(n)
                 found.append(n)
                 continue
@@ -209,20 +225,19 @@ class _Walk:
     # ---- layers that write or read the space ---------------------------------------------------
     def check_producer(self, name: str) -> None:
         n = self.graph.node(name)
-        if n.kind == "conv2d" and _depthwise(n):
+        if n.kind == "conv2d" and _grouped(n):
+            what = "depthwise" if group_width(n) == 1 else "grouped"
             src = self.graph.inputs(name)[0]
-            raise self.refuse(f"{name!r} is a depthwise convolution (groups={n.attrs['groups']}): "
-                              f"its channels follow its input's; resize the layer that produces "
-                              f"{src!r} instead")
+            raise self.refuse(f"{name!r} is a {what} convolution (groups={n.attrs['groups']}): "
+                              f"its channels follow its input's groups; resize the layer that "
+                              f"produces {src!r} instead, and its groups grow with it")
         if n.kind not in PRODUCERS:
             raise self.refuse(f"node {name!r} is a {n.kind} node, which has no output units to "
                               "resize; pick a linear or conv2d node")
-        self.check_grouped(name)
 
     def check_layer(self, name: str, src: str) -> None:
         """A linear/conv2d reading the space: it must read along the channel axis."""
         n = self.graph.node(name)
-        self.check_grouped(name)
         axis, shape = self.axes[src], self.shapes[src]
         who = f"{name!r}" if name == self.node else \
             f"{name!r} (in the channel group of {self.node!r})"
@@ -234,22 +249,15 @@ class _Walk:
             raise self.refuse(f"node {who} is a convolution reading axis 0 of a {shape} input "
                               f"whose channels lie along axis {axis}")
 
-    def check_grouped(self, name: str) -> None:
-        n = self.graph.node(name)
-        groups = n.attrs.get("groups", 1)
-        if n.kind == "conv2d" and groups != 1 and not _depthwise(n):
-            who = f"{name!r}" if name == self.node else \
-                f"{name!r} (in the channel group of {self.node!r})"
-            raise self.refuse(
-                f"node {who} is a grouped convolution (groups={groups}): each group reads only "
-                "its own input channels, so copies of a channel would have to join a group with "
-                "the same number of new channels in every group; resize a layer outside it")
+
+def _grouped(node: Node) -> bool:
+    """A convolution with groups (depthwise ones included): its groups grow with its input."""
+    return node.kind == "conv2d" and node.attrs.get("groups", 1) > 1
 
 
-def _depthwise(node: Node) -> bool:
-    """A convolution whose every group reads one input channel (groups == in_channels > 1)."""
-    g = node.attrs.get("groups", 1)
-    return node.kind == "conv2d" and g > 1 and g == node.attrs["in_channels"]
+def group_width(node: Node) -> int:
+    """Input channels per group of a convolution (1 for depthwise ones)."""
+    return node.attrs["in_channels"] // node.attrs.get("groups", 1)
 
 
 # Kinds that keep channels apart only where the channels lie along axis 0 of their input.
@@ -348,9 +356,16 @@ def _local_index(graph: NetGraph, name: str, local: dict[str, torch.Tensor],
                                                                            offset + width))
             offset += width
         return torch.cat(parts)
-    if node.kind == "conv2d":  # depthwise: output channel o reads input channel o // m
-        m = node.attrs["out_channels"] // node.attrs["in_channels"]
-        return (local[src][:, None] * m + torch.arange(m)).flatten()
+    if node.kind == "conv2d":  # grouped: new group q copies old group g[q], filters and all
+        n_in, groups = group_width(node), node.attrs["groups"]
+        n_out = node.attrs["out_channels"] // groups
+        blocks = local[src].view(-1, n_in)
+        old = blocks[:, 0] // n_in
+        if bool((blocks[:, 0] % n_in).any()) or not torch.equal(
+                blocks, old[:, None] * n_in + torch.arange(n_in)):
+            raise OperatorError(f"the index does not keep whole groups of {n_in} channels of "
+                                f"grouped convolution {name!r}; copy or drop whole groups")
+        return (old[:, None] * n_out + torch.arange(n_out)).flatten()
     return local[src]  # pass nodes and merges (all operands share the producers' index)
 
 
@@ -358,12 +373,13 @@ def _resize_region(graph: NetGraph, name: str, local: dict[str, torch.Tensor],
                    group: ChannelGroup, changes: Changes) -> None:
     """Gather the tensors (and fix the attrs) of a node the space passes through."""
     node, idx = graph.node(name), local[name]
-    if node.kind == "conv2d":  # depthwise: its filters follow their channels
+    if node.kind == "conv2d":  # grouped: each group's filters follow their channels
         for key in ("weight", "bias"):
             if key in node.tensors:
                 changes.put(node, key, node.tensors[key].index_select(0, idx), 0, idx)
         width = len(local[graph.inputs(name)[0]])
-        node.attrs.update(in_channels=width, out_channels=len(idx), groups=width)
+        node.attrs.update(in_channels=width, out_channels=len(idx),
+                          groups=width // group_width(node))
     elif node.kind in ("scale", "offset", "class_token"):
         _resize_param(node, idx, group.axes[name], len(group.shapes[name]), changes)
     elif node.kind == "reshape":
@@ -440,6 +456,7 @@ def widening_cost(graph: NetGraph, node: str, width: int,
     """Trainable parameters that resizing `node` to `width` units adds (negative: removes),
     counted on shapes alone: no tensor is built, however large."""
     group = find_group(graph, node) if group is None else group
+    check_blocks(group, width, "resize")
     probe = graph.copy()
     for n in (*group.producers, *group.region, *group.consumers):
         held = probe.node(n)
@@ -452,3 +469,13 @@ def widening_cost(graph: NetGraph, node: str, width: int,
         if key not in kind_of(graph.node(owner).kind).buffers:
             total += math.prod(new) - math.prod(old)
     return total
+
+
+def check_blocks(group: ChannelGroup, width: int, op: str) -> None:
+    """OperatorError unless `width` differs from the group's by whole blocks (grouped convs)."""
+    if (width - group.width) % group.block:
+        lo = group.width + (width - group.width) // group.block * group.block
+        raise OperatorError(
+            f"{op}({group.node!r}): its channels feed grouped convolutions whose groups hold "
+            f"{group.block} channels, so its width changes in steps of {group.block} (from "
+            f"{group.width}); use width {lo} or {lo + group.block} instead of {width}")

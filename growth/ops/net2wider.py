@@ -2,7 +2,8 @@
 
 New unit j copies old unit g(j) (g(j) = j for the old units, uniform over them for the new ones);
 every consumer's input column is divided by the number of copies of its old unit, so the sum a
-consumer sees is unchanged.
+consumer sees is unchanged. Where grouped convolutions read the channels, the new units come as
+copies of whole groups (uniform over the groups), and those convolutions gain groups.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import torch
 
 from growth.errors import OperatorError
 from growth.graph import NetGraph
-from growth.ops.channels import ChannelGroup, apply_index, find_group, widening_cost
+from growth.ops.channels import (
+    ChannelGroup,
+    apply_index,
+    check_blocks,
+    find_group,
+    widening_cost,
+)
 from growth.ops.guards import MAX_NEW_PARAMS, check_size
 from growth.ops.registry import ChangeRecord, OpResult
 
@@ -39,12 +46,14 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     out = graph.copy()
     if width == group.width:
         return OpResult(out, ChangeRecord("net2wider", params))
+    check_blocks(group, width, "net2wider")
     if max_new_params is not None:
         check_size(f"net2wider({node!r}, width={width})",
                    widening_cost(graph, node, width, group), max_new_params)
     gen = torch.Generator().manual_seed(int(seed))
-    extra = torch.randint(group.width, (width - group.width,), generator=gen)
-    idx = torch.cat([torch.arange(group.width), extra])
+    b = group.block  # grouped convs downstream: copy whole groups of b channels
+    extra = torch.randint(group.width // b, ((width - group.width) // b,), generator=gen)
+    idx = torch.cat([torch.arange(group.width), (extra[:, None] * b + torch.arange(b)).flatten()])
     changes = apply_index(out, group, idx, divide=True)
     if noise > 0:
         _perturb_copies(out, group, noise, gen)

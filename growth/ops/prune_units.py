@@ -11,7 +11,7 @@ import torch
 
 from growth.errors import OperatorError
 from growth.graph import NetGraph
-from growth.ops.channels import ChannelGroup, apply_index, find_group
+from growth.ops.channels import ChannelGroup, apply_index, check_blocks, find_group
 from growth.ops.registry import ChangeRecord, OpResult
 
 
@@ -21,17 +21,23 @@ def prune_units(graph: NetGraph, node: str, keep: int,
 
     scores: one importance value per current unit (e.g. magnitude or Fisher); default: the L1 norm
     of each unit's incoming weights summed over every producer of the channel group. Ties keep
-    the earlier unit. The function changes by exactly the pruned units' contributions.
+    the earlier unit. The function changes by exactly the pruned units' contributions. Where
+    grouped convolutions read the channels, whole groups are kept or dropped (by summed score)
+    and `keep` must leave whole groups.
     """
     group = find_group(graph, node, op="prune_units")
+    b = group.block  # grouped convs read the channels: whole groups go
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < group.width:
         raise OperatorError(f"prune_units({node!r}): keep must be an int in 1..{group.width - 1} "
                             f"(the layer has {group.width} units), got {keep!r}; use net2wider "
                             "to grow a layer")
+    check_blocks(group, keep, "prune_units")
     params = {"node": node, "keep": keep, "scores": "given" if scores is not None else "l1"}
     scores = _scores(graph, group) if scores is None else _given(node, scores, group.width)
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    idx = order[:keep].sort().values
+    block_scores = scores.float().view(-1, b).sum(1)
+    order = torch.sort(block_scores, descending=True, stable=True).indices
+    kept = order[:keep // b].sort().values
+    idx = (kept[:, None] * b + torch.arange(b)).flatten()
     out = graph.copy()
     changes = apply_index(out, group, idx, divide=False)
     return OpResult(out, ChangeRecord("prune_units", params, changes.resized, changes.index_maps))
