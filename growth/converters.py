@@ -462,6 +462,8 @@ def _getattr(obj: Any, name: str) -> Any:
         return (BATCH, *obj.shape)
     if isinstance(obj, Ref) and name == "ndim":
         return len(obj.shape) + 1
+    if isinstance(obj, Param) and name in ("shape", "ndim"):  # a parameter's own size
+        return tuple(obj.tensor.shape) if name == "shape" else obj.tensor.dim()
     require(False, f"reading attribute {name!r} of {obj!r}")
 
 

@@ -387,7 +387,7 @@ class Layouts(nn.Module):
         u = torch.cat([b, a], dim=2).permute(0, 2, 1).unsqueeze(-1)  # (8, 16, 1)
         u = F.pad(u.squeeze(3), (1, 1)).mean(-1, keepdim=True)  # (8, 1)
         v = F.linear(t[:, 1:, :], self.w, self.b)[..., ::2]  # (15, 3)
-        return torch.cat([u.view(u.size(0), -1), v.reshape(-1, 45)], 1)
+        return torch.cat([u.view(u.size(0), -1), v.reshape(-1, 15 * (self.b.shape[0] // 2))], 1)
 
 
 def test_layout_plumbing_and_learned_tensors_import_bit_identical():
