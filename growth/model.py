@@ -3,6 +3,8 @@
 Strategies train `model.module`'s parameters; the graph is brought up to date from the module
 (`model.graph`) whenever a graph operation or a checkpoint needs it. Replacing the graph
 (after growth or compression) recompiles; `growth.optim.follow` moves optimizer state along.
+Besides heads, views compute any node's activation (`node_view`) or run the layers above a
+node from a given activation (`view_above`), sharing the same parameters.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import torch
 from torch import fx, nn
 
 from growth.compile import compile_graph, graph_with_weights, head_view
+from growth.errors import GraphError
 from growth.graph import NetGraph
+
+ViewKey = str | tuple[str, ...]
 
 
 class Model:
@@ -26,7 +31,7 @@ class Model:
         graph.validate()
         self._graph = graph
         self.module: fx.GraphModule = compile_graph(graph).to(self.device)
-        self._views: dict[str | tuple[str, ...], fx.GraphModule] = {}
+        self._views: dict[ViewKey, fx.GraphModule] = {}
 
     @property
     def heads(self) -> list[str]:
@@ -39,6 +44,33 @@ class Model:
         if view is None:
             view = self._views[name] = head_view(self.module, self._graph, name)
         return view
+
+    def node_view(self, node: str) -> fx.GraphModule:
+        """A module computing the activation of `node` (e.g. the trunk's "features"), sharing
+        every parameter with `module`."""
+        key = ("@node", node)
+        view = self._views.get(key)
+        if view is None:
+            g = self._graph.copy()
+            g.add_output("node_view_output", node)
+            view = self._views[key] = compile_graph(g, "node_view_output", modules=self.module)
+        return view
+
+    def view_above(self, node: str, heads: str | tuple[str, ...]) -> fx.GraphModule:
+        """A module from `node`'s activation to `heads` (one tensor, or a dict for a tuple): the
+        layers above `node`, sharing every parameter with `module`."""
+        key = ("@above", node, *((heads,) if isinstance(heads, str) else heads))
+        view = self._views.get(key)
+        if view is None:
+            above = graph_above(self._graph, node)
+            view = compile_graph(above, heads if isinstance(heads, str) else list(heads),
+                                 modules=self.module)
+            self._views[key] = view
+        return view
+
+    def nodes_below(self, node: str) -> set[str]:
+        """`node` and every node it reads from: the layers that compute its activation."""
+        return self._graph.ancestors([node])
 
     @property
     def graph(self) -> NetGraph:
@@ -59,3 +91,23 @@ class Model:
 
     def eval(self) -> Model:
         return self.train(False)
+
+
+def graph_above(graph: NetGraph, node: str) -> NetGraph:
+    """The part of `graph` above `node`, whose input is `node`'s activation (an input node of
+    the same name and shape). `node` must cut the network: no layer above it may read a layer
+    below it."""
+    below = graph.ancestors([node])
+    out = NetGraph()
+    out.add_input(node, graph.shape(node))
+    for name in graph.topo_order():
+        if name in below:
+            continue
+        inputs = graph.inputs(name)
+        skip = [i for i in inputs if i in below and i != node]
+        if skip:
+            raise GraphError(f"node {name!r} reads {skip[0]!r}, below {node!r}: {node!r} does not "
+                             "cut the network; choose a node every path to the heads goes through")
+        n = graph.node(name)
+        out.add(name, n.kind, inputs, tensors=n.tensors, **n.attrs)
+    return out

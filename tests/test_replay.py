@@ -112,7 +112,7 @@ def test_no_replay_on_the_first_task():
         s = make_strategy(name, {})
         ctx = context(model, tasks, 0)
         s.before_task(ctx)
-        assert len(s.memory) == 0 and s.replay_batch() is None
+        assert len(s.memory) == 0 and s.replay_batch(4) is None
 
 
 # ---- A-GEM ---------------------------------------------------------------------------------
@@ -196,20 +196,27 @@ def test_gem_keeps_the_plain_gradient_when_the_memory_agrees():
 
 
 # ---- MIR -----------------------------------------------------------------------------------
-def test_mir_replays_the_candidates_a_virtual_step_hurts_most():
+@pytest.mark.parametrize("momentum,decay", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.5)])
+def test_mir_replays_the_candidates_a_virtual_step_hurts_most(momentum, decay):
     tasks, model = synthetic(3), mlp()
     s = learn("mir", {"memory": 40, "candidates": 20, "replay_batch": 5}, tasks, model, upto=2)
     ctx = context(model, tasks, 2)
     s.before_task(ctx)
-    ctx.optimizer = torch.optim.SGD(model.module.parameters(), lr=0.3)
+    ctx.optimizer = torch.optim.SGD(model.module.parameters(), lr=0.3, momentum=momentum,
+                                    weight_decay=decay)
     x, y = tasks[2].train
+    F.cross_entropy(model.head("out2")(x[8:16]), y[8:16]).backward()
+    ctx.optimizer.step()  # a step before: the momentum buffers hold something
+    ctx.optimizer.zero_grad()
     logits = model.head("out2")(x[:8])
     mx, my, mt = s.memory.batch(s.memory.sample(20, torch.Generator().manual_seed(5)))
     chosen = s.retrieve(ctx, logits, y[:8], mx, my, mt)
-    # the virtual step by hand: copy the model, step it with plain SGD, compare losses
+    # the virtual step by hand: a copy of the model and of the optimizer takes the real step
     twin = mlp()
     twin.module.load_state_dict(model.module.state_dict())
-    opt = torch.optim.SGD(twin.module.parameters(), lr=0.3)
+    opt = torch.optim.SGD(twin.module.parameters(), lr=0.3, momentum=momentum,
+                          weight_decay=decay)
+    opt.load_state_dict(ctx.optimizer.state_dict())
     F.cross_entropy(twin.head("out2")(x[:8]), y[:8]).backward()
     opt.step()
     with torch.no_grad():

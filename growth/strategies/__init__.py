@@ -13,11 +13,15 @@ from growth.plugins import load_plugins
 from growth.strategies.agem import AGEM
 from growth.strategies.base import Context, Strategy, StrategyParams, state_key
 from growth.strategies.cpg import CPG
+from growth.strategies.dgr import DGR, DGRNegative
 from growth.strategies.er import ER
 from growth.strategies.ewc import EWC
+from growth.strategies.gdumb import GDumb
 from growth.strategies.gem import GEM
+from growth.strategies.icarl import ICaRL
 from growth.strategies.joint import Joint
 from growth.strategies.l2 import L2
+from growth.strategies.latent_replay import LatentReplay
 from growth.strategies.lwf import LwF
 from growth.strategies.mas import MAS
 from growth.strategies.mir import MIR
@@ -66,7 +70,7 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
 
 
 for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet, CPG,
-             ProgressiveNets):
+             ProgressiveNets, ICaRL, GDumb, LatentReplay, DGR, DGRNegative):
     register(_cls)
 
 __all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "available_strategies",

@@ -62,7 +62,7 @@ class AGEM(Rehearsal):
     params: AGEMParams
 
     def after_backward(self, ctx: Context) -> None:
-        batch = self.replay_batch()
+        batch = self.replay_batch(self.params.replay_batch)
         if batch is None:
             return
         params = trainable(ctx)

@@ -30,7 +30,7 @@ class ER(Rehearsal):
     params: ERParams
 
     def penalty(self, ctx: Context, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
-        batch = self.replay_batch()
+        batch = self.replay_batch(self.params.replay_batch)
         if batch is None:
             return None
         return self.params.alpha * replay_loss(ctx, *batch)

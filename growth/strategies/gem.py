@@ -21,12 +21,12 @@ from torch import Tensor
 
 from growth.strategies.agem import flat, flat_grads, trainable, write_grads
 from growth.strategies.base import Context
-from growth.strategies.rehearsal import Rehearsal, ReplayParams, replay_losses
+from growth.strategies.rehearsal import MemoryParams, Rehearsal, replay_losses
 
 RIDGE = 1e-6
 
 
-class GEMParams(ReplayParams):
+class GEMParams(MemoryParams):
     """GEM settings: memory 500 samples (every old task's rows constrain each step), margin
     0.5 (the paper's memory strength)."""
 

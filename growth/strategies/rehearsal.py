@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from growth.data.sampling import generator
+from growth.data.streaming import is_lazy, take
 from growth.memory import PREFIX, EpisodicMemory
 from growth.strategies.base import Context, Strategy, StrategyParams
 from growth.strategies.spec import TensorSpec
@@ -32,10 +33,15 @@ if TYPE_CHECKING:
 ViewFn = Callable[[str | tuple[str, ...]], nn.Module]  # head name(s) -> module computing them
 
 
-class ReplayParams(StrategyParams):
-    """Settings every replay method shares."""
+class MemoryParams(StrategyParams):
+    """Settings every method with an episodic memory shares."""
 
     memory: int = Field(500, ge=1, description="memory budget in samples (all tasks together)")
+
+
+class ReplayParams(MemoryParams):
+    """Settings of the methods that replay memory batches during training."""
+
     replay_batch: int = Field(32, ge=1, description="memory samples replayed per step")
 
 
@@ -97,6 +103,23 @@ def replay_loss(ctx: Context, x: Tensor, y: Tensor, task: Tensor,
     return replay_losses(ctx, x, y, task, view).mean()
 
 
+def join_by_head(ctx: Context, tasks: list[Task]) -> list[Task]:
+    """Tasks sharing a head joined into one training set (labels in head space), so batches
+    mix their classes; tasks with a head of their own are left as they are."""
+    groups: dict[str, list[Task]] = {}
+    for t in tasks:
+        groups.setdefault(ctx.head_of(t), []).append(t)
+    out = []
+    for group in groups.values():
+        if len(group) == 1 or any(is_lazy(t.train[0]) for t in group):
+            out.extend(group)
+            continue
+        x = torch.cat([t.train[0] for t in group])
+        y = torch.cat([ctx.label_of(t, t.train[1]) for t in group])
+        out.append(dataclasses.replace(group[-1], train=(x, y), class_offset=0))
+    return out
+
+
 def as_tasks(ctx: Context, x: Tensor, y: Tensor, task: Tensor) -> list[Task]:
     """Rows grouped by head into training sets the loop can iterate: one Task per head, its
     labels already in head space (class_offset 0), so batches mix every class of that head."""
@@ -111,10 +134,10 @@ def as_tasks(ctx: Context, x: Tensor, y: Tensor, task: Tensor) -> list[Task]:
 class Rehearsal(Strategy):
     """Base of the strategies that keep an episodic memory of old samples."""
 
-    Params = ReplayParams
-    params: ReplayParams
+    Params = MemoryParams
+    params: MemoryParams
 
-    def __init__(self, params: ReplayParams | None = None) -> None:
+    def __init__(self, params: MemoryParams | None = None) -> None:
         super().__init__(params)
         self.memory = EpisodicMemory(self.params.memory)
         self.gen = torch.Generator()
@@ -134,16 +157,17 @@ class Rehearsal(Strategy):
                                                                 ctx.task.index))
 
     def stream(self, ctx: Context) -> tuple[Tensor, Tensor]:
-        """The task's training samples (head labels) in the order the memory is offered them."""
+        """The task's training samples (head labels) in the order the memory is offered them;
+        images streamed from disk stay a lazy view (only the rows kept are read)."""
         x, y = ctx.task.train
         order = torch.randperm(len(y), generator=generator(ctx.seed, "stream", ctx.task.index))
-        return x[order], ctx.label_of(ctx.task, y[order])
+        return take(x, order), ctx.label_of(ctx.task, y[order])
 
-    def replay_batch(self, n: int | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
-        """A uniform draw of rows from the memory, or None when it is empty."""
+    def replay_batch(self, n: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """A uniform draw of n rows from the memory, or None when it is empty."""
         if not len(self.memory):
             return None
-        return self.memory.batch(self.memory.sample(n or self.params.replay_batch, self.gen))
+        return self.memory.batch(self.memory.sample(n, self.gen))
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

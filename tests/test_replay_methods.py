@@ -1,0 +1,411 @@
+"""iCaRL, GDumb, latent replay and generative replay checked against hand computations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load, save
+from test_campaign import run, write_config
+from test_strategies import class_incremental, context, make_task, mlp, perturb, synthetic
+
+from growth.campaign import Campaign, latest_checkpoint, resume_run
+from growth.cli import main
+from growth.config import load_config
+from growth.data.containers import Task
+from growth.errors import ConfigError
+from growth.graph import NetGraph
+from growth.model import Model
+from growth.strategies import Context, make_strategy
+from growth.strategies.dgr import vae_graphs
+from growth.strategies.icarl import NOT_NEW
+from growth.strategies.rehearsal import join_by_head
+from growth.train import TrainConfig, evaluate, learn_task
+
+CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.9)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def learn(s, tasks, model, upto, single_head=False, start=0):
+    for i in range(start, upto):
+        learn_task(context(model, tasks, i, single_head), s, CFG, seed=i)
+    return s
+
+
+# ---- iCaRL ---------------------------------------------------------------------------------
+def identity_features_model() -> Model:
+    """x (2-d) -> "features" (identity) -> a linear head: features are the inputs."""
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", [2])
+    g.add("features", "identity", ["x"])
+    g.add("head", "linear", ["features"], out_features=2)
+    g.add_output("out0", "head")
+    return Model(g)
+
+
+def test_icarl_classifies_by_the_nearest_mean_of_normalised_exemplars():
+    model = identity_features_model()
+    ex = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 2.0], [-0.6, 0.8], [1.8, 2.4]])
+    ey = torch.tensor([0, 0, 1, 1, 1])
+    points = torch.tensor([[3.0, 1.0], [0.4, 1.0], [-0.2, 3.0], [1.0, 0.9], [0.2, 0.1],
+                           [1.0, 1.2], [3.0, 4.3], [1.469, 2.023], [1.6, 1.9]])
+
+    def nearest(p: torch.Tensor, means: list[torch.Tensor]) -> int:
+        return min((0, 1), key=lambda c: float((p - means[c]).norm()))
+
+    # by hand: each class's mean of its unit exemplars, normalised; the unit point's nearest
+    unit = [ex[i] / ex[i].norm() for i in range(5)]
+    means = [(unit[0] + unit[1]) / 2, (unit[2] + unit[3] + unit[4]) / 3]
+    expect = [nearest(p / p.norm(), [m / m.norm() for m in means]) for p in points]
+    task = Task(0, "t0", (ex, ey), (ex, ey), (points, torch.tensor(expect)), [0, 1], 2, 0, (2,))
+    ctx = Context(model, task, [], lambda t: "out0", lambda t, y: y, torch.device("cpu"))
+    s = make_strategy("icarl", {"memory": 10})
+    s.memory.reservoir(ex, ey, 0, torch.Generator())
+    assert evaluate(ctx, task, strategy=s) == 1.0
+    # the head, unnormalised means, or raw exemplar means would score these points otherwise
+    assert model.head("out0")(points).argmax(1).tolist() != expect
+    assert [nearest(p / p.norm(), means) for p in points] != expect
+    raw = [ex[ey == c].mean(0) for c in (0, 1)]  # exemplars not normalised before the mean
+    assert [nearest(p / p.norm(), [m / m.norm() for m in raw]) for p in points] != expect
+    assert [nearest(p, [ex[ey == c].mean(0) for c in (0, 1)]) for p in points] != expect
+
+
+def test_icarl_scores_a_head_without_exemplars_by_its_outputs():
+    tasks, model = class_incremental(2), mlp(n_heads=1, classes=4)
+    s = make_strategy("icarl", {"memory": 20})
+    ctx = context(model, tasks, 0, single_head=True)
+    plain = evaluate(ctx, tasks[0])
+    assert evaluate(ctx, tasks[0], strategy=s) == plain
+
+
+def test_icarl_loss_is_bce_on_new_classes_plus_distillation_of_old_ones():
+    tasks = class_incremental(2)
+    model = mlp(n_heads=1, classes=4)
+    s = learn(make_strategy("icarl", {"memory": 20}), tasks, model, 1, single_head=True)
+    old = {k: v.clone() for k, v in model.module.state_dict().items()}
+    ctx = context(model, tasks, 1, single_head=True)
+    s.before_task(ctx)
+    perturb(model, 3)
+    x, y = tasks[1].train[0][:6], tasks[1].train[1][:6] + 2
+    y[0] = 1  # an exemplar of an old class in the batch
+    logits = model.head("out0")(x)
+    got = s.loss(ctx, x, y, logits)
+    teacher = mlp(n_heads=1, classes=4)
+    teacher.module.load_state_dict(old)
+    q = torch.sigmoid(teacher.head("out0")(x)).detach()
+    p = torch.sigmoid(logits).detach()
+    total = 0.0
+    for i in range(6):
+        for c in (2, 3):  # new classes: one-hot targets
+            t = float(y[i] == c)
+            total -= t * math.log(p[i, c]) + (1 - t) * math.log(1 - p[i, c])
+        for c in (0, 1):  # old classes: the previous model's sigmoid
+            total -= q[i, c] * math.log(p[i, c]) + (1 - q[i, c]) * math.log(1 - p[i, c])
+    assert float(got.detach()) == pytest.approx(float(total) / 6, rel=1e-5)
+
+
+def test_icarl_keeps_m_herded_exemplars_per_class_and_cuts_old_classes_to_their_first_m():
+    tasks = class_incremental(3, classes=2)
+    model = mlp(n_heads=1, classes=6)
+    s = learn(make_strategy("icarl", {"memory": 13}), tasks, model, 1, single_head=True)
+    first = {c: s.memory.x[s.memory.y == c].clone() for c in (0, 1)}
+    assert [int((s.memory.y == c).sum()) for c in (0, 1)] == [6, 6]  # 13 // 2
+    learn(s, tasks, model, 2, single_head=True, start=1)
+    assert [int((s.memory.y == c).sum()) for c in range(4)] == [3, 3, 3, 3]  # 13 // 4
+    for c in (0, 1):
+        assert torch.equal(s.memory.x[s.memory.y == c], first[c][:3])
+
+
+def test_icarl_trains_on_the_task_joined_by_its_exemplars():
+    tasks = synthetic(2)
+    model = mlp(n_heads=2)
+    s = learn(make_strategy("icarl", {"memory": 8}), tasks, model, 1)
+    ctx = context(model, tasks, 1)
+    (joined,) = s.train_sets(ctx)
+    x, y = tasks[1].train
+    assert torch.equal(joined.train[0], torch.cat([x, s.memory.x]))
+    assert joined.train[1].tolist() == [*y.tolist(), *[NOT_NEW] * 8]  # another head's rows
+
+
+# ---- GDumb ---------------------------------------------------------------------------------
+def test_gdumb_memory_is_class_balanced():
+    tasks = class_incremental(3, classes=2)
+    model = mlp(n_heads=1, classes=6)
+    s = make_strategy("gdumb", {"memory": 25})
+    for i in range(3):
+        learn(s, tasks, model, i + 1, single_head=True, start=i)
+        counts = torch.bincount(s.memory.y, minlength=2 * (i + 1))
+        assert int(counts.max() - counts.min()) <= 1, counts
+    assert len(s.memory) == 25
+
+
+def test_gdumb_trains_from_scratch_on_the_memory_alone():
+    tasks = class_incremental(2)
+    final = []
+    for init in (0, 7):  # two different starting networks and histories
+        model = mlp(n_heads=1, classes=4, seed=init)
+        s = make_strategy("gdumb", {"memory": 1000})
+        learn(s, tasks, model, 2, single_head=True)
+        final.append(model.module.state_dict())
+    for k in final[0]:
+        assert torch.equal(final[0][k], final[1][k]), k
+    ctx = context(model, tasks, 1, single_head=True)
+    (memory,) = s.train_sets(ctx)  # one head: one set mixing every class
+    assert len(memory.train[1]) == sum(len(t.train[1]) for t in tasks)
+    assert sorted(memory.train[1].unique().tolist()) == [0, 1, 2, 3]
+
+
+# ---- latent replay -------------------------------------------------------------------------
+def test_latent_replay_stores_activations_and_freezes_the_layers_below():
+    tasks = synthetic(3)
+    model = mlp()
+    s = make_strategy("latent_replay", {"layer": "r1", "memory": 500})
+    learn(s, tasks, model, 1)
+    x, _ = tasks[0].train
+    with torch.no_grad():
+        acts = torch.relu(model.module.fc1(x.flatten(1)))  # the activations, by hand
+    got = {tuple(a.tolist()) for a in s.memory.x}
+    assert got == {tuple(a.tolist()) for a in acts} and len(s.memory) == len(x)
+    below = {n: p.detach().clone() for n, p in model.named_parameters().items()
+             if n.startswith("fc1")}
+    above = model.module.features.weight.detach().clone()
+    learn(s, tasks, model, 2, start=1)
+    for n, p in below.items():
+        assert torch.equal(model.named_parameters()[n], p), n
+    assert not torch.equal(model.module.features.weight, above)
+
+
+def test_latent_replay_sends_replayed_activations_through_the_layers_above_only():
+    tasks = synthetic(3)
+    model = mlp()
+    s = make_strategy("latent_replay", {"layer": "r1", "memory": 30, "replay_batch": 30})
+    learn(s, tasks, model, 2)
+    ctx = context(model, tasks, 2)
+    s.before_task(ctx)
+    got = s.penalty(ctx, None, None, None)
+    a, y, t = s.memory.batch(s.memory.rows())
+    m = model.module
+    loss = sum(F.cross_entropy(getattr(m, f"head{int(t[i])}")(torch.relu(m.features(a[i:i + 1]))),
+                               y[i:i + 1]) for i in range(len(y))) / len(y)
+    assert float(got.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
+
+
+def test_latent_replay_slowed_layers_get_scaled_gradients():
+    tasks = synthetic(2)
+    model = mlp()
+    s = make_strategy("latent_replay", {"layer": "r1", "lower_lr": 0.25})
+    learn(s, tasks, model, 1)
+    ctx = context(model, tasks, 1)
+    s.before_task(ctx)
+    model.module.zero_grad()
+    x, y = tasks[1].train
+    F.cross_entropy(model.head("out1")(x), y).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters().items()
+             if p.grad is not None}
+    s.after_backward(ctx)
+    for n, p in model.named_parameters().items():
+        if n in plain:
+            factor = 0.25 if n.startswith("fc1") else 1.0
+            torch.testing.assert_close(p.grad, factor * plain[n])
+
+
+def test_latent_replay_layer_errors_name_the_setting():
+    tasks, model = synthetic(2), mlp()
+    s = make_strategy("latent_replay", {"layer": "nope"})
+    with pytest.raises(ConfigError, match="strategy.layer.*nope"):
+        s.before_task(context(model, tasks, 0))
+    g = NetGraph()  # a skip connection around "a": it does not cut the network
+    g.add_input("x", [4])
+    g.add("a", "linear", ["x"], out_features=4)
+    g.add("b", "add", ["a", "x"])
+    g.add("head0", "linear", ["b"], out_features=2)
+    g.add_output("out0", "head0")
+    skip = Model(g)
+    task = make_task(0, torch.randn(8, 4), torch.randint(0, 2, (8,)), 2)
+    ctx = Context(skip, task, [], lambda t: "out0", lambda t, y: y, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="does not cut"):
+        make_strategy("latent_replay", {"layer": "a"}).before_task(ctx)
+
+
+# ---- generative replay ---------------------------------------------------------------------
+SMALL_VAE = {"hidden": [16], "latent": 4, "gen_epochs": 2, "gen_batch": 16}
+
+
+def test_dgr_counts_its_generator_as_memory():
+    tasks, model = synthetic(2), mlp()
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 1)
+    # encoder 16->16, 16->4 twice; decoder 4->16, 16->16 (pixels of a 1x4x4 input)
+    params = (16 * 16 + 16) + 2 * (16 * 4 + 4) + (4 * 16 + 16) + (16 * 16 + 16)
+    assert s.memory_report() == {"samples": 0, "bytes": params * 4, "generator_params": params}
+
+
+def test_the_generator_learns_the_tasks_data():
+    tasks, model = synthetic(2), mlp()
+    gen = torch.Generator().manual_seed(0)
+    protos = (torch.rand(3, 1, 4, 4, generator=gen) > 0.5).float()  # data with a structure
+    x = (protos[torch.arange(48) % 3] + 0.05 * torch.randn(48, 1, 4, 4, generator=gen)).clamp(0, 1)
+    tasks[0] = make_task(0, x, tasks[0].train[1].repeat(2)[:48], 4)
+    s = make_strategy("dgr", {**SMALL_VAE, "gen_epochs": 30})
+    ctx = context(model, tasks, 0)
+    s.before_task(ctx)
+    enc, dec = s.encoder.module, s.decoder.module
+
+    def bound() -> float:
+        with torch.no_grad():
+            mu = enc(x)["mu"]
+            return float(F.binary_cross_entropy_with_logits(dec(mu), x.flatten(1),
+                                                            reduction="sum") / len(x))
+    before = bound()
+    s.after_task(ctx)
+    assert bound() < 0.9 * before
+
+
+def replay_setup(name: str, params: dict, single_head: bool):
+    tasks = class_incremental(2) if single_head else synthetic(2)
+    model = mlp(n_heads=1, classes=4) if single_head else mlp(n_heads=2)
+    s = learn(make_strategy(name, {**SMALL_VAE, **params}), tasks, model, 1, single_head)
+    ctx = context(model, tasks, 1, single_head)
+    s.before_task(ctx)
+    perturb(model, 2)
+    return s, ctx, model
+
+
+@pytest.mark.parametrize("targets", ["hard", "soft"])
+@pytest.mark.parametrize("single_head", [False, True])
+def test_dgr_replay_is_labelled_by_the_previous_solver(targets, single_head):
+    s, ctx, model = replay_setup("dgr", {"targets": targets, "temperature": 3.0}, single_head)
+    state = s.gen.get_state()
+    got = float(s.replay_loss(ctx, 10, (1, 4, 4)).detach())
+    s.gen.set_state(state)
+    z = torch.randn(10, 4, generator=s.gen)
+    fake = torch.sigmoid(s.decoder.module(z)).view(10, 1, 4, 4)
+    head = "out0"
+    cols = [0, 1]  # class-incremental: the old task's classes in the shared head
+    if not single_head:
+        cols = [0, 1, 2, 3]  # task-incremental: the old task's whole head
+    teacher = s._teacher(fake)[head][:, cols].detach()
+    student = model.head(head)(fake).detach()
+    if targets == "hard":
+        expect = F.cross_entropy(student, torch.tensor(cols)[teacher.argmax(1)])
+    else:
+        q = torch.zeros_like(student)
+        q[:, cols] = torch.softmax(teacher / 3.0, 1)
+        expect = -(q * torch.log_softmax(student / 3.0, 1)).sum(1).mean() * 9.0
+    assert got == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_negative_replay_trains_only_the_other_classes_outputs():
+    s, ctx, model = replay_setup("dgr_negative", {}, single_head=True)
+    model.module.zero_grad()
+    s.replay_loss(ctx, 10, (1, 4, 4)).backward()
+    w = model.module.head0.weight.grad
+    assert torch.all(w[:2] == 0) and torch.any(w[2:] != 0)  # old classes 0, 1 untouched
+    model.module.zero_grad()
+    x, y = ctx.task.train
+    logits = model.head("out0")(x[:8])
+    s.loss(ctx, x[:8], y[:8] + 2, logits).backward()
+    assert torch.all(model.module.head0.weight.grad[:2] == 0)
+
+
+def test_negative_replay_is_refused_in_the_task_scenario(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", strategy={"name": "dgr_negative"})
+    with pytest.raises(ConfigError, match="dgr_negative.*class"):
+        Campaign(load_config(cfg), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["dgr", "dgr_negative"])
+def test_a_restored_generative_replay_continues_identically(name):
+    tasks = class_incremental(3)
+    model_a, model_b = mlp(n_heads=1, classes=6), mlp(n_heads=1, classes=6)
+    s = learn(make_strategy(name, SMALL_VAE), tasks, model_a, 2, single_head=True)
+    tensors, extra = s.state_dict()
+    fresh = make_strategy(name, SMALL_VAE)
+    fresh.load_state_dict(load(save({k: v.contiguous() for k, v in tensors.items()})),
+                          json.loads(json.dumps(extra)))
+    model_b.module.load_state_dict(model_a.module.state_dict())
+    learn(s, tasks, model_a, 3, single_head=True, start=2)
+    learn(fresh, tasks, model_b, 3, single_head=True, start=2)
+    for (n, p), q in zip(model_a.module.named_parameters(), model_b.module.parameters()):
+        assert torch.equal(p, q), n
+    assert all(torch.equal(s.state[k], fresh.state[k]) for k in s.state)
+
+
+def test_vae_graphs_shapes():
+    enc, dec = vae_graphs((1, 8, 8), [32, 16], 5)
+    assert enc.shape("head_mu") == (5,) and enc.shape("head_logvar") == (5,)
+    assert dec.shape("out") == (64,)
+
+
+# ---- joint, the shared pieces --------------------------------------------------------------
+def test_joint_mixes_classes_that_share_a_head():
+    tasks = class_incremental(3)
+    model = mlp(n_heads=1, classes=6)
+    ctx = context(model, tasks, 2, single_head=True)
+    (joined,) = join_by_head(ctx, [*ctx.seen, ctx.task])
+    assert torch.equal(joined.train[0], torch.cat([t.train[0] for t in tasks]))
+    assert joined.train[1].tolist() == [int(v) + t.class_offset for t in tasks
+                                        for v in t.train[1]]
+    tasks = synthetic(3)
+    ctx = context(mlp(), tasks, 2)
+    assert join_by_head(ctx, [*ctx.seen, ctx.task]) == [*ctx.seen, ctx.task]
+
+
+# ---- campaigns -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["icarl", "gdumb", "latent_replay", "dgr"])
+@pytest.mark.parametrize("scenario", ["task", "class"])
+def test_campaigns_resume_to_the_same_R(tmp_path, name, scenario):
+    data = {"dataset": "digits", "stream": "split" if scenario == "class" else "permuted",
+            "n_tasks": 5 if scenario == "class" else 3, "max_train_per_task": 80}
+    strategy = {"name": name, **({"gen_epochs": 2, "hidden": [32]} if name == "dgr"
+                                 else {"memory": 40})}
+    cfg = write_config(tmp_path / "c.yaml", scenario=scenario, data=data, train__epochs=2,
+                       strategy=strategy, model={"kind": "mlp", "hidden": [32, 32]})
+    full = run(cfg, tmp_path / "full")
+    part = tmp_path / "part"
+    run(cfg, part)
+    for folder in sorted((part / "checkpoints").iterdir())[2:]:
+        shutil.rmtree(folder)
+    assert resume_run(part)["R"] == full["R"]
+
+
+@pytest.mark.slow
+def test_the_memory_survives_a_kill_and_resume_to_the_same_R(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", scenario="class", train__epochs=8,
+                       data={"dataset": "digits", "stream": "split", "n_tasks": 5},
+                       strategy={"name": "icarl", "memory": 100})
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "run", str(cfg), "--out",
+                             str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = latest_checkpoint(out)
+    assert done is not None, proc.stderr.read().decode() if proc.stderr else ""
+    assert done.name != "task_004", "the run finished before it could be killed"
+    assert main(["resume", str(out), "--quiet"]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    full = run(cfg, tmp_path / "full")
+    assert resumed["R"] == full["R"]
+    assert resumed["sizes"][-1]["memory_samples"] == 100
