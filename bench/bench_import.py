@@ -7,10 +7,12 @@ two random inputs. Prints whether it imported (or the refusal), the max error re
 output's scale, whether the outputs are bit-identical, how many layers `net2wider` can widen
 (`resizable`) and after how many nodes `net2deeper` can insert a layer (`deepenable`, kernel 1,
 default size guard), and the import time. With `--chain N`, N random exact widenings and
-deepenings follow, and their error relative to the output's input-dependent scale is shown.
+deepenings follow, and their error relative to the output's input-dependent scale is shown
+(float32 rounding grows with depth; `--double` runs everything in float64, where what is left
+is a change of the function).
 Ends with one line: `import: ok=N/M max_err=E`.
 
-    python bench/bench_import.py [--models resnet vit_b_16 ...] [--chain 0] [--threads 1]
+    python bench/bench_import.py [--models resnet vit_b_16 ...] [--chain 0] [--double]
 """
 
 from __future__ import annotations
@@ -67,17 +69,18 @@ def grow(graph: NetGraph, steps: int, seed: int) -> NetGraph:
     return graph
 
 
-def run(name: str, chain: int) -> dict:
+def run(name: str, chain: int, dtype: torch.dtype) -> dict:
     size, kwargs = input_size(name)
     torch.manual_seed(0)
     model = calibrate(torchvision.models.get_model(name, weights=None, **kwargs), size)
+    model = model.to(dtype)
     start = time.perf_counter()
     try:
         graph = import_module(model, (3, size, size))
     except GrowthError as exc:
         return {"ok": False, "why": f"{type(exc).__name__}: {exc}"[:300]}
     seconds = time.perf_counter() - start
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
     with torch.no_grad():
         want = model(x)
         got = compile_graph(graph).eval()(x)
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None,
                         help="builder names or prefixes (default: every classification builder)")
     parser.add_argument("--chain", type=int, default=0, help="random exact operators after import")
+    parser.add_argument("--double", action="store_true", help="models and inputs in float64")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,13 +109,13 @@ def main() -> None:
     if args.models:
         names = [n for n in names if any(n.startswith(m) for m in args.models)]
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {args.threads} "
-          f"threads; {len(names)} builders")
+          f"threads; {len(names)} builders{', float64' if args.double else ''}")
     print(f"{'builder':22} {'input':>5} {'nodes':>5} {'params':>12} {'import s':>8} "
           f"{'max_err':>8} {'bits':>4} {'widen':>5} {'deepen':>6}"
           + (f" {'grow_err':>8}" if args.chain else ""))
     ok, worst = 0, 0.0
     for name in names:
-        res = run(name, args.chain)
+        res = run(name, args.chain, torch.float64 if args.double else torch.float32)
         gc.collect()
         if not res["ok"]:
             print(f"{name:22} refused: {res['why']}", flush=True)

@@ -108,11 +108,17 @@ def head_name(task: Task) -> str:
     return f"t{task.index}"
 
 
-def _labelers(cfg: Config) -> tuple[Callable[[Task], str], Callable[[Task, torch.Tensor],
-                                                                    torch.Tensor]]:
-    if cfg.scenario == "class":
+def labelers(scenario: str) -> tuple[Callable[[Task], str],
+                                     Callable[[Task, torch.Tensor], torch.Tensor]]:
+    """The head serving a task and its labels in that head, for a scenario (task | class)."""
+    if scenario == "class":
         return (lambda t: "all"), (lambda t, y: y + t.class_offset)
     return head_name, (lambda t, y: y)
+
+
+def _labelers(cfg: Config) -> tuple[Callable[[Task], str], Callable[[Task, torch.Tensor],
+                                                                    torch.Tensor]]:
+    return labelers(cfg.scenario)
 
 
 def resolve_device(name: str, source: str = "<config>") -> torch.device:

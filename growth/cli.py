@@ -1,4 +1,4 @@
-"""The `growth` command: run | resume | report | compress | strategies | ops | demo.
+"""The `growth` command: run | search | resume | report | compress | strategies | ops | demo.
 
 User mistakes (a config typo, a corrupt checkpoint, a missing run) print one line naming the
 file and key and exit with status 2, without a traceback.
@@ -53,8 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
 
-    res = sub.add_parser("resume", help="continue a killed run from its last finished task")
-    res.add_argument("run_dir", help="the run directory (the --out of `growth run`)")
+    srch = sub.add_parser("search", help="architecture search on one task (Ray Tune trials)")
+    srch.add_argument("config", help="YAML config with a `search:` section, e.g. "
+                      "experiments/search_digits.yaml")
+    srch.add_argument("--out", help="run directory (default: runs/<config name>)")
+    srch.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config key, e.g. "
+                      "search.budget.generations=3")
+    srch.add_argument("--ray-address", help="join the Ray cluster at HOST:PORT (default: "
+                      "search.ray_address, RAY_ADDRESS, else start a local Ray)")
+    srch.add_argument("--quiet", action="store_true", help="no progress bar")
+    srch.set_defaults(func=_search)
+
+    res = sub.add_parser("resume", help="continue a killed run from its last finished task, "
+                         "or a killed search from its finished children")
+    res.add_argument("run_dir", help="the run directory (the --out of `growth run` or "
+                     "`growth search`)")
+    res.add_argument("--ray-address", help="search runs: join the Ray cluster at HOST:PORT")
     res.add_argument("--quiet", action="store_true", help="no progress bar")
     res.set_defaults(func=_resume)
 
@@ -124,17 +139,94 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from controllers.search_run import SearchRun
+    from growth.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else _default_out(args.config)
+    run = SearchRun(cfg, out, ray_address=args.ray_address,
+                    source=args.config)  # validated (space, controller) before any write
+    run.progress, close = _search_progress(cfg, args.quiet)
+    try:
+        metrics = run.start()
+    finally:
+        close()
+    _print_search_summary(out, metrics)
+    return 0
+
+
 def _resume(args: argparse.Namespace) -> int:
     from growth.campaign import Campaign, run_config_of
 
     run_dir = Path(args.run_dir)
     cfg = run_config_of(run_dir)
+    if cfg.search is not None:
+        return _resume_search(args, cfg)
     campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet))
     metrics = campaign.resume()
     if campaign.resumed_at == len(campaign.tasks):
         print(f"{run_dir}: all {len(campaign.tasks)} tasks are finished; nothing to do")
     _print_summary(run_dir, metrics)
     return 0
+
+
+def _resume_search(args: argparse.Namespace, cfg: Any) -> int:
+    from controllers.search_run import SearchRun
+
+    run_dir = Path(args.run_dir)
+    run = SearchRun(cfg, run_dir, ray_address=args.ray_address,
+                    source=str(run_dir / "config.yaml"))
+    run.progress, close = _search_progress(cfg, args.quiet)
+    try:
+        metrics = run.resume()
+    finally:
+        close()
+    _print_search_summary(run_dir, metrics)
+    return 0
+
+
+def _search_progress(cfg: Any, quiet: bool) -> tuple[Any, Any]:
+    """A bar over the search's trials and the leaderboard's top lines after each generation;
+    returns the progress hooks and the function that closes the bar."""
+    from controllers.driver import SearchProgress
+
+    if quiet:
+        return SearchProgress(), lambda: None
+    from tqdm import tqdm
+
+    s = cfg.search
+    total = s.budget.trials or s.children * s.budget.generations
+    bar = tqdm(total=total, desc=f"search ({s.controller.name})", unit="child",
+               dynamic_ncols=True)
+
+    failed = [0]
+
+    def child(record: Any, board: list[Any]) -> None:
+        failed[0] += not record.ok
+        bar.update(1)
+        best = board[0].val_acc if board else None
+        bar.set_postfix(gen=record.generation, best="n/a" if best is None else f"{best:.4f}",
+                        failed=failed[0])
+
+    def generation_end(g: int, board: list[Any]) -> None:
+        lines = [f"generation {g}: leaderboard"]
+        lines += [f"  {i}. {r.key}  val {r.val_acc:.4f}  {r.params:,} params"
+                  for i, r in enumerate(board[:3], start=1)]
+        bar.write("\n".join(lines))
+
+    return SearchProgress(on_child=child, on_generation_end=generation_end), bar.close
+
+
+def _print_search_summary(out: Path, metrics: dict[str, Any]) -> None:
+    base, best = metrics["base"], metrics["best"]
+    print(f"run directory: {out}")
+    print(f"base: val {base['val_acc']:.4f} test {base['test_acc']:.4f} "
+          f"{base['params']:,} params")
+    print(f"best ({best['key']}): val {best['val_acc']:.4f} test {best['test_acc']:.4f} "
+          f"{best['params']:,} params; {metrics['trials']} children trained "
+          f"({metrics['failed']} failed) in {metrics['wall_time_s']:.1f}s")
+    print(f"best network: {out / 'best'}  report: {out / 'report' / 'search.md'}")
 
 
 def _progress(epochs: int, quiet: bool) -> Any:
@@ -177,6 +269,13 @@ def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
 def _report(args: argparse.Namespace) -> int:
     from growth.report import write_report
 
+    dirs = [Path(p) for p in args.run_dirs]
+    if all((d / "search.json").is_file() for d in dirs):  # search runs have their own report
+        from controllers.search_report import write_search_report
+
+        path = write_search_report(dirs, Path(args.out) if args.out else None)
+        print(f"report written: {path}")
+        return 0
     path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
     print(f"report written: {path}")
     return 0

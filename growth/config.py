@@ -115,6 +115,43 @@ class StrategyConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ControllerConfig(BaseModel):
+    """`name` plus the controller's own settings, validated by that controller."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    name: str = "random"
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SearchBudget(_Section):
+    """How much an architecture search may spend (see docs/search.md)."""
+
+    generations: int = Field(2, ge=1)
+    trials: int | None = Field(None, ge=1)  # trained children in all (None: children x gens)
+    max_params: int | None = Field(None, ge=1)  # no child above this many parameters
+    wall_time_s: float | None = Field(None, gt=0)  # no generation starts after this
+
+
+class SearchConfig(_Section):
+    """`growth search`: which task, which controller over which space, budget, resources."""
+
+    task: int = Field(0, ge=0)  # index of the stream's task to search on
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    space: dict[str, Any] = Field(default_factory=dict)  # validated by search_spaces.make_space
+    children: int = Field(4, ge=1)  # children per generation
+    parent: Literal["best", "fixed"] = "best"  # the next generation grows the best so far
+    base_epochs: int | None = Field(None, ge=0)  # training of the base (default train.epochs)
+    budget: SearchBudget = Field(default_factory=SearchBudget)
+    concurrency: int = Field(2, ge=1)  # trials at once
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_failures: int = Field(1, ge=0)  # retries when a trial's process or node fails
+    ray_address: str | None = None  # join this cluster (default: start a local Ray)
+    storage: str | None = None  # Tune storage: a shared path or URI for multi-node clusters
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -127,6 +164,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    search: SearchConfig | None = None  # architecture search (`growth search`)
     _source: str = PrivateAttr("<config>")
 
     @property
@@ -136,10 +174,13 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as it is written to a run directory: keys that do not apply
-        to the chosen stream/model/optimizer are left out, so reading it back is valid."""
+        to the chosen stream/model/optimizer are left out, so reading it back is valid (and
+        there is no `search` key unless the config has a search section)."""
         data = self.model_dump(mode="json", by_alias=True)
         for section, key, _why in _inapplicable(self, only_set=False):
             data[section].pop(key, None)
+        if data.get("search") is None:
+            data.pop("search", None)
         return data
 
 

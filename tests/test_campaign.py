@@ -249,7 +249,7 @@ def test_cnn_campaign_uses_dropout_and_activation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf",
-                                      "mwc"])
+                                      "mwc", "pnn"])
 def test_every_strategy_resumes_to_the_same_R(tmp_path: Path, strategy: str) -> None:
     cfg = write_config(tmp_path / "c.yaml", strategy={"name": strategy},
                        model={"kind": "mlp", "hidden": [32], "batchnorm": True, "dropout": 0.2},
@@ -272,7 +272,7 @@ def test_each_run_logs_only_to_its_own_directory(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("strategy", ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf",
-                                      "mwc"])
+                                      "mwc", "pnn"])
 def test_every_strategy_runs_and_resumes_on_cuda(tmp_path: Path, strategy: str) -> None:
     cfg = write_config(tmp_path / "c.yaml", device="cuda", strategy={"name": strategy},
                        model={"kind": "mlp", "hidden": [32], "batchnorm": True})

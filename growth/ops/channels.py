@@ -471,6 +471,15 @@ def widening_cost(graph: NetGraph, node: str, width: int,
     return total
 
 
+def widening_bound(graph: NetGraph, group: ChannelGroup, width: int) -> int:
+    """An upper bound of `widening_cost`, from tensor sizes alone: every tensor of the group
+    grows at most in proportion to the width (a concat's other inputs do not grow at all)."""
+    total = sum(t.numel() for n in (*group.producers, *group.region, *group.consumers)
+                for k, t in graph.node(n).tensors.items()
+                if k not in kind_of(graph.node(n).kind).buffers)
+    return math.ceil(total * max(width - group.width, 0) / group.width)
+
+
 def check_blocks(group: ChannelGroup, width: int, op: str) -> None:
     """OperatorError unless `width` differs from the group's by whole blocks (grouped convs)."""
     if (width - group.width) % group.block:

@@ -17,6 +17,7 @@ from growth.ops.channels import (
     apply_index,
     check_blocks,
     find_group,
+    widening_bound,
     widening_cost,
 )
 from growth.ops.guards import MAX_NEW_PARAMS, check_size
@@ -47,8 +48,8 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     if width == group.width:
         return OpResult(out, ChangeRecord("net2wider", params))
     check_blocks(group, width, "net2wider")
-    if max_new_params is not None:
-        check_size(f"net2wider({node!r}, width={width})",
+    if max_new_params is not None and widening_bound(graph, group, width) > max_new_params:
+        check_size(f"net2wider({node!r}, width={width})",  # count exactly only when it may fail
                    widening_cost(graph, node, width, group), max_new_params)
     gen = torch.Generator().manual_seed(int(seed))
     b = group.block  # grouped convs downstream: copy whole groups of b channels

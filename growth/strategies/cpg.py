@@ -188,7 +188,8 @@ class CPG(PackNet):
         for n, o in owners.items():  # every task stores its picks (none for the first)
             earlier = (o > 0) & (o <= k)
             pick = self._picks.get(n)
-            chosen = earlier if pick is None else (pick.detach().cpu() > PICK_THRESHOLD)
+            chosen = (torch.zeros_like(earlier) if pick is None
+                      else pick.detach().cpu() > PICK_THRESHOLD)
             self.state[state_key(PICK, k, n)] = chosen & earlier
         self.store_shared(ctx, k)
         self.extra.setdefault("widths", {})[str(k)] = {

@@ -1,0 +1,498 @@
+"""The search driver: generations of children, each trained as a Ray Tune trial; resumable.
+
+`run_search` is the Python entry point for every architecture search (`growth search`, and
+REC's expand stage): from a parent graph folder, a controller proposes a generation of
+children, Tune trains them (`controllers.trial`), the controller observes their validation
+accuracies, and the best child so far becomes the next generation's parent. It returns the
+leaderboard, each child with its graph folder and training time.
+
+Search directory (given by the caller; a `growth search` run directory is one):
+  search.json            where the search stands: generation, parent (and each generation's),
+                         time used, attempts
+  controller/gen_NNN.*   the controller's state before proposing generation NNN
+  children.jsonl         one line per finished child: the source of truth (controllers.records)
+  children/<key>/        each finished child's graph (structure.json, weights.safetensors)
+                         and its record (child.json)
+  leaderboard.json       finished children, best first (rewritten as children finish)
+  tune/                  Ray Tune's experiments, genNNN-aK named after their first generation
+                         and its attempt (the default storage; a shared path or URI for
+                         multi-node clusters instead), and the parents they grew from
+
+Resume: calling `run_search` again on the same directory (after a crash, a SIGKILL of the
+driver, `growth resume`) reloads the controller as it was before the interrupted generation,
+which therefore proposes the same children; those recorded as finished are not trained again,
+and children that finished in Tune's storage before the driver could record them are adopted
+from there. Each child trains from its own seed with the trial's thread count, so on the CPU
+the resumed search ends with the same leaderboard as an uninterrupted one.
+
+One Tune experiment runs several generations on the same trial actors (no start-up between
+generations); a new one starts every GENERATIONS_PER_FIT trials, so the driver's memory stays
+bounded (Tune's driver memory grows with the trials of an experiment).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ray.tune import Callback
+
+from controllers.records import (
+    RECORDS,
+    ChildRecord,
+    append_record,
+    board_rows,
+    leaderboard,
+    read_records,
+)
+from controllers.searcher import METRIC, ControllerSearcher, Generation
+from controllers.trial import CHILD_FILE, TrialSpec, trial_data, tune_trial
+from growth.data import Task
+from growth.errors import CheckpointError, ConfigError
+from growth.graph import NetGraph
+from growth.io import atomic_write_text, load_tensors
+
+log = logging.getLogger("growth.search")
+STATE = "search.json"
+LEADERBOARD = "leaderboard.json"
+GENERATIONS_PER_FIT = 256  # trials one Tune experiment may hold (in generations of children)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to search: generations of `children`, at most `trials` trained children in
+    all, and no generation started after `wall_time_s` seconds of search."""
+
+    children: int = 4
+    generations: int = 2
+    trials: int | None = None
+    wall_time_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How trials run: at most `concurrency` at once, each holding `cpus_per_trial` CPUs (its
+    torch thread count) and `gpus_per_trial` GPUs; a trial whose process or node fails is
+    retried `max_failures` times (a child that fails by itself is not retried)."""
+
+    concurrency: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 1
+
+
+@dataclass
+class SearchProgress:
+    """Hooks for a progress display; all optional. Called in the driver."""
+
+    on_generation: Callable[[int, int], None] = lambda generation, trials: None
+    on_child: Callable[[ChildRecord, list[ChildRecord]], None] = lambda record, board: None
+    on_generation_end: Callable[[int, list[ChildRecord]], None] = lambda gen, board: None
+
+
+@dataclass
+class SearchResult:
+    """What a search produced. Child graph folders: `result.path(record)`."""
+
+    directory: Path
+    records: list[ChildRecord]  # every trained child (failed ones too), by key
+    leaderboard: list[ChildRecord]  # finished children, best first
+    generations: int  # generations completed
+    parent: Path  # the parent the next generation would start from
+    parent_acc: float | None
+    elapsed_s: float
+    done: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> ChildRecord | None:
+        return self.leaderboard[0] if self.leaderboard else None
+
+    def path(self, record: ChildRecord) -> Path:
+        if record.checkpoint is None:
+            raise CheckpointError(f"child {record.key} failed ({record.error}); it has no graph")
+        return self.directory / record.checkpoint
+
+
+class SearchDir:
+    """Paths and state of one search directory (see the module docstring)."""
+
+    def __init__(self, root: str | Path, storage: str | None = None, name: str | None = None
+                 ) -> None:
+        self.root = Path(root).resolve()
+        self.records = self.root / RECORDS
+        self.children = self.root / "children"
+        self.controller = self.root / "controller"
+        self.state_file = self.root / STATE
+        if storage is None:
+            self.storage = str(self.root / "tune")
+        elif "://" in storage:
+            self.storage = f"{storage.rstrip('/')}/{name or self.root.name}"
+        else:
+            self.storage = str(Path(storage).resolve() / (name or self.root.name))
+
+    def read_state(self) -> dict[str, Any] | None:
+        if not self.state_file.is_file():
+            return None
+        try:
+            return json.loads(self.state_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self.state_file} is corrupt ({exc})") from None
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomic_write_text(self.state_file, json.dumps(state, indent=1))
+
+    def save_controller(self, controller: Any, generation: int) -> None:
+        from safetensors.torch import save_file
+
+        from growth.io import atomic_write
+
+        tensors, extra = controller.state_dict()
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        base = self.controller / f"gen_{generation:03d}"
+        atomic_write(base.with_suffix(".safetensors"), lambda p: save_file(flat, str(p)))
+        atomic_write_text(base.with_suffix(".json"), json.dumps(extra))
+
+    def load_controller(self, controller: Any, generation: int) -> None:
+        base = self.controller / f"gen_{generation:03d}"
+        try:
+            extra = json.loads(base.with_suffix(".json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{base.with_suffix('.json')} is missing or corrupt ({exc}); "
+                                  "the search cannot resume its controller") from None
+        controller.load_state_dict(load_tensors(base.with_suffix(".safetensors")), extra)
+
+    def add(self, record: ChildRecord) -> None:
+        append_record(self.records, record)
+
+    def write_leaderboard(self, board: list[ChildRecord]) -> None:
+        atomic_write_text(self.root / LEADERBOARD, json.dumps(board_rows(board), indent=1))
+
+
+# ---- recording finished trials (a Tune callback, in the driver) ----------------------------
+class Recorder(Callback):
+    """Copies each finished child into the search directory and appends its record; then
+    tells `on_child` (the driver's bookkeeping and progress display)."""
+
+    def __init__(self, search: SearchDir, on_child: Callable[[ChildRecord], None] | None
+                 ) -> None:
+        self.search = search
+        self.on_child = on_child
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks into tuner.pkl: the live hook (a progress bar) stays behind
+        return {**self.__dict__, "on_child": None}
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any
+                          ) -> None:
+        result = trial.last_result or {}
+        if result.get("status") == "ok" and trial.checkpoint is not None:
+            record = _adopt(self.search, trial.config["key"],
+                            lambda tmp: trial.checkpoint.to_directory(str(tmp)))
+        else:
+            record = _failed(trial.config, result.get("error") or "the trial reported no "
+                             "result", result)
+        if record is not None:
+            self._add(record)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        lines = [ln for ln in str(trial.get_error() or "").splitlines() if ln.strip()]
+        self._add(_failed(trial.config, "the trial's process failed: " +
+                          (lines[-1].strip() if lines else "no error text"), {}))
+
+    def _add(self, record: ChildRecord) -> None:
+        self.search.add(record)
+        if self.on_child is not None:
+            self.on_child(record)
+
+
+def _adopt(search: SearchDir, key: str, fetch: Callable[[Path], Any]) -> ChildRecord | None:
+    """Bring a finished child's folder into children/<key> and read its record; None if the
+    folder is incomplete (then the child is trained again)."""
+    dest = search.children / key
+    tmp = search.children / f".tmp-{key}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fetch(tmp)
+        record = ChildRecord.from_json(json.loads((tmp / CHILD_FILE).read_text()))
+        NetGraph.load(tmp)  # complete and consistent, or not adopted
+    except (OSError, json.JSONDecodeError, TypeError, CheckpointError) as exc:
+        log.warning("child %s: its folder is incomplete (%s); it will be trained again", key,
+                    exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    record.checkpoint = f"children/{key}"
+    return record
+
+
+def _failed(config: dict[str, Any], error: str, result: dict[str, Any]) -> ChildRecord:
+    return ChildRecord(
+        key=config["key"], generation=config["generation"], index=config["index"],
+        arch=config["arch"], actions=config["actions"], status="failed",
+        attempt=config.get("attempt", 0), error=error,
+        start=float(result.get("start", 0.0) or 0.0), end=float(result.get("end", 0.0) or 0.0),
+        node=result.get("node"))
+
+
+# ---- storage: what trials on any node can read ---------------------------------------------
+def _filesystem(ref: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if "://" in ref:
+        return pafs.FileSystem.from_uri(ref)
+    return pafs.LocalFileSystem(), ref
+
+
+def publish(folder: Path, storage: str, name: str) -> str:
+    """Copy a local folder (a parent graph, a strategy state) into the search's storage, where
+    every node's trials can read it; returns its reference (a path or a URI)."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(storage)
+    dest = f"{root.rstrip('/')}/{name}"
+    fs.create_dir(dest, recursive=True)
+    pafs.copy_files(str(folder), dest, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _orphans(search: SearchDir, generation: int, recorded: set[str]) -> list[ChildRecord]:
+    """Children of `generation` whose trials finished and saved their checkpoint in Tune's
+    storage but were never recorded (the driver died first): adopted, not retrained."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(search.storage)
+    found: list[ChildRecord] = []
+    for exp in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if exp.type != pafs.FileType.Directory or not exp.base_name.startswith("gen"):
+            continue
+        for info in fs.get_file_info(pafs.FileSelector(exp.path, recursive=True)):
+            if info.base_name != CHILD_FILE:
+                continue
+            folder = info.path.rsplit("/", 1)[0]
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    data = json.loads(f.readall())
+                key, gen = data["key"], data["generation"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                continue
+            if gen != generation or key in recorded:
+                continue
+            record = _adopt(search, key, lambda tmp, src=folder: pafs.copy_files(
+                src, str(tmp), source_filesystem=fs,
+                destination_filesystem=pafs.LocalFileSystem()))
+            if record is not None:
+                recorded.add(key)
+                found.append(record)
+    return found
+
+
+# ---- the driver ----------------------------------------------------------------------------
+def run_search(directory: str | Path, parent: str | Path, controller: Any, space: Any,
+               task: Task, spec: TrialSpec | None = None, budget: Budget | None = None,
+               resources: Resources | None = None, *, seed: int = 0,
+               parent_acc: float | None = None, policy: Literal["best", "fixed"] = "best",
+               storage: str | None = None, name: str | None = None,
+               ray_address: str | None = None, progress: SearchProgress | None = None,
+               log_file: Path | None = None) -> SearchResult:
+    """Search from the graph folder `parent` into `directory` (or resume the search there).
+
+    controller: a Controller (propose/observe/known/state_dict/load_state_dict) over `space`;
+    its state is saved before each generation and reloaded on resume. task: the current
+    task (its training and validation splits go to the trials, once). spec: how children
+    train: the loss (a strategy by reference), train settings, earlier tasks as metadata.
+    parent_acc: the parent's validation accuracy (a child replaces the parent under
+    policy "best" only if it beats it; None: the best child always does). storage: where Tune
+    keeps experiments (default `directory/tune`; a shared path or URI for multi-node clusters;
+    `name` names this search in it). ray_address: see growth.cluster.ray_cluster.
+    """
+    from growth.cluster import ray_cluster
+
+    spec = spec or TrialSpec()
+    budget = budget or Budget()
+    resources = resources or Resources()
+    progress = progress or SearchProgress()
+    search = SearchDir(directory, storage, name)
+    search.root.mkdir(parents=True, exist_ok=True)
+    state = _begin(search, Path(parent), controller, seed, parent_acc, policy)
+    with ray_cluster(ray_address, log_file=log_file):
+        return _Driver(search, state, controller, space, task, spec, budget, resources,
+                       progress).run()
+
+
+def _begin(search: SearchDir, parent: Path, controller: Any, seed: int,
+           parent_acc: float | None, policy: str) -> dict[str, Any]:
+    state = search.read_state()
+    if state is None:
+        NetGraph.load(parent)  # a parent that cannot load is the caller's error, found now
+        state = {"version": 1, "controller": controller.name, "seed": seed, "policy": policy,
+                 "generation": 0, "parent": str(parent.resolve()), "parent_acc": parent_acc,
+                 "elapsed_s": 0.0, "attempts": {}, "done": False}
+        search.save_controller(controller, 0)
+        search.write_state(state)
+        return state
+    for key, now in (("controller", controller.name), ("seed", seed), ("policy", policy)):
+        if state.get(key) != now:
+            raise ConfigError(f"{search.state_file}: this search was started with {key} "
+                              f"{state.get(key)!r}, not {now!r}; resume it with the same "
+                              "settings or use another directory")
+    search.load_controller(controller, int(state["generation"]))
+    return state
+
+
+class _Driver:
+    """Runs generations as Tune experiments; the searcher's source of generations."""
+
+    def __init__(self, search: SearchDir, state: dict[str, Any], controller: Any, space: Any,
+                 task: Task, spec: TrialSpec, budget: Budget, resources: Resources,
+                 progress: SearchProgress) -> None:
+        self.search, self.state, self.controller = search, state, controller
+        self.budget, self.resources, self.progress = budget, resources, progress
+        self.space, self.task = space, task
+        self.spec = spec.model_copy(update={
+            "threads": max(1, int(resources.cpus_per_trial)),
+            "device": "cuda" if resources.gpus_per_trial > 0 else spec.device})
+        self.clock = time.monotonic()
+        self.elapsed0 = float(state.get("elapsed_s", 0.0))
+        self.records = read_records(search.records)
+        self.in_fit = 0  # generations planned for the current experiment
+        self.trainable: Any = None
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.monotonic() - self.clock
+
+    def run(self) -> SearchResult:
+        while not self.state["done"]:
+            self.in_fit = 0
+            searcher = ControllerSearcher(self.controller, self, seed=int(self.state["seed"]))
+            if searcher.advance():  # a generation with children to train
+                self._fit(searcher)
+            searcher.finish()
+        board = leaderboard(self.records)
+        self.search.write_leaderboard(board)
+        return SearchResult(self.search.root, sorted(self.records, key=lambda r: r.key), board,
+                            int(self.state["generation"]), Path(self.state["parent"]),
+                            self.state["parent_acc"], self.elapsed(), bool(self.state["done"]))
+
+    # ---- the searcher's source of generations ------------------------------------------------
+    def next_generation(self) -> Generation | None:
+        g = int(self.state["generation"])
+        n = self._generation_size(g)
+        if n <= 0:
+            self.state["done"] = True
+            self._save_state()
+            return None
+        if self.in_fit >= max(1, GENERATIONS_PER_FIT // max(1, n)):
+            return None  # a fresh experiment for the next ones: the driver's memory is bounded
+        self.in_fit += 1
+        attempts = self.state.setdefault("attempts", {})
+        attempt = int(attempts.get(str(g), -1)) + 1
+        attempts[str(g)] = attempt
+        self.state.setdefault("parents", {})[str(g)] = {
+            "parent": self.state["parent"], "parent_acc": self.state["parent_acc"]}
+        self._save_state()
+        if attempt > 0:
+            for record in _orphans(self.search, g, {r.key for r in self.records}):
+                self.search.add(record)
+            self.records = read_records(self.search.records)
+        parent = publish(Path(self.state["parent"]), self.search.storage,
+                         f"parents/gen{g:03d}")
+        return Generation(g, n, parent, {"spec": self._spec_json(), "attempt": attempt},
+                          {r.index: r.val_acc for r in self.records if r.generation == g})
+
+    def began(self, searcher: ControllerSearcher) -> None:
+        g, todo = searcher.generation, searcher.to_train
+        log.info("generation %s: %d children, %d to train", g, len(searcher.proposals),
+                 len(todo))
+        self.progress.on_generation(int(g or 0), len(todo))
+
+    def ended(self, searcher: ControllerSearcher) -> None:
+        g = int(searcher.generation or 0)
+        self.records = read_records(self.search.records)
+        board = leaderboard(self.records)
+        self._next_parent(board)
+        self.search.save_controller(self.controller, g + 1)
+        self.state["generation"] = g + 1
+        self._save_state()
+        self.search.write_leaderboard(board)
+        self.progress.on_generation_end(g, board)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _generation_size(self, g: int) -> int:
+        b = self.budget
+        if g >= b.generations:
+            return 0
+        if b.wall_time_s is not None and self.elapsed() >= b.wall_time_s:
+            log.info("search: wall-time budget of %.0fs used; no generation %d", b.wall_time_s,
+                     g)
+            return 0
+        if b.trials is None:
+            return b.children
+        before = sum(1 for r in self.records if r.generation < g)
+        return min(b.children, b.trials - before)
+
+    def _spec_json(self) -> dict[str, Any]:
+        spec = self.spec
+        if spec.strategy.state is not None and "://" not in spec.strategy.state:
+            ref = publish(Path(spec.strategy.state), self.search.storage, "strategy")
+            spec = spec.model_copy(update={"strategy": spec.strategy.model_copy(
+                update={"state": ref})})
+        return spec.model_dump(mode="json")
+
+    def _fit(self, searcher: ControllerSearcher) -> None:
+        from ray import tune
+
+        if self.trainable is None:  # the task's data goes to the object store once
+            trainable = tune.with_parameters(tune_trial, task=trial_data(self.task),
+                                             space=self.space)
+            self.trainable = tune.with_resources(trainable, {
+                "cpu": self.resources.cpus_per_trial, "gpu": self.resources.gpus_per_trial})
+
+        def on_child(record: ChildRecord) -> None:
+            self.records.append(record)
+            board = leaderboard(self.records)
+            self.search.write_leaderboard(board)
+            self.progress.on_child(record, board)
+
+        g = int(searcher.generation or 0)
+        attempt = self.state["attempts"][str(g)]
+        tuner = tune.Tuner(
+            self.trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, metric=METRIC, mode="max", num_samples=-1,
+                max_concurrent_trials=self.resources.concurrency, reuse_actors=True,
+                trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=f"gen{g:03d}-a{attempt}", storage_path=self.search.storage, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=self.resources.max_failures),
+                callbacks=[Recorder(self.search, on_child)]))
+        tuner.fit()
+        del tuner  # the experiment's trials leave the driver's memory
+
+    def _next_parent(self, board: list[ChildRecord]) -> None:
+        if self.state.get("policy") != "best" or not board:
+            return
+        best = board[0]
+        current = self.state.get("parent_acc")
+        if current is None or (best.val_acc is not None and best.val_acc > current):
+            self.state["parent"] = str(self.search.root / str(best.checkpoint))
+            self.state["parent_acc"] = best.val_acc
+
+    def _save_state(self) -> None:
+        self.state["elapsed_s"] = self.elapsed()
+        self.search.write_state(self.state)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"{trial.config.get('key', 'trial')}-{trial.trial_id}"
+

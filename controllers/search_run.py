@@ -1,0 +1,217 @@
+"""`growth search CONFIG`: an architecture search on one task, from a base network.
+
+The config is an ordinary campaign config (data, model, train, seed) with a `search:`
+section. The base network is trained on the task first (`search.base_epochs`), then
+`controllers.driver.run_search` grows it generation by generation; children train with the
+plain task loss.
+
+Run directory (besides the search directory's own files, see controllers.driver):
+  config.yaml, log.txt   the config as validated; what happened (Ray's warnings included)
+  base/                  the trained base network (graph folder) and base.json (accuracies)
+  best/                  the best network found (base included): structure.json +
+                         weights.safetensors, loadable with NetGraph.load
+  search_metrics.json    base and best accuracies (validation, test), sizes, trials, time
+  report/                search.md and search.png (`growth report RUNDIR` rewrites them)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from controllers import make_controller
+from controllers.driver import Budget, Resources, SearchProgress, SearchResult, run_search
+from controllers.search_report import SUMMARY, write_search_report
+from controllers.trial import TrialSpec
+from growth.campaign import build_base_graph, labelers, resolve_device, task_seed
+from growth.config import Config, dump_config, load_config
+from growth.data import Task, build_stream
+from growth.errors import ConfigError, GraphError, RunDirError
+from growth.graph import NetGraph
+from growth.io import atomic_write_text
+from growth.model import Model
+from growth.rundir import (
+    CONFIG,
+    RunLock,
+    check_run_dir,
+    check_writable_dir,
+    clean_leftovers,
+    holds_run,
+    logging_to,
+    new_run_id,
+)
+from growth.strategies import Context, make_strategy
+from growth.train import evaluate, fit
+from search_spaces.space import make_space
+
+log = logging.getLogger("growth.search")
+
+
+class SearchRun:
+    """Runs (or resumes) one search config into one run directory."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, progress: SearchProgress | None = None,
+                 ray_address: str | None = None, source: str = "config") -> None:
+        if cfg.search is None:
+            raise ConfigError(f"{source}: no `search:` section; add one (see docs/search.md), "
+                              "or run the campaign with `growth run`")
+        if cfg.strategy.name != "finetune":
+            raise ConfigError(f"{source}: strategy.name: growth search trains children with "
+                              f"the task loss alone, not {cfg.strategy.name!r}; remove the "
+                              "strategy section")
+        self.cfg, self.s = cfg, cfg.search
+        self.run_dir = Path(run_dir)
+        self.progress = progress or SearchProgress()
+        self.ray_address = ray_address or self.s.ray_address
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        tasks = build_stream({**cfg.data.model_dump(), "seed": cfg.seed})
+        if self.s.task >= len(tasks):
+            raise ConfigError(f"{source}: search.task: {self.s.task}, but the stream has "
+                              f"{len(tasks)} task(s); use 0..{len(tasks) - 1}")
+        self.task: Task = tasks[self.s.task]
+        torch.manual_seed(cfg.seed)
+        try:
+            self.base = build_base_graph(cfg, [self.task])
+        except GraphError as exc:
+            raise ConfigError(f"{source}: model: {exc}") from None
+        space_spec = dict(self.s.space)
+        limit = self.s.budget.max_params
+        if limit is not None:
+            space_spec["max_params"] = min(limit, space_spec.get("max_params") or limit)
+        self.space = make_space(space_spec, self.base, where=f"{source}: search.space")
+        self.controller = make_controller(self.s.controller.name, self.space,
+                                          self.s.controller.settings(), seed=cfg.seed,
+                                          where=f"{source}: search.controller")
+
+    # ---- entry points ------------------------------------------------------------------------
+    def start(self) -> dict[str, Any]:
+        """Search into a folder that holds no run yet."""
+        check_writable_dir(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.run_dir) as lock:
+            if holds_run(self.run_dir) or (self.run_dir / "search.json").exists():
+                raise RunDirError(f"{self.run_dir} already holds a run; continue it with "
+                                  f"`growth resume {self.run_dir}` or choose another --out")
+            new_run_id(self.run_dir)
+            atomic_write_text(self.run_dir / CONFIG, dump_config(self.cfg))
+            with logging_to(self.run_dir):
+                lock.note_stale()
+                return self._run()
+
+    def resume(self) -> dict[str, Any]:
+        """Continue the search in this run directory (finished children are kept)."""
+        check_run_dir(self.run_dir)
+        with RunLock(self.run_dir) as lock, logging_to(self.run_dir):
+            lock.note_stale()
+            for p in clean_leftovers(self.run_dir):
+                log.info("removed %s, left by an interrupted write", p)
+            log.info("resuming the search in %s", self.run_dir)
+            return self._run()
+
+    # ---- the run -------------------------------------------------------------------------------
+    def _run(self) -> dict[str, Any]:
+        base = self._base()
+        budget = self.s.budget
+        result = run_search(
+            self.run_dir, self.run_dir / "base", self.controller, self.space, self.task,
+            TrialSpec(train=self.cfg.train, scenario=self.cfg.scenario,
+                      device=self.cfg.device),
+            Budget(children=self.s.children, generations=budget.generations,
+                   trials=budget.trials, wall_time_s=budget.wall_time_s),
+            Resources(concurrency=self.s.concurrency, cpus_per_trial=self.s.cpus_per_trial,
+                      gpus_per_trial=self.s.gpus_per_trial, max_failures=self.s.max_failures),
+            seed=self.cfg.seed, parent_acc=base["val_acc"], policy=self.s.parent,
+            storage=self.s.storage, name=self.cfg.name, ray_address=self.ray_address,
+            progress=self.progress, log_file=self.run_dir / "log.txt")
+        metrics = self._finish(result, base)
+        write_search_report([self.run_dir])
+        return metrics
+
+    def _ctx(self, graph: NetGraph) -> Context:
+        head_of, label_of = labelers(self.cfg.scenario)
+        device = resolve_device(self.cfg.device)
+        return Context(Model(graph, device), self.task, [], head_of, label_of, device,
+                       seed=task_seed(self.cfg.seed, self.task.index))
+
+    def _base(self) -> dict[str, Any]:
+        """The trained base network's accuracies (training it first if no run has yet)."""
+        info = self.run_dir / "base" / "base.json"
+        if info.is_file():
+            return json.loads(info.read_text())
+        ctx = self._ctx(self.base)
+        torch.manual_seed(ctx.seed)
+        train = self.cfg.train
+        if self.s.base_epochs is not None:
+            train = train.model_copy(update={"epochs": self.s.base_epochs})
+        start = time.perf_counter()
+        fit(ctx, make_strategy("finetune"), train, seed=ctx.seed)
+        wall = time.perf_counter() - start
+        graph = ctx.model.graph
+        base = {"val_acc": evaluate(ctx, self.task, "val"),
+                "test_acc": evaluate(ctx, self.task, "test"),
+                "params": graph.param_count(), "train_time_s": wall}
+        graph.save(self.run_dir / "base")
+        atomic_write_text(info, json.dumps(base, indent=1))  # written last: base is complete
+        log.info("base network trained in %.1fs: validation accuracy %.4f, %d parameters",
+                 wall, base["val_acc"], base["params"])
+        return base
+
+    def _finish(self, result: SearchResult, base: dict[str, Any]) -> dict[str, Any]:
+        """Save the best network (the base unless a child beats it) and the summary."""
+        best = result.best
+        if best is not None and (base["val_acc"] is None or best.val_acc > base["val_acc"]):
+            src, key = result.path(best), best.key
+        else:
+            src, key = self.run_dir / "base", "base"
+        graph = NetGraph.load(src)
+        tmp = self.run_dir / ".tmp-best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        graph.save(tmp)
+        shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+        tmp.rename(self.run_dir / "best")
+        ctx = self._ctx(graph)
+        failed = sum(1 for r in result.records if not r.ok)
+        metrics = {
+            "run": {"name": self.cfg.name, "controller": self.s.controller.name,
+                    "dataset": self.cfg.data.dataset, "task": self.task.name,
+                    "seed": self.cfg.seed},
+            "base": base,
+            "best": {"key": key, "val_acc": evaluate(ctx, self.task, "val"),
+                     "test_acc": evaluate(ctx, self.task, "test"),
+                     "params": graph.param_count(), "arch": self.space.arch(graph)},
+            "trials": len(result.records), "failed": failed,
+            "generations": result.generations, "wall_time_s": result.elapsed_s,
+            "child_train_time_s": sum(r.train_time_s for r in result.records),
+            "done": result.done,
+        }
+        atomic_write_text(self.run_dir / SUMMARY, json.dumps(metrics, indent=1))
+        log.info("search done: best %s, validation %.4f, test %.4f, %d parameters", key,
+                 metrics["best"]["val_acc"], metrics["best"]["test_acc"],
+                 metrics["best"]["params"])
+        return metrics
+
+
+def search_config(path: str | Path, out: str | Path, overrides: list[str] | None = None,
+                  progress: SearchProgress | None = None, ray_address: str | None = None
+                  ) -> dict[str, Any]:
+    """Load a search config and run it into `out` (the Python form of `growth search`)."""
+    cfg = load_config(path, overrides)
+    return SearchRun(cfg, out, progress, ray_address, source=str(path)).start()
+
+
+def resume_search(run_dir: str | Path, progress: SearchProgress | None = None,
+                  ray_address: str | None = None) -> dict[str, Any]:
+    """Continue a search run directory with the config it was started with."""
+    path = Path(run_dir) / CONFIG
+    cfg = load_config(path)
+    return SearchRun(cfg, run_dir, progress, ray_address, source=str(path)).resume()
+
+
+__all__ = ["SearchRun", "resume_search", "search_config"]

@@ -1,0 +1,245 @@
+"""Architecture search through Ray Tune: trials in parallel, children that start from their
+parent's weights, failures recorded while the search goes on (one search serves these), a
+SIGKILLed driver resumed, and a two-node cluster that loses a node. Ray is the test
+session's (`ray_session`), except in the two-node test (its own cluster, in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from searchkit import (
+    CHILD_TRAIN,
+    accuracy,
+    digits_task,
+    search_config,
+    small_space,
+    trained_base,
+)
+
+from controllers import Proposal, make_controller
+from controllers.driver import Budget, Resources, SearchResult, run_search
+from controllers.records import read_records
+from controllers.trial import TrialSpec
+from growth.graph import NetGraph
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class BreakingController:
+    """A real random controller whose first generation ends with a child whose action no
+    operator accepts (its trial raises) and one whose training diverges (NaN loss)."""
+
+    name = "random"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seen = inner, []
+
+    def propose(self, parent: NetGraph, n: int) -> list[Any]:
+        out = self.inner.propose(parent, n)
+        if not self.seen:
+            out[-2] = Proposal(({"op": "net2wider", "node": "no_such_layer", "width": 64},),
+                               "raises", {})
+            out[-1] = Proposal(({"op": "net2wider", "node": "fc1", "width": 24,
+                                 "noise": 1e30},), "diverges", {})
+        return out
+
+    def observe(self, results: Any) -> None:
+        self.seen.append([(p.arch, acc) for p, acc in results])
+        self.inner.observe(results)
+
+    def known(self, arch: str) -> float | None:
+        return self.inner.known(arch)
+
+    def state_dict(self) -> Any:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, tensors: Any, extra: Any) -> None:
+        self.inner.load_state_dict(tensors, extra)
+
+
+@pytest.fixture(scope="module")
+def digits_search(tmp_path_factory: pytest.TempPathFactory, ray_session: Any
+                  ) -> tuple[SearchResult, Any, float, Any]:
+    """One small search: 2 generations of 4 children, 2 trials at a time; two children of
+    the first generation fail (see BreakingController)."""
+    tmp = tmp_path_factory.mktemp("search")
+    task = digits_task()
+    base, base_acc = trained_base(task, tmp / "base", hidden=(16, 16))
+    space = small_space(base)
+    controller = BreakingController(make_controller(
+        "random", space, {"wider_actions": 2, "deeper_actions": 1}, seed=3))
+    train = CHILD_TRAIN.model_copy(update={"epochs": 5})
+    result = run_search(tmp / "run", tmp / "base", controller, space, task,
+                        TrialSpec(train=train), Budget(children=4, generations=2),
+                        Resources(concurrency=2, max_failures=0), seed=3, parent_acc=base_acc)
+    return result, task, base_acc, controller
+
+
+def test_search_on_digits_finishes_through_tune_with_trials_in_parallel(digits_search) -> None:
+    result, task, _, controller = digits_search
+    assert result.done and result.generations == 2
+    ok = [r for r in result.records if r.ok]
+    assert len(ok) == len(result.records) - 2, [r.error for r in result.records]
+    # Tune ran them: one experiment for both generations, holding every trial's folder
+    assert {r.generation for r in result.records} == {0, 1}  # this seed trains in both
+    exp = result.directory / "tune" / "gen000-a0"
+    assert (sorted(p.name.split("-")[0] for p in exp.iterdir() if p.is_dir()) ==
+            [r.key for r in result.records])
+    # at least two children trained at the same time
+    spans = [(r.start, r.end) for r in ok]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+    # each child's saved graph scores what its record says; the controller saw every result
+    for r in ok:
+        graph = NetGraph.load(result.path(r))
+        assert accuracy(graph, task) == pytest.approx(r.val_acc, abs=1e-9)
+        assert r.params == graph.param_count()
+        assert controller.known(r.arch) == pytest.approx(r.val_acc)
+    accs = [r.val_acc for r in result.leaderboard]
+    assert accs == sorted(accs, reverse=True)
+    rows = json.loads((result.directory / "leaderboard.json").read_text())
+    assert [row["key"] for row in rows] == [r.key for r in result.leaderboard]
+
+
+def test_children_start_from_their_parents_weights(digits_search) -> None:
+    """A child before training computes its parent's function: the same validation accuracy
+    as the parent it was built from (measured here, independently of the trial)."""
+    result, task, base_acc, _ = digits_search
+    parents = json.loads((result.directory / "search.json").read_text())["parents"]
+    assert parents["0"]["parent_acc"] == base_acc
+    for r in (r for r in result.records if r.ok):
+        parent = NetGraph.load(parents[str(r.generation)]["parent"])
+        assert r.val_acc_before == pytest.approx(accuracy(parent, task), abs=1e-12), r.key
+
+
+def test_failed_children_are_recorded_and_the_search_goes_on(digits_search) -> None:
+    result, _, _, controller = digits_search
+    by_arch = {r.arch: r for r in result.records}
+    raised, diverged = by_arch["raises"], by_arch["diverges"]
+    assert raised.status == diverged.status == "failed"
+    assert "OperatorError" in raised.error and "no_such_layer" in raised.error
+    assert "DivergedError" in diverged.error
+    assert raised.checkpoint is None and raised.val_acc is None
+    # the controller was told they failed (None), and the search went on to generation 1
+    first = dict(controller.seen[0])
+    assert first["raises"] is None and first["diverges"] is None
+    assert len(controller.seen) == 2 and result.done
+    assert any(r.ok and r.generation == 1 for r in result.records)
+
+
+def _cli(*args: str, ray_address: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "growth.cli", *args, "--ray-address",
+                             ray_address, "--quiet"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_search_resumes_to_the_same_leaderboard(tmp_path: Path, ray_session: Any
+                                                         ) -> None:
+    """SIGKILL the driver while generation 1 runs; `growth resume` keeps every finished
+    child (none trained again) and ends where an uninterrupted search ends."""
+    from controllers.search_run import search_config as run_search_config
+
+    cfg = search_config(tmp_path, children=3)
+    reference = run_search_config(cfg, tmp_path / "reference")
+    ref = {r.key: r for r in read_records(tmp_path / "reference" / "children.jsonl")}
+
+    run = tmp_path / "killed"
+    records = run / "children.jsonl"
+    proc = _cli("search", str(cfg), "--out", str(run), ray_address=ray_session.address)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(r.generation == 1 for r in read_records(records)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[0]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = records.read_text().splitlines()
+    done_before = {json.loads(line)["key"] for line in before}
+    assert len(done_before) < len(ref), "the kill came after the last child"
+
+    resumed = _cli("resume", str(run), ray_address=ray_session.address)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    after = records.read_text().splitlines()
+    assert after[:len(before)] == before  # what finished before the kill is kept as it was
+    keys = [json.loads(line)["key"] for line in after]
+    assert len(keys) == len(set(keys)) == len(ref)  # nothing trained twice, nothing missing
+    assert all(json.loads(line)["attempt"] == 1 for line in after[len(before):])
+    final = {r.key: r for r in read_records(records)}
+    for key, r in ref.items():
+        assert (final[key].arch, final[key].val_acc, final[key].params) == (r.arch, r.val_acc,
+                                                                         r.params), key
+    board = json.loads((run / "leaderboard.json").read_text())
+    ref_board = json.loads((tmp_path / "reference" / "leaderboard.json").read_text())
+    assert [(b["key"], b["val_acc"]) for b in board] == [(b["key"], b["val_acc"])
+                                                         for b in ref_board]
+    summary = json.loads((run / "search_metrics.json").read_text())
+    assert summary["best"] == reference["best"]
+
+
+TWO_NODES = r"""
+import json, sys
+from pathlib import Path
+from ray.cluster_utils import Cluster
+sys.path.insert(0, sys.argv[2])
+from searchkit import CHILD_TRAIN, digits_task, small_space, trained_base
+from controllers import make_controller
+from controllers.driver import Budget, Resources, SearchProgress, run_search
+from controllers.trial import TrialSpec
+
+tmp = Path(sys.argv[1])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+worker = cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+nodes = {"head": cluster.head_node.node_id, "worker": worker.node_id}
+task = digits_task()
+base, acc = trained_base(task, tmp / "base")
+space = small_space(base)
+controller = make_controller("random", space, {"wider_actions": 1, "deeper_actions": 1})
+removed = {}
+
+def on_child(record, board):
+    if record.generation == 1 and not removed:  # the worker goes while generation 1 runs
+        removed["after"] = [r.key for r in board] + ([] if record.ok else [record.key])
+        cluster.remove_node(worker)
+
+result = run_search(tmp / "run", tmp / "base", controller, space, task,
+                    TrialSpec(train=CHILD_TRAIN), Budget(children=2, generations=3),
+                    Resources(concurrency=2, max_failures=2), parent_acc=acc,
+                    ray_address=cluster.address, progress=SearchProgress(on_child=on_child))
+print(json.dumps({"nodes": nodes, "removed_after": removed.get("after"),
+                  "done": result.done,
+                  "records": [r.to_json() for r in result.records]}))
+cluster.shutdown()
+"""
+
+
+def test_two_node_cluster_places_trials_on_both_and_survives_losing_one(tmp_path: Path
+                                                                        ) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path),
+                           str(ROOT / "tests")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    records = {r["key"]: r for r in out["records"]}
+    first = [r for r in records.values() if r["generation"] == 0]
+    assert {r["node"] for r in first} == set(out["nodes"].values())  # one trial on each node
+    assert out["done"] and out["removed_after"]
+    for key in out["removed_after"]:  # every child finished before the loss is still there
+        assert records[key]["status"] == "ok"
+        NetGraph.load(tmp_path / "run" / records[key]["checkpoint"])
+    later = [r for r in records.values() if r["generation"] == 2]
+    assert later and all(r["node"] == out["nodes"]["head"] for r in later)
+    on_disk = {r.key for r in read_records(tmp_path / "run" / "children.jsonl")}
+    assert on_disk == set(records)

@@ -1,0 +1,255 @@
+"""The Tune Searcher adapter, the trial body and the search records, without a Ray cluster:
+the controller observes a generation in proposal order whatever order trials finish in,
+known children are not trained again, the searcher survives cloudpickle and save/restore,
+a trial's child keeps its parent's function, and records survive a torn write."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import ray.cloudpickle as cloudpickle
+import torch
+from searchkit import CHILD_TRAIN, accuracy, digits_task, small_space, trained_base
+
+from controllers import make_controller
+from controllers.records import ChildRecord, append_record, leaderboard, read_records
+from controllers.searcher import ControllerSearcher, Generation
+from controllers.trial import TrialSpec, child_seed, save_strategy_state, train_child
+from growth.errors import CheckpointError, ConfigError
+from growth.graph import NetGraph
+from growth.strategies import make_strategy
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("searcher")
+    task = digits_task()
+    base, acc = trained_base(task, tmp / "base", hidden=(16, 16), epochs=3)
+    return tmp, task, base, acc, small_space(base)
+
+
+def _searcher(setup, seed: int = 1, n: int = 4, known=None) -> ControllerSearcher:
+    tmp, _, _, _, space = setup
+    controller = make_controller("random", space, {"wider_actions": 2, "deeper_actions": 1},
+                                 seed=seed)
+    return ControllerSearcher(controller, Generation(0, n, str(tmp / "base"),
+                                                     {"spec": {}, "attempt": 0}, known or {}),
+                              seed=7)
+
+
+class Recording:
+    """Wraps a controller; remembers what observe() received."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.observed = inner, inner.name, []
+
+    def __getattr__(self, item):
+        return getattr(self.inner, item)
+
+    def observe(self, results) -> None:
+        self.observed.append(list(results))
+        self.inner.observe(results)
+
+
+def test_generation_is_observed_once_in_proposal_order(setup) -> None:
+    s = _searcher(setup)
+    s.controller = Recording(s.controller)
+    configs = {f"t{i}": s.suggest(f"t{i}") for i in range(4)}
+    assert s.suggest("t9") is None  # nothing more until the generation is over
+    assert [c["index"] for c in configs.values()] == [0, 1, 2, 3]
+    assert configs["t2"]["seed"] == child_seed(7, 0, 2) and configs["t2"]["key"] == "g000c02"
+    json.dumps(configs)  # trial configs are plain JSON
+    accs = {"t3": 0.5, "t0": 0.25, "t2": float("nan"), "t1": 0.75}
+    for tid, acc in accs.items():  # finishing out of order, one NaN, one error
+        assert not s.observed
+        s.on_trial_complete(tid, None if tid == "t1" else {"status": "ok", "val_acc": acc},
+                            error=tid == "t1")
+    s.on_trial_complete("never-seen", {"status": "ok", "val_acc": 1.0})  # tolerated
+    assert s.observed and len(s.controller.observed) == 1
+    assert s.suggest("t10") == "FINISHED"  # a single generation: the search is over
+    got = [(p.arch, acc) for p, acc in s.controller.observed[0]]
+    assert got == [(s.proposals[0].arch, 0.25), (s.proposals[1].arch, None),
+                   (s.proposals[2].arch, None), (s.proposals[3].arch, 0.5)]
+
+
+def test_known_children_are_not_trained_again(setup) -> None:
+    first = _searcher(setup, seed=5)
+    first.advance()
+    archs = [p.arch for p in first.proposals]
+    twin = next(i for i, a in enumerate(archs) if a in archs[:i])  # seed 5 proposes a twin
+    sibling = archs.index(archs[twin])
+    done = next(i for i in range(1, 4) if i not in (twin, sibling))
+    # an earlier attempt finished child `done`; the controller already trained child 0's arch
+    s = _searcher(setup, seed=5, known={done: 0.6})
+    s.controller.observe([(first.proposals[0], 0.4)])
+    s.advance()
+    assert [p.arch for p in s.proposals] == archs  # same seed, same proposals
+    trained = set(s.to_train)
+    assert not trained & {0, done, twin} and s.results[0] == 0.4 and s.results[done] == 0.6
+    for i in sorted(trained):
+        s.on_trial_complete(f"t{i}", None)  # unknown ids: the index comes from the config
+        s.on_trial_complete(f"t{i}", {"status": "ok", "val_acc": 0.1 * i,
+                                      "config": s.trial_config(i)})
+    assert s.observed and s.results[twin] == s.results[sibling]
+
+
+def test_the_searcher_survives_cloudpickle_and_save_restore(setup, tmp_path: Path) -> None:
+    s = _searcher(setup, seed=5)
+    s.suggest("a")
+    s.suggest("b")
+    s.on_trial_complete("a", {"status": "ok", "val_acc": 0.9})
+    clone = cloudpickle.loads(cloudpickle.dumps(s))  # what Tune writes into tuner.pkl
+    assert clone.running == {"b": 1} and clone.results == {0: 0.9}
+    s.save(str(tmp_path / "searcher.pkl"))
+    fresh = _searcher(setup, seed=99)  # a different generator until restored
+    fresh.restore(str(tmp_path / "searcher.pkl"))
+    assert [p.arch for p in fresh.proposals] == [p.arch for p in s.proposals]
+    assert fresh.pending == s.pending and fresh.running == s.running
+    parent = NetGraph.load(setup[0] / "base")
+    assert ([p.arch for p in fresh.controller.propose(parent, 3)] ==
+            [p.arch for p in s.controller.propose(parent, 3)])  # the controller's state too
+
+
+def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path: Path
+                                                                ) -> None:
+    tmp, task, base, acc, space = setup
+    s = _searcher(setup, n=1)
+    config = s.suggest("x")
+    config["spec"] = TrialSpec(train=CHILD_TRAIN).model_dump(mode="json")
+    out = tmp_path / "child"
+    m = train_child(config, task, space, out)
+    assert m["status"] == "ok", m["error"]
+    assert m["val_acc_before"] == pytest.approx(acc, abs=1e-12)
+    child = NetGraph.load(out)
+    assert space.arch(child) == config["arch"] and m["params"] == child.param_count()
+    assert accuracy(child, task) == pytest.approx(m["val_acc"], abs=1e-12)
+    batches = math.ceil(len(task.train[1]) / CHILD_TRAIN.batch_size)
+    assert m["steps"] == CHILD_TRAIN.epochs * batches
+    record = json.loads((out / "child.json").read_text())
+    assert record["key"] == "g000c00" and record["actions"] == config["actions"]
+    again = train_child(config, task, space, tmp_path / "again")  # its own seed: repeatable
+    assert again["val_acc"] == m["val_acc"]
+
+
+def test_a_strategy_reaches_the_trial_by_reference(setup, tmp_path: Path) -> None:
+    """A strong L2 pull, saved after its task and named in the spec, holds the child's old
+    units near the parent's weights: its state followed the widened layer into the trial."""
+    from growth.campaign import labelers
+    from growth.model import Model
+    from growth.strategies import Context
+    from growth.train import TrainConfig, learn_task
+
+    tmp, task, base, _, space = setup
+    strategy = make_strategy("l2", {"lambda": 2.0})
+    ctx = Context(Model(base), task, [], *labelers("task"), torch.device("cpu"))
+    learn_task(ctx, strategy, TrainConfig(epochs=0))  # anchors and importances of the parent
+    folder = save_strategy_state(strategy, tmp_path / "state")
+    config = _searcher(setup, n=1).suggest("x")
+    action = {"op": "net2wider", "node": "fc1", "width": 48}
+    child, _ = space.apply(base, [action])
+    config.update(actions=[action], arch=space.arch(child))
+    train = TrainConfig(epochs=3, lr=0.1, momentum=0.9)
+
+    def moved(ref: dict) -> float:
+        spec = TrialSpec(train=train, strategy=ref)
+        m = train_child({**config, "spec": spec.model_dump(mode="json")}, task, space,
+                        tmp_path / ref["name"])
+        assert m["status"] == "ok", m["error"]
+        w = NetGraph.load(tmp_path / ref["name"]).node("fc1").tensors["weight"][:16]
+        return float((w - base.node("fc1").tensors["weight"]).abs().sum())
+
+    held = moved({"name": "l2", "params": {"lambda": 2.0}, "state": str(folder)})
+    free = moved({"name": "finetune"})
+    assert held < 0.2 * free, (held, free)
+    config["spec"] = TrialSpec(strategy={"name": "ewc", "state": str(folder)}).model_dump(
+        mode="json")
+    m = train_child(config, task, space, tmp_path / "wrong")
+    assert m["status"] == "failed" and "CheckpointError" in m["error"] and "'l2'" in m["error"]
+
+
+def test_records_survive_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "children.jsonl"
+    a = ChildRecord("g000c00", 0, 0, "a", [], "ok", val_acc=0.5, params=10)
+    b = ChildRecord("g000c01", 0, 1, "b", [], "ok", val_acc=0.5, params=8)
+    c = ChildRecord("g000c02", 0, 2, "c", [], "failed", val_acc=float("nan"))
+    for r in (a, b, c):
+        append_record(path, r)
+    with open(path, "a") as f:
+        f.write('{"key": "g000c03", "generat')  # the kill came mid-write
+    got = read_records(path)
+    assert [r.key for r in got] == ["g000c00", "g000c01", "g000c02"]
+    assert got[2].val_acc is None  # NaN is stored as null
+    assert [r.key for r in leaderboard(got)] == ["g000c01", "g000c00"]  # fewer params first
+
+
+def test_search_config_errors_name_the_file_and_key(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]
+                                                    ) -> None:
+    from searchkit import search_config
+
+    from controllers.search_run import search_config as run
+
+    bad = [({"budget": {"trails": 3}}, ("search.budget.trails",)),
+           ({"controller": {"name": "random", "lr": -1}}, ("search.controller", "lr")),
+           ({"space": {"widths": {"fc": [8, 4]}}}, ("search.space.widths.fc",)),
+           ({"task": 2}, ("search.task",))]
+    for section, words in bad:
+        path = search_config(tmp_path, **section)
+        with pytest.raises(ConfigError) as err:
+            run(path, tmp_path / "out")
+        msg = str(err.value)
+        assert str(path) in msg and all(w in msg for w in words), msg
+        assert not (tmp_path / "out").exists()  # nothing written
+    from growth.cli import main
+
+    assert main(["search", str(path), "--out", str(tmp_path / "out")]) == 2
+    err_line = capsys.readouterr().err.strip()
+    assert err_line.startswith("error: ") and "search.task" in err_line
+    assert len(err_line.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_resuming_with_another_controller_is_refused(setup, tmp_path: Path) -> None:
+    from controllers.driver import SearchDir, _begin
+
+    tmp, _, _, _, space = setup
+    controller = make_controller("random", space)
+    _begin(SearchDir(tmp_path), tmp / "base",
+           controller, 0, None, "best")
+    with pytest.raises(ConfigError, match="seed"):
+        _begin(SearchDir(tmp_path), tmp / "base",
+               controller, 1, None, "best")
+    (tmp_path / "controller" / "gen_000.json").write_text("{")
+    with pytest.raises(CheckpointError, match="gen_000.json"):
+        _begin(SearchDir(tmp_path), tmp / "base",
+               controller, 0, None, "best")
+
+
+def test_live_hooks_stay_out_of_what_tune_pickles(setup, tmp_path: Path) -> None:
+    """Tune writes the searcher and the callbacks into tuner.pkl: a progress bar or a driver
+    holding locks must not break that."""
+    import threading
+
+    from controllers.driver import Recorder, SearchDir
+
+    lock = threading.Lock()
+
+    class Source:
+        def next_generation(self):
+            return Generation(0, 2, str(setup[0] / "base"), {"lock": None}, {})
+
+        def began(self, searcher) -> None:
+            self.lock = lock
+
+        def ended(self, searcher) -> None:
+            pass
+
+    s = ControllerSearcher(make_controller("random", setup[4]), Source())
+    s.suggest("a")
+    clone = cloudpickle.loads(cloudpickle.dumps(s))
+    assert clone.source is None and clone.running == {"a": 0}
+    recorder = Recorder(SearchDir(tmp_path), on_child=lambda record: lock.acquire())
+    assert cloudpickle.loads(cloudpickle.dumps(recorder)).on_child is None
