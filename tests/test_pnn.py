@@ -196,6 +196,56 @@ def test_every_layer_after_the_first_gets_one_adapter_of_the_reduced_width(net: 
                 assert new.node(f"{stem}_u").attrs[a] == graph.node(layer).attrs[a]
 
 
+def separable_net() -> NetGraph:
+    """conv -> depthwise conv -> pointwise conv, MobileNet style."""
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (3, 6, 6))
+    g.add("stem", "conv2d", ["x"], out_channels=8, kernel_size=3, padding=1)
+    g.add("r0", "relu", ["stem"])
+    g.add("dw", "conv2d", ["r0"], out_channels=8, kernel_size=3, padding=1, groups=8)
+    g.add("r1", "relu", ["dw"])
+    g.add("pw", "conv2d", ["r1"], out_channels=12, kernel_size=1)
+    g.add("r2", "relu", ["pw"])
+    g.add("gap", "adaptive_avgpool2d", ["r2"], output_size=1)
+    g.add("flat", "flatten", ["gap"])
+    g.add("features", "identity", ["flat"])
+    return with_heads(g, 3)
+
+
+def token_net() -> NetGraph:
+    """Linear layers over the last dim of (tokens, features) inputs, then a mean over tokens."""
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (5, 4))
+    g.add("embed", "linear", ["x"], out_features=6)
+    g.add("r0", "relu", ["embed"])
+    g.add("mix", "linear", ["r0"], out_features=8)
+    g.add("r1", "relu", ["mix"])
+    g.add("pool", "mean", ["r1"], dims=[0])
+    g.add("features", "identity", ["pool"])
+    return with_heads(g, 3)
+
+
+def test_depthwise_layers_get_no_adapter_and_token_layers_get_one_on_their_features() -> None:
+    graph = separable_net()
+    assert lateral_layers(graph, column_members(graph, 0)[0]) == ["pw"]
+    g = add_column(add_column(graph, ["t1"]).graph, ["t2"]).graph
+    shapes = g.shapes()
+    assert shapes["c2_pw_lat_cat"] == (16, 6, 6) and shapes["c2_pw_lat_v"] == (4, 6, 6)
+    tokens = token_net()
+    t = add_column(add_column(tokens, ["t1"]).graph, ["t2"]).graph
+    shapes = t.shapes()
+    assert lateral_layers(tokens, column_members(tokens, 0)[0]) == ["mix"]
+    assert shapes["c2_mix_lat_cat"] == (5, 12) and shapes["c2_mix_lat_v"] == (5, 3)
+    assert shapes["c2_mix_lat_u"] == shapes["mix"] == (5, 8)
+    for net, grown in ((graph, g), (tokens, t)):
+        x = x_for(net)
+        before, after = eval_outputs(net, x), eval_outputs(grown, x)
+        assert torch.equal(before["t0"], after["t0"])
+        assert torch.isfinite(after["t2"]).all()
+
+
 def test_lateral_adapters_compute_the_progressive_net_formula_by_hand() -> None:
     graph = mlp_net(3)
     g = add_column(add_column(graph, ["t1"], seed=1).graph, ["t2"], seed=2).graph

@@ -2,21 +2,24 @@
 
 Column 0 is the base trunk: every node the trunk's end node (`trunk`, "features" in the
 project's networks) reads, except the network input. `add_column` adds column k, a copy of
-that trunk with freshly initialised tensors (nodes `c<k>_<name>`), and gives every producer
-(linear or conv2d) of the copy that comes after the first layer a lateral adapter reading the
-same layer input in each earlier column j < k:
+that trunk with freshly initialised tensors (nodes `c<k>_<name>`), and gives every dense
+producer (linear, or conv2d with groups=1) of the copy that comes after the first layer a
+lateral adapter reading the same layer input in each earlier column j < k:
 
     h_i^(k) = f(W_i^(k) h_{i-1}^(k) + U_i^(k) f(V_i^(k) [alpha_j * h_{i-1}^(j)]_{j<k}))
 
 alpha_j: one `scale` node per earlier column (initialised small); V: a width-reducing
-projection (linear on vectors, 1x1 conv2d on feature maps) of the joined inputs; f: an
-activation; U: into the layer's output (linear, or conv2d with the layer's kernel, stride,
-padding and dilation, no bias); the sum replaces the layer's output in the column, before its
-BatchNorm and activation. Producers whose input has no producer before it (the first layer,
-or a layer reading the network input) get no adapter. Heads named in `heads` are moved onto
-the new column's end; every other head reads exactly what it read before, so old heads
-compute the same function. `freeze` marks nodes frozen (no gradient; BatchNorm and dropout
-as in eval mode), which is how earlier columns stay fixed while a later one trains.
+projection of the joined inputs (linear on the last dim for a linear layer, so vectors and
+tokens alike; 1x1 conv2d for a convolution); f: an activation; U: into the layer's output
+(linear, or conv2d with the layer's kernel, stride, padding and dilation; no bias); the sum
+replaces the layer's output in the column, before its BatchNorm and activation. Producers
+whose input has no producer before it (the first layer, or a layer reading the network input)
+get no adapter, and neither do grouped or depthwise convolutions (a dense U there would
+outweigh the layer many times over; the pointwise layer after them gets the lateral). Heads
+named in `heads` are moved onto the new column's end; every other head reads exactly what it
+read before, so old heads compute the same function. `freeze` marks nodes frozen (no
+gradient; every layer computes as in eval mode), which is how earlier columns stay fixed
+while a later one trains.
 """
 
 from __future__ import annotations
@@ -59,11 +62,14 @@ def column_count(graph: NetGraph, trunk: str = "features") -> int:
 
 
 def lateral_layers(graph: NetGraph, base: Sequence[str]) -> list[str]:
-    """The producers of `base` that get adapters: those whose input has a producer before it."""
+    """The producers of `base` that get adapters: dense ones (grouped and depthwise convolutions
+    get none: the pointwise layer that follows them does) whose input has a producer before
+    it."""
     members = set(base)
     out = []
     for n in base:
-        if graph.node(n).kind not in PRODUCERS:
+        node = graph.node(n)
+        if node.kind not in PRODUCERS or node.attrs.get("groups", 1) != 1:
             continue
         before = graph.ancestors(graph.inputs(n)) & members
         if any(graph.node(b).kind in PRODUCERS for b in before):
@@ -198,8 +204,9 @@ def _adapter(graph: NetGraph, out: NetGraph, k: int, layer: str, shapes: dict, r
     the sum that stands for the layer's output in column k last."""
     source = graph.inputs(layer)[0]
     shape = shapes[source]
-    width = max(1, math.ceil(shape[0] / reduction))
     spec = graph.node(layer)
+    dense = spec.kind == "linear"  # reads features on its last dim (vectors, tokens)
+    width = max(1, math.ceil(shape[-1 if dense else 0] / reduction))
     stem = f"{column_name(k, layer)}_{LATERAL}"
     names: list[str] = []
 
@@ -214,13 +221,13 @@ def _adapter(graph: NetGraph, out: NetGraph, k: int, layer: str, shapes: dict, r
 
     scaled = [add(f"a{j}", "scale", [column_value(out, j, source)], init=float(alpha))
               for j in range(k)]
-    joined = scaled[0] if k == 1 else add("cat", "concat", scaled)
-    if len(shape) == 1:
+    joined = scaled[0] if k == 1 else add("cat", "concat", scaled, dim=-1 if dense else 0)
+    if dense:
         v = add("v", "linear", [joined], out_features=width)
     else:
         v = add("v", "conv2d", [joined], out_channels=width, kernel_size=1)
     f = add("f", activation, [v])
-    if spec.kind == "linear":
+    if dense:
         u = add("u", "linear", [f], out_features=spec.attrs["out_features"], bias=False)
     else:
         u = add("u", "conv2d", [f], out_channels=spec.attrs["out_channels"], bias=False,
