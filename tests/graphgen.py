@@ -212,6 +212,56 @@ def multi_head_nets(draw: Draw) -> NetGraph:
     return randomize(g, draw(st.integers(0, 2**16)))
 
 
+@st.composite
+def modern_nets(draw: Draw) -> NetGraph:
+    """Blocks of today's architectures: inverted residuals (depthwise convs, SE gates, layer
+    scale), grouped bottlenecks, channels-last MLP blocks (ConvNeXt) and token MLPs."""
+    g = NetGraph()
+    src = _image_input(draw, g)
+    width = 2 * draw(st.integers(1, 2))
+    src = g.add("stem", "conv2d", [src], out_channels=width, kernel_size=3, padding=1)
+    src = g.add("stem_act", draw(st.sampled_from(["relu6", "hardswish", "relu"])), [src])
+    for b in range(draw(st.integers(1, 3))):
+        block = draw(st.sampled_from(["inverted", "grouped", "channels_last"]))
+        if block == "inverted":
+            h = _conv(draw, g, src, f"b{b}_expand", width=width * draw(st.integers(1, 3)))
+            h = g.add(f"b{b}_act", draw(st.sampled_from(["relu6", "silu", "hardswish"])), [h])
+            mid = g.shape(h)[0]
+            h = g.add(f"b{b}_dw", "conv2d", [h], out_channels=mid * draw(st.integers(1, 2)),
+                      kernel_size=3, padding=1, groups=mid)
+            if draw(st.booleans()):  # squeeze-and-excitation gate
+                pool = g.add(f"b{b}_pool", "adaptive_avgpool2d", [h], output_size=1)
+                s = g.add(f"b{b}_se1", "conv2d", [pool], out_channels=2, kernel_size=1)
+                s = g.add(f"b{b}_se_act", "relu", [s])
+                s = g.add(f"b{b}_se2", "conv2d", [s], out_channels=g.shape(h)[0], kernel_size=1)
+                s = g.add(f"b{b}_gate", draw(st.sampled_from(["sigmoid", "hardsigmoid"])), [s])
+                h = g.add(f"b{b}_se", "mul", [s, h])
+            h = _conv(draw, g, h, f"b{b}_project", width=width)
+        elif block == "grouped":
+            groups = draw(st.sampled_from([1, 2]))
+            h = _conv(draw, g, src, f"b{b}_reduce", width=groups * draw(st.integers(2, 3)))
+            h = g.add(f"b{b}_bn", "batchnorm2d", [h])
+            h = g.add(f"b{b}_act", "relu", [h])
+            h = g.add(f"b{b}_group", "conv2d", [h], out_channels=g.shape(h)[0], kernel_size=3,
+                      padding=1, groups=groups)
+            h = _conv(draw, g, g.add(f"b{b}_act2", "relu", [h]), f"b{b}_expand", width=width)
+        else:
+            h = g.add(f"b{b}_dw", "conv2d", [src], out_channels=width, kernel_size=3, padding=1,
+                      groups=width)
+            h = g.add(f"b{b}_last", "permute", [h], dims=[1, 2, 0])
+            h = g.add(f"b{b}_up", "linear", [h], out_features=draw(st.integers(1, 6)))
+            h = g.add(f"b{b}_gelu", "gelu", [h])
+            h = g.add(f"b{b}_down", "linear", [h], out_features=width)
+            h = g.add(f"b{b}_first", "permute", [h], dims=[2, 0, 1])
+            h = g.add(f"b{b}_scale", "scale", [h], shape=[width, 1, 1])
+        src = g.add(f"b{b}_add", "add", [h, src]) if draw(st.booleans()) else h
+        width = g.shape(src)[0]
+    if draw(st.booleans()):
+        src = g.add("mean", "mean", [src], dims=[1, 2])
+    _head(draw, g, src)
+    return randomize(g, draw(st.integers(0, 2**16)))
+
+
 def networks() -> st.SearchStrategy[NetGraph]:
     """Any of the shapes above."""
     return st.one_of(mlps(), cnns(), residual_nets(), concat_nets(), multi_head_nets())

@@ -8,7 +8,18 @@ import random
 
 import pytest
 import torch
-from graphgen import max_rel_error, outputs, randomize, single_thread  # noqa: F401 (fixture)
+from graphgen import (  # noqa: F401 (single_thread is a fixture)
+    assert_unchanged,
+    max_rel_error,
+    modern_nets,
+    outputs,
+    random_input,
+    randomize,
+    single_thread,
+    snapshot,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from growth.errors import OperatorError
 from growth.graph import NetGraph
@@ -393,3 +404,36 @@ def test_a_widening_over_the_limit_is_refused_until_allowed() -> None:
     result = net2wider(g, "c", 16, max_new_params=added)
     assert result.graph.param_count() - g.param_count() == added
     assert widening_cost(g, "c", 4) == -added // 2
+
+
+@settings(deadline=None, derandomize=True, max_examples=20,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(graph=modern_nets(), data=st.data())
+def test_random_modern_networks_keep_their_function_under_chains(graph: NetGraph,
+                                                                 data: st.DataObject) -> None:
+    """Widenings (whole groups where grouped convs read the channels), deepenings and prunings
+    of random depthwise / gated / grouped / channels-last networks: every step is pure, and the
+    exact ones keep the function."""
+    x = random_input(graph, batch=4, seed=1)
+    before, current = outputs(graph, x), graph
+    for _ in range(data.draw(st.integers(1, 6), label="steps")):
+        snap = snapshot(current)
+        wide = resizable(current)
+        if wide and data.draw(st.booleans(), label="widen"):
+            group = find_group(current, data.draw(st.sampled_from(wide), label="node"))
+            width = group.width + group.block * data.draw(st.integers(1, 2), label="blocks")
+            result = net2wider(current, group.node, width, seed=data.draw(st.integers(0, 9)))
+        else:
+            after = data.draw(st.sampled_from(deepenable(current)), label="after")
+            result = net2deeper(current, after, kernel_size=1)
+        assert_unchanged(current, snap)
+        result.graph.validate()
+        current = result.graph
+    assert max_rel_error(before, outputs(current, x)) <= TOL
+    wide = resizable(current)
+    if wide:  # pruning a block away leaves a valid, runnable network
+        group = find_group(current, data.draw(st.sampled_from(wide), label="prune node"))
+        if group.width > group.block:
+            pruned = prune_units(current, group.node, group.width - group.block).graph
+            pruned.validate()
+            assert outputs(pruned, x)[current.heads[0]].shape == before[graph.heads[0]].shape
