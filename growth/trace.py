@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import keyword
 import operator
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,7 @@ class _Failed:
 
 
 _FAILED = _Failed()
-_TORCH_DIR = str(Path(torch.__file__).parent)  # frames inside torch are not the model's code
+_TORCH_DIR = str(Path(torch.__file__).parent) + os.sep  # frames in torch are not the model's
 
 
 def import_module(module: nn.Module, input_shape: tuple[int, ...],

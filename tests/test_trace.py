@@ -422,3 +422,11 @@ def test_two_inputs_or_non_tensor_outputs_are_refused():
 def test_wrong_input_shape_is_a_shape_error_naming_the_node():
     with pytest.raises(ShapeError, match="'_0'"):
         import_module(nn.Sequential(nn.Linear(4, 4)), (5,))
+
+
+def test_a_library_models_failed_check_names_its_source_line():
+    vit = torchvision.models.VisionTransformer(32, 8, 1, 2, 8, 16, num_classes=3).eval()
+    with pytest.raises(ShapeError, match="input shape \\(3, 16, 16\\) fails the model's own "
+                       "check .*forward of VisionTransformer \\(vision_transformer.py:[0-9]+, "
+                       "in _process_input\\): Wrong image height! Expected 32"):
+        import_module(vit, (3, 16, 16))
