@@ -1,4 +1,5 @@
-"""Helpers for tests of run directories: a tiny config, file checksums, unwritable paths."""
+"""Helpers for tests of run directories and plug-ins: a tiny config, file checksums,
+unwritable paths, distributions installed the way pip lays them out."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+EXAMPLE_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin"
 
 TINY = {
     "name": "tiny",
@@ -68,3 +76,28 @@ def unwritable(path: Path) -> Iterator[None]:
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
+
+
+def install(site: Path, name: str, version: str, modules: dict[str, str],
+            entry_points: dict[str, dict[str, str]]) -> None:
+    """Lay out a distribution in `site` as pip does: its modules and a dist-info folder whose
+    entry_points.txt importlib.metadata reads."""
+    site.mkdir(exist_ok=True)
+    for module, text in modules.items():
+        (site / f"{module}.py").write_text(text)
+    dist = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = []
+    for group, entries in entry_points.items():
+        lines += [f"[{group}]", *(f"{k} = {v}" for k, v in entries.items()), ""]
+    (dist / "entry_points.txt").write_text("\n".join(lines))
+
+
+def install_example(site: Path) -> None:
+    """examples/plugin, from its own pyproject.toml (what the docs tell users to install)."""
+    project = tomllib.loads((EXAMPLE_PLUGIN / "pyproject.toml").read_text())
+    meta = project["project"]
+    modules = {m: (EXAMPLE_PLUGIN / f"{m}.py").read_text()
+               for m in project["tool"]["setuptools"]["py-modules"]}
+    install(site, meta["name"], meta["version"], modules, meta["entry-points"])

@@ -11,32 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from runfiles import write_config
+from runfiles import install, install_example, write_config
 
 from growth.cli import main
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugin"
-
-
-def install(site: Path, name: str, version: str, modules: dict[str, str],
-            entry_points: dict[str, dict[str, str]]) -> None:
-    """Lay out a distribution in `site` as pip does: its modules and a dist-info folder whose
-    entry_points.txt importlib.metadata reads."""
-    site.mkdir(exist_ok=True)
-    for module, text in modules.items():
-        (site / f"{module}.py").write_text(text)
-    dist = site / f"{name.replace('-', '_')}-{version}.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    lines = []
-    for group, entries in entry_points.items():
-        lines += [f"[{group}]", *(f"{k} = {v}" for k, v in entries.items()), ""]
-    (dist / "entry_points.txt").write_text("\n".join(lines))
 
 
 @pytest.fixture
@@ -49,15 +26,6 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for name in set(sys.modules) - before:  # forget the plug-in modules imported here
         if name.startswith(("growth_anchor", "fake_controllers")):
             del sys.modules[name]
-
-
-def install_example(site: Path) -> None:
-    """The example package, from its own pyproject.toml (what the docs tell users to run)."""
-    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
-    meta = project["project"]
-    modules = {m: (EXAMPLE / f"{m}.py").read_text()
-               for m in project["tool"]["setuptools"]["py-modules"]}
-    install(site, meta["name"], meta["version"], modules, meta["entry-points"])
 
 
 def test_plugin_strategy_is_unknown_until_installed(site: Path, tmp_path: Path,
