@@ -94,6 +94,7 @@ class Guard:
         self.keep = {n: ~t.to(params[n].device) for n, t in trainable.items()}
         self.scale = {n: t.to(params[n].device, params[n].dtype) for n, t in trainable.items()}
         self.values = {n: p.detach().clone() for n, p in self.params.items()}
+        self.frozen = {n: v * (1 - self.scale[n]) for n, v in self.values.items()}
 
     def mask_grads(self) -> None:
         for n, p in self.params.items():
@@ -101,9 +102,12 @@ class Guard:
                 p.grad.mul_(self.scale[n])
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, skip: set[str] | frozenset[str] = frozenset()) -> None:
+        """p * trainable + values * (1 - trainable): exact, and two passes (a `where` is
+        several times slower on the CPU)."""
         for n, p in self.params.items():
-            p.copy_(torch.where(self.keep[n], self.values[n], p))
+            if n not in skip:
+                p.mul_(self.scale[n]).add_(self.frozen[n])
 
 
 def decays(optimizer: torch.optim.Optimizer | None) -> bool:

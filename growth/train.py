@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from growth.data.augment import augment
 from growth.data.streaming import ImageFiles, is_lazy, loader_batches
 from growth.errors import DivergedError
-from growth.strategies.base import Context, Forward, Strategy
+from growth.strategies.base import Context, Strategy
 
 if TYPE_CHECKING:
     from growth.data import Task
@@ -142,20 +142,20 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
     gen = torch.Generator().manual_seed(seed)
     ctx.model.train()
     with ExitStack() as stack:
-        forward = (stack.enter_context(strategy.training(ctx)) if "training" in hooks
-                   else None)
+        if "training" in hooks:
+            stack.enter_context(strategy.training(ctx))
         if optimizer is None:
             if params is None:
                 params = [p for p in ctx.model.module.parameters() if p.requires_grad]
             optimizer = make_optimizer(params, cfg)
         ctx.optimizer = optimizer
-        return _epochs(ctx, strategy, cfg, sets, extra, gen, epochs, optimizer, forward,
+        return _epochs(ctx, strategy, cfg, sets, extra, gen, epochs, optimizer,
                        on_epoch, (use_loss, use_penalty, use_after_backward, use_after_step))
 
 
 def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set],
             extra: list[str], gen: torch.Generator, epochs: int | None,
-            optimizer: torch.optim.Optimizer, forward: Forward | None,
+            optimizer: torch.optim.Optimizer,
             on_epoch: Callable[[int, float], None] | None,
             use: tuple[bool, bool, bool, bool]) -> list[float]:
     use_loss, use_penalty, use_after_backward, use_after_step = use
@@ -165,7 +165,7 @@ def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set]
         total = torch.zeros((), device=ctx.device)
         n = 0
         for s, x, y in _batches(sets, cfg.batch_size, gen, ctx.device):
-            out = s.view(x) if forward is None else forward(s.view, x)
+            out = s.view(x)
             if s.multi:
                 ctx.outputs = out
                 logits = out[s.head]

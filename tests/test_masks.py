@@ -21,7 +21,6 @@ from growth.errors import ConfigError
 from growth.masks import prune_smallest
 from growth.metrics import index_bits
 from growth.strategies import Context, make_strategy
-from growth.strategies.cpg import binarise
 
 BASE: dict[str, Any] = {
     "seed": 1, "threads": 1,
@@ -200,11 +199,16 @@ def test_resume_after_a_real_kill_gives_the_same_r_matrix(key: str, tmp_path: Pa
     assert resumed["R"] == full["R"]
 
 
+@pytest.mark.parametrize("key", ["packnet", "cpg"])
 @pytest.mark.parametrize("decay", [0.0, 0.01])
-def test_no_step_moves_a_weight_the_task_does_not_own(decay: float, tmp_path: Path) -> None:
+def test_no_step_moves_a_weight_the_task_does_not_own(key: str, decay: float,
+                                                      tmp_path: Path) -> None:
     """Not only at the end of a fit: after every single step (the task trains against the
-    exact weights earlier tasks own), with momentum and with or without weight decay."""
-    cfg = config(STRATEGIES["packnet"], data__n_tasks=2, train__weight_decay=decay)
+    exact weights earlier tasks own; CPG: times its current binarised picks), with momentum
+    and with or without weight decay."""
+    from growth.strategies.cpg import PICK_THRESHOLD
+
+    cfg = config(STRATEGIES[key], data__n_tasks=2, train__weight_decay=decay)
     campaign = Campaign(validate_config(cfg), tmp_path / "run")
     s = campaign.strategy
     frozen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -218,6 +222,9 @@ def test_no_step_moves_a_weight_the_task_does_not_own(decay: float, tmp_path: Pa
             for n, t in s._trainable.items():
                 frozen[n] = (~t, s._guard.values[n])
         for n, (keep, values) in frozen.items():
+            pick = getattr(s, "_picks", {}).get(n)
+            if pick is not None:  # CPG: the old weights it picks, zero where it does not
+                values = values * ((pick.detach() > PICK_THRESHOLD) & (values != 0))
             assert torch.equal(params[n].detach()[keep], values[keep]), n
         steps.append(1)
 
@@ -316,12 +323,48 @@ def test_cpg_evaluates_a_task_with_its_own_and_picked_weights(tmp_path: Path) ->
                                         + -(-int((owner == 1).sum()) // 8))
 
 
-def test_binarise_is_a_threshold_with_a_straight_through_gradient() -> None:
-    pick = torch.tensor([0.01, 0.004, 0.0051, -0.2], requires_grad=True)
-    out = binarise(pick)
-    assert out.tolist() == [1.0, 0.0, 1.0, 0.0]
-    (out * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
-    assert pick.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+def test_cpg_trains_through_its_effective_weights_with_straight_through_picks() -> None:
+    """Inside a fit the masked weights are W * own + W_old * [pick > 5e-3]; a pick's gradient
+    is the effective weight's gradient times the old weight; the values come back exactly."""
+    from growth.graph import NetGraph
+    from growth.model import Model
+    from growth.strategies.cpg import PICK_THRESHOLD
+
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (6,))
+    g.add("fc1", "linear", ["x"], out_features=5)
+    g.add("r1", "relu", ["fc1"])
+    for h in ("a", "b"):
+        g.add(f"head_{h}", "linear", ["r1"], out_features=3)
+        g.add_output(h, f"head_{h}")
+    model = Model(g)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    task = __import__("growth.data.containers", fromlist=["Task"]).Task(
+        1, "t1", (x, y), (x, y), (x, y), [0, 1, 2], 3, 0, (6,))
+    ctx = Context(model, task, [], lambda t: "b", lambda t, y: y, torch.device("cpu"))
+    s = make_strategy("cpg", {})
+    owned = torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
+    s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
+    s.before_task(ctx)
+    with torch.no_grad():
+        s._picks["fc1.weight"][0] = 0.001  # row 0: below the threshold, not picked
+    w = model.module.fc1.weight
+    true = w.detach().clone()
+    picked = owned & (s._picks["fc1.weight"] > PICK_THRESHOLD)
+    with s.training(ctx):
+        assert torch.equal(w.detach(), torch.where(owned, true * picked, true))
+        eff = w.detach().clone().requires_grad_(True)
+        out = torch.func.functional_call(model.head("b"), {"fc1.weight": eff}, (x,))
+        torch.nn.functional.cross_entropy(out, y).backward()
+        torch.nn.functional.cross_entropy(model.head("b")(x), y).backward()
+        s.after_backward(ctx)
+        torch.testing.assert_close(s._picks["fc1.weight"].grad, eff.grad * true * owned)
+        assert torch.equal(w.grad, eff.grad * ~owned)
+        with torch.no_grad():
+            w.add_(1.0)  # whatever a step does to the entries the task does not own
+    assert torch.equal(w.detach()[owned], true[owned])
 
 
 def test_cpg_settings_are_validated() -> None:

@@ -9,9 +9,8 @@ Hooks, in the order the loop calls them:
   extra_heads(ctx) -> list[str]    heads to compute in the same forward pass as the task's
                                    own (LwF: the old heads); they reach `penalty` as
                                    ctx.outputs, a dict head -> logits
-  training(ctx)                    a context manager around each fit, yielding None or the
-                                   forward function (view, x) -> outputs it trains through
-                                   (masked or picked effective weights, frozen BatchNorm)
+  training(ctx)                    a context manager around each fit: set-up and tear-down
+                                   (frozen BatchNorm, masked weights written in and restored)
   loss(ctx, x, y, logits)          the batch's loss in place of cross-entropy (a method's own
                                    loss)
   penalty(ctx, x, y, logits)       extra loss terms for a batch (regularisers, distillation,
@@ -63,8 +62,6 @@ if TYPE_CHECKING:
 HOOKS = ("before_task", "training", "loss", "penalty", "after_backward", "after_step",
          "after_task", "evaluation")
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # inputs -> class scores (argmax = prediction)
-# (view, inputs) -> the view's outputs: how a strategy runs the training forward pass
-Forward = Callable[[torch.nn.Module, torch.Tensor], Any]
 
 
 class StrategyParams(BaseModel):
@@ -172,13 +169,12 @@ class Strategy:
         """Called after the task's last epoch, before evaluation."""
 
     @contextmanager
-    def training(self, ctx: Context) -> Iterator[Forward | None]:
+    def training(self, ctx: Context) -> Iterator[None]:
         """Wraps one fit (entered after the model is put in training mode, before the
         optimizer is built): set-up and tear-down around the whole fit (BatchNorm in eval mode,
-        parameters frozen, masked weights restored), yielding None (the loop calls the view)
-        or a function (view, x) -> outputs that runs the training forward pass instead
-        (effective weights through torch.func.functional_call). Only called when overridden."""
-        yield None
+        parameters frozen, effective weights written into the parameters and the true values
+        restored afterwards). Only called when overridden."""
+        yield
 
     @contextmanager
     def evaluation(self, ctx: Context, task: Task) -> Iterator[Scorer]:

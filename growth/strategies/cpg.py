@@ -30,15 +30,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
-from torch.func import functional_call
 
 from growth.compile import compile_graph
-from growth.masks import Guard, smallest, swapped
+from growth.masks import Guard, decays, smallest, swapped
 from growth.metrics import Stored
 from growth.ops import net2wider, prune_units, resizable
 from growth.regularizers import stored
 from growth.remap import MASK, remap
-from growth.strategies.base import Context, Forward, Scorer, state_key
+from growth.strategies.base import Context, Scorer, state_key
 from growth.strategies.packnet import OWNER, SHARED, PackNet, PackNetParams
 from growth.strategies.spec import TensorSpec
 
@@ -78,12 +77,6 @@ class CPGParams(PackNetParams):
         return v
 
 
-def binarise(pick: Tensor) -> Tensor:
-    """1 where pick > 5e-3, else 0, with the gradient of the identity (straight-through)."""
-    hard = (pick > PICK_THRESHOLD).to(pick.dtype)
-    return pick + (hard - pick).detach()
-
-
 class CPG(PackNet):
     name = "cpg"
     description = "compacting, picking, growing: PackNet plus learned picks of old weights " \
@@ -97,6 +90,8 @@ class CPG(PackNet):
         self._picks: dict[str, Tensor] = {}
         self._pick_opt: torch.optim.Optimizer | None = None
         self._active: int | None = None
+        self._old: dict[str, Tensor] = {}
+        self._buffer: dict[str, Tensor] = {}
 
     # ---- task set-up -----------------------------------------------------------------------
     def before_task(self, ctx: Context) -> None:
@@ -140,34 +135,44 @@ class CPG(PackNet):
 
     # ---- training --------------------------------------------------------------------------
     @contextmanager
-    def training(self, ctx: Context) -> Iterator[Forward | None]:
+    def training(self, ctx: Context) -> Iterator[None]:
+        """During a fit the masked parameters hold task t's effective weights: their own
+        entries train as usual, the others hold W_old * binarise(pick) (rewritten after every
+        step), so the loop runs the plain network; the true values come back at the end."""
         with ExitStack() as stack:
             stack.enter_context(self._shared_frozen(ctx))
             guard = self._guard = Guard(ctx.model.named_parameters(), self._trainable)
             stack.callback(guard.restore)
             owners = self.owners(ctx.model)
-            old = {n: guard.values[n] * (owners[n] > 0).to(guard.values[n])
-                   for n in self._picks}
-            own = {n: t.to(ctx.device, guard.values[n].dtype)
-                   for n, t in self._trainable.items()}
+            self._old = {n: guard.values[n] * (owners[n] > 0).to(guard.values[n])
+                         for n in self._picks}
+            self._buffer = {n: torch.empty_like(v) for n, v in self._old.items()}
+            self._write_picked()
+            yield
 
-            def forward(view: torch.nn.Module, x: Tensor) -> Any:
-                params = dict(view.named_parameters())
-                eff = {n: params[n] * own[n] for n in own if n in params}
-                for n, pick in self._picks.items():
-                    if n in eff:
-                        eff[n] = eff[n] + old[n] * binarise(pick)
-                return functional_call(view, eff, (x,), strict=False)
-
-            yield forward
+    @torch.no_grad()
+    def _write_picked(self) -> None:
+        """Entries the task does not own <- old weight * [pick > 5e-3] (own entries kept)."""
+        guard = self._guard
+        for n, pick in self._picks.items():
+            picked = torch.mul(self._old[n], pick > PICK_THRESHOLD, out=self._buffer[n])
+            guard.params[n].mul_(guard.scale[n]).add_(picked)
 
     def after_backward(self, ctx: Context) -> None:
-        """The forward pass already masks the weights; nothing to edit."""
+        """The gradient at a picked entry is the gradient of its effective weight times the old
+        weight (straight-through: d binarise(pick) / d pick = 1); only own entries train."""
+        guard = self._guard
+        for n, pick in self._picks.items():
+            g = guard.params[n].grad
+            pick.grad = None if g is None else g * self._old[n]
+        guard.mask_grads()
 
     def after_step(self, ctx: Context) -> None:
         if self._pick_opt is not None:
             self._pick_opt.step()
-            self._pick_opt.zero_grad(set_to_none=True)
+        self._write_picked()
+        if decays(ctx.optimizer):  # entries without picks: released (zero) weights
+            self._guard.restore(skip=set(self._picks))
 
     # ---- after training: grow, then compact ------------------------------------------------
     def after_task(self, ctx: Context) -> None:

@@ -38,7 +38,7 @@ from growth.masks import (
 from growth.metrics import Stored, index_bits
 from growth.regularizers import stored
 from growth.remap import MASK, WEIGHT
-from growth.strategies.base import Context, Forward, Scorer, Strategy, StrategyParams, state_key
+from growth.strategies.base import Context, Scorer, Strategy, StrategyParams, state_key
 from growth.strategies.spec import TensorSpec
 
 if TYPE_CHECKING:
@@ -112,12 +112,12 @@ class PackNet(Strategy):
         self._trainable = {n: o == 0 for n, o in self.owners(ctx.model).items()}
 
     @contextmanager
-    def training(self, ctx: Context) -> Iterator[Forward | None]:
+    def training(self, ctx: Context) -> Iterator[None]:
         with ExitStack() as stack:
             stack.enter_context(self._shared_frozen(ctx))
             guard = self._guard = Guard(ctx.model.named_parameters(), self._trainable)
             stack.callback(guard.restore)
-            yield None
+            yield
 
     @contextmanager
     def _shared_frozen(self, ctx: Context) -> Iterator[None]:
