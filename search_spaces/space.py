@@ -34,6 +34,7 @@ from growth.ops import (
     deepenable,
     deepening_cost,
     feature_axes,
+    find_group,
     get_operator,
     resizable,
     widening_cost,
@@ -194,7 +195,8 @@ class SearchSpace:
             kind = "conv" if node.kind == "conv2d" else "fc"
             k = node.attrs.get("kernel_size") if kind == "conv" else None
             k = k if isinstance(k, int) or k is None else (k[0] if k[0] == k[1] else -1)
-            out.append(Layer(name, kind, shapes[name][0], k, block, position,
+            width = node.attrs["out_channels" if kind == "conv" else "out_features"]
+            out.append(Layer(name, kind, width, k, block, position,
                              _unit_end(graph, name)))
             position += 1
         return out
@@ -243,11 +245,16 @@ class SearchSpace:
         if layer.kind == "pool" or layer.node not in (self.widenable(graph) if widenable is None
                                                       else widenable):
             return None
-        width = self.next_width(layer, graph.shape(layer.node)[0])
+        group = find_group(graph, layer.node)
+        width = self.next_width(layer, group.width)
         if width is None:
             return None
+        # grouped convolutions change channels in whole blocks: round up to the next block
+        width = group.width + -(-(width - group.width) // group.block) * group.block
+        if width > self.widths_of(layer)[-1]:
+            return None
         action: Action = {"op": "net2wider", "node": layer.node, "width": width, "seed": seed}
-        return action if self.fits(graph, widening_cost(graph, layer.node, width)) else None
+        return action if self.fits(graph, widening_cost(graph, layer.node, width, group)) else None
 
     def fits(self, graph: NetGraph, added: int) -> bool:
         """May one operator call add `added` parameters to `graph`? (The operators' size guard

@@ -84,6 +84,13 @@ CONTROLLER = textwrap.dedent('''
             return super().propose(parent, min(n, 1))
 
     NOT_A_CONTROLLER = object()
+
+    class Forgetful:  # no cache: the search driver asks every controller what it knows
+        name = "forgetful"
+        def propose(self, parent, n): return []
+        def observe(self, results): pass
+        def state_dict(self): return {}, {}
+        def load_state_dict(self, tensors, extra): pass
 ''')
 
 
@@ -94,9 +101,13 @@ def test_controller_plugin_is_made_by_name(site: Path) -> None:
 
     install(site, "fake-controllers", "1.0", {"fake_controllers": CONTROLLER},
             {"growth.controllers": {"shy": "fake_controllers:Shy",
-                                    "broken": "fake_controllers:NOT_A_CONTROLLER"}})
-    with pytest.warns(RuntimeWarning, match="'broken'"):
-        assert {"eas", "random", "shy"} <= set(available_controllers())
+                                    "broken": "fake_controllers:NOT_A_CONTROLLER",
+                                    "forgetful": "fake_controllers:Forgetful"}})
+    with pytest.warns(RuntimeWarning) as caught:
+        found = set(available_controllers())
+    assert {"eas", "random", "shy"} <= found and "forgetful" not in found
+    text = " ".join(str(w.message) for w in caught)
+    assert "'broken'" in text and "'forgetful'" in text and "known" in text
     graph = add_head(mlp((6,), [5, 7]), "t0", 3)
     space = make_space({"widths": {"fc": [8, 12]}}, graph)
     with pytest.warns(RuntimeWarning):

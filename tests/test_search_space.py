@@ -336,3 +336,50 @@ def test_benchmark_networks_have_a_search_space(name: str) -> None:
     assert space.deeper_options(g)
     with pytest.raises(GraphError, match="unknown benchmark network 'vgg'"):
         benchmark_network("vgg")
+
+
+# ---- grouped convolutions and token layers ------------------------------------------------------
+def _grouped() -> NetGraph:
+    """c1 (6 ch) -> grouped conv g (groups 3: channels of c1 change in blocks of 2) -> pool."""
+    g = NetGraph()
+    g.add_input("x", (2, 6, 6))
+    g.add("c1", "conv2d", ["x"], out_channels=6, kernel_size=3, padding=1)
+    g.add("r1", "relu", ["c1"])
+    g.add("g", "conv2d", ["r1"], out_channels=6, kernel_size=3, padding=1, groups=3)
+    g.add("r2", "relu", ["g"])
+    g.add("gap", "adaptive_avgpool2d", ["r2"], output_size=1)
+    g.add("features", "flatten", ["gap"])
+    return randomize(add_head(g, "t0", 3), 0)
+
+
+def test_widening_through_a_grouped_conv_rounds_up_to_whole_groups_and_keeps_the_function() -> None:
+    g = _grouped()
+    space = SearchSpace({"widths": {"conv": [6, 7, 12], "fc": [16]}})
+    layers = {x.node: x for x in space.layers(g)}
+    action = space.wider_option(g, layers["c1"])
+    assert action["width"] == 8  # next width 7 is off the 2-channel blocks: 6 + 1 block
+    child, _ = space.apply(g, [action])
+    assert child.node("g").attrs["groups"] == 4
+    x = torch.randn(5, 2, 6, 6)
+    assert max_rel_error(outputs(g, x), outputs(child, x)) < 1e-5
+    capped = SearchSpace({"widths": {"conv": [6, 7], "fc": [16]}})
+    assert capped.wider_option(g, layers["c1"]) is None  # rounding would pass the list's end
+
+
+def test_linear_layers_on_tokens_are_sized_by_their_units_not_their_token_count() -> None:
+    g = NetGraph()
+    g.add_input("x", (5, 4))  # 5 tokens of 4 features
+    g.add("fc1", "linear", ["x"], out_features=6)
+    g.add("a1", "relu", ["fc1"])
+    g.add("fc2", "linear", ["a1"], out_features=4)
+    g.add("flat", "flatten", ["fc2"])
+    g.add("features", "identity", ["flat"])
+    g = randomize(add_head(g, "t0", 3), 0)
+    space = SearchSpace({"widths": {"conv": [8], "fc": [6, 8, 16]}})
+    layers = {x.node: x for x in space.layers(g)}
+    assert layers["fc1"].width == 6
+    action = space.wider_option(g, layers["fc1"])
+    assert action["width"] == 8
+    child, _ = space.apply(g, [action])
+    x = torch.randn(3, 5, 4)
+    assert max_rel_error(outputs(g, x), outputs(child, x)) < 1e-5
