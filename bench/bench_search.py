@@ -6,10 +6,11 @@ On digits (all ten classes as one task) with a small CNN base trained first, chi
 proposed by the random controller over a Net2Net space.
 
 - tune_overhead: wall time of `--children` children trained as Tune trials one at a time
-  (`run_search`, concurrency 1; Ray already started, each experiment's own start-up counted)
-  over the same children (same actions, same seeds) trained in-process one after the other
-  with the trial's own body (`controllers.trial.train_child`). Children are sized to train
-  for about `--child-seconds` each. Target <= 1.2 for children of about 10 s.
+  (`run_search`, concurrency 1; Ray already started, the experiment's start-up and its trial
+  process's warm-up counted) over the same children (same actions, same seeds) trained
+  in-process one after the other with the trial's own body (`controllers.trial.train_child`),
+  timed before and after the Tune run (their mean). Children are sized to train for about
+  `--child-seconds` each. Target <= 1.2 for children of about 10 s.
 - parallel_speedup: 2 children as 2 trials at once on 2 CPUs over the same 2 one after the
   other (both through `run_search`). Target >= 1.6.
 - inherit_speedup: optimisation steps a randomly initialised child needs to reach its
@@ -46,7 +47,7 @@ from search_spaces import make_space
 from search_spaces.networks import add_head, small_cnn
 
 SPACE = {"widths": {"conv": [16, 24, 32, 48], "fc": [64, 96, 128]}, "kernel_sizes": [3]}
-CONTROLLER = {"wider_actions": 1, "deeper_actions": 1}
+CONTROLLER = {"wider_actions": 2, "deeper_actions": 1}
 
 
 def context(graph: NetGraph, task: Task) -> Context:
@@ -73,6 +74,17 @@ def child_configs(space, parent: Path, n: int, seed: int, train: TrainConfig) ->
                                       "attempt": 0}), seed=seed)
     searcher.advance()
     return [searcher.trial_config(i) for i in searcher.to_train]
+
+
+def distinct_seed(space, parent: Path, n: int, start: int) -> int:
+    """The first controller seed from `start` whose n children are n distinct architectures
+    (so every child is trained, none answered from the cache)."""
+    graph = NetGraph.load(parent)
+    for seed in range(start, start + 100):
+        c = make_controller("random", space, CONTROLLER, seed=seed)
+        if len({p.arch for p in c.propose(graph, n)}) == n:
+            return seed
+    raise SystemExit(f"no seed in {start}..{start + 99} gives {n} distinct children")
 
 
 def in_process(configs: list[dict], task: Task, space, tmp: Path) -> float:
@@ -144,17 +156,20 @@ def main() -> None:
 
         with ray_cluster(num_cpus=2) as cluster:
             print(f"ray: {cluster.nodes} node(s), {cluster.cpus:.0f} CPUs")
-            configs = child_configs(space, tmp / "base", args.children, args.seed, train)
-            inproc = in_process(configs, task, space, tmp)
+            seed = distinct_seed(space, tmp / "base", args.children, args.seed)
+            configs = child_configs(space, tmp / "base", args.children, seed, train)
+            before = in_process(configs, task, space, tmp)
             tune_wall, records = through_tune(tmp, "seq", tmp / "base", base_acc, space, task,
-                                              args.children, args.seed, train, 1)
+                                              args.children, seed, train, 1)
+            after = in_process(configs, task, space, tmp)  # before and after: load drifts
             assert sorted(r.arch for r in records) == sorted(c["arch"] for c in configs)
+            inproc = (before + after) / 2
             overhead = tune_wall / inproc
-            print(f"{len(configs)} children in-process {inproc:.1f}s, as Tune trials one at a "
-                  f"time {tune_wall:.1f}s (trial bodies "
+            print(f"{len(configs)} children in-process {before:.1f}s / {after:.1f}s (before / "
+                  f"after), as Tune trials one at a time {tune_wall:.1f}s (trial bodies "
                   f"{sum(r.end - r.start for r in records):.1f}s)")
 
-            two = args.seed + 1
+            two = distinct_seed(space, tmp / "base", 2, seed + 1)
             one_by_one, _ = through_tune(tmp, "one", tmp / "base", base_acc, space, task, 2,
                                          two, train, 1)
             together, recs = through_tune(tmp, "two", tmp / "base", base_acc, space, task, 2,

@@ -117,8 +117,9 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None,
 def driver_task_options() -> dict[str, Any]:
     """Ray task options for a process that drives searches (a campaign run as a Ray task).
 
-    A driver holds no CPU: its search trials claim the cluster's CPUs by their own resources,
-    so several campaigns running at once on one cluster cannot starve their own trials (a
-    driver holding a CPU while waiting for trials that need it is how such runs deadlock).
+    A driver mostly waits for its trials, which claim CPUs by their own resources; it holds
+    no CPU itself, so several campaigns running at once on one cluster leave every CPU to
+    their trials instead of to waiting drivers (tests/test_search_tune.py runs two searches
+    from Ray tasks at once on two CPUs).
     """
     return {"num_cpus": 0}

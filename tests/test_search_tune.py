@@ -135,6 +135,37 @@ def test_failed_children_are_recorded_and_the_search_goes_on(digits_search) -> N
     assert any(r.ok and r.generation == 1 for r in result.records)
 
 
+def test_searches_driven_from_ray_tasks_share_the_cluster_without_deadlock(
+        tmp_path: Path) -> None:
+    """Two searches driven from Ray tasks at once on the session's 2 CPUs, as campaigns run
+    in parallel on a cluster: run_search inside a task uses the task's own connection, the
+    drivers hold no CPU (driver_task_options), the trials of both share the CPUs, and both
+    searches finish."""
+    import ray
+
+    from growth.cluster import driver_task_options
+
+    task = digits_task()
+    base, acc = trained_base(task, tmp_path / "base")
+    space = small_space(base)
+
+    @ray.remote(**driver_task_options())
+    def drive(i: int, task: Any, space: Any) -> list[str]:
+        from controllers import make_controller
+        from controllers.driver import Budget, Resources, run_search
+        from controllers.trial import TrialSpec
+
+        controller = make_controller("random", space, {"wider_actions": 1,
+                                                       "deeper_actions": 1}, seed=i)
+        result = run_search(tmp_path / f"run{i}", tmp_path / "base", controller, space, task,
+                            TrialSpec(train=CHILD_TRAIN), Budget(children=2, generations=1),
+                            Resources(concurrency=1, max_failures=0), parent_acc=acc)
+        return [r.key for r in result.records if r.ok]
+
+    done = ray.get([drive.remote(i, task, space) for i in range(2)], timeout=300)
+    assert all(done), done
+
+
 def _cli(*args: str, ray_address: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "growth.cli", *args, "--ray-address",
