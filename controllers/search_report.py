@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from controllers.records import RECORDS, ChildRecord, leaderboard, read_records
 from growth.errors import ReportError
@@ -110,6 +111,7 @@ def _plot(data: list[tuple[Path, dict[str, Any], list[ChildRecord]]], path: Path
     ax_best.set(xlabel="generation (-1: base network)", ylabel="best validation accuracy",
                 title="best so far per generation")
     for ax in (ax_trials, ax_best):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
