@@ -325,9 +325,22 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
     search = SearchDir(directory, storage, name)
     search.root.mkdir(parents=True, exist_ok=True)
     state = _begin(search, Path(parent), controller, seed, parent_acc, policy)
-    with ray_cluster(ray_address, log_file=log_file):
+    with ray_cluster(ray_address, log_file=log_file) as cluster:
+        _check_fits(resources, cluster)
         return _Driver(search, state, controller, space, task, spec, budget, resources,
                        progress).run()
+
+
+def _check_fits(resources: Resources, cluster: Any) -> None:
+    """A trial that no node of a local Ray can hold would wait forever: say so instead (a
+    joined cluster may grow, so its trials are left to wait for nodes)."""
+    if not cluster.started:
+        return
+    for what, need, have in (("cpus_per_trial", resources.cpus_per_trial, cluster.cpus),
+                             ("gpus_per_trial", resources.gpus_per_trial, cluster.gpus)):
+        if need > have:
+            raise ConfigError(f"search.{what}: {need:g}, but the local Ray has {have:g}; "
+                              f"lower it, or join a cluster that has them (--ray-address)")
 
 
 def _begin(search: SearchDir, parent: Path, controller: Any, seed: int,

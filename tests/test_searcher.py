@@ -253,3 +253,16 @@ def test_live_hooks_stay_out_of_what_tune_pickles(setup, tmp_path: Path) -> None
     assert clone.source is None and clone.running == {"a": 0}
     recorder = Recorder(SearchDir(tmp_path), on_child=lambda record: lock.acquire())
     assert cloudpickle.loads(cloudpickle.dumps(recorder)).on_child is None
+
+
+def test_a_trial_no_local_node_can_hold_is_refused(setup, tmp_path: Path) -> None:
+    from controllers.driver import Resources, _check_fits
+    from growth.cluster import ClusterInfo
+
+    local = ClusterInfo("127.0.0.1:1", True, 1, 2.0, 0.0)
+    _check_fits(Resources(cpus_per_trial=2), local)
+    with pytest.raises(ConfigError, match="gpus_per_trial: 1, but the local Ray has 0"):
+        _check_fits(Resources(gpus_per_trial=1), local)
+    with pytest.raises(ConfigError, match="cpus_per_trial: 3"):
+        _check_fits(Resources(cpus_per_trial=3), local)
+    _check_fits(Resources(gpus_per_trial=1), ClusterInfo("10.0.0.1:6379", False, 1, 2.0, 0.0))
