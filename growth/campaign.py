@@ -11,6 +11,8 @@ Run directory (growth.rundir: lock, run id, paths; growth.checkpoint: checkpoint
                          and rebuilt from the latest checkpoint on resume when behind)
   checkpoints/task_NNN/  graph, strategy state, campaign state and a manifest of SHA-256
                          sums; everything is checked before a resume trusts it
+  work/task_NNN/         a strategy's own artefacts for a task (REC: its architecture search,
+                         which resumes from there); the strategy gets the folder, not the layout
 
 A run or resume holds the directory's lock from before its first write to its exit; a resume
 checks the run id, the newest checkpoint and the config before it changes anything, so a
@@ -63,6 +65,7 @@ from growth.strategies import Context, Strategy, make_strategy
 from growth.train import evaluate, learn_task
 
 log = logging.getLogger("growth.campaign")
+WORK = "work"  # RUNDIR/work/task_NNN: Context.workdir of each task
 __all__ = ["Campaign", "CampaignState", "Progress", "latest_checkpoint", "resume_run",
            "run_config", "run_config_of"]
 
@@ -245,8 +248,10 @@ class Campaign:
         self.epoch_log = EpochLog(self.run_dir, self.cfg.train.epochs, self.cfg.tensorboard,
                                   self.state.finished)
         try:
-            for i in range(self.state.finished, len(self.tasks)):
-                self._learn(i)
+            if self.state.finished < len(self.tasks):
+                with self.strategy.session(self.run_dir / WORK):
+                    for i in range(self.state.finished, len(self.tasks)):
+                        self._learn(i)
         finally:
             self.epoch_log.close()
         metrics = self.metrics()
@@ -256,7 +261,8 @@ class Campaign:
     def _ctx(self, task: Task) -> Context:
         seen = [t for t in self.tasks if t.index < task.index]
         return Context(self.model, task, seen, self.head_of, self.label_of, self.device,
-                       seed=task_seed(self.cfg.seed, task.index))
+                       seed=task_seed(self.cfg.seed, task.index),
+                       workdir=self.run_dir / WORK / f"task_{task.index:03d}")
 
     def _learn(self, i: int) -> None:
         task = self.tasks[i]
@@ -323,8 +329,13 @@ class Campaign:
         run = {"name": self.cfg.name, "strategy": self.cfg.strategy.name, "seed": self.cfg.seed,
                "stream": self.cfg.data.stream, "dataset": self.cfg.data.dataset,
                "scenario": self.cfg.scenario}
-        return make_metrics(run, [t.name for t in self.tasks], self.state.R, self.state.sizes,
-                            self.state.wall_time_s, config=self.state.config)
+        report = self.strategy.run_report()
+        metrics = make_metrics(run, [t.name for t in self.tasks], self.state.R,
+                               self.state.sizes, self.state.wall_time_s,
+                               search=report.get("search"), config=self.state.config)
+        if report.get("details"):
+            metrics["details"] = report["details"]
+        return metrics
 
     def _check_same_config(self, ckpt: Checkpoint) -> None:
         now = self._resolved().to_dict()

@@ -1,4 +1,5 @@
-"""The `growth` command: run | search | resume | report | compress | strategies | ops | demo.
+"""The `growth` command: run | search | resume | report | compare | compress | strategies | ops |
+demo.
 
 User mistakes (a config typo, a corrupt checkpoint, a missing run) print one line naming the
 file and key and exit with status 2, without a traceback.
@@ -90,6 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     slst = strat_sub.add_parser("list", help="every strategy, built-in or plug-in, with its "
                                 "settings and their defaults")
     slst.set_defaults(func=_strategies_list)
+
+    cmp_ = sub.add_parser("compare", help="run several strategies over one stream and "
+                          "several seeds in parallel (on Ray) and tabulate them")
+    cmp_.add_argument("config", help="a comparison config (base config, seeds, strategies), "
+                      "e.g. experiments/compare/permuted_digits.yaml")
+    cmp_.add_argument("--out", help="folder of the runs, the table and the plots (default: "
+                      "runs/<name>)")
+    cmp_.add_argument("--ray-address", help="join this Ray cluster (host:port) instead of "
+                      "starting a local one")
+    cmp_.set_defaults(func=_compare)
 
     comp = sub.add_parser("compress", help="compress a saved network to a size budget and "
                           "distil it on a dataset")
@@ -281,6 +292,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from growth.compare import load_compare, run_compare
+
+    load_compare(args.config)  # every run's config is checked before Ray starts
+    folder = run_compare(args.config, args.out, args.ray_address)
+    print((folder / "compare.md").read_text())
+    print(f"table, CSV and plots: {folder}")
+    return 0
+
+
 def _compress(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -337,8 +358,12 @@ def _strategies_list(args: argparse.Namespace) -> int:
 def _yaml_scalar(value: Any) -> str:
     """A default as it would be written in a config (null, true, 0.5, separate)."""
     import yaml
+    from pydantic import BaseModel
 
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    if isinstance(value, BaseModel):  # a section of settings (REC's search, compress)
+        value = value.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip() \
+        .removesuffix("...").strip()
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -8,10 +8,11 @@ Two steps, one function (`compress`), the same for REC and for `growth compress`
    base (Net2Deeper's insertions) are first cut to their input's width, keeping the units that
    their (near-identity) weights tie to the kept inputs, then dropped with `remove_layer`. The
    trunk's parameter count ends at or under the budget.
-2. Distil: the one training loop (`growth.train.fit`) trains the student on a task's data with
+2. Distil (`distill`): the one training loop (`growth.train.fit`, with the hooks of
+   `growth.strategies.distillation.Distillation`) trains the student on a task's data with
    cross-entropy on the task plus, per head (the task's and every old head, old heads' outputs
-   on new data as in LwF), KL at temperature T to the teacher (the expanded network, frozen),
-   plus an optional penalty (REC passes MWC's).
+   on new data as in LwF), KL at temperature T to the teacher (the expanded network, frozen;
+   optionally another network for the old heads), plus an optional penalty (REC passes MWC's).
 
 Unit importance (config `importance`): "magnitude" = L1 norm of each unit's incoming weights
 over the group's producers; "fisher" = the diagonal Fisher of the unit's own parameters
@@ -43,14 +44,14 @@ from growth.ops.channels import PRODUCERS, ChannelGroup, find_group
 from growth.ops.prune_units import prune_units
 from growth.ops.registry import ChangeRecord
 from growth.ops.remove_layer import remove_layer
-from growth.regularizers import kd_loss, task_fisher
-from growth.strategies.base import Context, Strategy
-from growth.train import TrainConfig, evaluate, fit
+from growth.regularizers import task_fisher
 
 if TYPE_CHECKING:
     from growth.data import Task
+    from growth.strategies.base import Context
+    from growth.train import TrainConfig
 
-Penalty = Callable[[Context, Tensor, Tensor, Tensor], Tensor | None]
+Penalty = Callable[["Context", Tensor, Tensor, Tensor], "Tensor | None"]
 _SEARCH_STEPS = 20  # bisection steps on the width factor when the budget is below the base
 
 
@@ -250,34 +251,10 @@ def shrink(teacher: NetGraph, budget: int, base: NetGraph | None = None,
 
 
 # ---- step 2: distillation ------------------------------------------------------------------------
-class Distillation(Strategy):
-    """A strategy-like object for `fit`: KL(T) to a frozen teacher on several heads, plus an
-    optional penalty (cross-entropy on the task is the loop's own)."""
-
-    name = "distillation"
-    description = "distil a student from a frozen teacher on the task's data"
-
-    def __init__(self, teacher: nn.Module, heads: list[str], temperature: float = 2.0,
-                 weight: float = 1.0, extra: Penalty | None = None) -> None:
-        super().__init__()
-        self.teacher, self.heads = teacher, heads
-        self.temperature, self.weight, self.extra = temperature, weight, extra
-
-    def extra_heads(self, ctx: Context) -> list[str]:
-        own = ctx.head_of(ctx.task)
-        return [h for h in self.heads if h != own]
-
-    def penalty(self, ctx: Context, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
-        with torch.no_grad():
-            target = self.teacher(x)
-        current = ctx.outputs if ctx.outputs is not None else {ctx.head_of(ctx.task): logits}
-        loss = self.weight * sum(kd_loss(current[h], target[h], self.temperature)
-                                 for h in self.heads)
-        if self.extra is not None:
-            term = self.extra(ctx, x, y, logits)
-            if term is not None:
-                loss = loss + term
-        return loss
+def _frozen(graph: NetGraph, heads: list[str], ctx: Context) -> nn.Module:
+    """The graph compiled for `heads` (always a dict of them), frozen, in eval mode."""
+    module = compile_graph(graph, head=list(heads)).to(ctx.device)
+    return module.eval().requires_grad_(False)
 
 
 def default_heads(ctx: Context) -> list[str]:
@@ -286,13 +263,16 @@ def default_heads(ctx: Context) -> list[str]:
 
 
 def _accuracy(ctx: Context, task: Task, splits: tuple[str, ...]) -> dict[str, float]:
+    from growth.train import evaluate
+
     return {s: evaluate(ctx, task, s) for s in splits}
 
 
 def compress(ctx: Context, params: CompressParams, train: TrainConfig,
              base: NetGraph | None = None, heads: list[str] | None = None,
              penalty: Penalty | None = None, importance: dict[str, Tensor] | None = None,
-             seed: int = 0, splits: tuple[str, ...] = ("val", "test")) -> CompressReport:
+             seed: int = 0, splits: tuple[str, ...] = ("val", "test"),
+             old_teacher: NetGraph | None = None) -> CompressReport:
     """Compress `ctx.model` (the teacher) to `params.budget` and distil it on `ctx.task`.
 
     After the call `ctx.model` is the student (through `ctx.replace_graph`, so whatever follows
@@ -302,7 +282,9 @@ def compress(ctx: Context, params: CompressParams, train: TrainConfig,
     to the distillation loss on every batch (called like a strategy's `penalty`).
     importance: extra per-parameter importance in the teacher's shapes, added to the task's
     Fisher when `params.importance` is "fisher". splits: the task's splits whose accuracy is
-    reported before and after.
+    reported before and after. old_teacher: a network (with the same heads) that the heads
+    other than the task's are distilled from instead of the teacher (REC: the network as it
+    was before this task's expansion).
     """
     start = time.perf_counter()
     teacher = ctx.model.graph
@@ -317,10 +299,8 @@ def compress(ctx: Context, params: CompressParams, train: TrainConfig,
             if name in scores and extra.shape == scores[name].shape:
                 scores[name] = scores[name] + extra.to(scores[name])
     student, records, widths = shrink(teacher, budget, base, scores)
-    frozen = compile_graph(teacher, head=heads).to(ctx.device).eval().requires_grad_(False)
     ctx.replace_graph(student, records)
-    distiller = Distillation(frozen, heads, params.temperature, params.kd_weight, penalty)
-    losses = fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs}), seed=seed)
+    losses = distill(ctx, teacher, params, train, heads, penalty, seed, old_teacher)
     final = ctx.model.graph
     return CompressReport(
         graph=final, records=records, budget=budget, trunk_before=trunk_params(teacher),
@@ -329,6 +309,25 @@ def compress(ctx: Context, params: CompressParams, train: TrainConfig,
         accuracy_after=_accuracy(ctx, ctx.task, splits),
         dropped=[n for n in teacher.topo_order() if n not in final], widths=widths,
         losses=losses, wall_time_s=time.perf_counter() - start)
+
+
+def distill(ctx: Context, teacher: NetGraph, params: CompressParams, train: TrainConfig,
+            heads: list[str], penalty: Penalty | None = None, seed: int = 0,
+            old_teacher: NetGraph | None = None) -> list[float]:
+    """Train `ctx.model` (the student) with the one loop: cross-entropy on `ctx.task` plus
+    KL(T) to `teacher` on `heads` (to `old_teacher` on all but the task's own head, if given)
+    plus `penalty`; `params.epochs` epochs. Returns the loss of each epoch."""
+    from growth.strategies.distillation import Distillation
+    from growth.train import fit
+
+    own = ctx.head_of(ctx.task)
+    others = [h for h in heads if h != own]
+    split = old_teacher is not None and bool(others)
+    teachers = [(_frozen(teacher, [own] if split else heads, ctx), [own] if split else heads)]
+    if split:
+        teachers.append((_frozen(old_teacher, others, ctx), others))
+    distiller = Distillation(teachers, params.temperature, params.kd_weight, penalty)
+    return fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs}), seed=seed)
 
 
 # ---- a saved network (the `growth compress` command) -------------------------------------------
@@ -351,6 +350,7 @@ def _source(data: str, graph: NetGraph, task_index: int | None, root: str) -> _S
 
     from growth.data import DATASETS, load_dataset, make_stream
     from growth.errors import ConfigError
+    from growth.train import TrainConfig
 
     if Path(data).suffix in (".yaml", ".yml") or Path(data).is_file():
         from growth.campaign import _labelers
@@ -395,6 +395,7 @@ def compress_saved(network: str, data: str, params: CompressParams, out: str | N
 
     from growth.io import atomic_write_text
     from growth.model import Model
+    from growth.strategies.base import Context
 
     graph = NetGraph.load(network)
     base_graph = NetGraph.load(base) if base is not None else None

@@ -204,6 +204,7 @@ def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0
     ctx.train_fit = lambda **kw: fit(ctx, strategy, cfg, **{"seed": seed, **kw})
     ctx.train_cfg = cfg
     ctx.strategy = strategy
+    ctx.train_config = cfg
     strategy.before_task(ctx)
     losses = fit(ctx, strategy, cfg, seed=seed, on_epoch=on_epoch)
     strategy.after_task(ctx)

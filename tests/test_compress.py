@@ -14,7 +14,6 @@ from graphgen import outputs, randomize, single_thread  # noqa: F401 (fixture)
 from growth.cli import main
 from growth.compress import (
     CompressParams,
-    Distillation,
     budget_params,
     compress,
     shrink,
@@ -26,6 +25,7 @@ from growth.graph import NetGraph
 from growth.model import Model
 from growth.ops import get_operator, net2deeper, net2wider, prune_units, remove_layer
 from growth.strategies import Context
+from growth.strategies.distillation import Distillation
 from growth.train import TrainConfig, evaluate, fit
 from search_spaces.networks import add_head, mlp, small_cnn
 
@@ -216,7 +216,7 @@ def test_distillation_penalty_is_the_tempered_kl_on_every_head() -> None:
     x = torch.randn(5, 4)
     out = student.head(("t1", "t0"))(x)
     ctx.outputs = out
-    d = Distillation(teacher, ["t1", "t0"], temperature=2.0, weight=0.7)
+    d = Distillation([(teacher, ["t1", "t0"])], temperature=2.0, weight=0.7)
     got = d.penalty(ctx, x, torch.zeros(5, dtype=torch.long), out["t1"])
     want = 0.0
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_distillation_penalty_is_the_tempered_kl_on_every_head() -> None:
         want += 4 * float((p * (p.log() - q.log())).sum(1).mean())
     assert float(got.detach()) == pytest.approx(0.7 * want, rel=1e-5)
     assert d.extra_heads(ctx) == ["t0"]
-    extra = Distillation(teacher, ["t1", "t0"], 2.0, 0.7, lambda c, *a: torch.tensor(1.5))
+    extra = Distillation([(teacher, ["t1", "t0"])], 2.0, 0.7, lambda c, *a: torch.tensor(1.5))
     assert float(extra.penalty(ctx, x, torch.zeros(5), out["t1"]).detach()) == \
         pytest.approx(0.7 * want + 1.5, rel=1e-5)
 

@@ -28,6 +28,7 @@ from growth.strategies.mir import MIR
 from growth.strategies.mwc import MWC
 from growth.strategies.packnet import PackNet
 from growth.strategies.pnn import ProgressiveNets
+from growth.strategies.rec import REC
 from growth.strategies.si import SI
 
 ENTRY_POINT_GROUP = "growth.strategies"
@@ -70,7 +71,7 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
 
 
 for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet, CPG,
-             ProgressiveNets, ICaRL, GDumb, LatentReplay, DGR, DGRNegative):
+             ProgressiveNets, ICaRL, GDumb, LatentReplay, DGR, DGRNegative, REC):
     register(_cls)
 
 __all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "available_strategies",

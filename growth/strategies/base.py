@@ -34,13 +34,16 @@ the operators' change records by the role the strategy declares for its `what` i
 gathered with new positions free); a strategy with live buffers (SI's path sums) extends
 `follow`. So every per-parameter tensor always has its parameter's shape.
 Strategies that keep old data (a replay memory, a generator of it) say how much in
-`memory_report`; it is reported apart from model size.
+`memory_report`; it is reported apart from model size. Around a whole run, the campaign
+enters `session(workdir)` (REC holds one Ray cluster for all its searches there), and
+`run_report` adds a strategy's own figures to `metrics.json` (a search's cost, REC's
+per-task expansion and compression).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,10 +57,13 @@ from growth.remap import as_records, remap_state
 from growth.strategies.spec import TensorSpec, check_tensors
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from growth.data import Task
     from growth.graph import NetGraph
     from growth.model import Model
     from growth.ops.registry import ChangeRecord
+    from growth.train import TrainConfig
 
 HOOKS = ("before_task", "training", "loss", "penalty", "after_backward", "after_step",
          "after_task", "evaluation")
@@ -88,6 +94,8 @@ class Context:
     train_cfg: Any = None  # the task's TrainConfig (set by learn_task), to train other models
     info: dict[str, Any] = field(default_factory=dict)  # per-task scratch (not checkpointed)
     strategy: Strategy | None = None  # whose state follows graph changes (set by learn_task)
+    train_config: TrainConfig | None = None  # the task's training settings (set by learn_task)
+    workdir: Path | None = None  # a folder for this task's artefacts (REC's search), if any
 
     def replace_graph(self, graph: NetGraph,
                       records: ChangeRecord | Iterable[ChangeRecord] | None = None) -> None:
@@ -226,6 +234,18 @@ class Strategy:
         return {"trunk": [p for n, p in params.items() if n in trunk],
                 "heads": [p for n, p in params.items() if n not in trunk],
                 "extra": list(self.size_tensors())}
+
+    def session(self, workdir: Path) -> AbstractContextManager[Any]:
+        """What the strategy holds for a whole run (entered before the first task a run or
+        resume learns, left after the last): REC keeps one Ray cluster for all its searches.
+        Default: nothing."""
+        return nullcontext()
+
+    def run_report(self) -> dict[str, Any]:
+        """Figures this strategy adds to `metrics.json` (JSON-able): "search" = {"children":
+        candidate networks trained, "child_time_s": their training time, ...} for strategies
+        that search, anything else under "details". Default: nothing."""
+        return {}
 
     def memory_report(self) -> dict[str, int] | None:
         """How much old data the strategy keeps, reported apart from model size: None if it

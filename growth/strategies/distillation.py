@@ -1,0 +1,51 @@
+"""Distillation as hooks on the one training loop: the student learns its task (the loop's
+cross-entropy) while matching frozen teachers' tempered outputs on their heads (KL at T, times
+T^2), plus an optional penalty. Not a registered strategy: `growth.compress.distill` builds one
+for each compression, REC's included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from growth.regularizers import kd_loss
+from growth.strategies.base import Context, Strategy
+
+Penalty = Callable[[Context, Tensor, Tensor, Tensor], Tensor | None]
+
+
+class Distillation(Strategy):
+    """A strategy-like object for `fit`: KL(T) to frozen teachers, each on its heads, plus an
+    optional penalty (cross-entropy on the task is the loop's own)."""
+
+    name = "distillation"
+    description = "distil a student from frozen teachers on the task's data"
+
+    def __init__(self, teachers: list[tuple[nn.Module, list[str]]], temperature: float = 2.0,
+                 weight: float = 1.0, extra: Penalty | None = None) -> None:
+        super().__init__()
+        self.teachers = [(t, list(h)) for t, h in teachers if h]
+        self.heads = [h for _, hs in self.teachers for h in hs]
+        self.temperature, self.weight, self.extra = temperature, weight, extra
+
+    def extra_heads(self, ctx: Context) -> list[str]:
+        own = ctx.head_of(ctx.task)
+        return [h for h in self.heads if h != own]
+
+    def penalty(self, ctx: Context, x: Tensor, y: Tensor, logits: Tensor) -> Tensor | None:
+        target: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for teacher, heads in self.teachers:
+                out = teacher(x)
+                target.update(out if isinstance(out, dict) else {heads[0]: out})
+        current = ctx.outputs if ctx.outputs is not None else {ctx.head_of(ctx.task): logits}
+        loss = self.weight * sum(kd_loss(current[h], target[h], self.temperature)
+                                 for h in self.heads)
+        if self.extra is not None:
+            term = self.extra(ctx, x, y, logits)
+            if term is not None:
+                loss = loss + term
+        return loss

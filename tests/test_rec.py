@@ -1,0 +1,235 @@
+"""REC: switches, equality with MWC, compression inside the loop with state carried through
+expansion and compression, the size invariant, and old tasks' data never read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from graphgen import single_thread  # noqa: F401 (fixture)
+
+from growth.campaign import Campaign
+from growth.compress import trunk_params
+from growth.config import load_config
+from growth.data import Task, build_stream
+from growth.errors import ConfigError, OperatorError
+from growth.model import Model
+from growth.ops import net2deeper, net2wider
+from growth.regularizers import stored
+from growth.strategies import Context, make_strategy
+from growth.strategies.rec import REC
+from growth.train import TrainConfig, evaluate, learn_task
+from search_spaces.networks import add_head, mlp
+
+MAXN = 400
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = {
+    "name": "tiny", "seed": 2, "threads": 1,
+    "data": {"dataset": "digits", "stream": "permuted", "n_tasks": 3,
+             "max_train_per_task": 400},
+    "model": {"kind": "mlp", "hidden": [32, 32]},
+    "train": {"epochs": 3, "batch_size": 32, "lr": 0.05},
+    "strategy": {"name": "mwc"},
+}
+
+
+def config(tmp_path: Path, strategy: dict[str, Any], name: str = "c") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "strategy": strategy}))
+    return path
+
+
+def test_switches_take_off_and_settings(tmp_path: Path) -> None:
+    cfg = load_config(config(tmp_path, {"name": "rec"}), ["strategy.search=off",
+                                                           "strategy.compress.epochs=2"])
+    rec = make_strategy("rec", cfg.strategy.settings())
+    assert not rec.params.search.enabled and rec.params.compress.epochs == 2
+    assert rec.params.compress.enabled
+    on = make_strategy("rec", {"search": True, "compress": "on"})
+    assert on.params.search.controller == "eas" and on.params.compress.temperature == 2.0
+    with pytest.raises(ConfigError, match="strategy.search.childs"):
+        load_config(config(tmp_path, {"name": "rec", "search": {"childs": 3}}))
+
+
+@pytest.mark.parametrize("compress", ["off", "on"])
+def test_rec_without_search_is_mwc_to_the_last_digit(tmp_path: Path, compress: str) -> None:
+    mwc = Campaign(load_config(config(tmp_path, {"name": "mwc"}, "m")), tmp_path / "m").start()
+    rec_cfg = config(tmp_path, {"name": "rec", "search": "off", "compress": compress}, "r")
+    rec = Campaign(load_config(rec_cfg), tmp_path / "r").start()
+    assert rec["R"] == mwc["R"]
+    assert rec["search"]["children"] == 0
+    details = rec["details"]["rec"]
+    assert sorted(details) == ["0", "1", "2"]
+    if compress == "on":  # nothing grew, so nothing was compressed
+        assert details["1"]["compression"].startswith("none needed")
+
+
+# ---- a fixed expansion standing in for the search (the search has its own tests) ----------
+class FixedExpansion(REC):
+    """REC whose expansion is always: widen fc1 to 48, deepen after act1, widen fc2 to 40."""
+
+    noise = 0.05
+
+    def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
+        g = ctx.model.graph
+        records = []
+        for op, kw in ((net2wider, {"node": "fc1", "width": 48, "noise": self.noise, "seed": 1}),
+                       (net2deeper, {"after": "act1"}),
+                       (net2wider, {"node": "fc2", "width": 40, "noise": self.noise, "seed": 2})):
+            result = op(g, **kw)
+            g = result.graph
+            records.append(result.record)
+        ctx.replace_graph(g, records)
+        entry.update({"expansion": ["fixed"], "children": 0, "child_time_s": 0.0})
+
+
+class Clock:
+    """Tasks whose training and validation data raise once a later task has begun."""
+
+    now = 0
+
+
+class GuardedTask(Task):
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("train", "val") and Clock.now > object.__getattribute__(self, "index"):
+            index = object.__getattribute__(self, "index")
+            raise AssertionError(f"task {index}'s {name} data read during task {Clock.now}")
+        return object.__getattribute__(self, name)
+
+
+def guarded(tasks: list[Task]) -> list[Task]:
+    return [GuardedTask(**{f: getattr(t, f) for f in t.__dataclass_fields__}) for t in tasks]
+
+
+def run_rec(strategy: REC, n_tasks: int = 3, epochs: int = 3) -> tuple[REC, list[dict], Model,
+                                                                      list[Task]]:
+    tasks = guarded(build_stream({"dataset": "digits", "stream": "permuted",
+                                  "n_tasks": n_tasks, "max_train_per_task": MAXN, "seed": 1}))
+    torch.manual_seed(0)
+    g = mlp((1, 8, 8), [32, 32])
+    for t in tasks:
+        g = add_head(g, f"t{t.index}", t.n_classes)
+    model = Model(g)
+    base = model.graph
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.05)
+    sizes = []
+    for t in tasks:
+        Clock.now = t.index
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=10 + t.index)
+        learn_task(ctx, strategy, cfg, seed=ctx.seed)
+        graph = model.graph
+        sizes.append({"trunk": trunk_params(graph), "same_as_base":
+                      graph.to_dict() == base.to_dict(),
+                      "acc": [evaluate(ctx, s) for s in tasks]})
+    Clock.now = 0
+    return strategy, sizes, model, tasks
+
+
+@pytest.mark.parametrize("student", ["parent", "cut"])
+def test_rec_compresses_every_expansion_back_to_the_base(student: str) -> None:
+    rec = FixedExpansion(REC.Params(compress={"student": student}))
+    rec, sizes, model, tasks = run_rec(rec, epochs=4)
+    base_trunk = 64 * 32 + 32 + 32 * 32 + 32
+    for k, s in enumerate(sizes):  # the size invariant, after every task
+        assert s["trunk"] == base_trunk and s["same_as_base"], k
+    details = rec.run_report()["details"]["rec"]
+    for t in ("1", "2"):
+        c = details[t]["compression"]
+        assert c["trunk_before"] > base_trunk and c["trunk_after"] == base_trunk
+        assert c["dropped"] == ["act1_deep1", "act1_deep1_relu"]
+        assert set(c["accuracy_before"]) == set(c["accuracy_after"]) == {"val", "test"}
+        assert details[t]["trunk_params"] == base_trunk
+    # old tasks' Fisher and anchors live on in the base shapes (carried, not re-measured)
+    params = model.named_parameters()
+    for k in (0, 1, 2):
+        for name, f in stored(rec.state, "fisher", k).items():
+            assert f.shape == params[name].shape
+        for name, a in stored(rec.state, "anchor", k).items():
+            assert a.shape == params[name].shape
+
+
+def test_the_parent_student_takes_back_the_state_before_the_expansion() -> None:
+    """student: parent resumes from the network and the state the task began with: after
+    task 1, task 0's Fisher and anchors are exactly those stored at the end of task 0."""
+    kept: dict[str, torch.Tensor] = {}
+
+    class Probe(FixedExpansion):
+        def after_task(self, ctx: Context) -> None:
+            super().after_task(ctx)
+            if ctx.task.index == 0:
+                kept.update({k: v.clone() for k, v in self.state.items()})
+
+    rec, _, _, _ = run_rec(Probe(REC.Params(compress={"epochs": 1})), n_tasks=2, epochs=1)
+    assert kept and all(torch.equal(rec.state[k], v) for k, v in kept.items())
+    assert any(k.startswith("anchor/1/") for k in rec.state)
+
+
+def test_anchors_of_old_tasks_follow_the_expansion_exactly() -> None:
+    """Right after an exact expansion at the start of task 1, task 0's MWC penalty is still 0
+    with zero gradient (the anchors were carried like the weights, through the same records);
+    at task 2 the older tasks' penalty does not grow (importances are split among copies)."""
+    seen: dict[int, tuple[float, float, float]] = {}
+
+    class Probe(FixedExpansion):
+        noise = 0.0
+
+        def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
+            before = float(self.penalty(ctx) or 0.0)
+            super()._expand(ctx, entry)
+            self._quad = None
+            after = self.penalty(ctx)
+            after.backward()
+            grad = max(float(p.grad.abs().max()) for p in ctx.model.module.parameters()
+                       if p.grad is not None)
+            ctx.model.module.zero_grad(set_to_none=True)
+            seen[ctx.task.index] = (before, float(after.detach()), grad)
+
+    run_rec(Probe(REC.Params(compress={"epochs": 1})), epochs=2)
+    assert sorted(seen) == [1, 2]
+    assert seen[1][0] == 0.0 and seen[1][1] == pytest.approx(0.0, abs=1e-10)
+    assert seen[1][2] == pytest.approx(0.0, abs=1e-8)
+    assert 0.0 < seen[2][1] <= seen[2][0] + 1e-9
+
+
+def test_old_tasks_data_are_never_read_after_their_task() -> None:
+    """The guard raises on any read of an old task's training or validation split."""
+    run_rec(FixedExpansion(REC.Params(compress={"epochs": 1, "importance": "fisher"})),
+            epochs=1)
+    tasks = guarded(build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2}))
+    Clock.now = 1
+    try:
+        with pytest.raises(AssertionError, match="task 0's train data read during task 1"):
+            tasks[0].train  # noqa: B018 (the guard itself works)
+    finally:
+        Clock.now = 0
+
+
+def test_size_invariant_is_checked_after_every_task() -> None:
+    """A compression that leaves the network larger than the base is caught after the task;
+    with compression off the expanded network is kept, as asked."""
+
+    class Broken(FixedExpansion):
+        def _compress(self, ctx: Context, entry: dict[str, Any]) -> None:
+            entry["compression"] = "skipped by a bug"
+
+    with pytest.raises(OperatorError, match="REC after task 1: the trunk has 7,432 parameters, "
+                                            "above its budget of 3,136"):
+        run_rec(Broken(REC.Params()), n_tasks=2, epochs=1)
+    rec, sizes, _, _ = run_rec(FixedExpansion(REC.Params(compress=False)), n_tasks=2, epochs=1)
+    assert sizes[-1]["trunk"] == 7432  # compress off keeps the child
+    with pytest.raises(ValueError, match="REC compresses back to the base trunk's size"):
+        REC.Params(compress={"budget": 0.5})
+
+
+def test_metrics_record_each_tasks_rec_details(tmp_path: Path) -> None:
+    cfg = config(tmp_path, {"name": "rec", "search": "off", "compress": "off"})
+    Campaign(load_config(cfg), tmp_path / "r").start()
+    data = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert data["search"] == {"children": 0, "child_time_s": 0.0, "search_wall_s": 0.0}
+    assert data["details"]["rec"]["2"]["trunk_params"] == 64 * 32 + 32 + 32 * 32 + 32
