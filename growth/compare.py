@@ -161,15 +161,17 @@ def run_compare(path: str | Path, out: str | Path | None = None,
             ref = task.options(**_resources(cfg)).remote(str(plan.base), overrides,
                                                          str(folder / name))
             pending[ref] = name
+        total = len(pending)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             name = pending.pop(done[0])
             try:
                 ray.get(done[0])
-                log.info("run %s finished", name)
+                _progress(total - len(pending), total, name, folder / name)
             except Exception as exc:  # a failed run is reported, the others go on
                 cause = getattr(exc, "cause", None) or exc
                 failed[name] = f"{type(cause).__name__}: {str(cause).splitlines()[0]}"
+                _progress(total - len(pending), total, name, None, failed[name])
     write_comparison(plan, folder)
     if failed:
         first = next(iter(failed.items()))
@@ -178,16 +180,30 @@ def run_compare(path: str | Path, out: str | Path | None = None,
     return folder
 
 
+def _progress(done: int, total: int, name: str, run: Path | None, error: str = "") -> None:
+    """One line per finished run on stderr, so a long comparison shows where it is."""
+    import sys
+
+    if run is None:
+        what = f"failed: {error}"
+    else:
+        m = read_metrics(run)
+        what = f"ACC {m['acc']:.4f}" if m.get("acc") is not None else "finished"
+    print(f"[{done}/{total}] {name}: {what}", file=sys.stderr, flush=True)
+    log.info("run %s: %s", name, what)
+
+
 # ---- the table and the plots -----------------------------------------------------------------
-COLUMNS = ("ACC", "BWT", "FWT", "size vs base", "wall time (s)", "children", "search time (s)")
-_DIGITS = (4, 4, 4, 3, 1, 1, 1)
+COLUMNS = ("ACC", "BWT", "FWT", "size vs base", "bytes vs base", "wall time (s)", "children",
+           "search time (s)")
+_DIGITS = (4, 4, 4, 3, 3, 1, 1, 1)
 
 
 def _figures(m: dict[str, Any]) -> list[float | None]:
     size = m["sizes"][-1] if m.get("sizes") else {}
     search = m.get("search") or {}
     return [m.get("acc"), m.get("bwt"), m.get("fwt"), size.get("relative"),
-            float(sum(m.get("wall_time_s") or [])), search.get("children"),
+            size.get("relative_bytes"), float(sum(m.get("wall_time_s") or [])), search.get("children"),
             search.get("child_time_s")]
 
 
@@ -245,8 +261,9 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]]) -> str:
     head = "| strategy | runs | " + " | ".join(COLUMNS) + " |"
     lines = [f"# {plan.config.name}", "",
              f"Base config `{plan.config.base}`, seeds {plan.config.seeds}; mean ± sample std "
-             "over seeds. Size: final model (trunk, heads, masks, adapters) over the base "
-             "network. Children: networks trained by a search, with their training time.", "",
+             "over seeds. Size: final model's parameters (trunk, heads, adapters) over the base "
+             "network's; bytes: stored bytes (masks and owner indices included) over the "
+             "base's. Children: networks trained by a search, with their training time.", "",
              head, "|" + "---|" * (len(COLUMNS) + 2)]
     for label, n, stats in rows:
         cells = [_cell(s, d) for s, d in zip(stats, _DIGITS)]
@@ -259,7 +276,7 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]]) -> str:
 def _csv(rows: list[tuple[str, int, list]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    keys = ["acc", "bwt", "fwt", "size_relative", "wall_time_s", "children", "child_time_s"]
+    keys = ["acc", "bwt", "fwt", "size_relative", "bytes_relative", "wall_time_s", "children", "child_time_s"]
     w.writerow(["strategy", "runs", *(f"{k}_{s}" for k in keys for s in ("mean", "std"))])
     for label, n, stats in rows:
         w.writerow([label, n, *("" if v is None else repr(v) for st in stats for v in st)])
@@ -272,8 +289,8 @@ def _plots(by: dict[str, list[dict[str, Any]]], folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for what, file, ylabel in (("acc", "accuracy.png", "average accuracy on tasks seen"),
-                               ("size", "size.png", "model size / base")):
+    for what, file, ylabel in (("acc", "accuracy.png", "average accuracy on tasks seen (fraction)"),
+                               ("size", "size.png", "model size / base (ratio)")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for label, runs in by.items():
             if not runs:
@@ -284,6 +301,8 @@ def _plots(by: dict[str, list[dict[str, Any]]], folder: Path) -> None:
                 continue
             mean = np.nanmean(np.array([c[:n] for c in curves]), axis=0)
             ax.plot(range(1, n + 1), mean, marker="o", label=label)
+        ax.set_title(("Average accuracy" if what == "acc" else "Model size")
+                     + " after each task (mean over seeds)")
         ax.set_xlabel("tasks learned")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -298,8 +317,9 @@ def _plots(by: dict[str, list[dict[str, Any]]], folder: Path) -> None:
             ax.scatter([np.mean(xs)], [np.mean(ys)], label=label)
             ax.annotate(label, (np.mean(xs), np.mean(ys)), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("final model size / base")
-    ax.set_ylabel("final ACC")
+    ax.set_title("Final ACC against final model size (mean over seeds)")
+    ax.set_xlabel("final parameters / base parameters (ratio)")
+    ax.set_ylabel("final ACC (average accuracy over all tasks)")
     ax.grid(alpha=0.3)
     fig.savefig(folder / "acc_vs_size.png", dpi=120, bbox_inches="tight")
     plt.close(fig)

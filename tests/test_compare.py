@@ -68,7 +68,11 @@ def test_compare_runs_in_parallel_and_tabulates(tmp_path: Path, ray_session: obj
     path = write(tmp_path, ["finetune", REC])
     out = tmp_path / "out"
     assert main(["compare", str(path), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # one progress line per finished run, counting up to the total
+    progress = [ln for ln in captured.err.splitlines() if ln.startswith("[")]
+    assert sorted(ln.split("]")[0] for ln in progress) == ["[1/4", "[2/4", "[3/4", "[4/4"]
     runs = {p.name: json.loads((p / "metrics.json").read_text())
             for p in out.iterdir() if (p / "metrics.json").is_file()}
     assert sorted(runs) == ["finetune-s0", "finetune-s1", "rec-s0", "rec-s1"]
@@ -79,6 +83,8 @@ def test_compare_runs_in_parallel_and_tabulates(tmp_path: Path, ray_session: obj
         assert float(rows[label]["acc_std"]) == pytest.approx(np.std(accs, ddof=1))
         sizes = [runs[f"{label}-s{s}"]["sizes"][-1]["relative"] for s in (0, 1)]
         assert float(rows[label]["size_relative_mean"]) == pytest.approx(np.mean(sizes))
+        nbytes = [runs[f"{label}-s{s}"]["sizes"][-1]["relative_bytes"] for s in (0, 1)]
+        assert float(rows[label]["bytes_relative_mean"]) == pytest.approx(np.mean(nbytes))
     rec_children = [runs[f"rec-s{s}"]["search"]["children"] for s in (0, 1)]
     assert float(rows["rec"]["children_mean"]) == pytest.approx(np.mean(rec_children))
     assert min(rec_children) > 0
