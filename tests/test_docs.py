@@ -206,3 +206,38 @@ def test_readme_operator_example_registers_and_runs(monkeypatch: pytest.MonkeyPa
     assert (result.graph.node("fc1").tensors["weight"] == 3 * graph.node("fc1").tensors["weight"]
             ).all()
     assert result.record.params == {"node": "fc1", "factor": 3.0}
+
+
+def test_readme_growth_example_does_what_its_comments_say(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    """The first example: an imported ResNet-18 widened and deepened keeps its function, the
+    printed summary and record describe the graphs, and the saved folder loads back."""
+    import torch
+
+    from growth.compile import compile_graph
+    from growth.graph import NetGraph
+
+    monkeypatch.chdir(tmp_path)
+    code = BLOCKS[0]
+    assert "import_module(torchvision.models.resnet18" in code
+    torch.manual_seed(0)
+    scope: dict = {"__name__": "readme_example"}
+    exec(compile(code, str(README), "exec"), scope)
+    out = capsys.readouterr().out
+    graph, wide, deep = scope["graph"], scope["wide"], scope["deep"]
+    assert f"total parameters: {graph.param_count():,} in {len(graph)} nodes" in out
+    assert "ChangeRecord(op='net2deeper'" in out
+    assert wide.graph.node("layer1_0_conv1").tensors["weight"].shape[0] == 96
+    assert graph.node("layer1_0_conv1").tensors["weight"].shape[0] == 64  # input untouched
+    assert deep.record.added_nodes and all(n in deep.graph for n in deep.record.added_nodes)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = compile_graph(graph).eval()(x)
+        after = scope["net"](x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)  # function preserved
+    loaded = NetGraph.load(tmp_path / "resnet_grown")
+    assert loaded.param_count() == deep.graph.param_count() > graph.param_count()
+    with torch.no_grad():
+        torch.testing.assert_close(compile_graph(loaded).eval()(x), after)

@@ -593,14 +593,43 @@ def test_bad_settings_are_refused_naming_the_key(name, bad, key):
     assert key in str(err.value)
 
 
-def test_lambda_is_the_user_facing_key_and_defaults_are_documented():
-    s = make_strategy("ewc", {"lambda": 3.0})
-    assert s.params.lam == 3.0
-    assert s.params.model_dump(by_alias=True)["lambda"] == 3.0
-    for name in REGULARISERS:
-        params = make_strategy(name).params
-        assert type(params).__doc__ and "quickstart" in type(params).__doc__
-        assert params.model_dump()  # every default validates
+DEFAULTS = {  # the settings each regulariser documents, by their user-facing keys
+    "ewc": {"lambda": 50.0, "mode": "separate", "gamma": 1.0, "fisher_samples": 1000},
+    "mwc": {"lambda": 50.0, "beta": 1.0, "fisher_samples": 1000},
+    "si": {"c": 1.0, "xi": 0.1},
+    "mas": {"lambda": 0.01, "samples": 1000},
+    "l2": {"lambda": 0.05},
+    "lwf": {"lambda_o": 0.5, "temperature": 2.0},
+}
+
+
+@pytest.mark.parametrize("name", REGULARISERS)
+def test_lambda_is_the_user_facing_key_and_defaults_are_documented(name):
+    params = make_strategy(name).params
+    assert params.model_dump(by_alias=True) == DEFAULTS[name]
+    doc = " ".join(type(params).__doc__.split())
+    assert "quickstart" in doc
+    for key, v in DEFAULTS[name].items():  # the docstring states the strength defaults
+        if key in ("lambda", "c", "xi", "lambda_o", "temperature", "beta"):
+            assert f"{key}: {v:g}" in doc, (key, v)
+    for key, v in DEFAULTS[name].items():  # each key is taken as the user writes it
+        other = 0.5 if isinstance(v, float) else ("online" if key == "mode" else 7)
+        assert make_strategy(name, {key: other}).params.model_dump(by_alias=True)[key] == other
+
+
+@pytest.mark.parametrize("name", ["ewc", "mas", "l2", "mwc"])
+def test_the_lambda_key_sets_the_strength_of_the_penalty(name):
+    tasks = synthetic()
+    paid = {}
+    for lam in (1.0, 3.0):
+        model = mlp()
+        s, _ = run(name, {"lambda": lam}, tasks, model, upto=1)
+        ctx = context(model, tasks, 1)
+        s.before_task(ctx)
+        perturb(model, 0)
+        paid[lam] = value(s, ctx)
+    assert paid[1.0] > 0
+    assert paid[3.0] == pytest.approx(3 * paid[1.0], rel=1e-5)
 
 
 def test_lwf_trains_with_one_forward_pass_per_batch():

@@ -1,0 +1,203 @@
+"""The one training loop and evaluation, step by step against hand computations: the penalty
+is added to the loss, several training sets are interleaved batch by batch, evaluation scores
+labels in the head's space (class offsets), and the loop's optimizer settings are used."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_strategies import context, mlp, synthetic
+
+from growth.data.containers import Task
+from growth.graph import NetGraph
+from growth.model import Model
+from growth.strategies import Context, Strategy, make_strategy
+from growth.train import TrainConfig, evaluate, fit, learn_task
+
+
+def linear_model(n_in: int = 3, n_out: int = 2, seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    g = NetGraph()
+    g.add_input("x", [n_in])
+    g.add("fc", "linear", ["x"], out_features=n_out)
+    g.add_output("out", "fc")
+    return Model(g)
+
+
+def one_task(x: torch.Tensor, y: torch.Tensor, classes: int, offset: int = 0,
+             index: int = 0) -> Task:
+    split = (x, y)
+    return Task(index, f"t{index}", split, split, split,
+                list(range(offset, offset + classes)), classes, offset, tuple(x.shape[1:]))
+
+
+def ctx_of(model: Model, task: Task, seen: list[Task] | None = None,
+           offset_labels: bool = False) -> Context:
+    label_of = (lambda t, y: y + t.class_offset) if offset_labels else (lambda t, y: y)
+    return Context(model, task, seen or [], lambda t: "out", label_of, torch.device("cpu"))
+
+
+class Pull(Strategy):
+    """A penalty k/2 ||W||^2 on the layer's weight: its gradient is k W."""
+
+    name = "pull"
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def penalty(self, ctx, x, y, logits):
+        return 0.5 * self.k * ctx.model.module.fc.weight.square().sum()
+
+
+def ce_gradients(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mean cross-entropy of softmax(W x + b) and its gradients, by the closed form
+    (p - onehot(y)) x^T / B."""
+    p = torch.softmax(x @ w.T + b, dim=1)
+    err = p - F.one_hot(y, w.shape[0]).to(p)
+    ce = float(-(p.log().gather(1, y[:, None])).mean())
+    return err.T @ x / len(y), err.mean(0), ce
+
+
+@pytest.mark.parametrize("k", [0.0, 0.7])
+def test_one_sgd_step_follows_cross_entropy_plus_the_penalty(k):
+    model = linear_model()
+    w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.0], [2.0, 0.0, 1.0]])
+    y = torch.tensor([1, 0, 1])
+    task = one_task(x, y, 2)
+    cfg = TrainConfig(epochs=1, batch_size=3, lr=0.1, momentum=0.0)
+    losses = fit(ctx_of(model, task), Pull(k), cfg)
+    gw, gb, ce = ce_gradients(w0, b0, x, y)
+    torch.testing.assert_close(model.module.fc.weight.detach(), w0 - 0.1 * (gw + k * w0))
+    torch.testing.assert_close(model.module.fc.bias.detach(), b0 - 0.1 * gb)
+    assert losses == pytest.approx([ce + 0.5 * k * float(w0.square().sum())], rel=1e-5)
+
+
+def test_the_epoch_loss_is_the_mean_of_the_batches_losses_and_momentum_is_used():
+    model = linear_model(seed=1)
+    w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    y = torch.tensor([0, 1])
+    task = one_task(x, y, 2)
+    cfg = TrainConfig(epochs=1, batch_size=1, lr=0.5, momentum=0.5)
+    order = torch.randperm(2, generator=torch.Generator().manual_seed(7)).tolist()
+    losses = fit(ctx_of(model, task), Strategy(), cfg, seed=7)
+    w, b, buf_w, buf_b, seen = w0.clone(), b0.clone(), None, None, []
+    for i in order:  # SGD with momentum, batches of one in the loop's seeded order
+        gw, gb, ce = ce_gradients(w, b, x[i:i + 1], y[i:i + 1])
+        seen.append(ce)
+        buf_w = gw if buf_w is None else 0.5 * buf_w + gw
+        buf_b = gb if buf_b is None else 0.5 * buf_b + gb
+        w, b = w - 0.5 * buf_w, b - 0.5 * buf_b
+    torch.testing.assert_close(model.module.fc.weight.detach(), w)
+    torch.testing.assert_close(model.module.fc.bias.detach(), b)
+    assert losses == pytest.approx([sum(seen) / 2], rel=1e-5)
+
+
+class HeadLog:
+    """Which head computed each forward pass of the model (forward hooks on the heads)."""
+
+    def __init__(self, model: Model, heads: list[str]) -> None:
+        self.order: list[str] = []
+        self.handles = [getattr(model.module, h).register_forward_hook(
+            lambda m, i, o, h=h: self.order.append(h)) for h in heads]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_joint_interleaves_the_batches_of_tasks_with_their_own_heads():
+    tasks, model = synthetic(3, n=64), mlp(n_heads=3)  # 48 training samples each
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01)
+    log = HeadLog(model, ["head0", "head1", "head2"])
+    learn_task(context(model, tasks, 2), make_strategy("joint"), cfg, seed=5)
+    log.close()
+    per_epoch = 3 * 48 // 8
+    assert len(log.order) == 2 * per_epoch
+    for e in range(2):
+        epoch = log.order[e * per_epoch:(e + 1) * per_epoch]
+        assert {h: epoch.count(h) for h in set(epoch)} == {"head0": 6, "head1": 6, "head2": 6}
+        switches = sum(a != b for a, b in zip(epoch, epoch[1:]))
+        assert switches > 6  # one task after another would switch twice
+        assert len(set(epoch[:6])) > 1  # the first six batches are not all one task's
+
+
+def test_joint_trains_every_seen_tasks_labels_through_its_own_head():
+    tasks, model = synthetic(2, n=32), mlp(n_heads=2)
+    cfg = TrainConfig(epochs=1, batch_size=24, lr=0.01)
+    seen: list[tuple[str, list[int]]] = []
+    hooks = [getattr(model.module, h).register_forward_hook(
+        lambda m, i, o, h=h: seen.append((h, len(i[0])))) for h in ("head0", "head1")]
+    learn_task(context(model, tasks, 1), make_strategy("joint"), cfg, seed=0)
+    for h in hooks:
+        h.remove()
+    assert sorted(seen) == [("head0", 24), ("head1", 24)]
+
+
+def one_hot_task(classes: list[int], local: list[int], offset: int, index: int) -> Task:
+    """Inputs one_hot(class) over 4 inputs, labels local (class - offset)."""
+    x = F.one_hot(torch.tensor(classes), 4).float()
+    return one_task(x, torch.tensor(local), 2, offset, index)
+
+
+def identity_head() -> Model:
+    """A shared 4-way head computing its input: its prediction is argmax of the input."""
+    g = NetGraph()
+    g.add_input("x", [4])
+    g.add("fc", "linear", ["x"], out_features=4)
+    g.add_output("out", "fc")
+    model = Model(g)
+    with torch.no_grad():
+        model.module.fc.weight.copy_(torch.eye(4))
+        model.module.fc.bias.zero_()
+    return model
+
+
+def test_evaluate_compares_predictions_with_labels_in_the_heads_space():
+    model = identity_head()
+    second = one_hot_task([2, 3, 3, 2], [0, 1, 1, 0], offset=2, index=1)  # all right
+    assert evaluate(ctx_of(model, second, offset_labels=True), second) == 1.0
+    mixed = one_hot_task([2, 0, 3, 1], [0, 0, 1, 1], offset=2, index=1)  # 2 of 4 right
+    assert evaluate(ctx_of(model, mixed, offset_labels=True), mixed) == 0.5
+    first = one_hot_task([0, 1, 1], [0, 1, 0], offset=0, index=0)  # 2 of 3 right
+    assert evaluate(ctx_of(model, first, offset_labels=True), first) == pytest.approx(2 / 3)
+
+
+def test_evaluate_scores_every_batch_and_restores_the_training_mode():
+    model = identity_head()
+    classes = [0, 1, 2, 3, 0, 1, 2]
+    task = one_task(F.one_hot(torch.tensor(classes), 4).float(),
+                    torch.tensor([0, 1, 0, 3, 0, 0, 2]), 4)  # right at 0, 1, 3, 4, 6
+    model.train()
+    assert evaluate(ctx_of(model, task), task, batch_size=2) == pytest.approx(5 / 7)
+    assert model.module.training
+    model.eval()
+    assert evaluate(ctx_of(model, task), task, "val", batch_size=3) == pytest.approx(5 / 7)
+    assert not model.module.training
+
+
+def test_evaluate_of_an_empty_split_is_nan():
+    model = identity_head()
+    empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    task = Task(0, "t0", empty, empty, empty, [0, 1], 2, 0, (4,))
+    assert math.isnan(evaluate(ctx_of(model, task), task))
+
+
+def test_single_head_training_uses_labels_shifted_by_the_class_offset():
+    """Through the loop: a task at offset 2 trains classes 2 and 3 of the shared head."""
+    model = identity_head()
+    with torch.no_grad():
+        model.module.fc.weight.zero_()
+    second = one_hot_task([2, 3], [0, 1], offset=2, index=1)
+    cfg = TrainConfig(epochs=1, batch_size=2, lr=1.0, momentum=0.0)
+    fit(ctx_of(model, second, offset_labels=True), Strategy(), cfg)
+    # from zero weights p is uniform: the gradient of the bias is (1/4 - onehot(y + 2)) mean
+    expect = -(torch.full((4,), 0.25) - F.one_hot(torch.tensor([2, 3]), 4).float()).mean(0)
+    torch.testing.assert_close(model.module.fc.bias.detach(), expect)
+
