@@ -8,7 +8,8 @@ paths read as in the repository root), in document order:
 - ```bash / ```sh / ```console blocks run each command (lines, `&&` chains, `$ ` prompts):
   `growth ...` through the CLI in-process (it must exit 0), `python SCRIPT` as a process;
   `pip install ./examples/plugin` installs the example plug-in as pip lays it out, other
-  `pip install` lines (the package itself) and `python -m pytest` (this suite) are skipped.
+  `pip install` lines (the package itself), `python -m pytest` (this suite) and `mutmut`
+  (this suite per mutant) are skipped.
   In a console block, every other line is output that the previous command must print
   (`...` stands for lines left out);
 - ```yaml blocks parse strictly (duplicate keys are errors); a block whose top-level keys are
@@ -114,8 +115,8 @@ def run_command(cmd: str, site: Path, capsys: pytest.CaptureFixture[str]) -> str
         if any(Path(t.strip("\"'")).resolve() == EXAMPLE_PLUGIN for t in targets):
             install_example(site)
         return ""  # the package itself is installed already
-    if args[:3] == ["python", "-m", "pytest"]:
-        return ""  # this very suite
+    if args[:3] == ["python", "-m", "pytest"] or args[0] == "mutmut":
+        return ""  # this very suite (mutmut runs it once per mutant)
     if args[0] == "growth":
         capsys.readouterr()
         code = main(args[1:])
