@@ -221,11 +221,12 @@ def test_readme_growth_example_does_what_its_comments_say(tmp_path: Path,
     from growth.graph import NetGraph
 
     monkeypatch.chdir(tmp_path)
-    code = BLOCKS[0]
+    readme = ROOT / "README.md"
+    code = next(code for lang, code, _ in blocks(readme) if lang == "python")
     assert "import_module(torchvision.models.resnet18" in code
     torch.manual_seed(0)
     scope: dict = {"__name__": "readme_example"}
-    exec(compile(code, str(README), "exec"), scope)
+    exec(compile(code, str(readme), "exec"), scope)
     out = capsys.readouterr().out
     graph, wide, deep = scope["graph"], scope["wide"], scope["deep"]
     assert f"total parameters: {graph.param_count():,} in {len(graph)} nodes" in out
