@@ -141,7 +141,13 @@ def _run(args: argparse.Namespace) -> int:
     from growth.config import load_config
     from growth.rundir import check_writable_dir
 
+    from growth.errors import ConfigError
+
     cfg = load_config(args.config, args.overrides)  # validate before touching the disk
+    if cfg.search is not None:  # else `growth resume` would take the run for a search
+        raise ConfigError(f"{args.config}: search: this is a `growth search` config (one "
+                          "task, many children); run `growth search` on it, or remove the "
+                          "section (REC's search settings go under strategy.search)")
     out = Path(args.out) if args.out else _default_out(args.config)
     check_writable_dir(out)
     campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet))

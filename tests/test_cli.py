@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from growth.cli import main
@@ -77,3 +79,15 @@ def test_progress_bar_and_log_number_tasks_alike(tmp_path, capsys) -> None:
     for i in range(2):
         assert f"task {i} (perm-{i})" in bar and f"task {i} (perm-{i})" in log
     assert "task 2" not in bar and "task 2" not in log
+
+
+def test_run_refuses_a_search_config_and_writes_nothing(tmp_path, capsys) -> None:
+    """`growth run` on a `growth search` config would ignore its search section, and `growth
+    resume` would then take the run directory for a search: refused before any write."""
+    out = tmp_path / "run"
+    config = Path(__file__).resolve().parents[1] / "experiments" / "search_digits.yaml"
+    code = main(["run", str(config), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "search_digits.yaml" in err and "growth search" in err
+    assert not out.exists()
