@@ -288,11 +288,13 @@ def _plots(by: dict[str, list[dict[str, Any]]], folder: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    markers = "osD^vP*Xh<>p"
     for what, file, ylabel in (("acc", "accuracy.png", "average accuracy on tasks seen (fraction)"),
                                ("size", "size.png", "model size / base (ratio)")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for label, runs in by.items():
+        fig, ax = plt.subplots(figsize=(7.4, 4.2))
+        for i, (label, runs) in enumerate(by.items()):
             if not runs:
                 continue
             curves = [_curves(m)[0 if what == "acc" else 1] for m in runs]
@@ -300,26 +302,33 @@ def _plots(by: dict[str, list[dict[str, Any]]], folder: Path) -> None:
             if n == 0:
                 continue
             mean = np.nanmean(np.array([c[:n] for c in curves]), axis=0)
-            ax.plot(range(1, n + 1), mean, marker="o", label=label)
+            style = ("-", "--", ":", "-.")[(i // 10) % 4]  # colours repeat after ten lines
+            ax.plot(range(1, n + 1), mean, marker=markers[i % 12], linestyle=style, label=label)
         ax.set_title(("Average accuracy" if what == "acc" else "Model size")
                      + " after each task (mean over seeds)")
         ax.set_xlabel("tasks learned")
         ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if what == "size" and ax.get_ylim()[1] > 10:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.savefig(folder / file, dpi=120, bbox_inches="tight")
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, runs in by.items():
+    fig, ax = plt.subplots(figsize=(7.4, 4.2))
+    sizes: list[float] = []
+    for i, (label, runs) in enumerate(by.items()):
         pts = [(f[3], f[0]) for f in (_figures(m) for m in runs) if None not in (f[0], f[3])]
         if pts:
             xs, ys = zip(*pts)
-            ax.scatter([np.mean(xs)], [np.mean(ys)], label=label)
-            ax.annotate(label, (np.mean(xs), np.mean(ys)), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            sizes.append(float(np.mean(xs)))
+            ax.scatter([np.mean(xs)], [np.mean(ys)], label=label, marker=markers[i % 12], s=40)
+    if sizes and max(sizes) > 10 * min(sizes):  # one grown network would squeeze the rest
+        ax.set_xscale("log")
     ax.set_title("Final ACC against final model size (mean over seeds)")
     ax.set_xlabel("final parameters / base parameters (ratio)")
     ax.set_ylabel("final ACC (average accuracy over all tasks)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(folder / "acc_vs_size.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
