@@ -137,3 +137,19 @@ def test_read_metrics_refuses_a_search_time_that_is_not_a_number(tmp_path):
         read_metrics(run)
     assert str(err.value) == (f"{run / 'metrics.json'}: 'search'['child_time_s'] must be a "
                               "number or null, got the string '1 s'")
+
+
+# ---- LwF ---------------------------------------------------------------------------------------
+def test_lwf_adds_nothing_before_its_first_task_and_freezes_its_teacher():
+    from test_strategies import context, mlp, synthetic
+
+    from growth.strategies import make_strategy
+
+    tasks, model = synthetic(2), mlp(n_heads=2)
+    s = make_strategy("lwf", {})
+    x = tasks[0].train[0]
+    assert s.penalty(context(model, tasks, 0), x) is None  # a fresh strategy: no teacher yet
+    s.before_task(context(model, tasks, 1))
+    teacher = list(s._teacher.parameters())
+    assert teacher and not any(p.requires_grad for p in teacher)
+    assert not any(p is q for p in teacher for q in model.module.parameters())
