@@ -153,3 +153,151 @@ def test_lwf_adds_nothing_before_its_first_task_and_freezes_its_teacher():
     teacher = list(s._teacher.parameters())
     assert teacher and not any(p.requires_grad for p in teacher)
     assert not any(p is q for p in teacher for q in model.module.parameters())
+
+
+# ---- regularisers ------------------------------------------------------------------------------
+def test_importance_samples_are_drawn_from_their_own_named_stream():
+    """The subset is the randperm of a generator seeded, as growth.data.sampling documents,
+    with seed * 0x9E3779B1 + crc32("importance-sample/<task>"): a stable key, so a run's
+    Fisher estimates stay reproducible across versions and never share draws with another
+    purpose (replay, permutations) of the same seed and task."""
+    import zlib
+
+    from test_regularizers import context, task
+
+    from growth.regularizers import task_sample
+
+    t = task(1)
+    seed = 5
+    x, _ = task_sample(context(seed, t), t, 7)
+    mixed = (seed * 0x9E3779B1 + zlib.crc32(b"importance-sample/1")) % (2**63 - 1)
+    idx = torch.randperm(len(t.train[1]), generator=torch.Generator().manual_seed(mixed))[:7]
+    assert torch.equal(x, t.train[0][idx])
+
+
+def _fisher_by_hand(layer: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor):
+    """Mean over samples of the squared gradient of log softmax(Wx + b)[y]: for a linear
+    layer that gradient is (onehot(y) - softmax) x^T for W and onehot(y) - softmax for b."""
+    fw, fb = torch.zeros_like(layer.weight), torch.zeros_like(layer.bias)
+    with torch.no_grad():
+        for xi, yi in zip(x, y):
+            d = torch.nn.functional.one_hot(yi, 3).float() - torch.softmax(layer(xi), 0)
+            fw += torch.outer(d, xi).square()
+            fb += d.square()
+    return fw / len(y), fb / len(y)
+
+
+@pytest.mark.parametrize("n, budget", [(1, None), (7, 3)])
+def test_fisher_is_the_mean_squared_gradient_in_any_chunking(monkeypatch, n, budget):
+    from growth import regularizers
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(2, 3)
+    x, y = torch.randn(n, 2), torch.arange(n) % 3
+    if budget is not None:  # room for the gradients of 3 samples at a time: 3 chunks of 7
+        monkeypatch.setattr(regularizers, "GRAD_BUDGET", budget * 9)
+    got = regularizers.fisher_diagonal(layer, ["weight", "bias"], x, y)
+    fw, fb = _fisher_by_hand(layer, x, y)
+    torch.testing.assert_close(got["weight"], fw)
+    torch.testing.assert_close(got["bias"], fb)
+
+
+def test_quadratic_whose_weights_cancel_keeps_its_linear_term():
+    """(theta - a1)^2 - (theta - a2)^2 = -2 theta (a1 - a2) + a1^2 - a2^2: no quadratic left."""
+    from growth.regularizers import build_quadratic
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+    a1, a2 = torch.tensor([[2.0]]), torch.tensor([[-1.0]])
+    q = build_quadratic(layer, [(1.0, None, {"weight": a1}), (-1.0, None, {"weight": a2})])
+    assert not q.terms and len(q.linear) == 1
+    assert float(q().detach()) == pytest.approx(-2 * 0.5 * (2.0 + 1.0) + 4.0 - 1.0)
+    assert build_quadratic(layer, [])() is None
+
+
+def test_quadratic_in_the_parameters_precision_with_default_and_missing_weights():
+    """One term per parameter, W (theta - m)^2 with W = sum of weights and m their mean
+    anchor; weights None or missing a parameter count as ones; no linear term is kept when the
+    weights do not cancel; a weight of another shape is refused by the parameter's name."""
+    from growth.errors import ShapeError
+    from growth.regularizers import build_quadratic
+
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -1.0]]))
+    a1, a2 = torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 4.0]])
+    q = build_quadratic(layer, [(1.0, None, {"weight": a1}), (3.0, {}, {"weight": a2})])
+    assert q.module is layer and not q.linear and len(q.terms) == 1
+    # 1 * |theta - a1|^2 + 3 * |theta - a2|^2 = (1 + 1) + 3 * (1 + 25)
+    out = q()
+    assert out.dtype == torch.float32 and float(out.detach()) == pytest.approx(80.0)
+    with pytest.raises(ShapeError, match="'weight'"):
+        build_quadratic(layer, [(1.0, {"weight": torch.ones(3)}, {"weight": a1})])
+
+
+def test_weights_that_nearly_cancel_are_judged_against_all_of_their_mass():
+    """v = 1 - 1 + 1.5e-12 is below 1e-12 times sum |v| (about 2), so the term is linear; it
+    would not be against the last weight's mass alone (1.5e-12)."""
+    from growth.regularizers import build_quadratic
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    anchors = [{"weight": torch.tensor([[a]])} for a in (1.0, 2.0, 3.0)]
+    q = build_quadratic(layer, [(s, None, a) for s, a in zip((1.0, -1.0, 1.5e-12), anchors)])
+    assert not q.terms and len(q.linear) == 1
+    assert q.linear[0][1].dtype == torch.float32
+
+
+# ---- L2, MAS ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, checked, other", [
+    ("l2", "anchor/latest", "importance/latest"),
+    ("mas", "importance/all", "anchor/latest"),
+])
+def test_checkpoint_state_must_have_its_parameters_shape(name, checked, other):
+    from growth.strategies import make_strategy
+
+    s = make_strategy(name, {})
+    graph = {"fc.weight": torch.zeros(3, 4)}
+    fits = {f"{checked}/fc.weight": torch.zeros(3, 4), f"{other}/fc.weight": torch.ones(3, 4)}
+    assert s.check_state(fits, {"tasks": [0]}, graph, 1) == []
+    smaller = {**fits, f"{checked}/fc.weight": torch.zeros(2, 4)}
+    problems = s.check_state(smaller, {"tasks": [0]}, graph, 1)
+    assert problems == [f"tensor '{checked}/fc.weight' has shape (2, 4), but fc.weight is "
+                        "(3, 4)"]
+
+
+def test_mas_measures_its_importance_on_its_sample_budget():
+    from test_regularizers import context, model, task
+
+    from growth.regularizers import mas_importance, task_sample, task_view
+    from growth.strategies import make_strategy
+
+    t, m = task(0), model()
+    ctx = context(2, t, m)
+    s = make_strategy("mas", {"samples": 5})
+    s.consolidate(ctx)
+    view, names = task_view(ctx, t)
+    some = mas_importance(view, names, task_sample(ctx, t, 5)[0])
+    every = mas_importance(view, names, t.train[0])
+    for n in names:
+        torch.testing.assert_close(s.state[f"importance/all/{n}"], some[n])
+    assert any(not torch.allclose(some[n], every[n]) for n in names)
+
+
+# ---- metrics (continued) -----------------------------------------------------------------------
+def test_a_matrix_of_integers_is_held_as_floats():
+    m = RMatrix.from_list([[0, 1], [1, 0], [0, 0]])
+    m.record(2, 0, 0.5)
+    assert m.values.dtype == np.float64 and m.values[2, 0] == 0.5
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('"tasks": 3', "'tasks' must be a list, got the number 3"),
+    ('"tasks": ["a"], "config": [1]', "'config' (the resolved config) must be an object, "
+                                      "got a list"),
+])
+def test_read_metrics_names_the_file_and_key_of_a_mistyped_entry(tmp_path, entry, message):
+    run = _metrics_file(tmp_path, '{"run": {}, "R": [[0.5], [0.75]], ' + entry + "}")
+    with pytest.raises(ReportError) as err:
+        read_metrics(run)
+    assert str(err.value) == f"{run / 'metrics.json'}: {message}"
