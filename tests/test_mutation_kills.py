@@ -248,10 +248,12 @@ def test_weights_that_nearly_cancel_are_judged_against_all_of_their_mass():
     assert q.linear[0][1].dtype == torch.float32
 
 
-# ---- L2, MAS ----------------------------------------------------------------------------------
+# ---- L2, MAS, SI ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, checked, other", [
     ("l2", "anchor/latest", "importance/latest"),
     ("mas", "importance/all", "anchor/latest"),
+    ("si", "omega/all", "anchor/latest"),
+    ("si", "anchor/latest", "omega/all"),
 ])
 def test_checkpoint_state_must_have_its_parameters_shape(name, checked, other):
     from growth.strategies import make_strategy
