@@ -139,9 +139,8 @@ def _default_out(config: str) -> Path:
 def _run(args: argparse.Namespace) -> int:
     from growth.campaign import Campaign
     from growth.config import load_config
-    from growth.rundir import check_writable_dir
-
     from growth.errors import ConfigError
+    from growth.rundir import check_writable_dir
 
     cfg = load_config(args.config, args.overrides)  # validate before touching the disk
     if cfg.search is not None:  # else `growth resume` would take the run for a search

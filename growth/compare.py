@@ -194,17 +194,19 @@ def _progress(done: int, total: int, name: str, run: Path | None, error: str = "
 
 
 # ---- the table and the plots -----------------------------------------------------------------
-COLUMNS = ("ACC", "BWT", "FWT", "size vs base", "bytes vs base", "wall time (s)", "children",
-           "search time (s)")
-_DIGITS = (4, 4, 4, 3, 3, 1, 1, 1)
+# (heading in compare.md, column in compare.csv, digits shown), in _figures' order
+COLUMNS = (("ACC", "acc", 4), ("BWT", "bwt", 4), ("FWT", "fwt", 4),
+           ("size vs base", "size_relative", 3), ("bytes vs base", "bytes_relative", 3),
+           ("wall time (s)", "wall_time_s", 1), ("children", "children", 1),
+           ("search time (s)", "child_time_s", 1))
 
 
 def _figures(m: dict[str, Any]) -> list[float | None]:
     size = m["sizes"][-1] if m.get("sizes") else {}
     search = m.get("search") or {}
     return [m.get("acc"), m.get("bwt"), m.get("fwt"), size.get("relative"),
-            size.get("relative_bytes"), float(sum(m.get("wall_time_s") or [])), search.get("children"),
-            search.get("child_time_s")]
+            size.get("relative_bytes"), float(sum(m.get("wall_time_s") or [])),
+            search.get("children"), search.get("child_time_s")]
 
 
 def _curves(m: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -258,7 +260,7 @@ def _cell(stat: tuple[float | None, float | None], digits: int) -> str:
 
 
 def _markdown(plan: Plan, rows: list[tuple[str, int, list]]) -> str:
-    head = "| strategy | runs | " + " | ".join(COLUMNS) + " |"
+    head = "| strategy | runs | " + " | ".join(c[0] for c in COLUMNS) + " |"
     lines = [f"# {plan.config.name}", "",
              f"Base config `{plan.config.base}`, seeds {plan.config.seeds}; mean ± sample std "
              "over seeds. Size: final model's parameters (trunk, heads, adapters) over the base "
@@ -266,7 +268,7 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]]) -> str:
              "base's. Children: networks trained by a search, with their training time.", "",
              head, "|" + "---|" * (len(COLUMNS) + 2)]
     for label, n, stats in rows:
-        cells = [_cell(s, d) for s, d in zip(stats, _DIGITS)]
+        cells = [_cell(s, c[2]) for s, c in zip(stats, COLUMNS)]
         lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     lines += ["", "![accuracy](accuracy.png)", "", "![size](size.png)", "",
               "![ACC against size](acc_vs_size.png)", ""]
@@ -276,8 +278,8 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]]) -> str:
 def _csv(rows: list[tuple[str, int, list]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    keys = ["acc", "bwt", "fwt", "size_relative", "bytes_relative", "wall_time_s", "children", "child_time_s"]
-    w.writerow(["strategy", "runs", *(f"{k}_{s}" for k in keys for s in ("mean", "std"))])
+    w.writerow(["strategy", "runs",
+                *(f"{c[1]}_{s}" for c in COLUMNS for s in ("mean", "std"))])
     for label, n, stats in rows:
         w.writerow([label, n, *("" if v is None else repr(v) for st in stats for v in st)])
     return buf.getvalue()
