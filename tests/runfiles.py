@@ -101,3 +101,28 @@ def install_example(site: Path) -> None:
     modules = {m: (EXAMPLE_PLUGIN / f"{m}.py").read_text()
                for m in project["tool"]["setuptools"]["py-modules"]}
     install(site, meta["name"], meta["version"], modules, meta["entry-points"])
+
+
+def kill_after_first_checkpoint(config: Path, out: Path, last_task: int) -> Path:
+    """Start `growth run CONFIG --out OUT` as a process, SIGKILL it as soon as a task's
+    checkpoint exists, and return that checkpoint (the run must not have reached its last
+    task, else nothing was interrupted)."""
+    import signal
+    import sys
+    import time
+
+    from growth.campaign import latest_checkpoint
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "run", str(config), "--out",
+                             str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = latest_checkpoint(out)
+    assert done is not None, proc.stderr.read().decode() if proc.stderr else ""
+    assert done.name != f"task_{last_task:03d}", "the run finished before it could be killed"
+    return done

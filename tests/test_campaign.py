@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from runfiles import kill_after_first_checkpoint
 
-from growth.campaign import Campaign, latest_checkpoint, resume_run
+from growth.campaign import Campaign, resume_run
 from growth.cli import main
 from growth.config import load_config
 from growth.errors import CheckpointError, ConfigError, RunDirError
@@ -87,18 +83,7 @@ def test_resume_after_real_kill_gives_same_R(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", data__n_tasks=4, data__max_train_per_task=None,
                        train__epochs=8)
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "run", str(cfg), "--out",
-                             str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = latest_checkpoint(out)
-    assert done is not None, proc.stderr.read().decode() if proc.stderr else ""
-    assert done.name != "task_003", "the run finished before it could be killed"
+    kill_after_first_checkpoint(cfg, out, last_task=3)
     assert not (out / "checkpoints" / "task_003").exists()
     assert main(["resume", str(out), "--quiet"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())

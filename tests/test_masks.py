@@ -4,18 +4,14 @@ weight has one owner, pruned weights stay zero, resume after a kill gives the sa
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from runfiles import kill_after_first_checkpoint
 
-from growth.campaign import Campaign, Progress, latest_checkpoint
+from growth.campaign import Campaign, Progress
 from growth.config import validate_config
 from growth.errors import ConfigError
 from growth.masks import prune_smallest
@@ -179,18 +175,7 @@ def test_resume_after_a_real_kill_gives_the_same_r_matrix(key: str, tmp_path: Pa
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "run", str(path), "--out",
-                             str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = latest_checkpoint(out)
-    assert done is not None, proc.stderr.read().decode() if proc.stderr else ""
-    assert done.name != "task_003", "the run finished before it could be killed"
+    kill_after_first_checkpoint(path, out, last_task=3)
     from growth.cli import main
 
     assert main(["resume", str(out), "--quiet"]) == 0

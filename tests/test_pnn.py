@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from runfiles import kill_after_first_checkpoint
 
-from growth.campaign import Campaign, latest_checkpoint, resume_run
+from growth.campaign import Campaign, resume_run
 from growth.compile import compile_graph
 from growth.config import load_config, validate_config
 from growth.data.containers import Task
@@ -567,18 +563,7 @@ def test_resume_after_a_real_kill_gives_the_same_R(tmp_path: Path) -> None:
                                                   "max_train_per_task": None},
                        train={**TINY["train"], "epochs": 8})
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "run", str(cfg), "--out",
-                             str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = latest_checkpoint(out)
-    assert done is not None, proc.stderr.read().decode() if proc.stderr else ""
-    assert done.name != "task_003", "the run finished before it could be killed"
+    kill_after_first_checkpoint(cfg, out, last_task=3)
     resumed = resume_run(out)
     full = Campaign(load_config(cfg), tmp_path / "full").start()
     assert resumed["R"] == full["R"] and resumed["bwt"] == 0.0

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from runfiles import kill_after_first_checkpoint
 from safetensors.torch import load, save
 from test_campaign import run, write_config
 from test_strategies import class_incremental, context, make_task, mlp, perturb, synthetic
 
-from growth.campaign import Campaign, latest_checkpoint, resume_run
+from growth.campaign import Campaign, resume_run
 from growth.cli import main
 from growth.config import load_config
 from growth.data.containers import Task
@@ -392,18 +388,7 @@ def test_the_memory_survives_a_kill_and_resume_to_the_same_R(tmp_path):
                        data={"dataset": "digits", "stream": "split", "n_tasks": 5},
                        strategy={"name": "icarl", "memory": 100})
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "growth.cli", "run", str(cfg), "--out",
-                             str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = latest_checkpoint(out)
-    assert done is not None, proc.stderr.read().decode() if proc.stderr else ""
-    assert done.name != "task_004", "the run finished before it could be killed"
+    kill_after_first_checkpoint(cfg, out, last_task=4)
     assert main(["resume", str(out), "--quiet"]) == 0
     resumed = json.loads((out / "metrics.json").read_text())
     full = run(cfg, tmp_path / "full")
