@@ -286,6 +286,37 @@ def test_mas_measures_its_importance_on_its_sample_budget():
     assert any(not torch.allclose(some[n], every[n]) for n in names)
 
 
+def test_si_in_a_bare_fit_starts_its_path_sums_at_the_first_step():
+    """`fit` without `learn_task` (no before_task): SI starts its sums at the first backward.
+    Plain SGD moves each weight by -lr g, so the path sum is lr * sum g^2, by hand."""
+    from test_strategies import context, mlp, synthetic
+
+    from growth.strategies import make_strategy
+    from growth.train import TrainConfig, fit
+
+    tasks, model = synthetic(1), mlp(n_heads=1, hidden=4)
+    ctx = context(model, tasks, 0)
+    s = make_strategy("si", {"xi": 1e-3})
+    params = model.named_parameters()
+    start = {n: p.detach().clone() for n, p in params.items()}
+    squares = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def add_square(name: str):
+        def hook(grad: torch.Tensor) -> None:
+            squares[name].add_(grad.square())
+        return hook
+
+    for n, p in params.items():
+        p.register_hook(add_square(n))
+    fit(ctx, s, TrainConfig(epochs=2, batch_size=12, lr=0.2, momentum=0.0), seed=0)
+    s.consolidate(ctx)
+    for n, p in params.items():
+        delta = p.detach() - start[n]
+        assert delta.abs().max() > 1e-3  # every parameter moved
+        torch.testing.assert_close(s.state[f"omega/all/{n}"], 0.2 * squares[n] / (
+            delta.square() + 1e-3), rtol=1e-4, atol=1e-7)
+
+
 # ---- metrics (continued) -----------------------------------------------------------------------
 def test_a_matrix_of_integers_is_held_as_floats():
     m = RMatrix.from_list([[0, 1], [1, 0], [0, 0]])

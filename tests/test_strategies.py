@@ -386,7 +386,7 @@ def test_si_path_integral_and_importance_match_a_hand_computation():
 
 def test_si_follows_a_model_grown_in_the_middle_of_a_task():
     tasks, model = synthetic(2), mlp(n_heads=2, hidden=4)
-    s = make_strategy("si", {"xi": 0.2})
+    s = make_strategy("si", {"xi": 1e-3})  # small: Delta, not xi, sets Omega
     ctx = context(model, tasks, 0)
     ctx.strategy = s
     x, y = tasks[0].train
@@ -412,10 +412,10 @@ def test_si_follows_a_model_grown_in_the_middle_of_a_task():
         omega_cols[:, j] += 0.1 * g1["features.weight"][:, j] ** 2 / copies[j]
     for n, omega, first in (("fc1.weight", omega_rows, first_rows),
                             ("features.weight", omega_cols, first_cols)):
-        expect = omega / ((end[n].detach() - first) ** 2 + 0.2)
+        expect = omega / ((end[n].detach() - first) ** 2 + 1e-3)
         torch.testing.assert_close(s.state[state_key("omega", "all", n)], expect)
     omega = 0.1 * (g1["head0.weight"] ** 2 + g2["head0.weight"] ** 2)  # untouched by the change
-    expect = omega / ((end["head0.weight"].detach() - start["head0.weight"]) ** 2 + 0.2)
+    expect = omega / ((end["head0.weight"].detach() - start["head0.weight"]) ** 2 + 1e-3)
     torch.testing.assert_close(s.state[state_key("omega", "all", "head0.weight")], expect)
 
 
