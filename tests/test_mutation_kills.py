@@ -248,17 +248,23 @@ def test_weights_that_nearly_cancel_are_judged_against_all_of_their_mass():
     assert q.linear[0][1].dtype == torch.float32
 
 
-# ---- L2, MAS, SI ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, checked, other", [
-    ("l2", "anchor/latest", "importance/latest"),
-    ("mas", "importance/all", "anchor/latest"),
-    ("si", "omega/all", "anchor/latest"),
-    ("si", "anchor/latest", "omega/all"),
+# ---- L2, MAS, SI (and the shapes of EWC's and MWC's state) -------------------------------------
+@pytest.mark.parametrize("name, params, checked, other", [
+    ("l2", {}, "anchor/latest", "importance/latest"),
+    ("mas", {}, "importance/all", "anchor/latest"),
+    ("si", {}, "omega/all", "anchor/latest"),
+    ("si", {}, "anchor/latest", "omega/all"),
+    ("ewc", {}, "fisher/0", "anchor/0"),
+    ("ewc", {}, "anchor/0", "fisher/0"),
+    ("ewc", {"mode": "online"}, "fisher/all", "anchor/latest"),
+    ("ewc", {"mode": "online"}, "anchor/latest", "fisher/all"),
+    ("mwc", {}, "fisher/0", "anchor/0"),
+    ("mwc", {}, "anchor/0", "fisher/0"),
 ])
-def test_checkpoint_state_must_have_its_parameters_shape(name, checked, other):
+def test_checkpoint_state_must_have_its_parameters_shape(name, params, checked, other):
     from growth.strategies import make_strategy
 
-    s = make_strategy(name, {})
+    s = make_strategy(name, params)
     graph = {"fc.weight": torch.zeros(3, 4)}
     fits = {f"{checked}/fc.weight": torch.zeros(3, 4), f"{other}/fc.weight": torch.ones(3, 4)}
     assert s.check_state(fits, {"tasks": [0]}, graph, 1) == []
@@ -334,3 +340,205 @@ def test_read_metrics_names_the_file_and_key_of_a_mistyped_entry(tmp_path, entry
     with pytest.raises(ReportError) as err:
         read_metrics(run)
     assert str(err.value) == f"{run / 'metrics.json'}: {message}"
+
+
+# ---- EWC (and the quadratic strategies' base) --------------------------------------------------
+TRUNK = ["fc1.weight", "fc1.bias", "features.weight", "features.bias"]
+
+
+def test_quadratic_state_check_wants_extra_tasks_to_list_the_finished_tasks():
+    from growth.strategies import make_strategy
+
+    s = make_strategy("ewc", {})
+    graph = {"fc.weight": torch.zeros(3, 4)}
+    assert s.check_state({}, {}, graph, 0) == []  # nothing finished: no 'tasks' needed
+    fits = {"fisher/0/fc.weight": torch.ones(3, 4), "anchor/0/fc.weight": torch.zeros(3, 4)}
+    assert s.check_state(fits, {"tasks": [0]}, graph, 1) == []
+    assert s.check_state(fits, {"tasks": [1]}, graph, 1) == [
+        "extra 'tasks' is [1], expected the 1 finished tasks [0]"]
+
+
+def test_loading_state_rebuilds_the_penalty_from_the_loaded_tensors():
+    """Fisher c on the trunk, anchors 0: the penalty is (lambda/2) c sum theta^2 over the trunk,
+    for whichever state was loaded last (no terms merged from the previous one are reused)."""
+    from test_strategies import context, mlp, synthetic
+
+    from growth.strategies import make_strategy
+
+    tasks, model = synthetic(2), mlp(n_heads=2)
+    ctx = context(model, tasks, 1)
+    params = model.named_parameters()
+    squares = sum(float(params[n].detach().square().sum()) for n in TRUNK)
+    s = make_strategy("ewc", {"lambda": 4.0})
+    for c in (1.0, 3.0):
+        s.load_state_dict({**{f"fisher/0/{n}": torch.full_like(params[n], c) for n in TRUNK},
+                           **{f"anchor/0/{n}": torch.zeros_like(params[n]) for n in TRUNK}},
+                          {"tasks": [0]})
+        assert float(s.penalty(ctx).detach()) == pytest.approx(2.0 * c * squares, rel=1e-5)
+
+
+def _online_state(params: dict, names: list[str], fisher: torch.Tensor | float) -> dict:
+    return {**{f"fisher/all/{n}": torch.full(params[n].shape, fisher, dtype=torch.float64)
+               for n in names},
+            **{f"anchor/latest/{n}": params[n].detach().clone() for n in names}}
+
+
+def test_online_ewc_adds_a_loaded_double_fisher_in_the_new_fishers_precision():
+    """F <- gamma F + F_new on the task's sample budget (5 of 36), held as float32 like the
+    parameters even when the running sum was loaded as float64."""
+    from test_strategies import context, mlp, synthetic
+
+    from growth.regularizers import task_fisher
+    from growth.strategies import make_strategy
+
+    tasks, model = synthetic(2), mlp(n_heads=2)
+    ctx = context(model, tasks, 1)
+    params = model.named_parameters()
+    s = make_strategy("ewc", {"mode": "online", "gamma": 0.5, "fisher_samples": 5})
+    s.load_state_dict(_online_state(params, [*TRUNK, "head0.weight"], 2.0), {"tasks": [0]})
+    s.consolidate(ctx)
+    new, every = task_fisher(ctx, tasks[1], 5), task_fisher(ctx, tasks[1], None)
+    assert any(not torch.allclose(new[n], every[n]) for n in new)
+    assert s.finished() == [0, 1]
+    for n in new:
+        running = s.state[f"fisher/all/{n}"]
+        assert running.dtype == torch.float32, n
+        old = 2.0 if n in TRUNK else 0.0
+        torch.testing.assert_close(running, 0.5 * old + new[n])
+    assert torch.equal(s.state["fisher/all/head0.weight"],
+                       torch.full(params["head0.weight"].shape, 1.0, dtype=torch.float64))
+
+
+def test_online_ewc_refuses_a_running_fisher_of_another_shape_by_name():
+    from test_strategies import context, mlp, synthetic
+
+    from growth.errors import ShapeError
+    from growth.strategies import make_strategy
+
+    tasks, model = synthetic(2), mlp(n_heads=2)
+    ctx = context(model, tasks, 1)
+    params = model.named_parameters()
+    s = make_strategy("ewc", {"mode": "online"})
+    state = _online_state(params, TRUNK, 1.0)
+    state["fisher/all/features.weight"] = torch.ones(5, 12)
+    s.load_state_dict(state, {"tasks": [0]})
+    with pytest.raises(ShapeError, match=r"^state of parameter 'features.weight' has shapes "
+                                         r"\(5, 12\) and \(12, 12\)"):
+        s.consolidate(ctx)
+
+
+@pytest.mark.parametrize("name", ["ewc", "mwc"])
+def test_separate_fishers_are_measured_on_the_sample_budget(name):
+    from test_strategies import context, mlp, synthetic
+
+    from growth.regularizers import task_fisher
+    from growth.strategies import make_strategy
+
+    tasks, model = synthetic(1), mlp(n_heads=1)
+    ctx = context(model, tasks, 0)
+    s = make_strategy(name, {"fisher_samples": 5})
+    s.consolidate(ctx)
+    some, every = task_fisher(ctx, tasks[0], 5), task_fisher(ctx, tasks[0], None)
+    assert any(not torch.allclose(some[n], every[n]) for n in some)
+    assert s.finished() == [0]
+    for n, f in some.items():
+        torch.testing.assert_close(s.state[f"fisher/0/{n}"], f)
+
+
+def test_state_of_another_shape_than_its_parameter_is_refused_naming_the_strategy():
+    from test_strategies import context, mlp, synthetic
+
+    from growth.errors import ShapeError
+    from growth.strategies import make_strategy
+
+    tasks, model = synthetic(1), mlp(n_heads=1)
+    s = make_strategy("ewc", {})
+    s.state = {"fisher/0/fc1.weight": torch.ones(3, 3)}
+    with pytest.raises(ShapeError, match=r"^ewc state 'fisher/0/fc1.weight' has shape \(3, 3\) "
+                                         r"but parameter 'fc1.weight' now has \(12, 16\)"):
+        s.follow(context(model, tasks, 0), [])
+
+
+# ---- MWC ---------------------------------------------------------------------------------------
+def test_fisher_cosine_of_tiny_fishers_is_their_angle():
+    """cos([a, 0], [a, a]) = 1/sqrt(2) at any scale a: Fishers of a saturated network are tiny,
+    and their relatedness must not collapse towards 0."""
+    from growth.strategies.mwc import fisher_cosine
+
+    for a in (1.0, 1e-12):
+        x, y = {"w": torch.tensor([a, 0.0])}, {"w": torch.tensor([a, a])}
+        assert fisher_cosine(x, y, ["w"]) == pytest.approx(1 / math.sqrt(2), rel=1e-9)
+
+
+def test_fisher_cosine_over_no_shared_parameter_is_zero():
+    from growth.strategies.mwc import fisher_cosine
+
+    one = {"a": torch.ones(2)}
+    assert fisher_cosine(one, {"b": torch.ones(2)}, ["a", "b"]) == 0.0
+    assert fisher_cosine(one, one, []) == 0.0
+
+
+def test_fisher_cosine_refuses_fishers_of_two_shapes_by_name():
+    from growth.errors import ShapeError
+    from growth.strategies.mwc import fisher_cosine
+
+    with pytest.raises(ShapeError, match=r"^state of parameter 'fc1.bias' has shapes \(2,\) "
+                                         r"and \(3,\)"):
+        fisher_cosine({"fc1.bias": torch.ones(2)}, {"fc1.bias": torch.ones(3)}, ["fc1.bias"])
+
+
+def test_relatedness_weights_are_a_double_precision_scaled_softmax():
+    from growth.strategies.mwc import relatedness_weights
+
+    r, beta = [0.1, 0.25, 0.7], 3.0
+    e = [math.exp(beta * v) for v in r]
+    w = relatedness_weights(r, beta)
+    assert w == pytest.approx([3 * v / sum(e) for v in e], rel=1e-13)
+    assert relatedness_weights([], beta) == []
+
+
+def test_mwc_records_empty_relatedness_for_its_first_task():
+    from test_strategies import context, mlp, synthetic
+
+    from growth.strategies import make_strategy
+
+    tasks, model = synthetic(1), mlp(n_heads=1)
+    s = make_strategy("mwc", {})
+    s.before_task(context(model, tasks, 0))
+    assert s.extra == {"relatedness": {"0": {"tasks": [], "r": [], "w": []}}}
+
+
+def test_mwc_relatedness_uses_the_new_tasks_fisher_on_the_sample_budget():
+    """r_0 = cosine over the trunk of F_0 (here all ones) and F^_1 on 5 of task 1's samples."""
+    from test_strategies import context, mlp, synthetic
+
+    from growth.regularizers import task_fisher
+    from growth.strategies import make_strategy
+
+    tasks, model = synthetic(2), mlp(n_heads=2)
+    ctx = context(model, tasks, 1)
+    params = model.named_parameters()
+    s = make_strategy("mwc", {"fisher_samples": 5})
+    s.load_state_dict({**{f"fisher/0/{n}": torch.ones_like(params[n]) for n in TRUNK},
+                       **{f"anchor/0/{n}": params[n].detach().clone() for n in TRUNK}},
+                      {"tasks": [0]})
+    s.before_task(ctx)
+
+    def cosine_with_ones(fisher: dict) -> float:
+        v = torch.cat([fisher[n].flatten() for n in TRUNK]).double()
+        return float(v.sum() / (v.norm() * math.sqrt(v.numel())))
+
+    r = cosine_with_ones(task_fisher(ctx, tasks[1], 5))
+    assert r != pytest.approx(cosine_with_ones(task_fisher(ctx, tasks[1], None)), rel=1e-3)
+    assert s.extra["relatedness"]["1"] == {"tasks": [0], "r": pytest.approx([r], rel=1e-9),
+                                           "w": [1.0]}
+
+
+# ---- strategy base -----------------------------------------------------------------------------
+def test_the_base_loss_hook_is_cross_entropy():
+    from growth.strategies import make_strategy
+
+    s = make_strategy("finetune", {})
+    logits, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    by_hand = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(1.0))) / 2
+    assert float(s.loss(None, None, y, logits)) == pytest.approx(by_hand, rel=1e-6)
