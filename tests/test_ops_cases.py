@@ -252,3 +252,32 @@ def test_operators_never_change_their_input(apply) -> None:
     result = apply(g)
     assert_unchanged(g, snap)
     assert result.graph is not g
+
+
+# ---- noisy widening --------------------------------------------------------------------------
+def test_noise_scales_each_new_incoming_weight_by_one_plus_uniform() -> None:
+    g = mlp(hidden=3)
+    noise = 0.5
+    noisy = net2wider(g, "l1", 203, noise=noise, seed=6).graph.node("l1").tensors
+    exact = net2wider(g, "l1", 203, seed=6).graph.node("l1").tensors  # same mapping, no noise
+    assert torch.equal(noisy["weight"][:3], exact["weight"][:3])
+    assert torch.equal(noisy["bias"], exact["bias"])  # biases are copied exactly
+    u = (noisy["weight"][3:] / exact["weight"][3:] - 1) / noise  # 400 draws of U(-1, 1)
+    assert float(u.abs().max()) <= 1 + 1e-5
+    assert float(u.min()) < -0.9 and float(u.max()) > 0.9 and abs(float(u.mean())) < 0.1
+
+
+def test_noisy_widening_is_reproducible_from_its_seed() -> None:
+    g = mlp(hidden=3)
+    first, again, other = (net2wider(g, "l1", 9, noise=0.1, seed=s).graph.node("l1")
+                           .tensors["weight"] for s in (2, 2, 3))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_noisy_widening_keeps_the_graphs_dtype() -> None:
+    g = mlp(hidden=3)
+    for name in ("l1", "l2"):
+        node = g.node(name)
+        node.tensors = {k: v.to(torch.bfloat16) for k, v in node.tensors.items()}
+    new = net2wider(g, "l1", 6, noise=0.1, seed=1).graph
+    assert {t.dtype for t in new.named_tensors().values()} == {torch.bfloat16}

@@ -437,3 +437,122 @@ def test_random_modern_networks_keep_their_function_under_chains(graph: NetGraph
             pruned = prune_units(current, group.node, group.width - group.block).graph
             pruned.validate()
             assert outputs(pruned, x)[current.heads[0]].shape == before[graph.heads[0]].shape
+
+
+# ---- nodes the walk crosses or refuses, one kind at a time ----------------------------------
+def _refusal(g: NetGraph, node: str) -> str:
+    with pytest.raises(OperatorError) as info:
+        net2wider(g, node, 5)
+    return str(info.value)
+
+
+def _walk_through(kind: str, **attrs) -> NetGraph:
+    """x (2, 3, 3) -> c (3 channels) -> one `kind` node -> p -> head."""
+    g = NetGraph()
+    g.add_input("x", (2, 3, 3))
+    g.add("c", "conv2d", ["x"], out_channels=3, kernel_size=1)
+    g.add("k", kind, ["c"], **attrs)
+    if len(g.shape("k")) == 3:
+        g.add("p", "conv2d", ["k"], out_channels=2, kernel_size=1)
+        _head(g, "p")
+    else:
+        _head(g, "k")
+    return randomize(g, 12)
+
+
+@pytest.mark.parametrize("kind,attrs", [
+    ("pad", {"pad": [1, 0, 0, 2], "value": 0.5}),  # W before by 1, H after by 2
+    ("mean", {"dims": [-2, -1]}),  # a global average pool written as a mean
+    ("mean", {"dims": [2], "keepdim": True}),
+    ("getitem", {"index": [[None, None, None], [1, 3, None]]}),  # channels taken whole
+    ("getitem", {"index": [[None, None, None], 2]}),  # one row, H = 2: (C, W)
+    ("scale", {"shape": [1, 1, 1]}),  # one gate shared by every channel
+    ("scale", {"shape": [3]}),  # one value per column: broadcast along W, not the channels
+], ids=["pad-spatial", "mean-spatial", "mean-keepdim", "getitem-whole", "getitem-row",
+        "scale-scalar", "scale-per-column"])
+def test_nodes_that_leave_the_channels_whole_are_crossed_exactly(kind: str, attrs) -> None:
+    g = _walk_through(kind, **attrs)
+    group = find_group(g, "c")
+    assert group.region[0] == "k" and group.consumers == (("p",) if "p" in g else ("fc",))
+    result = net2wider(g, "c", 5, seed=1)
+    assert result.graph.shape("k")[0] == 5
+    assert not any(name.startswith("k.") for name in result.record.resized)  # nothing to gather
+    assert preserved(g, result.graph) <= TOL
+
+
+@pytest.mark.parametrize("kind,attrs,why", [
+    ("pad", {"pad": [0, 0, 0, 0, 0, 1]}, "pads along the channels"),
+    ("pad", {"pad": [0, 0, 0, 0, 1, 0]}, "pads along the channels"),
+    ("mean", {"dims": [-3], "keepdim": True}, "averages over the channels"),
+    ("getitem", {"index": [1]}, "slices the channels"),
+    ("getitem", {"index": [[0, 2, None]]}, "slices the channels"),
+], ids=["pad-after", "pad-before", "mean-channels", "getitem-pick", "getitem-slice"])
+def test_nodes_that_change_the_channel_axis_refuse_with_the_whole_reason(kind, attrs, why):
+    g = _walk_through(kind, **attrs)
+    assert _refusal(g, "c") == f"net2wider('c'): cannot resize 'c': its channels reach {kind} " \
+        f"'k', which {why}"
+
+
+def test_a_class_token_prepended_along_the_channels_is_refused() -> None:
+    g = NetGraph()
+    g.add_input("x", (3, 4, 4))
+    g.add("patch", "conv2d", ["x"], out_channels=6, kernel_size=2, stride=2)
+    g.add("seq", "reshape", ["patch"], shape=[6, 4])  # channels stay on axis 0
+    g.add("cls", "class_token", ["seq"], shape=[1, 1, 4])  # (7, 4): a token row per channel
+    g.add("mlp", "linear", ["cls"], out_features=5)
+    g.add("first", "getitem", ["mlp"], index=[0])
+    g.add("head", "linear", ["first"], out_features=2)
+    g.add_output("out", "head")
+    randomize(g, 3)
+    assert _refusal(g, "patch") == ("net2wider('patch'): cannot resize 'patch': its channels "
+                                    "reach class_token 'cls', which prepends tokens along the "
+                                    "channel axis")
+
+
+def test_norms_and_reshapes_that_split_channels_give_their_whole_reason() -> None:
+    g = vit_like(norm=True)
+    assert _refusal(g, "patch") == (
+        "net2wider('patch'): cannot resize 'patch': its channels reach layernorm 'ln', which "
+        "normalises over the features: copies of a unit would change its mean and variance, so "
+        "widening through it cannot keep the function")
+    g = _walk_through("reshape", shape=[3, 9])
+    assert feature_axes(g)["k"] == 0
+    g = NetGraph()
+    g.add_input("x", (2, 3, 3))
+    g.add("c", "conv2d", ["x"], out_channels=4, kernel_size=1)
+    g.add("k", "reshape", ["c"], shape=[2, 18])
+    g.add("fc", "linear", ["k"], out_features=2)
+    g.add_output("out", "fc")
+    assert _refusal(g, "c") == ("net2wider('c'): cannot resize 'c': its channels reach reshape "
+                                "'k', which splits the channel axis or merges it with another")
+
+
+def test_indexing_moves_or_drops_the_feature_axis_by_hand() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 3, 3))
+    g.add("c", "conv2d", ["x"], out_channels=4, kernel_size=1)  # (4, 3, 3), channels on 0
+    index = {"whole": [[None, None, None], [1, 3, None]], "row": [[0, 4, 1], 2],
+             "sliced": [[0, 2, None]], "stepped": [[0, 4, 2]], "picked": [1],
+             "shifted": [[1, 4, 1]]}
+    for name, idx in index.items():
+        g.add(name, "getitem", ["c"], index=idx)
+    g.add("t", "permute", ["c"], dims=[1, 2, 0])  # (3, 3, 4), channels last
+    g.add("t_row", "getitem", ["t"], index=[1])  # (3, 4): channels move to axis 1
+    g.add("t_cut", "getitem", ["t"], index=[1, [None, None, None], [0, 3, None]])
+    axes = feature_axes(g)
+    assert {n: axes[n] for n in (*index, "t", "t_row", "t_cut")} == {
+        "whole": 0, "row": 0, "sliced": None, "stepped": None, "picked": None, "shifted": None,
+        "t": 2, "t_row": 1, "t_cut": None}
+
+
+def test_the_cost_of_widening_through_a_grouped_conv_by_hand() -> None:
+    g = grouped_net()
+    # c: 8 -> 16 rows of 3 weights + bias; bn: 8 more gammas and betas (running stats are
+    # buffers); gc: 2 more groups of 4 filters of 4 x 3 x 3 + bias; gc_bn: 8 more affine pairs;
+    # p: 8 more input columns of its 2 filters
+    added = 8 * (3 + 1) + 8 * 2 + 8 * (4 * 9 + 1) + 8 * 2 + 2 * 8
+    assert widening_cost(g, "c", 16) == added
+    assert net2wider(g, "c", 16, seed=0).graph.param_count() - g.param_count() == added
+    with pytest.raises(OperatorError) as info:
+        widening_cost(g, "c", 7)
+    assert str(info.value).startswith("resize('c'): its channels feed grouped convolutions")

@@ -31,6 +31,24 @@ PLUGIN = textwrap.dedent('''
     BARE = Bare()
     NOT_AN_OP = 42
     IDENTITY_CLASH = Operator("net2wider", "takes a built-in's name", _same)
+
+    class Nameless:
+        description = "callable, but with no name"
+
+        def __call__(self, graph):
+            return OpResult(graph.copy(), ChangeRecord("nameless"))
+
+    class Undescribed:
+        name = "undescribed_op"
+
+        def __call__(self, graph):
+            return OpResult(graph.copy(), ChangeRecord("undescribed_op"))
+
+    class Inert:
+        name = "inert_op"
+        description = "a name and a description, but nothing to call"
+
+    NAMELESS, UNDESCRIBED, INERT = Nameless(), Undescribed(), Inert()
 ''')
 
 
@@ -48,17 +66,12 @@ def test_get_operator_applies_the_builtin() -> None:
     assert result.record.op == "net2wider"
 
 
-@pytest.fixture
-def plugins(tmp_path, monkeypatch):
+def install(tmp_path, monkeypatch, entries: list[tuple[str, str]]) -> list[dict]:
+    """Entry points `entries` (name, "module:attr") of the operator group, over PLUGIN; returns
+    the keyword arguments each lookup was made with."""
     (tmp_path / "fake_growth_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
-    eps = [md.EntryPoint(name, value, reg.ENTRY_POINT_GROUP) for name, value in [
-        ("identity", "fake_growth_plugin:IDENTITY"),
-        ("bare", "fake_growth_plugin:BARE"),
-        ("wrong", "fake_growth_plugin:NOT_AN_OP"),
-        ("missing", "no_such_module_anywhere:OP"),
-        ("clash", "fake_growth_plugin:IDENTITY_CLASH"),
-    ]]
+    eps = [md.EntryPoint(name, value, reg.ENTRY_POINT_GROUP) for name, value in entries]
     seen = []
 
     def entry_points(**kwargs):
@@ -67,6 +80,17 @@ def plugins(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plugin_loader.metadata, "entry_points", entry_points)
     return seen
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch):
+    return install(tmp_path, monkeypatch, [
+        ("identity", "fake_growth_plugin:IDENTITY"),
+        ("bare", "fake_growth_plugin:BARE"),
+        ("wrong", "fake_growth_plugin:NOT_AN_OP"),
+        ("missing", "no_such_module_anywhere:OP"),
+        ("clash", "fake_growth_plugin:IDENTITY_CLASH"),
+    ])
 
 
 def test_entry_point_plugins_show_up_and_broken_ones_only_warn(plugins) -> None:
@@ -96,3 +120,16 @@ def test_register_refuses_a_taken_name_unless_replaced() -> None:
         assert get_operator("net2wider") is op
     finally:
         register(original, replace=True)
+
+
+@pytest.mark.parametrize("attr", ["NOT_AN_OP", "NAMELESS", "UNDESCRIBED", "INERT"])
+def test_a_plugin_needs_a_callable_with_a_name_and_a_description(tmp_path, monkeypatch, attr):
+    install(tmp_path, monkeypatch, [("odd", f"fake_growth_plugin:{attr}")])
+    with pytest.warns(RuntimeWarning) as caught:
+        ops = available_operators()
+    assert set(ops) == set(reg._BUILTIN)  # skipped: none of them is an operator
+    (warning,) = caught
+    assert str(warning.message) == (
+        f"growth.ops plug-in 'odd' (fake_growth_plugin:{attr}) could not be loaded: TypeError: "
+        f"odd = fake_growth_plugin:{attr} is neither an Operator nor a callable with str `name` "
+        "and `description` attributes")
