@@ -386,6 +386,11 @@ def _resize_region(graph: NetGraph, name: str, local: dict[str, torch.Tensor],
         shape = list(node.attrs["shape"])
         shape[group.axes[name]] = len(idx)
         node.attrs["shape"] = shape
+    elif node.kind == "getitem":  # a whole-axis slice written with bounds (0:C) must span C'
+        index, axis = list(node.attrs["index"]), group.axes[graph.inputs(name)[0]]
+        if axis < len(index):
+            index[axis] = [None, None, None]
+            node.attrs["index"] = index
     else:
         _resize_channelwise(node, idx, changes)
 
