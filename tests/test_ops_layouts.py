@@ -556,3 +556,16 @@ def test_the_cost_of_widening_through_a_grouped_conv_by_hand() -> None:
     with pytest.raises(OperatorError) as info:
         widening_cost(g, "c", 7)
     assert str(info.value).startswith("resize('c'): its channels feed grouped convolutions")
+
+
+@pytest.mark.parametrize("index", [[[0, 3, 1]], [[0, 3, None], [1, 3, None]], [[None, 3, None]],
+                                   [[None, None, None], 2]])
+def test_a_whole_channel_slice_with_explicit_bounds_spans_the_new_width(index) -> None:
+    g = _walk_through("getitem", index=index)  # 0:3 of 3 channels takes them all
+    for width in (5, 2):
+        result = (net2wider(g, "c", width, seed=2) if width > 3 else
+                  prune_units(g, "c", width, scores=torch.tensor([3.0, 1.0, 2.0])))
+        result.graph.validate()
+        assert result.graph.shape("k") == (width, *g.shape("k")[1:])
+        if width > 3:
+            assert preserved(g, result.graph) <= TOL
