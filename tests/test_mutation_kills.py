@@ -356,6 +356,10 @@ def test_quadratic_state_check_wants_extra_tasks_to_list_the_finished_tasks():
     assert s.check_state(fits, {"tasks": [0]}, graph, 1) == []
     assert s.check_state(fits, {"tasks": [1]}, graph, 1) == [
         "extra 'tasks' is [1], expected the 1 finished tasks [0]"]
+    foreign = {**fits, "importance/0/fc.weight": torch.ones(3, 4)}
+    assert s.check_state(foreign, {"tasks": [0]}, graph, 1) == [
+        "tensor 'importance/0/fc.weight' does not belong to strategy 'ewc' (it stores only "
+        "['anchor', 'fisher']); is this another run's or another strategy's file?"]
 
 
 def test_loading_state_rebuilds_the_penalty_from_the_loaded_tensors():
@@ -375,6 +379,41 @@ def test_loading_state_rebuilds_the_penalty_from_the_loaded_tensors():
                            **{f"anchor/0/{n}": torch.zeros_like(params[n]) for n in TRUNK}},
                           {"tasks": [0]})
         assert float(s.penalty(ctx).detach()) == pytest.approx(2.0 * c * squares, rel=1e-5)
+
+
+def test_penalty_terms_are_merged_once_per_compiled_model(monkeypatch):
+    """Two batches on one model merge the terms once; a recompiled model (new module, here
+    with its trunk doubled) gets terms of its own: (lambda/2) sum (2 theta)^2 = 4x before."""
+    from test_strategies import context, mlp, synthetic
+
+    from growth.regularizers import build_quadratic
+    from growth.strategies import ewc, make_strategy
+
+    builds = []
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return build_quadratic(*args, **kwargs)
+
+    monkeypatch.setattr(ewc, "build_quadratic", counted)
+    tasks, model = synthetic(2), mlp(n_heads=2)
+    ctx = context(model, tasks, 1)
+    params = model.named_parameters()
+    squares = sum(float(params[n].detach().square().sum()) for n in TRUNK)
+    s = make_strategy("ewc", {"lambda": 4.0})
+    s.load_state_dict({**{f"fisher/0/{n}": torch.ones_like(params[n]) for n in TRUNK},
+                       **{f"anchor/0/{n}": torch.zeros_like(params[n]) for n in TRUNK}},
+                      {"tasks": [0]})
+    for _ in range(2):
+        assert float(s.penalty(ctx).detach()) == pytest.approx(2.0 * squares, rel=1e-5)
+    assert len(builds) == 1
+    model.replace_graph(model.graph)
+    with torch.no_grad():
+        for n in TRUNK:
+            model.named_parameters()[n].mul_(2.0)
+    for _ in range(2):
+        assert float(s.penalty(ctx).detach()) == pytest.approx(8.0 * squares, rel=1e-5)
+    assert len(builds) == 2
 
 
 def _online_state(params: dict, names: list[str], fisher: torch.Tensor | float) -> dict:
