@@ -10,7 +10,7 @@ import pytest
 import yaml
 from runfiles import kill_after_first_checkpoint
 
-from growth.campaign import Campaign, resume_run
+from growth.campaign import Campaign, Progress, _diff, resume_run, run_config, run_config_of
 from growth.cli import main
 from growth.config import load_config
 from growth.errors import CheckpointError, ConfigError, RunDirError
@@ -267,3 +267,87 @@ def test_every_strategy_runs_and_resumes_on_cuda(tmp_path: Path, strategy: str) 
     resumed = resume_run(part)
     assert resumed["finished_tasks"] == 3
     assert resumed["R"][:3] == full["R"][:3] and full["R"][3][2] > 0.5
+
+
+# ---- quick in-process runs: entry points, resume paths, progress callbacks --------------------
+QUICK = {"data__n_tasks": 2, "data__max_train_per_task": 64,
+         "model": {"kind": "mlp", "hidden": [8]},
+         "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}
+
+
+def recorder() -> tuple[Progress, list[tuple]]:
+    calls: list[tuple] = []
+    return Progress(on_task_start=lambda i, t: calls.append(("start", i, t.index)),
+                    on_epoch=lambda task, epoch, loss: calls.append(("epoch", task, epoch)),
+                    on_task_end=lambda i, m: calls.append(("end", i, m["finished_tasks"]))
+                    ), calls
+
+
+def test_run_config_applies_overrides_and_reports_progress(tmp_path: Path) -> None:
+    progress, calls = recorder()
+    out = tmp_path / "run"
+    m = run_config(write_config(tmp_path / "c.yaml", **QUICK), out, ["train.epochs=2", "seed=5"],
+                   progress)
+    assert calls == [("start", 0, 0), ("epoch", 0, 0), ("epoch", 0, 1), ("end", 0, 1),
+                     ("start", 1, 1), ("epoch", 1, 0), ("epoch", 1, 1), ("end", 1, 2)]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 2 and resolved["seed"] == 5
+    assert m["run"]["seed"] == 5 and m["finished_tasks"] == 2
+
+
+def test_resume_trains_only_the_tasks_after_the_last_checkpoint(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", **QUICK)
+    full = run(cfg, tmp_path / "full")
+    part = tmp_path / "part"
+    run(cfg, part)
+    shutil.rmtree(part / "checkpoints" / "task_001")
+    progress, calls = recorder()
+    assert resume_run(part, progress)["R"] == full["R"]
+    assert calls == [("start", 1, 1), ("epoch", 1, 0), ("end", 1, 2)]
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", **QUICK)
+    full = run(cfg, tmp_path / "full")
+    part = tmp_path / "part"
+    run(cfg, part)
+    shutil.rmtree(part / "checkpoints")
+    campaign = Campaign(run_config_of(part), part)
+    assert campaign.resume()["R"] == full["R"]
+    assert campaign.resumed_at is None
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["task_000", "task_001"]
+    assert "starting from the beginning" in (part / "log.txt").read_text()
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_repairs_metrics(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = run(write_config(tmp_path / "c.yaml", **QUICK), out)
+    saved = json.loads((out / "metrics.json").read_text())
+    log_text = (out / "log.txt").read_text()
+    compact = json.dumps(saved)  # the same metrics, written differently
+    (out / "metrics.json").write_text(compact)
+    progress, calls = recorder()
+    campaign = Campaign(run_config_of(out), out, progress)
+    m = campaign.resume()
+    assert calls == [] and campaign.resumed_at == 2
+    assert m["R"] == first["R"] and m["acc"] == pytest.approx(first["acc"])
+    assert (out / "metrics.json").read_text() == compact  # up to date: left as it was
+    assert (out / "log.txt").read_text() == log_text  # nothing resumed, nothing logged
+    for name in ("metrics.json", "metrics.csv"):  # missing: rebuilt from the checkpoint
+        (out / name).unlink()
+    assert Campaign(run_config_of(out), out).resume()["R"] == first["R"]
+    assert json.loads((out / "metrics.json").read_text()) == saved
+    assert (out / "metrics.csv").is_file()
+    stale = {**saved, "R": [[0.0] * 2] * 3}
+    (out / "metrics.json").write_text(json.dumps(stale))
+    Campaign(run_config_of(out), out).resume()
+    assert json.loads((out / "metrics.json").read_text()) == saved
+
+
+def test_diff_names_every_changed_key_dotted() -> None:
+    old = {"model": {"hidden": [32], "kind": "mlp"}, "seed": 3, "train": {"lr": 0.1},
+           "n": {"X": 1}, "gone": 1}
+    new = {"model": {"hidden": [16], "kind": "mlp"}, "seed": 3, "train": 5,
+           "n": {"X": 2}, "added": {"a": 1}}
+    assert _diff(old, new) == {"model.hidden", "train", "n.X", "gone", "added"}
+    assert _diff(new, new) == set()

@@ -167,3 +167,45 @@ def test_augmented_training_differs_and_is_reproducible(tree: Path) -> None:
     assert not torch.equal(p["conv1.weight"], q["conv1.weight"])
     assert all(torch.equal(a, b) for a, b in zip(one.module.parameters(),
                                                  two.module.parameters()))
+
+
+def test_mixed_streamed_and_held_sets_with_augmentation_train_as_in_memory(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Joint training over a set held in memory and a set read from files, both augmented:
+    the streamed loop augments each batch in the fast path's order with the loop's generator
+    (bitwise the same weights as everything in memory), and reads the files through the
+    DataLoader, never by indexing them in the main loop."""
+    from growth import train
+    from growth.strategies import make_strategy
+
+    loaders: list[int] = []
+    real = train.loader_batches
+    monkeypatch.setattr(train, "loader_batches",
+                        lambda files, batches, device: (loaders.append(len(batches)),
+                                                        real(files, batches, device))[1])
+
+    def run(load: str) -> Model:
+        ds = load_dataset("imagefolder", root=tree, image_size=8, load=load, workers=0)
+        tasks = make_stream(ds, "split", n_tasks=2, val_fraction=0.2)
+        x0, y0 = tasks[0].train
+        tasks[0].train = (x0[:], y0)  # the earlier task held in memory
+        for t in tasks:
+            t.augment = "crop_flip"
+        torch.manual_seed(0)
+        g = small_cnn((3, 8, 8), [4], batchnorm=True)
+        model = Model(add_head(add_head(g, "t0", 2), "t1", 2))
+        ctx = Context(model, tasks[1], tasks[:1], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"))
+        fit(ctx, make_strategy("joint"), TrainConfig(epochs=2, batch_size=4, lr=0.05), seed=5)
+        return model
+
+    a = run("memory")
+    assert loaders == []
+    b = run("stream")
+    assert len(loaders) == 2  # one loader per epoch, for the streamed set only
+    for (name, p), q in zip(a.module.named_parameters(), b.module.parameters()):
+        assert torch.equal(p, q), name
+    plain = dict(a.module.named_parameters())
+    monkeypatch.setattr(train, "augment", lambda x, kind, gen: x)
+    c = run("memory")  # augmentation matters here: without it the weights differ
+    assert not torch.equal(plain["conv1.weight"], dict(c.module.named_parameters())["conv1.weight"])
