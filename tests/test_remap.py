@@ -14,7 +14,17 @@ from growth.graph import NetGraph
 from growth.model import Model
 from growth.ops import ChangeRecord, net2deeper, net2wider, prune_units
 from growth.regularizers import build_quadratic, fisher_diagonal
-from growth.remap import GRADIENT, IMPORTANCE, MASK, PATH, WEIGHT, remap, remap_state
+from growth.remap import (
+    GRADIENT,
+    GRADIENT_SQ,
+    IMPORTANCE,
+    MASK,
+    PATH,
+    WEIGHT,
+    remap,
+    remap_state,
+    split_key,
+)
 from growth.strategies import Context, make_strategy, state_key
 from growth.train import TrainConfig, learn_task
 from tests.graphgen import concat_net, randomize, residual
@@ -453,3 +463,74 @@ def test_masks_keep_old_owners_and_free_every_copy() -> None:
     assert out.shape == result.graph.named_tensors()["c.weight"].shape
     assert torch.all(out[:, first] == 2) and torch.all(out[:, ~first] == 0)
     assert cols[6:] == [3, 4]  # the concat's second input kept its columns, after a's six
+
+
+# ---- edge cases of the transform itself, on hand records ----------------------------------------
+def _hand_record() -> ChangeRecord:
+    """The record of test_roles_on_a_hand_record: unit 0 copied twice (d = 3), one fresh."""
+    return ChangeRecord("hand", resized={"w": ((2, 2), (4, 2))},
+                        index_maps={"w": {0: [0, 1, 0, -1]}}, divisors={"w": {0: [3, 1, 3, 1]}})
+
+
+def test_state_stays_on_its_own_device_whatever_the_default_device() -> None:
+    """A checkpoint's state on the CPU follows a change while another default device is set
+    (e.g. torch.set_default_device("cuda")): every helper tensor is made on the state's device.
+    Values by hand as in test_roles_on_a_hand_record (r = 1.5 for unit 0, 1 for unit 1)."""
+    t = torch.tensor([[6.0, 3.0], [2.0, 4.0]])
+    expect = {
+        WEIGHT: torch.tensor([[2.0, 1], [2, 4], [2, 1], [0, 0]]),
+        IMPORTANCE: torch.tensor([[13.5, 6.75], [2, 4], [0, 0], [0, 0]]),
+        MASK: torch.tensor([[6.0, 3], [2, 4], [0, 0], [0, 0]]),
+        GRADIENT: torch.tensor([[9.0, 4.5], [2, 4], [9, 4.5], [0, 0]]),
+        GRADIENT_SQ: torch.tensor([[13.5, 6.75], [2, 4], [13.5, 6.75], [0, 0]]),
+        PATH: torch.tensor([[3.0, 1.5], [2, 4], [0, 0], [0, 0]]),
+    }
+    rec = _hand_record()
+    copied = ChangeRecord("copy", resized={"w": ((2, 2), (3, 2))}, index_maps={"w": {0: [0, 1, 1]}})
+    with torch.device("meta"):
+        got = {role: remap(t, "w", rec, role) for role in expect}
+        undivided = remap(t, "w", copied, GRADIENT)  # no divisors: d = 1, r = 1/2 for unit 1
+    for role, want in expect.items():
+        assert got[role].device == t.device, role
+        assert torch.equal(got[role], want), role
+    assert torch.equal(undivided, torch.tensor([[6.0, 3], [1, 2], [1, 2]]))
+
+
+def test_a_dimension_emptied_by_a_change_leaves_an_empty_tensor() -> None:
+    rec = ChangeRecord("cut", resized={"w": ((2, 3), (0, 3))}, index_maps={"w": {0: []}})
+    t = torch.arange(6.0).view(2, 3)
+    for role in (WEIGHT, IMPORTANCE, MASK, GRADIENT, GRADIENT_SQ, PATH):
+        out = remap(t, "w", rec, role)
+        assert out.shape == (0, 3) and out.dtype == t.dtype, role
+
+
+def test_a_record_without_shapes_is_followed_by_its_index_maps() -> None:
+    """`resized` is optional for remap: the index maps alone say where each entry goes."""
+    rec = ChangeRecord("swap", index_maps={"w": {0: [1, 0, 1]}})
+    t = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert torch.equal(remap(t, "w", rec, WEIGHT), torch.tensor([[3.0, 4], [1, 2], [3, 4]]))
+    # unit 1 copied once more (d = 1): r = 1/2, so r^2 = 1/4 at its original, 0 at the copy
+    assert torch.equal(remap(t, "w", rec, IMPORTANCE),
+                       torch.tensor([[0.75, 1.0], [1, 2], [0, 0]]))
+
+
+def test_a_key_splits_at_its_first_two_slashes() -> None:
+    assert split_key("fisher/t1/block/conv.weight") == ("fisher", "t1", "block/conv.weight")
+    assert split_key("anchor/0/w") == ("anchor", "0", "w")
+    with pytest.raises(ShapeError, match="'anchor/w'"):
+        split_key("anchor/w")
+
+
+def test_dropping_a_removed_parameter_keeps_every_later_entry() -> None:
+    rec = ChangeRecord("cut", removed=["w"])
+    state = {"anchor/0/w": torch.ones(2), "anchor/0/v": torch.full((3,), 2.0),
+             "fisher/1/v": torch.full((3,), 5.0)}
+    out = remap_state(state, rec, {"anchor": WEIGHT, "fisher": IMPORTANCE}, {"v": (3,)})
+    assert list(out) == ["anchor/0/v", "fisher/1/v"]
+    assert torch.equal(out["fisher/1/v"], torch.full((3,), 5.0))
+
+
+def test_an_undeclared_role_names_the_strategy_by_default() -> None:
+    rec = ChangeRecord("hand", resized={"w": ((2,), (3,))}, index_maps={"w": {0: [0, 1, 1]}})
+    with pytest.raises(ShapeError, match="^strategy state 'foo/0/w'.*the strategy declares"):
+        remap_state({"foo/0/w": torch.ones(2)}, rec, {}, {"w": (3,)})
