@@ -214,3 +214,34 @@ def test_a_float64_graph_compiles_to_float64():
     gm = compile_graph(g, "t1").eval()
     out = gm(torch.randn(2, 6, dtype=torch.float64))
     assert out.dtype == torch.float64
+
+
+def test_a_frozen_layer_computes_as_in_eval_mode_in_either_mode():
+    """Frozen BatchNorm and dropout in a training model: the BN uses its running statistics
+    (by hand: (h - mean) / sqrt(var + eps) * w + b) and leaves them alone, dropout is off, and
+    each layer keeps the mode the model gives it."""
+    torch.manual_seed(3)
+    fc, bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    g = NetGraph()
+    g.add_input("x", (4,))
+    g.add("fc", "linear", ["x"], module_tensors(fc), out_features=3)
+    g.add("bn", "batchnorm1d", ["fc"], module_tensors(bn), frozen=True)
+    g.add("drop", "dropout", ["bn"], p=0.9, frozen=True)
+    g.add_output("out", "drop")
+    net = compile_graph(g)
+    x = torch.randn(8, 4)
+    h = x @ fc.weight.T + fc.bias
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    expect = (h - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+    assert not net.bn.weight.requires_grad and net.fc.weight.requires_grad
+    for training in (True, False):
+        net.train(training)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), expect)
+        assert net.bn.training is training and net.drop.training is training
+        assert torch.equal(net.bn.running_mean, mean) and torch.equal(net.bn.running_var, var)
