@@ -245,3 +245,92 @@ def test_a_frozen_layer_computes_as_in_eval_mode_in_either_mode():
             torch.testing.assert_close(net(x), expect)
         assert net.bn.training is training and net.drop.training is training
         assert torch.equal(net.bn.running_mean, mean) and torch.equal(net.bn.running_var, var)
+
+
+def test_graph_with_weights_takes_a_state_dict_and_copies_the_tensors():
+    torch.manual_seed(4)
+    g = add_head(mlp((4,), [5]), "t", 2)
+    net = compile_graph(g)
+    with torch.no_grad():
+        net.fc1.weight.fill_(0.25)
+    state = net.state_dict()
+    back = graph_with_weights(g, state)
+    assert torch.equal(back.node("fc1").tensors["weight"], torch.full((5, 4), 0.25))
+    with torch.no_grad():  # training goes on: the graph taken back must not move with it
+        net.fc1.weight.add_(1.0)
+        state["fc1.weight"].add_(1.0)
+    assert torch.equal(back.node("fc1").tensors["weight"], torch.full((5, 4), 0.25))
+    assert torch.equal(graph_with_weights(g, net).node("fc1").tensors["weight"],
+                       torch.full((5, 4), 2.25))
+
+
+# ---- functional kinds, identity, heads: against the torch calls written by hand ---------------
+def plumbing_graph() -> NetGraph:
+    g = NetGraph()
+    g.add_input("x", (2, 3, 4))
+    g.add("perm", "permute", ["x"], dims=[2, 0, 1])            # (4, 2, 3)
+    g.add("flat", "reshape", ["perm"], shape=[8, 3])            # (8, 3)
+    g.add("pick", "getitem", ["flat"], index=[[1, 7, 2], 0])    # rows 1, 3, 5 of column 0
+    g.add("avg", "mean", ["x"], dims=[-1], keepdim=True)        # (2, 3, 1)
+    g.add("padded", "pad", ["avg"], pad=[1, 2], value=0.5)      # (2, 3, 4)
+    g.add("gate", "mul", ["padded", "x"])
+    g.add("same", "identity", ["gate"])
+    g.add("joined", "concat", ["same", "x"], dim=-1)            # (2, 3, 8)
+    g.add_output("picked", "pick")
+    g.add_output("out", "joined")
+    g.validate()
+    return g
+
+
+def test_functional_kinds_compute_the_torch_calls_with_the_batch_dim_put_back():
+    torch.manual_seed(5)
+    x = torch.randn(3, 2, 3, 4)
+    net = compile_graph(plumbing_graph())
+    out = net(x)
+    pick = x.permute(0, 3, 1, 2).reshape(3, 8, 3)[:, 1:7:2, 0]
+    padded = F.pad(x.mean(-1, keepdim=True), [1, 2], "constant", 0.5)
+    joined = torch.cat([padded * x, x], -1)
+    assert list(out) == ["picked", "out"]
+    assert torch.equal(out["picked"], pick) and torch.equal(out["out"], joined)
+    assert dict(net.named_children()) == {}  # no layer holds anything, identity included
+    assert type(net).__name__ == "CompiledNet"
+
+
+def test_an_identity_node_passes_its_input_through_without_a_layer():
+    torch.manual_seed(6)
+    fc = nn.Linear(3, 2)
+    g = NetGraph()
+    g.add_input("x", (3,))
+    g.add("fc", "linear", ["x"], module_tensors(fc), out_features=2)
+    g.add("skip", "identity", ["fc"], frozen=True)
+    g.add_output("out", "skip")
+    net = compile_graph(g)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        assert torch.equal(net(x), fc(x))
+    assert list(dict(net.named_children())) == ["fc"]
+
+
+def test_a_list_of_heads_gives_a_dict_even_for_a_single_head_graph():
+    g = add_head(mlp((4,), [3]), "t", 2)
+    x = torch.randn(2, 4)
+    out = compile_graph(g, ["t"])(x)
+    assert isinstance(out, dict) and list(out) == ["t"] and out["t"].shape == (2, 2)
+
+
+def test_asking_for_no_head_or_unknown_heads_names_them():
+    g = two_head_graph()
+    with pytest.raises(GraphError, match=r"^no head named \[\]; the graph's heads are"):
+        compile_graph(g, [])
+    with pytest.raises(GraphError, match=r"^no head named 't3', 't4'; the graph's heads are"):
+        compile_graph(g, ["t1", "t3", "t4"])
+
+
+def test_a_node_lacking_some_of_its_tensors_is_an_error_naming_them():
+    fc = nn.Linear(3, 2)
+    g = NetGraph()
+    g.add_input("x", (3,))
+    g.add("fc", "linear", ["x"], {"weight": fc.weight.detach().clone()}, out_features=2)
+    g.add_output("out", "fc")
+    with pytest.raises(GraphError, match=r"node 'fc' lacks tensors \['bias'\]"):
+        compile_graph(g)
