@@ -581,3 +581,22 @@ def test_the_base_loss_hook_is_cross_entropy():
     logits, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
     by_hand = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(1.0))) / 2
     assert float(s.loss(None, None, y, logits)) == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_the_default_size_parts_are_the_trunk_the_heads_and_extra_tensors():
+    """mlp with 2 heads: trunk fc1 (12x16 + 12) and features (12x12 + 12) = 360 parameters,
+    heads 2 x (4x12 + 4) = 104, no extra tensors."""
+    from test_strategies import mlp
+
+    from growth.strategies import make_strategy
+
+    model = mlp(n_heads=2)
+    params = model.named_parameters()
+    parts = make_strategy("finetune", {}).size_parts(model)
+    assert set(parts) == {"trunk", "heads", "extra"}
+    assert [id(p) for p in parts["trunk"]] == [id(params[n]) for n in TRUNK]
+    assert [id(p) for p in parts["heads"]] == [
+        id(params[f"head{i}.{w}"]) for i in (0, 1) for w in ("weight", "bias")]
+    assert sum(p.numel() for p in parts["trunk"]) == 360
+    assert sum(p.numel() for p in parts["heads"]) == 104
+    assert parts["extra"] == []
