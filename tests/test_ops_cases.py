@@ -3,6 +3,9 @@ BatchNorm gathering and statistics, pruning."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import pytest
 import torch
 from graphgen import (  # noqa: F401 (single_thread is a fixture)
@@ -18,6 +21,7 @@ from graphgen import (  # noqa: F401 (single_thread is a fixture)
 )
 
 from growth.compile import compile_graph
+from growth.errors import OperatorError
 from growth.graph import NetGraph
 from growth.ops import find_group, net2deeper, net2wider, prune_units
 
@@ -281,3 +285,64 @@ def test_noisy_widening_keeps_the_graphs_dtype() -> None:
         node.tensors = {k: v.to(torch.bfloat16) for k, v in node.tensors.items()}
     new = net2wider(g, "l1", 6, noise=0.1, seed=1).graph
     assert {t.dtype for t in new.named_tensors().values()} == {torch.bfloat16}
+
+
+def test_prune_ties_keep_the_earlier_units() -> None:
+    g = mlp(hidden=64)  # 64 equal scores: an unstable sort would keep any 32 of them
+    result = prune_units(g, "l1", 32, scores=torch.ones(64))
+    assert result.record.index_maps["l1.weight"] == {0: list(range(32))}
+
+
+def test_prune_records_its_call() -> None:
+    g = mlp(hidden=5)
+    given = prune_units(g, "l1", 3, scores=torch.arange(5.0)).record
+    assert given.op == "prune_units" and given.params == {"node": "l1", "keep": 3,
+                                                          "scores": "given"}
+    assert prune_units(g, "l1", 2).record.params == {"node": "l1", "keep": 2, "scores": "l1"}
+    assert given.divisors == {}  # pruning removes units, it divides nothing
+
+
+# ---- net2deeper statistics -------------------------------------------------------------------
+def test_batchnorm_statistics_need_two_samples_and_take_any_float_dtype() -> None:
+    g = mlp(hidden=4)
+    x = x_for(g, batch=2)
+    two = net2deeper(g, "r1", batchnorm=True, sample=x).graph.node("r1_deep1_bn").tensors
+    h = torch.relu(x @ g.node("l1").tensors["weight"].T + g.node("l1").tensors["bias"])
+    assert torch.allclose(two["running_mean"], h.mean(0), atol=1e-6)
+    assert torch.allclose(two["running_var"], h.var(0, unbiased=False), atol=1e-6)
+    wide = net2deeper(g, "r1", batchnorm=True, sample=x.double()).graph.node("r1_deep1_bn")
+    assert wide.tensors["running_var"].dtype == torch.float32  # the graph's dtype
+    assert torch.allclose(wide.tensors["running_var"], two["running_var"], atol=1e-6)
+    with pytest.raises(OperatorError, match="sample has 1 input; batch statistics need at least 2"):
+        net2deeper(g, "r1", batchnorm=True, sample=x[:1])
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: a SIGALRM raises in the main thread after `seconds`."""
+    def stop(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_batchnorm_statistics_when_the_probe_head_name_is_taken() -> None:
+    g = NetGraph()
+    g.add_input("x", (2,))
+    g.add("probe_out", "linear", ["x"], out_features=3)
+    g.add("_", "relu", ["probe_out"])
+    g.add("probe_out_", "linear", ["_"], out_features=3)
+    g.add("r", "relu", ["probe_out_"])
+    g.add("fc", "linear", ["r"], out_features=2)
+    g.add_output("out", "fc")
+    randomize(g, 2)
+    with deadline(20):
+        result = net2deeper(g, "r", batchnorm=True, sample=x_for(g, batch=8))
+    assert result.record.added_nodes == ["r_deep1", "r_deep1_bn", "r_deep1_relu"]
+    assert_preserved(g, result.graph)

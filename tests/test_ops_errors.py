@@ -146,3 +146,9 @@ def test_a_refused_operator_leaves_the_graph_intact() -> None:
     with pytest.raises(OperatorError):
         net2wider(g, "l1", 2)
     assert_unchanged(g, snap)
+
+
+@pytest.mark.parametrize("keep", [True, 2.0, "2"])
+def test_prune_keep_must_be_an_int(keep) -> None:
+    with raises(OperatorError, "'l1'", "keep must be an int in 1..4", repr(keep)):
+        prune_units(mlp(hidden=5), "l1", keep)

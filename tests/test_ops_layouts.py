@@ -569,3 +569,33 @@ def test_a_whole_channel_slice_with_explicit_bounds_spans_the_new_width(index) -
         assert result.graph.shape("k") == (width, *g.shape("k")[1:])
         if width > 3:
             assert preserved(g, result.graph) <= TOL
+
+
+def test_one_channel_operands_of_a_merge_grow_together() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 3, 3))
+    g.add("a", "conv2d", ["x"], out_channels=1, kernel_size=1)
+    g.add("b", "conv2d", ["x"], out_channels=1, kernel_size=3, padding=1)
+    g.add("s", "add", ["a", "b"])  # (1, 3, 3): no broadcast, both operands hold the channel
+    g.add("p", "conv2d", ["s"], out_channels=2, kernel_size=1)
+    _head(g, "p")
+    randomize(g, 4)
+    assert find_group(g, "a").producers == ("a", "b")
+    result = net2wider(g, "a", 3, seed=0)
+    assert result.graph.shape("s") == (3, 3, 3)
+    assert preserved(g, result.graph) <= TOL
+
+
+def test_a_one_channel_gate_over_two_channels_cannot_grow() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 3, 3))
+    g.add("c", "conv2d", ["x"], out_channels=2, kernel_size=1)
+    g.add("gate", "conv2d", ["x"], out_channels=1, kernel_size=1)
+    g.add("m", "mul", ["c", "gate"])  # (2, 3, 3): the gate's channel is broadcast
+    g.add("p", "conv2d", ["m"], out_channels=2, kernel_size=1)
+    _head(g, "p")
+    randomize(g, 4)
+    assert find_group(g, "c").producers == ("c",)
+    with pytest.raises(OperatorError, match="single channel is broadcast over the 2 channels of "
+                       "mul 'm'"):
+        net2wider(g, "gate", 2)
