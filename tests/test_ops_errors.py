@@ -152,3 +152,27 @@ def test_a_refused_operator_leaves_the_graph_intact() -> None:
 def test_prune_keep_must_be_an_int(keep) -> None:
     with raises(OperatorError, "'l1'", "keep must be an int in 1..4", repr(keep)):
         prune_units(mlp(hidden=5), "l1", keep)
+
+
+def test_a_flattened_space_meeting_its_own_mean_names_the_flatten_as_the_cause() -> None:
+    """c's (3, 1, 1) maps reach `m` flattened (positions moved) and, through their mean, `m2`
+    (plain, which brings v into the group): the walk back from `m` must not be what refuses."""
+    g = NetGraph()
+    g.add_input("x", (2, 1, 1))
+    g.add("c", "conv2d", ["x"], out_channels=3, kernel_size=1)
+    g.add("flat", "flatten", ["c"])
+    g.add("z_avg", "mean", ["c"], dims=[1, 2])  # walked first: consumers pop in reverse
+    g.add("xf", "flatten", ["x"])
+    g.add("v", "linear", ["xf"], out_features=3)
+    g.add("m2", "add", ["z_avg", "v"])
+    g.add("vr", "relu", ["v"])
+    g.add("m", "add", ["flat", "vr"])
+    g.add("s", "add", ["m", "m2"])
+    g.add("fc", "linear", ["s"], out_features=2)
+    g.add_output("out", "fc")
+    with pytest.raises(OperatorError) as info:
+        net2wider(randomize(g, 1), "c", 4)
+    assert str(info.value) == (
+        "net2wider('c'): cannot resize 'c': its channels reach add 'm' after a concat or "
+        "flatten, where the other operands would need a different mapping; resize a layer "
+        "outside that path")

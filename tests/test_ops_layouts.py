@@ -599,3 +599,35 @@ def test_a_one_channel_gate_over_two_channels_cannot_grow() -> None:
     with pytest.raises(OperatorError, match="single channel is broadcast over the 2 channels of "
                        "mul 'm'"):
         net2wider(g, "gate", 2)
+
+
+@pytest.mark.parametrize("join", ["add3", "gated", "stacked"])
+def test_every_producer_behind_a_merge_joins_the_group(join: str) -> None:
+    """A three-input add, a gated branch (mul) and an H-stacked pair (concat on a spatial dim)
+    added to another branch: widening `c` must widen a, b and c with one mapping."""
+    g = NetGraph()
+    g.add_input("x", (2, 4, 4))
+    g.add("a", "conv2d", ["x"], out_channels=3, kernel_size=1)
+    g.add("b", "conv2d", ["x"], out_channels=3, kernel_size=3, padding=1)
+    if join != "stacked":
+        g.add("c", "conv2d", ["x"], out_channels=3, kernel_size=1)
+    if join == "add3":
+        g.add("s", "add", ["a", "b", "c"])
+    elif join == "gated":
+        g.add("gate", "sigmoid", ["b"])
+        g.add("m", "mul", ["a", "gate"])
+        g.add("s", "add", ["m", "c"])
+    else:
+        g.add("xx", "concat", ["x", "x"], dim=1)  # (2, 8, 4)
+        g.add("c", "conv2d", ["xx"], out_channels=3, kernel_size=1)
+        g.add("ab", "concat", ["a", "b"], dim=1)  # (3, 8, 4): stacked along H
+        g.add("s", "add", ["ab", "c"])
+    g.add("p", "conv2d", ["s"], out_channels=2, kernel_size=1)
+    _head(g, "p")
+    randomize(g, 6)
+    assert find_group(g, "c").producers == ("a", "b", "c")
+    result = net2wider(g, "c", 5, seed=3)
+    maps = result.record.index_maps
+    assert maps["a.weight"][0] == maps["b.weight"][0] == maps["c.weight"][0] == maps[
+        "p.weight"][1]
+    assert preserved(g, result.graph) <= TOL
