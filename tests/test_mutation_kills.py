@@ -600,3 +600,15 @@ def test_the_default_size_parts_are_the_trunk_the_heads_and_extra_tensors():
     assert sum(p.numel() for p in parts["trunk"]) == 360
     assert sum(p.numel() for p in parts["heads"]) == 104
     assert parts["extra"] == []
+
+
+def test_a_strategy_built_without_settings_takes_its_documented_defaults():
+    from growth.strategies.ewc import EWC, EWCParams
+
+    s = EWC()
+    assert isinstance(s.params, EWCParams)
+    assert (s.params.lam, s.params.mode, s.params.gamma, s.params.fisher_samples) == (
+        50.0, "separate", 1.0, 1000)
+    assert s.state == {} and s.extra == {}
+    given = EWCParams(**{"lambda": 3.0})
+    assert EWC(given).params is given
