@@ -176,3 +176,149 @@ def test_a_flattened_space_meeting_its_own_mean_names_the_flatten_as_the_cause()
         "net2wider('c'): cannot resize 'c': its channels reach add 'm' after a concat or "
         "flatten, where the other operands would need a different mapping; resize a layer "
         "outside that path")
+
+
+# ---- the whole text of each refusal ----------------------------------------------------------
+def _net(*layers: tuple, shape=(2, 3, 3)) -> NetGraph:
+    """x of `shape`, then `layers` as (name, kind, inputs, attrs), then flatten -> fc -> out."""
+    g = NetGraph()
+    g.add_input("x", shape)
+    for name, kind, inputs, attrs in layers:
+        g.add(name, kind, inputs, **attrs)
+    g.add("f", "flatten", [layers[-1][0]])
+    g.add("fc", "linear", ["f"], out_features=2)
+    g.add_output("out", "fc")
+    return randomize(g, 0)
+
+
+def conv(name: str, src: str, out: int, **attrs) -> tuple:
+    return (name, "conv2d", [src], {"out_channels": out, "kernel_size": 1, **attrs})
+
+
+REFUSALS = {
+    "output-head": (lambda: net2wider(mlp(), "l2", 4),
+                    "net2wider('l2'): cannot resize 'l2': its channels reach output head 'out' "
+                    "(through 'l2'), so the network's output would change size; resize an inner "
+                    "layer"),
+    "no-units": (lambda: prune_units(mlp(), "r1", 1),
+                 "prune_units('r1'): cannot resize 'r1': node 'r1' is a relu node, which has no "
+                 "output units to resize; pick a linear or conv2d node"),
+    "input-operand": (lambda: net2wider(_net(conv("c", "x", 2), ("s", "add", ["c", "x"], {}),
+                                             shape=(2, 4, 4)), "c", 3),
+                      "net2wider('c'): cannot resize 'c': its output meets, at add 's', the "
+                      "network input 'x', whose channels cannot change with it; resize a layer "
+                      "outside this group or give that operand a projection layer"),
+    "shuffled-operand": (lambda: net2wider(_net(conv("c", "x", 2), conv("b", "x", 2),
+                                                ("sh", "channel_shuffle", ["b"], {"groups": 2}),
+                                                ("s", "add", ["c", "sh"], {})), "c", 3),
+                         "net2wider('c'): cannot resize 'c': its output meets, at add 's', "
+                         "channel_shuffle node 'sh', whose channels cannot change with it; resize "
+                         "a layer outside this group or give that operand a projection layer"),
+    "mixed-axes": (lambda: net2wider(_net(conv("a", "x", 4), ("t", "permute", ["x"],
+                                                              {"dims": [1, 2, 0]}),
+                                          ("l", "linear", ["t"], {"out_features": 4}),
+                                          ("s", "add", ["a", "l"], {}), conv("p", "s", 2),
+                                          shape=(4, 4, 4)), "a", 5),
+                   "net2wider('a'): cannot resize 'a': its channels are split or merged with "
+                   "another axis at 's' (add), where no mapping can follow them"),
+    "grouped-after-concat": (
+        lambda: net2wider(_net(conv("a", "x", 2), conv("b", "x", 2),
+                               ("cat", "concat", ["a", "b"], {}), conv("gc", "cat", 4, groups=2)),
+                          "a", 3),
+        "net2wider('a'): cannot resize 'a': its channels reach grouped convolution 'gc' after a "
+        "concat, flatten or channel expansion, so its groups could not stay whole"),
+    "grouped-itself": (
+        lambda: net2wider(_net(conv("a", "x", 4), conv("gc", "a", 4, groups=2)), "gc", 6),
+        "net2wider('gc'): cannot resize 'gc': 'gc' is a grouped convolution (groups=2): its "
+        "channels follow its input's groups; resize the layer that produces 'a' instead, and its "
+        "groups grow with it"),
+    "depthwise-itself": (
+        lambda: prune_units(_net(conv("a", "x", 2), conv("dw", "a", 2, groups=2)), "dw", 1),
+        "prune_units('dw'): cannot resize 'dw': 'dw' is a depthwise convolution (groups=2): its "
+        "channels follow its input's groups; resize the layer that produces 'a' instead, and its "
+        "groups grow with it"),
+    "grouped-channels-last": (
+        lambda: net2wider(_net(("t", "permute", ["x"], {"dims": [1, 2, 0]}),
+                               ("l", "linear", ["t"], {"out_features": 4}),
+                               conv("dw", "l", 4, groups=4), shape=(4, 4, 4)), "l", 5),
+        "net2wider('l'): cannot resize 'l': conv2d 'dw': a grouped convolution reads channels "
+        "along axis 0, but the channels lie along another axis there"),
+    "linear-on-maps": (
+        lambda: net2wider(_net(conv("c", "x", 2), ("l", "linear", ["c"], {"out_features": 4})),
+                          "c", 3),
+        "net2wider('c'): cannot resize 'c': node 'l' (in the channel group of 'c') is a linear "
+        "layer reading the last axis of a (2, 3, 3) input whose channels lie along axis 0; "
+        "insert a flatten before it to resize its channels"),
+    "conv-on-tokens": (
+        lambda: net2wider(_net(("l", "linear", ["x"], {"out_features": 3}), conv("c", "l", 2),
+                               shape=(3, 3, 2)), "l", 4),
+        "net2wider('l'): cannot resize 'l': node 'c' (in the channel group of 'l') is a "
+        "convolution reading axis 0 of a (3, 3, 3) input whose channels lie along axis 2"),
+    "bn-on-tokens": (
+        lambda: net2wider(_net(("l", "linear", ["x"], {"out_features": 3}),
+                               ("bn", "batchnorm2d", ["l"], {}), shape=(3, 3, 2)), "l", 4),
+        "net2wider('l'): cannot resize 'l': batchnorm2d 'bn': batchnorm2d works on channels "
+        "along axis 0, but the channels lie along another axis there"),
+    "shuffle": (
+        lambda: net2wider(_net(conv("a", "x", 4), ("sh", "channel_shuffle", ["a"],
+                                                   {"groups": 2})), "a", 6),
+        "net2wider('a'): cannot resize 'a': its channels reach channel_shuffle 'sh', which "
+        "interleaves the channels of its groups; copies of a channel would land in other groups"),
+    "attention": (
+        lambda: net2wider(_net(("l", "linear", ["x"], {"out_features": 4}),
+                               ("at", "self_attention", ["l"], {"embed_dim": 4, "num_heads": 2}),
+                               shape=(3, 2)), "l", 6),
+        "net2wider('l'): cannot resize 'l': its channels reach self_attention 'at', which mixes "
+        "all features of a token (heads split them), so copied units would change its output; "
+        "resize layers inside its MLP instead"),
+    "deeper-head": (lambda: net2deeper(mlp(), "out"),
+                    "net2deeper: 'out' is an output head; deepen after the node it reads ('l2') "
+                    "instead"),
+    "deeper-kernel": (lambda: net2deeper(mlp(), "r1", kernel_size=2),
+                      "net2deeper after 'r1': kernel_size must be a positive odd int (an "
+                      "identity needs a centre tap), got 2; use 1, 3 or 5"),
+    "deeper-activation": (lambda: net2deeper(mlp(), "r1", activation="gelu"),
+                          "net2deeper after 'r1': activation must be one of ('auto', 'relu', "
+                          "'none'), got 'gelu'"),
+    "deeper-map": (lambda: net2deeper(residual(), "gap", kernel_size=3),
+                   "net2deeper after 'gap': kernel_size 3 is larger than its 1x1 map; use "
+                   "kernel_size <= 1"),
+    "deeper-no-sample": (lambda: net2deeper(mlp(), "r1", batchnorm=True),
+                         "net2deeper after 'r1': batchnorm=True needs `sample`, a batch of "
+                         "network inputs, to set the new BatchNorm's statistics"),
+    "deeper-sample-shape": (lambda: net2deeper(mlp(), "r1", batchnorm=True,
+                                               sample=torch.zeros(4, 3)),
+                            "net2deeper after 'r1': sample has shape (4, 3); expected a batch "
+                            "of inputs (B, 2)"),
+    "deeper-meta-sample": (lambda: net2deeper(mlp(), "r1", batchnorm=True,
+                                              sample=torch.zeros(4, 2, device="meta")),
+                           "net2deeper after 'r1': sample is on the meta device and holds no "
+                           "values; pass a batch of real inputs (on any device)"),
+    "deeper-relu": (lambda: net2deeper(mlp(), "l1", activation="relu"),
+                    "net2deeper after 'l1' (linear): a ReLU here would clip its negative "
+                    "outputs, so the new block could not be an identity; deepen after a relu node "
+                    "or use activation='none' (or 'auto')"),
+    "deeper-size": (lambda: net2deeper(mlp(), "r1", max_new_params=5),  # 3 x 3 + 3 on vectors
+                    "net2deeper after 'r1' (kernel_size=3) would add 12 parameters, over the "
+                    "limit of 5; pass max_new_params=12 (or None) to allow it, or pick a smaller "
+                    "change"),
+    "deeper-axis": (lambda: net2deeper(_net(("t", "permute", ["x"], {"dims": [2, 0, 1]}),
+                                            shape=(3, 4, 2)), "t"),
+                    "net2deeper after 't': its output has shape (2, 3, 4) with the features "
+                    "along axis 1; an identity layer needs channels-first images (C, H, W) or "
+                    "features on the last axis (vectors, tokens, channels-last maps)"),
+    "wider-size": (lambda: net2wider(mlp(), "l1", 5, max_new_params=5),  # 2 rows of 3, 2 cols
+                   "net2wider('l1', width=5) would add 10 parameters, over the limit of 5; pass "
+                   "max_new_params=10 (or None) to allow it, or pick a smaller change"),
+    "wider-limit": (lambda: net2wider(mlp(), "l1", 5, max_new_params=-1),
+                    "net2wider('l1', width=5): max_new_params must be a non-negative int or "
+                    "None, got -1"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_each_refusal_reads_in_full(case: str) -> None:
+    call, message = REFUSALS[case]
+    with pytest.raises(OperatorError) as info:
+        call()
+    assert str(info.value) == message
