@@ -23,7 +23,7 @@ from graphgen import (  # noqa: F401 (single_thread is a fixture)
 from growth.compile import compile_graph
 from growth.errors import OperatorError
 from growth.graph import NetGraph
-from growth.ops import find_group, net2deeper, net2wider, prune_units
+from growth.ops import apply_index, find_group, net2deeper, net2wider, prune_units
 
 TOL = 1e-5
 
@@ -346,3 +346,80 @@ def test_batchnorm_statistics_when_the_probe_head_name_is_taken() -> None:
         result = net2deeper(g, "r", batchnorm=True, sample=x_for(g, batch=8))
     assert result.record.added_nodes == ["r_deep1", "r_deep1_bn", "r_deep1_relu"]
     assert_preserved(g, result.graph)
+
+
+# ---- negative concat dims, index forms -------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_concat_along_a_negative_dim_offsets_the_later_operand(channels_last: bool) -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 4, 4))
+    src = "x"
+    if channels_last:
+        src = g.add("t", "permute", ["x"], dims=[1, 2, 0])
+    kind, attrs = ("linear", "out_features") if channels_last else ("conv2d", "out_channels")
+    extra = {} if channels_last else {"kernel_size": 1}
+    g.add("a", kind, [src], **{attrs: 3}, **extra)
+    g.add("b", kind, [src], **{attrs: 2}, **extra)
+    g.add("cat", "concat", ["a", "b"], dim=-1 if channels_last else -3)
+    g.add("c", kind, ["cat"], **{attrs: 2}, **extra)
+    g.add("flat", "flatten", ["c"])
+    g.add("fc", "linear", ["flat"], out_features=3)
+    g.add_output("out", "fc")
+    randomize(g, 5)
+    result = net2wider(g, "b", 4, seed=1)
+    idx = result.record.index_maps["b.weight"][0]
+    assert result.record.index_maps["c.weight"] == {1: [0, 1, 2] + [3 + i for i in idx]}
+    assert_preserved(g, result.graph)
+
+
+def test_apply_index_takes_an_index_of_whole_numbers_in_any_form() -> None:
+    g = mlp(hidden=3)
+    want = [0, 1, 2, 1]
+    for idx in (want, torch.tensor(want, dtype=torch.int32), torch.tensor(want, dtype=torch.float)):
+        out = g.copy()
+        changes = apply_index(out, find_group(out, "l1"), idx, divide=True)
+        assert changes.index_maps["l1.weight"] == {0: want}
+        assert changes.divisors["l2.weight"] == {1: [1.0, 2.0, 1.0, 2.0]}
+        assert torch.equal(out.node("l1").tensors["weight"], g.node("l1").tensors["weight"][want])
+
+
+# ---- net2deeper: records, dtypes, names ------------------------------------------------------
+def test_deeper_records_its_call() -> None:
+    g = residual()
+    x = x_for(g)
+    rec = net2deeper(g, "r0", kernel_size=3, batchnorm=True, sample=x).record
+    assert rec.op == "net2deeper" and rec.params == {
+        "after": "r0", "kernel_size": 3, "activation": "auto", "batchnorm": True,
+        "sample_shape": [6, 3, 6, 6]}
+    assert rec.added == ["r0_deep1.weight", "r0_deep1.bias", "r0_deep1_bn.weight",
+                         "r0_deep1_bn.bias", "r0_deep1_bn.running_mean",
+                         "r0_deep1_bn.running_var", "r0_deep1_bn.num_batches_tracked"]
+    assert net2deeper(g, "c0", kernel_size=1, activation="none").record.params == {
+        "after": "c0", "kernel_size": 1, "activation": "none", "batchnorm": False,
+        "sample_shape": None}
+
+
+@pytest.mark.parametrize("after,kernel", [("r1", 3), ("flat", 1)])
+def test_deeper_builds_its_identity_in_the_graphs_dtype(after: str, kernel: int) -> None:
+    g = residual()
+    for name in g.topo_order():
+        node = g.node(name)
+        node.tensors = {k: v.double() if v.is_floating_point() else v
+                        for k, v in node.tensors.items()}
+    new = net2deeper(g, after, kernel_size=kernel).graph
+    assert {t.dtype for n in new.topo_order() for t in new.node(n).tensors.values()
+            if t.is_floating_point()} == {torch.float64}
+    x = x_for(g).double()
+    with torch.no_grad():
+        assert torch.allclose(compile_graph(new).eval()(x), compile_graph(g).eval()(x),
+                              rtol=0, atol=1e-12)
+
+
+def test_deepening_the_same_node_again_picks_the_next_free_name() -> None:
+    g = mlp()
+    with deadline(20):
+        once = net2deeper(g, "l1").graph
+        twice = net2deeper(once, "l1").graph
+        thrice = net2deeper(twice, "l1").graph
+    assert [n for n in thrice.topo_order() if "_deep" in n] == ["l1_deep3", "l1_deep2",
+                                                               "l1_deep1"]

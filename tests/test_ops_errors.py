@@ -11,6 +11,7 @@ from graphgen import assert_unchanged, concat_net, mlp, randomize, residual, sna
 from growth.errors import GraphError, OperatorError
 from growth.graph import NetGraph
 from growth.ops import get_operator, net2deeper, net2wider, prune_units
+from growth.ops.guards import check_size
 
 
 def raises(exc: type[Exception], *words: str):
@@ -322,3 +323,18 @@ def test_each_refusal_reads_in_full(case: str) -> None:
     with pytest.raises(OperatorError) as info:
         call()
     assert str(info.value) == message
+
+
+def test_the_size_guard_takes_a_non_negative_int_or_none() -> None:
+    check_size("op", 0, 0)  # nothing added fits any limit, 0 included
+    check_size("op", 7, 7)
+    check_size("op", 10**12, None)
+    with pytest.raises(OperatorError) as info:
+        check_size("op", 8, 7)
+    assert str(info.value) == ("op would add 8 parameters, over the limit of 7; pass "
+                               "max_new_params=8 (or None) to allow it, or pick a smaller change")
+    for limit in (True, 1.5, 7.0, "10", -1):
+        with pytest.raises(OperatorError) as info:
+            check_size("op", 0, limit)
+        assert str(info.value) == ("op: max_new_params must be a non-negative int or None, got "
+                                   f"{limit!r}")

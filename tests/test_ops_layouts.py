@@ -11,10 +11,12 @@ import torch
 from graphgen import (  # noqa: F401 (single_thread is a fixture)
     assert_unchanged,
     max_rel_error,
+    mlp,
     modern_nets,
     outputs,
     random_input,
     randomize,
+    residual,
     single_thread,
     snapshot,
 )
@@ -631,3 +633,30 @@ def test_every_producer_behind_a_merge_joins_the_group(join: str) -> None:
     assert maps["a.weight"][0] == maps["b.weight"][0] == maps["c.weight"][0] == maps[
         "p.weight"][1]
     assert preserved(g, result.graph) <= TOL
+
+
+def test_deepenable_lists_every_node_that_fits_the_kernel_and_the_limit() -> None:
+    g = residual()
+    maps = ["x", "c0", "bn0", "r0", "c1", "bn1", "add1", "r1", "inner", "ri", "c2", "add2", "r2"]
+    assert deepenable(g, kernel_size=3) == maps + ["flat", "fc"]  # gap's 1x1 map is too small
+    assert deepenable(g, kernel_size=1) == maps + ["gap", "flat", "fc"]
+    # a 3x3 identity on 4 channels holds 16 * 9 + 4 = 148 parameters, on 3 channels 84; the
+    # vectors get linear identities: 4 * 4 + 4 = 20 (flat) and 3 * 3 + 3 = 12 (fc)
+    assert deepenable(g, kernel_size=3, max_new_params=100) == ["x", "inner", "ri", "flat", "fc"]
+    assert deepenable(g, kernel_size=3, max_new_params=148) == maps + ["flat", "fc"]
+
+
+def test_deepening_cost_by_hand() -> None:
+    assert deepening_cost(4) == 4 * 4 + 4
+    assert deepening_cost(4, 3) == 4 * 4 * 9 + 4
+    assert deepening_cost(4, 3, batchnorm=True) == 4 * 4 * 9 + 4 + 2 * 4
+    assert deepening_cost(3, 1, True) == 9 + 3 + 6
+
+
+def test_the_size_guard_counts_the_new_batchnorm() -> None:
+    g = mlp(hidden=3)
+    x = torch.randn(4, 2)
+    with pytest.raises(OperatorError, match=r"would add 18 parameters, over the limit of 12;"):
+        net2deeper(g, "r1", batchnorm=True, sample=x, max_new_params=12)  # 9 + 3 + BN's 6
+    result = net2deeper(g, "r1", batchnorm=True, sample=x, max_new_params=18)
+    assert result.graph.param_count() - g.param_count() == 18
