@@ -201,3 +201,211 @@ def test_single_head_training_uses_labels_shifted_by_the_class_offset():
     expect = -(torch.full((4,), 0.25) - F.one_hot(torch.tensor([2, 3]), 4).float()).mean(0)
     torch.testing.assert_close(model.module.fc.bias.detach(), expect)
 
+
+
+def six_samples() -> Task:
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.0], [2.0, 0.0, 1.0], [-1.0, 1.0, 0.0],
+                      [0.5, 0.5, 0.5], [0.0, -1.0, 2.0]])
+    return one_task(x, torch.tensor([1, 0, 1, 0, 0, 1]), 2)
+
+
+def sgd_in_order(w: torch.Tensor, b: torch.Tensor, task: Task, order: list[int], lr: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Plain SGD with batches of one sample, in the given order; the loss of each batch."""
+    x, y = task.train
+    seen = []
+    for i in order:
+        gw, gb, ce = ce_gradients(w, b, x[i:i + 1], y[i:i + 1])
+        seen.append(ce)
+        w, b = w - lr * gw, b - lr * gb
+    return w, b, seen
+
+
+def test_batches_come_from_the_seed_alone_default_zero():
+    """The order of the batches is drawn from the fit's seed (0 unless given), never from the
+    global random state, and the epoch loss is the mean over all its batches."""
+    task = six_samples()
+    cfg = TrainConfig(epochs=1, batch_size=1, lr=0.3, momentum=0.0)
+    for seed in (None, 3):
+        model = linear_model(seed=2)
+        w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
+        torch.manual_seed(99)  # a global state that must not matter
+        ctx = ctx_of(model, task)
+        losses = (fit(ctx, Strategy(), cfg) if seed is None
+                  else learn_task(ctx, Strategy(), cfg, seed=seed))
+        if seed is None:
+            seed = 0
+        order = torch.randperm(6, generator=torch.Generator().manual_seed(seed)).tolist()
+        assert order != torch.randperm(6, generator=torch.Generator().manual_seed(99)).tolist()
+        w, b, seen = sgd_in_order(w0, b0, task, order, 0.3)
+        torch.testing.assert_close(model.module.fc.weight.detach(), w)
+        torch.testing.assert_close(model.module.fc.bias.detach(), b)
+        assert losses == pytest.approx([sum(seen) / 6], rel=1e-5)
+
+
+def test_learn_task_default_seed_is_zero():
+    task = six_samples()
+    cfg = TrainConfig(epochs=1, batch_size=1, lr=0.3, momentum=0.0)
+    model = linear_model(seed=2)
+    w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
+    learn_task(ctx_of(model, task), Strategy(), cfg)
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(0)).tolist()
+    w, _, _ = sgd_in_order(w0, b0, task, order, 0.3)
+    torch.testing.assert_close(model.module.fc.weight.detach(), w)
+
+
+def test_interleaving_of_several_sets_comes_from_the_seed_alone():
+    tasks = synthetic(2, n=32)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=0.05)
+
+    def joint(global_seed: int, seed: int) -> list[torch.Tensor]:
+        model = mlp(n_heads=2)
+        torch.manual_seed(global_seed)
+        fit(context(model, tasks, 1), make_strategy("joint"), cfg, seed=seed)
+        return [p.detach() for p in model.module.parameters()]
+
+    a, b, c = joint(1, 5), joint(2, 5), joint(1, 6)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c))
+
+
+def test_fit_trains_the_given_parameters_for_the_given_epochs_and_keeps_its_optimizer():
+    task = six_samples()
+    model = linear_model(seed=2)
+    w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
+    ctx = ctx_of(model, task)
+    cfg = TrainConfig(epochs=5, batch_size=6, lr=0.3, momentum=0.0)
+    losses = fit(ctx, Strategy(), cfg, epochs=2, params=[model.module.fc.bias])
+    assert len(losses) == 2
+    assert torch.equal(model.module.fc.weight.detach(), w0)  # not among the parameters
+    x, y = task.train
+    b = b0
+    for _ in range(2):  # full-batch steps on the bias alone
+        b = b - 0.3 * ce_gradients(w0, b, x, y)[1]
+    torch.testing.assert_close(model.module.fc.bias.detach(), b)
+    assert ctx.optimizer is not None
+    assert ctx.optimizer.param_groups[0]["params"] == [model.module.fc.bias]
+    given = torch.optim.SGD([model.module.fc.weight], lr=0.1)
+    fit(ctx, Strategy(), cfg, epochs=1, optimizer=given)
+    assert ctx.optimizer is given and not torch.equal(model.module.fc.weight.detach(), w0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_decay_reaches_the_optimizer(optimizer):
+    """One full-batch step with weight decay wd: the gradient is g + wd * w; SGD steps
+    -lr (g + wd w), Adam's first step is -lr (g + wd w) / (|g + wd w| + eps)."""
+    task = six_samples()
+    model = linear_model(seed=2)
+    w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
+    cfg = TrainConfig(epochs=1, batch_size=6, lr=0.1, momentum=0.0, weight_decay=0.5,
+                      optimizer=optimizer)
+    fit(ctx_of(model, task), Strategy(), cfg)
+    gw = ce_gradients(w0, b0, *task.train)[0] + 0.5 * w0
+    step = gw if optimizer == "sgd" else gw / (gw.abs() + 1e-8)
+    torch.testing.assert_close(model.module.fc.weight.detach(), w0 - 0.1 * step)
+
+
+class StepLog(Strategy):
+    """Joint training that writes down, for every step, the epoch, whether the context holds
+    the batch's heads, and which heads' weights moved."""
+
+    name = "steplog"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple[int, frozenset[str]]] = []
+        self.before: dict[str, torch.Tensor] = {}
+
+    def train_sets(self, ctx):
+        return [*ctx.seen, ctx.task]
+
+    def after_backward(self, ctx):
+        self.before = {h: getattr(ctx.model.module, h).weight.detach().clone()
+                       for h in ("head0", "head1")}
+
+    def after_step(self, ctx):
+        moved = frozenset(h for h, w in self.before.items()
+                          if not torch.equal(getattr(ctx.model.module, h).weight, w))
+        self.steps.append((ctx.epoch, moved))
+
+
+def test_a_head_no_batch_reaches_keeps_its_weights_under_momentum():
+    """Gradients are cleared to None before each step: SGD's momentum and weight decay leave
+    a head alone in the steps of the other task's batches."""
+    tasks = synthetic(2, n=16)  # 12 training samples each: 3 batches of 4 per task
+    model = mlp(n_heads=2)
+    s = StepLog()
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.05, momentum=0.9, weight_decay=0.01)
+    fit(context(model, tasks, 1), s, cfg, seed=1)
+    assert [e for e, _ in s.steps] == [0] * 6 + [1] * 6
+    assert all(len(moved) == 1 for _, moved in s.steps), s.steps
+    assert sorted(h for _, m in s.steps for h in m) == ["head0"] * 6 + ["head1"] * 6
+
+
+class Retrain(Strategy):
+    """Checks what learn_task hands the hooks, and retrains once after the task."""
+
+    name = "retrain"
+
+    def before_task(self, ctx):
+        self.seen_cfg = (ctx.train_cfg, ctx.train_config, ctx.strategy)
+
+    def after_task(self, ctx):
+        self.start = {k: v.clone() for k, v in ctx.model.module.state_dict().items()}
+        self.losses = ctx.train_fit(epochs=1)
+
+
+def test_learn_task_hands_hooks_its_settings_and_a_seeded_retraining_loop():
+    task = six_samples()
+    cfg = TrainConfig(epochs=3, batch_size=2, lr=0.3, momentum=0.0)
+    model = linear_model(seed=2)
+    s = Retrain()
+    epochs: list[int] = []
+    losses = learn_task(ctx_of(model, task), s, cfg, seed=4,
+                        on_epoch=lambda e, loss: epochs.append(e))
+    assert len(losses) == 3 and epochs == [0, 1, 2]
+    assert s.seen_cfg[0] is cfg and s.seen_cfg[1] is cfg and s.seen_cfg[2] is s
+    assert isinstance(s.losses, list) and len(s.losses) == 1
+    # the retraining is one epoch of batches of two in the order of the task's seed
+    w, b = s.start["fc.weight"], s.start["fc.bias"]
+    x, y = task.train
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(4))
+    for idx in order.split(2):
+        gw, gb, _ = ce_gradients(w, b, x[idx], y[idx])
+        w, b = w - 0.3 * gw, b - 0.3 * gb
+    torch.testing.assert_close(model.module.fc.weight.detach(), w)
+    torch.testing.assert_close(model.module.fc.bias.detach(), b)
+
+
+class Outputs(Strategy):
+    """A strategy asking for extra heads: writes down the heads in ctx.outputs at each
+    penalty and checks that the task's entry is the logits the loss is computed from."""
+
+    name = "outputs"
+
+    def __init__(self, extra: list[str]) -> None:
+        super().__init__()
+        self.extra = extra
+        self.seen: list[list[str]] = []
+
+    def extra_heads(self, ctx):
+        return self.extra
+
+    def penalty(self, ctx, x, y, logits):
+        self.seen.append(sorted(ctx.outputs))
+        assert ctx.outputs[ctx.head_of(ctx.task)] is logits
+        return None
+
+
+@pytest.mark.parametrize(("extra", "heads"), [(["out0"], ["out0", "out1"]),
+                                              (["out1"], ["out1"])])
+def test_extra_heads_reach_the_hooks_in_ctx_outputs_and_are_dropped_after_the_fit(extra,
+                                                                                  heads):
+    """Another task's head: the view returns both heads. The task's own head (one shared
+    head, as in the class scenario): the logits alone, still under ctx.outputs."""
+    tasks, model = synthetic(2, n=16), mlp(n_heads=2)
+    ctx = context(model, tasks, 1)
+    s = Outputs(extra)
+    fit(ctx, s, TrainConfig(epochs=2, batch_size=6, lr=0.05), seed=0)
+    assert s.seen == [heads] * 4
+    assert ctx.outputs is None
