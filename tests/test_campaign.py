@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from runfiles import kill_after_first_checkpoint
 
-from growth.campaign import Campaign, Progress, _diff, resume_run, run_config, run_config_of
+from growth import campaign as campaign_module
+from growth import strategies
+from growth.campaign import (
+    Campaign,
+    Progress,
+    _diff,
+    build_base_graph,
+    resolve_device,
+    resume_run,
+    run_config,
+    run_config_of,
+    task_seed,
+)
 from growth.cli import main
 from growth.config import load_config
+from growth.data import build_stream
+from growth.data.containers import Task
 from growth.errors import CheckpointError, ConfigError, RunDirError
+from growth.model import Model
+from growth.strategies import Context, Strategy
+from growth.train import fit
+from search_spaces.networks import add_head, mlp, small_cnn
 
 TINY = {
     "name": "tiny",
@@ -278,21 +300,34 @@ QUICK = {"data__n_tasks": 2, "data__max_train_per_task": 64,
 def recorder() -> tuple[Progress, list[tuple]]:
     calls: list[tuple] = []
     return Progress(on_task_start=lambda i, t: calls.append(("start", i, t.index)),
-                    on_epoch=lambda task, epoch, loss: calls.append(("epoch", task, epoch)),
+                    on_epoch=lambda task, epoch, loss: calls.append(("epoch", task, epoch))
+                    if math.isfinite(loss) else calls.append(("bad loss", loss)),
                     on_task_end=lambda i, m: calls.append(("end", i, m["finished_tasks"]))
                     ), calls
 
 
 def test_run_config_applies_overrides_and_reports_progress(tmp_path: Path) -> None:
     progress, calls = recorder()
-    out = tmp_path / "run"
+    out = tmp_path / "new" / "run"  # folders that do not exist yet
     m = run_config(write_config(tmp_path / "c.yaml", **QUICK), out, ["train.epochs=2", "seed=5"],
                    progress)
     assert calls == [("start", 0, 0), ("epoch", 0, 0), ("epoch", 0, 1), ("end", 0, 1),
                      ("start", 1, 1), ("epoch", 1, 0), ("epoch", 1, 1), ("end", 1, 2)]
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["train"]["epochs"] == 2 and resolved["seed"] == 5
-    assert m["run"]["seed"] == 5 and m["finished_tasks"] == 2
+    assert m["run"] == {"name": "tiny", "strategy": "finetune", "seed": 5,
+                        "stream": "permuted", "dataset": "digits", "scenario": "task"}
+    assert m["finished_tasks"] == 2
+    # fine-tuning never grows: the model is the base network, in parameters and in bytes
+    assert [(z["task"], z["relative"], z["relative_bytes"]) for z in m["sizes"]] == [
+        (0, 1.0, 1.0), (1, 1.0, 1.0)]
+    with (out / "epochs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    names = m["tasks"]
+    assert [(r["task"], r["task_name"], r["epoch"]) for r in rows] == [
+        ("0", names[0], "0"), ("0", names[0], "1"), ("1", names[1], "0"), ("1", names[1], "1")]
+    assert all(float(r["train_loss"]) > 0 and 0 <= float(r["val_accuracy"]) <= 1
+               for r in rows)
 
 
 def test_resume_trains_only_the_tasks_after_the_last_checkpoint(tmp_path: Path) -> None:
@@ -304,6 +339,9 @@ def test_resume_trains_only_the_tasks_after_the_last_checkpoint(tmp_path: Path) 
     progress, calls = recorder()
     assert resume_run(part, progress)["R"] == full["R"]
     assert calls == [("start", 1, 1), ("epoch", 1, 0), ("end", 1, 2)]
+    with (part / "epochs.csv").open() as f:  # the finished task's rows are kept
+        assert [r["task"] for r in csv.DictReader(f)] == ["0", "1"]
+    assert not (part / "tensorboard").exists()
 
 
 def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path: Path) -> None:
@@ -321,6 +359,7 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path: Path) -
 
 def test_resume_of_a_finished_run_trains_nothing_and_repairs_metrics(tmp_path: Path) -> None:
     out = tmp_path / "run"
+    out.mkdir()  # an empty folder is a fine place for a new run
     first = run(write_config(tmp_path / "c.yaml", **QUICK), out)
     saved = json.loads((out / "metrics.json").read_text())
     log_text = (out / "log.txt").read_text()
@@ -351,3 +390,147 @@ def test_diff_names_every_changed_key_dotted() -> None:
            "n": {"X": 2}, "added": {"a": 1}}
     assert _diff(old, new) == {"model.hidden", "train", "n.X", "gone", "added"}
     assert _diff(new, new) == set()
+
+
+def test_task_seeds_are_pinned() -> None:
+    """The seeds of past runs must not change: (seed * 1000003 + task * 7919 + 17) mod
+    (2^31 - 1), checked by hand."""
+    assert task_seed(3, 2) == 3015864  # 3000009 + 15838 + 17, below the modulus
+    assert task_seed(5000, 1) == 705055642  # 5000022936 - 2 * 2147483647
+
+
+def _tasks(shape: tuple[int, ...], classes: list[int]) -> list[Task]:
+    none = (torch.zeros(0, *shape), torch.zeros(0, dtype=torch.long))
+    offsets = [sum(classes[:i]) for i in range(len(classes))]
+    return [Task(i, f"t{i}", none, none, none, list(range(o, o + n)), n, o, shape)
+            for i, (n, o) in enumerate(zip(classes, offsets))]
+
+
+@pytest.mark.parametrize("scenario", ["task", "class"])
+def test_base_graph_follows_the_model_section(tmp_path: Path, scenario: str) -> None:
+    """Every key of the model section reaches the trunk; one head per task (named t<index>,
+    its own classes) or one shared head over all classes."""
+    mlp_cfg = load_config(write_config(tmp_path / "m.yaml", model={
+        "kind": "mlp", "hidden": [6, 5], "activation": "tanh", "batchnorm": True,
+        "dropout": 0.25}), [f"scenario={scenario}"] + (
+        ["data.stream=split"] if scenario == "class" else []))
+    cnn_cfg = load_config(write_config(tmp_path / "c.yaml", model={
+        "kind": "cnn", "channels": [3, 4], "fc": [7], "activation": "tanh",
+        "batchnorm": False, "dropout": 0.3}))
+    tasks = _tasks((1, 8, 8), [2, 3])
+    heads = ({"t0": 2, "t1": 3} if scenario == "task" else {"all": 5})
+
+    def with_heads(g):
+        for name, n in heads.items():
+            g = add_head(g, name, n)
+        return g
+
+    got = build_base_graph(mlp_cfg, tasks).to_dict()
+    want = with_heads(mlp((1, 8, 8), [6, 5], activation="tanh", batchnorm=True,
+                          dropout=0.25)).to_dict()
+    assert got == want
+    got = build_base_graph(cnn_cfg, _tasks((1, 8, 8), [2, 3])).to_dict()
+    want = small_cnn((1, 8, 8), [3, 4], batchnorm=False, activation="tanh", fc=[7],
+                     dropout=0.3)
+    assert got == add_head(add_head(want, "t0", 2), "t1", 3).to_dict()
+
+
+def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="c.yaml: device: cuda"):
+        resolve_device("cuda", "c.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_the_stream_is_drawn_from_the_config_seed(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK), ["seed=11"])
+    tasks = Campaign(cfg, tmp_path / "run").tasks
+    same = build_stream({**cfg.data.model_dump(), "seed": 11})
+    other = build_stream({**cfg.data.model_dump(), "seed": 12})
+    assert all(torch.equal(a.train[0], b.train[0]) for a, b in zip(tasks, same))
+    assert not torch.equal(tasks[1].train[0], other[1].train[0])
+
+
+def test_each_task_trains_from_its_own_seed(tmp_path: Path) -> None:
+    """The first task's weights are those of a fit from the base network with the task's
+    seed (and not with the loop's default seed)."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK), ["data.n_tasks=1"])
+    c = Campaign(cfg, tmp_path / "run")
+    base = Model(c.base)
+    c.start()
+    task = c.tasks[0]
+
+    def replay(seed: int) -> list[torch.Tensor]:
+        model = Model(c.base)
+        ctx = Context(model, task, [], c.head_of, c.label_of, torch.device("cpu"))
+        fit(ctx, Strategy(), cfg.train, seed=seed)
+        return [p.detach() for p in model.module.parameters()]
+
+    assert not all(torch.equal(p, q) for p, q in zip(base.module.parameters(),
+                                                     c.model.module.parameters()))
+    got = [p.detach() for p in c.model.module.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(got, replay(task_seed(3, 0))))
+    assert not all(torch.equal(p, q) for p, q in zip(got, replay(0)))
+
+
+class Scored(Strategy):
+    """Fine-tuning that scores every task as 'class 0' through its own evaluation, keeps a
+    memory, reports figures, and writes down each task's work folder."""
+
+    name = "scored"
+    workdirs: list[Path] = []
+
+    def before_task(self, ctx):
+        Scored.workdirs.append(ctx.workdir)
+
+    @contextmanager
+    def evaluation(self, ctx, task):
+        yield lambda x: torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long),
+                                                    task.n_classes).float()
+
+    def run_report(self):
+        return {"search": {"children": 4, "child_time_s": 1.5}, "details": {"note": "x"}}
+
+    def memory_report(self):
+        return {"samples": 7, "bytes": 28}
+
+
+def test_strategy_evaluation_reports_and_memory_reach_the_metrics(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(strategies.STRATEGIES, "scored", Scored)
+    monkeypatch.setattr(Scored, "workdirs", [])
+    out = tmp_path / "run"
+    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK, strategy={"name": "scored"}))
+    c = Campaign(cfg, out)
+    m = c.start()
+    zeros = [float((t.test[1] == 0).float().mean()) for t in c.tasks]  # 'class 0' is right
+    assert m["R"] == [pytest.approx(zeros)] * 3
+    assert m["search"]["children"] == 4 and m["search"]["child_time_s"] == 1.5
+    assert m["details"] == {"note": "x"}
+    assert [(z["memory_samples"], z["memory_bytes"]) for z in m["sizes"]] == [(7, 28)] * 2
+    assert Scored.workdirs == [out / "work" / "task_000", out / "work" / "task_001"]
+
+
+def test_wall_time_counts_training_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock that every training forward pass moves by 1 and every evaluation pass by
+    100: each task's wall time is its training batches alone (2 epochs of 2 batches)."""
+    clock = [0.0]
+    monkeypatch.setattr(campaign_module, "time",
+                        type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+
+    def tick(module, inputs):
+        clock[0] += 1 if module.training else 100
+
+    def on_start(i, task):
+        if i == 0:
+            c.model.module.fc1.register_forward_pre_hook(tick)  # in every forward pass
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK), ["train.epochs=2"])
+    c = Campaign(cfg, tmp_path / "run", Progress(on_task_start=on_start))
+    m = c.start()
+    assert m["wall_time_s"] == [4.0, 4.0]

@@ -5,6 +5,7 @@ labels in the head's space (class offsets), and the loop's optimizer settings ar
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -292,15 +293,17 @@ def test_fit_trains_the_given_parameters_for_the_given_epochs_and_keeps_its_opti
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_weight_decay_reaches_the_optimizer(optimizer):
-    """One full-batch step with weight decay wd: the gradient is g + wd * w; SGD steps
+    """One full-batch step with weight decay wd (L2, added to the gradient): g + wd * w; SGD steps
     -lr (g + wd w), Adam's first step is -lr (g + wd w) / (|g + wd w| + eps)."""
     task = six_samples()
     model = linear_model(seed=2)
     w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
-    cfg = TrainConfig(epochs=1, batch_size=6, lr=0.1, momentum=0.0, weight_decay=0.5,
+    cfg = TrainConfig(epochs=1, batch_size=6, lr=0.1, momentum=0.0, weight_decay=5.0,
                       optimizer=optimizer)
     fit(ctx_of(model, task), Strategy(), cfg)
-    gw = ce_gradients(w0, b0, *task.train)[0] + 0.5 * w0
+    g = ce_gradients(w0, b0, *task.train)[0]
+    gw = g + 5.0 * w0
+    assert (g.sign() != gw.sign()).any()  # Adam's first step sees the decay only in signs
     step = gw if optimizer == "sgd" else gw / (gw.abs() + 1e-8)
     torch.testing.assert_close(model.module.fc.weight.detach(), w0 - 0.1 * step)
 
@@ -360,10 +363,10 @@ def test_learn_task_hands_hooks_its_settings_and_a_seeded_retraining_loop():
     cfg = TrainConfig(epochs=3, batch_size=2, lr=0.3, momentum=0.0)
     model = linear_model(seed=2)
     s = Retrain()
-    epochs: list[int] = []
+    epochs: list[tuple[int, float]] = []
     losses = learn_task(ctx_of(model, task), s, cfg, seed=4,
-                        on_epoch=lambda e, loss: epochs.append(e))
-    assert len(losses) == 3 and epochs == [0, 1, 2]
+                        on_epoch=lambda e, loss: epochs.append((e, loss)))
+    assert len(losses) == 3 and epochs == list(enumerate(losses))
     assert s.seen_cfg[0] is cfg and s.seen_cfg[1] is cfg and s.seen_cfg[2] is s
     assert isinstance(s.losses, list) and len(s.losses) == 1
     # the retraining is one epoch of batches of two in the order of the task's seed
@@ -409,3 +412,33 @@ def test_extra_heads_reach_the_hooks_in_ctx_outputs_and_are_dropped_after_the_fi
     fit(ctx, s, TrainConfig(epochs=2, batch_size=6, lr=0.05), seed=0)
     assert s.seen == [heads] * 4
     assert ctx.outputs is None
+
+
+class Frozen(Strategy):
+    """Freezes the layer's weight for the length of each fit (the training hook)."""
+
+    name = "frozen"
+
+    @contextmanager
+    def training(self, ctx):
+        self.mode = ctx.model.module.training
+        weight = ctx.model.module.fc.weight
+        weight.requires_grad_(False)
+        try:
+            yield
+        finally:
+            weight.requires_grad_(True)
+
+
+def test_the_training_hook_wraps_the_fit_before_the_optimizer_is_built():
+    task = six_samples()
+    model = linear_model(seed=2)
+    model.eval()
+    w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
+    s = Frozen()
+    fit(ctx_of(model, task), s, TrainConfig(epochs=1, batch_size=6, lr=0.3, momentum=0.0))
+    assert s.mode  # entered after the model was put in training mode
+    assert torch.equal(model.module.fc.weight.detach(), w0)  # frozen: not optimised
+    torch.testing.assert_close(model.module.fc.bias.detach(),
+                               b0 - 0.3 * ce_gradients(w0, b0, *task.train)[1])
+    assert model.module.fc.weight.requires_grad  # the hook's tear-down ran
