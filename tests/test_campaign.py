@@ -21,6 +21,7 @@ from growth.campaign import (
     Progress,
     _diff,
     build_base_graph,
+    labelers,
     resolve_device,
     resume_run,
     run_config,
@@ -317,7 +318,7 @@ def test_run_config_applies_overrides_and_reports_progress(tmp_path: Path) -> No
     assert resolved["train"]["epochs"] == 2 and resolved["seed"] == 5
     assert m["run"] == {"name": "tiny", "strategy": "finetune", "seed": 5,
                         "stream": "permuted", "dataset": "digits", "scenario": "task"}
-    assert m["finished_tasks"] == 2
+    assert m["finished_tasks"] == 2 and m["config"] == resolved
     # fine-tuning never grows: the model is the base network, in parameters and in bytes
     assert [(z["task"], z["relative"], z["relative_bytes"]) for z in m["sizes"]] == [
         (0, 1.0, 1.0), (1, 1.0, 1.0)]
@@ -459,7 +460,8 @@ def test_the_stream_is_drawn_from_the_config_seed(tmp_path: Path) -> None:
 def test_each_task_trains_from_its_own_seed(tmp_path: Path) -> None:
     """The first task's weights are those of a fit from the base network with the task's
     seed (and not with the loop's default seed)."""
-    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK), ["data.n_tasks=1"])
+    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK),
+                      ["data.n_tasks=1", "data.val_fraction=0"])
     c = Campaign(cfg, tmp_path / "run")
     base = Model(c.base)
     c.start()
@@ -476,6 +478,8 @@ def test_each_task_trains_from_its_own_seed(tmp_path: Path) -> None:
     got = [p.detach() for p in c.model.module.parameters()]
     assert all(torch.equal(p, q) for p, q in zip(got, replay(task_seed(3, 0))))
     assert not all(torch.equal(p, q) for p, q in zip(got, replay(0)))
+    with (tmp_path / "run" / "epochs.csv").open() as f:  # no validation split: no accuracy
+        assert [r["val_accuracy"] for r in csv.DictReader(f)] == [""]
 
 
 class Scored(Strategy):
@@ -534,3 +538,12 @@ def test_wall_time_counts_training_only(tmp_path: Path, monkeypatch: pytest.Monk
     c = Campaign(cfg, tmp_path / "run", Progress(on_task_start=on_start))
     m = c.start()
     assert m["wall_time_s"] == [4.0, 4.0]
+
+
+def test_labelers_name_the_head_and_its_labels() -> None:
+    task = _tasks((4,), [2, 3])[1]  # classes 2, 3, 4 of the stream
+    y = torch.tensor([0, 2, 1])
+    head, label = labelers("class")
+    assert head(task) == "all" and label(task, y).tolist() == [2, 4, 3]
+    head, label = labelers("task")
+    assert head(task) == "t1" and label(task, y).tolist() == [0, 2, 1]

@@ -442,3 +442,39 @@ def test_the_training_hook_wraps_the_fit_before_the_optimizer_is_built():
     torch.testing.assert_close(model.module.fc.bias.detach(),
                                b0 - 0.3 * ce_gradients(w0, b0, *task.train)[1])
     assert model.module.fc.weight.requires_grad  # the hook's tear-down ran
+
+
+class SummedLoss(Strategy):
+    """The batch's summed cross-entropy in place of the mean, plus c times the mean logit of
+    the true class (a penalty that reads the labels and the logits)."""
+
+    name = "summed"
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def loss(self, ctx, x, y, logits):
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def penalty(self, ctx, x, y, logits):
+        return self.c * logits.gather(1, y[:, None]).mean()
+
+
+def test_a_strategys_own_loss_replaces_cross_entropy():
+    """Gradients by hand: the summed loss is B times the mean's; the penalty's gradient on W
+    is c onehot(y)^T x / B and on b is c mean(onehot(y))."""
+    task = six_samples()
+    model = linear_model(seed=2)
+    w0, b0 = model.module.fc.weight.detach().clone(), model.module.fc.bias.detach().clone()
+    cfg = TrainConfig(epochs=1, batch_size=6, lr=0.05, momentum=0.0)
+    losses = fit(ctx_of(model, task), SummedLoss(0.4), cfg)
+    x, y = task.train
+    gw, gb, ce = ce_gradients(w0, b0, x, y)
+    onehot = F.one_hot(y, 2).float()
+    torch.testing.assert_close(model.module.fc.weight.detach(),
+                               w0 - 0.05 * (6 * gw + 0.4 * onehot.T @ x / 6))
+    torch.testing.assert_close(model.module.fc.bias.detach(),
+                               b0 - 0.05 * (6 * gb + 0.4 * onehot.mean(0)))
+    margin = float((x @ w0.T + b0).gather(1, y[:, None]).mean())
+    assert losses == pytest.approx([6 * ce + 0.4 * margin], rel=1e-5)
