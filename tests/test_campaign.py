@@ -509,9 +509,12 @@ def test_strategy_evaluation_reports_and_memory_reach_the_metrics(
     monkeypatch.setitem(strategies.STRATEGIES, "scored", Scored)
     monkeypatch.setattr(Scored, "workdirs", [])
     out = tmp_path / "run"
-    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK, strategy={"name": "scored"}))
+    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK, strategy={"name": "scored"},
+                                   tensorboard=True))
     c = Campaign(cfg, out)
     m = c.start()
+    assert [p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").iterdir()
+            ] == [True]
     zeros = [float((t.test[1] == 0).float().mean()) for t in c.tasks]  # 'class 0' is right
     assert m["R"] == [pytest.approx(zeros)] * 3
     assert m["search"]["children"] == 4 and m["search"]["child_time_s"] == 1.5
