@@ -550,3 +550,12 @@ def test_labelers_name_the_head_and_its_labels() -> None:
     assert head(task) == "all" and label(task, y).tolist() == [2, 4, 3]
     head, label = labelers("task")
     assert head(task) == "t1" and label(task, y).tolist() == [0, 2, 1]
+
+
+def test_the_resolved_config_spells_out_the_strategys_defaults_by_their_config_names(
+        tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK,
+                                   strategy={"name": "ewc", "lambda": 7}))
+    section = Campaign(cfg, tmp_path / "run")._resolved().to_dict()["strategy"]
+    assert section == {"name": "ewc", "lambda": 7.0, "mode": "separate", "gamma": 1.0,
+                       "fisher_samples": 1000}
