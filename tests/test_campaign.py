@@ -35,7 +35,7 @@ from growth.data.containers import Task
 from growth.errors import CheckpointError, ConfigError, RunDirError
 from growth.model import Model
 from growth.strategies import Context, Strategy
-from growth.train import fit
+from growth.train import evaluate, fit
 from search_spaces.networks import add_head, mlp, small_cnn
 
 TINY = {
@@ -521,6 +521,13 @@ def test_strategy_evaluation_reports_and_memory_reach_the_metrics(
     assert m["details"] == {"note": "x"}
     assert [(z["memory_samples"], z["memory_bytes"]) for z in m["sizes"]] == [(7, 28)] * 2
     assert Scored.workdirs == [out / "work" / "task_000", out / "work" / "task_001"]
+    # each epoch's accuracy is the task's own head on its validation split (the last epoch of
+    # the last task: the final network)
+    last = c.tasks[1]
+    val = evaluate(c._ctx(last), last, "val")
+    assert val != evaluate(c._ctx(last), last, "test")
+    with (out / "epochs.csv").open() as f:
+        assert float(list(csv.DictReader(f))[-1]["val_accuracy"]) == val
 
 
 def test_wall_time_counts_training_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
