@@ -44,13 +44,15 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     _check_width(node, width, group.width)
     if noise < 0:
         raise OperatorError(f"net2wider({node!r}): noise must be >= 0, got {noise}")
+    call = f"net2wider({node!r}, width={width})"
+    check_size(call, 0, max_new_params)  # a malformed limit is refused before any comparison
     out = graph.copy()
     if width == group.width:
         return OpResult(out, ChangeRecord("net2wider", params))
     check_blocks(group, width, "net2wider")
     if max_new_params is not None and widening_bound(graph, group, width) > max_new_params:
-        check_size(f"net2wider({node!r}, width={width})",  # count exactly only when it may fail
-                   widening_cost(graph, node, width, group), max_new_params)
+        check_size(call, widening_cost(graph, node, width, group),  # exact only when it may fail
+                   max_new_params)
     gen = torch.Generator().manual_seed(int(seed))
     b = group.block  # grouped convs downstream: copy whole groups of b channels
     extra = torch.randint(group.width // b, ((width - group.width) // b,), generator=gen)
