@@ -338,3 +338,12 @@ def test_the_size_guard_takes_a_non_negative_int_or_none() -> None:
             check_size("op", 0, limit)
         assert str(info.value) == ("op: max_new_params must be a non-negative int or None, got "
                                    f"{limit!r}")
+
+
+@pytest.mark.parametrize("limit", ["10", 100.5, True, -1])
+def test_widening_refuses_a_malformed_size_limit_whatever_the_change(limit) -> None:
+    for width in (5, 3):  # 3: no change at all
+        with pytest.raises(OperatorError) as info:
+            net2wider(mlp(), "l1", width, max_new_params=limit)
+        assert str(info.value) == (f"net2wider('l1', width={width}): max_new_params must be a "
+                                   f"non-negative int or None, got {limit!r}")
