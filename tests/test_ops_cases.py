@@ -70,6 +70,7 @@ def test_widening_to_the_same_width_is_a_noop_record() -> None:
     g = mlp()
     result = net2wider(g, "l1", 3)
     assert result.record.is_noop and result.graph is not g
+    assert result.record.op == "net2wider"
     assert result.graph.to_dict() == g.to_dict()
 
 

@@ -222,6 +222,14 @@ REFUSALS = {
                                           shape=(4, 4, 4)), "a", 5),
                    "net2wider('a'): cannot resize 'a': its channels are split or merged with "
                    "another axis at 's' (add), where no mapping can follow them"),
+    "mixed-layout-concat": (  # a (channels-first) and l (channels-last) stacked along W
+        lambda: net2wider(_net(conv("a", "x", 4), ("t", "permute", ["x"], {"dims": [1, 2, 0]}),
+                               ("l", "linear", ["t"], {"out_features": 4}),
+                               ("cat", "concat", ["a", "l"], {"dim": 2}),
+                               ("xx", "concat", ["x", "x"], {"dim": 2}), conv("c", "xx", 4),
+                               ("s", "add", ["c", "cat"], {}), shape=(4, 4, 4)), "c", 5),
+        "net2wider('c'): cannot resize 'c': its channels are split or merged with another axis "
+        "at 'cat' (concat), where no mapping can follow them"),
     "grouped-after-concat": (
         lambda: net2wider(_net(conv("a", "x", 2), conv("b", "x", 2),
                                ("cat", "concat", ["a", "b"], {}), conv("gc", "cat", 4, groups=2)),

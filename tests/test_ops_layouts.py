@@ -586,6 +586,15 @@ def test_one_channel_operands_of_a_merge_grow_together() -> None:
     result = net2wider(g, "a", 3, seed=0)
     assert result.graph.shape("s") == (3, 3, 3)
     assert preserved(g, result.graph) <= TOL
+    stacked = NetGraph()  # one channel each, stacked along H: still one group
+    stacked.add_input("x", (2, 3, 3))
+    stacked.add("a", "conv2d", ["x"], out_channels=1, kernel_size=1)
+    stacked.add("b", "conv2d", ["x"], out_channels=1, kernel_size=1)
+    stacked.add("cat", "concat", ["a", "b"], dim=1)
+    _head(stacked, "cat")
+    randomize(stacked, 5)
+    assert find_group(stacked, "a").producers == ("a", "b")
+    assert preserved(stacked, net2wider(stacked, "a", 2, seed=0).graph) <= TOL
 
 
 def test_a_one_channel_gate_over_two_channels_cannot_grow() -> None:
@@ -639,7 +648,7 @@ def test_deepenable_lists_every_node_that_fits_the_kernel_and_the_limit() -> Non
     g = residual()
     maps = ["x", "c0", "bn0", "r0", "c1", "bn1", "add1", "r1", "inner", "ri", "c2", "add2", "r2"]
     assert deepenable(g, kernel_size=3) == maps + ["flat", "fc"]  # gap's 1x1 map is too small
-    assert deepenable(g, kernel_size=1) == maps + ["gap", "flat", "fc"]
+    assert deepenable(g, kernel_size=1) == deepenable(g) == maps + ["gap", "flat", "fc"]
     # a 3x3 identity on 4 channels holds 16 * 9 + 4 = 148 parameters, on 3 channels 84; the
     # vectors get linear identities: 4 * 4 + 4 = 20 (flat) and 3 * 3 + 3 = 12 (fc)
     assert deepenable(g, kernel_size=3, max_new_params=100) == ["x", "inner", "ri", "flat", "fc"]
@@ -660,3 +669,86 @@ def test_the_size_guard_counts_the_new_batchnorm() -> None:
         net2deeper(g, "r1", batchnorm=True, sample=x, max_new_params=12)  # 9 + 3 + BN's 6
     result = net2deeper(g, "r1", batchnorm=True, sample=x, max_new_params=18)
     assert result.graph.param_count() - g.param_count() == 18
+
+
+def test_deepenable_goes_on_past_nodes_without_a_single_feature_axis() -> None:
+    g = NetGraph()
+    g.add_input("x", (4, 3, 3))
+    g.add("a", "conv2d", ["x"], out_channels=4, kernel_size=1)
+    g.add("split", "reshape", ["a"], shape=[2, 2, 3, 3])  # no single feature axis
+    g.add("f", "flatten", ["split"])
+    g.add("fc", "linear", ["f"], out_features=2)
+    g.add_output("out", "fc")
+    assert deepenable(g) == ["x", "a", "f", "fc"]
+
+
+def test_deepenable_prices_token_identities_on_their_features() -> None:
+    g = NetGraph()
+    g.add_input("x", (5, 2))  # 5 tokens of 2 features
+    g.add("l", "linear", ["x"], out_features=3)
+    g.add("first", "getitem", ["l"], index=[0])
+    g.add("fc", "linear", ["first"], out_features=2)
+    g.add_output("out", "fc")
+    assert feature_axes(g)["x"] == 1 and feature_axes(mlp())["x"] == 0
+    # identities of 2 * 2 + 2 = 6 (x), 3 * 3 + 3 = 12 (l, first), 2 * 2 + 2 = 6 (fc)
+    assert deepenable(g, max_new_params=6) == ["x", "fc"]
+    assert deepenable(g, max_new_params=12) == ["x", "l", "first", "fc"]
+
+
+def test_a_kernel_taller_than_the_map_is_refused() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 2, 5))
+    g.add("c", "conv2d", ["x"], out_channels=2, kernel_size=1)
+    _head(g, "c")
+    assert deepenable(g, kernel_size=3) == ["flat", "fc"]
+    with pytest.raises(OperatorError) as info:
+        net2deeper(g, "c", kernel_size=3)
+    assert str(info.value) == ("net2deeper after 'c': kernel_size 3 is larger than its 2x5 map; "
+                               "use kernel_size <= 2")
+
+
+def test_merges_of_different_layouts_have_no_single_feature_axis() -> None:
+    g = NetGraph()
+    g.add_input("x", (4, 4, 4))
+    g.add("a", "conv2d", ["x"], out_channels=4, kernel_size=1)  # channels on axis 0
+    g.add("t", "permute", ["x"], dims=[1, 2, 0])
+    g.add("l", "linear", ["t"], out_features=4)  # features on axis 2, same shape
+    g.add("s", "add", ["a", "l"])
+    g.add("m", "mul", ["a", "l"])
+    g.add("cat", "concat", ["a", "l"], dim=1)
+    g.add("same", "mul", ["a", "a"])
+    g.add("part", "add", ["s", "a"])  # one operand without an axis
+    axes = feature_axes(g)
+    assert {n: axes[n] for n in ("s", "m", "cat", "same", "part")} == {
+        "s": None, "m": None, "cat": None, "same": 0, "part": None}
+
+
+def test_depthwise_convs_read_a_concat_and_several_group_widths_give_one_block() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 4, 4))
+    g.add("a", "conv2d", ["x"], out_channels=2, kernel_size=1)
+    g.add("b", "conv2d", ["x"], out_channels=2, kernel_size=1)
+    g.add("cat", "concat", ["a", "b"])
+    g.add("dw", "conv2d", ["cat"], out_channels=4, kernel_size=3, padding=1, groups=4)
+    _head(g, "dw")
+    randomize(g, 2)
+    assert find_group(g, "a").block == 1  # one channel per group: any index keeps them whole
+    assert preserved(g, net2wider(g, "a", 3, seed=1).graph) <= TOL
+    g = NetGraph()
+    g.add_input("x", (2, 4, 4))
+    g.add("c", "conv2d", ["x"], out_channels=6, kernel_size=1)
+    g.add("g2", "conv2d", ["c"], out_channels=3, kernel_size=1, groups=3)  # groups of 2
+    g.add("g3", "conv2d", ["c"], out_channels=2, kernel_size=1, groups=2)  # groups of 3
+    g.add("cat", "concat", ["g2", "g3"])
+    _head(g, "cat")
+    randomize(g, 3)
+    assert find_group(g, "c").block == 6  # lcm(2, 3)
+    result = net2wider(g, "c", 12, seed=4)
+    assert preserved(g, result.graph) <= TOL
+
+
+def test_widening_copies_every_group_of_a_grouped_conv_uniformly() -> None:
+    g = grouped_net()
+    idx = net2wider(g, "c", 8 + 4 * 20, seed=5).record.index_maps["c.weight"][0]
+    copied = [idx[j] // 4 for j in range(8, len(idx), 4)]
+    assert set(copied) == {0, 1} and 5 <= copied.count(0) <= 15
