@@ -10,7 +10,7 @@ from graphgen import assert_unchanged, concat_net, mlp, randomize, residual, sna
 
 from growth.errors import GraphError, OperatorError
 from growth.graph import NetGraph
-from growth.ops import get_operator, net2deeper, net2wider, prune_units
+from growth.ops import find_group, get_operator, net2deeper, net2wider, prune_units
 from growth.ops.guards import check_size
 
 
@@ -355,3 +355,10 @@ def test_widening_refuses_a_malformed_size_limit_whatever_the_change(limit) -> N
             net2wider(mlp(), "l1", width, max_new_params=limit)
         assert str(info.value) == (f"net2wider('l1', width={width}): max_new_params must be a "
                                    f"non-negative int or None, got {limit!r}")
+
+
+def test_find_group_names_the_generic_resize_by_default() -> None:
+    with pytest.raises(OperatorError) as info:
+        find_group(mlp(), "l2")
+    assert str(info.value).startswith("resize('l2'): cannot resize 'l2': its channels reach "
+                                      "output head 'out'")

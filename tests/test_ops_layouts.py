@@ -752,3 +752,39 @@ def test_widening_copies_every_group_of_a_grouped_conv_uniformly() -> None:
     idx = net2wider(g, "c", 8 + 4 * 20, seed=5).record.index_maps["c.weight"][0]
     copied = [idx[j] // 4 for j in range(8, len(idx), 4)]
     assert set(copied) == {0, 1} and 5 <= copied.count(0) <= 15
+
+
+def test_means_move_or_drop_the_feature_axis_by_hand() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 3, 3))
+    g.add("t", "permute", ["x"], dims=[1, 2, 0])  # (3, 3, 2): features last
+    g.add("pool", "mean", ["t"], dims=[0, 1])  # (2,)
+    g.add("rows", "mean", ["t"], dims=[0], keepdim=True)  # (1, 3, 2)
+    g.add("cols", "mean", ["t"], dims=[-2])  # (3, 2)
+    g.add("feats", "mean", ["t"], dims=[-1])  # (3, 3): averages the features away
+    axes = feature_axes(g)
+    assert {n: axes[n] for n in ("pool", "rows", "cols", "feats")} == {
+        "pool": 0, "rows": 2, "cols": 1, "feats": None}
+
+
+def test_a_depthwise_conv_keeps_the_space_plain_only_without_a_multiplier() -> None:
+    def block(multiplier: int) -> NetGraph:
+        g = NetGraph()
+        g.add_input("x", (2, 4, 4))
+        g.add("c", "conv2d", ["x"], out_channels=3, kernel_size=1)
+        g.add("dw", "conv2d", ["c"], out_channels=3 * multiplier, kernel_size=3, padding=1,
+              groups=3)
+        g.add("e", "conv2d", ["x"], out_channels=3 * multiplier, kernel_size=1)
+        g.add("s", "add", ["dw", "e"])
+        g.add("p", "conv2d", ["s"], out_channels=2, kernel_size=1)
+        _head(g, "p")
+        return randomize(g, 8)
+
+    g = block(1)  # dw's channels are c's channels: e joins the group, all change together
+    assert find_group(g, "c").producers == ("c", "e")
+    assert preserved(g, net2wider(g, "c", 5, seed=2).graph) <= TOL
+    with pytest.raises(OperatorError) as info:  # two channels per input channel: no mapping
+        net2wider(block(2), "c", 5)
+    assert str(info.value) == ("net2wider('c'): cannot resize 'c': its channels reach add 's' "
+                               "after a concat or flatten, where the other operands would need "
+                               "a different mapping; resize a layer outside that path")
