@@ -71,6 +71,7 @@ def test_widening_to_the_same_width_is_a_noop_record() -> None:
     result = net2wider(g, "l1", 3)
     assert result.record.is_noop and result.graph is not g
     assert result.record.op == "net2wider"
+    assert result.record.params == {"node": "l1", "width": 3, "noise": 0.0, "seed": 0}
     assert result.graph.to_dict() == g.to_dict()
 
 
@@ -424,3 +425,19 @@ def test_deepening_the_same_node_again_picks_the_next_free_name() -> None:
         thrice = net2deeper(twice, "l1").graph
     assert [n for n in thrice.topo_order() if "_deep" in n] == ["l1_deep3", "l1_deep2",
                                                                "l1_deep1"]
+
+
+def test_widening_draws_from_seed_zero_by_default() -> None:
+    g = mlp(hidden=3)
+    default, zero = net2wider(g, "l1", 9), net2wider(g, "l1", 9, seed=0)
+    assert default.record.params["seed"] == 0
+    assert default.record.index_maps == zero.record.index_maps
+
+
+def test_apply_index_copies_columns_unscaled_by_default() -> None:
+    g = mlp(hidden=3)
+    out = g.copy()
+    changes = apply_index(out, find_group(out, "l1"), [0, 1, 2, 1])
+    assert changes.divisors == {}
+    assert torch.equal(out.node("l2").tensors["weight"],
+                       g.node("l2").tensors["weight"][:, [0, 1, 2, 1]])

@@ -10,7 +10,7 @@ from graphgen import assert_unchanged, concat_net, mlp, randomize, residual, sna
 
 from growth.errors import GraphError, OperatorError
 from growth.graph import NetGraph
-from growth.ops import find_group, get_operator, net2deeper, net2wider, prune_units
+from growth.ops import apply_index, find_group, get_operator, net2deeper, net2wider, prune_units
 from growth.ops.guards import check_size
 
 
@@ -362,3 +362,24 @@ def test_find_group_names_the_generic_resize_by_default() -> None:
         find_group(mlp(), "l2")
     assert str(info.value).startswith("resize('l2'): cannot resize 'l2': its channels reach "
                                       "output head 'out'")
+
+
+@pytest.mark.parametrize("width", [5.0, True, "5"])
+def test_widening_needs_an_int_width(width) -> None:
+    with raises(OperatorError, "net2wider('l1')", "width must be an int", repr(width)):
+        net2wider(mlp(), "l1", width)
+
+
+@pytest.mark.parametrize("k", [True, 3.0])
+def test_deepening_needs_an_int_kernel(k) -> None:
+    with raises(OperatorError, "'r1'", "kernel_size must be a positive odd int", repr(k)):
+        net2deeper(residual(), "r1", kernel_size=k)
+
+
+def test_an_index_that_splits_the_groups_of_a_grouped_conv_is_refused() -> None:
+    g = _net(conv("c", "x", 4), conv("gc", "c", 4, groups=2), shape=(2, 3, 3))
+    out = g.copy()
+    with raises(OperatorError, "does not keep whole groups of 2 channels", "'gc'"):
+        apply_index(out, find_group(out, "c"), torch.tensor([0, 1, 2, 3, 1, 0]))
+    with raises(OperatorError, "does not keep whole groups of 2 channels", "'gc'"):
+        apply_index(out, find_group(out, "c"), torch.tensor([0, 1, 2, 3, 2, 2]))

@@ -653,6 +653,11 @@ def test_deepenable_lists_every_node_that_fits_the_kernel_and_the_limit() -> Non
     # vectors get linear identities: 4 * 4 + 4 = 20 (flat) and 3 * 3 + 3 = 12 (fc)
     assert deepenable(g, kernel_size=3, max_new_params=100) == ["x", "inner", "ri", "flat", "fc"]
     assert deepenable(g, kernel_size=3, max_new_params=148) == maps + ["flat", "fc"]
+    assert deepenable(g, kernel_size=3, max_new_params=20) == ["flat", "fc"]  # kernel 1 there
+    with pytest.raises(OperatorError, match="would add 148 parameters, over the limit of 147"):
+        net2deeper(g, "r1", kernel_size=3, max_new_params=147)
+    assert net2deeper(g, "r1", kernel_size=3, max_new_params=148).graph.param_count() == \
+        g.param_count() + 148
 
 
 def test_deepening_cost_by_hand() -> None:
@@ -693,6 +698,7 @@ def test_deepenable_prices_token_identities_on_their_features() -> None:
     # identities of 2 * 2 + 2 = 6 (x), 3 * 3 + 3 = 12 (l, first), 2 * 2 + 2 = 6 (fc)
     assert deepenable(g, max_new_params=6) == ["x", "fc"]
     assert deepenable(g, max_new_params=12) == ["x", "l", "first", "fc"]
+    assert net2deeper(g, "x", max_new_params=6).record.added_nodes == ["x_deep1"]
 
 
 def test_a_kernel_taller_than_the_map_is_refused() -> None:
@@ -788,3 +794,15 @@ def test_a_depthwise_conv_keeps_the_space_plain_only_without_a_multiplier() -> N
     assert str(info.value) == ("net2wider('c'): cannot resize 'c': its channels reach add 's' "
                                "after a concat or flatten, where the other operands would need "
                                "a different mapping; resize a layer outside that path")
+
+
+def test_deepenable_prices_channels_last_identities_on_their_channels() -> None:
+    g = NetGraph()
+    g.add_input("x", (2, 3, 5))
+    g.add("t", "permute", ["x"], dims=[1, 2, 0])  # (3, 5, 2)
+    g.add("l", "linear", ["t"], out_features=4)  # (3, 5, 4): 4 * 4 + 4 = 20
+    g.add("f", "flatten", ["l"])
+    g.add("fc", "linear", ["f"], out_features=2)
+    g.add_output("out", "fc")
+    # x and t: 2 channels (6); f: 60 features (3,660); fc: 2 features (6)
+    assert deepenable(g, max_new_params=20) == ["x", "t", "l", "fc"]
