@@ -566,3 +566,18 @@ def test_the_resolved_config_spells_out_the_strategys_defaults_by_their_config_n
     section = Campaign(cfg, tmp_path / "run")._resolved().to_dict()["strategy"]
     assert section == {"name": "ewc", "lambda": 7.0, "mode": "separate", "gamma": 1.0,
                        "fisher_samples": 1000}
+
+
+def test_a_torchvision_base_network_starts_from_its_weights_file(tmp_path: Path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "r18.pth")
+    cfg = load_config(write_config(tmp_path / "c.yaml", model={
+        "kind": "torchvision", "arch": "resnet18", "weights": str(tmp_path / "r18.pth")}))
+    g = build_base_graph(cfg, _tasks((3, 16, 16), [2, 3]))
+    tensors = g.named_tensors()
+    assert torch.equal(tensors["conv1.weight"], state["conv1.weight"])
+    assert tensors["head_t0.weight"].shape == (2, 512)
+    assert tensors["head_t1.weight"].shape == (3, 512)
