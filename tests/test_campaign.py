@@ -6,7 +6,7 @@ import csv
 import json
 import math
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -442,6 +442,8 @@ def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="c.yaml: device: cuda"):
         resolve_device("cuda", "c.yaml")
+    with pytest.raises(ConfigError, match="^<config>: device: cuda"):  # no file: the config
+        resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda") == torch.device("cuda")
@@ -581,3 +583,56 @@ def test_a_torchvision_base_network_starts_from_its_weights_file(tmp_path: Path)
     assert torch.equal(tensors["conv1.weight"], state["conv1.weight"])
     assert tensors["head_t0.weight"].shape == (2, 512)
     assert tensors["head_t1.weight"].shape == (3, 512)
+
+
+def test_cuda_runs_pin_deterministic_kernels_and_cpu_runs_leave_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bitwise-equal resumes on a GPU need cudnn's deterministic kernels; a CPU run leaves the
+    process's cudnn settings as the user set them (nothing is moved to the device here)."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", **QUICK))
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    Campaign(cfg, tmp_path / "cpu")
+    assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is True
+    monkeypatch.setattr(campaign_module, "resolve_device",
+                        lambda name, source="": torch.device("cuda"))
+    Campaign(cfg, tmp_path / "gpu")
+    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+
+
+def test_model_and_contexts_live_on_the_campaign_device(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cpu:0` stands in for a second device on a CPU-only machine: it differs from `cpu`,
+    Model's default, so a model or context built without the campaign's device shows."""
+    device = torch.device("cpu", 0)
+    monkeypatch.setattr(campaign_module, "resolve_device", lambda name, source="": device)
+    out = tmp_path / "run"
+    campaign = Campaign(load_config(write_config(tmp_path / "c.yaml", **QUICK)), out)
+    campaign.start()
+    assert campaign.model.device == device
+    assert campaign._ctx(campaign.tasks[1]).device == device
+    shutil.rmtree(out / "checkpoints" / "task_001")
+    again = Campaign(run_config_of(out), out)
+    again.resume()
+    assert again.resumed_at == 1 and again.model.device == device
+
+
+def test_a_strategy_session_is_entered_only_when_tasks_are_left(tmp_path: Path) -> None:
+    """REC's session holds a Ray cluster: resuming a finished run (here one with a temp file a
+    kill left, so it goes through the loop) must not start one for nothing."""
+    out = tmp_path / "run"
+    run(write_config(tmp_path / "c.yaml", **QUICK), out)
+    (out / ".metrics.json.tmp").write_text("{")  # a write a kill interrupted
+
+    def resume_counting_sessions() -> tuple[dict, list[Path]]:
+        campaign = Campaign(run_config_of(out), out)
+        entered: list[Path] = []
+        campaign.strategy.session = lambda workdir: entered.append(workdir) or nullcontext()
+        return campaign.resume(), entered
+
+    metrics, entered = resume_counting_sessions()
+    assert not (out / ".metrics.json.tmp").exists() and metrics["finished_tasks"] == 2
+    assert entered == []
+    shutil.rmtree(out / "checkpoints" / "task_001")
+    metrics, entered = resume_counting_sessions()  # one task left: one session around it
+    assert entered == [out / "work"] and metrics["finished_tasks"] == 2
