@@ -383,3 +383,17 @@ def test_an_index_that_splits_the_groups_of_a_grouped_conv_is_refused() -> None:
         apply_index(out, find_group(out, "c"), torch.tensor([0, 1, 2, 3, 1, 0]))
     with raises(OperatorError, "does not keep whole groups of 2 channels", "'gc'"):
         apply_index(out, find_group(out, "c"), torch.tensor([0, 1, 2, 3, 2, 2]))
+
+
+def test_widening_without_a_limit_and_with_a_zero_limit() -> None:
+    """None lifts the limit (the same widening as under the default one); 0 lets a no-op
+    widening through, since it adds nothing, and refuses any real one."""
+    free = net2wider(mlp(), "l1", 5, max_new_params=None)
+    capped = net2wider(mlp(), "l1", 5)
+    assert free.graph.node("l1").tensors["weight"].shape[0] == 5
+    for key in ("weight", "bias"):
+        assert torch.equal(free.graph.node("l1").tensors[key], capped.graph.node("l1").tensors[key])
+    same = net2wider(mlp(), "l1", 3, max_new_params=0)
+    assert same.record.op == "net2wider" and same.record.params["width"] == 3
+    with raises(OperatorError, "net2wider('l1', width=5) would add", "over the limit of 0"):
+        net2wider(mlp(), "l1", 5, max_new_params=0)
