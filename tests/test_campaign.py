@@ -636,3 +636,12 @@ def test_a_strategy_session_is_entered_only_when_tasks_are_left(tmp_path: Path) 
     shutil.rmtree(out / "checkpoints" / "task_001")
     metrics, entered = resume_counting_sessions()  # one task left: one session around it
     assert entered == [out / "work"] and metrics["finished_tasks"] == 2
+
+
+def test_a_cuda_config_on_a_machine_without_cuda_names_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(write_config(tmp_path / "gpu.yaml", **QUICK, device="cuda"))
+    with pytest.raises(ConfigError, match=r"gpu\.yaml: device: cuda was asked for"):
+        Campaign(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

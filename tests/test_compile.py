@@ -334,3 +334,17 @@ def test_a_node_lacking_some_of_its_tensors_is_an_error_naming_them():
     g.add_output("out", "fc")
     with pytest.raises(GraphError, match=r"node 'fc' lacks tensors \['bias'\]"):
         compile_graph(g)
+
+
+def test_a_parametric_layer_without_tensors_compiles_as_built():
+    """A LayerNorm without affine parameters holds no tensors: it computes the plain
+    normalisation (x - mean) / sqrt(var + eps), by hand here."""
+    g = NetGraph()
+    g.add_input("x", [4])
+    g.add("ln", "layernorm", ["x"], normalized_shape=[4], elementwise_affine=False)
+    g.add_output("out", "ln")
+    assert g.node("ln").tensors == {}
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.0, -1.0, 1.0, 0.0]])
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    torch.testing.assert_close(compile_graph(g)(x), (x - mean) / torch.sqrt(var + 1e-5))

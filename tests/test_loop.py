@@ -478,3 +478,28 @@ def test_a_strategys_own_loss_replaces_cross_entropy():
                                b0 - 0.05 * (6 * gb + 0.4 * onehot.mean(0)))
     margin = float((x @ w0.T + b0).gather(1, y[:, None]).mean())
     assert losses == pytest.approx([6 * ce + 0.4 * margin], rel=1e-5)
+
+
+class InputsSeen(Strategy):
+    """Cross-entropy, as the default, but keeps the inputs its loss is given."""
+
+    name = "inputs_seen"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def loss(self, ctx, x, y, logits):
+        self.inputs.append(x.detach().clone())
+        return F.cross_entropy(logits, y)
+
+
+def test_a_strategys_own_loss_is_given_the_batchs_inputs():
+    """Generative replay and iCaRL's distillation read x in their loss: one epoch of batches of
+    two hands it every training input once, in batches of two."""
+    task = six_samples()
+    s = InputsSeen()
+    fit(ctx_of(linear_model(), task), s, TrainConfig(epochs=1, batch_size=2, lr=0.05))
+    assert [tuple(b.shape) for b in s.inputs] == [(2, 3)] * 3
+    seen = sorted(map(tuple, torch.cat(s.inputs).tolist()))
+    assert seen == sorted(map(tuple, task.train[0].tolist()))
