@@ -258,6 +258,14 @@ REFUSALS = {
         "net2wider('c'): cannot resize 'c': node 'l' (in the channel group of 'c') is a linear "
         "layer reading the last axis of a (2, 3, 3) input whose channels lie along axis 0; "
         "insert a flatten before it to resize its channels"),
+    # 'p1' reads its group partner 'p2' (they meet at the add) along W: the refused layer is
+    # the resized node itself, named plainly
+    "linear-reading-its-partner": (
+        lambda: net2wider(_net(conv("p2", "x", 3), ("p1", "linear", ["p2"], {"out_features": 3}),
+                               ("s", "add", ["p1", "p2"], {})), "p1", 4),
+        "net2wider('p1'): cannot resize 'p1': node 'p1' is a linear layer reading the last axis "
+        "of a (3, 3, 3) input whose channels lie along axis 0; insert a flatten before it to "
+        "resize its channels"),
     "conv-on-tokens": (
         lambda: net2wider(_net(("l", "linear", ["x"], {"out_features": 3}), conv("c", "l", 2),
                                shape=(3, 3, 2)), "l", 4),
