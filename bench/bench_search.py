@@ -8,7 +8,7 @@ proposed by the random controller over a Net2Net space.
 - tune_overhead: wall time of `--children` children trained as Tune trials one at a time
   (`run_search`, concurrency 1; Ray already started, the experiment's start-up and its trial
   process's warm-up counted) over the same children (same actions, same seeds) trained
-  in-process one after the other with the trial's own body (`controllers.trial.train_child`),
+  in-process one after the other with the trial's own body (`growth.controllers.trial.train_child`),
   timed before and after the Tune run (their mean). Children are sized to train for about
   `--child-seconds` each. Target <= 1.2 for children of about 10 s.
 - parallel_speedup: 2 children as 2 trials at once on 2 CPUs over the same 2 one after the
@@ -31,11 +31,13 @@ import time
 from pathlib import Path
 
 import torch
+from growth.controllers import make_controller
+from growth.controllers.driver import Budget, Resources, run_search
+from growth.controllers.searcher import ControllerSearcher, Generation
+from growth.controllers.trial import TrialSpec, train_child
+from growth.search_spaces import make_space
+from growth.search_spaces.networks import add_head, small_cnn
 
-from controllers import make_controller
-from controllers.driver import Budget, Resources, run_search
-from controllers.searcher import ControllerSearcher, Generation
-from controllers.trial import TrialSpec, train_child
 from growth.campaign import labelers
 from growth.cluster import ray_cluster
 from growth.data import Task, build_stream
@@ -43,8 +45,6 @@ from growth.graph import NetGraph
 from growth.model import Model
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, evaluate, fit
-from search_spaces import make_space
-from search_spaces.networks import add_head, small_cnn
 
 SPACE = {"widths": {"conv": [16, 24, 32, 48], "fc": [64, 96, 128]}, "kernel_sizes": [3]}
 CONTROLLER = {"wider_actions": 2, "deeper_actions": 1}

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from controllers.base import Controller, ControllerSettings, Proposal
-from controllers.eas import EASController
-from controllers.random_search import RandomController
+from growth.controllers.base import Controller, ControllerSettings, Proposal
+from growth.controllers.eas import EASController
+from growth.controllers.random_search import RandomController
+from growth.search_spaces.space import SearchSpace
+
 from growth.errors import ConfigError
 from growth.plugins import load_plugins
-from search_spaces.space import SearchSpace
 
 ENTRY_POINT_GROUP = "growth.controllers"
 CONTROLLERS: dict[str, type] = {"eas": EASController, "random": RandomController}

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from growth.search_spaces.space import Action, SearchSpace, describe_errors
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
-from search_spaces.space import Action, SearchSpace, describe_errors
 
 
 @dataclass(frozen=True)

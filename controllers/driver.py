@@ -2,7 +2,7 @@
 
 `run_search` is the Python entry point for every architecture search (`growth search`, and
 REC's expand stage): from a parent graph folder, a controller proposes a generation of
-children, Tune trains them (`controllers.trial`), the controller observes their validation
+children, Tune trains them (`growth.controllers.trial`), the controller observes their validation
 accuracies, and the best child so far becomes the next generation's parent. It returns the
 leaderboard, each child with its graph folder and training time.
 
@@ -10,7 +10,7 @@ Search directory (given by the caller; a `growth search` run directory is one):
   search.json            where the search stands: generation, parent (and each generation's),
                          time used, attempts
   controller/gen_NNN.*   the controller's state before proposing generation NNN
-  children.jsonl         one line per finished child: the source of truth (controllers.records)
+  children.jsonl         one line per finished child: the source of truth (records.py)
   children/<key>/        each finished child's graph (structure.json, weights.safetensors)
                          and its record (child.json)
   leaderboard.json       finished children, best first (rewritten as children finish)
@@ -42,9 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ray.tune import Callback
-
-from controllers.records import (
+from growth.controllers.records import (
     RECORDS,
     ChildRecord,
     append_record,
@@ -52,8 +50,10 @@ from controllers.records import (
     leaderboard,
     read_records,
 )
-from controllers.searcher import METRIC, ControllerSearcher, Generation
-from controllers.trial import CHILD_FILE, TrialSpec, trial_data, tune_trial
+from growth.controllers.searcher import METRIC, ControllerSearcher, Generation
+from growth.controllers.trial import CHILD_FILE, TrialSpec, trial_data, tune_trial
+from ray.tune import Callback
+
 from growth.data import Task
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph

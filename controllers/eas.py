@@ -26,10 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
-from torch import Tensor, nn
-
-from controllers.base import (
+from growth.controllers.base import (
     ArchCache,
     ControllerSettings,
     Proposal,
@@ -38,9 +35,12 @@ from controllers.base import (
     set_generator_state,
     validate_settings,
 )
+from growth.search_spaces.space import SearchSpace
+from pydantic import Field
+from torch import Tensor, nn
+
 from growth.errors import CheckpointError
 from growth.graph import NetGraph
-from search_spaces.space import SearchSpace
 
 ACC_CAP = 0.999  # tan(acc * pi / 2) is infinite at acc = 1; a perfect child scores tan(0.999 pi/2)
 

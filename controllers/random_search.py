@@ -12,10 +12,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
-from torch import Tensor
-
-from controllers.base import (
+from growth.controllers.base import (
     ArchCache,
     ControllerSettings,
     Proposal,
@@ -24,8 +21,11 @@ from controllers.base import (
     set_generator_state,
     validate_settings,
 )
+from growth.search_spaces.space import SearchSpace
+from pydantic import Field
+from torch import Tensor
+
 from growth.graph import NetGraph
-from search_spaces.space import SearchSpace
 
 
 class RandomSettings(ControllerSettings):

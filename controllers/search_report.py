@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from growth.controllers.records import RECORDS, ChildRecord, leaderboard, read_records
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from controllers.records import RECORDS, ChildRecord, leaderboard, read_records
 from growth.errors import ReportError
 
 SUMMARY = "search_metrics.json"

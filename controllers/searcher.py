@@ -24,10 +24,10 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from growth.controllers.records import child_key
+from growth.controllers.trial import child_seed, local_folder
 from ray.tune.search import Searcher
 
-from controllers.records import child_key
-from controllers.trial import child_seed, local_folder
 from growth.graph import NetGraph
 
 METRIC = "val_acc"

@@ -31,10 +31,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from growth.data import Task
+from growth.devices import resolve_device
 from growth.errors import CheckpointError, DivergedError
 from growth.graph import NetGraph
 from growth.io import atomic_write_text, load_tensors
 from growth.model import Model
+from growth.scenarios import labelers
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import TrainConfig, evaluate, fit
 
@@ -188,8 +190,6 @@ def identity(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _build_and_train(config: Mapping[str, Any], spec: TrialSpec, task: Task, space: Any,
                      out: Path) -> dict[str, Any]:
-    from growth.campaign import labelers, resolve_device
-
     device = resolve_device(spec.device)
     seed = int(config["seed"])
     with local_folder(config["parent"]) as folder:

@@ -17,27 +17,15 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
+from growth.context import Context, TrainConfig
 from growth.data.augment import augment
 from growth.data.streaming import ImageFiles, is_lazy, loader_batches
 from growth.errors import DivergedError
-from growth.strategies.base import Context, Strategy
+from growth.strategies.base import Strategy
 
 if TYPE_CHECKING:
     from growth.data import Task
-
-
-class TrainConfig(BaseModel):
-    """Optimisation settings for one task (validated; unknown keys are errors)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    epochs: int = Field(5, ge=0)
-    batch_size: int = Field(32, ge=1)
-    optimizer: str = Field("sgd", pattern="^(sgd|adam)$")
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -202,7 +190,6 @@ def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0
                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """before_task -> fit -> after_task: how a campaign learns one task."""
     ctx.train_fit = lambda **kw: fit(ctx, strategy, cfg, **{"seed": seed, **kw})
-    ctx.train_cfg = cfg
     ctx.strategy = strategy
     ctx.train_config = cfg
     strategy.before_task(ctx)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from growth.search_spaces import SearchSpace, make_space
+from growth.search_spaces.networks import add_head, mlp
 
 from growth.campaign import labelers
 from growth.data import Task, build_stream
@@ -12,8 +14,6 @@ from growth.graph import NetGraph
 from growth.model import Model
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, evaluate, fit
-from search_spaces import SearchSpace, make_space
-from search_spaces.networks import add_head, mlp
 
 CHILD_TRAIN = TrainConfig(epochs=2, lr=0.02, batch_size=32)
 

@@ -17,14 +17,14 @@ from graphgen import (  # noqa: F401
     residual,
     single_thread,
 )
+from growth.controllers import CONTROLLERS, Controller, Proposal, make_controller
+from growth.search_spaces import SearchSpace, make_space
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controllers import CONTROLLERS, Controller, Proposal, make_controller
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
-from search_spaces import SearchSpace, make_space
-from search_spaces.networks import add_head, mlp, small_cnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 NAMES = sorted(CONTROLLERS)

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 from graphgen import max_rel_error, outputs, randomize, single_thread  # noqa: F401
+from growth.controllers import make_controller
+from growth.controllers.base import sample_masked
+from growth.controllers.eas import ACC_CAP, EASController, reward, step_log_prob
+from growth.search_spaces import make_space
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 
-from controllers import make_controller
-from controllers.base import sample_masked
-from controllers.eas import ACC_CAP, EASController, reward, step_log_prob
 from growth.graph import NetGraph
-from search_spaces import make_space
-from search_spaces.networks import add_head, mlp, small_cnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

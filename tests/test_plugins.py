@@ -75,7 +75,7 @@ def test_plugin_strategy_runs_and_resumes(site: Path, tmp_path: Path,
 
 
 CONTROLLER = textwrap.dedent('''
-    from controllers.random_search import RandomController
+    from growth.controllers.random_search import RandomController
 
     class Shy(RandomController):
         name = "shy"
@@ -95,9 +95,9 @@ CONTROLLER = textwrap.dedent('''
 
 
 def test_controller_plugin_is_made_by_name(site: Path) -> None:
-    from controllers import available_controllers, make_controller
-    from search_spaces import make_space
-    from search_spaces.networks import add_head, mlp
+    from growth.controllers import available_controllers, make_controller
+    from growth.search_spaces import make_space
+    from growth.search_spaces.networks import add_head, mlp
 
     install(site, "fake-controllers", "1.0", {"fake_controllers": CONTROLLER},
             {"growth.controllers": {"shy": "fake_controllers:Shy",

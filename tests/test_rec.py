@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from graphgen import single_thread  # noqa: F401 (fixture)
+from growth.search_spaces.networks import add_head, mlp
 
 from growth.campaign import Campaign
 from growth.compress import trunk_params
@@ -23,7 +24,6 @@ from growth.regularizers import stored
 from growth.strategies import Context, make_strategy
 from growth.strategies.rec import REC
 from growth.train import TrainConfig, evaluate, learn_task
-from search_spaces.networks import add_head, mlp
 
 MAXN = 400
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 from graphgen import max_rel_error, outputs, randomize, residual, single_thread  # noqa: F401
+from growth.search_spaces import SearchSpace, arch_string, make_space
+from growth.search_spaces.networks import BENCHMARKS, add_head, benchmark_network, mlp, small_cnn
 
 from growth.errors import ConfigError, GraphError, OperatorError
 from growth.graph import NetGraph
 from growth.ops import MAX_NEW_PARAMS, net2deeper, net2wider
-from search_spaces import SearchSpace, arch_string, make_space
-from search_spaces.networks import BENCHMARKS, add_head, benchmark_network, mlp, small_cnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from growth.controllers import Proposal, make_controller
+from growth.controllers.driver import Budget, Resources, SearchResult, run_search
+from growth.controllers.records import read_records
+from growth.controllers.trial import TrialSpec
 from searchkit import (
     CHILD_TRAIN,
     accuracy,
@@ -24,10 +28,6 @@ from searchkit import (
     trained_base,
 )
 
-from controllers import Proposal, make_controller
-from controllers.driver import Budget, Resources, SearchResult, run_search
-from controllers.records import read_records
-from controllers.trial import TrialSpec
 from growth.graph import NetGraph
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -151,9 +151,9 @@ def test_searches_driven_from_ray_tasks_share_the_cluster_without_deadlock(
 
     @ray.remote(**driver_task_options())
     def drive(i: int, task: Any, space: Any) -> list[str]:
-        from controllers import make_controller
-        from controllers.driver import Budget, Resources, run_search
-        from controllers.trial import TrialSpec
+        from growth.controllers import make_controller
+        from growth.controllers.driver import Budget, Resources, run_search
+        from growth.controllers.trial import TrialSpec
 
         controller = make_controller("random", space, {"wider_actions": 1,
                                                        "deeper_actions": 1}, seed=i)
@@ -177,7 +177,7 @@ def test_a_killed_search_resumes_to_the_same_leaderboard(tmp_path: Path, ray_ses
                                                          ) -> None:
     """SIGKILL the driver while generation 1 runs; `growth resume` keeps every finished
     child (none trained again) and ends where an uninterrupted search ends."""
-    from controllers.search_run import search_config as run_search_config
+    from growth.commands.search import search_config as run_search_config
 
     cfg = search_config(tmp_path, children=3)
     reference = run_search_config(cfg, tmp_path / "reference")
@@ -224,9 +224,9 @@ from pathlib import Path
 from ray.cluster_utils import Cluster
 sys.path.insert(0, sys.argv[2])
 from searchkit import CHILD_TRAIN, digits_task, small_space, trained_base
-from controllers import make_controller
-from controllers.driver import Budget, Resources, SearchProgress, run_search
-from controllers.trial import TrialSpec
+from growth.controllers import make_controller
+from growth.controllers.driver import Budget, Resources, SearchProgress, run_search
+from growth.controllers.trial import TrialSpec
 
 tmp = Path(sys.argv[1])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

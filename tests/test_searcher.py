@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle as cloudpickle
 import torch
+from growth.controllers import make_controller
+from growth.controllers.records import ChildRecord, append_record, leaderboard, read_records
+from growth.controllers.searcher import ControllerSearcher, Generation
+from growth.controllers.trial import TrialSpec, child_seed, save_strategy_state, train_child
 from searchkit import CHILD_TRAIN, accuracy, digits_task, small_space, trained_base
 
-from controllers import make_controller
-from controllers.records import ChildRecord, append_record, leaderboard, read_records
-from controllers.searcher import ControllerSearcher, Generation
-from controllers.trial import TrialSpec, child_seed, save_strategy_state, train_child
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
 from growth.strategies import make_strategy
@@ -190,7 +190,7 @@ def test_search_config_errors_name_the_file_and_key(tmp_path: Path,
                                                     ) -> None:
     from searchkit import search_config
 
-    from controllers.search_run import search_config as run
+    from growth.commands.search import search_config as run
 
     bad = [({"budget": {"trails": 3}}, ("search.budget.trails",)),
            ({"controller": {"name": "random", "lr": -1}}, ("search.controller", "lr")),
@@ -213,7 +213,7 @@ def test_search_config_errors_name_the_file_and_key(tmp_path: Path,
 
 
 def test_resuming_with_another_controller_is_refused(setup, tmp_path: Path) -> None:
-    from controllers.driver import SearchDir, _begin
+    from growth.controllers.driver import SearchDir, _begin
 
     tmp, _, _, _, space = setup
     controller = make_controller("random", space)
@@ -233,7 +233,7 @@ def test_live_hooks_stay_out_of_what_tune_pickles(setup, tmp_path: Path) -> None
     holding locks must not break that."""
     import threading
 
-    from controllers.driver import Recorder, SearchDir
+    from growth.controllers.driver import Recorder, SearchDir
 
     lock = threading.Lock()
 
@@ -256,7 +256,8 @@ def test_live_hooks_stay_out_of_what_tune_pickles(setup, tmp_path: Path) -> None
 
 
 def test_a_trial_no_local_node_can_hold_is_refused(setup, tmp_path: Path) -> None:
-    from controllers.driver import Resources, _check_fits
+    from growth.controllers.driver import Resources, _check_fits
+
     from growth.cluster import ClusterInfo
 
     local = ClusterInfo("127.0.0.1:1", True, 1, 2.0, 0.0)

@@ -5,7 +5,7 @@ Task 1 trains the base network with the task loss. Every later task t:
    start of the task; the loss is CE_t plus the MWC penalty throughout (search children,
    training, distillation).
 2. Expand: an architecture search on the current network (the EAS controller, or random
-   search, through the search driver on Ray Tune: `controllers.driver.run_search`); every child
+   search, through the search driver on Ray Tune: `growth.controllers.driver.run_search`); every child
    is trained with the MWC loss on task t and scored on task t's validation split; the best
    child replaces the network, carrying the strategy's state along its operator records.
    `search: off` keeps the parent.
@@ -43,9 +43,9 @@ from growth.errors import CheckpointError, ConfigError, OperatorError
 from growth.graph import NetGraph
 from growth.regularizers import stored
 from growth.remap import GRADIENT_SQ
+from growth.search_spaces.space import SpaceSpec
 from growth.strategies.base import Context
 from growth.strategies.mwc import MWC, MWCParams
-from search_spaces.space import SpaceSpec
 
 log = logging.getLogger("growth.rec")
 
@@ -72,8 +72,8 @@ class RECSearch(BaseModel):
     @model_validator(mode="after")
     def _controller_settings(self) -> RECSearch:
         """The controller's own settings are checked at config load, like every other key."""
-        from controllers.eas import EASSettings
-        from controllers.random_search import RandomSettings
+        from growth.controllers.eas import EASSettings
+        from growth.controllers.random_search import RandomSettings
 
         model = {"eas": EASSettings, "random": RandomSettings}[self.controller]
         try:
@@ -303,12 +303,12 @@ class Expansion:
 
 def search_expansion(ctx: Context, rec: REC) -> Expansion:
     """Run the architecture search for `ctx.task` from the current network, through the search
-    driver's entry point (`controllers.driver.run_search`, children as Ray Tune trials), in
+    driver's entry point (`growth.controllers.driver.run_search`, children as Ray Tune trials), in
     `ctx.workdir/search`; calling it again there resumes the search."""
-    from controllers import make_controller
-    from controllers.driver import Budget, Resources, run_search
-    from controllers.trial import StrategyRef, TaskMeta, TrialSpec, save_strategy_state
-    from search_spaces.space import make_space
+    from growth.controllers import make_controller
+    from growth.controllers.driver import Budget, Resources, run_search
+    from growth.controllers.trial import StrategyRef, TaskMeta, TrialSpec, save_strategy_state
+    from growth.search_spaces.space import make_space
 
     s = rec.params.search
     folder = ctx.workdir / "search"

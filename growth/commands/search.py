@@ -2,10 +2,10 @@
 
 The config is an ordinary campaign config (data, model, train, seed) with a `search:`
 section. The base network is trained on the task first (`search.base_epochs`), then
-`controllers.driver.run_search` grows it generation by generation; children train with the
+`growth.controllers.driver.run_search` grows it generation by generation; children train with the
 plain task loss.
 
-Run directory (besides the search directory's own files, see controllers.driver):
+Run directory (besides the search directory's own files, see growth.controllers.driver):
   config.yaml, log.txt   the config as validated; what happened (Ray's warnings included)
   base/                  the trained base network (graph folder) and base.json (accuracies)
   best/                  the best network found (base included): structure.json +
@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from controllers import make_controller
-from controllers.driver import Budget, Resources, SearchProgress, SearchResult, run_search
-from controllers.search_report import SUMMARY, write_search_report
-from controllers.trial import TrialSpec
-from growth.campaign import build_base_graph, labelers, resolve_device, task_seed
+from growth.campaign import build_base_graph, task_seed
 from growth.config import Config, dump_config, load_config
+from growth.controllers import make_controller
+from growth.controllers.driver import Budget, Resources, SearchProgress, SearchResult, run_search
+from growth.controllers.search_report import SUMMARY, write_search_report
+from growth.controllers.trial import TrialSpec
 from growth.data import Task, build_stream
+from growth.devices import resolve_device
 from growth.errors import ConfigError, GraphError, RunDirError
 from growth.graph import NetGraph
 from growth.io import atomic_write_text
@@ -46,9 +47,10 @@ from growth.rundir import (
     logging_to,
     new_run_id,
 )
+from growth.scenarios import labelers
+from growth.search_spaces.space import make_space
 from growth.strategies import Context, make_strategy
 from growth.train import evaluate, fit
-from search_spaces.space import make_space
 
 log = logging.getLogger("growth.search")
 
