@@ -2,7 +2,7 @@
 
 `make_controller(name, space, params, seed)` builds one by name; params are validated (an
 unknown or bad key is a ConfigError naming it). Plug-ins come from the "growth.controllers"
-entry-point group (a class with `name`, `propose`, `observe`, `known`, `state_dict`,
+entry-point group (a class with `name`, `propose`, `observe`, `state_dict`,
 `load_state_dict`, built as `cls(space, params, seed=..., where=...)`).
 """
 
@@ -20,7 +20,7 @@ from growth.plugins import load_plugins
 
 ENTRY_POINT_GROUP = "growth.controllers"
 CONTROLLERS: dict[str, type] = {"eas": EASController, "random": RandomController}
-_PROTOCOL = ("propose", "observe", "known", "state_dict", "load_state_dict")
+_PROTOCOL = ("propose", "observe", "state_dict", "load_state_dict")
 
 
 def _as_controller(obj: Any, entry: str) -> type:

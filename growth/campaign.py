@@ -43,6 +43,7 @@ from growth.checkpoint import (
 )
 from growth.compile import compile_graph
 from growth.config import Config, dump_config, load_config
+from growth.controllers.service import SearchService
 from growth.data import Task, build_stream
 from growth.devices import resolve_device
 from growth.errors import ConfigError, DataError, GraphError, ReportError, RunDirError
@@ -63,6 +64,7 @@ from growth.rundir import (
 )
 from growth.runlog import EpochLog
 from growth.scenarios import head_name, labelers
+from growth.searching import Searcher
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import evaluate, learn_task
 
@@ -136,6 +138,7 @@ class Campaign:
             raise ConfigError(f"{cfg.source}: model: {exc} (input shape "
                               f"{self.tasks[0].input_shape})") from None
         self._base_bytes: int | None = None
+        self.searcher: Searcher | None = None  # held while tasks are learned (_loop)
         self.run_id = ""
         self.resumed_at: int | None = None  # finished tasks found by resume
         if self.device.type == "cuda":  # bitwise-equal resumes need deterministic kernels
@@ -225,7 +228,9 @@ class Campaign:
                                   self.state.finished)
         try:
             if self.state.finished < len(self.tasks):
-                with self.strategy.session(self.run_dir / WORK):
+                work = self.run_dir / WORK
+                with SearchService(log_file=work / "ray.log") as self.searcher, \
+                        self.strategy.session(work):
                     for i in range(self.state.finished, len(self.tasks)):
                         self._learn(i)
         finally:
@@ -238,7 +243,8 @@ class Campaign:
         seen = [t for t in self.tasks if t.index < task.index]
         return Context(self.model, task, seen, self.head_of, self.label_of, self.device,
                        seed=task_seed(self.cfg.seed, task.index),
-                       workdir=self.run_dir / WORK / f"task_{task.index:03d}")
+                       workdir=self.run_dir / WORK / f"task_{task.index:03d}",
+                       searcher=self.searcher, scenario=self.cfg.scenario)
 
     def _learn(self, i: int) -> None:
         task = self.tasks[i]

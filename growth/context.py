@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,7 +40,7 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr to 0 over the fit's steps
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Context:
     train_config: TrainConfig | None = None  # the task's training settings (set by learn_task)
     workdir: Path | None = None  # a folder for this task's artefacts (REC's search), if any
     searcher: Searcher | None = None  # who runs architecture searches (growth.searching)
+    scenario: str = "task"  # "task" (a head per task) or "class" (one head); see scenarios.py
 
     def replace_graph(self, graph: NetGraph,
                       records: ChangeRecord | Iterable[ChangeRecord] | None = None) -> None:

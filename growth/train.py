@@ -22,10 +22,10 @@ from growth.context import Context, TrainConfig
 from growth.data.augment import augment
 from growth.data.streaming import ImageFiles, is_lazy, loader_batches
 from growth.errors import DivergedError
-from growth.strategies.base import Strategy
 
 if TYPE_CHECKING:
     from growth.data import Task
+    from growth.strategies.base import Strategy
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -148,7 +148,10 @@ def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set]
             use: tuple[bool, bool, bool, bool]) -> list[float]:
     use_loss, use_penalty, use_after_backward, use_after_step = use
     losses: list[float] = []
-    for epoch in range(cfg.epochs if epochs is None else epochs):
+    n_epochs = cfg.epochs if epochs is None else epochs
+    schedule = _schedule(cfg, n_epochs * _batches_per_epoch(sets, cfg.batch_size))
+    step = 0
+    for epoch in range(n_epochs):
         ctx.epoch = epoch
         total = torch.zeros((), device=ctx.device)
         n = 0
@@ -170,7 +173,11 @@ def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set]
             loss.backward()
             if use_after_backward:
                 strategy.after_backward(ctx)
+            if schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = schedule(step)
             optimizer.step()
+            step += 1
             if use_after_step:
                 strategy.after_step(ctx)
             total += loss.detach()
@@ -184,6 +191,17 @@ def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set]
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
     return losses
+
+
+def _batches_per_epoch(sets: list[_Set], batch_size: int) -> int:
+    return sum(math.ceil(len(s.y) / batch_size) for s in sets)
+
+
+def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float] | None:
+    """The learning rate of each step of a fit (None: constant, the optimizer's own)."""
+    if cfg.schedule == "constant" or total <= 0:
+        return None
+    return lambda step: cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
 def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
