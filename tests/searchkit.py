@@ -8,10 +8,10 @@ import torch
 from growth.search_spaces import SearchSpace, make_space
 from growth.search_spaces.networks import add_head, mlp
 
-from growth.scenarios import labelers
 from growth.data import Task, build_stream
 from growth.graph import NetGraph
 from growth.model import Model
+from growth.scenarios import labelers
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, evaluate, fit
 

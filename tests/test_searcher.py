@@ -136,8 +136,8 @@ def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path:
 def test_a_strategy_reaches_the_trial_by_reference(setup, tmp_path: Path) -> None:
     """A strong L2 pull, saved after its task and named in the spec, holds the child's old
     units near the parent's weights: its state followed the widened layer into the trial."""
-    from growth.scenarios import labelers
     from growth.model import Model
+    from growth.scenarios import labelers
     from growth.strategies import Context
     from growth.train import TrainConfig, learn_task
 
