@@ -9,7 +9,7 @@ Two steps, one function (`compress`), the same for REC and for `growth compress`
    their (near-identity) weights tie to the kept inputs, then dropped with `remove_layer`. The
    trunk's parameter count ends at or under the budget.
 2. Distil (`distill`): the one training loop (`growth.train.fit`, with the hooks of
-   `growth.strategies.distillation.Distillation`) trains the student on a task's data with
+   `growth.distillation.Distillation`) trains the student on a task's data with
    cross-entropy on the task plus, per head (the task's and every old head, old heads' outputs
    on new data as in LwF), KL at temperature T to the teacher (the expanded network, frozen;
    optionally another network for the old heads), plus an optional penalty (REC passes MWC's).
@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from growth.compile import compile_graph
+from growth.distillation import Distillation
 from growth.errors import OperatorError
 from growth.graph import NetGraph
 from growth.ops.channels import PRODUCERS, ChannelGroup, find_group
@@ -316,7 +317,6 @@ def distill(ctx: Context, teacher: NetGraph, params: CompressParams, train: Trai
     """Train `ctx.model` (the student) with the one loop: cross-entropy on `ctx.task` plus
     KL(T) to `teacher` on `heads` (to `old_teacher` on all but the task's own head, if given)
     plus `penalty`; `params.epochs` epochs. Returns the loss of each epoch."""
-    from growth.strategies.distillation import Distillation
     from growth.train import fit
 
     own = ctx.head_of(ctx.task)

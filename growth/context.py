@@ -1,17 +1,20 @@
-"""What the one training loop and every strategy share: the task's training settings and the
-context hooks see.
+"""What the one training loop and every strategy share: the task's training settings, the
+context hooks see, and the hooks the loop calls.
 
 Both `growth.train` (the loop) and `growth.strategies` (the hooks) read these, so they live
-below both: the loop imports the strategies' base class and the strategies never import the
-loop's settings from the loop. `Context.searcher` is the search seam (`growth.searching`): a
-strategy that grows by search asks it for a search, whoever provides it.
+below both: the loop knows a strategy only as `Hooks` (growth.strategies.base.Strategy gives
+every hook a no-op default; `growth.distillation` implements the few it needs), and the
+strategies never import the loop's settings from the loop. `Context.searcher` is the search
+seam (`growth.searching`): a strategy that grows by search asks it for a search, whoever
+provides it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +30,6 @@ if TYPE_CHECKING:
     from growth.graph import NetGraph
     from growth.model import Model
     from growth.ops.registry import ChangeRecord
-    from growth.searching import Searcher
 
 
 class TrainConfig(BaseModel):
@@ -41,6 +43,30 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr to 0 over the fit's steps
+
+
+HOOKS = ("before_task", "training", "loss", "penalty", "after_backward", "after_step",
+         "after_task", "evaluation")
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # inputs -> class scores (argmax = prediction)
+
+
+class Hooks(Protocol):
+    """What the loop calls on a strategy. The loop calls a hook of HOOKS only if it is in
+    `overridden()`; `train_sets` and `extra_heads` are always asked."""
+
+    def overridden(self) -> set[str]: ...
+    def train_sets(self, ctx: Context) -> list[Task]: ...
+    def extra_heads(self, ctx: Context) -> list[str]: ...
+    def before_task(self, ctx: Context) -> None: ...
+    def training(self, ctx: Context) -> AbstractContextManager[None]: ...
+    def loss(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
+             ) -> torch.Tensor: ...
+    def penalty(self, ctx: Context, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
+                ) -> torch.Tensor | None: ...
+    def after_backward(self, ctx: Context) -> None: ...
+    def after_step(self, ctx: Context) -> None: ...
+    def after_task(self, ctx: Context) -> None: ...
+    def evaluation(self, ctx: Context, task: Task) -> AbstractContextManager[Scorer]: ...
 
 
 @dataclass
@@ -62,7 +88,7 @@ class Context:
     strategy: Any = None  # the Strategy whose state follows graph changes (set by learn_task)
     train_config: TrainConfig | None = None  # the task's training settings (set by learn_task)
     workdir: Path | None = None  # a folder for this task's artefacts (REC's search), if any
-    searcher: Searcher | None = None  # who runs architecture searches (growth.searching)
+    searcher: Any = None  # who runs architecture searches: a growth.searching.Searcher
     scenario: str = "task"  # "task" (a head per task) or "class" (one head); see scenarios.py
 
     def replace_graph(self, graph: NetGraph,

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from growth.context import Context, TrainConfig
+from growth.context import Context, Hooks, TrainConfig
 from growth.data.augment import augment
 from growth.data.streaming import ImageFiles, is_lazy, loader_batches
 from growth.errors import DivergedError
 
 if TYPE_CHECKING:
     from growth.data import Task
-    from growth.strategies.base import Strategy
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -109,7 +108,7 @@ def _order(s: _Set, gen: torch.Generator) -> torch.Tensor:
     return torch.randperm(len(s.y), generator=gen).to(s.y.device)
 
 
-def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
+def fit(ctx: Context, strategy: Hooks, cfg: TrainConfig, seed: int = 0,
         epochs: int | None = None,
         params: list[torch.nn.Parameter] | None = None,
         on_epoch: Callable[[int, float], None] | None = None,
@@ -141,7 +140,7 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
                        on_epoch, (use_loss, use_penalty, use_after_backward, use_after_step))
 
 
-def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set],
+def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
             extra: list[str], gen: torch.Generator, epochs: int | None,
             optimizer: torch.optim.Optimizer,
             on_epoch: Callable[[int, float], None] | None,
@@ -204,7 +203,7 @@ def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float] | None:
     return lambda step: cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
+def learn_task(ctx: Context, strategy: Hooks, cfg: TrainConfig, seed: int = 0,
                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """before_task -> fit -> after_task: how a campaign learns one task."""
     ctx.train_fit = lambda **kw: fit(ctx, strategy, cfg, **{"seed": seed, **kw})
@@ -218,7 +217,7 @@ def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0
 
 @torch.no_grad()
 def evaluate(ctx: Context, task: Task, split: str = "test", batch_size: int = 1024,
-             strategy: Strategy | None = None) -> float:
+             strategy: Hooks | None = None) -> float:
     """Accuracy of the model on one task's split (NaN if empty): through that task's head, or
     through `strategy.evaluation` when the strategy overrides it."""
     x, y = getattr(task, split)

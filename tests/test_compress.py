@@ -21,12 +21,12 @@ from growth.compress import (
     trunk_params,
 )
 from growth.data import build_stream
+from growth.distillation import Distillation
 from growth.errors import OperatorError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.ops import get_operator, net2deeper, net2wider, prune_units, remove_layer
 from growth.strategies import Context
-from growth.strategies.distillation import Distillation
 from growth.train import TrainConfig, evaluate, fit
 
 pytestmark = pytest.mark.usefixtures("single_thread")

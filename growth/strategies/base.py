@@ -42,7 +42,7 @@ per-task expansion and compression).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from growth.context import Context
+from growth.context import HOOKS, Context, Scorer
 from growth.remap import remap_state
 from growth.strategies.spec import TensorSpec, check_tensors
 
@@ -61,9 +61,6 @@ if TYPE_CHECKING:
     from growth.model import Model
     from growth.ops.registry import ChangeRecord
 
-HOOKS = ("before_task", "training", "loss", "penalty", "after_backward", "after_step",
-         "after_task", "evaluation")
-Scorer = Callable[[torch.Tensor], torch.Tensor]  # inputs -> class scores (argmax = prediction)
 
 
 class StrategyParams(BaseModel):
