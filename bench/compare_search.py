@@ -15,8 +15,9 @@ it at the bottom:
 
 over the hidden widths w (16 .. 256) of the child, clipped to [0, 0.99]; its optimum (0.75)
 follows from the space's rules (`optimum`). Each episode, a controller proposes `--children`
-distinct children of the base and observes their rewards (REINFORCE for EAS). Reported per controller: the mean
-reward of the last 10 episodes' children (what the learned policy earns), over `--seeds` seeds;
+distinct children of the base and observes their rewards (REINFORCE for EAS). Reported per
+controller: the mean reward of the last 10 episodes' children (what the learned policy earns),
+over `--seeds` seeds;
 the seeds pair the controllers (same seed, same space), and a Wilcoxon signed-rank test on the
 per-seed differences gives p. The learning curves (mean reward per episode, mean and 95%
 interval over seeds) go to `--out`/landscape.png.
