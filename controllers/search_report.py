@@ -125,7 +125,9 @@ def _plot(data: list[tuple[Path, dict[str, Any], list[ChildRecord]]], path: Path
                   title="reward per trial")
     ax_best.set(xlabel="generation (-1: base network)", ylabel="best validation accuracy",
                 title="best so far per generation")
-    for ax in (ax_trials, ax_best):
+    ax_mean.set(xlabel="generation", ylabel="mean validation accuracy of its children",
+                title="the controller's learning curve")
+    for ax in (ax_trials, ax_mean, ax_best):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
