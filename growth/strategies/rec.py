@@ -43,7 +43,7 @@ from growth.compress import CompressParams, compress, default_heads, distill, tr
 from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
 from growth.regularizers import stored
-from growth.remap import GRADIENT_SQ
+from growth.remap import SPLIT
 from growth.searching import ControllerState, SearchRequest, SearchSettings
 from growth.strategies.base import Context
 from growth.strategies.mwc import MWC, MWCParams
@@ -86,8 +86,9 @@ class RECParams(MWCParams):
     compress: RECCompress = Field(default_factory=RECCompress, description="compression back "
                                   "to the base trunk (off: keep the expanded network)")
     protect_copies: bool = Field(
-        True, description="after Net2Wider, old tasks' Fisher covers every copy of a unit "
-        "(the widened network's own Fisher), not only the original")
+        True, description="after Net2Wider, old tasks' Fisher is split among a unit's copies "
+        "(each of c copies: d^2 / c of it), so a change that moves the copies together costs "
+        "what the parent's change cost; off: the copies are free (MWC's own role)")
 
     @field_validator("search", "compress", mode="before")
     @classmethod
@@ -111,7 +112,7 @@ class REC(MWC):
     def __init__(self, params: RECParams | None = None) -> None:
         super().__init__(params)
         if self.params.protect_copies:
-            self.state_roles = {**MWC.state_roles, "fisher": GRADIENT_SQ}
+            self.state_roles = {**MWC.state_roles, "fisher": SPLIT}
         self._parent: NetGraph | None = None
         self._parent_state: dict[str, torch.Tensor] = {}
 
