@@ -34,6 +34,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -42,8 +44,11 @@ from pydantic import Field, field_validator
 from growth.compress import CompressParams, compress, default_heads, distill, trunk_params
 from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
+from growth.masks import Guard
+from growth.ops.registry import ChangeRecord
 from growth.regularizers import stored
-from growth.remap import SPLIT
+from growth.remap import MASK, SPLIT, remap
+from growth.search_spaces.space import SpaceSpec
 from growth.searching import ControllerState, SearchRequest, SearchSettings
 from growth.strategies.base import Context
 from growth.strategies.mwc import MWC, MWCParams
@@ -85,6 +90,11 @@ class RECParams(MWCParams):
                                    "network)")
     compress: RECCompress = Field(default_factory=RECCompress, description="compression back "
                                   "to the base trunk (off: keep the expanded network)")
+    expansion: Literal["shared", "private"] = Field(
+        "shared", description="shared: Net2Net children (widened units and inserted layers "
+        "every head reads; old tasks' Fisher protects the copies); private: children add units "
+        "only the new task reads (widen_private) and train them and the new head alone, the "
+        "network they grew from frozen, so the old heads do not move while they train")
     protect_copies: bool = Field(
         True, description="after Net2Wider, old tasks' Fisher is split among a unit's copies "
         "(each of c copies: d^2 / c of it), so a change that moves the copies together costs "
@@ -115,6 +125,8 @@ class REC(MWC):
             self.state_roles = {**MWC.state_roles, "fisher": SPLIT}
         self._parent: NetGraph | None = None
         self._parent_state: dict[str, torch.Tensor] = {}
+        self._frozen: dict[str, torch.Tensor] | None = None  # a private child's parent entries
+        self._guard: Guard | None = None
 
     def state_spec(self) -> dict[str, TensorSpec]:
         return {**super().state_spec(),
@@ -137,7 +149,36 @@ class REC(MWC):
             if self.params.compress.enabled:
                 self._compress(ctx, entry)
         super().after_task(ctx)  # MWC: Fisher and anchors of task t on the final network
+        self._frozen = None
         self._check_size(ctx, entry)
+
+    # ---- a private expansion's child: its parent frozen -----------------------------------
+    def follow(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        super().follow(ctx, records)
+        if self.params.expansion == "private" and not self.params.search.enabled and any(
+                r.op == "widen_private" for r in records):
+            self._frozen = parent_entries(ctx, records)
+
+    @contextmanager
+    def training(self, ctx: Context) -> Iterator[None]:
+        if not self._frozen:
+            yield
+            return
+        params = ctx.model.named_parameters()
+        self._guard = Guard(params, {n: ~m for n, m in self._frozen.items()})
+        try:
+            yield
+        finally:
+            self._guard.restore()
+            self._guard = None
+
+    def after_backward(self, ctx: Context) -> None:
+        if self._guard is not None:
+            self._guard.mask_grads()
+
+    def after_step(self, ctx: Context) -> None:
+        if self._guard is not None:  # the parent's moments would move frozen entries
+            self._guard.restore()
 
     # ---- expand ----------------------------------------------------------------------------
     def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
@@ -153,8 +194,12 @@ class REC(MWC):
                                 f"{parent_acc} (an empty validation split?); children are "
                                 "chosen on validation data: set data.val_fraction above 0")
         settings = self.params.model_dump(mode="json", by_alias=True, exclude_none=True)
+        search = self.params.search
+        if self.params.expansion == "private":
+            space = (search.space or SpaceSpec()).model_copy(update={"private": True})
+            search = search.model_copy(update={"space": space})
         request = SearchRequest(
-            settings=self.params.search, train=ctx.train_config,
+            settings=search, train=ctx.train_config,
             child_strategy=(self.name, {**settings, "search": False, "compress": False}),
             parent_acc=parent_acc, controller_state=self._controller())
         start = time.perf_counter()
@@ -188,6 +233,7 @@ class REC(MWC):
 
     # ---- compress --------------------------------------------------------------------------
     def _compress(self, ctx: Context, entry: dict[str, Any]) -> None:
+        self._frozen = None  # the student learns in every unit
         settings = self.params.compress
         base = NetGraph.from_dict(self.extra["base"]["structure"])
         graph = ctx.model.graph
@@ -290,3 +336,25 @@ class REC(MWC):
 
 def _fmt(acc: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
+
+
+def parent_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
+    """Which entries of each parameter the parent had (True), by output unit: a row (dim 0)
+    the records copied or kept is the parent's, whatever its columns; new units' rows are not.
+    Parameters only the new task's head reads are left out (the new task trains them)."""
+    graph = ctx.model.graph
+    own = graph.ancestors([ctx.head_of(ctx.task)])
+    others: set[str] = set()
+    for head in graph.heads:
+        if head != ctx.head_of(ctx.task):
+            others |= graph.ancestors([head])
+    out = {}
+    for name, p in ctx.model.named_parameters().items():
+        node = name.rsplit(".", 1)[0]
+        if node in own and node not in others:
+            continue
+        old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
+        mask = remap(torch.ones(old), name, records, MASK)
+        rows = mask.flatten(1).any(1) if mask.dim() > 1 else mask.bool()
+        out[name] = rows.view(-1, *([1] * (p.dim() - 1))).expand(p.shape).to(p.device)
+    return out
