@@ -1,6 +1,7 @@
 """widen_private: units no consumer reads yet. Every head computes the parent's function
-(to float summation order) whatever the noise, the new units' consumer columns are 0 and the originals'
-undivided, and anchors carried as weights through its record equal the widened tensors."""
+(to float summation order) whatever the noise, the new units' consumer columns are 0 and the
+originals' undivided, and anchors carried as weights through its record equal the widened
+tensors."""
 
 from __future__ import annotations
 
