@@ -130,6 +130,8 @@ def test_each_task_is_evaluated_with_the_weights_its_embedding_writes():
     h = torch.relu(x.flatten(1) @ w["fc1.weight"].T + w["fc1.bias"])
     h = torch.relu(h @ w["features.weight"].T + w["features.bias"])
     logits = h @ model.module.head0.weight.detach().T + model.module.head0.bias.detach()
+    with torch.no_grad(), s.evaluation(ctx, tasks[0]) as score:
+        torch.testing.assert_close(score(x), logits)
     by_hand = float((logits.argmax(1) == y).float().mean())
     assert evaluate(ctx, tasks[0], strategy=s) == pytest.approx(by_hand)
     after = model.named_parameters()
