@@ -158,3 +158,21 @@ def test_class_incremental_campaigns_resume_to_the_same_R(tmp_path: Path, name: 
     for task in ("task_002", "task_003", "task_004"):  # as if killed after task 1
         shutil.rmtree(part / "checkpoints" / task)
     assert resume_run(part)["R"] == full["R"]
+
+
+@pytest.mark.parametrize("name,bad,key", [("ar1", {"clip": 0}, "clip"), ("ar1", {"c": -1}, "c"),
+                                          ("cwr", {"lambda": 1}, "lambda")])
+def test_bad_settings_are_refused_naming_the_key(name, bad, key):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=key):
+        make_strategy(name, bad)
+
+
+def test_a_layer_that_is_not_linear_is_refused_by_name():
+    from growth.errors import GraphError
+
+    tasks = class_stream()
+    s = make_strategy("cwr", {"layer": "r1"})
+    with pytest.raises(GraphError, match="'r1'.*linear layer"):
+        s.before_task(context(mlp(n_heads=1, classes=6), tasks, 0, single_head=True))

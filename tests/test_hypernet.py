@@ -100,7 +100,7 @@ def test_every_step_runs_the_weights_of_the_current_hypernetwork():
     with s.training(ctx):
         assert {n for n, _ in model.module.named_parameters()} == {
             "head0.weight", "head0.bias", "head1.weight", "head1.bias"}  # the loop trains heads
-        for k in range(3):
+        for _ in range(3):
             e = s._embedding.detach().clone()
             want = written(hnet_state(s), e)
             layer = model.module.fc1
@@ -216,3 +216,13 @@ def test_a_campaign_resumes_to_the_same_R(tmp_path: Path):
     for task in ("task_002", "task_003", "task_004"):
         shutil.rmtree(part / "checkpoints" / task)
     assert resume_run(part)["R"] == full["R"]
+
+
+@pytest.mark.parametrize("bad,key", [({"hidden": [0]}, "hidden"), ({"beta": -1}, "beta"),
+                                     ({"lr": 0}, "lr"), ({"chunk": 0}, "chunk"),
+                                     ({"betta": 1}, "betta")])
+def test_bad_settings_are_refused_naming_the_key(bad, key):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=key):
+        make_strategy("hnet", bad)

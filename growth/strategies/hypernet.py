@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -62,7 +62,8 @@ class HypernetParams(StrategyParams):
     embedding: int = Field(32, ge=1, description="size of a task embedding")
     chunk_embedding: int = Field(32, ge=1, description="size of a chunk embedding")
     chunk: int = Field(1000, ge=1, description="weights the hypernetwork writes per chunk")
-    hidden: list[int] = Field([50, 50], description="hidden widths of the hypernetwork")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [50, 50], description="hidden widths of the hypernetwork")
 
 
 class HyperNet(nn.Module):
@@ -144,8 +145,8 @@ def target_of(model: Model, names: list[str]) -> Target:
 
 class Hypernetwork(Strategy):
     name = "hnet"
-    description = ("task-conditioned hypernetwork: a network writes each task's weights from "
-                   "its embedding; old embeddings' outputs held in place (task scenario)")
+    description = ("task-conditioned hypernetwork: a network writes the trunk's weights from "
+                   "each task's embedding; old embeddings' outputs held in place (task scenario)")
     Params = HypernetParams
     params: HypernetParams
     scenarios: ClassVar[tuple[str, ...]] = ("task",)
@@ -218,9 +219,9 @@ class Hypernetwork(Strategy):
         finally:
             with torch.no_grad():
                 for n, (layer, attr) in self._live.items():
-                    value = getattr(layer, attr).detach()
-                    delattr(layer, attr)
-                    originals[n].copy_(value)
+                    value = layer.__dict__.pop(attr, None)  # the generated tensor, if any
+                    if value is not None:
+                        originals[n].copy_(value)
                     layer.register_parameter(attr, originals[n])
             self._live = None
 
