@@ -102,6 +102,8 @@ class CWRParams(StrategyParams):
 
     No strength to set: the trunk learns on the first task only and the output layer is
     consolidated. `layer`: the consolidated layer (default: the linear layer feeding the head).
+    Class-incremental split digits (experiments/cwr_split_digits_class.yaml; seeds 0-4): ACC
+    0.341 ± 0.079 (README).
     """
 
     layer: str | None = Field(
@@ -178,7 +180,8 @@ class AR1Params(SIParams):
 
     c: 1, xi: 0.1 (SI's defaults), clip: None. On class-incremental split digits (experiments/
     ar1_split_digits_class.yaml: 5 tasks of 2 classes, MLP 64-100-100, SGD lr 0.05 momentum
-    0.9, 10 epochs; seeds 0-4) see the README's class-incremental table.
+    0.9, 10 epochs; seeds 0-4) it gives ACC 0.321 ± 0.056 (CWR* 0.341 ± 0.079, SI alone
+    0.204 ± 0.046; README).
     """
 
     clip: float | None = Field(

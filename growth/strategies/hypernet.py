@@ -53,8 +53,10 @@ class HypernetParams(StrategyParams):
     """Hypernetwork settings.
 
     beta: 0.01 and Adam at lr 0.001 (the paper's). embedding 32, chunk embedding 32, chunks
-    of 1000 weights, hidden widths [50, 50]. Measured on the task-incremental digits
-    streams in the README.
+    of 1000 weights, hidden widths [50, 50] (57k parameters for the MLP 64-100-100's trunk).
+    Split digits, task-incremental (experiments/split_digits_task.yaml; seeds 0-4): ACC 0.993 ±
+    0.002 at 3.3x the base network's parameters; permuted digits (the quickstart): 0.935 ±
+    0.007 at 2.9x (README).
     """
 
     beta: float = Field(0.01, ge=0, description="strength of the output regulariser")
