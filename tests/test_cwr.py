@@ -176,3 +176,18 @@ def test_a_layer_that_is_not_linear_is_refused_by_name():
     s = make_strategy("cwr", {"layer": "r1"})
     with pytest.raises(GraphError, match="'r1'.*linear layer"):
         s.before_task(context(mlp(n_heads=1, classes=6), tasks, 0, single_head=True))
+
+
+def test_a_checkpointed_state_is_checked_against_its_declaration():
+    tasks = class_stream()
+    model = mlp(n_heads=1, classes=6)
+    s = make_strategy("ar1")
+    learn_task(context(model, tasks, 0, single_head=True), s, CFG, seed=0)
+    tensors, extra = s.state_dict()
+    graph = model.graph.named_tensors()
+    assert s.check_state(tensors, extra, graph, 1) == []
+    key = state_key("count", "all", "classes")
+    retyped = {**tensors, key: tensors[key].float()}
+    assert any("dtype" in p for p in s.check_state(retyped, extra, graph, 1))
+    cut = {**tensors, state_key("cw", "all", "head0.weight"): torch.zeros(6, 5)}
+    assert any("shape" in p for p in s.check_state(cut, extra, graph, 1))

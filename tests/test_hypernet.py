@@ -226,3 +226,16 @@ def test_bad_settings_are_refused_naming_the_key(bad, key):
 
     with pytest.raises(ValidationError, match=key):
         make_strategy("hnet", bad)
+
+
+def test_a_checkpointed_state_is_checked_against_its_declaration():
+    tasks, model = synthetic(2), mlp(n_heads=2)
+    s = make_strategy("hnet", SETTINGS)
+    for i in range(2):
+        learn_task(context(model, tasks, i), s, CFG, seed=i)
+    tensors, extra = s.state_dict()
+    graph = model.graph.named_tensors()
+    assert s.check_state(tensors, extra, graph, 2) == []
+    missing = {k: v for k, v in tensors.items() if k != state_key("embedding", 1, "vector")}
+    assert any("'embedding'" in p and "1" in p for p in s.check_state(missing, extra, graph, 2))
+    assert any("extra 'tasks'" in p for p in s.check_state(tensors, {"tasks": [0]}, graph, 2))
