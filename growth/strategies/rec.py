@@ -98,7 +98,9 @@ class RECParams(MWCParams):
     protect_copies: bool = Field(
         True, description="after Net2Wider, old tasks' Fisher is split among a unit's copies "
         "(each of c copies: d^2 / c of it), so a change that moves the copies together costs "
-        "what the parent's change cost; off: the copies are free (MWC's own role)")
+        "what the parent's change cost, and a layer Net2Deeper inserts is anchored at its "
+        "identity with each old task's mean Fisher; off: copies and inserted layers are free "
+        "(MWC's own roles)")
 
     @field_validator("search", "compress", mode="before")
     @classmethod
@@ -155,9 +157,29 @@ class REC(MWC):
     # ---- a private expansion's child: its parent frozen -----------------------------------
     def follow(self, ctx: Context, records: list[ChangeRecord]) -> None:
         super().follow(ctx, records)
+        if self.params.protect_copies:
+            self._anchor_inserted(ctx, records)
         if self.params.expansion == "private" and not self.params.search.enabled and any(
                 r.op == "widen_private" for r in records):
             self._frozen = parent_entries(ctx, records)
+
+    def _anchor_inserted(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        """Old tasks' anchors at an inserted layer's identity, with each task's mean Fisher:
+        its true importance needs the old data, but leaving it free lets the new task move
+        every old head's input through it."""
+        params = ctx.model.named_parameters()
+        added = [n for r in records if r.op == "net2deeper" for n in r.added if n in params]
+        for k in self.finished():
+            fisher = stored(self.state, "fisher", k)
+            if not fisher or not added:
+                continue
+            level = float(sum(f.double().sum() for f in fisher.values()) /
+                          sum(f.numel() for f in fisher.values()))
+            for name in added:
+                p = params[name].detach()
+                self.state[f"anchor/{k}/{name}"] = p.clone()
+                self.state[f"fisher/{k}/{name}"] = torch.full_like(p, level)
+        self._quad = None
 
     @contextmanager
     def training(self, ctx: Context) -> Iterator[None]:
