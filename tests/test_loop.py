@@ -509,10 +509,11 @@ def test_early_stopping_keeps_the_best_epochs_weights_and_stops_after_patience()
     """patience 2: training stops two epochs after the best validation accuracy and ends
     with the weights that epoch had, which an independent fit of that many epochs (same seed,
     same batches) reproduces."""
+    from growth.search_spaces.networks import add_head, mlp
+
     from growth.data import build_stream
     from growth.model import Model
     from growth.scenarios import labelers
-    from growth.search_spaces.networks import add_head, mlp
     from growth.strategies import make_strategy
 
     task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1, "seed": 0,
