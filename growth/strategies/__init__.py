@@ -18,6 +18,7 @@ from growth.strategies.er import ER
 from growth.strategies.ewc import EWC
 from growth.strategies.gdumb import GDumb
 from growth.strategies.gem import GEM
+from growth.strategies.hat import HAT
 from growth.strategies.icarl import ICaRL
 from growth.strategies.joint import Joint
 from growth.strategies.l2 import L2
@@ -27,9 +28,11 @@ from growth.strategies.mas import MAS
 from growth.strategies.mir import MIR
 from growth.strategies.mwc import MWC
 from growth.strategies.packnet import PackNet
+from growth.strategies.piggyback import Piggyback
 from growth.strategies.pnn import ProgressiveNets
 from growth.strategies.rec import REC
 from growth.strategies.si import SI
+from growth.strategies.supsup import SupSup
 
 ENTRY_POINT_GROUP = "growth.strategies"
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -72,6 +75,8 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
 
 for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet, CPG,
              ProgressiveNets, ICaRL, GDumb, LatentReplay, DGR, DGRNegative, REC):
+    register(_cls)
+for _cls in (HAT, Piggyback, SupSup):  # mask-based methods
     register(_cls)
 
 __all__ = ["Context", "STRATEGIES", "Strategy", "StrategyParams", "available_strategies",
