@@ -52,6 +52,8 @@ def _two_heads(g: NetGraph) -> NetGraph:
 def test_gates_multiply_each_unit_by_the_annealed_sigmoid_of_its_embedding() -> None:
     ctx, s, x, _ = _setup(_two_heads(mlp((6,), [5])))
     p = ctx.model.named_parameters()
+    with torch.no_grad():  # two near 0: sigmoid(s_max e) is far from the step there
+        s._emb["fc1"].copy_(torch.tensor([0.5, 0.001, -0.001, -1.0, 2.0]))
     e = s._emb["fc1"].detach()
     with s.training(ctx):
         s._s = 2.5
@@ -61,6 +63,12 @@ def test_gates_multiply_each_unit_by_the_annealed_sigmoid_of_its_embedding() -> 
     torch.testing.assert_close(out, expect)
     assert torch.equal(ctx.model.head("b")(x), torch.relu(x @ p["fc1.weight"].T + p["fc1.bias"])
                        @ p["head_b.weight"].T + p["head_b.bias"])  # no hook outside a fit
+    with s.training(ctx):  # in eval mode (validation during a fit): the test-time step
+        ctx.model.eval()
+        binary = ctx.model.head("b")(x)
+        ctx.model.train()
+    hidden = torch.relu(x @ p["fc1.weight"].T + p["fc1.bias"]) * (e > 0)
+    torch.testing.assert_close(binary, hidden @ p["head_b.weight"].T + p["head_b.bias"])
 
 
 def test_the_slope_anneals_from_1_over_s_max_to_s_max_over_each_epochs_batches() -> None:
@@ -127,6 +135,18 @@ def test_the_embedding_gradient_is_compensated_for_the_annealing() -> None:
     torch.testing.assert_close(s._emb["fc1"].grad, d_a * 400.0 * sig * (1 - sig))
 
 
+def test_embeddings_are_clamped_after_each_step() -> None:
+    ctx, s, x, y = _setup(_two_heads(mlp((6,), [5])), n=8, batch=8)
+    with torch.no_grad():
+        s._emb["fc1"].copy_(torch.tensor([20.0, -20.0, 0.3, -9.0, 6.5]))
+    from growth.train import fit
+
+    fit(ctx, s, TrainConfig(epochs=1, batch_size=8, lr=0.1, momentum=0.0))
+    e = s._emb["fc1"].detach()
+    assert e[[0, 4]].tolist() == [6.0, 6.0] and e[[1, 3]].tolist() == [-6.0, -6.0]
+    assert -6 < float(e[2]) < 6
+
+
 def test_the_sparsity_regulariser_on_attention_not_used_before() -> None:
     ctx, s, x, y = _setup(_two_heads(mlp((6,), [5, 4])),
                           {"fc1": [1, 0, 0, 1, 0], "fc2": [0, 0, 1, 1]}, c=3.0)
@@ -160,9 +180,18 @@ def test_earlier_tasks_outputs_are_bitwise_identical_after_later_tasks(model: An
 
 def test_finished_tasks_store_attention_bits_and_evaluate_with_them(tmp_path: Path) -> None:
     rec = Recorder(config(HAT, model=MLP), tmp_path / "run")
-    metrics = rec.run()
     c, s = rec.campaign, rec.campaign.strategy
+    trained: list[torch.Tensor] = []
+    original = s.after_task
+
+    def keep(ctx: Context) -> None:
+        trained.append(s._emb["fc1"].detach().clone())
+        original(ctx)
+
+    s.after_task = keep
+    metrics = rec.run()
     att = s.state["attention/1/fc1"]
+    assert torch.equal(att, trained[1] > 0)  # the step sigmoid(s_max e) tends to
     assert att.dtype == torch.bool and att.shape == (64,) and 0 < int(att.sum()) < 64
     task = c.tasks[1]
     p = c.model.named_parameters()

@@ -96,10 +96,20 @@ def test_the_backbone_never_changes_after_the_first_task(tmp_path: Path) -> None
 
 def test_a_task_is_scored_with_the_backbone_times_its_mask(tmp_path: Path) -> None:
     rec = Recorder(config({**PIGGYBACK, "backbone": "fixed"}), tmp_path / "run")
-    metrics = rec.run()
     c, s = rec.campaign, rec.campaign.strategy
+    last: dict[int, torch.Tensor] = {}  # the weights the last step of each task trained with
+    original = s.after_step
+
+    def spy(ctx: Context) -> None:
+        original(ctx)
+        last[ctx.task.index] = ctx.model.module.fc1.weight.detach().clone()
+
+    s.after_step = spy
+    metrics = rec.run()
     mask = s.state["mask/1/fc1.weight"]
     assert mask.dtype == torch.bool and 0 < int(mask.sum()) < mask.numel()
+    w = c.model.module.fc1.weight.detach()
+    assert torch.equal(w * mask, last[1])  # the task keeps the mask it trained with
     p = c.model.named_parameters()
     x = c.tasks[1].test[0].flatten(1)
     hidden = torch.relu(x @ (p["fc1.weight"] * mask).T + p["fc1.bias"])

@@ -54,6 +54,23 @@ def test_top_k_stays_exact_as_scores_move_a_little_or_a_lot() -> None:
     top = TopK(scores, 0.3)
     assert top.k == 60000 - int(0.7 * 60000)
     out = torch.empty_like(scores)
+    radix = []
+    import growth.masks as masks
+
+    def counting(*args: Any) -> float:
+        radix.append(1)
+        return kth_largest(*args)
+
+    masks.kth_largest = counting  # type: ignore[assignment]
+    try:
+        _steps(top, scores, out, radix)
+    finally:
+        masks.kth_largest = kth_largest  # type: ignore[assignment]
+
+
+def _steps(top: TopK, scores: torch.Tensor, out: torch.Tensor, radix: list[int]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    calls = 0
     for step in range(12):
         scale = 1e-3 if step % 4 else 1.0
         if step != 5:
@@ -63,6 +80,9 @@ def test_top_k_stays_exact_as_scores_move_a_little_or_a_lot() -> None:
         assert top.threshold == threshold
         assert torch.equal(mask, (scores.abs() >= threshold).float())
         assert int(mask.sum()) == top.k  # continuous scores: no ties
+        if step in (2, 3, 6, 7):  # after a small step the band held the new threshold
+            assert len(radix) == calls
+        calls = len(radix)
 
 
 def _net(hidden: int = 5) -> NetGraph:
@@ -126,37 +146,73 @@ def test_the_forward_pass_uses_the_top_k_mask_and_scores_get_the_straight_throug
     assert torch.equal(w.detach(), true)
 
 
-def test_one_shot_inference_follows_the_entropy_gradient_and_finds_the_task() -> None:
-    """A linear head over 4 inputs, 2 classes; task i's mask keeps only the rows that read
-    input pair i, so on inputs that light up pair 1, mask 1 sharpens the output and mask 0
-    does nothing: the entropy falls fastest along alpha_1. The gradient is checked against a
-    central difference of a hand-written entropy in float64."""
+W = torch.tensor([[3.0, -3.0, 2.0, -1.0], [-3.0, 3.0, -2.0, 1.0]])
+MASKS = torch.tensor([[[1.0, 1, 0, 0], [1, 1, 0, 0]],   # task 0: inputs 0, 1
+                      [[0.0, 0, 1, 1], [0, 0, 1, 1]]])  # task 1: inputs 2, 3
+X = torch.tensor([[0.0, 0.0, 1.0, -1.0], [0.1, 0.0, 2.0, 0.0], [1.0, -1.0, 0.0, 0.0]])
+B = torch.tensor([1.5, -1.5])  # a fixed bias: the point alpha = 1/k matters, not only its ray
+
+
+def _linear_head() -> Model:
     g = NetGraph()
     g.add_input("x", (4,))
-    g.add("head", "linear", ["x"], out_features=2, bias=False)
+    g.add("head", "linear", ["x"], out_features=2)
     g.add_output("all", "head")
     model = Model(g)
-    w = torch.tensor([[3.0, -3.0, 2.0, -1.0], [-3.0, 3.0, -2.0, 1.0]])
-    masks = torch.tensor([[[1.0, 1, 0, 0], [1, 1, 0, 0]],   # task 0: inputs 0, 1
-                          [[0.0, 0, 1, 1], [0, 0, 1, 1]]])  # task 1: inputs 2, 3
-    x = torch.tensor([[0.0, 0.0, 1.0, -1.0], [0.1, 0.0, 2.0, 0.0], [1.0, -1.0, 0.0, 0.0]])
-    head = model.head("all")
-    picked = infer_task(head, {"head.weight": w}, {"head.weight": masks}, x, per_example=True)
-    assert picked.tolist() == [1, 1, 0]
+    with torch.no_grad():
+        model.module.head.weight.copy_(W)
+        model.module.head.bias.copy_(B)
+    return model
 
-    def entropy(alpha: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        weight = w.double() * (alpha[0] * masks[0].double() + alpha[1] * masks[1].double())
-        p = torch.softmax(row.double() @ weight.T, 0)
+
+def _entropy_gradient(row: torch.Tensor) -> list[float]:
+    """d H / d alpha_i at alpha = (1/2, 1/2) by central differences of a hand-written
+    entropy, in float64."""
+    def entropy(alpha: torch.Tensor) -> torch.Tensor:
+        weight = W.double() * (alpha[0] * MASKS[0].double() + alpha[1] * MASKS[1].double())
+        p = torch.softmax(row.double() @ weight.T + B.double(), -1)
         return -(p * p.log()).sum()
 
-    for i, row in enumerate(x):
-        half = torch.tensor([0.5, 0.5], dtype=torch.float64)
-        grad = [float(entropy(half + 1e-6 * e, row) - entropy(half - 1e-6 * e, row)) / 2e-6
-                for e in torch.eye(2, dtype=torch.float64)]
+    half = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    return [float(entropy(half + 1e-6 * e) - entropy(half - 1e-6 * e)) / 2e-6
+            for e in torch.eye(2, dtype=torch.float64)]
+
+
+def test_one_shot_inference_follows_the_entropy_gradient_and_finds_the_task() -> None:
+    """A linear head over 4 inputs, 2 classes; task i's mask keeps only the columns that read
+    input pair i, so on inputs that light up pair 1, mask 1 sharpens the output and mask 0
+    does nothing: the entropy falls fastest along alpha_1."""
+    head = _linear_head().head("all")
+    picked = infer_task(head, {"head.weight": W}, {"head.weight": MASKS}, X, per_example=True)
+    assert picked.tolist() == [1, 1, 0]
+    rows = torch.cat([X, torch.randn(20, 4, generator=torch.Generator().manual_seed(0))])
+    picked = infer_task(head, {"head.weight": W}, {"head.weight": MASKS}, rows, True)
+    for i, row in enumerate(rows):
+        grad = _entropy_gradient(row)
         assert picked[i] == min(range(2), key=lambda j: grad[j])
-    batch = infer_task(head, {"head.weight": w}, {"head.weight": masks}, x[:2],
-                       per_example=False)
-    assert batch.tolist() == [1, 1]  # the batch's summed entropy
+    batch = X[[2, 0, 1]]  # its first row alone points to task 0, the sum to task 1
+    summed = [sum(_entropy_gradient(r)[j] for r in batch) for j in range(2)]
+    assert summed[1] < summed[0] and _entropy_gradient(batch[0])[0] < _entropy_gradient(
+        batch[0])[1]
+    assert infer_task(head, {"head.weight": W}, {"head.weight": MASKS}, batch,
+                      per_example=False).tolist() == [1, 1, 1]
+
+
+def test_an_inferred_input_is_scored_with_its_tasks_mask() -> None:
+    model = _linear_head()
+    s = make_strategy("supsup", {"infer_task": "example"})
+    for k in (0, 1):
+        s.state[f"mask/{k}/head.weight"] = MASKS[k].bool()
+    s.extra["tasks"] = [0, 1]
+    task = Task(1, "t1", (X, torch.zeros(3)), (X, torch.zeros(3)), (X, torch.zeros(3)),
+                [0, 1], 2, 0, (4,))
+    ctx = Context(model, task, [], lambda t: "all", lambda t, y: y, torch.device("cpu"))
+    with s.evaluation(ctx, task) as score:
+        out = score(X)
+    expect = torch.stack([X[i] @ (W * MASKS[k]).T + B for i, k in enumerate([1, 1, 0])])
+    torch.testing.assert_close(out, expect)
+    assert s.extra["task_inference"] == {"1": 2 / 3}  # two of three inputs were task 1's
+    assert torch.equal(model.module.head.weight.detach(), W)  # nothing swapped in for good
 
 
 def test_earlier_tasks_outputs_are_bitwise_identical_after_later_tasks(tmp_path: Path) -> None:
