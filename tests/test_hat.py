@@ -45,12 +45,15 @@ def _setup(graph: NetGraph, attention: dict[str, list[int]] | None = None, n: in
     return ctx, s, x, y
 
 
-def _two_heads(g: NetGraph) -> NetGraph:
-    return add_head(add_head(g, "a", 3), "b", 3)
+def _two_heads(build: Any, *args: Any, **kwargs: Any) -> NetGraph:
+    """`build(*args, **kwargs)` with heads a and b, its weights drawn from seed 0 (not from
+    whatever random state earlier tests left)."""
+    torch.manual_seed(0)
+    return add_head(add_head(build(*args, **kwargs), "a", 3), "b", 3)
 
 
 def test_gates_multiply_each_unit_by_the_annealed_sigmoid_of_its_embedding() -> None:
-    ctx, s, x, _ = _setup(_two_heads(mlp((6,), [5])))
+    ctx, s, x, _ = _setup(_two_heads(mlp, (6,), [5]))
     p = ctx.model.named_parameters()
     with torch.no_grad():  # two near 0: sigmoid(s_max e) is far from the step there
         s._emb["fc1"].copy_(torch.tensor([0.5, 0.001, -0.001, -1.0, 2.0]))
@@ -72,7 +75,7 @@ def test_gates_multiply_each_unit_by_the_annealed_sigmoid_of_its_embedding() -> 
 
 
 def test_the_slope_anneals_from_1_over_s_max_to_s_max_over_each_epochs_batches() -> None:
-    ctx, s, _, _ = _setup(_two_heads(mlp((6,), [5])), n=40, batch=10, s_max=50.0)
+    ctx, s, _, _ = _setup(_two_heads(mlp, (6,), [5]), n=40, batch=10, s_max=50.0)
     seen: list[float] = []
     original = s.penalty
 
@@ -94,7 +97,7 @@ def test_gradients_of_used_units_are_scaled_by_one_minus_the_mask_product() -> N
     """conv1 (3 channels) -> relu -> pool -> flatten -> fc2 (4 units): task 0 used conv channels
     0 and 2 and fc units 1 and 3. fc2's weight from feature f (channel f // 4) to unit i trains
     by 1 - min(a_i, a_channel); biases by 1 - a_i; conv1 (reading the input) by 1 - a_i."""
-    graph = _two_heads(small_cnn((1, 4, 4), [3], fc=[4]))
+    graph = _two_heads(small_cnn, (1, 4, 4), [3], fc=[4])
     ctx, s, x, y = _setup(graph, {"conv1": [1, 0, 1], "fc2": [0, 1, 0, 1]})
     p = ctx.model.named_parameters()
     with s.training(ctx):
@@ -118,7 +121,7 @@ def test_gradients_of_used_units_are_scaled_by_one_minus_the_mask_product() -> N
 def test_the_embedding_gradient_is_compensated_for_the_annealing() -> None:
     """d L / d e after compensation = d L / d a * s_max * sigmoid'(e): what the gradient through
     sigmoid(s e), times s_max (cosh(s e) + 1) / (s (cosh(e) + 1)), comes to."""
-    ctx, s, x, y = _setup(_two_heads(mlp((6,), [5])), s_max=400.0, c=0.0)
+    ctx, s, x, y = _setup(_two_heads(mlp, (6,), [5]), s_max=400.0, c=0.0)
     p = ctx.model.named_parameters()
     with torch.no_grad():
         s._emb["fc1"].copy_(torch.tensor([0.5, -0.02, 0.1, -1.5, 0.03]))
@@ -136,7 +139,7 @@ def test_the_embedding_gradient_is_compensated_for_the_annealing() -> None:
 
 
 def test_embeddings_are_clamped_after_each_step() -> None:
-    ctx, s, x, y = _setup(_two_heads(mlp((6,), [5])), n=8, batch=8)
+    ctx, s, x, y = _setup(_two_heads(mlp, (6,), [5]), n=8, batch=8)
     with torch.no_grad():
         s._emb["fc1"].copy_(torch.tensor([20.0, -20.0, 0.3, -9.0, 6.5]))
     from growth.train import fit
@@ -148,7 +151,7 @@ def test_embeddings_are_clamped_after_each_step() -> None:
 
 
 def test_the_sparsity_regulariser_on_attention_not_used_before() -> None:
-    ctx, s, x, y = _setup(_two_heads(mlp((6,), [5, 4])),
+    ctx, s, x, y = _setup(_two_heads(mlp, (6,), [5, 4]),
                           {"fc1": [1, 0, 0, 1, 0], "fc2": [0, 0, 1, 1]}, c=3.0)
     with s.training(ctx):
         s._s = 7.0
@@ -156,7 +159,7 @@ def test_the_sparsity_regulariser_on_attention_not_used_before() -> None:
     a1, a2 = torch.sigmoid(7.0 * s._emb["fc1"]), torch.sigmoid(7.0 * s._emb["fc2"])
     num = a1[[1, 2, 4]].sum() + a2[[0, 1]].sum()  # units no earlier task used
     torch.testing.assert_close(reg, 3.0 * num / 5)
-    ctx0, s0, x0, y0 = _setup(_two_heads(mlp((6,), [5, 4])), c=1.0)  # task 0: every unit free
+    ctx0, s0, x0, y0 = _setup(_two_heads(mlp, (6,), [5, 4]), c=1.0)  # task 0: every unit free
     with s0.training(ctx0):
         s0._s = 7.0
         reg0 = s0.penalty(ctx0, x0, y0, ctx0.model.head("b")(x0))
@@ -220,7 +223,7 @@ def test_settings_and_networks_it_cannot_gate_are_refused(tmp_path: Path) -> Non
     g.add("sum", "add", ["fc1", "fc2"])
     g.add("fc3", "linear", ["sum"], out_features=4)
     with pytest.raises(GraphError, match="'fc3' reads 'sum'"):
-        _setup(_two_heads(_as_features(g, "fc3")))
+        _setup(_two_heads(_as_features, g, "fc3"))
 
 
 def _as_features(g: NetGraph, node: str) -> NetGraph:

@@ -13,8 +13,9 @@ earlier task reads the unused unit (its attention there is exactly 0). The embed
 is compensated for the annealing: multiplied by s_max (cosh(s e) + 1) / (s (cosh(e) + 1)),
 cosh's argument clamped at 50, and embeddings are clamped to [-6, 6] after each step. The loss
 adds c * sum a_t (1 - a_{<t}) / sum (1 - a_{<t}) over every unit, a sparsity regulariser on
-attention not yet used. Embeddings start N(0, 1) from the task's seed and train with the
-loop's optimizer settings (no weight decay).
+attention not yet used. Embeddings start N(0, 1) from the task's seed and train with plain SGD
+at the loop's learning rate (the paper's optimizer; momentum would multiply the compensated
+steps).
 
 Heads are per task (task-incremental only); BatchNorm trains its statistics with task 0 only
 (eval mode afterwards). Attention of each finished task is stored as bits
@@ -25,6 +26,7 @@ layers' modules, installed only inside `training` and `evaluation`.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -149,7 +151,7 @@ class HAT(Strategy):
         self._prev: dict[str, Tensor] = {}  # cumulative attention of finished tasks (0/1)
         self._trainable: dict[str, Tensor] = {}  # per protected parameter: where it may train
         self._fixed: dict[str, Tensor] | None = None  # attention the hooks apply, if fixed
-        self._gates: tuple[int, dict[str, Gate]] | None = None
+        self._gates: tuple[weakref.ref[torch.nn.Module], dict[str, Gate]] | None = None
         self._hooks: list[Any] = []
         self._guard: Guard | None = None
         self._opt: torch.optim.Optimizer | None = None
@@ -162,8 +164,8 @@ class HAT(Strategy):
 
     def layers(self, model: Model) -> dict[str, Gate]:
         """The gated layers of the model (cached per compiled module)."""
-        if self._gates is None or self._gates[0] != id(model.module):
-            self._gates = (id(model.module), gates(model.graph, masked_names(model)))
+        if self._gates is None or self._gates[0]() is not model.module:
+            self._gates = (weakref.ref(model.module), gates(model.graph, masked_names(model)))
         return self._gates[1]
 
     def cumulative(self, model: Model, device: torch.device) -> dict[str, Tensor]:
