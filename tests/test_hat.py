@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from maskruns import resumed_after_first_task
 from test_masks import Recorder, _check_bitwise, config
 
@@ -19,7 +20,6 @@ from growth.graph import NetGraph
 from growth.model import Model
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig
-from search_spaces.networks import add_head, mlp, small_cnn
 
 HAT = {"name": "hat"}
 MLP = {"kind": "mlp", "hidden": [64]}  # HAT's sparsity pressure needs some units to spare

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from growth.search_spaces.networks import add_head, mlp
 from maskruns import resumed_after_first_task
 from test_masks import Recorder, _check_bitwise, config
 
@@ -17,7 +18,6 @@ from growth.data.containers import Task
 from growth.errors import ConfigError
 from growth.model import Model
 from growth.strategies import Context, make_strategy
-from search_spaces.networks import add_head, mlp
 
 PIGGYBACK = {"name": "piggyback", "score_lr": 1e-3}  # masks move within 36 steps
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from growth.search_spaces.networks import add_head, mlp
 from maskruns import resumed_after_first_task
 from test_masks import Recorder, _check_bitwise, config
 
@@ -23,7 +24,6 @@ from growth.masks import TopK, kth_largest
 from growth.model import Model
 from growth.strategies import Context, make_strategy
 from growth.strategies.supsup import infer_task
-from search_spaces.networks import add_head, mlp
 
 SUPSUP = {"name": "supsup"}
 MLP = {"kind": "mlp", "hidden": [64]}  # supermasks of a 24-unit random layer learn little
