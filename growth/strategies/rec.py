@@ -47,7 +47,7 @@ from growth.graph import NetGraph
 from growth.masks import Guard
 from growth.ops.registry import ChangeRecord
 from growth.regularizers import stored
-from growth.remap import MASK, SPLIT, remap
+from growth.remap import MASK, SPLIT, WEIGHT, remap
 from growth.search_spaces.space import SpaceSpec
 from growth.searching import ControllerState, SearchRequest, SearchSettings
 from growth.strategies.base import Context
@@ -169,9 +169,10 @@ class REC(MWC):
         every old head's input through it."""
         params = ctx.model.named_parameters()
         added = [n for r in records if r.op == "net2deeper" for n in r.added if n in params]
+        fresh = fresh_entries(ctx, records)  # zero columns of units the old tasks never read
         for k in self.finished():
             fisher = stored(self.state, "fisher", k)
-            if not fisher or not added:
+            if not fisher or not (added or fresh):
                 continue
             level = float(sum(f.double().sum() for f in fisher.values()) /
                           sum(f.numel() for f in fisher.values()))
@@ -179,6 +180,11 @@ class REC(MWC):
                 p = params[name].detach()
                 self.state[f"anchor/{k}/{name}"] = p.clone()
                 self.state[f"fisher/{k}/{name}"] = torch.full_like(p, level)
+            for name, mask in fresh.items():  # anchored at 0 (the anchors carried them so)
+                key = f"fisher/{k}/{name}"
+                if key in self.state:
+                    self.state[key] = torch.where(mask, torch.full_like(self.state[key], level),
+                                                  self.state[key])
         self._quad = None
 
     @contextmanager
@@ -360,23 +366,45 @@ def _fmt(acc: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
 
 
-def parent_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
-    """Which entries of each parameter the parent had (True), by output unit: a row (dim 0)
-    the records copied or kept is the parent's, whatever its columns; new units' rows are not.
-    Parameters only the new task's head reads are left out (the new task trains them)."""
+def new_task_only(ctx: Context) -> set[str]:
+    """Nodes only the new task's head reads (its head layer): the new task's alone."""
     graph = ctx.model.graph
-    own = graph.ancestors([ctx.head_of(ctx.task)])
     others: set[str] = set()
     for head in graph.heads:
         if head != ctx.head_of(ctx.task):
             others |= graph.ancestors([head])
+    return graph.ancestors([ctx.head_of(ctx.task)]) - others
+
+
+def parent_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
+    """Which entries of each parameter the parent had (True), by output unit: a row (dim 0)
+    the records copied or kept is the parent's, whatever its columns; new units' rows are not.
+    Parameters only the new task's head reads are left out (the new task trains them)."""
+    own = new_task_only(ctx)
     out = {}
     for name, p in ctx.model.named_parameters().items():
-        node = name.rsplit(".", 1)[0]
-        if node in own and node not in others:
+        if name.rsplit(".", 1)[0] in own:
             continue
         old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
         mask = remap(torch.ones(old), name, records, MASK)
         rows = mask.flatten(1).any(1) if mask.dim() > 1 else mask.bool()
         out[name] = rows.view(-1, *([1] * (p.dim() - 1))).expand(p.shape).to(p.device)
+    return out
+
+
+def fresh_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
+    """Entries the records made fresh (index -1: widen_private's zero columns), True there:
+    what an old task's head would read of units it never saw, kept at 0 for it. Tensors only
+    the new task's head reads are left out."""
+    own = new_task_only(ctx)
+    out = {}
+    for name, p in ctx.model.named_parameters().items():
+        if name.rsplit(".", 1)[0] in own:
+            continue
+        touched = [r for r in records if name in r.index_maps]
+        if not any(-1 in idx for r in touched for idx in r.index_maps[name].values()):
+            continue
+        old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
+        kept = remap(torch.ones(old), name, records, WEIGHT)  # 0 at fresh entries
+        out[name] = (kept == 0).to(p.device)
     return out
