@@ -263,6 +263,9 @@ def _read_graph(folder: Path) -> NetGraph:
     if len(floats) > 1:
         raise CheckpointError(f"{weights}: mixed dtypes {sorted(floats)}; a network is "
                               "stored in one precision")
+    if floats - {str(torch.float32)}:  # the loop trains float32 networks on float32 data
+        raise CheckpointError(f"{weights}: the weights are {floats.pop()}, but runs store "
+                              "float32; the checkpoint was altered")
     for name, t in tensors.items():
         counter = name.rsplit(".", 1)[-1] in COUNTERS
         if counter and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):

@@ -203,6 +203,10 @@ CASES = [
     # the network
     Case("weights-half", edit_tensors("graph/weights.safetensors", tensor_change(
         lambda t: t.half())), W, "mixed dtypes"),
+    # every weight cast to float64 (one precision, re-hashed): refused before training appends
+    # to epochs.csv, not a dtype clash in the first batch
+    Case("weights-float64", edit_tensors("graph/weights.safetensors", lambda ts: ts.update(
+        {k: v.double() for k, v in ts.items() if v.is_floating_point()})), W, "float64"),
     Case("weights-int", edit_tensors("graph/weights.safetensors", lambda ts: ts.update(
         {k: v.long() for k, v in ts.items()})), W, "expected floating point"),
     Case("weights-nan", edit_tensors("graph/weights.safetensors", tensor_change(
