@@ -28,6 +28,7 @@ from pydantic import (
 from growth.context import TrainConfig
 from growth.data.datasets import DATASETS
 from growth.errors import ConfigError
+from growth.io import name_problem
 from growth.layers import ACTIVATIONS
 
 MAX_CONFIG_BYTES = 1 << 20  # a campaign config is a page of YAML, not a data file
@@ -391,7 +392,8 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_cap(_describe(exc, where))) from None
-    problems = [*_strategy_problems(cfg, where), *_applicability_problems(cfg, where),
+    problems = [*_name_problems(cfg, where), *_strategy_problems(cfg, where),
+                *_growth_search_problems(cfg, where), *_applicability_problems(cfg, where),
                 *_limit_problems(cfg, where), *_scenario_problems(cfg, where),
                 *_feature_problems(cfg, where)]
     if problems:
@@ -449,6 +451,12 @@ def _describe(exc: ValidationError, where: _Where, prefix: str = "",
     return lines
 
 
+def _name_problems(cfg: Config, where: _Where) -> list[str]:
+    """The run's name names folders (a search's storage, a comparison's runs): a plain name."""
+    problem = name_problem(cfg.name)
+    return [] if problem is None else [f"{where('name')}: name: {problem}"]
+
+
 def _strategy_problems(cfg: Config, where: _Where) -> list[str]:
     from growth.strategies import available_strategies
 
@@ -461,12 +469,13 @@ def _strategy_problems(cfg: Config, where: _Where) -> list[str]:
         params = strategies[name].Params.model_validate(cfg.strategy.settings())
     except ValidationError as exc:
         return _describe(exc, where, prefix="strategy", strategy=name)
-    return _search_problems(params, where)
+    return _search_problems(cfg, params, where)
 
 
-def _search_problems(params: BaseModel, where: _Where) -> list[str]:
+def _search_problems(cfg: Config, params: BaseModel, where: _Where) -> list[str]:
     """A strategy's search sections (growth.searching.SearchSettings): the controller and its
-    own settings, which only the controllers know how to check."""
+    own settings, which only the controllers know how to check, and the validation split a
+    search chooses its children on."""
     from growth.controllers.service import check_search_settings
     from growth.searching import SearchSettings
 
@@ -479,7 +488,18 @@ def _search_problems(params: BaseModel, where: _Where) -> list[str]:
             except ConfigError as exc:
                 problems += [f"{where(f'strategy.{key}')}: {line}"
                              for line in str(exc).splitlines()]
+            problems += _validation_problems(cfg, where, f"strategy.{key}")
     return problems
+
+
+def _validation_problems(cfg: Config, where: _Where, searching: str) -> list[str]:
+    """A search ranks children by their validation accuracy: without a validation split
+    every child would fail, and the run would end as if no search had been asked for."""
+    if cfg.data.val_fraction > 0:
+        return []
+    return [f"{where('data.val_fraction')}: data.val_fraction: 0 leaves no validation split, "
+            f"but {searching} chooses children on validation accuracy; set it above 0 (e.g. "
+            f"0.1){' or ' + searching + '.enabled: false' if searching != 'search' else ''}"]
 
 
 def _inapplicable(cfg: Config, only_set: bool = True) -> Iterator[tuple[str, str, str]]:
@@ -520,6 +540,11 @@ def _limit_problems(cfg: Config, where: _Where) -> list[str]:
             out.append(f"{where(key)}: {key}: {over} is above the limit of {limit:,}; "
                        "set allow_large: true to go beyond")
     return out
+
+
+def _growth_search_problems(cfg: Config, where: _Where) -> list[str]:
+    """A `growth search` config (a `search:` section) needs a validation split too."""
+    return [] if cfg.search is None else _validation_problems(cfg, where, "search")
 
 
 def _scenario_problems(cfg: Config, where: _Where) -> list[str]:

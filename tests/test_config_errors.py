@@ -130,6 +130,15 @@ CASES = [
     Case("epochs-huge", tiny(train__epochs=100_000), ("train.epochs", "allow_large")),
     Case("width-huge", tiny(model__hidden=[10**6]), ("model.hidden", "1,000,000")),
     Case("depth-huge", tiny(model__hidden=[4] * 100), ("model.hidden", "100 entries")),
+    # a search with nothing to choose on: refused at load, not minutes later as plain MWC
+    Case("rec-search-without-validation", tiny(strategy={"name": "rec"}, data__val_fraction=0),
+         ("data.val_fraction", "strategy.search chooses children on validation accuracy")),
+    # the run's name names folders (a search's storage, a comparison's runs)
+    Case("name-climbs-out", tiny(name="../../escaped"), ("name:", "not a plain name")),
+    Case("name-absolute", tiny(name="/tmp/elsewhere"), ("name:", "not a plain name")),
+    Case("name-separator", tiny(name="a/b"), ("name:", "not a plain name")),
+    Case("set-name-dots", tiny(), ("name:", "not a plain name"), sets=["name=.."],
+         source="--set 'name=..'"),
     # error output capped
     Case("5000-unknown-keys", "name: x\n" + "".join(f"k{i}: 1\n" for i in range(5000)),
          ("unknown key 'k0'", f"and {5000 - MAX_PROBLEMS:,} more problems")),
@@ -222,3 +231,20 @@ def test_non_finite_values_from_python_are_refused_too() -> None:
         from growth.config import validate_config
 
         validate_config({"strategy": {"name": "mwc", "beta": math.nan}}, "api")
+
+
+def test_a_search_without_a_validation_split_is_refused_for_growth_search_too(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`growth search` ranks children on validation accuracy as REC does; with the search
+    off, REC needs no validation split and loads."""
+    from searchkit import search_config
+
+    cfg = search_config(tmp_path)
+    assert main(["search", str(cfg), "--set", "data.val_fraction=0", "--out",
+                 str(tmp_path / "never"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "search chooses children" in err, err
+    assert not (tmp_path / "never").exists()
+    path = tmp_path / "rec.yaml"
+    path.write_text(tiny(strategy={"name": "rec", "search": "off"}, data__val_fraction=0))
+    assert load_config(path).data.val_fraction == 0
