@@ -49,6 +49,7 @@ from growth.controllers.records import (
     ChildRecord,
     append_record,
     board_rows,
+    child_key,
     leaderboard,
     read_records,
 )
@@ -57,9 +58,9 @@ from growth.controllers.trial import CHILD_FILE, TrialSpec, train_child, trial_d
 from ray.tune import Callback
 
 from growth.data import Task
-from growth.errors import CheckpointError, ConfigError
+from growth.errors import CheckpointError, ConfigError, RunDirError
 from growth.graph import NetGraph
-from growth.io import atomic_write_text, load_tensors
+from growth.io import atomic_write_text, load_tensors, name_problem, resolve_under
 
 log = logging.getLogger("growth.search")
 STATE = "search.json"
@@ -128,7 +129,8 @@ class SearchResult:
     def path(self, record: ChildRecord) -> Path:
         if record.checkpoint is None:
             raise CheckpointError(f"child {record.key} failed ({record.error}); it has no graph")
-        return self.directory / record.checkpoint
+        return resolve_under(self.directory, self.directory / record.checkpoint,
+                             f"child {record.key}'s folder")
 
 
 class SearchDir:
@@ -137,6 +139,8 @@ class SearchDir:
     def __init__(self, root: str | Path, storage: str | None = None, name: str | None = None
                  ) -> None:
         self.root = Path(root).resolve()
+        if name is not None and name_problem(name) is not None:
+            raise ConfigError(f"search name: {name_problem(name)}")
         self.records = self.root / RECORDS
         self.children = self.root / "children"
         self.controller = self.root / "controller"
@@ -182,6 +186,15 @@ class SearchDir:
     def add(self, record: ChildRecord) -> None:
         append_record(self.records, record)
 
+    def child_folder(self, name: str) -> Path:
+        """children/<name>, if `name` is a plain name and the folder resolves inside the search
+        directory (a link out of it is refused): keys come from records and trial configs,
+        which a damaged or forged search directory controls."""
+        problem = name_problem(name)
+        if problem is not None:
+            raise RunDirError(f"{self.root}: child key {problem}")
+        return resolve_under(self.root, self.children / name, "child folder")
+
     def write_leaderboard(self, board: list[ChildRecord]) -> None:
         atomic_write_text(self.root / LEADERBOARD, json.dumps(board_rows(board), indent=1))
 
@@ -225,14 +238,21 @@ class Recorder(Callback):
 
 def _adopt(search: SearchDir, key: str, fetch: Callable[[Path], Any]) -> ChildRecord | None:
     """Bring a finished child's folder into children/<key> and read its record; None if the
-    folder is incomplete (then the child is trained again)."""
-    dest = search.children / key
-    tmp = search.children / f".tmp-{key}"
+    folder is incomplete or its key cannot name a folder inside the search directory (then the
+    child is trained again)."""
+    try:
+        dest = search.child_folder(key)
+        tmp = search.child_folder(f".tmp-{key}")
+    except RunDirError as exc:
+        log.warning("child %r is not adopted: %s", key, exc)
+        return None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         fetch(tmp)
         record = ChildRecord.from_json(json.loads((tmp / CHILD_FILE).read_text()))
+        if record.key != key:
+            raise CheckpointError(f"its record names child {record.key!r}")
         NetGraph.load(tmp)  # complete and consistent, or not adopted
     except (OSError, json.JSONDecodeError, TypeError, CheckpointError) as exc:
         log.warning("child %s: its folder is incomplete (%s); it will be trained again", key,
@@ -295,7 +315,12 @@ def _orphans(search: SearchDir, generation: int, recorded: set[str]) -> list[Chi
                 with fs.open_input_stream(info.path) as f:
                     data = json.loads(f.readall())
                 key, gen = data["key"], data["generation"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                named = key == child_key(int(gen), int(data["index"]))
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            if not named:  # a key that is not the child's own name is never a folder's name
+                log.warning("%s names child %r, not a child of this search; ignored",
+                            info.path, key)
                 continue
             if gen != generation or key in recorded:
                 continue
@@ -563,7 +588,8 @@ class _Driver:
         if best is not None and best.checkpoint is not None and (
                 current is None or (best.val_acc is not None
                                     and best.val_acc > current + self.margin)):
-            self.state["parent"] = str(self.search.root / str(best.checkpoint))
+            self.state["parent"] = str(resolve_under(
+                self.search.root, self.search.root / str(best.checkpoint), "the best child"))
             self.state["parent_acc"] = best.val_acc
             self.state["lineage"] = list(best.lineage)
         else:
@@ -583,7 +609,7 @@ def _ray(address: str | None, log_file: Path | None) -> AbstractContextManager[A
 def _train_here(search: SearchDir, config: dict[str, Any], task: Task, space: Any
                 ) -> ChildRecord:
     """Train one child in this process into children/<key> and return its record."""
-    tmp = search.children / f".train-{config['key']}"
+    tmp = search.child_folder(f".train-{config['key']}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     metrics = train_child(config, task, space, tmp, node="local")

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 
 from growth.errors import CheckpointError
 from growth.graph import NetGraph
-from growth.io import load_tensors, sha256
+from growth.io import file_mode, load_tensors, sha256
 from growth.metrics import RMatrix
 from growth.rundir import CHECKPOINTS, TMP_PREFIX
 from growth.strategies import Strategy
@@ -118,8 +118,10 @@ def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strate
     manifest = {"format": FORMAT, "version": VERSION, "run_id": run_id, "task": task,
                 "files": {rel: sha256(tmp / rel) for rel in FILES}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    mode = file_mode()  # safetensors writes 0600: every file gets what open() gives instead
     for p in tmp.rglob("*"):
-        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        if p.is_file():
+            os.chmod(p, mode)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

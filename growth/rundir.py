@@ -6,6 +6,7 @@ Layout (see growth.campaign for what the files hold):
   config.yaml     the resolved config
   .lock           held (an OS file lock) by the process writing the run; holds its pid
   log.txt, metrics.json, metrics.csv, checkpoints/task_NNN/
+  ray.log         Ray's own output, when the run uses Ray (growth.cluster)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CONFIG = "config.yaml"
 RUN_JSON = "run.json"
 LOCK = ".lock"
 LOG = "log.txt"
+RAY_LOG = "ray.log"  # Ray's own output (warnings, its processes' console), never the terminal
 CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp_"  # checkpoints/.tmp_task_NNN: a checkpoint being written
 log = logging.getLogger("growth.rundir")
@@ -90,7 +92,7 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

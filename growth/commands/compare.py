@@ -23,13 +23,17 @@ trials never sits on the CPUs they need, so the comparison cannot deadlock its o
 Outputs in OUT: `compare.md` and `compare.csv` (per strategy, mean and sample std over seeds:
 ACC, BWT, FWT, final size relative to the base, wall time, children trained by a search and
 their training time), `accuracy.png` and `size.png` (against tasks, one line per strategy)
-and `acc_vs_size.png` (final ACC against final size, one point per strategy).
+and `acc_vs_size.png` (final ACC against final size, one point per strategy); `compare.json`,
+written first, marks OUT as a comparison's folder (an existing folder without it, and not
+empty, is refused), and `ray.log` holds Ray's own output. Labels and the name are plain names
+(they name folders), and a run folder that links out of OUT is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -42,9 +46,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from growth.config import Config, load_config, parse_yaml, read_config_text
 from growth.errors import ConfigError, GrowthError
+from growth.io import atomic_write_text, check_output, name_problem, resolve_under
 from growth.metrics import read_metrics
+from growth.rundir import RAY_LOG
 
 log = logging.getLogger("growth.commands.compare")
+MARKER = "compare.json"  # written first into OUT: the folder is a comparison's
 SEARCHING = frozenset({"rec"})  # strategies whose campaigns run an architecture search
 
 
@@ -105,6 +112,11 @@ def load_compare(path: str | Path) -> Plan:
         key = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"{path}: {key}: {err['msg']}") from None
     base = (path.parent / cfg.base).resolve()
+    named = [("name", cfg.name)] + [(f"strategies.{i}.label", s.shown)
+                                    for i, s in enumerate(cfg.strategies)]
+    for key, name in named:  # each names a folder: OUT/<label>-s<seed>, runs/<name>
+        if name_problem(name) is not None:
+            raise ConfigError(f"{path}: {key}: {name_problem(name)}")
     labels = [s.shown for s in cfg.strategies]
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
@@ -151,9 +163,14 @@ def run_compare(path: str | Path, out: str | Path | None = None,
 
     plan = load_compare(path)
     folder = Path(out) if out else Path("runs") / plan.config.name
+    check_output(folder, MARKER, "compare.md")  # compare.md: a comparison written before
+    for name in plan.runs:  # a run folder that links out of the comparison is refused
+        resolve_under(folder, folder / name, "run folder")
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / MARKER, json.dumps({"format": "growth.compare",
+                                                   "name": plan.config.name}) + "\n")
     failed: dict[str, str] = {}
-    with ray_cluster(ray_address):
+    with ray_cluster(ray_address, log_file=folder / RAY_LOG):
         task = ray.remote(run_one)
         pending = {}
         for name, (_, _, overrides) in plan.runs.items():

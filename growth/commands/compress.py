@@ -2,12 +2,17 @@
 
 The command reads files (the network, an optional base network, a campaign config or a
 dataset name) and writes the student beside the network; the compression itself is the
-library's `growth.compress.compress`, which knows no file.
+library's `growth.compress.compress`, which knows no file. Networks are read as untrusted
+data (float32 weights, finite values); the output folder must be new, empty, or one this
+command wrote (it holds `compress.json`), and it is replaced whole once the student is
+distilled, so a refused or failed compression changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +24,14 @@ from torch import Tensor
 from growth.compress import CompressParams, CompressReport, compress
 from growth.context import Context, TrainConfig
 from growth.data import DATASETS, Task, build_stream, load_dataset, make_stream
-from growth.errors import ConfigError
+from growth.errors import CheckpointError, ConfigError, DivergedError
 from growth.graph import NetGraph
-from growth.io import atomic_write_text
+from growth.io import atomic_write_text, check_output
 from growth.model import Model
 from growth.scenarios import labelers
+
+SUMMARY = "compress.json"  # in the output folder: what was done, and the folder's owner mark
+FORMAT = "growth.compress"
 
 
 @dataclass
@@ -72,23 +80,63 @@ def _source(data: str, graph: NetGraph, task_index: int | None, root: str) -> _S
     return _Source(tasks[k], seen, head_of, label_of, train, seed)
 
 
+def load_network(path: str, what: str) -> NetGraph:
+    """A saved network whose weights the engine can train: float32 and finite (a file cast
+    to another precision or holding NaN is refused, naming the file and the tensor)."""
+    graph = NetGraph.load(path)
+    weights = Path(path) / "weights.safetensors"
+    for name, t in graph.named_tensors().items():
+        if not t.is_floating_point():
+            continue
+        if t.dtype != torch.float32:
+            raise CheckpointError(f"{what} {weights}: {name} is {t.dtype}; growth trains "
+                                  "float32 networks (save the network in float32)")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{what} {weights}: {name} holds NaN or infinite values")
+    return graph
+
+
 def compress_saved(network: str, data: str, params: CompressParams, out: str | None = None,
                    base: str | None = None, task: int | None = None, root: str = "data",
                    train: dict[str, Any] | None = None) -> tuple[CompressReport, str]:
     """Load a saved network (NetGraph.save format), compress it on a task of `data` and save
     the student next to it (or to `out`) with `compress.json`; returns (report, folder)."""
-    graph = NetGraph.load(network)
-    base_graph = NetGraph.load(base) if base is not None else None
+    folder = Path(out) if out else Path(f"{str(network).rstrip('/')}-compressed")
+    check_output(folder, SUMMARY, what="--out" if out else "output folder")
+    graph = load_network(network, "network")
+    base_graph = load_network(base, "--base") if base is not None else None
     src = _source(data, graph, task, root)
     cfg = src.train.model_copy(update=train or {})
     ctx = Context(Model(graph), src.task, src.seen, src.head_of, src.label_of,
                   torch.device("cpu"), seed=src.seed)
     heads = list(dict.fromkeys([src.head_of(src.task), *(src.head_of(t) for t in src.seen)]))
     torch.manual_seed(src.seed)
-    report = compress(ctx, params, cfg, base=base_graph, heads=heads, seed=src.seed)
-    folder = Path(out) if out else Path(f"{str(network).rstrip('/')}-compressed")
-    report.graph.save(folder)
-    summary = {"network": str(network), "base": base, "data": data, "task": src.task.name,
-               "settings": params.model_dump(), **report.summary()}
-    atomic_write_text(folder / "compress.json", json.dumps(summary, indent=1))
+    try:
+        report = compress(ctx, params, cfg, base=base_graph, heads=heads, seed=src.seed)
+    except DivergedError as exc:
+        lever = "--lr" if train and "lr" in train else "--lr (or train.lr in --data's config)"
+        raise DivergedError(f"growth compress: {exc.detail}; lower {lever} (now {cfg.lr:g}); "
+                            "nothing was written") from None
+    summary = {"format": FORMAT, "network": str(network), "base": base, "data": data,
+               "task": src.task.name, "settings": params.model_dump(), **report.summary()}
+    _replace_folder(folder, lambda tmp: (
+        report.graph.save(tmp),
+        atomic_write_text(tmp / SUMMARY, json.dumps(summary, indent=1))))
     return report, str(folder)
+
+
+def _replace_folder(folder: Path, write: Callable[[Path], object]) -> None:
+    """Write a whole folder beside `folder`, then put it in its place (the old one, which
+    check_output found to be this command's or empty, goes)."""
+    target = folder.resolve() if folder.is_symlink() else folder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
