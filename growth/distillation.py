@@ -24,6 +24,10 @@ class Distillation:
     """Hooks for `fit`: KL(T) to frozen teachers, each on its heads, plus an optional penalty
     (cross-entropy on the task is the loop's own)."""
 
+    fitting = "distillation"  # named by the loop if the fit diverges, with this advice
+    diverged_advice = ("lower the learning rate it runs at (train.lr; --lr for growth "
+                       "compress) or compress.kd_weight")
+
     def __init__(self, teachers: list[tuple[nn.Module, list[str]]], temperature: float = 2.0,
                  weight: float = 1.0, extra: Penalty | None = None,
                  ce: float | None = None) -> None:

@@ -38,7 +38,13 @@ class DataError(GrowthError):
 
 
 class DivergedError(GrowthError):
-    """Training produced a non-finite loss (names the task and epoch, suggests what to lower)."""
+    """An optimisation diverged: a non-finite or exploding loss, or non-finite weights (names
+    what was trained, the task and epoch, and suggests what to lower). `detail` is the finding
+    without the advice, for a caller that knows the better lever (a command's flag)."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 class RunDirError(GrowthError):

@@ -26,6 +26,14 @@ from growth.errors import DivergedError
 if TYPE_CHECKING:
     from growth.data import Task
 
+# An epoch whose mean loss is above EXPLODING times the loss the fit started from (its first
+# epoch's first batch, measured before any step; times 1 when that is below 1) has exploded:
+# the fit stops as for a NaN loss. Losses a method legitimately reaches stay within a few
+# times the starting one; an exploding one grows by orders of magnitude (1e23, 1e29) while
+# still finite, often within the first epoch, and every later number it produces is garbage.
+EXPLODING = 1e4
+ADVICE = "lower train.lr or the strategy's strength (lambda, c, lambda_o)"
+
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
@@ -150,6 +158,7 @@ def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
     n_epochs = cfg.epochs if epochs is None else epochs
     schedule = _schedule(cfg, n_epochs * _batches_per_epoch(sets, cfg.batch_size))
     step = 0
+    start = math.nan  # the first batch's loss, the reference of EXPLODING
     best = _Best(ctx, strategy, cfg.patience)
     for epoch in range(n_epochs):
         ctx.epoch = epoch
@@ -169,6 +178,8 @@ def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
                 term = strategy.penalty(ctx, x, y, logits)
                 if term is not None:
                     loss = loss + term
+            if step == 0:
+                start = float(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if use_after_backward:
@@ -184,16 +195,38 @@ def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
             n += 1
         ctx.outputs = None
         losses.append(float(total) / max(n, 1))
-        if not math.isfinite(losses[-1]):
-            raise DivergedError(
-                f"training diverged on task {ctx.task.name!r} in epoch {epoch + 1}: the loss is "
-                f"{losses[-1]}; lower train.lr or the strategy's strength (lambda, c, lambda_o)")
+        problem = _diverged(losses[-1], start)
+        if problem is not None:
+            _stop(ctx, strategy, epoch, problem)
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
         if best.stop_after(epoch):
             break
     best.restore()
+    broken = [i for i, g in enumerate(optimizer.param_groups)
+              for p in g["params"] if not bool(torch.isfinite(p).all())]
+    if broken:  # a last step can break the weights after the last loss was measured
+        _stop(ctx, strategy, max(len(losses) - 1, 0), "the weights hold NaN or infinite values")
     return losses
+
+
+def _diverged(last: float, start: float) -> str | None:
+    """Why an epoch's mean loss means the fit diverged (None: it did not); see EXPLODING."""
+    if not math.isfinite(last):
+        return f"the loss is {last}"
+    limit = EXPLODING * max(abs(start), 1.0) if math.isfinite(start) else math.inf
+    if abs(last) > limit:
+        return (f"the loss exploded to {last:.3g} (it started at {start:.3g}; the limit is "
+                f"{EXPLODING:g} x that, at least {EXPLODING:g})")
+    return None
+
+
+def _stop(ctx: Context, strategy: Hooks, epoch: int, problem: str) -> None:
+    """One line: what diverged, where, and what to lower (the hooks' own advice, if any)."""
+    what = getattr(strategy, "fitting", None) or "training"
+    advice = getattr(strategy, "diverged_advice", None) or ADVICE
+    detail = f"{what} diverged on task {ctx.task.name!r} in epoch {epoch + 1}: {problem}"
+    raise DivergedError(f"{detail}; {advice}", detail)
 
 
 class _Best:

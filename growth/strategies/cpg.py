@@ -32,6 +32,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from growth.compile import compile_graph
+from growth.errors import DivergedError
 from growth.masks import Guard, decays, smallest, swapped
 from growth.metrics import Stored
 from growth.ops import net2wider, prune_units, resizable
@@ -149,6 +150,15 @@ class CPG(PackNet):
             self._buffer = {n: torch.empty_like(v) for n, v in self._old.items()}
             self._write_picked()
             yield
+            self._check_picks(ctx)
+
+    def _check_picks(self, ctx: Context) -> None:
+        """Picks train by their own optimiser, outside the loop's loss: non-finite picks are a
+        divergence the loss cannot show (a NaN pick reads as "not picked")."""
+        bad = [n for n, pick in self._picks.items() if not bool(torch.isfinite(pick).all())]
+        if bad:
+            raise DivergedError(f"CPG's picks diverged on task {ctx.task.name!r}: {bad[0]} "
+                                "holds NaN or infinite values; lower strategy.pick_lr")
 
     @torch.no_grad()
     def _write_picked(self) -> None:

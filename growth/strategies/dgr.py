@@ -100,6 +100,8 @@ class _VAETrainer(Strategy):
     on the batch, plus that of replays from the previous generator."""
 
     name = "vae_training"
+    fitting = "DGR's generator"  # named by the loop if the fit diverges, with this advice
+    diverged_advice = "lower strategy.gen_lr"
 
     def __init__(self, decoder: nn.Module, previous: nn.Module | None, current_weight: float,
                  latent: int, gen: torch.Generator) -> None:
