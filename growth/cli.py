@@ -1,26 +1,84 @@
 """The `growth` command: run | search | resume | report | compare | compress | strategies | ops |
 demo.
 
-User mistakes (a config typo, a corrupt checkpoint, a missing run) print one line naming the
-file and key and exit with status 2, without a traceback.
+User mistakes (a config typo, a corrupt checkpoint, a missing run, a flag's bad number)
+print one line naming the file and key (or the flag) and exit with status 2, without a
+traceback. Numbers given as flags are checked as they are parsed.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from growth.errors import GrowthError
 
 
+class _UsageError(Exception):
+    """A command line argparse refused (main prints it as one line and returns 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`--help` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
+
+
+def _number(kind: type, low: float, *, above: bool = False, whole_above_one: bool = False
+            ) -> Callable[[str], Any]:
+    """An argparse `type` that reads a finite `kind` >= low (> low with `above`)."""
+
+    def read(text: str) -> Any:
+        try:
+            value = float(text) if kind is float else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a number' if kind is float else 'a whole number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be {'above' if above else 'at least'} {low:g}")
+        if whole_above_one and value > 1 and value != int(value):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: above 1 the budget counts parameters (a whole number); a fraction "
+                "of the base is at most 1")
+        return value
+
+    read.__name__ = kind.__name__  # argparse names the type in its own messages
+    return read
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt: every command
+    stops the same way for both (nothing half-done is marked finished)."""
+
+
+_SIGTERM_SEEN: list[bool] = []  # a library may catch the exception and stop in its own way
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    _SIGTERM_SEEN.append(True)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return int(args.func(args) or 0)
     except GrowthError as exc:
@@ -31,16 +89,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; `growth resume RUNDIR` continues from the last finished task",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated) or bool(_SIGTERM_SEEN)
+        print(f"{'terminated (SIGTERM)' if term else 'interrupted'}; nothing unfinished was "
+              "recorded as finished: `growth resume RUNDIR` (or the same `growth compare`) "
+              "continues from what was finished", file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        _SIGTERM_SEEN.clear()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _parser() -> argparse.ArgumentParser:
     from growth import __version__
 
-    p = argparse.ArgumentParser(prog="growth", description="Lifelong learning by network "
+    p = _Parser(prog="growth", description="Lifelong learning by network "
                                 "growth: run campaigns, resume them, report, list operators.")
     p.add_argument("--version", action="version", version=f"growth {__version__}",
                    help="print the version and exit")
@@ -106,17 +176,21 @@ def _parser() -> argparse.ArgumentParser:
                           "distil it on a dataset")
     comp.add_argument("network", help="folder of a saved network (structure.json + "
                       "weights.safetensors), e.g. RUNDIR/checkpoints/task_004/graph")
-    comp.add_argument("--budget", required=True, type=float,
+    comp.add_argument("--budget", required=True, type=_number(float, 0, above=True,
+                                                              whole_above_one=True),
                       help="trunk parameters to keep (a count), or a fraction <= 1 of the base")
     comp.add_argument("--data", required=True, help="a campaign config (its stream and train "
                       "settings) or a dataset name (digits, mnist, ...: one task of all classes)")
     comp.add_argument("--base", help="saved base network: the student takes its architecture "
                       "(layers not in it are dropped); default: the network's own")
-    comp.add_argument("--task", type=int, help="task of the config's stream (default: the last)")
+    comp.add_argument("--task", type=_number(int, 0),
+                      help="task of the config's stream (default: the last)")
     comp.add_argument("--importance", choices=("magnitude", "fisher"), default="magnitude",
                       help="how units are ranked for keeping (default magnitude)")
-    comp.add_argument("--epochs", type=int, default=5, help="distillation epochs (default 5)")
-    comp.add_argument("--lr", type=float, help="learning rate (default: the config's, or 0.05)")
+    comp.add_argument("--epochs", type=_number(int, 0), default=5,
+                      help="distillation epochs (default 5)")
+    comp.add_argument("--lr", type=_number(float, 0, above=True),
+                      help="learning rate (default: the config's, or 0.05)")
     comp.add_argument("--root", default="data", help="dataset folder for a dataset name")
     comp.add_argument("--out", help="output folder (default: NETWORK-compressed)")
     comp.set_defaults(func=_compress)
@@ -140,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
     from growth.campaign import Campaign
     from growth.config import load_config
     from growth.errors import ConfigError
-    from growth.rundir import check_writable_dir
+    from growth.rundir import check_new_run_dir
 
     cfg = load_config(args.config, args.overrides)  # validate before touching the disk
     if cfg.search is not None:  # else `growth resume` would take the run for a search
@@ -148,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
                           "task, many children); run `growth search` on it, or remove the "
                           "section (REC's search settings go under strategy.search)")
     out = Path(args.out) if args.out else _default_out(args.config)
-    check_writable_dir(out)
+    check_new_run_dir(out)
     campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet))
     metrics = campaign.start()
     _print_summary(out, metrics)

@@ -91,3 +91,39 @@ def test_run_refuses_a_search_config_and_writes_nothing(tmp_path, capsys) -> Non
     assert code == 2
     assert "search_digits.yaml" in err and "growth search" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--budget", "inf", "is not a finite number"),
+    ("--budget", "1e400", "is not a finite number"),
+    ("--budget", "nan", "is not a finite number"),
+    ("--budget", "1.5", "counts parameters (a whole number)"),
+    ("--budget", "abc", "is not a number"),
+    ("--budget", "0", "must be above 0"),
+    ("--budget", "-1", "must be above 0"),
+    ("--lr", "-1", "must be above 0"),
+    ("--lr", "nan", "is not a finite number"),
+    ("--lr", "0", "must be above 0"),
+    ("--epochs", "2.5", "is not a whole number"),
+    ("--epochs", "-1", "must be at least 0"),
+    ("--task", "-1", "must be at least 0"),
+    ("--task", "x", "is not a whole number"),
+])
+def test_compress_numbers_are_checked_as_they_are_parsed(tmp_path, capsys, flag, value,
+                                                         words) -> None:
+    """One line naming the flag, exit 2, before anything is read: no traceback (inf was an
+    OverflowError, --lr -1 the optimizer's ValueError) and no usage text (--budget abc)."""
+    args = ["compress", str(tmp_path / "absent"), "--data", "digits", "--budget", "0.5"]
+    code = main([*args, flag, value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "usage" not in err, err
+    assert f"argument {flag}: {value!r}" in err and words in err, err
+
+
+def test_budget_counts_and_fractions_still_parse() -> None:
+    from growth.cli import _parser
+
+    for text, value in (("0.5", 0.5), ("1", 1.0), ("700", 700.0), ("1e3", 1000.0)):
+        args = _parser().parse_args(["compress", "n", "--data", "digits", "--budget", text])
+        assert args.budget == value
