@@ -446,7 +446,10 @@ class _Driver:
                         self._run_here(searcher)
                     else:
                         self._fit(searcher)
-                searcher.finish()
+                if not searcher.finish():  # Tune stopped before every child reported
+                    raise KeyboardInterrupt(
+                        f"generation {searcher.generation}: the Tune experiment stopped with "
+                        f"children {searcher.to_train} unreported; a resume trains them")
         board = leaderboard(self.records)
         self.search.write_leaderboard(board)
         return SearchResult(self.search.root, sorted(self.records, key=lambda r: r.key), board,
@@ -555,6 +558,10 @@ class _Driver:
     def _fit(self, searcher: ControllerSearcher) -> None:
         from ray import tune
 
+        from growth.cluster import quiet_ray_env, signals_kept
+
+        quiet_ray_env()  # Ctrl-C interrupts the command (Tune's own SIGINT handler is off)
+
         if self.cluster is None:  # Ray only once a generation has children to train
             self.cluster = self.stack.enter_context(self.connect())
             _check_fits(self.resources, self.cluster)
@@ -575,7 +582,8 @@ class _Driver:
                 name=f"gen{g:03d}-a{attempt}", storage_path=self.search.storage, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.resources.max_failures),
                 callbacks=[Recorder(self.search, self._on_child)]))
-        tuner.fit()
+        with signals_kept():  # Tune's handlers do not outlive its run
+            tuner.fit()
         del tuner  # the experiment's trials leave the driver's memory
 
     def _next_parent(self, board: list[ChildRecord]) -> None:

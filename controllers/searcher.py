@@ -110,15 +110,15 @@ class ControllerSearcher(Searcher):
             self._begin(plan)
         return False
 
-    def finish(self) -> None:
-        """End the current generation, counting children that never reported as failed (the
-        experiment stopped); call once Tune's fit returns."""
+    def finish(self) -> bool:
+        """End the current generation if every child reported; call once Tune's fit returns.
+        False when some never did (the experiment was stopped: an interrupt): the generation
+        stays open and nothing is observed, so a resume trains those children; an
+        interrupted child is never counted as a result."""
         if self.gen is not None and not self.observed:
-            for i in range(len(self.proposals)):
-                if i not in self.results:
-                    self.result(i, None)
-            self.pending, self.running = [], {}
+            return False
         self._end()
+        return True
 
     def _begin(self, plan: Generation) -> None:
         self.gen = plan

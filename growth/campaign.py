@@ -5,6 +5,7 @@ Run directory (growth.rundir: lock, run id, paths; growth.checkpoint: checkpoint
   config.yaml            the resolved config (defaults filled in)
   .lock                  held by the one process writing the run (its pid inside)
   log.txt                what happened, task by task
+  ray.log                Ray's own output, if a search used Ray
   epochs.csv             per epoch of every task: training loss, validation accuracy
   tensorboard/           the same as TensorBoard event files (with `tensorboard: true`)
   metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes, wall times (rewritten after every task,
@@ -53,9 +54,10 @@ from growth.metrics import RMatrix, make_metrics, read_metrics, size_report, wri
 from growth.model import Model
 from growth.rundir import (
     CONFIG,
+    RAY_LOG,
     RunLock,
+    check_new_run_dir,
     check_run_dir,
-    check_writable_dir,
     clean_leftovers,
     holds_run,
     logging_to,
@@ -151,7 +153,7 @@ class Campaign:
     # ---- entry points ----------------------------------------------------------------------
     def start(self) -> dict[str, Any]:
         """Run from the first task into a folder that holds no run yet."""
-        check_writable_dir(self.run_dir)
+        check_new_run_dir(self.run_dir)
         _mkdir(self.run_dir)
         with RunLock(self.run_dir) as lock:
             if holds_run(self.run_dir):
@@ -229,7 +231,7 @@ class Campaign:
         try:
             if self.state.finished < len(self.tasks):
                 work = self.run_dir / WORK
-                with SearchService(log_file=work / "ray.log") as self.searcher, \
+                with SearchService(log_file=self.run_dir / RAY_LOG) as self.searcher, \
                         self.strategy.session(work):
                     for i in range(self.state.finished, len(self.tasks)):
                         self._learn(i)

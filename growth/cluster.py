@@ -5,28 +5,46 @@
   Ray task, as `growth compare` does) is used as it is and left running;
 - an address (`--ray-address`, the config's `search.ray_address`, or RAY_ADDRESS) joins an
   existing cluster, and only disconnects at the end;
-- otherwise a local Ray is started for the run (no dashboard) and stopped after it.
+- otherwise a local Ray is started for the run (no dashboard) and stopped after it. It runs
+  under a keeper process (`growth.keeper`) that watches this one: when this process dies,
+  SIGKILL included, the keeper kills every process of that Ray within a second or two, so no
+  trial, Ray task or agent outlives its driver; and a terminal's Ctrl-C reaches this process
+  only (the keeper has a session of its own), which then stops Ray in order.
 
 Ray's own console output is kept out of the product's progress display: Tune's table reporter
-is off, workers' output is not forwarded, and Ray's log records (warnings and errors, such as
-a failed trial's traceback) go to the run's log file instead of the terminal.
+is off, workers' output is not forwarded, Ray's log records (warnings and errors, such as a
+failed trial's traceback) and the lines Ray's threads print in this process (a worker's death,
+the memory monitor) go to the run's log file, and the local Ray's processes write theirs
+there too. Tune's own SIGINT handler is off, and the handlers a Tune run leaves behind are put
+back (`signals_kept`), so Ctrl-C is an interrupt of the command, never a quiet end of a
+generation.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from growth.errors import ConfigError
 
 # Tune's rich console output ("new output") ignores verbose=0; the classic reporter honours it.
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "RAY_DEDUP_LOGS": "1"}
+# Tune's SIGINT handler turns Ctrl-C into "end this experiment quietly" and stays installed
+# after the run; the product's commands treat Ctrl-C as an interrupt instead (always set).
+FORCED_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1"}
 RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air")
+RAY_THREADS = "ray_"  # Ray names the threads it starts in a driver ray_listen_error_messages...
+KEEPER_STOP_S = 30.0  # how long a finished run waits for the keeper to stop Ray in order
 
 
 @dataclass(frozen=True)
@@ -41,14 +59,59 @@ class ClusterInfo:
 
 
 def quiet_ray_env() -> None:
-    """Settings that keep Tune's console reporter off (set before Tune runs; user values win)."""
+    """Settings that keep Tune's console reporter off (set before Tune runs; user values win)
+    and its SIGINT handler off (always)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ.update(FORCED_ENV)
+
+
+@contextmanager
+def signals_kept() -> Iterator[None]:
+    """Put back the SIGINT, SIGTERM and SIGUSR1 handlers after a block that runs Tune (Tune
+    installs its own and leaves them; a test session would then ignore Ctrl-C) or connects to
+    Ray (its C++ core installs a SIGTERM handler that dumps a stack and aborts)."""
+    names = [s for s in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, s)]
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread has handlers to keep
+        return
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    try:
+        yield
+    finally:
+        for n, handler in saved.items():
+            if handler is not None:
+                signal.signal(getattr(signal, n), handler)
+
+
+class _RayLines(io.TextIOBase):
+    """A console stream that passes every write through, except those of Ray's own threads
+    (the lines a driver prints when a worker dies, ...), which go to `sink`."""
+
+    def __init__(self, stream: IO[str], sink: IO[str] | None) -> None:
+        self.stream, self.sink = stream, sink
+
+    def write(self, text: str) -> int:
+        if threading.current_thread().name.startswith(RAY_THREADS):
+            if self.sink is not None:
+                self.sink.write(text)
+                self.sink.flush()
+            return len(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding: the console's
+        return getattr(self.stream, name)
 
 
 @contextmanager
 def ray_logs_to(log_file: Path | None) -> Iterator[None]:
-    """Send Ray's log records (warnings and above) to `log_file`, or drop them, for a while."""
+    """Send Ray's log records (warnings and above) and the lines its threads print to
+    `log_file`, or drop them, for a while."""
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     handler: logging.Handler = (logging.FileHandler(log_file) if log_file is not None
                                 else logging.NullHandler())
     handler.setLevel(logging.WARNING)
@@ -59,13 +122,22 @@ def ray_logs_to(log_file: Path | None) -> Iterator[None]:
         saved.append((logger, logger.handlers[:], logger.propagate))
         logger.handlers = [handler]
         logger.propagate = False
+    sink = open(log_file, "a", encoding="utf-8") if log_file is not None else None  # noqa: SIM115
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _RayLines(sys.stdout, sink), _RayLines(sys.stderr, sink)
     try:
         yield
     finally:
+        if isinstance(sys.stdout, _RayLines):
+            sys.stdout = streams[0]
+        if isinstance(sys.stderr, _RayLines):
+            sys.stderr = streams[1]
         for logger, handlers, propagate in saved:
             logger.handlers = handlers
             logger.propagate = propagate
         handler.close()
+        if sink is not None:
+            sink.close()
 
 
 def _describe(ray: Any, started: bool) -> ClusterInfo:
@@ -83,7 +155,9 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None,
 
     address: "host:port" of a running cluster's head (or "auto" for the one on this machine);
     None joins RAY_ADDRESS when it is set, else starts a local Ray with `num_cpus`/`num_gpus`
-    (default: all of the machine's). log_file: where Ray's warnings go meanwhile.
+    (default: all of the machine's) under a keeper that takes it down with this process.
+    log_file: where Ray's warnings, the lines its threads print and the local Ray's console
+    output go meanwhile (the run's ray.log).
     """
     quiet_ray_env()
     import ray
@@ -93,25 +167,92 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None,
             yield _describe(ray, started=False)
             return
         address = address or os.environ.get("RAY_ADDRESS") or None
-        try:
-            if address:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-            else:
-                # "local": a new Ray even when another cluster runs on this machine (without
-                # it, ray.init joins the last one `ray start` recorded, whoever started it)
-                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                         include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-            where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-            raise ConfigError(f"could not start or join {where}: {str(exc).splitlines()[0]}; "
-                              "check --ray-address / search.ray_address (the head's "
-                              "host:port, e.g. 10.0.0.1:6379), or leave it out to start a "
-                              "local Ray") from None
-        try:
-            yield _describe(ray, started=not address)
-        finally:
-            ray.shutdown()
+        head = nullcontext(address) if address else _local_ray(num_cpus, num_gpus, log_file)
+        with head as gcs:
+            try:
+                with signals_kept():  # Ray's C++ core takes SIGTERM over (a stack dump, abort)
+                    ray.init(address=gcs, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+                where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+                raise ConfigError(f"could not start or join {where}: "
+                                  f"{str(exc).splitlines()[0]}; check --ray-address / "
+                                  "search.ray_address (the head's host:port, e.g. "
+                                  "10.0.0.1:6379), or leave it out to start a local Ray"
+                                  ) from None
+            try:
+                yield _describe(ray, started=not address)
+            finally:
+                ray.shutdown()
+
+
+@contextmanager
+def _local_ray(num_cpus: int | None, num_gpus: int | None, log_file: Path | None
+               ) -> Iterator[str]:
+    """A local Ray under a keeper process (growth.keeper) that dies, with all of Ray, when
+    this process dies; yields its GCS address. Leaving the block stops Ray in order."""
+    read, write = os.pipe()
+    cmd = [sys.executable, "-m", "growth.keeper", "--parent", str(os.getpid()),
+           "--address-fd", str(write)]
+    cmd += ["--num-cpus", str(num_cpus)] if num_cpus is not None else []
+    cmd += ["--num-gpus", str(num_gpus)] if num_gpus is not None else []
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = open(log_file if log_file is not None else os.devnull, "ab")  # noqa: SIM115
+    try:
+        keeper = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=out,
+                                  pass_fds=(write,), start_new_session=True, env=env)
+    finally:
+        os.close(write)
+        out.close()
+    try:
+        with os.fdopen(read, encoding="utf-8") as pipe:
+            address, _, auth = pipe.readline().strip().partition(" ")
+        if auth:
+            _authenticate_as(auth)
+        if not address:
+            keeper.wait()
+            where = f" (see {log_file})" if log_file is not None else ""
+            raise ConfigError(f"could not start a local Ray: its keeper exited with status "
+                              f"{keeper.returncode}{where}")
+        yield address
+    except BaseException:  # interrupted or failed: Ray's processes go at once
+        _stop(keeper, now=True)
+        raise
+    _stop(keeper)
+
+
+def _authenticate_as(mode: str) -> None:
+    """Connect with the authentication the keeper's Ray uses (a new local Ray asks for Ray's
+    token, kept in ~/.ray, unless RAY_AUTH_MODE says otherwise). Ray reads RAY_AUTH_MODE when
+    its settings load, on import: a process that imported Ray before reloads them."""
+    if os.environ.get("RAY_AUTH_MODE") == mode:
+        return
+    os.environ["RAY_AUTH_MODE"] = mode
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def _stop(keeper: subprocess.Popen[bytes], now: bool = False) -> None:
+    """Ask the keeper to stop Ray: in order (its stdin closes), or `now` (a line first: every
+    process of that Ray is killed at once, as when this process dies). If that takes too long,
+    or this process is interrupted meanwhile, the keeper's processes are killed from here."""
+    from growth.keeper import kill_all
+
+    try:
+        if keeper.stdin is not None and not keeper.stdin.closed:
+            try:
+                if now:
+                    keeper.stdin.write(b"now\n")
+                keeper.stdin.close()
+            except BrokenPipeError:  # the keeper is gone already
+                pass
+        keeper.wait(timeout=KEEPER_STOP_S)
+    except BaseException as exc:
+        kill_all(keeper.pid)  # its descendants, while they still are (it is their subreaper)
+        keeper.kill()
+        keeper.wait()
+        if not isinstance(exc, subprocess.TimeoutExpired):
+            raise
 
 
 def driver_task_options() -> dict[str, Any]:

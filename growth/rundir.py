@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from growth.errors import RunDirError
-from growth.io import atomic_write_text
+from growth.io import atomic_write_text, check_output
 
 CONFIG = "config.yaml"
 RUN_JSON = "run.json"
@@ -53,6 +53,14 @@ def check_writable_dir(path: Path, what: str = "--out") -> None:
         where = "" if probe == path else f" (cannot create folders in {probe})"
         raise RunDirError(f"{what} {path} is not writable{where}; choose another path or "
                           "change its permissions")
+
+
+def check_new_run_dir(path: Path) -> None:
+    """The --out of a new run: writable, and new, empty, or a run directory (then refused as
+    one, with the way to resume it), never a folder of other files (outputs never overwrite
+    what they do not own)."""
+    check_writable_dir(path)
+    check_output(path, RUN_JSON, CONFIG, LOCK, "search.json")
 
 
 def check_run_dir(path: Path) -> None:

@@ -26,7 +26,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
               "growth.scenarios", "growth.devices", "growth.regularizers",
               "growth.distillation", "growth.masks", "growth.memory", "growth.metrics")),
     ("strategies", ("growth.strategies", "growth.compress")),
-    ("search engine", ("growth.controllers", "growth.cluster")),
+    ("search engine", ("growth.controllers", "growth.cluster", "growth.keeper")),
     ("campaign", ("growth.config", "growth.rundir", "growth.checkpoint", "growth.campaign",
                   "growth.runlog")),
     ("reports", ("growth.runs", "growth.report", "growth.plots")),
@@ -48,7 +48,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
                         "growth.rundir", "growth.checkpoint", "growth.config", "ray"),
 }
 # Ray is the search engine's and the commands'.
-RAY_ALLOWED = ("growth.controllers", "growth.cluster", "growth.commands")
+RAY_ALLOWED = ("growth.controllers", "growth.cluster", "growth.keeper", "growth.commands")
 TOP_LEVEL_NAMES = ("controllers", "search_spaces")  # installed only under growth.
 
 

@@ -6,7 +6,8 @@ section. The base network is trained on the task first (`search.base_epochs`), t
 plain task loss.
 
 Run directory (besides the search directory's own files, see growth.controllers.driver):
-  config.yaml, log.txt   the config as validated; what happened (Ray's warnings included)
+  config.yaml, log.txt   the config as validated; what happened
+  ray.log                Ray's own output (its warnings, a failed trial's traceback)
   base/                  the trained base network (graph folder) and base.json (accuracies)
   best/                  the best network found (base included): structure.json +
                          weights.safetensors, loadable with NetGraph.load
@@ -40,9 +41,10 @@ from growth.io import atomic_write_text
 from growth.model import Model
 from growth.rundir import (
     CONFIG,
+    RAY_LOG,
     RunLock,
+    check_new_run_dir,
     check_run_dir,
-    check_writable_dir,
     clean_leftovers,
     holds_run,
     logging_to,
@@ -97,7 +99,7 @@ class SearchRun:
     # ---- entry points ------------------------------------------------------------------------
     def start(self) -> dict[str, Any]:
         """Search into a folder that holds no run yet."""
-        check_writable_dir(self.run_dir)
+        check_new_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.run_dir) as lock:
             if holds_run(self.run_dir) or (self.run_dir / "search.json").exists():
@@ -138,7 +140,7 @@ class SearchRun:
             seed=self.cfg.seed, parent_acc=base["val_acc"], policy=s.parent, margin=s.margin,
             backend=backend, storage=s.storage, name=self.cfg.name,
             ray_address=self.ray_address, progress=self.progress,
-            log_file=self.run_dir / "log.txt")
+            log_file=self.run_dir / RAY_LOG)
         metrics = self._finish(result, base)
         write_search_report([self.run_dir])
         return metrics
