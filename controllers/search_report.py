@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from growth.errors import ReportError
+from growth.io import check_output
 
 SUMMARY = "search_metrics.json"
 
@@ -78,6 +79,7 @@ def write_search_report(run_dirs: Sequence[Path], out: Path | None = None) -> Pa
     runs = [Path(d) for d in run_dirs]
     out = Path(out) if out is not None else (runs[0] / "report" if len(runs) == 1
                                              else Path("report"))
+    check_output(out, "search.md", what="report folder")  # a report overwrites only a report
     out.mkdir(parents=True, exist_ok=True)
     data = [(d, _summary(d), _records(d)) for d in runs]
     _plot(data, out / "search.png")

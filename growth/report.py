@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from growth import plots
+from growth.io import check_output
 from growth.rundir import check_writable_dir
 from growth.runs import Group, Run, group_runs, load_runs
 
@@ -27,15 +28,21 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     runs = load_runs(run_dirs)
     if len(runs) == 1:
         folder = Path(out) if out is not None else runs[0].dir / "report"
-        check_writable_dir(folder, "report folder")
+        _check_folder(folder)
         text = _single_report(runs[0], folder)
     else:
         folder = Path(out) if out is not None else Path("report")
-        check_writable_dir(folder, "report folder")
+        _check_folder(folder)
         text = _comparison_report(runs, folder)
     path = folder / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _check_folder(folder: Path) -> None:
+    """Writable, and new, empty or a report's (report.md): a report overwrites only a report."""
+    check_writable_dir(folder, "report folder")
+    check_output(folder, "report.md", what="report folder")
 
 
 # --------------------------------------------------------------------------- formatting

@@ -241,6 +241,34 @@ def test_compress_replaces_its_own_output(tmp_path: Path, capsys: pytest.Capture
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_run_and_report_refuse_folders_of_other_files(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """`growth run --out` a compressed network's folder would have written run.json,
+    config.yaml and metrics.json among its files; `growth report --out` a run directory its
+    report.md and plots: both are refused and change nothing. A new run still goes into an
+    empty folder, and a report into its own folder again."""
+    net = _saved_network(tmp_path / "net")
+    assert main(["compress", str(net), "--budget", "0.5", "--data", "digits", "--epochs", "1",
+                 "--out", str(tmp_path / "small")]) == 0
+    cfg = write_config(tmp_path / "c.yaml", data__n_tasks=1, train__epochs=1)
+    before = snapshot(tmp_path / "small")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(tmp_path / "small"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "did not write" in err, err
+    assert snapshot(tmp_path / "small") == before
+    (tmp_path / "run").mkdir()
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    before = snapshot(tmp_path / "small")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "small")]) == 2
+    assert "report folder" in capsys.readouterr().err
+    assert snapshot(tmp_path / "small") == before
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert main(["report", str(tmp_path / "run")]) == 0
+
+
 @pytest.mark.parametrize("damage, words", [
     ("nan", "holds NaN or infinite values"),
     ("float64", "is torch.float64"),
