@@ -142,3 +142,22 @@ def test_a_diverging_generator_names_its_own_rate(tmp_path: Path,
     assert len(err.strip().splitlines()) == 1, err
     assert "DGR's generator diverged" in err and "strategy.gen_lr" in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing of task 0 was kept
+
+
+def test_diverged_cpg_picks_stop_the_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    """CPG's picks train by their own Adam, outside the loss: at pick_lr 1e308 two steps make
+    them infinite while the binarised picks keep the loss finite. The run used to finish at
+    chance with exit 0; now task 1 stops naming the picks' rate and is not kept."""
+    from runfiles import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", strategy={"name": "cpg", "prune_epochs": 1,
+                                                      "ratios": [0.5], "pick_lr": 1e308},
+                       data__n_tasks=2, data__max_train_per_task=100, model__hidden=[16],
+                       train__epochs=1)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "CPG's picks diverged on task 'perm-1'" in err and "strategy.pick_lr" in err, err
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "task_000").is_dir() and not (checkpoints / "task_001").exists()
