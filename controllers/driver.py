@@ -557,6 +557,7 @@ class _Driver:
 
     def _fit(self, searcher: ControllerSearcher) -> None:
         from ray import tune
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
         from growth.cluster import quiet_ray_env, signals_kept
 
@@ -581,7 +582,8 @@ class _Driver:
             run_config=tune.RunConfig(
                 name=f"gen{g:03d}-a{attempt}", storage_path=self.search.storage, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.resources.max_failures),
-                callbacks=[Recorder(self.search, self._on_child)]))
+                callbacks=[Recorder(self.search, self._on_child), CSVLoggerCallback(),
+                           JsonLoggerCallback()]))  # no TensorBoard writer (cluster.py)
         with signals_kept():  # Tune's handlers do not outlive its run
             tuner.fit()
         del tuner  # the experiment's trials leave the driver's memory

@@ -41,7 +41,10 @@ from growth.errors import ConfigError
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "RAY_DEDUP_LOGS": "1"}
 # Tune's SIGINT handler turns Ctrl-C into "end this experiment quietly" and stays installed
 # after the run; the product's commands treat Ctrl-C as an interrupt instead (always set).
-FORCED_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1"}
+# Tune's automatic loggers include a TensorBoard writer (when tensorboardX is installed) whose
+# exit hook waits forever for its thread after an interrupted experiment, so an interrupted
+# command never exits: they are off, and the driver adds the CSV and JSON loggers itself.
+FORCED_ENV = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air")
 RAY_THREADS = "ray_"  # Ray names the threads it starts in a driver ray_listen_error_messages...
 KEEPER_STOP_S = 30.0  # how long a finished run waits for the keeper to stop Ray in order

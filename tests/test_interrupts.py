@@ -79,6 +79,17 @@ def _cli(*args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _ended(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """The output of `proc` once it exits; killed (and the test failed) if it has not within
+    `timeout` seconds: a command that hangs on its way out is no prompt stop."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"still running {timeout:g} s after the signal: {out!r} {err!r}")
+
+
 def _wait_for(check: Any, proc: subprocess.Popen[str], timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -101,7 +112,7 @@ def test_growth_search_stops_on_a_signal_and_resumes(tmp_path: Path, sig: int, c
     tree = processes_of(proc.pid)
     start = time.monotonic()
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    out, err = _ended(proc, 120)
     assert proc.returncode == code, (out, err)
     assert time.monotonic() - start < 60
     assert out == "" and err.count("\n") == 1 and "growth resume" in err, (out, err)
@@ -127,7 +138,7 @@ def test_growth_run_stops_on_sigterm_and_resumes(tmp_path: Path) -> None:
     proc = _cli("run", str(cfg), "--out", str(run), "--quiet")
     _wait_for(lambda: (run / "checkpoints" / "task_000").is_dir(), proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = _ended(proc, 120)
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err
     assert "interrupted" in (run / "log.txt").read_text()
