@@ -192,3 +192,32 @@ def test_a_sigkilled_driver_takes_its_ray_with_it(tmp_path: Path) -> None:
     proc.kill()
     proc.wait()
     assert survivors(tree, wait_s=10) == []
+
+
+def test_ctrl_c_during_recs_search_stops_the_run(tmp_path: Path) -> None:
+    """Ctrl-C while REC's search trains children on Ray Tune used to end the generation with
+    every child failed, keep the parent ("no child finished") and finish the run with exit 0
+    and a lower ACC; now the run stops with 130, task 1 is not checkpointed, no child is
+    recorded as failed, and a resume finishes it."""
+    from runfiles import write_config
+
+    rec = {"name": "rec", "compress": {"epochs": 1},
+           "search": {"controller": "random", "children": 2, "epochs": 1, "backend": "ray",
+                      "concurrency": 1,
+                      "controller_params": {"wider_actions": 1, "deeper_actions": 0},
+                      "space": {"widths": {"fc": [16, 24, 32]}}}}
+    cfg = write_config(tmp_path / "c.yaml", strategy=rec, data__n_tasks=2, train__epochs=2,
+                       data__max_train_per_task=150, model__hidden=[16])
+    run = tmp_path / "run"
+    proc = _cli("run", str(cfg), "--out", str(run), "--quiet")
+    records = run / "work" / "task_001" / "search" / "children.jsonl"
+    _wait_for(lambda: records.is_file() and records.read_text().strip(), proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = _ended(proc, 120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "growth resume" in err, err
+    assert not (run / "checkpoints" / "task_001").exists()
+    assert all(r.ok for r in read_records(records))
+    resumed = _cli("resume", str(run), "--quiet")
+    assert resumed.wait(timeout=900) == 0
+    assert json.loads((run / "metrics.json").read_text())["finished_tasks"] == 2
