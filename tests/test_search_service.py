@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 from graphgen import single_thread  # noqa: F401 (fixture)
+from growth.controllers.driver import RAY_FIXED_S, choose_backend
 from growth.controllers.records import read_records
-from growth.controllers.service import resolve_backend
 from growth.search_spaces import make_space
 from growth.search_spaces.networks import add_head, mlp
 
@@ -34,7 +34,7 @@ from growth.io import load_tensors
 from growth.model import Model
 from growth.rundir import read_run_id
 from growth.scenarios import labelers
-from growth.searching import SearchOutcome, SearchRequest, SearchSettings
+from growth.searching import SearchOutcome, SearchRequest
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, evaluate, fit, learn_task
 
@@ -304,11 +304,17 @@ def test_children_go_on_from_the_parents_moments(tmp_path: Path) -> None:
     assert float(moments["fc1.weight/momentum_buffer"].abs().sum()) > 0
 
 
-def test_auto_backend_runs_children_here_unless_they_can_run_at_once() -> None:
-    assert resolve_backend(SearchSettings(concurrency=1), cpus=8) == "local"
-    assert resolve_backend(SearchSettings(concurrency=2), cpus=1) == "local"
-    assert resolve_backend(SearchSettings(concurrency=2), cpus=2) == "ray"
-    assert resolve_backend(SearchSettings(backend="local", concurrency=4), cpus=8) == "local"
+def test_auto_backend_runs_children_here_until_ray_would_save_time() -> None:
+    """(1 - 1/parallel) of the children's training, against RAY_FIXED_S: 4 children of 10 s
+    on 2 CPUs save 20 s (ray), of 5 s save 10 s (here); nothing known yet: here."""
+    fixed = RAY_FIXED_S
+    assert choose_backend("auto", None, 4, 2, cpus=2) == "local"
+    assert choose_backend("auto", fixed / 2 + 1, 4, 2, cpus=2) == "ray"
+    assert choose_backend("auto", fixed / 2 - 1, 4, 2, cpus=2) == "local"
+    assert choose_backend("auto", 100.0, 4, 1, cpus=8) == "local"  # nothing runs at once
+    assert choose_backend("auto", 100.0, 4, 2, cpus=1) == "local"
+    assert choose_backend("local", 100.0, 4, 2, cpus=8) == "local"
+    assert choose_backend("ray", None, 4, 2, cpus=8) == "ray"
 
 
 def test_a_finished_search_starts_no_ray_when_resumed(tmp_path: Path) -> None:
