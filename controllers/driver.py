@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -316,16 +317,27 @@ Backend = Literal["local", "ray", "auto"]
 RAY_FIXED_S = 15.0
 
 
+def in_ray_task() -> bool:
+    """Whether this process runs a Ray task (a campaign of `growth compare`): its CPUs are
+    held already, and trials of its own could wait forever for others'."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
+
+
 def choose_backend(backend: str, child_s: float | None, children: int, concurrency: int,
                    cpus: int | None = None) -> str:
     """The backend for a generation. "auto": this process until a child's training time is
     known (a first generation, or `child_s` from an earlier search), then Ray Tune when the
     time running `children` at once saves, (1 - 1 / parallel) of their training, exceeds
-    RAY_FIXED_S. Which backend trains a child never changes its result."""
+    RAY_FIXED_S; never from inside a Ray task. Which backend trains a child never changes
+    its result."""
     if backend != "auto":
         return backend
     parallel = min(concurrency, os.cpu_count() or 1 if cpus is None else cpus)
-    if parallel < 2 or child_s is None:
+    if parallel < 2 or child_s is None or in_ray_task():
         return "local"
     saved = child_s * children * (1.0 - 1.0 / parallel)
     return "ray" if saved > RAY_FIXED_S else "local"
