@@ -67,11 +67,16 @@ class DENParams(StrategyParams):
     split). threshold: the training loss above which the network expands. k: units added to
     every hidden layer. group: the group-sparsity strength on each new unit. split: the drift
     (L2 distance of a unit's incoming weights) above which a unit is duplicated.
+    Defaults: l1 0.01 and l2 0.1 were picked on seed 0 of the quickstart stream (permuted
+    digits, MLP 64-100-100) among l1 in {0.001, 0.01} and l2 in {0.01, 0.1, 1}: the setting
+    where every step of the method acts (the head's L1 selects part of the first layer, new
+    units are pruned by group sparsity, few units split) with the least forgetting (BWT
+    -0.004, ACC 0.92 at 1.16x the base); l1 0.001 selects every unit (ACC 0.95 at 1.66x).
     """
 
     trunk: str = Field("features", min_length=1, description="the node every head reads")
-    l1: float = Field(1e-4, ge=0, description="L1 strength (proximal steps)")
-    l2: float = Field(0.01, ge=0, description="pull to the weights before the task")
+    l1: float = Field(0.01, ge=0, description="L1 strength (proximal steps)")
+    l2: float = Field(0.1, ge=0, description="pull to the weights before the task")
     threshold: float = Field(0.1, ge=0, description="expand when the task's loss stays above")
     k: int = Field(10, ge=1, description="units added to every hidden layer")
     group: float = Field(0.01, ge=0, description="group-sparsity strength on new units")

@@ -115,28 +115,38 @@ class Relaxation(Strategy):
                 params[f"{name}.weight"].fill_(float(w))
 
     def after_step(self, ctx: Context) -> None:
+        params = ctx.model.named_parameters()
+        for names in self.scales.values():  # the weights' step left gradients there
+            for n in names:
+                params[f"{n}.weight"].grad = None
         x, y = self.val
         idx = torch.randperm(len(y), generator=self.gen)[:self.batch].to(y.device)
         self.arch_step(ctx, x[idx], y[idx])
 
     def arch_step(self, ctx: Context, x: Tensor, y: Tensor) -> None:
-        """One step of beta: d/d beta of CE(batch) + complexity * expected cost, through the
-        softmax (J^T times the loss's gradient with respect to the mixture weights)."""
+        """One Adam step of beta on a batch (see `gradient`), then the new weights written."""
+        grads = self.gradient(ctx, x, y)
+        for layer, beta in self.beta.items():
+            beta.grad = grads[layer]
+        self.opt.step()
+        self.write(ctx)
+
+    def gradient(self, ctx: Context, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """d/d beta of CE(batch) + complexity * expected cost, through the softmax: J^T g with
+        g the loss's gradient with respect to the mixture weights, plus complexity * J^T
+        cost."""
         params = ctx.model.named_parameters()
         names = [f"{n}.weight" for layer in self.scales for n in self.scales[layer]]
         loss = F.cross_entropy(ctx.model.head(SEARCH)(x), y)
         grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
-        self.opt.zero_grad(set_to_none=True)
-        total = torch.zeros(())
+        out = {}
         for layer, scale in self.scales.items():
-            s = mixture_weights(self.beta[layer])
+            beta = self.beta[layer].detach().requires_grad_(True)
+            s = mixture_weights(beta)
             g = torch.stack([grads[f"{n}.weight"].sum() for n in scale]).detach().cpu()
-            total = total + (s * g).sum() + self.complexity * (s * self.costs[layer]).sum()
-        total.backward()
-        self.opt.step()
-        for name in names:
-            params[name].grad = None
-        self.write(ctx)
+            total = (s * g).sum() + self.complexity * (s * self.costs[layer]).sum()
+            out[layer] = torch.autograd.grad(total, beta)[0]
+        return out
 
     def choice(self) -> dict[str, int]:
         """Each layer's argmax option (ties: the earlier option, reuse before adapt before
