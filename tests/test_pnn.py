@@ -316,7 +316,7 @@ def test_a_column_without_laterals_is_an_independent_copy_started_from_another_c
     assert adapters == [] and set(new.record.added_nodes) == set(nodes)
     assert new.record.params["lateral"] is False and new.record.params["init_from"] == 1
     for n in column_members(graph, 0)[0]:
-        for key, t in graph.node(n).tensors.items():
+        for key in graph.node(n).tensors:
             assert torch.equal(new.graph.node(f"c2_{n}").tensors[key],
                                first.node(f"c1_{n}").tensors[key]), (n, key)
     view = compile_graph(new.graph, "t2")

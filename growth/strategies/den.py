@@ -41,6 +41,7 @@ from pydantic import Field
 from torch import Tensor
 
 from growth.errors import ConfigError
+from growth.graph import NetGraph
 from growth.masks import Guard, decays, swapped
 from growth.metrics import Stored, index_bits
 from growth.ops import net2wider, prune_units
@@ -48,8 +49,6 @@ from growth.ops.columns import base_column
 from growth.remap import MASK, remap
 from growth.strategies.base import Context, Scorer, Strategy, StrategyParams, state_key
 from growth.strategies.spec import TensorSpec
-
-from growth.graph import NetGraph
 
 if TYPE_CHECKING:
     from growth.data import Task
