@@ -16,6 +16,7 @@ from growth.model import Model
 from growth.ops.columns import column_count
 from growth.strategies import make_strategy
 from growth.strategies.expert_gate import (
+    _to_task,
     gate_graph,
     gate_probabilities,
     reconstruction_error,
@@ -103,12 +104,14 @@ def test_a_new_expert_starts_as_a_copy_of_the_most_related_one() -> None:
     model, s, _ = learn_all("expert_gate", graph, tasks, params=FAST, upto=2)
     shape = tuple(tasks[0].input_shape)
     x = tasks[2].val[0]
-    gates = {k: set_gate(s, k, shape, 4, seed=20 + k) for k in (0, 1)}
-    s._gates = {}
-    s.train_gate = lambda ctx: set_gate(s, 2, shape, 4, seed=22)  # the new task's own gate
-    own = float(by_hand(set_gate(s, 2, shape, 4, seed=22), x).mean())
+    gates = {0: set_gate(s, 0, shape, 4, seed=20), 1: set_gate(s, 1, shape, 4, seed=21)}
+    gates[0]["decoder.bias"] = s.state["gate/0/decoder.bias"] = torch.full((16,), -10.0)
+    s._gates = {}  # gate 0 outputs about 0 everywhere: far worse than gate 1
+    s.train_gate = lambda ctx: set_gate(s, 2, shape, 4, seed=21)  # the new task's own gate
+    own = float(by_hand(set_gate(s, 2, shape, 4, seed=21), x).mean())
     rel = {k: 1 - (float(by_hand(gates[k], x).mean()) - own) / own for k in (0, 1)}
     best = max(rel, key=rel.get)
+    assert best == 1  # not the first column: the copy's source matters
     before = {n: t.clone() for n, t in model.graph.named_tensors().items()}
     ctx = ctx_for(model, tasks, 2, s)
     s.before_task(ctx)
@@ -164,6 +167,14 @@ def test_a_sample_routed_to_an_expert_of_other_classes_counts_as_none() -> None:
     assert bool((pick == 1).any())
     assert bool((got[pick == 1] == 2).all())  # the extra column: never a task-0 label
     assert bool((got[pick == 0] < 2).all())
+
+
+def test_a_prediction_maps_to_the_same_dataset_class_in_the_evaluated_task() -> None:
+    expert = tasks_for(mlp_net(1), 1)[0]
+    expert = dataclasses.replace(expert, classes=[5, 3, 9], n_classes=3)
+    task = dataclasses.replace(expert, classes=[3, 5, 7], n_classes=3)
+    got = _to_task(expert, task, torch.tensor([0, 1, 2, 1]))
+    assert got.tolist() == [1, 0, 3, 0]  # class 9 is none of the task's: the extra column
 
 
 def test_a_gate_is_trained_on_the_task_to_reconstruct_it() -> None:
