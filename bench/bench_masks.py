@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 
 from growth.data.containers import Task
 from growth.graph import NetGraph
@@ -27,7 +28,6 @@ from growth.masks import masked_names
 from growth.model import Model
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import TrainConfig, fit
-from search_spaces.networks import add_head, mlp, small_cnn
 
 CNN_CHANNELS = (16, 32, 64, 128)
 

@@ -29,8 +29,8 @@ from growth.data.sampling import generator
 from growth.errors import ShapeError
 
 if TYPE_CHECKING:
+    from growth.context import Context
     from growth.data import Task
-    from growth.strategies.base import Context
 
 CANCELLED = 1e-12  # |sum v| below this fraction of sum |v|: the weights cancel (linear term)
 GRAD_BUDGET = 1 << 25  # floats of per-sample gradients held at once (128 MiB in float32)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from runfiles import kill_after_first_checkpoint
 
 from growth import campaign as campaign_module
@@ -36,7 +37,6 @@ from growth.errors import CheckpointError, ConfigError, RunDirError
 from growth.model import Model
 from growth.strategies import Context, Strategy
 from growth.train import evaluate, fit
-from search_spaces.networks import add_head, mlp, small_cnn
 
 TINY = {
     "name": "tiny",
