@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import yaml
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 
 from growth.campaign import Campaign, resume_run
 from growth.config import load_config
@@ -19,7 +20,6 @@ from growth.graph import NetGraph
 from growth.model import Model
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import TrainConfig, learn_task
-from search_spaces.networks import add_head, mlp, small_cnn
 
 CFG = TrainConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9)
 

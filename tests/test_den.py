@@ -42,7 +42,7 @@ def started(params: dict, n_tasks: int = 2, hidden: tuple[int, ...] = (6, 5)):
     tasks = tasks_for(graph, n_tasks)
     model, s, _ = learn_all("den", graph, tasks, params=params, upto=1)
     ctx = ctx_for(model, tasks, 1, s)
-    ctx.train_cfg = CFG
+    ctx.train_config = CFG
     ctx.train_fit = lambda **kw: fit(ctx, s, CFG, **{"seed": 1, **kw})
     return model, s, tasks, ctx
 
@@ -94,7 +94,14 @@ def test_selective_retraining_moves_only_the_selected_subnetwork() -> None:
               "fc2": torch.tensor([False, True, True, False, False])}
     sub = s._trainable = s._subnetwork(ctx, chosen)
     before = {n: p.detach().clone() for n, p in model.named_parameters().items()}
-    fit(ctx, s, CFG, seed=1)
+    held = []
+
+    def still(epoch: int, loss: float) -> None:  # during the fit, not only at its end
+        now = model.named_parameters()
+        held.append(all(torch.equal(now[n][~m], before[n][~m]) for n, m in sub.items()))
+
+    fit(ctx, s, CFG, seed=1, on_epoch=still)
+    assert held == [True] * CFG.epochs
     after = model.named_parameters()
     for n, m in sub.items():
         assert torch.equal(after[n][~m], before[n][~m]), n

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from growth.search_spaces.networks import add_head
 from rivalkit import (
     CFG,
     cnn_net,
@@ -27,7 +28,6 @@ from growth.ops.columns import freeze
 from growth.strategies import make_strategy
 from growth.strategies.learn_to_grow import SEARCH, Relaxation, option_names
 from growth.train import learn_task
-from search_spaces.networks import add_head
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -220,6 +220,8 @@ def test_learn_to_grow_campaign_resumes_and_reports_its_search(tmp_path: Path) -
     assert search["children"] == 2 and search["child_time_s"] > 0
     options = full["details"]["learn_to_grow"]["search"]
     assert options["1"]["architectures"] == 9  # 3 options x 3 options
+    moved = [abs(w - 1 / 3) for w in options["1"]["weights"]["fc1"]]
+    assert max(moved) > 1e-3  # the architecture weights took their steps
     assert search["architectures"] == sum(o["architectures"] for o in options.values())
     assert full["bwt"] == 0.0
 

@@ -54,7 +54,7 @@ def test_progress_trains_the_active_side_only_and_compress_the_knowledge_base_on
     learn_task(ctx_for(model, tasks, 0), s, CFG, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters().items()}
     ctx = ctx_for(model, tasks, 1)
-    ctx.train_cfg, ctx.strategy = CFG, s
+    ctx.train_config, ctx.strategy = CFG, s
     ctx.train_fit = lambda **kw: fit(ctx, s, CFG, **{"seed": 1, **kw})
     s.before_task(ctx)  # progress, then the compress phase's set-up
     after = model.named_parameters()
@@ -78,7 +78,7 @@ def test_compress_loss_is_the_kl_to_the_active_column_plus_online_ewc_by_hand() 
     model = Model(graph)
     learn_task(ctx_for(model, tasks, 0), s, CFG, seed=0)
     ctx = ctx_for(model, tasks, 1)
-    ctx.train_cfg, ctx.strategy = CFG, s
+    ctx.train_config, ctx.strategy = CFG, s
     s.before_task(ctx)
     fit(ctx, s, CFG, seed=1, epochs=1)  # move the knowledge base away from its anchor
     x, y = tasks[1].train[0][:8], tasks[1].train[1][:8]
@@ -189,7 +189,7 @@ def test_a_reset_active_column_starts_each_task_fresh_from_the_tasks_seed() -> N
         learn_task(ctx_for(model, tasks, 0), s, CFG, seed=0)
         trained = model.named_parameters()["c1_fc1.weight"].detach().clone()
         ctx = ctx_for(model, tasks, 1)
-        ctx.train_cfg, ctx.strategy = CFG, s
+        ctx.train_config, ctx.strategy = CFG, s
         graph1, _ = s._active_side(ctx)
         start = graph1.node("c1_fc1").tensors["weight"]
         assert torch.equal(start, trained) != reset

@@ -303,11 +303,11 @@ class LearnToGrow(Strategy):
         x, y = ctx.task.val if len(ctx.task.val[1]) else ctx.task.train
         val = (x.to(ctx.device), ctx.label_of(ctx.task, y).to(ctx.device))
         relax = Relaxation(scales, costs, self.params.complexity, self.params.arch_lr, val,
-                           ctx.train_cfg.batch_size, generator(ctx.seed, "ltg-arch"))
+                           ctx.train_config.batch_size, generator(ctx.seed, "ltg-arch"))
         skip = {f"{n}.weight" for names in scales.values() for n in names}
         params = [p for n, p in model.named_parameters().items()
                   if n not in skip and p.requires_grad]
-        fit(sctx, relax, ctx.train_cfg, seed=ctx.seed, epochs=self.params.search_epochs,
+        fit(sctx, relax, ctx.train_config, seed=ctx.seed, epochs=self.params.search_epochs,
             params=params)
         return model.graph, relax
 

@@ -123,7 +123,7 @@ class ProgressCompress(QuadraticStrategy):
         mine = ctx.task.index
         progress = dataclasses.replace(
             ctx, head_of=lambda t: active_head(head) if t.index == mine else ctx.head_of(t))
-        cfg = ctx.train_cfg
+        cfg = ctx.train_config
         fit(progress, Strategy(), cfg, seed=ctx.seed + 1, epochs=self.params.progress_epochs)
         entry = self._entry(ctx)
         split = "val" if len(ctx.task.val[1]) else "train"
