@@ -195,8 +195,11 @@ def test_anchors_of_old_tasks_follow_the_expansion_exactly() -> None:
     run_rec(Probe(REC.Params(compress={"epochs": 1})), epochs=2)
     assert sorted(seen) == [1, 2]
     for want, got in seen.values():
-        assert sorted(got) == sorted(want)
         assert all(torch.equal(got[n], want[n]) for n in want)
+        # the inserted layer is anchored at the identity it was inserted as
+        assert sorted(set(got) - set(want)) == ["act1_deep1.bias", "act1_deep1.weight"]
+        assert torch.equal(got["act1_deep1.weight"], torch.eye(48))
+        assert torch.equal(got["act1_deep1.bias"], torch.zeros(48))
 
 
 def test_old_tasks_data_are_never_read_after_their_task() -> None:
@@ -280,3 +283,28 @@ def test_a_copy_coherent_change_after_widening_costs_exactly_the_parents_penalty
     assert got == pytest.approx(want, rel=1e-5)
     free, _ = costs[False]  # MWC's own role: the copies beyond the original cost nothing
     assert free < 0.9 * want
+
+
+def test_an_inserted_layer_is_anchored_with_each_old_tasks_mean_fisher() -> None:
+    """protect_copies: the layer Net2Deeper inserts gets, for every finished task k, an anchor
+    at its identity and a uniform Fisher equal to the mean of task k's Fisher over the grown
+    network's other tensors (by hand); off, it stays free."""
+    got: dict[bool, dict[str, torch.Tensor]] = {}
+
+    class Probe(FixedExpansion):
+        noise = 0.0
+
+        def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
+            super()._expand(ctx, entry)
+            got[self.params.protect_copies] = stored(self.state, "fisher", 0)
+
+    for protect in (True, False):
+        probe = Probe(REC.Params(compress=False, protect_copies=protect))
+        run_rec(probe, n_tasks=2, epochs=1)
+        if protect:  # the mean of task 0's Fisher over the grown network's other tensors
+            rest = [v for k, v in got[True].items() if not k.startswith("act1_deep1.")]
+            level = float(sum(v.double().sum() for v in rest) / sum(v.numel() for v in rest))
+            f = got[True]["act1_deep1.weight"]
+            assert f.shape == (48, 48) and level > 0
+            assert torch.allclose(f, torch.full_like(f, level))
+    assert "act1_deep1.weight" not in got[False]

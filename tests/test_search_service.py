@@ -330,3 +330,30 @@ def test_a_finished_search_starts_no_ray_when_resumed(tmp_path: Path) -> None:
     again = run_search(*args, parent_acc=acc, backend="ray", connect=no_ray)
     assert [r.key for r in again.records] == [r.key for r in first.records] == [
         "g000c00", "g000c01"]
+
+
+def test_a_private_expansion_trains_new_units_and_leaves_the_old_heads_where_they_were(
+        tmp_path: Path) -> None:
+    """REC with `expansion: private`: every child adds units only the new task's head reads
+    (widen_private) and trains them with the new head, the network it grew from frozen; on
+    fixed inputs each trained child's old head computes the parent's outputs (to float
+    summation order: the new units' zero columns join the sums), while its new head moved."""
+    from growth.compile import compile_graph
+
+    cfg = write(tmp_path, "p", n_tasks=2, controller="random")
+    data = yaml.safe_load(cfg.read_text())
+    data["strategy"]["expansion"] = "private"
+    cfg.write_text(yaml.safe_dump(data))
+    Campaign(load_config(cfg), tmp_path / "p").start()
+    folder = tmp_path / "p" / "work" / "task_001" / "search"
+    parent = NetGraph.load(folder / "parent")
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = compile_graph(parent).eval()(x)
+    records = [r for r in read_records(folder / "children.jsonl") if r.ok]
+    assert records and all(a["op"] == "widen_private" for r in records for a in r.actions)
+    for r in records:
+        child = NetGraph.load(folder / r.checkpoint)
+        assert child.param_count() > parent.param_count()
+        after = compile_graph(child).eval()(x)
+        assert torch.allclose(after["t0"], before["t0"], rtol=0, atol=1e-6), r.key  # still
+        assert float((after["t1"] - before["t1"]).abs().max()) > 1e-3, r.key  # it learned

@@ -28,7 +28,7 @@ NOISE_BOUND = 10.0  # max relative output error per unit of noise, one widening 
 
 def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
               seed: int = 0, max_new_params: int | None = MAX_NEW_PARAMS,
-              copies: list[int] | None = None) -> OpResult:
+              private: bool = False, copies: list[int] | None = None) -> OpResult:
     """Widen producer `node` (linear or conv2d) and its channel group to `width` units.
 
     noise=0 preserves the network's function to float precision. noise>0 breaks the symmetry
@@ -39,6 +39,8 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     The mapping and the noise are drawn from a torch.Generator seeded with `seed`.
     max_new_params: refuse a widening that adds more parameters (None: no limit); see
     `growth.ops.guards`.
+    private: the consumers' columns of the new units start at 0 and the originals' stay
+    undivided (`growth.ops.widen_private`, the operator that calls this).
     copies: the units the new ones copy, in order (one per new unit, or per new group where
     grouped convolutions read the channels), instead of the uniform draw: duplicating chosen
     units (DEN's split).
@@ -52,7 +54,7 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     check_size(call, 0, max_new_params)  # a malformed limit is refused before any comparison
     out = graph.copy()
     if width == group.width:
-        return OpResult(out, ChangeRecord("net2wider", params))
+        return OpResult(out, ChangeRecord("widen_private" if private else "net2wider", params))
     check_blocks(group, width, "net2wider")
     if max_new_params is not None and widening_bound(graph, group, width) > max_new_params:
         check_size(call, widening_cost(graph, node, width, group),  # exact only when it may fail
@@ -64,10 +66,11 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
         extra = _chosen(node, copies, len(extra), group.width // b)
         params["copies"] = extra.tolist()
     idx = torch.cat([torch.arange(group.width), (extra[:, None] * b + torch.arange(b)).flatten()])
-    changes = apply_index(out, group, idx, divide=True)
+    changes = apply_index(out, group, idx, divide=not private, fresh=private)
     if noise > 0:
         _perturb_copies(out, group, noise, gen)
-    return OpResult(out, ChangeRecord("net2wider", params, changes.resized, changes.index_maps,
+    op = "widen_private" if private else "net2wider"
+    return OpResult(out, ChangeRecord(op, params, changes.resized, changes.index_maps,
                                       changes.divisors))
 
 
