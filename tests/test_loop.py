@@ -540,10 +540,11 @@ def test_early_stopping_keeps_the_best_epochs_weights_and_stops_after_patience()
 def test_early_stopping_keeps_the_starting_weights_when_no_epoch_beats_them() -> None:
     """A fit that only makes things worse (a learning rate far too high, from a trained
     network) ends with the weights it started from: the start is a candidate."""
+    from growth.search_spaces.networks import add_head, mlp
+
     from growth.data import build_stream
     from growth.model import Model
     from growth.scenarios import labelers
-    from growth.search_spaces.networks import add_head, mlp
     from growth.strategies import make_strategy
 
     task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1, "seed": 0,
