@@ -31,6 +31,7 @@ from growth.layers import ACTIVATIONS, kind_of
 from growth.ops import (
     MAX_NEW_PARAMS,
     ChangeRecord,
+    ChannelGroup,
     deepenable,
     deepening_cost,
     feature_axes,
@@ -255,13 +256,31 @@ class SearchSpace:
         width = self.next_width(layer, group.width)
         if width is None:
             return None
-        # grouped convolutions change channels in whole blocks: round up to the next block
-        width = group.width + -(-(width - group.width) // group.block) * group.block
+        width = _whole_blocks(group.width, width, group.block)
         if width > self.widths_of(layer)[-1]:
             return None
+        return self._widening(graph, layer.node, width, group, seed)
+
+    def widen_by(self, graph: NetGraph, layer: Layer, count: int,
+                 widenable: set[str] | None = None, seed: int = 0) -> Action | None:
+        """The widening of `layer` by `count` units (RCL's choice: no width list), rounded up
+        to whole blocks of a grouped convolution, or None if the space does not offer it
+        (pooling, a layer the operators cannot resize, an excluded layer, the size guard,
+        the parameter limit) or `count` is 0."""
+        if count <= 0 or layer.kind == "pool" or layer.node not in (
+                self.widenable(graph) if widenable is None else widenable):
+            return None
+        group = find_group(graph, layer.node)
+        width = _whole_blocks(group.width, group.width + count, group.block)
+        return self._widening(graph, layer.node, width, group, seed)
+
+    def _widening(self, graph: NetGraph, node: str, width: int, group: ChannelGroup,
+                  seed: int) -> Action | None:
+        """The action widening `node` (its group) to `width` in this space's mode (private or
+        Net2Wider), or None over the size guard or the parameter limit."""
         action: Action = {"op": "widen_private" if self.spec.private else "net2wider",
-                          "node": layer.node, "width": width, "seed": seed}
-        return action if self.fits(graph, widening_cost(graph, layer.node, width, group)) else None
+                          "node": node, "width": width, "seed": seed}
+        return action if self.fits(graph, widening_cost(graph, node, width, group)) else None
 
     def fits(self, graph: NetGraph, added: int) -> bool:
         """May one operator call add `added` parameters to `graph`? (The operators' size guard
@@ -463,6 +482,12 @@ def _validate(raw: Mapping[str, Any], where: str = "search.space") -> SpaceSpec:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _whole_blocks(width: int, target: int, block: int) -> int:
+    """`target` rounded up so that `width` grows by whole blocks (grouped convolutions change
+    channels in aligned blocks of `block`)."""
+    return width + -(-(target - width) // block) * block
+
+
 def _feeds_output(graph: NetGraph, name: str) -> bool:
     return any(graph.node(c).kind == "output" for c in graph.consumers(name))
 
