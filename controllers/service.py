@@ -116,11 +116,12 @@ class SearchService:
         if request.controller_state is not None:
             controller.load_state_dict(*request.controller_state)
         train = request.train.model_copy(update={
-            "epochs": s.epochs, "lr": request.train.lr * s.lr_scale, "schedule": s.schedule})
+            "epochs": s.epochs, "lr": request.train.lr * s.lr_scale, "schedule": s.schedule,
+            "warmup_epochs": 0})
         name, params = request.child_strategy
         spec = TrialSpec(train=train, strategy=StrategyRef(name=name, params=params),
-                         scenario="class" if ctx.scenario == "class" else "task",
-                         seen=[TaskMeta.of(t) for t in ctx.seen], device=ctx.device.type,
+                         scenario=ctx.scenario, seen=[TaskMeta.of(t) for t in ctx.seen],
+                         device=str(ctx.device),
                          threads=max(1, int(s.cpus_per_trial)))
         result = run_search(
             folder, parent, controller, space, ctx.task, spec,

@@ -27,6 +27,7 @@ from pydantic import (
 
 from growth.context import TrainConfig
 from growth.data.datasets import DATASETS
+from growth.devices import DEVICE_PATTERN
 from growth.errors import ConfigError
 from growth.layers import ACTIVATIONS
 
@@ -161,7 +162,7 @@ class Config(_Section):
     name: str = "run"
     seed: int = 0
     scenario: Literal["task", "class"] = "task"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)  # cpu | cuda | cuda:N | auto
     threads: int | None = Field(None, ge=1)
     allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)
     tensorboard: bool = False  # also log per-epoch numbers as TensorBoard event files
@@ -215,6 +216,8 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
     },
     "train": {
         "momentum": ("optimizer", ("sgd",)),
+        "milestones": ("schedule", ("step",)),
+        "gamma": ("schedule", ("step",)),
     },
 }
 

@@ -125,7 +125,7 @@ class SearchRun:
         budget, s = self.s.budget, self.s
         train = self.cfg.train.model_copy(update={
             "epochs": s.epochs or self.cfg.train.epochs, "lr": self.cfg.train.lr * s.lr_scale,
-            "schedule": s.schedule})
+            "schedule": s.schedule, "warmup_epochs": 0})
         backend = resolve_backend(SearchSettings(concurrency=s.concurrency,
                                                  backend=s.backend))
         result = run_search(
