@@ -63,7 +63,7 @@ from growth.rundir import (
     read_run_id,
 )
 from growth.runlog import EpochLog
-from growth.scenarios import head_name, labelers
+from growth.scenarios import heads, labelers
 from growth.searching import Searcher
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import evaluate, learn_task
@@ -88,7 +88,8 @@ def task_seed(seed: int, task: int) -> int:
 
 
 def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
-    """The base network with its heads: one per task, or one shared head (class scenario)."""
+    """The base network with its heads: one per task, or one shared head (class and domain
+    scenarios)."""
     from growth.search_spaces.networks import add_head, mlp, small_cnn
 
     m = cfg.model
@@ -103,11 +104,8 @@ def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
     else:
         g = small_cnn(shape, m.channels, batchnorm=m.batchnorm, activation=m.activation,
                       fc=m.fc, dropout=m.dropout)
-    if cfg.scenario == "class":
-        total = max(t.class_offset + t.n_classes for t in tasks)
-        return add_head(g, "all", total)
-    for t in tasks:
-        g = add_head(g, head_name(t), t.n_classes)
+    for name, outputs in heads(cfg.scenario, tasks).items():
+        g = add_head(g, name, outputs)
     return g
 
 

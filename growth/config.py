@@ -161,7 +161,7 @@ class SearchConfig(_Section):
 class Config(_Section):
     name: str = "run"
     seed: int = 0
-    scenario: Literal["task", "class"] = "task"
+    scenario: Literal["task", "class", "domain"] = "task"  # growth.scenarios
     device: str = Field("cpu", pattern=DEVICE_PATTERN)  # cpu | cuda | cuda:N | auto
     threads: int | None = Field(None, ge=1)
     allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)

@@ -104,7 +104,8 @@ class Context:
     train_config: TrainConfig | None = None  # the task's training settings (set by learn_task)
     workdir: Path | None = None  # a folder for this task's artefacts (REC's search), if any
     searcher: Any = None  # who runs architecture searches: a growth.searching.Searcher
-    scenario: str = "task"  # "task" (a head per task) or "class" (one head); see scenarios.py
+    scenario: str = "task"  # "task" (a head per task), "class" or "domain" (one head); see
+    # growth.scenarios
 
     def replace_graph(self, graph: NetGraph,
                       records: ChangeRecord | Iterable[ChangeRecord] | None = None) -> None:
