@@ -46,7 +46,14 @@ from growth.config import Config, dump_config, load_config
 from growth.controllers.service import SearchService
 from growth.data import Task, build_stream
 from growth.devices import resolve_device
-from growth.errors import ConfigError, DataError, GraphError, ReportError, RunDirError
+from growth.errors import (
+    ConfigError,
+    DataError,
+    GraphError,
+    ReportError,
+    RunDirError,
+    UnsupportedModuleError,
+)
 from growth.graph import NetGraph
 from growth.io import atomic_write_text
 from growth.metrics import RMatrix, make_metrics, read_metrics, size_report, write_metrics
@@ -101,12 +108,29 @@ def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
         from growth.search_spaces.zoo import torchvision_trunk
 
         g = torchvision_trunk(m.arch, shape, m.weights)
+    elif m.kind == "python":
+        g = _python_trunk(cfg, shape)
     else:
         g = small_cnn(shape, m.channels, batchnorm=m.batchnorm, activation=m.activation,
                       fc=m.fc, dropout=m.dropout)
     for name, outputs in heads(cfg.scenario, tasks).items():
         g = add_head(g, name, outputs)
     return g
+
+
+def _python_trunk(cfg: Config, shape: tuple[int, ...]) -> NetGraph:
+    """The user's `model.factory(**model.args)`, imported as the trunk."""
+    from growth.plugins import load_factory
+    from growth.search_spaces.zoo import module_trunk
+
+    m = cfg.model
+    build = load_factory(m.factory, f"{cfg.source}: model.factory")
+    try:
+        module = build(**m.args)
+    except Exception as exc:  # the user's code: any error, named with the call
+        raise ConfigError(f"{cfg.source}: model.factory: {m.factory}(**model.args) failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    return module_trunk(module, shape, m.output, f"model.factory {m.factory!r}")
 
 
 class Campaign:
@@ -132,7 +156,7 @@ class Campaign:
         torch.manual_seed(cfg.seed)  # the base network's initial weights
         try:  # a model section the data cannot feed is a config error, found before any write
             self.base = build_base_graph(cfg, self.tasks)
-        except GraphError as exc:
+        except (GraphError, UnsupportedModuleError) as exc:
             raise ConfigError(f"{cfg.source}: model: {exc} (input shape "
                               f"{self.tasks[0].input_shape})") from None
         self._base_bytes: int | None = None
