@@ -335,12 +335,15 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _ops_list(args: argparse.Namespace) -> int:
-    from growth.ops import available_operators
+    from growth.ops import available_operators, is_builtin
 
     ops = available_operators()
     width = max((len(n) for n in ops), default=0)
     for name, op in sorted(ops.items()):
-        print(f"{name.ljust(width)}  {op.description}")
+        role = f"  (search role: {op.role})" if op.role else ""
+        origin = "" if is_builtin(name) else \
+            f"  [plug-in from {getattr(op.fn, '__module__', None) or '?'}]"
+        print(f"{name.ljust(width)}  {op.description}{role}{origin}")
     return 0
 
 
