@@ -286,14 +286,17 @@ def _report(args: argparse.Namespace) -> int:
     from growth.report import write_report
 
     dirs = [Path(p) for p in args.run_dirs]
-    if all((d / "search.json").is_file() for d in dirs):  # search runs have their own report
+    searches = [d for d in dirs if (d / "search.json").is_file()]  # they have their own report
+    campaigns = [d for d in dirs if d not in searches]
+    out = Path(args.out) if args.out else None
+    if searches and campaigns:  # both kinds: each its own page, side by side in one folder
+        out = out or Path("report")
+    if searches:
         from growth.controllers.search_report import write_search_report
 
-        path = write_search_report(dirs, Path(args.out) if args.out else None)
-        print(f"report written: {path}")
-        return 0
-    path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
-    print(f"report written: {path}")
+        print(f"report written: {write_search_report(searches, out)}")
+    if campaigns:
+        print(f"report written: {write_report(campaigns, out)}")
     return 0
 
 
@@ -331,6 +334,9 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"dropped layers: {', '.join(report.dropped)}")
     for split, before in report.accuracy_before.items():
         print(f"{split} accuracy {before:.4f} -> {report.accuracy_after[split]:.4f}")
+    if len(report.tasks) > 1:  # a multi-task network: what each task keeps
+        for name, acc in report.tasks.items():
+            print(f"task {name}: test accuracy {acc['before']:.4f} -> {acc['after']:.4f}")
     return 0
 
 
