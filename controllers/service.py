@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,17 @@ class SearchService:
     """Runs searches for a campaign's strategies; holds Ray (if any search needs it) until
     `close` (or the end of a `with` block)."""
 
-    def __init__(self, log_file: Path | None = None, ray_address: str | None = None) -> None:
+    def __init__(self, log_file: Path | None = None, ray_address: str | None = None,
+                 on_start: Callable[[int, int], None] | None = None,
+                 on_child: Callable[[int, Any], None] | None = None,
+                 on_end: Callable[[int], None] | None = None) -> None:
+        """on_start(task index, children the budget allows), on_child(task index, its
+        ChildRecord) and on_end(task index): progress hooks around each search."""
         self.log_file = log_file
         self.ray_address = ray_address
+        self.on_start = on_start or (lambda task, children: None)
+        self.on_child = on_child or (lambda task, record: None)
+        self.on_end = on_end or (lambda task: None)
         self.cluster: Any = None
         self._stack = ExitStack()
 
@@ -87,7 +96,7 @@ class SearchService:
     # ---- the Searcher protocol ---------------------------------------------------------------
     def search(self, ctx: Context, request: SearchRequest) -> SearchOutcome:
         from growth.controllers import make_controller
-        from growth.controllers.driver import Budget, Resources, run_search
+        from growth.controllers.driver import Budget, Resources, SearchProgress, run_search
         from growth.controllers.trial import (
             StrategyRef,
             TaskMeta,
@@ -123,13 +132,19 @@ class SearchService:
                          scenario=ctx.scenario, seen=[TaskMeta.of(t) for t in ctx.seen],
                          device=str(ctx.device),
                          threads=max(1, int(s.cpus_per_trial)))
-        result = run_search(
-            folder, parent, controller, space, ctx.task, spec,
-            Budget(children=s.children, generations=s.generations),
-            Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial),
-            seed=ctx.seed, parent_acc=request.parent_acc, policy="best", margin=s.margin,
-            backend=resolve_backend(s), log_file=self.log_file,
-            connect=lambda: self._connect(s.ray_address))
+        index = ctx.task.index
+        self.on_start(index, s.children * s.generations)
+        try:
+            result = run_search(
+                folder, parent, controller, space, ctx.task, spec,
+                Budget(children=s.children, generations=s.generations),
+                Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial),
+                seed=ctx.seed, parent_acc=request.parent_acc, policy="best", margin=s.margin,
+                backend=resolve_backend(s), log_file=self.log_file,
+                progress=SearchProgress(on_child=lambda rec, board: self.on_child(index, rec)),
+                connect=lambda: self._connect(s.ray_address))
+        finally:
+            self.on_end(index)
         summary = {"children": len(result.records),
                    "failed": sum(1 for r in result.records if not r.ok),
                    "child_time_s": sum(r.train_time_s for r in result.records),

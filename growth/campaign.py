@@ -88,6 +88,11 @@ class Progress:
     on_task_start: Callable[[int, Task], None] = lambda i, t: None
     on_epoch: Callable[[int, int, float], None] = lambda task, epoch, loss: None
     on_task_end: Callable[[int, dict[str, Any]], None] = lambda i, m: None
+    # a strategy's architecture search within a task (REC): its children, trained apart from
+    # the task's epochs
+    on_search_start: Callable[[int, int], None] = lambda task, children: None
+    on_search_child: Callable[[int, Any], None] = lambda task, record: None
+    on_search_end: Callable[[int], None] = lambda task: None
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -251,7 +256,10 @@ class Campaign:
         try:
             if self.state.finished < len(self.tasks):
                 work = self.run_dir / WORK
-                with SearchService(log_file=work / "ray.log") as self.searcher, \
+                p = self.progress
+                with SearchService(log_file=work / "ray.log", on_start=p.on_search_start,
+                                   on_child=p.on_search_child,
+                                   on_end=p.on_search_end) as self.searcher, \
                         self.strategy.session(work):
                     for i in range(self.state.finished, len(self.tasks)):
                         self._learn(i)

@@ -267,7 +267,21 @@ def _progress(epochs: int, quiet: bool) -> Any:
         bar["t"].set_postfix(acc=f"{row[i]:.3f}", ACC=f"{metrics['acc']:.3f}")
         bar["t"].close()
 
-    return Progress(start, epoch, end)
+    def search_start(i: int, children: int) -> None:  # a bar of its own, below the epochs'
+        bar["s"] = tqdm(total=children, desc=f"task {i} search", unit="child", leave=False,
+                        dynamic_ncols=True)
+
+    def search_child(i: int, record: Any) -> None:
+        bar["s"].update(1)
+        if record.val_acc is not None:
+            bar["s"].set_postfix(val=f"{record.val_acc:.4f}")
+
+    def search_end(i: int) -> None:
+        bar.pop("s").close()
+        if bar["t"].n == 0:  # searched before any epoch: their clock starts now
+            bar["t"].reset(total=epochs)
+
+    return Progress(start, epoch, end, search_start, search_child, search_end)
 
 
 def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
