@@ -197,14 +197,17 @@ def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
 
 
 class _Best:
-    """Early stopping on the task's validation split: the best epoch's weights (and buffers)
-    are kept and put back at the end; training stops after `patience` epochs without a gain.
-    Off when patience is None or the task has no validation split."""
+    """Early stopping on the task's validation split: the best epoch's weights (and buffers;
+    the weights the fit started from count as epoch -1) are kept and put back at the end;
+    training stops after `patience` epochs without a gain. Off when patience is None or the
+    task has no validation split."""
 
     def __init__(self, ctx: Context, strategy: Hooks, patience: int | None) -> None:
         self.ctx, self.strategy, self.patience = ctx, strategy, patience
         self.on = patience is not None and len(ctx.task.val[1]) > 0
         self.acc, self.epoch, self.state = -1.0, -1, None
+        if self.on:  # the weights the fit starts from are a candidate too
+            self.stop_after(-1)
 
     def stop_after(self, epoch: int) -> bool:
         if not self.on:

@@ -46,7 +46,6 @@ from growth.errors import ConfigError, GrowthError
 from growth.metrics import read_metrics
 
 log = logging.getLogger("growth.commands.compare")
-SEARCHING = frozenset({"rec"})  # strategies whose campaigns run an architecture search
 WATCH_S = 10.0  # seconds between looks at the runs' progress while none finishes
 
 
@@ -135,11 +134,26 @@ def run_one(base: str, overrides: list[str], out: str) -> str:
 
 
 def _resources(cfg: Config) -> dict[str, Any]:
+    """A run whose children are Ray trials holds no CPU (they claim theirs); any other run,
+    a searching one whose children train in its own process included, holds its threads."""
     from growth.cluster import driver_task_options
 
-    if cfg.strategy.name in SEARCHING:
+    if _search_backend(cfg) == "ray":
         return driver_task_options()
     return {"num_cpus": cfg.threads or 1}
+
+
+def _search_backend(cfg: Config) -> str | None:
+    """The backend of the run's strategy's search (None: it does not search)."""
+    from growth.searching import SearchSettings
+    from growth.strategies import make_strategy
+
+    params = make_strategy(cfg.strategy.name, cfg.strategy.settings()).params
+    for key in type(params).model_fields:
+        value = getattr(params, key)
+        if isinstance(value, SearchSettings) and value.enabled:
+            return value.backend
+    return None
 
 
 def run_compare(path: str | Path, out: str | Path | None = None,
