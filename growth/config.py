@@ -167,7 +167,7 @@ class SearchConfig(_Section):
 
     task: int = Field(0, ge=0)  # index of the stream's task to search on
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    space: dict[str, Any] = Field(default_factory=dict)  # checked by growth.search_spaces.make_space
+    space: dict[str, Any] = Field(default_factory=dict)  # see growth.search_spaces.make_space
     children: int = Field(4, ge=1)  # children per generation
     parent: Literal["best", "fixed"] = "best"  # the next generation grows the best so far
     base_epochs: int | None = Field(None, ge=0)  # training of the base (default train.epochs)

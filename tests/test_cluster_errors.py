@@ -78,9 +78,10 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
 
 def _join(address: str, env: dict[str, str], version: str | None = None) -> str:
     """Join through growth.cluster in a fresh interpreter; its one line of outcome."""
+    patch = f"ray.__version__ = {version!r}" if version else ""
     code = textwrap.dedent(f"""
         import ray
-        {"ray.__version__ = %r" % version if version else ""}
+        {patch}
         from growth.cluster import ray_cluster
         from growth.errors import ConfigError
         try:

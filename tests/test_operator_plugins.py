@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from growth.controllers import make_controller
+from growth.search_spaces.networks import add_head, mlp, small_cnn
+from growth.search_spaces.space import SearchSpace, make_space
 from runfiles import EXAMPLE_PLUGIN, install_example, write_config
 
 from growth.campaign import Campaign
 from growth.cli import main
 from growth.compile import compile_graph
 from growth.config import load_config
-from growth.controllers import make_controller
 from growth.errors import ConfigError
 from growth.ops import get_operator
-from growth.search_spaces.networks import add_head, mlp, small_cnn
-from growth.search_spaces.space import SearchSpace, make_space
 from growth.strategies import Strategy, register
 
 EXAMPLE = EXAMPLE_PLUGIN.parent / "operator_plugin"

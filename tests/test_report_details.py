@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from growth.controllers.search_report import describe_actions, short_arch
 from runfiles import write_config
 
 from growth.cli import main
-from growth.controllers.search_report import describe_actions, short_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 

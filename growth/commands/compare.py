@@ -286,7 +286,8 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]]) -> str:
     head = "| strategy | runs | " + " | ".join(c[0] for c in COLUMNS) + " |"
     lines = [f"# {plan.config.name}", "",
              f"Base config `{plan.config.base}`, seeds {plan.config.seeds}; mean ± sample std "
-             "over seeds (one run: its value). Size: final model's parameters (trunk, heads, adapters) over the base "
+             "over seeds (one run: its value). Size: final model's parameters (trunk, heads, "
+             "adapters) over the base "
              "network's; bytes: stored bytes (masks and owner indices included) over the "
              "base's. Children: networks trained by a search, with their training time.", "",
              head, "|" + "---|" * (len(COLUMNS) + 2)]

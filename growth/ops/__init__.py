@@ -49,7 +49,8 @@ register(Operator("remove_layer", "drop a one-input, shape-preserving layer and 
                   "consumers to its input (undoes Net2Deeper)", remove_layer))
 
 __all__ = [
-    "MAX_NEW_PARAMS", "NOISE_BOUND", "ROLES", "ChangeRecord", "ChannelGroup", "OpResult", "Operator",
+    "MAX_NEW_PARAMS", "NOISE_BOUND", "ROLES", "ChangeRecord", "ChannelGroup", "OpResult",
+    "Operator",
     "add_column", "apply_index", "available_operators", "deepenable", "deepening_cost",
     "feature_axes", "find_group", "freeze", "get_operator", "is_builtin", "net2deeper", "net2wider",
     "not_resizable", "prune_units", "register", "remove_layer", "resizable", "widen_private",
