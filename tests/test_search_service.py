@@ -363,3 +363,53 @@ def test_a_private_expansion_trains_new_units_and_leaves_the_old_heads_where_the
         after = compile_graph(child).eval()(x)
         assert torch.allclose(after["t0"], before["t0"], rtol=0, atol=1e-6), r.key  # still
         assert float((after["t1"] - before["t1"]).abs().max()) > 1e-3, r.key  # it learned
+
+
+class Scored:
+    """A controller that proposes fixed children and records what it observes; the
+    children's accuracies come from training, so the test reads which one was best."""
+
+    name = "scored"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.parents = inner, []
+
+    def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+        self.parents.append(parent.to_dict())
+        return self.inner.propose(parent, n, exclude)
+
+    def observe(self, results: Any) -> None:
+        self.inner.observe(results)
+
+    def state_dict(self) -> Any:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, tensors: Any, extra: Any) -> None:
+        self.inner.load_state_dict(tensors, extra)
+
+
+def test_the_next_generation_grows_from_the_best_child_not_another(tmp_path: Path) -> None:
+    """Generation 1's parent is generation 0's child with the highest validation accuracy
+    (read from the records, independently of the driver's choice), and the controller was
+    asked for children of exactly that network."""
+    from growth.controllers import make_controller
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.trial import TrialSpec
+    from searchkit import digits_task, small_space, trained_base
+
+    task = digits_task()
+    base, acc = trained_base(task, tmp_path / "base", hidden=(16,), epochs=1)
+    space = small_space(base, exact=False)
+    controller = Scored(make_controller("random", space, {"wider_actions": 2,
+                                                          "deeper_actions": 1}, seed=4))
+    result = run_search(tmp_path / "s", tmp_path / "base", controller, space, task,
+                        TrialSpec(train=TrainConfig(epochs=2, lr=0.05)),
+                        Budget(children=3, generations=2), seed=4, parent_acc=0.0,
+                        backend="local")
+    first = [r for r in result.records if r.generation == 0 and r.ok]
+    best = max(first, key=lambda r: (r.val_acc, -r.params))
+    worst = min(first, key=lambda r: r.val_acc)
+    assert best.val_acc > worst.val_acc  # a real choice was made
+    state = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert state["parents"]["1"]["parent"] == str(tmp_path / "s" / best.checkpoint)
+    assert controller.parents[1] == NetGraph.load(tmp_path / "s" / best.checkpoint).to_dict()
