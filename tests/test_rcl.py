@@ -30,6 +30,7 @@ from rivalkit import (
 from growth.campaign import Campaign, resume_run
 from growth.checkpoint import latest_checkpoint, read_checkpoint
 from growth.config import load_config, validate_config
+from growth.data import build_stream
 from growth.errors import ConfigError
 from growth.graph import NetGraph
 from growth.model import Model
@@ -37,7 +38,7 @@ from growth.ops import widen_private
 from growth.rundir import read_run_id
 from growth.strategies import Context, make_strategy
 from growth.strategies.rcl import cut_to, layer_widths
-from growth.train import learn_task
+from growth.train import evaluate, learn_task
 
 SEARCH = {"backend": "local", "children": 2, "generations": 2, "epochs": 2,
           "controller_params": {"counts": [0, 3, 6], "hidden": 16}}
@@ -141,17 +142,31 @@ def test_cut_to_gives_back_the_network_before_private_widening() -> None:
 
 
 def test_a_child_must_beat_the_network_trained_as_long_as_a_child(tmp_path: Path) -> None:
-    """With the margin at 1 no child is kept: the network stays (its widths), the head alone
-    trained on; the choice follows child_reward > zero_acc + margin."""
-    m = Campaign(load_config(write_config(
-        tmp_path / "c.yaml", {"name": "rcl", "search": {**SEARCH, "margin": 1.0}},
-        train=TRAIN)), tmp_path / "r").start()
+    """With the margin at 1 no child is kept: the network stays (its widths), its head trained
+    on as a child trains (so it differs from the head `search: off` leaves, and its validation
+    accuracy is the zero_acc it was compared by); the choice follows child_reward > zero_acc +
+    margin."""
+    runs = {}
+    for name, search in (("kept", {**SEARCH, "margin": 1.0}), ("off", "off")):
+        cfg = write_config(tmp_path / f"{name}.yaml", {"name": "rcl", "search": search},
+                           train=TRAIN)
+        runs[name] = (Campaign(load_config(cfg), tmp_path / name).start(), load_config(cfg))
+    m, cfg = runs["kept"]
     details = m["details"]["rcl"]
+    tasks = build_stream({**cfg.data.model_dump(), "seed": cfg.seed})
     for t in ("1", "2"):
         d = details[t]
         assert d["expansion"] == "parent" and d["reward"] == d["zero_acc"]
         assert d["widths"] == details["0"]["widths"]
         assert d["child_reward"] is not None and d["children"] == 4
+        graphs = {k: NetGraph.load(tmp_path / k / "checkpoints" / f"task_00{t}" / "graph")
+                  for k in runs}
+        head = f"head_t{t}.weight"
+        assert not torch.equal(graphs["kept"].named_tensors()[head],
+                               graphs["off"].named_tensors()[head])
+        ctx = Context(Model(graphs["kept"]), tasks[int(t)], [], lambda k: f"t{k.index}",
+                      lambda k, y: y, torch.device("cpu"))
+        assert evaluate(ctx, tasks[int(t)], "val") == d["zero_acc"]
     assert m["search"]["parent_kept"] == 2 and m["search"]["searches"] == 2
     assert [s["params"] for s in m["sizes"]] == [m["sizes"][0]["params"]] * 3
 

@@ -96,11 +96,24 @@ def test_reward_is_accuracy_less_alpha_times_the_relative_added_parameters() -> 
             assert c.reward(p, 0.8) == pytest.approx(0.8 - alpha * added, rel=1e-12)
 
 
-def test_actor_loss_and_its_gradient_match_a_hand_computation() -> None:
-    g = randomize(add_head(small_cnn((1, 8, 8), [3, 4], fc=(6,)), "t0", 3), 1)
-    c = _rcl(g, seed=2, hidden=8, embedding_dim=4)
+@pytest.mark.parametrize("net", ["cnn", "limited mlp"])
+def test_actor_loss_and_its_gradient_match_a_hand_computation(net: str) -> None:
+    """A CNN (pools: layers without a decision) and an MLP whose parameter limit masks a
+    count (the softmax renormalised over the rest)."""
+    if net == "cnn":
+        g = randomize(add_head(small_cnn((1, 8, 8), [3, 4], fc=(6,)), "t0", 3), 1)
+        c = _rcl(g, seed=2, hidden=8, embedding_dim=4)
+        decided = 3
+    else:
+        g = _mlp()
+        c = _rcl(g, {"max_params": g.param_count() + 27}, seed=2, hidden=8, embedding_dim=4)
+        decided = 2
     proposals = c.propose(g, 3)
-    assert all(sum(k is not None for k in p.decisions["choices"]) == 3 for p in proposals)
+    assert len(proposals) == 3
+    assert all(sum(k is not None for k in p.decisions["choices"]) == decided
+               for p in proposals)
+    if net != "cnn":  # fc1 + 3 units (42) is over the limit: fc1 chooses between 0 and 1
+        assert all(p.decisions["masks"][0] == [1, 1, 0] for p in proposals)
     for p in proposals:  # what each child was sampled with, and what the loss scores it by
         want = _hand_log_prob(c, p.decisions)
         assert p.decisions["logp"] == pytest.approx(want, abs=1e-5)
@@ -263,3 +276,36 @@ def test_a_score_is_accuracy_less_cost_times_the_relative_added_parameters() -> 
     assert score(0.9, 1200, 1000, 0.5) == pytest.approx(0.9 - 0.5 * 0.2)
     assert score(0.9, 1200, 1000, 0.0) == 0.9  # no cost: the accuracy, whatever the sizes
     assert score(0.9, 1000, 1000, 2.0) == 0.9
+
+
+def test_a_fixed_search_grows_every_child_from_its_first_parent_and_picks_the_best_score(
+        tmp_path) -> None:
+    """Two generations of three children from the same parent (lineage of one step each);
+    the result is the child with the best accuracy - cost x added / the parent's parameters,
+    computed here from the records, not the most accurate one."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.trial import TrialSpec
+    from searchkit import digits_task, trained_base
+
+    from growth.train import TrainConfig
+
+    task = digits_task()
+    base, acc = trained_base(task, tmp_path / "base", hidden=(16, 12), epochs=1)
+    space = make_space({"widths": {"fc": [16, 24, 32, 48, 64]}, "private": True}, base)
+    controller = make_controller("rcl", space, {"counts": [0, 4, 16, 48]}, seed=0)
+    cost = 0.3
+    result = run_search(tmp_path / "s", tmp_path / "base", controller, space, task,
+                        TrialSpec(train=TrainConfig(epochs=1, lr=0.05)),
+                        Budget(children=3, generations=2), seed=0, policy="fixed", cost=cost,
+                        backend="local")
+    ok = [r for r in result.records if r.ok]
+    assert len(ok) == 6 and all(len(r.lineage) == 1 for r in ok)
+    size = base.param_count()
+    best = max(ok, key=lambda r: r.val_acc - cost * (r.params - size) / size)
+    assert result.parent.name == best.key and result.lineage == best.lineage
+    assert best.key != max(ok, key=lambda r: r.val_acc).key  # the cost changed the choice
+    again = run_search(tmp_path / "s2", tmp_path / "base", make_controller(
+        "rcl", space, {"counts": [0, 4, 16, 48]}, seed=0), space, task,
+        TrialSpec(train=TrainConfig(epochs=1, lr=0.05)), Budget(children=3, generations=2),
+        seed=0, policy="fixed", cost=cost, parent_acc=2.0, backend="local")
+    assert not again.replaced  # no child beats a parent scored above any accuracy
