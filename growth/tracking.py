@@ -11,8 +11,9 @@ fan-out, `Tracking`, which names the numbers the same way for every tracker:
   size/KEY                                 the sizes entry after task T (params, relative, ...)
 
 The numbers after task T are logged at step (T + 1) * epochs - 1, the task's last epoch. The
-config is logged as params (dotted keys). When a run finishes, MLflow and W&B receive its files
-(config.yaml, metrics.json, metrics.csv, epochs.csv, log.txt and report/) as artifacts.
+config is logged as params (dotted keys; W&B: nested, the run's config). When a run
+finishes, MLflow and W&B receive its files (config.yaml, metrics.json, metrics.csv,
+epochs.csv, log.txt and report/) as artifacts.
 
 A resume continues the same tracked run: TensorBoard drops the events at or after the step it
 starts from; MLflow's run id is kept in RUNDIR/tracking.json; W&B's run id is the run's own
@@ -48,8 +49,8 @@ MAX_PARAM_CHARS = 500  # MLflow's smallest limit on a param's value across its v
 class Tracker(Protocol):
     """One experiment tracker's side of a run."""
 
-    def params(self, params: dict[str, str]) -> None:
-        """The run's settings, flat (dotted keys), once."""
+    def params(self, config: dict[str, Any]) -> None:
+        """The run's settings (the resolved config, nested) at its start."""
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         """Scalars at one step."""
@@ -73,8 +74,8 @@ class Tracking:
         return bool(self.trackers)
 
     def params(self, config: dict[str, Any]) -> None:
-        flat = flatten({k: v for k, v in config.items() if k != "tracking"})
-        self._each("params", lambda t: t.params(flat))
+        config = {k: v for k, v in config.items() if k != "tracking"}
+        self._each("params", lambda t: t.params(config))
 
     def epoch(self, task: int, epoch: int, loss: float, val: float) -> None:
         values = {f"train_loss/task_{task}": float(loss)}
@@ -153,8 +154,8 @@ class TensorBoardTracker:
         # purge_step drops events a killed run wrote at or after the step this run starts from
         self.writer = SummaryWriter(str(folder), purge_step=start_step or None)
 
-    def params(self, params: dict[str, str]) -> None:
-        table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
+    def params(self, config: dict[str, Any]) -> None:
+        table = "\n".join(f"| {k} | {v} |" for k, v in flatten(config).items())
         self.writer.add_text("config", f"| key | value |\n|---|---|\n{table}", 0)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -179,9 +180,12 @@ class MLflowTracker:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise _missing("mlflow") from None
-        self.client = MlflowClient(tracking_uri=settings.uri)
         self.state = run_dir / STATE
+        if (settings.uri or "").startswith("file:"):
+            # MLflow 3 refuses its file store unless asked; a `file:` URI is that request
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         try:
+            self.client = MlflowClient(tracking_uri=settings.uri)
             self.run_id = self._continue() or self._create(settings, name)
         except Exception as exc:  # noqa: BLE001 (a store that cannot be reached or written)
             raise ConfigError(f"tracking.mlflow: cannot start an MLflow run at "
@@ -211,10 +215,10 @@ class MLflowTracker:
         _write_state(self.state, "mlflow", run.info.run_id)
         return run.info.run_id
 
-    def params(self, params: dict[str, str]) -> None:
+    def params(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        items = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in flatten(config).items()]
         have = self.client.get_run(self.run_id).data.params
         items = [p for p in items if p.key not in have]  # params cannot be rewritten
         for i in range(0, len(items), 100):  # MLflow takes up to 100 params per batch
@@ -264,8 +268,8 @@ class WandbTracker:
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
-    def params(self, params: dict[str, str]) -> None:
-        self.run.config.update(params, allow_val_change=True)
+    def params(self, config: dict[str, Any]) -> None:
+        self.run.config.update(config, allow_val_change=True)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         self.run.log({**values, "step": step})
