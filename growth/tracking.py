@@ -181,9 +181,7 @@ class MLflowTracker:
         except ImportError:
             raise _missing("mlflow") from None
         self.state = run_dir / STATE
-        if (settings.uri or "").startswith("file:"):
-            # MLflow 3 refuses its file store unless asked; a `file:` URI is that request
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        allow_file_store(settings.uri)
         try:
             self.client = MlflowClient(tracking_uri=settings.uri)
             self.run_id = self._continue() or self._create(settings, name)
@@ -285,6 +283,13 @@ class WandbTracker:
 
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
+
+
+def allow_file_store(uri: str | None) -> None:
+    """MLflow 3 refuses its file store unless asked (MLFLOW_ALLOW_FILE_STORE); a `file:` URI
+    is that request."""
+    if (uri or "").startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 # ---- helpers -----------------------------------------------------------------------------------

@@ -286,3 +286,63 @@ def test_a_resume_may_switch_trackers_on_with_the_old_key(tmp_path: Path) -> Non
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss/task_2")] == [4, 5]
     assert "train_loss/task_1" not in events.Tags()["scalars"]
+
+
+# ---- growth search -----------------------------------------------------------------------------
+def tracked_search_config(tmp_path: Path, uri: str, **search: object) -> Path:
+    import yaml
+    from searchkit import search_config
+
+    path = search_config(tmp_path, children=2, budget={"generations": 1}, base_epochs=1,
+                         epochs=1, **search)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["tracking"] = {"mlflow": {"uri": uri, "experiment": "search"}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_search_is_one_tracked_run_with_its_children(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from growth.commands.search import search_config as run_search_config
+
+    uri = (tmp_path / "mlruns").as_uri()
+    out = tmp_path / "run"
+    summary = run_search_config(tracked_search_config(tmp_path, uri, backend="local"), out)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    assert run.info.status == "FINISHED"
+    children = [json.loads(line) for line in (out / "children.jsonl").read_text().splitlines()]
+    hist = client.get_metric_history(run.info.run_id, "child/val_accuracy")
+    assert [m.step for m in hist] == [1, 2]
+    assert [m.value for m in hist] == pytest.approx([c["val_acc"] for c in children])
+    best = client.get_metric_history(run.info.run_id, "best/val_accuracy")
+    assert [m.value for m in best] == pytest.approx(
+        [children[0]["val_acc"], max(c["val_acc"] for c in children)])
+    final = run.data.metrics
+    assert final["best/val_acc"] == pytest.approx(summary["best"]["val_acc"])
+    assert final["base/test_acc"] == pytest.approx(summary["base"]["test_acc"])
+    assert final["trials"] == 2
+    assert run.data.params["search.children"] == "2"
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"search_metrics.json", "leaderboard.json", "config.yaml", "report"} <= files
+
+
+@pytest.mark.slow
+def test_ray_tune_logs_each_child_to_mlflow(tmp_path: Path, ray_session: Any) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from growth.commands.search import search_config as run_search_config
+
+    uri = (tmp_path / "mlruns").as_uri()
+    out = tmp_path / "run"
+    run_search_config(tracked_search_config(tmp_path, uri, backend="ray"), out)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("growth.search") == "s"]
+    assert len(runs) == 3 and len(trials) == 2  # the search's own run and one per child
+    children = {json.loads(line)["val_acc"]
+                for line in (out / "children.jsonl").read_text().splitlines()}
+    assert {r.data.metrics["val_acc"] for r in trials} == pytest.approx(children)
