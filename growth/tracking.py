@@ -106,20 +106,16 @@ class Tracking:
         self._each("artifacts", lambda t: t.artifacts(run_dir, files))
 
     def close(self, ok: bool = True) -> None:
-        for name in list(self.trackers):
-            self._each("close", lambda t: t.close(ok), only=name)
+        self._each("close", lambda t: t.close(ok))
         self.trackers.clear()
 
-    def _each(self, what: str, call: Callable[[Tracker], None], only: str | None = None
-              ) -> None:
+    def _each(self, what: str, call: Callable[[Tracker], None]) -> None:
         for name, tracker in list(self.trackers.items()):
-            if only is not None and name != only:
-                continue
             try:
                 call(tracker)
             except Exception as exc:  # noqa: BLE001 (tracking never stops a run)
-                log.warning("tracking: %s failed (%s: %s); it is switched off for the rest of "
-                            "the run", name, type(exc).__name__, exc)
+                log.warning("tracking: %s failed at %s (%s: %s); it is switched off for the "
+                            "rest of the run", name, what, type(exc).__name__, exc)
                 self.trackers.pop(name, None)
 
 
@@ -252,6 +248,10 @@ class WandbTracker:
         except ImportError:
             raise _missing("wandb") from None
         self.wandb = wandb
+        if settings.mode == "online" and not wandb.login(prompt=False):
+            raise ConfigError("tracking.wandb: mode online needs a W&B login (`wandb login`, or "
+                              "WANDB_API_KEY); or set tracking.wandb.mode: offline and `wandb "
+                              "sync` the run later")
         folder = Path(settings.dir or os.environ.get("WANDB_DIR") or run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         try:

@@ -111,7 +111,8 @@ def test_names_and_steps_of_epochs_and_tasks(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.WARNING, "growth.tracking"):
         tracking.epoch(1, 0, 0.5, float("nan"))  # no validation split: no val_accuracy
         tracking.epoch(1, 1, 0.25, 0.75)
-    assert "bad failed (OSError: disk full)" in caplog.text and "bad" not in tracking.trackers
+    assert "bad failed at metrics (OSError: disk full)" in caplog.text
+    assert "bad" not in tracking.trackers
     R = [[0.1, 0.2, 0.3], [0.8, 0.2, 0.1], [0.6, 0.9, 0.4]]
     tracking.task_done(1, {"R": R, "acc": 0.75, "bwt": -0.2, "fwt": float("nan"),
                            "sizes": [{"task": 0, "params": 10}, {"task": 1, "params": 12,
@@ -227,6 +228,18 @@ def wandb_records(path: Path) -> list[Any]:
     return out
 
 
+def test_wandb_online_without_a_login_is_a_config_error(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    settings = TrackingConfig.model_validate({"wandb": {"project": "p"}})
+    with pytest.raises(ConfigError, match="mode online needs a W&B login.*mode: offline"):
+        open_tracking(settings, tmp_path / "run", "abc", "tiny", 2)
+    assert not (tmp_path / "run").exists()
+
+
 def test_wandb_offline_run_holds_the_metrics(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb")
@@ -330,19 +343,41 @@ def test_a_search_is_one_tracked_run_with_its_children(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ray_tune_logs_each_child_to_mlflow(tmp_path: Path, ray_session: Any) -> None:
+def test_ray_tune_logs_each_child_to_mlflow_and_wandb(tmp_path: Path, ray_session: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
     pytest.importorskip("mlflow")
+    wandb = pytest.importorskip("wandb")
     from mlflow.tracking import MlflowClient
 
     from growth.commands.search import search_config as run_search_config
 
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # restored after the test
+    monkeypatch.setenv("WANDB_SILENT", "true")
     uri = (tmp_path / "mlruns").as_uri()
+    path = tracked_search_config(tmp_path, uri, backend="ray")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["tracking"]["wandb"] = {"mode": "offline", "dir": str(tmp_path / "wb")}
+    path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
-    run_search_config(tracked_search_config(tmp_path, uri, backend="ray"), out)
+    run_search_config(path, out)
+    wandb.teardown()
+    children = sorted(json.loads(line)["val_acc"]
+                      for line in (out / "children.jsonl").read_text().splitlines())
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
     trials = [r for r in runs if r.data.tags.get("growth.search") == "s"]
     assert len(runs) == 3 and len(trials) == 2  # the search's own run and one per child
-    children = sorted(json.loads(line)["val_acc"]
-                      for line in (out / "children.jsonl").read_text().splitlines())
     assert sorted(r.data.metrics["val_acc"] for r in trials) == pytest.approx(children)
+    # W&B: the search's run (its id the run's own) and one offline run per child
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    files = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 3 and sum(run_id in f.name for f in files) == 1
+    logged = []
+    for f in files:
+        if run_id not in f.name:
+            logged += [json.loads(i.value_json) for r in wandb_records(f)
+                       if r.WhichOneof("record_type") == "history" for i in r.history.item
+                       if (i.key or "/".join(i.nested_key)) == "val_acc"]
+    assert sorted(logged) == pytest.approx(children)
