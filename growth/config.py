@@ -152,6 +152,13 @@ class SearchConfig(_Section):
     storage: str | None = None  # Tune storage: a shared path or URI for multi-node clusters
 
 
+class CheckpointsConfig(_Section):
+    """Which checkpoints a run keeps (growth.checkpoint). Retention changes no result, so a
+    resume may change it."""
+
+    keep: int | None = Field(None, ge=1)  # newest checkpoints kept (None: every task's)
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -165,6 +172,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     search: SearchConfig | None = None  # architecture search (`growth search`)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     _source: str = PrivateAttr("<config>")
 
     @property

@@ -24,7 +24,8 @@ from growth.errors import ReportError
 from growth.metrics import as_matrix, finished_tasks, read_metrics, summarize
 from growth.rundir import check_writable_dir
 
-IGNORED_KEYS = ("seed", "name", "threads")  # config keys that do not make runs different
+# config keys that do not make runs different
+IGNORED_KEYS = ("seed", "name", "threads", "checkpoints")
 
 
 @dataclass

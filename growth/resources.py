@@ -1,0 +1,53 @@
+"""What a run costs the machine: peak resident memory per task, and bytes on disk.
+
+Peak memory is the process's high-water mark of resident memory (Linux: VmHWM in
+/proc/self/status, which `reset_peak_rss` sets back to the current resident size through
+/proc/self/clear_refs, so each task gets its own peak). Where that reset is not available the
+peak is the process's since it started (getrusage), and `reset_peak_rss` returns False.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak from the current resident memory; False where the system cannot."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since the last reset (or since it started)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes a file or a folder's files take on disk (allocated blocks, as `du` counts)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    total = 0
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:  # removed while counting
+            continue
+        total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+    return total
