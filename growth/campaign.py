@@ -29,6 +29,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ from growth.resources import disk_bytes, peak_rss_bytes, reset_peak_rss
 from growth.rundir import (
     CHECKPOINTS,
     CONFIG,
+    LOCK,
     RunLock,
     check_run_dir,
     check_writable_dir,
@@ -313,6 +315,9 @@ class Campaign:
         self.state.sizes.append({"task": i, **self._size(), **self._memory(),
                                  "peak_rss_bytes": peak_rss_bytes()})
         self.save_checkpoint(i)
+        gc.collect()  # the task's garbage in reference cycles (its context, optimizer, graph
+        # copies): freed now, not whenever Python's collector next runs, so memory does not
+        # build up over a long stream
         metrics = self.metrics()
         write_metrics(self.run_dir, metrics)
         log.info("task %d done in %.1fs, final loss %.4f; R[%d] = %s; ACC so far %.4f", i,
@@ -381,13 +386,13 @@ class Campaign:
         return metrics
 
     def _storage(self) -> dict[str, int]:
-        """What the run takes on disk: all of it but the metrics files (being rewritten), its
-        newest checkpoint (folder and the tensor files it names), the checkpoints kept and the
-        tensor files."""
+        """What the run takes on disk: all of it but the files being rewritten (metrics, the
+        lock), its newest checkpoint (folder and the tensor files it names), the checkpoints
+        kept and the tensor files."""
         folders = checkpoint_folders(self.run_dir)
         newest = folders[max(folders)] if folders else None
-        metrics = sum(disk_bytes(self.run_dir / n) for n in (METRICS_JSON, METRICS_CSV))
-        return {"run_bytes": disk_bytes(self.run_dir) - metrics,
+        busy = sum(disk_bytes(self.run_dir / n) for n in (METRICS_JSON, METRICS_CSV, LOCK))
+        return {"run_bytes": disk_bytes(self.run_dir) - busy,
                 "checkpoint_bytes": checkpoint_bytes(newest) if newest else 0,
                 "checkpoints": len(folders),
                 "tensor_files": len(tensor_store(self.run_dir).files())}

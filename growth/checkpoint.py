@@ -214,10 +214,9 @@ def _named_digests(path: Path) -> set[str] | None:
 
 def checkpoint_bytes(path: Path) -> int:
     """Bytes on disk of one checkpoint: its folder and the tensor files it names."""
-    files = [p for p in Path(path).rglob("*") if p.is_file()]
     digests = _named_digests(Path(path) / "manifest.json") or set()
     store = tensor_store(Path(path).parent.parent)
-    return sum(disk_bytes(p) for p in [*files, *(store.path(d) for d in digests)])
+    return disk_bytes(path) + sum(disk_bytes(store.path(d)) for d in digests)
 
 
 # ---- reading --------------------------------------------------------------------------------

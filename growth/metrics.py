@@ -374,8 +374,9 @@ def _json_type(value: Any) -> str:
 
 
 def _check_entries(path: Path, data: dict) -> None:
-    """sizes: a list of objects of numbers (or null); wall_time_s: a list of numbers; search: an
-    object whose counts are numbers. Each may be absent or null (nothing recorded)."""
+    """sizes: a list of objects of numbers (or null); wall_time_s: a list of numbers; storage:
+    an object of numbers; search: an object whose counts are numbers. Each may be absent or
+    null (nothing recorded)."""
     sizes = data.get("sizes")
     if sizes is not None:
         _expect(path, "'sizes' (one object per finished task)", sizes, list)
@@ -391,6 +392,13 @@ def _check_entries(path: Path, data: dict) -> None:
         for k, v in enumerate(wall):
             if not _is_number(v):
                 raise ReportError(f"{path}: 'wall_time_s'[{k}] must be a number of seconds, "
+                                  f"got {_json_type(v)}")
+    storage = data.get("storage")
+    if storage is not None:
+        _expect(path, "'storage' (the run's bytes on disk)", storage, dict)
+        for key, v in storage.items():
+            if v is not None and not _is_number(v):
+                raise ReportError(f"{path}: 'storage'[{key!r}] must be a number or null, "
                                   f"got {_json_type(v)}")
     search = data.get("search")
     if search is not None:

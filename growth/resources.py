@@ -38,15 +38,15 @@ def peak_rss_bytes() -> int:
 
 
 def disk_bytes(path: Path) -> int:
-    """Bytes a file or a folder's files take on disk (allocated blocks, as `du` counts)."""
+    """Bytes a file, or a folder with everything in it, takes on disk: allocated blocks, as
+    `du` counts them (folders' own blocks included)."""
     path = Path(path)
     if not path.exists():
         return 0
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     total = 0
-    for p in files:
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
         try:
-            st = p.stat()
+            st = p.lstat()
         except OSError:  # removed while counting
             continue
         total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size

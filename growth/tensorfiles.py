@@ -124,11 +124,12 @@ class TensorStore:
         return self.folder / f"{digest}{SUFFIX}"
 
     def digest_of(self, path: Path) -> str | None:
-        """The digest a file of this store is named by, or None for a file elsewhere."""
+        """The digest a file of this store is named by, or None for a file elsewhere (a
+        folder spelt another way counts as elsewhere: its tensors are then stored again,
+        under the same content-addressed names)."""
         path = Path(path)
         stem = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else ""
-        same = path.parent.resolve() == self.folder.resolve()
-        return stem if same and _DIGEST.match(stem) else None
+        return stem if path.parent == self.folder and _DIGEST.match(stem) else None
 
     def save(self, tensors: Mapping[str, Tensor]) -> dict[str, str]:
         """Store every entry; return its file's digest per key.
