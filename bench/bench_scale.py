@@ -9,7 +9,7 @@ of 8k). Every checkpoint is kept (`checkpoints.keep` unset). Measured per task, 
 itself: the run directory's bytes on disk after the task (as `du` counts them), the time of
 the checkpoint step (`Campaign.save_checkpoint`: writing the checkpoint and its new tensor
 files, handing the strategy references to them, retention), and the process's peak resident
-memory during the task (`sizes[k].peak_rss_bytes` in metrics.json).
+memory during the task (`peak_rss_bytes[k]` in metrics.json).
 
 Per strategy:
   D = run disk after the last task / (T x the first checkpoint's bytes: its folder and the
@@ -47,7 +47,7 @@ def config(strategy: str, tasks: int) -> dict:
             "data": {"dataset": "digits", "stream": "permuted", "n_tasks": tasks,
                      "max_train_per_task": TRAIN},
             "model": {"kind": "mlp", "hidden": HIDDEN},
-            "train": {"epochs": 1, "batch_size": 32, "lr": 0.01},
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
             "strategy": {"name": strategy}}
 
 
@@ -86,7 +86,7 @@ def run_one(strategy: str, tasks: int, out: Path) -> dict:
     unshared = sum(checkpoint_bytes(f) for f in folders)
     params = sum(int(s["params"]) for s in metrics["sizes"][-1:])
     return {"strategy": strategy, "tasks": tasks, "params": params, "disk": disk,
-            "ckpt_s": ckpt_s, "rss": [s["peak_rss_bytes"] for s in metrics["sizes"]],
+            "ckpt_s": ckpt_s, "rss": metrics["peak_rss_bytes"],
             "first_ckpt": first[0], "unshared": unshared, "wall_s": wall,
             "storage": metrics["storage"], "acc": metrics["acc"]}
 

@@ -312,8 +312,8 @@ class Campaign:
         for j, other in enumerate(self.tasks):
             self.state.R.record(i + 1, j, evaluate(ctx, other, strategy=self.strategy))
         self.state.wall_time_s.append(wall)
-        self.state.sizes.append({"task": i, **self._size(), **self._memory(),
-                                 "peak_rss_bytes": peak_rss_bytes()})
+        self.state.sizes.append({"task": i, **self._size(), **self._memory()})
+        self.state.peak_rss_bytes.append(peak_rss_bytes())
         self.save_checkpoint(i)
         gc.collect()  # the task's garbage in reference cycles (its context, optimizer, graph
         # copies): freed now, not whenever Python's collector next runs, so memory does not
@@ -379,6 +379,7 @@ class Campaign:
         report = self.strategy.run_report()
         metrics = make_metrics(run, [t.name for t in self.tasks], self.state.R,
                                self.state.sizes, self.state.wall_time_s,
+                               peak_rss_bytes=self.state.peak_rss_bytes,
                                search=report.get("search"), config=self.state.config)
         if report.get("details"):
             metrics["details"] = report["details"]

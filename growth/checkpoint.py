@@ -75,6 +75,7 @@ class CampaignState:
     wall_time_s: list[float] = field(default_factory=list)
     base_params: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # resolved config the run began with
+    peak_rss_bytes: list[int | None] = field(default_factory=list)  # per task, measured
 
     @property
     def finished(self) -> int:
@@ -151,6 +152,7 @@ def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strate
     campaign = {"format": "growth.campaign-state", "version": STATE_VERSION, "run_id": run_id,
                 "task": task, "strategy": strategy.name, "R": state.R.to_list(),
                 "sizes": state.sizes, "wall_time_s": state.wall_time_s,
+                "peak_rss_bytes": state.peak_rss_bytes,
                 "base_params": state.base_params, "config": state.config,
                 "strategy_extra": extra}
     (tmp / "state.json").write_text(json.dumps(campaign, indent=1, allow_nan=False),
@@ -240,6 +242,7 @@ class _State(BaseModel):
     R: list[list[float | None]]
     sizes: list[dict[StrictStr, float | int | None]]
     wall_time_s: list[float]
+    peak_rss_bytes: list[StrictInt | None] | None = None  # absent before it was measured
     base_params: StrictInt
     config: dict[str, Any]
     strategy_extra: dict[str, Any]
@@ -386,12 +389,16 @@ def _read_state(path: Path, run_id: str, task: int, n_tasks: int, strategy: str
             raise bad(f"R[{i}] holds an accuracy outside [0, 1]")
     if len(s.wall_time_s) != finished or any(not w >= 0 for w in s.wall_time_s):
         raise bad(f"wall_time_s must be {finished} non-negative seconds, one per finished task")
+    peak = [None] * finished if s.peak_rss_bytes is None else s.peak_rss_bytes
+    if len(peak) != finished or any(b is not None and b < 0 for b in peak):
+        raise bad(f"peak_rss_bytes must be {finished} byte counts (or null), one per finished "
+                  "task")
     if len(s.sizes) != finished or any(z.get("task") != k for k, z in enumerate(s.sizes)):
         raise bad(f"sizes must be {finished} entries with task 0..{task}")
     if s.base_params < 1:
         raise bad(f"base_params must be positive, got {s.base_params}")
     state = CampaignState(RMatrix.from_list(s.R), [dict(z) for z in s.sizes],
-                          list(s.wall_time_s), s.base_params, s.config)
+                          list(s.wall_time_s), s.base_params, s.config, list(peak))
     return state, s.strategy_extra
 
 

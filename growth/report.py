@@ -300,7 +300,7 @@ def _wall_section(run: Run) -> str:
 def _cost_section(run: Run) -> str:
     """What the run takes on disk (metrics "storage") and each task's peak resident memory."""
     storage = run.metrics.get("storage") or {}
-    rss = [s.get("peak_rss_bytes") for s in run.sizes]
+    rss = list(run.metrics.get("peak_rss_bytes") or [])
     head = "## Disk and memory\n\n"
     if not storage and all(r is None for r in rss):
         return head + "Not recorded (the run was made before these figures were kept).\n"

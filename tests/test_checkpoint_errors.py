@@ -263,6 +263,10 @@ CASES = [
          "not JSON"),
     Case("state-wrong-task", edit_json("state.json", lambda s: set_item(s, "task", 0)), S,
          "task is 0"),
+    Case("peak-rss-short", edit_json("state.json", lambda s: s["peak_rss_bytes"].pop()), S,
+         "peak_rss_bytes must be 2 byte counts"),
+    Case("peak-rss-negative", edit_json("state.json", lambda s: set_item(
+        s, "peak_rss_bytes", [-1, 5])), S, "peak_rss_bytes"),
     Case("sizes-wrong-tasks", edit_json("state.json", lambda s: s["sizes"][1].__setitem__(
         "task", 5)), S, "sizes"),
     Case("extra-tasks-wrong", edit_json("state.json", lambda s: set_item(

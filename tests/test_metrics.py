@@ -277,6 +277,7 @@ GOOD = {"run": {"name": "r"}, "tasks": ["a"], "R": [[0.1], [0.9]],
         ({"search": [1]}, r"'search' must be an object, got a list"),
         ({"search": {"children": "many"}}, r"'search'\['children'\] must be a number"),
         ({"storage": 5}, r"'storage' .* must be an object, got the number 5"),
+        ({"peak_rss_bytes": [1, "2"]}, r"'peak_rss_bytes'\[1\] must be a number of bytes"),
         ({"storage": {"run_bytes": "5 MB"}}, r"'storage'\['run_bytes'\] must be a number"),
     ],
 )
