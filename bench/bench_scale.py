@@ -15,9 +15,11 @@ Per strategy:
   D = run disk after the last task / (T x the first checkpoint's bytes: its folder and the
       tensor files it names, i.e. one task's network and strategy state)
   R = peak resident memory during the last task / during task 5
-  C = checkpoint time at the last task / at task 5 (each the median of three neighbouring
-      tasks, T-3..T-1 and 4..6, since one write of a few MB takes tens of milliseconds and a
-      shared machine adds noise of that size)
+  C = checkpoint time at the last task / at task 5, wall-clock (each the median of five
+      neighbouring tasks, T-5..T-1 and 3..7: one write of a few MB takes tens of
+      milliseconds, and a shared machine's load and disk write-back add noise of that size);
+      C_cpu: the same with the process's CPU time, which the load of other processes does not
+      change
 It also prints the disk a run would take if every checkpoint held all of its state itself
 (the sum of every checkpoint's bytes), which is what checkpoints cost before tensor files
 were shared.
@@ -61,6 +63,7 @@ def run_one(strategy: str, tasks: int, out: Path) -> dict:
     cfg = Config.model_validate(config(strategy, tasks))
     disk: list[int] = []
     ckpt_s: list[float] = []
+    ckpt_cpu: list[float] = []
     first: list[int] = []
 
     def task_end(i: int, _metrics: dict) -> None:
@@ -72,11 +75,12 @@ def run_one(strategy: str, tasks: int, out: Path) -> dict:
     save = campaign.save_checkpoint
 
     def timed(task: int):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             return save(task)
         finally:
             ckpt_s.append(time.perf_counter() - start)
+            ckpt_cpu.append(time.process_time() - cpu)
 
     campaign.save_checkpoint = timed  # type: ignore[method-assign]
     start = time.perf_counter()
@@ -86,7 +90,7 @@ def run_one(strategy: str, tasks: int, out: Path) -> dict:
     unshared = sum(checkpoint_bytes(f) for f in folders)
     params = sum(int(s["params"]) for s in metrics["sizes"][-1:])
     return {"strategy": strategy, "tasks": tasks, "params": params, "disk": disk,
-            "ckpt_s": ckpt_s, "rss": metrics["peak_rss_bytes"],
+            "ckpt_s": ckpt_s, "ckpt_cpu": ckpt_cpu, "rss": metrics["peak_rss_bytes"],
             "first_ckpt": first[0], "unshared": unshared, "wall_s": wall,
             "storage": metrics["storage"], "acc": metrics["acc"]}
 
@@ -94,11 +98,14 @@ def run_one(strategy: str, tasks: int, out: Path) -> dict:
 def ratios(r: dict) -> dict[str, float]:
     T = r["tasks"]
     ref = min(5, T - 1)
-    late = r["ckpt_s"][max(0, T - 3):]
-    early = r["ckpt_s"][max(0, ref - 1):ref + 2]
+
+    def late_over_early(times: list[float]) -> float:
+        late, early = times[max(0, T - 5):], times[max(0, ref - 2):ref + 3]
+        return statistics.median(late) / statistics.median(early)
+
     return {"D": r["disk"][-1] / (T * r["first_ckpt"]),
             "R": r["rss"][-1] / r["rss"][ref],
-            "C": statistics.median(late) / statistics.median(early),
+            "C": late_over_early(r["ckpt_s"]), "C_cpu": late_over_early(r["ckpt_cpu"]),
             "D_unshared": r["unshared"] / (T * r["first_ckpt"])}
 
 
@@ -137,8 +144,10 @@ def main() -> None:
               f"{mb(r['unshared'])}, D = {q['D_unshared']:.2f})")
         print(f"  peak resident memory: task 5 {mb(r['rss'][ref])}, last task "
               f"{mb(r['rss'][-1])}, largest {mb(max(r['rss']))}; R = {q['R']:.3f}")
-        print(f"  checkpoint time: task 5 {1000 * r['ckpt_s'][ref]:.0f} ms, last task "
-              f"{1000 * r['ckpt_s'][-1]:.0f} ms; C = {q['C']:.2f} (medians of 3)")
+        print(f"  checkpoint time: task 5 {1000 * r['ckpt_s'][ref]:.0f} ms "
+              f"({1000 * r['ckpt_cpu'][ref]:.0f} ms CPU), last task "
+              f"{1000 * r['ckpt_s'][-1]:.0f} ms ({1000 * r['ckpt_cpu'][-1]:.0f} ms CPU); "
+              f"C = {q['C']:.2f}, C_cpu = {q['C_cpu']:.2f} (medians of 5)")
         for k in worst:
             worst[k] = max(worst[k], q[k])
     print(f"scale: tasks={args.tasks} disk_ratio={worst['D']:.2f} rss_ratio={worst['R']:.3f} "

@@ -7,9 +7,9 @@ Run directory (growth.rundir: lock, run id, paths; growth.checkpoint: checkpoint
   log.txt                what happened, task by task
   epochs.csv             per epoch of every task: training loss, validation accuracy
   tensorboard/           the same as TensorBoard event files (with `tensorboard: true`)
-  metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes (with each task's peak resident
-                         memory), wall times, the run's bytes on disk (rewritten after every
-                         task, and rebuilt from the latest checkpoint on resume when behind)
+  metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes, wall times and peak resident memory
+                         per task, the run's bytes on disk (rewritten after every task, and
+                         rebuilt from the latest checkpoint on resume when behind)
   checkpoints/task_NNN/  graph, campaign state and a manifest of SHA-256 sums that also names
                          the strategy's tensor files; everything is checked before a resume
                          trusts it; `checkpoints: {keep: N}` keeps the newest N

@@ -147,26 +147,26 @@ def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strate
     shutil.rmtree(tmp, ignore_errors=True)
     graph.save(tmp / "graph")
     tensors, extra = strategy.state_dict()
-    store = tensor_store(run_dir)
-    digests = store.save(tensors)
+    refs = tensor_store(run_dir).save(tensors)
     campaign = {"format": "growth.campaign-state", "version": STATE_VERSION, "run_id": run_id,
                 "task": task, "strategy": strategy.name, "R": state.R.to_list(),
                 "sizes": state.sizes, "wall_time_s": state.wall_time_s,
                 "peak_rss_bytes": state.peak_rss_bytes,
                 "base_params": state.base_params, "config": state.config,
                 "strategy_extra": extra}
-    (tmp / "state.json").write_text(json.dumps(campaign, indent=1, allow_nan=False),
-                                    encoding="utf-8")
+    # compact JSON: Python's C encoder (an indented dump runs the pure-Python one, whose time
+    # grows with R, the tensor list and a strategy's per-task extra)
+    (tmp / "state.json").write_text(json.dumps(campaign, allow_nan=False), encoding="utf-8")
     manifest = {"format": FORMAT, "version": VERSION, "run_id": run_id, "task": task,
                 "files": {rel: sha256(tmp / rel) for rel in FILES},
-                "tensors": dict(sorted(digests.items()))}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+                "tensors": {k: refs[k].digest for k in sorted(refs)}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     for p in tmp.rglob("*"):
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return Saved(final, {k: TensorRef(store.path(d), k) for k, d in digests.items()})
+    return Saved(final, refs)
 
 
 def apply_retention(run_dir: Path, keep: int | None, newest: Saved) -> list[Path]:
@@ -340,19 +340,20 @@ def _check_manifest(ckpt: Path, run_id: str, task: int) -> _Manifest:
     checks = [(f"files.{rel}", ckpt / rel, digest) for rel, digest in manifest.files.items()]
     checks += [(f"tensors.{key}", store.path(digest), digest)
                for key, digest in manifest.tensors.items()]
-    for what, p, digest in sorted(checks, key=lambda c: c[0]):
+    checks.sort(key=lambda c: c[0])
+    for what, _, digest in checks:
         if not _SHA.match(digest):
             raise CheckpointError(f"{path}: {what}: not a SHA-256 digest")
     seen: set[Path] = set()
-    for what, p, digest in sorted(checks, key=lambda c: c[0]):
+    for what, p, digest in checks:
         if p in seen:
             continue
         seen.add(p)
+        if not p.exists():
+            named = "" if what.startswith("files.") else f" ({path} names it for {what})"
+            raise CheckpointError(f"{p} is missing from the checkpoint{named}")
         if not p.is_file():
-            missing = f"{p} is missing from the checkpoint" if what.startswith("files.") else \
-                f"{p} is missing (the tensor file {path} names for {what[len('tensors.'):]!r})"
-            raise CheckpointError(missing if not p.exists() else
-                                  f"{p} is not a file; the checkpoint is damaged")
+            raise CheckpointError(f"{p} is not a file; the checkpoint is damaged")
         if sha256(p) != digest:
             raise CheckpointError(f"{p} is corrupt (its SHA-256 does not match the manifest)")
     return manifest

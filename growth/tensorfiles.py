@@ -16,6 +16,7 @@ changes nothing stored (`Strategy.offload` says which entries become references)
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ class TensorRef:
 
     path: Path
     key: str
+
+    @property
+    def digest(self) -> str:
+        """The SHA-256 its file is named by."""
+        return self.path.name[: -len(SUFFIX)]
 
     def load(self) -> Tensor:
         """Read the tensor (memory-mapped by safetensors: pages are read as they are used)."""
@@ -119,6 +125,7 @@ class TensorStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._where = str(self.folder)
 
     def path(self, digest: str) -> Path:
         return self.folder / f"{digest}{SUFFIX}"
@@ -126,27 +133,27 @@ class TensorStore:
     def digest_of(self, path: Path) -> str | None:
         """The digest a file of this store is named by, or None for a file elsewhere (a
         folder spelt another way counts as elsewhere: its tensors are then stored again,
-        under the same content-addressed names)."""
-        path = Path(path)
-        stem = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else ""
-        return stem if path.parent == self.folder and _DIGEST.match(stem) else None
+        under the same content-addressed names). String work only: a checkpoint asks this
+        of every tensor it names."""
+        folder, name = os.path.split(str(path))
+        stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else ""
+        return stem if folder == self._where and _DIGEST.match(stem) else None
 
-    def save(self, tensors: Mapping[str, Tensor]) -> dict[str, str]:
-        """Store every entry; return its file's digest per key.
+    def save(self, tensors: Mapping[str, Tensor]) -> dict[str, TensorRef]:
+        """Store every entry; return where each lies.
 
-        An entry of a StateDict read from a file of this store keeps its file. The others are
-        grouped by "<what>/<slot>" (one file per group), and a group whose file exists with
-        the same bytes is not written again.
+        An entry of a StateDict read from a file of this store keeps its file (and its
+        reference). The others are grouped by "<what>/<slot>" (one file per group), and a
+        group whose file exists with the same bytes is not written again.
         """
         from safetensors.torch import save
 
-        out: dict[str, str] = {}
+        out: dict[str, TensorRef] = {}
         groups: dict[str, dict[str, Tensor]] = {}
         for key in tensors:
             ref = tensors.ref(key) if isinstance(tensors, StateDict) else None
-            digest = None if ref is None else self.digest_of(ref.path)
-            if digest is not None:
-                out[key] = digest
+            if ref is not None and self.digest_of(ref.path) is not None:
+                out[key] = ref
             else:
                 t = tensors[key]
                 groups.setdefault(group_of(key), {})[key] = t.detach().cpu().contiguous()
@@ -156,7 +163,7 @@ class TensorStore:
             path = self.path(digest)
             if not (path.is_file() and sha256(path) == digest):
                 atomic_write(path, lambda p, data=data: p.write_bytes(data))
-            out.update(dict.fromkeys(group, digest))
+            out.update({key: TensorRef(path, key) for key in group})
         return out
 
     def files(self) -> list[Path]:

@@ -227,7 +227,7 @@ class Strategy:
                 if key in stored:
                     state.refer(key, stored[key])
             elif state.ref(key) is not None:
-                state[key] = state[key]
+                state[key] = state[key]  # read into memory
         self.state = state
 
     def state_spec(self) -> dict[str, TensorSpec]:
