@@ -54,7 +54,9 @@ from growth.checkpoint import (
 )
 from growth.compile import compile_graph
 from growth.config import Config, dump_config, load_config
+from growth.controllers.service import SearchService
 from growth.data import Task, build_stream
+from growth.devices import resolve_device
 from growth.errors import ConfigError, DataError, GraphError, ReportError, RunDirError
 from growth.graph import NetGraph
 from growth.io import atomic_write_text
@@ -83,6 +85,8 @@ from growth.rundir import (
     read_run_id,
 )
 from growth.runlog import EpochLog
+from growth.scenarios import head_name, labelers
+from growth.searching import Searcher
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import evaluate, learn_task
 
@@ -108,7 +112,7 @@ def task_seed(seed: int, task: int) -> int:
 
 def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
     """The base network with its heads: one per task, or one shared head (class scenario)."""
-    from search_spaces.networks import add_head, mlp, small_cnn
+    from growth.search_spaces.networks import add_head, mlp, small_cnn
 
     m = cfg.model
     shape = tasks[0].input_shape
@@ -116,7 +120,7 @@ def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
         g = mlp(shape, m.hidden, activation=m.activation, batchnorm=m.batchnorm,
                 dropout=m.dropout)
     elif m.kind == "torchvision":
-        from search_spaces.zoo import torchvision_trunk
+        from growth.search_spaces.zoo import torchvision_trunk
 
         g = torchvision_trunk(m.arch, shape, m.weights)
     else:
@@ -128,32 +132,6 @@ def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
     for t in tasks:
         g = add_head(g, head_name(t), t.n_classes)
     return g
-
-
-def head_name(task: Task) -> str:
-    return f"t{task.index}"
-
-
-def labelers(scenario: str) -> tuple[Callable[[Task], str],
-                                     Callable[[Task, torch.Tensor], torch.Tensor]]:
-    """The head serving a task and its labels in that head, for a scenario (task | class)."""
-    if scenario == "class":
-        return (lambda t: "all"), (lambda t, y: y + t.class_offset)
-    return head_name, (lambda t, y: y)
-
-
-def _labelers(cfg: Config) -> tuple[Callable[[Task], str], Callable[[Task, torch.Tensor],
-                                                                    torch.Tensor]]:
-    return labelers(cfg.scenario)
-
-
-def resolve_device(name: str, source: str = "<config>") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{source}: device: cuda was asked for but no CUDA device is "
-                          "available; use device: cpu or auto")
-    return torch.device(name)
 
 
 class Campaign:
@@ -171,7 +149,7 @@ class Campaign:
             self.tasks = build_stream(self._stream_args())
         except DataError as exc:  # names the config the data section came from
             raise type(exc)(f"{cfg.source}: data: {exc}") from None
-        self.head_of, self.label_of = _labelers(cfg)
+        self.head_of, self.label_of = labelers(cfg.scenario)
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.settings())
         if cfg.scenario not in self.strategy.scenarios:
             raise ConfigError(f"strategy {cfg.strategy.name!r} runs only in scenario "
@@ -183,6 +161,7 @@ class Campaign:
             raise ConfigError(f"{cfg.source}: model: {exc} (input shape "
                               f"{self.tasks[0].input_shape})") from None
         self._base_bytes: int | None = None
+        self.searcher: Searcher | None = None  # held while tasks are learned (_loop)
         self.run_id = ""
         self.resumed_at: int | None = None  # finished tasks found by resume
         if self.device.type == "cuda":  # bitwise-equal resumes need deterministic kernels
@@ -278,7 +257,9 @@ class Campaign:
                                   self.state.finished)
         try:
             if self.state.finished < len(self.tasks):
-                with self.strategy.session(self.run_dir / WORK):
+                work = self.run_dir / WORK
+                with SearchService(log_file=work / "ray.log") as self.searcher, \
+                        self.strategy.session(work):
                     for i in range(self.state.finished, len(self.tasks)):
                         self._learn(i)
         finally:
@@ -291,7 +272,8 @@ class Campaign:
         seen = [t for t in self.tasks if t.index < task.index]
         return Context(self.model, task, seen, self.head_of, self.label_of, self.device,
                        seed=task_seed(self.cfg.seed, task.index),
-                       workdir=self.run_dir / WORK / f"task_{task.index:03d}")
+                       workdir=self.run_dir / WORK / f"task_{task.index:03d}",
+                       searcher=self.searcher, scenario=self.cfg.scenario)
 
     def _learn(self, i: int) -> None:
         task = self.tasks[i]

@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from controllers.search_run import SearchRun
+    from growth.commands.search import SearchRun
     from growth.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -188,7 +188,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _resume_search(args: argparse.Namespace, cfg: Any) -> int:
-    from controllers.search_run import SearchRun
+    from growth.commands.search import SearchRun
 
     run_dir = Path(args.run_dir)
     run = SearchRun(cfg, run_dir, ray_address=args.ray_address,
@@ -205,7 +205,7 @@ def _resume_search(args: argparse.Namespace, cfg: Any) -> int:
 def _search_progress(cfg: Any, quiet: bool) -> tuple[Any, Any]:
     """A bar over the search's trials and the leaderboard's top lines after each generation;
     returns the progress hooks and the function that closes the bar."""
-    from controllers.driver import SearchProgress
+    from growth.controllers.driver import SearchProgress
 
     if quiet:
         return SearchProgress(), lambda: None
@@ -287,7 +287,7 @@ def _report(args: argparse.Namespace) -> int:
 
     dirs = [Path(p) for p in args.run_dirs]
     if all((d / "search.json").is_file() for d in dirs):  # search runs have their own report
-        from controllers.search_report import write_search_report
+        from growth.controllers.search_report import write_search_report
 
         path = write_search_report(dirs, Path(args.out) if args.out else None)
         print(f"report written: {path}")
@@ -298,7 +298,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from growth.compare import load_compare, run_compare
+    from growth.commands.compare import load_compare, run_compare
 
     load_compare(args.config)  # every run's config is checked before Ray starts
     folder = run_compare(args.config, args.out, args.ray_address)
@@ -310,7 +310,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from growth.compress import CompressParams, compress_saved
+    from growth.commands.compress import compress_saved
+    from growth.compress import CompressParams
     from growth.errors import ConfigError
 
     try:

@@ -25,10 +25,10 @@ from pydantic import (
     model_validator,
 )
 
+from growth.context import TrainConfig
 from growth.data.datasets import DATASETS
 from growth.errors import ConfigError
 from growth.layers import ACTIVATIONS
-from growth.train import TrainConfig
 
 MAX_CONFIG_BYTES = 1 << 20  # a campaign config is a page of YAML, not a data file
 MAX_DEPTH = 12  # sections nest two or three levels; a search space a few more
@@ -86,7 +86,7 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _torchvision_needs_an_arch(self) -> ModelConfig:
         if self.kind == "torchvision":
-            from search_spaces.zoo import classification_models
+            from growth.search_spaces.zoo import classification_models
 
             if self.arch is None:
                 raise ValueError("model.kind: torchvision needs model.arch, the name of a "
@@ -139,10 +139,15 @@ class SearchConfig(_Section):
 
     task: int = Field(0, ge=0)  # index of the stream's task to search on
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    space: dict[str, Any] = Field(default_factory=dict)  # validated by search_spaces.make_space
+    space: dict[str, Any] = Field(default_factory=dict)  # checked by search_spaces.make_space
     children: int = Field(4, ge=1)  # children per generation
     parent: Literal["best", "fixed"] = "best"  # the next generation grows the best so far
     base_epochs: int | None = Field(None, ge=0)  # training of the base (default train.epochs)
+    epochs: int | None = Field(None, ge=1)  # training of each child (default train.epochs)
+    lr_scale: float = Field(0.5, gt=0)  # children's learning rate: train.lr x this
+    schedule: Literal["constant", "cosine"] = "cosine"  # children's learning-rate schedule
+    margin: float = Field(0.0, ge=0, le=1)  # a child replaces its parent only above this
+    backend: Literal["auto", "local", "ray"] = "auto"  # see growth.searching.SearchSettings
     budget: SearchBudget = Field(default_factory=SearchBudget)
     concurrency: int = Field(2, ge=1)  # trials at once
     cpus_per_trial: float = Field(1.0, gt=0)
@@ -461,10 +466,28 @@ def _strategy_problems(cfg: Config, where: _Where) -> list[str]:
         return [f"{where('strategy.name')}: strategy.name: unknown strategy {name!r}; "
                 f"available: {sorted(strategies)}"]
     try:
-        strategies[name].Params.model_validate(cfg.strategy.settings())
+        params = strategies[name].Params.model_validate(cfg.strategy.settings())
     except ValidationError as exc:
         return _describe(exc, where, prefix="strategy", strategy=name)
-    return []
+    return _search_problems(params, where)
+
+
+def _search_problems(params: BaseModel, where: _Where) -> list[str]:
+    """A strategy's search sections (growth.searching.SearchSettings): the controller and its
+    own settings, which only the controllers know how to check."""
+    from growth.controllers.service import check_search_settings
+    from growth.searching import SearchSettings
+
+    problems = []
+    for key in type(params).model_fields:
+        value = getattr(params, key)
+        if isinstance(value, SearchSettings) and value.enabled:
+            try:
+                check_search_settings(value, f"strategy.{key}")
+            except ConfigError as exc:
+                problems += [f"{where(f'strategy.{key}')}: {line}"
+                             for line in str(exc).splitlines()]
+    return problems
 
 
 def _inapplicable(cfg: Config, only_set: bool = True) -> Iterator[tuple[str, str, str]]:

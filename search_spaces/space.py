@@ -82,7 +82,13 @@ class SpaceSpec(BaseModel):
                                             min_length=1)
     exclude: list[str] = Field(default_factory=list)  # layers never widened nor deepened after
     deeper_batchnorm: bool = False  # inserted conv/fc layers get a BatchNorm (needs a sample)
-    noise: float = Field(0.0, ge=0)  # net2wider noise on new copies; 0 keeps the function exact
+    # private: widenings add units no consumer reads yet (`widen_private`), and no layer is
+    # inserted (an inserted layer would sit on every head's path)
+    private: bool = False
+    # symmetry-breaking noise (EAS's defaults): a widened unit's copies start apart and an
+    # inserted layer's units too, so growth adds capacity; 0 keeps the function exact
+    noise: float = Field(1e-2, ge=0)  # net2wider: copies' incoming weights x (1 + U(-n, n))
+    deeper_noise: float = Field(1e-3, ge=0)  # net2deeper: identity weights + U(-n, n)
     max_params: PositiveInt | None = None  # no child above this many parameters
     max_growth: float | None = Field(None, gt=1)  # ... nor above this times the base network
     # the operators' size guard: no single call adds more (None lifts it; see growth.ops.guards)
@@ -253,7 +259,8 @@ class SearchSpace:
         width = group.width + -(-(width - group.width) // group.block) * group.block
         if width > self.widths_of(layer)[-1]:
             return None
-        action: Action = {"op": "net2wider", "node": layer.node, "width": width, "seed": seed}
+        action: Action = {"op": "widen_private" if self.spec.private else "net2wider",
+                          "node": layer.node, "width": width, "seed": seed}
         return action if self.fits(graph, widening_cost(graph, layer.node, width, group)) else None
 
     def fits(self, graph: NetGraph, added: int) -> bool:
@@ -282,12 +289,14 @@ class SearchSpace:
                                                 menu.action(block, position, k)))
         return out
 
-    def deeper_action(self, after: str, kernel: int | None) -> Action:
+    def deeper_action(self, after: str, kernel: int | None, seed: int = 0) -> Action:
         action: Action = {"op": "net2deeper", "after": after}
         if kernel is not None:
             action["kernel_size"] = kernel
         if self.spec.deeper_batchnorm:
             action["batchnorm"] = True
+        if self.spec.deeper_noise > 0:
+            action["seed"] = seed
         return action
 
     # ---- building children ----------------------------------------------------------------
@@ -322,11 +331,13 @@ class SearchSpace:
                                 "'width': 128}")
         kwargs = {k: v for k, v in action.items() if k != "op"}
         op = action["op"]
-        if op in ("net2wider", "net2deeper"):
+        if op in ("net2wider", "widen_private", "net2deeper"):
             kwargs.setdefault("max_new_params", self.spec.max_new_params)
-        if op == "net2wider":
+        if op in ("net2wider", "widen_private"):
             kwargs.setdefault("noise", self.spec.noise)
-        elif op == "net2deeper" and kwargs.get("batchnorm"):
+        elif op == "net2deeper":
+            kwargs.setdefault("noise", self.spec.deeper_noise)
+        if op == "net2deeper" and kwargs.get("batchnorm"):
             if sample is None:
                 raise OperatorError(f"action {index} ({op} after {kwargs.get('after')!r}) adds a "
                                     "BatchNorm and needs `sample`, a batch of network inputs")
@@ -368,7 +379,7 @@ class DeeperMenu:
         self._ok: dict[str, list[int | None]] = {}  # kernel indices accepted after a node
         self._vector: dict[str, bool] = {}
         for layer in layers:
-            if (layer.after is None or layer.node in spec.exclude
+            if (spec.private or layer.after is None or layer.node in spec.exclude
                     or layer.after in spec.exclude or layer.block >= spec.max_blocks
                     or layer.position >= spec.max_layers_per_block):
                 continue
@@ -393,16 +404,16 @@ class DeeperMenu:
         after = self.candidates[block][position]
         return [None] if self._vector[after] else list(range(len(self.space.spec.kernel_sizes)))
 
-    def action(self, block: int, position: int, kernel: int | None) -> Action:
+    def action(self, block: int, position: int, kernel: int | None, seed: int = 0) -> Action:
         k = None if kernel is None else self.space.spec.kernel_sizes[kernel]
-        return self.space.deeper_action(self.candidates[block][position], k)
+        return self.space.deeper_action(self.candidates[block][position], k, seed)
 
     def accepts(self, block: int, position: int, kernel: int | None) -> bool:
         return kernel in self._ok[self.candidates[block][position]]
 
-    def child(self, block: int, position: int, kernel: int | None) -> NetGraph:
+    def child(self, block: int, position: int, kernel: int | None, seed: int = 0) -> NetGraph:
         """The graph with this insertion (built with the operator)."""
-        action = self.action(block, position, kernel)
+        action = self.action(block, position, kernel, seed)
         return self.space.step(self.graph, action, sample=probe_sample(self.graph, action))
 
     def position_ok(self, block: int, position: int) -> bool:

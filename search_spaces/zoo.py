@@ -3,7 +3,7 @@
 `torchvision_trunk("resnet18", (3, 64, 64))` builds the architecture (no download: weights come
 only from a local file, for pretrained starts), imports it with `growth.trace.import_module`,
 and replaces its classifier, the last linear layer, by an identity node named "features", where
-a campaign puts one head per task (`search_spaces.networks.add_head`). Whatever precedes that
+a campaign puts one head per task (`growth.search_spaces.networks.add_head`). Whatever precedes that
 layer (VGG's hidden classifier layers, dropout) stays in the trunk.
 
 Inputs with another number of channels than the architecture's (1-channel digits or MNIST for
@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from growth.search_spaces.networks import FEATURES
 from torch import nn
 
 from growth.errors import ConfigError, GraphError
 from growth.graph import NetGraph
-from search_spaces.networks import FEATURES
 
 
 def classification_models() -> list[str]:

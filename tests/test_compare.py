@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from growth.cli import main
-from growth.compare import load_compare, run_compare
+from growth.commands.compare import load_compare, run_compare
 from growth.errors import ConfigError
 
 BASE = {

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from graphgen import outputs, randomize, single_thread  # noqa: F401 (fixture)
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 
 from growth.cli import main
 from growth.compress import (
@@ -20,14 +21,13 @@ from growth.compress import (
     trunk_params,
 )
 from growth.data import build_stream
+from growth.distillation import Distillation
 from growth.errors import OperatorError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.ops import get_operator, net2deeper, net2wider, prune_units, remove_layer
 from growth.strategies import Context
-from growth.strategies.distillation import Distillation
 from growth.train import TrainConfig, evaluate, fit
-from search_spaces.networks import add_head, mlp, small_cnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

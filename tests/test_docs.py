@@ -193,8 +193,9 @@ def test_readme_and_docs_show_the_same_operator_plugin() -> None:
 
 
 def test_readme_operator_example_registers_and_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from growth.search_spaces.networks import add_head, mlp
+
     from growth.ops import get_operator, registry
-    from search_spaces.networks import add_head, mlp
 
     code = next(code for lang, code, _ in blocks(ROOT / "README.md")
                 if lang == "python" and code.startswith("# my_package/ops.py"))

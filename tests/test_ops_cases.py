@@ -392,13 +392,13 @@ def test_deeper_records_its_call() -> None:
     rec = net2deeper(g, "r0", kernel_size=3, batchnorm=True, sample=x).record
     assert rec.op == "net2deeper" and rec.params == {
         "after": "r0", "kernel_size": 3, "activation": "auto", "batchnorm": True,
-        "sample_shape": [6, 3, 6, 6]}
+        "sample_shape": [6, 3, 6, 6], "noise": 0.0, "seed": 0}
     assert rec.added == ["r0_deep1.weight", "r0_deep1.bias", "r0_deep1_bn.weight",
                          "r0_deep1_bn.bias", "r0_deep1_bn.running_mean",
                          "r0_deep1_bn.running_var", "r0_deep1_bn.num_batches_tracked"]
     assert net2deeper(g, "c0", kernel_size=1, activation="none").record.params == {
         "after": "c0", "kernel_size": 1, "activation": "none", "batchnorm": False,
-        "sample_shape": None}
+        "sample_shape": None, "noise": 0.0, "seed": 0}
 
 
 @pytest.mark.parametrize("after,kernel", [("r1", 3), ("flat", 1)])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from runfiles import kill_after_first_checkpoint
 
 from growth.campaign import Campaign, resume_run
@@ -24,7 +25,6 @@ from growth.ops import add_column, freeze, get_operator
 from growth.ops.columns import column_count, column_members, frozen_nodes, lateral_layers
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, fit, learn_task
-from search_spaces.networks import add_head, mlp, small_cnn
 
 CFG = TrainConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9)
 

@@ -27,7 +27,8 @@ NOISE_BOUND = 10.0  # max relative output error per unit of noise, one widening 
 
 
 def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
-              seed: int = 0, max_new_params: int | None = MAX_NEW_PARAMS) -> OpResult:
+              seed: int = 0, max_new_params: int | None = MAX_NEW_PARAMS,
+              private: bool = False) -> OpResult:
     """Widen producer `node` (linear or conv2d) and its channel group to `width` units.
 
     noise=0 preserves the network's function to float precision. noise>0 breaks the symmetry
@@ -38,6 +39,8 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     The mapping and the noise are drawn from a torch.Generator seeded with `seed`.
     max_new_params: refuse a widening that adds more parameters (None: no limit); see
     `growth.ops.guards`.
+    private: the consumers' columns of the new units start at 0 and the originals' stay
+    undivided (`growth.ops.widen_private`, the operator that calls this).
     """
     group = find_group(graph, node, op="net2wider")
     params = {"node": node, "width": width, "noise": float(noise), "seed": int(seed)}
@@ -48,7 +51,7 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     check_size(call, 0, max_new_params)  # a malformed limit is refused before any comparison
     out = graph.copy()
     if width == group.width:
-        return OpResult(out, ChangeRecord("net2wider", params))
+        return OpResult(out, ChangeRecord("widen_private" if private else "net2wider", params))
     check_blocks(group, width, "net2wider")
     if max_new_params is not None and widening_bound(graph, group, width) > max_new_params:
         check_size(call, widening_cost(graph, node, width, group),  # exact only when it may fail
@@ -57,10 +60,11 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     b = group.block  # grouped convs downstream: copy whole groups of b channels
     extra = torch.randint(group.width // b, ((width - group.width) // b,), generator=gen)
     idx = torch.cat([torch.arange(group.width), (extra[:, None] * b + torch.arange(b)).flatten()])
-    changes = apply_index(out, group, idx, divide=True)
+    changes = apply_index(out, group, idx, divide=not private, fresh=private)
     if noise > 0:
         _perturb_copies(out, group, noise, gen)
-    return OpResult(out, ChangeRecord("net2wider", params, changes.resized, changes.index_maps,
+    op = "widen_private" if private else "net2wider"
+    return OpResult(out, ChangeRecord(op, params, changes.resized, changes.index_maps,
                                       changes.divisors))
 
 

@@ -44,7 +44,7 @@ from growth.config import Config, load_config, parse_yaml, read_config_text
 from growth.errors import ConfigError, GrowthError
 from growth.metrics import read_metrics
 
-log = logging.getLogger("growth.compare")
+log = logging.getLogger("growth.commands.compare")
 SEARCHING = frozenset({"rec"})  # strategies whose campaigns run an architecture search
 
 
