@@ -59,6 +59,56 @@ def stop_before(task: int) -> Progress:
     return Progress(on_task_start=start)
 
 
+# ---- the store and the state mapping ----------------------------------------------------------
+def test_the_store_writes_a_group_once_and_rewrites_a_damaged_file_of_its_name(
+        tmp_path: Path) -> None:
+    from growth.errors import CheckpointError
+    from growth.tensorfiles import TensorStore
+
+    store = TensorStore(tmp_path / "tensors")
+    tensors = {"fisher/0/w": torch.arange(4.0), "fisher/0/b": torch.ones(2),
+               "fisher/1/w": torch.zeros(4), "owner/all/w": torch.ones(4, dtype=torch.int8)}
+    refs = store.save(tensors)
+    files = {r.path for r in refs.values()}
+    assert len(files) == 3 and refs["fisher/0/w"].path == refs["fisher/0/b"].path
+    assert keys_of(refs["fisher/0/w"].path) == {"fisher/0/w", "fisher/0/b"}
+    assert all(p.name == f"{sha256(p)}.safetensors" for p in files)
+    # a state read from the files keeps them: nothing is written, the same references return
+    state = StateDict()
+    for k, r in refs.items():
+        state.refer(k, r)
+    stamp = {p: p.stat().st_mtime_ns for p in files}
+    again = store.save(state)
+    assert again == refs and {p: p.stat().st_mtime_ns for p in files} == stamp
+    # the same tensors in memory: the same names; a damaged file of that name is replaced
+    victim = refs["fisher/1/w"].path
+    victim.write_bytes(b"\x00" * 16)
+    assert store.save(dict(tensors)) == refs
+    assert torch.equal(refs["fisher/1/w"].load(), torch.zeros(4))
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"{victim} is missing.*'fisher/1/w'"):
+        refs["fisher/1/w"].load()
+
+
+def test_a_state_entry_read_from_a_file_is_read_again_at_each_access_until_replaced(
+        tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    save_file({"fisher/0/w": torch.ones(3)}, str(path))
+    state = StateDict({"anchor/latest/w": torch.zeros(3)})
+    state.refer("fisher/0/w", TensorRef(path, "fisher/0/w"))
+    first = state["fisher/0/w"]
+    first.add_(5)  # a fresh tensor: what is stored does not change
+    assert torch.equal(state["fisher/0/w"], torch.ones(3)) and state["fisher/0/w"] is not first
+    copy = state.copy()
+    assert copy.ref("fisher/0/w") == TensorRef(path, "fisher/0/w")
+    assert copy.ref("anchor/latest/w") is None and copy["anchor/latest/w"] is state[
+        "anchor/latest/w"]
+    state["fisher/0/w"] = torch.full((3,), 2.0)  # replaced: held in memory from now on
+    assert state.ref("fisher/0/w") is None and copy.ref("fisher/0/w") is not None
+    assert sorted(state) == ["anchor/latest/w", "fisher/0/w"] and len(state) == 2
+    assert dict(copy)["fisher/0/w"].tolist() == [1.0, 1.0, 1.0]
+
+
 # ---- each tensor is written once -------------------------------------------------------------
 def test_a_finished_tasks_tensors_are_written_once_and_named_by_later_checkpoints(
         tmp_path: Path) -> None:
