@@ -29,7 +29,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -70,7 +69,7 @@ from growth.metrics import (
     write_metrics,
 )
 from growth.model import Model
-from growth.resources import disk_bytes, peak_rss_bytes, reset_peak_rss
+from growth.resources import Collector, disk_bytes, peak_rss_bytes, reset_peak_rss
 from growth.rundir import (
     CHECKPOINTS,
     CONFIG,
@@ -255,6 +254,7 @@ class Campaign:
     def _loop(self) -> dict[str, Any]:
         self.epoch_log = EpochLog(self.run_dir, self.cfg.train.epochs, self.cfg.tensorboard,
                                   self.state.finished)
+        self.collector = Collector()
         try:
             if self.state.finished < len(self.tasks):
                 work = self.run_dir / WORK
@@ -297,9 +297,7 @@ class Campaign:
         self.state.sizes.append({"task": i, **self._size(), **self._memory()})
         self.state.peak_rss_bytes.append(peak_rss_bytes())
         self.save_checkpoint(i)
-        gc.collect()  # the task's garbage in reference cycles (its context, optimizer, graph
-        # copies): freed now, not whenever Python's collector next runs, so memory does not
-        # build up over a long stream
+        self.collector.between_tasks()  # tasks' garbage in reference cycles
         metrics = self.metrics()
         write_metrics(self.run_dir, metrics)
         log.info("task %d done in %.1fs, final loss %.4f; R[%d] = %s; ACC so far %.4f", i,

@@ -22,7 +22,7 @@ from growth.config import load_config
 from growth.io import sha256
 from growth.regularizers import build_quadratic
 from growth.report import write_report
-from growth.resources import disk_bytes, peak_rss_bytes, reset_peak_rss
+from growth.resources import Collector, disk_bytes, peak_rss_bytes, reset_peak_rss
 from growth.strategies import Context
 from growth.strategies.ewc import trained_parameters
 from growth.tensorfiles import StateDict, TensorRef
@@ -376,3 +376,38 @@ def test_peak_memory_starts_again_from_the_current_one_at_each_reset() -> None:
     assert reset_peak_rss()
     assert peak_rss_bytes() < base + 32 * 2**20
     assert disk_bytes(Path(__file__)) == du(Path(__file__))
+
+
+def test_collections_between_tasks_free_cycles_and_take_a_bounded_share_of_the_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import growth.resources as resources
+
+    clock = [100.0]
+    monkeypatch.setattr(resources.time, "perf_counter", lambda: clock[0])
+    real = resources.gc.collect
+
+    def slow_collect() -> int:
+        clock[0] += 2.0  # a full collection that takes 2 s
+        return real()
+
+    monkeypatch.setattr(resources.gc, "collect", slow_collect)
+
+    class Cycle:
+        pass
+
+    def garbage() -> weakref.ref:
+        a = Cycle()
+        a.me, a.weights = a, torch.ones(1000)  # a reference cycle
+        return weakref.ref(a)
+
+    c = Collector(share=0.05, min_wait_s=10.0)
+    dead = garbage()
+    clock[0] += 9.0
+    assert not c.between_tasks() and dead() is not None  # 9 s < min_wait
+    clock[0] += 1.0
+    assert c.between_tasks() and dead() is None  # 10 s: collected
+    dead = garbage()
+    clock[0] += 39.0  # the last collection took 2 s: the next waits 2 / 0.05 = 40 s
+    assert not c.between_tasks() and dead() is not None
+    clock[0] += 1.0
+    assert c.between_tasks() and dead() is None
