@@ -204,7 +204,7 @@ class Campaign:
             with logging_to(self.run_dir):
                 lock.note_stale()
                 for p in removed:
-                    log.info("removed %s, left by an interrupted write", p)
+                    log.info("removed %s, left by an interrupted write or removal", p)
                 if unnamed:
                     log.info("removed %d tensor file(s) that no checkpoint names (left by an "
                              "interrupted write or a removed checkpoint)", len(unnamed))

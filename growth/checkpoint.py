@@ -173,15 +173,21 @@ def apply_retention(run_dir: Path, keep: int | None, newest: Saved) -> list[Path
     """Remove all but the newest `keep` checkpoint folders (None: keep all), then the tensor
     files no remaining checkpoint names; return what was removed. The newest checkpoint and
     its files are always kept. Folders go first, so a kill in between leaves only unnamed
-    files (removed by the next resume), never a checkpoint without its tensors."""
+    files (removed by the next resume), never a checkpoint without its tensors; a folder is
+    renamed to a temp name before its files go, so a kill while they go leaves a temp folder
+    (removed by the next resume), never a checkpoint folder with some of its files."""
     removed: list[Path] = []
     if keep is None:
         return removed
     folders = checkpoint_folders(run_dir)
     for task in sorted(folders)[:-keep]:
-        if folders[task] != newest.path:
-            shutil.rmtree(folders[task])
-            removed.append(folders[task])
+        folder = folders[task]
+        if folder != newest.path:
+            gone = folder.with_name(f"{TMP_PREFIX}removed_{folder.name}")
+            shutil.rmtree(gone, ignore_errors=True)  # left by a kill; not a checkpoint
+            os.replace(folder, gone)
+            shutil.rmtree(gone)
+            removed.append(folder)
     if removed:
         removed += remove_unnamed_tensors(run_dir, {r.path for r in newest.tensors.values()})
     return removed

@@ -31,7 +31,8 @@ RUN_JSON = "run.json"
 LOCK = ".lock"
 LOG = "log.txt"
 CHECKPOINTS = "checkpoints"
-TMP_PREFIX = ".tmp_"  # checkpoints/.tmp_task_NNN: a checkpoint being written
+TMP_PREFIX = ".tmp_"  # checkpoints/.tmp_task_NNN: a checkpoint being written (.tmp_removed_
+#                      task_NNN: one that retention is removing)
 TENSORS = "tensors"  # tensors/<sha256>.safetensors: strategy tensors the checkpoints name
 log = logging.getLogger("growth.rundir")
 
@@ -171,7 +172,7 @@ def read_run_id(run_dir: Path) -> str:
 
 # ---- leftovers and log ----------------------------------------------------------------------
 def clean_leftovers(run_dir: Path) -> list[Path]:
-    """Remove temp files of writes a kill interrupted; return what was removed."""
+    """Remove temp files of writes (and removals) a kill interrupted; return what was removed."""
     run_dir = Path(run_dir)
     gone = [p for p in [*run_dir.glob(".*.tmp"), *(run_dir / TENSORS).glob(".*.tmp")]
             if p.is_file()]

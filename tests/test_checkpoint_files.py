@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -299,6 +301,66 @@ def test_a_run_that_keeps_one_checkpoint_resumes_to_the_same_R(tmp_path: Path) -
     assert {p.name[:64] for p in store(part)} == set(manifest(part, 2)["tensors"].values())
     assert resume_run(part)["R"] == full["R"]
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["task_003"]
+
+
+# A campaign in its own process whose first retention step is killed (SIGKILL) in the middle:
+# "folder" after the first file of the oldest checkpoint folder is gone, "tensors" after the
+# first tensor file only that folder named is gone.
+KILLED_IN_RETENTION = """
+import os, shutil, signal, sys
+from pathlib import Path
+from growth.campaign import Campaign
+from growth.config import load_config
+
+config, out, where = sys.argv[1:]
+real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def rmtree(path, *args, **kwargs):
+    if (Path(path) / "manifest.json").exists():
+        real_unlink(Path(path) / "manifest.json")
+        die()
+    real_rmtree(path, *args, **kwargs)
+
+def unlink(self, *args, **kwargs):
+    real_unlink(self, *args, **kwargs)
+    if self.parent.name == "tensors" and self.name.endswith(".safetensors"):
+        die()
+
+if where == "folder":
+    shutil.rmtree = rmtree
+else:
+    Path.unlink = unlink
+Campaign(load_config(config), Path(out)).start()
+"""
+
+
+@pytest.mark.parametrize(("where", "strategy"), [("folder", "mwc"), ("tensors", "si")])
+def test_a_run_killed_while_retention_removes_files_resumes_to_the_same_R(
+        where: str, strategy: str, tmp_path: Path) -> None:
+    """SI: its running sums are stored again after every task, so an old checkpoint names
+    files no newer one does."""
+    config = cfg(tmp_path, {"name": strategy}, data__n_tasks=4, checkpoints={"keep": 1})
+    full = Campaign(config, tmp_path / "full").start()
+    run = tmp_path / "run"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_IN_RETENTION)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / f"{strategy}.yaml"),
+                           str(run), where], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert latest_checkpoint(run).name == "task_001"  # killed removing task_000's files
+    left = sorted(p.name for p in (run / "checkpoints").iterdir())
+    named = set(manifest(run, 1)["tensors"].values())
+    if where == "folder":  # task_000's folder was out of the way before its files went
+        assert left == [".tmp_removed_task_000", "task_001"]
+    else:  # the folder is gone, some files only it named are left
+        assert left == ["task_001"] and {p.name[:64] for p in store(run)} > named
+    assert resume_run(run)["R"] == full["R"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["task_003"]
+    assert {p.name[:64] for p in store(run)} == set(manifest(run, 3)["tensors"].values())
+    assert {p.name for p in store(run)} == {p.name for p in store(tmp_path / "full")}
 
 
 def test_retention_removes_no_tensor_file_while_a_kept_manifest_is_unreadable(
