@@ -15,11 +15,16 @@ Per strategy:
   D = run disk after the last task / (T x the first checkpoint's bytes: its folder and the
       tensor files it names, i.e. one task's network and strategy state)
   R = peak resident memory during the last task / during task 5
-  C = checkpoint time at the last task / at task 5, wall-clock (each the median of five
-      neighbouring tasks, T-5..T-1 and 3..7: one write of a few MB takes tens of
-      milliseconds, and a shared machine's load and disk write-back add noise of that size);
-      C_cpu: the same with the process's CPU time, which the load of other processes does not
-      change
+  C = checkpoint time at the last task / at task 5, wall-clock: after the run, the checkpoint
+      step is taken again from the run's own states after task 5 and after the last task
+      (each read back from its checkpoint into a scratch run directory whose tensor files are
+      hard links to the run's; each write stores the files that task's checkpoint wrote new
+      and names the others, as in the run), alternating between the two states 9 times, and
+      C is the ratio of the medians. One write of a few MB takes tens of milliseconds and the
+      load of a shared machine changes over the minutes between task 5 and the last task, so
+      alternating lets both states see the same load. C_cpu: the same with the process's CPU
+      time. C_run and C_run_cpu: the times measured in the run itself (medians of five
+      neighbouring tasks, T-5..T-1 and 3..7), printed beside them.
 It also prints the disk a run would take if every checkpoint held all of its state itself
 (the sum of every checkpoint's bytes), which is what checkpoints cost before tensor files
 were shared.
@@ -31,17 +36,24 @@ over the strategies (targets: D <= 2, R <= 1.2, C <= 1.5).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from growth.config import Config
 
 HIDDEN = [800, 800]
 TRAIN = 64
+REPLAYS = 9  # checkpoint steps taken again from each of the two states
 
 
 def config(strategy: str, tasks: int) -> dict:
@@ -89,10 +101,55 @@ def run_one(strategy: str, tasks: int, out: Path) -> dict:
     folders = sorted((out / "checkpoints").iterdir())
     unshared = sum(checkpoint_bytes(f) for f in folders)
     params = sum(int(s["params"]) for s in metrics["sizes"][-1:])
-    return {"strategy": strategy, "tasks": tasks, "params": params, "disk": disk,
+    replay = replayed_checkpoint_times(cfg, out, campaign.run_id, (min(5, tasks - 1), tasks - 1))
+    return {"replay": replay, "strategy": strategy, "tasks": tasks, "params": params, "disk": disk,
             "ckpt_s": ckpt_s, "ckpt_cpu": ckpt_cpu, "rss": metrics["peak_rss_bytes"],
             "first_ckpt": first[0], "unshared": unshared, "wall_s": wall,
             "storage": metrics["storage"], "acc": metrics["acc"]}
+
+
+def replayed_checkpoint_times(cfg: Config, out: Path, run_id: str, tasks: tuple[int, int]
+                              ) -> dict[str, dict[str, list[float]]]:
+    """The checkpoint step (`Campaign.save_checkpoint`) taken again from the run's states after
+    each of `tasks`, alternating between them: per task, the wall and CPU seconds of each."""
+    from growth.campaign import Campaign
+    from growth.checkpoint import checkpoint_folders, read_checkpoint, tensor_store
+
+    folders = checkpoint_folders(out)
+    states = {}
+    for k in tasks:
+        scratch = out.parent / f"{out.name}-replay-{k}"
+        shutil.copytree(folders[k], scratch / "checkpoints" / folders[k].name)
+        (scratch / "tensors").mkdir()
+        for f in tensor_store(out).files():
+            os.link(f, scratch / "tensors" / f.name)
+        shutil.copy(out / "run.json", scratch / "run.json")
+        campaign = Campaign(cfg, scratch)
+        campaign.run_id = run_id
+        ckpt = read_checkpoint(scratch / "checkpoints" / folders[k].name, run_id,
+                               len(campaign.tasks), campaign.strategy)
+        campaign._restore(ckpt)
+        before = set(json.loads((folders[k - 1] / "manifest.json").read_text())["tensors"]
+                     .values()) if k else set()
+        new = [key for key, ref in ckpt.tensors.refs().items() if ref.digest not in before]
+        states[k] = (campaign, new, {ckpt.tensors.ref(key).path for key in new})
+    times: dict[str, dict[str, list[float]]] = {str(k): {"wall": [], "cpu": []} for k in tasks}
+    for _ in range(REPLAYS):
+        for k, (campaign, new, files) in states.items():
+            state = campaign.strategy.state
+            for key in new:  # in memory again, as after the task; its files not written yet
+                state[key] = state[key]
+            for f in files:
+                f.unlink()
+            shutil.rmtree(campaign.run_dir / "checkpoints" / f"task_{k:03d}")
+            gc.collect()
+            start, cpu = time.perf_counter(), time.process_time()
+            campaign.save_checkpoint(k)
+            times[str(k)]["cpu"].append(time.process_time() - cpu)
+            times[str(k)]["wall"].append(time.perf_counter() - start)
+    for k in tasks:
+        shutil.rmtree(out.parent / f"{out.name}-replay-{k}")
+    return times
 
 
 def ratios(r: dict) -> dict[str, float]:
@@ -103,14 +160,23 @@ def ratios(r: dict) -> dict[str, float]:
         late, early = times[max(0, T - 5):], times[max(0, ref - 2):ref + 3]
         return statistics.median(late) / statistics.median(early)
 
+    def replayed(clock: str) -> float:
+        late, early = r["replay"][str(T - 1)][clock], r["replay"][str(ref)][clock]
+        return statistics.median(late) / statistics.median(early)
+
     return {"D": r["disk"][-1] / (T * r["first_ckpt"]),
             "R": r["rss"][-1] / r["rss"][ref],
-            "C": late_over_early(r["ckpt_s"]), "C_cpu": late_over_early(r["ckpt_cpu"]),
+            "C": replayed("wall"), "C_cpu": replayed("cpu"),
+            "C_run": late_over_early(r["ckpt_s"]), "C_run_cpu": late_over_early(r["ckpt_cpu"]),
             "D_unshared": r["unshared"] / (T * r["first_ckpt"])}
 
 
 def mb(n: float) -> str:
     return f"{n / 2**20:.1f} MB"
+
+
+def ms(seconds: list[float]) -> str:
+    return f"{1000 * statistics.median(seconds):.0f} ms"
 
 
 def main() -> None:
@@ -144,10 +210,14 @@ def main() -> None:
               f"{mb(r['unshared'])}, D = {q['D_unshared']:.2f})")
         print(f"  peak resident memory: task 5 {mb(r['rss'][ref])}, last task "
               f"{mb(r['rss'][-1])}, largest {mb(max(r['rss']))}; R = {q['R']:.3f}")
-        print(f"  checkpoint time: task 5 {1000 * r['ckpt_s'][ref]:.0f} ms "
+        early, late = r["replay"][str(ref)], r["replay"][str(T - 1)]
+        print(f"  checkpoint time, taken again {REPLAYS} times from each state: task 5 "
+              f"{ms(early['wall'])} ({ms(early['cpu'])} CPU), last task {ms(late['wall'])} "
+              f"({ms(late['cpu'])} CPU); C = {q['C']:.2f}, C_cpu = {q['C_cpu']:.2f}")
+        print(f"  checkpoint time in the run: task 5 {1000 * r['ckpt_s'][ref]:.0f} ms "
               f"({1000 * r['ckpt_cpu'][ref]:.0f} ms CPU), last task "
               f"{1000 * r['ckpt_s'][-1]:.0f} ms ({1000 * r['ckpt_cpu'][-1]:.0f} ms CPU); "
-              f"C = {q['C']:.2f}, C_cpu = {q['C_cpu']:.2f} (medians of 5)")
+              f"C_run = {q['C_run']:.2f}, C_run_cpu = {q['C_run_cpu']:.2f} (medians of 5)")
         for k in worst:
             worst[k] = max(worst[k], q[k])
     print(f"scale: tasks={args.tasks} disk_ratio={worst['D']:.2f} rss_ratio={worst['R']:.3f} "
