@@ -64,6 +64,11 @@ class RECCompress(CompressParams):
     enabled: bool = Field(True, description="off: keep the expanded network")
     epochs: int | None = Field(None, ge=0, description="distillation epochs on the task's "
                                "data (None: the task's train.epochs)")
+    mix: float | None = Field(0.5, ge=0, le=1, description="alpha: alpha CE + (1 - alpha) "
+                              "T^2 KL on each head (None: CE + kd_weight T^2 KL)")
+    patience: int | None = Field(2, ge=1, description="stop the distillation once the task's "
+                                 "validation accuracy has not improved for this many epochs, "
+                                 "keeping the best student (the one it started as included)")
     student: Literal["parent", "cut"] = Field(
         "parent", description="parent: the network before this task's expansion (the base "
         "architecture with the parent's own units and state); cut: the base architecture cut "
