@@ -223,10 +223,17 @@ def _run(args: argparse.Namespace) -> int:
                           "section (REC's search settings go under strategy.search)")
     out = Path(args.out) if args.out else _default_out(args.config)
     check_new_run_dir(out)
-    campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet))
+    campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet), _write_report)
     metrics = campaign.start()
     _print_summary(out, metrics)
     return 0
+
+
+def _write_report(run_dir: Path) -> Path:
+    """RUNDIR/report of one finished run (handed to the trackers with the run's files)."""
+    from growth.report import write_report
+
+    return write_report([run_dir])
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -253,7 +260,7 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = run_config_of(run_dir)
     if cfg.search is not None:
         return _resume_search(args, cfg)
-    campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet))
+    campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet), _write_report)
     metrics = campaign.resume()
     if campaign.resumed_at == len(campaign.tasks):
         print(f"{run_dir}: all {len(campaign.tasks)} tasks are finished; nothing to do")
@@ -341,7 +348,21 @@ def _progress(epochs: int, quiet: bool) -> Any:
         bar["t"].set_postfix(acc=f"{row[i]:.3f}", ACC=f"{metrics['acc']:.3f}")
         bar["t"].close()
 
-    return Progress(start, epoch, end)
+    def search_start(i: int, children: int) -> None:  # a bar of its own, below the epochs'
+        bar["s"] = tqdm(total=children, desc=f"task {i} search", unit="child", leave=False,
+                        dynamic_ncols=True)
+
+    def search_child(i: int, record: Any) -> None:
+        bar["s"].update(1)
+        if record.val_acc is not None:
+            bar["s"].set_postfix(val=f"{record.val_acc:.4f}")
+
+    def search_end(i: int) -> None:
+        bar.pop("s").close()
+        if bar["t"].n == 0:  # searched before any epoch: their clock starts now
+            bar["t"].reset(total=epochs)
+
+    return Progress(start, epoch, end, search_start, search_child, search_end)
 
 
 def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
@@ -360,14 +381,17 @@ def _report(args: argparse.Namespace) -> int:
     from growth.report import write_report
 
     dirs = [Path(p) for p in args.run_dirs]
-    if all((d / "search.json").is_file() for d in dirs):  # search runs have their own report
+    searches = [d for d in dirs if (d / "search.json").is_file()]  # they have their own report
+    campaigns = [d for d in dirs if d not in searches]
+    out = Path(args.out) if args.out else None
+    if searches and campaigns:  # both kinds: each its own page, side by side in one folder
+        out = out or Path("report")
+    if searches:
         from growth.controllers.search_report import write_search_report
 
-        path = write_search_report(dirs, Path(args.out) if args.out else None)
-        print(f"report written: {path}")
-        return 0
-    path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
-    print(f"report written: {path}")
+        print(f"report written: {write_search_report(searches, out)}")
+    if campaigns:
+        print(f"report written: {write_report(campaigns, out)}")
     return 0
 
 
@@ -405,16 +429,22 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"dropped layers: {', '.join(report.dropped)}")
     for split, before in report.accuracy_before.items():
         print(f"{split} accuracy {before:.4f} -> {report.accuracy_after[split]:.4f}")
+    if len(report.tasks) > 1:  # a multi-task network: what each task keeps
+        for name, acc in report.tasks.items():
+            print(f"task {name}: test accuracy {acc['before']:.4f} -> {acc['after']:.4f}")
     return 0
 
 
 def _ops_list(args: argparse.Namespace) -> int:
-    from growth.ops import available_operators
+    from growth.ops import available_operators, is_builtin
 
     ops = available_operators()
     width = max((len(n) for n in ops), default=0)
     for name, op in sorted(ops.items()):
-        print(f"{name.ljust(width)}  {op.description}")
+        role = f"  (search role: {op.role})" if op.role else ""
+        origin = "" if is_builtin(name) else \
+            f"  [plug-in from {getattr(op.fn, '__module__', None) or '?'}]"
+        print(f"{name.ljust(width)}  {op.description}{role}{origin}")
     return 0
 
 

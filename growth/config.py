@@ -27,9 +27,11 @@ from pydantic import (
 
 from growth.context import TrainConfig
 from growth.data.datasets import DATASETS
+from growth.devices import DEVICE_PATTERN
 from growth.errors import ConfigError
 from growth.io import name_problem
 from growth.layers import ACTIVATIONS
+from growth.plugins import FACTORY_PATTERN
 
 MAX_CONFIG_BYTES = 1 << 20  # a campaign config is a page of YAML, not a data file
 MAX_DEPTH = 12  # sections nest two or three levels; a search space a few more
@@ -53,7 +55,11 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which dataset and how it is cut into tasks (see growth.data.build_stream)."""
 
-    dataset: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
+    dataset: Literal[(*DATASETS, "python")] = "digits"  # type: ignore[valid-type]
+    # python: "package.module:function" or "file.py:function" returning the tasks (each a
+    # mapping with train/test splits, growth.data.custom), called with `args`
+    factory: str | None = Field(None, pattern=FACTORY_PATTERN)
+    args: dict[str, Any] = Field(default_factory=dict)
     root: str = "data"
     download: bool = False
     image_size: int = Field(64, ge=4)
@@ -70,12 +76,26 @@ class DataConfig(_Section):
     augment: Literal["none", "crop_flip", "resized_crop_flip"] = "none"  # training batches
 
 
+    @model_validator(mode="after")
+    def _python_needs_a_factory(self) -> DataConfig:
+        if self.dataset == "python" and self.factory is None:
+            raise ValueError("data.dataset: python needs data.factory, e.g. 'my_data:tasks' or "
+                             "'data.py:tasks' (a function returning the tasks)")
+        return self
+
+
 class ModelConfig(_Section):
     """The base network: an MLP, a small CNN, or a torchvision architecture imported by name
     (its classifier replaced by the heads); one linear head per task."""
 
-    kind: Literal["mlp", "cnn", "torchvision"] = "mlp"
+    kind: Literal["mlp", "cnn", "torchvision", "python"] = "mlp"
     arch: str | None = None  # torchvision: e.g. resnet18, vgg11_bn (search_spaces/zoo.py)
+    # python: "package.module:function" or "file.py:function" returning a torch.nn.Module,
+    # called with `args`; its output is the features the heads read, or (output: classifier)
+    # its last linear layer is replaced by the heads
+    factory: str | None = Field(None, pattern=FACTORY_PATTERN)
+    args: dict[str, Any] = Field(default_factory=dict)
+    output: Literal["features", "classifier"] = "features"
     weights: str | None = None  # torchvision: a local state-dict file for a pretrained start
     hidden: list[PositiveInt] = Field(default_factory=lambda: [100, 100])  # mlp widths
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])  # cnn conv blocks
@@ -96,6 +116,14 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.arch: {self.arch!r} is not a torchvision "
                                  "classification architecture (torchvision.models."
                                  "list_models())")
+        return self
+
+    @model_validator(mode="after")
+    def _python_needs_a_factory(self) -> ModelConfig:
+        if self.kind == "python" and self.factory is None:
+            raise ValueError("model.kind: python needs model.factory, e.g. "
+                             "'my_models:build' or 'models.py:build' (a function returning "
+                             "a torch.nn.Module)")
         return self
 
     @model_validator(mode="after")
@@ -140,7 +168,7 @@ class SearchConfig(_Section):
 
     task: int = Field(0, ge=0)  # index of the stream's task to search on
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    space: dict[str, Any] = Field(default_factory=dict)  # checked by search_spaces.make_space
+    space: dict[str, Any] = Field(default_factory=dict)  # see growth.search_spaces.make_space
     children: int = Field(4, ge=1)  # children per generation
     parent: Literal["best", "fixed"] = "best"  # the next generation grows the best so far
     base_epochs: int | None = Field(None, ge=0)  # training of the base (default train.epochs)
@@ -158,19 +186,81 @@ class SearchConfig(_Section):
     storage: str | None = None  # Tune storage: a shared path or URI for multi-node clusters
 
 
+class CheckpointsConfig(_Section):
+    """Which checkpoints a run keeps (growth.checkpoint). Retention changes no result, so a
+    resume may change it."""
+
+    keep: int | None = Field(None, ge=1)  # newest checkpoints kept (None: every task's)
+
+
+class MLflowConfig(_Section):
+    """An MLflow run per campaign (growth.tracking): `pip install 'growth[mlflow]'`."""
+
+    # tracking URI: file:/abs/path, sqlite:///mlflow.db, http://host:5000; None: MLflow's own
+    # default (MLFLOW_TRACKING_URI, else ./mlruns)
+    uri: str | None = None
+    experiment: str = Field("growth", min_length=1)
+    run_name: str | None = None  # default: the config's name
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class WandbConfig(_Section):
+    """A Weights & Biases run per campaign (growth.tracking): `pip install 'growth[wandb]'`."""
+
+    project: str = Field("growth", min_length=1)
+    entity: str | None = None  # W&B team or user (default: the logged-in user's)
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: `wandb sync` later
+    dir: str | None = None  # where wandb writes (default: WANDB_DIR, else the run directory)
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers fed the same numbers as epochs.csv and metrics.json; tracking
+    never changes results, so a resume may add or change trackers."""
+
+    tensorboard: bool = False  # event files in RUNDIR/tensorboard (`pip install tensorboard`)
+    mlflow: MLflowConfig | None = None  # `mlflow: {}` for MLflow's defaults
+    wandb: WandbConfig | None = None  # `wandb: {mode: offline}` ...
+    artifacts: bool = True  # MLflow/W&B: upload the run's files and report/ when it finishes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switches(cls, data: Any) -> Any:
+        """`mlflow: true` is `mlflow: {}`; `mlflow: false` turns it off."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("mlflow", "wandb"):
+                if data.get(key) is True:
+                    data[key] = {}
+                elif data.get(key) is False:
+                    data[key] = None
+        return data
+
+    @property
+    def enabled(self) -> list[str]:
+        """The trackers switched on, by name."""
+        return [name for name, on in (("tensorboard", self.tensorboard),
+                                      ("mlflow", self.mlflow is not None),
+                                      ("wandb", self.wandb is not None)) if on]
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
-    scenario: Literal["task", "class"] = "task"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    scenario: Literal["task", "class", "domain"] = "task"  # growth.scenarios
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)  # cpu | cuda | cuda:N | auto
     threads: int | None = Field(None, ge=1)
     allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)
-    tensorboard: bool = False  # also log per-epoch numbers as TensorBoard event files
+    # TensorBoard, MLflow, W&B (the old top-level `tensorboard: bool` is read as
+    # tracking.tensorboard, see _migrate)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     search: SearchConfig | None = None  # architecture search (`growth search`)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     _source: str = PrivateAttr("<config>")
 
     @property
@@ -185,6 +275,9 @@ class Config(_Section):
         data = self.model_dump(mode="json", by_alias=True)
         for section, key, _why in _inapplicable(self, only_set=False):
             data[section].pop(key, None)
+        for section, key, default in QUIET_DEFAULTS:
+            if data[section].get(key) == default:
+                data[section].pop(key)
         if data.get("search") is None:
             data.pop("search", None)
         return data
@@ -203,6 +296,9 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "split_seed": ("dataset", ("digits", "imagefolder")),
         "load": ("dataset", ("cub200", "imagefolder")),
         "workers": ("dataset", ("cub200", "imagefolder")),
+        "factory": ("dataset", ("python",)),
+        "args": ("dataset", ("python",)),
+        "stream": ("dataset", DATASETS),
     },
     "model": {
         "hidden": ("kind", ("mlp",)),
@@ -213,11 +309,20 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "dropout": ("kind", ("mlp", "cnn")),
         "arch": ("kind", ("torchvision",)),
         "weights": ("kind", ("torchvision",)),
+        "factory": ("kind", ("python",)),
+        "args": ("kind", ("python",)),
+        "output": ("kind", ("python",)),
     },
     "train": {
         "momentum": ("optimizer", ("sgd",)),
+        "milestones": ("schedule", ("step",)),
+        "gamma": ("schedule", ("step",)),
     },
 }
+
+# keys added after runs were started, written to a run's config only when set away from their
+# default, so that those runs still resume (a resume compares the config with the checkpoint's)
+QUIET_DEFAULTS: tuple[tuple[str, str, Any], ...] = (("train", "warmup_epochs", 0),)
 
 # dotted key -> largest value accepted without `allow_large: true`; for a list, every entry
 # is bounded, and "key#" bounds its length
@@ -379,7 +484,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
                     origins: dict[str, str] | None = None) -> Config:
     """Validate a raw dict: types and ranges, the strategy's own settings, which keys apply,
     and the upper bounds. `origins` maps dotted keys to the `--set` item that gave them."""
-    where = _Where(source, origins or {})
+    where = _Where(source, dict(origins or {}))
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got "
                           f"{_type_name(raw)}")
@@ -388,6 +493,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
     problems = list(_raw_problems(raw, where))
     if problems:
         raise ConfigError(_cap(problems))
+    raw = _migrate(raw, where)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -395,11 +501,32 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
     problems = [*_name_problems(cfg, where), *_strategy_problems(cfg, where),
                 *_growth_search_problems(cfg, where), *_applicability_problems(cfg, where),
                 *_limit_problems(cfg, where), *_scenario_problems(cfg, where),
-                *_feature_problems(cfg, where)]
+                *_feature_problems(cfg, where), *_factory_problems(cfg, where)]
     if problems:
         raise ConfigError(_cap(problems))
     cfg._source = source
     return cfg
+
+
+def _migrate(raw: dict[str, Any], where: _Where) -> dict[str, Any]:
+    """Keys of older configs in their new place: `tensorboard: bool` (top level, what run
+    directories started before `tracking:` hold) becomes tracking.tensorboard."""
+    if "tensorboard" not in raw:
+        return raw
+    raw = dict(raw)
+    value = raw.pop("tensorboard")
+    tracking = raw.get("tracking")
+    if tracking is None:
+        tracking = {}
+    if not isinstance(tracking, dict):
+        return {**raw, "tracking": tracking}  # validation names the bad section
+    if "tensorboard" in tracking:
+        raise ConfigError(f"{where('tensorboard')}: tensorboard: set twice, at the top level "
+                          "and as tracking.tensorboard; keep only tracking.tensorboard")
+    raw["tracking"] = {**tracking, "tensorboard": value}
+    if "tensorboard" in where.origins:
+        where.origins["tracking.tensorboard"] = where.origins["tensorboard"]
+    return raw
 
 
 class _Where:
@@ -548,7 +675,7 @@ def _growth_search_problems(cfg: Config, where: _Where) -> list[str]:
 
 
 def _scenario_problems(cfg: Config, where: _Where) -> list[str]:
-    if cfg.scenario == "class" and cfg.data.stream != "split":
+    if cfg.scenario == "class" and cfg.data.stream != "split" and cfg.data.dataset != "python":
         return [f"{where('scenario')}: scenario: class needs data.stream: split (disjoint "
                 "classes); use scenario: task for permuted or variations streams"]
     return []
@@ -558,10 +685,28 @@ def _feature_problems(cfg: Config, where: _Where) -> list[str]:
     """Optional packages a config asks for, checked before anything runs."""
     from importlib.util import find_spec
 
-    if cfg.tensorboard and find_spec("tensorboard") is None:
-        return [f"{where('tensorboard')}: tensorboard: true needs the tensorboard package; "
-                "pip install 'growth[tensorboard]' or set tensorboard: false"]
-    return []
+    out = []
+    for name in cfg.tracking.enabled:
+        if find_spec(name) is None:
+            key = f"tracking.{name}"
+            out.append(f"{where(key)}: {key} needs the {name} package; pip install "
+                       f"'growth[{name}]' or remove {key}")
+    return out
+
+
+def _factory_problems(cfg: Config, where: _Where) -> list[str]:
+    """A user's model or data function must import (it is called when the campaign starts)."""
+    from growth.plugins import load_factory
+
+    out = []
+    for key, spec, on in (("model.factory", cfg.model.factory, cfg.model.kind == "python"),
+                          ("data.factory", cfg.data.factory, cfg.data.dataset == "python")):
+        if on and spec is not None:
+            try:
+                load_factory(spec, key)
+            except ConfigError as exc:
+                out.append(f"{where(key)}: {exc}")
+    return out
 
 
 def _cap(problems: list[str]) -> str:

@@ -156,7 +156,7 @@ def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
     use_loss, use_penalty, use_after_backward, use_after_step = use
     losses: list[float] = []
     n_epochs = cfg.epochs if epochs is None else epochs
-    schedule = _schedule(cfg, n_epochs * _batches_per_epoch(sets, cfg.batch_size))
+    schedule = _schedule(cfg, n_epochs, _batches_per_epoch(sets, cfg.batch_size))
     step = 0
     start = math.nan  # the first batch's loss, the reference of EXPLODING
     best = _Best(ctx, strategy, cfg.patience)
@@ -230,14 +230,17 @@ def _stop(ctx: Context, strategy: Hooks, epoch: int, problem: str) -> None:
 
 
 class _Best:
-    """Early stopping on the task's validation split: the best epoch's weights (and buffers)
-    are kept and put back at the end; training stops after `patience` epochs without a gain.
-    Off when patience is None or the task has no validation split."""
+    """Early stopping on the task's validation split: the best epoch's weights (and buffers;
+    the weights the fit started from count as epoch -1) are kept and put back at the end;
+    training stops after `patience` epochs without a gain. Off when patience is None or the
+    task has no validation split."""
 
     def __init__(self, ctx: Context, strategy: Hooks, patience: int | None) -> None:
         self.ctx, self.strategy, self.patience = ctx, strategy, patience
         self.on = patience is not None and len(ctx.task.val[1]) > 0
         self.acc, self.epoch, self.state = -1.0, -1, None
+        if self.on:  # the weights the fit starts from are a candidate too
+            self.stop_after(-1)
 
     def stop_after(self, epoch: int) -> bool:
         if not self.on:
@@ -261,11 +264,26 @@ def _batches_per_epoch(sets: list[_Set], batch_size: int) -> int:
     return sum(math.ceil(len(s.y) / batch_size) for s in sets)
 
 
-def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float] | None:
-    """The learning rate of each step of a fit (None: constant, the optimizer's own)."""
-    if cfg.schedule == "constant" or total <= 0:
+def _schedule(cfg: TrainConfig, epochs: int, per_epoch: int) -> Callable[[int], float] | None:
+    """The learning rate of each step of a fit (None: constant, the optimizer's own): a linear
+    warm-up over `warmup_epochs`, then constant, cosine to 0 over the remaining steps, or
+    step decay (times gamma at each milestone epoch reached)."""
+    total = epochs * per_epoch
+    if (cfg.schedule == "constant" and not cfg.warmup_epochs) or total <= 0:
         return None
-    return lambda step: cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    warm = min(cfg.warmup_epochs * per_epoch, total)
+
+    def lr(step: int) -> float:
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        if cfg.schedule == "cosine":
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / (total - warm)))
+        if cfg.schedule == "step":
+            epoch = step // per_epoch
+            return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if m <= epoch)
+        return cfg.lr
+
+    return lr
 
 
 def learn_task(ctx: Context, strategy: Hooks, cfg: TrainConfig, seed: int = 0,

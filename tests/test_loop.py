@@ -535,3 +535,28 @@ def test_early_stopping_keeps_the_best_epochs_weights_and_stops_after_patience()
     again, _, _ = run(epochs=best + 1)
     for k, v in ctx.model.module.state_dict().items():
         assert torch.equal(v, again.model.module.state_dict()[k]), k
+
+
+def test_early_stopping_keeps_the_starting_weights_when_no_epoch_beats_them() -> None:
+    """A fit that only makes things worse (a learning rate far too high, from a trained
+    network) ends with the weights it started from: the start is a candidate."""
+    from growth.search_spaces.networks import add_head, mlp
+
+    from growth.data import build_stream
+    from growth.model import Model
+    from growth.scenarios import labelers
+    from growth.strategies import make_strategy
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1, "seed": 0,
+                         "val_fraction": 0.2, "max_train_per_task": 300})[0]
+    torch.manual_seed(0)
+    ctx = Context(Model(add_head(mlp(task.input_shape, [8]), "t0", 10)), task, [],
+                  *labelers("task"), torch.device("cpu"))
+    fit(ctx, make_strategy("finetune"), TrainConfig(lr=0.1, epochs=5), seed=1)
+    start = {k: v.clone() for k, v in ctx.model.module.state_dict().items()}
+    acc = evaluate(ctx, task, "val")
+    losses = fit(ctx, make_strategy("finetune"), TrainConfig(lr=8.0, epochs=5, patience=1),
+                 seed=2)
+    assert len(losses) == 1 and evaluate(ctx, task, "val") == acc
+    for k, v in ctx.model.module.state_dict().items():
+        assert torch.equal(v, start[k]), k

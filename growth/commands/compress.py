@@ -96,6 +96,14 @@ def load_network(path: str, what: str) -> NetGraph:
     return graph
 
 
+def _tasks_accuracy(ctx: Context, src: _Source) -> dict[str, float]:
+    """Test accuracy of every task the network serves (those before the distilled one, and
+    it), through their heads: what compression keeps of each."""
+    from growth.train import evaluate
+
+    return {t.name: evaluate(ctx, t) for t in [*src.seen, src.task]}
+
+
 def compress_saved(network: str, data: str, params: CompressParams, out: str | None = None,
                    base: str | None = None, task: int | None = None, root: str = "data",
                    train: dict[str, Any] | None = None) -> tuple[CompressReport, str]:
@@ -110,6 +118,7 @@ def compress_saved(network: str, data: str, params: CompressParams, out: str | N
     ctx = Context(Model(graph), src.task, src.seen, src.head_of, src.label_of,
                   torch.device("cpu"), seed=src.seed)
     heads = list(dict.fromkeys([src.head_of(src.task), *(src.head_of(t) for t in src.seen)]))
+    before = _tasks_accuracy(ctx, src)
     torch.manual_seed(src.seed)
     try:
         report = compress(ctx, params, cfg, base=base_graph, heads=heads, seed=src.seed)
@@ -117,6 +126,8 @@ def compress_saved(network: str, data: str, params: CompressParams, out: str | N
         lever = "--lr" if train and "lr" in train else "--lr (or train.lr in --data's config)"
         raise DivergedError(f"growth compress: {exc.detail}; lower {lever} (now {cfg.lr:g}); "
                             "nothing was written") from None
+    report.tasks = {name: {"before": acc, "after": after} for (name, acc), after in
+                    zip(before.items(), _tasks_accuracy(ctx, src).values())}
     summary = {"format": FORMAT, "network": str(network), "base": base, "data": data,
                "task": src.task.name, "settings": params.model_dump(), **report.summary()}
     _replace_folder(folder, lambda tmp: (

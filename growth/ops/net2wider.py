@@ -28,7 +28,7 @@ NOISE_BOUND = 10.0  # max relative output error per unit of noise, one widening 
 
 def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
               seed: int = 0, max_new_params: int | None = MAX_NEW_PARAMS,
-              private: bool = False) -> OpResult:
+              private: bool = False, copies: list[int] | None = None) -> OpResult:
     """Widen producer `node` (linear or conv2d) and its channel group to `width` units.
 
     noise=0 preserves the network's function to float precision. noise>0 breaks the symmetry
@@ -41,6 +41,9 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     `growth.ops.guards`.
     private: the consumers' columns of the new units start at 0 and the originals' stay
     undivided (`growth.ops.widen_private`, the operator that calls this).
+    copies: the units the new ones copy, in order (one per new unit, or per new group where
+    grouped convolutions read the channels), instead of the uniform draw: duplicating chosen
+    units (DEN's split).
     """
     group = find_group(graph, node, op="net2wider")
     params = {"node": node, "width": width, "noise": float(noise), "seed": int(seed)}
@@ -59,6 +62,9 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     gen = torch.Generator().manual_seed(int(seed))
     b = group.block  # grouped convs downstream: copy whole groups of b channels
     extra = torch.randint(group.width // b, ((width - group.width) // b,), generator=gen)
+    if copies is not None:
+        extra = _chosen(node, copies, len(extra), group.width // b)
+        params["copies"] = extra.tolist()
     idx = torch.cat([torch.arange(group.width), (extra[:, None] * b + torch.arange(b)).flatten()])
     changes = apply_index(out, group, idx, divide=not private, fresh=private)
     if noise > 0:
@@ -74,6 +80,16 @@ def _check_width(node: str, width: int, current: int) -> None:
     if width < current:
         raise OperatorError(f"net2wider({node!r}): width {width} is below the current width "
                             f"{current}; net2wider only grows, use prune_units to shrink")
+
+
+def _chosen(node: str, copies: object, n: int, units: int) -> torch.Tensor:
+    """The caller's copied units as an index tensor, or an OperatorError saying what is wrong."""
+    values = list(copies) if isinstance(copies, (list, tuple)) else None
+    if values is None or len(values) != n or any(
+            isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < units for c in values):
+        raise OperatorError(f"net2wider({node!r}): copies must list {n} unit indices in "
+                            f"0..{units - 1}, one per new unit, got {copies!r}")
+    return torch.tensor(values, dtype=torch.long)
 
 
 def _perturb_copies(graph: NetGraph, group: ChannelGroup, noise: float,

@@ -14,9 +14,11 @@ from growth.strategies.agem import AGEM
 from growth.strategies.base import Context, Strategy, StrategyParams, state_key
 from growth.strategies.cpg import CPG
 from growth.strategies.cwr import AR1, CWRStar
+from growth.strategies.den import DEN
 from growth.strategies.dgr import DGR, DGRNegative
 from growth.strategies.er import ER
 from growth.strategies.ewc import EWC
+from growth.strategies.expert_gate import ExpertGate
 from growth.strategies.gdumb import GDumb
 from growth.strategies.gem import GEM
 from growth.strategies.hat import HAT
@@ -25,6 +27,7 @@ from growth.strategies.icarl import ICaRL
 from growth.strategies.joint import Joint
 from growth.strategies.l2 import L2
 from growth.strategies.latent_replay import LatentReplay
+from growth.strategies.learn_to_grow import LearnToGrow
 from growth.strategies.lwf import LwF
 from growth.strategies.mas import MAS
 from growth.strategies.mir import MIR
@@ -32,6 +35,8 @@ from growth.strategies.mwc import MWC
 from growth.strategies.packnet import PackNet
 from growth.strategies.piggyback import Piggyback
 from growth.strategies.pnn import ProgressiveNets
+from growth.strategies.progress_compress import ProgressCompress
+from growth.strategies.rcl import RCL
 from growth.strategies.rec import REC
 from growth.strategies.rwalk import RWalk
 from growth.strategies.scp import SCP
@@ -78,7 +83,8 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
 
 
 for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet, CPG,
-             ProgressiveNets, ICaRL, GDumb, LatentReplay, DGR, DGRNegative, REC):
+             ProgressiveNets, ICaRL, GDumb, LatentReplay, DGR, DGRNegative, REC, LearnToGrow,
+             DEN, ProgressCompress, ExpertGate, RCL):
     register(_cls)
 # regularisers and output-layer methods of the wider field (docs/methods.md)
 for _cls in (RWalk, SCP, CWRStar, AR1, Hypernetwork):
