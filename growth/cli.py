@@ -267,7 +267,21 @@ def _progress(epochs: int, quiet: bool) -> Any:
         bar["t"].set_postfix(acc=f"{row[i]:.3f}", ACC=f"{metrics['acc']:.3f}")
         bar["t"].close()
 
-    return Progress(start, epoch, end)
+    def search_start(i: int, children: int) -> None:  # a bar of its own, below the epochs'
+        bar["s"] = tqdm(total=children, desc=f"task {i} search", unit="child", leave=False,
+                        dynamic_ncols=True)
+
+    def search_child(i: int, record: Any) -> None:
+        bar["s"].update(1)
+        if record.val_acc is not None:
+            bar["s"].set_postfix(val=f"{record.val_acc:.4f}")
+
+    def search_end(i: int) -> None:
+        bar.pop("s").close()
+        if bar["t"].n == 0:  # searched before any epoch: their clock starts now
+            bar["t"].reset(total=epochs)
+
+    return Progress(start, epoch, end, search_start, search_child, search_end)
 
 
 def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
@@ -286,14 +300,17 @@ def _report(args: argparse.Namespace) -> int:
     from growth.report import write_report
 
     dirs = [Path(p) for p in args.run_dirs]
-    if all((d / "search.json").is_file() for d in dirs):  # search runs have their own report
+    searches = [d for d in dirs if (d / "search.json").is_file()]  # they have their own report
+    campaigns = [d for d in dirs if d not in searches]
+    out = Path(args.out) if args.out else None
+    if searches and campaigns:  # both kinds: each its own page, side by side in one folder
+        out = out or Path("report")
+    if searches:
         from growth.controllers.search_report import write_search_report
 
-        path = write_search_report(dirs, Path(args.out) if args.out else None)
-        print(f"report written: {path}")
-        return 0
-    path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
-    print(f"report written: {path}")
+        print(f"report written: {write_search_report(searches, out)}")
+    if campaigns:
+        print(f"report written: {write_report(campaigns, out)}")
     return 0
 
 
@@ -331,16 +348,22 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"dropped layers: {', '.join(report.dropped)}")
     for split, before in report.accuracy_before.items():
         print(f"{split} accuracy {before:.4f} -> {report.accuracy_after[split]:.4f}")
+    if len(report.tasks) > 1:  # a multi-task network: what each task keeps
+        for name, acc in report.tasks.items():
+            print(f"task {name}: test accuracy {acc['before']:.4f} -> {acc['after']:.4f}")
     return 0
 
 
 def _ops_list(args: argparse.Namespace) -> int:
-    from growth.ops import available_operators
+    from growth.ops import available_operators, is_builtin
 
     ops = available_operators()
     width = max((len(n) for n in ops), default=0)
     for name, op in sorted(ops.items()):
-        print(f"{name.ljust(width)}  {op.description}")
+        role = f"  (search role: {op.role})" if op.role else ""
+        origin = "" if is_builtin(name) else \
+            f"  [plug-in from {getattr(op.fn, '__module__', None) or '?'}]"
+        print(f"{name.ljust(width)}  {op.description}{role}{origin}")
     return 0
 
 
