@@ -413,3 +413,66 @@ def test_the_next_generation_grows_from_the_best_child_not_another(tmp_path: Pat
     state = json.loads((tmp_path / "s" / "search.json").read_text())
     assert state["parents"]["1"]["parent"] == str(tmp_path / "s" / best.checkpoint)
     assert controller.parents[1] == NetGraph.load(tmp_path / "s" / best.checkpoint).to_dict()
+
+
+class Fixed:
+    """A controller that proposes three fixed children and keeps what it observes."""
+
+    name = "fixed"
+
+    def __init__(self) -> None:
+        self.observed: list[list[float | None]] = []
+
+    def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+        from growth.controllers.base import Proposal
+
+        return [Proposal(({"op": "net2wider", "node": "fc1", "width": w},), f"fc1={w}")
+                for w in (20, 24, 28)][:n]
+
+    def observe(self, results: Any) -> None:
+        self.observed.append([acc for _, acc in results])
+
+    def state_dict(self) -> Any:
+        return {}, {"controller": self.name}
+
+    def load_state_dict(self, tensors: Any, extra: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("accs", "margin", "chosen"), [
+    ((0.6, 0.9, 0.7), 0.0, 1),  # the best child, not the first, last or worst
+    ((0.8, 0.55, 0.65), 0.0, 0),
+    ((0.6, 0.9, 0.7), 0.5, None),  # 0.9 does not beat the parent's 0.5 by 0.5: kept
+])
+def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
+        tmp_path: Path, accs: tuple[float, ...], margin: float, chosen: int | None) -> None:
+    """A generation whose children are already recorded (as a resumed search finds them)
+    trains nothing; the driver then takes the child of highest validation accuracy as the next
+    parent, with its accuracy and lineage, if it beats the parent by more than the margin."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    add_head(mlp(task.input_shape, [16]), "t0", task.n_classes).save(parent)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for i, acc in enumerate(accs):
+        key = child_key(0, i)
+        actions = [{"op": "net2wider", "node": "fc1", "width": 20 + 4 * i}]
+        append_record(folder / RECORDS, ChildRecord(
+            key, 0, i, f"fc1={20 + 4 * i}", actions, "ok", val_acc=acc, params=100 + i,
+            checkpoint=f"children/{key}", lineage=[actions]))
+    controller = Fixed()
+    result = run_search(folder, parent, controller, None, task, budget=Budget(3, 1), seed=0,
+                        parent_acc=0.5, margin=margin, backend="local")
+    assert controller.observed == [list(accs)]  # in proposal order, nothing trained
+    if chosen is None:
+        assert result.parent == parent.resolve() and result.parent_acc == 0.5
+        assert result.kept == 1 and result.lineage == [] and not result.replaced
+    else:
+        key = child_key(0, chosen)
+        assert result.parent == folder.resolve() / "children" / key
+        assert result.parent_acc == accs[chosen] and result.kept == 0
+        assert result.lineage == [[{"op": "net2wider", "node": "fc1", "width": 20 + 4 * chosen}]]
