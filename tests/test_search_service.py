@@ -422,10 +422,12 @@ class Fixed:
 
     def __init__(self) -> None:
         self.observed: list[list[float | None]] = []
+        self.asked: list[tuple[dict[str, Any], set[str]]] = []  # (parent, exclude) per call
 
     def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
         from growth.controllers.base import Proposal
 
+        self.asked.append((parent.to_dict(), set(exclude)))
         return [Proposal(({"op": "net2wider", "node": "fc1", "width": w},), f"fc1={w}")
                 for w in (20, 24, 28)][:n]
 
@@ -476,3 +478,33 @@ def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
         assert result.parent == folder.resolve() / "children" / key
         assert result.parent_acc == accs[chosen] and result.kept == 0
         assert result.lineage == [[{"op": "net2wider", "node": "fc1", "width": 20 + 4 * chosen}]]
+
+
+def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -> None:
+    """Two generations already recorded: the second is asked for children of the first's best
+    child (its saved graph), excluding every architecture the first trained."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    from growth.ops import net2wider
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    base = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    base.save(parent)
+    folder = tmp_path / "s"
+    for g, accs in enumerate(((0.6, 0.9, 0.7), (0.8, 0.85, 0.7))):
+        for i, acc in enumerate(accs):
+            key = child_key(g, i)
+            net2wider(base, "fc1", 20 + 4 * i + g).graph.save(folder / "children" / key)
+            append_record(folder / RECORDS, ChildRecord(
+                key, g, i, f"g{g}:fc1={20 + 4 * i}", [], "ok", val_acc=acc,
+                checkpoint=f"children/{key}"))
+    controller = Fixed()
+    run_search(folder, parent, controller, None, task, budget=Budget(3, 2), seed=0,
+               parent_acc=0.5, backend="local")
+    (first, before), (second, trained) = controller.asked
+    assert first == base.to_dict() and before == set()
+    assert second == net2wider(base, "fc1", 24).graph.to_dict()  # child 1 of generation 0
+    assert trained == {"g0:fc1=20", "g0:fc1=24", "g0:fc1=28"}
