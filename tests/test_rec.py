@@ -314,8 +314,8 @@ def test_an_inserted_layer_is_anchored_with_each_old_tasks_mean_fisher() -> None
 # ---- compression's wiring: old tasks' importance, and whom old heads are distilled from ------
 def test_old_tasks_importance_weighs_each_tasks_fisher_by_its_relatedness() -> None:
     """What the "cut" student's units are scored by, besides the task's own Fisher:
-    sum_k w_{k,t} F_k over the finished tasks, with the w of this task's relatedness row (a
-    tensor only a later task has counts for that task alone)."""
+    sum_k w_{k,t} F_k over the finished tasks, with the w (not r) of this task's relatedness
+    row; a tensor only one task's Fisher holds (head_t0) gets that task's term alone."""
     torch.manual_seed(0)
     model = Model(add_head(add_head(add_head(mlp((1, 8, 8), [5]), "t0", 10), "t1", 10), "t2", 10))
     tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 3,
