@@ -40,7 +40,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,8 +353,8 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
                storage: str | None = None,
                name: str | None = None, ray_address: str | None = None,
                progress: SearchProgress | None = None, log_file: Path | None = None,
-               connect: Callable[[], AbstractContextManager[Any]] | None = None
-               ) -> SearchResult:
+               connect: Callable[[], AbstractContextManager[Any]] | None = None,
+               callbacks: Sequence[Callback] = ()) -> SearchResult:
     """Search from the graph folder `parent` into `directory` (or resume the search there).
 
     controller: a Controller (propose/observe/state_dict/load_state_dict) over `space`; its
@@ -373,6 +373,8 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
     `name` names this search in it). ray_address: see growth.cluster.ray_cluster. connect:
     how the search gets Ray when it needs it (default: `ray_cluster(ray_address)` for the
     search's duration; a campaign's searcher passes one that holds Ray for the whole run).
+    callbacks: more Tune callbacks for the Ray backend's experiments (e.g. Ray's MLflow or
+    W&B loggers: one tracked run per child); the local backend has no Tune to call them.
     """
     spec = spec or TrialSpec()
     budget = budget or Budget()
@@ -383,7 +385,8 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
     driver = _Driver(search, state, controller, space, task, spec, budget, resources,
                      progress or SearchProgress(), backend=backend, margin=margin,
                      child_s=child_s,
-                     connect=connect or (lambda: _ray(ray_address, log_file)))
+                     connect=connect or (lambda: _ray(ray_address, log_file)),
+                     callbacks=callbacks)
     return driver.run()
 
 
@@ -428,13 +431,14 @@ class _Driver:
                  task: Task, spec: TrialSpec, budget: Budget, resources: Resources,
                  progress: SearchProgress, backend: Backend = "ray", margin: float = 0.0,
                  connect: Callable[[], AbstractContextManager[Any]] | None = None,
-                 child_s: float | None = None) -> None:
+                 child_s: float | None = None, callbacks: Sequence[Callback] = ()) -> None:
         self.search, self.state, self.controller = search, state, controller
         self.budget, self.resources, self.progress = budget, resources, progress
         self.space, self.task = space, task
         self.backend, self.margin, self.child_s = backend, float(margin), child_s
         self.current = "local" if backend == "auto" else backend  # this generation's
         self.connect = connect or (lambda: _ray(None, None))
+        self.callbacks = list(callbacks)
         self.spec = spec.model_copy(update={
             "threads": max(1, int(resources.cpus_per_trial)),
             "device": "cuda" if resources.gpus_per_trial > 0 else spec.device})
@@ -601,7 +605,7 @@ class _Driver:
             run_config=tune.RunConfig(
                 name=f"gen{g:03d}-a{attempt}", storage_path=self.search.storage, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.resources.max_failures),
-                callbacks=[Recorder(self.search, self._on_child)]))
+                callbacks=[Recorder(self.search, self._on_child), *self.callbacks]))
         with _own_signal_handlers():
             tuner.fit()
         del tuner  # the experiment's trials leave the driver's memory

@@ -6,7 +6,8 @@ Run directory (growth.rundir: lock, run id, paths; growth.checkpoint: checkpoint
   .lock                  held by the one process writing the run (its pid inside)
   log.txt                what happened, task by task
   epochs.csv             per epoch of every task: training loss, validation accuracy
-  tensorboard/           the same as TensorBoard event files (with `tensorboard: true`)
+  tensorboard/           TensorBoard event files (with `tracking: {tensorboard: true}`)
+  tracking.json          the MLflow run id, so a resume continues that run (growth.tracking)
   metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes, wall times (rewritten after every task,
                          and rebuilt from the latest checkpoint on resume when behind)
   checkpoints/task_NNN/  graph, strategy state, campaign state and a manifest of SHA-256
@@ -73,10 +74,12 @@ from growth.runlog import EpochLog
 from growth.scenarios import heads, labelers
 from growth.searching import Searcher
 from growth.strategies import Context, Strategy, make_strategy
+from growth.tracking import Tracking, open_tracking
 from growth.train import evaluate, learn_task
 
 log = logging.getLogger("growth.campaign")
 WORK = "work"  # RUNDIR/work/task_NNN: Context.workdir of each task
+UNCHECKED = ("tracking", "tensorboard")  # config keys a resume may change
 __all__ = ["Campaign", "CampaignState", "Progress", "latest_checkpoint", "resume_run",
            "run_config", "run_config_of"]
 
@@ -141,11 +144,15 @@ def _python_trunk(cfg: Config, shape: tuple[int, ...]) -> NetGraph:
 class Campaign:
     """Runs (or resumes) one config into one run directory."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, progress: Progress | None = None
-                 ) -> None:
+    def __init__(self, cfg: Config, run_dir: str | Path, progress: Progress | None = None,
+                 report: Callable[[Path], Any] | None = None) -> None:
+        """`report(run_dir)` writes RUNDIR/report when the run finishes, before MLflow or
+        W&B take the run's files (the commands pass growth.report's writer)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress or Progress()
+        self.report = report
+        self.tracking = Tracking({}, cfg.train.epochs)
         self.device = resolve_device(cfg.device, cfg.source)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -251,9 +258,13 @@ class Campaign:
 
     # ---- the loop ------------------------------------------------------------------------
     def _loop(self) -> dict[str, Any]:
-        self.epoch_log = EpochLog(self.run_dir, self.cfg.train.epochs, self.cfg.tensorboard,
-                                  self.state.finished)
+        self.epoch_log = EpochLog(self.run_dir, self.state.finished)
+        epochs = max(1, self.cfg.train.epochs)
+        self.tracking = open_tracking(self.cfg.tracking, self.run_dir, self.run_id,
+                                      self.cfg.name, epochs, self.state.finished * epochs)
+        ok = False
         try:
+            self.tracking.params(self.state.config)
             if self.state.finished < len(self.tasks):
                 work = self.run_dir / WORK
                 p = self.progress
@@ -263,11 +274,26 @@ class Campaign:
                         self.strategy.session(work):
                     for i in range(self.state.finished, len(self.tasks)):
                         self._learn(i)
+            metrics = self.metrics()  # also when a kill fell between checkpoint and this
+            write_metrics(self.run_dir, metrics)
+            self._hand_over()
+            ok = True
         finally:
-            self.epoch_log.close()
-        metrics = self.metrics()
-        write_metrics(self.run_dir, metrics)  # also when a kill fell between checkpoint and this
+            self.tracking.close(ok)
         return metrics
+
+    def _hand_over(self) -> None:
+        """The finished run's files (and its report) to MLflow and W&B."""
+        t = self.cfg.tracking
+        if not (t.artifacts and (t.mlflow is not None or t.wandb is not None)):
+            return
+        if self.report is not None:
+            try:
+                self.report(self.run_dir)
+            except Exception as exc:  # noqa: BLE001 (the run is done; its report is extra)
+                log.warning("the report for the trackers failed (%s: %s); `growth report %s` "
+                            "writes it", type(exc).__name__, exc, self.run_dir)
+        self.tracking.finish(self.run_dir)
 
     def _ctx(self, task: Task) -> Context:
         seen = [t for t in self.tasks if t.index < task.index]
@@ -302,7 +328,7 @@ class Campaign:
         log.info("task %d done in %.1fs, final loss %.4f; R[%d] = %s; ACC so far %.4f", i,
                  wall, losses[-1] if losses else float("nan"), i + 1,
                  self.state.R.row(i + 1).round(4).tolist(), metrics["acc"] or float("nan"))
-        self.epoch_log.task_done(i, metrics)
+        self.tracking.task_done(i, metrics)
         self.progress.on_task_end(i, metrics)
 
     def _epoch(self, ctx: Context, epoch: int, loss: float) -> None:
@@ -319,6 +345,7 @@ class Campaign:
                 for m, mode in modes:
                     m.train(mode)
         self.epoch_log.epoch(task.index, task.name, epoch, loss, val)
+        self.tracking.epoch(task.index, epoch, loss, val)
         self._val_time += time.perf_counter() - start
         self.progress.on_epoch(task.index, epoch, loss)
 
@@ -350,8 +377,12 @@ class Campaign:
         return metrics
 
     def _check_same_config(self, ckpt: Checkpoint) -> None:
+        """Every key but the trackers' (they do not change results; runs started before
+        `tracking:` existed hold a top-level `tensorboard`)."""
         now = self._resolved().to_dict()
-        changed = sorted(_diff(ckpt.state.config, now))
+        old = {k: v for k, v in ckpt.state.config.items() if k not in UNCHECKED}
+        now = {k: v for k, v in now.items() if k not in UNCHECKED}
+        changed = sorted(_diff(old, now))
         if changed:
             raise ConfigError(f"{self.run_dir / CONFIG} changed since the run started "
                               f"(keys: {', '.join(changed)}; the checkpoint {ckpt.path.name} "
@@ -384,9 +415,10 @@ def _mkdir(path: Path) -> None:
 
 
 def run_config(path: str | Path, out: str | Path, overrides: list[str] | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
-    """Load a config and run it into `out`."""
-    return Campaign(load_config(path, overrides), out, progress).start()
+               progress: Progress | None = None,
+               report: Callable[[Path], Any] | None = None) -> dict[str, Any]:
+    """Load a config and run it into `out` (`report`: see Campaign)."""
+    return Campaign(load_config(path, overrides), out, progress, report).start()
 
 
 def run_config_of(run_dir: str | Path) -> Config:
@@ -395,6 +427,7 @@ def run_config_of(run_dir: str | Path) -> Config:
     return load_config(Path(run_dir) / CONFIG)
 
 
-def resume_run(run_dir: str | Path, progress: Progress | None = None) -> dict[str, Any]:
+def resume_run(run_dir: str | Path, progress: Progress | None = None,
+               report: Callable[[Path], Any] | None = None) -> dict[str, Any]:
     """Continue a run from its last finished task, with the config it was started with."""
-    return Campaign(run_config_of(run_dir), run_dir, progress).resume()
+    return Campaign(run_config_of(run_dir), run_dir, progress, report).resume()
