@@ -185,6 +185,13 @@ class SearchConfig(_Section):
     storage: str | None = None  # Tune storage: a shared path or URI for multi-node clusters
 
 
+class CheckpointsConfig(_Section):
+    """Which checkpoints a run keeps (growth.checkpoint). Retention changes no result, so a
+    resume may change it."""
+
+    keep: int | None = Field(None, ge=1)  # newest checkpoints kept (None: every task's)
+
+
 class MLflowConfig(_Section):
     """An MLflow run per campaign (growth.tracking): `pip install 'growth[mlflow]'`."""
 
@@ -252,6 +259,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     search: SearchConfig | None = None  # architecture search (`growth search`)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     _source: str = PrivateAttr("<config>")
 
     @property

@@ -217,11 +217,8 @@ class SearchRun:
         """Save the best network (the base unless a child beats it by the margin) and the
         summary."""
         best = result.best
-        if result.replaced:  # "best": the driver's choice, the margin applied
+        if result.replaced:  # the driver's choice ("best" or "fixed"), the margin applied
             src, key = result.parent, result.parent.name
-        elif (best is not None and self.s.parent == "fixed" and best.val_acc is not None
-              and best.val_acc > base["val_acc"] + self.s.margin):
-            src, key = result.path(best), best.key
         else:
             src, key = self.run_dir / "base", "base"
         graph = NetGraph.load(src)
