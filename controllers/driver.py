@@ -655,7 +655,7 @@ class _Driver:
                 callbacks=[Recorder(self.search, self._on_child), CSVLoggerCallback(),
                            JsonLoggerCallback(),  # no TensorBoard writer (cluster.py)
                            *self.callbacks]))
-        with signals_kept():  # Tune's handlers do not outlive its run
+        with signals_kept():  # Tune's handlers do not outlive its run (SIGTERM's included)
             tuner.fit()
         del tuner  # the experiment's trials leave the driver's memory
 
