@@ -60,12 +60,19 @@ class Terminated(KeyboardInterrupt):
     stops the same way for both (nothing half-done is marked finished)."""
 
 
-_SIGTERM_SEEN: list[bool] = []  # a library may catch the exception and stop in its own way
+_SIGNALS_SEEN: list[int] = []  # a library may catch the exception and stop in its own way
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    _SIGTERM_SEEN.append(True)
-    raise Terminated()
+def _interrupt(signum: int, frame: Any) -> None:
+    _SIGNALS_SEEN.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _interrupted(term: bool) -> int:
+    print(f"{'terminated (SIGTERM)' if term else 'interrupted'}; nothing unfinished was "
+          "recorded as finished: `growth resume RUNDIR` (or the same `growth compare`) "
+          "continues from what was finished", file=sys.stderr)
+    return 143 if term else 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,27 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    previous = {}
+    if _main_thread():  # SIGTERM is an interrupt; Ctrl-C's is recorded (unless ignored)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     try:
         return int(args.func(args) or 0)
-    except GrowthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the file system refused: name the path, no traceback
-        if exc.filename is None:
+    except (GrowthError, OSError) as exc:
+        if _SIGNALS_SEEN:  # code that caught the interrupt (torch and safetensors turn it
+            # into errors of their own: "cannot read the strategy tensor") failed because of it
+            return _interrupted(signal.SIGTERM in _SIGNALS_SEEN)
+        if isinstance(exc, GrowthError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if exc.filename is None:  # the file system refused: name the path, no traceback
             raise
         print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        term = isinstance(exc, Terminated) or bool(_SIGTERM_SEEN)
-        print(f"{'terminated (SIGTERM)' if term else 'interrupted'}; nothing unfinished was "
-              "recorded as finished: `growth resume RUNDIR` (or the same `growth compare`) "
-              "continues from what was finished", file=sys.stderr)
-        return 143 if term else 130
+        return _interrupted(isinstance(exc, Terminated) or signal.SIGTERM in _SIGNALS_SEEN)
     finally:
-        _SIGTERM_SEEN.clear()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _SIGNALS_SEEN.clear()
+        for kind, handler in previous.items():
+            if handler is not None:
+                signal.signal(kind, handler)
 
 
 def _main_thread() -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,37 @@ def test_budget_counts_and_fractions_still_parse() -> None:
     for text, value in (("0.5", 0.5), ("1", 1.0), ("700", 700.0), ("1e3", 1000.0)):
         args = _parser().parse_args(["compress", "n", "--data", "digits", "--budget", text])
         assert args.budget == value
+
+
+@pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_an_interrupt_a_library_turned_into_an_error_is_still_an_interrupt(
+        tmp_path, capsys, monkeypatch, sig, code, words) -> None:
+    """Ctrl-C landing in safetensors' read of a memory-mapped strategy tensor came back as
+    torch's "could not determine the shape" error, so the run ended as "error: cannot read the
+    strategy tensor" (exit 2), blaming a sound file. The signal was seen: it is the cause."""
+    from runfiles import write_config
+
+    from growth.campaign import Campaign
+    from growth.errors import CheckpointError
+
+    def start(self):
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:  # what the library did with it
+            raise CheckpointError("run/tensors/x.safetensors: cannot read the strategy "
+                                  "tensor 'anchor' (could not determine the shape)") from None
+        raise AssertionError("the signal was not delivered")
+
+    monkeypatch.setattr(Campaign, "start", start)
+    cfg = write_config(tmp_path / "c.yaml")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(words) and "cannot read" not in err, err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # an error with no signal behind it is still the error
+    monkeypatch.setattr(Campaign, "start", lambda self: (_ for _ in ()).throw(
+        CheckpointError("damaged")))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run2")]) == 2
+    assert "error: damaged" in capsys.readouterr().err

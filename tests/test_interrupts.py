@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,11 +202,13 @@ def test_ctrl_c_during_recs_search_stops_the_run(tmp_path: Path) -> None:
     recorded as failed, and a resume finishes it."""
     from runfiles import write_config
 
+    # children trained one at a time: the signal comes with the first recorded, while the
+    # next one trains
     rec = {"name": "rec", "compress": {"epochs": 1},
-           "search": {"controller": "random", "children": 2, "epochs": 1, "backend": "ray",
+           "search": {"controller": "random", "children": 3, "epochs": 3, "backend": "ray",
                       "concurrency": 1,
-                      "controller_params": {"wider_actions": 1, "deeper_actions": 0},
-                      "space": {"widths": {"fc": [16, 24, 32]}}}}
+                      "controller_params": {"wider_actions": 1, "deeper_actions": 1},
+                      "space": {"widths": {"fc": [16, 24, 32, 48, 64]}}}}
     cfg = write_config(tmp_path / "c.yaml", strategy=rec, data__n_tasks=2, train__epochs=2,
                        data__max_train_per_task=150, model__hidden=[16])
     run = tmp_path / "run"
@@ -214,6 +217,9 @@ def test_ctrl_c_during_recs_search_stops_the_run(tmp_path: Path) -> None:
     _wait_for(lambda: records.is_file() and records.read_text().strip(), proc)
     proc.send_signal(signal.SIGINT)
     out, err = _ended(proc, 120)
+    planned = re.search(r"generation 0: \d+ children, (\d+) to train",
+                        (run / "log.txt").read_text())
+    assert planned is not None and int(planned.group(1)) >= 2  # one was still training
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "growth resume" in err, err
     assert not (run / "checkpoints" / "task_001").exists()
