@@ -1,5 +1,5 @@
-"""The `growth` command: run | search | resume | report | compare | compress | strategies | ops |
-demo.
+"""The `growth` command: run | search | tune | resume | report | compare | compress | strategies |
+ops | demo.
 
 User mistakes (a config typo, a corrupt checkpoint, a missing run) print one line naming the
 file and key and exit with status 2, without a traceback.
@@ -66,11 +66,25 @@ def _parser() -> argparse.ArgumentParser:
     srch.add_argument("--quiet", action="store_true", help="no progress bar")
     srch.set_defaults(func=_search)
 
+    tun = sub.add_parser("tune", help="the best settings of a strategy on a stream (Ray Tune "
+                         "trials scored on validation data), written as a preset")
+    tun.add_argument("config", help="YAML config with a `tune:` section, e.g. "
+                     "experiments/tune/ewc-digits-permuted.yaml")
+    tun.add_argument("--out", help="run directory (default: runs/<config name>)")
+    tun.add_argument("--trials", type=int, help="settings to try besides the config's own "
+                     "(default: tune.trials)")
+    tun.add_argument("--ray-address", help="join the Ray cluster at HOST:PORT (default: "
+                     "tune.ray_address, RAY_ADDRESS, else start a local Ray)")
+    tun.add_argument("--quiet", action="store_true", help="no progress bar")
+    tun.set_defaults(func=_tune)
+
     res = sub.add_parser("resume", help="continue a killed run from its last finished task, "
-                         "or a killed search from its finished children")
+                         "a killed search from its finished children, or a killed tune from "
+                         "its finished trials")
     res.add_argument("run_dir", help="the run directory (the --out of `growth run` or "
                      "`growth search`)")
-    res.add_argument("--ray-address", help="search runs: join the Ray cluster at HOST:PORT")
+    res.add_argument("--ray-address", help="search and tune runs: join the Ray cluster at "
+                     "HOST:PORT")
     res.add_argument("--quiet", action="store_true", help="no progress bar")
     res.set_defaults(func=_resume)
 
@@ -79,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                      "configs differ only in the seed are grouped (mean ± std)")
     rep.add_argument("--out", help="output folder (default: RUNDIR/report for one run, "
                                    "./report for several)")
+    rep.add_argument("--reference", help="several runs: the group the others' differences in "
+                     "ACC are taken to, paired by seed (default: the first group)")
     rep.set_defaults(func=_report)
 
     ops = sub.add_parser("ops", help="growth operators")
@@ -147,6 +163,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: search: this is a `growth search` config (one "
                           "task, many children); run `growth search` on it, or remove the "
                           "section (REC's search settings go under strategy.search)")
+    if cfg.tune is not None:
+        raise ConfigError(f"{args.config}: tune: this is a `growth tune` config (many "
+                          "campaigns, one per setting); run `growth tune` on it, or remove the "
+                          "section")
     out = Path(args.out) if args.out else _default_out(args.config)
     check_writable_dir(out)
     campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet))
@@ -179,12 +199,89 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = run_config_of(run_dir)
     if cfg.search is not None:
         return _resume_search(args, cfg)
+    if cfg.tune is not None:
+        from growth.commands.tune import resume_tune
+
+        bar, progress = _tune_progress(args.quiet)
+        try:
+            summary = resume_tune(run_dir, args.ray_address, progress)
+        finally:
+            bar()
+        _print_tune_summary(run_dir, summary)
+        return 0
     campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet))
     metrics = campaign.resume()
     if campaign.resumed_at == len(campaign.tasks):
         print(f"{run_dir}: all {len(campaign.tasks)} tasks are finished; nothing to do")
     _print_summary(run_dir, metrics)
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import shlex
+
+    from growth.commands.tune import tune_config
+    from growth.errors import ConfigError
+
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: give 1 or more")
+    out = Path(args.out) if args.out else _default_out(args.config)
+    command = "growth tune " + " ".join(shlex.quote(a) for a in [
+        args.config, "--out", str(out), *(["--trials", str(args.trials)] if args.trials
+                                          else [])])
+    close, progress = _tune_progress(args.quiet)
+    try:
+        summary = tune_config(args.config, out, args.trials, args.ray_address, command,
+                              progress)
+    finally:
+        close()
+    _print_tune_summary(out, summary)
+    return 0
+
+
+def _tune_progress(quiet: bool) -> tuple[Any, Any]:
+    """A bar over a tune's trials (closed by the first value returned), and its hooks."""
+    from growth.commands.tune import TuneProgress
+
+    if quiet:
+        return (lambda: None), TuneProgress()
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+    best: list[float] = []
+
+    def start(total: int, done: int) -> None:
+        bar["t"] = tqdm(total=total, initial=done, desc="tune", unit="trial",
+                        dynamic_ncols=True)
+
+    def trial(record: Any) -> None:
+        if record.score is not None:
+            best.append(record.score)
+        bar["t"].update(1)
+        bar["t"].set_postfix(best="n/a" if not best else f"{max(best):.4f}")
+
+    def close() -> None:
+        if "t" in bar:
+            bar["t"].close()
+
+    return close, TuneProgress(start, trial)
+
+
+def _print_tune_summary(out: Path, summary: dict[str, Any]) -> None:
+    best, default = summary["best"], summary["default"]
+    print(f"run directory: {out}")
+    print(f"trials: {summary['trials']} ({summary['finished']} finished, {summary['stopped']} "
+          f"stopped early, {summary['failed']} failed) in {summary['wall_time_s']:.0f}s")
+    if default is not None and default["score"] is not None:
+        print(f"config's own setting ({default['id']}): score {default['score']:.4f}")
+    if best is None:
+        print("no trial finished; nothing chosen")
+    else:
+        shown = ", ".join(f"{k}={v}" for k, v in best["setting"].items())
+        print(f"chosen ({best['id']}): {shown}: score {best['score']:.4f}")
+    for path in summary["presets"]:
+        print(f"preset: {path}")
+    print(f"report: {out / 'tune.md'}")
 
 
 def _resume_search(args: argparse.Namespace, cfg: Any) -> int:
@@ -292,7 +389,8 @@ def _report(args: argparse.Namespace) -> int:
         path = write_search_report(dirs, Path(args.out) if args.out else None)
         print(f"report written: {path}")
         return 0
-    path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
+    path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
+                        args.reference)
     print(f"report written: {path}")
     return 0
 

@@ -22,11 +22,13 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from growth.context import TrainConfig
 from growth.data.datasets import DATASETS
+from growth.data.orders import CURRICULA, is_order_name
 from growth.errors import ConfigError
 from growth.layers import ACTIVATIONS
 
@@ -67,6 +69,19 @@ class DataConfig(_Section):
     load: Literal["auto", "memory", "stream"] = "auto"  # folder datasets: memory or disk
     workers: int = Field(2, ge=0)  # DataLoader processes reading streamed images
     augment: Literal["none", "crop_flip", "resized_crop_flip"] = "none"  # training batches
+    order: list[int] | str | None = None  # task order (growth.data.orders); None: the stream's
+
+    @field_validator("order")
+    @classmethod
+    def _an_order(cls, value: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(value, str) and not is_order_name(value):
+            raise ValueError(f"unknown task order {value!r}; valid: a list of task indices, "
+                             f"{', '.join(CURRICULA)}, or random-K (K = 1, 2, ...)")
+        if isinstance(value, list):
+            if not value or min(value) < 0 or len(set(value)) != len(value):
+                raise ValueError("a task order lists distinct task indices (0, 1, ...), "
+                                 f"at least one, got {value}")
+        return value
 
 
 class ModelConfig(_Section):
@@ -157,6 +172,71 @@ class SearchConfig(_Section):
     storage: str | None = None  # Tune storage: a shared path or URI for multi-node clusters
 
 
+class TuneRange(_Section):
+    """The values one tuned key may take: exactly one of a grid (every value is tried), a
+    choice (values drawn at random), or a uniform or log-uniform interval [low, high]."""
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: bool = False  # round values drawn from an interval to integers
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TuneRange:
+        kinds = [k for k in ("grid", "choice", "uniform", "loguniform")
+                 if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform"
+                             + (f" (got {', '.join(kinds)})" if kinds else ""))
+        interval = self.uniform or self.loguniform
+        if interval is not None and not interval[0] < interval[1]:
+            raise ValueError(f"an interval is [low, high] with low < high, got "
+                             f"{list(interval)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("a loguniform interval needs low > 0")
+        if self.integer and interval is None:
+            raise ValueError("integer applies to uniform and loguniform intervals")
+        return self
+
+    @property
+    def sampled(self) -> bool:
+        return self.grid is None
+
+
+class TuneConfig(_Section):
+    """`growth tune`: which settings to try, how each trial is scored, resources (see
+    docs/tuning.md)."""
+
+    space: dict[str, TuneRange] = Field(min_length=1)  # dotted config key -> its range
+    trials: int | None = Field(None, ge=1)  # settings tried in all (default: see docs)
+    include_default: bool = True  # the config's own values are a trial (t000)
+    seeds: list[int] | None = Field(None, min_length=1)  # each trial's campaigns (None: seed)
+    protocol: Literal["stream", "first_tasks"] = "stream"  # what a trial learns and is scored on
+    first_tasks: int | None = Field(None, ge=1)  # protocol first_tasks: how many
+    scheduler: Literal["fifo", "asha"] = "fifo"  # asha stops poor trials after a few tasks
+    grace_tasks: int = Field(1, ge=1)  # asha: tasks every trial learns before it may stop
+    reduction_factor: float = Field(2.0, gt=1)  # asha: 1 / the share of trials kept per rung
+    concurrency: int = Field(2, ge=1)  # trials at once
+    cpus_per_trial: float = Field(1.0, gt=0)  # also each trial's torch threads
+    max_failures: int = Field(1, ge=0)  # retries when a trial's process or node fails
+    sample_seed: int = 0  # seed of the values drawn (the trials' campaigns use `seeds`)
+    presets: str | None = None  # also write the preset into this folder (relative to the file)
+    ray_address: str | None = None  # join this cluster (default: start a local Ray)
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> TuneConfig:
+        if self.protocol == "first_tasks" and self.first_tasks is None:
+            raise ValueError("protocol: first_tasks needs first_tasks: k (the tasks each trial "
+                             "learns and is scored on)")
+        if self.protocol != "first_tasks" and self.first_tasks is not None:
+            raise ValueError("first_tasks applies only to protocol: first_tasks; remove it")
+        if self.scheduler != "asha" and ("grace_tasks" in self.model_fields_set or
+                                         "reduction_factor" in self.model_fields_set):
+            raise ValueError("grace_tasks and reduction_factor apply only to scheduler: asha")
+        return self
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -165,11 +245,13 @@ class Config(_Section):
     threads: int | None = Field(None, ge=1)
     allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)
     tensorboard: bool = False  # also log per-epoch numbers as TensorBoard event files
+    evaluate_on: Literal["test", "val"] = "test"  # val: R on validation splits, test never read
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     search: SearchConfig | None = None  # architecture search (`growth search`)
+    tune: TuneConfig | None = None  # a search over settings (`growth tune`)
     _source: str = PrivateAttr("<config>")
 
     @property
@@ -180,12 +262,18 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as it is written to a run directory: keys that do not apply
         to the chosen stream/model/optimizer are left out, so reading it back is valid (and
-        there is no `search` key unless the config has a search section)."""
+        there is no `search` or `tune` key unless the config has that section)."""
         data = self.model_dump(mode="json", by_alias=True)
         for section, key, _why in _inapplicable(self, only_set=False):
             data[section].pop(key, None)
-        if data.get("search") is None:
-            data.pop("search", None)
+        for section in ("search", "tune"):
+            if data.get(section) is None:
+                data.pop(section, None)
+        # keys added later are left out at their defaults, so older runs' configs still match
+        if data["data"].get("order") is None:
+            data["data"].pop("order", None)
+        if data.get("evaluate_on") == "test":
+            data.pop("evaluate_on", None)
         return data
 
 

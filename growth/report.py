@@ -4,6 +4,11 @@ A comparison groups runs whose resolved configs are equal but for the seed (and 
 and thread count): each group gets n, mean ± std (sample std) and error bars in the plots; a
 group of one run is listed like any other. Groups of one strategy whose configs differ are
 told apart by the keys that differ, and marked. The figures are in growth.plots.
+
+A comparison also gives each group's difference in ACC to a reference group (the first, or
+`reference`), paired by seed: runs of one seed share their data and initial network, so the
+per-seed differences are tested with a paired t-test (growth.stats), with a 95% interval and
+"n.s." where the difference is not significant.
 """
 
 from __future__ import annotations
@@ -15,14 +20,19 @@ from pathlib import Path
 import numpy as np
 
 from growth import plots
+from growth.errors import ReportError
 from growth.rundir import check_writable_dir
 from growth.runs import Group, Run, group_runs, load_runs
+from growth.stats import paired
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
+def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
+                 reference: str | None = None) -> Path:
     """Write report.md and PNG plots; one run -> <run_dir>/report, several -> ./report.
+    `reference`: the group (by its label) the others' differences are taken to.
 
-    Returns the path of report.md. Raises ReportError naming any run without valid metrics.
+    Returns the path of report.md. Raises ReportError naming any run without valid metrics,
+    or a reference that is no group's label.
     """
     runs = load_runs(run_dirs)
     if len(runs) == 1:
@@ -32,7 +42,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     else:
         folder = Path(out) if out is not None else Path("report")
         check_writable_dir(folder, "report folder")
-        text = _comparison_report(runs, folder)
+        text = _comparison_report(runs, folder, reference)
     path = folder / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
@@ -113,8 +123,9 @@ def _scores_section(run: Run) -> str:
 
 def _r_section(run: Run) -> str:
     rows = [[lbl, *(_num(v) for v in row)] for lbl, row in zip(_row_labels(run.tasks), run.R)]
+    split = "Validation" if run.info.get("evaluated_on") == "val" else "Test"
     note = (
-        "Test accuracy on each task (column) after training the task named in the row; "
+        f"{split} accuracy on each task (column) after training the task named in the row; "
         "`init` is the random initial model, `n/a` not measured yet.\n\n"
     )
     return "## Accuracy matrix R\n\n" + note + _table(["", *run.tasks], rows)
@@ -160,9 +171,13 @@ def _search_section(run: Run) -> str:
 # --------------------------------------------------------------------------- comparison
 
 
-def _comparison_report(runs: list[Run], folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
+def _comparison_report(runs: list[Run], folder: Path, reference: str | None = None) -> str:
     groups = group_runs(runs)
+    labels = [g.label for g in groups]
+    if reference is not None and reference not in labels:
+        raise ReportError(f"--reference {reference!r} is not a group of these runs; the groups "
+                          f"are: {', '.join(labels)}")
+    folder.mkdir(parents=True, exist_ok=True)
     figures = {
         "r_matrices.png": ("R matrices", plots.heatmap_figure(runs)),
         "average_accuracy.png": ("Average accuracy after each task",
@@ -180,6 +195,7 @@ def _comparison_report(runs: list[Run], folder: Path) -> str:
     parts = [f"# Comparison of {len(runs)} runs in {len(groups)} groups\n",
              "## Groups (same config but the seed): mean ± std over runs (sample std)\n",
              _group_table(groups), _group_notes(groups),
+             _differences_section(groups, reference or labels[0]),
              "## Runs\n", _comparison_table(runs, groups), "## Plots\n"]
     parts += [f"![{alt}]({name})\n" for name, (alt, _) in figures.items()]
     return "\n".join(parts)
@@ -262,3 +278,41 @@ def _group_notes(groups: list[Group]) -> str:
                      "config.yaml); they are grouped by strategy, stream, dataset, scenario "
                      "and task names only.")
     return "\n".join(notes) + "\n" if notes else ""
+
+
+def _complete_by_seed(group: Group) -> dict[object, float]:
+    """ACC of the group's runs that finished every task, by seed (the first run of a seed)."""
+    out: dict[object, float] = {}
+    for r in group.runs:
+        seed = r.info.get("seed")
+        acc = r.scores["acc"]
+        if seed is not None and r.done == r.R.shape[1] and math.isfinite(acc):
+            out.setdefault(seed, acc)
+    return out
+
+
+def _differences_section(groups: list[Group], reference: str) -> str:
+    """Each group's paired difference in ACC to the reference group."""
+    if len(groups) < 2:
+        return ""
+    ref = next(g for g in groups if g.label == reference)
+    theirs = _complete_by_seed(ref)
+    rows = []
+    for g in groups:
+        if g is ref:
+            continue
+        mine = _complete_by_seed(g)
+        seeds = sorted(set(mine) & set(theirs), key=str)
+        if len(seeds) < 2:
+            rows.append([g.label, str(len(seeds)), "n/a", "n/a", "n/a", ""])
+            continue
+        d = paired([mine[s] for s in seeds], [theirs[s] for s in seeds])
+        p = "< 0.001" if d.p < 0.001 else f"{d.p:.3f}"
+        rows.append([g.label, str(d.n), f"{d.diff:+.4f}", f"[{d.low:+.4f}, {d.high:+.4f}]", p,
+                     "" if d.significant else "n.s."])
+    return (f"## Differences in ACC to {reference} (paired by seed)\n\n"
+            "Runs of one seed share their data and initial network; the mean of the per-seed "
+            "differences (group - reference) is given with its 95% t interval and the "
+            "two-sided p-value of the paired t-test, over the seeds both groups finished; "
+            "n.s.: not significant at 5%.\n\n"
+            + _table(["group", "pairs", "Δ ACC", "95% interval", "p", ""], rows))

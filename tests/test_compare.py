@@ -58,8 +58,9 @@ def test_plan_names_one_run_per_strategy_and_seed(tmp_path: Path) -> None:
     plan = load_compare(write(tmp_path, ["finetune", {"name": "rec", "label": "r0",
                                                       "search": "off"}]))
     assert list(plan.runs) == ["finetune-s0", "finetune-s1", "r0-s0", "r0-s1"]
-    label, seed, overrides = plan.runs["r0-s1"]
-    assert label == "r0" and seed == 1 and "seed=1" in overrides
+    spec = plan.runs["r0-s1"]
+    assert spec.label == "r0" and spec.seed == 1 and "seed=1" in spec.overrides
+    assert spec.order == "given" and not any(o.startswith("data.order") for o in spec.overrides)
 
 
 @pytest.mark.slow

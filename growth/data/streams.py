@@ -27,6 +27,7 @@ from torch import Tensor
 from growth.data.augment import AUGMENTATIONS
 from growth.data.containers import Dataset, Split, Task
 from growth.data.datasets import load_dataset
+from growth.data.orders import reorder
 from growth.data.sampling import generator, stratified_pick, stratified_split
 from growth.data.streaming import is_lazy, take
 from growth.data.variations import VARIATIONS, apply_variation, texture_bank
@@ -74,7 +75,8 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
     n_tasks, seed, val_fraction, max_train_per_task, variations, by, class_order, load and
     workers (folder datasets read into memory or streamed from disk), augment (training
     batches), and split_seed (train/test split of datasets without an official one; kept
-    apart from `seed` so that runs with different seeds are tested on the same images).
+    apart from `seed` so that runs with different seeds are tested on the same images), order
+    (the tasks' order: see growth.data.orders).
     """
 
     def get(key: str, default: Any) -> Any:
@@ -106,7 +108,7 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
         raise DataError(f"unknown augmentation {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
     for t in tasks:
         t.augment = kind
-    return tasks
+    return reorder(tasks, cfg.get("order"))
 
 
 class _Carver:
