@@ -269,6 +269,16 @@ class Config(_Section):
         for section in ("search", "tune"):
             if data.get(section) is None:
                 data.pop(section, None)
+        if "tune" in data:  # as written: keys that apply only, each range by its one kind
+            tune = data["tune"]
+            if tune["scheduler"] != "asha":
+                tune.pop("grace_tasks")
+                tune.pop("reduction_factor")
+            if tune["first_tasks"] is None:
+                tune.pop("first_tasks")
+            tune["space"] = {k: {kind: v for kind, v in spec.items()
+                                 if v is not None and (kind != "integer" or v)}
+                             for k, spec in tune["space"].items()}
         # keys added later are left out at their defaults, so older runs' configs still match
         if data["data"].get("order") is None:
             data["data"].pop("order", None)

@@ -340,3 +340,39 @@ def test_report_of_real_runs_groups_by_their_resolved_config(tmp_path, monkeypat
     text = write_report(dirs).read_text()
     assert "| finetune † (train.epochs=2) | 2 | 0, 1 | 2 / 2 |" in text
     assert "| finetune † (train.epochs=1) | 1 | 0 | 2 / 2 |" in text
+
+
+def _final(acc_row):
+    """R3 with another final row."""
+    R = [row[:] for row in R3]
+    R[3] = list(acc_row)
+    return R
+
+
+def test_differences_to_a_reference_group_paired_by_seed(tmp_path, monkeypatch):
+    """ewc's ACC is finetune's plus 0.1, 0.0, 0.2 on seeds 0, 1, 2 (final rows by hand): mean
+    0.1, sd 0.1, t = sqrt(3); with 2 degrees of freedom p = 1 - t / sqrt(2 + t^2) =
+    1 - sqrt(3 / 5). A fourth finetune seed has no partner and is left out."""
+    from scipy import stats as scipy_stats
+
+    monkeypatch.chdir(tmp_path)
+    ft = {0: [0.6, 0.6, 0.6], 1: [0.7, 0.7, 0.7], 2: [0.5, 0.5, 0.5], 3: [0.9, 0.9, 0.9]}
+    ewc = {0: [0.7, 0.7, 0.7], 1: [0.7, 0.7, 0.7], 2: [0.7, 0.7, 0.7]}
+    runs = [make_run(tmp_path, f"ft-s{s}", "finetune", s, R=_final(r),
+                     config=_config("finetune", seed=s)) for s, r in ft.items()]
+    runs += [make_run(tmp_path, f"ewc-s{s}", "ewc", s, R=_final(r),
+                      config=_config("ewc", seed=s)) for s, r in ewc.items()]
+    text = write_report(runs).read_text()
+    assert "## Differences in ACC to finetune (paired by seed)" in text
+    section = text.split("## Differences")[1].split("## Runs")[0]
+    row = next(ln for ln in section.splitlines() if ln.startswith("| ewc |"))
+    p = 1 - (3 / 5) ** 0.5
+    assert p == pytest.approx(scipy_stats.ttest_rel([0.7] * 3, [0.6, 0.7, 0.5]).pvalue)
+    half = 4.302652729911275 * 0.1 / 3 ** 0.5  # t(0.975, 2)
+    assert row == (f"| ewc | 3 | +0.1000 | [{0.1 - half:+.4f}, {0.1 + half:+.4f}] | "
+                   f"{p:.3f} | n.s. |")
+    # the other way round, with --reference
+    text = write_report(runs, reference="ewc").read_text()
+    assert "| finetune | 3 | -0.1000 |" in text.split("## Differences")[1]
+    with pytest.raises(ReportError, match="'nosuch' is not a group.*finetune, ewc"):
+        write_report(runs, reference="nosuch")

@@ -77,6 +77,7 @@ TRIALS = "trials"
 PRESET = "preset.yaml"
 TUNABLE = ("strategy.", "train.", "model.")  # the sections a tune may change
 SAMPLED_TRIALS = 10  # trials per grid point when a key is drawn and `trials` is not set
+TIE = 1e-9  # scores closer than this are equal (an average of the same counts, summed apart)
 
 
 @dataclass(frozen=True)
@@ -504,7 +505,9 @@ class TuneRun:
     def _finish(self, plan: list[Trial], records: dict[str, TrialRecord],
                 state: dict[str, Any]) -> dict[str, Any]:
         ok = [r for t in plan if (r := records.get(t.id)) is not None and r.status == "ok"]
-        best = max(ok, key=lambda r: r.score or 0.0, default=None)  # max keeps the first on ties
+        top = max((r.score or 0.0 for r in ok), default=None)
+        # the first trial at the top score: scores that differ only by float rounding tie
+        best = next((r for r in ok if (r.score or 0.0) >= (top or 0.0) - TIE), None)
         default = next((records.get(t.id) for t in plan if t.default), None)
         summary = {
             "name": self.cfg.name, "strategy": self.cfg.strategy.name,
@@ -630,6 +633,10 @@ def write_tune_report(folder: Path, cfg: Config, plan: list[Trial],
     head = ["trial", *keys, "score", *(f"seed {s}" for s in seeds), "status"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    failed = [(tr.id, r.error) for tr in order if (r := records.get(tr.id)) is not None
+              and r.status == "failed"]
+    if failed:
+        lines += ["", "Failed trials:", ""] + [f"- {i}: {e}" for i, e in failed]
     lines += ["", "![score against each tuned key](tune_scores.png)", ""]
     path = folder / "tune.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -8,9 +8,9 @@ An order is one of:
 - a curriculum by difficulty, `easy_first` or `hard_first`. A task's difficulty is the error
   of a nearest-class-mean classifier (class means of the task's training split, scored on its
   validation split): a measure of the data alone that needs no network and never reads a
-  test split. Ties keep the stream's order, so on a permuted stream, whose tasks are the same
-  images under a fixed pixel permutation (which leaves every distance, hence this measure,
-  unchanged), both curricula are the stream's own order.
+  test split. Ties keep the stream's order. A pixel permutation leaves every distance, hence
+  this measure, unchanged: on a permuted stream the tasks differ only in which images their
+  validation splits drew, so a curriculum there orders them by that sampling noise.
 
 Reordering keeps every task's data, name and classes (its class offset too, so
 class-incremental labels keep their meaning) and gives it its new position as `index`: the
