@@ -21,7 +21,7 @@ import yaml
 
 from growth.cli import main
 from growth.commands.compare import load_compare
-from growth.commands.presets import Preset, find_preset, write_preset
+from growth.commands.presets import Preset, write_preset
 from growth.commands.tune import (
     TuneRun,
     make_plan,
@@ -284,26 +284,24 @@ def test_compare_takes_each_strategy_settings_from_its_preset(tmp_path: Path) ->
 
 
 def test_shipped_presets_match_their_tune_configs() -> None:
-    """Every preset in experiments/presets names the command that made it, and its tuned
-    keys are the keys its tune config searches."""
-    folder = ROOT / "experiments" / "presets"
-    files = sorted(folder.glob("*.yaml"))
+    """Every preset in experiments/presets names the command that made it, is named for its
+    config's strategy and stream, and holds a value for every key its config tunes."""
+    from growth.commands.presets import preset_name, read_preset
+
+    files = sorted((ROOT / "experiments" / "presets").glob("*.yaml"))
     assert files
     for path in files:
-        text = path.read_text()
-        assert "# Made by: growth tune experiments/tune/" in text, path
-        preset = find_preset(folder, path.name.split("-")[0],
-                             load_config(ROOT / preset_config(text)))
-        assert preset is not None
+        made = next(ln for ln in path.read_text().splitlines() if ln.startswith("# Made by: "))
+        words = made.split()
+        assert words[3:5] == ["growth", "tune"], path
+        preset = read_preset(path)
+        assert words[5] == preset.tuned["config"], path
         cfg = load_config(ROOT / preset.tuned["config"])
-        assert cfg.tune is not None and cfg.strategy.name == preset.strategy["name"]
-        tuned = {f"strategy.{k}" for k in preset.strategy if k != "name"}
-        assert set(cfg.tune.space) <= tuned | {s.split("=")[0] for s in preset.set}
-
-
-def preset_config(text: str) -> str:
-    line = next(ln for ln in text.splitlines() if ln.startswith("# Made by: "))
-    return line.split()[4]  # "# Made by: growth tune CONFIG --out DIR"
+        assert cfg.tune is not None and cfg.strategy.name == preset.strategy["name"], path
+        assert path.name == preset_name(cfg.strategy.name, cfg)
+        values = {f"strategy.{k}" for k in preset.strategy} | {s.split("=")[0]
+                                                              for s in preset.set}
+        assert set(cfg.tune.space) <= values, path
 
 
 # ---- a whole tune, killed and resumed ---------------------------------------------------------
@@ -347,6 +345,7 @@ def test_a_tune_resumed_after_a_kill_chooses_the_same_setting(tmp_path: Path,
     chosen = yaml.safe_load((run / "preset.yaml").read_text())
     assert chosen["strategy"]["lambda"] == summary["best"]["setting"]["strategy.lambda"]
     assert chosen["tuned"]["trial"] == summary["best"]["id"]
+    assert chosen["tuned"]["config"] == str(cfg)  # the file it was started from
     # the preset written into the config's presets folder is the run directory's
     assert (tmp_path / "presets" / "ewc-digits-permuted-task.yaml").is_file()
     # the best is the highest score, the earlier trial on a tie

@@ -396,7 +396,8 @@ class TuneRun:
             new_run_id(self.run_dir)
             atomic_write_text(self.run_dir / CONFIG, dump_config(self.cfg))
             atomic_write_text(self.run_dir / STATE, json.dumps(
-                {"command": self.command, "attempts": 0, "elapsed_s": 0.0}, indent=1))
+                {"command": self.command, "config": self.source, "attempts": 0,
+                 "elapsed_s": 0.0}, indent=1))
             atomic_write_text(self.run_dir / PLAN, json.dumps(
                 [t.__dict__ for t in plan], indent=1))
             with logging_to(self.run_dir):
@@ -545,7 +546,8 @@ class TuneRun:
                 flow = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
                 others.append(f"{key}={flow.removesuffix('...').strip()}")
         seeds = t.seeds or [self.cfg.seed]
-        tuned = {"config": self.source, "dataset": self.cfg.data.dataset,
+        source = state.get("config") or self.source  # the file the tune was started from
+        tuned = {"config": source, "dataset": self.cfg.data.dataset,
                  "stream": self.cfg.data.stream, "scenario": self.cfg.scenario,
                  "protocol": t.protocol, "seeds": seeds, "trials": summary["trials"],
                  "trial": best.id, "score": best.score,
@@ -558,7 +560,7 @@ class TuneRun:
         header = [f"Best settings of {self.cfg.strategy.name} on {self.cfg.data.dataset}, "
                   f"{self.cfg.data.stream} stream, {self.cfg.scenario} scenario, found by "
                   "growth tune.",
-                  f"Made by: {state.get('command') or f'growth tune {self.source}'}",
+                  f"Made by: {state.get('command') or f'growth tune {source}'}",
                   f"Protocol {t.protocol}: {what}, mean over seeds {seeds}; test data never "
                   "read.",
                   f"Chosen: trial {best.id} of {summary['trials']}, score {best.score:.4f}"
