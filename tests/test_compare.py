@@ -192,3 +192,9 @@ def test_differences_and_order_spread_by_hand(tmp_path: Path) -> None:
     assert float(f["range"]) == pytest.approx(0.8 - (0.60 + 0.75 + 0.85) / 3, abs=1e-12)
     assert "- random-1: b, a" in text
     assert (out / "orders.png").is_file()
+    assert "Not every run finished" not in text
+    # a run that did not finish (a failed one) leaves its pair out, and the table says so
+    (out / "si-s1" / "metrics.json").unlink()
+    text = write_comparison(plan, out).read_text()
+    assert "Not every run finished" in text and "si (5 of 6)" in text
+    assert "| si | ewc | 5 |" in text

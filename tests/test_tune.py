@@ -313,7 +313,8 @@ def test_a_tune_resumed_after_a_kill_chooses_the_same_setting(tmp_path: Path,
     cfg = write(tmp_path, concurrency=1, presets="presets")
     reference = tune_config(cfg, tmp_path / "reference")
     ref = read_records(tmp_path / "reference" / "trials.jsonl")
-    assert len(ref) == 4 and all(r.status == "ok" for r in ref.values())
+    # lambda 1e6 makes the loss NaN: a failed trial, recorded like the others
+    assert [ref[t].status for t in sorted(ref)] == ["ok", "ok", "ok", "failed"]
 
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

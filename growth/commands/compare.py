@@ -7,7 +7,7 @@ with its defaults and with its tuned preset):
 
     name: compare_permuted
     base: ../quickstart.yaml          # relative to this file
-    seeds: 10                         # seeds 0..9, or a list [0, 1, 2] (default DEFAULT_SEEDS)
+    seeds: 10                         # seeds 0..9, or a list [0, 1, 2] (default: DEFAULT_SEEDS)
     set: [train.epochs=10]            # overrides applied to every run (optional)
     reference: finetune               # differences are to this label (default: the first)
     settings: default                 # default | presets: each strategy's tuned preset
@@ -65,10 +65,11 @@ from growth.stats import Paired, mean_sd, paired
 log = logging.getLogger("growth.commands.compare")
 SEARCHING = frozenset({"rec"})  # strategies whose campaigns run an architecture search
 GIVEN = "given"  # the stream's own task order
-# Seeds when a comparison names none: enough to tell apart a 1-point difference in ACC on the
-# shipped digits streams (docs/tuning.md, "How many seeds": the paired differences' spread
-# measured there, with growth.stats.seeds_needed)
-DEFAULT_SEEDS = 10
+# Seeds when a comparison names none: with this many pairs a paired t-test at 5% detects a true
+# 1-point difference in ACC with probability 0.8 for the median pair of strategies on both
+# shipped digits streams (docs/tuning.md, "How many seeds": the spread of paired differences
+# measured by bench/seeds_needed.py, 0.016 on permuted digits and 0.028 on split digits)
+DEFAULT_SEEDS = 66
 Settings = Literal["default", "presets"]
 
 
@@ -478,6 +479,13 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]],
     for label, n, stats in rows:
         cells = [_cell(s, c[2]) for s, c in zip(stats, COLUMNS)]
         lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    planned = {label: sum(spec.label == label for spec in plan.runs.values())
+               for label, _, _ in rows}
+    short = [f"{label} ({n} of {planned[label]})" for label, n, _ in rows if n < planned[label]]
+    if short:
+        lines += ["", "Not every run finished (failed, or not run yet; `growth compare` again "
+                  "resumes them): " + ", ".join(short) + ". Their rows and differences are "
+                  "over the runs that finished."]
     lines += ["", "## Settings", "", "| strategy | settings | from |", "|---|---|---|"]
     for entry in cfg.strategies:
         flow = yaml.safe_dump(plan.settings[entry.shown], default_flow_style=True,
@@ -513,8 +521,9 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]],
             lines.append(f"| {r.label} | " + " | ".join(cells) + " | "
                          + ("n/a" if r.spread is None else f"{r.spread:.4f}") + " | "
                          + ("n/a" if r.range is None else f"{r.range:.4f}") + " |")
-        lines += [""] + [f"- {o}: {', '.join(order_tasks[o])}" for o in names
-                         if o in order_tasks]
+        lines += ["", f"Tasks of each order, as seed {cfg.seeds[0]} learned them (a curriculum "
+                  "ranks each seed's own validation split):", ""]
+        lines += [f"- {o}: {', '.join(order_tasks[o])}" for o in names if o in order_tasks]
         lines += ["", "![ACC per task order](orders.png)"]
     lines += ["", "![accuracy](accuracy.png)", "", "![size](size.png)", "",
               "![ACC against size](acc_vs_size.png)", ""]
