@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -309,14 +310,45 @@ def _orphans(search: SearchDir, generation: int, recorded: set[str]) -> list[Chi
 
 
 # ---- the driver ----------------------------------------------------------------------------
-Backend = Literal["local", "ray"]
+Backend = Literal["local", "ray", "auto"]
+# What a generation's Ray Tune experiment costs beyond its children's training on a 2-core
+# machine with Ray already started (bench/bench_search.py, fixed_s): "auto" trains children
+# with Ray only when running them at once is expected to save more than this.
+RAY_FIXED_S = 15.0
+
+
+def in_ray_task() -> bool:
+    """Whether this process runs a Ray task (a campaign of `growth compare`): its CPUs are
+    held already, and trials of its own could wait forever for others'."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
+
+
+def choose_backend(backend: str, child_s: float | None, children: int, concurrency: int,
+                   cpus: int | None = None) -> str:
+    """The backend for a generation. "auto": this process until a child's training time is
+    known (a first generation, or `child_s` from an earlier search), then Ray Tune when the
+    time running `children` at once saves, (1 - 1 / parallel) of their training, exceeds
+    RAY_FIXED_S; never from inside a Ray task. Which backend trains a child never changes
+    its result."""
+    if backend != "auto":
+        return backend
+    parallel = min(concurrency, os.cpu_count() or 1 if cpus is None else cpus)
+    if parallel < 2 or child_s is None or in_ray_task():
+        return "local"
+    saved = child_s * children * (1.0 - 1.0 / parallel)
+    return "ray" if saved > RAY_FIXED_S else "local"
 
 
 def run_search(directory: str | Path, parent: str | Path, controller: Any, space: Any,
                task: Task, spec: TrialSpec | None = None, budget: Budget | None = None,
                resources: Resources | None = None, *, seed: int = 0,
                parent_acc: float | None = None, policy: Literal["best", "fixed"] = "best",
-               margin: float = 0.0, backend: Backend = "ray", storage: str | None = None,
+               margin: float = 0.0, backend: Backend = "ray", child_s: float | None = None,
+               storage: str | None = None,
                name: str | None = None, ray_address: str | None = None,
                progress: SearchProgress | None = None, log_file: Path | None = None,
                connect: Callable[[], AbstractContextManager[Any]] | None = None
@@ -332,7 +364,9 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
     best child always does). The parent folder may hold the strategy's state and the
     optimizer's moments (see growth.controllers.trial). backend: "ray" trains children as
     Ray Tune trials (Ray is started, or joined, only when a generation has children to train);
-    "local" trains them in this process, one after another. storage: where Tune keeps
+    "local" trains them in this process, one after another; "auto" chooses per generation
+    (`choose_backend`; child_s: a child's training time measured before, e.g. by an earlier
+    search of the same campaign). storage: where Tune keeps
     experiments (default `directory/tune`; a shared path or URI for multi-node clusters;
     `name` names this search in it). ray_address: see growth.cluster.ray_cluster. connect:
     how the search gets Ray when it needs it (default: `ray_cluster(ray_address)` for the
@@ -346,6 +380,7 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
     state = _begin(search, Path(parent), controller, seed, parent_acc, policy)
     driver = _Driver(search, state, controller, space, task, spec, budget, resources,
                      progress or SearchProgress(), backend=backend, margin=margin,
+                     child_s=child_s,
                      connect=connect or (lambda: _ray(ray_address, log_file)))
     return driver.run()
 
@@ -390,11 +425,13 @@ class _Driver:
     def __init__(self, search: SearchDir, state: dict[str, Any], controller: Any, space: Any,
                  task: Task, spec: TrialSpec, budget: Budget, resources: Resources,
                  progress: SearchProgress, backend: Backend = "ray", margin: float = 0.0,
-                 connect: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+                 connect: Callable[[], AbstractContextManager[Any]] | None = None,
+                 child_s: float | None = None) -> None:
         self.search, self.state, self.controller = search, state, controller
         self.budget, self.resources, self.progress = budget, resources, progress
         self.space, self.task = space, task
-        self.backend, self.margin = backend, float(margin)
+        self.backend, self.margin, self.child_s = backend, float(margin), child_s
+        self.current = "local" if backend == "auto" else backend  # this generation's
         self.connect = connect or (lambda: _ray(None, None))
         self.spec = spec.model_copy(update={
             "threads": max(1, int(resources.cpus_per_trial)),
@@ -417,7 +454,7 @@ class _Driver:
                 searcher = ControllerSearcher(self.controller, self,
                                               seed=int(self.state["seed"]))
                 if searcher.advance():  # a generation with children to train
-                    if self.backend == "local":
+                    if self.current == "local":
                         self._run_here(searcher)
                     else:
                         self._fit(searcher)
@@ -442,23 +479,31 @@ class _Driver:
         if self.in_fit >= max(1, GENERATIONS_PER_FIT // max(1, n)):
             return None  # a fresh experiment for the next ones: the driver's memory is bounded
         self.in_fit += 1
+        if self.in_fit == 1:  # a new experiment, or in-process run: choose where it trains
+            self.current = choose_backend(self.backend, self.measured_child_s(),
+                                          n, self.resources.concurrency)
         attempts = self.state.setdefault("attempts", {})
         attempt = int(attempts.get(str(g), -1)) + 1
         attempts[str(g)] = attempt
         self.state.setdefault("parents", {})[str(g)] = {
             "parent": self.state["parent"], "parent_acc": self.state["parent_acc"]}
         self._save_state()
-        if attempt > 0 and self.backend == "ray":
+        if attempt > 0:
             for record in _orphans(self.search, g, {r.key for r in self.records}):
                 self.search.add(record)
             self.records = read_records(self.search.records)
-        parent = (self.state["parent"] if self.backend == "local" else
+        parent = (self.state["parent"] if self.current == "local" else
                   publish(Path(self.state["parent"]), self.search.storage, f"parents/gen{g:03d}"))
         base = {"spec": self._spec_json(), "attempt": attempt,
                 "lineage": list(self.state.get("lineage", []))}
         return Generation(g, n, parent, base,
                           {r.index: r.val_acc for r in self.records if r.generation == g},
                           frozenset(r.arch for r in self.records if r.generation < g))
+
+    def measured_child_s(self) -> float | None:
+        """Mean training time of this search's finished children, else the caller's hint."""
+        times = [r.train_time_s for r in self.records if r.ok]
+        return sum(times) / len(times) if times else self.child_s
 
     def began(self, searcher: ControllerSearcher) -> None:
         g, todo = searcher.generation, searcher.to_train
@@ -495,7 +540,7 @@ class _Driver:
 
     def _spec_json(self) -> dict[str, Any]:
         spec = self.spec
-        if (self.backend == "ray" and spec.strategy.state is not None
+        if (self.current == "ray" and spec.strategy.state is not None
                 and "://" not in spec.strategy.state):
             ref = publish(Path(spec.strategy.state), self.search.storage, "strategy")
             spec = spec.model_copy(update={"strategy": spec.strategy.model_copy(
@@ -509,23 +554,28 @@ class _Driver:
         self.progress.on_child(record, board)
 
     def _run_here(self, searcher: ControllerSearcher) -> None:
-        """The local backend: every child of every generation in this process, in order (the
-        caller's threads and random state are left as they were)."""
+        """The local backend: every child of the generation in this process, in order (the
+        caller's threads and random state are left as they were); then the next generations,
+        unless "auto" now expects Ray to save time (run() then starts them on Tune)."""
         data = trial_data(self.task)
         threads = torch.get_num_threads()
-        while searcher.pending:
-            index = searcher.pending.pop(0)
-            config = searcher.trial_config(index)
-            with torch.random.fork_rng(devices=[]):
-                try:
-                    record = _train_here(self.search, config, data, self.space)
-                finally:
-                    torch.set_num_threads(threads)
-            self.search.add(record)
-            self._on_child(record)
-            searcher.result(index, record.val_acc if record.ok else None)
-            if not searcher.pending and not searcher.advance():
-                break
+        while True:
+            while searcher.pending:
+                index = searcher.pending.pop(0)
+                config = searcher.trial_config(index)
+                with torch.random.fork_rng(devices=[]):
+                    try:
+                        record = _train_here(self.search, config, data, self.space)
+                    finally:
+                        torch.set_num_threads(threads)
+                self.search.add(record)
+                self._on_child(record)
+                searcher.result(index, record.val_acc if record.ok else None)
+            if choose_backend(self.backend, self.measured_child_s(), self.budget.children,
+                              self.resources.concurrency) == "ray":
+                return
+            if not searcher.advance():
+                return
 
     def _fit(self, searcher: ControllerSearcher) -> None:
         from ray import tune

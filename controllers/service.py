@@ -18,7 +18,6 @@ resumes it. It
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
@@ -30,15 +29,6 @@ from growth.graph import NetGraph
 from growth.searching import SearchOutcome, SearchRequest, SearchSettings
 
 PARENT = "parent"
-
-
-def resolve_backend(settings: SearchSettings, cpus: int | None = None) -> str:
-    """The backend "auto" stands for: Ray Tune trials when they can run at once (concurrency
-    above 1 on a machine with more than one CPU), else this process."""
-    if settings.backend != "auto":
-        return settings.backend
-    cpus = os.cpu_count() or 1 if cpus is None else cpus
-    return "ray" if settings.concurrency > 1 and cpus > 1 else "local"
 
 
 def check_search_settings(settings: SearchSettings, where: str) -> None:
@@ -63,6 +53,7 @@ class SearchService:
         self.log_file = log_file
         self.ray_address = ray_address
         self.cluster: Any = None
+        self.child_s: float | None = None  # a child's training time, from the last search
         self._stack = ExitStack()
 
     def __enter__(self) -> SearchService:
@@ -127,8 +118,11 @@ class SearchService:
             Budget(children=s.children, generations=s.generations),
             Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial),
             seed=ctx.seed, parent_acc=request.parent_acc, policy="best", margin=s.margin,
-            backend=resolve_backend(s), log_file=self.log_file,
+            backend=s.backend, child_s=self.child_s, log_file=self.log_file,
             connect=lambda: self._connect(s.ray_address))
+        times = [r.train_time_s for r in result.records if r.ok]
+        if times:
+            self.child_s = sum(times) / len(times)
         summary = {"children": len(result.records),
                    "failed": sum(1 for r in result.records if not r.ok),
                    "child_time_s": sum(r.train_time_s for r in result.records),

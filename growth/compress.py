@@ -68,7 +68,13 @@ class CompressParams(BaseModel):
         "magnitude", description="how the units each layer keeps are chosen")
     epochs: int = Field(5, ge=0, description="distillation epochs on the task's data")
     kd_weight: float = Field(1.0, ge=0, description="weight of the KL terms (one per head)")
+    mix: float | None = Field(
+        None, ge=0, le=1, description="alpha: the loss is alpha CE + (1 - alpha) T^2 KL on "
+        "each head (kd_weight then unused); None: CE + kd_weight T^2 KL")
     temperature: float = Field(2.0, gt=0, description="softening of the distilled outputs")
+    patience: int | None = Field(
+        None, ge=1, description="stop once the task's validation accuracy has not improved for "
+        "this many epochs, keeping the best epoch's student (None: every epoch)")
     fisher_samples: int | None = Field(
         500, ge=1, description="training samples that estimate the Fisher (None: all)")
 
@@ -325,5 +331,8 @@ def distill(ctx: Context, teacher: NetGraph, params: CompressParams, train: Trai
     teachers = [(_frozen(teacher, [own] if split else heads, ctx), [own] if split else heads)]
     if split:
         teachers.append((_frozen(old_teacher, others, ctx), others))
-    distiller = Distillation(teachers, params.temperature, params.kd_weight, penalty)
-    return fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs}), seed=seed)
+    weight = params.kd_weight if params.mix is None else 1.0 - params.mix
+    distiller = Distillation(teachers, params.temperature, weight, penalty, ce=params.mix)
+    return fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs,
+                                                        "patience": params.patience}),
+               seed=seed)

@@ -43,6 +43,9 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr to 0 over the fit's steps
+    # early stopping: stop once the task's validation accuracy has not improved for this many
+    # epochs, and keep the best epoch's weights (None: every epoch, the last weights)
+    patience: int | None = Field(None, ge=1)
 
 
 HOOKS = ("before_task", "training", "loss", "penalty", "after_backward", "after_step",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from growth.context import Context
@@ -24,13 +25,19 @@ class Distillation:
     (cross-entropy on the task is the loop's own)."""
 
     def __init__(self, teachers: list[tuple[nn.Module, list[str]]], temperature: float = 2.0,
-                 weight: float = 1.0, extra: Penalty | None = None) -> None:
+                 weight: float = 1.0, extra: Penalty | None = None,
+                 ce: float | None = None) -> None:
+        """ce: the weight of the task's cross-entropy (None: the loop's own, weight 1)."""
+        self.ce = ce
         self.teachers = [(t, list(h)) for t, h in teachers if h]
         self.heads = [h for _, hs in self.teachers for h in hs]
         self.temperature, self.weight, self.extra = temperature, weight, extra
 
     def overridden(self) -> set[str]:
-        return {"penalty"}
+        return {"penalty"} if self.ce is None else {"loss", "penalty"}
+
+    def loss(self, ctx: Context, x: Tensor, y: Tensor, logits: Tensor) -> Tensor:
+        return (1.0 if self.ce is None else self.ce) * F.cross_entropy(logits, y)
 
     def train_sets(self, ctx: Context) -> list[Task]:
         return [ctx.task]

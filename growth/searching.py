@@ -64,8 +64,9 @@ class SearchSettings(BaseModel):
                           "its validation accuracy beats the parent's by more than this")
     backend: Literal["auto", "local", "ray"] = Field(
         "auto", description="local: children in this process, one after another; ray: Ray "
-        "Tune trials (parallel, clusters); auto: ray when concurrency > 1 and the machine has "
-        "more than one CPU, else local")
+        "Tune trials (parallel, clusters); auto: local until a child's training time is "
+        "known, then ray when running children at once saves more than a generation's "
+        "Ray overhead (growth.controllers.driver.choose_backend)")
     concurrency: int = Field(2, ge=1, description="children trained at once (ray)")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (torch threads) per child")
     ray_address: str | None = Field(None, description="join this Ray cluster (default: the "

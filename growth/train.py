@@ -150,6 +150,7 @@ def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
     n_epochs = cfg.epochs if epochs is None else epochs
     schedule = _schedule(cfg, n_epochs * _batches_per_epoch(sets, cfg.batch_size))
     step = 0
+    best = _Best(ctx, strategy, cfg.patience)
     for epoch in range(n_epochs):
         ctx.epoch = epoch
         total = torch.zeros((), device=ctx.device)
@@ -189,7 +190,41 @@ def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
                 f"{losses[-1]}; lower train.lr or the strategy's strength (lambda, c, lambda_o)")
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
+        if best.stop_after(epoch):
+            break
+    best.restore()
     return losses
+
+
+class _Best:
+    """Early stopping on the task's validation split: the best epoch's weights (and buffers;
+    the weights the fit started from count as epoch -1) are kept and put back at the end;
+    training stops after `patience` epochs without a gain. Off when patience is None or the
+    task has no validation split."""
+
+    def __init__(self, ctx: Context, strategy: Hooks, patience: int | None) -> None:
+        self.ctx, self.strategy, self.patience = ctx, strategy, patience
+        self.on = patience is not None and len(ctx.task.val[1]) > 0
+        self.acc, self.epoch, self.state = -1.0, -1, None
+        if self.on:  # the weights the fit starts from are a candidate too
+            self.stop_after(-1)
+
+    def stop_after(self, epoch: int) -> bool:
+        if not self.on:
+            return False
+        scored = self.strategy if "evaluation" in self.strategy.overridden() else None
+        acc = evaluate(self.ctx, self.ctx.task, "val", strategy=scored)
+        if acc > self.acc:
+            self.acc, self.epoch = acc, epoch
+            self.state = {k: v.detach().clone()
+                          for k, v in self.ctx.model.module.state_dict().items()}
+        return epoch - self.epoch >= self.patience
+
+    def restore(self) -> None:
+        if self.state is not None:
+            with torch.no_grad():
+                for k, v in self.ctx.model.module.state_dict().items():
+                    v.copy_(self.state[k])
 
 
 def _batches_per_epoch(sets: list[_Set], batch_size: int) -> int:

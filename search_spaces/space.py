@@ -82,6 +82,9 @@ class SpaceSpec(BaseModel):
                                             min_length=1)
     exclude: list[str] = Field(default_factory=list)  # layers never widened nor deepened after
     deeper_batchnorm: bool = False  # inserted conv/fc layers get a BatchNorm (needs a sample)
+    # private: widenings add units no consumer reads yet (`widen_private`), and no layer is
+    # inserted (an inserted layer would sit on every head's path)
+    private: bool = False
     # symmetry-breaking noise (EAS's defaults): a widened unit's copies start apart and an
     # inserted layer's units too, so growth adds capacity; 0 keeps the function exact
     noise: float = Field(1e-2, ge=0)  # net2wider: copies' incoming weights x (1 + U(-n, n))
@@ -256,7 +259,8 @@ class SearchSpace:
         width = group.width + -(-(width - group.width) // group.block) * group.block
         if width > self.widths_of(layer)[-1]:
             return None
-        action: Action = {"op": "net2wider", "node": layer.node, "width": width, "seed": seed}
+        action: Action = {"op": "widen_private" if self.spec.private else "net2wider",
+                          "node": layer.node, "width": width, "seed": seed}
         return action if self.fits(graph, widening_cost(graph, layer.node, width, group)) else None
 
     def fits(self, graph: NetGraph, added: int) -> bool:
@@ -327,9 +331,9 @@ class SearchSpace:
                                 "'width': 128}")
         kwargs = {k: v for k, v in action.items() if k != "op"}
         op = action["op"]
-        if op in ("net2wider", "net2deeper"):
+        if op in ("net2wider", "widen_private", "net2deeper"):
             kwargs.setdefault("max_new_params", self.spec.max_new_params)
-        if op == "net2wider":
+        if op in ("net2wider", "widen_private"):
             kwargs.setdefault("noise", self.spec.noise)
         elif op == "net2deeper":
             kwargs.setdefault("noise", self.spec.deeper_noise)
@@ -375,7 +379,7 @@ class DeeperMenu:
         self._ok: dict[str, list[int | None]] = {}  # kernel indices accepted after a node
         self._vector: dict[str, bool] = {}
         for layer in layers:
-            if (layer.after is None or layer.node in spec.exclude
+            if (spec.private or layer.after is None or layer.node in spec.exclude
                     or layer.after in spec.exclude or layer.block >= spec.max_blocks
                     or layer.position >= spec.max_layers_per_block):
                 continue

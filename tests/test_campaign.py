@@ -257,7 +257,7 @@ def test_cnn_campaign_uses_dropout_and_activation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf",
-                                      "mwc", "pnn"])
+                                      "mwc", "pnn", "rwalk", "scp"])
 def test_every_strategy_resumes_to_the_same_R(tmp_path: Path, strategy: str) -> None:
     cfg = write_config(tmp_path / "c.yaml", strategy={"name": strategy},
                        model={"kind": "mlp", "hidden": [32], "batchnorm": True, "dropout": 0.2},

@@ -66,6 +66,23 @@ def test_widening_record_and_tensors_on_a_small_mlp() -> None:
     assert_preserved(g, result.graph)
 
 
+def test_widening_with_chosen_copies_duplicates_those_units_exactly() -> None:
+    g = mlp(hidden=3)
+    result = net2wider(g, "l1", 6, copies=[2, 0, 2])
+    rec = result.record
+    assert rec.params["copies"] == [2, 0, 2]
+    assert rec.index_maps["l1.weight"][0] == [0, 1, 2, 2, 0, 2]
+    old, new = g.node("l1").tensors["weight"], result.graph.node("l1").tensors["weight"]
+    assert torch.equal(new, old[[0, 1, 2, 2, 0, 2]])
+    w2 = g.node("l2").tensors["weight"]
+    divided = w2[:, [0, 1, 2, 2, 0, 2]] / torch.tensor([2.0, 1, 3, 3, 2, 3])
+    assert torch.equal(result.graph.node("l2").tensors["weight"], divided)
+    assert_preserved(g, result.graph)
+    for bad in ([3, 0, 0], [0, 1], [0, 1, 2, 0], "012", [0.0, 1, 2], [True, 0, 1]):
+        with pytest.raises(OperatorError, match="copies must list 3 unit indices in 0..2"):
+            net2wider(g, "l1", 6, copies=bad)
+
+
 def test_widening_to_the_same_width_is_a_noop_record() -> None:
     g = mlp()
     result = net2wider(g, "l1", 3)

@@ -63,7 +63,6 @@ from growth.metrics import read_metrics
 from growth.stats import Paired, mean_sd, paired
 
 log = logging.getLogger("growth.commands.compare")
-SEARCHING = frozenset({"rec"})  # strategies whose campaigns run an architecture search
 GIVEN = "given"  # the stream's own task order
 # Seeds when a comparison names none: with this many pairs a paired t-test at 5% detects a true
 # 1-point difference in ACC with probability 0.8 for the median pair of strategies on both
@@ -248,11 +247,26 @@ def run_one(base: str, overrides: list[str], out: str) -> str:
 
 
 def _resources(cfg: Config) -> dict[str, Any]:
+    """A run whose children are Ray trials holds no CPU (they claim theirs); any other run,
+    a searching one whose children train in its own process included, holds its threads."""
     from growth.cluster import driver_task_options
 
-    if cfg.strategy.name in SEARCHING:
+    if _search_backend(cfg) == "ray":
         return driver_task_options()
     return {"num_cpus": cfg.threads or 1}
+
+
+def _search_backend(cfg: Config) -> str | None:
+    """The backend of the run's strategy's search (None: it does not search)."""
+    from growth.searching import SearchSettings
+    from growth.strategies import make_strategy
+
+    params = make_strategy(cfg.strategy.name, cfg.strategy.settings()).params
+    for key in type(params).model_fields:
+        value = getattr(params, key)
+        if isinstance(value, SearchSettings) and value.enabled:
+            return value.backend
+    return None
 
 
 def run_compare(path: str | Path, out: str | Path | None = None,

@@ -30,7 +30,6 @@ from growth.config import Config, dump_config, load_config
 from growth.controllers import make_controller
 from growth.controllers.driver import Budget, Resources, SearchProgress, SearchResult, run_search
 from growth.controllers.search_report import SUMMARY, write_search_report
-from growth.controllers.service import resolve_backend
 from growth.controllers.trial import TrialSpec, save_moments
 from growth.data import Task, build_stream
 from growth.devices import resolve_device
@@ -50,7 +49,6 @@ from growth.rundir import (
 )
 from growth.scenarios import labelers
 from growth.search_spaces.space import make_space
-from growth.searching import SearchSettings
 from growth.strategies import Context, make_strategy
 from growth.train import evaluate, fit
 
@@ -126,8 +124,6 @@ class SearchRun:
         train = self.cfg.train.model_copy(update={
             "epochs": s.epochs or self.cfg.train.epochs, "lr": self.cfg.train.lr * s.lr_scale,
             "schedule": s.schedule})
-        backend = resolve_backend(SearchSettings(concurrency=s.concurrency,
-                                                 backend=s.backend))
         result = run_search(
             self.run_dir, self.run_dir / "base", self.controller, self.space, self.task,
             TrialSpec(train=train, scenario=self.cfg.scenario, device=self.cfg.device),
@@ -136,7 +132,7 @@ class SearchRun:
             Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial,
                       gpus_per_trial=s.gpus_per_trial, max_failures=s.max_failures),
             seed=self.cfg.seed, parent_acc=base["val_acc"], policy=s.parent, margin=s.margin,
-            backend=backend, storage=s.storage, name=self.cfg.name,
+            backend=s.backend, storage=s.storage, name=self.cfg.name,
             ray_address=self.ray_address, progress=self.progress,
             log_file=self.run_dir / "log.txt")
         metrics = self._finish(result, base)

@@ -27,9 +27,12 @@ from growth.ops.registry import (
     register,
 )
 from growth.ops.remove_layer import remove_layer
+from growth.ops.widen_private import widen_private
 
 register(Operator("net2wider", "add units to a layer and its channel group, keeping the function "
                   "(Net2WiderNet)", net2wider))
+register(Operator("widen_private", "add units to a layer and its channel group that no "
+                  "consumer reads yet (zero columns): a private expansion", widen_private))
 register(Operator("net2deeper", "insert an identity layer (linear or conv, optional BN/ReLU) "
                   "after a node (Net2DeeperNet)", net2deeper))
 register(Operator("add_column", "add a progressive-network column: a fresh copy of the base "
@@ -46,5 +49,6 @@ __all__ = [
     "MAX_NEW_PARAMS", "NOISE_BOUND", "ChangeRecord", "ChannelGroup", "OpResult", "Operator",
     "add_column", "apply_index", "available_operators", "deepenable", "deepening_cost",
     "feature_axes", "find_group", "freeze", "get_operator", "net2deeper", "net2wider",
-    "not_resizable", "prune_units", "register", "remove_layer", "resizable", "widening_cost",
+    "not_resizable", "prune_units", "register", "remove_layer", "resizable", "widen_private",
+    "widening_cost",
 ]

@@ -34,6 +34,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -42,8 +44,11 @@ from pydantic import Field, field_validator
 from growth.compress import CompressParams, compress, default_heads, distill, trunk_params
 from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
+from growth.masks import Guard
+from growth.ops.registry import ChangeRecord
 from growth.regularizers import stored
-from growth.remap import GRADIENT_SQ
+from growth.remap import MASK, SPLIT, WEIGHT, remap
+from growth.search_spaces.space import SpaceSpec
 from growth.searching import ControllerState, SearchRequest, SearchSettings
 from growth.strategies.base import Context
 from growth.strategies.mwc import MWC, MWCParams
@@ -59,6 +64,11 @@ class RECCompress(CompressParams):
     enabled: bool = Field(True, description="off: keep the expanded network")
     epochs: int | None = Field(None, ge=0, description="distillation epochs on the task's "
                                "data (None: the task's train.epochs)")
+    mix: float | None = Field(0.5, ge=0, le=1, description="alpha: alpha CE + (1 - alpha) "
+                              "T^2 KL on each head (None: CE + kd_weight T^2 KL)")
+    patience: int | None = Field(2, ge=1, description="stop the distillation once the task's "
+                                 "validation accuracy has not improved for this many epochs, "
+                                 "keeping the best student (the one it started as included)")
     student: Literal["parent", "cut"] = Field(
         "parent", description="parent: the network before this task's expansion (the base "
         "architecture with the parent's own units and state); cut: the base architecture cut "
@@ -85,9 +95,17 @@ class RECParams(MWCParams):
                                    "network)")
     compress: RECCompress = Field(default_factory=RECCompress, description="compression back "
                                   "to the base trunk (off: keep the expanded network)")
+    expansion: Literal["shared", "private"] = Field(
+        "shared", description="shared: Net2Net children (widened units and inserted layers "
+        "every head reads; old tasks' Fisher protects the copies); private: children add units "
+        "only the new task reads (widen_private) and train them and the new head alone, the "
+        "network they grew from frozen, so the old heads do not move while they train")
     protect_copies: bool = Field(
-        True, description="after Net2Wider, old tasks' Fisher covers every copy of a unit "
-        "(the widened network's own Fisher), not only the original")
+        True, description="after Net2Wider, old tasks' Fisher is split among a unit's copies "
+        "(each of c copies: d^2 / c of it), so a change that moves the copies together costs "
+        "what the parent's change cost, and a layer Net2Deeper inserts is anchored at its "
+        "identity with each old task's mean Fisher; off: copies and inserted layers are free "
+        "(MWC's own roles)")
 
     @field_validator("search", "compress", mode="before")
     @classmethod
@@ -111,9 +129,11 @@ class REC(MWC):
     def __init__(self, params: RECParams | None = None) -> None:
         super().__init__(params)
         if self.params.protect_copies:
-            self.state_roles = {**MWC.state_roles, "fisher": GRADIENT_SQ}
+            self.state_roles = {**MWC.state_roles, "fisher": SPLIT}
         self._parent: NetGraph | None = None
         self._parent_state: dict[str, torch.Tensor] = {}
+        self._frozen: dict[str, torch.Tensor] | None = None  # a private child's parent entries
+        self._guard: Guard | None = None
 
     def state_spec(self) -> dict[str, TensorSpec]:
         return {**super().state_spec(),
@@ -136,7 +156,62 @@ class REC(MWC):
             if self.params.compress.enabled:
                 self._compress(ctx, entry)
         super().after_task(ctx)  # MWC: Fisher and anchors of task t on the final network
+        self._frozen = None
         self._check_size(ctx, entry)
+
+    # ---- a private expansion's child: its parent frozen -----------------------------------
+    def follow(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        super().follow(ctx, records)
+        if self.params.protect_copies:
+            self._anchor_inserted(ctx, records)
+        if self.params.expansion == "private" and not self.params.search.enabled and any(
+                r.op == "widen_private" for r in records):
+            self._frozen = parent_entries(ctx, records)
+
+    def _anchor_inserted(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        """Old tasks' anchors at an inserted layer's identity, with each task's mean Fisher:
+        its true importance needs the old data, but leaving it free lets the new task move
+        every old head's input through it."""
+        params = ctx.model.named_parameters()
+        added = [n for r in records if r.op == "net2deeper" for n in r.added if n in params]
+        fresh = fresh_entries(ctx, records)  # zero columns of units the old tasks never read
+        for k in self.finished():
+            fisher = stored(self.state, "fisher", k)
+            if not fisher or not (added or fresh):
+                continue
+            level = float(sum(f.double().sum() for f in fisher.values()) /
+                          sum(f.numel() for f in fisher.values()))
+            for name in added:
+                p = params[name].detach()
+                self.state[f"anchor/{k}/{name}"] = p.clone()
+                self.state[f"fisher/{k}/{name}"] = torch.full_like(p, level)
+            for name, mask in fresh.items():  # anchored at 0 (the anchors carried them so)
+                key = f"fisher/{k}/{name}"
+                if key in self.state:
+                    self.state[key] = torch.where(mask, torch.full_like(self.state[key], level),
+                                                  self.state[key])
+        self._quad = None
+
+    @contextmanager
+    def training(self, ctx: Context) -> Iterator[None]:
+        if not self._frozen:
+            yield
+            return
+        params = ctx.model.named_parameters()
+        self._guard = Guard(params, {n: ~m for n, m in self._frozen.items()})
+        try:
+            yield
+        finally:
+            self._guard.restore()
+            self._guard = None
+
+    def after_backward(self, ctx: Context) -> None:
+        if self._guard is not None:
+            self._guard.mask_grads()
+
+    def after_step(self, ctx: Context) -> None:
+        if self._guard is not None:  # the parent's moments would move frozen entries
+            self._guard.restore()
 
     # ---- expand ----------------------------------------------------------------------------
     def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
@@ -152,8 +227,12 @@ class REC(MWC):
                                 f"{parent_acc} (an empty validation split?); children are "
                                 "chosen on validation data: set data.val_fraction above 0")
         settings = self.params.model_dump(mode="json", by_alias=True, exclude_none=True)
+        search = self.params.search
+        if self.params.expansion == "private":
+            space = (search.space or SpaceSpec()).model_copy(update={"private": True})
+            search = search.model_copy(update={"space": space})
         request = SearchRequest(
-            settings=self.params.search, train=ctx.train_config,
+            settings=search, train=ctx.train_config,
             child_strategy=(self.name, {**settings, "search": False, "compress": False}),
             parent_acc=parent_acc, controller_state=self._controller())
         start = time.perf_counter()
@@ -187,6 +266,7 @@ class REC(MWC):
 
     # ---- compress --------------------------------------------------------------------------
     def _compress(self, ctx: Context, entry: dict[str, Any]) -> None:
+        self._frozen = None  # the student learns in every unit
         settings = self.params.compress
         base = NetGraph.from_dict(self.extra["base"]["structure"])
         graph = ctx.model.graph
@@ -289,3 +369,47 @@ class REC(MWC):
 
 def _fmt(acc: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
+
+
+def new_task_only(ctx: Context) -> set[str]:
+    """Nodes only the new task's head reads (its head layer): the new task's alone."""
+    graph = ctx.model.graph
+    others: set[str] = set()
+    for head in graph.heads:
+        if head != ctx.head_of(ctx.task):
+            others |= graph.ancestors([head])
+    return graph.ancestors([ctx.head_of(ctx.task)]) - others
+
+
+def parent_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
+    """Which entries of each parameter the parent had (True), by output unit: a row (dim 0)
+    the records copied or kept is the parent's, whatever its columns; new units' rows are not.
+    Parameters only the new task's head reads are left out (the new task trains them)."""
+    own = new_task_only(ctx)
+    out = {}
+    for name, p in ctx.model.named_parameters().items():
+        if name.rsplit(".", 1)[0] in own:
+            continue
+        old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
+        mask = remap(torch.ones(old), name, records, MASK)
+        rows = mask.flatten(1).any(1) if mask.dim() > 1 else mask.bool()
+        out[name] = rows.view(-1, *([1] * (p.dim() - 1))).expand(p.shape).to(p.device)
+    return out
+
+
+def fresh_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
+    """Entries the records made fresh (index -1: widen_private's zero columns), True there:
+    what an old task's head would read of units it never saw, kept at 0 for it. Tensors only
+    the new task's head reads are left out."""
+    own = new_task_only(ctx)
+    out = {}
+    for name, p in ctx.model.named_parameters().items():
+        if name.rsplit(".", 1)[0] in own:
+            continue
+        touched = [r for r in records if name in r.index_maps]
+        if not any(-1 in idx for r in touched for idx in r.index_maps[name].values()):
+            continue
+        old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
+        kept = remap(torch.ones(old), name, records, WEIGHT)  # 0 at fresh entries
+        out[name] = (kept == 0).to(p.device)
+    return out
