@@ -131,8 +131,8 @@ def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.
     widenable = space.widenable(graph)
     mask, choice, logp = [], [], 0.0
     for layer, p in zip(layers, probs):
-        action = space.wider_option(graph, layer, widenable, seed=len(actions))
-        if action is None:
+        options = space.wider_options(graph, layer, widenable, seed=len(actions))
+        if not options:
             mask.append(0)
             choice.append(0)
             continue
@@ -141,6 +141,7 @@ def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.
         choice.append(widen)
         logp += math.log(p if widen else 1 - p) if 0 < p < 1 else 0.0
         if widen:
+            action = _one_of(options, gen)
             graph = space.step(graph, action)
             actions.append(action)
             widenable = space.widenable(graph)
@@ -173,8 +174,18 @@ def _deeper_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch
     steps.append({"type": "deeper", "tokens": tokens, "block_mask": block_mask, "block": block,
                   "position_mask": pos_mask, "position": position, "kernel_mask": k_mask,
                   "kernel": kernel, "logp": logp})
-    actions.append(menu.action(block, position, kernel, seed=len(actions)))
-    return menu.child(block, position, kernel, seed=len(actions) - 1)
+    op = _one_of(menu.operators(block, position, kernel), gen)
+    actions.append(menu.action(block, position, kernel, seed=len(actions), op=op))
+    return menu.child(block, position, kernel, seed=len(actions) - 1, op=op)
+
+
+def _one_of(options: Sequence[Any], gen: torch.Generator) -> Any:
+    """The only option, or one drawn uniformly (the space's operators of one role are
+    alternatives the policy does not choose between; a single one draws nothing, so a space
+    with one operator per role rolls out exactly as before)."""
+    if len(options) <= 1:
+        return options[0] if options else None
+    return options[int(torch.randint(len(options), (1,), generator=gen))]
 
 
 # ---- distinct children and state helpers -------------------------------------------------

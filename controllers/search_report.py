@@ -10,6 +10,7 @@ and random on one budget) share one plot of these curves.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from growth.errors import ReportError
 
 SUMMARY = "search_metrics.json"
+ARCH_CHARS = 80  # an architecture string in the leaderboard: longer ones are shortened
 
 
 def is_search_run(run_dir: Path) -> bool:
@@ -90,6 +92,32 @@ def write_search_report(run_dirs: Sequence[Path], out: Path | None = None) -> Pa
     return path
 
 
+def short_arch(arch: str, limit: int = ARCH_CHARS) -> str:
+    """An architecture string fit for one table cell: whole when short, else its start, its
+    node count and a digest that tells two long strings apart (leaderboard.json keeps all)."""
+    if len(arch) <= limit:
+        return arch
+    digest = hashlib.sha1(arch.encode()).hexdigest()[:8]
+    return f"{arch[:limit].rsplit(' ', 1)[0]} … ({len(arch.split())} nodes, #{digest})"
+
+
+def describe_actions(actions: Sequence[dict[str, Any]], limit: int = 4) -> str:
+    """The operator calls that made a child from the search's base, in a few words."""
+    words = []
+    for a in actions:
+        where = a.get("node") or a.get("after") or "?"
+        if "width" in a:
+            words.append(f"{a.get('op')} {where}→{a['width']}")
+        elif a.get("kernel_size") is not None:
+            words.append(f"{a.get('op')} after {where} (k{a['kernel_size']})")
+        else:
+            words.append(f"{a.get('op')} after {where}")
+    if not words:
+        return "none"
+    more = f", … {len(words) - limit} more" if len(words) > limit else ""
+    return ", ".join(words[:limit]) + more
+
+
 def _label(run_dir: Path, summary: dict[str, Any]) -> str:
     run = summary.get("run") or {}
     return f"{run.get('controller', '?')} ({run_dir.name})"
@@ -155,11 +183,13 @@ def _markdown(run_dir: Path, summary: dict[str, Any], records: list[ChildRecord]
              f"{summary.get('parent_kept', 'n/a')}); search wall time "
              f"{_fmt(summary.get('wall_time_s'), 1)} s, child training "
              f"{sum(r.train_time_s for r in records):.1f} s in all.", "",
-             "| rank | child | val acc | before training | params | train s | arch |",
-             "|---|---|---|---|---|---|---|"]
+             "| rank | child | val acc | before training | params | train s | changes | arch |",
+             "|---|---|---|---|---|---|---|---|"]
     for rank, r in enumerate(leaderboard(records)[:10], start=1):
+        changes = describe_actions([a for step in (r.lineage or [r.actions]) for a in step])
         lines.append(f"| {rank} | {r.key} | {_fmt(r.val_acc)} | {_fmt(r.val_acc_before)} | "
-                     f"{r.params:,} | {r.train_time_s:.1f} | `{r.arch}` |")
+                     f"{r.params:,} | {r.train_time_s:.1f} | {changes} | "
+                     f"`{short_arch(r.arch)}` |")
     if failed:
         lines += ["", "Failed children:", ""]
         lines += [f"- {r.key}: {r.error}" for r in failed]

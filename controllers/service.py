@@ -19,6 +19,7 @@ resumes it. It
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,17 @@ class SearchService:
     """Runs searches for a campaign's strategies; holds Ray (if any search needs it) until
     `close` (or the end of a `with` block)."""
 
-    def __init__(self, log_file: Path | None = None, ray_address: str | None = None) -> None:
+    def __init__(self, log_file: Path | None = None, ray_address: str | None = None,
+                 on_start: Callable[[int, int], None] | None = None,
+                 on_child: Callable[[int, Any], None] | None = None,
+                 on_end: Callable[[int], None] | None = None) -> None:
+        """on_start(task index, children the budget allows), on_child(task index, its
+        ChildRecord) and on_end(task index): progress hooks around each search."""
         self.log_file = log_file
         self.ray_address = ray_address
+        self.on_start = on_start or (lambda task, children: None)
+        self.on_child = on_child or (lambda task, record: None)
+        self.on_end = on_end or (lambda task: None)
         self.cluster: Any = None
         self.child_s: float | None = None  # a child's training time, from the last search
         self._stack = ExitStack()
@@ -78,7 +87,7 @@ class SearchService:
     # ---- the Searcher protocol ---------------------------------------------------------------
     def search(self, ctx: Context, request: SearchRequest) -> SearchOutcome:
         from growth.controllers import make_controller
-        from growth.controllers.driver import Budget, Resources, run_search
+        from growth.controllers.driver import Budget, Resources, SearchProgress, run_search
         from growth.controllers.trial import (
             StrategyRef,
             TaskMeta,
@@ -107,19 +116,26 @@ class SearchService:
         if request.controller_state is not None:
             controller.load_state_dict(*request.controller_state)
         train = request.train.model_copy(update={
-            "epochs": s.epochs, "lr": request.train.lr * s.lr_scale, "schedule": s.schedule})
+            "epochs": s.epochs, "lr": request.train.lr * s.lr_scale, "schedule": s.schedule,
+            "warmup_epochs": 0})
         name, params = request.child_strategy
         spec = TrialSpec(train=train, strategy=StrategyRef(name=name, params=params),
-                         scenario="class" if ctx.scenario == "class" else "task",
-                         seen=[TaskMeta.of(t) for t in ctx.seen], device=ctx.device.type,
+                         scenario=ctx.scenario, seen=[TaskMeta.of(t) for t in ctx.seen],
+                         device=str(ctx.device),
                          threads=max(1, int(s.cpus_per_trial)))
-        result = run_search(
-            folder, parent, controller, space, ctx.task, spec,
-            Budget(children=s.children, generations=s.generations),
-            Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial),
-            seed=ctx.seed, parent_acc=request.parent_acc, policy="best", margin=s.margin,
-            backend=s.backend, child_s=self.child_s, log_file=self.log_file,
-            connect=lambda: self._connect(s.ray_address))
+        index = ctx.task.index
+        self.on_start(index, s.children * s.generations)
+        try:
+            result = run_search(
+                folder, parent, controller, space, ctx.task, spec,
+                Budget(children=s.children, generations=s.generations),
+                Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial),
+                seed=ctx.seed, parent_acc=request.parent_acc, policy="best", margin=s.margin,
+                backend=s.backend, child_s=self.child_s, log_file=self.log_file,
+                progress=SearchProgress(on_child=lambda rec, board: self.on_child(index, rec)),
+                connect=lambda: self._connect(s.ray_address))
+        finally:
+            self.on_end(index)
         times = [r.train_time_s for r in result.records if r.ok]
         if times:
             self.child_s = sum(times) / len(times)

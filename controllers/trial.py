@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from growth.data import Task
-from growth.devices import resolve_device
+from growth.devices import DEVICE_PATTERN, resolve_device
 from growth.errors import CheckpointError, DivergedError
 from growth.graph import NetGraph
 from growth.io import atomic_write_text, load_tensors
@@ -92,9 +92,9 @@ class TrialSpec(_Spec):
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyRef = Field(default_factory=StrategyRef)
-    scenario: Literal["task", "class"] = "task"
+    scenario: Literal["task", "class", "domain"] = "task"  # growth.scenarios
     seen: list[TaskMeta] = Field(default_factory=list)  # earlier tasks, oldest first
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)  # cpu | cuda | cuda:N | auto
     threads: int = Field(1, ge=1)  # torch threads: the trial's CPUs
     sample_size: int = Field(256, ge=1)  # training inputs given to actions that need a batch
 

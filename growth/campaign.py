@@ -53,7 +53,14 @@ from growth.controllers.service import SearchService
 from growth.data import Task, build_stream
 from growth.data.streaming import take
 from growth.devices import resolve_device
-from growth.errors import ConfigError, DataError, GraphError, ReportError, RunDirError
+from growth.errors import (
+    ConfigError,
+    DataError,
+    GraphError,
+    ReportError,
+    RunDirError,
+    UnsupportedModuleError,
+)
 from growth.graph import NetGraph
 from growth.io import atomic_write_text
 from growth.metrics import RMatrix, make_metrics, read_metrics, size_report, write_metrics
@@ -70,7 +77,7 @@ from growth.rundir import (
     read_run_id,
 )
 from growth.runlog import EpochLog
-from growth.scenarios import head_name, labelers
+from growth.scenarios import heads, labelers
 from growth.searching import Searcher
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import evaluate, learn_task
@@ -88,6 +95,11 @@ class Progress:
     on_task_start: Callable[[int, Task], None] = lambda i, t: None
     on_epoch: Callable[[int, int, float], None] = lambda task, epoch, loss: None
     on_task_end: Callable[[int, dict[str, Any]], None] = lambda i, m: None
+    # a strategy's architecture search within a task (REC): its children, trained apart from
+    # the task's epochs
+    on_search_start: Callable[[int, int], None] = lambda task, children: None
+    on_search_child: Callable[[int, Any], None] = lambda task, record: None
+    on_search_end: Callable[[int], None] = lambda task: None
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -95,7 +107,8 @@ def task_seed(seed: int, task: int) -> int:
 
 
 def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
-    """The base network with its heads: one per task, or one shared head (class scenario)."""
+    """The base network with its heads: one per task, or one shared head (class and domain
+    scenarios)."""
     from growth.search_spaces.networks import add_head, mlp, small_cnn
 
     m = cfg.model
@@ -107,15 +120,29 @@ def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
         from growth.search_spaces.zoo import torchvision_trunk
 
         g = torchvision_trunk(m.arch, shape, m.weights)
+    elif m.kind == "python":
+        g = _python_trunk(cfg, shape)
     else:
         g = small_cnn(shape, m.channels, batchnorm=m.batchnorm, activation=m.activation,
                       fc=m.fc, dropout=m.dropout)
-    if cfg.scenario == "class":
-        total = max(t.class_offset + t.n_classes for t in tasks)
-        return add_head(g, "all", total)
-    for t in tasks:
-        g = add_head(g, head_name(t), t.n_classes)
+    for name, outputs in heads(cfg.scenario, tasks).items():
+        g = add_head(g, name, outputs)
     return g
+
+
+def _python_trunk(cfg: Config, shape: tuple[int, ...]) -> NetGraph:
+    """The user's `model.factory(**model.args)`, imported as the trunk."""
+    from growth.plugins import load_factory
+    from growth.search_spaces.zoo import module_trunk
+
+    m = cfg.model
+    build = load_factory(m.factory, f"{cfg.source}: model.factory")
+    try:
+        module = build(**m.args)
+    except Exception as exc:  # the user's code: any error, named with the call
+        raise ConfigError(f"{cfg.source}: model.factory: {m.factory}(**model.args) failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    return module_trunk(module, shape, m.output, f"model.factory {m.factory!r}")
 
 
 class Campaign:
@@ -144,7 +171,7 @@ class Campaign:
         torch.manual_seed(cfg.seed)  # the base network's initial weights
         try:  # a model section the data cannot feed is a config error, found before any write
             self.base = build_base_graph(cfg, self.tasks)
-        except GraphError as exc:
+        except (GraphError, UnsupportedModuleError) as exc:
             raise ConfigError(f"{cfg.source}: model: {exc} (input shape "
                               f"{self.tasks[0].input_shape})") from None
         self._base_bytes: int | None = None
@@ -239,7 +266,10 @@ class Campaign:
         try:
             if self.state.finished < len(self.tasks):
                 work = self.run_dir / WORK
-                with SearchService(log_file=work / "ray.log") as self.searcher, \
+                p = self.progress
+                with SearchService(log_file=work / "ray.log", on_start=p.on_search_start,
+                                   on_child=p.on_search_child,
+                                   on_end=p.on_search_end) as self.searcher, \
                         self.strategy.session(work):
                     for i in range(self.state.finished, len(self.tasks)):
                         self._learn(i)

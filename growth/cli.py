@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="output folder (default: RUNDIR/report for one run, "
                                    "./report for several)")
     rep.add_argument("--reference", help="several runs: the group the others' differences in "
-                     "ACC are taken to, paired by seed (default: the first group)")
+                     "ACC are taken to, paired by seed: its label, or a strategy's name that "
+                     "one group has (default: the first group)")
     rep.set_defaults(func=_report)
 
     ops = sub.add_parser("ops", help="growth operators")
@@ -116,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
                       "runs/<name>)")
     cmp_.add_argument("--ray-address", help="join this Ray cluster (host:port) instead of "
                       "starting a local one")
+    cmp_.add_argument("--reference", help="the label every strategy's difference in ACC is "
+                      "taken to, paired by seed (default: the config's `reference`, else the "
+                      "first strategy)")
+    cmp_.add_argument("--tables-only", action="store_true", help="run nothing: write the "
+                      "table, differences and plots from the runs already in the folder")
     cmp_.set_defaults(func=_compare)
 
     comp = sub.add_parser("compress", help="compress a saved network to a size budget and "
@@ -364,7 +370,21 @@ def _progress(epochs: int, quiet: bool) -> Any:
         bar["t"].set_postfix(acc=f"{row[i]:.3f}", ACC=f"{metrics['acc']:.3f}")
         bar["t"].close()
 
-    return Progress(start, epoch, end)
+    def search_start(i: int, children: int) -> None:  # a bar of its own, below the epochs'
+        bar["s"] = tqdm(total=children, desc=f"task {i} search", unit="child", leave=False,
+                        dynamic_ncols=True)
+
+    def search_child(i: int, record: Any) -> None:
+        bar["s"].update(1)
+        if record.val_acc is not None:
+            bar["s"].set_postfix(val=f"{record.val_acc:.4f}")
+
+    def search_end(i: int) -> None:
+        bar.pop("s").close()
+        if bar["t"].n == 0:  # searched before any epoch: their clock starts now
+            bar["t"].reset(total=epochs)
+
+    return Progress(start, epoch, end, search_start, search_child, search_end)
 
 
 def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
@@ -380,26 +400,38 @@ def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from growth.report import write_report
+    from growth.report import differences_markdown, paired_by_seed, write_report
 
     dirs = [Path(p) for p in args.run_dirs]
-    if all((d / "search.json").is_file() for d in dirs):  # search runs have their own report
+    searches = [d for d in dirs if (d / "search.json").is_file()]  # they have their own report
+    campaigns = [d for d in dirs if d not in searches]
+    out = Path(args.out) if args.out else None
+    if searches and campaigns:  # both kinds: each its own page, side by side in one folder
+        out = out or Path("report")
+    if searches:
         from growth.controllers.search_report import write_search_report
 
-        path = write_search_report(dirs, Path(args.out) if args.out else None)
-        print(f"report written: {path}")
-        return 0
-    path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
-                        args.reference)
-    print(f"report written: {path}")
+        print(f"report written: {write_search_report(searches, out)}")
+    if campaigns:
+        print(f"report written: {write_report(campaigns, out, args.reference)}")
+        reference, diffs = paired_by_seed(campaigns, args.reference)
+        if diffs:  # several groups: their differences to the reference, on the terminal too
+            print(differences_markdown(reference, diffs))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from growth.commands.compare import load_compare, run_compare
+    from growth.commands.compare import default_folder, load_compare, run_compare, write_comparison
 
-    load_compare(args.config)  # every run's config is checked before Ray starts
-    folder = run_compare(args.config, args.out, args.ray_address)
+    plan = load_compare(args.config, args.reference)  # every run's config, before Ray starts
+    if args.tables_only:
+        folder = Path(args.out) if args.out else default_folder(plan)
+        if not folder.is_dir():
+            raise GrowthError(f"{folder}: no such comparison folder; --tables-only reads the "
+                              "runs a `growth compare` wrote there (give its --out)")
+        write_comparison(plan, folder)
+    else:
+        folder = run_compare(args.config, args.out, args.ray_address, args.reference)
     print((folder / "compare.md").read_text())
     print(f"table, CSV and plots: {folder}")
     return 0
@@ -429,16 +461,22 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"dropped layers: {', '.join(report.dropped)}")
     for split, before in report.accuracy_before.items():
         print(f"{split} accuracy {before:.4f} -> {report.accuracy_after[split]:.4f}")
+    if len(report.tasks) > 1:  # a multi-task network: what each task keeps
+        for name, acc in report.tasks.items():
+            print(f"task {name}: test accuracy {acc['before']:.4f} -> {acc['after']:.4f}")
     return 0
 
 
 def _ops_list(args: argparse.Namespace) -> int:
-    from growth.ops import available_operators
+    from growth.ops import available_operators, is_builtin
 
     ops = available_operators()
     width = max((len(n) for n in ops), default=0)
     for name, op in sorted(ops.items()):
-        print(f"{name.ljust(width)}  {op.description}")
+        role = f"  (search role: {op.role})" if op.role else ""
+        origin = "" if is_builtin(name) else \
+            f"  [plug-in from {getattr(op.fn, '__module__', None) or '?'}]"
+        print(f"{name.ljust(width)}  {op.description}{role}{origin}")
     return 0
 
 

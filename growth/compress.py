@@ -96,6 +96,8 @@ class CompressReport:
     widths: dict[str, int] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
+    # test accuracy per task the network serves, before and after (`growth compress` fills it)
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able figures (no graph, no records)."""
@@ -104,7 +106,7 @@ class CompressReport:
                 "params_after": self.params_after, "accuracy_before": self.accuracy_before,
                 "accuracy_after": self.accuracy_after, "dropped": self.dropped,
                 "widths": self.widths, "losses": self.losses,
-                "wall_time_s": self.wall_time_s}
+                "wall_time_s": self.wall_time_s, "tasks": self.tasks}
 
 
 # ---- sizes -----------------------------------------------------------------------------------

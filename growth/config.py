@@ -29,8 +29,10 @@ from pydantic import (
 from growth.context import TrainConfig
 from growth.data.datasets import DATASETS
 from growth.data.orders import CURRICULA, is_order_name
+from growth.devices import DEVICE_PATTERN
 from growth.errors import ConfigError
 from growth.layers import ACTIVATIONS
+from growth.plugins import FACTORY_PATTERN
 
 MAX_CONFIG_BYTES = 1 << 20  # a campaign config is a page of YAML, not a data file
 MAX_DEPTH = 12  # sections nest two or three levels; a search space a few more
@@ -54,7 +56,11 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which dataset and how it is cut into tasks (see growth.data.build_stream)."""
 
-    dataset: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
+    dataset: Literal[(*DATASETS, "python")] = "digits"  # type: ignore[valid-type]
+    # python: "package.module:function" or "file.py:function" returning the tasks (each a
+    # mapping with train/test splits, growth.data.custom), called with `args`
+    factory: str | None = Field(None, pattern=FACTORY_PATTERN)
+    args: dict[str, Any] = Field(default_factory=dict)
     root: str = "data"
     download: bool = False
     image_size: int = Field(64, ge=4)
@@ -84,12 +90,26 @@ class DataConfig(_Section):
         return value
 
 
+    @model_validator(mode="after")
+    def _python_needs_a_factory(self) -> DataConfig:
+        if self.dataset == "python" and self.factory is None:
+            raise ValueError("data.dataset: python needs data.factory, e.g. 'my_data:tasks' or "
+                             "'data.py:tasks' (a function returning the tasks)")
+        return self
+
+
 class ModelConfig(_Section):
     """The base network: an MLP, a small CNN, or a torchvision architecture imported by name
     (its classifier replaced by the heads); one linear head per task."""
 
-    kind: Literal["mlp", "cnn", "torchvision"] = "mlp"
+    kind: Literal["mlp", "cnn", "torchvision", "python"] = "mlp"
     arch: str | None = None  # torchvision: e.g. resnet18, vgg11_bn (search_spaces/zoo.py)
+    # python: "package.module:function" or "file.py:function" returning a torch.nn.Module,
+    # called with `args`; its output is the features the heads read, or (output: classifier)
+    # its last linear layer is replaced by the heads
+    factory: str | None = Field(None, pattern=FACTORY_PATTERN)
+    args: dict[str, Any] = Field(default_factory=dict)
+    output: Literal["features", "classifier"] = "features"
     weights: str | None = None  # torchvision: a local state-dict file for a pretrained start
     hidden: list[PositiveInt] = Field(default_factory=lambda: [100, 100])  # mlp widths
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])  # cnn conv blocks
@@ -110,6 +130,14 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.arch: {self.arch!r} is not a torchvision "
                                  "classification architecture (torchvision.models."
                                  "list_models())")
+        return self
+
+    @model_validator(mode="after")
+    def _python_needs_a_factory(self) -> ModelConfig:
+        if self.kind == "python" and self.factory is None:
+            raise ValueError("model.kind: python needs model.factory, e.g. "
+                             "'my_models:build' or 'models.py:build' (a function returning "
+                             "a torch.nn.Module)")
         return self
 
     @model_validator(mode="after")
@@ -154,7 +182,7 @@ class SearchConfig(_Section):
 
     task: int = Field(0, ge=0)  # index of the stream's task to search on
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    space: dict[str, Any] = Field(default_factory=dict)  # checked by search_spaces.make_space
+    space: dict[str, Any] = Field(default_factory=dict)  # see growth.search_spaces.make_space
     children: int = Field(4, ge=1)  # children per generation
     parent: Literal["best", "fixed"] = "best"  # the next generation grows the best so far
     base_epochs: int | None = Field(None, ge=0)  # training of the base (default train.epochs)
@@ -240,8 +268,8 @@ class TuneConfig(_Section):
 class Config(_Section):
     name: str = "run"
     seed: int = 0
-    scenario: Literal["task", "class"] = "task"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    scenario: Literal["task", "class", "domain"] = "task"  # growth.scenarios
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)  # cpu | cuda | cuda:N | auto
     threads: int | None = Field(None, ge=1)
     allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)
     tensorboard: bool = False  # also log per-epoch numbers as TensorBoard event files
@@ -279,10 +307,10 @@ class Config(_Section):
             tune["space"] = {k: {kind: v for kind, v in spec.items()
                                  if v is not None and (kind != "integer" or v)}
                              for k, spec in tune["space"].items()}
-        # keys added later are left out at their defaults, so older runs' configs still match
-        if data["data"].get("order") is None:
-            data["data"].pop("order", None)
-        if data.get("evaluate_on") == "test":
+        for section, key, default in QUIET_DEFAULTS:
+            if data[section].get(key) == default:
+                data[section].pop(key, None)
+        if data.get("evaluate_on") == "test":  # a key added later, as QUIET_DEFAULTS' keys
             data.pop("evaluate_on", None)
         return data
 
@@ -300,6 +328,9 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "split_seed": ("dataset", ("digits", "imagefolder")),
         "load": ("dataset", ("cub200", "imagefolder")),
         "workers": ("dataset", ("cub200", "imagefolder")),
+        "factory": ("dataset", ("python",)),
+        "args": ("dataset", ("python",)),
+        "stream": ("dataset", DATASETS),
     },
     "model": {
         "hidden": ("kind", ("mlp",)),
@@ -310,11 +341,21 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "dropout": ("kind", ("mlp", "cnn")),
         "arch": ("kind", ("torchvision",)),
         "weights": ("kind", ("torchvision",)),
+        "factory": ("kind", ("python",)),
+        "args": ("kind", ("python",)),
+        "output": ("kind", ("python",)),
     },
     "train": {
         "momentum": ("optimizer", ("sgd",)),
+        "milestones": ("schedule", ("step",)),
+        "gamma": ("schedule", ("step",)),
     },
 }
+
+# keys added after runs were started, written to a run's config only when set away from their
+# default, so that those runs still resume (a resume compares the config with the checkpoint's)
+QUIET_DEFAULTS: tuple[tuple[str, str, Any], ...] = (("train", "warmup_epochs", 0),
+                                                    ("data", "order", None))
 
 # dotted key -> largest value accepted without `allow_large: true`; for a list, every entry
 # is bounded, and "key#" bounds its length
@@ -491,7 +532,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
         raise ConfigError(_cap(_describe(exc, where))) from None
     problems = [*_strategy_problems(cfg, where), *_applicability_problems(cfg, where),
                 *_limit_problems(cfg, where), *_scenario_problems(cfg, where),
-                *_feature_problems(cfg, where)]
+                *_feature_problems(cfg, where), *_factory_problems(cfg, where)]
     if problems:
         raise ConfigError(_cap(problems))
     cfg._source = source
@@ -621,7 +662,7 @@ def _limit_problems(cfg: Config, where: _Where) -> list[str]:
 
 
 def _scenario_problems(cfg: Config, where: _Where) -> list[str]:
-    if cfg.scenario == "class" and cfg.data.stream != "split":
+    if cfg.scenario == "class" and cfg.data.stream != "split" and cfg.data.dataset != "python":
         return [f"{where('scenario')}: scenario: class needs data.stream: split (disjoint "
                 "classes); use scenario: task for permuted or variations streams"]
     return []
@@ -635,6 +676,21 @@ def _feature_problems(cfg: Config, where: _Where) -> list[str]:
         return [f"{where('tensorboard')}: tensorboard: true needs the tensorboard package; "
                 "pip install 'growth[tensorboard]' or set tensorboard: false"]
     return []
+
+
+def _factory_problems(cfg: Config, where: _Where) -> list[str]:
+    """A user's model or data function must import (it is called when the campaign starts)."""
+    from growth.plugins import load_factory
+
+    out = []
+    for key, spec, on in (("model.factory", cfg.model.factory, cfg.model.kind == "python"),
+                          ("data.factory", cfg.data.factory, cfg.data.dataset == "python")):
+        if on and spec is not None:
+            try:
+                load_factory(spec, key)
+            except ConfigError as exc:
+                out.append(f"{where(key)}: {exc}")
+    return out
 
 
 def _cap(problems: list[str]) -> str:

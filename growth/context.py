@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from growth.errors import ShapeError
 from growth.optim import follow
@@ -42,10 +42,22 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr to 0 over the fit's steps
+    # learning rate per step (growth.train): constant; cosine (to 0 over the fit's steps); step
+    # (times gamma at each epoch of `milestones`); after `warmup_epochs` of linear warm-up
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    milestones: list[PositiveInt] = Field(default_factory=list)  # step: epochs (from 0)
+    gamma: float = Field(0.1, gt=0, le=1)  # step: the factor at each milestone
+    warmup_epochs: int = Field(0, ge=0)  # lr rises linearly from lr / steps to lr
     # early stopping: stop once the task's validation accuracy has not improved for this many
     # epochs, and keep the best epoch's weights (None: every epoch, the last weights)
     patience: int | None = Field(None, ge=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"milestones must increase strictly, e.g. [30, 60]; got {v}")
+        return v
 
 
 HOOKS = ("before_task", "training", "loss", "penalty", "after_backward", "after_step",
@@ -92,7 +104,8 @@ class Context:
     train_config: TrainConfig | None = None  # the task's training settings (set by learn_task)
     workdir: Path | None = None  # a folder for this task's artefacts (REC's search), if any
     searcher: Any = None  # who runs architecture searches: a growth.searching.Searcher
-    scenario: str = "task"  # "task" (a head per task) or "class" (one head); see scenarios.py
+    scenario: str = "task"  # "task" (a head per task), "class" or "domain" (one head); see
+    # growth.scenarios
 
     def replace_graph(self, graph: NetGraph,
                       records: ChangeRecord | Iterable[ChangeRecord] | None = None) -> None:

@@ -148,7 +148,7 @@ def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
     use_loss, use_penalty, use_after_backward, use_after_step = use
     losses: list[float] = []
     n_epochs = cfg.epochs if epochs is None else epochs
-    schedule = _schedule(cfg, n_epochs * _batches_per_epoch(sets, cfg.batch_size))
+    schedule = _schedule(cfg, n_epochs, _batches_per_epoch(sets, cfg.batch_size))
     step = 0
     best = _Best(ctx, strategy, cfg.patience)
     for epoch in range(n_epochs):
@@ -231,11 +231,26 @@ def _batches_per_epoch(sets: list[_Set], batch_size: int) -> int:
     return sum(math.ceil(len(s.y) / batch_size) for s in sets)
 
 
-def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float] | None:
-    """The learning rate of each step of a fit (None: constant, the optimizer's own)."""
-    if cfg.schedule == "constant" or total <= 0:
+def _schedule(cfg: TrainConfig, epochs: int, per_epoch: int) -> Callable[[int], float] | None:
+    """The learning rate of each step of a fit (None: constant, the optimizer's own): a linear
+    warm-up over `warmup_epochs`, then constant, cosine to 0 over the remaining steps, or
+    step decay (times gamma at each milestone epoch reached)."""
+    total = epochs * per_epoch
+    if (cfg.schedule == "constant" and not cfg.warmup_epochs) or total <= 0:
         return None
-    return lambda step: cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    warm = min(cfg.warmup_epochs * per_epoch, total)
+
+    def lr(step: int) -> float:
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        if cfg.schedule == "cosine":
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / (total - warm)))
+        if cfg.schedule == "step":
+            epoch = step // per_epoch
+            return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if m <= epoch)
+        return cfg.lr
+
+    return lr
 
 
 def learn_task(ctx: Context, strategy: Hooks, cfg: TrainConfig, seed: int = 0,

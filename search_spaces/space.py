@@ -50,6 +50,8 @@ PRODUCERS = frozenset({"linear", "conv2d"})
 _UNIT_TAIL = ACTIVATIONS | {"batchnorm1d", "batchnorm2d", "relu6", "hardswish", "hardsigmoid",
                             "hardtanh", "mish", "softplus"}
 Action = dict[str, Any]
+DEFAULT_OPERATORS = ("net2wider", "net2deeper")
+BUILTIN_ROLES = frozenset({"net2wider", "widen_private", "net2deeper"})  # checked by their costs
 
 
 # ---- the declared space (YAML `search.space`, or Python) -----------------------------------
@@ -93,6 +95,11 @@ class SpaceSpec(BaseModel):
     max_growth: float | None = Field(None, gt=1)  # ... nor above this times the base network
     # the operators' size guard: no single call adds more (None lifts it; see growth.ops.guards)
     max_new_params: int | None = Field(MAX_NEW_PARAMS, ge=0)
+    # the operators the space proposes, by name, each by its role (growth.ops.Operator.role):
+    # "wider" ones widen a layer to the next width, "deeper" ones insert a layer; plug-ins
+    # (the "growth.ops" entry points) too. With several of a role, a rollout draws one of
+    # those that accept the step, uniformly.
+    operators: list[str] = Field(default_factory=lambda: list(DEFAULT_OPERATORS), min_length=1)
     max_blocks: PositiveInt = 8  # insertion is offered in the first max_blocks blocks
     max_layers_per_block: PositiveInt = 32  # ... and the first positions of each block
 
@@ -103,6 +110,21 @@ class SpaceSpec(BaseModel):
             raise ValueError(f"kernel sizes must be odd (an identity needs a centre tap); got {v}")
         if len(set(v)) != len(v):
             raise ValueError(f"kernel sizes must be distinct; got {v}")
+        return v
+
+    @field_validator("operators")
+    @classmethod
+    def _known_operators(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"operators are listed twice: {v}")
+        for name in v:
+            try:
+                op = get_operator(name)
+            except OperatorError as exc:
+                raise ValueError(str(exc)) from None
+            if op.role is None:
+                raise ValueError(f"operator {name!r} has no search role (wider or deeper); a "
+                                 "search space calls only operators that declare one")
         return v
 
     @field_validator("layer_widths")
@@ -171,6 +193,11 @@ class SearchSpace:
         limits = [v for v in limits if v is not None]
         self.max_params: int | None = min(limits) if limits else None
         s = self.spec
+        roles = {name: get_operator(name).role for name in s.operators}
+        # private: widenings add units no consumer reads yet, and nothing is inserted
+        self.wider_ops = [("widen_private" if s.private and n == "net2wider" else n)
+                          for n in s.operators if roles[n] == "wider"]
+        self.deeper_ops = [] if s.private else [n for n in s.operators if roles[n] == "deeper"]
         self._conv_tokens = (len(s.widths.conv) + 1) * (len(s.kernel_sizes) + 1)
         self.vocab_size = self._conv_tokens + len(s.widths.fc) + 1 + 1  # conv, fc, pool
 
@@ -247,21 +274,45 @@ class SearchSpace:
         """The widening of `layer` to the next width above its width in `graph` (which may
         have changed since `layer` was read: a residual group widens together), or None if the
         space does not offer it (pooling, width limit, a layer the operators cannot resize,
-        an excluded layer, the size guard, the parameter limit)."""
-        if layer.kind == "pool" or layer.node not in (self.widenable(graph) if widenable is None
-                                                      else widenable):
-            return None
+        an excluded layer, the size guard, the parameter limit); with several wider
+        operators, the first that accepts it."""
+        options = self.wider_options(graph, layer, widenable, seed)
+        return options[0] if options else None
+
+    def wider_options(self, graph: NetGraph, layer: Layer, widenable: set[str] | None = None,
+                      seed: int = 0) -> list[Action]:
+        """The widening of `layer` by each wider operator of the space that accepts it."""
+        if (not self.wider_ops or layer.kind == "pool"
+                or layer.node not in (self.widenable(graph) if widenable is None
+                                      else widenable)):
+            return []
         group = find_group(graph, layer.node)
         width = self.next_width(layer, group.width)
         if width is None:
-            return None
+            return []
         # grouped convolutions change channels in whole blocks: round up to the next block
         width = group.width + -(-(width - group.width) // group.block) * group.block
         if width > self.widths_of(layer)[-1]:
-            return None
-        action: Action = {"op": "widen_private" if self.spec.private else "net2wider",
-                          "node": layer.node, "width": width, "seed": seed}
-        return action if self.fits(graph, widening_cost(graph, layer.node, width, group)) else None
+            return []
+        out = []
+        for op in self.wider_ops:
+            action: Action = {"op": op, "node": layer.node, "width": width, "seed": seed}
+            if op in BUILTIN_ROLES:
+                ok = self.fits(graph, widening_cost(graph, layer.node, width, group))
+            else:
+                ok = self._tried(graph, action)
+            if ok:
+                out.append(action)
+        return out
+
+    def _tried(self, graph: NetGraph, action: Action) -> bool:
+        """Does a plug-in operator accept `action` on `graph`, within the space's limits? (It
+        is the authority on where it applies, so the space asks it.)"""
+        try:
+            child = self.step(graph, action, sample=probe_sample(graph, action))
+        except OperatorError:
+            return False
+        return self.fits(graph, child.param_count() - graph.param_count())
 
     def fits(self, graph: NetGraph, added: int) -> bool:
         """May one operator call add `added` parameters to `graph`? (The operators' size guard
@@ -289,10 +340,14 @@ class SearchSpace:
                                                 menu.action(block, position, k)))
         return out
 
-    def deeper_action(self, after: str, kernel: int | None, seed: int = 0) -> Action:
-        action: Action = {"op": "net2deeper", "after": after}
+    def deeper_action(self, after: str, kernel: int | None, seed: int = 0,
+                      op: str = "net2deeper") -> Action:
+        action: Action = {"op": op, "after": after}
         if kernel is not None:
             action["kernel_size"] = kernel
+        if op not in BUILTIN_ROLES:  # a plug-in gets the role's call: after, kernel_size, seed
+            action["seed"] = seed
+            return action
         if self.spec.deeper_batchnorm:
             action["batchnorm"] = True
         if self.spec.deeper_noise > 0:
@@ -377,9 +432,10 @@ class DeeperMenu:
         allowed: dict[int, set[str]] = {}  # kernel size -> nodes deepenable with it
         self.candidates: dict[int, dict[int, str]] = {}
         self._ok: dict[str, list[int | None]] = {}  # kernel indices accepted after a node
+        self._ops: dict[tuple[str, int | None], list[str]] = {}  # ... and by which operators
         self._vector: dict[str, bool] = {}
         for layer in layers:
-            if (spec.private or layer.after is None or layer.node in spec.exclude
+            if (not space.deeper_ops or layer.after is None or layer.node in spec.exclude
                     or layer.after in spec.exclude or layer.block >= spec.max_blocks
                     or layer.position >= spec.max_layers_per_block):
                 continue
@@ -390,11 +446,21 @@ class DeeperMenu:
             ok = []
             for i in kernels:
                 k = 1 if i is None else ks[i]
-                if k not in allowed:  # the size guard is checked below, with the BN's cost
-                    allowed[k] = set(deepenable(graph, k, max_new_params=None))
-                if layer.after in allowed[k] and space.fits(
-                        graph, deepening_cost(channels, k, spec.deeper_batchnorm)):
+                accepted = []
+                for op in space.deeper_ops:
+                    if op not in BUILTIN_ROLES:
+                        action = space.deeper_action(layer.after, None if i is None else k, 0, op)
+                        if space._tried(graph, action):
+                            accepted.append(op)
+                        continue
+                    if k not in allowed:  # the size guard is checked below, with the BN's cost
+                        allowed[k] = set(deepenable(graph, k, max_new_params=None))
+                    if layer.after in allowed[k] and space.fits(
+                            graph, deepening_cost(channels, k, spec.deeper_batchnorm)):
+                        accepted.append(op)
+                if accepted:
                     ok.append(i)
+                    self._ops[(layer.after, i)] = accepted
             self.candidates.setdefault(layer.block, {})[layer.position] = layer.after
             self._ok[layer.after] = ok
             self._vector[layer.after] = not conv
@@ -404,16 +470,26 @@ class DeeperMenu:
         after = self.candidates[block][position]
         return [None] if self._vector[after] else list(range(len(self.space.spec.kernel_sizes)))
 
-    def action(self, block: int, position: int, kernel: int | None, seed: int = 0) -> Action:
+    def operators(self, block: int, position: int, kernel: int | None) -> list[str]:
+        """The deeper operators that accept this insertion (in the space's order)."""
+        return list(self._ops.get((self.candidates[block][position], kernel), []))
+
+    def action(self, block: int, position: int, kernel: int | None, seed: int = 0,
+               op: str | None = None) -> Action:
+        """The insertion's action, by `op` (default: the first operator that accepts it)."""
         k = None if kernel is None else self.space.spec.kernel_sizes[kernel]
-        return self.space.deeper_action(self.candidates[block][position], k, seed)
+        after = self.candidates[block][position]
+        if op is None:
+            op = (self._ops.get((after, kernel)) or self.space.deeper_ops or ["net2deeper"])[0]
+        return self.space.deeper_action(after, k, seed, op)
 
     def accepts(self, block: int, position: int, kernel: int | None) -> bool:
         return kernel in self._ok[self.candidates[block][position]]
 
-    def child(self, block: int, position: int, kernel: int | None, seed: int = 0) -> NetGraph:
+    def child(self, block: int, position: int, kernel: int | None, seed: int = 0,
+              op: str | None = None) -> NetGraph:
         """The graph with this insertion (built with the operator)."""
-        action = self.action(block, position, kernel, seed)
+        action = self.action(block, position, kernel, seed, op)
         return self.space.step(self.graph, action, sample=probe_sample(self.graph, action))
 
     def position_ok(self, block: int, position: int) -> bool:

@@ -198,3 +198,113 @@ def test_differences_and_order_spread_by_hand(tmp_path: Path) -> None:
     text = write_comparison(plan, out).read_text()
     assert "Not every run finished" in text and "si (5 of 6)" in text
     assert "| si | ewc | 5 |" in text
+
+
+def test_paired_differences_from_a_folder_against_a_named_reference(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Final rows by hand, seeds 0-2 (2 tasks: ACC the final row's mean, BWT its first entry
+    minus 0.9, the first task's accuracy when learned). Against si: ewc's ACC differs by
+    +0.02, +0.04, +0.06 (mean 0.04, sd 0.02), its BWT by +0.1, 0, +0.2 (mean 0.1, sd 0.1);
+    finetune's seed 2 never ran, so finetune has two pairs."""
+    from growth.commands.compare import differences_table, paired_differences
+    from growth.errors import GrowthError
+    from growth.metrics import make_metrics, write_metrics
+
+    path = write(tmp_path, ["finetune", "ewc", {"name": "si", "reference": "ewc"}],
+                 seeds=[0, 1, 2])
+    final = {("si", 0): [0.80, 0.90], ("si", 1): [0.70, 0.90], ("si", 2): [0.60, 0.90],
+             ("ewc", 0): [0.90, 0.84], ("ewc", 1): [0.70, 0.98], ("ewc", 2): [0.80, 0.82],
+             ("finetune", 0): [0.50, 0.90], ("finetune", 1): [0.60, 0.90]}
+    out = tmp_path / "out"
+    for (label, seed), row in final.items():
+        write_metrics(out / f"{label}-s{seed}", make_metrics(
+            {"name": label, "strategy": label, "seed": seed}, ["a", "b"],
+            [[0.1, 0.1], [0.9, 0.1], row], [{"task": k, "params": 10, "relative": 1.0}
+                                             for k in range(2)], [1.0, 1.0]))
+    t2 = 4.302652729911275  # t(0.975, 2)
+    diffs = paired_differences(path, out, reference="si")
+    assert set(diffs) == {"finetune", "ewc"}  # every label against si; si has no entry
+    ref, d = diffs["ewc"]
+    assert ref == "si" and d is not None and d.n == 3
+    assert d.diff == pytest.approx(0.04, abs=1e-12)
+    assert (d.low, d.high) == pytest.approx((0.04 - t2 * 0.02 / math.sqrt(3),
+                                             0.04 + t2 * 0.02 / math.sqrt(3)), abs=1e-9)
+    assert diffs["finetune"][1] is not None and diffs["finetune"][1].n == 2
+    assert diffs["finetune"][1].diff == pytest.approx(-0.10, abs=1e-12)  # -0.15, -0.05
+    bwt = paired_differences(path, out, reference="si", metric="bwt")["ewc"][1]
+    assert bwt is not None and bwt.diff == pytest.approx(0.1, abs=1e-12)
+    assert bwt.high == pytest.approx(0.1 + t2 * 0.1 / math.sqrt(3), abs=1e-9)
+    # without a named reference, the config's: si against ewc, the others against finetune
+    own = paired_differences(path, out)
+    assert {k: v[0] for k, v in own.items()} == {"ewc": "finetune", "si": "ewc"}
+    assert own["si"][1] is not None and own["si"][1].diff == pytest.approx(-0.04, abs=1e-12)
+    assert "| ewc | si | 3 | +0.0400 |" in differences_table(diffs)
+    with pytest.raises(ConfigError, match="reference 'nosuch' is not a label.*finetune, ewc"):
+        paired_differences(path, out, reference="nosuch")
+    with pytest.raises(ConfigError, match="metric 'size'"):
+        paired_differences(path, out, metric="size")
+    with pytest.raises(GrowthError, match="no such comparison folder"):
+        paired_differences(path, tmp_path / "elsewhere")
+    # the command: the tables from the runs there, nothing run (finetune-s2 stays missing)
+    assert main(["compare", str(path), "--out", str(out), "--reference", "si",
+                 "--tables-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "| ewc | si | 3 | +0.0400 |" in printed and "| finetune | si | 2 | -0.1000 |" in printed
+    assert not (out / "finetune-s2").exists()
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "differences.csv").open())}
+    assert rows["ewc"]["reference"] == "si"
+    assert main(["compare", str(path), "--out", str(tmp_path / "none"), "--tables-only"]) == 2
+    assert "no such comparison folder" in capsys.readouterr().err
+
+
+def _run_plan(tmp_path: Path, seeds: list[int]) -> tuple[object, Path]:
+    """A comparison's runs, each run in this process (no Ray), then its table."""
+    from growth.commands.compare import run_one, write_comparison
+
+    path = write(tmp_path, ["finetune"], seeds=seeds)
+    plan = load_compare(path)
+    out = tmp_path / "out"
+    for name, spec in plan.runs.items():
+        run_one(str(plan.base), spec.overrides, str(out / name))
+    write_comparison(plan, out)
+    return plan, out
+
+
+def test_a_row_of_one_run_shows_its_values_without_a_spread(tmp_path: Path) -> None:
+    _, out = _run_plan(tmp_path, [0])
+    acc = json.loads((out / "finetune-s0" / "metrics.json").read_text())["acc"]
+    row = next(ln for ln in (out / "compare.md").read_text().splitlines()
+               if ln.startswith("| finetune |"))
+    assert "±" not in row and f"| {acc:.4f} |" in row
+    csv_row = next(csv.DictReader((out / "compare.csv").open()))
+    assert float(csv_row["acc_mean"]) == pytest.approx(acc) and csv_row["acc_std"] == ""
+
+
+def test_the_watch_counts_runs_and_times_the_rest_from_the_pace(tmp_path: Path) -> None:
+    import io
+
+    from growth.commands.watch import RunsWatch
+    from growth.metrics import read_metrics, write_metrics
+
+    _, out = _run_plan(tmp_path, [0])
+    finished = read_metrics(out / "finetune-s0")  # 2 of 2 tasks
+    now = [0.0]
+    names = ["a", "b", "c"]
+    printed = io.StringIO()
+    watch = RunsWatch(out, names, clock=lambda: now[0], out=printed)  # nothing there yet
+    write_metrics(out / "a", finished)
+    half = {**finished, "finished_tasks": 1}
+    write_metrics(out / "b", half)
+    (out / "b" / ".lock").write_text("4242\n")  # b's writer holds the lock
+    (out / "c").mkdir()
+    (out / "c" / ".lock").write_text("")  # c: a lock released (emptied), nothing running
+    watch.done("a")
+    now[0] = 100.0
+    status = watch.status()
+    assert (status.done, status.running, status.waiting) == (1, 1, 1)
+    assert status.fraction == pytest.approx((1 + 0.5 + 0) / 3)
+    assert status.eta_s == pytest.approx(100.0)  # half done in 100 s: 100 s to go
+    watch.report()
+    watch.report()  # unchanged: printed once
+    assert printed.getvalue() == ("[compare] runs 1/3 done, 1 running, 1 waiting; 50% of "
+                                  "tasks; ETA 1m40s\n")

@@ -376,3 +376,40 @@ def test_differences_to_a_reference_group_paired_by_seed(tmp_path, monkeypatch):
     assert "| finetune | 3 | -0.1000 |" in text.split("## Differences")[1]
     with pytest.raises(ReportError, match="'nosuch' is not a group.*finetune, ewc"):
         write_report(runs, reference="nosuch")
+
+
+def test_paired_by_seed_takes_a_strategy_name_and_the_command_prints_the_table(
+        tmp_path, monkeypatch, capsys):
+    """Two mwc groups (epochs 1 and 10) and one ewc group, seeds 0 and 1: against ewc's 0.7,
+    0.7, epochs 1 ends at 0.8, 0.6 (differences +0.1, -0.1: mean 0, sd sqrt(0.02)) and epochs
+    10 at 0.9, 0.9. `--reference ewc` names ewc's one group; `mwc` names two and is refused."""
+    from growth.cli import main
+    from growth.report import paired_by_seed
+
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for s, (a, b) in enumerate([(0.8, 0.7), (0.6, 0.7)]):
+        runs.append(make_run(tmp_path, f"m1-s{s}", "mwc", s, R=_final([a] * 3),
+                             config=_config("mwc", seed=s, epochs=1)))
+        runs.append(make_run(tmp_path, f"m10-s{s}", "mwc", s, R=_final([0.9] * 3),
+                             config=_config("mwc", seed=s, epochs=10)))
+        runs.append(make_run(tmp_path, f"e-s{s}", "ewc", s, R=_final([b] * 3),
+                             config=_config("ewc", seed=s)))
+    reference, diffs = paired_by_seed(runs, "ewc")
+    assert reference == "ewc"
+    assert set(diffs) == {"mwc † (train.epochs=1)", "mwc † (train.epochs=10)"}
+    one = diffs["mwc † (train.epochs=1)"]
+    assert one is not None and one.n == 2 and one.diff == pytest.approx(0.0, abs=1e-12)
+    # t(0.975, 1) = tan(0.475 pi) = 12.706...; sd of (+0.1, -0.1) is sqrt(0.02)
+    half = math.tan(0.475 * math.pi) * math.sqrt(0.02) / math.sqrt(2)
+    assert one.high == pytest.approx(half, abs=1e-9) and not one.significant
+    ten = diffs["mwc † (train.epochs=10)"]
+    assert ten is not None and ten.diff == pytest.approx(0.2, abs=1e-12)
+    assert ten.p == 0.0 and ten.significant  # +0.2 on both seeds: no spread
+    with pytest.raises(ReportError, match="'mwc' names several groups"):
+        paired_by_seed(runs, "mwc")
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "rep"),
+                 "--reference", "ewc"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Differences in ACC to ewc (paired by seed)" in printed
+    assert "| mwc † (train.epochs=10) | 2 | +0.2000 |" in printed

@@ -281,7 +281,7 @@ def test_settings_and_scenarios_are_checked() -> None:
         validate_config(config({"name": "supsup", "keep": 0.0}))
     with pytest.raises(ConfigError, match="only in scenario task, not 'class'"):
         Campaign(validate_config({**config(SUPSUP), **CLASS}), "unused")
-    with pytest.raises(ConfigError, match="only in scenario class, not 'task'"):
+    with pytest.raises(ConfigError, match="only in scenario class or domain, not 'task'"):
         Campaign(validate_config(config({"name": "supsup", "infer_task": "batch"})), "unused")
     p: Any = make_strategy("supsup", {}).params
     assert (p.keep, p.weights, p.infer_task) == (0.5, "signed_constant", "never")

@@ -56,6 +56,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from growth.commands.watch import RunsWatch
 from growth.config import Config, load_config, parse_yaml, read_config_text
 from growth.data.orders import CURRICULA
 from growth.errors import ConfigError, GrowthError
@@ -70,6 +71,8 @@ GIVEN = "given"  # the stream's own task order
 # measured by bench/seeds_needed.py, 0.016 on permuted digits and 0.028 on split digits)
 DEFAULT_SEEDS = 66
 Settings = Literal["default", "presets"]
+METRICS = ("acc", "bwt", "fwt")  # the run metrics paired differences can be taken in
+WATCH_S = 10.0  # seconds between looks at the runs' progress while none finishes
 
 
 class StrategyEntry(BaseModel):
@@ -155,8 +158,9 @@ class Plan:
         return spec.seed, spec.order
 
 
-def load_compare(path: str | Path) -> Plan:
-    """Read and check a comparison config and every run's campaign config (nothing runs)."""
+def load_compare(path: str | Path, reference: str | None = None) -> Plan:
+    """Read and check a comparison config and every run's campaign config (nothing runs).
+    `reference` (a label) replaces every strategy's reference: all differences are to it."""
     path = Path(path)
     raw = parse_yaml(read_config_text(path), str(path))
     if not isinstance(raw, dict):
@@ -175,7 +179,7 @@ def load_compare(path: str | Path) -> Plan:
         raise ConfigError(f"{path}: strategies: {twice[0]!r} appears twice; give one a "
                           "`label`")
     plan = Plan(cfg, base)
-    _references(plan, path, labels)
+    _references(plan, path, labels, reference)
     base_cfg = load_config(base, cfg.set)
     for entry in cfg.strategies:
         settings, extra = _settings(plan, entry, base_cfg, path)
@@ -194,15 +198,19 @@ def load_compare(path: str | Path) -> Plan:
     return plan
 
 
-def _references(plan: Plan, path: Path, labels: list[str]) -> None:
-    """Each label's reference: its own `reference`, else the comparison's, else the first."""
+def _references(plan: Plan, path: Path, labels: list[str], named: str | None = None) -> None:
+    """Each label's reference: `named` if given, else its own `reference`, else the
+    comparison's, else the first label."""
     cfg = plan.config
+    if named is not None and named not in labels:
+        raise ConfigError(f"{path}: reference {named!r} is not a label of the strategies "
+                          f"({', '.join(labels)})")
     default = cfg.reference or labels[0]
     if default not in labels:
         raise ConfigError(f"{path}: reference: {default!r} is not a label of the strategies "
                           f"({', '.join(labels)})")
     for entry in cfg.strategies:
-        ref = entry.reference or default
+        ref = named or entry.reference or default
         if ref not in labels:
             raise ConfigError(f"{path}: strategies: {entry.shown}: reference {ref!r} is not a "
                               f"label of the strategies ({', '.join(labels)})")
@@ -269,17 +277,23 @@ def _search_backend(cfg: Config) -> str | None:
     return None
 
 
+def default_folder(plan: Plan) -> Path:
+    """Where a comparison's runs go when no folder is given."""
+    return Path("runs") / plan.config.name
+
+
 def run_compare(path: str | Path, out: str | Path | None = None,
-                ray_address: str | None = None) -> Path:
+                ray_address: str | None = None, reference: str | None = None) -> Path:
     """Run every (strategy, seed) of the comparison in parallel on Ray, then write the table
-    and plots; returns the output folder. A run that fails is named in a GrowthError raised
-    after the others finished (their results are written)."""
+    and plots (differences to `reference` when given, see load_compare); returns the output
+    folder. A run that fails is named in a GrowthError raised after the others finished
+    (their results are written)."""
     import ray
 
     from growth.cluster import ray_cluster
 
-    plan = load_compare(path)
-    folder = Path(out) if out else Path("runs") / plan.config.name
+    plan = load_compare(path, reference)
+    folder = Path(out) if out else default_folder(plan)
     folder.mkdir(parents=True, exist_ok=True)
     failed: dict[str, str] = {}
     with ray_cluster(ray_address):
@@ -292,9 +306,14 @@ def run_compare(path: str | Path, out: str | Path | None = None,
                                                          str(folder / name))
             pending[ref] = name
         total = len(pending)
+        watch = RunsWatch(folder, list(pending.values()))
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=WATCH_S)
+            if not done:  # nothing finished meanwhile: how far the runs are, and an ETA
+                watch.report()
+                continue
             name = pending.pop(done[0])
+            watch.done(name)
             try:
                 ray.get(done[0])
                 _progress(total - len(pending), total, name, folder / name)
@@ -352,7 +371,7 @@ def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not xs:
         return None, None
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else None
 
 
 def finished(plan: Plan, folder: Path) -> dict[str, dict[str, Any]]:
@@ -376,13 +395,17 @@ def collect(plan: Plan, folder: Path) -> dict[str, list[dict[str, Any]]]:
     return by
 
 
-def differences(plan: Plan, done: dict[str, dict[str, Any]]
+def differences(plan: Plan, done: dict[str, dict[str, Any]], metric: str = "acc"
                 ) -> dict[str, tuple[str, Paired | None]]:
-    """Each label's paired comparison of ACC with its reference (None below two pairs)."""
+    """Each label's paired comparison of `metric` (acc, bwt or fwt) with its reference, over
+    the pairs (seed, task order) both finished: label -> (reference, Paired), None below two
+    pairs. The reference itself has no entry."""
+    if metric not in METRICS:
+        raise ConfigError(f"metric {metric!r}: differences are taken in {', '.join(METRICS)}")
     acc: dict[str, dict[tuple[int, str], float]] = {}
     for name, m in done.items():
-        if m.get("acc") is not None:
-            acc.setdefault(plan.runs[name].label, {})[plan.pair_key(name)] = float(m["acc"])
+        if m.get(metric) is not None:
+            acc.setdefault(plan.runs[name].label, {})[plan.pair_key(name)] = float(m[metric])
     out: dict[str, tuple[str, Paired | None]] = {}
     for label, ref in plan.reference_of.items():
         mine, theirs = acc.get(label, {}), acc.get(ref, {})
@@ -390,6 +413,36 @@ def differences(plan: Plan, done: dict[str, dict[str, Any]]
         out[label] = (ref, paired([mine[k] for k in keys], [theirs[k] for k in keys])
                       if len(keys) >= 2 else None)
     return out
+
+
+def paired_differences(config: str | Path, folder: str | Path | None = None,
+                       reference: str | None = None, metric: str = "acc"
+                       ) -> dict[str, tuple[str, Paired | None]]:
+    """The paired differences of a comparison whose runs are in `folder` (default: the
+    config's own, runs/<name>), read from the runs that finished; nothing runs. `reference`:
+    a label every other label is compared with (default: each entry's reference, as the
+    config says). Returns label -> (reference, growth.stats.Paired or None below two pairs);
+    `differences_table` renders it."""
+    plan = load_compare(config, reference)
+    where = Path(folder) if folder is not None else default_folder(plan)
+    if not where.is_dir():
+        raise GrowthError(f"{where}: no such comparison folder; run `growth compare {config} "
+                          f"--out {where}` first")
+    return differences(plan, finished(plan, where), metric)
+
+
+def differences_table(diffs: dict[str, tuple[str, Paired | None]], metric: str = "acc") -> str:
+    """A markdown table of paired differences (as `differences` returns them)."""
+    lines = [f"| strategy | reference | pairs | Δ {metric.upper()} | 95% interval | p | |",
+             "|---|---|---|---|---|---|---|"]
+    for label, (ref, d) in diffs.items():
+        if d is None:
+            lines.append(f"| {label} | {ref} | <2 | n/a | n/a | n/a | |")
+            continue
+        lines.append(f"| {label} | {ref} | {d.n} | {_signed(d.diff)} | "
+                     f"[{_signed(d.low)}, {_signed(d.high)}] | {_p(d.p)} | "
+                     f"{'' if d.significant else 'n.s.'} |")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -463,6 +516,8 @@ def _cell(stat: tuple[float | None, float | None], digits: int) -> str:
     mean, std = stat
     if mean is None:
         return "n/a"
+    if std is None:  # one run: its value, no spread to show
+        return f"{mean:,.{digits}f}"
     return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
 
 
@@ -485,10 +540,10 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]],
              f"Base config `{cfg.base}`, seeds {_seeds(cfg.seeds)}"
              + ("" if len(cfg.order_names) == 1 else
                 f", task orders {', '.join(cfg.order_names)}")
-             + f"; mean ± sample std over {over}. Size: final model's parameters (trunk, "
-             "heads, adapters) over the base network's; bytes: stored bytes (masks and owner "
-             "indices included) over the base's. Children: networks trained by a search, "
-             "with their training time.", "",
+             + f"; mean ± sample std over {over} (one run: its value). Size: final model's "
+             "parameters (trunk, heads, adapters) over the base network's; bytes: stored bytes "
+             "(masks and owner indices included) over the base's. Children: networks trained "
+             "by a search, with their training time.", "",
              head, "|" + "---|" * (len(COLUMNS) + 2)]
     for label, n, stats in rows:
         cells = [_cell(s, c[2]) for s, c in zip(stats, COLUMNS)]
@@ -513,15 +568,7 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]],
                   "The mean of the per-pair differences (strategy - reference) with its 95% t "
                   "interval, and the two-sided p-value of the paired t-test; n.s.: not "
                   "significant at 5% (the interval holds 0).", "",
-                  "| strategy | reference | pairs | Δ ACC | 95% interval | p | |",
-                  "|---|---|---|---|---|---|---|"]
-        for label, (ref, d) in diffs.items():
-            if d is None:
-                lines.append(f"| {label} | {ref} | <2 | n/a | n/a | n/a | |")
-                continue
-            lines.append(f"| {label} | {ref} | {d.n} | {_signed(d.diff)} | "
-                         f"[{_signed(d.low)}, {_signed(d.high)}] | {_p(d.p)} | "
-                         f"{'' if d.significant else 'n.s.'} |")
+                  differences_table(diffs)]
     if orders:
         names = cfg.order_names
         lines += ["", "## Task orders", "",

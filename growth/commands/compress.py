@@ -72,6 +72,14 @@ def _source(data: str, graph: NetGraph, task_index: int | None, root: str) -> _S
     return _Source(tasks[k], seen, head_of, label_of, train, seed)
 
 
+def _tasks_accuracy(ctx: Context, src: _Source) -> dict[str, float]:
+    """Test accuracy of every task the network serves (those before the distilled one, and
+    it), through their heads: what compression keeps of each."""
+    from growth.train import evaluate
+
+    return {t.name: evaluate(ctx, t) for t in [*src.seen, src.task]}
+
+
 def compress_saved(network: str, data: str, params: CompressParams, out: str | None = None,
                    base: str | None = None, task: int | None = None, root: str = "data",
                    train: dict[str, Any] | None = None) -> tuple[CompressReport, str]:
@@ -84,8 +92,11 @@ def compress_saved(network: str, data: str, params: CompressParams, out: str | N
     ctx = Context(Model(graph), src.task, src.seen, src.head_of, src.label_of,
                   torch.device("cpu"), seed=src.seed)
     heads = list(dict.fromkeys([src.head_of(src.task), *(src.head_of(t) for t in src.seen)]))
+    before = _tasks_accuracy(ctx, src)
     torch.manual_seed(src.seed)
     report = compress(ctx, params, cfg, base=base_graph, heads=heads, seed=src.seed)
+    report.tasks = {name: {"before": acc, "after": after} for (name, acc), after in
+                    zip(before.items(), _tasks_accuracy(ctx, src).values())}
     folder = Path(out) if out else Path(f"{str(network).rstrip('/')}-compressed")
     report.graph.save(folder)
     summary = {"network": str(network), "base": base, "data": data, "task": src.task.name,

@@ -123,7 +123,7 @@ class SearchRun:
         budget, s = self.s.budget, self.s
         train = self.cfg.train.model_copy(update={
             "epochs": s.epochs or self.cfg.train.epochs, "lr": self.cfg.train.lr * s.lr_scale,
-            "schedule": s.schedule})
+            "schedule": s.schedule, "warmup_epochs": 0})
         result = run_search(
             self.run_dir, self.run_dir / "base", self.controller, self.space, self.task,
             TrialSpec(train=train, scenario=self.cfg.scenario, device=self.cfg.device),

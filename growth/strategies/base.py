@@ -75,7 +75,9 @@ class Strategy:
     name: ClassVar[str] = "finetune"
     description: ClassVar[str] = "train on each task in turn with no protection (lower bound)"
     Params: ClassVar[type[StrategyParams]] = StrategyParams
-    scenarios: ClassVar[tuple[str, ...]] = ("task", "class")  # where the method makes sense
+    # where the method makes sense (growth.scenarios): a method that needs the task id to
+    # predict (masks, columns chosen per task) runs only in "task"
+    scenarios: ClassVar[tuple[str, ...]] = ("task", "class", "domain")
     # role of each kind of state ("what" in "what/task/param") under a graph change
     state_roles: ClassVar[dict[str, str]] = {}
 

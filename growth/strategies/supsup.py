@@ -79,8 +79,9 @@ class SupSup(Strategy):
 
     @property  # type: ignore[override]
     def scenarios(self) -> tuple[str, ...]:
-        """Task given: one head per task; task inferred: one shared head over all classes."""
-        return ("task",) if self.params.infer_task == "never" else ("class",)
+        """Task given: one head per task; task inferred: one shared head (over all classes, or
+        over one domain's classes)."""
+        return ("task",) if self.params.infer_task == "never" else ("class", "domain")
 
     def finished(self) -> list[int]:
         return list(self.extra.get("tasks", []))
