@@ -356,3 +356,60 @@ def test_a_tune_resumed_after_a_kill_chooses_the_same_setting(tmp_path: Path,
     assert math.isfinite(summary["default"]["score"])
     for name in ("tune.md", "tune.csv", "tune_scores.png"):
         assert (run / name).is_file()
+
+
+# ---- the report -------------------------------------------------------------------------------
+def test_the_report_ranks_trials_and_plots_each_score_against_each_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four trials by hand: t000 (the config's own, 0.80), t001 (0.90, the best), t002 failed,
+    t003 never ran. The table lists them best first with each seed's score; the plot has one
+    panel per tuned key, log-scaled for a log-uniform key, with every finished trial at (its
+    value, its score), the default ringed and the chosen starred."""
+    from matplotlib.collections import PathCollection
+
+    import growth.plots
+    from growth.commands.tune import Trial, TrialRecord, write_tune_report
+
+    path = write(tmp_path, space={"strategy.lambda": {"loguniform": [1.0, 1.0e4]},
+                                  "strategy.mode": {"grid": ["separate", "online"]}})
+    cfg = load_config(path)
+    plan = [Trial("t000", {"strategy.lambda": 50.0, "strategy.mode": "separate"}, True),
+            Trial("t001", {"strategy.lambda": 3000.0, "strategy.mode": "online"}),
+            Trial("t002", {"strategy.lambda": 9000.0, "strategy.mode": "separate"}),
+            Trial("t003", {"strategy.lambda": 2.0, "strategy.mode": "online"})]
+    records = {
+        "t000": TrialRecord("t000", plan[0].setting, "ok", 0.80, {"0": 0.78, "1": 0.82}, 2),
+        "t001": TrialRecord("t001", plan[1].setting, "ok", 0.90, {"0": 0.88, "1": 0.92}, 2),
+        "t002": TrialRecord("t002", plan[2].setting, "failed", error="DivergedError: NaN"),
+    }
+    summary = {"trials": 4, "finished": 2, "stopped": 0, "failed": 1, "pending": 1,
+               "best": {"id": "t001", "setting": plan[1].setting, "score": 0.90},
+               "default": {"id": "t000", "setting": plan[0].setting, "score": 0.80},
+               "wall_time_s": 12.0}
+    figures: list[Any] = []
+    monkeypatch.setattr(growth.plots, "save", lambda fig, where: figures.append(fig))
+    text = write_tune_report(tmp_path, cfg, plan, records, summary).read_text()
+    rows = (tmp_path / "tune.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["t001", "t000", "t002", "t003"]
+    assert rows[1].split(",")[:7] == ["t001", "3000", "online", "0.9", "0.88", "0.92", "ok"]
+    assert rows[3].endswith("DivergedError: NaN") and ",pending," in rows[4]
+    assert "Chosen: **t001**, `strategy.lambda: 3000`, `strategy.mode: online`: score 0.9000 " \
+        "(the config's own setting, t000: 0.8000)." in text
+    assert "| **t001** | 3000 | online | 0.9000 | 0.8800 | 0.9200 | ok |" in text
+    assert "- t002: DivergedError: NaN" in text
+    (fig,) = figures
+    lam, mode = fig.axes
+    assert lam.get_xscale() == "log" and mode.get_xscale() == "linear"
+    assert [t.get_text() for t in mode.get_xticklabels()] == ["online", "separate"]
+
+    def points(ax: Any) -> dict[str, list[tuple[float, float]]]:
+        out: dict[str, list[tuple[float, float]]] = {}
+        for c in ax.collections:
+            if isinstance(c, PathCollection):
+                out.setdefault(c.get_label(), []).extend(map(tuple, c.get_offsets().tolist()))
+        return out
+
+    assert sorted(points(lam)["trial"]) == [(50.0, 0.80), (3000.0, 0.90)]
+    assert points(lam)["chosen"] == [(3000.0, 0.90)]
+    assert points(lam)["config's own setting"] == [(50.0, 0.80)]
+    assert sorted(points(mode)["trial"]) == [(0.0, 0.90), (1.0, 0.80)]  # online, separate
