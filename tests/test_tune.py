@@ -221,6 +221,35 @@ def test_a_trial_never_reads_a_test_split_and_scores_validation_acc(
     assert reports[1]["score"] == pytest.approx(np.mean(first["R"][2][:2]))
 
 
+def test_a_rec_trial_finishes_on_validation_data(tmp_path: Path) -> None:
+    """REC measures its network on the task's splits around the compression; in a trial the
+    test splits are empty, so it measures the validation split only (a NaN for the empty test
+    split stopped every REC trial when the metrics were written)."""
+    rec = {"name": "rec", "compress": {"epochs": 1},
+           "search": {"controller": "random", "children": 2, "epochs": 1, "backend": "local",
+                      "controller_params": {"wider_actions": 1, "deeper_actions": 0},
+                      "space": {"widths": {"fc": [16, 24]}}}}
+    path = write(tmp_path, space={"strategy.lambda": {"grid": [10.0]}}, seeds=[0])
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "strategy": rec}))
+    cfg = load_config(path)
+    trial = TuneRun(cfg, tmp_path / "out", str(path)).plan()[1]
+    spec = {"id": trial.id, "tasks": 2,
+            "runs": trial_configs(cfg, trial, tmp_path / "out" / "trials", "tune.yaml")}
+    result = run_trial(spec, lambda m: None)
+    assert result["status"] == "ok", result["error"]
+    m = json.loads((tmp_path / "out" / "trials" / trial.id / "s0" / "metrics.json").read_text())
+
+    def measured(node: Any) -> list[dict]:  # every accuracy_before/after the run recorded
+        if isinstance(node, dict):
+            own = [v for k, v in node.items() if k in ("accuracy_before", "accuracy_after")]
+            return own + [x for v in node.values() for x in measured(v)]
+        return [x for v in node for x in measured(v)] if isinstance(node, list) else []
+
+    assert all(set(acc) == {"val"} for acc in measured(m))
+    assert result["score"] == pytest.approx(float(np.mean(m["R"][2])), abs=1e-12)
+
+
 def test_a_diverging_setting_is_a_failed_trial_not_an_error(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path))
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1.0e30})})
