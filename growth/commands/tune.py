@@ -697,7 +697,7 @@ def _scores_plot(path: Path, cfg: Config, plan: list[Trial], records: dict[str, 
                 ax.scatter([x], [r.score], s=90, marker="*", color="tab:red", label="chosen")
         spec = t.space[key]
         if numeric and (spec.loguniform is not None or
-                        (xs and min(xs) > 0 and max(xs) / min(xs) >= 100)):
+                        (xs and min(xs) > 0 and max(xs) / min(xs) >= 10)):  # values a decade apart
             ax.set_xscale("log")
         ax.set_title(f"score against {key}")
         ax.set_xlabel(key)
