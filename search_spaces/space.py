@@ -31,6 +31,7 @@ from growth.layers import ACTIVATIONS, kind_of
 from growth.ops import (
     MAX_NEW_PARAMS,
     ChangeRecord,
+    ChannelGroup,
     deepenable,
     deepening_cost,
     feature_axes,
@@ -282,23 +283,43 @@ class SearchSpace:
     def wider_options(self, graph: NetGraph, layer: Layer, widenable: set[str] | None = None,
                       seed: int = 0) -> list[Action]:
         """The widening of `layer` by each wider operator of the space that accepts it."""
-        if (not self.wider_ops or layer.kind == "pool"
-                or layer.node not in (self.widenable(graph) if widenable is None
-                                      else widenable)):
+        if not self._may_widen(graph, layer, widenable):
             return []
         group = find_group(graph, layer.node)
         width = self.next_width(layer, group.width)
         if width is None:
             return []
-        # grouped convolutions change channels in whole blocks: round up to the next block
-        width = group.width + -(-(width - group.width) // group.block) * group.block
+        width = _whole_blocks(group.width, width, group.block)
         if width > self.widths_of(layer)[-1]:
             return []
+        return self._widenings(graph, layer.node, width, group, seed)
+
+    def widen_by(self, graph: NetGraph, layer: Layer, count: int,
+                 widenable: set[str] | None = None, seed: int = 0) -> Action | None:
+        """The widening of `layer` by `count` units (RCL's choice: no width list), rounded up
+        to whole blocks of a grouped convolution, by the first wider operator that accepts it,
+        or None if the space does not offer it (pooling, a layer the operators cannot resize,
+        an excluded layer, the size guard, the parameter limit) or `count` is 0."""
+        if count <= 0 or not self._may_widen(graph, layer, widenable):
+            return None
+        group = find_group(graph, layer.node)
+        width = _whole_blocks(group.width, group.width + count, group.block)
+        options = self._widenings(graph, layer.node, width, group, seed)
+        return options[0] if options else None
+
+    def _may_widen(self, graph: NetGraph, layer: Layer, widenable: set[str] | None) -> bool:
+        return bool(self.wider_ops) and layer.kind != "pool" and layer.node in (
+            self.widenable(graph) if widenable is None else widenable)
+
+    def _widenings(self, graph: NetGraph, node: str, width: int, group: ChannelGroup,
+                   seed: int) -> list[Action]:
+        """The actions widening `node` (its group) to `width`, one per wider operator of the
+        space that accepts it within the size guard and the parameter limit."""
         out = []
         for op in self.wider_ops:
-            action: Action = {"op": op, "node": layer.node, "width": width, "seed": seed}
+            action: Action = {"op": op, "node": node, "width": width, "seed": seed}
             if op in BUILTIN_ROLES:
-                ok = self.fits(graph, widening_cost(graph, layer.node, width, group))
+                ok = self.fits(graph, widening_cost(graph, node, width, group))
             else:
                 ok = self._tried(graph, action)
             if ok:
@@ -539,6 +560,12 @@ def _validate(raw: Mapping[str, Any], where: str = "search.space") -> SpaceSpec:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _whole_blocks(width: int, target: int, block: int) -> int:
+    """`target` rounded up so that `width` grows by whole blocks (grouped convolutions change
+    channels in aligned blocks of `block`)."""
+    return width + -(-(target - width) // block) * block
+
+
 def _feeds_output(graph: NetGraph, name: str) -> bool:
     return any(graph.node(c).kind == "output" for c in graph.consumers(name))
 
