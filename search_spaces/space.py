@@ -31,14 +31,19 @@ from growth.layers import ACTIVATIONS, kind_of
 from growth.ops import (
     MAX_NEW_PARAMS,
     ChangeRecord,
+    attention_nodes,
+    block_cost,
+    blockable,
     deepenable,
     deepening_cost,
     feature_axes,
     find_group,
     get_operator,
+    heads_cost,
     resizable,
     widening_cost,
 )
+from growth.ops.blocks import block_defaults
 
 # The paper's width lists (Cai et al. 2018, CIFAR-10 search).
 CONV_WIDTHS = (16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 576, 640)
@@ -249,8 +254,10 @@ class SearchSpace:
         width = self.next_width(layer, group.width)
         if width is None:
             return None
-        # grouped convolutions change channels in whole blocks: round up to the next block
-        width = group.width + -(-(width - group.width) // group.block) * group.block
+        # grouped convolutions change channels in whole blocks, and a norm over the channels
+        # widens by whole copies of every unit: round up to the next step
+        step = group.width if group.tile is not None else group.block
+        width = group.width + -(-(width - group.width) // step) * step
         if width > self.widths_of(layer)[-1]:
             return None
         action: Action = {"op": "net2wider", "node": layer.node, "width": width, "seed": seed}
@@ -280,6 +287,33 @@ class SearchSpace:
                     if menu.accepts(block, position, k):
                         out.append(DeeperOption(block, position, k,
                                                 menu.action(block, position, k)))
+        return out
+
+    def head_options(self, graph: NetGraph) -> list[Action]:
+        """One more head for each attention layer (`add_heads`: the new head's output
+        projection is zero), where it fits the size guard and the parameter limit and the
+        layer is not excluded."""
+        out = []
+        for node in attention_nodes(graph):
+            if node in self.spec.exclude:
+                continue
+            heads = graph.node(node).attrs["num_heads"] + 1
+            if self.fits(graph, heads_cost(graph, node, heads)):
+                out.append({"op": "add_heads", "node": node, "heads": heads})
+        return out
+
+    def block_options(self, graph: NetGraph) -> list[Action]:
+        """An identity transformer block after each transformer block's residual add
+        (`add_block`: sizes as the network's own blocks), where it fits the size guard and
+        the parameter limit."""
+        shapes = graph.shapes()
+        out = []
+        for node in blockable(graph):
+            d = block_defaults(graph, shapes[node][-1])
+            head_dim = d["head_dim"] or max(1, shapes[node][-1] // int(d["heads"]))
+            cost = block_cost(shapes[node][-1], int(d["heads"]), int(head_dim), int(d["hidden"]))
+            if node not in self.spec.exclude and self.fits(graph, cost):
+                out.append({"op": "add_block", "after": node})
         return out
 
     def deeper_action(self, after: str, kernel: int | None) -> Action:
@@ -322,7 +356,7 @@ class SearchSpace:
                                 "'width': 128}")
         kwargs = {k: v for k, v in action.items() if k != "op"}
         op = action["op"]
-        if op in ("net2wider", "net2deeper"):
+        if op in ("net2wider", "net2deeper", "add_heads", "add_block"):
             kwargs.setdefault("max_new_params", self.spec.max_new_params)
         if op == "net2wider":
             kwargs.setdefault("noise", self.spec.noise)

@@ -3,7 +3,10 @@
 New unit j copies old unit g(j) (g(j) = j for the old units, uniform over them for the new ones);
 every consumer's input column is divided by the number of copies of its old unit, so the sum a
 consumer sees is unchanged. Where grouped convolutions read the channels, the new units come as
-copies of whole groups (uniform over the groups), and those convolutions gain groups.
+copies of whole groups (uniform over the groups), and those convolutions gain groups. Where a
+LayerNorm or GroupNorm normalises over the channels, every unit is copied the same number of
+times (the width must be a multiple): the mean and variance of k copies of each unit are those
+of the units, so the norm's output is k copies of its old output (docs/operators.md).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from growth.ops.channels import (
     ChannelGroup,
     apply_index,
     check_blocks,
+    check_tiles,
     find_group,
     widening_bound,
     widening_cost,
@@ -50,13 +54,18 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     if width == group.width:
         return OpResult(out, ChangeRecord("net2wider", params))
     check_blocks(group, width, "net2wider")
+    check_tiles(group, width, "net2wider")
     if max_new_params is not None and widening_bound(graph, group, width) > max_new_params:
         check_size(call, widening_cost(graph, node, width, group),  # exact only when it may fail
                    max_new_params)
     gen = torch.Generator().manual_seed(int(seed))
-    b = group.block  # grouped convs downstream: copy whole groups of b channels
-    extra = torch.randint(group.width // b, ((width - group.width) // b,), generator=gen)
-    idx = torch.cat([torch.arange(group.width), (extra[:, None] * b + torch.arange(b)).flatten()])
+    if group.tile is not None:  # a norm over the channels: every unit copied equally
+        idx = torch.arange(width) % group.width
+    else:
+        b = group.block  # grouped convs downstream: copy whole groups of b channels
+        extra = torch.randint(group.width // b, ((width - group.width) // b,), generator=gen)
+        idx = torch.cat([torch.arange(group.width),
+                         (extra[:, None] * b + torch.arange(b)).flatten()])
     changes = apply_index(out, group, idx, divide=True)
     if noise > 0:
         _perturb_copies(out, group, noise, gen)
