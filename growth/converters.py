@@ -51,6 +51,7 @@ class Param:
     tensor: torch.Tensor = field(repr=False, compare=False)
     trainable: bool = field(default=True, compare=False)
     shared: bool = field(default=False, compare=False)  # read by more than one call
+    views: tuple = field(default=(), compare=False)  # (method, args, kwargs) from the target
 
 
 @dataclass(frozen=True)
@@ -70,15 +71,20 @@ class Lazy:
     moving the batch dim, windows folded into the batch, a size computed from the batch, a
     parameter's arithmetic) only ever live inside programs.
 
-    vals: the traced values (growth.fxtrace); ref: the program node once made; shared: read
-    by more than one call, so made into a node of its own when a program reads it."""
+    vals: the traced values (growth.fxtrace); ref: the program node once made; users: how
+    many calls read it (read by several, it is made into a node of its own when a program
+    reads it, if it can be one)."""
 
     fn: str
     args: tuple
     kwargs: dict
     vals: tuple | None = None
     ref: Ref | None = None
-    shared: bool = False
+    users: int = 1
+
+    @property
+    def shared(self) -> bool:
+        return self.users > 1
 
     def __repr__(self) -> str:  # the arguments nest: never print them
         return f"<the value of {self.fn}>"
@@ -330,6 +336,7 @@ def _add(input: Any, other: Any, alpha: Any = 1) -> Layer:
     require(alpha == 1, f"add with alpha={alpha} has no node kind")
     if isinstance(other, Param) or isinstance(input, Param):
         x, p = (input, other) if isinstance(other, Param) else (other, input)
+        require(p.trainable, f"{p.target!r} is a buffer (an offset node would train it)")
         return Layer("offset", [tensor(x)], {"shape": list(p.tensor.shape)},
                      {"weight": _cpu(p.tensor, repr(p.target))}, params=[p])
     return Layer("add", [tensor(input), tensor(other, "second operand")])
@@ -338,6 +345,7 @@ def _add(input: Any, other: Any, alpha: Any = 1) -> Layer:
 def _mul(input: Any, other: Any) -> Layer:
     if isinstance(other, Param) or isinstance(input, Param):
         x, p = (input, other) if isinstance(other, Param) else (other, input)
+        require(p.trainable, f"{p.target!r} is a buffer (a scale node would train it)")
         return Layer("scale", [tensor(x)], {"shape": list(p.tensor.shape)},
                      {"weight": _cpu(p.tensor, repr(p.target))}, params=[p])
     require(isinstance(input, Ref) and isinstance(other, Ref),

@@ -60,6 +60,10 @@ class ShapedProxy(fx.Proxy):
             return self.tracer.attribute_of(self, k)  # type: ignore[attr-defined]
         return super().__getattr__(k)
 
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """`x[i] = v`: recorded as a call (the importer reads x as written afterwards)."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
     def __len__(self) -> int:
         first = self.size(0)
         if isinstance(first, int):
@@ -70,15 +74,18 @@ class ShapedProxy(fx.Proxy):
 class ShapeTracer(fx.Tracer):
     """See the module docstring. `whole`: whether a layer is kept whole (one node) when its
     inputs are batch-first; `keep_wrapped`: functions wrapped with `torch.fx.wrap` that stay
-    one call."""
+    one call; `split`: paths of layers traced into their calls even so (a layer called more
+    than once shares its weights between the calls: no single node can hold it)."""
 
     def __init__(self, input_shape: tuple[int, ...], whole: Callable[[nn.Module], bool],
-                 keep_wrapped: frozenset[Callable[..., Any]], stack_traces: bool = False) -> None:
+                 keep_wrapped: frozenset[Callable[..., Any]], stack_traces: bool = False,
+                 split: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.record_stack_traces = stack_traces
         self.proxy_buffer_attributes = True  # buffers are read by name, like parameters
         self.input_shape = tuple(int(s) for s in input_shape)
         self.whole = whole
+        self.split = split  # layers called more than once: traced into their calls
         self.keep_wrapped = keep_wrapped
         self._call: tuple[tuple, dict] = ((), {})
         self._meta_state: dict[int, dict[str, torch.Tensor]] = {}
@@ -120,9 +127,10 @@ class ShapeTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _KEEP_LEAVES):
             return True
-        if self.whole(m):  # a node kind: whole, if it sees batch-first tensors
-            args, kwargs = self._call
-            return all(batch_first(p.node) for p in _proxies((args, kwargs)))
+        if self.whole(m) and module_qualified_name not in self.split:
+            # a node kind: whole, if it sees batch-first tensors
+            found = _proxies(self._call)  # constants only: traced into (no batch to hold)
+            return bool(found) and all(batch_first(p.node) for p in found)
         return False  # every other layer, torch.nn's included, is traced into its calls
 
     # ---- answers about values -----------------------------------------------------------------

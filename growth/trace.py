@@ -84,10 +84,17 @@ def _trace(module: nn.Module, input_shape: tuple[int, ...], stack_traces: bool =
     in forward (attention biases, relative indices) would otherwise keep the tracer's proxies."""
     root = copy.deepcopy(module)
     try:
-        tracer = ShapeTracer(input_shape, cv.keeps_whole, frozenset(cv.rules()[1]),
-                             stack_traces)
-        graph = tracer.trace(root)
-        return fx.GraphModule(tracer.root, graph, type(module).__name__)
+        split: frozenset[str] = frozenset()
+        while True:  # once more if a layer kept whole is called twice: trace into it
+            tracer = ShapeTracer(input_shape, cv.keeps_whole, frozenset(cv.rules()[1]),
+                                 stack_traces, split)
+            graph = tracer.trace(root)
+            calls = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+            again = {t for t in calls if calls.count(t) > 1 and _holds_tensors(root, t)}
+            if not again:
+                return fx.GraphModule(tracer.root, graph, type(module).__name__)
+            split |= again
+            root = copy.deepcopy(module)
     except AssertionError as exc:  # the model's own check, evaluated on the traced shapes
         raise ShapeError(f"input shape {tuple(input_shape)} fails the model's own check in "
                          f"{_culprit(root, exc, with_file=False)}{_site(exc)}: {exc}; import "
@@ -98,6 +105,11 @@ def _trace(module: nn.Module, input_shape: tuple[int, ...], stack_traces: bool =
             "Only code whose calls do not depend on tensor values can be imported: move "
             "data-dependent control flow out of forward, or build the NetGraph by hand"
         ) from exc
+
+
+def _holds_tensors(root: nn.Module, path: str) -> bool:
+    m = root.get_submodule(path)
+    return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
 
 
 def _site(exc: BaseException) -> str:
@@ -180,6 +192,7 @@ class _Importer:
                           cv.torch.get_default_dtype())  # the precision the model runs in
         self.expanded: dict[int, Ref] = {}
         self.lifted: dict[str, Ref] = {}
+        self.live: set[fx.Node] | None = None
 
     def add_input(self) -> None:
         """The first argument of forward is the input; the others are bound to their defaults
@@ -297,8 +310,8 @@ class _Importer:
                 for i, r in enumerate(result):
                     self._check_shape(r, _traced_shape(tuple(v[i] for v in vals)))
             return tuple(self._add(f"{node.name}_{i}", r) for i, r in enumerate(result))
-        if isinstance(result, Lazy) and len(node.users) > 1:  # passed on to several calls
-            result.shared = True
+        if isinstance(result, Lazy):  # passed on: its readers are this call's
+            result.users += self._readers(node) - 1
         if isinstance(result, Ref) and vals is not None:
             cv.require(_traced_shape(vals) in (None, result.shape),
                        f"it returns its input unchanged, but the traced value has shape "
@@ -325,6 +338,9 @@ class _Importer:
         shapes = [r.shape for r in inputs]
         if want is not None:
             self._check_shape(Layer(layer.kind, inputs, layer.attrs), want)
+        shared = [p.target for p in layer.params if p.shared and p.trainable]
+        cv.require(not shared, f"parameter {shared[0] if shared else ''!r} is read by other "
+                   "calls too")  # the calls become programs reading one node that holds it
         for p in layer.params:
             self._own(p.target, f"parameter {p.target!r} is read more than once")
         tensors = self._with_counter(layer)
@@ -370,10 +386,17 @@ class _Importer:
         if vals is None:
             raise Unsupported(f"{why} (and its result's shape could not be traced, so it "
                               "cannot be replayed either)")
-        lazy = Lazy(name, args, kwargs, vals, shared=len(node.users) > 1)
+        lazy = Lazy(name, args, kwargs, vals, users=self._readers(node))
         if program.is_inplace(name) and args and isinstance(args[0], (Ref, Lazy)):
             self._alias(args[0], lazy)
         return lazy
+
+    def _readers(self, node: fx.Node) -> int:
+        """How many calls whose results matter read `node` (a shape query whose result goes
+        unused is no reader)."""
+        if self.live is None:
+            self.live = _live(self.traced.graph)
+        return sum(u in self.live for u in node.users)
 
     def _resolve(self, result: Any, stand_ins: dict[str, Lazy]) -> Any:
         """A converter's result with the stand-ins for batch-first Lazy values replaced: by
@@ -404,10 +427,13 @@ class _Importer:
         call then stays Lazy too, and one program later holds them all."""
         seen: set[str] = set()
         for lazy in values:
-            needs = _parameters(lazy)
+            needs, entangled = _parameters(lazy)
             clash = needs & (seen | self.owned)
             if clash:
                 raise Unsupported(f"its inputs read parameter {sorted(clash)[0]!r} in common")
+            if entangled:
+                raise Unsupported("its input shares a computation with parameters with other "
+                                  "calls (no node holds it yet)")
             seen |= needs
 
     def _realise(self, lazy: Lazy) -> Ref:
@@ -423,6 +449,8 @@ class _Importer:
             attrs, tensors, inputs = builder.build(lazy)
         except program.Unstorable as exc:
             raise Unsupported(f"it passes {exc}, which a program node cannot hold") from None
+        for target in builder.claims:
+            self._own(target, f"parameter {target!r} is read more than once")
         shapes = [r.shape for r in inputs]
         attrs.update(in_shapes=[list(s) for s in shapes], shape=list(vals[0].shape[1:]))
         attrs["elementwise"] = _elementwise(attrs, shapes)
@@ -434,6 +462,8 @@ class _Importer:
         """A parameter, or a value computed from parameters alone, that several programs read:
         one node holds it, repeated over the batch (a view, no copy), and each program reads
         sample 0 of that node, which is the value itself (its gradients add up there)."""
+        if isinstance(value, Param):  # the parameter itself; programs apply their views
+            value = self._param(value.target, shared=False)
         key = value.target if isinstance(value, Param) else str(id(value))
         ref = self.lifted.get(key)
         if ref is None:
@@ -444,6 +474,20 @@ class _Importer:
             lazy = Lazy("Tensor.expand", (one, Batch(source), *([-1] * len(shape))), {}, vals)
             ref = self._program("shared", lazy, vals, lifting=True)
             self.lifted[key] = ref
+        return ref
+
+    def _unfolded(self, lazy: Lazy, folded: int) -> Ref:
+        """A value with the batch folded into its dim 0 (B * k windows, patches) that several
+        calls read: one node holds it as (B, k, ...), which each program folds back (views of
+        the same values, in the same order)."""
+        ref = self.lifted.get(str(id(lazy)))
+        if ref is None:
+            rest = tuple(lazy.vals[0].shape[1:])
+            vals = tuple(cv.torch.empty((b, folded, *rest), device="meta") for b in BATCHES)
+            unfold = Lazy("Tensor.reshape", (Lazy(lazy.fn, lazy.args, lazy.kwargs, lazy.vals),
+                                             -1, folded, *rest), {}, vals)
+            ref = self._program(_base(lazy), unfold, vals)
+            self.lifted[str(id(lazy))] = ref
         return ref
 
     def _expanded(self, tokens: Expanded) -> Ref:
@@ -528,6 +572,7 @@ class _ProgramBuilder:
         self.specs: dict[str, dict[str, Any]] = {}
         self.done: dict[int, program.Call] = {}
         self.held: dict[str, program.Tensor] = {}
+        self.claims: list[str] = []
 
     def build(self, lazy: Lazy) -> tuple[dict[str, Any], dict[str, cv.torch.Tensor], list[Ref]]:
         self.visit(lazy)
@@ -558,6 +603,11 @@ class _ProgramBuilder:
             if v.ref is None and v.shared and not self.lifting and _liftable(v):
                 return self.add("operator.getitem", [self.value(self.importer._lifted(v)), 0],
                                 {})
+            folded = _folded(v)
+            if v.ref is None and v.shared and folded is not None:  # a node of its own, unfolded
+                rest = list(v.vals[0].shape[1:])
+                return self.add("Tensor.reshape",
+                                [self.value(self.importer._unfolded(v, folded)), -1, *rest], {})
             return self.value(v.ref) if v.ref is not None else self.visit(v)
         if isinstance(v, Ref):
             if v not in self.inputs:
@@ -565,8 +615,11 @@ class _ProgramBuilder:
             return program.Input(self.inputs.index(v))
         if isinstance(v, Param):
             if v.trainable and v.shared and not self.lifting:  # read by other calls too
-                return self.add("operator.getitem", [self.value(self.importer._lifted(v)), 0],
+                call = self.add("operator.getitem", [self.value(self.importer._lifted(v)), 0],
                                 {})
+                for name, args, kwargs in v.views:
+                    call = self.add(f"Tensor.{name}", [call, *args], kwargs)
+                return call
             return self.tensor(v)
         if isinstance(v, Batch):
             return self.add("Tensor.size", [self.value(v.ref), 0], {})
@@ -588,7 +641,11 @@ class _ProgramBuilder:
     def tensor(self, p: Param) -> program.Tensor:
         if p.target not in self.held:
             if p.trainable:  # constants and indices are copied; a parameter has one owner
-                self.importer._own(p.target, f"parameter {p.target!r} is read more than once")
+                cv.require(p.target not in self.importer.owned,
+                           f"parameter {p.target!r} is read more than once, which shares its "
+                           "weights between calls; a NetGraph node owns its weights (use one "
+                           "layer per call)")
+                self.claims.append(p.target)  # owned once the program is made
             t = p.tensor
             buffer = not p.trainable
             name = f"{'b' if buffer else 'p'}{len(self.held)}"
@@ -598,6 +655,18 @@ class _ProgramBuilder:
                                 str(t.dtype).removeprefix("torch.")}
             self.held[p.target] = program.Tensor(name)
         return self.held[p.target]
+
+
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose results reach the output, or that write into a tensor or check one."""
+    live: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        name = str(node.target) if node.op == "call_method" else cv.fn_name(node.target)
+        effect = node.op == "output" or program.is_inplace(name) or "assert" in name \
+            or name == "operator.setitem"
+        if effect or any(u in live for u in node.users):
+            live.add(node)
+    return live
 
 
 def _stand_in(value: Any, stand_ins: dict[str, Lazy]) -> Any:
@@ -615,27 +684,68 @@ def _stand_in(value: Any, stand_ins: dict[str, Lazy]) -> Any:
     return fx.node.map_aggregate(value, visit)
 
 
-def _parameters(lazy: Lazy) -> set[str]:
-    """The trainable parameters a Lazy value's program would hold."""
-    found: set[str] = set()
-    stack, seen = [lazy], set()
-    while stack:
-        v = stack.pop()
-        if id(v) in seen:
+def _parameters(lazy: Lazy) -> tuple[set[str], bool]:
+    """The trainable parameters a Lazy value's program would hold, and whether it would hold
+    a computation with parameters that other calls read too (a shared value no node can hold
+    alone: a qkv projection folded with windows into the batch, whose q and k one program
+    reads and v another). Shared parameters and values of parameters alone are lifted into
+    nodes of their own (`_Importer._lifted`), so they count for neither."""
+    held: dict[int, set[str]] = {}
+    nodes: dict[int, Lazy] = {}
+    readers: dict[int, int] = {}  # how many values of this program read each Lazy value
+    stack: list[tuple[Lazy, bool]] = [(lazy, False)]
+    while stack:  # post-order, without recursion: Lazy chains can be long
+        v, done = stack.pop()
+        if done:
+            found: set[str] = set()
+            for x in _reads(v):
+                if isinstance(x, Param):
+                    found.add(x.target)
+                else:
+                    found |= held[id(x)]
+            held[id(v)] = found
             continue
-        seen.add(id(v))
+        if id(v) in nodes:
+            continue
+        nodes[id(v)] = v
+        stack.append((v, True))
+        inner = {id(x): x for x in _reads(v) if isinstance(x, Lazy)}
+        for key, x in inner.items():
+            readers[key] = readers.get(key, 0) + 1
+            stack.append((x, False))
+    entangled = any(held[k] and readers.get(k, 0) < v.users and not (
+        v.vals is not None and is_batch_first(v.vals)) for k, v in nodes.items() if v is not lazy)
+    return held[id(lazy)], entangled
 
-        def visit(x: Any) -> Any:
-            if isinstance(x, Param) and x.trainable and not x.shared:  # shared: lifted
-                found.add(x.target)
-            elif isinstance(x, Lazy) and x.ref is None and not (x.shared and _liftable(x)):
-                stack.append(x)
-            elif isinstance(x, Batch) and isinstance(x.ref, Lazy):
-                stack.append(x.ref)
-            return x
 
-        fx.node.map_aggregate((v.args, v.kwargs), visit)
-    return found
+def _reads(lazy: Lazy) -> list[Param | Lazy]:
+    """The trainable parameters and the Lazy values a program holding `lazy` would take in
+    with it (not those held by nodes already, nor shared ones lifted into nodes)."""
+    out: list[Param | Lazy] = []
+
+    def visit(x: Any) -> Any:
+        if isinstance(x, Batch):
+            x = x.ref
+        if isinstance(x, Param) and x.trainable and not x.shared:
+            out.append(x)
+        elif isinstance(x, Lazy) and x.ref is None and not (x.shared and (
+                _liftable(x) or _folded(x) is not None)):
+            out.append(x)
+        return x
+
+    fx.node.map_aggregate((lazy.args, lazy.kwargs), visit)
+    return out
+
+
+def _folded(lazy: Lazy) -> int | None:
+    """k, if the value is a tensor with the batch folded into dim 0 as B * k."""
+    vals = lazy.vals
+    if vals is None or not all(isinstance(v, cv.torch.Tensor) and v.dim() >= 1 for v in vals):
+        return None
+    k, rem = divmod(vals[0].shape[0], BATCHES[0])
+    ok = not rem and k > 1 and all(v.shape[0] == b * k and v.shape[1:] == vals[0].shape[1:]
+                                   for v, b in zip(vals, BATCHES))
+    return k if ok else None
 
 
 def _liftable(lazy: Lazy) -> bool:
@@ -699,7 +809,8 @@ def _param_view(node: fx.Node, args: tuple, kwargs: dict) -> Param | None:
         return None
     p = args[0]
     view = getattr(p.tensor.detach(), name)(*args[1:], **kwargs)
-    return Param(p.target, view, p.trainable, len(node.users) > 1)
+    return Param(p.target, view, p.trainable, p.shared or len(node.users) > 1,
+                 (*p.views, (name, tuple(args[1:]), dict(kwargs))))
 
 
 def _source_lines(module: nn.Module, input_shape: tuple[int, ...]) -> dict[str, str]:

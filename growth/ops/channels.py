@@ -222,10 +222,12 @@ class _Walk:
         that keep channels apart): every operand must change with the same mapping."""
         found: list[str] = []
         stack = self.operands(merge)
+        seen: set[str] = set()  # a node reached again by another path answers the same
         while stack:
             n = stack.pop()
-            if n in producers or n in region or n in found:
+            if n in producers or n in region or n in seen:
                 continue
+            seen.add(n)
             kind = self.kind(n)
             if kind in LAYERS and not _grouped(self.graph.node(n)):
                 self.check_producer(n)
