@@ -264,7 +264,10 @@ def main() -> None:
     ok, total, worst, worst_chain = 0, 0, 0.0, 0.0
     for family, name, build in cases:
         total += 1
-        res = run(build, args.chain, torch.float64 if args.double else torch.float32)
+        try:
+            res = run(build, args.chain, torch.float64 if args.double else torch.float32)
+        except Exception as exc:  # a graph that imported but does not run: a failure too
+            res = {"ok": False, "why": f"fails after import: {type(exc).__name__}: {exc}"[:300]}
         gc.collect()
         if not res["ok"]:
             print(f"{family:26} {name:30} refused: {res['why']}", flush=True)

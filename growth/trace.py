@@ -42,6 +42,8 @@ class _Constant:
 
 
 _FAILED, _CONSTANT = _Failed(), _Constant()
+_CASTS = {"Tensor.float": torch.float32, "Tensor.double": torch.float64,
+          "Tensor.half": torch.float16, "Tensor.bfloat16": torch.bfloat16}
 _VIEWS = frozenset({"reshape", "view", "unsqueeze", "squeeze", "permute", "transpose",
                     "flatten", "contiguous", "t"})
 _TORCH_DIR = str(Path(torch.__file__).parent) + os.sep  # frames in torch are not the model's
@@ -593,6 +595,8 @@ class _ProgramBuilder:
             fn = lazy.fn
             if fn == "Tensor.view" and not any(isinstance(a, cv.torch.dtype) for a in args):
                 fn = "Tensor.reshape"  # its input may be a node's non-contiguous output
+            if _CASTS.get(fn) == self.importer.dtype:  # x.float() in a float model: its
+                fn, args = "Tensor.to", [*args[:1], program.NETWORK_DTYPE]  # precision
             self.done[key] = self.add(fn, args, kwargs)
         return self.done[key]
 
