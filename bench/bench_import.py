@@ -18,16 +18,19 @@ import's, twice: `grow_err`, the grown graph against the imported one with the s
 evaluated in float64 (what is left is a change of the function: the figure the summary line
 reports), and `err32`, the grown graph in float32 against the model (float32 rounding, which
 grows with depth, width and the size of the activations of a randomly initialised network).
-`--double` builds the models in float64 too.
+`--double` builds the models in float64 too. `--csv PATH` also writes one row per model as it
+finishes (a refusal's reason included), for a coverage table or a plot.
 Ends with one line: `import: ok=N/M max_err=E` (and ` chain_err=C` with `--chain`).
 
     python bench/bench_import.py [--models resnet vit_b_16 ...] [--chain 0] [--double]
     python bench/bench_import.py --zoo timm --chain 4 [--models vision_transformer ...]
+        [--csv zoo.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
 import inspect
 import random
@@ -55,6 +58,8 @@ from growth.ops import (
 from growth.trace import import_module
 
 Case = tuple[str, str, Callable[[], tuple[nn.Module, int]]]  # family, model, build
+COLUMNS = ("family", "model", "ok", "why", "size", "nodes", "params", "seconds", "err", "bits",
+           "widen", "deepen", "programs", "ops", "grow_err", "grow_err32")
 
 
 # ---- torchvision -------------------------------------------------------------------------------
@@ -244,6 +249,7 @@ def main() -> None:
     parser.add_argument("--chain", type=int, default=0, help="random exact operators after import")
     parser.add_argument("--double", action="store_true", help="models and inputs in float64")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--csv", default=None, help="also write one row per model to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.zoo == "timm":
@@ -261,6 +267,10 @@ def main() -> None:
     print(f"{'family':26} {'model':30} {'input':>5} {'nodes':>5} {'params':>12} {'import s':>8} "
           f"{'max_err':>8} {'bits':>4} {'widen':>5} {'deepen':>6} {'progs':>5}"
           + (f" {'ops':>3} {'grow_err':>8} {'err32':>8}" if args.chain else ""), flush=True)
+    table = open(args.csv, "w", newline="") if args.csv else None  # noqa: SIM115 (whole run)
+    rows = csv.DictWriter(table, COLUMNS) if table else None
+    if rows:
+        rows.writeheader()
     ok, total, worst, worst_chain = 0, 0, 0.0, 0.0
     for family, name, build in cases:
         total += 1
@@ -269,6 +279,9 @@ def main() -> None:
         except Exception as exc:  # a graph that imported but does not run: a failure too
             res = {"ok": False, "why": f"fails after import: {type(exc).__name__}: {exc}"[:300]}
         gc.collect()
+        if rows:
+            rows.writerow({"family": family, "model": name, **res})
+            table.flush()  # an interrupted run keeps the rows it finished
         if not res["ok"]:
             print(f"{family:26} {name:30} refused: {res['why']}", flush=True)
             continue
@@ -280,6 +293,8 @@ def main() -> None:
               f"{res['widen']:>5} {res['deepen']:>6} {res['programs']:>5}"
               + (f" {res['ops']:>3} {res['grow_err']:>8.1e} {res['grow_err32']:>8.1e}"
                  if args.chain else ""), flush=True)
+    if table:
+        table.close()
     print(f"import: ok={ok}/{total} max_err={worst:.1e}"
           + (f" chain_err={worst_chain:.1e}" if args.chain else ""))
 
