@@ -22,12 +22,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import torchvision
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from torch import nn
 
 from growth.compile import compile_graph
 from growth.graph import NetGraph
 from growth.trace import import_module
-from search_spaces.networks import add_head, mlp, small_cnn
 
 CNN_CHANNELS = (16, 32, 64, 128)
 

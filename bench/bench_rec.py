@@ -10,8 +10,11 @@ controller), compression = distillation into the base-size student, training = t
 the tasks' time (training the kept network with MWC, Fisher), evaluation and the rest = the
 remainder (the R matrix, checkpoints, starting Ray, loading data).
 
-Last line: `rec: wall_s=W peak_rss_mb=M search_share=S` (targets: W <= 300 on 2 cores,
-M <= 4096).
+mwc_ratio: REC's wall time over MWC's on the same stream and network (the config with its
+strategy section replaced by MWC with REC's lambda and beta), run one after the other.
+
+Last line: `rec: wall_s=W peak_rss_mb=M search_share=S mwc_ratio=R` (targets: W <= 300 on 2
+cores, M <= 4096, R <= 3).
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ def tree_rss(root: int) -> int:
     return total
 
 
+def mwc_run(config: str, out: Path, env: dict[str, str]) -> float:
+    """Wall time of the config run with MWC (REC's lambda and beta) in place of REC."""
+    from growth.config import load_config
+
+    s = load_config(config).strategy.settings()
+    strategy = {"name": "mwc", **{k: s[k] for k in ("lambda", "beta") if k in s}}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "growth", "run", config, "--out", str(out),
+                    "--quiet", "--set", f"strategy={json.dumps(strategy)}"], env=env,
+                   check=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="experiments/rec_digits_permuted.yaml")
@@ -71,6 +87,7 @@ def main() -> None:
     else:
         out = Path(args.out)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    mwc_wall = mwc_run(args.config, out.parent / f"{out.name}-mwc", env)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "growth", "run", args.config, "--out",
                              str(out), "--quiet"], env=env)
@@ -105,8 +122,9 @@ def main() -> None:
         print(f"{name:24s} {secs:7.1f}s  {secs / wall:6.1%}")
     print(f"wall time {wall:.1f}s on {os.cpu_count()} cores; peak resident memory of the "
           f"process tree {peak[0] / 2**20:.0f} MB")
+    print(f"MWC on the same stream: wall time {mwc_wall:.1f}s")
     print(f"rec: wall_s={wall:.1f} peak_rss_mb={peak[0] / 2**20:.0f} "
-          f"search_share={search / wall:.3f}")
+          f"search_share={search / wall:.3f} mwc_ratio={wall / mwc_wall:.2f}")
     if tmp is not None:
         tmp.cleanup()
 

@@ -2,7 +2,7 @@
 
 `make_controller(name, space, params, seed)` builds one by name; params are validated (an
 unknown or bad key is a ConfigError naming it). Plug-ins come from the "growth.controllers"
-entry-point group (a class with `name`, `propose`, `observe`, `known`, `state_dict`,
+entry-point group (a class with `name`, `propose`, `observe`, `state_dict`,
 `load_state_dict`, built as `cls(space, params, seed=..., where=...)`).
 """
 
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from controllers.base import Controller, ControllerSettings, Proposal
-from controllers.eas import EASController
-from controllers.random_search import RandomController
+from growth.controllers.base import Controller, ControllerSettings, Proposal
+from growth.controllers.eas import EASController
+from growth.controllers.random_search import RandomController
+from growth.search_spaces.space import SearchSpace
+
 from growth.errors import ConfigError
 from growth.plugins import load_plugins
-from search_spaces.space import SearchSpace
 
 ENTRY_POINT_GROUP = "growth.controllers"
 CONTROLLERS: dict[str, type] = {"eas": EASController, "random": RandomController}
-_PROTOCOL = ("propose", "observe", "known", "state_dict", "load_state_dict")
+_PROTOCOL = ("propose", "observe", "state_dict", "load_state_dict")
 
 
 def _as_controller(obj: Any, entry: str) -> type:

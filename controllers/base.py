@@ -7,25 +7,27 @@ per layer) then deeper steps (block, position in the block, kernel), with the sp
 Controllers differ only in the probabilities they give those decisions, so a comparison
 between them compares policies, never action sets.
 
-Trained architectures are cached by their canonical string: `known(arch)` gives the accuracy
-observed for an architecture, so a driver does not train a duplicate and passes the cached
-accuracy to `observe` like any other result.
+A generation's children are distinct architectures that the search has not trained yet
+(`propose(..., exclude=...)`: the driver passes the architectures of this search's earlier
+children, and the parent's): a budget of N children trains N until the space runs out. A
+controller holds no cache of accuracies: what was trained belongs to the search (its records),
+while the controller (policy, baseline, generator) may outlive it, across a campaign's tasks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from growth.search_spaces.space import Action, SearchSpace, describe_errors
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
-from search_spaces.space import Action, SearchSpace, describe_errors
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,13 @@ class Controller(Protocol):
     name: ClassVar[str]
     space: SearchSpace
 
-    def propose(self, parent: NetGraph, n: int) -> list[Proposal]:
-        """n children of `parent` (each from the controller's own seeded generator)."""
+    def propose(self, parent: NetGraph, n: int, exclude: Container[str] = ()
+                ) -> list[Proposal]:
+        """Up to n children of `parent` with distinct architectures, none in `exclude` (each
+        from the controller's own seeded generator); fewer only when the space is exhausted."""
 
     def observe(self, results: Sequence[tuple[Proposal, float | None]]) -> None:
         """Validation accuracy per child (None: the child failed); one call per generation."""
-
-    def known(self, arch: str) -> float | None:
-        """The accuracy observed for architecture `arch`, or None if it was never trained."""
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Tensors (policy, optimizer, generator) and JSON-able extra (baseline, cache, ...)."""
@@ -73,6 +74,8 @@ class ControllerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     wider_actions: int = Field(2, ge=0)  # wider steps per child (paper: 4)
     deeper_actions: int = Field(2, ge=0)  # deeper steps per child (paper: 5)
+    draws: int = Field(20, ge=1)  # rollouts drawn per child sought before the space counts
+    # as exhausted (a draw that repeats an architecture is drawn again)
 
 
 # ---- the shared rollout ---------------------------------------------------------------------
@@ -128,8 +131,8 @@ def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.
     widenable = space.widenable(graph)
     mask, choice, logp = [], [], 0.0
     for layer, p in zip(layers, probs):
-        action = space.wider_option(graph, layer, widenable, seed=len(actions))
-        if action is None:
+        options = space.wider_options(graph, layer, widenable, seed=len(actions))
+        if not options:
             mask.append(0)
             choice.append(0)
             continue
@@ -138,6 +141,7 @@ def _wider_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch.
         choice.append(widen)
         logp += math.log(p if widen else 1 - p) if 0 < p < 1 else 0.0
         if widen:
+            action = _one_of(options, gen)
             graph = space.step(graph, action)
             actions.append(action)
             widenable = space.widenable(graph)
@@ -170,24 +174,36 @@ def _deeper_step(space: SearchSpace, graph: NetGraph, policy: Policy, gen: torch
     steps.append({"type": "deeper", "tokens": tokens, "block_mask": block_mask, "block": block,
                   "position_mask": pos_mask, "position": position, "kernel_mask": k_mask,
                   "kernel": kernel, "logp": logp})
-    actions.append(menu.action(block, position, kernel))
-    return menu.child(block, position, kernel)
+    op = _one_of(menu.operators(block, position, kernel), gen)
+    actions.append(menu.action(block, position, kernel, seed=len(actions), op=op))
+    return menu.child(block, position, kernel, seed=len(actions) - 1, op=op)
 
 
-# ---- cache and state helpers ----------------------------------------------------------------
-class ArchCache:
-    """Accuracy per trained architecture (the first observation of an arch is kept)."""
+def _one_of(options: Sequence[Any], gen: torch.Generator) -> Any:
+    """The only option, or one drawn uniformly (the space's operators of one role are
+    alternatives the policy does not choose between; a single one draws nothing, so a space
+    with one operator per role rolls out exactly as before)."""
+    if len(options) <= 1:
+        return options[0] if options else None
+    return options[int(torch.randint(len(options), (1,), generator=gen))]
 
-    def __init__(self, entries: dict[str, float] | None = None) -> None:
-        self.entries: dict[str, float] = dict(entries or {})
 
-    def record(self, results: Sequence[tuple[Proposal, float | None]]) -> None:
-        for proposal, acc in results:
-            if acc is not None and math.isfinite(acc):
-                self.entries.setdefault(proposal.arch, float(acc))
-
-    def get(self, arch: str) -> float | None:
-        return self.entries.get(arch)
+# ---- distinct children and state helpers -------------------------------------------------
+def distinct_rollouts(space: SearchSpace, parent: NetGraph, policy: Policy, gen: torch.Generator,
+                      settings: ControllerSettings, n: int, exclude: Container[str] = ()
+                      ) -> list[Proposal]:
+    """Up to n rollouts with distinct architectures, none in `exclude` nor the parent's own
+    (a child must change something), drawing at most `settings.draws` x n rollouts."""
+    seen = {space.arch(parent), *exclude}
+    out: list[Proposal] = []
+    for _ in range(settings.draws * max(int(n), 0)):
+        if len(out) >= n:
+            break
+        proposal = rollout(space, parent, policy, gen, settings)
+        if proposal.arch not in seen:
+            seen.add(proposal.arch)
+            out.append(proposal)
+    return out
 
 
 def generator_state(gen: torch.Generator) -> Tensor:

@@ -2,7 +2,7 @@
 
 `run_search` is the Python entry point for every architecture search (`growth search`, and
 REC's expand stage): from a parent graph folder, a controller proposes a generation of
-children, Tune trains them (`controllers.trial`), the controller observes their validation
+children, Tune trains them (`growth.controllers.trial`), the controller observes their validation
 accuracies, and the best child so far becomes the next generation's parent. It returns the
 leaderboard, each child with its graph folder and training time.
 
@@ -10,7 +10,7 @@ Search directory (given by the caller; a `growth search` run directory is one):
   search.json            where the search stands: generation, parent (and each generation's),
                          time used, attempts
   controller/gen_NNN.*   the controller's state before proposing generation NNN
-  children.jsonl         one line per finished child: the source of truth (controllers.records)
+  children.jsonl         one line per finished child: the source of truth (records.py)
   children/<key>/        each finished child's graph (structure.json, weights.safetensors)
                          and its record (child.json)
   leaderboard.json       finished children, best first (rewritten as children finish)
@@ -36,15 +36,16 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ray.tune import Callback
-
-from controllers.records import (
+import torch
+from growth.controllers.records import (
     RECORDS,
     ChildRecord,
     append_record,
@@ -52,8 +53,10 @@ from controllers.records import (
     leaderboard,
     read_records,
 )
-from controllers.searcher import METRIC, ControllerSearcher, Generation
-from controllers.trial import CHILD_FILE, TrialSpec, trial_data, tune_trial
+from growth.controllers.searcher import METRIC, ControllerSearcher, Generation
+from growth.controllers.trial import CHILD_FILE, TrialSpec, train_child, trial_data, tune_trial
+from ray.tune import Callback
+
 from growth.data import Task
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
@@ -109,7 +112,15 @@ class SearchResult:
     parent_acc: float | None
     elapsed_s: float
     done: bool = True
+    root: Path | None = None  # the first parent (the network the search started from)
+    lineage: list[list[dict[str, Any]]] = field(default_factory=list)  # root -> parent actions
+    kept: int = 0  # generations after which the parent stayed (no child beat it)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def replaced(self) -> bool:
+        """True if a child became the parent (the search's outcome is not its first parent)."""
+        return bool(self.lineage)
 
     @property
     def best(self) -> ChildRecord | None:
@@ -239,6 +250,7 @@ def _failed(config: dict[str, Any], error: str, result: dict[str, Any]) -> Child
     return ChildRecord(
         key=config["key"], generation=config["generation"], index=config["index"],
         arch=config["arch"], actions=config["actions"], status="failed",
+        lineage=[*config.get("lineage", []), list(config["actions"])],
         attempt=config.get("attempt", 0), error=error,
         start=float(result.get("start", 0.0) or 0.0), end=float(result.get("end", 0.0) or 0.0),
         node=result.get("node"))
@@ -298,37 +310,79 @@ def _orphans(search: SearchDir, generation: int, recorded: set[str]) -> list[Chi
 
 
 # ---- the driver ----------------------------------------------------------------------------
+Backend = Literal["local", "ray", "auto"]
+# What a generation's Ray Tune experiment costs beyond its children's training on a 2-core
+# machine with Ray already started (bench/bench_search.py, fixed_s): "auto" trains children
+# with Ray only when running them at once is expected to save more than this.
+RAY_FIXED_S = 15.0
+
+
+def in_ray_task() -> bool:
+    """Whether this process runs a Ray task (a campaign of `growth compare`): its CPUs are
+    held already, and trials of its own could wait forever for others'."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
+
+
+def choose_backend(backend: str, child_s: float | None, children: int, concurrency: int,
+                   cpus: int | None = None) -> str:
+    """The backend for a generation. "auto": this process until a child's training time is
+    known (a first generation, or `child_s` from an earlier search), then Ray Tune when the
+    time running `children` at once saves, (1 - 1 / parallel) of their training, exceeds
+    RAY_FIXED_S; never from inside a Ray task. Which backend trains a child never changes
+    its result."""
+    if backend != "auto":
+        return backend
+    parallel = min(concurrency, os.cpu_count() or 1 if cpus is None else cpus)
+    if parallel < 2 or child_s is None or in_ray_task():
+        return "local"
+    saved = child_s * children * (1.0 - 1.0 / parallel)
+    return "ray" if saved > RAY_FIXED_S else "local"
+
+
 def run_search(directory: str | Path, parent: str | Path, controller: Any, space: Any,
                task: Task, spec: TrialSpec | None = None, budget: Budget | None = None,
                resources: Resources | None = None, *, seed: int = 0,
                parent_acc: float | None = None, policy: Literal["best", "fixed"] = "best",
-               storage: str | None = None, name: str | None = None,
-               ray_address: str | None = None, progress: SearchProgress | None = None,
-               log_file: Path | None = None) -> SearchResult:
+               margin: float = 0.0, backend: Backend = "ray", child_s: float | None = None,
+               storage: str | None = None,
+               name: str | None = None, ray_address: str | None = None,
+               progress: SearchProgress | None = None, log_file: Path | None = None,
+               connect: Callable[[], AbstractContextManager[Any]] | None = None
+               ) -> SearchResult:
     """Search from the graph folder `parent` into `directory` (or resume the search there).
 
-    controller: a Controller (propose/observe/known/state_dict/load_state_dict) over `space`;
-    its state is saved before each generation and reloaded on resume. task: the current
-    task (its training and validation splits go to the trials, once). spec: how children
-    train: the loss (a strategy by reference), train settings, earlier tasks as metadata.
-    parent_acc: the parent's validation accuracy (a child replaces the parent under
-    policy "best" only if it beats it; None: the best child always does). storage: where Tune
-    keeps experiments (default `directory/tune`; a shared path or URI for multi-node clusters;
-    `name` names this search in it). ray_address: see growth.cluster.ray_cluster.
+    controller: a Controller (propose/observe/state_dict/load_state_dict) over `space`; its
+    state is saved before each generation and reloaded on resume. task: the current task (its
+    training and validation splits go to the trials, once). spec: how children train: the
+    loss (a strategy by reference), train settings, earlier tasks as metadata. parent_acc: the
+    parent's validation accuracy; under policy "best" a child becomes the next generation's
+    parent only if it beats the current parent's accuracy by more than `margin` (None: the
+    best child always does). The parent folder may hold the strategy's state and the
+    optimizer's moments (see growth.controllers.trial). backend: "ray" trains children as
+    Ray Tune trials (Ray is started, or joined, only when a generation has children to train);
+    "local" trains them in this process, one after another; "auto" chooses per generation
+    (`choose_backend`; child_s: a child's training time measured before, e.g. by an earlier
+    search of the same campaign). storage: where Tune keeps
+    experiments (default `directory/tune`; a shared path or URI for multi-node clusters;
+    `name` names this search in it). ray_address: see growth.cluster.ray_cluster. connect:
+    how the search gets Ray when it needs it (default: `ray_cluster(ray_address)` for the
+    search's duration; a campaign's searcher passes one that holds Ray for the whole run).
     """
-    from growth.cluster import ray_cluster
-
     spec = spec or TrialSpec()
     budget = budget or Budget()
     resources = resources or Resources()
-    progress = progress or SearchProgress()
     search = SearchDir(directory, storage, name)
     search.root.mkdir(parents=True, exist_ok=True)
     state = _begin(search, Path(parent), controller, seed, parent_acc, policy)
-    with ray_cluster(ray_address, log_file=log_file) as cluster:
-        _check_fits(resources, cluster)
-        return _Driver(search, state, controller, space, task, spec, budget, resources,
-                       progress).run()
+    driver = _Driver(search, state, controller, space, task, spec, budget, resources,
+                     progress or SearchProgress(), backend=backend, margin=margin,
+                     child_s=child_s,
+                     connect=connect or (lambda: _ray(ray_address, log_file)))
+    return driver.run()
 
 
 def _check_fits(resources: Resources, cluster: Any) -> None:
@@ -348,9 +402,10 @@ def _begin(search: SearchDir, parent: Path, controller: Any, seed: int,
     state = search.read_state()
     if state is None:
         NetGraph.load(parent)  # a parent that cannot load is the caller's error, found now
-        state = {"version": 1, "controller": controller.name, "seed": seed, "policy": policy,
-                 "generation": 0, "parent": str(parent.resolve()), "parent_acc": parent_acc,
-                 "elapsed_s": 0.0, "attempts": {}, "done": False}
+        state = {"version": 2, "controller": controller.name, "seed": seed, "policy": policy,
+                 "generation": 0, "root": str(parent.resolve()),
+                 "parent": str(parent.resolve()), "parent_acc": parent_acc, "lineage": [],
+                 "kept": 0, "elapsed_s": 0.0, "attempts": {}, "done": False}
         search.save_controller(controller, 0)
         search.write_state(state)
         return state
@@ -364,14 +419,20 @@ def _begin(search: SearchDir, parent: Path, controller: Any, seed: int,
 
 
 class _Driver:
-    """Runs generations as Tune experiments; the searcher's source of generations."""
+    """Runs generations (as Tune experiments, or in this process); the searcher's source of
+    generations."""
 
     def __init__(self, search: SearchDir, state: dict[str, Any], controller: Any, space: Any,
                  task: Task, spec: TrialSpec, budget: Budget, resources: Resources,
-                 progress: SearchProgress) -> None:
+                 progress: SearchProgress, backend: Backend = "ray", margin: float = 0.0,
+                 connect: Callable[[], AbstractContextManager[Any]] | None = None,
+                 child_s: float | None = None) -> None:
         self.search, self.state, self.controller = search, state, controller
         self.budget, self.resources, self.progress = budget, resources, progress
         self.space, self.task = space, task
+        self.backend, self.margin, self.child_s = backend, float(margin), child_s
+        self.current = "local" if backend == "auto" else backend  # this generation's
+        self.connect = connect or (lambda: _ray(None, None))
         self.spec = spec.model_copy(update={
             "threads": max(1, int(resources.cpus_per_trial)),
             "device": "cuda" if resources.gpus_per_trial > 0 else spec.device})
@@ -380,27 +441,37 @@ class _Driver:
         self.records = read_records(search.records)
         self.in_fit = 0  # generations planned for the current experiment
         self.trainable: Any = None
+        self.cluster: Any = None
+        self.stack = ExitStack()
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.monotonic() - self.clock
 
     def run(self) -> SearchResult:
-        while not self.state["done"]:
-            self.in_fit = 0
-            searcher = ControllerSearcher(self.controller, self, seed=int(self.state["seed"]))
-            if searcher.advance():  # a generation with children to train
-                self._fit(searcher)
-            searcher.finish()
+        with self.stack:
+            while not self.state["done"]:
+                self.in_fit = 0
+                searcher = ControllerSearcher(self.controller, self,
+                                              seed=int(self.state["seed"]))
+                if searcher.advance():  # a generation with children to train
+                    if self.current == "local":
+                        self._run_here(searcher)
+                    else:
+                        self._fit(searcher)
+                searcher.finish()
         board = leaderboard(self.records)
         self.search.write_leaderboard(board)
         return SearchResult(self.search.root, sorted(self.records, key=lambda r: r.key), board,
                             int(self.state["generation"]), Path(self.state["parent"]),
-                            self.state["parent_acc"], self.elapsed(), bool(self.state["done"]))
+                            self.state["parent_acc"], self.elapsed(), bool(self.state["done"]),
+                            root=Path(self.state.get("root", self.state["parent"])),
+                            lineage=list(self.state.get("lineage", [])),
+                            kept=int(self.state.get("kept", 0)))
 
     # ---- the searcher's source of generations ------------------------------------------------
     def next_generation(self) -> Generation | None:
         g = int(self.state["generation"])
-        n = self._generation_size(g)
+        n = 0 if self.state["done"] else self._generation_size(g)
         if n <= 0:
             self.state["done"] = True
             self._save_state()
@@ -408,6 +479,9 @@ class _Driver:
         if self.in_fit >= max(1, GENERATIONS_PER_FIT // max(1, n)):
             return None  # a fresh experiment for the next ones: the driver's memory is bounded
         self.in_fit += 1
+        if self.in_fit == 1:  # a new experiment, or in-process run: choose where it trains
+            self.current = choose_backend(self.backend, self.measured_child_s(),
+                                          n, self.resources.concurrency)
         attempts = self.state.setdefault("attempts", {})
         attempt = int(attempts.get(str(g), -1)) + 1
         attempts[str(g)] = attempt
@@ -418,10 +492,18 @@ class _Driver:
             for record in _orphans(self.search, g, {r.key for r in self.records}):
                 self.search.add(record)
             self.records = read_records(self.search.records)
-        parent = publish(Path(self.state["parent"]), self.search.storage,
-                         f"parents/gen{g:03d}")
-        return Generation(g, n, parent, {"spec": self._spec_json(), "attempt": attempt},
-                          {r.index: r.val_acc for r in self.records if r.generation == g})
+        parent = (self.state["parent"] if self.current == "local" else
+                  publish(Path(self.state["parent"]), self.search.storage, f"parents/gen{g:03d}"))
+        base = {"spec": self._spec_json(), "attempt": attempt,
+                "lineage": list(self.state.get("lineage", []))}
+        return Generation(g, n, parent, base,
+                          {r.index: r.val_acc for r in self.records if r.generation == g},
+                          frozenset(r.arch for r in self.records if r.generation < g))
+
+    def measured_child_s(self) -> float | None:
+        """Mean training time of this search's finished children, else the caller's hint."""
+        times = [r.train_time_s for r in self.records if r.ok]
+        return sum(times) / len(times) if times else self.child_s
 
     def began(self, searcher: ControllerSearcher) -> None:
         g, todo = searcher.generation, searcher.to_train
@@ -434,6 +516,8 @@ class _Driver:
         self.records = read_records(self.search.records)
         board = leaderboard(self.records)
         self._next_parent(board)
+        if not searcher.proposals:  # the space has no child left to propose
+            self.state["done"] = True
         self.search.save_controller(self.controller, g + 1)
         self.state["generation"] = g + 1
         self._save_state()
@@ -456,27 +540,54 @@ class _Driver:
 
     def _spec_json(self) -> dict[str, Any]:
         spec = self.spec
-        if spec.strategy.state is not None and "://" not in spec.strategy.state:
+        if (self.current == "ray" and spec.strategy.state is not None
+                and "://" not in spec.strategy.state):
             ref = publish(Path(spec.strategy.state), self.search.storage, "strategy")
             spec = spec.model_copy(update={"strategy": spec.strategy.model_copy(
                 update={"state": ref})})
         return spec.model_dump(mode="json")
 
+    def _on_child(self, record: ChildRecord) -> None:
+        self.records.append(record)
+        board = leaderboard(self.records)
+        self.search.write_leaderboard(board)
+        self.progress.on_child(record, board)
+
+    def _run_here(self, searcher: ControllerSearcher) -> None:
+        """The local backend: every child of the generation in this process, in order (the
+        caller's threads and random state are left as they were); then the next generations,
+        unless "auto" now expects Ray to save time (run() then starts them on Tune)."""
+        data = trial_data(self.task)
+        threads = torch.get_num_threads()
+        while True:
+            while searcher.pending:
+                index = searcher.pending.pop(0)
+                config = searcher.trial_config(index)
+                with torch.random.fork_rng(devices=[]):
+                    try:
+                        record = _train_here(self.search, config, data, self.space)
+                    finally:
+                        torch.set_num_threads(threads)
+                self.search.add(record)
+                self._on_child(record)
+                searcher.result(index, record.val_acc if record.ok else None)
+            if choose_backend(self.backend, self.measured_child_s(), self.budget.children,
+                              self.resources.concurrency) == "ray":
+                return
+            if not searcher.advance():
+                return
+
     def _fit(self, searcher: ControllerSearcher) -> None:
         from ray import tune
 
+        if self.cluster is None:  # Ray only once a generation has children to train
+            self.cluster = self.stack.enter_context(self.connect())
+            _check_fits(self.resources, self.cluster)
         if self.trainable is None:  # the task's data goes to the object store once
             trainable = tune.with_parameters(tune_trial, task=trial_data(self.task),
                                              space=self.space)
             self.trainable = tune.with_resources(trainable, {
                 "cpu": self.resources.cpus_per_trial, "gpu": self.resources.gpus_per_trial})
-
-        def on_child(record: ChildRecord) -> None:
-            self.records.append(record)
-            board = leaderboard(self.records)
-            self.search.write_leaderboard(board)
-            self.progress.on_child(record, board)
-
         g = int(searcher.generation or 0)
         attempt = self.state["attempts"][str(g)]
         tuner = tune.Tuner(
@@ -488,24 +599,57 @@ class _Driver:
             run_config=tune.RunConfig(
                 name=f"gen{g:03d}-a{attempt}", storage_path=self.search.storage, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.resources.max_failures),
-                callbacks=[Recorder(self.search, on_child)]))
+                callbacks=[Recorder(self.search, self._on_child)]))
         tuner.fit()
         del tuner  # the experiment's trials leave the driver's memory
 
     def _next_parent(self, board: list[ChildRecord]) -> None:
-        if self.state.get("policy") != "best" or not board:
+        """The best child so far becomes the parent if it beats the parent by the margin; else
+        the parent is kept (counted)."""
+        if self.state.get("policy") != "best":
             return
-        best = board[0]
+        best = board[0] if board else None
         current = self.state.get("parent_acc")
-        if current is None or (best.val_acc is not None and best.val_acc > current):
+        if best is not None and best.checkpoint is not None and (
+                current is None or (best.val_acc is not None
+                                    and best.val_acc > current + self.margin)):
             self.state["parent"] = str(self.search.root / str(best.checkpoint))
             self.state["parent_acc"] = best.val_acc
+            self.state["lineage"] = list(best.lineage)
+        else:
+            self.state["kept"] = int(self.state.get("kept", 0)) + 1
 
     def _save_state(self) -> None:
         self.state["elapsed_s"] = self.elapsed()
         self.search.write_state(self.state)
 
 
+def _ray(address: str | None, log_file: Path | None) -> AbstractContextManager[Any]:
+    from growth.cluster import ray_cluster
+
+    return ray_cluster(address, log_file=log_file)
+
+
+def _train_here(search: SearchDir, config: dict[str, Any], task: Task, space: Any
+                ) -> ChildRecord:
+    """Train one child in this process into children/<key> and return its record."""
+    tmp = search.children / f".train-{config['key']}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    metrics = train_child(config, task, space, tmp, node="local")
+    if metrics["status"] == "ok":
+        record = _adopt(search, config["key"], lambda dest: _move_into(tmp, dest))
+        if record is not None:
+            return record
+    shutil.rmtree(tmp, ignore_errors=True)
+    return _failed(config, metrics.get("error") or "the child's folder is incomplete", metrics)
+
+
+def _move_into(src: Path, dest: Path) -> None:
+    for item in src.iterdir():
+        os.replace(item, dest / item.name)
+    src.rmdir()
+
+
 def _trial_dirname(trial: Any) -> str:
     return f"{trial.config.get('key', 'trial')}-{trial.trial_id}"
-

@@ -15,32 +15,31 @@ function-preserving Net2Net actions.
   -(1/N) sum_i (R_i - b) sum_{d in child i} log p(d) - entropy_weight * mean entropy,
   with R = tan(acc * pi / 2), b an exponential moving average of the generations' mean
   reward (b <- decay b + (1 - decay) mean R, started at the first mean), Adam.
-- Trained architectures are cached by arch string (`known`).
+- A generation's children are distinct and new to the search (`distinct_rollouts`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
-from torch import Tensor, nn
-
-from controllers.base import (
-    ArchCache,
+from growth.controllers.base import (
     ControllerSettings,
     Proposal,
+    distinct_rollouts,
     generator_state,
-    rollout,
     set_generator_state,
     validate_settings,
 )
+from growth.search_spaces.space import SearchSpace
+from pydantic import Field
+from torch import Tensor, nn
+
 from growth.errors import CheckpointError
 from growth.graph import NetGraph
-from search_spaces.space import SearchSpace
 
 ACC_CAP = 0.999  # tan(acc * pi / 2) is infinite at acc = 1; a perfect child scores tan(0.999 pi/2)
 
@@ -155,6 +154,7 @@ class EASController:
     """The EAS meta-controller; see the module docstring."""
 
     name: ClassVar[str] = "eas"
+    Settings: ClassVar[type[ControllerSettings]] = EASSettings
 
     def __init__(self, space: SearchSpace, params: dict[str, Any] | None = None,
                  seed: int = 0, where: str = "search.controller") -> None:
@@ -171,17 +171,15 @@ class EASController:
         self.gen = torch.Generator().manual_seed(self.seed)
         self.baseline: float | None = None
         self.updates = 0
-        self.cache = ArchCache()
 
     # ---- the protocol ---------------------------------------------------------------------
-    def propose(self, parent: NetGraph, n: int) -> list[Proposal]:
-        policy = _Sampling(self.net)
-        return [rollout(self.space, parent, policy, self.gen, self.settings)
-                for _ in range(int(n))]
+    def propose(self, parent: NetGraph, n: int, exclude: Container[str] = ()
+                ) -> list[Proposal]:
+        return distinct_rollouts(self.space, parent, _Sampling(self.net), self.gen,
+                                 self.settings, n, exclude)
 
     def observe(self, results: Sequence[tuple[Proposal, float | None]]) -> None:
         """One REINFORCE update from the children that did not fail."""
-        self.cache.record(results)
         scored = [(p, reward(acc)) for p, acc in results
                   if acc is not None and math.isfinite(acc)]
         if not scored:
@@ -208,9 +206,6 @@ class EASController:
         mean_entropy = entropy / max(count, 1)
         return -objective - self.settings.entropy_weight * mean_entropy
 
-    def known(self, arch: str) -> float | None:
-        return self.cache.get(arch)
-
     # ---- state ----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {f"policy/{k}": v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -220,7 +215,6 @@ class EASController:
                 tensors[f"optim/{i}/{k}"] = torch.as_tensor(v).clone()
         tensors["rng"] = generator_state(self.gen)
         extra = {"controller": self.name, "baseline": self.baseline, "updates": self.updates,
-                 "cache": dict(self.cache.entries),
                  "settings": self.settings.model_dump(mode="json")}
         return tensors, extra
 
@@ -244,4 +238,3 @@ class EASController:
         set_generator_state(self.gen, tensors)
         self.baseline = extra.get("baseline")
         self.updates = int(extra.get("updates", 0))
-        self.cache = ArchCache(extra.get("cache", {}))

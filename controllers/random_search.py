@@ -3,29 +3,28 @@
 Same rollout, same actions and limits as EAS: each layer the space offers widens with
 probability `widen_probability` in each wider step, and each deeper step picks a block, a
 position and a kernel uniformly among the insertions the space offers. It learns nothing; it
-only remembers which architectures were trained.
+proposes architectures the search has not trained yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
-from torch import Tensor
-
-from controllers.base import (
-    ArchCache,
+from growth.controllers.base import (
     ControllerSettings,
     Proposal,
+    distinct_rollouts,
     generator_state,
-    rollout,
     set_generator_state,
     validate_settings,
 )
+from growth.search_spaces.space import SearchSpace
+from pydantic import Field
+from torch import Tensor
+
 from growth.graph import NetGraph
-from search_spaces.space import SearchSpace
 
 
 class RandomSettings(ControllerSettings):
@@ -52,6 +51,7 @@ class RandomController:
     """Proposes uniformly random children; see the module docstring."""
 
     name: ClassVar[str] = "random"
+    Settings: ClassVar[type[ControllerSettings]] = RandomSettings
 
     def __init__(self, space: SearchSpace, params: dict[str, Any] | None = None,
                  seed: int = 0, where: str = "search.controller") -> None:
@@ -59,25 +59,20 @@ class RandomController:
         self.settings: RandomSettings = validate_settings(RandomSettings, params, where)
         self.seed = int(seed)
         self.gen = torch.Generator().manual_seed(self.seed)
-        self.cache = ArchCache()
         s = space.spec
         self._policy = _Uniform(self.settings.widen_probability,
                                 (s.max_blocks, s.max_layers_per_block, len(s.kernel_sizes)))
 
-    def propose(self, parent: NetGraph, n: int) -> list[Proposal]:
-        return [rollout(self.space, parent, self._policy, self.gen, self.settings)
-                for _ in range(int(n))]
+    def propose(self, parent: NetGraph, n: int, exclude: Container[str] = ()
+                ) -> list[Proposal]:
+        return distinct_rollouts(self.space, parent, self._policy, self.gen, self.settings, n,
+                                 exclude)
 
     def observe(self, results: Sequence[tuple[Proposal, float | None]]) -> None:
-        self.cache.record(results)
-
-    def known(self, arch: str) -> float | None:
-        return self.cache.get(arch)
+        """Random search learns nothing."""
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return {"rng": generator_state(self.gen)}, {"controller": self.name,
-                                                    "cache": dict(self.cache.entries)}
+        return {"rng": generator_state(self.gen)}, {"controller": self.name}
 
     def load_state_dict(self, tensors: dict[str, Tensor], extra: dict[str, Any]) -> None:
         set_generator_state(self.gen, tensors)
-        self.cache = ArchCache(extra.get("cache", {}))

@@ -41,6 +41,8 @@ class ChildRecord:
     attempt: int = 0  # the driver's attempt at this generation (0, then 1 after a resume...)
     error: str = ""
     checkpoint: str | None = None
+    # the actions of every generation from the search's first parent to this child, in order
+    lineage: list[list[dict[str, Any]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

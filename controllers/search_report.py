@@ -1,26 +1,29 @@
 """The report of a search run directory: a plot and a markdown page, read from its files only.
 
 `search.png`: each trained child's validation accuracy (the controller's reward signal) in
-trial order, failed children marked, generations separated; and the best accuracy so far
-after each generation (the base network counts as generation -1). `search.md`: the summary,
-the leaderboard and the failed children. Several search runs (EAS and random on one budget)
-share one plot of best-so-far curves.
+trial order, failed children marked, generations separated; the mean accuracy of each
+generation's children (what the controller's policy earns: its learning curve); and the best
+accuracy so far after each generation (the base network counts as generation -1).
+`search.md`: the summary, the leaderboard and the failed children. Several search runs (EAS
+and random on one budget) share one plot of these curves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from growth.controllers.records import RECORDS, ChildRecord, leaderboard, read_records
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from controllers.records import RECORDS, ChildRecord, leaderboard, read_records
 from growth.errors import ReportError
 
 SUMMARY = "search_metrics.json"
+ARCH_CHARS = 80  # an architecture string in the leaderboard: longer ones are shortened
 
 
 def is_search_run(run_dir: Path) -> bool:
@@ -61,6 +64,17 @@ def best_so_far(records: Sequence[ChildRecord], base_acc: float | None
     return out
 
 
+def generation_means(records: Sequence[ChildRecord]) -> list[tuple[int, float]]:
+    """(generation, mean validation accuracy of its finished children): the reward the
+    controller's policy earned, generation by generation."""
+    out = []
+    for g in sorted({r.generation for r in records}):
+        accs = [float(r.val_acc) for r in records if r.generation == g and r.ok]
+        if accs:
+            out.append((g, sum(accs) / len(accs)))
+    return out
+
+
 def write_search_report(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
     """report/search.md and search.png for one search run (or a comparison of several)."""
     runs = [Path(d) for d in run_dirs]
@@ -78,14 +92,40 @@ def write_search_report(run_dirs: Sequence[Path], out: Path | None = None) -> Pa
     return path
 
 
+def short_arch(arch: str, limit: int = ARCH_CHARS) -> str:
+    """An architecture string fit for one table cell: whole when short, else its start, its
+    node count and a digest that tells two long strings apart (leaderboard.json keeps all)."""
+    if len(arch) <= limit:
+        return arch
+    digest = hashlib.sha1(arch.encode()).hexdigest()[:8]
+    return f"{arch[:limit].rsplit(' ', 1)[0]} … ({len(arch.split())} nodes, #{digest})"
+
+
+def describe_actions(actions: Sequence[dict[str, Any]], limit: int = 4) -> str:
+    """The operator calls that made a child from the search's base, in a few words."""
+    words = []
+    for a in actions:
+        where = a.get("node") or a.get("after") or "?"
+        if "width" in a:
+            words.append(f"{a.get('op')} {where}→{a['width']}")
+        elif a.get("kernel_size") is not None:
+            words.append(f"{a.get('op')} after {where} (k{a['kernel_size']})")
+        else:
+            words.append(f"{a.get('op')} after {where}")
+    if not words:
+        return "none"
+    more = f", … {len(words) - limit} more" if len(words) > limit else ""
+    return ", ".join(words[:limit]) + more
+
+
 def _label(run_dir: Path, summary: dict[str, Any]) -> str:
     run = summary.get("run") or {}
     return f"{run.get('controller', '?')} ({run_dir.name})"
 
 
 def _plot(data: list[tuple[Path, dict[str, Any], list[ChildRecord]]], path: Path) -> None:
-    fig = Figure(figsize=(11, 4.2))
-    ax_trials, ax_best = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 4.2))
+    ax_trials, ax_mean, ax_best = fig.subplots(1, 3)
     for d, summary, records in data:
         label = _label(d, summary)
         base = (summary.get("base") or {}).get("val_acc")
@@ -103,6 +143,9 @@ def _plot(data: list[tuple[Path, dict[str, Any], list[ChildRecord]]], path: Path
                     ax_trials.axvline(x + 0.5, color="0.8", lw=0.8)
             if base is not None:
                 ax_trials.axhline(base, color="0.5", ls="--", lw=0.8, label="base network")
+        means = generation_means(records)
+        ax_mean.plot([g for g, _ in means], [m for _, m in means], "o-", label=label,
+                     color=line.get_color())
         curve = [(g, b) for g, b in best_so_far(records, base) if b is not None]
         ax_best.plot([g for g, _ in curve], [b for _, b in curve], "o-", label=label,
                      color=line.get_color())
@@ -110,7 +153,9 @@ def _plot(data: list[tuple[Path, dict[str, Any], list[ChildRecord]]], path: Path
                   title="reward per trial")
     ax_best.set(xlabel="generation (-1: base network)", ylabel="best validation accuracy",
                 title="best so far per generation")
-    for ax in (ax_trials, ax_best):
+    ax_mean.set(xlabel="generation", ylabel="mean validation accuracy of its children",
+                title="the controller's learning curve")
+    for ax in (ax_trials, ax_mean, ax_best):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -134,14 +179,17 @@ def _markdown(run_dir: Path, summary: dict[str, Any], records: list[ChildRecord]
              f"| best | {best.get('key', 'n/a')} | {_fmt(best.get('val_acc'))} | "
              f"{_fmt(best.get('test_acc'))} | {_fmt(best.get('params'))} |", "",
              f"{trained} children trained ({len(failed)} failed) in "
-             f"{summary.get('generations', 'n/a')} generations; search wall time "
+             f"{summary.get('generations', 'n/a')} generations (the parent kept after "
+             f"{summary.get('parent_kept', 'n/a')}); search wall time "
              f"{_fmt(summary.get('wall_time_s'), 1)} s, child training "
              f"{sum(r.train_time_s for r in records):.1f} s in all.", "",
-             "| rank | child | val acc | before training | params | train s | arch |",
-             "|---|---|---|---|---|---|---|"]
+             "| rank | child | val acc | before training | params | train s | changes | arch |",
+             "|---|---|---|---|---|---|---|---|"]
     for rank, r in enumerate(leaderboard(records)[:10], start=1):
+        changes = describe_actions([a for step in (r.lineage or [r.actions]) for a in step])
         lines.append(f"| {rank} | {r.key} | {_fmt(r.val_acc)} | {_fmt(r.val_acc_before)} | "
-                     f"{r.params:,} | {r.train_time_s:.1f} | `{r.arch}` |")
+                     f"{r.params:,} | {r.train_time_s:.1f} | {changes} | "
+                     f"`{short_arch(r.arch)}` |")
     if failed:
         lines += ["", "Failed children:", ""]
         lines += [f"- {r.key}: {r.error}" for r in failed]

@@ -6,9 +6,10 @@ per generation with every child's accuracy in proposal order (a batched REINFORC
 not depend on which trial finished first). While a generation still has trials running,
 `suggest` answers "nothing yet"; once it is observed, the searcher asks its source (the
 driver) for the next generation, so one Tune experiment can run several generations on the
-same trial actors. Children whose accuracy is already known are not given to Tune: an
-architecture the controller has trained before (`controller.known`), a duplicate of a sibling,
-or a child finished by an earlier attempt at the generation (after a resume).
+same trial actors. The controller proposes children distinct from each other and from the
+search's earlier generations (`Generation.exclude`); a child finished by an earlier attempt at
+the generation (after a resume) is not given to Tune again. The local backend of the driver
+drives the same searcher without Tune (`advance`, `pending`, `trial_config`, `result`).
 
 Known Tune pitfalls handled here: `save`/`restore` are implemented (Tune otherwise skips them
 and the controller's learning is silently lost on `Tuner.restore`); the searcher holds only
@@ -24,10 +25,10 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from growth.controllers.records import child_key
+from growth.controllers.trial import child_seed, local_folder
 from ray.tune.search import Searcher
 
-from controllers.records import child_key
-from controllers.trial import child_seed, local_folder
 from growth.graph import NetGraph
 
 METRIC = "val_acc"
@@ -42,6 +43,7 @@ class Generation:
     parent: str  # the graph folder (path or URI) they grow from
     base_config: dict[str, Any] = field(default_factory=dict)  # JSON in every trial config
     known: dict[int, float | None] = field(default_factory=dict)  # finished earlier, by index
+    exclude: frozenset[str] = frozenset()  # architectures trained by earlier generations
 
 
 class GenerationSource(Protocol):
@@ -87,8 +89,6 @@ class ControllerSearcher(Searcher):
         self.gen: Generation | None = None
         self.proposals: list[Any] = []
         self.results: dict[int, float | None] = {}
-        self.twins: dict[int, int] = {}  # duplicate index -> index of the sibling trained
-        self.cached: set[int] = set()  # indices answered by the controller's cache
         self.pending: list[int] = []
         self.running: dict[str, int] = {}
         self.observed = False
@@ -115,7 +115,7 @@ class ControllerSearcher(Searcher):
         experiment stopped); call once Tune's fit returns."""
         if self.gen is not None and not self.observed:
             for i in range(len(self.proposals)):
-                if i not in self.results and i not in self.twins:
+                if i not in self.results:
                     self.result(i, None)
             self.pending, self.running = [], {}
         self._end()
@@ -124,25 +124,11 @@ class ControllerSearcher(Searcher):
         self.gen = plan
         with local_folder(plan.parent) as folder:
             parent = NetGraph.load(folder)
-        self.proposals = list(self.controller.propose(parent, plan.n))
-        self.results, self.twins, self.cached = {}, {}, set()
-        self.pending, self.running = [], {}
+        self.proposals = list(self.controller.propose(parent, plan.n, plan.exclude))
+        self.results = {i: plan.known[i] for i in range(len(self.proposals)) if i in plan.known}
+        self.pending = [i for i in range(len(self.proposals)) if i not in self.results]
+        self.running = {}
         self.observed = self.ended = False
-        first: dict[str, int] = {}
-        for i, p in enumerate(self.proposals):
-            if i in plan.known:
-                self.results[i] = plan.known[i]
-            elif (acc := self.controller.known(p.arch)) is not None:
-                self.results[i] = float(acc)
-                self.cached.add(i)
-            elif p.arch in first:
-                self.twins[i] = first[p.arch]
-            else:
-                self.pending.append(i)
-            first.setdefault(p.arch, i)
-        for i, j in self.twins.items():  # a twin of a child finished earlier is known now
-            if j in self.results:
-                self.results[i] = self.results[j]
         if self.source is not None:
             self.source.began(self)
         self._maybe_observe()
@@ -178,9 +164,6 @@ class ControllerSearcher(Searcher):
             return
         acc = float(acc) if acc is not None and math.isfinite(float(acc)) else None
         self.results[index] = acc
-        for twin, sibling in self.twins.items():
-            if sibling == index:
-                self.results[twin] = acc
         self._maybe_observe()
 
     def _maybe_observe(self) -> None:
@@ -215,8 +198,8 @@ class ControllerSearcher(Searcher):
 
     def get_state(self) -> dict[str, Any]:
         tensors, extra = self.controller.state_dict()
-        keep = ("gen", "proposals", "results", "twins", "cached", "pending", "running",
-                "observed", "ended", "done", "seed")
+        keep = ("gen", "proposals", "results", "pending", "running", "observed", "ended",
+                "done", "seed")
         return {"controller": ({k: v.detach().cpu() for k, v in tensors.items()}, extra),
                 **{k: getattr(self, k) for k in keep}}
 

@@ -3,6 +3,10 @@
 Everything a trial receives is a reference or plain JSON: the parent is a graph folder
 (`NetGraph.save`), the calling strategy is a name, its settings and a folder with its saved
 state, and the child is the list of actions that build it from the parent (`SearchSpace.apply`).
+A parent folder may also hold the strategy's state in the parent's shapes (STRATEGY_TENSORS,
+STRATEGY_JSON) and the optimizer's moments (MOMENTS): a child then starts from both, carried
+through its actions' change records, and saves its own beside its weights, so a later
+generation that grows from it starts from its state, not the first parent's.
 The only data a trial sees is the current task's training and validation splits (shared once
 through Ray's object store); earlier tasks reach it as metadata, never as data.
 
@@ -31,16 +35,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from growth.data import Task
+from growth.devices import DEVICE_PATTERN, resolve_device
 from growth.errors import CheckpointError, DivergedError
 from growth.graph import NetGraph
 from growth.io import atomic_write_text, load_tensors
 from growth.model import Model
+from growth.optim import load_moments, moments
+from growth.scenarios import labelers
 from growth.strategies import Context, Strategy, make_strategy
-from growth.train import TrainConfig, evaluate, fit
+from growth.train import TrainConfig, evaluate, fit, make_optimizer
 
 CHILD_FILE = "child.json"  # a child folder's record (next to structure.json, weights.safetensors)
 STRATEGY_TENSORS = "strategy.safetensors"
 STRATEGY_JSON = "strategy.json"
+MOMENTS = "optimizer.safetensors"  # the optimizer's moments by parameter (growth.optim.moments)
 
 
 class _Spec(BaseModel):
@@ -84,9 +92,9 @@ class TrialSpec(_Spec):
 
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyRef = Field(default_factory=StrategyRef)
-    scenario: Literal["task", "class"] = "task"
+    scenario: Literal["task", "class", "domain"] = "task"  # growth.scenarios
     seen: list[TaskMeta] = Field(default_factory=list)  # earlier tasks, oldest first
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)  # cpu | cuda | cuda:N | auto
     threads: int = Field(1, ge=1)  # torch threads: the trial's CPUs
     sample_size: int = Field(256, ge=1)  # training inputs given to actions that need a batch
 
@@ -107,22 +115,41 @@ def save_strategy_state(strategy: Strategy, folder: str | Path) -> Path:
     return folder
 
 
-def load_strategy(ref: StrategyRef) -> Strategy:
-    """The strategy a reference names, with its saved state loaded."""
+def save_moments(optimizer: torch.optim.Optimizer | None,
+                 params: Mapping[str, torch.nn.Parameter], folder: str | Path) -> None:
+    """Write an optimizer's moments beside a graph folder (nothing without an optimizer)."""
+    if optimizer is None:
+        return
+    from safetensors.torch import save_file
+
+    from growth.io import atomic_write
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in moments(optimizer, params).items()}
+    atomic_write(Path(folder) / MOMENTS, lambda p: save_file(flat, str(p)))
+
+
+def load_strategy(ref: StrategyRef, parent: Path | None = None) -> Strategy:
+    """The strategy a reference names, with its saved state loaded: the state in the parent's
+    folder when it holds one (a child of a later generation), else the reference's."""
     strategy = make_strategy(ref.name, ref.params)
+    if parent is not None and (parent / STRATEGY_JSON).is_file():
+        return _load_state(strategy, ref.name, parent, str(parent))
     if ref.state is None:
         return strategy
     with local_folder(ref.state) as folder:
-        try:
-            saved = json.loads((folder / STRATEGY_JSON).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{ref.state}/{STRATEGY_JSON} is missing or corrupt ({exc})"
-                                  ) from None
-        if saved.get("name") != ref.name:
-            raise CheckpointError(f"{ref.state} holds the state of strategy "
-                                  f"{saved.get('name')!r}, not {ref.name!r}")
-        strategy.load_state_dict(load_tensors(folder / STRATEGY_TENSORS),
-                                 saved.get("extra", {}))
+        return _load_state(strategy, ref.name, folder, ref.state)
+
+
+def _load_state(strategy: Strategy, name: str, folder: Path, shown: str) -> Strategy:
+    try:
+        saved = json.loads((folder / STRATEGY_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{shown}/{STRATEGY_JSON} is missing or corrupt ({exc})"
+                              ) from None
+    if saved.get("name") != name:
+        raise CheckpointError(f"{shown} holds the state of strategy {saved.get('name')!r}, "
+                              f"not {name!r}")
+    strategy.load_state_dict(load_tensors(folder / STRATEGY_TENSORS), saved.get("extra", {}))
     return strategy
 
 
@@ -183,30 +210,35 @@ def train_child(config: Mapping[str, Any], task: Task, space: Any, out: str | Pa
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a trial config that name the child (they go into its record)."""
-    return {k: config[k] for k in ("key", "generation", "index", "attempt", "arch", "actions")}
+    out = {k: config[k] for k in ("key", "generation", "index", "attempt", "arch", "actions")}
+    out["lineage"] = [*config.get("lineage", []), list(config["actions"])]
+    return out
 
 
 def _build_and_train(config: Mapping[str, Any], spec: TrialSpec, task: Task, space: Any,
                      out: Path) -> dict[str, Any]:
-    from growth.campaign import labelers, resolve_device
-
     device = resolve_device(spec.device)
     seed = int(config["seed"])
     with local_folder(config["parent"]) as folder:
         parent = NetGraph.load(folder)
-    strategy = load_strategy(spec.strategy)
+        strategy = load_strategy(spec.strategy, folder)
+        saved_moments = load_tensors(folder / MOMENTS) if (folder / MOMENTS).is_file() else None
     torch.manual_seed(seed)
     child, records = space.apply(parent, list(config["actions"]),
                                  sample=task.train[0][:spec.sample_size])
     head_of, label_of = labelers(spec.scenario)
     ctx = Context(Model(parent, device), task, [m.task() for m in spec.seen], head_of,
-                  label_of, device, seed=seed, strategy=strategy)
-    ctx.replace_graph(child, records)  # the strategy's state follows the child's shapes
+                  label_of, device, seed=seed, strategy=strategy, train_config=spec.train)
+    if saved_moments is not None:  # go on from the parent's moments (they follow the records)
+        params = ctx.model.named_parameters()
+        ctx.optimizer = make_optimizer(list(params.values()), spec.train)
+        load_moments(ctx.optimizer, params, saved_moments)
+    ctx.replace_graph(child, records)  # the strategy's state and the moments follow
     before = evaluate(ctx, task, "val", strategy=strategy)
     ctx.train_fit = lambda **kw: fit(ctx, strategy, spec.train, **{"seed": seed, **kw})
     _warm_up()
     t0 = time.perf_counter()
-    losses = fit(ctx, strategy, spec.train, seed=seed)
+    losses = fit(ctx, strategy, spec.train, seed=seed, optimizer=ctx.optimizer)
     train_time = time.perf_counter() - t0
     acc = evaluate(ctx, task, "val", strategy=strategy)
     if not math.isfinite(acc):
@@ -214,6 +246,8 @@ def _build_and_train(config: Mapping[str, Any], spec: TrialSpec, task: Task, spa
                             "split? set data.val_fraction above 0)")
     graph = ctx.model.graph
     graph.save(out)
+    save_strategy_state(strategy, out)  # a later generation grows from this child's state
+    save_moments(ctx.optimizer, ctx.model.named_parameters(), out)
     batches = sum(math.ceil(len(t.train[1]) / spec.train.batch_size)
                   for t in strategy.train_sets(ctx))
     return {"val_acc": acc, "val_acc_before": before, "params": graph.param_count(),

@@ -43,8 +43,17 @@ from growth.checkpoint import (
 )
 from growth.compile import compile_graph
 from growth.config import Config, dump_config, load_config
+from growth.controllers.service import SearchService
 from growth.data import Task, build_stream
-from growth.errors import ConfigError, DataError, GraphError, ReportError, RunDirError
+from growth.devices import resolve_device
+from growth.errors import (
+    ConfigError,
+    DataError,
+    GraphError,
+    ReportError,
+    RunDirError,
+    UnsupportedModuleError,
+)
 from growth.graph import NetGraph
 from growth.io import atomic_write_text
 from growth.metrics import RMatrix, make_metrics, read_metrics, size_report, write_metrics
@@ -61,6 +70,8 @@ from growth.rundir import (
     read_run_id,
 )
 from growth.runlog import EpochLog
+from growth.scenarios import heads, labelers
+from growth.searching import Searcher
 from growth.strategies import Context, Strategy, make_strategy
 from growth.train import evaluate, learn_task
 
@@ -77,6 +88,11 @@ class Progress:
     on_task_start: Callable[[int, Task], None] = lambda i, t: None
     on_epoch: Callable[[int, int, float], None] = lambda task, epoch, loss: None
     on_task_end: Callable[[int, dict[str, Any]], None] = lambda i, m: None
+    # a strategy's architecture search within a task (REC): its children, trained apart from
+    # the task's epochs
+    on_search_start: Callable[[int, int], None] = lambda task, children: None
+    on_search_child: Callable[[int, Any], None] = lambda task, record: None
+    on_search_end: Callable[[int], None] = lambda task: None
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -84,8 +100,9 @@ def task_seed(seed: int, task: int) -> int:
 
 
 def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
-    """The base network with its heads: one per task, or one shared head (class scenario)."""
-    from search_spaces.networks import add_head, mlp, small_cnn, vit
+    """The base network with its heads: one per task, or one shared head (class and domain
+    scenarios)."""
+    from growth.search_spaces.networks import add_head, mlp, small_cnn, vit
 
     m = cfg.model
     shape = tasks[0].input_shape
@@ -95,44 +112,32 @@ def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
     elif m.kind == "vit":
         g = vit(shape, m.patch, m.dim, m.depth, m.heads, m.mlp_dim)
     elif m.kind == "torchvision":
-        from search_spaces.zoo import torchvision_trunk
+        from growth.search_spaces.zoo import torchvision_trunk
 
         g = torchvision_trunk(m.arch, shape, m.weights)
+    elif m.kind == "python":
+        g = _python_trunk(cfg, shape)
     else:
         g = small_cnn(shape, m.channels, batchnorm=m.batchnorm, activation=m.activation,
                       fc=m.fc, dropout=m.dropout)
-    if cfg.scenario == "class":
-        total = max(t.class_offset + t.n_classes for t in tasks)
-        return add_head(g, "all", total)
-    for t in tasks:
-        g = add_head(g, head_name(t), t.n_classes)
+    for name, outputs in heads(cfg.scenario, tasks).items():
+        g = add_head(g, name, outputs)
     return g
 
 
-def head_name(task: Task) -> str:
-    return f"t{task.index}"
+def _python_trunk(cfg: Config, shape: tuple[int, ...]) -> NetGraph:
+    """The user's `model.factory(**model.args)`, imported as the trunk."""
+    from growth.plugins import load_factory
+    from growth.search_spaces.zoo import module_trunk
 
-
-def labelers(scenario: str) -> tuple[Callable[[Task], str],
-                                     Callable[[Task, torch.Tensor], torch.Tensor]]:
-    """The head serving a task and its labels in that head, for a scenario (task | class)."""
-    if scenario == "class":
-        return (lambda t: "all"), (lambda t, y: y + t.class_offset)
-    return head_name, (lambda t, y: y)
-
-
-def _labelers(cfg: Config) -> tuple[Callable[[Task], str], Callable[[Task, torch.Tensor],
-                                                                    torch.Tensor]]:
-    return labelers(cfg.scenario)
-
-
-def resolve_device(name: str, source: str = "<config>") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{source}: device: cuda was asked for but no CUDA device is "
-                          "available; use device: cpu or auto")
-    return torch.device(name)
+    m = cfg.model
+    build = load_factory(m.factory, f"{cfg.source}: model.factory")
+    try:
+        module = build(**m.args)
+    except Exception as exc:  # the user's code: any error, named with the call
+        raise ConfigError(f"{cfg.source}: model.factory: {m.factory}(**model.args) failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    return module_trunk(module, shape, m.output, f"model.factory {m.factory!r}")
 
 
 class Campaign:
@@ -150,7 +155,7 @@ class Campaign:
             self.tasks = build_stream(self._stream_args())
         except DataError as exc:  # names the config the data section came from
             raise type(exc)(f"{cfg.source}: data: {exc}") from None
-        self.head_of, self.label_of = _labelers(cfg)
+        self.head_of, self.label_of = labelers(cfg.scenario)
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.settings())
         if cfg.scenario not in self.strategy.scenarios:
             raise ConfigError(f"strategy {cfg.strategy.name!r} runs only in scenario "
@@ -158,10 +163,11 @@ class Campaign:
         torch.manual_seed(cfg.seed)  # the base network's initial weights
         try:  # a model section the data cannot feed is a config error, found before any write
             self.base = build_base_graph(cfg, self.tasks)
-        except GraphError as exc:
+        except (GraphError, UnsupportedModuleError) as exc:
             raise ConfigError(f"{cfg.source}: model: {exc} (input shape "
                               f"{self.tasks[0].input_shape})") from None
         self._base_bytes: int | None = None
+        self.searcher: Searcher | None = None  # held while tasks are learned (_loop)
         self.run_id = ""
         self.resumed_at: int | None = None  # finished tasks found by resume
         if self.device.type == "cuda":  # bitwise-equal resumes need deterministic kernels
@@ -251,7 +257,12 @@ class Campaign:
                                   self.state.finished)
         try:
             if self.state.finished < len(self.tasks):
-                with self.strategy.session(self.run_dir / WORK):
+                work = self.run_dir / WORK
+                p = self.progress
+                with SearchService(log_file=work / "ray.log", on_start=p.on_search_start,
+                                   on_child=p.on_search_child,
+                                   on_end=p.on_search_end) as self.searcher, \
+                        self.strategy.session(work):
                     for i in range(self.state.finished, len(self.tasks)):
                         self._learn(i)
         finally:
@@ -264,7 +275,8 @@ class Campaign:
         seen = [t for t in self.tasks if t.index < task.index]
         return Context(self.model, task, seen, self.head_of, self.label_of, self.device,
                        seed=task_seed(self.cfg.seed, task.index),
-                       workdir=self.run_dir / WORK / f"task_{task.index:03d}")
+                       workdir=self.run_dir / WORK / f"task_{task.index:03d}",
+                       searcher=self.searcher, scenario=self.cfg.scenario)
 
     def _learn(self, i: int) -> None:
         task = self.tasks[i]

@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from controllers.search_run import SearchRun
+    from growth.commands.search import SearchRun
     from growth.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -188,7 +188,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _resume_search(args: argparse.Namespace, cfg: Any) -> int:
-    from controllers.search_run import SearchRun
+    from growth.commands.search import SearchRun
 
     run_dir = Path(args.run_dir)
     run = SearchRun(cfg, run_dir, ray_address=args.ray_address,
@@ -205,7 +205,7 @@ def _resume_search(args: argparse.Namespace, cfg: Any) -> int:
 def _search_progress(cfg: Any, quiet: bool) -> tuple[Any, Any]:
     """A bar over the search's trials and the leaderboard's top lines after each generation;
     returns the progress hooks and the function that closes the bar."""
-    from controllers.driver import SearchProgress
+    from growth.controllers.driver import SearchProgress
 
     if quiet:
         return SearchProgress(), lambda: None
@@ -267,7 +267,21 @@ def _progress(epochs: int, quiet: bool) -> Any:
         bar["t"].set_postfix(acc=f"{row[i]:.3f}", ACC=f"{metrics['acc']:.3f}")
         bar["t"].close()
 
-    return Progress(start, epoch, end)
+    def search_start(i: int, children: int) -> None:  # a bar of its own, below the epochs'
+        bar["s"] = tqdm(total=children, desc=f"task {i} search", unit="child", leave=False,
+                        dynamic_ncols=True)
+
+    def search_child(i: int, record: Any) -> None:
+        bar["s"].update(1)
+        if record.val_acc is not None:
+            bar["s"].set_postfix(val=f"{record.val_acc:.4f}")
+
+    def search_end(i: int) -> None:
+        bar.pop("s").close()
+        if bar["t"].n == 0:  # searched before any epoch: their clock starts now
+            bar["t"].reset(total=epochs)
+
+    return Progress(start, epoch, end, search_start, search_child, search_end)
 
 
 def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
@@ -286,19 +300,22 @@ def _report(args: argparse.Namespace) -> int:
     from growth.report import write_report
 
     dirs = [Path(p) for p in args.run_dirs]
-    if all((d / "search.json").is_file() for d in dirs):  # search runs have their own report
-        from controllers.search_report import write_search_report
+    searches = [d for d in dirs if (d / "search.json").is_file()]  # they have their own report
+    campaigns = [d for d in dirs if d not in searches]
+    out = Path(args.out) if args.out else None
+    if searches and campaigns:  # both kinds: each its own page, side by side in one folder
+        out = out or Path("report")
+    if searches:
+        from growth.controllers.search_report import write_search_report
 
-        path = write_search_report(dirs, Path(args.out) if args.out else None)
-        print(f"report written: {path}")
-        return 0
-    path = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
-    print(f"report written: {path}")
+        print(f"report written: {write_search_report(searches, out)}")
+    if campaigns:
+        print(f"report written: {write_report(campaigns, out)}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from growth.compare import load_compare, run_compare
+    from growth.commands.compare import load_compare, run_compare
 
     load_compare(args.config)  # every run's config is checked before Ray starts
     folder = run_compare(args.config, args.out, args.ray_address)
@@ -310,7 +327,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from growth.compress import CompressParams, compress_saved
+    from growth.commands.compress import compress_saved
+    from growth.compress import CompressParams
     from growth.errors import ConfigError
 
     try:
@@ -330,16 +348,22 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"dropped layers: {', '.join(report.dropped)}")
     for split, before in report.accuracy_before.items():
         print(f"{split} accuracy {before:.4f} -> {report.accuracy_after[split]:.4f}")
+    if len(report.tasks) > 1:  # a multi-task network: what each task keeps
+        for name, acc in report.tasks.items():
+            print(f"task {name}: test accuracy {acc['before']:.4f} -> {acc['after']:.4f}")
     return 0
 
 
 def _ops_list(args: argparse.Namespace) -> int:
-    from growth.ops import available_operators
+    from growth.ops import available_operators, is_builtin
 
     ops = available_operators()
     width = max((len(n) for n in ops), default=0)
     for name, op in sorted(ops.items()):
-        print(f"{name.ljust(width)}  {op.description}")
+        role = f"  (search role: {op.role})" if op.role else ""
+        origin = "" if is_builtin(name) else \
+            f"  [plug-in from {getattr(op.fn, '__module__', None) or '?'}]"
+        print(f"{name.ljust(width)}  {op.description}{role}{origin}")
     return 0
 
 

@@ -9,7 +9,7 @@ Two steps, one function (`compress`), the same for REC and for `growth compress`
    their (near-identity) weights tie to the kept inputs, then dropped with `remove_layer`. The
    trunk's parameter count ends at or under the budget.
 2. Distil (`distill`): the one training loop (`growth.train.fit`, with the hooks of
-   `growth.strategies.distillation.Distillation`) trains the student on a task's data with
+   `growth.distillation.Distillation`) trains the student on a task's data with
    cross-entropy on the task plus, per head (the task's and every old head, old heads' outputs
    on new data as in LwF), KL at temperature T to the teacher (the expanded network, frozen;
    optionally another network for the old heads), plus an optional penalty (REC passes MWC's).
@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from growth.compile import compile_graph
+from growth.distillation import Distillation
 from growth.errors import OperatorError
 from growth.graph import NetGraph
 from growth.ops.channels import PRODUCERS, ChannelGroup, find_group
@@ -47,9 +48,8 @@ from growth.ops.remove_layer import remove_layer
 from growth.regularizers import task_fisher
 
 if TYPE_CHECKING:
+    from growth.context import Context, TrainConfig
     from growth.data import Task
-    from growth.strategies.base import Context
-    from growth.train import TrainConfig
 
 Penalty = Callable[["Context", Tensor, Tensor, Tensor], "Tensor | None"]
 _SEARCH_STEPS = 20  # bisection steps on the width factor when the budget is below the base
@@ -68,7 +68,13 @@ class CompressParams(BaseModel):
         "magnitude", description="how the units each layer keeps are chosen")
     epochs: int = Field(5, ge=0, description="distillation epochs on the task's data")
     kd_weight: float = Field(1.0, ge=0, description="weight of the KL terms (one per head)")
+    mix: float | None = Field(
+        None, ge=0, le=1, description="alpha: the loss is alpha CE + (1 - alpha) T^2 KL on "
+        "each head (kd_weight then unused); None: CE + kd_weight T^2 KL")
     temperature: float = Field(2.0, gt=0, description="softening of the distilled outputs")
+    patience: int | None = Field(
+        None, ge=1, description="stop once the task's validation accuracy has not improved for "
+        "this many epochs, keeping the best epoch's student (None: every epoch)")
     fisher_samples: int | None = Field(
         500, ge=1, description="training samples that estimate the Fisher (None: all)")
 
@@ -90,6 +96,8 @@ class CompressReport:
     widths: dict[str, int] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
+    # test accuracy per task the network serves, before and after (`growth compress` fills it)
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able figures (no graph, no records)."""
@@ -98,7 +106,7 @@ class CompressReport:
                 "params_after": self.params_after, "accuracy_before": self.accuracy_before,
                 "accuracy_after": self.accuracy_after, "dropped": self.dropped,
                 "widths": self.widths, "losses": self.losses,
-                "wall_time_s": self.wall_time_s}
+                "wall_time_s": self.wall_time_s, "tasks": self.tasks}
 
 
 # ---- sizes -----------------------------------------------------------------------------------
@@ -317,7 +325,6 @@ def distill(ctx: Context, teacher: NetGraph, params: CompressParams, train: Trai
     """Train `ctx.model` (the student) with the one loop: cross-entropy on `ctx.task` plus
     KL(T) to `teacher` on `heads` (to `old_teacher` on all but the task's own head, if given)
     plus `penalty`; `params.epochs` epochs. Returns the loss of each epoch."""
-    from growth.strategies.distillation import Distillation
     from growth.train import fit
 
     own = ctx.head_of(ctx.task)
@@ -326,89 +333,8 @@ def distill(ctx: Context, teacher: NetGraph, params: CompressParams, train: Trai
     teachers = [(_frozen(teacher, [own] if split else heads, ctx), [own] if split else heads)]
     if split:
         teachers.append((_frozen(old_teacher, others, ctx), others))
-    distiller = Distillation(teachers, params.temperature, params.kd_weight, penalty)
-    return fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs}), seed=seed)
-
-
-# ---- a saved network (the `growth compress` command) -------------------------------------------
-@dataclass
-class _Source:
-    """The task to distil on, how it maps to the network's heads, and the training settings."""
-
-    task: Task
-    seen: list[Task]
-    head_of: Callable[[Task], str]
-    label_of: Callable[[Task, Tensor], Tensor]
-    train: TrainConfig
-    seed: int
-
-
-def _source(data: str, graph: NetGraph, task_index: int | None, root: str) -> _Source:
-    """A campaign config (its stream, scenario and train section) or a dataset name (one task
-    with every class, trained with the default settings)."""
-    from pathlib import Path
-
-    from growth.data import DATASETS, load_dataset, make_stream
-    from growth.errors import ConfigError
-    from growth.train import TrainConfig
-
-    if Path(data).suffix in (".yaml", ".yml") or Path(data).is_file():
-        from growth.campaign import _labelers
-        from growth.config import load_config
-        from growth.data import build_stream
-
-        cfg = load_config(data)
-        tasks = build_stream({**cfg.data.model_dump(), "seed": cfg.seed})
-        head_of, label_of = _labelers(cfg)
-        train, seed = cfg.train, cfg.seed
-    elif data.lower().replace("-", "_") in DATASETS:
-        tasks = make_stream(load_dataset(data, root=root), "split", n_tasks=1)
-        head_of, label_of = (lambda t: graph.heads[0]), (lambda t, y: y)
-        train, seed = TrainConfig(lr=0.05), 0
-    else:
-        raise ConfigError(f"--data {data!r} is neither a config file (.yaml) nor a dataset "
-                          f"name ({', '.join(DATASETS)})")
-    k = len(tasks) - 1 if task_index is None else task_index
-    if not 0 <= k < len(tasks):
-        raise ConfigError(f"--task {task_index}: the data has tasks 0..{len(tasks) - 1}")
-    if len(graph.heads) == 1 and head_of(tasks[k]) not in graph.heads:
-        only = graph.heads[0]
-        head_of = lambda t: only  # noqa: E731 (a one-head network serves every task)
-    if head_of(tasks[k]) not in graph.heads:
-        raise ConfigError(f"the network has heads {graph.heads} but task {k} needs head "
-                          f"{head_of(tasks[k])!r}; pass the config the network was trained with")
-    want = tuple(graph.shape(graph.input_node()))
-    if tuple(tasks[k].input_shape) != want:
-        raise ConfigError(f"the data's inputs have shape {tuple(tasks[k].input_shape)} but the "
-                          f"network reads {want}")
-    seen = [t for t in tasks[:k] if head_of(t) in graph.heads]
-    return _Source(tasks[k], seen, head_of, label_of, train, seed)
-
-
-def compress_saved(network: str, data: str, params: CompressParams, out: str | None = None,
-                   base: str | None = None, task: int | None = None, root: str = "data",
-                   train: dict[str, Any] | None = None) -> tuple[CompressReport, str]:
-    """Load a saved network (NetGraph.save format), compress it on a task of `data` and save
-    the student next to it (or to `out`) with `compress.json`; returns (report, folder)."""
-    import json
-    from pathlib import Path
-
-    from growth.io import atomic_write_text
-    from growth.model import Model
-    from growth.strategies.base import Context
-
-    graph = NetGraph.load(network)
-    base_graph = NetGraph.load(base) if base is not None else None
-    src = _source(data, graph, task, root)
-    cfg = src.train.model_copy(update=train or {})
-    ctx = Context(Model(graph), src.task, src.seen, src.head_of, src.label_of,
-                  torch.device("cpu"), seed=src.seed)
-    heads = list(dict.fromkeys([src.head_of(src.task), *(src.head_of(t) for t in src.seen)]))
-    torch.manual_seed(src.seed)
-    report = compress(ctx, params, cfg, base=base_graph, heads=heads, seed=src.seed)
-    folder = Path(out) if out else Path(f"{str(network).rstrip('/')}-compressed")
-    report.graph.save(folder)
-    summary = {"network": str(network), "base": base, "data": data, "task": src.task.name,
-               "settings": params.model_dump(), **report.summary()}
-    atomic_write_text(folder / "compress.json", json.dumps(summary, indent=1))
-    return report, str(folder)
+    weight = params.kd_weight if params.mix is None else 1.0 - params.mix
+    distiller = Distillation(teachers, params.temperature, weight, penalty, ce=params.mix)
+    return fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs,
+                                                        "patience": params.patience}),
+               seed=seed)

@@ -25,10 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from growth.context import TrainConfig
 from growth.data.datasets import DATASETS
+from growth.devices import DEVICE_PATTERN
 from growth.errors import ConfigError
 from growth.layers import ACTIVATIONS
-from growth.train import TrainConfig
+from growth.plugins import FACTORY_PATTERN
 
 MAX_CONFIG_BYTES = 1 << 20  # a campaign config is a page of YAML, not a data file
 MAX_DEPTH = 12  # sections nest two or three levels; a search space a few more
@@ -52,7 +54,11 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Which dataset and how it is cut into tasks (see growth.data.build_stream)."""
 
-    dataset: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
+    dataset: Literal[(*DATASETS, "python")] = "digits"  # type: ignore[valid-type]
+    # python: "package.module:function" or "file.py:function" returning the tasks (each a
+    # mapping with train/test splits, growth.data.custom), called with `args`
+    factory: str | None = Field(None, pattern=FACTORY_PATTERN)
+    args: dict[str, Any] = Field(default_factory=dict)
     root: str = "data"
     download: bool = False
     image_size: int = Field(64, ge=4)
@@ -69,13 +75,27 @@ class DataConfig(_Section):
     augment: Literal["none", "crop_flip", "resized_crop_flip"] = "none"  # training batches
 
 
+    @model_validator(mode="after")
+    def _python_needs_a_factory(self) -> DataConfig:
+        if self.dataset == "python" and self.factory is None:
+            raise ValueError("data.dataset: python needs data.factory, e.g. 'my_data:tasks' or "
+                             "'data.py:tasks' (a function returning the tasks)")
+        return self
+
+
 class ModelConfig(_Section):
-    """The base network: an MLP, a small CNN, a small Vision Transformer, or a torchvision
+    """The base network: an MLP, a small CNN, a small Vision Transformer, a torchvision
     architecture imported by name (its classifier replaced by the heads); one linear head per
     task."""
 
-    kind: Literal["mlp", "cnn", "vit", "torchvision"] = "mlp"
+    kind: Literal["mlp", "cnn", "vit", "torchvision", "python"] = "mlp"
     arch: str | None = None  # torchvision: e.g. resnet18, vgg11_bn (search_spaces/zoo.py)
+    # python: "package.module:function" or "file.py:function" returning a torch.nn.Module,
+    # called with `args`; its output is the features the heads read, or (output: classifier)
+    # its last linear layer is replaced by the heads
+    factory: str | None = Field(None, pattern=FACTORY_PATTERN)
+    args: dict[str, Any] = Field(default_factory=dict)
+    output: Literal["features", "classifier"] = "features"
     weights: str | None = None  # torchvision: a local state-dict file for a pretrained start
     hidden: list[PositiveInt] = Field(default_factory=lambda: [100, 100])  # mlp widths
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])  # cnn conv blocks
@@ -92,7 +112,7 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _torchvision_needs_an_arch(self) -> ModelConfig:
         if self.kind == "torchvision":
-            from search_spaces.zoo import classification_models
+            from growth.search_spaces.zoo import classification_models
 
             if self.arch is None:
                 raise ValueError("model.kind: torchvision needs model.arch, the name of a "
@@ -101,6 +121,14 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.arch: {self.arch!r} is not a torchvision "
                                  "classification architecture (torchvision.models."
                                  "list_models())")
+        return self
+
+    @model_validator(mode="after")
+    def _python_needs_a_factory(self) -> ModelConfig:
+        if self.kind == "python" and self.factory is None:
+            raise ValueError("model.kind: python needs model.factory, e.g. "
+                             "'my_models:build' or 'models.py:build' (a function returning "
+                             "a torch.nn.Module)")
         return self
 
     @model_validator(mode="after")
@@ -145,10 +173,15 @@ class SearchConfig(_Section):
 
     task: int = Field(0, ge=0)  # index of the stream's task to search on
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    space: dict[str, Any] = Field(default_factory=dict)  # validated by search_spaces.make_space
+    space: dict[str, Any] = Field(default_factory=dict)  # see growth.search_spaces.make_space
     children: int = Field(4, ge=1)  # children per generation
     parent: Literal["best", "fixed"] = "best"  # the next generation grows the best so far
     base_epochs: int | None = Field(None, ge=0)  # training of the base (default train.epochs)
+    epochs: int | None = Field(None, ge=1)  # training of each child (default train.epochs)
+    lr_scale: float = Field(0.5, gt=0)  # children's learning rate: train.lr x this
+    schedule: Literal["constant", "cosine"] = "cosine"  # children's learning-rate schedule
+    margin: float = Field(0.0, ge=0, le=1)  # a child replaces its parent only above this
+    backend: Literal["auto", "local", "ray"] = "auto"  # see growth.searching.SearchSettings
     budget: SearchBudget = Field(default_factory=SearchBudget)
     concurrency: int = Field(2, ge=1)  # trials at once
     cpus_per_trial: float = Field(1.0, gt=0)
@@ -161,8 +194,8 @@ class SearchConfig(_Section):
 class Config(_Section):
     name: str = "run"
     seed: int = 0
-    scenario: Literal["task", "class"] = "task"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    scenario: Literal["task", "class", "domain"] = "task"  # growth.scenarios
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)  # cpu | cuda | cuda:N | auto
     threads: int | None = Field(None, ge=1)
     allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)
     tensorboard: bool = False  # also log per-epoch numbers as TensorBoard event files
@@ -185,6 +218,9 @@ class Config(_Section):
         data = self.model_dump(mode="json", by_alias=True)
         for section, key, _why in _inapplicable(self, only_set=False):
             data[section].pop(key, None)
+        for section, key, default in QUIET_DEFAULTS:
+            if data[section].get(key) == default:
+                data[section].pop(key)
         if data.get("search") is None:
             data.pop("search", None)
         return data
@@ -203,6 +239,9 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "split_seed": ("dataset", ("digits", "imagefolder")),
         "load": ("dataset", ("cub200", "imagefolder")),
         "workers": ("dataset", ("cub200", "imagefolder")),
+        "factory": ("dataset", ("python",)),
+        "args": ("dataset", ("python",)),
+        "stream": ("dataset", DATASETS),
     },
     "model": {
         "hidden": ("kind", ("mlp",)),
@@ -214,11 +253,20 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "arch": ("kind", ("torchvision",)),
         "weights": ("kind", ("torchvision",)),
         **{k: ("kind", ("vit",)) for k in ("patch", "dim", "depth", "heads", "mlp_dim")},
+        "factory": ("kind", ("python",)),
+        "args": ("kind", ("python",)),
+        "output": ("kind", ("python",)),
     },
     "train": {
         "momentum": ("optimizer", ("sgd",)),
+        "milestones": ("schedule", ("step",)),
+        "gamma": ("schedule", ("step",)),
     },
 }
+
+# keys added after runs were started, written to a run's config only when set away from their
+# default, so that those runs still resume (a resume compares the config with the checkpoint's)
+QUIET_DEFAULTS: tuple[tuple[str, str, Any], ...] = (("train", "warmup_epochs", 0),)
 
 # dotted key -> largest value accepted without `allow_large: true`; for a list, every entry
 # is bounded, and "key#" bounds its length
@@ -400,7 +448,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
         raise ConfigError(_cap(_describe(exc, where))) from None
     problems = [*_strategy_problems(cfg, where), *_applicability_problems(cfg, where),
                 *_limit_problems(cfg, where), *_scenario_problems(cfg, where),
-                *_feature_problems(cfg, where)]
+                *_feature_problems(cfg, where), *_factory_problems(cfg, where)]
     if problems:
         raise ConfigError(_cap(problems))
     cfg._source = source
@@ -465,10 +513,28 @@ def _strategy_problems(cfg: Config, where: _Where) -> list[str]:
         return [f"{where('strategy.name')}: strategy.name: unknown strategy {name!r}; "
                 f"available: {sorted(strategies)}"]
     try:
-        strategies[name].Params.model_validate(cfg.strategy.settings())
+        params = strategies[name].Params.model_validate(cfg.strategy.settings())
     except ValidationError as exc:
         return _describe(exc, where, prefix="strategy", strategy=name)
-    return []
+    return _search_problems(params, where)
+
+
+def _search_problems(params: BaseModel, where: _Where) -> list[str]:
+    """A strategy's search sections (growth.searching.SearchSettings): the controller and its
+    own settings, which only the controllers know how to check."""
+    from growth.controllers.service import check_search_settings
+    from growth.searching import SearchSettings
+
+    problems = []
+    for key in type(params).model_fields:
+        value = getattr(params, key)
+        if isinstance(value, SearchSettings) and value.enabled:
+            try:
+                check_search_settings(value, f"strategy.{key}")
+            except ConfigError as exc:
+                problems += [f"{where(f'strategy.{key}')}: {line}"
+                             for line in str(exc).splitlines()]
+    return problems
 
 
 def _inapplicable(cfg: Config, only_set: bool = True) -> Iterator[tuple[str, str, str]]:
@@ -512,7 +578,7 @@ def _limit_problems(cfg: Config, where: _Where) -> list[str]:
 
 
 def _scenario_problems(cfg: Config, where: _Where) -> list[str]:
-    if cfg.scenario == "class" and cfg.data.stream != "split":
+    if cfg.scenario == "class" and cfg.data.stream != "split" and cfg.data.dataset != "python":
         return [f"{where('scenario')}: scenario: class needs data.stream: split (disjoint "
                 "classes); use scenario: task for permuted or variations streams"]
     return []
@@ -526,6 +592,21 @@ def _feature_problems(cfg: Config, where: _Where) -> list[str]:
         return [f"{where('tensorboard')}: tensorboard: true needs the tensorboard package; "
                 "pip install 'growth[tensorboard]' or set tensorboard: false"]
     return []
+
+
+def _factory_problems(cfg: Config, where: _Where) -> list[str]:
+    """A user's model or data function must import (it is called when the campaign starts)."""
+    from growth.plugins import load_factory
+
+    out = []
+    for key, spec, on in (("model.factory", cfg.model.factory, cfg.model.kind == "python"),
+                          ("data.factory", cfg.data.factory, cfg.data.dataset == "python")):
+        if on and spec is not None:
+            try:
+                load_factory(spec, key)
+            except ConfigError as exc:
+                out.append(f"{where(key)}: {exc}")
+    return out
 
 
 def _cap(problems: list[str]) -> str:

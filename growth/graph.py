@@ -65,6 +65,22 @@ class NetGraph:
 
     def __init__(self) -> None:
         self._g = nx.MultiDiGraph()
+        self._version = 0  # bumped by every change of structure (nodes, edges)
+        self._cache: dict[str, Any] = {}
+        self._cache_key: tuple[int, int] | None = None
+
+    def _structure(self) -> dict[str, Any]:
+        """Answers that depend on the structure alone (the topological order, each node's
+        inputs), computed once per structure: search rollouts ask for them thousands of times.
+        Keyed by the change counter (and the node count); `validate` recomputes them, so even
+        an edge added through `nx` directly is checked."""
+        key = (getattr(self, "_version", 0), self._g.number_of_nodes())
+        if getattr(self, "_cache_key", None) != key:
+            self._cache, self._cache_key = {}, key
+        return self._cache
+
+    def _changed(self) -> None:
+        self._version = getattr(self, "_version", 0) + 1
 
     # ---- construction -------------------------------------------------------------------
     def add(
@@ -102,6 +118,7 @@ class NetGraph:
         spec.infer(name, attrs, in_shapes)  # raises ShapeError naming the node
         if tensors is None and kind in PARAMETRIC:
             tensors = {k: v.clone() for k, v in build_module(kind, attrs).state_dict().items()}
+        self._changed()
         self._g.add_node(name, node=Node(name, kind, attrs, dict(tensors or {})))
         for port, src in enumerate(inputs):
             self._g.add_edge(src, name, port=port)
@@ -127,6 +144,7 @@ class NetGraph:
     def remove(self, name: str) -> None:
         """Remove a node; its consumers must be rewired by the caller."""
         self._require(name)
+        self._changed()
         self._g.remove_node(name)
 
     def rewire(self, consumer: str, old: str, new: str) -> None:
@@ -136,6 +154,7 @@ class NetGraph:
                                                                       data=True) if src == old]
         if not edges:
             raise GraphError(f"node {consumer!r} does not read from {old!r}")
+        self._changed()
         for key, port in edges:
             self._g.remove_edge(old, consumer, key)
             self._g.add_edge(new, consumer, port=port)
@@ -175,17 +194,28 @@ class NetGraph:
 
     def inputs(self, name: str) -> list[str]:
         """The node's inputs in port order."""
-        self._require(name)
-        edges = sorted(self._g.in_edges(name, data="port"), key=lambda e: e[2])
-        return [src for src, _, _ in edges]
+        cache = self._structure()
+        table = cache.get("inputs")
+        if table is None:
+            table = {n: [] for n in self._g.nodes}
+            for src, dst, _port in sorted(self._g.edges(data="port"), key=lambda e: e[2]):
+                table[dst].append(src)
+            cache["inputs"] = table
+        if name not in table:
+            self._require(name)
+        return list(table[name])
 
     def consumers(self, name: str) -> list[str]:
         self._require(name)
         return sorted(set(self._g.successors(name)))
 
     def topo_order(self) -> list[str]:
+        cache = self._structure()
+        if "topo" in cache:
+            return list(cache["topo"])
         try:
-            return list(nx.lexicographical_topological_sort(self._g))
+            cache["topo"] = tuple(nx.lexicographical_topological_sort(self._g))
+            return list(cache["topo"])
         except nx.NetworkXUnfeasible:
             cycle = nx.find_cycle(self._g)
             path = " -> ".join(e[0] for e in cycle) + f" -> {cycle[0][0]}"
@@ -268,6 +298,7 @@ class NetGraph:
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> None:
         """Raise GraphError/ShapeError naming the first offending node; return None if sound."""
+        self._changed()  # check the structure as it is now, not as last computed
         order = self.topo_order()  # cycles
         if not self.input_nodes():
             raise GraphError("the graph has no input node; add one with add_input(name, shape)")

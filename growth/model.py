@@ -68,6 +68,12 @@ class Model:
             self._views[key] = view
         return view
 
+    def head_layer(self, head: str) -> str:
+        """The node an output head reads: the layer computing the head's scores."""
+        if head not in self._graph.heads:
+            raise GraphError(f"no head named {head!r}; the graph's heads are {self._graph.heads}")
+        return self._graph.inputs(head)[0]
+
     def nodes_below(self, node: str) -> set[str]:
         """`node` and every node it reads from: the layers that compute its activation."""
         return self._graph.ancestors([node])

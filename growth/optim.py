@@ -74,3 +74,30 @@ def _carry(key: str, v: object, name: str, p_old: torch.Tensor, p_new: torch.Ten
 
 def _touched(name: str, records: list[ChangeRecord]) -> bool:
     return any(name in r.index_maps for r in records)
+
+
+def moments(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]
+            ) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as tensors keyed "<parameter>/<state key>" (what a
+    search saves beside a parent, so its children go on from the parent's moments)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                out[f"{name}/{key}"] = value.detach().clone()
+    return out
+
+
+def load_moments(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter],
+                 tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put state saved by `moments` into an optimizer over `params` (same names and shapes;
+    a moment whose shape differs from its parameter's is a ShapeError)."""
+    for key, value in tensors.items():
+        name, _, what = key.rpartition("/")
+        p = params.get(name)
+        if p is None:
+            raise ShapeError(f"saved optimizer state {key!r} names no parameter of the network")
+        if value.dim() and value.shape != p.shape:
+            raise ShapeError(f"saved optimizer state {key!r} has shape {tuple(value.shape)}, "
+                             f"its parameter {tuple(p.shape)}")
+        optimizer.state[p][what] = value.to(p.device).clone()

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from growth.metrics import average_accuracy
 
 if TYPE_CHECKING:
-    from growth.report import Group, Run
+    from growth.runs import Group, Run
 
 ACC_UNIT = "test accuracy (fraction correct)"
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")

@@ -40,3 +40,61 @@ def load_plugins(group: str, convert: Callable[[Any, str], T], taken: Container[
             continue
         found[name] = obj
     return found
+
+
+FACTORY_PATTERN = r"^[^:\s]+:[A-Za-z_]\w*$"  # "package.module:function" or "file.py:function"
+
+
+def load_factory(spec: str, key: str) -> Callable[..., Any]:
+    """The function a config names for a user's own model or data: "package.module:function"
+    (an installed module, or one in the current directory) or "path/to/file.py:function" (a
+    path from the current directory). Any problem is a ConfigError naming `key`."""
+    import importlib
+    import importlib.util
+    import os
+    import re
+    import sys
+    import zlib
+    from pathlib import Path
+
+    from growth.errors import ConfigError
+
+    if not isinstance(spec, str) or not re.fullmatch(FACTORY_PATTERN, spec):
+        raise ConfigError(f"{key}: {spec!r} is not 'package.module:function' or "
+                          "'path/to/file.py:function'")
+    where, _, name = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            path = Path(where).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"{key}: {where} is not a file (paths are read from the "
+                                  f"current directory, {Path.cwd()})")
+            module_name = f"growth_user_{path.stem}_{zlib.crc32(str(path).encode()):08x}"
+            module = sys.modules.get(module_name)
+            if module is None:
+                found = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(found)  # type: ignore[arg-type]
+                sys.modules[module_name] = module
+                try:
+                    found.loader.exec_module(module)  # type: ignore[union-attr]
+                except BaseException:
+                    del sys.modules[module_name]
+                    raise
+        else:
+            try:
+                module = importlib.import_module(where)
+            except ModuleNotFoundError as exc:
+                here = os.getcwd()
+                if exc.name != where.partition(".")[0] or here in sys.path:
+                    raise
+                sys.path.append(here)  # after installed packages: a local folder never shadows
+                module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{key}: cannot import {where!r}: {type(exc).__name__}: {exc}"
+                          ) from None
+    obj = getattr(module, name, None)
+    if not callable(obj):
+        raise ConfigError(f"{key}: {where!r} has no function {name!r}")
+    return obj

@@ -3,9 +3,13 @@
 - `fisher_diagonal` / `mas_importance`: exact per-sample gradients (torch.func: functional_call
   + vmap + grad, in chunks) reduced to the diagonal Fisher (mean squared gradient of
   log p(y|x), labels given) or MAS's mean |d ||f(x)||^2 / d theta|.
+- `sliced_importance`: SCP's mean over random unit slices xi of (d xi . mean_x f(x) / d theta)^2.
+- `PathIntegral`: the running sums -g * delta over optimiser steps that SI, AR1 and RWalk
+  integrate along a task's path.
 - `Quadratic`: sum_k s_k sum_i W_{k,i} (theta_i - a_{k,i})^2 over parameters keyed by name,
   merged once into one term per parameter, W (theta - m)^2 + const, so the hot loop costs the
-  same for one anchor or twenty. Anchors and weights have their parameter's shape: after a
+  same for one anchor or twenty; its gradient in closed form (RWalk separates the task loss's
+  gradient from the penalty's with it). Anchors and weights have their parameter's shape: after a
   graph change they were carried through its record (`growth.remap`), never sliced.
 - `kd_loss`: distillation at a temperature.
 
@@ -29,8 +33,8 @@ from growth.data.sampling import generator
 from growth.errors import ShapeError
 
 if TYPE_CHECKING:
+    from growth.context import Context
     from growth.data import Task
-    from growth.strategies.base import Context
 
 CANCELLED = 1e-12  # |sum v| below this fraction of sum |v|: the weights cancel (linear term)
 GRAD_BUDGET = 1 << 25  # floats of per-sample gradients held at once (128 MiB in float32)
@@ -96,6 +100,36 @@ def mas_importance(view: nn.Module, names: list[str], x: Tensor) -> dict[str, Te
     return mean_sample_grads(view, names, x, y, _squared_norm, torch.abs)
 
 
+def sliced_importance(view: nn.Module, names: list[str], x: Tensor, slices: Tensor,
+                      chunk: int = 256) -> dict[str, Tensor]:
+    """SCP's importance: (1/L) sum_l (d (xi_l . mean_n f(x_n)) / d theta)^2 over the L unit
+    slices xi_l (rows of `slices`, [L, C]), f the view's outputs, in eval mode.
+
+    The projection is linear in xi, so with J = d mean_n f(x_n) / d theta (C rows, one backward
+    pass per output) the sum over slices is the quadratic form J' M J of M = xi' xi / L: memory
+    C x parameters, whatever L is.
+    """
+    params = dict(view.named_parameters())
+    own = [params[n] for n in names]
+    classes = slices.shape[1]
+    jac = [torch.zeros((classes, *p.shape), dtype=p.dtype, device=p.device) for p in own]
+    with evaluating(view):
+        for i in range(0, len(x), chunk):
+            mean = view(x[i:i + chunk]).sum(0) / len(x)  # this chunk's share of the mean
+            if mean.shape != (classes,):
+                raise ShapeError(f"SCP slices have {classes} coordinates but the view's output "
+                                 f"has shape {tuple(mean.shape)}")
+            for c in range(classes):
+                grads = torch.autograd.grad(mean[c], own, retain_graph=c + 1 < classes,
+                                            allow_unused=True)
+                for j, g in zip(jac, grads):
+                    if g is not None:
+                        j[c] += g
+    gram = (slices.T.double() @ slices.double() / len(slices)).to(jac[0].dtype)
+    return {n: torch.einsum("c...,cd,d...->...", j, gram.to(j.device), j)
+            for n, j in zip(names, jac)}
+
+
 def task_sample(ctx: Context, task: Task, n: int | None) -> tuple[Tensor, Tensor]:
     """Up to n training samples of a task, head labels. The subset is drawn from the run's
     randomness: fixed by (ctx.seed, task index), so another seed measures another subset."""
@@ -118,6 +152,53 @@ def task_fisher(ctx: Context, task: Task, samples: int | None) -> dict[str, Tens
     view, names = task_view(ctx, task)
     x, y = task_sample(ctx, task, samples)
     return {n: f.cpu() for n, f in fisher_diagonal(view, names, x, y).items()}
+
+
+# ---- path integrals -----------------------------------------------------------------------------
+class PathIntegral:
+    """omega_i = sum over optimiser steps of -g_i * delta_i for some parameters, from `start`.
+
+    `read_grads` after backward takes the gradients (the loop's, or ones the caller derived
+    from them); `step` after the optimiser's step adds -g * (theta - theta_prev). `start` and
+    `omega` may be given (a graph change carried them through its records); parameters
+    without them start from their current value and zero. `restart` begins a new interval.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], start: dict[str, Tensor] | None = None,
+                 omega: dict[str, Tensor] | None = None) -> None:
+        start, omega = start or {}, omega or {}
+        self.names = list(params)
+        self.params = [params[n] for n in self.names]
+        with torch.no_grad():
+            self.prev = [p.detach().clone() for p in self.params]
+            self.start = [start[n] if n in start else p.detach().clone()
+                          for n, p in zip(self.names, self.params)]
+            self.omega = [omega[n] if n in omega else torch.zeros_like(p)
+                          for n, p in zip(self.names, self.params)]
+        self.grads: list[Tensor | None] = [None] * len(self.names)
+
+    def read_grads(self, grads: list[Tensor | None] | None = None) -> None:
+        """The gradients of this step (default: each parameter's .grad)."""
+        self.grads = [p.grad for p in self.params] if grads is None else list(grads)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, prev, omega, g in zip(self.params, self.prev, self.omega, self.grads):
+            if g is not None:
+                omega.sub_(g * (p - prev))
+            prev.copy_(p)
+        self.grads = [None] * len(self.names)
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """A new interval from here: start = theta now, omega = 0."""
+        for p, start, omega in zip(self.params, self.start, self.omega):
+            start.copy_(p)
+            omega.zero_()
+
+    def moved(self) -> list[Tensor]:
+        """theta - start, per parameter."""
+        return [p.detach() - s for p, s in zip(self.params, self.start)]
 
 
 # ---- stored state ------------------------------------------------------------------------------
@@ -156,6 +237,16 @@ class Quadratic:
         total = sum((w * (p - m).square()).sum() for p, m, w in self.terms)
         total = total + sum((lin * p).sum() for p, lin in self.linear)
         return total + self.const
+
+    @torch.no_grad()
+    def gradient(self) -> dict[nn.Parameter, Tensor]:
+        """d penalty / d theta of each parameter it covers: 2 W (theta - m) + L."""
+        out: dict[nn.Parameter, Tensor] = {}
+        for p, m, w in self.terms:
+            out[p] = 2 * w * (p - m)
+        for p, lin in self.linear:
+            out[p] = out[p] + lin if p in out else lin.clone()
+        return out
 
 
 def build_quadratic(module: nn.Module, components: Iterable[Component],

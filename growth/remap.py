@@ -25,6 +25,12 @@ Roles (what strategies and optimizers declare for each kind of state):
   perturbation (exactly so for divided columns, where r = 1 and the map is linear). For the
   Fisher this is exactly the Fisher the widened network has at the originals. Copies are new
   capacity: unpenalised until the task that trains them ends.
+- SPLIT (importance that protects every copy: REC's old-task Fisher after growth):
+  d_j^2 / c * old at each of the c positions copying one old position, 0 at fresh ones. A
+  change that moves the copies together (each copied row by delta, each divided column by
+  delta / d_j: what the parent's change delta becomes in the widened network) costs
+  sum_j (d_j^2 / c) (delta / d_j)^2 old = old * delta^2, the parent's penalty exactly; with
+  IMPORTANCE it would cost r^2 of it (1/c for a row), and the copies would be free.
 - MASK (owner indices, binary masks, picks): old at originals, 0 (free) at copies and fresh.
 - GRADIENT (momentum, Adam's exp_avg): r * old at every valid position; GRADIENT_SQ (Adam's
   exp_avg_sq): r^2 * old. Optimizer moments are running statistics of the gradient; these are
@@ -50,9 +56,9 @@ from growth.errors import ShapeError
 if TYPE_CHECKING:
     from growth.ops.registry import ChangeRecord
 
-WEIGHT, IMPORTANCE, MASK, GRADIENT, GRADIENT_SQ, PATH = (
-    "weight", "importance", "mask", "gradient", "gradient_sq", "path")
-ROLES = (WEIGHT, IMPORTANCE, MASK, GRADIENT, GRADIENT_SQ, PATH)
+WEIGHT, IMPORTANCE, SPLIT, MASK, GRADIENT, GRADIENT_SQ, PATH = (
+    "weight", "importance", "importance_split", "mask", "gradient", "gradient_sq", "path")
+ROLES = (WEIGHT, IMPORTANCE, SPLIT, MASK, GRADIENT, GRADIENT_SQ, PATH)
 _ORIGINALS_ONLY = frozenset({IMPORTANCE, MASK, PATH})
 
 
@@ -125,11 +131,18 @@ def _originals(index: Tensor) -> Tensor:
 
 
 def _factor(index: Tensor, valid: Tensor, d: Tensor | None, role: str) -> Tensor:
-    """r (GRADIENT), r^2 (IMPORTANCE, GRADIENT_SQ) or r / d (PATH) per new position."""
+    """r (GRADIENT), r^2 (IMPORTANCE, GRADIENT_SQ), r / d (PATH) or d^2 / c (SPLIT) per new
+    position."""
     inv = torch.ones(len(index), dtype=torch.float64, device=index.device)
     if d is not None:
         inv = 1.0 / d
     src = index.clamp(min=0)
+    if role == SPLIT:
+        copies = torch.zeros(int(src.max()) + 1 if len(src) else 0, dtype=torch.float64,
+                             device=index.device)
+        copies.index_add_(0, src[valid], torch.ones_like(inv)[valid])
+        return torch.where(valid, 1.0 / (inv * inv * copies[src].clamp_min(1.0)),
+                           torch.zeros_like(inv))
     total = torch.zeros(int(src.max()) + 1 if len(src) else 0, dtype=torch.float64,
                         device=index.device)
     total.index_add_(0, src[valid], inv[valid])

@@ -17,27 +17,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
+from growth.context import Context, Hooks, TrainConfig
 from growth.data.augment import augment
 from growth.data.streaming import ImageFiles, is_lazy, loader_batches
 from growth.errors import DivergedError
-from growth.strategies.base import Context, Strategy
 
 if TYPE_CHECKING:
     from growth.data import Task
-
-
-class TrainConfig(BaseModel):
-    """Optimisation settings for one task (validated; unknown keys are errors)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    epochs: int = Field(5, ge=0)
-    batch_size: int = Field(32, ge=1)
-    optimizer: str = Field("sgd", pattern="^(sgd|adam)$")
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -121,7 +108,7 @@ def _order(s: _Set, gen: torch.Generator) -> torch.Tensor:
     return torch.randperm(len(s.y), generator=gen).to(s.y.device)
 
 
-def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
+def fit(ctx: Context, strategy: Hooks, cfg: TrainConfig, seed: int = 0,
         epochs: int | None = None,
         params: list[torch.nn.Parameter] | None = None,
         on_epoch: Callable[[int, float], None] | None = None,
@@ -153,14 +140,18 @@ def fit(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
                        on_epoch, (use_loss, use_penalty, use_after_backward, use_after_step))
 
 
-def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set],
+def _epochs(ctx: Context, strategy: Hooks, cfg: TrainConfig, sets: list[_Set],
             extra: list[str], gen: torch.Generator, epochs: int | None,
             optimizer: torch.optim.Optimizer,
             on_epoch: Callable[[int, float], None] | None,
             use: tuple[bool, bool, bool, bool]) -> list[float]:
     use_loss, use_penalty, use_after_backward, use_after_step = use
     losses: list[float] = []
-    for epoch in range(cfg.epochs if epochs is None else epochs):
+    n_epochs = cfg.epochs if epochs is None else epochs
+    schedule = _schedule(cfg, n_epochs, _batches_per_epoch(sets, cfg.batch_size))
+    step = 0
+    best = _Best(ctx, strategy, cfg.patience)
+    for epoch in range(n_epochs):
         ctx.epoch = epoch
         total = torch.zeros((), device=ctx.device)
         n = 0
@@ -182,7 +173,11 @@ def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set]
             loss.backward()
             if use_after_backward:
                 strategy.after_backward(ctx)
+            if schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = schedule(step)
             optimizer.step()
+            step += 1
             if use_after_step:
                 strategy.after_step(ctx)
             total += loss.detach()
@@ -195,14 +190,73 @@ def _epochs(ctx: Context, strategy: Strategy, cfg: TrainConfig, sets: list[_Set]
                 f"{losses[-1]}; lower train.lr or the strategy's strength (lambda, c, lambda_o)")
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
+        if best.stop_after(epoch):
+            break
+    best.restore()
     return losses
 
 
-def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0,
+class _Best:
+    """Early stopping on the task's validation split: the best epoch's weights (and buffers;
+    the weights the fit started from count as epoch -1) are kept and put back at the end;
+    training stops after `patience` epochs without a gain. Off when patience is None or the
+    task has no validation split."""
+
+    def __init__(self, ctx: Context, strategy: Hooks, patience: int | None) -> None:
+        self.ctx, self.strategy, self.patience = ctx, strategy, patience
+        self.on = patience is not None and len(ctx.task.val[1]) > 0
+        self.acc, self.epoch, self.state = -1.0, -1, None
+        if self.on:  # the weights the fit starts from are a candidate too
+            self.stop_after(-1)
+
+    def stop_after(self, epoch: int) -> bool:
+        if not self.on:
+            return False
+        scored = self.strategy if "evaluation" in self.strategy.overridden() else None
+        acc = evaluate(self.ctx, self.ctx.task, "val", strategy=scored)
+        if acc > self.acc:
+            self.acc, self.epoch = acc, epoch
+            self.state = {k: v.detach().clone()
+                          for k, v in self.ctx.model.module.state_dict().items()}
+        return epoch - self.epoch >= self.patience
+
+    def restore(self) -> None:
+        if self.state is not None:
+            with torch.no_grad():
+                for k, v in self.ctx.model.module.state_dict().items():
+                    v.copy_(self.state[k])
+
+
+def _batches_per_epoch(sets: list[_Set], batch_size: int) -> int:
+    return sum(math.ceil(len(s.y) / batch_size) for s in sets)
+
+
+def _schedule(cfg: TrainConfig, epochs: int, per_epoch: int) -> Callable[[int], float] | None:
+    """The learning rate of each step of a fit (None: constant, the optimizer's own): a linear
+    warm-up over `warmup_epochs`, then constant, cosine to 0 over the remaining steps, or
+    step decay (times gamma at each milestone epoch reached)."""
+    total = epochs * per_epoch
+    if (cfg.schedule == "constant" and not cfg.warmup_epochs) or total <= 0:
+        return None
+    warm = min(cfg.warmup_epochs * per_epoch, total)
+
+    def lr(step: int) -> float:
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        if cfg.schedule == "cosine":
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / (total - warm)))
+        if cfg.schedule == "step":
+            epoch = step // per_epoch
+            return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if m <= epoch)
+        return cfg.lr
+
+    return lr
+
+
+def learn_task(ctx: Context, strategy: Hooks, cfg: TrainConfig, seed: int = 0,
                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """before_task -> fit -> after_task: how a campaign learns one task."""
     ctx.train_fit = lambda **kw: fit(ctx, strategy, cfg, **{"seed": seed, **kw})
-    ctx.train_cfg = cfg
     ctx.strategy = strategy
     ctx.train_config = cfg
     strategy.before_task(ctx)
@@ -213,7 +267,7 @@ def learn_task(ctx: Context, strategy: Strategy, cfg: TrainConfig, seed: int = 0
 
 @torch.no_grad()
 def evaluate(ctx: Context, task: Task, split: str = "test", batch_size: int = 1024,
-             strategy: Strategy | None = None) -> float:
+             strategy: Hooks | None = None) -> float:
     """Accuracy of the model on one task's split (NaN if empty): through that task's head, or
     through `strategy.evaluation` when the strategy overrides it."""
     x, y = getattr(task, split)

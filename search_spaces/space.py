@@ -55,6 +55,8 @@ PRODUCERS = frozenset({"linear", "conv2d"})
 _UNIT_TAIL = ACTIVATIONS | {"batchnorm1d", "batchnorm2d", "relu6", "hardswish", "hardsigmoid",
                             "hardtanh", "mish", "softplus"}
 Action = dict[str, Any]
+DEFAULT_OPERATORS = ("net2wider", "net2deeper")
+BUILTIN_ROLES = frozenset({"net2wider", "widen_private", "net2deeper"})  # checked by their costs
 
 
 # ---- the declared space (YAML `search.space`, or Python) -----------------------------------
@@ -87,11 +89,22 @@ class SpaceSpec(BaseModel):
                                             min_length=1)
     exclude: list[str] = Field(default_factory=list)  # layers never widened nor deepened after
     deeper_batchnorm: bool = False  # inserted conv/fc layers get a BatchNorm (needs a sample)
-    noise: float = Field(0.0, ge=0)  # net2wider noise on new copies; 0 keeps the function exact
+    # private: widenings add units no consumer reads yet (`widen_private`), and no layer is
+    # inserted (an inserted layer would sit on every head's path)
+    private: bool = False
+    # symmetry-breaking noise (EAS's defaults): a widened unit's copies start apart and an
+    # inserted layer's units too, so growth adds capacity; 0 keeps the function exact
+    noise: float = Field(1e-2, ge=0)  # net2wider: copies' incoming weights x (1 + U(-n, n))
+    deeper_noise: float = Field(1e-3, ge=0)  # net2deeper: identity weights + U(-n, n)
     max_params: PositiveInt | None = None  # no child above this many parameters
     max_growth: float | None = Field(None, gt=1)  # ... nor above this times the base network
     # the operators' size guard: no single call adds more (None lifts it; see growth.ops.guards)
     max_new_params: int | None = Field(MAX_NEW_PARAMS, ge=0)
+    # the operators the space proposes, by name, each by its role (growth.ops.Operator.role):
+    # "wider" ones widen a layer to the next width, "deeper" ones insert a layer; plug-ins
+    # (the "growth.ops" entry points) too. With several of a role, a rollout draws one of
+    # those that accept the step, uniformly.
+    operators: list[str] = Field(default_factory=lambda: list(DEFAULT_OPERATORS), min_length=1)
     max_blocks: PositiveInt = 8  # insertion is offered in the first max_blocks blocks
     max_layers_per_block: PositiveInt = 32  # ... and the first positions of each block
 
@@ -102,6 +115,21 @@ class SpaceSpec(BaseModel):
             raise ValueError(f"kernel sizes must be odd (an identity needs a centre tap); got {v}")
         if len(set(v)) != len(v):
             raise ValueError(f"kernel sizes must be distinct; got {v}")
+        return v
+
+    @field_validator("operators")
+    @classmethod
+    def _known_operators(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"operators are listed twice: {v}")
+        for name in v:
+            try:
+                op = get_operator(name)
+            except OperatorError as exc:
+                raise ValueError(str(exc)) from None
+            if op.role is None:
+                raise ValueError(f"operator {name!r} has no search role (wider or deeper); a "
+                                 "search space calls only operators that declare one")
         return v
 
     @field_validator("layer_widths")
@@ -170,6 +198,11 @@ class SearchSpace:
         limits = [v for v in limits if v is not None]
         self.max_params: int | None = min(limits) if limits else None
         s = self.spec
+        roles = {name: get_operator(name).role for name in s.operators}
+        # private: widenings add units no consumer reads yet, and nothing is inserted
+        self.wider_ops = [("widen_private" if s.private and n == "net2wider" else n)
+                          for n in s.operators if roles[n] == "wider"]
+        self.deeper_ops = [] if s.private else [n for n in s.operators if roles[n] == "deeper"]
         self._conv_tokens = (len(s.widths.conv) + 1) * (len(s.kernel_sizes) + 1)
         self.vocab_size = self._conv_tokens + len(s.widths.fc) + 1 + 1  # conv, fc, pool
 
@@ -246,22 +279,47 @@ class SearchSpace:
         """The widening of `layer` to the next width above its width in `graph` (which may
         have changed since `layer` was read: a residual group widens together), or None if the
         space does not offer it (pooling, width limit, a layer the operators cannot resize,
-        an excluded layer, the size guard, the parameter limit)."""
-        if layer.kind == "pool" or layer.node not in (self.widenable(graph) if widenable is None
-                                                      else widenable):
-            return None
+        an excluded layer, the size guard, the parameter limit); with several wider
+        operators, the first that accepts it."""
+        options = self.wider_options(graph, layer, widenable, seed)
+        return options[0] if options else None
+
+    def wider_options(self, graph: NetGraph, layer: Layer, widenable: set[str] | None = None,
+                      seed: int = 0) -> list[Action]:
+        """The widening of `layer` by each wider operator of the space that accepts it."""
+        if (not self.wider_ops or layer.kind == "pool"
+                or layer.node not in (self.widenable(graph) if widenable is None
+                                      else widenable)):
+            return []
         group = find_group(graph, layer.node)
         width = self.next_width(layer, group.width)
         if width is None:
-            return None
+            return []
         # grouped convolutions change channels in whole blocks, and a norm over the channels
         # widens by whole copies of every unit: round up to the next step
         step = group.width if group.tile is not None else group.block
         width = group.width + -(-(width - group.width) // step) * step
         if width > self.widths_of(layer)[-1]:
-            return None
-        action: Action = {"op": "net2wider", "node": layer.node, "width": width, "seed": seed}
-        return action if self.fits(graph, widening_cost(graph, layer.node, width, group)) else None
+            return []
+        out = []
+        for op in self.wider_ops:
+            action: Action = {"op": op, "node": layer.node, "width": width, "seed": seed}
+            if op in BUILTIN_ROLES:
+                ok = self.fits(graph, widening_cost(graph, layer.node, width, group))
+            else:
+                ok = self._tried(graph, action)
+            if ok:
+                out.append(action)
+        return out
+
+    def _tried(self, graph: NetGraph, action: Action) -> bool:
+        """Does a plug-in operator accept `action` on `graph`, within the space's limits? (It
+        is the authority on where it applies, so the space asks it.)"""
+        try:
+            child = self.step(graph, action, sample=probe_sample(graph, action))
+        except OperatorError:
+            return False
+        return self.fits(graph, child.param_count() - graph.param_count())
 
     def fits(self, graph: NetGraph, added: int) -> bool:
         """May one operator call add `added` parameters to `graph`? (The operators' size guard
@@ -316,12 +374,18 @@ class SearchSpace:
                 out.append({"op": "add_block", "after": node})
         return out
 
-    def deeper_action(self, after: str, kernel: int | None) -> Action:
-        action: Action = {"op": "net2deeper", "after": after}
+    def deeper_action(self, after: str, kernel: int | None, seed: int = 0,
+                      op: str = "net2deeper") -> Action:
+        action: Action = {"op": op, "after": after}
         if kernel is not None:
             action["kernel_size"] = kernel
+        if op not in BUILTIN_ROLES:  # a plug-in gets the role's call: after, kernel_size, seed
+            action["seed"] = seed
+            return action
         if self.spec.deeper_batchnorm:
             action["batchnorm"] = True
+        if self.spec.deeper_noise > 0:
+            action["seed"] = seed
         return action
 
     # ---- building children ----------------------------------------------------------------
@@ -356,11 +420,13 @@ class SearchSpace:
                                 "'width': 128}")
         kwargs = {k: v for k, v in action.items() if k != "op"}
         op = action["op"]
-        if op in ("net2wider", "net2deeper", "add_heads", "add_block"):
+        if op in ("net2wider", "widen_private", "net2deeper", "add_heads", "add_block"):
             kwargs.setdefault("max_new_params", self.spec.max_new_params)
-        if op == "net2wider":
+        if op in ("net2wider", "widen_private"):
             kwargs.setdefault("noise", self.spec.noise)
-        elif op == "net2deeper" and kwargs.get("batchnorm"):
+        elif op == "net2deeper":
+            kwargs.setdefault("noise", self.spec.deeper_noise)
+        if op == "net2deeper" and kwargs.get("batchnorm"):
             if sample is None:
                 raise OperatorError(f"action {index} ({op} after {kwargs.get('after')!r}) adds a "
                                     "BatchNorm and needs `sample`, a batch of network inputs")
@@ -400,9 +466,10 @@ class DeeperMenu:
         allowed: dict[int, set[str]] = {}  # kernel size -> nodes deepenable with it
         self.candidates: dict[int, dict[int, str]] = {}
         self._ok: dict[str, list[int | None]] = {}  # kernel indices accepted after a node
+        self._ops: dict[tuple[str, int | None], list[str]] = {}  # ... and by which operators
         self._vector: dict[str, bool] = {}
         for layer in layers:
-            if (layer.after is None or layer.node in spec.exclude
+            if (not space.deeper_ops or layer.after is None or layer.node in spec.exclude
                     or layer.after in spec.exclude or layer.block >= spec.max_blocks
                     or layer.position >= spec.max_layers_per_block):
                 continue
@@ -413,11 +480,21 @@ class DeeperMenu:
             ok = []
             for i in kernels:
                 k = 1 if i is None else ks[i]
-                if k not in allowed:  # the size guard is checked below, with the BN's cost
-                    allowed[k] = set(deepenable(graph, k, max_new_params=None))
-                if layer.after in allowed[k] and space.fits(
-                        graph, deepening_cost(channels, k, spec.deeper_batchnorm)):
+                accepted = []
+                for op in space.deeper_ops:
+                    if op not in BUILTIN_ROLES:
+                        action = space.deeper_action(layer.after, None if i is None else k, 0, op)
+                        if space._tried(graph, action):
+                            accepted.append(op)
+                        continue
+                    if k not in allowed:  # the size guard is checked below, with the BN's cost
+                        allowed[k] = set(deepenable(graph, k, max_new_params=None))
+                    if layer.after in allowed[k] and space.fits(
+                            graph, deepening_cost(channels, k, spec.deeper_batchnorm)):
+                        accepted.append(op)
+                if accepted:
                     ok.append(i)
+                    self._ops[(layer.after, i)] = accepted
             self.candidates.setdefault(layer.block, {})[layer.position] = layer.after
             self._ok[layer.after] = ok
             self._vector[layer.after] = not conv
@@ -427,16 +504,26 @@ class DeeperMenu:
         after = self.candidates[block][position]
         return [None] if self._vector[after] else list(range(len(self.space.spec.kernel_sizes)))
 
-    def action(self, block: int, position: int, kernel: int | None) -> Action:
+    def operators(self, block: int, position: int, kernel: int | None) -> list[str]:
+        """The deeper operators that accept this insertion (in the space's order)."""
+        return list(self._ops.get((self.candidates[block][position], kernel), []))
+
+    def action(self, block: int, position: int, kernel: int | None, seed: int = 0,
+               op: str | None = None) -> Action:
+        """The insertion's action, by `op` (default: the first operator that accepts it)."""
         k = None if kernel is None else self.space.spec.kernel_sizes[kernel]
-        return self.space.deeper_action(self.candidates[block][position], k)
+        after = self.candidates[block][position]
+        if op is None:
+            op = (self._ops.get((after, kernel)) or self.space.deeper_ops or ["net2deeper"])[0]
+        return self.space.deeper_action(after, k, seed, op)
 
     def accepts(self, block: int, position: int, kernel: int | None) -> bool:
         return kernel in self._ok[self.candidates[block][position]]
 
-    def child(self, block: int, position: int, kernel: int | None) -> NetGraph:
+    def child(self, block: int, position: int, kernel: int | None, seed: int = 0,
+              op: str | None = None) -> NetGraph:
         """The graph with this insertion (built with the operator)."""
-        action = self.action(block, position, kernel)
+        action = self.action(block, position, kernel, seed, op)
         return self.space.step(self.graph, action, sample=probe_sample(self.graph, action))
 
     def position_ok(self, block: int, position: int) -> bool:

@@ -1,9 +1,10 @@
-"""Base networks imported from torchvision's classification architectures, by name.
+"""Base networks imported from torch modules: torchvision's classification architectures by
+name, or a user's own module (`module_trunk`, for `model: {kind: python, factory: ...}`).
 
 `torchvision_trunk("resnet18", (3, 64, 64))` builds the architecture (no download: weights come
 only from a local file, for pretrained starts), imports it with `growth.trace.import_module`,
 and replaces its classifier, the last linear layer, by an identity node named "features", where
-a campaign puts one head per task (`search_spaces.networks.add_head`). Whatever precedes that
+a campaign puts one head per task (`growth.search_spaces.networks.add_head`). Whatever precedes that
 layer (VGG's hidden classifier layers, dropout) stays in the trunk.
 
 Inputs with another number of channels than the architecture's (1-channel digits or MNIST for
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from growth.search_spaces.networks import FEATURES
 from torch import nn
 
 from growth.errors import ConfigError, GraphError
 from growth.graph import NetGraph
-from search_spaces.networks import FEATURES
 
 
 def classification_models() -> list[str]:
@@ -142,4 +143,30 @@ def _cut_classifier(graph: NetGraph, arch: str) -> NetGraph:
     return out
 
 
-__all__ = ["build_model", "classification_models", "load_weights", "torchvision_trunk"]
+def module_trunk(model: nn.Module, input_shape: tuple[int, ...], output: str = "features",
+                 name: str = "the model") -> NetGraph:
+    """A user's torch module as a trunk ending at "features": its output is the features the
+    heads read (`output="features"`), or its last layer is a linear classifier that the heads
+    replace (`output="classifier"`). Imported with `growth.trace.import_module`, so the
+    trunk computes what the module computes."""
+    from growth.trace import import_module
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+    graph = import_module(model.eval(), tuple(input_shape))
+    if output == "classifier":
+        return _cut_classifier(graph, name)
+    heads = graph.heads
+    if len(heads) != 1:
+        raise GraphError(f"{name} has {len(heads)} outputs {heads}; a base network needs one")
+    if FEATURES in graph:
+        raise GraphError(f"{name} already has a node named {FEATURES!r}")
+    source = graph.inputs(heads[0])[0]
+    out = graph.copy()
+    out.remove(heads[0])
+    out.add(FEATURES, "identity", [source])
+    return out
+
+
+__all__ = ["build_model", "classification_models", "load_weights", "module_trunk",
+           "torchvision_trunk"]

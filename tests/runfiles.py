@@ -94,11 +94,23 @@ def install(site: Path, name: str, version: str, modules: dict[str, str],
     (dist / "entry_points.txt").write_text("\n".join(lines))
 
 
-def install_example(site: Path) -> None:
-    """examples/plugin, from its own pyproject.toml (what the docs tell users to install)."""
-    project = tomllib.loads((EXAMPLE_PLUGIN / "pyproject.toml").read_text())
+def example_packages() -> list[Path]:
+    """The example plug-in packages in examples/ (folders with a pyproject.toml)."""
+    return sorted(p.parent for p in EXAMPLE_PLUGIN.parent.glob("*/pyproject.toml"))
+
+
+def example_modules() -> list[str]:
+    """The modules the example packages install."""
+    return [m for folder in example_packages() for m in tomllib.loads(
+        (folder / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]]
+
+
+def install_example(site: Path, folder: Path = EXAMPLE_PLUGIN) -> None:
+    """An example package (default examples/plugin), from its own pyproject.toml (what the
+    docs tell users to install)."""
+    project = tomllib.loads((folder / "pyproject.toml").read_text())
     meta = project["project"]
-    modules = {m: (EXAMPLE_PLUGIN / f"{m}.py").read_text()
+    modules = {m: (folder / f"{m}.py").read_text()
                for m in project["tool"]["setuptools"]["py-modules"]}
     install(site, meta["name"], meta["version"], modules, meta["entry-points"])
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from growth.search_spaces import SearchSpace, make_space
+from growth.search_spaces.networks import add_head, mlp
 
-from growth.campaign import labelers
 from growth.data import Task, build_stream
 from growth.graph import NetGraph
 from growth.model import Model
+from growth.scenarios import labelers
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, evaluate, fit
-from search_spaces import SearchSpace, make_space
-from search_spaces.networks import add_head, mlp
 
 CHILD_TRAIN = TrainConfig(epochs=2, lr=0.02, batch_size=32)
 
@@ -43,8 +43,10 @@ def trained_base(task: Task, folder: Path, hidden: tuple[int, ...] = (16,), epoc
     return graph, accuracy(graph, task)
 
 
-def small_space(graph: NetGraph) -> SearchSpace:
-    return make_space({"widths": {"fc": [16, 24, 32, 48, 64]}}, graph)
+def small_space(graph: NetGraph, exact: bool = True) -> SearchSpace:
+    """Widths 16..64 on the MLP; exact: the operators keep the parent's function (no noise)."""
+    noise = {"noise": 0.0, "deeper_noise": 0.0} if exact else {}
+    return make_space({"widths": {"fc": [16, 24, 32, 48, 64]}, **noise}, graph)
 
 
 def search_config(tmp: Path, **search: object) -> Path:

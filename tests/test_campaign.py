@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from runfiles import kill_after_first_checkpoint
 
 from growth import campaign as campaign_module
@@ -36,7 +37,6 @@ from growth.errors import CheckpointError, ConfigError, RunDirError
 from growth.model import Model
 from growth.strategies import Context, Strategy
 from growth.train import evaluate, fit
-from search_spaces.networks import add_head, mlp, small_cnn
 
 TINY = {
     "name": "tiny",
@@ -257,7 +257,7 @@ def test_cnn_campaign_uses_dropout_and_activation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "joint", "ewc", "si", "mas", "l2", "lwf",
-                                      "mwc", "pnn"])
+                                      "mwc", "pnn", "rwalk", "scp"])
 def test_every_strategy_resumes_to_the_same_R(tmp_path: Path, strategy: str) -> None:
     cfg = write_config(tmp_path / "c.yaml", strategy={"name": strategy},
                        model={"kind": "mlp", "hidden": [32], "batchnorm": True, "dropout": 0.2},
@@ -445,6 +445,7 @@ def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="^<config>: device: cuda"):  # no file: the config
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda") == torch.device("cuda")
     assert resolve_device("cpu") == torch.device("cpu")

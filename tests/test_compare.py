@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from growth.cli import main
-from growth.compare import load_compare, run_compare
+from growth.commands.compare import load_compare, run_compare
 from growth.errors import ConfigError
 
 BASE = {
@@ -100,3 +100,56 @@ def test_compare_runs_in_parallel_and_tabulates(tmp_path: Path, ray_session: obj
     before = stamps()
     run_compare(path, out)
     assert stamps() == before
+
+
+def _run_plan(tmp_path: Path, seeds: list[int]) -> tuple[object, Path]:
+    """A comparison's runs, each run in this process (no Ray), then its table."""
+    from growth.commands.compare import run_one, write_comparison
+
+    path = write(tmp_path, ["finetune"], seeds=seeds)
+    plan = load_compare(path)
+    out = tmp_path / "out"
+    for name, (_, _, overrides) in plan.runs.items():
+        run_one(str(plan.base), overrides, str(out / name))
+    write_comparison(plan, out)
+    return plan, out
+
+
+def test_a_row_of_one_run_shows_its_values_without_a_spread(tmp_path: Path) -> None:
+    _, out = _run_plan(tmp_path, [0])
+    acc = json.loads((out / "finetune-s0" / "metrics.json").read_text())["acc"]
+    row = next(ln for ln in (out / "compare.md").read_text().splitlines()
+               if ln.startswith("| finetune |"))
+    assert "±" not in row and f"| {acc:.4f} |" in row
+    csv_row = next(csv.DictReader((out / "compare.csv").open()))
+    assert float(csv_row["acc_mean"]) == pytest.approx(acc) and csv_row["acc_std"] == ""
+
+
+def test_the_watch_counts_runs_and_times_the_rest_from_the_pace(tmp_path: Path) -> None:
+    import io
+
+    from growth.commands.watch import RunsWatch
+    from growth.metrics import read_metrics, write_metrics
+
+    _, out = _run_plan(tmp_path, [0])
+    finished = read_metrics(out / "finetune-s0")  # 2 of 2 tasks
+    now = [0.0]
+    names = ["a", "b", "c"]
+    printed = io.StringIO()
+    watch = RunsWatch(out, names, clock=lambda: now[0], out=printed)  # nothing there yet
+    write_metrics(out / "a", finished)
+    half = {**finished, "finished_tasks": 1}
+    write_metrics(out / "b", half)
+    (out / "b" / ".lock").write_text("4242\n")  # b's writer holds the lock
+    (out / "c").mkdir()
+    (out / "c" / ".lock").write_text("")  # c: a lock released (emptied), nothing running
+    watch.done("a")
+    now[0] = 100.0
+    status = watch.status()
+    assert (status.done, status.running, status.waiting) == (1, 1, 1)
+    assert status.fraction == pytest.approx((1 + 0.5 + 0) / 3)
+    assert status.eta_s == pytest.approx(100.0)  # half done in 100 s: 100 s to go
+    watch.report()
+    watch.report()  # unchanged: printed once
+    assert printed.getvalue() == ("[compare] runs 1/3 done, 1 running, 1 waiting; 50% of "
+                                  "tasks; ETA 1m40s\n")

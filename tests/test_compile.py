@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from torch import nn
 
 from growth.compile import compile_graph, graph_with_weights, head_view
 from growth.errors import CheckpointError, GraphError
 from growth.graph import NetGraph
 from growth.layers import module_tensors
-from search_spaces.networks import add_head, mlp, small_cnn
 
 
 class HandCNN(nn.Module):
@@ -155,7 +155,7 @@ def test_graph_with_weights_rejects_a_module_of_another_graph():
 
 
 
-# ---- base networks (search_spaces.networks) compile and run --------------------------------
+# ---- base networks (search_spaces/networks.py) compile and run ------------------------------
 def test_mlp_builder_trunk_ends_at_features_without_heads():
     g = mlp((1, 4, 4), [8, 6], activation="tanh", batchnorm=True, dropout=0.1)
     assert g.heads == [] and g.shape("features") == (6,)

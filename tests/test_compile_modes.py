@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from growth.search_spaces.networks import mlp
 
 from growth.compile import compile_graph
 from growth.graph import NetGraph
-from search_spaces.networks import mlp
 
 
 def dropout_net(kind: str, p: float, shape: tuple[int, ...]) -> NetGraph:

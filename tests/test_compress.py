@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from graphgen import outputs, randomize, single_thread  # noqa: F401 (fixture)
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 
 from growth.cli import main
 from growth.compress import (
@@ -20,14 +21,13 @@ from growth.compress import (
     trunk_params,
 )
 from growth.data import build_stream
+from growth.distillation import Distillation
 from growth.errors import OperatorError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.ops import get_operator, net2deeper, net2wider, prune_units, remove_layer
 from growth.strategies import Context
-from growth.strategies.distillation import Distillation
 from growth.train import TrainConfig, evaluate, fit
-from search_spaces.networks import add_head, mlp, small_cnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -328,3 +328,32 @@ def test_compress_command_mistakes_are_one_line_errors(tmp_path, capsys) -> None
     assert main(["compress", str(tmp_path / "nothing"), "--budget", "0.5", "--data",
                  "digits"]) == 2
     assert "structure.json is missing" in capsys.readouterr().err
+
+
+def test_compress_command_reports_every_task_of_a_multi_task_network(tmp_path, capsys) -> None:
+    """Before: the run's own final R row; after: each head of the saved student on its task."""
+    from runfiles import write_config
+
+    from growth.campaign import Campaign
+    from growth.compile import compile_graph
+    from growth.config import load_config
+
+    config = write_config(tmp_path / "c.yaml", train__epochs=2)
+    campaign = Campaign(load_config(config), tmp_path / "run")
+    metrics = campaign.start()
+    network = tmp_path / "run" / "checkpoints" / "task_002" / "graph"
+    assert main(["compress", str(network), "--budget", "0.5", "--data", str(config),
+                 "--epochs", "1", "--out", str(tmp_path / "small")]) == 0
+    out = capsys.readouterr().out
+    tasks = json.loads((tmp_path / "small" / "compress.json").read_text())["tasks"]
+    student = NetGraph.load(tmp_path / "small")
+    assert list(tasks) == [t.name for t in campaign.tasks]
+    for j, task in enumerate(campaign.tasks):
+        x, y = task.test
+        with torch.no_grad():
+            after = int((compile_graph(student, head=f"t{j}").eval()(x).argmax(1) == y).sum())
+        assert tasks[task.name]["before"] == pytest.approx(metrics["R"][3][j], abs=1e-12)
+        assert tasks[task.name]["after"] == pytest.approx(after / len(y), abs=1e-12)
+        line = (f"task {task.name}: test accuracy {tasks[task.name]['before']:.4f} -> "
+                f"{tasks[task.name]['after']:.4f}")
+        assert line in out

@@ -17,14 +17,14 @@ from graphgen import (  # noqa: F401
     residual,
     single_thread,
 )
+from growth.controllers import CONTROLLERS, Controller, Proposal, make_controller
+from growth.search_spaces import SearchSpace, make_space
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controllers import CONTROLLERS, Controller, Proposal, make_controller
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
-from search_spaces import SearchSpace, make_space
-from search_spaces.networks import add_head, mlp, small_cnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 NAMES = sorted(CONTROLLERS)
@@ -45,7 +45,9 @@ def _input(g: NetGraph, n: int = 6) -> torch.Tensor:
 
 
 def _small_space(g: NetGraph, **extra) -> SearchSpace:
-    return make_space({"widths": {"conv": [4, 6, 8, 12], "fc": [8, 12, 16, 24]}, **extra}, g)
+    """A small space in the operators' exact mode (no symmetry-breaking noise)."""
+    return make_space({"widths": {"conv": [4, 6, 8, 12], "fc": [8, 12, 16, 24]}, "noise": 0.0,
+                       "deeper_noise": 0.0, **extra}, g)
 
 
 def _check_children(controller: Controller, g: NetGraph, n: int, x: torch.Tensor) -> None:
@@ -108,7 +110,6 @@ def test_restored_state_proposes_what_the_uninterrupted_controller_would(name: s
     b = make_controller(name, space, seed=99)  # another seed: everything must come from state
     b.load_state_dict(saved, extra)
     assert [p.to_json() for p in b.propose(g, 3)] == want
-    assert b.known(first[2].arch) == a.known(first[2].arch) is not None
     # ... and learns from that generation as the saved one does
     for ctl in (a, b):
         ctl.observe([(Proposal.from_json(p), 0.9 - 0.2 * i) for i, p in enumerate(want)])
@@ -119,17 +120,27 @@ def test_restored_state_proposes_what_the_uninterrupted_controller_would(name: s
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_known_architectures_come_from_observed_results(name: str) -> None:
+def test_a_generation_is_distinct_new_and_changes_the_parent(name: str) -> None:
     g = _mlp()
     controller = make_controller(name, _small_space(g), seed=0)
-    p, q, r = controller.propose(g, 3)
-    assert controller.known(p.arch) is None
-    controller.observe([(p, 0.75), (q, None), (r, float("nan"))])
-    assert controller.known(p.arch) == 0.75
-    if q.arch != p.arch:
-        assert controller.known(q.arch) is None  # a failed child is not known
-    controller.observe([(Proposal(p.actions, p.arch, p.decisions), 0.1)])
-    assert controller.known(p.arch) == 0.75  # the first result stays
+    first = controller.propose(g, 6)
+    archs = [p.arch for p in first]
+    assert len(first) == 6 and len(set(archs)) == 6
+    assert SearchSpace.arch(g) not in archs  # a child changes something
+    again = controller.propose(g, 6, exclude=set(archs))
+    assert len(again) == 6 and not set(p.arch for p in again) & set(archs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_proposals_stop_when_the_space_is_exhausted(name: str) -> None:
+    g = _mlp()  # fc1 (5 units) and fc2 (7) widen to 8 and no further: three children
+    space = make_space({"widths": {"fc": [8]}, "noise": 0.0, "deeper_noise": 0.0}, g)
+    controller = make_controller(name, space, {"wider_actions": 1, "deeper_actions": 0,
+                                               "draws": 40}, seed=1)
+    children = controller.propose(g, 5)
+    widened = sorted(tuple(sorted(a["node"] for a in p.actions)) for p in children)
+    assert widened == [("fc1",), ("fc1", "fc2"), ("fc2",)]  # all three, once each
+    assert controller.propose(g, 5, exclude={p.arch for p in children}) == []
 
 
 def test_make_controller_validates_name_and_settings() -> None:
@@ -158,9 +169,9 @@ def test_random_search_widens_with_its_probability() -> None:
     space = make_space({"widths": {"fc": list(range(8, 200))}}, g)
     never = make_controller("random", space, {"widen_probability": 0.0, "deeper_actions": 0})
     always = make_controller("random", space, {"widen_probability": 1.0, "deeper_actions": 0})
-    assert all(p.actions == () for p in never.propose(g, 3))
-    for p in always.propose(g, 3):
-        assert [a["node"] for a in p.actions] == ["fc1", "fc2", "fc1", "fc2"]
+    assert never.propose(g, 3) == []  # never widening proposes only the parent itself
+    [p] = always.propose(g, 3)  # always widening every layer gives one child
+    assert [a["node"] for a in p.actions] == ["fc1", "fc2", "fc1", "fc2"]
 
 
 def test_random_search_is_uniform_over_what_the_space_offers() -> None:

@@ -7,7 +7,7 @@ paths read as in the repository root), in document order:
   the reader supplies) is compiled, not run;
 - ```bash / ```sh / ```console blocks run each command (lines, `&&` chains, `$ ` prompts):
   `growth ...` through the CLI in-process (it must exit 0), `python SCRIPT` as a process;
-  `pip install ./examples/plugin` installs the example plug-in as pip lays it out, other
+  `pip install ./examples/<package>` installs that example plug-in as pip lays it out, other
   `pip install` lines (the package itself), `python -m pytest` (this suite) and `mutmut`
   (this suite per mutant) are skipped.
   In a console block, every other line is output that the previous command must print
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runfiles import EXAMPLE_PLUGIN, install_example
+from runfiles import example_modules, example_packages, install_example
 
 from growth.cli import main
 
@@ -88,7 +88,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     registry._BUILTIN.clear()
     registry._BUILTIN.update(saved_ops)
     for name in set(sys.modules) - before:
-        if name.startswith("growth_anchor"):
+        if name.startswith(tuple(example_modules())):
             del sys.modules[name]
 
 
@@ -112,8 +112,9 @@ def run_command(cmd: str, site: Path, capsys: pytest.CaptureFixture[str]) -> str
     assert "|" not in args, f"examples avoid pipes, so they run the same everywhere: {cmd}"
     if args[:2] == ["pip", "install"]:
         targets = [a for a in args[2:] if not a.startswith("-")]
-        if any(Path(t.strip("\"'")).resolve() == EXAMPLE_PLUGIN for t in targets):
-            install_example(site)
+        for folder in example_packages():
+            if any(Path(t.strip("\"'")).resolve() == folder for t in targets):
+                install_example(site, folder)
         return ""  # the package itself is installed already
     command = [a for a in args if not re.fullmatch(r"[A-Z_]+=\S*", a)]  # after VAR=value
     if args[:3] == ["python", "-m", "pytest"] or command[:1] == ["mutmut"]:
@@ -193,8 +194,9 @@ def test_readme_and_docs_show_the_same_operator_plugin() -> None:
 
 
 def test_readme_operator_example_registers_and_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from growth.search_spaces.networks import add_head, mlp
+
     from growth.ops import get_operator, registry
-    from search_spaces.networks import add_head, mlp
 
     code = next(code for lang, code, _ in blocks(ROOT / "README.md")
                 if lang == "python" and code.startswith("# my_package/ops.py"))
@@ -223,8 +225,8 @@ def test_readme_growth_example_does_what_its_comments_say(tmp_path: Path,
 
     monkeypatch.chdir(tmp_path)
     readme = ROOT / "README.md"
-    code = next(code for lang, code, _ in blocks(readme) if lang == "python")
-    assert "import_module(torchvision.models.resnet18" in code
+    code = next(code for lang, code, _ in blocks(readme)
+                if lang == "python" and "import_module(torchvision.models.resnet18" in code)
     torch.manual_seed(0)
     scope: dict = {"__name__": "readme_example"}
     exec(compile(code, str(readme), "exec"), scope)

@@ -351,7 +351,7 @@ class Retrain(Strategy):
     name = "retrain"
 
     def before_task(self, ctx):
-        self.seen_cfg = (ctx.train_cfg, ctx.train_config, ctx.strategy)
+        self.seen_cfg = (ctx.train_config, ctx.strategy)
 
     def after_task(self, ctx):
         self.start = {k: v.clone() for k, v in ctx.model.module.state_dict().items()}
@@ -367,7 +367,7 @@ def test_learn_task_hands_hooks_its_settings_and_a_seeded_retraining_loop():
     losses = learn_task(ctx_of(model, task), s, cfg, seed=4,
                         on_epoch=lambda e, loss: epochs.append((e, loss)))
     assert len(losses) == 3 and epochs == list(enumerate(losses))
-    assert s.seen_cfg[0] is cfg and s.seen_cfg[1] is cfg and s.seen_cfg[2] is s
+    assert s.seen_cfg[0] is cfg and s.seen_cfg[1] is s
     assert isinstance(s.losses, list) and len(s.losses) == 1
     # the retraining is one epoch of batches of two in the order of the task's seed
     w, b = s.start["fc.weight"], s.start["fc.bias"]
@@ -503,3 +503,60 @@ def test_a_strategys_own_loss_is_given_the_batchs_inputs():
     assert [tuple(b.shape) for b in s.inputs] == [(2, 3)] * 3
     seen = sorted(map(tuple, torch.cat(s.inputs).tolist()))
     assert seen == sorted(map(tuple, task.train[0].tolist()))
+
+
+def test_early_stopping_keeps_the_best_epochs_weights_and_stops_after_patience() -> None:
+    """patience 2: training stops two epochs after the best validation accuracy and ends
+    with the weights that epoch had, which an independent fit of that many epochs (same seed,
+    same batches) reproduces."""
+    from growth.search_spaces.networks import add_head, mlp
+
+    from growth.data import build_stream
+    from growth.model import Model
+    from growth.scenarios import labelers
+    from growth.strategies import make_strategy
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1, "seed": 0,
+                         "val_fraction": 0.2, "max_train_per_task": 300})[0]
+
+    def run(**kw):
+        torch.manual_seed(0)
+        ctx = Context(Model(add_head(mlp(task.input_shape, [8]), "t0", 10)), task, [],
+                      *labelers("task"), torch.device("cpu"))
+        accs = []
+        losses = fit(ctx, make_strategy("finetune"), TrainConfig(lr=0.3, **kw), seed=1,
+                     on_epoch=lambda e, loss: accs.append(evaluate(ctx, task, "val")))
+        return ctx, losses, accs
+
+    ctx, losses, accs = run(epochs=30, patience=2)
+    best = max(range(len(accs)), key=lambda e: (accs[e], -e))  # the first best epoch
+    assert len(losses) == best + 3 < 30  # two epochs without a gain, then it stopped
+    assert evaluate(ctx, task, "val") == accs[best]
+    again, _, _ = run(epochs=best + 1)
+    for k, v in ctx.model.module.state_dict().items():
+        assert torch.equal(v, again.model.module.state_dict()[k]), k
+
+
+def test_early_stopping_keeps_the_starting_weights_when_no_epoch_beats_them() -> None:
+    """A fit that only makes things worse (a learning rate far too high, from a trained
+    network) ends with the weights it started from: the start is a candidate."""
+    from growth.search_spaces.networks import add_head, mlp
+
+    from growth.data import build_stream
+    from growth.model import Model
+    from growth.scenarios import labelers
+    from growth.strategies import make_strategy
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1, "seed": 0,
+                         "val_fraction": 0.2, "max_train_per_task": 300})[0]
+    torch.manual_seed(0)
+    ctx = Context(Model(add_head(mlp(task.input_shape, [8]), "t0", 10)), task, [],
+                  *labelers("task"), torch.device("cpu"))
+    fit(ctx, make_strategy("finetune"), TrainConfig(lr=0.1, epochs=5), seed=1)
+    start = {k: v.clone() for k, v in ctx.model.module.state_dict().items()}
+    acc = evaluate(ctx, task, "val")
+    losses = fit(ctx, make_strategy("finetune"), TrainConfig(lr=8.0, epochs=5, patience=1),
+                 seed=2)
+    assert len(losses) == 1 and evaluate(ctx, task, "val") == acc
+    for k, v in ctx.model.module.state_dict().items():
+        assert torch.equal(v, start[k]), k

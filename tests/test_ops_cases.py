@@ -66,6 +66,23 @@ def test_widening_record_and_tensors_on_a_small_mlp() -> None:
     assert_preserved(g, result.graph)
 
 
+def test_widening_with_chosen_copies_duplicates_those_units_exactly() -> None:
+    g = mlp(hidden=3)
+    result = net2wider(g, "l1", 6, copies=[2, 0, 2])
+    rec = result.record
+    assert rec.params["copies"] == [2, 0, 2]
+    assert rec.index_maps["l1.weight"][0] == [0, 1, 2, 2, 0, 2]
+    old, new = g.node("l1").tensors["weight"], result.graph.node("l1").tensors["weight"]
+    assert torch.equal(new, old[[0, 1, 2, 2, 0, 2]])
+    w2 = g.node("l2").tensors["weight"]
+    divided = w2[:, [0, 1, 2, 2, 0, 2]] / torch.tensor([2.0, 1, 3, 3, 2, 3])
+    assert torch.equal(result.graph.node("l2").tensors["weight"], divided)
+    assert_preserved(g, result.graph)
+    for bad in ([3, 0, 0], [0, 1], [0, 1, 2, 0], "012", [0.0, 1, 2], [True, 0, 1]):
+        with pytest.raises(OperatorError, match="copies must list 3 unit indices in 0..2"):
+            net2wider(g, "l1", 6, copies=bad)
+
+
 def test_widening_to_the_same_width_is_a_noop_record() -> None:
     g = mlp()
     result = net2wider(g, "l1", 3)
@@ -392,13 +409,13 @@ def test_deeper_records_its_call() -> None:
     rec = net2deeper(g, "r0", kernel_size=3, batchnorm=True, sample=x).record
     assert rec.op == "net2deeper" and rec.params == {
         "after": "r0", "kernel_size": 3, "activation": "auto", "batchnorm": True,
-        "sample_shape": [6, 3, 6, 6]}
+        "sample_shape": [6, 3, 6, 6], "noise": 0.0, "seed": 0}
     assert rec.added == ["r0_deep1.weight", "r0_deep1.bias", "r0_deep1_bn.weight",
                          "r0_deep1_bn.bias", "r0_deep1_bn.running_mean",
                          "r0_deep1_bn.running_var", "r0_deep1_bn.num_batches_tracked"]
     assert net2deeper(g, "c0", kernel_size=1, activation="none").record.params == {
         "after": "c0", "kernel_size": 1, "activation": "none", "batchnorm": False,
-        "sample_shape": None}
+        "sample_shape": None, "noise": 0.0, "seed": 0}
 
 
 @pytest.mark.parametrize("after,kernel", [("r1", 3), ("flat", 1)])

@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from graphgen import max_rel_error, outputs, randomize, single_thread  # noqa: F401 (fixture)
+from growth.search_spaces.networks import add_head, vit
 
 from growth import optim
 from growth.compile import compile_graph
 from growth.errors import OperatorError
 from growth.graph import NetGraph, output_scale
 from growth.ops import (
+    NOISE_BOUND,
     add_block,
     add_heads,
     attention_nodes,
@@ -25,11 +27,11 @@ from growth.ops import (
     net2deeper,
     net2wider,
     resizable,
+    widen_private,
 )
 from growth.ops.blocks import block_cost
 from growth.remap import IMPORTANCE, WEIGHT, remap
 from growth.trace import import_module
-from search_spaces.networks import add_head, vit
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-5
@@ -100,6 +102,41 @@ def test_the_residual_stream_widens_through_every_norm_and_attention(kind: str) 
     assert rec.index_maps[f"block1_attn.{proj}"] == {0: tiled}  # writes it
     assert result.graph.shape("block2_add2") == (5, 24)  # 4 patches and the class token
     assert preserved(g, result.graph) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["attention", "self_attention"])
+def test_noisy_widening_perturbs_the_copies_rows_of_every_producer_of_the_stream(
+        kind: str) -> None:
+    g = tiny_vit(1, kind)
+    proj = "proj.weight" if kind == "attention" else "out_proj.weight"
+    old = g.node("block1_attn").tensors[proj]
+    wide = net2wider(g, "patch", 16, noise=0.01, seed=2).graph
+    new = wide.node("block1_attn").tensors[proj]
+    assert torch.equal(new[:8], old)  # the old units' rows are the old rows
+    ratio = new[8:] / old  # each copy's row, weight by weight, is the row x (1 + u)
+    assert (ratio - 1).abs().max() <= 0.01 and not torch.equal(new[8:], old)
+    assert preserved(g, wide) <= NOISE_BOUND * 0.01
+
+
+@pytest.mark.parametrize("kind", ["attention", "self_attention"])
+def test_a_private_widening_of_the_stream_keeps_the_function_with_zero_columns(
+        kind: str) -> None:
+    g = tiny_vit(3, kind)
+    qkv = "qkv.weight" if kind == "attention" else "in_proj_weight"
+    result = widen_private(g, "patch", 16)
+    cols = result.graph.node("block2_attn").tensors[qkv]
+    assert torch.equal(cols[:, :8], g.node("block2_attn").tensors[qkv])  # undivided
+    assert not cols[:, 8:].any()  # the copies' columns: zero, fresh in the record
+    assert result.record.index_maps[f"block2_attn.{qkv}"] == {1: list(range(8)) + [-1] * 8}
+    assert preserved(g, result.graph) <= TOL
+
+
+def test_chosen_copies_are_refused_where_a_norm_fixes_the_mapping() -> None:
+    g = tiny_vit(4)
+    with pytest.raises(OperatorError, match="copies cannot be chosen where 'block1_norm1' "
+                                            "normalises over the channels"):
+        net2wider(g, "patch", 16, copies=[0] * 8)
+    assert net2wider(g, "block1_fc1", 14, copies=[3, 3]).record.params["copies"] == [3, 3]
 
 
 def test_the_mlp_hidden_width_widens_to_any_width() -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from growth.search_spaces.networks import add_head, mlp
 
 from growth.errors import ShapeError
 from growth.model import Model
 from growth.ops import net2wider
 from growth.optim import follow
-from search_spaces.networks import add_head, mlp
 
 
 def _trained_model() -> tuple[Model, torch.optim.Optimizer]:

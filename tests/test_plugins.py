@@ -75,39 +75,38 @@ def test_plugin_strategy_runs_and_resumes(site: Path, tmp_path: Path,
 
 
 CONTROLLER = textwrap.dedent('''
-    from controllers.random_search import RandomController
+    from growth.controllers.random_search import RandomController
 
     class Shy(RandomController):
         name = "shy"
 
-        def propose(self, parent, n):
-            return super().propose(parent, min(n, 1))
+        def propose(self, parent, n, exclude=()):
+            return super().propose(parent, min(n, 1), exclude)
 
     NOT_A_CONTROLLER = object()
 
-    class Forgetful:  # no cache: the search driver asks every controller what it knows
-        name = "forgetful"
-        def propose(self, parent, n): return []
+    class Stateless:  # no state to restore: a search could not resume it
+        name = "stateless"
+        def propose(self, parent, n, exclude=()): return []
         def observe(self, results): pass
         def state_dict(self): return {}, {}
-        def load_state_dict(self, tensors, extra): pass
 ''')
 
 
 def test_controller_plugin_is_made_by_name(site: Path) -> None:
-    from controllers import available_controllers, make_controller
-    from search_spaces import make_space
-    from search_spaces.networks import add_head, mlp
+    from growth.controllers import available_controllers, make_controller
+    from growth.search_spaces import make_space
+    from growth.search_spaces.networks import add_head, mlp
 
     install(site, "fake-controllers", "1.0", {"fake_controllers": CONTROLLER},
             {"growth.controllers": {"shy": "fake_controllers:Shy",
                                     "broken": "fake_controllers:NOT_A_CONTROLLER",
-                                    "forgetful": "fake_controllers:Forgetful"}})
+                                    "stateless": "fake_controllers:Stateless"}})
     with pytest.warns(RuntimeWarning) as caught:
         found = set(available_controllers())
-    assert {"eas", "random", "shy"} <= found and "forgetful" not in found
+    assert {"eas", "random", "shy"} <= found and "stateless" not in found
     text = " ".join(str(w.message) for w in caught)
-    assert "'broken'" in text and "'forgetful'" in text and "known" in text
+    assert "'broken'" in text and "'stateless'" in text and "load_state_dict" in text
     graph = add_head(mlp((6,), [5, 7]), "t0", 3)
     space = make_space({"widths": {"fc": [8, 12]}}, graph)
     with pytest.warns(RuntimeWarning):

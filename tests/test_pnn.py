@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from growth.search_spaces.networks import add_head, mlp, small_cnn
 from runfiles import kill_after_first_checkpoint
 
 from growth.campaign import Campaign, resume_run
@@ -24,7 +25,6 @@ from growth.ops import add_column, freeze, get_operator
 from growth.ops.columns import column_count, column_members, frozen_nodes, lateral_layers
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, fit, learn_task
-from search_spaces.networks import add_head, mlp, small_cnn
 
 CFG = TrainConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9)
 
@@ -304,6 +304,33 @@ def test_columns_keep_the_graphs_precision_and_survive_save_and_load(tmp_path: P
     module = compile_graph(loaded)
     grads = {n: p.requires_grad for n, p in module.named_parameters()}
     assert not grads["conv1.weight"] and not grads["bn1.weight"] and grads["c1_conv1.weight"]
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_a_column_without_laterals_is_an_independent_copy_started_from_another_column(
+        net: str) -> None:
+    graph = randomize_bn(NETS[net]())
+    first = add_column(graph, ["t1"], seed=1).graph
+    new = add_column(first, ["t2"], seed=2, lateral=False, init_from=1)
+    nodes, adapters = column_members(new.graph, 2)
+    assert adapters == [] and set(new.record.added_nodes) == set(nodes)
+    assert new.record.params["lateral"] is False and new.record.params["init_from"] == 1
+    for n in column_members(graph, 0)[0]:
+        for key in graph.node(n).tensors:
+            assert torch.equal(new.graph.node(f"c2_{n}").tensors[key],
+                               first.node(f"c1_{n}").tensors[key]), (n, key)
+    view = compile_graph(new.graph, "t2")
+    assert {column_of(m) for m in modules_run_by(view)} - {-1} == {2}  # reads no other column
+    x = x_for(graph)
+    before, after = eval_outputs(first, x), eval_outputs(new.graph, x)
+    assert torch.equal(before["t0"], after["t0"]) and torch.equal(before["t1"], after["t1"])
+    fresh = add_column(first, ["t2"], seed=2, lateral=False).graph
+    assert not torch.equal(fresh.node("c2_" + column_members(graph, 0)[0][0]).tensors.get(
+        "weight", torch.zeros(1)), first.node("c1_" + column_members(graph, 0)[0][0]).tensors.get(
+        "weight", torch.ones(1)))
+    for bad in (2, -1, 1.0, True):
+        with pytest.raises(OperatorError, match="init_from must be an existing column 0..1"):
+            add_column(first, ["t2"], init_from=bad)
 
 
 def test_operator_errors_name_what_to_fix() -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from graphgen import single_thread  # noqa: F401 (fixture)
+from growth.search_spaces.networks import add_head, mlp
 
 from growth.campaign import Campaign
 from growth.compress import trunk_params
@@ -23,7 +24,6 @@ from growth.regularizers import stored
 from growth.strategies import Context, make_strategy
 from growth.strategies.rec import REC
 from growth.train import TrainConfig, evaluate, learn_task
-from search_spaces.networks import add_head, mlp
 
 MAXN = 400
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -171,30 +171,35 @@ def test_the_parent_student_takes_back_the_state_before_the_expansion() -> None:
 
 
 def test_anchors_of_old_tasks_follow_the_expansion_exactly() -> None:
-    """Right after an exact expansion at the start of task 1, task 0's MWC penalty is still 0
-    with zero gradient (the anchors were carried like the weights, through the same records);
-    at task 2 the older tasks' penalty does not grow (importances are split among copies)."""
-    seen: dict[int, tuple[float, float, float]] = {}
+    """The expansion carries task 0's anchors as the operators carry weights: the same exact
+    operators applied to a network whose weights are those anchors give them bit for bit."""
+    seen: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
 
     class Probe(FixedExpansion):
         noise = 0.0
 
         def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
-            before = float(self.penalty(ctx) or 0.0)
+            anchors = stored(self.state, "anchor", 0)
+            g = ctx.model.graph.copy()
+            for name, a in anchors.items():  # a network made of task 0's anchors
+                node, tensor = name.rsplit(".", 1)
+                g.node(node).tensors[tensor] = a.clone()
+            for op, kw in ((net2wider, {"node": "fc1", "width": 48, "noise": 0.0, "seed": 1}),
+                           (net2deeper, {"after": "act1"}),
+                           (net2wider, {"node": "fc2", "width": 40, "noise": 0.0, "seed": 2})):
+                g = op(g, **kw).graph
+            want = {n: t for n, t in g.named_tensors().items() if n in anchors}
             super()._expand(ctx, entry)
-            self._quad = None
-            after = self.penalty(ctx)
-            after.backward()
-            grad = max(float(p.grad.abs().max()) for p in ctx.model.module.parameters()
-                       if p.grad is not None)
-            ctx.model.module.zero_grad(set_to_none=True)
-            seen[ctx.task.index] = (before, float(after.detach()), grad)
+            seen[ctx.task.index] = (want, stored(self.state, "anchor", 0))
 
     run_rec(Probe(REC.Params(compress={"epochs": 1})), epochs=2)
     assert sorted(seen) == [1, 2]
-    assert seen[1][0] == 0.0 and seen[1][1] == pytest.approx(0.0, abs=1e-10)
-    assert seen[1][2] == pytest.approx(0.0, abs=1e-8)
-    assert 0.0 < seen[2][1] <= seen[2][0] + 1e-9
+    for want, got in seen.values():
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        # the inserted layer is anchored at the identity it was inserted as
+        assert sorted(set(got) - set(want)) == ["act1_deep1.bias", "act1_deep1.weight"]
+        assert torch.equal(got["act1_deep1.weight"], torch.eye(48))
+        assert torch.equal(got["act1_deep1.bias"], torch.zeros(48))
 
 
 def test_old_tasks_data_are_never_read_after_their_task() -> None:
@@ -231,5 +236,75 @@ def test_metrics_record_each_tasks_rec_details(tmp_path: Path) -> None:
     cfg = config(tmp_path, {"name": "rec", "search": "off", "compress": "off"})
     Campaign(load_config(cfg), tmp_path / "r").start()
     data = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert data["search"] == {"children": 0, "child_time_s": 0.0, "search_wall_s": 0.0}
+    assert data["search"] == {"children": 0, "child_time_s": 0.0, "search_wall_s": 0.0,
+                              "searches": 0, "parent_kept": 0}
     assert data["details"]["rec"]["2"]["trunk_params"] == 64 * 32 + 32 + 32 * 32 + 32
+
+
+def test_a_copy_coherent_change_after_widening_costs_exactly_the_parents_penalty() -> None:
+    """After Net2Wider gives unit 3 of fc1 copies, moving every copy's incoming row by delta
+    and every copy's outgoing column by eps / c (what the parent's change becomes in the
+    widened network) costs the penalty the parent's change cost: (lambda / 2) F delta^2 summed,
+    by hand from the stored Fisher. With protect_copies off the copies are free."""
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 120, "seed": 3})
+    torch.manual_seed(0)
+    g = add_head(add_head(mlp((1, 8, 8), [6, 5]), "t0", 10), "t1", 10)
+    costs = {}
+    for protect in (True, False):
+        model = Model(g)
+        rec = make_strategy("rec", {"search": False, "compress": False, "lambda": 3.0,
+                                    "protect_copies": protect})
+        ctx = Context(model, tasks[0], [], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"))
+        learn_task(ctx, rec, TrainConfig(epochs=1, lr=0.05))
+        ctx = Context(model, tasks[1], tasks[:1], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), strategy=rec)
+        rec.before_task(ctx)
+        fisher = stored(rec.state, "fisher", 0)
+        delta, eps = 0.3, -0.2
+        want = 1.5 * (float(fisher["fc1.weight"][3].sum()) * delta ** 2 +
+                      float(fisher["fc1.bias"][3]) * delta ** 2 +
+                      float(fisher["fc2.weight"][:, 3].sum()) * eps ** 2)
+        assert want > 0
+        widened = net2wider(model.graph, "fc1", 9, noise=0.0, seed=6)
+        copies = [j for j, i in enumerate(widened.record.index_maps["fc1.weight"][0]) if i == 3]
+        assert len(copies) == 3  # seed 6 gives unit 3 three copies
+        ctx.replace_graph(widened.graph, [widened.record])
+        rec._quad = None
+        with torch.no_grad():
+            params = model.named_parameters()
+            for j in copies:
+                params["fc1.weight"][j] += delta
+                params["fc1.bias"][j] += delta
+                params["fc2.weight"][:, j] += eps / len(copies)
+        costs[protect] = (float(rec.penalty(ctx, None, None, None)), want)
+    got, want = costs[True]
+    assert got == pytest.approx(want, rel=1e-5)
+    free, _ = costs[False]  # MWC's own role: the copies beyond the original cost nothing
+    assert free < 0.9 * want
+
+
+def test_an_inserted_layer_is_anchored_with_each_old_tasks_mean_fisher() -> None:
+    """protect_copies: the layer Net2Deeper inserts gets, for every finished task k, an anchor
+    at its identity and a uniform Fisher equal to the mean of task k's Fisher over the grown
+    network's other tensors (by hand); off, it stays free."""
+    got: dict[bool, dict[str, torch.Tensor]] = {}
+
+    class Probe(FixedExpansion):
+        noise = 0.0
+
+        def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
+            super()._expand(ctx, entry)
+            got[self.params.protect_copies] = stored(self.state, "fisher", 0)
+
+    for protect in (True, False):
+        probe = Probe(REC.Params(compress=False, protect_copies=protect))
+        run_rec(probe, n_tasks=2, epochs=1)
+        if protect:  # the mean of task 0's Fisher over the grown network's other tensors
+            rest = [v for k, v in got[True].items() if not k.startswith("act1_deep1.")]
+            level = float(sum(v.double().sum() for v in rest) / sum(v.numel() for v in rest))
+            f = got[True]["act1_deep1.weight"]
+            assert f.shape == (48, 48) and level > 0
+            assert torch.allclose(f, torch.full_like(f, level))
+    assert "act1_deep1.weight" not in got[False]

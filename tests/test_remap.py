@@ -20,6 +20,7 @@ from growth.remap import (
     IMPORTANCE,
     MASK,
     PATH,
+    SPLIT,
     WEIGHT,
     remap,
     remap_state,
@@ -484,6 +485,8 @@ def test_state_stays_on_its_own_device_whatever_the_default_device() -> None:
         GRADIENT: torch.tensor([[9.0, 4.5], [2, 4], [9, 4.5], [0, 0]]),
         GRADIENT_SQ: torch.tensor([[13.5, 6.75], [2, 4], [13.5, 6.75], [0, 0]]),
         PATH: torch.tensor([[3.0, 1.5], [2, 4], [0, 0], [0, 0]]),
+        # d^2 / c: unit 0 has c = 2 copies divided by d = 3 (9 / 2 each), unit 1 one (1)
+        SPLIT: torch.tensor([[27.0, 13.5], [2, 4], [27, 13.5], [0, 0]]),
     }
     rec = _hand_record()
     copied = ChangeRecord("copy", resized={"w": ((2, 2), (3, 2))}, index_maps={"w": {0: [0, 1, 1]}})
@@ -499,7 +502,7 @@ def test_state_stays_on_its_own_device_whatever_the_default_device() -> None:
 def test_a_dimension_emptied_by_a_change_leaves_an_empty_tensor() -> None:
     rec = ChangeRecord("cut", resized={"w": ((2, 3), (0, 3))}, index_maps={"w": {0: []}})
     t = torch.arange(6.0).view(2, 3)
-    for role in (WEIGHT, IMPORTANCE, MASK, GRADIENT, GRADIENT_SQ, PATH):
+    for role in (WEIGHT, IMPORTANCE, SPLIT, MASK, GRADIENT, GRADIENT_SQ, PATH):
         out = remap(t, "w", rec, role)
         assert out.shape == (0, 3) and out.dtype == t.dtype, role
 

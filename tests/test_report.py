@@ -274,7 +274,7 @@ def _axes(fig):
 
 def test_every_plot_has_a_title_labels_and_units(tmp_path):
     from growth import plots
-    from growth.report import group_runs, load_runs
+    from growth.runs import group_runs, load_runs
 
     runs = load_runs([make_run(tmp_path, n, "ft", k) for k, n in enumerate("ab")])
     groups = group_runs(runs)
@@ -294,7 +294,7 @@ def test_every_plot_has_a_title_labels_and_units(tmp_path):
 
 def test_accuracy_curves_zoom_to_the_data_and_show_the_average(tmp_path):
     from growth import plots
-    from growth.report import load_runs
+    from growth.runs import load_runs
 
     high = [[0.10, 0.10, 0.10], [0.97, 0.1, 0.1], [0.95, 0.98, 0.1], [0.93, 0.96, 0.99]]
     run = load_runs([make_run(tmp_path, R=high)])[0]
@@ -308,7 +308,7 @@ def test_accuracy_curves_zoom_to_the_data_and_show_the_average(tmp_path):
 
 def test_group_error_bars_are_the_sample_std(tmp_path):
     from growth import plots
-    from growth.report import group_runs, load_runs
+    from growth.runs import group_runs, load_runs
 
     worse = [row[:] for row in R3]
     worse[3] = [0.5, 0.6, 0.9]

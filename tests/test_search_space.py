@@ -9,14 +9,23 @@ import pytest
 import torch
 import yaml
 from graphgen import max_rel_error, outputs, randomize, residual, single_thread  # noqa: F401
+from growth.search_spaces import SearchSpace, arch_string, make_space
+from growth.search_spaces.networks import (
+    BENCHMARKS,
+    add_head,
+    benchmark_network,
+    mlp,
+    small_cnn,
+    vit,
+)
 
 from growth.errors import ConfigError, GraphError, OperatorError
 from growth.graph import NetGraph
 from growth.ops import MAX_NEW_PARAMS, net2deeper, net2wider
-from search_spaces import SearchSpace, arch_string, make_space
-from search_spaces.networks import BENCHMARKS, add_head, benchmark_network, mlp, small_cnn, vit
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+EXACT = {"noise": 0.0, "deeper_noise": 0.0}  # the exact mode: children keep the function
 
 
 def _mlp() -> NetGraph:
@@ -122,8 +131,8 @@ def test_kernels_follow_the_operator_and_vectors_get_no_kernel_choice() -> None:
         net2deeper(g, "act2", kernel_size=5)
     mlp_options = SearchSpace().deeper_options(_mlp())
     assert [(o.kernel, o.action) for o in mlp_options] == [
-        (None, {"op": "net2deeper", "after": "act1"}),
-        (None, {"op": "net2deeper", "after": "act2"})]
+        (None, {"op": "net2deeper", "after": "act1", "seed": 0}),
+        (None, {"op": "net2deeper", "after": "act2", "seed": 0})]
 
 
 def test_block_and_position_capacity() -> None:
@@ -193,7 +202,7 @@ def test_the_operators_size_guard_is_respected_and_can_be_lifted() -> None:
 
 
 def test_kernel_list_without_1_still_deepens_vectors() -> None:
-    options = SearchSpace({"kernel_sizes": [3, 5]}).deeper_options(_mlp())
+    options = SearchSpace({"kernel_sizes": [3, 5], **EXACT}).deeper_options(_mlp())
     assert [o.action for o in options] == [{"op": "net2deeper", "after": "act1"},
                                            {"op": "net2deeper", "after": "act2"}]
 
@@ -208,7 +217,7 @@ def test_growth_limit_is_relative_to_the_base_network() -> None:
 # ---- children from JSON actions ---------------------------------------------------------------
 def test_apply_rebuilds_the_child_with_the_operators_and_keeps_the_function() -> None:
     g = _cnn()
-    space = SearchSpace({"deeper_batchnorm": True})
+    space = SearchSpace({"deeper_batchnorm": True, **EXACT})
     actions = [{"op": "net2wider", "node": "conv1", "width": 16, "seed": 0},
                {"op": "net2deeper", "after": "act2", "kernel_size": 3, "batchnorm": True},
                {"op": "net2wider", "node": "act2_deep1", "width": 32, "seed": 2}]
@@ -354,7 +363,7 @@ def _grouped() -> NetGraph:
 
 def test_widening_through_a_grouped_conv_rounds_up_to_whole_groups_and_keeps_the_function() -> None:
     g = _grouped()
-    space = SearchSpace({"widths": {"conv": [6, 7, 12], "fc": [16]}})
+    space = SearchSpace({"widths": {"conv": [6, 7, 12], "fc": [16]}, **EXACT})
     layers = {x.node: x for x in space.layers(g)}
     action = space.wider_option(g, layers["c1"])
     assert action["width"] == 8  # next width 7 is off the 2-channel blocks: 6 + 1 block
@@ -375,7 +384,7 @@ def test_linear_layers_on_tokens_are_sized_by_their_units_not_their_token_count(
     g.add("flat", "flatten", ["fc2"])
     g.add("features", "identity", ["flat"])
     g = randomize(add_head(g, "t0", 3), 0)
-    space = SearchSpace({"widths": {"conv": [8], "fc": [6, 8, 16]}})
+    space = SearchSpace({"widths": {"conv": [8], "fc": [6, 8, 16]}, **EXACT})
     layers = {x.node: x for x in space.layers(g)}
     assert layers["fc1"].width == 6
     action = space.wider_option(g, layers["fc1"])
@@ -393,7 +402,7 @@ def _vit() -> NetGraph:
 
 def test_a_vit_offers_its_embedding_mlp_heads_and_blocks_and_each_keeps_the_function() -> None:
     g = _vit()
-    space = make_space({"widths": {"conv": [8, 16, 64], "fc": [12, 16, 64]}}, g)
+    space = make_space({"widths": {"conv": [8, 16, 64], "fc": [12, 16, 64]}, **EXACT}, g)
     layers = {x.node: x for x in space.layers(g)}
     assert set(layers) == {"patch", "block1_fc1", "block1_fc2", "block2_fc1", "block2_fc2"}
     # the embedding width crosses every LayerNorm: it doubles (64 would be 8 copies; the next

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from growth.controllers import Proposal, make_controller
+from growth.controllers.driver import Budget, Resources, SearchResult, run_search
+from growth.controllers.records import read_records
+from growth.controllers.trial import TrialSpec
 from searchkit import (
     CHILD_TRAIN,
     accuracy,
@@ -24,10 +28,6 @@ from searchkit import (
     trained_base,
 )
 
-from controllers import Proposal, make_controller
-from controllers.driver import Budget, Resources, SearchResult, run_search
-from controllers.records import read_records
-from controllers.trial import TrialSpec
 from growth.graph import NetGraph
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -43,8 +43,8 @@ class BreakingController:
     def __init__(self, inner: Any) -> None:
         self.inner, self.seen = inner, []
 
-    def propose(self, parent: NetGraph, n: int) -> list[Any]:
-        out = self.inner.propose(parent, n)
+    def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+        out = self.inner.propose(parent, n, exclude)
         if not self.seen:
             out[-2] = Proposal(({"op": "net2wider", "node": "no_such_layer", "width": 64},),
                                "raises", {})
@@ -55,9 +55,6 @@ class BreakingController:
     def observe(self, results: Any) -> None:
         self.seen.append([(p.arch, acc) for p, acc in results])
         self.inner.observe(results)
-
-    def known(self, arch: str) -> float | None:
-        return self.inner.known(arch)
 
     def state_dict(self) -> Any:
         return self.inner.state_dict()
@@ -102,7 +99,7 @@ def test_search_on_digits_finishes_through_tune_with_trials_in_parallel(digits_s
         graph = NetGraph.load(result.path(r))
         assert accuracy(graph, task) == pytest.approx(r.val_acc, abs=1e-9)
         assert r.params == graph.param_count()
-        assert controller.known(r.arch) == pytest.approx(r.val_acc)
+        assert dict(sum(controller.seen, []))[r.arch] == pytest.approx(r.val_acc)
     accs = [r.val_acc for r in result.leaderboard]
     assert accs == sorted(accs, reverse=True)
     rows = json.loads((result.directory / "leaderboard.json").read_text())
@@ -151,9 +148,9 @@ def test_searches_driven_from_ray_tasks_share_the_cluster_without_deadlock(
 
     @ray.remote(**driver_task_options())
     def drive(i: int, task: Any, space: Any) -> list[str]:
-        from controllers import make_controller
-        from controllers.driver import Budget, Resources, run_search
-        from controllers.trial import TrialSpec
+        from growth.controllers import make_controller
+        from growth.controllers.driver import Budget, Resources, run_search
+        from growth.controllers.trial import TrialSpec
 
         controller = make_controller("random", space, {"wider_actions": 1,
                                                        "deeper_actions": 1}, seed=i)
@@ -177,7 +174,7 @@ def test_a_killed_search_resumes_to_the_same_leaderboard(tmp_path: Path, ray_ses
                                                          ) -> None:
     """SIGKILL the driver while generation 1 runs; `growth resume` keeps every finished
     child (none trained again) and ends where an uninterrupted search ends."""
-    from controllers.search_run import search_config as run_search_config
+    from growth.commands.search import search_config as run_search_config
 
     cfg = search_config(tmp_path, children=3)
     reference = run_search_config(cfg, tmp_path / "reference")
@@ -224,9 +221,9 @@ from pathlib import Path
 from ray.cluster_utils import Cluster
 sys.path.insert(0, sys.argv[2])
 from searchkit import CHILD_TRAIN, digits_task, small_space, trained_base
-from controllers import make_controller
-from controllers.driver import Budget, Resources, SearchProgress, run_search
-from controllers.trial import TrialSpec
+from growth.controllers import make_controller
+from growth.controllers.driver import Budget, Resources, SearchProgress, run_search
+from growth.controllers.trial import TrialSpec
 
 tmp = Path(sys.argv[1])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle as cloudpickle
 import torch
+from growth.controllers import make_controller
+from growth.controllers.records import ChildRecord, append_record, leaderboard, read_records
+from growth.controllers.searcher import ControllerSearcher, Generation
+from growth.controllers.trial import TrialSpec, child_seed, save_strategy_state, train_child
 from searchkit import CHILD_TRAIN, accuracy, digits_task, small_space, trained_base
 
-from controllers import make_controller
-from controllers.records import ChildRecord, append_record, leaderboard, read_records
-from controllers.searcher import ControllerSearcher, Generation
-from controllers.trial import TrialSpec, child_seed, save_strategy_state, train_child
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
 from growth.strategies import make_strategy
@@ -31,13 +31,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     return tmp, task, base, acc, small_space(base)
 
 
-def _searcher(setup, seed: int = 1, n: int = 4, known=None) -> ControllerSearcher:
+def _searcher(setup, seed: int = 1, n: int = 4, known=None, exclude=frozenset()
+              ) -> ControllerSearcher:
     tmp, _, _, _, space = setup
     controller = make_controller("random", space, {"wider_actions": 2, "deeper_actions": 1},
                                  seed=seed)
     return ControllerSearcher(controller, Generation(0, n, str(tmp / "base"),
-                                                     {"spec": {}, "attempt": 0}, known or {}),
-                              seed=7)
+                                                     {"spec": {}, "attempt": 0}, known or {},
+                                                     exclude), seed=7)
 
 
 class Recording:
@@ -75,25 +76,23 @@ def test_generation_is_observed_once_in_proposal_order(setup) -> None:
                    (s.proposals[2].arch, None), (s.proposals[3].arch, 0.5)]
 
 
-def test_known_children_are_not_trained_again(setup) -> None:
+def test_children_finished_or_trained_before_are_not_trained_again(setup) -> None:
     first = _searcher(setup, seed=5)
     first.advance()
     archs = [p.arch for p in first.proposals]
-    twin = next(i for i, a in enumerate(archs) if a in archs[:i])  # seed 5 proposes a twin
-    sibling = archs.index(archs[twin])
-    done = next(i for i in range(1, 4) if i not in (twin, sibling))
-    # an earlier attempt finished child `done`; the controller already trained child 0's arch
-    s = _searcher(setup, seed=5, known={done: 0.6})
-    s.controller.observe([(first.proposals[0], 0.4)])
+    assert len(set(archs)) == 4  # a generation's children are distinct
+    s = _searcher(setup, seed=5, known={2: 0.6})  # an earlier attempt finished child 2
     s.advance()
     assert [p.arch for p in s.proposals] == archs  # same seed, same proposals
-    trained = set(s.to_train)
-    assert not trained & {0, done, twin} and s.results[0] == 0.4 and s.results[done] == 0.6
-    for i in sorted(trained):
+    assert sorted(s.to_train) == [0, 1, 3] and s.results[2] == 0.6
+    for i in sorted(s.to_train):
         s.on_trial_complete(f"t{i}", None)  # unknown ids: the index comes from the config
         s.on_trial_complete(f"t{i}", {"status": "ok", "val_acc": 0.1 * i,
                                       "config": s.trial_config(i)})
-    assert s.observed and s.results[twin] == s.results[sibling]
+    assert s.observed and s.results == {0: 0.0, 1: 0.1, 2: 0.6, 3: 0.30000000000000004}
+    later = _searcher(setup, seed=5, exclude=frozenset(archs))  # a later generation's
+    later.advance()
+    assert len(later.proposals) == 4 and not {p.arch for p in later.proposals} & set(archs)
 
 
 def test_the_searcher_survives_cloudpickle_and_save_restore(setup, tmp_path: Path) -> None:
@@ -137,8 +136,8 @@ def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path:
 def test_a_strategy_reaches_the_trial_by_reference(setup, tmp_path: Path) -> None:
     """A strong L2 pull, saved after its task and named in the spec, holds the child's old
     units near the parent's weights: its state followed the widened layer into the trial."""
-    from growth.campaign import labelers
     from growth.model import Model
+    from growth.scenarios import labelers
     from growth.strategies import Context
     from growth.train import TrainConfig, learn_task
 
@@ -190,7 +189,7 @@ def test_search_config_errors_name_the_file_and_key(tmp_path: Path,
                                                     ) -> None:
     from searchkit import search_config
 
-    from controllers.search_run import search_config as run
+    from growth.commands.search import search_config as run
 
     bad = [({"budget": {"trails": 3}}, ("search.budget.trails",)),
            ({"controller": {"name": "random", "lr": -1}}, ("search.controller", "lr")),
@@ -213,7 +212,7 @@ def test_search_config_errors_name_the_file_and_key(tmp_path: Path,
 
 
 def test_resuming_with_another_controller_is_refused(setup, tmp_path: Path) -> None:
-    from controllers.driver import SearchDir, _begin
+    from growth.controllers.driver import SearchDir, _begin
 
     tmp, _, _, _, space = setup
     controller = make_controller("random", space)
@@ -233,7 +232,7 @@ def test_live_hooks_stay_out_of_what_tune_pickles(setup, tmp_path: Path) -> None
     holding locks must not break that."""
     import threading
 
-    from controllers.driver import Recorder, SearchDir
+    from growth.controllers.driver import Recorder, SearchDir
 
     lock = threading.Lock()
 
@@ -256,7 +255,8 @@ def test_live_hooks_stay_out_of_what_tune_pickles(setup, tmp_path: Path) -> None
 
 
 def test_a_trial_no_local_node_can_hold_is_refused(setup, tmp_path: Path) -> None:
-    from controllers.driver import Resources, _check_fits
+    from growth.controllers.driver import Resources, _check_fits
+
     from growth.cluster import ClusterInfo
 
     local = ClusterInfo("127.0.0.1:1", True, 1, 2.0, 0.0)

@@ -26,7 +26,7 @@ from growth.regularizers import (
 from growth.strategies import Context, make_strategy, state_key
 from growth.train import TrainConfig, evaluate, learn_task
 
-REGULARISERS = ["ewc", "si", "mas", "l2", "lwf", "mwc"]
+REGULARISERS = ["ewc", "si", "mas", "l2", "lwf", "mwc", "rwalk", "scp"]
 CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.9)
 
 
@@ -217,7 +217,7 @@ def test_ewc_separate_penalty_is_half_lambda_sum_fisher_times_squared_distance()
         assert value(s, ctx) == pytest.approx(float(by_hand), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["ewc", "si", "mas", "l2", "mwc"])
+@pytest.mark.parametrize("name", ["ewc", "si", "mas", "l2", "mwc", "rwalk", "scp"])
 def test_penalties_leave_other_tasks_heads_without_gradients(name):
     tasks, model = synthetic(), mlp()
     s, _ = run(name, {}, tasks, model, upto=2)
@@ -522,7 +522,8 @@ def test_single_head_streams_use_the_shared_head_and_global_labels(name):
 # ---- checkpoints ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,params", [
     ("ewc", {}), ("ewc", {"mode": "online", "gamma": 0.5}), ("si", {}), ("mas", {}),
-    ("l2", {}), ("mwc", {"beta": 2.0}), ("lwf", {}),
+    ("l2", {}), ("mwc", {"beta": 2.0}), ("lwf", {}), ("rwalk", {"interval": 3}),
+    ("scp", {"slices": 5}),
 ])
 def test_a_restored_strategy_pays_the_same_penalty_and_continues_identically(name, params):
     tasks = synthetic(3)
@@ -586,6 +587,8 @@ def test_ewc_forgets_less_than_finetuning_on_permuted_digits():
     ("si", {"c": -0.1}, "c"), ("si", {"xi": 0.0}, "xi"), ("mas", {"lambda": -2}, "lambda"),
     ("l2", {"fisher_samples": 10}, "fisher_samples"), ("lwf", {"temperature": 0}, "temperature"),
     ("mwc", {"lambda": -1}, "lambda"), ("mwc", {"fisher_samples": 0}, "fisher_samples"),
+    ("rwalk", {"alpha": 0.0}, "alpha"), ("rwalk", {"interval": 0}, "interval"),
+    ("scp", {"slices": 0}, "slices"), ("scp", {"lambda": -1}, "lambda"),
 ])
 def test_bad_settings_are_refused_naming_the_key(name, bad, key):
     with pytest.raises(ValidationError) as err:
@@ -600,6 +603,8 @@ DEFAULTS = {  # the settings each regulariser documents, by their user-facing ke
     "mas": {"lambda": 0.01, "samples": 1000},
     "l2": {"lambda": 0.05},
     "lwf": {"lambda_o": 0.5, "temperature": 2.0},
+    "rwalk": {"lambda": 1.0, "alpha": 0.9, "interval": 10},
+    "scp": {"lambda": 3.0, "slices": 100, "samples": 1000},
 }
 
 
@@ -617,7 +622,7 @@ def test_lambda_is_the_user_facing_key_and_defaults_are_documented(name):
         assert make_strategy(name, {key: other}).params.model_dump(by_alias=True)[key] == other
 
 
-@pytest.mark.parametrize("name", ["ewc", "mas", "l2", "mwc"])
+@pytest.mark.parametrize("name", ["ewc", "mas", "l2", "mwc", "rwalk", "scp"])
 def test_the_lambda_key_sets_the_strength_of_the_penalty(name):
     tasks = synthetic()
     paid = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from graphgen import single_thread  # noqa: F401 (fixture)
+from growth.search_spaces.networks import add_head, small_cnn
 from test_data import write_png_tree
 
 from growth.config import load_config
@@ -18,7 +19,6 @@ from growth.errors import ConfigError, DataError
 from growth.model import Model
 from growth.strategies import Context, Strategy
 from growth.train import TrainConfig, evaluate, fit
-from search_spaces.networks import add_head, small_cnn
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torchvision
 from graphgen import single_thread  # noqa: F401 (fixture)
+from growth.search_spaces.networks import FEATURES, add_head
+from growth.search_spaces.zoo import torchvision_trunk
 
 from growth.campaign import Campaign
 from growth.compile import compile_graph
 from growth.config import load_config
 from growth.errors import ConfigError, GraphError
-from search_spaces.networks import FEATURES, add_head
-from search_spaces.zoo import torchvision_trunk
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -26,11 +26,13 @@ from torch import Tensor
 
 from growth.data.augment import AUGMENTATIONS
 from growth.data.containers import Dataset, Split, Task
+from growth.data.custom import custom_stream
 from growth.data.datasets import load_dataset
 from growth.data.sampling import generator, stratified_pick, stratified_split
 from growth.data.streaming import is_lazy, take
 from growth.data.variations import VARIATIONS, apply_variation, texture_bank
 from growth.errors import DataError
+from growth.plugins import load_factory
 
 STREAMS = ("permuted", "variations", "split")
 SPLIT_BY = ("classes", "superclass")
@@ -70,7 +72,8 @@ def make_stream(
 def build_stream(cfg: dict[str, Any]) -> list[Task]:
     """Load the dataset and build the stream described by a plain config dict.
 
-    Keys (missing or None means the default): dataset, root, download, image_size, stream,
+    Keys (missing or None means the default): dataset ("python": `factory` called with
+    `args` returns the tasks, see growth.data.custom), root, download, image_size, stream,
     n_tasks, seed, val_fraction, max_train_per_task, variations, by, class_order, load and
     workers (folder datasets read into memory or streamed from disk), augment (training
     batches), and split_seed (train/test split of datasets without an official one; kept
@@ -81,6 +84,13 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
         value = cfg.get(key)
         return default if value is None else value
 
+    if get("dataset", "digits") == "python":  # the user's own function (growth.data.custom)
+        tasks = custom_stream(load_factory(cfg.get("factory"), "data.factory"),
+                              get("args", {}), seed=get("seed", 0),
+                              val_fraction=get("val_fraction", 0.1),
+                              max_train_per_task=cfg.get("max_train_per_task"),
+                              n_tasks=cfg.get("n_tasks"))
+        return _augmented(tasks, get("augment", "none"))
     dataset = load_dataset(
         get("dataset", "digits"),
         root=get("root", "data"),
@@ -101,7 +111,10 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
         by=get("by", "classes"),
         class_order=get("class_order", "fixed"),
     )
-    kind = get("augment", "none")
+    return _augmented(tasks, get("augment", "none"))
+
+
+def _augmented(tasks: list[Task], kind: str) -> list[Task]:
     if kind not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
     for t in tasks:

@@ -39,6 +39,12 @@ _ROWS = {"attention": ("proj.weight", "proj.bias"),
 _COLUMNS = {"attention": "qkv.weight", "self_attention": "in_proj_weight"}  # default: weight
 
 
+def row_weight(kind: str) -> str:
+    """The tensor whose rows are a producer's output units (an attention layer's output
+    projection, else its weight)."""
+    return _ROWS.get(kind, ("weight", "bias"))[0]
+
+
 @dataclass(frozen=True, eq=False)
 class ChannelGroup:
     """The producers, downstream nodes and consumers of one channel space (topological order)."""
@@ -364,10 +370,12 @@ _CHECKS = {
 
 # ---- applying an index ----------------------------------------------------------------------
 def apply_index(graph: NetGraph, group: ChannelGroup, idx: torch.Tensor,
-                divide: bool = False) -> Changes:
+                divide: bool = False, fresh: bool = False) -> Changes:
     """Rewrite `group` in `graph` (a copy: its nodes are replaced, tensors never written in place)
     so new channel j is old channel idx[j]. divide=True splits each consumer's input column among
-    the copies of its old channel (Net2Wider), which keeps the function unchanged."""
+    the copies of its old channel (Net2Wider), which keeps the function unchanged. fresh=True
+    gives every copy beyond an old channel's first a zero consumer column (recorded as fresh,
+    -1): no consumer reads the copies, which keeps the function unchanged too."""
     idx = torch.as_tensor(idx, dtype=torch.long)
     changes = Changes()
     local: dict[str, torch.Tensor] = {p: idx for p in group.producers}
@@ -376,7 +384,7 @@ def apply_index(graph: NetGraph, group: ChannelGroup, idx: torch.Tensor,
     for p in group.producers:
         _resize_rows(graph.node(p), idx, changes)
     for c in group.consumers:
-        _resize_columns(graph.node(c), local[graph.inputs(c)[0]], divide, changes)
+        _resize_columns(graph.node(c), local[graph.inputs(c)[0]], divide, changes, fresh)
     for n in group.region:
         _resize_region(graph, n, local, group, changes)
     return changes
@@ -494,13 +502,18 @@ def _resize_rows(node: Node, idx: torch.Tensor, changes: Changes) -> None:
     node.attrs[_SIZE_ATTR[node.kind][1]] = len(idx)
 
 
-def _resize_columns(node: Node, cols: torch.Tensor, divide: bool, changes: Changes) -> None:
+def _resize_columns(node: Node, cols: torch.Tensor, divide: bool, changes: Changes,
+                    fresh: bool = False) -> None:
     key = _COLUMNS.get(node.kind, "weight")
     weight = node.tensors[key].index_select(1, cols)
     counts = None
     if divide:
         counts = torch.bincount(cols)[cols]
         weight = weight / counts.to(weight.dtype).view(1, -1, *([1] * (weight.dim() - 2)))
+    if fresh:  # copies beyond each old column's first: zero, and fresh in the record
+        first = first_occurrences(cols)
+        weight = weight * first.to(weight.dtype).view(1, -1, *([1] * (weight.dim() - 2)))
+        cols = torch.where(first, cols, torch.full_like(cols, -1))
     changes.put(node, key, weight, 1, cols)
     if counts is not None:
         changes.divisors.setdefault(f"{node.name}.{key}", {})[1] = counts.double().tolist()
@@ -512,6 +525,17 @@ def _keep_head_dim(node: Node) -> None:
     """A self_attention's heads keep their width when its embed_dim changes."""
     if node.kind == "self_attention" and node.attrs.get("head_dim") is None:
         node.attrs["head_dim"] = node.attrs["embed_dim"] // node.attrs["num_heads"]
+
+
+def first_occurrences(index: torch.Tensor) -> torch.Tensor:
+    """True where an entry of `index` appears for the first time (an old unit itself, not a
+    copy of it)."""
+    seen: set[int] = set()
+    first = []
+    for i in index.tolist():
+        first.append(i not in seen)
+        seen.add(i)
+    return torch.tensor(first, dtype=torch.bool)
 
 
 def _resize_channelwise(node: Node, idx: torch.Tensor, changes: Changes) -> None:

@@ -103,7 +103,7 @@ def _adapter_names(graph: NetGraph, k: int, layer: str) -> list[str]:
 
 def add_column(graph: NetGraph, heads: Iterable[str] = (), trunk: str = "features",
                reduction: float = 2.0, alpha: float = 0.01, activation: str = "relu",
-               seed: int = 0) -> OpResult:
+               seed: int = 0, lateral: bool = True, init_from: int | None = None) -> OpResult:
     """Add the next column (with lateral adapters from every earlier one) and move `heads`
     onto it.
 
@@ -111,24 +111,32 @@ def add_column(graph: NetGraph, heads: Iterable[str] = (), trunk: str = "feature
     column's input to the layer. alpha: the initial lateral scale. activation: the adapter's
     non-linearity (a node kind). seed: the new tensors are drawn as torch initialises each
     layer kind, from a generator state seeded with `seed` (the global state is left as it was).
+    lateral: False adds an independent copy of the trunk (no adapters, no reads from earlier
+    columns). init_from: start the column's trunk tensors as copies of column `init_from`'s
+    (an expert initialised from a related one) instead of fresh ones; adapters stay fresh.
     """
     heads = list(heads)
     _check_settings(reduction, alpha, activation)
     base = base_column(graph, trunk)
     k = column_count(graph, trunk)
+    _check_source(init_from, k)
     moved = _head_inputs(graph, heads, trunk, base)
     params = {"column": k, "heads": heads, "trunk": trunk, "reduction": float(reduction),
-              "alpha": float(alpha), "activation": activation, "seed": int(seed)}
+              "alpha": float(alpha), "activation": activation, "seed": int(seed),
+              "lateral": bool(lateral), "init_from": init_from}
     shapes = graph.shapes()
     dtype = _dtype(graph)
     out = graph.copy()
     members = set(base)
-    laterals = set(lateral_layers(graph, base))
+    laterals = set(lateral_layers(graph, base)) if lateral else set()
     added: list[str] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         for n in base:  # topological: a node's column inputs (and their adapters) exist
             added.append(_copy_node(graph, out, k, n, members, dtype))
+            if init_from is not None and graph.node(n).tensors:
+                source = graph.node(column_name(init_from, n)).tensors
+                out.node(added[-1]).tensors = dict(source)
             if n in laterals:
                 added.extend(_adapter(graph, out, k, n, shapes, reduction, alpha, activation,
                                       dtype))
@@ -148,6 +156,14 @@ def _check_settings(reduction: float, alpha: float, activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise OperatorError(f"add_column: activation {activation!r} is not an activation kind; "
                             f"use one of {sorted(ACTIVATIONS)}")
+
+
+def _check_source(init_from: int | None, k: int) -> None:
+    if init_from is None:
+        return
+    if isinstance(init_from, bool) or not isinstance(init_from, int) or not 0 <= init_from < k:
+        raise OperatorError(f"add_column: init_from must be an existing column 0..{k - 1}, got "
+                            f"{init_from!r}")
 
 
 def _head_inputs(graph: NetGraph, heads: list[str], trunk: str, base: list[str]) -> list[str]:

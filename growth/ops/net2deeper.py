@@ -28,7 +28,8 @@ _ACTIVATIONS = ("auto", "relu", "none")
 
 def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: str = "auto",
                batchnorm: bool = False, sample: torch.Tensor | None = None,
-               max_new_params: int | None = MAX_NEW_PARAMS) -> OpResult:
+               max_new_params: int | None = MAX_NEW_PARAMS, noise: float = 0.0,
+               seed: int = 0) -> OpResult:
     """Insert an identity block after node `after`; every consumer of `after` reads the block.
 
     kernel_size: odd, for image outputs (ignored on vectors, still checked to be odd).
@@ -41,6 +42,10 @@ def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: st
     identity too.
     max_new_params: refuse an insertion with more parameters (None: no limit); see
     `growth.ops.guards`.
+    noise: 0 keeps the function exact. noise > 0 adds u ~ Uniform(-noise, noise) to every
+    weight of the new layer (drawn from a generator seeded with `seed`), so its units start
+    apart and the layer can learn more than a rescaled identity (EAS uses 1e-3); the output
+    then moves by at most about noise x (fan-in) x (input scale) at the new layer.
     """
     node = graph.node(after)
     shape, conv = _check(graph, after, node.kind, kernel_size, activation, batchnorm, sample)
@@ -48,15 +53,23 @@ def net2deeper(graph: NetGraph, after: str, kernel_size: int = 3, activation: st
                deepening_cost(shape[0] if conv else shape[-1], kernel_size if conv else 1,
                               batchnorm), max_new_params)
     relu = _wants_relu(graph, after, activation)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        raise OperatorError(f"net2deeper after {after!r}: noise must be a number >= 0, got "
+                            f"{noise!r}")
     params = {"after": after, "kernel_size": kernel_size, "activation": activation,
               "batchnorm": batchnorm,
-              "sample_shape": None if sample is None else list(sample.shape)}
+              "sample_shape": None if sample is None else list(sample.shape),
+              "noise": float(noise), "seed": int(seed)}
     dtype = _dtype(graph)
     stats = _statistics(graph, after, sample, dtype) if batchnorm else None
     out = graph.copy()
     consumers = out.consumers(after)
     base = _fresh_name(out, after)
     kind, tensors, attrs = _identity_layer(shape, kernel_size if conv else None, dtype)
+    if noise > 0:
+        gen = torch.Generator().manual_seed(int(seed))
+        w = tensors["weight"]
+        tensors["weight"] = w + noise * (torch.rand(w.shape, generator=gen, dtype=w.dtype) * 2 - 1)
     names = [out.add(base, kind, [after], tensors=tensors, **attrs)]
     if stats is not None:
         names.append(out.add(f"{base}_bn", f"batchnorm{2 if conv else 1}d",

@@ -58,13 +58,28 @@ class OpResult:
     record: ChangeRecord
 
 
+ROLES = ("wider", "deeper")  # the calls a search space makes (growth.search_spaces.space)
+
+
 @dataclass(frozen=True)
 class Operator:
-    """A named growth operator; calling it applies `fn` to a graph."""
+    """A named growth operator; calling it applies `fn` to a graph.
+
+    role: how a search space may call it (`space.operators`): "wider" as
+    `fn(graph, node=..., width=..., seed=...)` (widen a layer to `width` units), "deeper" as
+    `fn(graph, after=..., kernel_size=..., seed=...)` (insert a layer after a node;
+    `kernel_size` only on image maps); None: not for search spaces (strategies and scripts
+    still call it by name)."""
 
     name: str
     description: str
     fn: Callable[..., OpResult]
+    role: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.role is not None and self.role not in ROLES:
+            raise OperatorError(f"operator {self.name!r}: role must be one of {ROLES} or None, "
+                                f"got {self.role!r}")
 
     def __call__(self, graph: NetGraph, *args: Any, **kwargs: Any) -> OpResult:
         return self.fn(graph, *args, **kwargs)
@@ -91,7 +106,7 @@ def _as_operator(obj: Any, entry: str) -> Operator:
         return obj
     name, desc = getattr(obj, "name", None), getattr(obj, "description", None)
     if callable(obj) and isinstance(name, str) and isinstance(desc, str):
-        return Operator(name, desc, obj)
+        return Operator(name, desc, obj, getattr(obj, "role", None))
     raise TypeError(f"{entry} is neither an Operator nor a callable with str `name` and "
                     "`description` attributes")
 
@@ -104,6 +119,12 @@ def _plugins() -> dict[str, Operator]:
 def available_operators() -> dict[str, Operator]:
     """Every operator by name: the built-ins, then installed plug-ins."""
     return {**_BUILTIN, **_plugins()}
+
+
+def is_builtin(name: str) -> bool:
+    """True for operators registered in this process (built-ins, `register` calls); False for
+    those found through the "growth.ops" entry points of installed distributions."""
+    return name in _BUILTIN
 
 
 def get_operator(name: str) -> Operator:

@@ -42,32 +42,25 @@ per-task expansion and compression).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from growth.errors import ShapeError
-from growth.optim import follow
-from growth.remap import as_records, remap_state
+from growth.context import HOOKS, Context, Scorer
+from growth.remap import remap_state
 from growth.strategies.spec import TensorSpec, check_tensors
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from growth.data import Task
-    from growth.graph import NetGraph
     from growth.model import Model
     from growth.ops.registry import ChangeRecord
-    from growth.train import TrainConfig
 
-HOOKS = ("before_task", "training", "loss", "penalty", "after_backward", "after_step",
-         "after_task", "evaluation")
-Scorer = Callable[[torch.Tensor], torch.Tensor]  # inputs -> class scores (argmax = prediction)
 
 
 class StrategyParams(BaseModel):
@@ -76,67 +69,15 @@ class StrategyParams(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
-@dataclass
-class Context:
-    """What hooks see: the model, the task being learned and what came before."""
-
-    model: Model
-    task: Task
-    seen: list[Task]  # tasks learned before this one, in order
-    head_of: Callable[[Task], str]  # head name serving a task
-    label_of: Callable[[Task, torch.Tensor], torch.Tensor]  # local labels -> head labels
-    device: torch.device
-    optimizer: torch.optim.Optimizer | None = None
-    seed: int = 0  # the task's seed: draw any randomness a hook needs from it
-    outputs: dict[str, torch.Tensor] | None = None  # this batch's heads, with extra_heads
-    epoch: int = 0
-    train_fit: Callable[..., Any] | None = None  # the loop itself, for strategies that retrain
-    train_cfg: Any = None  # the task's TrainConfig (set by learn_task), to train other models
-    info: dict[str, Any] = field(default_factory=dict)  # per-task scratch (not checkpointed)
-    strategy: Strategy | None = None  # whose state follows graph changes (set by learn_task)
-    train_config: TrainConfig | None = None  # the task's training settings (set by learn_task)
-    workdir: Path | None = None  # a folder for this task's artefacts (REC's search), if any
-
-    def replace_graph(self, graph: NetGraph,
-                      records: ChangeRecord | Iterable[ChangeRecord] | None = None) -> None:
-        """Swap in a grown or compressed graph; the optimizer's and the strategy's state follow.
-
-        records: the change record of every operator that led from the current graph to
-        `graph`, in order (one record, or a list for a chain such as widen, widen, prune).
-        Call it between fits (before_task, after_task, or between `train_fit` calls); then
-        `train_fit(optimizer=ctx.optimizer)` goes on with the carried moments instead of a
-        fresh optimizer. A parameter whose shape changed with no record saying how is a
-        ShapeError, before any state is touched.
-        """
-        records = as_records(records)
-        old = self.model.named_parameters()
-        shapes = {n: tuple(p.shape) for n, p in old.items()}
-        self.model.replace_graph(graph)
-        new = self.model.named_parameters()
-        _check_covered(shapes, new, records)
-        if self.optimizer is not None:
-            self.optimizer = follow(self.optimizer, old, new, records)
-        if self.strategy is not None:
-            self.strategy.follow(self, records)
-
-
-def _check_covered(old: dict[str, tuple[int, ...]], new: dict[str, torch.nn.Parameter],
-                   records: list[ChangeRecord]) -> None:
-    mapped = {n for r in records for n in r.index_maps}
-    for name, p in new.items():
-        if name in old and old[name] != tuple(p.shape) and name not in mapped:
-            raise ShapeError(f"parameter {name!r} changed from {old[name]} to {tuple(p.shape)} "
-                             "but no change record passed to Context.replace_graph maps it; "
-                             "pass the record of every operator applied, in order")
-
-
 class Strategy:
     """Fine-tuning: the base of all strategies, and the lower bound (no protection at all)."""
 
     name: ClassVar[str] = "finetune"
     description: ClassVar[str] = "train on each task in turn with no protection (lower bound)"
     Params: ClassVar[type[StrategyParams]] = StrategyParams
-    scenarios: ClassVar[tuple[str, ...]] = ("task", "class")  # where the method makes sense
+    # where the method makes sense (growth.scenarios): a method that needs the task id to
+    # predict (masks, columns chosen per task) runs only in "task"
+    scenarios: ClassVar[tuple[str, ...]] = ("task", "class", "domain")
     # role of each kind of state ("what" in "what/task/param") under a graph change
     state_roles: ClassVar[dict[str, str]] = {}
 

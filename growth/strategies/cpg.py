@@ -126,7 +126,7 @@ class CPG(PackNet):
                     m.reset_parameters()
             solo = Context(alone, ctx.task, [], ctx.head_of, ctx.label_of, ctx.device,
                            seed=ctx.seed)
-            fit(solo, Strategy(), ctx.train_cfg, seed=ctx.seed)
+            fit(solo, Strategy(), ctx.train_config, seed=ctx.seed)
             accuracy = evaluate(solo, ctx.task, _split(ctx.task))
         return accuracy - self.params.margin
 

@@ -72,6 +72,9 @@ def nme_scores(feats: Tensor, means: Tensor, labels: Tensor, width: int) -> Tens
 
 class ICaRL(Rehearsal):
     name = "icarl"
+    # class-incremental by design: its distillation covers the classes of earlier tasks, none
+    # when every task brings the same classes (domain)
+    scenarios = ("task", "class")
     description = "iCaRL: herding exemplars, distillation, nearest-mean-of-exemplars classifier"
     Params = ICaRLParams
     params: ICaRLParams

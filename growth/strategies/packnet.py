@@ -27,12 +27,12 @@ from torch import Tensor
 
 from growth.masks import (
     Guard,
-    batchnorms,
     decays,
+    frozen_shared,
     masked_names,
     owner_dtype,
     prune_smallest,
-    shared_names,
+    shared_copy,
     swapped,
 )
 from growth.metrics import Stored, index_bits
@@ -125,21 +125,8 @@ class PackNet(Strategy):
         if not self._frozen_shared(ctx):
             yield
             return
-        params = ctx.model.named_parameters()
-        frozen = [params[n] for n in shared_names(ctx.model) if n in params]
-        grads = [p.requires_grad for p in frozen]
-        norms = [(m, m.training) for m in batchnorms(ctx.model)]
-        for p in frozen:
-            p.requires_grad_(False)
-        for m, _ in norms:
-            m.eval()
-        try:
+        with frozen_shared(ctx.model):
             yield
-        finally:
-            for p, g in zip(frozen, grads):
-                p.requires_grad_(g)
-            for m, mode in norms:
-                m.train(mode)
 
     def after_backward(self, ctx: Context) -> None:
         self._guard.mask_grads()
@@ -168,9 +155,8 @@ class PackNet(Strategy):
         """per_task mode: a copy of the task's biases and BatchNorm tensors."""
         if self.params.shared != "per_task":
             return
-        tensors = ctx.model.module.state_dict()
-        for n in shared_names(ctx.model):
-            self.state[state_key(SHARED, k, n)] = tensors[n].detach().cpu().clone()
+        for n, t in shared_copy(ctx.model).items():
+            self.state[state_key(SHARED, k, n)] = t
 
     # ---- evaluation ------------------------------------------------------------------------
     def visible(self, owner: Tensor, task: int) -> Tensor:

@@ -1,88 +1,61 @@
 """REC: Regularize, Expand, Compress (the project's definition, docs/methods.md).
 
 Task 1 trains the base network with the task loss. Every later task t:
-1. Regularize: MWC. Its relatedness weights w_{k,t} are measured on the parent network at the
-   start of the task; the loss is CE_t plus the MWC penalty throughout (search children,
-   training, distillation).
-2. Expand: an architecture search on the current network (the EAS controller, or random
-   search, through the search driver on Ray Tune: `controllers.driver.run_search`); every child
-   is trained with the MWC loss on task t and scored on task t's validation split; the best
-   child replaces the network, carrying the strategy's state along its operator records.
-   `search: off` keeps the parent.
-3. The kept network's training is finished with MWC (the loop's own epochs).
-4. Compress: back to at most the base trunk's parameter count (`growth.compress.compress`:
-   the base architecture cut out of the expanded network, distilled on task t with KL at T = 2
-   on task t's head and every old head, plus the MWC penalty). `compress: off` keeps the
-   expanded network.
-5. Consolidate: Fisher and anchors of task t on the final network; older tasks' Fisher and
+1. Regularize: MWC. Its relatedness weights w_{k,t} are measured on the network at the start
+   of the task; the loss is CE_t plus the MWC penalty throughout (training, search children,
+   distillation), and the network learns task t as MWC would (the loop's own epochs).
+2. Expand: an architecture search from the trained network, asked of the searcher the
+   campaign hands over (`ctx.searcher`, growth.searching: the EAS controller or random search,
+   children in this process or as Ray Tune trials); children go on from the network's weights,
+   optimizer moments and MWC state with the MWC loss on task t, and are scored on task t's
+   validation split. The network is a candidate: a child replaces it only if its validation
+   accuracy beats the network's by more than `search.margin`, carrying the strategy's state
+   along its operator records. One controller serves the whole campaign: its policy, baseline
+   and generator are this strategy's state (`controller/all/...`), checkpointed with it, so
+   what it learned on task t shapes task t+1's children. `search: off` keeps the network.
+3. Compress: back to at most the base trunk's parameter count (`growth.compress`: the network
+   before the expansion distilled from the expanded one, or the base architecture cut out of
+   it, with KL at T = 2 on task t's head (and old heads by `old_heads`), plus the MWC
+   penalty). `compress: off` keeps the expanded network.
+4. Consolidate: Fisher and anchors of task t on the final network; older tasks' Fisher and
    anchors were carried through the expansion and the compression by `growth.remap`.
 
 Old tasks' data are never read after their task: the search, the training, the compression
-and the Fisher all read task t's splits only (earlier tasks reach a search trial as metadata).
+and the Fisher all read task t's splits only (earlier tasks reach a search as metadata).
 After every task the trunk must fit the base trunk's size unless compression is off.
 With `search: off` and `compress: off` REC is MWC, to the last digit.
 
-The search runs in `ctx.workdir/search` (the campaign gives each task a folder), so a killed
-run resumes the search where it stopped: finished children are kept and not trained again.
+The search runs in `ctx.workdir/search`, so a killed run resumes it where it stopped: finished
+children are kept and not trained again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from growth.compress import CompressParams, compress, default_heads, distill, trunk_params
-from growth.errors import CheckpointError, ConfigError, OperatorError
+from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
+from growth.masks import Guard
+from growth.ops.registry import ChangeRecord
 from growth.regularizers import stored
-from growth.remap import GRADIENT_SQ
+from growth.remap import MASK, SPLIT, WEIGHT, remap
+from growth.search_spaces.space import SpaceSpec
+from growth.searching import ControllerState, SearchRequest, SearchSettings
 from growth.strategies.base import Context
 from growth.strategies.mwc import MWC, MWCParams
-from search_spaces.space import SpaceSpec
+from growth.strategies.spec import TensorSpec
+from growth.train import evaluate
 
 log = logging.getLogger("growth.rec")
-
-
-class RECSearch(BaseModel):
-    """How REC searches an expansion per task (small CPU defaults; the paper's numbers, 10
-    children per episode and 20 epochs per child, are reachable by config)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    enabled: bool = Field(True, description="off: keep the parent network")
-    controller: Literal["eas", "random"] = "eas"
-    controller_params: dict[str, Any] = Field(
-        default_factory=dict, description="the controller's own settings (controllers/)")
-    space: SpaceSpec | None = Field(None, description="search space (search_spaces/; "
-                                    "None: the defaults for the network)")
-    children: int = Field(4, ge=1, description="children per generation")
-    generations: int = Field(1, ge=1, description="generations per task")
-    epochs: int = Field(2, ge=1, description="training epochs of each child")
-    concurrency: int = Field(2, ge=1, description="children trained at once")
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (torch threads) per child")
-    ray_address: str | None = Field(None, description="join this Ray cluster (default: "
-                                    "the one already running, or a local one)")
-
-    @model_validator(mode="after")
-    def _controller_settings(self) -> RECSearch:
-        """The controller's own settings are checked at config load, like every other key."""
-        from controllers.eas import EASSettings
-        from controllers.random_search import RandomSettings
-
-        model = {"eas": EASSettings, "random": RandomSettings}[self.controller]
-        try:
-            model.model_validate(self.controller_params)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"controller_params.{key}: {err['msg']}") from None
-        return self
 
 
 class RECCompress(CompressParams):
@@ -91,6 +64,11 @@ class RECCompress(CompressParams):
     enabled: bool = Field(True, description="off: keep the expanded network")
     epochs: int | None = Field(None, ge=0, description="distillation epochs on the task's "
                                "data (None: the task's train.epochs)")
+    mix: float | None = Field(0.5, ge=0, le=1, description="alpha: alpha CE + (1 - alpha) "
+                              "T^2 KL on each head (None: CE + kd_weight T^2 KL)")
+    patience: int | None = Field(2, ge=1, description="stop the distillation once the task's "
+                                 "validation accuracy has not improved for this many epochs, "
+                                 "keeping the best student (the one it started as included)")
     student: Literal["parent", "cut"] = Field(
         "parent", description="parent: the network before this task's expansion (the base "
         "architecture with the parent's own units and state); cut: the base architecture cut "
@@ -112,13 +90,22 @@ class RECParams(MWCParams):
     """REC settings: MWC's (lambda, beta, fisher_samples), then `search` and `compress`,
     each a section of settings, or a switch (`search: off` = `search: {enabled: false}`)."""
 
-    search: RECSearch = Field(default_factory=RECSearch,
-                              description="the expansion search per task (off: keep the parent)")
+    search: SearchSettings = Field(default_factory=SearchSettings,
+                                   description="the expansion search per task (off: keep the "
+                                   "network)")
     compress: RECCompress = Field(default_factory=RECCompress, description="compression back "
                                   "to the base trunk (off: keep the expanded network)")
+    expansion: Literal["shared", "private"] = Field(
+        "shared", description="shared: Net2Net children (widened units and inserted layers "
+        "every head reads; old tasks' Fisher protects the copies); private: children add units "
+        "only the new task reads (widen_private) and train them and the new head alone, the "
+        "network they grew from frozen, so the old heads do not move while they train")
     protect_copies: bool = Field(
-        True, description="after Net2Wider, old tasks' Fisher covers every copy of a unit "
-        "(the widened network's own Fisher), not only the original")
+        True, description="after Net2Wider, old tasks' Fisher is split among a unit's copies "
+        "(each of c copies: d^2 / c of it), so a change that moves the copies together costs "
+        "what the parent's change cost, and a layer Net2Deeper inserts is anchored at its "
+        "identity with each old task's mean Fisher; off: copies and inserted layers are free "
+        "(MWC's own roles)")
 
     @field_validator("search", "compress", mode="before")
     @classmethod
@@ -130,6 +117,9 @@ class RECParams(MWCParams):
         return {} if value is None else value
 
 
+CONTROLLER = "controller"  # state key prefix of the campaign's one controller
+
+
 class REC(MWC):
     name = "rec"
     description = "regularize (MWC), expand (architecture search), compress back to base size"
@@ -139,57 +129,144 @@ class REC(MWC):
     def __init__(self, params: RECParams | None = None) -> None:
         super().__init__(params)
         if self.params.protect_copies:
-            self.state_roles = {**MWC.state_roles, "fisher": GRADIENT_SQ}
+            self.state_roles = {**MWC.state_roles, "fisher": SPLIT}
         self._parent: NetGraph | None = None
+        self._parent_state: dict[str, torch.Tensor] = {}
+        self._frozen: dict[str, torch.Tensor] | None = None  # a private child's parent entries
+        self._guard: Guard | None = None
 
-    def session(self, workdir: Path) -> AbstractContextManager[Any]:
-        """One Ray for every task's search (started once, or the cluster already joined)."""
-        if not self.params.search.enabled:
-            return nullcontext()
-        from growth.cluster import ray_cluster
-
-        workdir.mkdir(parents=True, exist_ok=True)
-        return ray_cluster(self.params.search.ray_address, log_file=workdir / "ray.log")
+    def state_spec(self) -> dict[str, TensorSpec]:
+        return {**super().state_spec(),
+                CONTROLLER: TensorSpec(("all",), "any", "any", parameter=False, required=False)}
 
     # ---- hooks -------------------------------------------------------------------------------
     def before_task(self, ctx: Context) -> None:
         if "base" not in self.extra:  # the first task: the base network is the reference
             graph = ctx.model.graph
             self.extra["base"] = {"structure": graph.to_dict(), "trunk": trunk_params(graph)}
-        super().before_task(ctx)  # MWC: relatedness of task t, measured on the parent
-        self._parent = ctx.model.graph if self.finished() else None
-        self._parent_state = dict(self.state)
-        entry = self._entry(ctx)
-        if self.finished() and self.params.search.enabled and "expansion" not in entry:
-            self._expand(ctx, entry)
+        super().before_task(ctx)  # MWC: relatedness of task t, measured on the network
 
     def after_task(self, ctx: Context) -> None:
         entry = self._entry(ctx)
-        if self.finished() and self.params.compress.enabled:
-            self._compress(ctx, entry)
+        if self.finished():
+            self._parent = ctx.model.graph  # trained on task t: the network the search grows
+            self._parent_state = dict(self.state)
+            if self.params.search.enabled:
+                self._expand(ctx, entry)
+            if self.params.compress.enabled:
+                self._compress(ctx, entry)
         super().after_task(ctx)  # MWC: Fisher and anchors of task t on the final network
+        self._frozen = None
         self._check_size(ctx, entry)
+
+    # ---- a private expansion's child: its parent frozen -----------------------------------
+    def follow(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        super().follow(ctx, records)
+        if self.params.protect_copies:
+            self._anchor_inserted(ctx, records)
+        if self.params.expansion == "private" and not self.params.search.enabled and any(
+                r.op == "widen_private" for r in records):
+            self._frozen = parent_entries(ctx, records)
+
+    def _anchor_inserted(self, ctx: Context, records: list[ChangeRecord]) -> None:
+        """Old tasks' anchors at an inserted layer's identity, with each task's mean Fisher:
+        its true importance needs the old data, but leaving it free lets the new task move
+        every old head's input through it."""
+        params = ctx.model.named_parameters()
+        added = [n for r in records if r.op == "net2deeper" for n in r.added if n in params]
+        fresh = fresh_entries(ctx, records)  # zero columns of units the old tasks never read
+        for k in self.finished():
+            fisher = stored(self.state, "fisher", k)
+            if not fisher or not (added or fresh):
+                continue
+            level = float(sum(f.double().sum() for f in fisher.values()) /
+                          sum(f.numel() for f in fisher.values()))
+            for name in added:
+                p = params[name].detach()
+                self.state[f"anchor/{k}/{name}"] = p.clone()
+                self.state[f"fisher/{k}/{name}"] = torch.full_like(p, level)
+            for name, mask in fresh.items():  # anchored at 0 (the anchors carried them so)
+                key = f"fisher/{k}/{name}"
+                if key in self.state:
+                    self.state[key] = torch.where(mask, torch.full_like(self.state[key], level),
+                                                  self.state[key])
+        self._quad = None
+
+    @contextmanager
+    def training(self, ctx: Context) -> Iterator[None]:
+        if not self._frozen:
+            yield
+            return
+        params = ctx.model.named_parameters()
+        self._guard = Guard(params, {n: ~m for n, m in self._frozen.items()})
+        try:
+            yield
+        finally:
+            self._guard.restore()
+            self._guard = None
+
+    def after_backward(self, ctx: Context) -> None:
+        if self._guard is not None:
+            self._guard.mask_grads()
+
+    def after_step(self, ctx: Context) -> None:
+        if self._guard is not None:  # the parent's moments would move frozen entries
+            self._guard.restore()
 
     # ---- expand ----------------------------------------------------------------------------
     def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
-        """Search children of the current network; the best replaces it (state follows)."""
-        if ctx.workdir is None or ctx.train_config is None:
-            raise ConfigError("REC's search needs a folder and the task's training settings "
-                              "(run it through a campaign, or set ctx.workdir and "
+        """Search children of the trained network; a child that beats it replaces it (state
+        follows its records)."""
+        if ctx.searcher is None or ctx.train_config is None:
+            raise ConfigError("REC's search needs a searcher and the task's training settings "
+                              "(run it through a campaign, or set ctx.searcher and "
                               "ctx.train_config)")
+        parent_acc = evaluate(ctx, ctx.task, "val")
+        if not math.isfinite(parent_acc):
+            raise DivergedError(f"REC on task {ctx.task.name!r}: the validation accuracy is "
+                                f"{parent_acc} (an empty validation split?); children are "
+                                "chosen on validation data: set data.val_fraction above 0")
+        settings = self.params.model_dump(mode="json", by_alias=True, exclude_none=True)
+        search = self.params.search
+        if self.params.expansion == "private":
+            space = (search.space or SpaceSpec()).model_copy(update={"private": True})
+            search = search.model_copy(update={"space": space})
+        request = SearchRequest(
+            settings=search, train=ctx.train_config,
+            child_strategy=(self.name, {**settings, "search": False, "compress": False}),
+            parent_acc=parent_acc, controller_state=self._controller())
         start = time.perf_counter()
-        found = search_expansion(ctx, self)
+        found = ctx.searcher.search(ctx, request)
         entry["search_wall_s"] = time.perf_counter() - start
         entry.update(found.summary)
+        if found.controller_state is not None:
+            self._keep_controller(found.controller_state)
         if found.graph is not None:
             ctx.replace_graph(found.graph, found.records)
             self._quad = None
-        log.info("task %d: expansion %s (%d children trained in %.1fs; best validation "
-                 "accuracy %s)", ctx.task.index, entry["expansion"], entry["children"],
-                 entry["child_time_s"], entry.get("best_val"))
+        log.info("task %d: expansion %s (%d children trained in %.1fs; the network's "
+                 "validation accuracy %.4f, best child's %s)", ctx.task.index,
+                 "kept the network" if found.graph is None else entry.get("expansion"),
+                 entry.get("children", 0), entry.get("child_time_s", 0.0), parent_acc,
+                 entry.get("best_child_val"))
+
+    def _controller(self) -> ControllerState | None:
+        prefix = f"{CONTROLLER}/all/"
+        tensors = {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+        if not tensors:
+            return None
+        return tensors, dict(self.extra.get(CONTROLLER, {}))
+
+    def _keep_controller(self, state: ControllerState) -> None:
+        tensors, extra = state
+        prefix = f"{CONTROLLER}/all/"
+        self.state = {k: v for k, v in self.state.items() if not k.startswith(prefix)}
+        self.state.update({prefix + k: v.detach().cpu().clone() for k, v in tensors.items()})
+        self.extra[CONTROLLER] = dict(extra)
 
     # ---- compress --------------------------------------------------------------------------
     def _compress(self, ctx: Context, entry: dict[str, Any]) -> None:
+        self._frozen = None  # the student learns in every unit
         settings = self.params.compress
         base = NetGraph.from_dict(self.extra["base"]["structure"])
         graph = ctx.model.graph
@@ -224,15 +301,16 @@ class REC(MWC):
                             old_teacher: NetGraph | None, settings: RECCompress
                             ) -> dict[str, Any]:
         """The student is the parent: its graph and this strategy's state as they were before
-        the expansion (both in the parent's shapes, so nothing needs carrying)."""
-        from growth.train import evaluate
-
+        the expansion (both in the parent's shapes, so nothing needs carrying; the controller
+        keeps what it learned in the search)."""
         start = time.perf_counter()
         splits = ("val", "test")
         before = {s: evaluate(ctx, ctx.task, s) for s in splits}
         ctx.model.replace_graph(self._parent)
         ctx.optimizer = None
-        self.state = dict(self._parent_state)
+        learned = {k: v for k, v in self.state.items() if k.startswith(f"{CONTROLLER}/")}
+        kept = {k: v for k, v in self._parent_state.items() if not k.startswith(f"{CONTROLLER}/")}
+        self.state = {**kept, **learned}
         self._quad = None
         losses = distill(ctx, teacher, settings, ctx.train_config, heads,
                          self._mwc_penalty, ctx.seed + 1, old_teacher)
@@ -281,8 +359,11 @@ class REC(MWC):
         children = sum(int(e.get("children", 0)) for e in tasks.values())
         child_time = sum(float(e.get("child_time_s", 0.0)) for e in tasks.values())
         wall = sum(float(e.get("search_wall_s", 0.0)) for e in tasks.values())
+        searched = [e for e in tasks.values() if "expansion" in e]
+        kept = sum(1 for e in searched if e["expansion"] == "parent")
         return {"search": {"children": children, "child_time_s": child_time,
-                           "search_wall_s": wall},
+                           "search_wall_s": wall, "searches": len(searched),
+                           "parent_kept": kept},
                 "details": {"rec": tasks}}
 
 
@@ -290,62 +371,45 @@ def _fmt(acc: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
 
 
-# ---- the search: REC's one door into controllers/ ------------------------------------------
-@dataclass
-class Expansion:
-    """The chosen child (None: keep the parent), its operator records and what the search
-    cost."""
+def new_task_only(ctx: Context) -> set[str]:
+    """Nodes only the new task's head reads (its head layer): the new task's alone."""
+    graph = ctx.model.graph
+    others: set[str] = set()
+    for head in graph.heads:
+        if head != ctx.head_of(ctx.task):
+            others |= graph.ancestors([head])
+    return graph.ancestors([ctx.head_of(ctx.task)]) - others
 
-    graph: NetGraph | None
-    records: list[Any]
-    summary: dict[str, Any]
+
+def parent_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
+    """Which entries of each parameter the parent had (True), by output unit: a row (dim 0)
+    the records copied or kept is the parent's, whatever its columns; new units' rows are not.
+    Parameters only the new task's head reads are left out (the new task trains them)."""
+    own = new_task_only(ctx)
+    out = {}
+    for name, p in ctx.model.named_parameters().items():
+        if name.rsplit(".", 1)[0] in own:
+            continue
+        old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
+        mask = remap(torch.ones(old), name, records, MASK)
+        rows = mask.flatten(1).any(1) if mask.dim() > 1 else mask.bool()
+        out[name] = rows.view(-1, *([1] * (p.dim() - 1))).expand(p.shape).to(p.device)
+    return out
 
 
-def search_expansion(ctx: Context, rec: REC) -> Expansion:
-    """Run the architecture search for `ctx.task` from the current network, through the search
-    driver's entry point (`controllers.driver.run_search`, children as Ray Tune trials), in
-    `ctx.workdir/search`; calling it again there resumes the search."""
-    from controllers import make_controller
-    from controllers.driver import Budget, Resources, run_search
-    from controllers.trial import StrategyRef, TaskMeta, TrialSpec, save_strategy_state
-    from search_spaces.space import make_space
-
-    s = rec.params.search
-    folder = ctx.workdir / "search"
-    parent = ctx.model.graph
-    parent_dir = folder / "parent"
-    if not (parent_dir / "structure.json").is_file():
-        parent.save(parent_dir)
-    children_params = {**rec.params.model_dump(mode="json", by_alias=True, exclude_none=True),
-                       "search": False, "compress": False}
-    ref = StrategyRef(name=rec.name, params=children_params,
-                      state=str(save_strategy_state(rec, folder / "strategy")))
-    heads = {ctx.head_of(t) for t in [*ctx.seen, ctx.task]}
-    spec = TrialSpec(train=ctx.train_config.model_copy(update={"epochs": s.epochs}),
-                     strategy=ref, scenario="class" if len(heads) == 1 else "task",
-                     seen=[TaskMeta.of(t) for t in ctx.seen], device=ctx.device.type,
-                     threads=max(1, int(s.cpus_per_trial)))
-    space = make_space(s.space, parent, where="strategy.search.space")  # checks layer names
-    controller = make_controller(s.controller, space, s.controller_params, seed=ctx.seed,
-                                 where="strategy.search.controller")
-    result = run_search(folder, parent_dir, controller, space, ctx.task, spec,
-                        Budget(children=s.children, generations=s.generations),
-                        Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial),
-                        seed=ctx.seed, policy="best", ray_address=s.ray_address,
-                        log_file=folder / "ray.log")
-    summary = {"children": len(result.records),
-               "failed": sum(1 for r in result.records if not r.ok),
-               "child_time_s": sum(r.train_time_s for r in result.records)}
-    best = result.best
-    if best is None:
-        return Expansion(None, [], {**summary, "expansion": "parent (no child finished)"})
-    child = NetGraph.load(result.path(best))
-    rebuilt, records = space.apply(parent, list(best.actions),
-                                   sample=ctx.task.train[0][:spec.sample_size])
-    if rebuilt.to_dict() != child.to_dict():
-        raise CheckpointError(f"{result.path(best)}: the best child's structure differs from "
-                              "its actions applied to the parent; the search folder "
-                              f"{folder} belongs to another run")
-    return Expansion(child, records, {**summary, "expansion": list(best.actions),
-                                      "arch": best.arch, "best_key": best.key,
-                                      "best_val": best.val_acc})
+def fresh_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
+    """Entries the records made fresh (index -1: widen_private's zero columns), True there:
+    what an old task's head would read of units it never saw, kept at 0 for it. Tensors only
+    the new task's head reads are left out."""
+    own = new_task_only(ctx)
+    out = {}
+    for name, p in ctx.model.named_parameters().items():
+        if name.rsplit(".", 1)[0] in own:
+            continue
+        touched = [r for r in records if name in r.index_maps]
+        if not any(-1 in idx for r in touched for idx in r.index_maps[name].values()):
+            continue
+        old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
+        kept = remap(torch.ones(old), name, records, WEIGHT)  # 0 at fresh entries
+        out[name] = (kept == 0).to(p.device)
+    return out

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import Tensor
 
 from growth.errors import GraphError
-from growth.regularizers import Component, stored, task_view
+from growth.regularizers import Component, PathIntegral, stored, task_view
 from growth.remap import IMPORTANCE, PATH, WEIGHT, remap
 from growth.strategies.base import Context, StrategyParams
 from growth.strategies.ewc import QuadraticStrategy
@@ -58,20 +58,17 @@ class SI(QuadraticStrategy):
         super().before_task(ctx)
         self._track(ctx, {}, {})
 
-    @torch.no_grad()
+    def tracked(self, ctx: Context) -> list[str]:
+        """Names of the parameters whose path is integrated: every one the task trains."""
+        return task_view(ctx, ctx.task)[1]
+
     def _track(self, ctx: Context, start: dict[str, Tensor], omega: dict[str, Tensor]) -> None:
         """Follow the current task's parameters, with the sums `start`/`omega` carried through a
         graph change (parameters without them start from now)."""
-        _, self._names = task_view(ctx, ctx.task)
+        self._names = self.tracked(ctx)
         params = ctx.model.named_parameters()
         self._module = ctx.model.module
-        self._params = [params[n] for n in self._names]
-        self._prev = [p.detach().clone() for p in self._params]
-        self._start = [start[n] if n in start else p.detach().clone()
-                       for n, p in zip(self._names, self._params)]
-        self._omega = [omega[n] if n in omega else torch.zeros_like(p)
-                       for n, p in zip(self._names, self._params)]
-        self._grads: list[Tensor | None] = [None] * len(self._names)
+        self._path = PathIntegral({n: params[n] for n in self._names}, start, omega)
 
     def follow(self, ctx: Context, records: list[ChangeRecord]) -> None:
         """Omega and anchors by their roles; during a task, the live sums too: the start values
@@ -79,8 +76,9 @@ class SI(QuadraticStrategy):
         super().follow(ctx, records)
         if self._module is None:
             return
-        start = {n: remap(t, n, records, WEIGHT) for n, t in zip(self._names, self._start)}
-        omega = {n: remap(t, n, records, PATH) for n, t in zip(self._names, self._omega)}
+        path = self._path
+        start = {n: remap(t, n, records, WEIGHT) for n, t in zip(path.names, path.start)}
+        omega = {n: remap(t, n, records, PATH) for n, t in zip(path.names, path.omega)}
         self._track(ctx, {n: t for n, t in start.items() if t is not None},
                     {n: t for n, t in omega.items() if t is not None})
 
@@ -91,14 +89,10 @@ class SI(QuadraticStrategy):
             raise GraphError("SI: the model was recompiled during a task without "
                              "Context.replace_graph, so the path sums cannot follow it; replace "
                              "the graph through the task's context with the operators' records")
-        self._grads = [p.grad for p in self._params]
+        self._path.read_grads()
 
-    @torch.no_grad()
     def after_step(self, ctx: Context) -> None:
-        for p, prev, omega, g in zip(self._params, self._prev, self._omega, self._grads):
-            if g is not None:
-                omega.sub_(g * (p - prev))
-            prev.copy_(p)
+        self._path.step()
 
     def components(self, ctx: Context) -> list[Component]:
         if not self.finished():
@@ -108,11 +102,13 @@ class SI(QuadraticStrategy):
 
     @torch.no_grad()
     def consolidate(self, ctx: Context) -> None:
-        new = {}
-        for n, p, start, omega in zip(self._names, self._params, self._start, self._omega):
-            delta = p.detach() - start
-            new[n] = (omega / (delta.square() + self.params.xi)).cpu()
-        self.update_running(ctx, "omega", new)
+        self.update_running(ctx, "omega", self.importance())
         self.mark_finished(ctx.task)
-        self._grads = [None] * len(self._names)
         self._module = None
+
+    @torch.no_grad()
+    def importance(self) -> dict[str, Tensor]:
+        """This task's omega / (Delta^2 + xi), Delta each parameter's change over the task."""
+        path = self._path
+        return {n: (omega / (delta.square() + self.params.xi)).cpu()
+                for n, omega, delta in zip(path.names, path.omega, path.moved())}

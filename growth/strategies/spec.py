@@ -11,6 +11,8 @@ Keys are "<what>/<slot>/<parameter>". A declaration maps each `what` to a Tensor
   the parameter was smaller: growth adds units after it); "any".
 - dtype: "float" (any floating precision, values finite), "bool", "int", or "any".
 - parameter=True: the last part names a tensor of the graph (`node.tensor`); False: free text.
+- required=False: fixed slots that may be absent (state a strategy keeps only once it has
+  something to keep, e.g. REC's controller after its first search).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class TensorSpec:
     shape: Literal["same", "within", "any"] = "within"
     dtype: Literal["float", "bool", "int", "any"] = "float"
     parameter: bool = True
+    required: bool = True
 
 
 def check_tensors(spec: Mapping[str, TensorSpec], tensors: Mapping[str, torch.Tensor],
@@ -57,7 +60,7 @@ def check_tensors(spec: Mapping[str, TensorSpec], tensors: Mapping[str, torch.Te
         seen.add((what, slot))
     for what, rule in spec.items():
         slots = [str(k) for k in range(finished)] if rule.slots == "tasks" else \
-            (list(rule.slots) if finished else [])
+            (list(rule.slots) if finished and rule.required else [])
         missing = [s for s in slots if (what, s) not in seen]
         if missing:
             problems.append(f"no {what!r} tensors for slot(s) {', '.join(missing)}: strategy "

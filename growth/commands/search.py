@@ -2,10 +2,10 @@
 
 The config is an ordinary campaign config (data, model, train, seed) with a `search:`
 section. The base network is trained on the task first (`search.base_epochs`), then
-`controllers.driver.run_search` grows it generation by generation; children train with the
+`growth.controllers.driver.run_search` grows it generation by generation; children train with the
 plain task loss.
 
-Run directory (besides the search directory's own files, see controllers.driver):
+Run directory (besides the search directory's own files, see growth.controllers.driver):
   config.yaml, log.txt   the config as validated; what happened (Ray's warnings included)
   base/                  the trained base network (graph folder) and base.json (accuracies)
   best/                  the best network found (base included): structure.json +
@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from controllers import make_controller
-from controllers.driver import Budget, Resources, SearchProgress, SearchResult, run_search
-from controllers.search_report import SUMMARY, write_search_report
-from controllers.trial import TrialSpec
-from growth.campaign import build_base_graph, labelers, resolve_device, task_seed
+from growth.campaign import build_base_graph, task_seed
 from growth.config import Config, dump_config, load_config
+from growth.controllers import make_controller
+from growth.controllers.driver import Budget, Resources, SearchProgress, SearchResult, run_search
+from growth.controllers.search_report import SUMMARY, write_search_report
+from growth.controllers.trial import TrialSpec, save_moments
 from growth.data import Task, build_stream
+from growth.devices import resolve_device
 from growth.errors import ConfigError, GraphError, RunDirError
 from growth.graph import NetGraph
 from growth.io import atomic_write_text
@@ -46,9 +47,10 @@ from growth.rundir import (
     logging_to,
     new_run_id,
 )
+from growth.scenarios import labelers
+from growth.search_spaces.space import make_space
 from growth.strategies import Context, make_strategy
 from growth.train import evaluate, fit
-from search_spaces.space import make_space
 
 log = logging.getLogger("growth.search")
 
@@ -118,18 +120,21 @@ class SearchRun:
     # ---- the run -------------------------------------------------------------------------------
     def _run(self) -> dict[str, Any]:
         base = self._base()
-        budget = self.s.budget
+        budget, s = self.s.budget, self.s
+        train = self.cfg.train.model_copy(update={
+            "epochs": s.epochs or self.cfg.train.epochs, "lr": self.cfg.train.lr * s.lr_scale,
+            "schedule": s.schedule, "warmup_epochs": 0})
         result = run_search(
             self.run_dir, self.run_dir / "base", self.controller, self.space, self.task,
-            TrialSpec(train=self.cfg.train, scenario=self.cfg.scenario,
-                      device=self.cfg.device),
-            Budget(children=self.s.children, generations=budget.generations,
+            TrialSpec(train=train, scenario=self.cfg.scenario, device=self.cfg.device),
+            Budget(children=s.children, generations=budget.generations,
                    trials=budget.trials, wall_time_s=budget.wall_time_s),
-            Resources(concurrency=self.s.concurrency, cpus_per_trial=self.s.cpus_per_trial,
-                      gpus_per_trial=self.s.gpus_per_trial, max_failures=self.s.max_failures),
-            seed=self.cfg.seed, parent_acc=base["val_acc"], policy=self.s.parent,
-            storage=self.s.storage, name=self.cfg.name, ray_address=self.ray_address,
-            progress=self.progress, log_file=self.run_dir / "log.txt")
+            Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial,
+                      gpus_per_trial=s.gpus_per_trial, max_failures=s.max_failures),
+            seed=self.cfg.seed, parent_acc=base["val_acc"], policy=s.parent, margin=s.margin,
+            backend=s.backend, storage=s.storage, name=self.cfg.name,
+            ray_address=self.ray_address, progress=self.progress,
+            log_file=self.run_dir / "log.txt")
         metrics = self._finish(result, base)
         write_search_report([self.run_dir])
         return metrics
@@ -158,15 +163,20 @@ class SearchRun:
                 "test_acc": evaluate(ctx, self.task, "test"),
                 "params": graph.param_count(), "train_time_s": wall}
         graph.save(self.run_dir / "base")
+        save_moments(ctx.optimizer, ctx.model.named_parameters(), self.run_dir / "base")
         atomic_write_text(info, json.dumps(base, indent=1))  # written last: base is complete
         log.info("base network trained in %.1fs: validation accuracy %.4f, %d parameters",
                  wall, base["val_acc"], base["params"])
         return base
 
     def _finish(self, result: SearchResult, base: dict[str, Any]) -> dict[str, Any]:
-        """Save the best network (the base unless a child beats it) and the summary."""
+        """Save the best network (the base unless a child beats it by the margin) and the
+        summary."""
         best = result.best
-        if best is not None and (base["val_acc"] is None or best.val_acc > base["val_acc"]):
+        if result.replaced:  # "best": the driver's choice, the margin applied
+            src, key = result.parent, result.parent.name
+        elif (best is not None and self.s.parent == "fixed" and best.val_acc is not None
+              and best.val_acc > base["val_acc"] + self.s.margin):
             src, key = result.path(best), best.key
         else:
             src, key = self.run_dir / "base", "base"
@@ -187,7 +197,9 @@ class SearchRun:
                      "test_acc": evaluate(ctx, self.task, "test"),
                      "params": graph.param_count(), "arch": self.space.arch(graph)},
             "trials": len(result.records), "failed": failed,
-            "generations": result.generations, "wall_time_s": result.elapsed_s,
+            "generations": result.generations, "parent_kept": result.kept,
+            "best_child": None if best is None else {"key": best.key, "val_acc": best.val_acc},
+            "wall_time_s": result.elapsed_s,
             "child_train_time_s": sum(r.train_time_s for r in result.records),
             "done": result.done,
         }

@@ -1,7 +1,8 @@
 """Distillation as hooks on the one training loop: the student learns its task (the loop's
 cross-entropy) while matching frozen teachers' tempered outputs on their heads (KL at T, times
-T^2), plus an optional penalty. Not a registered strategy: `growth.compress.distill` builds one
-for each compression, REC's included.
+T^2), plus an optional penalty. Not a strategy: it keeps no state and is never checkpointed;
+`growth.compress.distill` builds one for each compression, REC's included, and hands it to
+`fit`, which knows it as `growth.context.Hooks`.
 """
 
 from __future__ import annotations
@@ -9,27 +10,37 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from growth.context import Context
+from growth.data import Task
 from growth.regularizers import kd_loss
-from growth.strategies.base import Context, Strategy
 
 Penalty = Callable[[Context, Tensor, Tensor, Tensor], Tensor | None]
 
 
-class Distillation(Strategy):
-    """A strategy-like object for `fit`: KL(T) to frozen teachers, each on its heads, plus an
-    optional penalty (cross-entropy on the task is the loop's own)."""
-
-    name = "distillation"
-    description = "distil a student from frozen teachers on the task's data"
+class Distillation:
+    """Hooks for `fit`: KL(T) to frozen teachers, each on its heads, plus an optional penalty
+    (cross-entropy on the task is the loop's own)."""
 
     def __init__(self, teachers: list[tuple[nn.Module, list[str]]], temperature: float = 2.0,
-                 weight: float = 1.0, extra: Penalty | None = None) -> None:
-        super().__init__()
+                 weight: float = 1.0, extra: Penalty | None = None,
+                 ce: float | None = None) -> None:
+        """ce: the weight of the task's cross-entropy (None: the loop's own, weight 1)."""
+        self.ce = ce
         self.teachers = [(t, list(h)) for t, h in teachers if h]
         self.heads = [h for _, hs in self.teachers for h in hs]
         self.temperature, self.weight, self.extra = temperature, weight, extra
+
+    def overridden(self) -> set[str]:
+        return {"penalty"} if self.ce is None else {"loss", "penalty"}
+
+    def loss(self, ctx: Context, x: Tensor, y: Tensor, logits: Tensor) -> Tensor:
+        return (1.0 if self.ce is None else self.ce) * F.cross_entropy(logits, y)
+
+    def train_sets(self, ctx: Context) -> list[Task]:
+        return [ctx.task]
 
     def extra_heads(self, ctx: Context) -> list[str]:
         own = ctx.head_of(ctx.task)

@@ -40,12 +40,13 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from growth.commands.watch import RunsWatch
 from growth.config import Config, load_config, parse_yaml, read_config_text
 from growth.errors import ConfigError, GrowthError
 from growth.metrics import read_metrics
 
-log = logging.getLogger("growth.compare")
-SEARCHING = frozenset({"rec"})  # strategies whose campaigns run an architecture search
+log = logging.getLogger("growth.commands.compare")
+WATCH_S = 10.0  # seconds between looks at the runs' progress while none finishes
 
 
 class StrategyEntry(BaseModel):
@@ -133,11 +134,26 @@ def run_one(base: str, overrides: list[str], out: str) -> str:
 
 
 def _resources(cfg: Config) -> dict[str, Any]:
+    """A run whose children are Ray trials holds no CPU (they claim theirs); any other run,
+    a searching one whose children train in its own process included, holds its threads."""
     from growth.cluster import driver_task_options
 
-    if cfg.strategy.name in SEARCHING:
+    if _search_backend(cfg) == "ray":
         return driver_task_options()
     return {"num_cpus": cfg.threads or 1}
+
+
+def _search_backend(cfg: Config) -> str | None:
+    """The backend of the run's strategy's search (None: it does not search)."""
+    from growth.searching import SearchSettings
+    from growth.strategies import make_strategy
+
+    params = make_strategy(cfg.strategy.name, cfg.strategy.settings()).params
+    for key in type(params).model_fields:
+        value = getattr(params, key)
+        if isinstance(value, SearchSettings) and value.enabled:
+            return value.backend
+    return None
 
 
 def run_compare(path: str | Path, out: str | Path | None = None,
@@ -162,9 +178,14 @@ def run_compare(path: str | Path, out: str | Path | None = None,
                                                          str(folder / name))
             pending[ref] = name
         total = len(pending)
+        watch = RunsWatch(folder, list(pending.values()))
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=WATCH_S)
+            if not done:  # nothing finished meanwhile: how far the runs are, and an ETA
+                watch.report()
+                continue
             name = pending.pop(done[0])
+            watch.done(name)
             try:
                 ray.get(done[0])
                 _progress(total - len(pending), total, name, folder / name)
@@ -222,7 +243,7 @@ def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not xs:
         return None, None
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else None
 
 
 def collect(plan: Plan, folder: Path) -> dict[str, list[dict[str, Any]]]:
@@ -256,6 +277,8 @@ def _cell(stat: tuple[float | None, float | None], digits: int) -> str:
     mean, std = stat
     if mean is None:
         return "n/a"
+    if std is None:  # one run: its value, no spread to show
+        return f"{mean:,.{digits}f}"
     return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
 
 
@@ -263,7 +286,8 @@ def _markdown(plan: Plan, rows: list[tuple[str, int, list]]) -> str:
     head = "| strategy | runs | " + " | ".join(c[0] for c in COLUMNS) + " |"
     lines = [f"# {plan.config.name}", "",
              f"Base config `{plan.config.base}`, seeds {plan.config.seeds}; mean ± sample std "
-             "over seeds. Size: final model's parameters (trunk, heads, adapters) over the base "
+             "over seeds (one run: its value). Size: final model's parameters (trunk, heads, "
+             "adapters) over the base "
              "network's; bytes: stored bytes (masks and owner indices included) over the "
              "base's. Children: networks trained by a search, with their training time.", "",
              head, "|" + "---|" * (len(COLUMNS) + 2)]

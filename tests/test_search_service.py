@@ -1,0 +1,415 @@
+"""The search as a service REC asks through `ctx.searcher`, and growth that adds capacity:
+symmetry-breaking noise, one controller per campaign (checkpointed, resumed), generations
+that grow from the best child with the state following, the parent as a candidate, and
+children that go on from the parent's moments. Children run in this process (the local
+backend), so no test here needs Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from graphgen import single_thread  # noqa: F401 (fixture)
+from growth.controllers.driver import RAY_FIXED_S, choose_backend
+from growth.controllers.records import read_records
+from growth.search_spaces import make_space
+from growth.search_spaces.networks import add_head, mlp
+
+from growth.campaign import Campaign, resume_run
+from growth.checkpoint import latest_checkpoint, read_checkpoint
+from growth.config import load_config
+from growth.data import build_stream
+from growth.graph import NetGraph
+from growth.io import load_tensors
+from growth.model import Model
+from growth.rundir import read_run_id
+from growth.scenarios import labelers
+from growth.searching import SearchOutcome, SearchRequest
+from growth.strategies import Context, make_strategy
+from growth.train import TrainConfig, evaluate, fit, learn_task
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SEARCH = {"controller": "eas", "children": 2, "generations": 1, "epochs": 1,
+          "backend": "local", "controller_params": {"wider_actions": 1, "deeper_actions": 1},
+          "space": {"widths": {"fc": [16, 24, 32, 48]}}}
+CONFIG = {
+    "name": "svc", "seed": 3, "threads": 1,
+    "data": {"dataset": "digits", "stream": "permuted", "n_tasks": 3,
+             "max_train_per_task": 240},
+    "model": {"kind": "mlp", "hidden": [16]},
+    "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+    "strategy": {"name": "rec", "compress": False, "search": SEARCH},
+}
+
+
+def write(tmp: Path, name: str = "c", n_tasks: int = 3, data: dict | None = None,
+          **search: Any) -> Path:
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["data"].update(n_tasks=n_tasks, **(data or {}))
+    cfg["strategy"]["search"].update(search)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(tmp: Path, name: str, n_tasks: int = 3, data: dict | None = None, **search: Any
+        ) -> dict[str, Any]:
+    return Campaign(load_config(write(tmp, name, n_tasks, data, **search)), tmp / name).start()
+
+
+def checkpoint(run_dir: Path, task: int | None = None) -> Any:
+    """A run's checkpoint (the newest, or task `task`'s), read as resume reads it."""
+    path = latest_checkpoint(run_dir) if task is None else \
+        run_dir / "checkpoints" / f"task_{task:03d}"
+    n = len(json.loads((run_dir / "metrics.json").read_text())["tasks"])
+    return read_checkpoint(path, read_run_id(run_dir), n, make_strategy("rec"))
+
+
+def controller_state(run_dir: Path, task: int | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    ckpt = checkpoint(run_dir, task)
+    return ({k: v for k, v in ckpt.tensors.items() if k.startswith("controller/")},
+            ckpt.extra.get("controller", {}))
+
+
+def final_val(run_dir: Path, task: int) -> float:
+    """The validation accuracy on task `task` of the network its checkpoint holds."""
+    tasks = build_stream({**CONFIG["data"], "seed": CONFIG["seed"]})
+    graph = checkpoint(run_dir, task).graph
+    ctx = Context(Model(graph), tasks[task], [], *labelers("task"), torch.device("cpu"))
+    return evaluate(ctx, tasks[task], "val")
+
+
+# ---- growth that adds capacity ---------------------------------------------------------------
+def _copies_after_steps(noise: float, steps: int) -> float:
+    """Largest gap between a widened unit's copy and its original (incoming weights) after
+    `steps` SGD steps with momentum on digits, through the space's own widening."""
+    torch.manual_seed(0)
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1, "seed": 0})[0]
+    g = add_head(mlp(task.input_shape, [8]), "t0", task.n_classes)
+    space = make_space({"widths": {"fc": [8, 16]}, "noise": noise}, g)
+    child, [record] = space.apply(g, [{"op": "net2wider", "node": "fc1", "width": 16,
+                                       "seed": 0}])
+    origin = record.index_maps["fc1.weight"][0]
+    ctx = Context(Model(child), task, [], *labelers("task"), torch.device("cpu"))
+    fit(ctx, make_strategy("finetune"), TrainConfig(epochs=1, lr=0.05, batch_size=8), seed=1,
+        epochs=max(1, steps // 100))
+    w = ctx.model.graph.node("fc1").tensors["weight"]
+    return max(float((w[j] - w[origin[j]]).abs().max()) for j in range(8, 16))
+
+
+def test_copies_stay_equal_without_noise_and_separate_with_the_default() -> None:
+    assert make_space(None, add_head(mlp((4,), [3]), "t0", 2)).spec.noise == 1e-2  # EAS
+    assert _copies_after_steps(0.0, 200) == 0.0  # identical gradients forever: no capacity
+    spread = _copies_after_steps(1e-2, 200)
+    assert spread > 1e-2  # apart by more than the initial noise: they learn different things
+
+
+def test_deepening_noise_starts_the_inserted_layer_near_the_identity() -> None:
+    g = add_head(mlp((6,), [5]), "t0", 3)
+    space = make_space(None, g)
+    assert space.spec.deeper_noise == 1e-3
+    [option] = space.deeper_options(g)
+    child, _ = space.apply(g, [option.action])
+    w = child.node(f"{option.action['after']}_deep1").tensors["weight"]
+    gap = (w - torch.eye(5)).abs()
+    assert 0 < float(gap.max()) <= 1e-3 and float(gap.min()) < 1e-3
+
+
+# ---- the seam, with a searcher that stands in for the controllers ------------------------------
+class Scripted:
+    """A searcher that returns what it is told and keeps every request."""
+
+    def __init__(self, widen: bool) -> None:
+        self.widen, self.requests = widen, []
+
+    def search(self, ctx: Context, request: SearchRequest) -> SearchOutcome:
+        from growth.ops import net2wider
+
+        self.requests.append((request, ctx.model.graph, ctx.task))
+        state = ({"rng": torch.tensor([len(self.requests)], dtype=torch.uint8)},
+                 {"updates": len(self.requests)})
+        if not self.widen:
+            return SearchOutcome(None, [], {"expansion": "parent", "children": 1}, state)
+        result = net2wider(ctx.model.graph, "fc1", 24, noise=0.01, seed=0)
+        return SearchOutcome(result.graph, [result.record],
+                             {"expansion": [{"op": "net2wider"}], "children": 1}, state)
+
+
+@pytest.mark.parametrize("widen", [False, True])
+def test_rec_asks_the_searcher_from_the_trained_network_and_keeps_its_controller(
+        widen: bool) -> None:
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 3,
+                          "max_train_per_task": 160, "seed": 1})
+    torch.manual_seed(0)
+    g = mlp((1, 8, 8), [16])
+    for t in tasks:
+        g = add_head(g, f"t{t.index}", t.n_classes)
+    model = Model(g)
+    rec = make_strategy("rec", {"compress": False, "search": {"margin": 0.02}})
+    searcher = Scripted(widen)
+    cfg = TrainConfig(epochs=1, lr=0.05)
+    vals = []
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], *labelers("task"), torch.device("cpu"),
+                      seed=t.index, searcher=searcher)
+        learn_task(ctx, rec, cfg, seed=t.index)
+        vals.append(evaluate(ctx, t, "val"))
+    assert len(searcher.requests) == 2  # tasks 1 and 2, never the first
+    first, second = (r for r, _, _ in searcher.requests)
+    assert first.controller_state is None  # a fresh controller at the first search ...
+    tensors, extra = second.controller_state  # ... then the one the first search returned
+    assert torch.equal(tensors["rng"], torch.tensor([1], dtype=torch.uint8))
+    assert extra == {"updates": 1}
+    assert rec.extra["controller"] == {"updates": 2}
+    assert torch.equal(rec.state["controller/all/rng"], torch.tensor([2], dtype=torch.uint8))
+    assert first.settings.margin == 0.02 and first.train is cfg
+    name, params = first.child_strategy  # children pay REC's own loss, without searching
+    assert name == "rec" and params["search"] is False and params["compress"] is False
+    assert params["lambda"] == rec.params.lam
+    for request, parent, task in searcher.requests:  # from the network trained on the task
+        ctx = Context(Model(parent), task, [], *labelers("task"), torch.device("cpu"))
+        assert request.parent_acc == evaluate(ctx, task, "val")
+    assert (model.graph.shape("fc1")[0] == 24) is widen
+    fisher = {k: v for k, v in rec.state.items() if k.startswith("fisher/0/")}
+    params = model.named_parameters()
+    assert all(v.shape == params[k.split("/", 2)[2]].shape for k, v in fisher.items())
+
+
+def test_rec_refuses_to_search_without_a_searcher() -> None:
+    task = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                         "max_train_per_task": 64, "seed": 0})
+    g = add_head(add_head(mlp((1, 8, 8), [8]), "t0", 10), "t1", 10)
+    model, rec = Model(g), make_strategy("rec", {"compress": False})
+    learn_task(Context(model, task[0], [], *labelers("task"), torch.device("cpu")), rec,
+               TrainConfig(epochs=1))
+    with pytest.raises(Exception, match="needs a searcher"):
+        learn_task(Context(model, task[1], task[:1], *labelers("task"), torch.device("cpu")),
+                   rec, TrainConfig(epochs=1))
+
+
+# ---- the service in a campaign (children in this process) ---------------------------------------
+def test_one_controller_learns_across_tasks_and_its_state_is_checkpointed(tmp_path: Path
+                                                                           ) -> None:
+    m = run(tmp_path, "a")
+    tensors, extra = controller_state(tmp_path / "a")
+    assert any(k.startswith("controller/all/policy/") for k in tensors)
+    assert extra["updates"] == 2  # one REINFORCE update per task's generation, one controller
+    details = m["details"]["rec"]
+    assert [details[t]["children"] for t in ("1", "2")] == [2, 2]
+    after_task_1, _ = controller_state(tmp_path / "a", 1)
+    moved = [k for k, v in tensors.items() if k.startswith("controller/all/policy/")
+             and not torch.equal(v, after_task_1[k])]
+    assert moved  # task 2's update changed the policy task 1 left behind
+
+
+def test_a_resumed_campaign_gives_the_same_R_and_controller(tmp_path: Path) -> None:
+    full = run(tmp_path, "full")
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "checkpoints" / "task_002")  # as if killed after task 2's search
+    resumed = resume_run(part)
+    assert resumed["R"] == full["R"]
+    a, b = controller_state(tmp_path / "full"), controller_state(part)
+    assert a[1] == b[1] and sorted(a[0]) == sorted(b[0])
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+def test_a_kill_mid_search_resumes_to_the_same_R_and_controller(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "k")
+    full = Campaign(load_config(cfg), tmp_path / "full").start()
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "growth", "run", str(cfg), "--out",
+                             str(run_dir), "--quiet"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = run_dir / "work" / "task_002" / "search" / "children.jsonl"
+    start = time.time()
+    while not records.exists() and proc.poll() is None and time.time() - start < 120:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = resume_run(run_dir)
+    assert resumed["R"] == full["R"]
+    a, b = controller_state(tmp_path / "full"), controller_state(run_dir)
+    assert a[1] == b[1] and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+def test_later_generations_grow_from_the_best_child_with_its_state(tmp_path: Path) -> None:
+    """Generation 1 grows from generation 0's winner: its children's lineage starts with the
+    winner's actions; the kept network is the last winner rebuilt from the first parent, and
+    REC's state follows it (the campaign's checkpoint checks every shape)."""
+    m = run(tmp_path, "g", n_tasks=2, data={"max_train_per_task": 600}, generations=2,
+            controller="random", epochs=2, lr_scale=1.0,
+            controller_params={"wider_actions": 2, "deeper_actions": 1})
+    folder = tmp_path / "g" / "work" / "task_001" / "search"
+    state = json.loads((folder / "search.json").read_text())
+    records = read_records(folder / "children.jsonl")
+    gen1 = [r for r in records if r.generation == 1]
+    assert len(gen1) == 2
+    winner = state["parents"]["1"]
+    assert winner["parent"] != state["root"], "generation 0 had no child beating the parent"
+    prefix = [r for r in records if Path(winner["parent"]).name == r.key][0].lineage
+    assert all(r.lineage[:-1] == prefix for r in gen1)
+    assert all(r.lineage[-1] == r.actions for r in records)
+    expansion = m["details"]["rec"]["1"]["expansion"]
+    assert expansion == [a for step in state["lineage"] for a in step]
+    graph = checkpoint(tmp_path / "g", 1).graph
+    chosen = NetGraph.load(state["parent"])
+    assert graph.to_dict() == chosen.to_dict()
+
+
+def test_the_parent_stays_when_no_child_beats_it_by_the_margin(tmp_path: Path) -> None:
+    m = run(tmp_path, "kept", margin=1.0)  # no accuracy beats the parent's by 1
+    details = m["details"]["rec"]
+    for t in ("1", "2"):
+        assert details[t]["expansion"] == "parent" and details[t]["parent_kept"] == 1
+        assert details[t]["children"] == 2
+    assert m["search"]["parent_kept"] == 2 and m["search"]["searches"] == 2
+    base = checkpoint(tmp_path / "kept", 0).graph
+    last = checkpoint(tmp_path / "kept", 2).graph
+    assert last.to_dict() == base.to_dict()
+
+
+def test_search_never_lowers_the_new_tasks_validation_accuracy(tmp_path: Path) -> None:
+    off = Campaign(load_config(write(tmp_path, "off", n_tasks=2, enabled=False)),
+                   tmp_path / "off").start()
+    on = Campaign(load_config(write(tmp_path, "on", n_tasks=2)), tmp_path / "on").start()
+    assert on["R"][1] == off["R"][1]  # task 0 alike in both
+    assert final_val(tmp_path / "on", 1) >= final_val(tmp_path / "off", 1)
+    detail = on["details"]["rec"]["1"]
+    assert detail["parent_acc"] == pytest.approx(final_val(tmp_path / "off", 1), abs=1e-12)
+
+
+def test_children_go_on_from_the_parents_moments(tmp_path: Path) -> None:
+    """The parent folder holds the optimizer's moments; a child built with no actions'
+    effect on a layer starts that layer's momentum where the parent left it."""
+    from growth.controllers.trial import MOMENTS
+
+    run(tmp_path, "mo", n_tasks=2)
+    parent = tmp_path / "mo" / "work" / "task_001" / "search" / "parent"
+    moments = load_tensors(parent / MOMENTS)
+    assert "fc1.weight/momentum_buffer" in moments
+    assert float(moments["fc1.weight/momentum_buffer"].abs().sum()) > 0
+
+
+def test_auto_backend_runs_children_here_until_ray_would_save_time() -> None:
+    """(1 - 1/parallel) of the children's training, against RAY_FIXED_S: 4 children of 10 s
+    on 2 CPUs save 20 s (ray), of 5 s save 10 s (here); nothing known yet: here."""
+    fixed = RAY_FIXED_S
+    assert choose_backend("auto", None, 4, 2, cpus=2) == "local"
+    assert choose_backend("auto", fixed / 2 + 1, 4, 2, cpus=2) == "ray"
+    assert choose_backend("auto", fixed / 2 - 1, 4, 2, cpus=2) == "local"
+    assert choose_backend("auto", 100.0, 4, 1, cpus=8) == "local"  # nothing runs at once
+    assert choose_backend("auto", 100.0, 4, 2, cpus=1) == "local"
+    assert choose_backend("local", 100.0, 4, 2, cpus=8) == "local"
+    assert choose_backend("ray", None, 4, 2, cpus=8) == "ray"
+
+
+def test_a_finished_search_starts_no_ray_when_resumed(tmp_path: Path) -> None:
+    from growth.controllers import make_controller
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.trial import TrialSpec
+    from searchkit import digits_task, small_space, trained_base
+
+    task = digits_task()
+    base, acc = trained_base(task, tmp_path / "base", hidden=(16,), epochs=1)
+    space = small_space(base)
+    args = (tmp_path / "s", tmp_path / "base", make_controller("random", space, seed=0), space,
+            task, TrialSpec(train=TrainConfig(epochs=1)), Budget(children=2, generations=1))
+    first = run_search(*args, parent_acc=acc, backend="local")
+
+    def no_ray() -> Any:
+        raise AssertionError("Ray was asked for with nothing left to train")
+
+    again = run_search(*args, parent_acc=acc, backend="ray", connect=no_ray)
+    assert [r.key for r in again.records] == [r.key for r in first.records] == [
+        "g000c00", "g000c01"]
+
+
+def test_a_private_expansion_trains_new_units_and_leaves_the_old_heads_where_they_were(
+        tmp_path: Path) -> None:
+    """REC with `expansion: private`: every child adds units only the new task's head reads
+    (widen_private) and trains them with the new head, the network it grew from frozen; on
+    fixed inputs each trained child's old head computes the parent's outputs (to float
+    summation order: the new units' zero columns join the sums), while its new head moved."""
+    from growth.compile import compile_graph
+
+    cfg = write(tmp_path, "p", n_tasks=2, controller="random")
+    data = yaml.safe_load(cfg.read_text())
+    data["strategy"]["expansion"] = "private"
+    cfg.write_text(yaml.safe_dump(data))
+    Campaign(load_config(cfg), tmp_path / "p").start()
+    folder = tmp_path / "p" / "work" / "task_001" / "search"
+    parent = NetGraph.load(folder / "parent")
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = compile_graph(parent).eval()(x)
+    records = [r for r in read_records(folder / "children.jsonl") if r.ok]
+    assert records and all(a["op"] == "widen_private" for r in records for a in r.actions)
+    for r in records:
+        child = NetGraph.load(folder / r.checkpoint)
+        assert child.param_count() > parent.param_count()
+        after = compile_graph(child).eval()(x)
+        assert torch.allclose(after["t0"], before["t0"], rtol=0, atol=1e-6), r.key  # still
+        assert float((after["t1"] - before["t1"]).abs().max()) > 1e-3, r.key  # it learned
+
+
+class Scored:
+    """A controller that proposes fixed children and records what it observes; the
+    children's accuracies come from training, so the test reads which one was best."""
+
+    name = "scored"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.parents = inner, []
+
+    def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+        self.parents.append(parent.to_dict())
+        return self.inner.propose(parent, n, exclude)
+
+    def observe(self, results: Any) -> None:
+        self.inner.observe(results)
+
+    def state_dict(self) -> Any:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, tensors: Any, extra: Any) -> None:
+        self.inner.load_state_dict(tensors, extra)
+
+
+def test_the_next_generation_grows_from_the_best_child_not_another(tmp_path: Path) -> None:
+    """Generation 1's parent is generation 0's child with the highest validation accuracy
+    (read from the records, independently of the driver's choice), and the controller was
+    asked for children of exactly that network."""
+    from growth.controllers import make_controller
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.trial import TrialSpec
+    from searchkit import digits_task, small_space, trained_base
+
+    task = digits_task()
+    base, acc = trained_base(task, tmp_path / "base", hidden=(16,), epochs=1)
+    space = small_space(base, exact=False)
+    controller = Scored(make_controller("random", space, {"wider_actions": 2,
+                                                          "deeper_actions": 1}, seed=4))
+    result = run_search(tmp_path / "s", tmp_path / "base", controller, space, task,
+                        TrialSpec(train=TrainConfig(epochs=2, lr=0.05)),
+                        Budget(children=3, generations=2), seed=4, parent_acc=0.0,
+                        backend="local")
+    first = [r for r in result.records if r.generation == 0 and r.ok]
+    best = max(first, key=lambda r: (r.val_acc, -r.params))
+    worst = min(first, key=lambda r: r.val_acc)
+    assert best.val_acc > worst.val_acc  # a real choice was made
+    state = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert state["parents"]["1"]["parent"] == str(tmp_path / "s" / best.checkpoint)
+    assert controller.parents[1] == NetGraph.load(tmp_path / "s" / best.checkpoint).to_dict()
