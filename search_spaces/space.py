@@ -303,6 +303,8 @@ class SearchSpace:
             return []
         out = []
         for op in self.wider_ops:
+            if op == "widen_private" and group.tile is not None:  # a norm would read them
+                continue
             action: Action = {"op": op, "node": layer.node, "width": width, "seed": seed}
             if op in BUILTIN_ROLES:
                 ok = self.fits(graph, widening_cost(graph, layer.node, width, group))

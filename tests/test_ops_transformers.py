@@ -118,16 +118,28 @@ def test_noisy_widening_perturbs_the_copies_rows_of_every_producer_of_the_stream
     assert preserved(g, wide) <= NOISE_BOUND * 0.01
 
 
-@pytest.mark.parametrize("kind", ["attention", "self_attention"])
-def test_a_private_widening_of_the_stream_keeps_the_function_with_zero_columns(
-        kind: str) -> None:
-    g = tiny_vit(3, kind)
-    qkv = "qkv.weight" if kind == "attention" else "in_proj_weight"
-    result = widen_private(g, "patch", 16)
-    cols = result.graph.node("block2_attn").tensors[qkv]
-    assert torch.equal(cols[:, :8], g.node("block2_attn").tensors[qkv])  # undivided
-    assert not cols[:, 8:].any()  # the copies' columns: zero, fresh in the record
-    assert result.record.index_maps[f"block2_attn.{qkv}"] == {1: list(range(8)) + [-1] * 8}
+def test_a_private_widening_is_refused_on_the_stream_and_private_in_the_mlp() -> None:
+    g = tiny_vit(3)
+    with pytest.raises(OperatorError, match="widen_private\\('patch'\\): its channels reach "
+                                            "'block1_norm1', which normalises over them"):
+        widen_private(g, "patch", 16)
+    # why: built by hand (copies whose columns are zero, the old columns undivided), such a
+    # network keeps the function until a new unit trains, and then every head moves
+    private = net2wider(g, "patch", 16).graph
+    for n in ("block1_attn", "block1_fc1", "block2_attn", "block2_fc1", "head_t"):
+        key = "qkv.weight" if n.endswith("attn") else "weight"
+        old = g.node(n).tensors[key]
+        private.node(n).tensors[key] = torch.cat([old, torch.zeros_like(old)], 1)
+    assert preserved(g, private) <= TOL
+    bias = private.node("patch").tensors["bias"].clone()
+    bias[8:] += 1.0  # only the new units' incoming weights change
+    private.node("patch").tensors["bias"] = bias
+    assert preserved(g, private) > 1e-2
+    result = widen_private(g, "block1_fc1", 15)  # no norm reads the MLP's hidden units
+    cols = result.graph.node("block1_fc2").tensors["weight"]
+    assert torch.equal(cols[:, :12], g.node("block1_fc2").tensors["weight"])  # undivided
+    assert not cols[:, 12:].any()  # the copies' columns: zero, fresh in the record
+    assert result.record.index_maps["block1_fc2.weight"] == {1: list(range(12)) + [-1] * 3}
     assert preserved(g, result.graph) <= TOL
 
 

@@ -431,6 +431,16 @@ def test_a_vit_offers_its_embedding_mlp_heads_and_blocks_and_each_keeps_the_func
                                        "net2wider"]
 
 
+def test_a_private_space_widens_a_vits_mlp_but_not_its_normalised_embedding() -> None:
+    g = _vit()
+    space = make_space({"widths": {"conv": [8, 16], "fc": [12, 16]}, "private": True, **EXACT},
+                       g)
+    layers = {x.node: x for x in space.layers(g)}
+    assert space.wider_options(g, layers["patch"]) == []  # LayerNorm reads the embedding
+    assert space.wider_options(g, layers["block1_fc1"]) == [
+        {"op": "widen_private", "node": "block1_fc1", "width": 16, "seed": 0}]
+
+
 def test_a_vits_moves_respect_the_parameter_limit() -> None:
     g = _vit()
     space = make_space({"max_params": g.param_count() + 200}, g)

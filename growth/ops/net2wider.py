@@ -60,6 +60,12 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     out = graph.copy()
     if width == group.width:
         return OpResult(out, ChangeRecord("widen_private" if private else "net2wider", params))
+    if private and group.tile is not None:
+        raise OperatorError(
+            f"widen_private({node!r}): its channels reach {group.tile!r}, which normalises over "
+            "them: the new units would enter its mean and variance, so every head would read "
+            "them as soon as they train; widen it with net2wider, or widen a layer whose "
+            "channels no norm reads (a transformer's MLP)")
     check_blocks(group, width, "net2wider")
     check_tiles(group, width, "net2wider")
     if max_new_params is not None and widening_bound(graph, group, width) > max_new_params:
