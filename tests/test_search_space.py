@@ -441,6 +441,32 @@ def test_a_private_space_widens_a_vits_mlp_but_not_its_normalised_embedding() ->
         {"op": "widen_private", "node": "block1_fc1", "width": 16, "seed": 0}]
 
 
+def test_a_space_naming_add_block_draws_identity_blocks_in_its_deeper_steps() -> None:
+    from growth.controllers import make_controller
+
+    g = _vit()
+    space = make_space({"operators": ["net2wider", "net2deeper", "add_block"], **EXACT}, g)
+    menu = space.deeper_menu(g)
+    by_op: dict[str, set[str]] = {"net2deeper": set(), "add_block": set()}
+    for o in space.deeper_options(g):
+        for op in menu.operators(o.block, o.position, o.kernel):
+            by_op[op].add(o.action["after"])
+    # a block goes after any token sequence (the stream, or the MLP's hidden units), never on
+    # the patch embedding's image map; a linear or conv layer anywhere
+    assert by_op["add_block"] == {"block1_act", "block1_fc2", "block2_act", "block2_fc2"}
+    assert by_op["net2deeper"] == by_op["add_block"] | {"patch"}
+    controller = make_controller("random", space, {"wider_actions": 0, "deeper_actions": 2},
+                                 seed=0)
+    proposals = controller.propose(g, 6)
+    blocks = [p for p in proposals if any(a["op"] == "add_block" for a in p.actions)]
+    assert blocks  # the rollout draws among the deeper operators
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    for proposal in blocks:
+        child, records = space.apply(g, proposal.actions)
+        assert max_rel_error(outputs(g, x), outputs(child, x)) <= 1e-5
+        assert len(child) > len(g)
+
+
 def test_a_vits_moves_respect_the_parameter_limit() -> None:
     g = _vit()
     space = make_space({"max_params": g.param_count() + 200}, g)

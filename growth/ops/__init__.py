@@ -43,7 +43,8 @@ register(Operator("net2deeper", "insert an identity layer (linear or conv, optio
 register(Operator("add_heads", "add attention heads whose output projection is zero, keeping "
                   "the function", add_heads))
 register(Operator("add_block", "insert an identity transformer block (pre-norm attention and MLP, "
-                  "zero-initialised residual branches) into a token sequence", add_block))
+                  "zero-initialised residual branches) into a token sequence", add_block,
+                  role="deeper"))
 register(Operator("add_column", "add a progressive-network column: a fresh copy of the base "
                   "trunk with lateral adapters from every earlier column; move heads onto it",
                   add_column))
