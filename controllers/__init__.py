@@ -1,4 +1,5 @@
-"""Architecture-search controllers: one protocol (propose / observe / state), EAS and random.
+"""Architecture-search controllers: one protocol (propose / observe / state), EAS, random search
+and RCL's.
 
 `make_controller(name, space, params, seed)` builds one by name; params are validated (an
 unknown or bad key is a ConfigError naming it). Plug-ins come from the "growth.controllers"
@@ -13,13 +14,15 @@ from typing import Any
 from growth.controllers.base import Controller, ControllerSettings, Proposal
 from growth.controllers.eas import EASController
 from growth.controllers.random_search import RandomController
+from growth.controllers.rcl import RCLController
 from growth.search_spaces.space import SearchSpace
 
 from growth.errors import ConfigError
 from growth.plugins import load_plugins
 
 ENTRY_POINT_GROUP = "growth.controllers"
-CONTROLLERS: dict[str, type] = {"eas": EASController, "random": RandomController}
+CONTROLLERS: dict[str, type] = {"eas": EASController, "random": RandomController,
+                                "rcl": RCLController}
 _PROTOCOL = ("propose", "observe", "state_dict", "load_state_dict")
 
 
@@ -37,7 +40,7 @@ def available_controllers() -> dict[str, type]:
 
 def make_controller(name: str, space: SearchSpace, params: dict[str, Any] | None = None,
                     seed: int = 0, where: str = "search.controller") -> Controller:
-    """The controller called `name` ("eas", "random", or a plug-in) over `space`, seeded."""
+    """The controller called `name` ("eas", "random", "rcl", or a plug-in) over `space`, seeded."""
     found = CONTROLLERS if name in CONTROLLERS else available_controllers()
     if name not in found:
         raise ConfigError(f"{where}.name: unknown controller {name!r}; available: "
@@ -46,4 +49,4 @@ def make_controller(name: str, space: SearchSpace, params: dict[str, Any] | None
 
 
 __all__ = ["CONTROLLERS", "Controller", "ControllerSettings", "EASController", "Proposal",
-           "RandomController", "available_controllers", "make_controller"]
+           "RCLController", "RandomController", "available_controllers", "make_controller"]

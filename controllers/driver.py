@@ -38,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +61,7 @@ from growth.data import Task
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
 from growth.io import atomic_write_text, load_tensors
+from growth.searching import score
 
 log = logging.getLogger("growth.search")
 STATE = "search.json"
@@ -347,41 +348,50 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
                task: Task, spec: TrialSpec | None = None, budget: Budget | None = None,
                resources: Resources | None = None, *, seed: int = 0,
                parent_acc: float | None = None, policy: Literal["best", "fixed"] = "best",
-               margin: float = 0.0, backend: Backend = "ray", child_s: float | None = None,
+               margin: float = 0.0, cost: float = 0.0, backend: Backend = "ray",
+               child_s: float | None = None,
                storage: str | None = None,
                name: str | None = None, ray_address: str | None = None,
                progress: SearchProgress | None = None, log_file: Path | None = None,
-               connect: Callable[[], AbstractContextManager[Any]] | None = None
-               ) -> SearchResult:
+               connect: Callable[[], AbstractContextManager[Any]] | None = None,
+               callbacks: Sequence[Callback] = ()) -> SearchResult:
     """Search from the graph folder `parent` into `directory` (or resume the search there).
 
     controller: a Controller (propose/observe/state_dict/load_state_dict) over `space`; its
     state is saved before each generation and reloaded on resume. task: the current task (its
     training and validation splits go to the trials, once). spec: how children train: the
     loss (a strategy by reference), train settings, earlier tasks as metadata. parent_acc: the
-    parent's validation accuracy; under policy "best" a child becomes the next generation's
-    parent only if it beats the current parent's accuracy by more than `margin` (None: the
-    best child always does). The parent folder may hold the strategy's state and the
-    optimizer's moments (see growth.controllers.trial). backend: "ray" trains children as
-    Ray Tune trials (Ray is started, or joined, only when a generation has children to train);
-    "local" trains them in this process, one after another; "auto" chooses per generation
-    (`choose_backend`; child_s: a child's training time measured before, e.g. by an earlier
-    search of the same campaign). storage: where Tune keeps
-    experiments (default `directory/tune`; a shared path or URI for multi-node clusters;
-    `name` names this search in it). ray_address: see growth.cluster.ray_cluster. connect:
-    how the search gets Ray when it needs it (default: `ray_cluster(ray_address)` for the
-    search's duration; a campaign's searcher passes one that holds Ray for the whole run).
+    parent's validation accuracy. A network's score is its validation accuracy minus `cost` x
+    the parameters it adds to the first parent, relative to the first parent's
+    (`growth.searching.score`; cost 0: accuracy alone). Under policy "best" the best-scoring
+    child becomes the next generation's parent only if it beats the current parent's score by
+    more than `margin` (parent_acc None: the best child always does); under policy "fixed"
+    every generation grows from the first parent, and the result's parent is the
+    best-scoring child of the whole search if it beats the first parent by the margin. The
+    parent folder may hold the strategy's state and the optimizer's moments (see
+    growth.controllers.trial). backend: "ray" trains children as Ray Tune trials (Ray is
+    started, or joined, only when a generation has children to train); "local" trains them
+    in this process, one after another; "auto" chooses per generation (`choose_backend`;
+    child_s: a child's training time measured before, e.g. by an earlier search of the same
+    campaign). storage: where Tune keeps experiments (default `directory/tune`; a shared path
+    or URI for multi-node clusters; `name` names this search in it). ray_address: see
+    growth.cluster.ray_cluster. connect: how the search gets Ray when it needs it (default:
+    `ray_cluster(ray_address)` for the search's duration; a campaign's searcher passes one
+    that holds Ray for the whole run). callbacks: more Tune callbacks for the Ray backend's
+    experiments (e.g. Ray's MLflow or W&B loggers: one tracked run per child); the local
+    backend has no Tune to call them.
     """
     spec = spec or TrialSpec()
     budget = budget or Budget()
     resources = resources or Resources()
     search = SearchDir(directory, storage, name)
     search.root.mkdir(parents=True, exist_ok=True)
-    state = _begin(search, Path(parent), controller, seed, parent_acc, policy)
+    state = _begin(search, Path(parent), controller, seed, parent_acc, policy, cost)
     driver = _Driver(search, state, controller, space, task, spec, budget, resources,
                      progress or SearchProgress(), backend=backend, margin=margin,
                      child_s=child_s,
-                     connect=connect or (lambda: _ray(ray_address, log_file)))
+                     connect=connect or (lambda: _ray(ray_address, log_file)),
+                     callbacks=callbacks)
     return driver.run()
 
 
@@ -398,18 +408,22 @@ def _check_fits(resources: Resources, cluster: Any) -> None:
 
 
 def _begin(search: SearchDir, parent: Path, controller: Any, seed: int,
-           parent_acc: float | None, policy: str) -> dict[str, Any]:
+           parent_acc: float | None, policy: str, cost: float = 0.0) -> dict[str, Any]:
     state = search.read_state()
     if state is None:
-        NetGraph.load(parent)  # a parent that cannot load is the caller's error, found now
+        # a parent that cannot load is the caller's error, found now
+        size = NetGraph.load(parent).param_count()
         state = {"version": 2, "controller": controller.name, "seed": seed, "policy": policy,
-                 "generation": 0, "root": str(parent.resolve()),
-                 "parent": str(parent.resolve()), "parent_acc": parent_acc, "lineage": [],
-                 "kept": 0, "elapsed_s": 0.0, "attempts": {}, "done": False}
+                 "cost": float(cost), "generation": 0, "root": str(parent.resolve()),
+                 "root_params": size, "parent": str(parent.resolve()),
+                 "parent_acc": parent_acc, "parent_params": size, "lineage": [], "kept": 0,
+                 "elapsed_s": 0.0, "attempts": {}, "done": False}
         search.save_controller(controller, 0)
         search.write_state(state)
         return state
-    for key, now in (("controller", controller.name), ("seed", seed), ("policy", policy)):
+    state.setdefault("cost", 0.0)  # searches started before costs existed ranked by accuracy
+    for key, now in (("controller", controller.name), ("seed", seed), ("policy", policy),
+                     ("cost", float(cost))):
         if state.get(key) != now:
             raise ConfigError(f"{search.state_file}: this search was started with {key} "
                               f"{state.get(key)!r}, not {now!r}; resume it with the same "
@@ -426,13 +440,14 @@ class _Driver:
                  task: Task, spec: TrialSpec, budget: Budget, resources: Resources,
                  progress: SearchProgress, backend: Backend = "ray", margin: float = 0.0,
                  connect: Callable[[], AbstractContextManager[Any]] | None = None,
-                 child_s: float | None = None) -> None:
+                 child_s: float | None = None, callbacks: Sequence[Callback] = ()) -> None:
         self.search, self.state, self.controller = search, state, controller
         self.budget, self.resources, self.progress = budget, resources, progress
         self.space, self.task = space, task
         self.backend, self.margin, self.child_s = backend, float(margin), child_s
         self.current = "local" if backend == "auto" else backend  # this generation's
         self.connect = connect or (lambda: _ray(None, None))
+        self.callbacks = list(callbacks)
         self.spec = spec.model_copy(update={
             "threads": max(1, int(resources.cpus_per_trial)),
             "device": "cuda" if resources.gpus_per_trial > 0 else spec.device})
@@ -461,12 +476,17 @@ class _Driver:
                 searcher.finish()
         board = leaderboard(self.records)
         self.search.write_leaderboard(board)
+        parent, acc = Path(self.state["parent"]), self.state["parent_acc"]
+        lineage = list(self.state.get("lineage", []))
+        pick = self._pick(board) if self.state.get("policy") == "fixed" else None
+        if pick is not None:  # "fixed": the best child of the whole search
+            parent, acc, lineage = self.search.root / str(pick.checkpoint), pick.val_acc, \
+                list(pick.lineage)
         return SearchResult(self.search.root, sorted(self.records, key=lambda r: r.key), board,
-                            int(self.state["generation"]), Path(self.state["parent"]),
-                            self.state["parent_acc"], self.elapsed(), bool(self.state["done"]),
+                            int(self.state["generation"]), parent, acc, self.elapsed(),
+                            bool(self.state["done"]),
                             root=Path(self.state.get("root", self.state["parent"])),
-                            lineage=list(self.state.get("lineage", [])),
-                            kept=int(self.state.get("kept", 0)))
+                            lineage=lineage, kept=int(self.state.get("kept", 0)))
 
     # ---- the searcher's source of generations ------------------------------------------------
     def next_generation(self) -> Generation | None:
@@ -599,25 +619,37 @@ class _Driver:
             run_config=tune.RunConfig(
                 name=f"gen{g:03d}-a{attempt}", storage_path=self.search.storage, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.resources.max_failures),
-                callbacks=[Recorder(self.search, self._on_child)]))
+                callbacks=[Recorder(self.search, self._on_child), *self.callbacks]))
         tuner.fit()
         del tuner  # the experiment's trials leave the driver's memory
 
     def _next_parent(self, board: list[ChildRecord]) -> None:
-        """The best child so far becomes the parent if it beats the parent by the margin; else
-        the parent is kept (counted)."""
+        """The best-scoring child so far becomes the parent if it beats the parent by the
+        margin; else the parent is kept (counted)."""
         if self.state.get("policy") != "best":
             return
-        best = board[0] if board else None
-        current = self.state.get("parent_acc")
-        if best is not None and best.checkpoint is not None and (
-                current is None or (best.val_acc is not None
-                                    and best.val_acc > current + self.margin)):
+        best = self._pick(board)
+        if best is not None:
             self.state["parent"] = str(self.search.root / str(best.checkpoint))
             self.state["parent_acc"] = best.val_acc
+            self.state["parent_params"] = best.params
             self.state["lineage"] = list(best.lineage)
         else:
             self.state["kept"] = int(self.state.get("kept", 0)) + 1
+
+    def _pick(self, board: list[ChildRecord]) -> ChildRecord | None:
+        """The best-scoring finished child (ties: leaderboard order) if its score beats the
+        current parent's by more than the margin, else None."""
+        cost, root = float(self.state.get("cost", 0.0)), self.state.get("root_params")
+        best = max(board, key=lambda r: score(r.val_acc, r.params, root, cost), default=None)
+        current = self.state.get("parent_acc")
+        if best is None or best.checkpoint is None or best.val_acc is None:
+            return None
+        if current is None:
+            return best
+        parent = score(current, self.state.get("parent_params"), root, cost)
+        return best if score(best.val_acc, best.params, root, cost) > parent + self.margin \
+            else None
 
     def _save_state(self) -> None:
         self.state["elapsed_s"] = self.elapsed()

@@ -12,8 +12,9 @@ resumes it. It
   the campaign ends, so a campaign pays Ray's start-up once and a run with nothing left to
   train pays it never;
 - returns the chosen child, rebuilt with the space to get the operators' change records from
-  the parent (the caller's state follows them), or None when no child beat the parent by the
-  margin.
+  the parent (the caller's state follows them), or None when no child's score beat the
+  parent's by the margin (`settings.parent` and `settings.cost` say which children compete
+  and how they score: `growth.searching.score`).
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ class SearchService:
                 folder, parent, controller, space, ctx.task, spec,
                 Budget(children=s.children, generations=s.generations),
                 Resources(concurrency=s.concurrency, cpus_per_trial=s.cpus_per_trial),
-                seed=ctx.seed, parent_acc=request.parent_acc, policy="best", margin=s.margin,
-                backend=s.backend, child_s=self.child_s, log_file=self.log_file,
+                seed=ctx.seed, parent_acc=request.parent_acc, policy=s.parent, margin=s.margin,
+                cost=s.cost, backend=s.backend, child_s=self.child_s, log_file=self.log_file,
                 progress=SearchProgress(on_child=lambda rec, board: self.on_child(index, rec)),
                 connect=lambda: self._connect(s.ray_address))
         finally:

@@ -6,11 +6,16 @@ Run directory (growth.rundir: lock, run id, paths; growth.checkpoint: checkpoint
   .lock                  held by the one process writing the run (its pid inside)
   log.txt                what happened, task by task
   epochs.csv             per epoch of every task: training loss, validation accuracy
-  tensorboard/           the same as TensorBoard event files (with `tensorboard: true`)
-  metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes, wall times (rewritten after every task,
-                         and rebuilt from the latest checkpoint on resume when behind)
-  checkpoints/task_NNN/  graph, strategy state, campaign state and a manifest of SHA-256
-                         sums; everything is checked before a resume trusts it
+  tensorboard/           TensorBoard event files (with `tracking: {tensorboard: true}`)
+  tracking.json          the MLflow run id, so a resume continues that run (growth.tracking)
+  metrics.json / .csv    R matrix, ACC/BWT/FWT, sizes, wall times and peak resident memory
+                         per task, the run's bytes on disk (rewritten after every task, and
+                         rebuilt from the latest checkpoint on resume when behind)
+  checkpoints/task_NNN/  graph, campaign state and a manifest of SHA-256 sums that also names
+                         the strategy's tensor files; everything is checked before a resume
+                         trusts it; `checkpoints: {keep: N}` keeps the newest N
+  tensors/               the strategy's tensors, each file written once (when the task that
+                         owns it ends) and named by its SHA-256; later checkpoints name it
   work/task_NNN/         a strategy's own artefacts for a task (REC: its architecture search,
                          which resumes from there); the strategy gets the folder, not the layout
 
@@ -37,8 +42,14 @@ import torch
 from growth.checkpoint import (
     CampaignState,
     Checkpoint,
+    Saved,
+    apply_retention,
+    checkpoint_bytes,
+    checkpoint_folders,
     latest_checkpoint,
     read_checkpoint,
+    remove_unnamed_tensors,
+    tensor_store,
     write_checkpoint,
 )
 from growth.compile import compile_graph
@@ -56,10 +67,21 @@ from growth.errors import (
 )
 from growth.graph import NetGraph
 from growth.io import atomic_write_text
-from growth.metrics import RMatrix, make_metrics, read_metrics, size_report, write_metrics
+from growth.metrics import (
+    METRICS_CSV,
+    METRICS_JSON,
+    RMatrix,
+    make_metrics,
+    read_metrics,
+    size_report,
+    write_metrics,
+)
 from growth.model import Model
+from growth.resources import Collector, disk_bytes, peak_rss_bytes, reset_peak_rss
 from growth.rundir import (
+    CHECKPOINTS,
     CONFIG,
+    LOCK,
     RunLock,
     check_run_dir,
     check_writable_dir,
@@ -73,10 +95,12 @@ from growth.runlog import EpochLog
 from growth.scenarios import heads, labelers
 from growth.searching import Searcher
 from growth.strategies import Context, Strategy, make_strategy
+from growth.tracking import Tracking, open_tracking
 from growth.train import evaluate, learn_task
 
 log = logging.getLogger("growth.campaign")
 WORK = "work"  # RUNDIR/work/task_NNN: Context.workdir of each task
+UNCHECKED = ("tracking", "tensorboard", "checkpoints")  # config keys a resume may change
 __all__ = ["Campaign", "CampaignState", "Progress", "latest_checkpoint", "resume_run",
            "run_config", "run_config_of"]
 
@@ -143,11 +167,15 @@ def _python_trunk(cfg: Config, shape: tuple[int, ...]) -> NetGraph:
 class Campaign:
     """Runs (or resumes) one config into one run directory."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, progress: Progress | None = None
-                 ) -> None:
+    def __init__(self, cfg: Config, run_dir: str | Path, progress: Progress | None = None,
+                 report: Callable[[Path], Any] | None = None) -> None:
+        """`report(run_dir)` writes RUNDIR/report when the run finishes, before MLflow or
+        W&B take the run's files (the commands pass growth.report's writer)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress or Progress()
+        self.report = report
+        self.tracking = Tracking({}, cfg.train.epochs)
         self.device = resolve_device(cfg.device, cfg.source)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -203,13 +231,18 @@ class Campaign:
                 self._check_same_config(ckpt)
             # everything is checked: from here on the run directory may change
             removed = clean_leftovers(self.run_dir)
-            if ckpt is not None and ckpt.state.finished == len(self.tasks) and not removed:
+            unnamed = remove_unnamed_tensors(self.run_dir)
+            if ckpt is not None and ckpt.state.finished == len(self.tasks) and not (
+                    removed or unnamed):
                 self._restore(ckpt)
                 return self._refresh_metrics()  # nothing to train; metrics may lag behind
             with logging_to(self.run_dir):
                 lock.note_stale()
                 for p in removed:
-                    log.info("removed %s, left by an interrupted write", p)
+                    log.info("removed %s, left by an interrupted write or removal", p)
+                if unnamed:
+                    log.info("removed %d tensor file(s) that no checkpoint names (left by an "
+                             "interrupted write or a removed checkpoint)", len(unnamed))
                 if ckpt is None:
                     log.info("no finished task in %s; starting from the beginning",
                              self.run_dir)
@@ -237,6 +270,7 @@ class Campaign:
     def _restore(self, ckpt: Checkpoint) -> None:
         self.model = Model(ckpt.graph, self.device)
         self.strategy.load_state_dict(ckpt.tensors, ckpt.extra)
+        self.strategy.offload(ckpt.tensors.refs())  # per-task state stays in its files
         self.state = ckpt.state
         self.resumed_at = ckpt.state.finished
 
@@ -253,9 +287,14 @@ class Campaign:
 
     # ---- the loop ------------------------------------------------------------------------
     def _loop(self) -> dict[str, Any]:
-        self.epoch_log = EpochLog(self.run_dir, self.cfg.train.epochs, self.cfg.tensorboard,
-                                  self.state.finished)
+        self.epoch_log = EpochLog(self.run_dir, self.state.finished)
+        epochs = max(1, self.cfg.train.epochs)
+        self.tracking = open_tracking(self.cfg.tracking, self.run_dir, self.run_id,
+                                      self.cfg.name, epochs, self.state.finished * epochs)
+        self.collector = Collector()
+        ok = False
         try:
+            self.tracking.params(self.state.config)
             if self.state.finished < len(self.tasks):
                 work = self.run_dir / WORK
                 p = self.progress
@@ -265,11 +304,26 @@ class Campaign:
                         self.strategy.session(work):
                     for i in range(self.state.finished, len(self.tasks)):
                         self._learn(i)
+            metrics = self.metrics()  # also when a kill fell between checkpoint and this
+            write_metrics(self.run_dir, metrics)
+            self._hand_over()
+            ok = True
         finally:
-            self.epoch_log.close()
-        metrics = self.metrics()
-        write_metrics(self.run_dir, metrics)  # also when a kill fell between checkpoint and this
+            self.tracking.close(ok)
         return metrics
+
+    def _hand_over(self) -> None:
+        """The finished run's files (and its report) to MLflow and W&B."""
+        t = self.cfg.tracking
+        if not (t.artifacts and (t.mlflow is not None or t.wandb is not None)):
+            return
+        if self.report is not None:
+            try:
+                self.report(self.run_dir)
+            except Exception as exc:  # noqa: BLE001 (the run is done; its report is extra)
+                log.warning("the report for the trackers failed (%s: %s); `growth report %s` "
+                            "writes it", type(exc).__name__, exc, self.run_dir)
+        self.tracking.finish(self.run_dir)
 
     def _ctx(self, task: Task) -> Context:
         seen = [t for t in self.tasks if t.index < task.index]
@@ -280,6 +334,7 @@ class Campaign:
 
     def _learn(self, i: int) -> None:
         task = self.tasks[i]
+        reset_peak_rss()
         self.progress.on_task_start(i, task)
         log.info("task %d (%s): %d train / %d val / %d test samples", i, task.name,
                  len(task.train[1]), len(task.val[1]), len(task.test[1]))
@@ -297,15 +352,30 @@ class Campaign:
             self.state.R.record(i + 1, j, evaluate(ctx, other, strategy=self.strategy))
         self.state.wall_time_s.append(wall)
         self.state.sizes.append({"task": i, **self._size(), **self._memory()})
-        write_checkpoint(self.run_dir, i, self.model.graph, self.strategy, self.state,
-                         self.run_id)
+        self.state.peak_rss_bytes.append(peak_rss_bytes())
+        self.save_checkpoint(i)
+        self.collector.between_tasks()  # tasks' garbage in reference cycles
         metrics = self.metrics()
         write_metrics(self.run_dir, metrics)
         log.info("task %d done in %.1fs, final loss %.4f; R[%d] = %s; ACC so far %.4f", i,
                  wall, losses[-1] if losses else float("nan"), i + 1,
                  self.state.R.row(i + 1).round(4).tolist(), metrics["acc"] or float("nan"))
-        self.epoch_log.task_done(i, metrics)
+        self.tracking.task_done(i, metrics)
         self.progress.on_task_end(i, metrics)
+
+    def save_checkpoint(self, task: int) -> Saved:
+        """The checkpoint after `task`; then the strategy reads its per-task tensors from the
+        files just written (`Strategy.offload`), and checkpoints beyond `checkpoints.keep`
+        go with the tensor files only they named."""
+        saved = write_checkpoint(self.run_dir, task, self.model.graph, self.strategy,
+                                 self.state, self.run_id)
+        self.strategy.offload(saved.tensors)
+        removed = apply_retention(self.run_dir, self.cfg.checkpoints.keep, saved)
+        if removed:
+            folders = sum(1 for p in removed if p.is_relative_to(self.run_dir / CHECKPOINTS))
+            log.info("checkpoints.keep %d: removed %d checkpoint(s) and %d tensor file(s)",
+                     self.cfg.checkpoints.keep, folders, len(removed) - folders)
+        return saved
 
     def _epoch(self, ctx: Context, epoch: int, loss: float) -> None:
         """After each epoch: log the loss and the validation accuracy of the network as it
@@ -321,6 +391,7 @@ class Campaign:
                 for m, mode in modes:
                     m.train(mode)
         self.epoch_log.epoch(task.index, task.name, epoch, loss, val)
+        self.tracking.epoch(task.index, epoch, loss, val)
         self._val_time += time.perf_counter() - start
         self.progress.on_epoch(task.index, epoch, loss)
 
@@ -346,14 +417,32 @@ class Campaign:
         report = self.strategy.run_report()
         metrics = make_metrics(run, [t.name for t in self.tasks], self.state.R,
                                self.state.sizes, self.state.wall_time_s,
+                               peak_rss_bytes=self.state.peak_rss_bytes,
                                search=report.get("search"), config=self.state.config)
         if report.get("details"):
             metrics["details"] = report["details"]
+        metrics["storage"] = self._storage()
         return metrics
 
+    def _storage(self) -> dict[str, int]:
+        """What the run takes on disk: all of it but the files being rewritten (metrics, the
+        lock), its newest checkpoint (folder and the tensor files it names), the checkpoints
+        kept and the tensor files."""
+        folders = checkpoint_folders(self.run_dir)
+        newest = folders[max(folders)] if folders else None
+        busy = sum(disk_bytes(self.run_dir / n) for n in (METRICS_JSON, METRICS_CSV, LOCK))
+        return {"run_bytes": disk_bytes(self.run_dir) - busy,
+                "checkpoint_bytes": checkpoint_bytes(newest) if newest else 0,
+                "checkpoints": len(folders),
+                "tensor_files": len(tensor_store(self.run_dir).files())}
+
     def _check_same_config(self, ckpt: Checkpoint) -> None:
+        """Every key but the trackers' and retention's (they do not change results; runs
+        started before `tracking:` existed hold a top-level `tensorboard`)."""
         now = self._resolved().to_dict()
-        changed = sorted(_diff(ckpt.state.config, now))
+        old = {k: v for k, v in ckpt.state.config.items() if k not in UNCHECKED}
+        now = {k: v for k, v in now.items() if k not in UNCHECKED}
+        changed = sorted(_diff(old, now))
         if changed:
             raise ConfigError(f"{self.run_dir / CONFIG} changed since the run started "
                               f"(keys: {', '.join(changed)}; the checkpoint {ckpt.path.name} "
@@ -386,9 +475,10 @@ def _mkdir(path: Path) -> None:
 
 
 def run_config(path: str | Path, out: str | Path, overrides: list[str] | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
-    """Load a config and run it into `out`."""
-    return Campaign(load_config(path, overrides), out, progress).start()
+               progress: Progress | None = None,
+               report: Callable[[Path], Any] | None = None) -> dict[str, Any]:
+    """Load a config and run it into `out` (`report`: see Campaign)."""
+    return Campaign(load_config(path, overrides), out, progress, report).start()
 
 
 def run_config_of(run_dir: str | Path) -> Config:
@@ -397,6 +487,7 @@ def run_config_of(run_dir: str | Path) -> Config:
     return load_config(Path(run_dir) / CONFIG)
 
 
-def resume_run(run_dir: str | Path, progress: Progress | None = None) -> dict[str, Any]:
+def resume_run(run_dir: str | Path, progress: Progress | None = None,
+               report: Callable[[Path], Any] | None = None) -> dict[str, Any]:
     """Continue a run from its last finished task, with the config it was started with."""
-    return Campaign(run_config_of(run_dir), run_dir, progress).resume()
+    return Campaign(run_config_of(run_dir), run_dir, progress, report).resume()

@@ -1,23 +1,37 @@
 """Checkpoints of a campaign: written atomically, read back as untrusted data.
 
 checkpoints/task_NNN/ (the run after task NNN):
-  manifest.json             format, run id, task, and the SHA-256 of every file below
+  manifest.json             format, run id, task, the SHA-256 of every file below, and the
+                            file of every strategy tensor (`tensors`: key -> file digest)
   graph/structure.json      the network (NetGraph.save)
   graph/weights.safetensors
-  strategy.safetensors      the strategy's tensors (checked against its `state_spec`)
   state.json                R so far, sizes, wall times, base size, resolved config, the
                             strategy's JSON-able extra, run id and task
+tensors/<sha256>.safetensors (in the run directory, shared by every checkpoint)
+                            the strategy's tensors (checked against its `state_spec`), one
+                            file per kind and slot a checkpoint wrote, named by its SHA-256
+                            and never rewritten: a finished task's Fisher, anchors, masks or
+                            picks are written once, when the task ends, and every later
+                            checkpoint names the same file (growth.tensorfiles)
 
-Reading checks every file against the manifest, every field of state.json against its schema
-and the run (task count, R shape, finished rows), the weights' dtypes and values, and the
-strategy's tensors against the strategy and the graph. Any problem is one CheckpointError
-naming the file and what is wrong; nothing is repaired or skipped, and there is no fallback to
-an older checkpoint.
+Reading checks every file against the manifest (the tensor files too: each one's bytes
+against its name), every field of state.json against its schema and the run (task count, R
+shape, finished rows), the weights' dtypes and values, and the strategy's tensors against the
+strategy and the graph. Any problem is one CheckpointError naming the file and what is wrong
+(a tensor's problem names the file that holds it); nothing is repaired or skipped, and there
+is no fallback to an older checkpoint. The strategy gets its tensors as references to their
+files (`StateDict`), read again when it uses them.
+
+Retention (`checkpoints: {keep: N}`) removes all but the newest N checkpoint folders after a
+write, then every tensor file that no remaining checkpoint names; the newest checkpoint and
+what it names are never removed. Version 1 checkpoints (the strategy's tensors in
+task_NNN/strategy.safetensors) are still read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,16 +47,24 @@ from growth.graph import NetGraph
 from growth.io import load_tensors, sha256
 from growth.layers import buffer_names
 from growth.metrics import RMatrix
-from growth.rundir import CHECKPOINTS, TMP_PREFIX
+from growth.resources import disk_bytes
+from growth.rundir import CHECKPOINTS, TENSORS, TMP_PREFIX
 from growth.strategies import Strategy
+from growth.tensorfiles import StateDict, TensorRef, TensorStore
 
 FORMAT = "growth.checkpoint"
-VERSION = 1
-FILES = ("graph/structure.json", "graph/weights.safetensors", "strategy.safetensors",
-         "state.json")  # everything the reader loads, so everything the manifest must list
+VERSION = 2
+STATE_VERSION = 1  # state.json's own format
+FILES = ("graph/structure.json", "graph/weights.safetensors", "state.json")
+# everything the reader loads from the folder, so everything the manifest must list; version
+# 1 also held the strategy's tensors in the folder
+FILES_V1 = ("graph/structure.json", "graph/weights.safetensors", "strategy.safetensors",
+            "state.json")
 COUNTERS = {"num_batches_tracked"}  # integer tensors of a graph, besides index buffers
 _NAME = re.compile(r"task_(\d{3,})$")
 _SHA = re.compile(r"[0-9a-f]{64}$")
+_TENSOR_PROBLEM = re.compile(r"tensor '([^']+)'")  # how a problem names the tensor it is about
+log = logging.getLogger("growth.checkpoint")
 
 
 @dataclass
@@ -54,6 +76,7 @@ class CampaignState:
     wall_time_s: list[float] = field(default_factory=list)
     base_params: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # resolved config the run began with
+    peak_rss_bytes: list[int | None] = field(default_factory=list)  # per task, measured
 
     @property
     def finished(self) -> int:
@@ -67,19 +90,31 @@ class Checkpoint:
 
     path: Path
     graph: NetGraph
-    tensors: dict[str, torch.Tensor]
+    tensors: StateDict  # the strategy's tensors, as references to their files
     extra: dict[str, Any]
     state: CampaignState
 
 
+@dataclass
+class Saved:
+    """A checkpoint just written: its folder and where each strategy tensor lies."""
+
+    path: Path
+    tensors: dict[str, TensorRef]
+
+
+def tensor_store(run_dir: Path) -> TensorStore:
+    return TensorStore(Path(run_dir) / TENSORS)
+
+
 # ---- where ----------------------------------------------------------------------------------
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint folder, or None before the first; anything in checkpoints/ that
-    is not a checkpoint folder (or a temp folder of an interrupted write) is an error, so a
-    damaged newest checkpoint is never skipped in favour of an older one."""
+def checkpoint_folders(run_dir: Path) -> dict[int, Path]:
+    """Every checkpoint folder by task; anything in checkpoints/ that is not a checkpoint
+    folder (or a temp folder of an interrupted write) is an error, so a damaged newest
+    checkpoint is never skipped in favour of an older one."""
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.exists():
-        return None
+        return {}
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; the run's checkpoints are gone")
     done: dict[int, Path] = {}
@@ -93,48 +128,115 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         if not p.is_dir():
             raise CheckpointError(f"{p} is not a folder; the checkpoint is damaged")
         done[int(m.group(1))] = p
+    return done
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint folder, or None before the first (see `checkpoint_folders`)."""
+    done = checkpoint_folders(run_dir)
     return done[max(done)] if done else None
 
 
 # ---- writing --------------------------------------------------------------------------------
 def write_checkpoint(run_dir: Path, task: int, graph: NetGraph, strategy: Strategy,
-                     state: CampaignState, run_id: str) -> Path:
-    """Write the checkpoint into a temp folder, then rename it into place (atomic)."""
-    from safetensors.torch import save_file
-
+                     state: CampaignState, run_id: str) -> Saved:
+    """Write the checkpoint into a temp folder, then rename it into place (atomic). The
+    strategy's tensors go to the run's tensor files first; those already there are named,
+    not written again."""
     final = Path(run_dir) / CHECKPOINTS / f"task_{task:03d}"
     tmp = Path(run_dir) / CHECKPOINTS / f"{TMP_PREFIX}task_{task:03d}"
     shutil.rmtree(tmp, ignore_errors=True)
     graph.save(tmp / "graph")
     tensors, extra = strategy.state_dict()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-              str(tmp / "strategy.safetensors"))
-    campaign = {"format": "growth.campaign-state", "version": VERSION, "run_id": run_id,
+    refs = tensor_store(run_dir).save(tensors)
+    campaign = {"format": "growth.campaign-state", "version": STATE_VERSION, "run_id": run_id,
                 "task": task, "strategy": strategy.name, "R": state.R.to_list(),
                 "sizes": state.sizes, "wall_time_s": state.wall_time_s,
+                "peak_rss_bytes": state.peak_rss_bytes,
                 "base_params": state.base_params, "config": state.config,
                 "strategy_extra": extra}
-    (tmp / "state.json").write_text(json.dumps(campaign, indent=1, allow_nan=False),
-                                    encoding="utf-8")
+    # compact JSON: Python's C encoder (an indented dump runs the pure-Python one, whose time
+    # grows with R, the tensor list and a strategy's per-task extra)
+    (tmp / "state.json").write_text(json.dumps(campaign, allow_nan=False), encoding="utf-8")
     manifest = {"format": FORMAT, "version": VERSION, "run_id": run_id, "task": task,
-                "files": {rel: sha256(tmp / rel) for rel in FILES}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+                "files": {rel: sha256(tmp / rel) for rel in FILES},
+                "tensors": {k: refs[k].digest for k in sorted(refs)}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     for p in tmp.rglob("*"):
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return final
+    return Saved(final, refs)
+
+
+def apply_retention(run_dir: Path, keep: int | None, newest: Saved) -> list[Path]:
+    """Remove all but the newest `keep` checkpoint folders (None: keep all), then the tensor
+    files no remaining checkpoint names; return what was removed. The newest checkpoint and
+    its files are always kept. Folders go first, so a kill in between leaves only unnamed
+    files (removed by the next resume), never a checkpoint without its tensors; a folder is
+    renamed to a temp name before its files go, so a kill while they go leaves a temp folder
+    (removed by the next resume), never a checkpoint folder with some of its files."""
+    removed: list[Path] = []
+    if keep is None:
+        return removed
+    folders = checkpoint_folders(run_dir)
+    for task in sorted(folders)[:-keep]:
+        folder = folders[task]
+        if folder != newest.path:
+            gone = folder.with_name(f"{TMP_PREFIX}removed_{folder.name}")
+            shutil.rmtree(gone, ignore_errors=True)  # left by a kill; not a checkpoint
+            os.replace(folder, gone)
+            shutil.rmtree(gone)
+            removed.append(folder)
+    if removed:
+        removed += remove_unnamed_tensors(run_dir, {r.path for r in newest.tensors.values()})
+    return removed
+
+
+def remove_unnamed_tensors(run_dir: Path, named: set[Path] | None = None) -> list[Path]:
+    """Remove the tensor files that no checkpoint of the run names (left by a removed
+    checkpoint or an interrupted write). If a checkpoint's manifest cannot be read, nothing
+    is removed: what it names is unknown. `named`: files known to be named (kept always)."""
+    store = tensor_store(run_dir)
+    keep = {p.resolve() for p in named or set()}
+    for folder in checkpoint_folders(run_dir).values():
+        digests = _named_digests(folder / "manifest.json")
+        if digests is None:
+            log.warning("%s cannot be read; no tensor file is removed", folder / "manifest.json")
+            return []
+        keep |= {store.path(d).resolve() for d in digests}
+    gone = [p for p in store.files() if p.resolve() not in keep]
+    for p in gone:
+        p.unlink()
+    return gone
+
+
+def _named_digests(path: Path) -> set[str] | None:
+    """The tensor files a manifest names (none for version 1), or None if it is unreadable."""
+    try:
+        manifest = _Manifest.model_validate(_load_json(path))
+    except (CheckpointError, ValidationError):
+        return None
+    return set(manifest.tensors.values())
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes on disk of one checkpoint: its folder and the tensor files it names."""
+    digests = _named_digests(Path(path) / "manifest.json") or set()
+    store = tensor_store(Path(path).parent.parent)
+    return disk_bytes(path) + sum(disk_bytes(store.path(d)) for d in digests)
 
 
 # ---- reading --------------------------------------------------------------------------------
 class _Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["growth.checkpoint"]
-    version: Literal[1]
+    version: Literal[1, 2]
     run_id: StrictStr
     task: StrictInt
     files: dict[StrictStr, StrictStr]
+    tensors: dict[StrictStr, StrictStr] = {}  # strategy tensor -> digest of its file (v2)
 
 
 class _State(BaseModel):
@@ -147,6 +249,7 @@ class _State(BaseModel):
     R: list[list[float | None]]
     sizes: list[dict[StrictStr, float | int | None]]
     wall_time_s: list[float]
+    peak_rss_bytes: list[StrictInt | None] | None = None  # absent before it was measured
     base_params: StrictInt
     config: dict[str, Any]
     strategy_extra: dict[str, Any]
@@ -156,16 +259,48 @@ def read_checkpoint(ckpt: Path, run_id: str, n_tasks: int, strategy: Strategy) -
     """Load and check a checkpoint of run `run_id` (n_tasks tasks) for `strategy`."""
     ckpt = Path(ckpt)
     task = int(_NAME.match(ckpt.name).group(1))  # type: ignore[union-attr]
-    _check_manifest(ckpt, run_id, task)
+    manifest = _check_manifest(ckpt, run_id, task)
     state, extra = _read_state(ckpt / "state.json", run_id, task, n_tasks, strategy.name)
     graph = _read_graph(ckpt / "graph")
-    path = ckpt / "strategy.safetensors"
-    tensors = load_tensors(path)
+    if manifest.version == 1:
+        tensors = StateDict(load_tensors(ckpt / "strategy.safetensors"))
+        where = dict.fromkeys(tensors, ckpt / "strategy.safetensors")
+    else:
+        tensors = _tensor_refs(ckpt, manifest.tensors)
+        where = {k: tensors.ref(k).path for k in tensors}  # type: ignore[union-attr]
     problems = strategy.check_state(tensors, extra, graph.named_tensors(), state.finished)
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        named = _TENSOR_PROBLEM.match(problems[0])
+        path = where.get(named.group(1), ckpt) if named else ckpt
         raise CheckpointError(f"{path}: {problems[0]}{more}")
     return Checkpoint(ckpt, graph, tensors, extra, state)
+
+
+def _tensor_refs(ckpt: Path, named: dict[str, str]) -> StateDict:
+    """The strategy's tensors as references, after checking that each file (its digest was
+    checked with the manifest) is a safetensors file holding the tensors named in it."""
+    from safetensors import SafetensorError, safe_open
+
+    store = tensor_store(ckpt.parent.parent)
+    by_file: dict[str, list[str]] = {}
+    for key, digest in named.items():
+        by_file.setdefault(digest, []).append(key)
+    out = StateDict()
+    for digest, keys in sorted(by_file.items()):
+        path = store.path(digest)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                held = set(f.keys())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path} is corrupt or not a safetensors file ({exc})") from None
+        absent = sorted(set(keys) - held)
+        if absent:
+            raise CheckpointError(f"{path} does not hold the tensor {absent[0]!r} that "
+                                  f"{ckpt / 'manifest.json'} names it for")
+        for key in keys:
+            out.refer(key, TensorRef(path, key))
+    return out
 
 
 def _load_json(path: Path) -> Any:
@@ -188,7 +323,7 @@ def _schema_error(path: Path, exc: ValidationError) -> CheckpointError:
     return CheckpointError(f"{path}: {key}: {err['msg']}{more}")
 
 
-def _check_manifest(ckpt: Path, run_id: str, task: int) -> None:
+def _check_manifest(ckpt: Path, run_id: str, task: int) -> _Manifest:
     path = ckpt / "manifest.json"
     try:
         manifest = _Manifest.model_validate(_load_json(path))
@@ -200,20 +335,35 @@ def _check_manifest(ckpt: Path, run_id: str, task: int) -> None:
     if manifest.task != task:
         raise CheckpointError(f"{path}: says task {manifest.task}, but the folder is "
                               f"{ckpt.name}")
+    files = FILES if manifest.version == VERSION else FILES_V1
     listed = set(manifest.files)
-    if listed != set(FILES):
-        missing, unknown = sorted(set(FILES) - listed), sorted(listed - set(FILES))
+    if listed != set(files):
+        missing, unknown = sorted(set(files) - listed), sorted(listed - set(files))
         what = f"does not list {missing}" if missing else f"lists unknown files {unknown}"
-        raise CheckpointError(f"{path}: {what}; a checkpoint holds exactly {list(FILES)}")
-    for rel, digest in sorted(manifest.files.items()):
-        p = ckpt / rel
+        raise CheckpointError(f"{path}: {what}; a checkpoint holds exactly {list(files)}")
+    if manifest.version == 1 and manifest.tensors:
+        raise CheckpointError(f"{path}: a version 1 checkpoint names no tensor files")
+    store = tensor_store(ckpt.parent.parent)
+    checks = [(f"files.{rel}", ckpt / rel, digest) for rel, digest in manifest.files.items()]
+    checks += [(f"tensors.{key}", store.path(digest), digest)
+               for key, digest in manifest.tensors.items()]
+    checks.sort(key=lambda c: c[0])
+    for what, _, digest in checks:
         if not _SHA.match(digest):
-            raise CheckpointError(f"{path}: files.{rel}: not a SHA-256 digest")
+            raise CheckpointError(f"{path}: {what}: not a SHA-256 digest")
+    seen: set[Path] = set()
+    for what, p, digest in checks:
+        if p in seen:
+            continue
+        seen.add(p)
+        if not p.exists():
+            named = "" if what.startswith("files.") else f" ({path} names it for {what})"
+            raise CheckpointError(f"{p} is missing from the checkpoint{named}")
         if not p.is_file():
-            raise CheckpointError(f"{p} is missing from the checkpoint" if not p.exists() else
-                                  f"{p} is not a file; the checkpoint is damaged")
+            raise CheckpointError(f"{p} is not a file; the checkpoint is damaged")
         if sha256(p) != digest:
             raise CheckpointError(f"{p} is corrupt (its SHA-256 does not match the manifest)")
+    return manifest
 
 
 def _read_state(path: Path, run_id: str, task: int, n_tasks: int, strategy: str
@@ -247,12 +397,16 @@ def _read_state(path: Path, run_id: str, task: int, n_tasks: int, strategy: str
             raise bad(f"R[{i}] holds an accuracy outside [0, 1]")
     if len(s.wall_time_s) != finished or any(not w >= 0 for w in s.wall_time_s):
         raise bad(f"wall_time_s must be {finished} non-negative seconds, one per finished task")
+    peak = [None] * finished if s.peak_rss_bytes is None else s.peak_rss_bytes
+    if len(peak) != finished or any(b is not None and b < 0 for b in peak):
+        raise bad(f"peak_rss_bytes must be {finished} byte counts (or null), one per finished "
+                  "task")
     if len(s.sizes) != finished or any(z.get("task") != k for k, z in enumerate(s.sizes)):
         raise bad(f"sizes must be {finished} entries with task 0..{task}")
     if s.base_params < 1:
         raise bad(f"base_params must be positive, got {s.base_params}")
     state = CampaignState(RMatrix.from_list(s.R), [dict(z) for z in s.sizes],
-                          list(s.wall_time_s), s.base_params, s.config)
+                          list(s.wall_time_s), s.base_params, s.config, list(peak))
     return state, s.strategy_extra
 
 

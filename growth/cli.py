@@ -149,10 +149,17 @@ def _run(args: argparse.Namespace) -> int:
                           "section (REC's search settings go under strategy.search)")
     out = Path(args.out) if args.out else _default_out(args.config)
     check_writable_dir(out)
-    campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet))
+    campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet), _write_report)
     metrics = campaign.start()
     _print_summary(out, metrics)
     return 0
+
+
+def _write_report(run_dir: Path) -> Path:
+    """RUNDIR/report of one finished run (handed to the trackers with the run's files)."""
+    from growth.report import write_report
+
+    return write_report([run_dir])
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -179,7 +186,7 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = run_config_of(run_dir)
     if cfg.search is not None:
         return _resume_search(args, cfg)
-    campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet))
+    campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet), _write_report)
     metrics = campaign.resume()
     if campaign.resumed_at == len(campaign.tasks):
         print(f"{run_dir}: all {len(campaign.tasks)} tasks are finished; nothing to do")

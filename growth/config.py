@@ -191,6 +191,65 @@ class SearchConfig(_Section):
     storage: str | None = None  # Tune storage: a shared path or URI for multi-node clusters
 
 
+class CheckpointsConfig(_Section):
+    """Which checkpoints a run keeps (growth.checkpoint). Retention changes no result, so a
+    resume may change it."""
+
+    keep: int | None = Field(None, ge=1)  # newest checkpoints kept (None: every task's)
+
+
+class MLflowConfig(_Section):
+    """An MLflow run per campaign (growth.tracking): `pip install 'growth[mlflow]'`."""
+
+    # tracking URI: file:/abs/path, sqlite:///mlflow.db, http://host:5000; None: MLflow's own
+    # default (MLFLOW_TRACKING_URI, else ./mlruns)
+    uri: str | None = None
+    experiment: str = Field("growth", min_length=1)
+    run_name: str | None = None  # default: the config's name
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class WandbConfig(_Section):
+    """A Weights & Biases run per campaign (growth.tracking): `pip install 'growth[wandb]'`."""
+
+    project: str = Field("growth", min_length=1)
+    entity: str | None = None  # W&B team or user (default: the logged-in user's)
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: `wandb sync` later
+    dir: str | None = None  # where wandb writes (default: WANDB_DIR, else the run directory)
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingConfig(_Section):
+    """Experiment trackers fed the same numbers as epochs.csv and metrics.json; tracking
+    never changes results, so a resume may add or change trackers."""
+
+    tensorboard: bool = False  # event files in RUNDIR/tensorboard (`pip install tensorboard`)
+    mlflow: MLflowConfig | None = None  # `mlflow: {}` for MLflow's defaults
+    wandb: WandbConfig | None = None  # `wandb: {mode: offline}` ...
+    artifacts: bool = True  # MLflow/W&B: upload the run's files and report/ when it finishes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switches(cls, data: Any) -> Any:
+        """`mlflow: true` is `mlflow: {}`; `mlflow: false` turns it off."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("mlflow", "wandb"):
+                if data.get(key) is True:
+                    data[key] = {}
+                elif data.get(key) is False:
+                    data[key] = None
+        return data
+
+    @property
+    def enabled(self) -> list[str]:
+        """The trackers switched on, by name."""
+        return [name for name, on in (("tensorboard", self.tensorboard),
+                                      ("mlflow", self.mlflow is not None),
+                                      ("wandb", self.wandb is not None)) if on]
+
+
 class Config(_Section):
     name: str = "run"
     seed: int = 0
@@ -198,12 +257,15 @@ class Config(_Section):
     device: str = Field("cpu", pattern=DEVICE_PATTERN)  # cpu | cuda | cuda:N | auto
     threads: int | None = Field(None, ge=1)
     allow_large: bool = False  # lift the upper bounds in LIMITS (for the brave)
-    tensorboard: bool = False  # also log per-epoch numbers as TensorBoard event files
+    # TensorBoard, MLflow, W&B (the old top-level `tensorboard: bool` is read as
+    # tracking.tensorboard, see _migrate)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     search: SearchConfig | None = None  # architecture search (`growth search`)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     _source: str = PrivateAttr("<config>")
 
     @property
@@ -433,7 +495,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
                     origins: dict[str, str] | None = None) -> Config:
     """Validate a raw dict: types and ranges, the strategy's own settings, which keys apply,
     and the upper bounds. `origins` maps dotted keys to the `--set` item that gave them."""
-    where = _Where(source, origins or {})
+    where = _Where(source, dict(origins or {}))
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got "
                           f"{_type_name(raw)}")
@@ -442,6 +504,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
     problems = list(_raw_problems(raw, where))
     if problems:
         raise ConfigError(_cap(problems))
+    raw = _migrate(raw, where)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -453,6 +516,27 @@ def validate_config(raw: dict[str, Any], source: str = "<config>",
         raise ConfigError(_cap(problems))
     cfg._source = source
     return cfg
+
+
+def _migrate(raw: dict[str, Any], where: _Where) -> dict[str, Any]:
+    """Keys of older configs in their new place: `tensorboard: bool` (top level, what run
+    directories started before `tracking:` hold) becomes tracking.tensorboard."""
+    if "tensorboard" not in raw:
+        return raw
+    raw = dict(raw)
+    value = raw.pop("tensorboard")
+    tracking = raw.get("tracking")
+    if tracking is None:
+        tracking = {}
+    if not isinstance(tracking, dict):
+        return {**raw, "tracking": tracking}  # validation names the bad section
+    if "tensorboard" in tracking:
+        raise ConfigError(f"{where('tensorboard')}: tensorboard: set twice, at the top level "
+                          "and as tracking.tensorboard; keep only tracking.tensorboard")
+    raw["tracking"] = {**tracking, "tensorboard": value}
+    if "tensorboard" in where.origins:
+        where.origins["tracking.tensorboard"] = where.origins["tensorboard"]
+    return raw
 
 
 class _Where:
@@ -588,10 +672,13 @@ def _feature_problems(cfg: Config, where: _Where) -> list[str]:
     """Optional packages a config asks for, checked before anything runs."""
     from importlib.util import find_spec
 
-    if cfg.tensorboard and find_spec("tensorboard") is None:
-        return [f"{where('tensorboard')}: tensorboard: true needs the tensorboard package; "
-                "pip install 'growth[tensorboard]' or set tensorboard: false"]
-    return []
+    out = []
+    for name in cfg.tracking.enabled:
+        if find_spec(name) is None:
+            key = f"tracking.{name}"
+            out.append(f"{where(key)}: {key} needs the {name} package; pip install "
+                       f"'growth[{name}]' or remove {key}")
+    return out
 
 
 def _factory_problems(cfg: Config, where: _Where) -> list[str]:

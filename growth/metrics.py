@@ -9,7 +9,9 @@ Conventions (used by the campaign, the metrics files and the report):
 - docs/methods.md writes the formulas with 1-based tasks: its R[i][j] is ``R[i, j-1]`` here, so its
   diagonal R[i][i] (task i just after training it) is ``R[i, i-1]``.
 - ``metrics["sizes"][k]`` and ``metrics["wall_time_s"][k]`` describe the run after training
-  ``tasks[k]``; ``sizes[k]["task"]`` is that 0-based index k.
+  ``tasks[k]``; ``sizes[k]["task"]`` is that 0-based index k. ``metrics["peak_rss_bytes"][k]``
+  is the process's peak resident memory while it learned and evaluated ``tasks[k]`` (null
+  where not measured), and ``metrics["storage"]`` the run's bytes on disk.
 """
 
 from __future__ import annotations
@@ -246,6 +248,7 @@ def make_metrics(
     search: dict | None = None,
     finished: int | None = None,
     config: dict | None = None,
+    peak_rss_bytes: Sequence[int | None] = (),
 ) -> dict:
     """Assemble a metrics.json dict, computing ACC/BWT/FWT over the finished tasks of R.
 
@@ -265,6 +268,7 @@ def make_metrics(
             **summarize(m, done),
             "sizes": list(sizes),
             "wall_time_s": list(wall_time_s),
+            "peak_rss_bytes": list(peak_rss_bytes),
             "search": dict(search or {"children": 0, "child_time_s": 0.0}),
             "finished_tasks": done,
             **({"config": dict(config)} if config is not None else {}),
@@ -374,7 +378,8 @@ def _json_type(value: Any) -> str:
 
 
 def _check_entries(path: Path, data: dict) -> None:
-    """sizes: a list of objects of numbers (or null); wall_time_s: a list of numbers; search: an
+    """sizes: a list of objects of numbers (or null); wall_time_s: a list of numbers;
+    peak_rss_bytes: a list of numbers or nulls; storage: an object of numbers; search: an
     object whose counts are numbers. Each may be absent or null (nothing recorded)."""
     sizes = data.get("sizes")
     if sizes is not None:
@@ -392,6 +397,20 @@ def _check_entries(path: Path, data: dict) -> None:
             if not _is_number(v):
                 raise ReportError(f"{path}: 'wall_time_s'[{k}] must be a number of seconds, "
                                   f"got {_json_type(v)}")
+    storage = data.get("storage")
+    if storage is not None:
+        _expect(path, "'storage' (the run's bytes on disk)", storage, dict)
+        for key, v in storage.items():
+            if v is not None and not _is_number(v):
+                raise ReportError(f"{path}: 'storage'[{key!r}] must be a number or null, "
+                                  f"got {_json_type(v)}")
+    peak = data.get("peak_rss_bytes")
+    if peak is not None:
+        _expect(path, "'peak_rss_bytes' (bytes per finished task)", peak, list)
+        for k, v in enumerate(peak):
+            if v is not None and not _is_number(v):
+                raise ReportError(f"{path}: 'peak_rss_bytes'[{k}] must be a number of bytes or "
+                                  f"null, got {_json_type(v)}")
     search = data.get("search")
     if search is not None:
         _expect(path, "'search'", search, dict)

@@ -19,7 +19,7 @@ The strategies built on them are in `growth.strategies` (the quadratic ones shar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -202,10 +202,11 @@ class PathIntegral:
 
 
 # ---- stored state ------------------------------------------------------------------------------
-def stored(state: dict[str, Tensor], what: str, task: int | str) -> dict[str, Tensor]:
-    """{parameter: tensor} of the state entries keyed "<what>/<task>/<parameter>"."""
+def stored(state: Mapping[str, Tensor], what: str, task: int | str) -> dict[str, Tensor]:
+    """{parameter: tensor} of the state entries keyed "<what>/<task>/<parameter>" (only
+    those are read: other entries may live in files, growth.tensorfiles)."""
     prefix = f"{what}/{task}/"
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
 
 
 def same_shape(a: Tensor, b: Tensor, name: str) -> None:

@@ -88,6 +88,7 @@ def _single_report(run: Run, folder: Path) -> str:
             _r_section(run),
             _size_section(run),
             _wall_section(run),
+            _cost_section(run),
             _search_section(run),
             "## Plots\n",
             "![R matrix](r_matrix.png)\n",
@@ -146,6 +147,27 @@ def _wall_section(run: Run) -> str:
     ]
     total = f"\nTotal: {_num(sum(run.wall), 1)} s\n"
     return "## Wall time\n\n" + _table(["task", "wall time (s)"], rows) + total
+
+
+def _cost_section(run: Run) -> str:
+    """What the run takes on disk (metrics "storage") and each task's peak resident memory."""
+    storage = run.metrics.get("storage") or {}
+    rss = list(run.metrics.get("peak_rss_bytes") or [])
+    head = "## Disk and memory\n\n"
+    if not storage and all(r is None for r in rss):
+        return head + "Not recorded (the run was made before these figures were kept).\n"
+    text = head
+    if storage:
+        text += (f"Run directory: {_bytes(storage.get('run_bytes'))} on disk; its newest "
+                 f"checkpoint {_bytes(storage.get('checkpoint_bytes'))} (its folder and the "
+                 f"tensor files it names); {_num(storage.get('checkpoints'))} checkpoints "
+                 f"kept, {_num(storage.get('tensor_files'))} tensor files.\n\n")
+    if any(r is not None for r in rss):
+        rows = [[run.tasks[k] if k < len(run.tasks) else str(k), _bytes(r)]
+                for k, r in enumerate(rss)]
+        text += ("Peak resident memory of the process while it learned and evaluated each "
+                 "task:\n\n" + _table(["task", "peak resident memory"], rows))
+    return text
 
 
 def _search_section(run: Run) -> str:

@@ -5,7 +5,8 @@ Layout (see growth.campaign for what the files hold):
   run.json        the run id (written once at start; every checkpoint carries it)
   config.yaml     the resolved config
   .lock           held (an OS file lock) by the process writing the run; holds its pid
-  log.txt, metrics.json, metrics.csv, checkpoints/task_NNN/
+  log.txt, metrics.json, metrics.csv, checkpoints/task_NNN/, tensors/ (the checkpoints'
+  strategy tensors, growth.checkpoint)
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ RUN_JSON = "run.json"
 LOCK = ".lock"
 LOG = "log.txt"
 CHECKPOINTS = "checkpoints"
-TMP_PREFIX = ".tmp_"  # checkpoints/.tmp_task_NNN: a checkpoint being written
+TMP_PREFIX = ".tmp_"  # checkpoints/.tmp_task_NNN: a checkpoint being written (.tmp_removed_
+#                      task_NNN: one that retention is removing)
+TENSORS = "tensors"  # tensors/<sha256>.safetensors: strategy tensors the checkpoints name
 log = logging.getLogger("growth.rundir")
 
 
@@ -62,7 +65,7 @@ def check_run_dir(path: Path) -> None:
     if not (path / CONFIG).is_file():
         raise RunDirError(f"{path} is not a run directory (no {CONFIG})")
     check_writable_dir(path, "run directory")
-    for name in (CHECKPOINTS, LOG, LOCK, "metrics.json", "metrics.csv"):
+    for name in (CHECKPOINTS, TENSORS, LOG, LOCK, "metrics.json", "metrics.csv"):
         p = path / name
         if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
             raise RunDirError(f"{p} is not writable; change its permissions to continue the run")
@@ -169,9 +172,10 @@ def read_run_id(run_dir: Path) -> str:
 
 # ---- leftovers and log ----------------------------------------------------------------------
 def clean_leftovers(run_dir: Path) -> list[Path]:
-    """Remove temp files of writes a kill interrupted; return what was removed."""
+    """Remove temp files of writes (and removals) a kill interrupted; return what was removed."""
     run_dir = Path(run_dir)
-    gone = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    gone = [p for p in [*run_dir.glob(".*.tmp"), *(run_dir / TENSORS).glob(".*.tmp")]
+            if p.is_file()]
     folder = run_dir / CHECKPOINTS
     if folder.is_dir():
         gone += [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]

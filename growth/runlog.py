@@ -1,13 +1,12 @@
-"""Per-epoch training logs of a run: RUNDIR/epochs.csv, and TensorBoard event files on request.
+"""Per-epoch training log of a run: RUNDIR/epochs.csv.
 
 epochs.csv has one row per epoch of every task: the task (index and name), the epoch (from
 0), the epoch's mean training loss, and the validation accuracy of the network as it trains
-(through the task's head; empty without a validation split). With `tensorboard: true` the same
-numbers go to RUNDIR/tensorboard/ through torch's SummaryWriter, one step per epoch of the
-whole run (task * epochs + epoch), plus the R matrix's average accuracy after each task.
+(through the task's head; empty without a validation split). The same numbers go to the
+experiment trackers a config switches on (growth.tracking: TensorBoard, MLflow, W&B).
 
-On resume, rows and events of a task that was not finished are dropped before it is learned
-again, so the logs read as one uninterrupted run.
+On resume, rows of a task that was not finished are dropped before it is learned again, so
+the log reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,24 +17,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from growth.errors import ConfigError
 from growth.io import atomic_write_text
 
 EPOCHS_CSV = "epochs.csv"
-TENSORBOARD = "tensorboard"
 HEADER = ["task", "task_name", "epoch", "train_loss", "val_accuracy"]
 
 
 class EpochLog:
-    """Appends per-epoch rows (and TensorBoard scalars) for one run or resume."""
+    """Appends per-epoch rows for one run or resume."""
 
-    def __init__(self, run_dir: Path, epochs_per_task: int, tensorboard: bool = False,
-                 finished: int = 0) -> None:
+    def __init__(self, run_dir: Path, finished: int = 0) -> None:
         self.path = Path(run_dir) / EPOCHS_CSV
-        self.epochs = max(1, epochs_per_task)
         self._keep_finished(finished)
-        self.writer = _writer(Path(run_dir) / TENSORBOARD, finished * self.epochs) \
-            if tensorboard else None
 
     def _keep_finished(self, finished: int) -> None:
         """Start the file, or keep only the rows of the tasks finished before a resume."""
@@ -53,35 +46,6 @@ class EpochLog:
         cells = [task, name, epoch, repr(float(loss)), "" if math.isnan(val) else repr(val)]
         with self.path.open("a", newline="", encoding="utf-8") as f:
             csv.writer(f, lineterminator="\n").writerow(cells)
-        if self.writer is not None:
-            step = task * self.epochs + epoch
-            self.writer.add_scalar(f"train_loss/task_{task}", loss, step)
-            if not math.isnan(val):
-                self.writer.add_scalar(f"val_accuracy/task_{task}", val, step)
-
-    def task_done(self, task: int, metrics: dict[str, Any]) -> None:
-        if self.writer is None:
-            return
-        row = [v for v in metrics["R"][task + 1][: task + 1] if v is not None]
-        step = (task + 1) * self.epochs - 1
-        if row:
-            self.writer.add_scalar("average_accuracy", sum(row) / len(row), step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-def _writer(folder: Path, purge_step: int) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("tensorboard: true needs the tensorboard package: pip install "
-                          "'growth[tensorboard]' (or pip install tensorboard)") from None
-    # purge_step drops events a killed run wrote at or after the step this run starts from
-    return SummaryWriter(str(folder), purge_step=purge_step or None)
 
 
 def _int(text: Any) -> int:

@@ -20,7 +20,9 @@ import yaml
 from growth.errors import ReportError
 from growth.metrics import as_matrix, finished_tasks, read_metrics, summarize
 
-IGNORED_KEYS = ("seed", "name", "threads")  # config keys that do not make runs different
+IGNORED_KEYS = ("seed", "name", "threads", "tracking", "tensorboard", "checkpoints")  # keys
+# that do not make runs different (tensorboard: the top-level key of runs started before
+# `tracking:`; checkpoints: retention changes no result)
 
 
 @dataclass

@@ -16,7 +16,9 @@ What travels through the seam:
   controller learns across a campaign's tasks while the caller checkpoints it;
 - the outcome is the chosen child (its graph and the operators' change records that lead to it
   from the parent, for the caller's state to follow) or None: the parent is a candidate, and a
-  child replaces it only when it beats `parent_acc` by `settings.margin`.
+  child replaces it only when its score beats the parent's (`parent_acc`) by `settings.margin`;
+  a network's score is its validation accuracy, less `settings.cost` x the parameters it adds
+  relative to the parent's (RCL's complexity cost).
 """
 
 from __future__ import annotations
@@ -47,21 +49,27 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     enabled: bool = Field(True, description="off: keep the parent network")
-    controller: str = Field("eas", description="eas, random, or a plug-in controller")
+    controller: str = Field("eas", description="eas, random, rcl, or a plug-in controller")
     controller_params: dict[str, Any] = Field(
         default_factory=dict, description="the controller's own settings (controllers/)")
     space: SpaceSpec | None = Field(None, description="search space (search_spaces/; None: "
                                     "the defaults for the network)")
     children: int = Field(4, ge=1, description="children per generation")
-    generations: int = Field(1, ge=1, description="generations per task; each grows from the "
-                             "best network so far")
+    generations: int = Field(1, ge=1, description="generations per task")
+    parent: Literal["best", "fixed"] = Field(
+        "best", description="best: each generation grows from the best network so far; fixed: "
+        "every generation grows from the network the search started from, and the best child "
+        "of the whole search is chosen at its end")
     epochs: int = Field(2, ge=1, description="training epochs of each child")
     lr_scale: float = Field(0.5, gt=0, description="children's learning rate as a fraction of "
                             "the task's train.lr")
     schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="children's learning-rate schedule (EAS: cosine to 0)")
     margin: float = Field(0.0, ge=0, le=1, description="a child replaces the parent only if "
-                          "its validation accuracy beats the parent's by more than this")
+                          "its score beats the parent's by more than this")
+    cost: float = Field(0.0, ge=0, description="a network's score: its validation accuracy minus "
+                        "cost x the parameters it adds to the network the search started from, "
+                        "relative to that network's (RCL's reward); 0: accuracy alone")
     backend: Literal["auto", "local", "ray"] = Field(
         "auto", description="local: children in this process, one after another; ray: Ray "
         "Tune trials (parallel, clusters); auto: local until a child's training time is "
@@ -71,6 +79,15 @@ class SearchSettings(BaseModel):
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (torch threads) per child")
     ray_address: str | None = Field(None, description="join this Ray cluster (default: the "
                                     "one already running, or a local one)")
+
+
+def score(acc: float, params: int, base_params: int, cost: float) -> float:
+    """A network's score in a search: its validation accuracy minus `cost` x the parameters it
+    adds to `base_params` (the network the search started from), relative to them (RCL's
+    reward); cost 0: the accuracy itself."""
+    if not cost:
+        return acc
+    return acc - cost * (params - base_params) / base_params
 
 
 @dataclass

@@ -31,6 +31,7 @@ from growth.layers import ACTIVATIONS, kind_of
 from growth.ops import (
     MAX_NEW_PARAMS,
     ChangeRecord,
+    ChannelGroup,
     attention_nodes,
     block_cost,
     blockable,
@@ -287,27 +288,46 @@ class SearchSpace:
     def wider_options(self, graph: NetGraph, layer: Layer, widenable: set[str] | None = None,
                       seed: int = 0) -> list[Action]:
         """The widening of `layer` by each wider operator of the space that accepts it."""
-        if (not self.wider_ops or layer.kind == "pool"
-                or layer.node not in (self.widenable(graph) if widenable is None
-                                      else widenable)):
+        if not self._may_widen(graph, layer, widenable):
             return []
         group = find_group(graph, layer.node)
         width = self.next_width(layer, group.width)
         if width is None:
             return []
-        # grouped convolutions change channels in whole blocks, and a norm over the channels
-        # widens by whole copies of every unit: round up to the next step
-        step = group.width if group.tile is not None else group.block
-        width = group.width + -(-(width - group.width) // step) * step
+        width = _whole_blocks(group, width)
         if width > self.widths_of(layer)[-1]:
             return []
+        return self._widenings(graph, layer.node, width, group, seed)
+
+    def widen_by(self, graph: NetGraph, layer: Layer, count: int,
+                 widenable: set[str] | None = None, seed: int = 0) -> Action | None:
+        """The widening of `layer` by `count` units (RCL's choice: no width list), rounded up
+        to whole blocks of a grouped convolution (whole copies of the units where a norm
+        reads them), by the first wider operator that accepts it,
+        or None if the space does not offer it (pooling, a layer the operators cannot resize,
+        an excluded layer, the size guard, the parameter limit) or `count` is 0."""
+        if count <= 0 or not self._may_widen(graph, layer, widenable):
+            return None
+        group = find_group(graph, layer.node)
+        width = _whole_blocks(group, group.width + count)
+        options = self._widenings(graph, layer.node, width, group, seed)
+        return options[0] if options else None
+
+    def _may_widen(self, graph: NetGraph, layer: Layer, widenable: set[str] | None) -> bool:
+        return bool(self.wider_ops) and layer.kind != "pool" and layer.node in (
+            self.widenable(graph) if widenable is None else widenable)
+
+    def _widenings(self, graph: NetGraph, node: str, width: int, group: ChannelGroup,
+                   seed: int) -> list[Action]:
+        """The actions widening `node` (its group) to `width`, one per wider operator of the
+        space that accepts it within the size guard and the parameter limit."""
         out = []
         for op in self.wider_ops:
             if op == "widen_private" and group.tile is not None:  # a norm would read them
                 continue
-            action: Action = {"op": op, "node": layer.node, "width": width, "seed": seed}
+            action: Action = {"op": op, "node": node, "width": width, "seed": seed}
             if op in BUILTIN_ROLES:
-                ok = self.fits(graph, widening_cost(graph, layer.node, width, group))
+                ok = self.fits(graph, widening_cost(graph, node, width, group))
             else:
                 ok = self._tried(graph, action)
             if ok:
@@ -575,6 +595,14 @@ def _validate(raw: Mapping[str, Any], where: str = "search.space") -> SpaceSpec:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _whole_blocks(group: ChannelGroup, target: int) -> int:
+    """`target` rounded up so that the group's width grows by whole steps: grouped
+    convolutions change channels in aligned blocks of `group.block`, and a norm over the
+    channels widens by whole copies of every unit."""
+    step = group.width if group.tile is not None else group.block
+    return group.width + -(-(target - group.width) // step) * step
+
+
 def _feeds_output(graph: NetGraph, name: str) -> bool:
     return any(graph.node(c).kind == "output" for c in graph.consumers(name))
 

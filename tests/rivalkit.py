@@ -1,5 +1,5 @@
 """Helpers for the tests of the architecture-changing strategies (Learn to Grow, DEN, Progress &
-Compress, Expert Gate): tiny networks with one head per task, synthetic tasks, contexts, a
+Compress, Expert Gate, RCL): tiny networks with one head per task, synthetic tasks, contexts, a
 learning loop over tasks and a tiny campaign config."""
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """Corrupt and foreign checkpoints, table-driven: `growth resume` exits 2 with one line naming
 the file and what is wrong, no traceback, and the run directory byte for byte as it was (no
-fallback to an older checkpoint, no retraining, no leftovers)."""
+fallback to an older checkpoint, no retraining, no leftovers). The strategy's tensors live in
+RUNDIR/tensors/<sha256>.safetensors, named by the checkpoint's manifest: a problem with one
+names the file that holds it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from runfiles import snapshot, write_config
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from growth.campaign import Campaign
 from growth.checkpoint import FILES
@@ -22,6 +25,7 @@ from growth.config import load_config
 from growth.io import sha256
 
 LAST = Path("checkpoints") / "task_001"  # the newest checkpoint of the template run
+KEY = "fisher/0/fc1.weight"  # a tensor of task 0, written once and named by both checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +102,73 @@ def flip_byte(rel: str) -> Callable[[Path], None]:
     return mutate
 
 
-def replace_with(rel: str, source: str, fix: bool = True) -> Callable[[Path], None]:
-    """Put another run's file in place of this one's."""
+def manifest_of(run: Path) -> dict:
+    return json.loads((run / LAST / "manifest.json").read_text())
+
+
+def tensor_file(key: str) -> Callable[[Path], Path]:
+    """The file the newest manifest names for `key` (after the mutation)."""
+    def where(run: Path) -> Path:
+        return run / "tensors" / f"{manifest_of(run)['tensors'][key]}.safetensors"
+    return where
+
+
+def strategy_tensors(run: Path, folder: Path = LAST) -> dict[str, torch.Tensor]:
+    names = json.loads((run / folder / "manifest.json").read_text())["tensors"]
+    return {k: load_file(str(run / "tensors" / f"{d}.safetensors"))[k] for k, d in names.items()}
+
+
+def put_file(run: Path, data: bytes) -> str:
+    """A tensor file in the run's store, named by its SHA-256 as the writer names them."""
+    digest = hashlib.sha256(data).hexdigest()
+    (run / "tensors" / f"{digest}.safetensors").write_bytes(data)
+    return digest
+
+
+def name_files(run: Path, names: dict[str, str]) -> None:
+    """Point the newest manifest's tensors at `names` (key -> digest), consistently."""
+    path = run / LAST / "manifest.json"
+    m = json.loads(path.read_text())
+    m["tensors"] = names
+    path.write_text(json.dumps(m))
+
+
+def rewrite_strategy(change: Callable[[dict[str, torch.Tensor]], None]
+                     ) -> Callable[[Path], None]:
+    """A careful-looking edit of the strategy's tensors: all of them changed, saved as one new
+    file named by its SHA-256, and named by the manifest; every digest checks out."""
     def mutate(run: Path) -> None:
-        src = run.parent / source / LAST / rel
-        if not src.exists():
-            src = run.parent / source / "checkpoints" / "task_000" / rel
-        shutil.copyfile(src, run / LAST / rel)
-        if fix:
-            refresh_manifest(run / LAST)
+        tensors = strategy_tensors(run)
+        change(tensors)
+        digest = put_file(run, save(tensors))
+        name_files(run, dict.fromkeys(tensors, digest))
+    return mutate
+
+
+def file_of_key(key: str, data: Callable[[Path], bytes]) -> Callable[[Path], None]:
+    """Name another file (its bytes from `data`, consistently named) for one tensor."""
+    def mutate(run: Path) -> None:
+        names = manifest_of(run)["tensors"]
+        names[key] = put_file(run, data(run))
+        name_files(run, names)
+    return mutate
+
+
+def from_other_strategy(run: Path) -> None:
+    """The SI run's strategy tensors, their files copied over, named by this checkpoint."""
+    si = run.parent / "si"
+    for f in (si / "tensors").iterdir():
+        shutil.copyfile(f, run / "tensors" / f.name)
+    names = json.loads((si / "checkpoints" / "task_001" / "manifest.json").read_text())
+    name_files(run, names["tensors"])
+
+
+def flip_tensor_byte(key: str) -> Callable[[Path], None]:
+    def mutate(run: Path) -> None:
+        path = tensor_file(key)(run)
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF  # inside the tensor's values
+        path.write_bytes(bytes(data))
     return mutate
 
 
@@ -132,12 +194,11 @@ def tensor_change(fn: Callable[[torch.Tensor], torch.Tensor], prefix: str = ""
 class Case:
     id: str
     mutate: Callable[[Path], None]
-    file: str  # the path the message must name, relative to the run directory
+    file: str | Callable[[Path], Path]  # the path the message must name (relative to the run)
     needle: str  # what the message must say is wrong
 
 
-M, S, W, T = (str(LAST / n) for n in ("manifest.json", "state.json",
-                                      "graph/weights.safetensors", "strategy.safetensors"))
+M, S, W = (str(LAST / n) for n in ("manifest.json", "state.json", "graph/weights.safetensors"))
 G = str(LAST / "graph" / "structure.json")
 
 CASES = [
@@ -147,7 +208,7 @@ CASES = [
     Case("manifest-binary", write_bytes("manifest.json", bytes(range(256))), M, "not JSON"),
     Case("manifest-missing", lambda r: (r / LAST / "manifest.json").unlink(), M, "missing"),
     Case("manifest-drops-a-file", edit_json("manifest.json", lambda m: m["files"].pop(
-        "strategy.safetensors"), fix=False), M, "does not list ['strategy.safetensors']"),
+        "state.json"), fix=False), M, "does not list ['state.json']"),
     Case("manifest-extra-file", edit_json("manifest.json", lambda m: set_item(
         m["files"], "notes.txt", "0" * 64), fix=False), M, "unknown files"),
     Case("manifest-other-run", edit_json("manifest.json", lambda m: set_item(
@@ -156,11 +217,17 @@ CASES = [
                                           fix=False), M, "says task 0"),
     Case("manifest-bad-digest", edit_json("manifest.json", lambda m: set_item(
         m["files"], "state.json", "xyz"), fix=False), M, "files.state.json"),
+    Case("manifest-bad-tensor-digest", edit_json("manifest.json", lambda m: set_item(
+        m["tensors"], KEY, "../../etc/passwd"), fix=False), M, f"tensors.{KEY}: not a SHA-256"),
     Case("manifest-nan", write_bytes("manifest.json", b'{"format": NaN}'), M, "not JSON"),
     # files against the manifest
     Case("weights-flipped", flip_byte("graph/weights.safetensors"), W, "SHA-256"),
-    Case("strategy-missing", lambda r: (r / LAST / "strategy.safetensors").unlink(), T,
+    Case("tensor-file-missing", lambda r: tensor_file(KEY)(r).unlink(), tensor_file(KEY),
          "missing"),
+    Case("tensor-flipped", flip_tensor_byte(KEY), tensor_file(KEY), "SHA-256"),
+    Case("tensor-file-is-a-folder", lambda r: (tensor_file(KEY)(r).unlink(),
+                                               tensor_file(KEY)(r).mkdir()),
+         tensor_file(KEY), "not a file"),
     Case("state-is-a-folder", lambda r: ((r / LAST / "state.json").unlink(),
                                          (r / LAST / "state.json").mkdir()), S, "not a file"),
     Case("graph-folder-missing", lambda r: shutil.rmtree(r / LAST / "graph"), G, "missing"),
@@ -196,10 +263,14 @@ CASES = [
          "not JSON"),
     Case("state-wrong-task", edit_json("state.json", lambda s: set_item(s, "task", 0)), S,
          "task is 0"),
+    Case("peak-rss-short", edit_json("state.json", lambda s: s["peak_rss_bytes"].pop()), S,
+         "peak_rss_bytes must be 2 byte counts"),
+    Case("peak-rss-negative", edit_json("state.json", lambda s: set_item(
+        s, "peak_rss_bytes", [-1, 5])), S, "peak_rss_bytes"),
     Case("sizes-wrong-tasks", edit_json("state.json", lambda s: s["sizes"][1].__setitem__(
         "task", 5)), S, "sizes"),
     Case("extra-tasks-wrong", edit_json("state.json", lambda s: set_item(
-        s["strategy_extra"], "tasks", [0])), T, "extra 'tasks'"),
+        s["strategy_extra"], "tasks", [0])), str(LAST), "extra 'tasks'"),
     # the network
     Case("weights-half", edit_tensors("graph/weights.safetensors", tensor_change(
         lambda t: t.half())), W, "mixed dtypes"),
@@ -216,29 +287,31 @@ CASES = [
     Case("structure-foreign", write_bytes("graph/structure.json", b'{"a": 1}', fix=True), W,
          "does not match"),
     # the strategy's tensors
-    Case("strategy-empty-file", replace_with("strategy.safetensors", "empty.safetensors"), T,
-         "no 'fisher' tensors"),
-    Case("strategy-of-si", replace_with("strategy.safetensors", "si"), T,
+    Case("tensor-file-empty", file_of_key(KEY, lambda r: save({})), tensor_file(KEY),
+         f"does not hold the tensor '{KEY}'"),
+    Case("tensor-file-of-another-key", file_of_key(KEY, lambda r: tensor_file(
+        "anchor/0/fc1.weight")(r).read_bytes()), tensor_file(KEY), "does not hold the tensor"),
+    Case("strategy-of-si", from_other_strategy, tensor_file("anchor/latest/fc1.bias"),
          "'anchor/latest/fc1.bias': slot 'latest' is not a finished task"),
-    Case("strategy-garbage", write_bytes("strategy.safetensors", b"\x00" * 64, fix=True), T,
+    Case("tensor-file-garbage", file_of_key(KEY, lambda r: b"\x00" * 64), tensor_file(KEY),
          "corrupt"),
-    Case("strategy-too-big", edit_tensors("strategy.safetensors", tensor_change(
-        lambda t: torch.zeros(t.shape[0] + 5, *t.shape[1:]), "fisher/0/fc1.weight")), T,
-         "'fisher/0/fc1.weight' has shape (37, 64)"),
-    Case("strategy-int", edit_tensors("strategy.safetensors", tensor_change(
-        lambda t: t.long(), "anchor/")), T, "dtype torch.int64"),
-    Case("strategy-nan", edit_tensors("strategy.safetensors", tensor_change(
-        lambda t: t * float("nan"), "fisher/")), T, "NaN"),
-    Case("strategy-unknown-parameter", edit_tensors("strategy.safetensors", lambda ts: set_item(
-        ts, "fisher/0/ghost.weight", torch.zeros(2))), T, "not a tensor of the graph"),
-    Case("strategy-future-task", edit_tensors("strategy.safetensors", lambda ts: set_item(
-        ts, "fisher/5/fc1.weight", ts["fisher/0/fc1.weight"].clone())), T,
-         "not a finished task"),
-    Case("strategy-foreign-what", edit_tensors("strategy.safetensors", lambda ts: set_item(
-        ts, "omega/all/fc1.weight", ts["fisher/0/fc1.weight"].clone())), T,
+    Case("strategy-too-big", rewrite_strategy(tensor_change(
+        lambda t: torch.zeros(t.shape[0] + 5, *t.shape[1:]), KEY)), tensor_file(KEY),
+         f"'{KEY}' has shape (37, 64)"),
+    Case("strategy-int", rewrite_strategy(tensor_change(lambda t: t.long(), "anchor/")),
+         tensor_file(KEY), "dtype torch.int64"),
+    Case("strategy-nan", rewrite_strategy(tensor_change(lambda t: t * float("nan"), "fisher/")),
+         tensor_file(KEY), "NaN"),
+    Case("strategy-unknown-parameter", rewrite_strategy(lambda ts: set_item(
+        ts, "fisher/0/ghost.weight", torch.zeros(2))), tensor_file(KEY),
+         "not a tensor of the graph"),
+    Case("strategy-future-task", rewrite_strategy(lambda ts: set_item(
+        ts, "fisher/5/fc1.weight", ts[KEY].clone())), tensor_file(KEY), "not a finished task"),
+    Case("strategy-foreign-what", rewrite_strategy(lambda ts: set_item(
+        ts, "omega/all/fc1.weight", ts[KEY].clone())), tensor_file(KEY),
          "does not belong to strategy 'ewc'"),
-    Case("strategy-task-dropped", edit_tensors("strategy.safetensors", lambda ts: [
-        ts.pop(k) for k in list(ts) if k.startswith("fisher/1/")]), T, "slot(s) 1"),
+    Case("strategy-task-dropped", rewrite_strategy(lambda ts: [
+        ts.pop(k) for k in list(ts) if k.startswith("fisher/1/")]), str(LAST), "slot(s) 1"),
     # the run
     Case("run-json-missing", lambda r: (r / "run.json").unlink(), "run.json", "missing"),
     Case("run-json-corrupt", lambda r: (r / "run.json").write_text("{run"), "run.json",
@@ -260,18 +333,14 @@ def test_damaged_checkpoint_is_one_clean_error(case: Case, template: Path, tmp_p
                                                capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("run", "other", "si"):
         shutil.copytree(template / name, tmp_path / name)
-    save_file({}, str(tmp_path / "empty.safetensors"))
-    (tmp_path / "empty.safetensors").rename(tmp_path / "empty.safetensors.tmp")
-    (tmp_path / "empty.safetensors" / LAST).mkdir(parents=True)
-    (tmp_path / "empty.safetensors.tmp").rename(
-        tmp_path / "empty.safetensors" / LAST / "strategy.safetensors")
     run = tmp_path / "run"
     case.mutate(run)
+    named = run / case.file if isinstance(case.file, str) else case.file(run)
     before = snapshot(run)
     assert main(["resume", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert str(run / case.file) in err, err
+    assert str(named) in err, err
     assert case.needle in err, err
     assert snapshot(run) == before
 

@@ -102,6 +102,9 @@ CASES = [
     Case("lr-negative", tiny(train__lr=-0.1), ("train.lr",)),
     Case("batch-zero", tiny(train__batch_size=0), ("train.batch_size",)),
     Case("hidden-negative", tiny(model__hidden=[-3]), ("model.hidden",)),
+    Case("keep-zero", tiny(checkpoints={"keep": 0}), ("checkpoints.keep",)),
+    Case("keep-word", tiny(checkpoints={"keep": "newest"}), ("checkpoints.keep",)),
+    Case("checkpoints-typo", tiny(checkpoints={"kep": 2}), ("unknown key 'checkpoints.kep'",)),
     # non-finite numbers
     Case("lambda-inf", tiny(strategy={"name": "ewc"}).replace(
         "name: ewc", "name: ewc\n  lambda: .inf"), ("strategy.lambda", "not a finite number")),

@@ -41,7 +41,7 @@ def test_every_strategy_says_whether_it_runs_without_a_task_id() -> None:
     """Methods that pick masks, columns or generated weights by the task id run only in the
     task scenario; the rest (regularisers, replay, REC) also in domain."""
     task_only = {"packnet", "cpg", "hat", "piggyback", "pnn", "hnet", "den", "learn_to_grow",
-                 "expert_gate", "progress_compress"}
+                 "expert_gate", "progress_compress", "rcl"}
     for name, cls in available_strategies().items():
         scenarios = make_strategy(name).scenarios if name == "supsup" else cls.scenarios
         if name in task_only:

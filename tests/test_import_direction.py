@@ -28,7 +28,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("strategies", ("growth.strategies", "growth.compress")),
     ("search engine", ("growth.controllers", "growth.cluster")),
     ("campaign", ("growth.config", "growth.rundir", "growth.checkpoint", "growth.campaign",
-                  "growth.runlog")),
+                  "growth.runlog", "growth.tracking")),
     ("reports", ("growth.runs", "growth.report", "growth.plots")),
     ("commands", ("growth.commands", "growth.cli", "growth.demo", "growth.__main__")),
 ]

@@ -276,6 +276,9 @@ GOOD = {"run": {"name": "r"}, "tasks": ["a"], "R": [[0.1], [0.9]],
         ({"wall_time_s": [True]}, r"'wall_time_s'\[0\] must be a number"),
         ({"search": [1]}, r"'search' must be an object, got a list"),
         ({"search": {"children": "many"}}, r"'search'\['children'\] must be a number"),
+        ({"storage": 5}, r"'storage' .* must be an object, got the number 5"),
+        ({"peak_rss_bytes": [1, "2"]}, r"'peak_rss_bytes'\[1\] must be a number of bytes"),
+        ({"storage": {"run_bytes": "5 MB"}}, r"'storage'\['run_bytes'\] must be a number"),
     ],
 )
 def test_mistyped_entries_name_the_file_and_the_key(tmp_path, change, key):
@@ -288,7 +291,8 @@ def test_mistyped_entries_name_the_file_and_the_key(tmp_path, change, key):
     "data",
     [
         {k: GOOD[k] for k in ("run", "tasks", "R")},
-        {**GOOD, "sizes": None, "wall_time_s": None, "search": None},
+        {**GOOD, "sizes": None, "wall_time_s": None, "search": None, "storage": None},
+        {**GOOD, "storage": {"run_bytes": 4096, "checkpoint_bytes": None}},
         {**GOOD, "sizes": [], "wall_time_s": []},
         {**GOOD, "search": {"children": 2, "child_time_s": 3, "best": "child-7"}},
     ],

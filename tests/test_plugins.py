@@ -60,7 +60,10 @@ def test_plugin_strategy_runs_and_resumes(site: Path, tmp_path: Path,
         "name": "anchor", "strength": 0.01, "norm": "l1"}
     from safetensors.torch import load_file
 
-    saved = load_file(str(full / "checkpoints" / "task_002" / "strategy.safetensors"))
+    manifest = json.loads((full / "checkpoints" / "task_002" / "manifest.json").read_text())
+    assert sorted(manifest["tensors"]) == ["anchor/latest/fc1.bias", "anchor/latest/fc1.weight"]
+    saved = load_file(str(full / "tensors" / f"{manifest['tensors']['anchor/latest/fc1.bias']}"
+                                             ".safetensors"))
     assert sorted(saved) == ["anchor/latest/fc1.bias", "anchor/latest/fc1.weight"]
     # the pull works: a strong one keeps task 0 better than fine-tuning does
     finetune = tmp_path / "finetune"

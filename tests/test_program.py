@@ -82,8 +82,8 @@ def test_programs_save_load_and_checkpoint(tmp_path: Path) -> None:
     r.record(0, 0, 0.1)  # R[0]: before any task
     r.record(1, 0, 0.5)
     state = CampaignState(r, sizes=[{"task": 0}], wall_time_s=[1.0],
-                          base_params=graph.param_count())
-    ckpt = write_checkpoint(tmp_path / "run", 0, graph, strategy, state, "r1")
+                          base_params=graph.param_count(), peak_rss_bytes=[None])
+    ckpt = write_checkpoint(tmp_path / "run", 0, graph, strategy, state, "r1").path
     restored = read_checkpoint(ckpt, "r1", 1, strategy).graph  # integer buffers, -inf masks
     with torch.no_grad():
         assert torch.equal(compile_graph(restored).eval()(x), model(x))

@@ -246,6 +246,18 @@ def test_runs_with_different_configs_are_kept_apart(tmp_path, monkeypatch):
     assert "| c | mwc † (train.epochs=1) | 0 |" in text
 
 
+def test_trackers_do_not_make_runs_different(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tracked = {**_config(seed=1), "tracking": {"tensorboard": True, "mlflow": {"uri": "file:/x"}}}
+    older = {**_config(seed=2), "tensorboard": True}  # a run started before `tracking:`
+    runs = [make_run(tmp_path, "a", "mwc", 0, config=_config(seed=0)),
+            make_run(tmp_path, "b", "mwc", 1, config=tracked),
+            make_run(tmp_path, "c", "mwc", 2, config=older)]
+    text = write_report(runs).read_text()
+    assert "Comparison of 3 runs in 1 groups" in text
+    assert "| mwc | 3 | 0, 1, 2 |" in text
+
+
 def test_config_yaml_groups_runs_whose_metrics_lack_it(tmp_path, monkeypatch):
     import yaml
 

@@ -1,4 +1,4 @@
-"""What the four architecture-changing rivals of REC share: their settings in `growth strategies
+"""What the architecture-changing rivals of REC share: their settings in `growth strategies
 list`, their shipped configs, the scenario they refuse."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from growth.config import load_config
 from growth.errors import ConfigError
 from growth.strategies import get_strategy
 
-RIVALS = ("learn_to_grow", "den", "progress_compress", "expert_gate")
+RIVALS = ("learn_to_grow", "den", "progress_compress", "expert_gate", "rcl")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -89,5 +89,6 @@ def test_tensorboard_without_the_package_is_a_config_error(tmp_path: Path,
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else real(name, *a))
     cfg = write_config(tmp_path / "c.yaml", tensorboard=True)
-    with pytest.raises(ConfigError, match="c.yaml: tensorboard: true needs the tensorboard"):
+    with pytest.raises(ConfigError, match=r"c.yaml: tracking.tensorboard needs the tensorboard "
+                       r"package; pip install 'growth\[tensorboard\]'"):
         load_config(cfg)

@@ -410,6 +410,9 @@ def test_a_vit_offers_its_embedding_mlp_heads_and_blocks_and_each_keeps_the_func
     assert space.wider_option(g, layers["patch"]) == {"op": "net2wider", "node": "patch",
                                                       "width": 16, "seed": 0}
     assert space.wider_option(g, layers["block1_fc1"])["width"] == 16  # MLP: the next width
+    # a count of units (RCL's widening) is rounded up to whole copies the same way
+    assert space.widen_by(g, layers["patch"], 3)["width"] == 16
+    assert space.widen_by(g, layers["block1_fc1"], 3)["width"] == 15
     heads = space.head_options(g)
     assert heads == [{"op": "add_heads", "node": "block1_attn", "heads": 3},
                      {"op": "add_heads", "node": "block2_attn", "heads": 3}]

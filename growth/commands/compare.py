@@ -124,12 +124,16 @@ def load_compare(path: str | Path) -> Plan:
 def run_one(base: str, overrides: list[str], out: str) -> str:
     """Run (or resume, or reuse) one campaign into `out`; returns `out`. Runs in a Ray task."""
     from growth.campaign import Campaign, resume_run
+    from growth.report import write_report
     from growth.rundir import holds_run
 
+    def report(run_dir: Path) -> None:
+        write_report([run_dir])
+
     if holds_run(Path(out)):
-        resume_run(out)
+        resume_run(out, report=report)
     else:
-        Campaign(load_config(base, overrides), out).start()
+        Campaign(load_config(base, overrides), out, report=report).start()
     return out
 
 

@@ -12,12 +12,18 @@ Run directory (besides the search directory's own files, see growth.controllers.
                          weights.safetensors, loadable with NetGraph.load
   search_metrics.json    base and best accuracies (validation, test), sizes, trials, time
   report/                search.md and search.png (`growth report RUNDIR` rewrites them)
+  tracking.json          the MLflow run id of the search (with `tracking: {mlflow: ...}`)
+
+Trackers (`tracking:`, growth.tracking): the search is one tracked run (each child's
+validation accuracy, the best so far, and the summary; its files at the end). With the Ray
+backend, Ray Tune's own MLflow and W&B loggers also get one run per child (`tune_callbacks`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +35,7 @@ from growth.campaign import build_base_graph, task_seed
 from growth.config import Config, dump_config, load_config
 from growth.controllers import make_controller
 from growth.controllers.driver import Budget, Resources, SearchProgress, SearchResult, run_search
+from growth.controllers.records import RECORDS, ChildRecord, read_records
 from growth.controllers.search_report import SUMMARY, write_search_report
 from growth.controllers.trial import TrialSpec, save_moments
 from growth.data import Task, build_stream
@@ -46,10 +53,12 @@ from growth.rundir import (
     holds_run,
     logging_to,
     new_run_id,
+    read_run_id,
 )
 from growth.scenarios import labelers
 from growth.search_spaces.space import make_space
 from growth.strategies import Context, make_strategy
+from growth.tracking import Tracking, allow_file_store, open_tracking
 from growth.train import evaluate, fit
 
 log = logging.getLogger("growth.search")
@@ -120,6 +129,22 @@ class SearchRun:
     # ---- the run -------------------------------------------------------------------------------
     def _run(self) -> dict[str, Any]:
         base = self._base()
+        tracking = open_tracking(self.cfg.tracking, self.run_dir, read_run_id(self.run_dir),
+                                 self.cfg.name, 1)
+        ok = False
+        try:
+            tracking.params(self.cfg.to_dict())
+            metrics = self._search(base, tracking)
+            tracking.log(summary_values(metrics), int(metrics["trials"]))
+            t = self.cfg.tracking
+            if t.artifacts and (t.mlflow is not None or t.wandb is not None):
+                tracking.finish(self.run_dir, SEARCH_FILES)
+            ok = True
+        finally:
+            tracking.close(ok)
+        return metrics
+
+    def _search(self, base: dict[str, Any], tracking: Tracking) -> dict[str, Any]:
         budget, s = self.s.budget, self.s
         train = self.cfg.train.model_copy(update={
             "epochs": s.epochs or self.cfg.train.epochs, "lr": self.cfg.train.lr * s.lr_scale,
@@ -133,11 +158,30 @@ class SearchRun:
                       gpus_per_trial=s.gpus_per_trial, max_failures=s.max_failures),
             seed=self.cfg.seed, parent_acc=base["val_acc"], policy=s.parent, margin=s.margin,
             backend=s.backend, storage=s.storage, name=self.cfg.name,
-            ray_address=self.ray_address, progress=self.progress,
-            log_file=self.run_dir / "log.txt")
+            ray_address=self.ray_address, progress=self._tracked(tracking),
+            log_file=self.run_dir / "log.txt",
+            callbacks=tune_callbacks(self.cfg.tracking, self.cfg.name))
         metrics = self._finish(result, base)
         write_search_report([self.run_dir])
         return metrics
+
+    def _tracked(self, tracking: Tracking) -> SearchProgress:
+        """The progress hooks, and each finished child to the trackers (step: children so
+        far, those of an interrupted run included)."""
+        if not tracking:
+            return self.progress
+        shown = self.progress
+        done = [len(read_records(self.run_dir / RECORDS))]
+
+        def on_child(record: ChildRecord, board: list[ChildRecord]) -> None:
+            shown.on_child(record, board)
+            done[0] += 1
+            values = {"child/val_accuracy": record.val_acc, "child/params": record.params,
+                      "child/train_time_s": record.train_time_s,
+                      "best/val_accuracy": board[0].val_acc if board else None}
+            tracking.log({k: float(v) for k, v in values.items() if v is not None}, done[0])
+
+        return SearchProgress(shown.on_generation, on_child, shown.on_generation_end)
 
     def _ctx(self, graph: NetGraph) -> Context:
         head_of, label_of = labelers(self.cfg.scenario)
@@ -173,11 +217,8 @@ class SearchRun:
         """Save the best network (the base unless a child beats it by the margin) and the
         summary."""
         best = result.best
-        if result.replaced:  # "best": the driver's choice, the margin applied
+        if result.replaced:  # the driver's choice ("best" or "fixed"), the margin applied
             src, key = result.parent, result.parent.name
-        elif (best is not None and self.s.parent == "fixed" and best.val_acc is not None
-              and best.val_acc > base["val_acc"] + self.s.margin):
-            src, key = result.path(best), best.key
         else:
             src, key = self.run_dir / "base", "base"
         graph = NetGraph.load(src)
@@ -208,6 +249,42 @@ class SearchRun:
                  metrics["best"]["val_acc"], metrics["best"]["test_acc"],
                  metrics["best"]["params"])
         return metrics
+
+
+SEARCH_FILES = ("config.yaml", "log.txt", SUMMARY, "leaderboard.json", "report")
+
+
+def summary_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The search's summary as scalars for the trackers."""
+    values = {f"{part}/{key}": metrics[part][key] for part in ("base", "best")
+              for key in ("val_acc", "test_acc", "params")}
+    values.update(trials=metrics["trials"], failed=metrics["failed"],
+                  wall_time_s=metrics["wall_time_s"])
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+
+
+def tune_callbacks(tracking: Any, name: str) -> list[Any]:
+    """Ray Tune's own MLflow and W&B loggers with the config's settings: one tracked run per
+    child trained as a Tune trial (its reported metrics; MLflow: its trial config as params).
+    The local backend trains children without Tune; the search's own run covers them."""
+    out: list[Any] = []
+    if tracking.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        m = tracking.mlflow
+        allow_file_store(m.uri)
+        out.append(MLflowLoggerCallback(tracking_uri=m.uri, experiment_name=m.experiment,
+                                        tags={**m.tags, "growth.search": name}))
+    if tracking.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        w = tracking.wandb
+        if w.mode != "online":  # Ray's logger asks for an API key unless WANDB_MODE says not
+            os.environ.setdefault("WANDB_MODE", w.mode)
+        extra = {"mode": w.mode, "entity": w.entity, "dir": w.dir, "tags": list(w.tags) or None}
+        out.append(WandbLoggerCallback(project=w.project, group=w.group or f"{name}-children",
+                                       **{k: v for k, v in extra.items() if v is not None}))
+    return out
 
 
 def search_config(path: str | Path, out: str | Path, overrides: list[str] | None = None,

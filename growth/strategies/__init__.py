@@ -36,6 +36,7 @@ from growth.strategies.packnet import PackNet
 from growth.strategies.piggyback import Piggyback
 from growth.strategies.pnn import ProgressiveNets
 from growth.strategies.progress_compress import ProgressCompress
+from growth.strategies.rcl import RCL
 from growth.strategies.rec import REC
 from growth.strategies.rwalk import RWalk
 from growth.strategies.scp import SCP
@@ -83,7 +84,7 @@ def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
 
 for _cls in (Strategy, Joint, EWC, SI, MAS, L2, LwF, MWC, ER, GEM, AGEM, MIR, PackNet, CPG,
              ProgressiveNets, ICaRL, GDumb, LatentReplay, DGR, DGRNegative, REC, LearnToGrow,
-             DEN, ProgressCompress, ExpertGate):
+             DEN, ProgressCompress, ExpertGate, RCL):
     register(_cls)
 # regularisers and output-layer methods of the wider field (docs/methods.md)
 for _cls in (RWalk, SCP, CWRStar, AR1, Hypernetwork):

@@ -33,6 +33,10 @@ the operators' change records by the role the strategy declares for its `what` i
 `state_roles` (`growth.remap`: anchors like weights, importances onto the old units, masks
 gathered with new positions free); a strategy with live buffers (SI's path sums) extends
 `follow`. So every per-parameter tensor always has its parameter's shape.
+Once a task's checkpoint is written, the entries of per-task slots (`TensorSpec(slots=
+"tasks")`: a finished task's Fisher, anchors, picks) are read from their files when used
+(`offload`, growth.tensorfiles.StateDict), so state that grows with the tasks stays out of
+memory: replace such an entry (`state[key] = t`), never change it in place.
 Strategies that keep old data (a replay memory, a generator of it) say how much in
 `memory_report`; it is reported apart from model size. Around a whole run, the campaign
 enters `session(workdir)` (REC holds one Ray cluster for all its searches there), and
@@ -42,7 +46,7 @@ per-task expansion and compression).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,6 +57,7 @@ from pydantic import BaseModel, ConfigDict
 from growth.context import HOOKS, Context, Scorer
 from growth.remap import remap_state
 from growth.strategies.spec import TensorSpec, check_tensors
+from growth.tensorfiles import StateDict, TensorRef, copy_state
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -83,7 +88,7 @@ class Strategy:
 
     def __init__(self, params: StrategyParams | None = None) -> None:
         self.params = params if params is not None else type(self).Params()
-        self.state: dict[str, torch.Tensor] = {}
+        self.state: MutableMapping[str, torch.Tensor] = {}
         self.extra: dict[str, Any] = {}
 
     # ---- hooks (no-ops) -------------------------------------------------------------------
@@ -139,13 +144,32 @@ class Strategy:
         shapes = {n: tuple(p.shape) for n, p in ctx.model.named_parameters().items()}
         self.state = remap_state(self.state, records, self.state_roles, shapes, self.name)
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors (to safetensors) and small JSON-able values (to JSON)."""
-        return dict(self.state), dict(self.extra)
+    def state_dict(self) -> tuple[MutableMapping[str, torch.Tensor], dict[str, Any]]:
+        """Tensors (to safetensors) and small JSON-able values (to JSON); entries read from
+        files stay references (a checkpoint names their files instead of writing them)."""
+        return copy_state(self.state), dict(self.extra)
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        self.state = dict(tensors)
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], extra: dict[str, Any]
+                        ) -> None:
+        self.state = copy_state(tensors)
         self.extra = dict(extra)
+
+    def offload(self, stored: Mapping[str, TensorRef]) -> None:
+        """After a checkpoint is written or read: the entries of per-task slots
+        (`slots="tasks"` in `state_spec`: a finished task owns them, and hooks replace them
+        but never change them in place) are read from the files `stored` names from now on;
+        every other entry (running sums, owners, memories: changed in place or used every
+        step) is held in memory."""
+        spec = self.state_spec()
+        state = self.state if isinstance(self.state, StateDict) else StateDict(self.state)
+        for key in list(state):
+            rule = spec.get(key.split("/", 1)[0])
+            if rule is not None and rule.slots == "tasks":
+                if key in stored:
+                    state.refer(key, stored[key])
+            elif state.ref(key) is not None:
+                state[key] = state[key]  # read into memory
+        self.state = state
 
     def state_spec(self) -> dict[str, TensorSpec]:
         """What `state` holds, by `what` (see growth.strategies.spec); a checkpoint's tensors

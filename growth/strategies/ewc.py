@@ -9,7 +9,7 @@ task ends (empirical Fisher: the task's own labels). Two modes:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
@@ -51,8 +51,9 @@ class QuadraticStrategy(Strategy):
     _quad: Quadratic | None = None
     state_roles: ClassVar[dict[str, str]] = {"anchor": WEIGHT, "fisher": IMPORTANCE}
 
-    def components(self, ctx: Context) -> list[Component]:
-        """(scale, weights, anchors) of every quadratic term the current task pays."""
+    def components(self, ctx: Context) -> Iterable[Component]:
+        """(scale, weights, anchors) of every quadratic term the current task pays; an
+        iterable, so terms read from files are merged one at a time (build_quadratic)."""
         raise NotImplementedError
 
     def before_task(self, ctx: Context) -> None:
@@ -151,11 +152,12 @@ def store_task_fisher(strategy: QuadraticStrategy, ctx: Context, samples: int | 
 
 
 def separate_components(strategy: QuadraticStrategy, scale: float,
-                        weights: dict[int, float] | None = None) -> list[Component]:
-    """One (scale * w_k, F_k, theta*_k) term per finished task (w_k = 1 unless given)."""
+                        weights: dict[int, float] | None = None) -> Iterator[Component]:
+    """One (scale * w_k, F_k, theta*_k) term per finished task (w_k = 1 unless given), each
+    read when it is merged, so a penalty build holds one task's tensors at a time."""
     w = weights or {}
-    return [(scale * w.get(k, 1.0), stored(strategy.state, "fisher", k),
-             stored(strategy.state, "anchor", k)) for k in strategy.finished()]
+    return ((scale * w.get(k, 1.0), stored(strategy.state, "fisher", k),
+             stored(strategy.state, "anchor", k)) for k in strategy.finished())
 
 
 class EWC(QuadraticStrategy):
@@ -169,7 +171,7 @@ class EWC(QuadraticStrategy):
             return {"fisher": TensorSpec(shape="same"), "anchor": TensorSpec(shape="same")}
         return {"fisher": TensorSpec(("all",), "same"), "anchor": TensorSpec(("latest",), "same")}
 
-    def components(self, ctx: Context) -> list[Component]:
+    def components(self, ctx: Context) -> Iterable[Component]:
         scale = self.params.lam / 2
         if self.params.mode == "separate":
             return separate_components(self, scale)

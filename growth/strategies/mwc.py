@@ -10,6 +10,8 @@ beta = 0 gives every w = 1: EWC with one penalty per task. The r and w of each t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from pydantic import Field
 
@@ -92,7 +94,7 @@ class MWC(QuadraticStrategy):
         r = [fisher_cosine(stored(self.state, "fisher", k), new, trunk) for k in tasks]
         return {"tasks": tasks, "r": r, "w": relatedness_weights(r, self.params.beta)}
 
-    def components(self, ctx: Context) -> list[Component]:
+    def components(self, ctx: Context) -> Iterable[Component]:
         rec = self.relatedness(ctx)
         return separate_components(self, self.params.lam / 2, dict(zip(rec["tasks"], rec["w"])))
 

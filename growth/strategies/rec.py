@@ -44,14 +44,14 @@ from pydantic import Field, field_validator
 from growth.compress import CompressParams, compress, default_heads, distill, trunk_params
 from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
-from growth.masks import Guard
 from growth.ops.registry import ChangeRecord
 from growth.regularizers import stored
-from growth.remap import MASK, SPLIT, WEIGHT, remap
+from growth.remap import SPLIT
 from growth.search_spaces.space import SpaceSpec
 from growth.searching import ControllerState, SearchRequest, SearchSettings
 from growth.strategies.base import Context
 from growth.strategies.mwc import MWC, MWCParams
+from growth.strategies.private import FrozenParent, fresh_entries, parent_entries
 from growth.strategies.spec import TensorSpec
 from growth.train import evaluate
 
@@ -132,8 +132,7 @@ class REC(MWC):
             self.state_roles = {**MWC.state_roles, "fisher": SPLIT}
         self._parent: NetGraph | None = None
         self._parent_state: dict[str, torch.Tensor] = {}
-        self._frozen: dict[str, torch.Tensor] | None = None  # a private child's parent entries
-        self._guard: Guard | None = None
+        self._frozen = FrozenParent()  # a private child's parent entries
 
     def state_spec(self) -> dict[str, TensorSpec]:
         return {**super().state_spec(),
@@ -156,7 +155,7 @@ class REC(MWC):
             if self.params.compress.enabled:
                 self._compress(ctx, entry)
         super().after_task(ctx)  # MWC: Fisher and anchors of task t on the final network
-        self._frozen = None
+        self._frozen.release()
         self._check_size(ctx, entry)
 
     # ---- a private expansion's child: its parent frozen -----------------------------------
@@ -166,7 +165,7 @@ class REC(MWC):
             self._anchor_inserted(ctx, records)
         if self.params.expansion == "private" and not self.params.search.enabled and any(
                 r.op == "widen_private" for r in records):
-            self._frozen = parent_entries(ctx, records)
+            self._frozen.entries = parent_entries(ctx, records)
 
     def _anchor_inserted(self, ctx: Context, records: list[ChangeRecord]) -> None:
         """Old tasks' anchors at an inserted layer's identity, with each task's mean Fisher:
@@ -194,24 +193,14 @@ class REC(MWC):
 
     @contextmanager
     def training(self, ctx: Context) -> Iterator[None]:
-        if not self._frozen:
+        with self._frozen.training(ctx):
             yield
-            return
-        params = ctx.model.named_parameters()
-        self._guard = Guard(params, {n: ~m for n, m in self._frozen.items()})
-        try:
-            yield
-        finally:
-            self._guard.restore()
-            self._guard = None
 
     def after_backward(self, ctx: Context) -> None:
-        if self._guard is not None:
-            self._guard.mask_grads()
+        self._frozen.after_backward()
 
     def after_step(self, ctx: Context) -> None:
-        if self._guard is not None:  # the parent's moments would move frozen entries
-            self._guard.restore()
+        self._frozen.after_step()
 
     # ---- expand ----------------------------------------------------------------------------
     def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
@@ -266,7 +255,7 @@ class REC(MWC):
 
     # ---- compress --------------------------------------------------------------------------
     def _compress(self, ctx: Context, entry: dict[str, Any]) -> None:
-        self._frozen = None  # the student learns in every unit
+        self._frozen.release()  # the student learns in every unit
         settings = self.params.compress
         base = NetGraph.from_dict(self.extra["base"]["structure"])
         graph = ctx.model.graph
@@ -370,46 +359,3 @@ class REC(MWC):
 def _fmt(acc: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in acc.items())
 
-
-def new_task_only(ctx: Context) -> set[str]:
-    """Nodes only the new task's head reads (its head layer): the new task's alone."""
-    graph = ctx.model.graph
-    others: set[str] = set()
-    for head in graph.heads:
-        if head != ctx.head_of(ctx.task):
-            others |= graph.ancestors([head])
-    return graph.ancestors([ctx.head_of(ctx.task)]) - others
-
-
-def parent_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
-    """Which entries of each parameter the parent had (True), by output unit: a row (dim 0)
-    the records copied or kept is the parent's, whatever its columns; new units' rows are not.
-    Parameters only the new task's head reads are left out (the new task trains them)."""
-    own = new_task_only(ctx)
-    out = {}
-    for name, p in ctx.model.named_parameters().items():
-        if name.rsplit(".", 1)[0] in own:
-            continue
-        old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
-        mask = remap(torch.ones(old), name, records, MASK)
-        rows = mask.flatten(1).any(1) if mask.dim() > 1 else mask.bool()
-        out[name] = rows.view(-1, *([1] * (p.dim() - 1))).expand(p.shape).to(p.device)
-    return out
-
-
-def fresh_entries(ctx: Context, records: list[ChangeRecord]) -> dict[str, torch.Tensor]:
-    """Entries the records made fresh (index -1: widen_private's zero columns), True there:
-    what an old task's head would read of units it never saw, kept at 0 for it. Tensors only
-    the new task's head reads are left out."""
-    own = new_task_only(ctx)
-    out = {}
-    for name, p in ctx.model.named_parameters().items():
-        if name.rsplit(".", 1)[0] in own:
-            continue
-        touched = [r for r in records if name in r.index_maps]
-        if not any(-1 in idx for r in touched for idx in r.index_maps[name].values()):
-            continue
-        old = next((r.resized[name][0] for r in records if name in r.resized), tuple(p.shape))
-        kept = remap(torch.ones(old), name, records, WEIGHT)  # 0 at fresh entries
-        out[name] = (kept == 0).to(p.device)
-    return out
