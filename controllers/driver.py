@@ -36,10 +36,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -620,7 +622,8 @@ class _Driver:
                 name=f"gen{g:03d}-a{attempt}", storage_path=self.search.storage, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=self.resources.max_failures),
                 callbacks=[Recorder(self.search, self._on_child), *self.callbacks]))
-        tuner.fit()
+        with _own_signal_handlers():
+            tuner.fit()
         del tuner  # the experiment's trials leave the driver's memory
 
     def _next_parent(self, board: list[ChildRecord]) -> None:
@@ -654,6 +657,24 @@ class _Driver:
     def _save_state(self) -> None:
         self.state["elapsed_s"] = self.elapsed()
         self.search.write_state(self.state)
+
+
+@contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """The caller's SIGINT and SIGUSR1 handlers back after a Tune experiment: Tune installs its
+    own for each `fit` (a first Ctrl-C stops the experiment gracefully) and leaves them, so after
+    n searches the caller's Ctrl-C would be swallowed n times."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Tune installs nothing outside the main thread
+        return
+    kinds = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    saved = {kind: signal.getsignal(kind) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in saved.items():
+            if handler is not None:  # None: installed outside Python, nothing to put back
+                signal.signal(kind, handler)
 
 
 def _ray(address: str | None, log_file: Path | None) -> AbstractContextManager[Any]:

@@ -133,13 +133,15 @@ def task_seed(seed: int, task: int) -> int:
 def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
     """The base network with its heads: one per task, or one shared head (class and domain
     scenarios)."""
-    from growth.search_spaces.networks import add_head, mlp, small_cnn
+    from growth.search_spaces.networks import add_head, mlp, small_cnn, vit
 
     m = cfg.model
     shape = tasks[0].input_shape
     if m.kind == "mlp":
         g = mlp(shape, m.hidden, activation=m.activation, batchnorm=m.batchnorm,
                 dropout=m.dropout)
+    elif m.kind == "vit":
+        g = vit(shape, m.patch, m.dim, m.depth, m.heads, m.mlp_dim)
     elif m.kind == "torchvision":
         from growth.search_spaces.zoo import torchvision_trunk
 

@@ -99,10 +99,11 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The base network: an MLP, a small CNN, or a torchvision architecture imported by name
-    (its classifier replaced by the heads); one linear head per task."""
+    """The base network: an MLP, a small CNN, a small Vision Transformer, a torchvision
+    architecture imported by name (its classifier replaced by the heads); one linear head per
+    task."""
 
-    kind: Literal["mlp", "cnn", "torchvision", "python"] = "mlp"
+    kind: Literal["mlp", "cnn", "vit", "torchvision", "python"] = "mlp"
     arch: str | None = None  # torchvision: e.g. resnet18, vgg11_bn (search_spaces/zoo.py)
     # python: "package.module:function" or "file.py:function" returning a torch.nn.Module,
     # called with `args`; its output is the features the heads read, or (output: classifier)
@@ -117,6 +118,11 @@ class ModelConfig(_Section):
     activation: Literal[tuple(sorted(ACTIVATIONS))] = "relu"  # type: ignore[valid-type]
     batchnorm: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)  # mlp: after every block; cnn: after fc blocks
+    patch: PositiveInt = 4  # vit: patch size (divides the image's height and width)
+    dim: PositiveInt = 32  # vit: token features
+    depth: PositiveInt = 2  # vit: transformer blocks
+    heads: PositiveInt = 2  # vit: attention heads (dim // heads features each)
+    mlp_dim: PositiveInt | None = None  # vit: MLP hidden width (default 2 * dim)
 
     @model_validator(mode="after")
     def _torchvision_needs_an_arch(self) -> ModelConfig:
@@ -403,6 +409,7 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "dropout": ("kind", ("mlp", "cnn")),
         "arch": ("kind", ("torchvision",)),
         "weights": ("kind", ("torchvision",)),
+        **{k: ("kind", ("vit",)) for k in ("patch", "dim", "depth", "heads", "mlp_dim")},
         "factory": ("kind", ("python",)),
         "args": ("kind", ("python",)),
         "output": ("kind", ("python",)),
@@ -432,6 +439,11 @@ LIMITS: dict[str, int] = {
     "model.channels#": 32,
     "model.fc": 65_536,
     "model.fc#": 64,
+    "model.patch": 256,
+    "model.dim": 8_192,
+    "model.depth": 64,
+    "model.heads": 256,
+    "model.mlp_dim": 65_536,
     "train.epochs": 10_000,
     "train.batch_size": 65_536,
 }

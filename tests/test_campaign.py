@@ -102,6 +102,9 @@ def test_resume_in_process_matches_uninterrupted(tmp_path: Path) -> None:
     assert resume_run(part)["R"] == full["R"]
 
 
+# a process started, SIGKILLed and resumed, then the run again: 40 s on a loaded machine;
+# test_resume_in_process_matches_uninterrupted checks the same R without a process
+@pytest.mark.slow
 def test_resume_after_real_kill_gives_same_R(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", data__n_tasks=4, data__max_train_per_task=None,
                        train__epochs=8)

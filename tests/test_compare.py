@@ -308,3 +308,55 @@ def test_the_watch_counts_runs_and_times_the_rest_from_the_pace(tmp_path: Path) 
     watch.report()  # unchanged: printed once
     assert printed.getvalue() == ("[compare] runs 1/3 done, 1 running, 1 waiting; 50% of "
                                   "tasks; ETA 1m40s\n")
+
+
+def _fabricated(acc: float, size: float, wall: list[float], finished: int = 2,
+                children: int | None = None) -> dict:
+    """A run's metrics.json as a campaign writes it, with chosen figures (two tasks)."""
+    return {"run": {"name": "tiny"}, "tasks": ["t0", "t1"],
+            "R": [[0.1, 0.1], [0.9, 0.1], [0.5, 0.8]],
+            "finished_tasks": finished, "acc": acc, "bwt": -0.4, "fwt": None,
+            "sizes": [{"relative": 1.0, "relative_bytes": 1.0},
+                      {"relative": size, "relative_bytes": 2 * size}],
+            "wall_time_s": wall,
+            "search": None if children is None else {"children": children,
+                                                     "child_time_s": 1.5 * children}}
+
+
+def test_the_table_gives_mean_and_sample_std_over_the_finished_runs(tmp_path: Path) -> None:
+    """Fabricated runs (no training): each row holds the finished runs of its strategy, mean
+    and sample std (n - 1) of each figure, skipping what a run did not measure."""
+    from growth.commands.compare import write_comparison
+
+    plan = load_compare(write(tmp_path, ["finetune", {"name": "rec", "label": "r"}],
+                              seeds=[0, 1, 2]))
+    out = tmp_path / "out"
+    runs = {"finetune-s0": _fabricated(0.50, 1.0, [1.0, 2.0]),
+            "finetune-s1": _fabricated(0.60, 1.0, [2.0, 2.0]),
+            "finetune-s2": _fabricated(0.90, 1.0, [3.0, 3.0]),
+            "r-s0": _fabricated(0.70, 1.2, [4.0, 6.0], children=2),
+            "r-s1": _fabricated(0.80, 1.6, [5.0, 5.0], children=4),
+            "r-s2": _fabricated(0.10, 9.0, [1.0], finished=1, children=9)}  # unfinished
+    for name, m in runs.items():
+        (out / name).mkdir(parents=True)
+        (out / name / "metrics.json").write_text(json.dumps(m))
+    write_comparison(plan, out)
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "compare.csv").open())}
+    # finetune: acc 0.5, 0.6, 0.9: mean 2/3, squared deviations sum 0.08667 / 2
+    assert float(rows["finetune"]["runs"]) == 3
+    assert float(rows["finetune"]["acc_mean"]) == pytest.approx(2 / 3)
+    assert float(rows["finetune"]["acc_std"]) == pytest.approx((0.26 / 3 / 2) ** 0.5)
+    assert float(rows["finetune"]["wall_time_s_mean"]) == pytest.approx(13 / 3)
+    assert float(rows["finetune"]["wall_time_s_std"]) == pytest.approx((14 / 3 / 2) ** 0.5)
+    assert float(rows["finetune"]["size_relative_std"]) == 0.0
+    assert rows["finetune"]["fwt_mean"] == rows["finetune"]["children_mean"] == ""
+    # r: the unfinished run is left out; two runs: the std is |a - b| / sqrt(2)
+    assert float(rows["r"]["runs"]) == 2
+    assert float(rows["r"]["acc_std"]) == pytest.approx(0.1 / 2 ** 0.5)
+    assert float(rows["r"]["size_relative_mean"]) == pytest.approx(1.4)
+    assert float(rows["r"]["bytes_relative_std"]) == pytest.approx(0.8 / 2 ** 0.5)
+    assert float(rows["r"]["children_mean"]) == 3.0
+    assert float(rows["r"]["child_time_s_std"]) == pytest.approx(3.0 / 2 ** 0.5)
+    md = (out / "compare.md").read_text()
+    assert f"| finetune | 3 | 0.6667 ± {(0.26 / 6) ** 0.5:.4f} |" in md
+    assert "| r | 2 | 0.7500 ± 0.0707 |" in md

@@ -17,6 +17,7 @@ from growth.compress import (
     CompressParams,
     budget_params,
     compress,
+    distill,
     shrink,
     trunk_params,
 )
@@ -294,6 +295,46 @@ def test_distillation_pulls_the_old_head_towards_the_teacher() -> None:
             q = F.log_softmax(ctx.model.head("t0").eval()(x), 1)
         gaps[weight] = float(F.kl_div(q, p, log_target=True, reduction="batchmean"))
     assert gaps[1.0] < 0.5 * gaps[0.0]
+
+
+def test_old_heads_learn_from_the_old_teacher_and_the_tasks_head_from_the_teacher(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """distill with an old teacher: the KL term of the task's head targets the teacher, the old
+    heads' terms target the old teacher (three networks with different weights, the loss on one
+    batch against the tempered KL computed by hand)."""
+    import growth.train
+
+    torch.manual_seed(0)
+    g = two_heads(mlp((1, 8, 8), [6]), classes=10)
+    student, teacher, old = randomize(g.copy(), 4), randomize(g.copy(), 5), randomize(g.copy(), 6)
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 16})
+    ctx = Context(Model(student), tasks[1], tasks[:1], lambda t: f"t{t.index}", lambda t, y: y,
+                  torch.device("cpu"))
+    hooks = []
+    real = growth.train.fit
+
+    def keep(ctx: Context, strategy, *args, **kwargs):  # the real loop, its hooks kept
+        hooks.append(strategy)
+        return real(ctx, strategy, *args, **kwargs)
+
+    monkeypatch.setattr(growth.train, "fit", keep)
+    params = CompressParams(epochs=1, kd_weight=0.7, temperature=2.0)
+    distill(ctx, teacher, params, TrainConfig(epochs=1, batch_size=8, lr=0.01), ["t1", "t0"],
+            old_teacher=old)
+    d, = hooks
+    assert d.extra_heads(ctx) == ["t0"]
+    x = tasks[1].test[0][:6]
+    out = ctx.model.head(("t1", "t0"))(x)
+    ctx.outputs = out
+    got = float(d.penalty(ctx, x, tasks[1].test[1][:6], out["t1"]).detach())
+    want = 0.0
+    for head, source in (("t1", teacher), ("t0", old)):  # T^2 mean_i sum_c p (log p - log q)
+        with torch.no_grad():
+            p = torch.softmax(Model(source).head(head).eval()(x) / 2, 1)
+        q = torch.softmax(out[head].detach() / 2, 1)
+        want += 4 * float((p * (p.log() - q.log())).sum(1).mean())
+    assert got == pytest.approx(0.7 * want, rel=1e-5)
 
 
 # ---- growth compress ---------------------------------------------------------------------------

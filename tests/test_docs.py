@@ -42,6 +42,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
         *sorted((ROOT / "examples").glob("*/README.md"))]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)(?P<info>[^\n]*)\n(?P<body>.*?)"
                    r"^(?P=indent)```", re.M | re.S)
+SHELLS = ("bash", "sh", "shell", "console")
 SLOW = ("growth run", "run_config(", "Campaign(", "growth search", "growth compress",
         "python bench/")
 
@@ -148,7 +149,7 @@ def test_document_examples_run_as_written(doc: Path, workdir: tuple[Path, Path],
                                           capsys: pytest.CaptureFixture[str],
                                           request: pytest.FixtureRequest) -> None:
     work, site = workdir
-    if "growth search" in doc.read_text(encoding="utf-8"):
+    if any("growth search" in code for lang, code, _ in blocks(doc) if lang in SHELLS):
         request.getfixturevalue("ray_session")  # one Ray for the session, not one per command
     scope: dict = {"__name__": "docs_example"}
     for lang, code, line in blocks(doc):
@@ -160,7 +161,7 @@ def test_document_examples_run_as_written(doc: Path, workdir: tuple[Path, Path],
                 assert capsys.readouterr().out.strip(), f"{where} prints nothing"
         elif lang == "python-sketch":
             compile(code, where, "exec")
-        elif lang in ("bash", "sh", "shell", "console"):
+        elif lang in SHELLS:
             for cmd, expected in commands(code, lang == "console"):
                 out = run_command(cmd, site, capsys)
                 lines = [o.rstrip() for o in out.splitlines()]

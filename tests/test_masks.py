@@ -372,3 +372,91 @@ def test_cpg_old_tasks_are_scored_on_the_network_they_had_after_growth(tmp_path:
     rec.run()
     assert s.extra["grown"]["1"] == 1 and s.extra["widths"]["0"] == {"fc1": 512, "fc2": 256}
     _check_bitwise(rec, 3)
+
+
+# ---- PackNet's retraining and CPG's goal, one task at a time on tiny networks ----------------
+def _tiny(strategy: str, params: dict[str, Any]) -> tuple[Any, Any, Any, list]:
+    from growth.model import Model
+    from rivalkit import mlp_net, tasks_for
+
+    graph = mlp_net(2)
+    return make_strategy(strategy, params), Model(graph), graph, tasks_for(graph, 2)
+
+
+def test_packnet_retrains_the_weights_it_kept_for_retrain_epochs_after_pruning() -> None:
+    """After a task, the half of each layer's weights with the smallest magnitude is zeroed and
+    the kept half trains again for `retrain_epochs`, the pruned ones held at zero: the same as
+    pruning the trained weights by hand and training the rest with a plain fit whose gradients
+    are zeroed at the pruned entries."""
+    from growth.model import Model
+    from growth.strategies.base import Strategy
+    from growth.train import TrainConfig, fit
+    from rivalkit import ctx_for
+
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9)
+    s, model, _, tasks = _tiny("packnet", {"prune": 0.5, "retrain_epochs": 2})
+    ctx = ctx_for(model, tasks, 0, s)
+    calls: list[dict[str, Any]] = []
+
+    def train_fit(**kw: Any) -> list[float]:
+        calls.append(kw)
+        return fit(ctx, s, cfg, **{"seed": 5, **kw})
+
+    ctx.train_fit = train_fit
+    s.before_task(ctx)
+    fit(ctx, s, cfg, seed=4)
+    trained = model.graph
+    pruned: dict[str, torch.Tensor] = {}
+    for name in ("fc1.weight", "fc2.weight"):  # the trunk's weight matrices
+        node, key = name.split(".")
+        w = trained.node(node).tensors[key]
+        order = torch.sort(w.abs().flatten(), stable=True).indices
+        cut = torch.zeros(w.numel(), dtype=torch.bool)
+        cut[order[:w.numel() // 2]] = True
+        pruned[name] = cut.view_as(w)
+        trained.node(node).tensors[key] = w.masked_fill(pruned[name], 0.0)
+
+    class HeldAtZero(Strategy):
+        def after_backward(self, ctx: Context) -> None:
+            params = ctx.model.named_parameters()
+            for n, cut in pruned.items():
+                params[n].grad[cut] = 0
+
+    by_hand = Model(trained)
+    fit(ctx_for(by_hand, tasks, 0), HeldAtZero(), cfg, seed=5, epochs=2)
+    s.after_task(ctx)
+    assert calls == [{"epochs": 2}]
+    got, want = model.named_parameters(), by_hand.named_parameters()
+    for n in want:
+        assert torch.equal(got[n].detach(), want[n].detach()), n
+    for n, cut in pruned.items():
+        assert torch.equal(s.state[f"owner/all/{n}"], (~cut).to(torch.uint8))
+        assert not torch.equal(got[n].detach()[~cut], trained.named_tensors()[n][~cut])
+
+
+def test_cpg_goal_is_the_accuracy_alone_minus_the_margin() -> None:
+    """The goal is the validation accuracy of a fresh copy of the network trained on the task
+    alone, minus `margin`: two margins differ by exactly their difference, and the network's
+    own weights do not enter it (all zero, they could not learn the task)."""
+    from growth.model import Model
+    from growth.train import TrainConfig
+    from rivalkit import ctx_for, digit_net, digit_tasks
+
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.1, momentum=0.9)
+    tasks = digit_tasks(2, per_task=200)
+    goals = {}
+    for margin, zeroed in ((0.0, False), (0.25, False), (0.0, True)):
+        s, model = make_strategy("cpg", {"margin": margin}), Model(digit_net(2, (16,)))
+        ctx = ctx_for(model, tasks, 1, s)
+        ctx.train_config = cfg
+        if zeroed:
+            with torch.no_grad():
+                for p in model.named_parameters().values():
+                    p.zero_()
+        s.before_task(ctx)
+        goals[margin, zeroed] = s.goal(1)
+    alone, n = goals[0.0, False], len(tasks[1].val[1])
+    assert 0.5 < alone <= 1.0  # ten classes: a trained network, far above chance
+    assert alone * n == pytest.approx(round(alone * n))  # an accuracy on the validation split
+    assert goals[0.25, False] == pytest.approx(alone - 0.25, abs=1e-12)
+    assert goals[0.0, True] == alone

@@ -267,6 +267,66 @@ def test_lateral_adapters_compute_the_progressive_net_formula_by_hand() -> None:
         torch.testing.assert_close(got[f"t{k}"], lin(f"head_t{k}", h2[k]))
 
 
+def test_an_adapter_reads_the_earlier_columns_value_after_its_own_lateral_sum() -> None:
+    """fc2 feeds fc3 with no activation between: column 2's adapter into fc3 reads column 1's
+    fc2 value with column 1's lateral already added (and column 2's fc3 its own summed fc2),
+    by the progressive net formula computed by hand."""
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (6,))
+    g.add("fc1", "linear", ["x"], out_features=5)
+    g.add("act1", "relu", ["fc1"])
+    g.add("fc2", "linear", ["act1"], out_features=4)
+    g.add("fc3", "linear", ["fc2"], out_features=4)
+    g.add("features", "identity", ["fc3"])
+    # tanh: a relu adapter this small can be dead on every sample, hiding what it reads
+    g = add_column(with_heads(g, 3), ["t1"], seed=1, activation="tanh").graph
+    g = add_column(g, ["t2"], seed=2, activation="tanh").graph
+    gen = torch.Generator().manual_seed(5)
+    for n in g.topo_order():  # alphas away from their init, so each alpha must be applied
+        if g.node(n).kind == "scale":
+            g.node(n).tensors = {"weight": torch.rand(1, generator=gen) + 0.5}
+    T = g.named_tensors()  # noqa: N806
+
+    def lin(name: str, h: torch.Tensor) -> torch.Tensor:
+        return h @ T[f"{name}.weight"].T + (T[f"{name}.bias"] if f"{name}.bias" in T else 0)
+
+    def lateral(stem: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+        joined = torch.cat([T[f"{stem}_a{j}.weight"] * h for j, h in enumerate(inputs)], 1)
+        return lin(f"{stem}_u", torch.tanh(lin(f"{stem}_v", joined)))
+
+    x = x_for(g, batch=16)
+    h1, z2, z3 = [], [], []
+    for k, p in enumerate(["", "c1_", "c2_"]):
+        h1.append(torch.relu(lin(f"{p}fc1", x)))
+        z2.append(lin(f"{p}fc2", h1[k]) + (lateral(f"c{k}_fc2_lat", h1[:k]) if k else 0))
+        z3.append(lin(f"{p}fc3", z2[k]) + (lateral(f"c{k}_fc3_lat", z2[:k]) if k else 0))
+    got = eval_outputs(g, x)
+    for k in (0, 1, 2):
+        torch.testing.assert_close(got[f"t{k}"], lin(f"head_t{k}", z3[k]))
+
+
+def test_the_strategy_draws_a_new_column_from_the_tasks_seed() -> None:
+    """Column 1's layers and adapter hold what torch's own layers draw, in the column's order,
+    from a generator seeded with the task's seed (not another seed, not the global state)."""
+    graph = mlp_net(2)
+    tasks = tasks_for(graph, 2)
+    for seed in (101, 7):
+        model = Model(graph)
+        ctx = ctx_for(model, tasks, 1)
+        ctx.seed = seed
+        torch.manual_seed(0)
+        make_strategy("pnn").before_task(ctx)
+        torch.manual_seed(seed)  # by hand: fc1, fc2, then fc2's adapter (V 6 -> 3, U 3 -> 5)
+        want = {"c1_fc1": torch.nn.Linear(16, 6), "c1_fc2": torch.nn.Linear(6, 5),
+                "c1_fc2_lat_v": torch.nn.Linear(6, 3),
+                "c1_fc2_lat_u": torch.nn.Linear(3, 5, bias=False)}
+        params = model.named_parameters()
+        for node, layer in want.items():
+            for key, value in layer.state_dict().items():
+                assert torch.equal(params[f"{node}.{key}"].detach(), value), (seed, node, key)
+
+
 def test_a_column_is_freshly_initialised_from_its_seed_and_leaves_the_global_generator() -> None:
     graph = cnn_net()
     torch.manual_seed(123)

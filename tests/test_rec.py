@@ -3,6 +3,7 @@ expansion and compression, the size invariant, and old tasks' data never read.""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -308,3 +309,85 @@ def test_an_inserted_layer_is_anchored_with_each_old_tasks_mean_fisher() -> None
             assert f.shape == (48, 48) and level > 0
             assert torch.allclose(f, torch.full_like(f, level))
     assert "act1_deep1.weight" not in got[False]
+
+
+# ---- compression's wiring: old tasks' importance, and whom old heads are distilled from ------
+def test_old_tasks_importance_weighs_each_tasks_fisher_by_its_relatedness() -> None:
+    """What the "cut" student's units are scored by, besides the task's own Fisher:
+    sum_k w_{k,t} F_k over the finished tasks, with the w (not r) of this task's relatedness
+    row; a tensor only one task's Fisher holds (head_t0) gets that task's term alone."""
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(add_head(mlp((1, 8, 8), [5]), "t0", 10), "t1", 10), "t2", 10))
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 3,
+                          "max_train_per_task": 20})
+    rec = make_strategy("rec", {"compress": {"student": "cut", "importance": "fisher"}})
+    gen = torch.Generator().manual_seed(1)
+    f0 = {"fc1.weight": torch.rand(5, 64, generator=gen), "fc1.bias": torch.rand(5, generator=gen)}
+    f1 = {"fc1.weight": torch.rand(5, 64, generator=gen), "fc1.bias": torch.rand(5, generator=gen),
+          "head_t0.weight": torch.rand(10, 5, generator=gen)}
+    for k, fisher in enumerate((f0, f1)):
+        rec.state.update({f"fisher/{k}/{n}": f for n, f in fisher.items()})
+    rec.extra["tasks"] = [0, 1]
+    rec.extra["relatedness"] = {"2": {"tasks": [0, 1], "r": [0.2, 0.7], "w": [0.5, 1.5]}}
+    ctx = Context(model, tasks[2], tasks[:2], lambda t: f"t{t.index}", lambda t, y: y,
+                  torch.device("cpu"))
+    got = rec._old_importance(ctx)
+    assert sorted(got) == ["fc1.bias", "fc1.weight", "head_t0.weight"]
+    for n in ("fc1.weight", "fc1.bias"):
+        torch.testing.assert_close(got[n], 0.5 * f0[n] + 1.5 * f1[n], rtol=0, atol=1e-7)
+    torch.testing.assert_close(got["head_t0.weight"], 1.5 * f1["head_t0.weight"])
+
+
+class Widening:
+    """A searcher whose chosen child widens fc1 by two units, with noise (another function)."""
+
+    def __init__(self) -> None:
+        self.parents: list[Any] = []
+
+    def search(self, ctx: Context, request: Any) -> Any:
+        from growth.searching import SearchOutcome
+
+        self.parents.append(ctx.model.graph)
+        result = net2wider(ctx.model.graph, "fc1", 14, noise=0.1, seed=1)
+        return SearchOutcome(result.graph, [result.record], {"expansion": ["widen"],
+                                                             "children": 1})
+
+
+@pytest.mark.parametrize("old_heads", ["parent", "teacher", "none"])
+def test_old_heads_are_distilled_from_the_network_old_heads_names(old_heads: str,
+                                                                  monkeypatch: Any) -> None:
+    """old_heads parent: the old heads learn from the network trained on the task before the
+    search; teacher: from the expanded network, as the task's head; none: not distilled."""
+    import growth.strategies.rec as rec_module
+
+    calls: list[tuple[Any, list[str], Any]] = []
+    real = rec_module.distill
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        calls.append((a["teacher"], list(a["heads"]), a["old_teacher"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec_module, "distill", spy)
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 60, "seed": 1})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(mlp((1, 8, 8), [12]), "t0", 10), "t1", 10))
+    rec = make_strategy("rec", {"compress": {"epochs": 1, "old_heads": old_heads}})
+    searcher = Widening()
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index, searcher=searcher)
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=32, lr=0.05), seed=t.index)
+    (teacher, heads, old_teacher), = calls
+    parent = searcher.parents[-1]
+    assert teacher.node("fc1").attrs["out_features"] == 14  # the expanded network
+    assert heads == (["t1"] if old_heads == "none" else ["t1", "t0"])
+    if old_heads == "parent":
+        assert old_teacher.to_dict() == parent.to_dict()
+        want = parent.named_tensors()
+        assert all(torch.equal(v, want[n]) for n, v in old_teacher.named_tensors().items())
+    else:
+        assert old_teacher is None

@@ -168,6 +168,28 @@ def test_gdumb_trains_from_scratch_on_the_memory_alone():
     assert sorted(memory.train[1].unique().tolist()) == [0, 1, 2, 3]
 
 
+def test_gdumb_starts_each_task_from_fresh_weights_drawn_from_the_tasks_seed():
+    """Before training, every layer holds what torch's own layer draws, in the network's
+    order, from a generator seeded with the task's seed; the global generator is untouched."""
+    tasks = class_incremental(2)
+    for seed in (3, 11):
+        model = mlp(n_heads=1, classes=4, seed=5)
+        ctx = context(model, tasks, 1, single_head=True)
+        ctx.seed = seed
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        make_strategy("gdumb", {"memory": 10}).before_task(ctx)
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.manual_seed(seed)  # by hand: fc1 16 -> 12, features 12 -> 12, head0 12 -> 4
+        want = {"fc1": torch.nn.Linear(16, 12), "features": torch.nn.Linear(12, 12),
+                "head0": torch.nn.Linear(12, 4)}
+        params = model.named_parameters()
+        assert len(params) == 2 * len(want)
+        for node, layer in want.items():
+            for key, value in layer.state_dict().items():
+                assert torch.equal(params[f"{node}.{key}"].detach(), value), (seed, node, key)
+
+
 # ---- latent replay -------------------------------------------------------------------------
 def test_latent_replay_stores_activations_and_freezes_the_layers_below():
     tasks = synthetic(3)

@@ -226,6 +226,9 @@ def test_a_resumed_campaign_gives_the_same_R_and_controller(tmp_path: Path) -> N
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
 
 
+# a campaign process SIGKILLed mid-search: 28 s on a loaded machine; the in-process resume
+# above checks the same R and controller in the fast suite
+@pytest.mark.slow
 def test_a_kill_mid_search_resumes_to_the_same_R_and_controller(tmp_path: Path) -> None:
     cfg = write(tmp_path, "k")
     full = Campaign(load_config(cfg), tmp_path / "full").start()
@@ -413,3 +416,98 @@ def test_the_next_generation_grows_from_the_best_child_not_another(tmp_path: Pat
     state = json.loads((tmp_path / "s" / "search.json").read_text())
     assert state["parents"]["1"]["parent"] == str(tmp_path / "s" / best.checkpoint)
     assert controller.parents[1] == NetGraph.load(tmp_path / "s" / best.checkpoint).to_dict()
+
+
+class Fixed:
+    """A controller that proposes three fixed children and keeps what it observes."""
+
+    name = "fixed"
+
+    def __init__(self) -> None:
+        self.observed: list[list[float | None]] = []
+        self.asked: list[tuple[dict[str, Any], set[str]]] = []  # (parent, exclude) per call
+
+    def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+        from growth.controllers.base import Proposal
+
+        self.asked.append((parent.to_dict(), set(exclude)))
+        return [Proposal(({"op": "net2wider", "node": "fc1", "width": w},), f"fc1={w}")
+                for w in (20, 24, 28)][:n]
+
+    def observe(self, results: Any) -> None:
+        self.observed.append([acc for _, acc in results])
+
+    def state_dict(self) -> Any:
+        return {}, {"controller": self.name}
+
+    def load_state_dict(self, tensors: Any, extra: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("accs", "margin", "chosen"), [
+    ((0.6, 0.9, 0.7), 0.0, 1),  # the best child, not the first, last or worst
+    ((0.8, 0.55, 0.65), 0.0, 0),
+    ((0.6, 0.9, 0.7), 0.5, None),  # 0.9 does not beat the parent's 0.5 by 0.5: kept
+])
+def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
+        tmp_path: Path, accs: tuple[float, ...], margin: float, chosen: int | None) -> None:
+    """A generation whose children are already recorded (as a resumed search finds them)
+    trains nothing; the driver then takes the child of highest validation accuracy as the next
+    parent, with its accuracy and lineage, if it beats the parent by more than the margin."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    add_head(mlp(task.input_shape, [16]), "t0", task.n_classes).save(parent)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for i, acc in enumerate(accs):
+        key = child_key(0, i)
+        actions = [{"op": "net2wider", "node": "fc1", "width": 20 + 4 * i}]
+        append_record(folder / RECORDS, ChildRecord(
+            key, 0, i, f"fc1={20 + 4 * i}", actions, "ok", val_acc=acc, params=100 + i,
+            checkpoint=f"children/{key}", lineage=[actions]))
+    controller = Fixed()
+    result = run_search(folder, parent, controller, None, task, budget=Budget(3, 1), seed=0,
+                        parent_acc=0.5, margin=margin, backend="local")
+    assert controller.observed == [list(accs)]  # in proposal order, nothing trained
+    if chosen is None:
+        assert result.parent == parent.resolve() and result.parent_acc == 0.5
+        assert result.kept == 1 and result.lineage == [] and not result.replaced
+    else:
+        key = child_key(0, chosen)
+        assert result.parent == folder.resolve() / "children" / key
+        assert result.parent_acc == accs[chosen] and result.kept == 0
+        assert result.lineage == [[{"op": "net2wider", "node": "fc1", "width": 20 + 4 * chosen}]]
+
+
+def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -> None:
+    """Two generations already recorded: the second is asked for children of the first's best
+    child (its saved graph), excluding every architecture the first trained."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    from growth.ops import net2wider
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    base = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    base.save(parent)
+    folder = tmp_path / "s"
+    for g, accs in enumerate(((0.6, 0.9, 0.7), (0.8, 0.85, 0.7))):
+        for i, acc in enumerate(accs):
+            key = child_key(g, i)
+            net2wider(base, "fc1", 20 + 4 * i + g).graph.save(folder / "children" / key)
+            append_record(folder / RECORDS, ChildRecord(
+                key, g, i, f"g{g}:fc1={20 + 4 * i}", [], "ok", val_acc=acc,
+                checkpoint=f"children/{key}"))
+    controller = Fixed()
+    run_search(folder, parent, controller, None, task, budget=Budget(3, 2), seed=0,
+               parent_acc=0.5, backend="local")
+    (first, before), (second, trained) = controller.asked
+    assert first == base.to_dict() and before == set()
+    assert second == net2wider(base, "fc1", 24).graph.to_dict()  # child 1 of generation 0
+    assert trained == {"g0:fc1=20", "g0:fc1=24", "g0:fc1=28"}

@@ -75,9 +75,12 @@ def digits_search(tmp_path_factory: pytest.TempPathFactory, ray_session: Any
     controller = BreakingController(make_controller(
         "random", space, {"wider_actions": 2, "deeper_actions": 1}, seed=3))
     train = CHILD_TRAIN.model_copy(update={"epochs": 5})
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
     result = run_search(tmp / "run", tmp / "base", controller, space, task,
                         TrialSpec(train=train), Budget(children=4, generations=2),
                         Resources(concurrency=2, max_failures=0), seed=3, parent_acc=base_acc)
+    # Tune's own Ctrl-C handler is gone with its experiment: the caller's next Ctrl-C is heard
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == handlers
     return result, task, base_acc, controller
 
 
