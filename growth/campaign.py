@@ -26,7 +26,13 @@ refused resume leaves the directory as it was.
 
 Each task starts from a seed derived from (config seed, task index), never from the random
 state the previous task left behind, so a resumed run ends with the same R matrix as an
-uninterrupted one.
+uninterrupted one. The base network's initial weights come from the config's seed alone, so
+runs of different strategies with one seed start from the same network and see the same data
+in the same order: they are paired (growth.stats).
+
+With `evaluate_on: val` the R matrix holds validation accuracies and every task's test split is
+replaced by an empty one before anything runs, so no part of the run can read test data
+(`growth tune`'s trials).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,7 @@ from growth.compile import compile_graph
 from growth.config import Config, dump_config, load_config
 from growth.controllers.service import SearchService
 from growth.data import Task, build_stream
+from growth.data.streaming import take
 from growth.devices import resolve_device
 from growth.errors import (
     ConfigError,
@@ -128,13 +135,15 @@ def task_seed(seed: int, task: int) -> int:
 def build_base_graph(cfg: Config, tasks: list[Task]) -> NetGraph:
     """The base network with its heads: one per task, or one shared head (class and domain
     scenarios)."""
-    from growth.search_spaces.networks import add_head, mlp, small_cnn
+    from growth.search_spaces.networks import add_head, mlp, small_cnn, vit
 
     m = cfg.model
     shape = tasks[0].input_shape
     if m.kind == "mlp":
         g = mlp(shape, m.hidden, activation=m.activation, batchnorm=m.batchnorm,
                 dropout=m.dropout)
+    elif m.kind == "vit":
+        g = vit(shape, m.patch, m.dim, m.depth, m.heads, m.mlp_dim)
     elif m.kind == "torchvision":
         from growth.search_spaces.zoo import torchvision_trunk
 
@@ -183,6 +192,9 @@ class Campaign:
             self.tasks = build_stream(self._stream_args())
         except DataError as exc:  # names the config the data section came from
             raise type(exc)(f"{cfg.source}: data: {exc}") from None
+        self.split = cfg.evaluate_on  # the split R is measured on
+        if self.split == "val":
+            self.tasks = [without_test(t) for t in self.tasks]
         self.head_of, self.label_of = labelers(cfg.scenario)
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.settings())
         if cfg.scenario not in self.strategy.scenarios:
@@ -262,7 +274,7 @@ class Campaign:
                  "parameters", self.cfg.name, self.cfg.strategy.name, self.cfg.data.dataset,
                  self.cfg.data.stream, len(self.tasks), self.cfg.scenario, base)
         for j, task in enumerate(self.tasks):
-            self.state.R.record(0, j, evaluate(self._ctx(task), task,
+            self.state.R.record(0, j, evaluate(self._ctx(task), task, self.split,
                                                 strategy=self.strategy))
         log.info("R[0] (random init): %s", self.state.R.row(0).round(4).tolist())
         return self._loop()
@@ -349,7 +361,8 @@ class Campaign:
             log.info("task %d validation accuracy %.4f", i, evaluate(ctx, task, "val",
                                                                      strategy=self.strategy))
         for j, other in enumerate(self.tasks):
-            self.state.R.record(i + 1, j, evaluate(ctx, other, strategy=self.strategy))
+            self.state.R.record(i + 1, j, evaluate(ctx, other, self.split,
+                                                   strategy=self.strategy))
         self.state.wall_time_s.append(wall)
         self.state.sizes.append({"task": i, **self._size(), **self._memory()})
         self.state.peak_rss_bytes.append(peak_rss_bytes())
@@ -414,6 +427,8 @@ class Campaign:
         run = {"name": self.cfg.name, "strategy": self.cfg.strategy.name, "seed": self.cfg.seed,
                "stream": self.cfg.data.stream, "dataset": self.cfg.data.dataset,
                "scenario": self.cfg.scenario}
+        if self.split != "test":
+            run["evaluated_on"] = self.split
         report = self.strategy.run_report()
         metrics = make_metrics(run, [t.name for t in self.tasks], self.state.R,
                                self.state.sizes, self.state.wall_time_s,
@@ -455,6 +470,14 @@ class Campaign:
         data["strategy"] = {"name": self.cfg.strategy.name,
                             **self.strategy.params.model_dump(mode="json", by_alias=True)}
         return Config.model_validate(data)
+
+
+def without_test(task: Task) -> Task:
+    """The task with an empty test split, made from its validation split (the test split is
+    not touched)."""
+    x, y = task.val
+    none = torch.zeros(0, dtype=torch.int64)
+    return replace(task, test=(take(x, none), y[none]))
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> set[str]:

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from growth.errors import CheckpointError
 from growth.graph import NetGraph
 from growth.io import file_mode, load_tensors, sha256
+from growth.layers import buffer_names
 from growth.metrics import RMatrix
 from growth.resources import disk_bytes
 from growth.rundir import CHECKPOINTS, TENSORS, TMP_PREFIX
@@ -59,7 +60,7 @@ FILES = ("graph/structure.json", "graph/weights.safetensors", "state.json")
 # 1 also held the strategy's tensors in the folder
 FILES_V1 = ("graph/structure.json", "graph/weights.safetensors", "strategy.safetensors",
             "state.json")
-COUNTERS = {"num_batches_tracked"}  # integer tensors of a graph; every other one is floating
+COUNTERS = {"num_batches_tracked"}  # integer tensors of a graph, besides index buffers
 _NAME = re.compile(r"task_(\d{3,})$")
 _SHA = re.compile(r"[0-9a-f]{64}$")
 _TENSOR_PROBLEM = re.compile(r"tensor '([^']+)'")  # how a problem names the tensor it is about
@@ -423,12 +424,16 @@ def _read_graph(folder: Path) -> NetGraph:
         raise CheckpointError(f"{weights}: the weights are {floats.pop()}, but runs store "
                               "float32; the checkpoint was altered")
     for name, t in tensors.items():
-        counter = name.rsplit(".", 1)[-1] in COUNTERS
+        owner, key = name.split(".", 1)
+        node = graph.node(owner)
+        counter = key.rsplit(".", 1)[-1] in COUNTERS
+        index = key in buffer_names(node.kind, node.attrs)  # state, e.g. relative positions
+        constant = index and node.kind == "program"  # a model's constant: masks may be -inf
         if counter and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
             raise CheckpointError(f"{weights}: {name} has dtype {t.dtype}, expected an integer")
-        if not counter and not t.is_floating_point():
+        if not (counter or index) and not t.is_floating_point():
             raise CheckpointError(f"{weights}: {name} has dtype {t.dtype}, expected floating "
                                   "point")
-        if not counter and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not constant and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{weights}: {name} holds NaN or infinite values")
     return graph

@@ -1,5 +1,5 @@
-"""The `growth` command: run | search | resume | report | compare | compress | strategies | ops |
-demo.
+"""The `growth` command: run | search | tune | resume | report | compare | compress | strategies |
+ops | demo.
 
 User mistakes (a config typo, a corrupt checkpoint, a missing run, a flag's bad number)
 print one line naming the file and key (or the flag) and exit with status 2, without a
@@ -147,11 +147,25 @@ def _parser() -> argparse.ArgumentParser:
     srch.add_argument("--quiet", action="store_true", help="no progress bar")
     srch.set_defaults(func=_search)
 
+    tun = sub.add_parser("tune", help="the best settings of a strategy on a stream (Ray Tune "
+                         "trials scored on validation data), written as a preset")
+    tun.add_argument("config", help="YAML config with a `tune:` section, e.g. "
+                     "experiments/tune/ewc-digits-permuted.yaml")
+    tun.add_argument("--out", help="run directory (default: runs/<config name>)")
+    tun.add_argument("--trials", type=int, help="settings to try besides the config's own "
+                     "(default: tune.trials)")
+    tun.add_argument("--ray-address", help="join the Ray cluster at HOST:PORT (default: "
+                     "tune.ray_address, RAY_ADDRESS, else start a local Ray)")
+    tun.add_argument("--quiet", action="store_true", help="no progress bar")
+    tun.set_defaults(func=_tune)
+
     res = sub.add_parser("resume", help="continue a killed run from its last finished task, "
-                         "or a killed search from its finished children")
+                         "a killed search from its finished children, or a killed tune from "
+                         "its finished trials")
     res.add_argument("run_dir", help="the run directory (the --out of `growth run` or "
                      "`growth search`)")
-    res.add_argument("--ray-address", help="search runs: join the Ray cluster at HOST:PORT")
+    res.add_argument("--ray-address", help="search and tune runs: join the Ray cluster at "
+                     "HOST:PORT")
     res.add_argument("--quiet", action="store_true", help="no progress bar")
     res.set_defaults(func=_resume)
 
@@ -160,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
                      "configs differ only in the seed are grouped (mean ± std)")
     rep.add_argument("--out", help="output folder (default: RUNDIR/report for one run, "
                                    "./report for several)")
+    rep.add_argument("--reference", help="several runs: the group the others' differences in "
+                     "ACC are taken to, paired by seed: its label, or a strategy's name that "
+                     "one group has (default: the first group)")
     rep.set_defaults(func=_report)
 
     ops = sub.add_parser("ops", help="growth operators")
@@ -181,6 +198,11 @@ def _parser() -> argparse.ArgumentParser:
                       "runs/<name>)")
     cmp_.add_argument("--ray-address", help="join this Ray cluster (host:port) instead of "
                       "starting a local one")
+    cmp_.add_argument("--reference", help="the label every strategy's difference in ACC is "
+                      "taken to, paired by seed (default: the config's `reference`, else the "
+                      "first strategy)")
+    cmp_.add_argument("--tables-only", action="store_true", help="run nothing: write the "
+                      "table, differences and plots from the runs already in the folder")
     cmp_.set_defaults(func=_compare)
 
     comp = sub.add_parser("compress", help="compress a saved network to a size budget and "
@@ -232,6 +254,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: search: this is a `growth search` config (one "
                           "task, many children); run `growth search` on it, or remove the "
                           "section (REC's search settings go under strategy.search)")
+    if cfg.tune is not None:
+        raise ConfigError(f"{args.config}: tune: this is a `growth tune` config (many "
+                          "campaigns, one per setting); run `growth tune` on it, or remove the "
+                          "section")
     out = Path(args.out) if args.out else _default_out(args.config)
     check_new_run_dir(out)
     campaign = Campaign(cfg, out, _progress(cfg.train.epochs, args.quiet), _write_report)
@@ -271,12 +297,89 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = run_config_of(run_dir)
     if cfg.search is not None:
         return _resume_search(args, cfg)
+    if cfg.tune is not None:
+        from growth.commands.tune import resume_tune
+
+        bar, progress = _tune_progress(args.quiet)
+        try:
+            summary = resume_tune(run_dir, args.ray_address, progress)
+        finally:
+            bar()
+        _print_tune_summary(run_dir, summary)
+        return 0
     campaign = Campaign(cfg, run_dir, _progress(cfg.train.epochs, args.quiet), _write_report)
     metrics = campaign.resume()
     if campaign.resumed_at == len(campaign.tasks):
         print(f"{run_dir}: all {len(campaign.tasks)} tasks are finished; nothing to do")
     _print_summary(run_dir, metrics)
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import shlex
+
+    from growth.commands.tune import tune_config
+    from growth.errors import ConfigError
+
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: give 1 or more")
+    out = Path(args.out) if args.out else _default_out(args.config)
+    command = "growth tune " + " ".join(shlex.quote(a) for a in [
+        args.config, "--out", str(out), *(["--trials", str(args.trials)] if args.trials
+                                          else [])])
+    close, progress = _tune_progress(args.quiet)
+    try:
+        summary = tune_config(args.config, out, args.trials, args.ray_address, command,
+                              progress)
+    finally:
+        close()
+    _print_tune_summary(out, summary)
+    return 0
+
+
+def _tune_progress(quiet: bool) -> tuple[Any, Any]:
+    """A bar over a tune's trials (closed by the first value returned), and its hooks."""
+    from growth.commands.tune import TuneProgress
+
+    if quiet:
+        return (lambda: None), TuneProgress()
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+    best: list[float] = []
+
+    def start(total: int, done: int) -> None:
+        bar["t"] = tqdm(total=total, initial=done, desc="tune", unit="trial",
+                        dynamic_ncols=True)
+
+    def trial(record: Any) -> None:
+        if record.score is not None:
+            best.append(record.score)
+        bar["t"].update(1)
+        bar["t"].set_postfix(best="n/a" if not best else f"{max(best):.4f}")
+
+    def close() -> None:
+        if "t" in bar:
+            bar["t"].close()
+
+    return close, TuneProgress(start, trial)
+
+
+def _print_tune_summary(out: Path, summary: dict[str, Any]) -> None:
+    best, default = summary["best"], summary["default"]
+    print(f"run directory: {out}")
+    print(f"trials: {summary['trials']} ({summary['finished']} finished, {summary['stopped']} "
+          f"stopped early, {summary['failed']} failed) in {summary['wall_time_s']:.0f}s")
+    if default is not None and default["score"] is not None:
+        print(f"config's own setting ({default['id']}): score {default['score']:.4f}")
+    if best is None:
+        print("no trial finished; nothing chosen")
+    else:
+        shown = ", ".join(f"{k}={v}" for k, v in best["setting"].items())
+        print(f"chosen ({best['id']}): {shown}: score {best['score']:.4f}")
+    for path in summary["presets"]:
+        print(f"preset: {path}")
+    print(f"report: {out / 'tune.md'}")
 
 
 def _resume_search(args: argparse.Namespace, cfg: Any) -> int:
@@ -389,7 +492,7 @@ def _print_summary(out: Path, metrics: dict[str, Any]) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from growth.report import write_report
+    from growth.report import differences_markdown, paired_by_seed, write_report
 
     dirs = [Path(p) for p in args.run_dirs]
     searches = [d for d in dirs if (d / "search.json").is_file()]  # they have their own report
@@ -402,15 +505,25 @@ def _report(args: argparse.Namespace) -> int:
 
         print(f"report written: {write_search_report(searches, out)}")
     if campaigns:
-        print(f"report written: {write_report(campaigns, out)}")
+        print(f"report written: {write_report(campaigns, out, args.reference)}")
+        reference, diffs = paired_by_seed(campaigns, args.reference)
+        if diffs:  # several groups: their differences to the reference, on the terminal too
+            print(differences_markdown(reference, diffs))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from growth.commands.compare import load_compare, run_compare
+    from growth.commands.compare import default_folder, load_compare, run_compare, write_comparison
 
-    load_compare(args.config)  # every run's config is checked before Ray starts
-    folder = run_compare(args.config, args.out, args.ray_address)
+    plan = load_compare(args.config, args.reference)  # every run's config, before Ray starts
+    if args.tables_only:
+        folder = Path(args.out) if args.out else default_folder(plan)
+        if not folder.is_dir():
+            raise GrowthError(f"{folder}: no such comparison folder; --tables-only reads the "
+                              "runs a `growth compare` wrote there (give its --out)")
+        write_comparison(plan, folder)
+    else:
+        folder = run_compare(args.config, args.out, args.ray_address, args.reference)
     print((folder / "compare.md").read_text())
     print(f"table, CSV and plots: {folder}")
     return 0

@@ -67,7 +67,8 @@ def _build_layers(graph: NetGraph) -> nn.Module:
         if node.kind in PARAMETRIC and node.tensors:
             with torch.device("meta"):  # no random init: the graph's tensors are copied in
                 layer = build_module(node.kind, node.attrs)
-            dtype = next(t.dtype for t in node.tensors.values() if t.is_floating_point())
+            dtype = next((t.dtype for t in node.tensors.values() if t.is_floating_point()),
+                         torch.get_default_dtype())
             layer = layer.to_empty(device="cpu").to(dtype)  # the graph's precision
             _load_layer(layer, name, node.tensors)
         else:
@@ -131,8 +132,14 @@ _PLUMBING: dict[str, Callable[[fx.Graph, dict, list[fx.Node]], fx.Node]] = {
         operator.getitem, (x[0], (slice(None), *decode_index(a["index"])))),
     "mean": lambda g, a, x: g.call_function(
         torch.mean, (x[0], [_batched(d) for d in a["dims"]], a["keepdim"])),
+    "sum": lambda g, a, x: g.call_function(
+        torch.sum, (x[0], [_batched(d) for d in a["dims"]], a["keepdim"])),
     "pad": lambda g, a, x: g.call_function(F.pad, (x[0], list(a["pad"]), "constant",
                                                    a["value"])),
+    "interpolate": lambda g, a, x: g.call_function(F.interpolate, (x[0],), {
+        k: tuple(v) if isinstance(v, list) else v for k, v in a.items()
+        if k in ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                 "antialias")}),
 }
 
 

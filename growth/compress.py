@@ -270,10 +270,12 @@ def default_heads(ctx: Context) -> list[str]:
     return list(dict.fromkeys([ctx.head_of(ctx.task), *(ctx.head_of(t) for t in ctx.seen)]))
 
 
-def _accuracy(ctx: Context, task: Task, splits: tuple[str, ...]) -> dict[str, float]:
+def split_accuracies(ctx: Context, task: Task, splits: tuple[str, ...]) -> dict[str, float]:
+    """The model's accuracy on each of the task's splits that holds samples (a campaign
+    evaluated on validation data has empty test splits: they are left out, not NaN)."""
     from growth.train import evaluate
 
-    return {s: evaluate(ctx, task, s) for s in splits}
+    return {s: evaluate(ctx, task, s) for s in splits if len(getattr(task, s)[1])}
 
 
 def compress(ctx: Context, params: CompressParams, train: TrainConfig,
@@ -299,7 +301,7 @@ def compress(ctx: Context, params: CompressParams, train: TrainConfig,
     reference = teacher if base is None else base
     budget = budget_params(params.budget, reference)
     heads = default_heads(ctx) if heads is None else list(heads)
-    before = _accuracy(ctx, ctx.task, splits)
+    before = split_accuracies(ctx, ctx.task, splits)
     scores = None
     if params.importance == "fisher":
         scores = task_fisher(ctx, ctx.task, params.fisher_samples)
@@ -314,7 +316,7 @@ def compress(ctx: Context, params: CompressParams, train: TrainConfig,
         graph=final, records=records, budget=budget, trunk_before=trunk_params(teacher),
         trunk_after=trunk_params(final), params_before=teacher.param_count(),
         params_after=final.param_count(), accuracy_before=before,
-        accuracy_after=_accuracy(ctx, ctx.task, splits),
+        accuracy_after=split_accuracies(ctx, ctx.task, splits),
         dropped=[n for n in teacher.topo_order() if n not in final], widths=widths,
         losses=losses, wall_time_s=time.perf_counter() - start)
 

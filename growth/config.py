@@ -22,11 +22,13 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from growth.context import TrainConfig
 from growth.data.datasets import DATASETS
+from growth.data.orders import CURRICULA, is_order_name
 from growth.devices import DEVICE_PATTERN
 from growth.errors import ConfigError
 from growth.io import name_problem
@@ -74,6 +76,19 @@ class DataConfig(_Section):
     load: Literal["auto", "memory", "stream"] = "auto"  # folder datasets: memory or disk
     workers: int = Field(2, ge=0)  # DataLoader processes reading streamed images
     augment: Literal["none", "crop_flip", "resized_crop_flip"] = "none"  # training batches
+    order: list[int] | str | None = None  # task order (growth.data.orders); None: the stream's
+
+    @field_validator("order")
+    @classmethod
+    def _an_order(cls, value: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(value, str) and not is_order_name(value):
+            raise ValueError(f"unknown task order {value!r}; valid: a list of task indices, "
+                             f"{', '.join(CURRICULA)}, or random-K (K = 1, 2, ...)")
+        if isinstance(value, list):
+            if not value or min(value) < 0 or len(set(value)) != len(value):
+                raise ValueError("a task order lists distinct task indices (0, 1, ...), "
+                                 f"at least one, got {value}")
+        return value
 
 
     @model_validator(mode="after")
@@ -85,10 +100,11 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The base network: an MLP, a small CNN, or a torchvision architecture imported by name
-    (its classifier replaced by the heads); one linear head per task."""
+    """The base network: an MLP, a small CNN, a small Vision Transformer, a torchvision
+    architecture imported by name (its classifier replaced by the heads); one linear head per
+    task."""
 
-    kind: Literal["mlp", "cnn", "torchvision", "python"] = "mlp"
+    kind: Literal["mlp", "cnn", "vit", "torchvision", "python"] = "mlp"
     arch: str | None = None  # torchvision: e.g. resnet18, vgg11_bn (search_spaces/zoo.py)
     # python: "package.module:function" or "file.py:function" returning a torch.nn.Module,
     # called with `args`; its output is the features the heads read, or (output: classifier)
@@ -103,6 +119,11 @@ class ModelConfig(_Section):
     activation: Literal[tuple(sorted(ACTIVATIONS))] = "relu"  # type: ignore[valid-type]
     batchnorm: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)  # mlp: after every block; cnn: after fc blocks
+    patch: PositiveInt = 4  # vit: patch size (divides the image's height and width)
+    dim: PositiveInt = 32  # vit: token features
+    depth: PositiveInt = 2  # vit: transformer blocks
+    heads: PositiveInt = 2  # vit: attention heads (dim // heads features each)
+    mlp_dim: PositiveInt | None = None  # vit: MLP hidden width (default 2 * dim)
 
     @model_validator(mode="after")
     def _torchvision_needs_an_arch(self) -> ModelConfig:
@@ -186,6 +207,71 @@ class SearchConfig(_Section):
     storage: str | None = None  # Tune storage: a shared path or URI for multi-node clusters
 
 
+class TuneRange(_Section):
+    """The values one tuned key may take: exactly one of a grid (every value is tried), a
+    choice (values drawn at random), or a uniform or log-uniform interval [low, high]."""
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: bool = False  # round values drawn from an interval to integers
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TuneRange:
+        kinds = [k for k in ("grid", "choice", "uniform", "loguniform")
+                 if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform"
+                             + (f" (got {', '.join(kinds)})" if kinds else ""))
+        interval = self.uniform or self.loguniform
+        if interval is not None and not interval[0] < interval[1]:
+            raise ValueError(f"an interval is [low, high] with low < high, got "
+                             f"{list(interval)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("a loguniform interval needs low > 0")
+        if self.integer and interval is None:
+            raise ValueError("integer applies to uniform and loguniform intervals")
+        return self
+
+    @property
+    def sampled(self) -> bool:
+        return self.grid is None
+
+
+class TuneConfig(_Section):
+    """`growth tune`: which settings to try, how each trial is scored, resources (see
+    docs/tuning.md)."""
+
+    space: dict[str, TuneRange] = Field(min_length=1)  # dotted config key -> its range
+    trials: int | None = Field(None, ge=1)  # settings tried in all (default: see docs)
+    include_default: bool = True  # the config's own values are a trial (t000)
+    seeds: list[int] | None = Field(None, min_length=1)  # each trial's campaigns (None: seed)
+    protocol: Literal["stream", "first_tasks"] = "stream"  # what a trial learns and is scored on
+    first_tasks: int | None = Field(None, ge=1)  # protocol first_tasks: how many
+    scheduler: Literal["fifo", "asha"] = "fifo"  # asha stops poor trials after a few tasks
+    grace_tasks: int = Field(1, ge=1)  # asha: tasks every trial learns before it may stop
+    reduction_factor: float = Field(2.0, gt=1)  # asha: 1 / the share of trials kept per rung
+    concurrency: int = Field(2, ge=1)  # trials at once
+    cpus_per_trial: float = Field(1.0, gt=0)  # also each trial's torch threads
+    max_failures: int = Field(1, ge=0)  # retries when a trial's process or node fails
+    sample_seed: int = 0  # seed of the values drawn (the trials' campaigns use `seeds`)
+    presets: str | None = None  # also write the preset into this folder (relative to the file)
+    ray_address: str | None = None  # join this cluster (default: start a local Ray)
+
+    @model_validator(mode="after")
+    def _protocol_keys(self) -> TuneConfig:
+        if self.protocol == "first_tasks" and self.first_tasks is None:
+            raise ValueError("protocol: first_tasks needs first_tasks: k (the tasks each trial "
+                             "learns and is scored on)")
+        if self.protocol != "first_tasks" and self.first_tasks is not None:
+            raise ValueError("first_tasks applies only to protocol: first_tasks; remove it")
+        if self.scheduler != "asha" and ("grace_tasks" in self.model_fields_set or
+                                         "reduction_factor" in self.model_fields_set):
+            raise ValueError("grace_tasks and reduction_factor apply only to scheduler: asha")
+        return self
+
+
 class CheckpointsConfig(_Section):
     """Which checkpoints a run keeps (growth.checkpoint). Retention changes no result, so a
     resume may change it."""
@@ -255,11 +341,13 @@ class Config(_Section):
     # TensorBoard, MLflow, W&B (the old top-level `tensorboard: bool` is read as
     # tracking.tensorboard, see _migrate)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluate_on: Literal["test", "val"] = "test"  # val: R on validation splits, test never read
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     search: SearchConfig | None = None  # architecture search (`growth search`)
+    tune: TuneConfig | None = None  # a search over settings (`growth tune`)
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     _source: str = PrivateAttr("<config>")
 
@@ -271,15 +359,28 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, as it is written to a run directory: keys that do not apply
         to the chosen stream/model/optimizer are left out, so reading it back is valid (and
-        there is no `search` key unless the config has a search section)."""
+        there is no `search` or `tune` key unless the config has that section)."""
         data = self.model_dump(mode="json", by_alias=True)
         for section, key, _why in _inapplicable(self, only_set=False):
             data[section].pop(key, None)
+        for section in ("search", "tune"):
+            if data.get(section) is None:
+                data.pop(section, None)
+        if "tune" in data:  # as written: keys that apply only, each range by its one kind
+            tune = data["tune"]
+            if tune["scheduler"] != "asha":
+                tune.pop("grace_tasks")
+                tune.pop("reduction_factor")
+            if tune["first_tasks"] is None:
+                tune.pop("first_tasks")
+            tune["space"] = {k: {kind: v for kind, v in spec.items()
+                                 if v is not None and (kind != "integer" or v)}
+                             for k, spec in tune["space"].items()}
         for section, key, default in QUIET_DEFAULTS:
             if data[section].get(key) == default:
-                data[section].pop(key)
-        if data.get("search") is None:
-            data.pop("search", None)
+                data[section].pop(key, None)
+        if data.get("evaluate_on") == "test":  # a key added later, as QUIET_DEFAULTS' keys
+            data.pop("evaluate_on", None)
         return data
 
 
@@ -309,6 +410,7 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "dropout": ("kind", ("mlp", "cnn")),
         "arch": ("kind", ("torchvision",)),
         "weights": ("kind", ("torchvision",)),
+        **{k: ("kind", ("vit",)) for k in ("patch", "dim", "depth", "heads", "mlp_dim")},
         "factory": ("kind", ("python",)),
         "args": ("kind", ("python",)),
         "output": ("kind", ("python",)),
@@ -322,7 +424,8 @@ APPLIES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
 
 # keys added after runs were started, written to a run's config only when set away from their
 # default, so that those runs still resume (a resume compares the config with the checkpoint's)
-QUIET_DEFAULTS: tuple[tuple[str, str, Any], ...] = (("train", "warmup_epochs", 0),)
+QUIET_DEFAULTS: tuple[tuple[str, str, Any], ...] = (("train", "warmup_epochs", 0),
+                                                    ("data", "order", None))
 
 # dotted key -> largest value accepted without `allow_large: true`; for a list, every entry
 # is bounded, and "key#" bounds its length
@@ -337,6 +440,11 @@ LIMITS: dict[str, int] = {
     "model.channels#": 32,
     "model.fc": 65_536,
     "model.fc#": 64,
+    "model.patch": 256,
+    "model.dim": 8_192,
+    "model.depth": 64,
+    "model.heads": 256,
+    "model.mlp_dim": 65_536,
     "train.epochs": 10_000,
     "train.batch_size": 65_536,
 }

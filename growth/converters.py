@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -23,22 +24,14 @@ from torch import nn
 from growth.layers import Attrs, Shape, module_tensors
 
 
-class _Batch:
-    """The batch size, `x.size(0)`: only meaningful as the first dim of a view or expand."""
+@dataclass(frozen=True)
+class Batch:
+    """The batch size, `x.size(0)` of the tensor `ref`: the first dim of a view or expand."""
+
+    ref: Ref | Lazy
 
     def __repr__(self) -> str:
         return "<batch size>"
-
-
-class _Unknown:
-    """A Python value computed from the batch size: it cannot be known at import time."""
-
-    def __repr__(self) -> str:
-        return "<value depending on the batch size>"
-
-
-BATCH = _Batch()
-UNKNOWN = _Unknown()
 
 
 @dataclass(frozen=True)
@@ -51,10 +44,14 @@ class Ref:
 
 @dataclass(frozen=True)
 class Param:
-    """A parameter or buffer the forward reads directly (`self.w`), not inside a layer."""
+    """A parameter or buffer the forward reads directly (`self.w`), not inside a layer; a view
+    of one (`self.gamma.reshape(1, -1, 1, 1)`) keeps its target (it owns the same values)."""
 
     target: str
     tensor: torch.Tensor = field(repr=False, compare=False)
+    trainable: bool = field(default=True, compare=False)
+    shared: bool = field(default=False, compare=False)  # read by more than one call
+    views: tuple = field(default=(), compare=False)  # (method, args, kwargs) from the target
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,35 @@ class Expanded:
     """`param.expand(batch, -1, -1)`: learned tokens repeated over the batch (a class token)."""
 
     param: Param
+    batch: Batch
+    shared: bool = False  # read by more than one call: no single class_token node holds it
+
+
+@dataclass(eq=False)
+class Lazy:
+    """A call no node kind computes (named in `growth.program.FUNCTIONS`), kept as a value
+    until a node needs it: a layer reading it (or the network's output) turns it, with every
+    Lazy it reads, into one program node. Values that are not batch-first tensors (a permute
+    moving the batch dim, windows folded into the batch, a size computed from the batch, a
+    parameter's arithmetic) only ever live inside programs.
+
+    vals: the traced values (growth.fxtrace); ref: the program node once made; users: how
+    many calls read it (read by several, it is made into a node of its own when a program
+    reads it, if it can be one)."""
+
+    fn: str
+    args: tuple
+    kwargs: dict
+    vals: tuple | None = None
+    ref: Ref | None = None
+    users: int = 1
+
+    @property
+    def shared(self) -> bool:
+        return self.users > 1
+
+    def __repr__(self) -> str:  # the arguments nest: never print them
+        return f"<the value of {self.fn}>"
 
 
 @dataclass
@@ -79,6 +105,10 @@ class Layer:
 
 class Unsupported(Exception):
     """Raised by a converter; the importer turns it into an error naming the layer."""
+
+
+def is_batch(value: Any) -> bool:
+    return isinstance(value, Batch)
 
 
 def tensor(value: Any, what: str = "input") -> Ref:
@@ -223,13 +253,82 @@ def _conv2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding:
             dilation: Any = 1, groups: int = 1) -> Layer:
     w, b = _own(weight, "weight"), _own(bias, "bias")
     require(w is not None and w.tensor.dim() == 4, "conv2d needs a 4-D weight parameter")
-    require(not isinstance(padding, str), f"padding={padding!r} (give padding as ints)")
     tensors = {k: _cpu(p.tensor, repr(p.target)) for k, p in (("weight", w), ("bias", b)) if p}
     out_c, in_per_group, kh, kw = w.tensor.shape
+    x, padding = _padded(tensor(input), padding, (kh, kw), stride, dilation)
     attrs = {"in_channels": in_per_group * groups, "out_channels": out_c, "kernel_size": (kh, kw),
              "stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
              "bias": b is not None}
-    return Layer("conv2d", [tensor(input)], attrs, tensors, params=[p for p in (w, b) if p])
+    return Layer("conv2d", [x], attrs, tensors, params=[p for p in (w, b) if p])
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _padded(x: Ref, padding: Any, kernel: Any, stride: Any, dilation: Any
+            ) -> tuple[Ref | Layer, Any]:
+    """A conv's input and int padding for padding="same"/"valid": symmetric "same" padding is
+    the conv's own; an odd total puts the extra row and column after, as torch does, in a pad
+    node before the conv."""
+    if not isinstance(padding, str):
+        return x, padding
+    require(padding in ("same", "valid"), f"padding={padding!r}")
+    if padding == "valid":
+        return x, 0
+    require(_pair(stride) == (1, 1), "padding='same' needs stride 1")
+    total = [d * (k - 1) for d, k in zip(_pair(dilation), _pair(kernel))]
+    before = [t // 2 for t in total]
+    extra = [t - 2 * b for t, b in zip(total, before)]
+    if not any(extra):
+        return x, tuple(before)
+    pad = Layer("pad", [x], {"pad": [0, extra[1], 0, extra[0]], "value": 0.0})
+    return pad, tuple(before)
+
+
+def _batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None,
+                bias: Any = None, training: bool = False, momentum: float = 0.1,
+                eps: float = 1e-5) -> Layer:
+    """F.batch_norm over the channels (axis 0 of (C,) (C, L) or (C, H, W)): a BatchNorm node,
+    as the fused norm-and-activation layers call it."""
+    x = tensor(input)
+    stats = [_own(v, n) for v, n in ((running_mean, "running_mean"), (running_var, "running_var"))]
+    w, b = _own(weight, "weight"), _own(bias, "bias")
+    require((stats[0] is None) == (stats[1] is None), "batch_norm with only one running statistic")
+    require((w is None) == (b is None), "batch_norm with only one of weight and bias")
+    require(stats[0] is not None or training, "batch_norm without running statistics in eval "
+            "mode")
+    require(len(x.shape) in (1, 2, 3), f"batch_norm of a per-sample shape {x.shape}")
+    held = (("weight", w), ("bias", b), ("running_mean", stats[0]), ("running_var", stats[1]))
+    tensors = {k: _cpu(p.tensor, repr(p.target)) for k, p in held if p}
+    attrs = {"num_features": x.shape[0], "eps": eps, "momentum": momentum,
+             "affine": w is not None, "track_running_stats": stats[0] is not None}
+    kind = "batchnorm2d" if len(x.shape) == 3 else "batchnorm1d"
+    return Layer(kind, [x], attrs, tensors, params=[p for _, p in held if p])
+
+
+def _group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None,
+                eps: float = 1e-5) -> Layer:
+    x = tensor(input)
+    w, b = _own(weight, "weight"), _own(bias, "bias")
+    require((w is None) == (b is None), "group_norm with only one of weight and bias")
+    tensors = {k: _cpu(p.tensor, repr(p.target)) for k, p in (("weight", w), ("bias", b)) if p}
+    attrs = {"num_groups": int(num_groups), "num_channels": x.shape[0], "eps": eps,
+             "affine": w is not None}
+    return Layer("groupnorm", [x], attrs, tensors, params=[p for p in (w, b) if p])
+
+
+def _interpolate(input: Any, size: Any = None, scale_factor: Any = None, mode: str = "nearest",
+                 align_corners: Any = None, recompute_scale_factor: Any = None,
+                 antialias: bool = False) -> Layer:
+    """F.interpolate (nn.Upsample calls it) of (C, H, W) maps: resampling keeps channels."""
+    x = tensor(input)
+    require(len(x.shape) == 3, f"interpolate of a per-sample shape {x.shape} (only (C, H, W))")
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    attrs = {"size": norm(size), "scale_factor": norm(scale_factor), "mode": mode,
+             "align_corners": align_corners, "recompute_scale_factor": recompute_scale_factor,
+             "antialias": antialias}
+    return Layer("interpolate", [x], attrs)
 
 
 # ---- arithmetic --------------------------------------------------------------------------------
@@ -237,6 +336,7 @@ def _add(input: Any, other: Any, alpha: Any = 1) -> Layer:
     require(alpha == 1, f"add with alpha={alpha} has no node kind")
     if isinstance(other, Param) or isinstance(input, Param):
         x, p = (input, other) if isinstance(other, Param) else (other, input)
+        require(p.trainable, f"{p.target!r} is a buffer (an offset node would train it)")
         return Layer("offset", [tensor(x)], {"shape": list(p.tensor.shape)},
                      {"weight": _cpu(p.tensor, repr(p.target))}, params=[p])
     return Layer("add", [tensor(input), tensor(other, "second operand")])
@@ -245,6 +345,7 @@ def _add(input: Any, other: Any, alpha: Any = 1) -> Layer:
 def _mul(input: Any, other: Any) -> Layer:
     if isinstance(other, Param) or isinstance(input, Param):
         x, p = (input, other) if isinstance(other, Param) else (other, input)
+        require(p.trainable, f"{p.target!r} is a buffer (a scale node would train it)")
         return Layer("scale", [tensor(x)], {"shape": list(p.tensor.shape)},
                      {"weight": _cpu(p.tensor, repr(p.target))}, params=[p])
     require(isinstance(input, Ref) and isinstance(other, Ref),
@@ -256,7 +357,8 @@ def _mul(input: Any, other: Any) -> Layer:
 # ---- joining, splitting, indexing ----------------------------------------------------------------
 def _cat(tensors: Any, dim: int = 0) -> Layer | Ref:
     items = list(tensors)
-    if len(items) == 2 and isinstance(items[0], Expanded):  # torch.cat([cls.expand(n,-1,-1), x])
+    if len(items) == 2 and isinstance(items[0], Expanded) and not items[0].shared:
+        # torch.cat([cls.expand(n, -1, -1), x])
         p, x = items[0].param, tensor(items[1], "list item")
         require(_pdim(dim, len(x.shape)) == 0, "class tokens must be joined along dim 1")
         return Layer("class_token", [x], {"shape": list(p.tensor.shape)},
@@ -356,12 +458,12 @@ def _reshape(input: Any, *shape: Any) -> Layer | Ref:
         shape = tuple(shape[0])
     require(len(shape) >= 1, "reshape to a scalar")
     first, rest = shape[0], list(shape[1:])
-    require(first is BATCH or first == -1,
+    require(is_batch(first) or first == -1,
             f"reshape to {shape} fixes the batch size; start the shape with x.size(0) or -1")
     require(all(isinstance(d, int) and not isinstance(d, bool) for d in rest),
             f"reshape to {shape}: every per-sample size must be an int")
     numel = math.prod(x.shape)
-    if rest.count(-1) == 1 and first is BATCH:
+    if rest.count(-1) == 1 and is_batch(first):
         known = math.prod(d for d in rest if d != -1)
         require(known > 0 and numel % known == 0, f"reshape of {x.shape} to {shape}")
         rest[rest.index(-1)] = numel // known
@@ -403,12 +505,20 @@ def _transpose(input: Any, dim0: int, dim1: int) -> Layer | Ref:
     return _permute(x, [0, *(d + 1 for d in dims)])
 
 
-def _mean(input: Any, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Layer:
-    x = tensor(input)
-    require(dim is not None, "mean over every dim (the batch too) has no node kind")
-    require(dtype is None, "mean with a dtype has no node kind")
-    dims = [_pdim(d, len(x.shape)) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
-    return Layer("mean", [x], {"dims": dims, "keepdim": bool(keepdim)})
+def _reduce(kind: str) -> Callable[..., Layer]:
+    """mean / sum over per-sample dims (a reduction over the batch has no node kind)."""
+    def convert(input: Any, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Layer:
+        x = tensor(input)
+        require(dim is not None, f"{kind} over every dim (the batch too) has no node kind")
+        require(dtype is None, f"{kind} with a dtype has no node kind")
+        dims = [_pdim(d, len(x.shape)) for d in (dim if isinstance(dim, (list, tuple))
+                                                 else [dim])]
+        return Layer(kind, [x], {"dims": dims, "keepdim": bool(keepdim)})
+
+    return convert
+
+
+_mean = _reduce("mean")
 
 
 def _pad(input: Any, pad: Any, mode: str = "constant", value: Any = None) -> Layer | Ref:
@@ -442,14 +552,15 @@ def _expand(input: Any, *sizes: Any) -> Expanded:
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
         sizes = tuple(sizes[0])
     require(input.tensor.dim() == 3 and input.tensor.shape[0] == 1 and len(sizes) == 3
-            and sizes[0] is BATCH and sizes[1:] == (-1, -1),
+            and is_batch(sizes[0]) and sizes[1:] == (-1, -1),
             "only param.expand(batch, -1, -1) of a (1, T, D) parameter (class tokens) is "
             "supported")
-    return Expanded(input)
+    return Expanded(input, sizes[0])
 
 
 def _size(input: Any, dim: int | None = None) -> Any:
-    full = (BATCH, *tensor(input).shape)
+    x = tensor(input)
+    full = (Batch(x), *x.shape)
     return full if dim is None else full[dim]
 
 
@@ -459,7 +570,7 @@ def _dim(input: Any) -> int:
 
 def _getattr(obj: Any, name: str) -> Any:
     if isinstance(obj, Ref) and name == "shape":
-        return (BATCH, *obj.shape)
+        return (Batch(obj), *obj.shape)
     if isinstance(obj, Ref) and name == "ndim":
         return len(obj.shape) + 1
     if isinstance(obj, Param) and name in ("shape", "ndim"):  # a parameter's own size
@@ -473,7 +584,7 @@ class CheckFailed(Exception):
 
 def _assert(condition: Any, message: Any = "") -> None:
     """torch._assert: evaluated at import time; a failed check is the model's own refusal."""
-    if condition is UNKNOWN or isinstance(condition, Ref):
+    if isinstance(condition, (Lazy, Ref)):
         return None  # depends on the batch or on values: the importer drops it with a warning
     if not condition:
         raise CheckFailed(str(message))
@@ -489,11 +600,11 @@ def _m_linear(m: nn.Linear, x: Any) -> Layer:
 
 def _m_conv2d(m: nn.Conv2d, x: Any) -> Layer:
     require(m.padding_mode == "zeros", f"padding_mode={m.padding_mode!r} (only 'zeros')")
-    require(not isinstance(m.padding, str), f"padding={m.padding!r} (give padding as ints)")
+    src, padding = _padded(tensor(x), m.padding, m.kernel_size, m.stride, m.dilation)
     attrs = {"in_channels": m.in_channels, "out_channels": m.out_channels,
-             "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+             "kernel_size": m.kernel_size, "stride": m.stride, "padding": padding,
              "dilation": m.dilation, "groups": m.groups, "bias": m.bias is not None}
-    return Layer("conv2d", [tensor(x)], attrs, _weights(m))
+    return Layer("conv2d", [src], attrs, _weights(m))
 
 
 def _m_batchnorm(m: nn.modules.batchnorm._BatchNorm, x: Any) -> Layer:
@@ -600,11 +711,13 @@ FUNCTIONS: dict[Any, Callable[..., Any]] = {
     F.conv2d: _conv2d, F.pad: _pad, torch.flatten: _flatten, torch.reshape: _reshape,
     torch.permute: _permute, torch.transpose: _transpose, torch.swapaxes: _transpose,
     torch.swapdims: _transpose, torch.unsqueeze: _unsqueeze, torch.squeeze: _squeeze,
-    torch.mean: _mean, torch.chunk: _chunk, torch.split: _split,
+    torch.mean: _mean, torch.sum: _reduce("sum"), torch.chunk: _chunk, torch.split: _split,
+    F.batch_norm: _batch_norm, F.group_norm: _group_norm, F.interpolate: _interpolate,
     operator.add: _add, operator.iadd: _add, torch.add: _add,
     operator.mul: _mul, operator.imul: _mul, torch.mul: _mul,
     torch.cat: _cat, torch.concat: _cat, operator.getitem: _getitem, getattr: _getattr,
-    torch._assert: _assert, F.channel_shuffle: lambda input, groups: Layer(
+    torch._assert: _assert, torch._assert_async: lambda *args, **kwargs: None,
+    F.channel_shuffle: lambda input, groups: Layer(
         "channel_shuffle", [tensor(input)], {"groups": groups}),
 }
 METHODS: dict[str, Callable[..., Any]] = {
@@ -613,7 +726,8 @@ METHODS: dict[str, Callable[..., Any]] = {
     "add": _add, "add_": _add, "mul": _mul, "mul_": _mul, "flatten": _flatten,
     "view": _reshape, "reshape": _reshape, "permute": _permute, "transpose": _transpose,
     "swapaxes": _transpose, "swapdims": _transpose, "unsqueeze": _unsqueeze,
-    "squeeze": _squeeze, "mean": _mean, "chunk": _chunk, "split": _split, "size": _size,
+    "squeeze": _squeeze, "mean": _mean, "sum": _reduce("sum"), "chunk": _chunk, "split": _split,
+    "size": _size,
     "dim": _dim, "contiguous": _contiguous, "expand": _expand,
 }
 
@@ -636,6 +750,53 @@ def torchvision_rules() -> tuple[dict[type, Callable[..., Layer]], dict[Any, Cal
     return modules, functions
 
 
+def _m_timm_attention(m: nn.Module, x: Any, attn_mask: Any = None, is_causal: bool = False
+                      ) -> Layer:
+    """timm's `Attention` (ViT, DeiT and their relatives) as one attention node."""
+    require(attn_mask is None and not is_causal, "attention masks have no node kind")
+    require(_plain_timm_attention(m), "qk or scale norms and gates have no node kind")
+    attrs = {"dim": m.qkv.in_features, "num_heads": m.num_heads, "head_dim": m.head_dim,
+             "dim_out": m.proj.out_features, "qkv_bias": m.qkv.bias is not None,
+             "proj_bias": m.proj.bias is not None, "attn_drop": float(m.attn_drop.p),
+             "proj_drop": float(m.proj_drop.p)}
+    return Layer("attention", [tensor(x)], attrs, _weights(m))
+
+
+def _plain_timm_attention(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, k, nn.Identity()), nn.Identity)
+               for k in ("q_norm", "k_norm", "norm")) and getattr(m, "gate", None) is None
+
+
+def timm_rules() -> dict[type, Callable[..., Layer]]:
+    """timm's layers that become one node each, once timm is loaded (a timm model's classes
+    imply it; growth never imports timm itself)."""
+    attention = sys.modules.get("timm.layers.attention")
+    if attention is None or not hasattr(attention, "Attention"):
+        return {}
+    return {attention.Attention: _m_timm_attention}
+
+
+def keeps_whole(m: nn.Module) -> bool:
+    """Whether layer `m` becomes one node (in the configurations its node kind covers);
+    otherwise the importer traces into the calls it makes."""
+    modules, _ = rules()
+    kind = type(m)
+    if kind not in MODULES and kind not in modules:
+        return False
+    if kind is nn.MultiheadAttention:
+        return bool(m.batch_first and m._qkv_same_embed_dim and m.bias_k is None
+                    and not m.add_zero_attn)
+    if kind in timm_rules():
+        return _plain_timm_attention(m)
+    return True
+
+
+def rules() -> tuple[dict[type, Callable[..., Layer]], dict[Any, Callable[..., Any]]]:
+    """Every layer and function rule beyond the built-in tables: torchvision's, timm's."""
+    modules, functions = torchvision_rules()
+    return {**modules, **timm_rules()}, functions
+
+
 def fn_name(fn: Any) -> str:
     if isinstance(fn, str):
         return fn
@@ -648,7 +809,7 @@ def fn_name(fn: Any) -> str:
 
 def supported() -> str:
     """The calls the importer knows, for error messages."""
-    mods, fns = torchvision_rules()
+    mods, fns = rules()
     return ("supported modules: " + ", ".join(sorted({t.__name__ for t in (*MODULES, *mods)}))
             + "; functions: " + ", ".join(sorted({fn_name(f) for f in (*FUNCTIONS, *fns)}))
             + "; tensor methods: " + ", ".join(sorted(METHODS)))

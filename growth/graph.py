@@ -23,7 +23,16 @@ import torch
 
 from growth.errors import CheckpointError, GraphError, ShapeError
 from growth.io import atomic_write, load_tensors
-from growth.layers import PARAMETRIC, Attrs, Kind, Shape, build_module, complete_attrs, kind_of
+from growth.layers import (
+    PARAMETRIC,
+    Attrs,
+    Kind,
+    Shape,
+    buffer_names,
+    build_module,
+    complete_attrs,
+    kind_of,
+)
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -47,7 +56,7 @@ class Node:
         """Trainable values: every tensor of a parametric kind but its buffers."""
         if self.kind not in PARAMETRIC:
             return 0
-        buffers = kind_of(self.kind).buffers
+        buffers = buffer_names(self.kind, self.attrs)
         return sum(t.numel() for k, t in self.tensors.items() if k not in buffers)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from growth import modules
+from growth import modules, program
 from growth.errors import GraphError, ShapeError
 
 Shape = tuple[int, ...]
@@ -277,6 +277,46 @@ def _pad(name: str, a: Attrs, shapes: list[Shape]) -> Shape:
     return tuple(out)
 
 
+def _interpolate(name: str, a: Attrs, shapes: list[Shape]) -> Shape:
+    (s,) = shapes
+    _need_rank(name, s, 3, "interpolate")
+    if a.get("size") is not None:
+        size = a["size"]
+        h, w = (size, size) if isinstance(size, int) else size
+    else:
+        f = a["scale_factor"]
+        fh, fw = (f, f) if isinstance(f, (int, float)) else f
+        h, w = math.floor(s[1] * fh), math.floor(s[2] * fw)
+    if h < 1 or w < 1:
+        raise ShapeError(f"node {name!r} (interpolate) turns {s} into an empty map ({h}x{w})")
+    return (s[0], int(h), int(w))
+
+
+def _groupnorm(name: str, a: Attrs, shapes: list[Shape]) -> Shape:
+    (s,) = shapes
+    if len(s) < 1 or s[0] != a["num_channels"] or a["num_channels"] % a["num_groups"]:
+        raise ShapeError(f"node {name!r} (groupnorm) has num_channels={a['num_channels']} in "
+                         f"num_groups={a['num_groups']} groups, which must divide them and "
+                         f"match the channels of its input {s}")
+    return s
+
+
+def _attention(name: str, a: Attrs, shapes: list[Shape]) -> Shape:
+    (s,) = shapes
+    if len(s) != 2 or s[-1] != a["dim"]:
+        raise ShapeError(f"node {name!r} (attention) needs token sequences (L, dim={a['dim']}); "
+                         f"its input has shape {s}")
+    return (s[0], a["dim_out"])
+
+
+def _program(name: str, a: Attrs, shapes: list[Shape]) -> Shape:
+    want = [tuple(int(d) for d in s) for s in a["in_shapes"]]
+    if [tuple(s) for s in shapes] != want:
+        raise ShapeError(f"node {name!r} (program) was recorded for inputs of shapes {want}; "
+                         f"its inputs have shapes {[tuple(s) for s in shapes]}")
+    return tuple(int(d) for d in a["shape"])
+
+
 def _shuffle(name: str, a: Attrs, shapes: list[Shape]) -> Shape:
     (s,) = shapes
     _need_rank(name, s, 3, "channel_shuffle")
@@ -406,6 +446,10 @@ _register(Kind("permute", _permute, channels="none"))
 _register(Kind("reshape", _reshape, channels="none"))
 _register(Kind("getitem", _getitem, channels="none"))
 _register(Kind("mean", _mean, channels="none", defaults={"keepdim": False}))
+_register(Kind("sum", _mean, channels="none", defaults={"keepdim": False}))
+_register(Kind("interpolate", _interpolate, defaults={
+    "size": None, "scale_factor": None, "mode": "nearest", "align_corners": None,
+    "recompute_scale_factor": None, "antialias": False}))
 _register(Kind("pad", _pad, channels="none", defaults={"value": 0.0}))
 _register(Kind("channel_shuffle", _shuffle, module=lambda a: nn.ChannelShuffle(a["groups"]),
                channels="none"))
@@ -426,14 +470,25 @@ _register(
         channels="none",
     )
 )
+_register(
+    Kind(
+        "groupnorm",
+        _groupnorm,
+        module=lambda a: nn.GroupNorm(a["num_groups"], a["num_channels"], eps=a["eps"],
+                                      affine=a["affine"]),
+        defaults={"eps": 1e-5, "affine": True},
+        channels="none",
+        per_channel_tensors=("weight", "bias"),
+    )
+)
 # Attention: one node per attention layer, computed by torch's or torchvision's own module.
 _register(
     Kind(
         "self_attention",
         _last_dim("self_attention", "embed_dim", rank=2),
         module=lambda a: modules.SelfAttention(a["embed_dim"], a["num_heads"], a["dropout"],
-                                               a["bias"], a["need_weights"]),
-        defaults={"dropout": 0.0, "bias": True, "need_weights": False},
+                                               a["bias"], a["need_weights"], a["head_dim"]),
+        defaults={"dropout": 0.0, "bias": True, "need_weights": False, "head_dim": None},
         channels="none",
     )
 )
@@ -461,14 +516,38 @@ _register(
     )
 )
 
+_register(
+    Kind(
+        "attention",
+        _attention,
+        module=lambda a: modules.Attention(a["dim"], a["num_heads"], a["head_dim"],
+                                           a["dim_out"], a["qkv_bias"], a["proj_bias"],
+                                           a["attn_drop"], a["proj_drop"]),
+        defaults={"qkv_bias": True, "proj_bias": True, "attn_drop": 0.0, "proj_drop": 0.0},
+        channels="none",
+    )
+)
+# The generic node (growth.program): calls replayed exactly; no growth rule crosses it.
+_register(Kind("program", _program, arity=(1, -1),
+               module=lambda a: program.Program(a["calls"], a["held"]),
+               defaults={"held": {}, "elementwise": False}, channels="none"))
+
 ACTIVATIONS = frozenset({"relu", "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid"})
 # Kinds whose layers hold tensors (weights, BN statistics); every other kind is stateless.
 PARAMETRIC = frozenset({"linear", "conv2d", "batchnorm1d", "batchnorm2d", "layernorm", "scale",
                         "offset", "class_token", "self_attention", "window_attention",
-                        "relative_attention"})
+                        "relative_attention", "groupnorm", "attention", "program"})
 # A node attribute every kind accepts: a frozen node's parameters get no gradient and its layer
 # computes as in eval mode in every mode (BatchNorm statistics fixed, dropout off; growth.compile).
 FROZEN = "frozen"
+
+
+def buffer_names(kind: str, attrs: Attrs) -> frozenset[str]:
+    """The tensors of a node that are state, not trainable parameters (a program lists its
+    own)."""
+    if kind == "program":
+        return frozenset(k for k, v in attrs.get("held", {}).items() if v.get("buffer"))
+    return frozenset(kind_of(kind).buffers)
 
 
 def kind_of(name: str) -> Kind:

@@ -4,6 +4,12 @@ A comparison groups runs whose resolved configs are equal but for the seed (and 
 and thread count): each group gets n, mean ± std (sample std) and error bars in the plots; a
 group of one run is listed like any other. Groups of one strategy whose configs differ are
 told apart by the keys that differ, and marked. The figures are in growth.plots.
+
+A comparison also gives each group's difference in ACC to a reference group (the first, or
+`reference`), paired by seed: runs of one seed share their data and initial network, so the
+per-seed differences are tested with a paired t-test (growth.stats), with a 95% interval and
+"n.s." where the difference is not significant. `paired_by_seed` gives the same numbers to
+code, `differences_markdown` the table.
 """
 
 from __future__ import annotations
@@ -15,15 +21,21 @@ from pathlib import Path
 import numpy as np
 
 from growth import plots
+from growth.errors import ReportError
 from growth.io import check_output
 from growth.rundir import check_writable_dir
 from growth.runs import Group, Run, group_runs, load_runs
+from growth.stats import Paired, paired
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
+def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
+                 reference: str | None = None) -> Path:
     """Write report.md and PNG plots; one run -> <run_dir>/report, several -> ./report.
+    `reference`: the group the others' differences are taken to (its label, or a strategy's
+    name when one group has that strategy).
 
-    Returns the path of report.md. Raises ReportError naming any run without valid metrics.
+    Returns the path of report.md. Raises ReportError naming any run without valid metrics,
+    or a reference that is no group's label.
     """
     runs = load_runs(run_dirs)
     if len(runs) == 1:
@@ -33,7 +45,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     else:
         folder = Path(out) if out is not None else Path("report")
         _check_folder(folder)
-        text = _comparison_report(runs, folder)
+        text = _comparison_report(runs, folder, reference)
     path = folder / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
@@ -121,8 +133,9 @@ def _scores_section(run: Run) -> str:
 
 def _r_section(run: Run) -> str:
     rows = [[lbl, *(_num(v) for v in row)] for lbl, row in zip(_row_labels(run.tasks), run.R)]
+    split = "Validation" if run.info.get("evaluated_on") == "val" else "Test"
     note = (
-        "Test accuracy on each task (column) after training the task named in the row; "
+        f"{split} accuracy on each task (column) after training the task named in the row; "
         "`init` is the random initial model, `n/a` not measured yet.\n\n"
     )
     return "## Accuracy matrix R\n\n" + note + _table(["", *run.tasks], rows)
@@ -189,9 +202,10 @@ def _search_section(run: Run) -> str:
 # --------------------------------------------------------------------------- comparison
 
 
-def _comparison_report(runs: list[Run], folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
+def _comparison_report(runs: list[Run], folder: Path, reference: str | None = None) -> str:
     groups = group_runs(runs)
+    ref = reference_group(groups, reference)
+    folder.mkdir(parents=True, exist_ok=True)
     figures = {
         "r_matrices.png": ("R matrices", plots.heatmap_figure(runs)),
         "average_accuracy.png": ("Average accuracy after each task",
@@ -209,6 +223,7 @@ def _comparison_report(runs: list[Run], folder: Path) -> str:
     parts = [f"# Comparison of {len(runs)} runs in {len(groups)} groups\n",
              "## Groups (same config but the seed): mean ± std over runs (sample std)\n",
              _group_table(groups), _group_notes(groups),
+             _differences_section(groups, ref),
              "## Runs\n", _comparison_table(runs, groups), "## Plots\n"]
     parts += [f"![{alt}]({name})\n" for name, (alt, _) in figures.items()]
     return "\n".join(parts)
@@ -291,3 +306,78 @@ def _group_notes(groups: list[Group]) -> str:
                      "config.yaml); they are grouped by strategy, stream, dataset, scenario "
                      "and task names only.")
     return "\n".join(notes) + "\n" if notes else ""
+
+
+def _complete_by_seed(group: Group) -> dict[object, float]:
+    """ACC of the group's runs that finished every task, by seed (the first run of a seed)."""
+    out: dict[object, float] = {}
+    for r in group.runs:
+        seed = r.info.get("seed")
+        acc = r.scores["acc"]
+        if seed is not None and r.done == r.R.shape[1] and math.isfinite(acc):
+            out.setdefault(seed, acc)
+    return out
+
+
+def reference_group(groups: list[Group], reference: str | None) -> Group:
+    """The group named by `reference`: its label, else a strategy's name that one group has
+    (None: the first group). ReportError lists the groups when it names none."""
+    if reference is None:
+        return groups[0]
+    for g in groups:
+        if g.label == reference:
+            return g
+    same = [g for g in groups if g.strategy == reference]
+    if len(same) == 1:
+        return same[0]
+    labels = ", ".join(g.label for g in groups)
+    why = "names several groups; give one's label" if same else "is not a group of these runs"
+    raise ReportError(f"--reference {reference!r} {why}; the groups are: {labels}")
+
+
+def paired_by_seed(run_dirs: Sequence[str | Path], reference: str | None = None
+                   ) -> tuple[str, dict[str, Paired | None]]:
+    """Each group's paired difference in ACC to the reference group (see reference_group),
+    over the seeds both finished: (the reference's label, group label -> growth.stats.Paired,
+    None below two common seeds). Runs are grouped as in the report."""
+    groups = group_runs(load_runs(run_dirs))
+    ref = reference_group(groups, reference)
+    return ref.label, _group_differences(groups, ref)
+
+
+def _group_differences(groups: list[Group], ref: Group) -> dict[str, Paired | None]:
+    theirs = _complete_by_seed(ref)
+    out: dict[str, Paired | None] = {}
+    for g in groups:
+        if g is ref:
+            continue
+        mine = _complete_by_seed(g)
+        seeds = sorted(set(mine) & set(theirs), key=str)
+        out[g.label] = (paired([mine[s] for s in seeds], [theirs[s] for s in seeds])
+                        if len(seeds) >= 2 else None)
+    return out
+
+
+def differences_markdown(reference: str, diffs: dict[str, Paired | None]) -> str:
+    """The table of `paired_by_seed`'s differences, with its heading and legend."""
+    rows = []
+    for label, d in diffs.items():
+        if d is None:
+            rows.append([label, "<2", "n/a", "n/a", "n/a", ""])
+            continue
+        p = "< 0.001" if d.p < 0.001 else f"{d.p:.3f}"
+        rows.append([label, str(d.n), f"{d.diff:+.4f}", f"[{d.low:+.4f}, {d.high:+.4f}]", p,
+                     "" if d.significant else "n.s."])
+    return (f"## Differences in ACC to {reference} (paired by seed)\n\n"
+            "Runs of one seed share their data and initial network; the mean of the per-seed "
+            "differences (group - reference) is given with its 95% t interval and the "
+            "two-sided p-value of the paired t-test, over the seeds both groups finished; "
+            "n.s.: not significant at 5%.\n\n"
+            + _table(["group", "pairs", "Δ ACC", "95% interval", "p", ""], rows))
+
+
+def _differences_section(groups: list[Group], ref: Group) -> str:
+    """Each group's paired difference in ACC to the reference group."""
+    if len(groups) < 2:
+        return ""
+    return differences_markdown(ref.label, _group_differences(groups, ref))

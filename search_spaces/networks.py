@@ -83,6 +83,51 @@ def small_cnn(input_shape: Sequence[int], channels: Sequence[int] = (32, 64),
     return g
 
 
+def vit(input_shape: Sequence[int], patch: int = 4, dim: int = 32, depth: int = 2,
+        heads: int = 2, mlp_dim: int | None = None) -> NetGraph:
+    """A small Vision Transformer trunk for (C, H, W) inputs (pre-norm blocks, as ViT's).
+
+    "patch" (conv2d, kernel and stride `patch`) -> "tokens" (reshape to (dim, N)) -> "seq"
+    (permute to (N, dim)) -> "cls" (class token) -> "pos" (positional embedding); then blocks
+    i = 1..depth: block{i}_norm1 -> block{i}_attn (heads of dim // heads features) ->
+    block{i}_add1 (residual) -> block{i}_norm2 -> block{i}_fc1 (mlp_dim, default 2 * dim) ->
+    block{i}_act (gelu) -> block{i}_fc2 -> block{i}_add2; then "norm" (LayerNorm), "pool" (the
+    class token) and "features". H and W must be multiples of `patch`.
+    """
+    if len(input_shape) != 3:
+        raise GraphError(f"vit needs an image shape (C, H, W), got {tuple(input_shape)}")
+    c, h, w = (int(v) for v in input_shape)
+    if h % patch or w % patch:
+        raise GraphError(f"vit: the {h}x{w} input does not split into {patch}x{patch} patches; "
+                         f"pick a patch size dividing both")
+    if dim % heads:
+        raise GraphError(f"vit: dim {dim} does not split into {heads} heads")
+    hidden = 2 * dim if mlp_dim is None else int(mlp_dim)
+    tokens = (h // patch) * (w // patch)
+    g = NetGraph()
+    g.add_input("x", (c, h, w))
+    g.add("patch", "conv2d", ["x"], out_channels=dim, kernel_size=patch, stride=patch)
+    g.add("tokens", "reshape", ["patch"], shape=[dim, tokens])
+    g.add("seq", "permute", ["tokens"], dims=[1, 0])
+    g.add("cls", "class_token", ["seq"], shape=[1, 1, dim])
+    src = g.add("pos", "offset", ["cls"], shape=[1, tokens + 1, dim])
+    for i in range(1, depth + 1):
+        b = f"block{i}"
+        g.add(f"{b}_norm1", "layernorm", [src], normalized_shape=[dim], eps=1e-6)
+        g.add(f"{b}_attn", "attention", [f"{b}_norm1"], dim=dim, num_heads=heads,
+              head_dim=dim // heads, dim_out=dim)
+        g.add(f"{b}_add1", "add", [src, f"{b}_attn"])
+        g.add(f"{b}_norm2", "layernorm", [f"{b}_add1"], normalized_shape=[dim], eps=1e-6)
+        g.add(f"{b}_fc1", "linear", [f"{b}_norm2"], out_features=hidden)
+        g.add(f"{b}_act", "gelu", [f"{b}_fc1"])
+        g.add(f"{b}_fc2", "linear", [f"{b}_act"], out_features=dim)
+        src = g.add(f"{b}_add2", "add", [f"{b}_add1", f"{b}_fc2"])
+    g.add("norm", "layernorm", [src], normalized_shape=[dim], eps=1e-6)
+    g.add("pool", "getitem", ["norm"], index=[0])
+    g.add(FEATURES, "identity", ["pool"])
+    return g
+
+
 def add_head(graph: NetGraph, name: str, n_classes: int, source: str = FEATURES) -> NetGraph:
     """A new graph with a linear head `head_<name>` on `source` and an output node `<name>`.
 
@@ -126,4 +171,5 @@ def benchmark_network(name: str, n_classes: int = 10, heads: Sequence[str] = ("t
     return g
 
 
-__all__ = ["BENCHMARKS", "FEATURES", "add_head", "benchmark_network", "mlp", "small_cnn"]
+__all__ = ["BENCHMARKS", "FEATURES", "add_head", "benchmark_network", "mlp", "small_cnn",
+           "vit"]

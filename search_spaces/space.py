@@ -32,14 +32,19 @@ from growth.ops import (
     MAX_NEW_PARAMS,
     ChangeRecord,
     ChannelGroup,
+    attention_nodes,
+    block_cost,
+    blockable,
     deepenable,
     deepening_cost,
     feature_axes,
     find_group,
     get_operator,
+    heads_cost,
     resizable,
     widening_cost,
 )
+from growth.ops.blocks import block_defaults
 
 # The paper's width lists (Cai et al. 2018, CIFAR-10 search).
 CONV_WIDTHS = (16, 32, 64, 96, 128, 192, 256, 320, 384, 448, 512, 576, 640)
@@ -289,7 +294,7 @@ class SearchSpace:
         width = self.next_width(layer, group.width)
         if width is None:
             return []
-        width = _whole_blocks(group.width, width, group.block)
+        width = _whole_blocks(group, width)
         if width > self.widths_of(layer)[-1]:
             return []
         return self._widenings(graph, layer.node, width, group, seed)
@@ -297,13 +302,14 @@ class SearchSpace:
     def widen_by(self, graph: NetGraph, layer: Layer, count: int,
                  widenable: set[str] | None = None, seed: int = 0) -> Action | None:
         """The widening of `layer` by `count` units (RCL's choice: no width list), rounded up
-        to whole blocks of a grouped convolution, by the first wider operator that accepts it,
+        to whole blocks of a grouped convolution (whole copies of the units where a norm
+        reads them), by the first wider operator that accepts it,
         or None if the space does not offer it (pooling, a layer the operators cannot resize,
         an excluded layer, the size guard, the parameter limit) or `count` is 0."""
         if count <= 0 or not self._may_widen(graph, layer, widenable):
             return None
         group = find_group(graph, layer.node)
-        width = _whole_blocks(group.width, group.width + count, group.block)
+        width = _whole_blocks(group, group.width + count)
         options = self._widenings(graph, layer.node, width, group, seed)
         return options[0] if options else None
 
@@ -317,6 +323,8 @@ class SearchSpace:
         space that accepts it within the size guard and the parameter limit."""
         out = []
         for op in self.wider_ops:
+            if op == "widen_private" and group.tile is not None:  # a norm would read them
+                continue
             action: Action = {"op": op, "node": node, "width": width, "seed": seed}
             if op in BUILTIN_ROLES:
                 ok = self.fits(graph, widening_cost(graph, node, width, group))
@@ -359,6 +367,33 @@ class SearchSpace:
                     if menu.accepts(block, position, k):
                         out.append(DeeperOption(block, position, k,
                                                 menu.action(block, position, k)))
+        return out
+
+    def head_options(self, graph: NetGraph) -> list[Action]:
+        """One more head for each attention layer (`add_heads`: the new head's output
+        projection is zero), where it fits the size guard and the parameter limit and the
+        layer is not excluded."""
+        out = []
+        for node in attention_nodes(graph):
+            if node in self.spec.exclude:
+                continue
+            heads = graph.node(node).attrs["num_heads"] + 1
+            if self.fits(graph, heads_cost(graph, node, heads)):
+                out.append({"op": "add_heads", "node": node, "heads": heads})
+        return out
+
+    def block_options(self, graph: NetGraph) -> list[Action]:
+        """An identity transformer block after each transformer block's residual add
+        (`add_block`: sizes as the network's own blocks), where it fits the size guard and
+        the parameter limit."""
+        shapes = graph.shapes()
+        out = []
+        for node in blockable(graph):
+            d = block_defaults(graph, shapes[node][-1])
+            head_dim = d["head_dim"] or max(1, shapes[node][-1] // int(d["heads"]))
+            cost = block_cost(shapes[node][-1], int(d["heads"]), int(head_dim), int(d["hidden"]))
+            if node not in self.spec.exclude and self.fits(graph, cost):
+                out.append({"op": "add_block", "after": node})
         return out
 
     def deeper_action(self, after: str, kernel: int | None, seed: int = 0,
@@ -407,7 +442,7 @@ class SearchSpace:
                                 "'width': 128}")
         kwargs = {k: v for k, v in action.items() if k != "op"}
         op = action["op"]
-        if op in ("net2wider", "widen_private", "net2deeper"):
+        if op in ("net2wider", "widen_private", "net2deeper", "add_heads", "add_block"):
             kwargs.setdefault("max_new_params", self.spec.max_new_params)
         if op in ("net2wider", "widen_private"):
             kwargs.setdefault("noise", self.spec.noise)
@@ -560,10 +595,12 @@ def _validate(raw: Mapping[str, Any], where: str = "search.space") -> SpaceSpec:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def _whole_blocks(width: int, target: int, block: int) -> int:
-    """`target` rounded up so that `width` grows by whole blocks (grouped convolutions change
-    channels in aligned blocks of `block`)."""
-    return width + -(-(target - width) // block) * block
+def _whole_blocks(group: ChannelGroup, target: int) -> int:
+    """`target` rounded up so that the group's width grows by whole steps: grouped
+    convolutions change channels in aligned blocks of `group.block`, and a norm over the
+    channels widens by whole copies of every unit."""
+    step = group.width if group.tile is not None else group.block
+    return group.width + -(-(target - group.width) // step) * step
 
 
 def _feeds_output(graph: NetGraph, name: str) -> bool:

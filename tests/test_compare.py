@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,9 @@ def test_plan_names_one_run_per_strategy_and_seed(tmp_path: Path) -> None:
     plan = load_compare(write(tmp_path, ["finetune", {"name": "rec", "label": "r0",
                                                       "search": "off"}]))
     assert list(plan.runs) == ["finetune-s0", "finetune-s1", "r0-s0", "r0-s1"]
-    label, seed, overrides = plan.runs["r0-s1"]
-    assert label == "r0" and seed == 1 and "seed=1" in overrides
+    spec = plan.runs["r0-s1"]
+    assert spec.label == "r0" and spec.seed == 1 and "seed=1" in spec.overrides
+    assert spec.order == "given" and not any(o.startswith("data.order") for o in spec.overrides)
 
 
 @pytest.mark.slow
@@ -102,6 +104,159 @@ def test_compare_runs_in_parallel_and_tabulates(tmp_path: Path, ray_session: obj
     assert stamps() == before
 
 
+# ---- paired seeds, differences and task orders ------------------------------------------------
+def test_paired_seeds_train_task_one_alike_across_strategies(tmp_path: Path) -> None:
+    """Strategies that train the first task alike (no old task to protect yet) end it with
+    the same R row for one seed: same initial network, data and batch order. Another seed
+    gives another row."""
+    from growth.commands.compare import run_one
+
+    alike = ["finetune", "ewc", "mwc", "si", "mas", "l2", "lwf"]
+    path = write(tmp_path, alike)
+    plan = load_compare(path)
+    rows: dict[tuple[str, int], list] = {}
+    for name, spec in plan.runs.items():
+        out = tmp_path / "out" / name
+        run_one(str(plan.base), spec.overrides, str(out))
+        m = json.loads((out / "metrics.json").read_text())
+        rows[(spec.label, spec.seed)] = m["R"]
+    for seed in (0, 1):
+        first = rows[("finetune", seed)]
+        for label in alike[1:]:
+            assert rows[(label, seed)][0] == first[0], label  # the same initial network
+            assert rows[(label, seed)][1] == first[1], label  # task 1 trained alike
+    assert rows[("finetune", 0)][1] != rows[("finetune", 1)][1]
+    assert rows[("ewc", 0)][2] != rows[("finetune", 0)][2]  # task 2 is where they part
+
+
+def _metrics(folder: Path, name: str, label: str, seed: int, acc: float,
+             tasks: list[str]) -> None:
+    """A finished run's metrics.json whose final row averages to `acc`."""
+    from growth.metrics import make_metrics, write_metrics
+
+    T = len(tasks)
+    R = [[0.1] * T] + [[acc] * T for _ in range(T)]
+    write_metrics(folder / name, make_metrics(
+        {"name": label, "strategy": label, "seed": seed, "stream": "s", "dataset": "d"},
+        tasks, R, [{"task": k, "params": 10, "relative": 1.0} for k in range(T)], [1.0] * T))
+
+
+def test_differences_and_order_spread_by_hand(tmp_path: Path) -> None:
+    """Three seeds, two orders; ewc's ACC is finetune's plus 0.02, 0.01, 0.03 (given order) and
+    0.01, 0.02, 0.03 (random-1): six pairs, mean 0.02, sd sqrt(0.0004 / 5); si's differences
+    are 0.01, -0.01, 0.02, -0.02, 0.0, 0.0: not significant."""
+    path = write(tmp_path, ["finetune", "ewc", {"name": "si", "reference": "ewc"}],
+                 seeds=[0, 1, 2], orders=1)
+    plan = load_compare(path)
+    assert sorted(plan.runs)[:6] == ["ewc-s0", "ewc-s0-random-1", "ewc-s1", "ewc-s1-random-1",
+                                     "ewc-s2", "ewc-s2-random-1"]
+    assert "data.order=random-1" in plan.runs["si-s2-random-1"].overrides
+    base = {("given", 0): 0.80, ("given", 1): 0.70, ("given", 2): 0.90,
+            ("random-1", 0): 0.60, ("random-1", 1): 0.75, ("random-1", 2): 0.85}
+    plus = {("given", 0): 0.02, ("given", 1): 0.01, ("given", 2): 0.03,
+            ("random-1", 0): 0.01, ("random-1", 1): 0.02, ("random-1", 2): 0.03}
+    si = {("given", 0): 0.01, ("given", 1): -0.01, ("given", 2): 0.02,
+          ("random-1", 0): -0.02, ("random-1", 1): 0.0, ("random-1", 2): 0.0}
+    out = tmp_path / "out"
+    for name, spec in plan.runs.items():
+        key = (spec.order, spec.seed)
+        acc = {"finetune": base[key], "ewc": base[key] + plus[key],
+               "si": base[key] + plus[key] + si[key]}[spec.label]
+        _metrics(out, name, spec.label, spec.seed, acc, ["a", "b"] if spec.order == "given"
+                 else ["b", "a"])
+    from growth.commands.compare import write_comparison
+
+    text = write_comparison(plan, out).read_text()
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "differences.csv").open())}
+    assert set(rows) == {"ewc", "si"}
+    d = rows["ewc"]
+    assert d["reference"] == "finetune" and int(d["pairs"]) == 6
+    assert float(d["acc_diff"]) == pytest.approx(0.02, abs=1e-12)
+    sd = math.sqrt(sum((x - 0.02) ** 2 for x in plus.values()) / 5)
+    half = 2.5705818366147395 * sd / math.sqrt(6)  # t(0.975, 5)
+    # (the differences come back from sums of floats: equal to about 1e-15 each)
+    assert float(d["low"]) == pytest.approx(0.02 - half, abs=1e-9)
+    assert float(d["high"]) == pytest.approx(0.02 + half, abs=1e-9)
+    assert d["significant"] == "True"
+    s = rows["si"]
+    assert s["reference"] == "ewc" and float(s["acc_diff"]) == pytest.approx(0.0, abs=1e-12)
+    assert s["significant"] == "False"
+    assert "| si | ewc | 6 | +0.0000 |" in text and text.count("n.s.") == 2  # legend + si
+    # order sensitivity: per-order means over seeds, per-seed spread across orders
+    orders = {r["strategy"]: r for r in csv.DictReader((out / "orders.csv").open())}
+    f = orders["finetune"]
+    assert float(f["acc_given"]) == pytest.approx(0.8)
+    assert float(f["acc_random-1"]) == pytest.approx((0.60 + 0.75 + 0.85) / 3)
+    per_seed = [abs(base[("given", k)] - base[("random-1", k)]) / math.sqrt(2) for k in range(3)]
+    assert float(f["spread"]) == pytest.approx(np.mean(per_seed), abs=1e-12)
+    assert float(f["range"]) == pytest.approx(0.8 - (0.60 + 0.75 + 0.85) / 3, abs=1e-12)
+    assert "- random-1: b, a" in text
+    assert (out / "orders.png").is_file()
+    assert "Not every run finished" not in text
+    # a run that did not finish (a failed one) leaves its pair out, and the table says so
+    (out / "si-s1" / "metrics.json").unlink()
+    text = write_comparison(plan, out).read_text()
+    assert "Not every run finished" in text and "si (5 of 6)" in text
+    assert "| si | ewc | 5 |" in text
+
+
+def test_paired_differences_from_a_folder_against_a_named_reference(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Final rows by hand, seeds 0-2 (2 tasks: ACC the final row's mean, BWT its first entry
+    minus 0.9, the first task's accuracy when learned). Against si: ewc's ACC differs by
+    +0.02, +0.04, +0.06 (mean 0.04, sd 0.02), its BWT by +0.1, 0, +0.2 (mean 0.1, sd 0.1);
+    finetune's seed 2 never ran, so finetune has two pairs."""
+    from growth.commands.compare import differences_table, paired_differences
+    from growth.errors import GrowthError
+    from growth.metrics import make_metrics, write_metrics
+
+    path = write(tmp_path, ["finetune", "ewc", {"name": "si", "reference": "ewc"}],
+                 seeds=[0, 1, 2])
+    final = {("si", 0): [0.80, 0.90], ("si", 1): [0.70, 0.90], ("si", 2): [0.60, 0.90],
+             ("ewc", 0): [0.90, 0.84], ("ewc", 1): [0.70, 0.98], ("ewc", 2): [0.80, 0.82],
+             ("finetune", 0): [0.50, 0.90], ("finetune", 1): [0.60, 0.90]}
+    out = tmp_path / "out"
+    for (label, seed), row in final.items():
+        write_metrics(out / f"{label}-s{seed}", make_metrics(
+            {"name": label, "strategy": label, "seed": seed}, ["a", "b"],
+            [[0.1, 0.1], [0.9, 0.1], row], [{"task": k, "params": 10, "relative": 1.0}
+                                             for k in range(2)], [1.0, 1.0]))
+    t2 = 4.302652729911275  # t(0.975, 2)
+    diffs = paired_differences(path, out, reference="si")
+    assert set(diffs) == {"finetune", "ewc"}  # every label against si; si has no entry
+    ref, d = diffs["ewc"]
+    assert ref == "si" and d is not None and d.n == 3
+    assert d.diff == pytest.approx(0.04, abs=1e-12)
+    assert (d.low, d.high) == pytest.approx((0.04 - t2 * 0.02 / math.sqrt(3),
+                                             0.04 + t2 * 0.02 / math.sqrt(3)), abs=1e-9)
+    assert diffs["finetune"][1] is not None and diffs["finetune"][1].n == 2
+    assert diffs["finetune"][1].diff == pytest.approx(-0.10, abs=1e-12)  # -0.15, -0.05
+    bwt = paired_differences(path, out, reference="si", metric="bwt")["ewc"][1]
+    assert bwt is not None and bwt.diff == pytest.approx(0.1, abs=1e-12)
+    assert bwt.high == pytest.approx(0.1 + t2 * 0.1 / math.sqrt(3), abs=1e-9)
+    # without a named reference, the config's: si against ewc, the others against finetune
+    own = paired_differences(path, out)
+    assert {k: v[0] for k, v in own.items()} == {"ewc": "finetune", "si": "ewc"}
+    assert own["si"][1] is not None and own["si"][1].diff == pytest.approx(-0.04, abs=1e-12)
+    assert "| ewc | si | 3 | +0.0400 |" in differences_table(diffs)
+    with pytest.raises(ConfigError, match="reference 'nosuch' is not a label.*finetune, ewc"):
+        paired_differences(path, out, reference="nosuch")
+    with pytest.raises(ConfigError, match="metric 'size'"):
+        paired_differences(path, out, metric="size")
+    with pytest.raises(GrowthError, match="no such comparison folder"):
+        paired_differences(path, tmp_path / "elsewhere")
+    # the command: the tables from the runs there, nothing run (finetune-s2 stays missing)
+    assert main(["compare", str(path), "--out", str(out), "--reference", "si",
+                 "--tables-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "| ewc | si | 3 | +0.0400 |" in printed and "| finetune | si | 2 | -0.1000 |" in printed
+    assert not (out / "finetune-s2").exists()
+    rows = {r["strategy"]: r for r in csv.DictReader((out / "differences.csv").open())}
+    assert rows["ewc"]["reference"] == "si"
+    assert main(["compare", str(path), "--out", str(tmp_path / "none"), "--tables-only"]) == 2
+    assert "no such comparison folder" in capsys.readouterr().err
+
+
 def _run_plan(tmp_path: Path, seeds: list[int]) -> tuple[object, Path]:
     """A comparison's runs, each run in this process (no Ray), then its table."""
     from growth.commands.compare import run_one, write_comparison
@@ -109,8 +264,8 @@ def _run_plan(tmp_path: Path, seeds: list[int]) -> tuple[object, Path]:
     path = write(tmp_path, ["finetune"], seeds=seeds)
     plan = load_compare(path)
     out = tmp_path / "out"
-    for name, (_, _, overrides) in plan.runs.items():
-        run_one(str(plan.base), overrides, str(out / name))
+    for name, spec in plan.runs.items():
+        run_one(str(plan.base), spec.overrides, str(out / name))
     write_comparison(plan, out)
     return plan, out
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from growth.campaign import Campaign, build_base_graph
+from growth.compile import compile_graph
 from growth.config import validate_config
 from growth.data import build_stream
 from growth.errors import ConfigError, DataError
@@ -196,3 +197,36 @@ def test_numpy_and_tensor_inputs_give_the_same_tasks(user_dir: Path) -> None:
     b = custom_stream(lambda: [{"train": (torch.tensor(x), torch.tensor(y)),
                                 "test": (x, y)}], {})
     assert torch.equal(a[0].train[0], b[0].train[0]) and a[0].n_classes == 4
+
+
+def test_a_timm_vit_from_the_config_becomes_the_trunk_and_grows_exactly(tmp_path: Path
+                                                                         ) -> None:
+    """`factory: timm:create_model`: a library's model by name, its classifier replaced by
+    the heads; its features are timm's own, and the transformer moves keep the function."""
+    timm = pytest.importorskip("timm")
+    from growth.ops import add_block, add_heads, attention_nodes, blockable, net2wider
+
+    args = {"model_name": "test_vit", "pretrained": False, "num_classes": 10, "img_size": 8,
+            "patch_size": 4, "in_chans": 1}
+    cfg = _cfg(model={"kind": "python", "factory": "timm:create_model", "args": args,
+                      "output": "classifier"})
+    campaign = Campaign(cfg, tmp_path / "run")  # the stream and the base network
+    graph = campaign.base
+    assert campaign.tasks[0].input_shape == (1, 8, 8) and graph.heads == ["t0", "t1"]
+    torch.manual_seed(cfg.seed)  # the same module, built with the campaign's seed
+    net = timm.create_model(**args).eval()
+    x = campaign.tasks[0].test[0][:16]
+    features = Model(graph).eval().node_view("features")
+    with torch.no_grad():
+        want = net.forward_head(net.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(features(x), want, rtol=0, atol=0)  # bit-identical
+        attn = attention_nodes(graph)
+        assert len(attn) == len(net.blocks)  # each block's attention, a growable node
+        g = net2wider(graph, "patch_embed_proj", 2 * net.embed_dim).graph
+        g = add_heads(g, attn[1], graph.node(attn[1]).attrs["num_heads"] + 1, seed=1).graph
+        g = add_block(g, blockable(g)[0], seed=2).graph
+        for head in graph.heads:  # every head computes what it computed
+            old = compile_graph(graph, head=head).eval()(x)
+            new = compile_graph(g, head=head).eval()(x)
+            assert float((new - old).abs().max()) <= 1e-5 * float(old.abs().max())
+    assert g.param_count() > graph.param_count()

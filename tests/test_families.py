@@ -167,6 +167,8 @@ def grow(graph: NetGraph, family: str, steps: int, seed: int) -> tuple[NetGraph,
             node = rng.choice(special if step == 0 else resizable(graph))
             group = find_group(graph, node)  # grouped convs: whole groups at a time
             width = group.width + group.block * rng.randint(1, max(1, 5 // group.block))
+            if group.tile is not None:  # a norm over the channels: whole copies of every unit
+                width = 2 * group.width
             graph = net2wider(graph, node, width, seed=step).graph
             log.append(f"net2wider({node}, {width})")
         else:
@@ -211,7 +213,8 @@ def test_full_builders_import_bit_identical_and_grow_exactly(name: str) -> None:
         assert torch.equal(compile_graph(graph).eval()(x), model(x))
     rng = random.Random(0)
     group = find_group(graph, rng.choice(resizable(graph)))
-    grown = net2wider(graph, group.node, group.width + group.block, seed=1).graph
+    width = 2 * group.width if group.tile is not None else group.width + group.block
+    grown = net2wider(graph, group.node, width, seed=1, max_new_params=None).graph
     grown = net2deeper(grown, rng.choice(deepenable(grown)), kernel_size=1).graph
     with torch.no_grad():
         want, got = model(x), compile_graph(grown).eval()(x)

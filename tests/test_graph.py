@@ -148,6 +148,17 @@ SHAPE_CASES = [
     ("window_attention", (4, 4, 8), {"dim": 8, "window_size": [2, 2], "shift_size": [1, 1],
                                      "num_heads": 2, "version": 2}),
     ("relative_attention", (3, 4, 8), {"feat_dim": 8, "head_dim": 4, "max_seq_len": 4}),
+    ("self_attention", (5, 4), {"embed_dim": 4, "num_heads": 3, "head_dim": 2}),
+    ("attention", (5, 4), {"dim": 4, "num_heads": 3, "head_dim": 2, "dim_out": 6}),
+    ("groupnorm", (6, 3, 3), {"num_groups": 3, "num_channels": 6}),
+    ("sum", (2, 3, 4), {"dims": [0, 2], "keepdim": True}),
+    ("interpolate", (2, 3, 5), {"scale_factor": 1.5, "mode": "bilinear"}),
+    ("interpolate", (2, 3, 5), {"size": [4, 2]}),
+    ("program", (2, 3), {"calls": [{"fn": "Tensor.softmax", "args": [{"input": 0}, -1]},
+                                   {"fn": "operator.mul", "args": [{"call": 0}, {"tensor": "p0"}]},
+                                   {"fn": "Tensor.transpose", "args": [{"call": 1}, 1, 2]}],
+                         "held": {"p0": {"shape": [3], "buffer": False}},
+                         "in_shapes": [[2, 3]], "shape": [3, 2]}),
 ]
 
 

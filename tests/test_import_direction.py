@@ -24,7 +24,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("search space", ("growth.search_spaces",)),
     ("loop", ("growth.model", "growth.context", "growth.searching", "growth.train",
               "growth.scenarios", "growth.devices", "growth.regularizers",
-              "growth.distillation", "growth.masks", "growth.memory", "growth.metrics")),
+              "growth.distillation", "growth.masks", "growth.memory", "growth.metrics",
+              "growth.stats")),
     ("strategies", ("growth.strategies", "growth.compress")),
     ("search engine", ("growth.controllers", "growth.cluster", "growth.keeper")),
     ("campaign", ("growth.config", "growth.rundir", "growth.checkpoint", "growth.campaign",
@@ -39,8 +40,10 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
                     "growth.model", "growth.ops"),
     # operators are pure: no optimizer, no dataset, no file
     "growth.ops": ("growth.optim", "growth.data", "growth.io", "growth.remap"),
-    # metrics are plain numbers
+    # metrics and statistics are plain numbers
     "growth.metrics": ("growth.graph", "growth.model", "growth.data", "growth.train"),
+    "growth.stats": ("growth.graph", "growth.model", "growth.data", "growth.train", "torch",
+                     "numpy"),
     # strategies know no run directory, campaign, Ray or controller module
     "growth.strategies": ("growth.controllers", "growth.cluster", "growth.campaign",
                           "growth.rundir", "growth.checkpoint", "growth.config", "ray"),

@@ -376,8 +376,9 @@ def test_cpg_old_tasks_are_scored_on_the_network_they_had_after_growth(tmp_path:
 
 # ---- PackNet's retraining and CPG's goal, one task at a time on tiny networks ----------------
 def _tiny(strategy: str, params: dict[str, Any]) -> tuple[Any, Any, Any, list]:
-    from growth.model import Model
     from rivalkit import mlp_net, tasks_for
+
+    from growth.model import Model
 
     graph = mlp_net(2)
     return make_strategy(strategy, params), Model(graph), graph, tasks_for(graph, 2)
@@ -388,10 +389,11 @@ def test_packnet_retrains_the_weights_it_kept_for_retrain_epochs_after_pruning()
     the kept half trains again for `retrain_epochs`, the pruned ones held at zero: the same as
     pruning the trained weights by hand and training the rest with a plain fit whose gradients
     are zeroed at the pruned entries."""
+    from rivalkit import ctx_for
+
     from growth.model import Model
     from growth.strategies.base import Strategy
     from growth.train import TrainConfig, fit
-    from rivalkit import ctx_for
 
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9)
     s, model, _, tasks = _tiny("packnet", {"prune": 0.5, "retrain_epochs": 2})
@@ -438,9 +440,10 @@ def test_cpg_goal_is_the_accuracy_alone_minus_the_margin() -> None:
     """The goal is the validation accuracy of a fresh copy of the network trained on the task
     alone, minus `margin`: two margins differ by exactly their difference, and the network's
     own weights do not enter it (all zero, they could not learn the task)."""
+    from rivalkit import ctx_for, digit_net, digit_tasks
+
     from growth.model import Model
     from growth.train import TrainConfig
-    from rivalkit import ctx_for, digit_net, digit_tasks
 
     cfg = TrainConfig(epochs=4, batch_size=16, lr=0.1, momentum=0.9)
     tasks = digit_tasks(2, per_task=200)

@@ -285,9 +285,16 @@ REFUSALS = {
         lambda: net2wider(_net(("l", "linear", ["x"], {"out_features": 4}),
                                ("at", "self_attention", ["l"], {"embed_dim": 4, "num_heads": 2}),
                                shape=(3, 2)), "l", 6),
-        "net2wider('l'): cannot resize 'l': its channels reach self_attention 'at', which mixes "
-        "all features of a token (heads split them), so copied units would change its output; "
-        "resize layers inside its MLP instead"),
+        "net2wider('l'): cannot resize 'l': self_attention 'at' reads and writes one width "
+        "(embed_dim), but only its input is in this group"),
+    "window-attention": (
+        lambda: net2wider(_net(("l", "linear", ["x"], {"out_features": 4}),
+                               ("at", "window_attention", ["l"], {
+                                   "dim": 4, "window_size": [2, 2], "shift_size": [0, 0],
+                                   "num_heads": 2}), shape=(2, 2, 3)), "l", 6),
+        "net2wider('l'): cannot resize 'l': its channels reach window_attention 'at', which "
+        "mixes all features of a token (heads split them), so copied units would change its "
+        "output; resize layers inside its MLP instead"),
     "deeper-head": (lambda: net2deeper(mlp(), "out"),
                     "net2deeper: 'out' is an output head; deepen after the node it reads ('l2') "
                     "instead"),

@@ -352,3 +352,76 @@ def test_report_of_real_runs_groups_by_their_resolved_config(tmp_path, monkeypat
     text = write_report(dirs).read_text()
     assert "| finetune † (train.epochs=2) | 2 | 0, 1 | 2 / 2 |" in text
     assert "| finetune † (train.epochs=1) | 1 | 0 | 2 / 2 |" in text
+
+
+def _final(acc_row):
+    """R3 with another final row."""
+    R = [row[:] for row in R3]
+    R[3] = list(acc_row)
+    return R
+
+
+def test_differences_to_a_reference_group_paired_by_seed(tmp_path, monkeypatch):
+    """ewc's ACC is finetune's plus 0.1, 0.0, 0.2 on seeds 0, 1, 2 (final rows by hand): mean
+    0.1, sd 0.1, t = sqrt(3); with 2 degrees of freedom p = 1 - t / sqrt(2 + t^2) =
+    1 - sqrt(3 / 5). A fourth finetune seed has no partner and is left out."""
+    from scipy import stats as scipy_stats
+
+    monkeypatch.chdir(tmp_path)
+    ft = {0: [0.6, 0.6, 0.6], 1: [0.7, 0.7, 0.7], 2: [0.5, 0.5, 0.5], 3: [0.9, 0.9, 0.9]}
+    ewc = {0: [0.7, 0.7, 0.7], 1: [0.7, 0.7, 0.7], 2: [0.7, 0.7, 0.7]}
+    runs = [make_run(tmp_path, f"ft-s{s}", "finetune", s, R=_final(r),
+                     config=_config("finetune", seed=s)) for s, r in ft.items()]
+    runs += [make_run(tmp_path, f"ewc-s{s}", "ewc", s, R=_final(r),
+                      config=_config("ewc", seed=s)) for s, r in ewc.items()]
+    text = write_report(runs).read_text()
+    assert "## Differences in ACC to finetune (paired by seed)" in text
+    section = text.split("## Differences")[1].split("## Runs")[0]
+    row = next(ln for ln in section.splitlines() if ln.startswith("| ewc |"))
+    p = 1 - (3 / 5) ** 0.5
+    assert p == pytest.approx(scipy_stats.ttest_rel([0.7] * 3, [0.6, 0.7, 0.5]).pvalue)
+    half = 4.302652729911275 * 0.1 / 3 ** 0.5  # t(0.975, 2)
+    assert row == (f"| ewc | 3 | +0.1000 | [{0.1 - half:+.4f}, {0.1 + half:+.4f}] | "
+                   f"{p:.3f} | n.s. |")
+    # the other way round, with --reference
+    text = write_report(runs, reference="ewc").read_text()
+    assert "| finetune | 3 | -0.1000 |" in text.split("## Differences")[1]
+    with pytest.raises(ReportError, match="'nosuch' is not a group.*finetune, ewc"):
+        write_report(runs, reference="nosuch")
+
+
+def test_paired_by_seed_takes_a_strategy_name_and_the_command_prints_the_table(
+        tmp_path, monkeypatch, capsys):
+    """Two mwc groups (epochs 1 and 10) and one ewc group, seeds 0 and 1: against ewc's 0.7,
+    0.7, epochs 1 ends at 0.8, 0.6 (differences +0.1, -0.1: mean 0, sd sqrt(0.02)) and epochs
+    10 at 0.9, 0.9. `--reference ewc` names ewc's one group; `mwc` names two and is refused."""
+    from growth.cli import main
+    from growth.report import paired_by_seed
+
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for s, (a, b) in enumerate([(0.8, 0.7), (0.6, 0.7)]):
+        runs.append(make_run(tmp_path, f"m1-s{s}", "mwc", s, R=_final([a] * 3),
+                             config=_config("mwc", seed=s, epochs=1)))
+        runs.append(make_run(tmp_path, f"m10-s{s}", "mwc", s, R=_final([0.9] * 3),
+                             config=_config("mwc", seed=s, epochs=10)))
+        runs.append(make_run(tmp_path, f"e-s{s}", "ewc", s, R=_final([b] * 3),
+                             config=_config("ewc", seed=s)))
+    reference, diffs = paired_by_seed(runs, "ewc")
+    assert reference == "ewc"
+    assert set(diffs) == {"mwc † (train.epochs=1)", "mwc † (train.epochs=10)"}
+    one = diffs["mwc † (train.epochs=1)"]
+    assert one is not None and one.n == 2 and one.diff == pytest.approx(0.0, abs=1e-12)
+    # t(0.975, 1) = tan(0.475 pi) = 12.706...; sd of (+0.1, -0.1) is sqrt(0.02)
+    half = math.tan(0.475 * math.pi) * math.sqrt(0.02) / math.sqrt(2)
+    assert one.high == pytest.approx(half, abs=1e-9) and not one.significant
+    ten = diffs["mwc † (train.epochs=10)"]
+    assert ten is not None and ten.diff == pytest.approx(0.2, abs=1e-12)
+    assert ten.p == 0.0 and ten.significant  # +0.2 on both seeds: no spread
+    with pytest.raises(ReportError, match="'mwc' names several groups"):
+        paired_by_seed(runs, "mwc")
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "rep"),
+                 "--reference", "ewc"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Differences in ACC to ewc (paired by seed)" in printed
+    assert "| mwc † (train.epochs=10) | 2 | +0.2000 |" in printed

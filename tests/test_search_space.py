@@ -10,7 +10,14 @@ import torch
 import yaml
 from graphgen import max_rel_error, outputs, randomize, residual, single_thread  # noqa: F401
 from growth.search_spaces import SearchSpace, arch_string, make_space
-from growth.search_spaces.networks import BENCHMARKS, add_head, benchmark_network, mlp, small_cnn
+from growth.search_spaces.networks import (
+    BENCHMARKS,
+    add_head,
+    benchmark_network,
+    mlp,
+    small_cnn,
+    vit,
+)
 
 from growth.errors import ConfigError, GraphError, OperatorError
 from growth.graph import NetGraph
@@ -385,3 +392,89 @@ def test_linear_layers_on_tokens_are_sized_by_their_units_not_their_token_count(
     child, _ = space.apply(g, [action])
     x = torch.randn(3, 5, 4)
     assert max_rel_error(outputs(g, x), outputs(child, x)) < 1e-5
+
+
+# ---- transformers ------------------------------------------------------------------------------
+def _vit() -> NetGraph:
+    return randomize(add_head(vit((1, 8, 8), patch=4, dim=8, depth=2, heads=2, mlp_dim=12),
+                              "t0", 3), 1)
+
+
+def test_a_vit_offers_its_embedding_mlp_heads_and_blocks_and_each_keeps_the_function() -> None:
+    g = _vit()
+    space = make_space({"widths": {"conv": [8, 16, 64], "fc": [12, 16, 64]}, **EXACT}, g)
+    layers = {x.node: x for x in space.layers(g)}
+    assert set(layers) == {"patch", "block1_fc1", "block1_fc2", "block2_fc1", "block2_fc2"}
+    # the embedding width crosses every LayerNorm: it doubles (64 would be 8 copies; the next
+    # width on the list, 16, is the first multiple of 8 above 8)
+    assert space.wider_option(g, layers["patch"]) == {"op": "net2wider", "node": "patch",
+                                                      "width": 16, "seed": 0}
+    assert space.wider_option(g, layers["block1_fc1"])["width"] == 16  # MLP: the next width
+    # a count of units (RCL's widening) is rounded up to whole copies the same way
+    assert space.widen_by(g, layers["patch"], 3)["width"] == 16
+    assert space.widen_by(g, layers["block1_fc1"], 3)["width"] == 15
+    heads = space.head_options(g)
+    assert heads == [{"op": "add_heads", "node": "block1_attn", "heads": 3},
+                     {"op": "add_heads", "node": "block2_attn", "heads": 3}]
+    blocks = space.block_options(g)
+    assert {"op": "add_block", "after": "block2_add2"} in blocks and len(blocks) == 4
+    deeper = [o.action for o in space.deeper_options(g)]
+    assert {"op": "net2deeper", "after": "block1_act"} in deeper  # a linear on the tokens
+    actions = [space.wider_option(g, layers["patch"]), heads[1], blocks[-1], deeper[0],
+               space.wider_option(g, layers["block2_fc1"])]
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    child = g
+    for action in actions:  # each move alone, and all in a row, as SearchSpace.apply does
+        alone, records = space.apply(g, [action])
+        assert max_rel_error(outputs(g, x), outputs(alone, x)) <= 1e-5, action
+        assert len(records) == 1 and not records[0].is_noop
+    child, records = space.apply(g, actions)
+    assert max_rel_error(outputs(g, x), outputs(child, x)) <= 1e-5
+    assert [r.op for r in records] == ["net2wider", "add_heads", "add_block", "net2deeper",
+                                       "net2wider"]
+
+
+def test_a_private_space_widens_a_vits_mlp_but_not_its_normalised_embedding() -> None:
+    g = _vit()
+    space = make_space({"widths": {"conv": [8, 16], "fc": [12, 16]}, "private": True, **EXACT},
+                       g)
+    layers = {x.node: x for x in space.layers(g)}
+    assert space.wider_options(g, layers["patch"]) == []  # LayerNorm reads the embedding
+    assert space.wider_options(g, layers["block1_fc1"]) == [
+        {"op": "widen_private", "node": "block1_fc1", "width": 16, "seed": 0}]
+
+
+def test_a_space_naming_add_block_draws_identity_blocks_in_its_deeper_steps() -> None:
+    from growth.controllers import make_controller
+
+    g = _vit()
+    space = make_space({"operators": ["net2wider", "net2deeper", "add_block"], **EXACT}, g)
+    menu = space.deeper_menu(g)
+    by_op: dict[str, set[str]] = {"net2deeper": set(), "add_block": set()}
+    for o in space.deeper_options(g):
+        for op in menu.operators(o.block, o.position, o.kernel):
+            by_op[op].add(o.action["after"])
+    # a block goes after any token sequence (the stream, or the MLP's hidden units), never on
+    # the patch embedding's image map; a linear or conv layer anywhere
+    assert by_op["add_block"] == {"block1_act", "block1_fc2", "block2_act", "block2_fc2"}
+    assert by_op["net2deeper"] == by_op["add_block"] | {"patch"}
+    controller = make_controller("random", space, {"wider_actions": 0, "deeper_actions": 2},
+                                 seed=0)
+    proposals = controller.propose(g, 6)
+    blocks = [p for p in proposals if any(a["op"] == "add_block" for a in p.actions)]
+    assert blocks  # the rollout draws among the deeper operators
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    for proposal in blocks:
+        child, records = space.apply(g, proposal.actions)
+        assert max_rel_error(outputs(g, x), outputs(child, x)) <= 1e-5
+        assert len(child) > len(g)
+
+
+def test_a_vits_moves_respect_the_parameter_limit() -> None:
+    g = _vit()
+    space = make_space({"max_params": g.param_count() + 200}, g)
+    assert space.head_options(g) == [
+        {"op": "add_heads", "node": n, "heads": 3} for n in ("block1_attn", "block2_attn")]
+    assert space.block_options(g) == []  # a block holds 3 + 1 layers: over the limit
+    space = make_space({"max_params": g.param_count() + 100, "exclude": ["block1_fc1"]}, g)
+    assert space.head_options(g) == []  # one head adds 4 x (3 x 8 + 3 + 8) = 140

@@ -6,10 +6,12 @@
 
 from growth.data.containers import Dataset, Task
 from growth.data.datasets import DATASETS, load_dataset
+from growth.data.orders import CURRICULA, reorder, resolve_order
 from growth.data.streams import STREAMS, build_stream, make_stream
 from growth.data.variations import VARIATIONS
 
 __all__ = [
+    "CURRICULA",
     "DATASETS",
     "STREAMS",
     "VARIATIONS",
@@ -18,4 +20,6 @@ __all__ = [
     "build_stream",
     "load_dataset",
     "make_stream",
+    "reorder",
+    "resolve_order",
 ]

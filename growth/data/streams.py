@@ -28,6 +28,7 @@ from growth.data.augment import AUGMENTATIONS
 from growth.data.containers import Dataset, Split, Task
 from growth.data.custom import custom_stream
 from growth.data.datasets import load_dataset
+from growth.data.orders import reorder
 from growth.data.sampling import generator, stratified_pick, stratified_split
 from growth.data.streaming import is_lazy, take
 from growth.data.variations import VARIATIONS, apply_variation, texture_bank
@@ -77,7 +78,8 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
     n_tasks, seed, val_fraction, max_train_per_task, variations, by, class_order, load and
     workers (folder datasets read into memory or streamed from disk), augment (training
     batches), and split_seed (train/test split of datasets without an official one; kept
-    apart from `seed` so that runs with different seeds are tested on the same images).
+    apart from `seed` so that runs with different seeds are tested on the same images), order
+    (the tasks' order: see growth.data.orders).
     """
 
     def get(key: str, default: Any) -> Any:
@@ -90,7 +92,7 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
                               val_fraction=get("val_fraction", 0.1),
                               max_train_per_task=cfg.get("max_train_per_task"),
                               n_tasks=cfg.get("n_tasks"))
-        return _augmented(tasks, get("augment", "none"))
+        return reorder(_augmented(tasks, get("augment", "none")), cfg.get("order"))
     dataset = load_dataset(
         get("dataset", "digits"),
         root=get("root", "data"),
@@ -111,7 +113,7 @@ def build_stream(cfg: dict[str, Any]) -> list[Task]:
         by=get("by", "classes"),
         class_order=get("class_order", "fixed"),
     )
-    return _augmented(tasks, get("augment", "none"))
+    return reorder(_augmented(tasks, get("augment", "none")), cfg.get("order"))
 
 
 def _augmented(tasks: list[Task], kind: str) -> list[Task]:

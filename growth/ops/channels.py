@@ -8,9 +8,12 @@ layer scales, permutes and reshapes that leave the channel axis whole) and the i
 every linear/conv2d that reads the space, also through `flatten` (each channel becomes many
 features) and `concat` (the space sits at an offset). The channel axis of each node comes from
 `growth.ops.layout`. Net2Wider and pruning are the same walk with a different index vector, so
-both live on `find_group` + `apply_index`. A node where no mapping keeps the function
-(LayerNorm, attention, grouped convolutions, channel shuffles) stops the walk with an
-OperatorError that names it and says why.
+both live on `find_group` + `apply_index`. Attention layers (`attention`, `self_attention`)
+read a token space through their qkv projection and write one through their output projection,
+like a linear layer. A LayerNorm or GroupNorm over the channels is crossed only by copying
+every unit the same number of times (the group's `tile`): its mean and variance are then those
+of the original units. A node where no mapping keeps the function (windowed attention, channel
+shuffles, programs) stops the walk with an OperatorError that names it and says why.
 """
 
 from __future__ import annotations
@@ -23,11 +26,23 @@ import torch
 
 from growth.errors import OperatorError
 from growth.graph import NetGraph, Node
-from growth.layers import Shape, kind_of
+from growth.layers import Shape, buffer_names, kind_of
 from growth.ops.layout import Axis, feature_axes, indexed_dims, kept_axis
 
 PRODUCERS = frozenset({"linear", "conv2d"})
-_SIZE_ATTR = {"linear": ("in_features", "out_features"), "conv2d": ("in_channels", "out_channels")}
+ATTENTION = frozenset({"attention", "self_attention"})  # qkv reads a space, proj writes one
+LAYERS = PRODUCERS | ATTENTION
+_SIZE_ATTR = {"linear": ("in_features", "out_features"), "conv2d": ("in_channels", "out_channels"),
+              "attention": ("dim", "dim_out"), "self_attention": ("embed_dim", "embed_dim")}
+_ROWS = {"attention": ("proj.weight", "proj.bias"),
+         "self_attention": ("out_proj.weight", "out_proj.bias")}  # default: weight, bias
+_COLUMNS = {"attention": "qkv.weight", "self_attention": "in_proj_weight"}  # default: weight
+
+
+def row_weight(kind: str) -> str:
+    """The tensor whose rows are a producer's output units (an attention layer's output
+    projection, else its weight)."""
+    return _ROWS.get(kind, ("weight", "bias"))[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +57,7 @@ class ChannelGroup:
     shapes: Mapping[str, Shape] = field(repr=False)  # per-sample shapes before the change
     axes: Mapping[str, Axis] = field(repr=False, default_factory=dict)  # channel axis per node
     block: int = 1  # channels change in whole aligned blocks of this size (grouped convs)
+    tile: str | None = None  # a norm over the channels: widening copies every unit equally
 
 
 @dataclass
@@ -76,6 +92,7 @@ class _Walk:
                  axes: Mapping[str, Axis], op: str) -> None:
         self.graph, self.node, self.shapes, self.axes, self.op = graph, node, shapes, axes, op
         self.block = 1  # lcm of the input group widths of the grouped convs on the way
+        self.tile: str | None = None  # the first norm over the channels on the way
 
     def refuse(self, why: str) -> OperatorError:
         return OperatorError(f"{self.op}({self.node!r}): cannot resize {self.node!r}: {why}")
@@ -105,13 +122,19 @@ class _Walk:
                         stack.append((member, True))
                 else:  # "pass" keeps the index, "moved" offsets or expands it
                     self.grouped_reads(c, plain)
+                    self.norm_reads(c, src, plain)
                     region[c] = plain and role == "pass"
                     stack.append((c, region[c]))
+        for n in (*producers, *consumers):  # its in and out width is one (embed_dim)
+            if self.kind(n) == "self_attention" and (n in producers) != (n in consumers):
+                raise self.refuse(f"self_attention {n!r} reads and writes one width "
+                                  "(embed_dim), but only its "
+                                  f"{'output' if n in producers else 'input'} is in this group")
         order = {n: i for i, n in enumerate(self.shapes)}
         ranked = lambda names: tuple(sorted(names, key=order.__getitem__))  # noqa: E731
         return ChannelGroup(self.node, ranked(producers), ranked(region), ranked(consumers),
                             self.shapes[self.node][self.axes[self.node]], self.shapes, self.axes,
-                            self.block)
+                            self.block, self.tile)
 
     def grouped_reads(self, c: str, plain: bool) -> None:
         """A grouped conv reading the space: its groups grow with whole copied groups of
@@ -124,6 +147,20 @@ class _Walk:
             raise self.refuse(f"its channels reach grouped convolution {c!r} after a concat, "
                               "flatten or channel expansion, so its groups could not stay whole")
         self.block = math.lcm(self.block, width)
+
+    def norm_reads(self, c: str, src: str, plain: bool) -> None:
+        """A LayerNorm or GroupNorm over the channels: its statistics stay those of the original
+        units only if every unit is copied the same number of times (tiling), which needs the
+        whole space, unmoved."""
+        if self.kind(c) not in ("layernorm", "groupnorm") or not _normalises(
+                self.graph.node(c), self.shapes[src], self.axes[src]):
+            return
+        if not plain:
+            raise self.refuse(f"its channels reach {self.kind(c)} {c!r} after a concat, flatten "
+                              "or channel expansion, where copying every unit equally would not "
+                              "keep its mean and variance")
+        if self.tile is None:
+            self.tile = c
 
     def kind(self, name: str) -> str:
         return self.graph.node(name).kind
@@ -143,7 +180,7 @@ class _Walk:
         if kind == "conv2d" and _grouped(node):
             self.need(axis == 0, c, "a grouped convolution reads channels along axis 0")
             return "pass" if node.attrs["out_channels"] == node.attrs["in_channels"] else "moved"
-        if kind in PRODUCERS:
+        if kind in LAYERS:
             self.check_layer(c, src)
             return "consumer"
         if kind in ("add", "mul"):
@@ -178,8 +215,10 @@ class _Walk:
     def need_full(self, merge: str, src: str) -> None:
         """A space broadcast along its channels at a merge cannot grow: its one channel is
         shared by all the channels of the other operands."""
-        axis = self.axes[src]
-        if self.shapes[src][axis] == 1 and self.shapes[merge][self.axes[merge]] > 1:
+        axis, merged = self.axes[src], self.axes[merge]
+        if merged is None:  # the operands' layouts differ: refused where the walk goes on
+            return
+        if self.shapes[src][axis] == 1 and self.shapes[merge][merged] > 1:
             raise self.refuse(
                 f"its single channel is broadcast over the {self.shapes[merge][axis]} channels "
                 f"of {self.kind(merge)} {merge!r}; more channels would no longer broadcast")
@@ -189,12 +228,14 @@ class _Walk:
         that keep channels apart): every operand must change with the same mapping."""
         found: list[str] = []
         stack = self.operands(merge)
+        seen: set[str] = set()  # a node reached again by another path answers the same
         while stack:
             n = stack.pop()
-            if n in producers or n in region or n in found:
+            if n in producers or n in region or n in seen:
                 continue
+            seen.add(n)
             kind = self.kind(n)
-            if kind in PRODUCERS and not _grouped(self.graph.node(n)):
+            if kind in LAYERS and not _grouped(self.graph.node(n)):
                 self.check_producer(n)
                 found.append(n)
                 continue
@@ -231,7 +272,7 @@ class _Walk:
             raise self.refuse(f"{name!r} is a {what} convolution (groups={n.attrs['groups']}): "
                               f"its channels follow its input's groups; resize the layer that "
                               f"produces {src!r} instead, and its groups grow with it")
-        if n.kind not in PRODUCERS:
+        if n.kind not in LAYERS:
             raise self.refuse(f"node {name!r} is a {n.kind} node, which has no output units to "
                               "resize; pick a linear or conv2d node")
 
@@ -241,6 +282,10 @@ class _Walk:
         axis, shape = self.axes[src], self.shapes[src]
         who = f"{name!r}" if name == self.node else \
             f"{name!r} (in the channel group of {self.node!r})"
+        if n.kind in ATTENTION and axis != len(shape) - 1:
+            raise self.refuse(f"node {who} is an attention layer reading the features of tokens "
+                              f"(the last axis of {shape}), but the channels lie along axis "
+                              f"{axis}")
         if n.kind == "linear" and axis != len(shape) - 1:
             raise self.refuse(f"node {who} is a linear layer reading the last axis of a {shape} "
                               f"input whose channels lie along axis {axis}; insert a flatten "
@@ -262,16 +307,16 @@ def group_width(node: Node) -> int:
 
 # Kinds that keep channels apart only where the channels lie along axis 0 of their input.
 _AXIS_ZERO = frozenset({"batchnorm1d", "batchnorm2d", "maxpool2d", "avgpool2d",
-                        "adaptive_avgpool2d"})
+                        "adaptive_avgpool2d", "interpolate"})
 _ATTENTION = ("mixes all features of a token (heads split them), so copied units would change "
               "its output; resize layers inside its MLP instead")
 
 
-def _norm_check(node: Node, shape: Shape, axis: int) -> str | None:
-    if axis >= len(shape) - len(node.attrs["normalized_shape"]):
-        return ("normalises over the features: copies of a unit would change its mean and "
-                "variance, so widening through it cannot keep the function")
-    return None
+def _normalises(node: Node, shape: Shape, axis: int) -> bool:
+    """Whether a layernorm/groupnorm computes its statistics over the channel axis."""
+    if node.kind == "groupnorm":
+        return axis == 0
+    return axis >= len(shape) - len(node.attrs["normalized_shape"])
 
 
 def _pad_check(node: Node, shape: Shape, axis: int) -> str | None:
@@ -300,7 +345,13 @@ def _token_check(node: Node, shape: Shape, axis: int) -> str | None:
 
 
 _CHECKS = {
-    "layernorm": _norm_check,
+    "layernorm": lambda node, shape, axis: None,  # see _Walk.norm_reads
+    "groupnorm": lambda node, shape, axis: (
+        None if axis == 0 else "normalises groups of channels along axis 0"),
+    "sum": lambda node, shape, axis: _mean_check(node, shape, axis) and "sums over the channels",
+    "program": lambda node, shape, axis: (
+        None if node.attrs.get("elementwise") else
+        "replays calls the model makes (growth.program) that no growth rule crosses"),
     "pad": _pad_check,
     "mean": _mean_check,
     "getitem": _index_check,
@@ -312,7 +363,6 @@ _CHECKS = {
     "channel_shuffle": lambda node, shape, axis: (
         "interleaves the channels of its groups; copies of a channel would land in other "
         "groups"),
-    "self_attention": lambda node, shape, axis: _ATTENTION,
     "window_attention": lambda node, shape, axis: _ATTENTION,
     "relative_attention": lambda node, shape, axis: _ATTENTION,
 }
@@ -384,6 +434,14 @@ def _resize_region(graph: NetGraph, name: str, local: dict[str, torch.Tensor],
                           groups=width // group_width(node))
     elif node.kind in ("scale", "offset", "class_token"):
         _resize_param(node, idx, group.axes[name], len(group.shapes[name]), changes)
+    elif node.kind == "layernorm":
+        _resize_norm(node, idx, group.axes[name], len(group.shapes[name]), changes)
+    elif node.kind == "groupnorm":
+        _resize_group_norm(node, idx, changes)
+    elif node.kind == "program":  # elementwise: only its recorded shapes change
+        axis = group.axes[name]
+        for shape in (*node.attrs["in_shapes"], node.attrs["shape"]):
+            shape[axis] = len(idx)
     elif node.kind == "reshape":
         shape = list(node.attrs["shape"])
         shape[group.axes[name]] = len(idx)
@@ -409,16 +467,45 @@ def _resize_param(node: Node, idx: torch.Tensor, axis: int, rank: int, changes: 
     node.attrs["shape"] = list(node.tensors["weight"].shape)
 
 
-def _resize_rows(node: Node, idx: torch.Tensor, changes: Changes) -> None:
+def _resize_norm(node: Node, idx: torch.Tensor, axis: int, rank: int, changes: Changes) -> None:
+    """A LayerNorm's affine tensors (shaped like its normalised dims) along the channel axis."""
+    norm = list(node.attrs["normalized_shape"])
+    dim = axis - (rank - len(norm))
+    if dim < 0:  # normalises other dims: its tensors do not follow the channels
+        return
     for key in ("weight", "bias"):
         if key in node.tensors:
+            changes.put(node, key, node.tensors[key].index_select(dim, idx), dim, idx)
+    norm[dim] = len(idx)
+    node.attrs["normalized_shape"] = norm
+
+
+def _resize_group_norm(node: Node, idx: torch.Tensor, changes: Changes) -> None:
+    """GroupNorm: a tiling of its channels (each copy of the whole set) keeps every group's
+    statistics with as many more groups; any other index would regroup the channels."""
+    old = node.attrs["num_channels"]
+    if len(idx) % old or not torch.equal(idx, torch.arange(len(idx)) % old):
+        raise OperatorError(f"groupnorm {node.name!r}: its groups can only grow by whole copies "
+                            "of all its channels (net2wider to a multiple of the width); "
+                            "pruning through a GroupNorm would regroup its channels")
+    _resize_channelwise(node, idx, changes)
+    node.attrs.update(num_channels=len(idx),
+                      num_groups=node.attrs["num_groups"] * len(idx) // old)
+
+
+def _resize_rows(node: Node, idx: torch.Tensor, changes: Changes) -> None:
+    weight, bias = _ROWS.get(node.kind, ("weight", "bias"))
+    for key in (weight, bias):
+        if key in node.tensors:
             changes.put(node, key, node.tensors[key].index_select(0, idx), 0, idx)
+    _keep_head_dim(node)
     node.attrs[_SIZE_ATTR[node.kind][1]] = len(idx)
 
 
 def _resize_columns(node: Node, cols: torch.Tensor, divide: bool, changes: Changes,
                     fresh: bool = False) -> None:
-    weight = node.tensors["weight"].index_select(1, cols)
+    key = _COLUMNS.get(node.kind, "weight")
+    weight = node.tensors[key].index_select(1, cols)
     counts = None
     if divide:
         counts = torch.bincount(cols)[cols]
@@ -427,10 +514,17 @@ def _resize_columns(node: Node, cols: torch.Tensor, divide: bool, changes: Chang
         first = first_occurrences(cols)
         weight = weight * first.to(weight.dtype).view(1, -1, *([1] * (weight.dim() - 2)))
         cols = torch.where(first, cols, torch.full_like(cols, -1))
-    changes.put(node, "weight", weight, 1, cols)
+    changes.put(node, key, weight, 1, cols)
     if counts is not None:
-        changes.divisors.setdefault(f"{node.name}.weight", {})[1] = counts.double().tolist()
+        changes.divisors.setdefault(f"{node.name}.{key}", {})[1] = counts.double().tolist()
+    _keep_head_dim(node)
     node.attrs[_SIZE_ATTR[node.kind][0]] = len(cols)
+
+
+def _keep_head_dim(node: Node) -> None:
+    """A self_attention's heads keep their width when its embed_dim changes."""
+    if node.kind == "self_attention" and node.attrs.get("head_dim") is None:
+        node.attrs["head_dim"] = node.attrs["embed_dim"] // node.attrs["num_heads"]
 
 
 def first_occurrences(index: torch.Tensor) -> torch.Tensor:
@@ -488,8 +582,9 @@ def widening_cost(graph: NetGraph, node: str, width: int,
     changes = apply_index(probe, group, idx)
     total = 0
     for name, (old, new) in changes.resized.items():
-        owner, key = name.rsplit(".", 1)
-        if key not in kind_of(graph.node(owner).kind).buffers:
+        owner, key = name.split(".", 1)
+        node = graph.node(owner)
+        if key not in buffer_names(node.kind, node.attrs):
             total += math.prod(new) - math.prod(old)
     return total
 
@@ -499,8 +594,21 @@ def widening_bound(graph: NetGraph, group: ChannelGroup, width: int) -> int:
     grows at most in proportion to the width (a concat's other inputs do not grow at all)."""
     total = sum(t.numel() for n in (*group.producers, *group.region, *group.consumers)
                 for k, t in graph.node(n).tensors.items()
-                if k not in kind_of(graph.node(n).kind).buffers)
+                if k not in buffer_names(graph.node(n).kind, graph.node(n).attrs))
     return math.ceil(total * max(width - group.width, 0) / group.width)
+
+
+def check_tiles(group: ChannelGroup, width: int, op: str) -> None:
+    """OperatorError unless `width` is a multiple of the group's (a norm over the channels is
+    crossed: every unit must be copied the same number of times)."""
+    if group.tile is not None and width % group.width:
+        lo = width // group.width * group.width
+        near = [w for w in (lo, lo + group.width) if w > group.width]
+        raise OperatorError(
+            f"{op}({group.node!r}): its channels reach {group.tile!r}, which normalises over "
+            f"them; a widening keeps its mean and variance only when every unit is copied the "
+            f"same number of times, so the width must be a multiple of {group.width}: use "
+            f"{' or '.join(map(str, near))} instead of {width}")
 
 
 def check_blocks(group: ChannelGroup, width: int, op: str) -> None:

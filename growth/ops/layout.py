@@ -17,7 +17,7 @@ from growth.layers import Attrs, Shape, decode_index
 
 Axis = int | None
 
-_LAST = frozenset({"linear", "layernorm", "self_attention", "window_attention",
+_LAST = frozenset({"linear", "layernorm", "self_attention", "attention", "window_attention",
                    "relative_attention"})
 _FIRST = frozenset({"conv2d", "batchnorm1d", "batchnorm2d", "maxpool2d", "avgpool2d",
                     "adaptive_avgpool2d", "channel_shuffle", "flatten"})
@@ -59,7 +59,9 @@ def output_axis(kind: str, attrs: Attrs, in_shapes: list[Shape], in_axes: list[A
         return kept_axis(in_shapes[0], out, axis)
     if kind == "getitem":
         return _indexed_axis(attrs["index"], in_shapes[0], axis)
-    if kind == "mean":
+    if kind == "program":  # opaque, unless it maps every value on its own
+        return axis if attrs.get("elementwise") else None
+    if kind in ("mean", "sum"):
         rank = len(in_shapes[0])
         dims = {d % rank for d in attrs["dims"]}
         if axis in dims:

@@ -3,7 +3,10 @@
 New unit j copies old unit g(j) (g(j) = j for the old units, uniform over them for the new ones);
 every consumer's input column is divided by the number of copies of its old unit, so the sum a
 consumer sees is unchanged. Where grouped convolutions read the channels, the new units come as
-copies of whole groups (uniform over the groups), and those convolutions gain groups.
+copies of whole groups (uniform over the groups), and those convolutions gain groups. Where a
+LayerNorm or GroupNorm normalises over the channels, every unit is copied the same number of
+times (the width must be a multiple): the mean and variance of k copies of each unit are those
+of the units, so the norm's output is k copies of its old output (docs/operators.md).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from growth.ops.channels import (
     ChannelGroup,
     apply_index,
     check_blocks,
+    check_tiles,
     find_group,
+    row_weight,
     widening_bound,
     widening_cost,
 )
@@ -55,17 +60,32 @@ def net2wider(graph: NetGraph, node: str, width: int, noise: float = 0.0,
     out = graph.copy()
     if width == group.width:
         return OpResult(out, ChangeRecord("widen_private" if private else "net2wider", params))
+    if private and group.tile is not None:
+        raise OperatorError(
+            f"widen_private({node!r}): its channels reach {group.tile!r}, which normalises over "
+            "them: the new units would enter its mean and variance, so every head would read "
+            "them as soon as they train; widen it with net2wider, or widen a layer whose "
+            "channels no norm reads (a transformer's MLP)")
     check_blocks(group, width, "net2wider")
+    check_tiles(group, width, "net2wider")
     if max_new_params is not None and widening_bound(graph, group, width) > max_new_params:
         check_size(call, widening_cost(graph, node, width, group),  # exact only when it may fail
                    max_new_params)
     gen = torch.Generator().manual_seed(int(seed))
-    b = group.block  # grouped convs downstream: copy whole groups of b channels
-    extra = torch.randint(group.width // b, ((width - group.width) // b,), generator=gen)
-    if copies is not None:
-        extra = _chosen(node, copies, len(extra), group.width // b)
-        params["copies"] = extra.tolist()
-    idx = torch.cat([torch.arange(group.width), (extra[:, None] * b + torch.arange(b)).flatten()])
+    if group.tile is not None:  # a norm over the channels: every unit copied equally
+        if copies is not None:
+            raise OperatorError(f"net2wider({node!r}): copies cannot be chosen where "
+                                f"{group.tile!r} normalises over the channels: every unit is "
+                                "copied the same number of times (leave copies out)")
+        idx = torch.arange(width) % group.width
+    else:
+        b = group.block  # grouped convs downstream: copy whole groups of b channels
+        extra = torch.randint(group.width // b, ((width - group.width) // b,), generator=gen)
+        if copies is not None:
+            extra = _chosen(node, copies, len(extra), group.width // b)
+            params["copies"] = extra.tolist()
+        idx = torch.cat([torch.arange(group.width),
+                         (extra[:, None] * b + torch.arange(b)).flatten()])
     changes = apply_index(out, group, idx, divide=not private, fresh=private)
     if noise > 0:
         _perturb_copies(out, group, noise, gen)
@@ -97,7 +117,8 @@ def _perturb_copies(graph: NetGraph, group: ChannelGroup, noise: float,
     """Multiply the new copies' incoming weights by (1 + u), u ~ U(-noise, noise)."""
     for p in group.producers:
         n = graph.node(p)
-        weight = n.tensors["weight"]
+        key = row_weight(n.kind)
+        weight = n.tensors[key]
         u = torch.rand(weight[group.width:].shape, generator=gen, dtype=weight.dtype) * 2 - 1
-        n.tensors["weight"] = torch.cat([weight[:group.width], weight[group.width:] * (1 + noise
+        n.tensors[key] = torch.cat([weight[:group.width], weight[group.width:] * (1 + noise
                                                                                        * u)])

@@ -6,7 +6,9 @@ units' columns keep their values undivided. So the function of every head is exa
 parent's, and the old heads do not read the new units: a strategy that keeps those columns at
 0 for the old tasks (REC's private expansion) grows capacity that only the new task uses. In
 the change record the new positions of consumer columns are fresh (-1): anchors carried as
-weights are 0 there, as the columns are.
+weights are 0 there, as the columns are. A layer whose channels reach a norm over them (a
+transformer's residual stream: LayerNorm) is refused: the new units would enter the norm's mean
+and variance, so the old heads would read them as soon as they train.
 """
 
 from __future__ import annotations

@@ -331,7 +331,7 @@ class CPG(PackNet):
                   widths: dict[str, int]) -> torch.nn.Module:
         graph = ctx.model.graph
         for name, v in values.items():
-            node, key = name.rsplit(".", 1)
+            node, key = name.split(".", 1)
             graph.node(node).tensors[key] = v.detach().cpu().to(graph.node(node).tensors[key])
         for layer, width in widths.items():
             now = graph.shape(layer)[0]
@@ -380,7 +380,7 @@ def _keep_old_values(old: NetGraph, new: NetGraph, record: ChangeRecord) -> NetG
     current task sees them at zero output until it trains them)."""
     before = old.named_tensors()
     for name, divisors in record.divisors.items():
-        node, key = name.rsplit(".", 1)
+        node, key = name.split(".", 1)
         kept = remap(before[name], name, record, MASK)
         assert kept is not None and divisors
         new.node(node).tensors[key] = kept

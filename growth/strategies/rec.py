@@ -41,7 +41,14 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from growth.compress import CompressParams, compress, default_heads, distill, trunk_params
+from growth.compress import (
+    CompressParams,
+    compress,
+    default_heads,
+    distill,
+    split_accuracies,
+    trunk_params,
+)
 from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
 from growth.ops.registry import ChangeRecord
@@ -294,7 +301,7 @@ class REC(MWC):
         keeps what it learned in the search)."""
         start = time.perf_counter()
         splits = ("val", "test")
-        before = {s: evaluate(ctx, ctx.task, s) for s in splits}
+        before = split_accuracies(ctx, ctx.task, splits)
         ctx.model.replace_graph(self._parent)
         ctx.optimizer = None
         learned = {k: v for k, v in self.state.items() if k.startswith(f"{CONTROLLER}/")}
@@ -307,7 +314,7 @@ class REC(MWC):
                 "trunk_after": trunk_params(self._parent),
                 "params_before": teacher.param_count(),
                 "params_after": self._parent.param_count(), "accuracy_before": before,
-                "accuracy_after": {s: evaluate(ctx, ctx.task, s) for s in splits},
+                "accuracy_after": split_accuracies(ctx, ctx.task, splits),
                 "dropped": [n for n in teacher.topo_order() if n not in self._parent],
                 "student": "parent", "losses": losses,
                 "wall_time_s": time.perf_counter() - start}
