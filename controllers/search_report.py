@@ -81,7 +81,7 @@ def write_search_report(run_dirs: Sequence[Path], out: Path | None = None) -> Pa
     runs = [Path(d) for d in run_dirs]
     out = Path(out) if out is not None else (runs[0] / "report" if len(runs) == 1
                                              else Path("report"))
-    check_output(out, "search.md", what="report folder")  # a report overwrites only a report
+    check_output(out, "search.md", "report.md", what="report folder")  # only a report's
     out.mkdir(parents=True, exist_ok=True)
     data = [(d, _summary(d), _records(d)) for d in runs]
     _plot(data, out / "search.png")

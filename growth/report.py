@@ -52,9 +52,10 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None,
 
 
 def _check_folder(folder: Path) -> None:
-    """Writable, and new, empty or a report's (report.md): a report overwrites only a report."""
+    """Writable, and new, empty or a report's (report.md, or a search's search.md: `growth
+    report` puts both in one folder): a report overwrites only a report."""
     check_writable_dir(folder, "report folder")
-    check_output(folder, "report.md", what="report folder")
+    check_output(folder, "report.md", "search.md", what="report folder")
 
 
 # --------------------------------------------------------------------------- formatting
