@@ -74,7 +74,8 @@ def test_a_tracker_without_its_package_names_the_extra(tmp_path: Path, name: str
         load_config(write_config(tmp_path / "c.yaml"), [f"tracking.{name}=true"])
     # and when the import itself fails at run time (the check above passed in another process)
     monkeypatch.setattr(importlib.util, "find_spec", real)
-    monkeypatch.setitem(sys.modules, name, None)
+    for module in [name, *(m for m in sys.modules if m.startswith(f"{name}."))]:
+        monkeypatch.setitem(sys.modules, module, None)  # submodules an earlier test imported
     settings = TrackingConfig.model_validate({name: {"mode": "offline"} if name == "wandb"
                                               else {}})
     with pytest.raises(ConfigError, match=rf"pip install 'growth\[{name}\]'"):
