@@ -66,14 +66,16 @@ def processes_of(pid: int) -> Tree:
 
 
 def survivors(tree: Tree, wait_s: float = 10.0) -> list[tuple[int, str]]:
-    """After `wait_s` seconds, the processes of `tree` still alive (same pid, same start)."""
-    time.sleep(wait_s)
-    alive = []
-    for pid, (start, cmd) in sorted(tree.items()):
-        st = _stat(pid)
-        if st is not None and st[1] == start:
-            alive.append((pid, cmd))
-    return alive
+    """The processes of `tree` still alive (same pid, same start) `wait_s` seconds later; the
+    answer is known sooner once none is alive (a process that ended never comes back), so
+    the wait ends there."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [(pid, cmd) for pid, (start, cmd) in sorted(tree.items())
+                 if (st := _stat(pid)) is not None and st[1] == start]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
