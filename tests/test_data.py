@@ -209,6 +209,19 @@ def test_digits_is_a_fixed_stratified_split_of_the_bundled_set(digits: Dataset) 
     assert digits.class_names == [str(i) for i in range(10)]
 
 
+def test_the_digits_file_is_read_as_scikit_learn_reads_it() -> None:
+    """The engine reads the bundled file itself (no scikit-learn import); every image and
+    label must be scikit-learn's own, in its order."""
+    from sklearn.datasets import load_digits
+
+    from growth.data.datasets import digits_arrays
+
+    sk = load_digits()
+    images, target = digits_arrays()
+    assert np.array_equal(images, sk.images) and np.array_equal(target, sk.target)
+    assert images.dtype == sk.images.dtype
+
+
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_mnist_idx_files_load_exactly(tmp_path: Path, name: str, folder: str) -> None:
     data = write_mnist_like(tmp_path, folder)

@@ -6,8 +6,10 @@ others read the official files from `root` (torchvision downloads them when `dow
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from growth.data.containers import Dataset, labels_to_long
@@ -64,11 +66,26 @@ def load_digits(seed: int = 0) -> Dataset:
 
     The split depends only on `seed`, so it is the same on every run and machine.
     """
+    images, target = digits_arrays()
+    x = torch.as_tensor(images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+    y = labels_to_long(target)
+    train, test = stratified_split(y, DIGITS_TEST_FRACTION, generator(seed, "digits-test"))
+    names = [str(c) for c in range(10)]
+    return Dataset("digits", x[train], y[train], x[test], y[test], class_names=names)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' images (n, 8, 8) and labels, read from the file scikit-learn ships without
+    importing scikit-learn (about a second per process: every campaign, Ray trial and test
+    subprocess loads the digits); scikit-learn's own loader where the file is not found."""
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    x = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
-    y = labels_to_long(bunch.target)
-    train, test = stratified_split(y, DIGITS_TEST_FRACTION, generator(seed, "digits-test"))
-    names = [str(c) for c in bunch.target_names]
-    return Dataset("digits", x[train], y[train], x[test], y[test], class_names=names)
+    return bunch.images, bunch.target
