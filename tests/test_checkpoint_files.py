@@ -5,6 +5,7 @@ never removes what the newest checkpoint names, and what a run costs on disk and
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 import signal
 import subprocess
@@ -431,10 +432,11 @@ def test_metrics_say_what_the_run_takes_on_disk_and_in_memory(tmp_path: Path) ->
 def test_peak_memory_starts_again_from_the_current_one_at_each_reset() -> None:
     if not reset_peak_rss():
         pytest.skip("this system cannot reset the peak resident memory")
-    base = peak_rss_bytes()
-    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    base = peak_rss_bytes()  # the current one: the reset just above forgot earlier highs
+    big = mmap.mmap(-1, 64 * 2**20)  # 64 MiB of fresh pages (no allocator's cached ones),
+    big.write(b"\1" * len(big))  # every one touched
     assert peak_rss_bytes() >= base + 60 * 2**20
-    del big
+    big.close()
     assert reset_peak_rss()
     assert peak_rss_bytes() < base + 32 * 2**20
     assert disk_bytes(Path(__file__)) == du(Path(__file__))
