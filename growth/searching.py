@@ -40,6 +40,31 @@ if TYPE_CHECKING:
 ControllerState = tuple[dict[str, "torch.Tensor"], dict[str, Any]]
 
 
+CONTROLLER = "controller"  # state key prefix of a strategy's one controller for the campaign
+
+
+def stored_controller(state: dict[str, Any], extra: dict[str, Any]) -> ControllerState | None:
+    """The controller a strategy keeps in its state (`controller/all/...` tensors and the
+    `controller` entry of its extra), or None before its first search."""
+    prefix = f"{CONTROLLER}/all/"
+    tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not tensors:
+        return None
+    return tensors, dict(extra.get(CONTROLLER, {}))
+
+
+def store_controller(state: dict[str, Any], extra: dict[str, Any], found: ControllerState
+                     ) -> dict[str, Any]:
+    """`state` with the controller a search returned in place of the one it held (detached
+    CPU copies); its extra entry is replaced in `extra`."""
+    tensors, kept = found
+    prefix = f"{CONTROLLER}/all/"
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    state.update({prefix + k: v.detach().cpu().clone() for k, v in tensors.items()})
+    extra[CONTROLLER] = dict(kept)
+    return state
+
+
 class SearchSettings(BaseModel):
     """How a strategy searches an expansion per task (small CPU defaults; the EAS paper's
     scale, 10 children per episode trained 20 epochs each, is reachable by config).

@@ -49,7 +49,15 @@ from growth.ops import find_group, prune_units
 from growth.optim import load_moments, moments
 from growth.remap import MASK, remap
 from growth.search_spaces.space import SearchSpace, SpaceSpec
-from growth.searching import ControllerState, SearchRequest, SearchSettings, score
+from growth.searching import (
+    CONTROLLER,
+    ControllerState,
+    SearchRequest,
+    SearchSettings,
+    score,
+    store_controller,
+    stored_controller,
+)
 from growth.strategies.base import Context, Scorer, Strategy, StrategyParams
 from growth.strategies.private import FrozenParent, new_task_only, parent_entries
 from growth.strategies.spec import TensorSpec
@@ -60,7 +68,6 @@ if TYPE_CHECKING:
     from growth.ops.registry import ChangeRecord
 
 log = logging.getLogger("growth.rcl")
-CONTROLLER = "controller"  # state key prefix of the campaign's one controller
 # RCL's search unless the config says otherwise: its own controller, every child grown from
 # the task's network, 3 generations of 4 children trained 5 epochs at the task's rate
 SEARCH = {"controller": "rcl", "parent": "fixed", "children": 4, "generations": 3, "epochs": 5,
@@ -282,18 +289,10 @@ class RCL(Strategy):
                                          "controller_params": controller})
 
     def _controller(self) -> ControllerState | None:
-        prefix = f"{CONTROLLER}/all/"
-        tensors = {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
-        if not tensors:
-            return None
-        return tensors, dict(self.extra.get(CONTROLLER, {}))
+        return stored_controller(self.state, self.extra)
 
-    def _keep_controller(self, state: ControllerState) -> None:
-        tensors, extra = state
-        prefix = f"{CONTROLLER}/all/"
-        self.state = {k: v for k, v in self.state.items() if not k.startswith(prefix)}
-        self.state.update({prefix + k: v.detach().cpu().clone() for k, v in tensors.items()})
-        self.extra[CONTROLLER] = dict(extra)
+    def _keep_controller(self, found: ControllerState) -> None:
+        self.state = store_controller(self.state, self.extra, found)
 
     # ---- records -----------------------------------------------------------------------------
     def _entry(self, ctx: Context) -> dict[str, Any]:

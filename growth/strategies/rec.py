@@ -55,7 +55,14 @@ from growth.ops.registry import ChangeRecord
 from growth.regularizers import stored
 from growth.remap import SPLIT
 from growth.search_spaces.space import SpaceSpec
-from growth.searching import ControllerState, SearchRequest, SearchSettings
+from growth.searching import (
+    CONTROLLER,
+    ControllerState,
+    SearchRequest,
+    SearchSettings,
+    store_controller,
+    stored_controller,
+)
 from growth.strategies.base import Context
 from growth.strategies.mwc import MWC, MWCParams
 from growth.strategies.private import FrozenParent, fresh_entries, parent_entries
@@ -124,7 +131,6 @@ class RECParams(MWCParams):
         return {} if value is None else value
 
 
-CONTROLLER = "controller"  # state key prefix of the campaign's one controller
 
 
 class REC(MWC):
@@ -247,18 +253,10 @@ class REC(MWC):
                  entry.get("best_child_val"))
 
     def _controller(self) -> ControllerState | None:
-        prefix = f"{CONTROLLER}/all/"
-        tensors = {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
-        if not tensors:
-            return None
-        return tensors, dict(self.extra.get(CONTROLLER, {}))
+        return stored_controller(self.state, self.extra)
 
-    def _keep_controller(self, state: ControllerState) -> None:
-        tensors, extra = state
-        prefix = f"{CONTROLLER}/all/"
-        self.state = {k: v for k, v in self.state.items() if not k.startswith(prefix)}
-        self.state.update({prefix + k: v.detach().cpu().clone() for k, v in tensors.items()})
-        self.extra[CONTROLLER] = dict(extra)
+    def _keep_controller(self, found: ControllerState) -> None:
+        self.state = store_controller(self.state, self.extra, found)
 
     # ---- compress --------------------------------------------------------------------------
     def _compress(self, ctx: Context, entry: dict[str, Any]) -> None:
