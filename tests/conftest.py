@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +17,14 @@ def ray_session() -> Iterator[object]:
 
     with ray_cluster(num_cpus=2) as info:
         yield info
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures(
+    "one_thread")`): strategy runs there are compared bit for bit, and one thread keeps their
+    reductions in one order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,13 +27,7 @@ from growth.strategies import make_strategy
 from growth.strategies.den import group_shrink_, soft_threshold_, widen
 from growth.train import fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def started(params: dict, n_tasks: int = 2, hidden: tuple[int, ...] = (6, 5)):

@@ -24,13 +24,7 @@ from growth.strategies.expert_gate import (
 )
 from growth.train import learn_task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = {"gate_epochs": 5, "code": 4}

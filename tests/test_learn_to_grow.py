@@ -29,13 +29,7 @@ from growth.strategies import make_strategy
 from growth.strategies.learn_to_grow import SEARCH, Relaxation, option_names
 from growth.train import learn_task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def after_first(n_tasks: int = 3, params: dict | None = None):

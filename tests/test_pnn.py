@@ -29,12 +29,7 @@ from growth.train import TrainConfig, fit, learn_task
 CFG = TrainConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- networks: a trunk ending at "features", one head per task -----------------------------------

@@ -27,13 +27,7 @@ from growth.regularizers import stored, task_fisher
 from growth.strategies import make_strategy
 from growth.train import fit, learn_task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kb_names(model: Model) -> set[str]:

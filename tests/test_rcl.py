@@ -45,12 +45,7 @@ SEARCH = {"backend": "local", "children": 2, "generations": 2, "epochs": 2,
 TRAIN = {"epochs": 3, "batch_size": 16, "lr": 0.05, "momentum": 0.9}  # campaigns that learn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

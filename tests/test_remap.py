@@ -34,12 +34,7 @@ from tests.test_strategies import context, mlp, synthetic
 CFG = TrainConfig(epochs=1, batch_size=16, lr=0.05, momentum=0.9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_bn() -> NetGraph:

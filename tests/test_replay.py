@@ -28,12 +28,7 @@ CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.9)
 REPLAY = ["er", "gem", "agem", "mir"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def learn(name: str, params: dict, tasks, model: Model, upto: int, single_head: bool = False):

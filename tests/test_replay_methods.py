@@ -30,12 +30,7 @@ from growth.train import TrainConfig, evaluate, learn_task
 CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def learn(s, tasks, model, upto, single_head=False, start=0):
