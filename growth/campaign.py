@@ -198,8 +198,10 @@ class Campaign:
         self.head_of, self.label_of = labelers(cfg.scenario)
         self.strategy: Strategy = make_strategy(cfg.strategy.name, cfg.strategy.settings())
         if cfg.scenario not in self.strategy.scenarios:
+            advice = self.strategy.scenario_advice
             raise ConfigError(f"strategy {cfg.strategy.name!r} runs only in scenario "
-                              f"{' or '.join(self.strategy.scenarios)}, not {cfg.scenario!r}")
+                              f"{' or '.join(self.strategy.scenarios)}, not {cfg.scenario!r}"
+                              + (f" ({advice})" if advice else ""))
         torch.manual_seed(cfg.seed)  # the base network's initial weights
         try:  # a model section the data cannot feed is a config error, found before any write
             self.base = build_base_graph(cfg, self.tasks)

@@ -48,7 +48,7 @@ from growth.ops.remove_layer import remove_layer
 from growth.regularizers import task_fisher
 
 if TYPE_CHECKING:
-    from growth.context import Context, TrainConfig
+    from growth.context import Context, Hooks, TrainConfig
     from growth.data import Task
 
 Penalty = Callable[["Context", Tensor, Tensor, Tensor], "Tensor | None"]
@@ -323,10 +323,11 @@ def compress(ctx: Context, params: CompressParams, train: TrainConfig,
 
 def distill(ctx: Context, teacher: NetGraph, params: CompressParams, train: TrainConfig,
             heads: list[str], penalty: Penalty | None = None, seed: int = 0,
-            old_teacher: NetGraph | None = None) -> list[float]:
+            old_teacher: NetGraph | None = None, hold: Hooks | None = None) -> list[float]:
     """Train `ctx.model` (the student) with the one loop: cross-entropy on `ctx.task` plus
     KL(T) to `teacher` on `heads` (to `old_teacher` on all but the task's own head, if given)
-    plus `penalty`; `params.epochs` epochs. Returns the loss of each epoch."""
+    plus `penalty`; `params.epochs` epochs; `hold`'s hooks keep the entries it holds still
+    (growth.distillation). Returns the loss of each epoch."""
     from growth.train import fit
 
     own = ctx.head_of(ctx.task)
@@ -336,7 +337,8 @@ def distill(ctx: Context, teacher: NetGraph, params: CompressParams, train: Trai
     if split:
         teachers.append((_frozen(old_teacher, others, ctx), others))
     weight = params.kd_weight if params.mix is None else 1.0 - params.mix
-    distiller = Distillation(teachers, params.temperature, weight, penalty, ce=params.mix)
+    distiller = Distillation(teachers, params.temperature, weight, penalty, ce=params.mix,
+                             hold=hold)
     return fit(ctx, distiller, train.model_copy(update={"epochs": params.epochs,
                                                         "patience": params.patience}),
                seed=seed)

@@ -7,13 +7,14 @@ T^2), plus an optional penalty. Not a strategy: it keeps no state and is never c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from growth.context import Context
+from growth.context import Context, Hooks
 from growth.data import Task
 from growth.regularizers import kd_loss
 
@@ -30,15 +31,31 @@ class Distillation:
 
     def __init__(self, teachers: list[tuple[nn.Module, list[str]]], temperature: float = 2.0,
                  weight: float = 1.0, extra: Penalty | None = None,
-                 ce: float | None = None) -> None:
-        """ce: the weight of the task's cross-entropy (None: the loop's own, weight 1)."""
-        self.ce = ce
+                 ce: float | None = None, hold: Hooks | None = None) -> None:
+        """ce: the weight of the task's cross-entropy (None: the loop's own, weight 1).
+        hold: a strategy whose `training`, `after_backward` and `after_step` hooks keep some
+        entries still through the fit (REC's owned weights)."""
+        self.ce, self.hold = ce, hold
         self.teachers = [(t, list(h)) for t, h in teachers if h]
         self.heads = [h for _, hs in self.teachers for h in hs]
         self.temperature, self.weight, self.extra = temperature, weight, extra
 
     def overridden(self) -> set[str]:
-        return {"penalty"} if self.ce is None else {"loss", "penalty"}
+        own = {"penalty"} if self.ce is None else {"loss", "penalty"}
+        if self.hold is not None:
+            own |= {"training", "after_backward", "after_step"} & self.hold.overridden()
+        return own
+
+    @contextmanager
+    def training(self, ctx: Context) -> Iterator[None]:
+        with self.hold.training(ctx) if self.hold is not None else nullcontext():
+            yield
+
+    def after_backward(self, ctx: Context) -> None:
+        self.hold.after_backward(ctx)
+
+    def after_step(self, ctx: Context) -> None:
+        self.hold.after_step(ctx)
 
     def loss(self, ctx: Context, x: Tensor, y: Tensor, logits: Tensor) -> Tensor:
         return (1.0 if self.ce is None else self.ce) * F.cross_entropy(logits, y)

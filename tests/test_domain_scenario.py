@@ -43,7 +43,9 @@ def test_every_strategy_says_whether_it_runs_without_a_task_id() -> None:
     task_only = {"packnet", "cpg", "hat", "piggyback", "pnn", "hnet", "den", "learn_to_grow",
                  "expert_gate", "progress_compress", "rcl"}
     for name, cls in available_strategies().items():
-        scenarios = make_strategy(name).scenarios if name == "supsup" else cls.scenarios
+        scenarios = (make_strategy(name).scenarios if name == "supsup" else
+                     make_strategy(name, {"owners": False}).scenarios if name == "rec" else
+                     cls.scenarios)
         if name in task_only:
             assert "domain" not in scenarios, name
         elif name in ("cwr", "ar1", "dgr_negative", "icarl"):
@@ -51,6 +53,7 @@ def test_every_strategy_says_whether_it_runs_without_a_task_id() -> None:
         elif name in ("finetune", "joint", "ewc", "mwc", "si", "lwf", "er", "rec", "gdumb"):
             assert "domain" in scenarios, name
     assert make_strategy("supsup", {"infer_task": "batch"}).scenarios == ("class", "domain")
+    assert make_strategy("rec").scenarios == ("task",)  # its owner masks need the task id
 
 
 def test_a_domain_campaign_scores_every_task_through_the_one_head(tmp_path: Path) -> None:
@@ -76,6 +79,10 @@ def test_a_method_that_needs_the_task_id_is_refused_in_domain(tmp_path: Path) ->
                                    strategy={"name": "packnet"}))
     with pytest.raises(ConfigError, match="runs only in scenario task, not 'domain'"):
         Campaign(cfg, tmp_path / "run")
+    rec = load_config(write_config(tmp_path / "r.yaml", scenario="domain",
+                                   strategy={"name": "rec"}))
+    with pytest.raises(ConfigError, match="not 'domain' .*strategy.owners=off runs it in"):
+        Campaign(rec, tmp_path / "rec")
 
 
 def test_a_split_stream_in_domain_shares_a_head_of_the_groups_size(tmp_path: Path) -> None:
@@ -95,7 +102,7 @@ def test_rec_searches_in_domain_with_trials_on_the_shared_head(tmp_path: Path) -
         tmp_path / "c.yaml", scenario="domain", data__n_tasks=2, train__epochs=1,
         data__max_train_per_task=150, model__hidden=[16],
         strategy={"name": "rec", "search": {"backend": "local", "children": 1, "epochs": 1},
-                  "compress": "off"}))
+                  "compress": "off", "owners": "off"}))
     metrics = Campaign(cfg, tmp_path / "run").start()
     search = metrics["search"]
     assert search["children"] == 1

@@ -83,6 +83,8 @@ class Strategy:
     # where the method makes sense (growth.scenarios): a method that needs the task id to
     # predict (masks, columns chosen per task) runs only in "task"
     scenarios: ClassVar[tuple[str, ...]] = ("task", "class", "domain")
+    # what to change when a setting narrows `scenarios` (said when a campaign refuses one)
+    scenario_advice: ClassVar[str] = ""
     # role of each kind of state ("what" in "what/task/param") under a graph change
     state_roles: ClassVar[dict[str, str]] = {}
 

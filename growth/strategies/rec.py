@@ -34,9 +34,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -51,9 +51,10 @@ from growth.compress import (
 )
 from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
+from growth.masks import Guard, frozen_shared, masked_names, swapped
 from growth.ops.registry import ChangeRecord
-from growth.regularizers import stored
-from growth.remap import SPLIT
+from growth.regularizers import Component, stored, task_fisher
+from growth.remap import MASK, SPLIT
 from growth.search_spaces.space import SpaceSpec
 from growth.searching import (
     CONTROLLER,
@@ -63,11 +64,16 @@ from growth.searching import (
     store_controller,
     stored_controller,
 )
-from growth.strategies.base import Context
+from growth.strategies.base import Context, Scorer
 from growth.strategies.mwc import MWC, MWCParams
+from growth.strategies.owned import OWNER, OwnerSettings, mask_sizes, owner_table, take, visible
 from growth.strategies.private import FrozenParent, fresh_entries, parent_entries
 from growth.strategies.spec import TensorSpec
 from growth.train import evaluate
+
+if TYPE_CHECKING:
+    from growth.data import Task
+    from growth.model import Model
 
 log = logging.getLogger("growth.rec")
 
@@ -110,7 +116,7 @@ class RECParams(MWCParams):
     compress: RECCompress = Field(default_factory=RECCompress, description="compression back "
                                   "to the base trunk (off: keep the expanded network)")
     expansion: Literal["shared", "private"] = Field(
-        "shared", description="shared: Net2Net children (widened units and inserted layers "
+        "private", description="shared: Net2Net children (widened units and inserted layers "
         "every head reads; old tasks' Fisher protects the copies); private: children add units "
         "only the new task reads (widen_private) and train them and the new head alone, the "
         "network they grew from frozen, so the old heads do not move while they train")
@@ -120,8 +126,11 @@ class RECParams(MWCParams):
         "what the parent's change cost, and a layer Net2Deeper inserts is anchored at its "
         "identity with each old task's mean Fisher; off: copies and inserted layers are free "
         "(MWC's own roles)")
+    owners: OwnerSettings = Field(default_factory=OwnerSettings, description="hard "
+                                  "protection: trunk weights owned by the task that needs "
+                                  "them, as PackNet's (off: the MWC penalty alone)")
 
-    @field_validator("search", "compress", mode="before")
+    @field_validator("search", "compress", "owners", mode="before")
     @classmethod
     def _switch(cls, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("on", "off", "true", "false"):
@@ -138,18 +147,36 @@ class REC(MWC):
     description = "regularize (MWC), expand (architecture search), compress back to base size"
     Params = RECParams
     params: RECParams
+    scenario_advice = ("its owner masks pick each task's weights by the task id; "
+                       "strategy.owners=off runs it in the class and domain scenarios")
 
     def __init__(self, params: RECParams | None = None) -> None:
         super().__init__(params)
         if self.params.protect_copies:
             self.state_roles = {**MWC.state_roles, "fisher": SPLIT}
+        self.state_roles = {**self.state_roles, OWNER: MASK}
         self._parent: NetGraph | None = None
+        self._teacher: NetGraph | None = None  # the expanded network of this task, if any
+        self._retraining = False  # the task trains the weights it kept, not the free ones
+        self._owned: Guard | None = None
         self._parent_state: dict[str, torch.Tensor] = {}
         self._frozen = FrozenParent()  # a private child's parent entries
 
     def state_spec(self) -> dict[str, TensorSpec]:
-        return {**super().state_spec(),
+        spec = {**super().state_spec(),
                 CONTROLLER: TensorSpec(("all",), "any", "any", parameter=False, required=False)}
+        if self.params.owners.enabled:
+            spec[OWNER] = TensorSpec(("all",), "same", "int")
+        return spec
+
+    def overridden(self) -> set[str]:
+        hooks = super().overridden()
+        return hooks if self.params.owners.enabled else hooks - {"evaluation"}
+
+    @property  # type: ignore[override]
+    def scenarios(self) -> tuple[str, ...]:
+        """Owners pick a task's weights by its id: the task scenario only; without them, any."""
+        return ("task",) if self.params.owners.enabled else ("task", "class", "domain")
 
     # ---- hooks -------------------------------------------------------------------------------
     def before_task(self, ctx: Context) -> None:
@@ -160,6 +187,7 @@ class REC(MWC):
 
     def after_task(self, ctx: Context) -> None:
         entry = self._entry(ctx)
+        self._teacher = None
         if self.finished():
             self._parent = ctx.model.graph  # trained on task t: the network the search grows
             self._parent_state = dict(self.state)
@@ -167,8 +195,11 @@ class REC(MWC):
                 self._expand(ctx, entry)
             if self.params.compress.enabled:
                 self._compress(ctx, entry)
+        if self.params.owners.enabled:
+            self._take(ctx, entry)
         super().after_task(ctx)  # MWC: Fisher and anchors of task t on the final network
         self._frozen.release()
+        self._teacher = None
         self._check_size(ctx, entry)
 
     # ---- a private expansion's child: its parent frozen -----------------------------------
@@ -206,14 +237,105 @@ class REC(MWC):
 
     @contextmanager
     def training(self, ctx: Context) -> Iterator[None]:
-        with self._frozen.training(ctx):
+        with ExitStack() as stack:
+            stack.enter_context(self._frozen.training(ctx))
+            self._owned = None
+            if self.params.owners.enabled:
+                stack.enter_context(self._hold_owned(ctx))
             yield
+
+    @contextmanager
+    def _hold_owned(self, ctx: Context) -> Iterator[None]:
+        """Owned weights (or, while the task retrains what it kept, every other weight) held
+        still; after the first task, shared tensors too unless `shared: mwc` (a private
+        child's parent biases are held by its FrozenParent, its new units' train)."""
+        owners = owner_table(self.state, ctx.model, len(self.finished()))
+        mine = ctx.task.index + 1 if self._retraining else 0
+        with ExitStack() as stack:
+            if (self.params.owners.shared == "frozen" and self.finished()
+                    and not self._frozen.entries):
+                stack.enter_context(frozen_shared(ctx.model))
+            self._owned = Guard(ctx.model.named_parameters(),
+                                {n: o == mine for n, o in owners.items()})
+            stack.callback(self._owned.restore)
+            yield
+        self._owned = None
 
     def after_backward(self, ctx: Context) -> None:
         self._frozen.after_backward()
+        if self._owned is not None:
+            self._owned.mask_grads()
 
     def after_step(self, ctx: Context) -> None:
         self._frozen.after_step()
+        if self._owned is not None:  # momentum of a free weight's past would move it
+            self._owned.restore()
+
+    # ---- owners: hard protection ------------------------------------------------------------
+    def components(self, ctx: Context) -> Iterable[Component]:
+        """MWC's terms; with owners, on the shared tensors alone: an owned weight is held, and
+        a free one is read by no finished task (zeroed when it is scored)."""
+        terms = super().components(ctx)
+        if not self.params.owners.enabled:
+            return terms
+        masked = set(masked_names(ctx.model))
+        return ((scale, {n: f for n, f in fisher.items() if n not in masked},
+                 {n: a for n, a in anchor.items() if n not in masked})
+                for scale, fisher, anchor in terms)
+
+    def _take(self, ctx: Context, entry: dict[str, Any]) -> None:
+        """Task t takes the free weights, gives back the `prune` share it needs least, and
+        retrains the rest (distilled from the expanded network, if there is one)."""
+        settings = self.params.owners
+        k = ctx.task.index
+        owners = owner_table(self.state, ctx.model, len(self.finished()))
+        params = ctx.model.named_parameters()
+        scores = (task_fisher(ctx, ctx.task, self.params.fisher_samples)
+                  if settings.importance == "fisher" else
+                  {n: p.detach().abs() for n, p in params.items()})
+        kept = take(owners, params, scores, k, settings.prune)
+        entry["owned"] = {"kept": sum(kept.values()),
+                          "free": sum(int((o == 0).sum()) for o in owners.values())}
+        if settings.retrain_epochs:
+            self._retraining = True
+            try:
+                self._retrain(ctx, settings.retrain_epochs)
+            finally:
+                self._retraining = False
+        self._quad = None
+        log.info("task %d: owns %d weights, %d left free", k, entry["owned"]["kept"],
+                 entry["owned"]["free"])
+
+    def _retrain(self, ctx: Context, epochs: int) -> None:
+        if self._teacher is None or ctx.train_config is None:
+            ctx.train_fit(epochs=epochs)
+            return
+        settings = self.params.compress.model_copy(update={"epochs": epochs})
+        distill(ctx, self._teacher, settings, ctx.train_config, [ctx.head_of(ctx.task)],
+                self._mwc_penalty, ctx.seed + 2, hold=self)
+
+    @contextmanager
+    def evaluation(self, ctx: Context, task: Task) -> Iterator[Scorer]:
+        """A finished task computes with the weights it and the tasks before it own (the
+        others zeroed for the split); the task being learned, with the network as it is."""
+        head = ctx.model.head(ctx.head_of(task))
+        if task.index not in self.finished():
+            yield head
+            return
+        owners = owner_table(self.state, ctx.model, len(self.finished()))
+        params = ctx.model.named_parameters()
+        values = {n: params[n].detach() * visible(o, task.index).to(params[n].device)
+                  for n, o in owners.items()}
+        with swapped(dict(ctx.model.module.state_dict(keep_vars=True)), values):
+            yield head
+
+    def size_parts(self, model: Model) -> dict[str, list[Any]]:
+        """Trunk and heads, plus (owners) the owner indices in the bits the tasks need."""
+        parts = super().size_parts(model)
+        if self.params.owners.enabled:
+            tasks = len(self.finished())
+            parts["masks"] = mask_sizes(owner_table(self.state, model, tasks), tasks)
+        return parts
 
     # ---- expand ----------------------------------------------------------------------------
     def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
@@ -306,8 +428,10 @@ class REC(MWC):
         kept = {k: v for k, v in self._parent_state.items() if not k.startswith(f"{CONTROLLER}/")}
         self.state = {**kept, **learned}
         self._quad = None
+        self._teacher = teacher
+        hold = self if self.params.owners.enabled else None
         losses = distill(ctx, teacher, settings, ctx.train_config, heads,
-                         self._mwc_penalty, ctx.seed + 1, old_teacher)
+                         self._mwc_penalty, ctx.seed + 1, old_teacher, hold=hold)
         return {"budget": self._limit(), "trunk_before": trunk_params(teacher),
                 "trunk_after": trunk_params(self._parent),
                 "params_before": teacher.param_count(),

@@ -1,0 +1,88 @@
+"""REC's hard protection: each trunk weight owned by the task that needs it, as PackNet's.
+
+An owner index per masked weight (the trunk's linear and conv weights; growth.masks): 0 = free,
+k + 1 = task k (state owner/all/<param>, role MASK, so a graph change carries it and new units
+start free). A task trains the free weights only (the owned ones held by a `growth.masks.Guard`:
+zero gradients, values written back); after it, the task takes the free weights and gives back
+the `prune` fraction it needs least, by its own Fisher (or by magnitude), zeroed and free for
+the next tasks. Evaluating task k zeroes every weight that tasks 0..k do not own, so what a
+later task does with the free weights never reaches task k. Biases and BatchNorm ("shared"):
+frozen after the first task (as PackNet's default), or trained by every task under the MWC
+penalty, which then applies to them alone (`shared: mwc`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from growth.masks import masked_names, owner_dtype, prune_smallest
+from growth.metrics import Stored, index_bits
+from growth.model import Model
+from growth.strategies.base import state_key
+
+OWNER = "owner"
+
+
+class OwnerSettings(BaseModel):
+    """REC's owner masks (`owners: off` = the soft MWC protection alone)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    enabled: bool = Field(True, description="off: old tasks are protected by the MWC penalty "
+                          "alone (every weight shared)")
+    prune: float = Field(0.75, ge=0, lt=1, description="fraction of the weights a task "
+                         "trained that it gives back after it (zeroed, free for later tasks)")
+    importance: Literal["fisher", "magnitude"] = Field(
+        "magnitude", description="which weights a task keeps: the largest of its own diagonal "
+        "Fisher (on its training data, at the end of the task) or of magnitude")
+    retrain_epochs: int = Field(2, ge=0, description="epochs on the weights a task kept "
+                                "after the pruning (distilled from the expanded network when "
+                                "there is one, else the task's loss)")
+    shared: Literal["frozen", "mwc"] = Field(
+        "mwc", description="biases and BatchNorm: frozen after the first task, or trained "
+        "by every task under the MWC penalty (old tasks then drift through them)")
+
+
+def owner_table(state: dict[str, Tensor], model: Model, tasks: int) -> dict[str, Tensor]:
+    """owner/all/<param> for every masked parameter (created free where missing)."""
+    params = model.named_parameters()
+    out = {}
+    for n in masked_names(model):
+        key = state_key(OWNER, "all", n)
+        if key not in state:
+            state[key] = torch.zeros(params[n].shape, dtype=owner_dtype(tasks + 1))
+        out[n] = state[key]
+    return out
+
+
+@torch.no_grad()
+def take(owners: dict[str, Tensor], params: dict[str, torch.nn.Parameter],
+         scores: dict[str, Tensor], task: int, ratio: float) -> dict[str, int]:
+    """Task `task` takes every free weight, then gives back the `ratio` of them with the
+    smallest score in each layer: zeroed and free again. Returns the weights kept per layer."""
+    kept = {}
+    for n, owner in owners.items():
+        free = owner == 0
+        owner[free] = task + 1
+        cut = prune_smallest(scores[n].to(owner.device), free, ratio)
+        params[n][cut.to(params[n].device)] = 0
+        owner[cut] = 0
+        kept[n] = int((owner == task + 1).sum())
+    return kept
+
+
+def visible(owner: Tensor, task: int) -> Tensor:
+    """The weights finished task `task` computes with: those owned by tasks 0..task."""
+    return (owner > 0) & (owner <= task + 1)
+
+
+def mask_sizes(owners: dict[str, Tensor], tasks: int) -> list[Any]:
+    """The owner indices as stored: ceil(log2(T + 1)) bits each (side data, not parameters)."""
+    bits = index_bits(tasks + 1)
+    return [Stored(o.numel(), bits, parameters=False) for o in owners.values()]
+
+
+__all__ = ["OWNER", "OwnerSettings", "mask_sizes", "owner_table", "take", "visible"]
