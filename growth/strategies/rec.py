@@ -51,7 +51,7 @@ from growth.compress import (
 )
 from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
-from growth.masks import Guard, frozen_shared, masked_names, swapped
+from growth.masks import Guard, decays, frozen_shared, masked_names, swapped
 from growth.ops.registry import ChangeRecord
 from growth.regularizers import Component, stored, task_fisher
 from growth.remap import MASK, SPLIT
@@ -268,7 +268,7 @@ class REC(MWC):
 
     def after_step(self, ctx: Context) -> None:
         self._frozen.after_step()
-        if self._owned is not None:  # momentum of a free weight's past would move it
+        if self._owned is not None and decays(ctx.optimizer):  # decay moves zero-grad entries
             self._owned.restore()
 
     # ---- owners: hard protection ------------------------------------------------------------

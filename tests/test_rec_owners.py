@@ -1,0 +1,240 @@
+"""REC's owners (growth/strategies/owned.py): PackNet's owner masks inside REC. Without the
+search REC is PackNet to the last digit; old tasks' outputs and owned weights never move; a
+task keeps the largest of what was free; the MWC penalty reaches the shared tensors alone; the
+owner indices are counted in the stored bytes; old data are never read; resume is exact."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from growth.search_spaces.networks import add_head, mlp
+
+from growth.campaign import Campaign, resume_run
+from growth.config import load_config
+from growth.data import build_stream
+from growth.model import Model
+from growth.ops.widen_private import widen_private
+from growth.regularizers import stored
+from growth.strategies import Context, make_strategy
+from growth.strategies.rec import REC
+from growth.train import TrainConfig, learn_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {
+    "name": "tiny", "seed": 2, "threads": 1,
+    "data": {"dataset": "digits", "stream": "permuted", "n_tasks": 3,
+             "max_train_per_task": 300},
+    "model": {"kind": "mlp", "hidden": [32, 32]},
+    "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+}
+WEIGHTS = 64 * 32 + 32 * 32  # the trunk's masked weights (fc1, fc2)
+
+
+def campaign(tmp_path: Path, strategy: dict[str, Any], name: str) -> dict[str, Any]:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "strategy": strategy}))
+    return Campaign(load_config(path), tmp_path / name).start()
+
+
+def test_rec_with_owners_and_no_search_is_packnet_to_the_last_digit(tmp_path: Path) -> None:
+    """Owners with frozen shared tensors and no expansion: PackNet's algorithm (magnitude
+    pruning of 0.75, 2 retraining epochs), written apart, gives the same accuracies bit for
+    bit on every task learned so far (R's row i + 1 is after task i). A task not learned yet
+    differs: PackNet scores it with no weights at all, REC with the network as it is."""
+    packnet = campaign(tmp_path, {"name": "packnet"}, "p")
+    rec = campaign(tmp_path, {"name": "rec", "search": "off",
+                              "owners": {"shared": "frozen"}}, "r")
+    assert len(rec["R"]) == 4
+    for i in range(1, 4):
+        assert rec["R"][i][:i] == packnet["R"][i][:i], i
+    assert rec["acc"] == packnet["acc"] and rec["bwt"] == packnet["bwt"] == 0.0
+
+
+def test_owner_indices_are_counted_in_the_stored_bytes(tmp_path: Path) -> None:
+    """1.00x parameters; bytes: base + ceil(log2(T + 1)) bits per masked weight, by hand."""
+    m = campaign(tmp_path, {"name": "rec", "search": "off"}, "r")
+    base_bytes = m["sizes"][0]["bytes"] - m["sizes"][0]["masks_bytes"]
+    for t, size in enumerate(m["sizes"]):
+        bits = math.ceil(math.log2(t + 2))  # owner values 0..t+1 after task t
+        assert size["relative"] == 1.0
+        assert size["masks_bytes"] == math.ceil(WEIGHTS * bits / 8), t
+        assert size["bytes"] == base_bytes + size["masks_bytes"]
+    assert m["sizes"][2]["masks_bytes"] == 768  # 3072 weights x 2 bits
+
+
+# ---- in the loop, with a private expansion standing in for the search ------------------------
+class PrivateWidening:
+    """A searcher whose child adds 8 private units to fc1 (untrained: a teacher all the same)."""
+
+    def search(self, ctx: Context, request: Any) -> Any:
+        from growth.searching import SearchOutcome
+
+        result = widen_private(ctx.model.graph, "fc1", 40, seed=ctx.task.index)
+        return SearchOutcome(result.graph, [result.record], {"expansion": ["widen"],
+                                                             "children": 1})
+
+
+def run_tasks(rec: REC, n_tasks: int = 3, probe: Any = None, decay: float = 0.0
+              ) -> tuple[Model, list[Any]]:
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": n_tasks,
+                          "max_train_per_task": 200, "seed": 1})
+    torch.manual_seed(0)
+    g = mlp((1, 8, 8), [32, 32])
+    for t in tasks:
+        g = add_head(g, f"t{t.index}", 10)
+    model = Model(g)
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index, searcher=PrivateWidening(),
+                      strategy=rec)
+        learn_task(ctx, rec, TrainConfig(epochs=2, batch_size=32, lr=0.05,
+                                         weight_decay=decay), seed=t.index)
+        if probe is not None:
+            probe(ctx, tasks)
+    return model, tasks
+
+
+def outputs(rec: REC, ctx: Context, task: Any, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), rec.evaluation(ctx, task) as score:
+        return score(x).clone()
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_old_tasks_outputs_and_owned_weights_do_not_move(decay: float) -> None:
+    """After task k, task k's logits on fixed inputs and the weights it owns are recorded;
+    after every later task (each searched, distilled and pruned) they are the same, bit for
+    bit (shared tensors frozen), weight decay or not."""
+    rec = REC(REC.Params(owners={"shared": "frozen"}, compress={"epochs": 1}))
+    x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    seen: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+
+    def probe(ctx: Context, tasks: list[Any]) -> None:
+        params = ctx.model.named_parameters()
+        owners = {n.split("/", 2)[2]: o for n, o in rec.state.items() if n.startswith("owner/")}
+        assert sorted(owners) == ["fc1.weight", "fc2.weight"]
+        k = ctx.task.index
+        seen[k] = (outputs(rec, ctx, ctx.task, x),
+                   {n: params[n].detach()[o == k + 1].clone() for n, o in owners.items()})
+        for j in range(k):
+            logits, owned = seen[j]
+            assert torch.equal(outputs(rec, ctx, tasks[j], x), logits), (j, k)
+            for n, o in owners.items():
+                assert torch.equal(params[n].detach()[o == j + 1], owned[n]), (n, j, k)
+
+    model, _ = run_tasks(rec, probe=probe, decay=decay)
+    assert sorted(seen) == [0, 1, 2]
+    details = rec.run_report()["details"]["rec"]
+    assert details["1"]["compression"]["trunk_after"] == 64 * 32 + 32 + 32 * 32 + 32
+
+
+def test_a_task_keeps_the_largest_share_of_what_was_free() -> None:
+    """No retraining: after task t each layer's owned entries of t are the n - round(0.75 n)
+    largest |w| among the n free ones just before (found here by a sort), the rest zeroed."""
+    before: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+
+    class Probe(REC):
+        def _take(self, ctx: Context, entry: dict[str, Any]) -> None:
+            params = ctx.model.named_parameters()
+            free = {n.split("/", 2)[2]: o == 0 for n, o in self.state.items()
+                    if n.startswith("owner/")}  # made by the first fit, all free then
+            assert sorted(free) == ["fc1.weight", "fc2.weight"]
+            before[ctx.task.index] = ({n: params[n].detach().clone() for n in free}, free)
+            super()._take(ctx, entry)
+            after = {n.split("/", 2)[2]: o for n, o in self.state.items()
+                     if n.startswith("owner/")}
+            k = ctx.task.index
+            values, was_free = before[k]
+            for n, f in was_free.items():
+                count = int(f.sum())
+                keep = count - round(0.75 * count)
+                mags = values[n][f].abs()
+                top = torch.sort(mags, descending=True, stable=True).values[keep - 1]
+                mine = after[n] == k + 1
+                assert int(mine.sum()) == keep, (n, k)
+                assert not bool((mine & ~f).any())  # only what was free
+                assert torch.all(values[n][mine].abs() >= top)
+                pruned = f & ~mine
+                assert torch.all(params[n].detach()[pruned] == 0)
+                assert torch.all(after[n][pruned] == 0)
+
+    rec = Probe(REC.Params(owners={"retrain_epochs": 0}, compress={"epochs": 1}))
+    run_tasks(rec)
+    assert sorted(before) == [0, 1, 2]
+
+
+def test_the_mwc_penalty_reaches_the_shared_tensors_alone() -> None:
+    """With owners, a move of a free (masked) weight costs nothing; a move of a bias by delta
+    costs (lambda / 2) w F delta^2, by hand from the stored Fisher and relatedness."""
+    rec = REC(REC.Params(search=False, compress=False, **{"lambda": 4.0}))
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 120, "seed": 3})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(mlp((1, 8, 8), [6, 5]), "t0", 10), "t1", 10))
+    ctx = Context(model, tasks[0], [], lambda t: f"t{t.index}", lambda t, y: y,
+                  torch.device("cpu"))
+    learn_task(ctx, rec, TrainConfig(epochs=1, lr=0.05))
+    ctx = Context(model, tasks[1], tasks[:1], lambda t: f"t{t.index}", lambda t, y: y,
+                  torch.device("cpu"), strategy=rec)
+    rec.before_task(ctx)
+    params = model.named_parameters()
+    free = rec.state["owner/all/fc1.weight"] == 0
+    assert bool(free.any())
+    with torch.no_grad():
+        params["fc1.weight"][free] += 0.7
+    assert float(rec.penalty(ctx, None, None, None)) == 0.0
+    w = rec.relatedness(ctx)["w"][0]
+    fisher = stored(rec.state, "fisher", 0)["fc1.bias"]
+    unit = int(fisher.argmax())
+    with torch.no_grad():
+        params["fc1.bias"][unit] += 0.3
+    rec._quad = None
+    want = 2.0 * w * float(fisher[unit]) * 0.3 ** 2
+    assert want > 0
+    assert float(rec.penalty(ctx, None, None, None)) == pytest.approx(want, rel=1e-5)
+
+
+def test_old_tasks_data_are_never_read_with_owners(monkeypatch: Any) -> None:
+    """Task k's training and validation splits raise once task k + 1 has begun."""
+    from growth.data import Task
+
+    now = {"task": 0}
+    real = Task.__getattribute__
+
+    def guarded(self: Task, name: str) -> Any:
+        if name in ("train", "val") and now["task"] > real(self, "index"):
+            raise AssertionError(f"task {real(self, 'index')}'s {name} data read during task "
+                                 f"{now['task']}")
+        return real(self, name)
+
+    class Clocked(REC):
+        def before_task(self, ctx: Context) -> None:
+            now["task"] = ctx.task.index
+            super().before_task(ctx)
+
+    monkeypatch.setattr(Task, "__getattribute__", guarded)
+    rec = Clocked(REC.Params(compress={"epochs": 1}, owners={"importance": "fisher"}))
+    run_tasks(rec)
+    now["task"] = 1
+    with pytest.raises(AssertionError, match="task 0's train data read during task 1"):
+        build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2})[0].train
+
+
+def test_resume_with_owners_gives_the_same_R(tmp_path: Path) -> None:
+    strategy = {"name": "rec", "compress": {"epochs": 1},
+                "search": {"backend": "local", "controller": "random", "children": 1,
+                           "generations": 1, "epochs": 1}}
+    full = campaign(tmp_path, strategy, "full")
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    for name in ("task_001", "task_002"):  # as if killed after task 0
+        shutil.rmtree(part / "checkpoints" / name)
+    shutil.rmtree(part / "work", ignore_errors=True)
+    assert resume_run(part)["R"] == full["R"]
+    assert make_strategy("rec").params.owners.enabled
