@@ -223,7 +223,7 @@ def test_old_tasks_data_are_never_read_with_owners(monkeypatch: Any) -> None:
     run_tasks(rec)
     now["task"] = 1
     with pytest.raises(AssertionError, match="task 0's train data read during task 1"):
-        build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2})[0].train
+        build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2})[0].train  # noqa: B018
 
 
 def test_resume_with_owners_gives_the_same_R(tmp_path: Path) -> None:
