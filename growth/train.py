@@ -310,8 +310,8 @@ def evaluate(ctx: Context, task: Task, split: str = "test", batch_size: int = 10
     scoring = (strategy.evaluation(ctx, task)
                if strategy is not None and "evaluation" in strategy.overridden()
                else nullcontext(ctx.model.head(ctx.head_of(task))))
-    was_training = ctx.model.module.training
-    ctx.model.eval()
+    modes = [(m, m.training) for m in ctx.model.module.modules()]  # each layer's own mode:
+    ctx.model.eval()  # a strategy may hold some in eval mode through a fit (frozen BatchNorm)
     correct = 0
     try:
         with scoring as score:
@@ -319,5 +319,6 @@ def evaluate(ctx: Context, task: Task, split: str = "test", batch_size: int = 10
                 scores = score(x[i:i + batch_size].to(ctx.device))
                 correct += int((scores.argmax(1) == labels[i:i + batch_size]).sum())
     finally:
-        ctx.model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return correct / max(len(labels), 1)

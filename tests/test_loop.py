@@ -181,6 +181,11 @@ def test_evaluate_scores_every_batch_and_restores_the_training_mode():
     model.eval()
     assert evaluate(ctx_of(model, task), task, "val", batch_size=3) == pytest.approx(5 / 7)
     assert not model.module.training
+    model.train()  # a layer a strategy holds in eval mode through a fit stays there
+    layer = next(m for m in model.module.modules() if m is not model.module)
+    layer.eval()
+    evaluate(ctx_of(model, task), task)
+    assert model.module.training and not layer.training
 
 
 def test_evaluate_of_an_empty_split_is_nan():

@@ -238,3 +238,21 @@ def test_resume_with_owners_gives_the_same_R(tmp_path: Path) -> None:
     shutil.rmtree(part / "work", ignore_errors=True)
     assert resume_run(part)["R"] == full["R"]
     assert make_strategy("rec").params.owners.enabled
+
+
+def test_old_tasks_do_not_move_on_a_cnn_with_batchnorm(tmp_path: Path) -> None:
+    """The real path on a CNN with BatchNorm (its statistics and affine parameters frozen
+    after the first task): searched, distilled with early stopping (an evaluation inside the
+    fit), pruned; every old task's accuracy stays what it was, bit for bit (BWT exactly 0)."""
+    path = tmp_path / "cnn.yaml"
+    path.write_text(yaml.safe_dump({
+        **TINY, "model": {"kind": "cnn", "channels": [4, 8], "fc": [16], "batchnorm": True},
+        "strategy": {"name": "rec", "compress": {"epochs": 2},
+                     "search": {"backend": "local", "controller": "random", "children": 2,
+                                "generations": 1, "epochs": 1}}}))
+    m = Campaign(load_config(path), tmp_path / "cnn").start()
+    assert any(isinstance(e.get("compression"), dict) for e in m["details"]["rec"].values())
+    R = m["R"]
+    for j in range(3):
+        assert all(R[i][j] == R[j + 1][j] for i in range(j + 2, 4)), j
+    assert m["bwt"] == 0.0

@@ -66,7 +66,15 @@ from growth.searching import (
 )
 from growth.strategies.base import Context, Scorer
 from growth.strategies.mwc import MWC, MWCParams
-from growth.strategies.owned import OWNER, OwnerSettings, mask_sizes, owner_table, take, visible
+from growth.strategies.owned import (
+    OWNER,
+    OwnerSettings,
+    frozen_norms,
+    mask_sizes,
+    owner_table,
+    take,
+    visible,
+)
 from growth.strategies.private import FrozenParent, fresh_entries, parent_entries
 from growth.strategies.spec import TensorSpec
 from growth.train import evaluate
@@ -252,9 +260,9 @@ class REC(MWC):
         owners = owner_table(self.state, ctx.model, len(self.finished()))
         mine = ctx.task.index + 1 if self._retraining else 0
         with ExitStack() as stack:
-            if (self.params.owners.shared == "frozen" and self.finished()
-                    and not self._frozen.entries):
-                stack.enter_context(frozen_shared(ctx.model))
+            if self.finished() and not self._frozen.entries:
+                stack.enter_context(frozen_shared(ctx.model) if self.params.owners.shared ==
+                                    "frozen" else frozen_norms(ctx.model))
             self._owned = Guard(ctx.model.named_parameters(),
                                 {n: o == mine for n, o in owners.items()})
             stack.callback(self._owned.restore)
