@@ -49,7 +49,8 @@ CONFIG = {
              "max_train_per_task": 240},
     "model": {"kind": "mlp", "hidden": [16]},
     "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
-    "strategy": {"name": "rec", "compress": False, "search": SEARCH},
+    "strategy": {"name": "rec", "compress": False, "search": SEARCH, "expansion": "shared",
+                 "owners": False},  # the search machinery on Net2Net children, every weight
 }
 
 
@@ -73,7 +74,7 @@ def checkpoint(run_dir: Path, task: int | None = None) -> Any:
     path = latest_checkpoint(run_dir) if task is None else \
         run_dir / "checkpoints" / f"task_{task:03d}"
     n = len(json.loads((run_dir / "metrics.json").read_text())["tasks"])
-    return read_checkpoint(path, read_run_id(run_dir), n, make_strategy("rec"))
+    return read_checkpoint(path, read_run_id(run_dir), n, make_strategy("rec", {"owners": False}))
 
 
 def controller_state(run_dir: Path, task: int | None = None
