@@ -13,7 +13,7 @@ from growth.campaign import Campaign, Progress
 from growth.cli import main
 from growth.config import load_config
 
-REC = {"name": "rec", "compress": "off",
+REC = {"name": "rec", "compress": "off", "expansion": "shared", "owners": "off",
        "search": {"backend": "local", "children": 2, "epochs": 1,
                   "controller_params": {"wider_actions": 1, "deeper_actions": 1}}}
 
