@@ -17,13 +17,21 @@ Task 1 trains the base network with the task loss. Every later task t:
    before the expansion distilled from the expanded one, or the base architecture cut out of
    it, with KL at T = 2 on task t's head (and old heads by `old_heads`), plus the MWC
    penalty). `compress: off` keeps the expanded network.
-4. Consolidate: Fisher and anchors of task t on the final network; older tasks' Fisher and
+4. Own (`owners`, default on; growth.strategies.owned; the first task too): task t takes
+   the free trunk weights, gives back the `owners.prune` share with the smallest magnitude
+   (zeroed, free for later tasks) and retrains what it kept (distilled from the expanded
+   network when there is one). Owned weights are held still in every later fit (the loop's
+   hooks, and the compression's through `hold`), the MWC penalty then reaches only the
+   shared tensors, and a finished task is scored with the weights it and the tasks before it
+   own. `owners: off` leaves the MWC penalty alone to protect old tasks (every weight shared).
+5. Consolidate: Fisher and anchors of task t on the final network; older tasks' Fisher and
    anchors were carried through the expansion and the compression by `growth.remap`.
 
 Old tasks' data are never read after their task: the search, the training, the compression
 and the Fisher all read task t's splits only (earlier tasks reach a search as metadata).
 After every task the trunk must fit the base trunk's size unless compression is off.
-With `search: off` and `compress: off` REC is MWC, to the last digit.
+With `search: off` and `owners: off` REC is MWC, to the last digit; with `search: off` and
+owners (shared tensors frozen) it is PackNet on every task it has learned.
 
 The search runs in `ctx.workdir/search`, so a killed run resumes it where it stopped: finished
 children are kept and not trained again.
@@ -255,8 +263,9 @@ class REC(MWC):
     @contextmanager
     def _hold_owned(self, ctx: Context) -> Iterator[None]:
         """Owned weights (or, while the task retrains what it kept, every other weight) held
-        still; after the first task, shared tensors too unless `shared: mwc` (a private
-        child's parent biases are held by its FrozenParent, its new units' train)."""
+        still; after the first task, the shared tensors too (`shared: mwc`: BatchNorm alone,
+        biases train under the penalty). A private child's parent biases are held by its
+        FrozenParent, and its new units' train."""
         owners = owner_table(self.state, ctx.model, len(self.finished()))
         mine = ctx.task.index + 1 if self._retraining else 0
         with ExitStack() as stack:
