@@ -42,8 +42,11 @@ class OwnerSettings(BaseModel):
         "magnitude", description="which weights a task keeps: the largest of its own diagonal "
         "Fisher (on its training data, at the end of the task) or of magnitude")
     retrain_epochs: int = Field(2, ge=0, description="epochs on the weights a task kept "
-                                "after the pruning (distilled from the expanded network when "
-                                "there is one, else the task's loss)")
+                                "after the pruning")
+    retrain: Literal["teacher", "loss"] = Field(
+        "teacher", description="the retraining distils the expanded network as the "
+        "compression does (the task's loss when the search kept the network), or trains with "
+        "the task's loss alone (as PackNet)")
     shared: Literal["frozen", "mwc"] = Field(
         "frozen", description="biases and BatchNorm: frozen after the first task; mwc: biases "
         "trained by every task under the MWC penalty (old tasks then drift through them), "

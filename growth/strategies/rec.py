@@ -324,7 +324,8 @@ class REC(MWC):
                  entry["owned"]["free"])
 
     def _retrain(self, ctx: Context, epochs: int) -> None:
-        if self._teacher is None or ctx.train_config is None:
+        if (self._teacher is None or ctx.train_config is None
+                or self.params.owners.retrain == "loss"):
             ctx.train_fit(epochs=epochs)
             return
         settings = self.params.compress.model_copy(update={"epochs": epochs})
