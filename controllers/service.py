@@ -7,10 +7,11 @@ resumes it. It
   shapes and the optimizer's moments (children go on from both);
 - builds the space and the controller, restoring the controller the request carries (one
   controller learns across a campaign's tasks; the caller keeps its state in its checkpoint);
-- trains children on the backend the settings choose: in this process, or as Ray Tune trials
-  on a Ray the service starts (or joins) on the first search that needs it and holds until
-  the campaign ends, so a campaign pays Ray's start-up once and a run with nothing left to
-  train pays it never;
+- trains children on the backend the settings choose: in this process, on Ray actors, or as
+  Ray Tune trials, on a Ray the service starts (or joins) on the first search that needs it
+  and holds until the campaign ends, with the `ray` backend's actors (a `WorkerPool`: torch
+  and the engine imported once per actor) held as long, so a campaign pays Ray's start-up
+  and its workers' once and a run with nothing left to train pays it never;
 - returns the chosen child, rebuilt with the space to get the operators' change records from
   the parent (the caller's state follows them), or None when no child's score beat the
   parent's by the margin (`settings.parent` and `settings.cost` say which children compete
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from growth.context import Context
+from growth.controllers.pool import WorkerPool
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
 from growth.searching import SearchOutcome, SearchRequest, SearchSettings
@@ -63,6 +65,7 @@ class SearchService:
         self.on_child = on_child or (lambda task, record: None)
         self.on_end = on_end or (lambda task: None)
         self.cluster: Any = None
+        self.pool = WorkerPool()  # the `ray` backend's actors, started by the first search
         self.child_s: float | None = None  # a child's training time, from the last search
         self._stack = ExitStack()
 
@@ -73,9 +76,13 @@ class SearchService:
         self.close()
 
     def close(self) -> None:
-        """Stop (or leave) the Ray this service started or joined."""
-        self._stack.close()
-        self.cluster = None
+        """Stop the pool's actors, then stop (or leave) the Ray this service started or
+        joined."""
+        try:
+            self.pool.close()  # while Ray is still there
+        finally:
+            self._stack.close()
+            self.cluster = None
 
     def _connect(self, address: str | None) -> AbstractContextManager[Any]:
         from growth.cluster import ray_cluster
@@ -134,7 +141,7 @@ class SearchService:
                 seed=ctx.seed, parent_acc=request.parent_acc, policy=s.parent, margin=s.margin,
                 cost=s.cost, backend=s.backend, child_s=self.child_s, log_file=self.log_file,
                 progress=SearchProgress(on_child=lambda rec, board: self.on_child(index, rec)),
-                connect=lambda: self._connect(s.ray_address))
+                connect=lambda: self._connect(s.ray_address), pool=self.pool)
         finally:
             self.on_end(index)
         times = [r.train_time_s for r in result.records if r.ok]
@@ -160,3 +167,4 @@ class SearchService:
         return SearchOutcome(child, records, {**summary, "expansion": actions,
                                               "arch": space.arch(child),
                                               "val_acc": result.parent_acc}, state)
+
