@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from growth.controllers.pool import READY, Slot, WorkerPool
 from growth.controllers.records import (
     RECORDS,
     ChildRecord,
@@ -54,7 +55,6 @@ from growth.controllers.records import (
     leaderboard,
     read_records,
 )
-from growth.controllers.pool import READY, Slot, WorkerPool
 from growth.controllers.searcher import METRIC, ControllerSearcher, Generation
 from growth.controllers.trial import CHILD_FILE, TrialSpec, train_child, trial_data, tune_trial
 from ray.tune import Callback

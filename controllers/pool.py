@@ -52,7 +52,6 @@ class ChildWorker:
         of its folder by relative path. `inputs` is `[ref]`, the object store's (task, space)
         of the search (in a list so that Ray hands over the reference, read once here)."""
         import ray
-
         from growth.controllers.trial import train_child
 
         ref = inputs[0]
@@ -116,7 +115,6 @@ class WorkerPool:
             self.slots.append(self._new())
 
     def _new(self) -> Slot:
-        import ray
 
         assert self.shape is not None
         cpus, gpus = self.shape

@@ -26,8 +26,9 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
-from growth.context import Context
 from growth.controllers.pool import WorkerPool
+
+from growth.context import Context
 from growth.errors import CheckpointError, ConfigError
 from growth.graph import NetGraph
 from growth.searching import SearchOutcome, SearchRequest, SearchSettings

@@ -78,7 +78,8 @@ def test_a_dead_actor_is_replaced_and_its_child_trained_again(tmp_path: Path, ba
         pool = WorkerPool()
         killed: list[tuple[str, int]] = []
 
-        def on_child(record: Any, board: Any, pool: WorkerPool = pool) -> None:
+        def on_child(record: Any, board: Any, pool: WorkerPool = pool,
+                     killed: list[tuple[str, int]] = killed) -> None:
             if not killed:
                 slot = pool.slots[0]
                 killed.append((slot.actor_id, slot.where["pid"]))
