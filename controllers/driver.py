@@ -1,10 +1,14 @@
-"""The search driver: generations of children, each trained as a Ray Tune trial; resumable.
+"""The search driver: generations of children, trained on Ray or here; resumable.
 
 `run_search` is the Python entry point for every architecture search (`growth search`, and
 REC's expand stage): from a parent graph folder, a controller proposes a generation of
-children, Tune trains them (`growth.controllers.trial`), the controller observes their validation
-accuracies, and the best child so far becomes the next generation's parent. It returns the
-leaderboard, each child with its graph folder and training time.
+children, a backend trains them with one body (`growth.controllers.trial.train_child`), the
+controller observes their validation accuracies, and the best child so far becomes the next
+generation's parent. It returns the leaderboard, each child with its graph folder and
+training time. Backends: `ray`, Ray actors that outlive generations and (held by the
+caller) searches (`growth.controllers.pool`), driven here with ray.wait; `tune`, Ray Tune
+trials (a Tune `Searcher` feeds them); `local`, this process; `auto`, local or ray by
+measurement (`choose_backend`).
 
 Search directory (given by the caller; a `growth search` run directory is one):
   search.json            where the search stands: generation, parent (and each generation's),
@@ -14,9 +18,10 @@ Search directory (given by the caller; a `growth search` run directory is one):
   children/<key>/        each finished child's graph (structure.json, weights.safetensors)
                          and its record (child.json)
   leaderboard.json       finished children, best first (rewritten as children finish)
-  tune/                  Ray Tune's experiments, genNNN-aK named after their first generation
-                         and its attempt (the default storage; a shared path or URI for
-                         multi-node clusters instead), and the parents they grew from
+  tune/                  the parents Ray's workers read (parents/genNNN, strategy/) and Ray
+                         Tune's experiments, genNNN-aK named after their first generation and
+                         its attempt (the default storage; a shared path or URI for
+                         multi-node clusters instead)
 
 Resume: calling `run_search` again on the same directory (after a crash, a SIGKILL of the
 driver, `growth resume`) reloads the controller as it was before the interrupted generation,
@@ -25,9 +30,11 @@ and children that finished in Tune's storage before the driver could record them
 from there. Each child trains from its own seed with the trial's thread count, so on the CPU
 the resumed search ends with the same leaderboard as an uninterrupted one.
 
-One Tune experiment runs several generations on the same trial actors (no start-up between
-generations); a new one starts every GENERATIONS_PER_FIT trials, so the driver's memory stays
-bounded (Tune's driver memory grows with the trials of an experiment).
+On the `ray` backend a child that finished on an actor but was not recorded before the driver
+died is trained again on resume (same seed: same result). On `tune`, one experiment runs
+several generations on the same trial actors (no start-up between generations); a new one
+starts every GENERATIONS_PER_FIT trials, so the driver's memory stays bounded (Tune's driver
+memory grows with the trials of an experiment).
 """
 
 from __future__ import annotations
@@ -465,8 +472,8 @@ def _begin(search: SearchDir, parent: Path, controller: Any, seed: int,
 
 
 class _Driver:
-    """Runs generations (as Tune experiments, or in this process); the searcher's source of
-    generations."""
+    """Runs generations (on the pool's actors, as Tune experiments, or in this process); the
+    searcher's source of generations."""
 
     def __init__(self, search: SearchDir, state: dict[str, Any], controller: Any, space: Any,
                  task: Task, spec: TrialSpec, budget: Budget, resources: Resources,
