@@ -345,12 +345,14 @@ def _orphans(search: SearchDir, generation: int, recorded: set[str]) -> list[Chi
 
 # ---- the driver ----------------------------------------------------------------------------
 Backend = Literal["local", "ray", "tune", "auto"]
-# What a generation costs on the `ray` backend beyond its children's training, with the
-# pool's actors started (bench/bench_search.py, fixed_s), and what starting the actors (torch
-# and the engine imported in each) costs once per pool, both on a 2-core machine: "auto"
-# trains children on Ray only when running them at once is expected to save more than that.
-RAY_FIXED_S = 1.0
-RAY_START_S = 8.0
+# What a generation costs on the `ray` backend beyond its children's training with the
+# pool's actors started (bench/bench_search.py's fixed_s: 0.13 s on a loaded 2-core machine,
+# rounded up), and what starting the actors (torch and the engine imported in each) costs
+# once per pool (the bench's first search: 11.5 s beyond training under that load, 4-8 s
+# when two actors start alone): "auto" trains children on Ray only when running them at once
+# is expected to save more than that.
+RAY_FIXED_S = 0.5
+RAY_START_S = 10.0
 
 
 def in_ray_task() -> bool:
