@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -271,6 +272,9 @@ def main() -> None:
               f"{inherit} ({e1} epochs), random init {scratch} ({e2} epochs)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) on "
+          f"{os.cpu_count()} cores")
     r = figures["ray"]
     print(f"search: tune_overhead={r['overhead']:.2f} parallel_speedup={r['speedup']:.2f} "
           f"inherit_speedup={inherit_speedup:.1f} fixed_s={r['fixed']:.2f}")
