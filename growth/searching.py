@@ -2,7 +2,7 @@
 
 A strategy that grows by search (REC, and any plug-in) describes what it wants in a
 `SearchRequest` and hands it to `ctx.searcher`, a `Searcher` the campaign provides (from
-`growth.controllers.service`: the driver, Ray Tune or the in-process backend). The strategy
+`growth.controllers.service`: the driver, on Ray actors, Ray Tune or in-process). The strategy
 never imports a controller, the driver, Tune or Ray; a test gives it any object with a
 `search` method.
 
