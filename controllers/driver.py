@@ -91,9 +91,10 @@ class Budget:
 
 @dataclass(frozen=True)
 class Resources:
-    """How trials run: at most `concurrency` at once, each holding `cpus_per_trial` CPUs (its
-    torch thread count) and `gpus_per_trial` GPUs; a trial whose process or node fails is
-    retried `max_failures` times (a child that fails by itself is not retried)."""
+    """How children run on Ray: at most `concurrency` at once, each holding `cpus_per_trial`
+    CPUs (its torch thread count) and `gpus_per_trial` GPUs; a child whose process or node
+    fails (a Tune trial, or a pool actor, which is replaced) is retried `max_failures` times
+    (a child that fails by itself is not retried)."""
 
     concurrency: int = 2
     cpus_per_trial: float = 1.0
