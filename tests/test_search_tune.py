@@ -269,6 +269,7 @@ result = run_search(tmp / "run", tmp / "base", controller, space, task,
                     backend=backend, pool=pool)
 if pool is not None:
     pool.close()
+    ray.shutdown()
 print(json.dumps({"nodes": nodes, "removed_after": removed.get("after"),
                   "done": result.done,
                   "records": [r.to_json() for r in result.records]}))
