@@ -161,6 +161,9 @@ class WorkerPool:
 
     def close(self) -> None:
         """Kill every actor (their resources go back to the cluster)."""
+        if not self.slots:  # never started: Ray is not even imported
+            self.shape = None
+            return
         import ray
 
         if ray.is_initialized():
