@@ -156,3 +156,37 @@ def test_a_campaigns_searches_share_one_pool(tmp_path: Path, base: Any,
     monkeypatch.undo()
     here = _campaign(tmp_path, "local")
     assert on_ray["R"] == here["R"]
+
+
+def test_ctrl_c_kills_the_actors_still_training_and_the_search_resumes(tmp_path: Path,
+                                                                        base: Any) -> None:
+    """Ctrl-C as the first of two children running at once is recorded: KeyboardInterrupt
+    reaches the caller, the actor that still trains the other child is killed (nothing goes
+    on training for a search that stopped), nothing else is recorded, and the search resumes
+    on the same pool to the records of an uninterrupted one."""
+    import ray
+
+    reference = _outcome(_search(tmp_path / "ref", base, "local", children=2, generations=1))
+    pool = WorkerPool()
+    seen: list[Any] = []
+
+    def on_child(record: Any, board: Any) -> None:
+        seen.append([s.actor for s in pool.slots])
+        os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _search(tmp_path / "run", base, "ray", children=2, generations=1, pool=pool,
+                    progress=SearchProgress(on_child=on_child))
+        lines = (tmp_path / "run" / "children.jsonl").read_text().splitlines()
+        assert len(lines) == 1 and len(seen) == 1
+        left = pool.slots
+        assert len(left) == 1  # the busy actor is gone from the pool ...
+        gone = [a for a in seen[0] if a is not left[0].actor]
+        with pytest.raises(ray.exceptions.RayActorError):  # ... and dead
+            ray.get(gone[0].ready.remote(), timeout=60)
+        assert ray.get(left[0].actor.ready.remote(), timeout=60) == left[0].where
+        result = _search(tmp_path / "run", base, "ray", children=2, generations=1, pool=pool)
+    finally:
+        pool.close()
+    assert _outcome(result) == reference
