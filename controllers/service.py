@@ -11,7 +11,9 @@ resumes it. It
   Ray Tune trials, on a Ray the service starts (or joins) on the first search that needs it
   and holds until the campaign ends, with the `ray` backend's actors (a `WorkerPool`: torch
   and the engine imported once per actor) held as long, so a campaign pays Ray's start-up
-  and its workers' once and a run with nothing left to train pays it never;
+  and its workers' once and a run with nothing left to train pays it never (a campaign that
+  runs as a Ray task, one of several on a cluster, gives its actors back after each search
+  instead: their CPUs are others' between its searches);
 - returns the chosen child, rebuilt with the space to get the operators' change records from
   the parent (the caller's state follows them), or None when no child's score beat the
   parent's by the margin (`settings.parent` and `settings.cost` say which children compete
@@ -96,7 +98,13 @@ class SearchService:
     # ---- the Searcher protocol ---------------------------------------------------------------
     def search(self, ctx: Context, request: SearchRequest) -> SearchOutcome:
         from growth.controllers import make_controller
-        from growth.controllers.driver import Budget, Resources, SearchProgress, run_search
+        from growth.controllers.driver import (
+            Budget,
+            Resources,
+            SearchProgress,
+            in_ray_task,
+            run_search,
+        )
         from growth.controllers.trial import (
             StrategyRef,
             TaskMeta,
@@ -145,6 +153,8 @@ class SearchService:
                 connect=lambda: self._connect(s.ray_address), pool=self.pool)
         finally:
             self.on_end(index)
+            if in_ray_task():  # a campaign of several on one cluster: CPUs back between searches
+                self.pool.close()
         times = [r.train_time_s for r in result.records if r.ok]
         if times:
             self.child_s = sum(times) / len(times)
