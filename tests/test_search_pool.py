@@ -117,14 +117,18 @@ CAMPAIGN = {
 }
 
 
-def _campaign(tmp: Path, backend: str) -> dict[str, Any]:
+def _config(tmp: Path, backend: str) -> Path:
     import yaml
 
     cfg = json.loads(json.dumps(CAMPAIGN))
     cfg["strategy"]["search"]["backend"] = backend
     path = tmp / f"{backend}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return Campaign(load_config(path), tmp / backend).start()
+    return path
+
+
+def _campaign(tmp: Path, backend: str) -> dict[str, Any]:
+    return Campaign(load_config(_config(tmp, backend)), tmp / backend).start()
 
 
 def test_a_campaigns_searches_share_one_pool(tmp_path: Path, base: Any,
@@ -190,3 +194,40 @@ def test_ctrl_c_kills_the_actors_still_training_and_the_search_resumes(tmp_path:
     finally:
         pool.close()
     assert _outcome(result) == reference
+
+
+def test_a_campaign_in_a_ray_task_gives_its_actors_back_after_each_search(tmp_path: Path
+                                                                          ) -> None:
+    """A campaign run as a Ray task (as `growth compare` runs them, holding no CPU) holds its
+    pool's actors only while a search runs: after each of its two searches the pool is
+    empty, and its R is the one the same campaign gives outside Ray."""
+    import ray
+
+    from growth.cluster import driver_task_options
+
+    @ray.remote(**driver_task_options())
+    def campaign(path: Path, out: Path) -> tuple[list[int], Any]:
+        from growth.controllers.service import SearchService
+
+        import growth.campaign
+
+        sizes: list[int] = []
+
+        class Watched(SearchService):
+            def search(self, ctx: Any, request: Any) -> Any:
+                out = super().search(ctx, request)
+                sizes.append(len(self.pool.slots))
+                return out
+
+        saved = growth.campaign.SearchService
+        growth.campaign.SearchService = Watched
+        try:
+            run = growth.campaign.Campaign(growth.campaign.load_config(path), out)
+            return sizes, run.start()["R"]
+        finally:
+            growth.campaign.SearchService = saved
+
+    sizes, r = ray.get(campaign.remote(_config(tmp_path, "ray"), tmp_path / "ray"),
+                       timeout=600)
+    assert sizes == [0, 0]
+    assert r == _campaign(tmp_path, "local")["R"]
