@@ -23,7 +23,8 @@ CONFIG = {
              "max_train_per_task": 300},
     "model": {"kind": "mlp", "hidden": [24]},
     "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
-    "strategy": {"name": "rec", "compress": {"epochs": 1},
+    # Net2Net children every head reads (the search's own machinery; owners off)
+    "strategy": {"name": "rec", "compress": {"epochs": 1}, "expansion": "shared", "owners": False,
                  "search": {"controller": "random", "children": 2, "generations": 1,
                             "epochs": 1, "concurrency": 2,
                             "controller_params": {"wider_actions": 1, "deeper_actions": 1},
