@@ -204,7 +204,7 @@ def test_ctrl_c_during_recs_search_stops_the_run(tmp_path: Path) -> None:
 
     # children trained one at a time: the signal comes with the first recorded, while the
     # next one trains
-    rec = {"name": "rec", "compress": {"epochs": 1},
+    rec = {"name": "rec", "compress": {"epochs": 1}, "expansion": "shared", "owners": False,
            "search": {"controller": "random", "children": 3, "epochs": 3, "backend": "ray",
                       "concurrency": 1,
                       "controller_params": {"wider_actions": 1, "deeper_actions": 1},

@@ -165,7 +165,7 @@ def test_rec_searches_with_the_plugin(site: Path, tmp_path: Path) -> None:
     cfg = load_config(write_config(
         tmp_path / "c.yaml", data__n_tasks=2, train__epochs=1, data__max_train_per_task=150,
         model__hidden=[16],
-        strategy={"name": "rec", "compress": "off",
+        strategy={"name": "rec", "compress": "off", "expansion": "shared", "owners": "off",
                   "search": {"backend": "local", "children": 2, "epochs": 1,
                              "space": {"operators": ["residual_deeper"]},
                              "controller_params": {"wider_actions": 0,
