@@ -463,3 +463,61 @@ def test_cpg_goal_is_the_accuracy_alone_minus_the_margin() -> None:
     assert alone * n == pytest.approx(round(alone * n))  # an accuracy on the validation split
     assert goals[0.25, False] == pytest.approx(alone - 0.25, abs=1e-12)
     assert goals[0.0, True] == alone
+
+
+# ---- scored masks (Piggyback, SupSup) ----------------------------------------------------------
+@pytest.mark.parametrize("fused", [True, False])
+def test_score_optimizers_step_as_sgd_with_momentum_or_adam(
+        fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two steps on the gradient g = (0.5, -0.25) at lr 0.1. SGD with momentum 0.9: the second
+    step moves by 1.9 lr g. Adam: each of the first steps moves by lr sign(g) (up to eps), also
+    where torch has no fused Adam (an Adam that refuses fused=True stands for that torch)."""
+    from growth.masks import score_optimizer
+
+    if not fused:
+        adam = torch.optim.Adam
+
+        def unfused(*args, **kwargs):
+            if kwargs.get("fused"):
+                raise RuntimeError("fused Adam is not available here")
+            return adam(*args, **kwargs)
+
+        monkeypatch.setattr(torch.optim, "Adam", unfused)
+
+    g = torch.tensor([0.5, -0.25])
+    for kind, first, second in (("sgd", 0.1 * g, 0.19 * g),
+                                ("adam", 0.1 * g.sign(), 0.1 * g.sign())):
+        score = torch.tensor([1.0, -2.0], requires_grad=True)
+        opt = score_optimizer([score], kind, 0.1)
+        start = score.detach().clone()
+        score.grad = g.clone()
+        opt.step()
+        after = score.detach().clone()
+        assert torch.allclose(start - after, first, atol=1e-6), kind
+        score.grad = g.clone()
+        opt.step()
+        assert torch.allclose(after - score.detach(), second, atol=1e-6), kind
+
+
+def test_a_scores_gradient_is_the_weights_gradient_times_w_and_its_sign_only_by_magnitude(
+        ) -> None:
+    """Effective weight W * mask; a score's gradient is dL/d(effective) * W, times sign(score)
+    only where the mask ranks |score| (SupSup), not where it thresholds the score (Piggyback)."""
+    from growth.masks import ScoredMasks, score_optimizer
+
+    w = torch.nn.Parameter(torch.tensor([2.0, -3.0, 4.0]))
+    for magnitude in (False, True):
+        score = torch.tensor([0.5, -0.5, 0.2], requires_grad=True)
+        kwargs = {"magnitude": True} if magnitude else {}
+        scored = ScoredMasks({"w": score}, lambda n, s, out: torch.gt(s, 0.0, out=out).float(),
+                             score_optimizer([score], "sgd", 0.1), **kwargs)
+        with scored.applied({"w": w}):
+            assert torch.equal(w.detach(), torch.tensor([2.0, 0.0, 4.0]))
+            (w * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+            scored.move_grads()
+            assert w.grad is None
+            want = torch.tensor([1.0 * 2, 2.0 * -3, 3.0 * 4])
+            if magnitude:
+                want = want * torch.tensor([1.0, -1.0, 1.0])
+            assert torch.equal(score.grad, want)
+        assert torch.equal(w.detach(), torch.tensor([2.0, -3.0, 4.0]))
