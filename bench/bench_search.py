@@ -1,38 +1,49 @@
-"""Search benchmark: what Ray Tune costs, what parallel trials buy, what inheriting weights buys.
+"""Search benchmark: what Ray costs, what parallel children buy, what inheriting weights buys.
 
-    python bench/bench_search.py [--child-seconds 10] [--children 4] [--seed 0] [--child-epochs 2]
+    python bench/bench_search.py [--child-seconds 10] [--children 4] [--seed 0]
+                                 [--child-epochs 2] [--repeats 1] [--no-tune]
 
 On digits (all ten classes as one task) with a small CNN base trained first, children are
-proposed by the random controller over a Net2Net space.
+proposed by the random controller over a Net2Net space; every search goes through
+`run_search`. The Ray figures are the default Ray backend's (`ray`: the pool of actors,
+controllers/pool.py) as a campaign uses it: the bench holds one `WorkerPool` for all its
+searches, as a campaign's search service does, and starts it with a first search (a
+generation of 4 one-step children, the campaign's first search: its cost beyond training is
+printed as the pool's start-up); every figure below is taken on the started pool, as for a
+campaign's later searches. The task's data goes to the object store once per search, as in a
+campaign. The same figures for the `tune` backend (one Ray Tune experiment per search, fresh
+trial processes) are printed beside them, after the pool is stopped (`--no-tune`: not run).
 
-- tune_overhead: wall time of `--children` children trained as Tune trials one at a time
-  (`run_search`, concurrency 1; Ray already started, the experiment's start-up and its trial
-  process's warm-up counted) over the same children (same actions, same seeds) trained
-  in-process one after the other with the trial's own body (`growth.controllers.trial.train_child`),
-  timed before and after the Tune run (their mean). Children are sized to train for about
+- tune_overhead: wall time of `--children` children trained on the pool one at a time
+  (concurrency 1) over the same children (same actions, same seeds) trained in-process one
+  after the other with the trials' own body (`growth.controllers.trial.train_child`), timed
+  before and after the Ray run (their mean). Children are sized to train for about
   `--child-seconds` each. Target <= 1.2 for children of about 10 s.
-- parallel_speedup: 2 children as 2 trials at once on 2 CPUs over the same 2 one after the
-  other (both through `run_search`). Target >= 1.6.
+- parallel_speedup: 2 children at once on 2 CPUs (concurrency 2) over the same 2 one after
+  the other (concurrency 1), both on the pool (`--repeats N`: the medians of N interleaved
+  pairs of searches). Target >= 1.6.
 - inherit_speedup: optimisation steps a randomly initialised child needs to reach its
   parent's validation accuracy over the steps the Net2Net-initialised child (same
   architecture, same training) needs; accuracy is checked after every epoch, so the
   inheriting child counts at least one epoch. Target >= 5.
-
-- fixed_s: the wall time of one generation of 4 children that train one step each, minus
-  their training time (Ray already started, as for a campaign's second search): what a
-  generation costs beyond its work. Target <= 3 s. Printed for the Ray backend and the local one.
+- fixed_s: the wall time of one search of one generation of 4 children that train one step
+  each, 2 at once, minus their training time (`train_time_s`, summed), with Ray and the pool
+  started: what a generation costs beyond its work. Target <= 3 s. Printed for the pool, for
+  Tune (Ray started, its experiment's start-up counted) and for the local backend.
 - children_vs_continued: a child's validation accuracy after `--child-epochs` epochs minus
   the parent's continued for the same epochs with the same recipe (the empty child), mean over
   the children; with the search's recipe (the parent's moments, lr x 0.5, cosine) and with a
   cold restart (a fresh optimizer at the full lr, constant), the recipe children had before.
 
-Last line: `search: tune_overhead=R parallel_speedup=S inherit_speedup=I fixed_s=F`.
+Last line (the `ray` backend's figures):
+`search: tune_overhead=R parallel_speedup=S inherit_speedup=I fixed_s=F`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -42,6 +53,7 @@ from pathlib import Path
 import torch
 from growth.controllers import make_controller
 from growth.controllers.driver import Budget, Resources, run_search
+from growth.controllers.pool import WorkerPool
 from growth.controllers.searcher import ControllerSearcher, Generation
 from growth.controllers.trial import MOMENTS, TrialSpec, save_moments, train_child
 from growth.search_spaces import make_space
@@ -94,15 +106,16 @@ def in_process(configs: list[dict], task: Task, space, tmp: Path) -> float:
     return time.perf_counter() - start
 
 
-def through_tune(tmp: Path, name: str, parent: Path, parent_acc: float, space, task: Task,
-                 n: int, seed: int, train: TrainConfig, concurrency: int,
-                 backend: str = "ray") -> tuple[float, list]:
+def searched(tmp: Path, name: str, parent: Path, parent_acc: float, space, task: Task,
+             n: int, seed: int, train: TrainConfig, concurrency: int,
+             backend: str = "ray", pool: WorkerPool | None = None) -> tuple[float, list]:
+    """Wall time and records of a one-generation search of `n` children."""
     start = time.perf_counter()
     result = run_search(tmp / name, parent, make_controller("random", space, CONTROLLER,
                                                             seed=seed),
                         space, task, TrialSpec(train=train), Budget(children=n, generations=1),
                         Resources(concurrency=concurrency, max_failures=0), seed=seed,
-                        parent_acc=parent_acc, backend=backend)
+                        parent_acc=parent_acc, backend=backend, pool=pool)
     wall = time.perf_counter() - start
     assert all(r.ok for r in result.records), [r.error for r in result.records]
     return wall, result.records
@@ -157,6 +170,9 @@ def main() -> None:
     ap.add_argument("--base-epochs", type=int, default=30)
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--child-epochs", type=int, default=2)
+    ap.add_argument("--no-tune", action="store_true", help="skip the tune backend's figures")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="parallel_speedup from the medians of this many interleaved pairs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
@@ -176,39 +192,62 @@ def main() -> None:
         train = TrainConfig(epochs=epochs, lr=0.02)
         print(f"children: {epochs} epochs each (~{t * epochs:.1f}s in-process)")
 
-        with ray_cluster(num_cpus=2) as cluster:
-            print(f"ray: {cluster.nodes} node(s), {cluster.cpus:.0f} CPUs")
-            seed = args.seed
-            configs = child_configs(space, tmp / "base", args.children, seed, train)
+        one_step = TrainConfig(epochs=1, lr=0.02, batch_size=len(task.train[1]))
+        seed, two = args.seed, args.seed + 1
+        configs = child_configs(space, tmp / "base", args.children, seed, train)
+        figures: dict[str, dict[str, float]] = {}
+
+        def measure(backend: str, pool: WorkerPool | None) -> dict[str, float]:
+            """tune_overhead, parallel_speedup and fixed_s on one Ray backend."""
+            def run(name: str, n: int, seed: int, train: TrainConfig, concurrency: int
+                    ) -> tuple[float, list]:
+                return searched(tmp, f"{backend}-{name}", tmp / "base", base_acc, space, task,
+                                n, seed, train, concurrency, backend, pool)
+
             before = in_process(configs, task, space, tmp)
-            tune_wall, records = through_tune(tmp, "seq", tmp / "base", base_acc, space, task,
-                                              args.children, seed, train, 1)
+            wall, records = run("seq", args.children, seed, train, 1)
             after = in_process(configs, task, space, tmp)  # before and after: load drifts
             assert sorted(r.arch for r in records) == sorted(c["arch"] for c in configs)
-            inproc = (before + after) / 2
-            overhead = tune_wall / inproc
-            print(f"{len(configs)} children in-process {before:.1f}s / {after:.1f}s (before / "
-                  f"after), as Tune trials one at a time {tune_wall:.1f}s (trial bodies "
-                  f"{sum(r.end - r.start for r in records):.1f}s)")
+            print(f"[{backend}] {len(configs)} children in-process {before:.1f}s / "
+                  f"{after:.1f}s (before / after), on Ray one at a time {wall:.1f}s (child "
+                  f"bodies {sum(r.end - r.start for r in records):.1f}s)")
+            pairs = []
+            for k in range(args.repeats):  # interleaved: both see the same load
+                one_by_one, _ = run(f"one{k}", 2, two, train, 1)
+                together, recs = run(f"two{k}", 2, two, train, 2)
+                overlap = min(r.end for r in recs) - max(r.start for r in recs)
+                print(f"[{backend}] 2 children one after the other {one_by_one:.1f}s, at once "
+                      f"{together:.1f}s (overlapped {overlap:.1f}s)")
+                pairs.append((one_by_one, together))
+            one_by_one = statistics.median(p[0] for p in pairs)
+            together = statistics.median(p[1] for p in pairs)
+            fixed_wall, recs = run("fixed", 4, seed + 2, one_step, 2)
+            fixed = fixed_wall - sum(r.train_time_s for r in recs)
+            print(f"[{backend}] a generation of 4 one-step children: {fixed:.2f}s beyond "
+                  "their training")
+            return {"overhead": wall / ((before + after) / 2),
+                    "speedup": one_by_one / together, "fixed": fixed}
 
-            two = seed + 1
-            one_by_one, _ = through_tune(tmp, "one", tmp / "base", base_acc, space, task, 2,
-                                         two, train, 1)
-            together, recs = through_tune(tmp, "two", tmp / "base", base_acc, space, task, 2,
-                                          two, train, 2)
-            overlap = min(r.end for r in recs) - max(r.start for r in recs)
-            speedup = one_by_one / together
-            print(f"2 trials one after the other {one_by_one:.1f}s, at once {together:.1f}s "
-                  f"(trials overlapped {overlap:.1f}s)")
-
-            fixed = {}
-            one_step = TrainConfig(epochs=1, lr=0.02, batch_size=len(task.train[1]))
-            for backend in ("ray", "local"):
-                wall, recs = through_tune(tmp, f"fixed-{backend}", tmp / "base", base_acc,
-                                          space, task, 4, seed + 2, one_step, 2, backend)
-                fixed[backend] = wall - sum(r.train_time_s for r in recs)
-            print(f"a generation of 4 one-step children beyond their training: ray "
-                  f"{fixed['ray']:.2f}s, local {fixed['local']:.2f}s")
+        with ray_cluster(num_cpus=2) as cluster:
+            print(f"ray: {cluster.nodes} node(s), {cluster.cpus:.0f} CPUs")
+            pool = WorkerPool()  # held across searches, as a campaign's search service holds it
+            try:
+                wall, recs = searched(tmp, "first", tmp / "base", base_acc, space, task, 4,
+                                      seed + 4, one_step, 2, "ray", pool)
+                print(f"[ray] the pool's first search (its actors started): "
+                      f"{wall - sum(r.train_time_s for r in recs):.2f}s beyond training")
+                figures["ray"] = measure("ray", pool)
+            finally:
+                pool.close()  # its actors hold the CPUs Tune's trials need
+            if not args.no_tune:
+                figures["tune"] = measure("tune", None)
+                t = figures["tune"]
+                print(f"tune backend: tune_overhead={t['overhead']:.2f} "
+                      f"parallel_speedup={t['speedup']:.2f} fixed_s={t['fixed']:.2f}")
+            wall, recs = searched(tmp, "fixed-local", tmp / "base", base_acc, space, task, 4,
+                                  seed + 2, one_step, 2, "local")
+            print(f"[local] a generation of 4 one-step children: "
+                  f"{wall - sum(r.train_time_s for r in recs):.2f}s beyond their training")
 
         recipes = {"search recipe (moments, lr x 0.5, cosine)":
                    TrainConfig(epochs=args.child_epochs, lr=0.025, schedule="cosine"),
@@ -221,7 +260,7 @@ def main() -> None:
                   f"{statistics.fmean(gaps):+.4f}, {sum(g >= 0 for g in gaps)}/{len(gaps)} "
                   "at or above")
 
-        child, _ = space.apply(base, records[0].actions)  # untrained: Net2Net weights
+        child, _ = space.apply(base, configs[0]["actions"])  # untrained: Net2Net weights
         fit_cfg = TrainConfig(epochs=1, lr=0.02)
         inherit, e1 = steps_to_reach(child, task, base_acc, fit_cfg, False, args.max_epochs)
         scratch, e2 = steps_to_reach(child, task, base_acc, fit_cfg, True, args.max_epochs)
@@ -233,8 +272,12 @@ def main() -> None:
               f"{inherit} ({e1} epochs), random init {scratch} ({e2} epochs)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"search: tune_overhead={overhead:.2f} parallel_speedup={speedup:.2f} "
-          f"inherit_speedup={inherit_speedup:.1f} fixed_s={fixed['ray']:.2f}")
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.1f} (1 min), {load[1]:.1f} (5 min) on "
+          f"{os.cpu_count()} cores")
+    r = figures["ray"]
+    print(f"search: tune_overhead={r['overhead']:.2f} parallel_speedup={r['speedup']:.2f} "
+          f"inherit_speedup={inherit_speedup:.1f} fixed_s={r['fixed']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""The search driver: generations of children, each trained as a Ray Tune trial; resumable.
+"""The search driver: generations of children, trained on Ray or here; resumable.
 
 `run_search` is the Python entry point for every architecture search (`growth search`, and
 REC's expand stage): from a parent graph folder, a controller proposes a generation of
-children, Tune trains them (`growth.controllers.trial`), the controller observes their validation
-accuracies, and the best child so far becomes the next generation's parent. It returns the
-leaderboard, each child with its graph folder and training time.
+children, a backend trains them with one body (`growth.controllers.trial.train_child`), the
+controller observes their validation accuracies, and the best child so far becomes the next
+generation's parent. It returns the leaderboard, each child with its graph folder and
+training time. Backends: `ray`, Ray actors that outlive generations and (held by the
+caller) searches (`growth.controllers.pool`), driven here with ray.wait; `tune`, Ray Tune
+trials (a Tune `Searcher` feeds them); `local`, this process; `auto`, local or ray by
+measurement (`choose_backend`).
 
 Search directory (given by the caller; a `growth search` run directory is one):
   search.json            where the search stands: generation, parent (and each generation's),
@@ -14,9 +18,10 @@ Search directory (given by the caller; a `growth search` run directory is one):
   children/<key>/        each finished child's graph (structure.json, weights.safetensors)
                          and its record (child.json)
   leaderboard.json       finished children, best first (rewritten as children finish)
-  tune/                  Ray Tune's experiments, genNNN-aK named after their first generation
-                         and its attempt (the default storage; a shared path or URI for
-                         multi-node clusters instead), and the parents they grew from
+  tune/                  the parents Ray's workers read (parents/genNNN, strategy/) and Ray
+                         Tune's experiments, genNNN-aK named after their first generation and
+                         its attempt (the default storage; a shared path or URI for
+                         multi-node clusters instead)
 
 Resume: calling `run_search` again on the same directory (after a crash, a SIGKILL of the
 driver, `growth resume`) reloads the controller as it was before the interrupted generation,
@@ -25,9 +30,11 @@ and children that finished in Tune's storage before the driver could record them
 from there. Each child trains from its own seed with the trial's thread count, so on the CPU
 the resumed search ends with the same leaderboard as an uninterrupted one.
 
-One Tune experiment runs several generations on the same trial actors (no start-up between
-generations); a new one starts every GENERATIONS_PER_FIT trials, so the driver's memory stays
-bounded (Tune's driver memory grows with the trials of an experiment).
+On the `ray` backend a child that finished on an actor but was not recorded before the driver
+died is trained again on resume (same seed: same result). On `tune`, one experiment runs
+several generations on the same trial actors (no start-up between generations); a new one
+starts every GENERATIONS_PER_FIT trials, so the driver's memory stays bounded (Tune's driver
+memory grows with the trials of an experiment).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from growth.controllers.pool import READY, Slot, WorkerPool
 from growth.controllers.records import (
     RECORDS,
     ChildRecord,
@@ -83,9 +91,10 @@ class Budget:
 
 @dataclass(frozen=True)
 class Resources:
-    """How trials run: at most `concurrency` at once, each holding `cpus_per_trial` CPUs (its
-    torch thread count) and `gpus_per_trial` GPUs; a trial whose process or node fails is
-    retried `max_failures` times (a child that fails by itself is not retried)."""
+    """How children run on Ray: at most `concurrency` at once, each holding `cpus_per_trial`
+    CPUs (its torch thread count) and `gpus_per_trial` GPUs; a child whose process or node
+    fails (a Tune trial, or a pool actor, which is replaced) is retried `max_failures` times
+    (a child that fails by itself is not retried)."""
 
     concurrency: int = 2
     cpus_per_trial: float = 1.0
@@ -336,11 +345,15 @@ def _orphans(search: SearchDir, generation: int, recorded: set[str]) -> list[Chi
 
 
 # ---- the driver ----------------------------------------------------------------------------
-Backend = Literal["local", "ray", "auto"]
-# What a generation's Ray Tune experiment costs beyond its children's training on a 2-core
-# machine with Ray already started (bench/bench_search.py, fixed_s): "auto" trains children
-# with Ray only when running them at once is expected to save more than this.
-RAY_FIXED_S = 15.0
+Backend = Literal["local", "ray", "tune", "auto"]
+# What a generation costs on the `ray` backend beyond its children's training with the
+# pool's actors started (bench/bench_search.py's fixed_s: 0.13 s on a loaded 2-core machine,
+# rounded up), and what starting the actors (torch and the engine imported in each) costs
+# once per pool (the bench's first search: 11.5 s beyond training under that load, 4-8 s
+# when two actors start alone): "auto" trains children on Ray only when running them at once
+# is expected to save more than that.
+RAY_FIXED_S = 0.5
+RAY_START_S = 10.0
 
 
 def in_ray_task() -> bool:
@@ -354,19 +367,19 @@ def in_ray_task() -> bool:
 
 
 def choose_backend(backend: str, child_s: float | None, children: int, concurrency: int,
-                   cpus: int | None = None) -> str:
+                   cpus: int | None = None, started: bool = False) -> str:
     """The backend for a generation. "auto": this process until a child's training time is
-    known (a first generation, or `child_s` from an earlier search), then Ray Tune when the
-    time running `children` at once saves, (1 - 1 / parallel) of their training, exceeds
-    RAY_FIXED_S; never from inside a Ray task. Which backend trains a child never changes
-    its result."""
+    known (a first generation, or `child_s` from an earlier search), then the `ray` pool when
+    the time running `children` at once saves, (1 - 1 / parallel) of their training, exceeds
+    RAY_FIXED_S, plus RAY_START_S unless the pool's actors are `started` already; never from
+    inside a Ray task. Which backend trains a child never changes its result."""
     if backend != "auto":
         return backend
     parallel = min(concurrency, os.cpu_count() or 1 if cpus is None else cpus)
     if parallel < 2 or child_s is None or in_ray_task():
         return "local"
     saved = child_s * children * (1.0 - 1.0 / parallel)
-    return "ray" if saved > RAY_FIXED_S else "local"
+    return "ray" if saved > RAY_FIXED_S + (0.0 if started else RAY_START_S) else "local"
 
 
 def run_search(directory: str | Path, parent: str | Path, controller: Any, space: Any,
@@ -379,7 +392,8 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
                name: str | None = None, ray_address: str | None = None,
                progress: SearchProgress | None = None, log_file: Path | None = None,
                connect: Callable[[], AbstractContextManager[Any]] | None = None,
-               callbacks: Sequence[Callback] = ()) -> SearchResult:
+               callbacks: Sequence[Callback] = (), pool: WorkerPool | None = None
+               ) -> SearchResult:
     """Search from the graph folder `parent` into `directory` (or resume the search there).
 
     controller: a Controller (propose/observe/state_dict/load_state_dict) over `space`; its
@@ -394,17 +408,20 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
     every generation grows from the first parent, and the result's parent is the
     best-scoring child of the whole search if it beats the first parent by the margin. The
     parent folder may hold the strategy's state and the optimizer's moments (see
-    growth.controllers.trial). backend: "ray" trains children as Ray Tune trials (Ray is
-    started, or joined, only when a generation has children to train); "local" trains them
-    in this process, one after another; "auto" chooses per generation (`choose_backend`;
-    child_s: a child's training time measured before, e.g. by an earlier search of the same
-    campaign). storage: where Tune keeps experiments (default `directory/tune`; a shared path
-    or URI for multi-node clusters; `name` names this search in it). ray_address: see
-    growth.cluster.ray_cluster. connect: how the search gets Ray when it needs it (default:
-    `ray_cluster(ray_address)` for the search's duration; a campaign's searcher passes one
-    that holds Ray for the whole run). callbacks: more Tune callbacks for the Ray backend's
-    experiments (e.g. Ray's MLflow or W&B loggers: one tracked run per child); the local
-    backend has no Tune to call them.
+    growth.controllers.trial). backend: "ray" trains children on Ray actors that outlive a
+    generation (`pool`; Ray is started, or joined, only when a generation has children to
+    train); "tune" trains them as Ray Tune trials, one experiment per run of generations;
+    "local" trains them in this process, one after another; "auto" chooses between "local"
+    and "ray" per generation (`choose_backend`; child_s: a child's training time measured
+    before, e.g. by an earlier search of the same campaign). storage: where parents and Tune's
+    experiments go (default `directory/tune`; a shared path or URI for multi-node clusters;
+    `name` names this search in it). ray_address: see growth.cluster.ray_cluster. connect: how
+    the search gets Ray when it needs it (default: `ray_cluster(ray_address)` for the search's
+    duration; a campaign's searcher passes one that holds Ray for the whole run). pool: the
+    `ray` backend's actors (controllers/pool.py), held by the caller across searches (a
+    campaign's searcher); None: the search starts its own and stops them at its end.
+    callbacks: more Tune callbacks for the "tune" backend's experiments (e.g. Ray's MLflow or
+    W&B loggers: one tracked run per child); the other backends have no Tune to call them.
     """
     spec = spec or TrialSpec()
     budget = budget or Budget()
@@ -416,7 +433,7 @@ def run_search(directory: str | Path, parent: str | Path, controller: Any, space
                      progress or SearchProgress(), backend=backend, margin=margin,
                      child_s=child_s,
                      connect=connect or (lambda: _ray(ray_address, log_file)),
-                     callbacks=callbacks)
+                     callbacks=callbacks, pool=pool)
     return driver.run()
 
 
@@ -458,14 +475,15 @@ def _begin(search: SearchDir, parent: Path, controller: Any, seed: int,
 
 
 class _Driver:
-    """Runs generations (as Tune experiments, or in this process); the searcher's source of
-    generations."""
+    """Runs generations (on the pool's actors, as Tune experiments, or in this process); the
+    searcher's source of generations."""
 
     def __init__(self, search: SearchDir, state: dict[str, Any], controller: Any, space: Any,
                  task: Task, spec: TrialSpec, budget: Budget, resources: Resources,
                  progress: SearchProgress, backend: Backend = "ray", margin: float = 0.0,
                  connect: Callable[[], AbstractContextManager[Any]] | None = None,
-                 child_s: float | None = None, callbacks: Sequence[Callback] = ()) -> None:
+                 child_s: float | None = None, callbacks: Sequence[Callback] = (),
+                 pool: WorkerPool | None = None) -> None:
         self.search, self.state, self.controller = search, state, controller
         self.budget, self.resources, self.progress = budget, resources, progress
         self.space, self.task = space, task
@@ -482,6 +500,8 @@ class _Driver:
         self.in_fit = 0  # generations planned for the current experiment
         self.trainable: Any = None
         self.cluster: Any = None
+        self.pool = pool
+        self.inputs: list[Any] | None = None  # [ref] of (task data, space) in the object store
         self.stack = ExitStack()
 
     def elapsed(self) -> float:
@@ -496,8 +516,10 @@ class _Driver:
                 if searcher.advance():  # a generation with children to train
                     if self.current == "local":
                         self._run_here(searcher)
-                    else:
+                    elif self.current == "tune":
                         self._fit(searcher)
+                    else:
+                        self._run_pool(searcher)
                 if not searcher.finish():  # Tune stopped before every child reported
                     raise KeyboardInterrupt(
                         f"generation {searcher.generation}: the Tune experiment stopped with "
@@ -529,7 +551,8 @@ class _Driver:
         self.in_fit += 1
         if self.in_fit == 1:  # a new experiment, or in-process run: choose where it trains
             self.current = choose_backend(self.backend, self.measured_child_s(),
-                                          n, self.resources.concurrency)
+                                          n, self.resources.concurrency,
+                                          started=self._pool_started())
         attempts = self.state.setdefault("attempts", {})
         attempt = int(attempts.get(str(g), -1)) + 1
         attempts[str(g)] = attempt
@@ -588,7 +611,7 @@ class _Driver:
 
     def _spec_json(self) -> dict[str, Any]:
         spec = self.spec
-        if (self.current == "ray" and spec.strategy.state is not None
+        if (self.current != "local" and spec.strategy.state is not None
                 and "://" not in spec.strategy.state):
             ref = publish(Path(spec.strategy.state), self.search.storage, "strategy")
             spec = spec.model_copy(update={"strategy": spec.strategy.model_copy(
@@ -620,10 +643,96 @@ class _Driver:
                 self._on_child(record)
                 searcher.result(index, record.val_acc if record.ok else None)
             if choose_backend(self.backend, self.measured_child_s(), self.budget.children,
-                              self.resources.concurrency) == "ray":
+                              self.resources.concurrency,
+                              started=self._pool_started()) == "ray":
                 return
             if not searcher.advance():
                 return
+
+    def _connect_ray(self) -> None:
+        """Ray, asked for once a generation has children to train (and checked to hold a
+        child's resources)."""
+        if self.cluster is None:
+            self.cluster = self.stack.enter_context(self.connect())
+            _check_fits(self.resources, self.cluster)
+
+    def _pool_started(self) -> bool:
+        return self.pool is not None and any(s.ready is READY for s in self.pool.slots)
+
+    def _run_pool(self, searcher: ControllerSearcher) -> None:
+        """The `ray` backend: every child of this and the next generations on the pool's
+        actors, at most `concurrency` at once, each given to the first placed actor that is
+        free; the driver records each as it returns (ray.wait). An actor that dies is
+        replaced and its child tried again, `max_failures` times, then recorded as failed.
+        On an interrupt the actors still training are killed (their children unrecorded)."""
+        import ray
+
+        if self.callbacks:
+            log.warning("search: Tune callbacks (per-child MLflow/W&B runs) apply to the "
+                        "'tune' backend only; the 'ray' backend does not call them")
+        self._connect_ray()
+        if self.pool is None:  # no caller's pool: this search's own, stopped at its end
+            self.pool = WorkerPool()
+            self.stack.callback(self.pool.close)
+        r = self.resources
+        self.pool.start(r.concurrency, r.cpus_per_trial, r.gpus_per_trial)
+        if self.inputs is None:  # the task's data and the space, once per search
+            self.inputs = [ray.put((trial_data(self.task), self.space))]
+        running: dict[Any, tuple[Slot, int, dict[str, Any]]] = {}
+        tries: dict[int, int] = {}
+        try:
+            while True:
+                busy = {id(slot) for slot, _, _ in running.values()}
+                free = [s for s in self.pool.slots if s.ready is READY and id(s) not in busy]
+                while searcher.pending and free and len(running) < r.concurrency:
+                    slot, index = free.pop(0), searcher.pending.pop(0)
+                    config = searcher.trial_config(index)
+                    running[slot.actor.train.remote(config, self.inputs)] = (slot, index,
+                                                                             config)
+                if not running and not searcher.pending:
+                    if not searcher.advance():  # the next generation, if any
+                        return
+                    continue
+                done, _ = ray.wait([*running, *self.pool.waiting()], num_returns=1)
+                for ref in done:
+                    if ref in running:
+                        self._collect(searcher, ref, *running.pop(ref), tries)
+                    else:
+                        self.pool.placed(ref)
+        except BaseException:
+            for slot, _, _ in running.values():  # abandoned mid-child: nothing goes on
+                self.pool.discard(slot)
+            raise
+
+    def _collect(self, searcher: ControllerSearcher, ref: Any, slot: Slot, index: int,
+                 config: dict[str, Any], tries: dict[int, int]) -> None:
+        """Record what an actor returned for child `index`, or retry it on a new actor."""
+        import ray
+
+        try:
+            metrics, files = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the actor's process or node failed
+            self.pool.replace(slot)
+            tries[index] = tries.get(index, 0) + 1
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            why = lines[0].strip() if lines else type(exc).__name__
+            if tries[index] <= self.resources.max_failures:
+                log.warning("child %s: its actor failed (%s); trying again", config["key"],
+                            why)
+                searcher.pending.insert(0, index)
+                return
+            record = _failed(config, f"the trial's process failed: {why}", {})
+        else:
+            record = None
+            if metrics["status"] == "ok":
+                record = _adopt(self.search, config["key"],
+                                lambda tmp: _write_files(tmp, files))
+            if record is None:
+                record = _failed(config, metrics.get("error") or
+                                 "the child's folder is incomplete", metrics)
+        self.search.add(record)
+        self._on_child(record)
+        searcher.result(index, record.val_acc if record.ok else None)
 
     def _fit(self, searcher: ControllerSearcher) -> None:
         from ray import tune
@@ -633,9 +742,7 @@ class _Driver:
 
         quiet_ray_env()  # Ctrl-C interrupts the command (Tune's own SIGINT handler is off)
 
-        if self.cluster is None:  # Ray only once a generation has children to train
-            self.cluster = self.stack.enter_context(self.connect())
-            _check_fits(self.resources, self.cluster)
+        self._connect_ray()
         if self.trainable is None:  # the task's data goes to the object store once
             trainable = tune.with_parameters(tune_trial, task=trial_data(self.task),
                                              space=self.space)
@@ -712,6 +819,14 @@ def _train_here(search: SearchDir, config: dict[str, Any], task: Task, space: An
             return record
     shutil.rmtree(tmp, ignore_errors=True)
     return _failed(config, metrics.get("error") or "the child's folder is incomplete", metrics)
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write a child's files (relative path -> bytes, from a pool actor) into `folder`."""
+    for name, data in files.items():
+        path = resolve_under(folder, folder / name, "a child's file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def _move_into(src: Path, dest: Path) -> None:

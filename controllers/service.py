@@ -7,10 +7,13 @@ resumes it. It
   shapes and the optimizer's moments (children go on from both);
 - builds the space and the controller, restoring the controller the request carries (one
   controller learns across a campaign's tasks; the caller keeps its state in its checkpoint);
-- trains children on the backend the settings choose: in this process, or as Ray Tune trials
-  on a Ray the service starts (or joins) on the first search that needs it and holds until
-  the campaign ends, so a campaign pays Ray's start-up once and a run with nothing left to
-  train pays it never;
+- trains children on the backend the settings choose: in this process, on Ray actors, or as
+  Ray Tune trials, on a Ray the service starts (or joins) on the first search that needs it
+  and holds until the campaign ends, with the `ray` backend's actors (a `WorkerPool`: torch
+  and the engine imported once per actor) held as long, so a campaign pays Ray's start-up
+  and its workers' once and a run with nothing left to train pays it never (a campaign that
+  runs as a Ray task, one of several on a cluster, gives its actors back after each search
+  instead: their CPUs are others' between its searches);
 - returns the chosen child, rebuilt with the space to get the operators' change records from
   the parent (the caller's state follows them), or None when no child's score beat the
   parent's by the margin (`settings.parent` and `settings.cost` say which children compete
@@ -24,6 +27,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
+
+from growth.controllers.pool import WorkerPool
 
 from growth.context import Context
 from growth.errors import CheckpointError, ConfigError
@@ -63,6 +68,7 @@ class SearchService:
         self.on_child = on_child or (lambda task, record: None)
         self.on_end = on_end or (lambda task: None)
         self.cluster: Any = None
+        self.pool = WorkerPool()  # the `ray` backend's actors, started by the first search
         self.child_s: float | None = None  # a child's training time, from the last search
         self._stack = ExitStack()
 
@@ -73,9 +79,13 @@ class SearchService:
         self.close()
 
     def close(self) -> None:
-        """Stop (or leave) the Ray this service started or joined."""
-        self._stack.close()
-        self.cluster = None
+        """Stop the pool's actors, then stop (or leave) the Ray this service started or
+        joined."""
+        try:
+            self.pool.close()  # while Ray is still there
+        finally:
+            self._stack.close()
+            self.cluster = None
 
     def _connect(self, address: str | None) -> AbstractContextManager[Any]:
         from growth.cluster import ray_cluster
@@ -88,7 +98,13 @@ class SearchService:
     # ---- the Searcher protocol ---------------------------------------------------------------
     def search(self, ctx: Context, request: SearchRequest) -> SearchOutcome:
         from growth.controllers import make_controller
-        from growth.controllers.driver import Budget, Resources, SearchProgress, run_search
+        from growth.controllers.driver import (
+            Budget,
+            Resources,
+            SearchProgress,
+            in_ray_task,
+            run_search,
+        )
         from growth.controllers.trial import (
             StrategyRef,
             TaskMeta,
@@ -134,9 +150,11 @@ class SearchService:
                 seed=ctx.seed, parent_acc=request.parent_acc, policy=s.parent, margin=s.margin,
                 cost=s.cost, backend=s.backend, child_s=self.child_s, log_file=self.log_file,
                 progress=SearchProgress(on_child=lambda rec, board: self.on_child(index, rec)),
-                connect=lambda: self._connect(s.ray_address))
+                connect=lambda: self._connect(s.ray_address), pool=self.pool)
         finally:
             self.on_end(index)
+            if in_ray_task():  # a campaign of several on one cluster: CPUs back between searches
+                self.pool.close()
         times = [r.train_time_s for r in result.records if r.ok]
         if times:
             self.child_s = sum(times) / len(times)
@@ -160,3 +178,4 @@ class SearchService:
         return SearchOutcome(child, records, {**summary, "expansion": actions,
                                               "arch": space.arch(child),
                                               "val_acc": result.parent_acc}, state)
+

@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
 
-    srch = sub.add_parser("search", help="architecture search on one task (Ray Tune trials)")
+    srch = sub.add_parser("search", help="architecture search on one task (children on Ray)")
     srch.add_argument("config", help="YAML config with a `search:` section, e.g. "
                       "experiments/search_digits.yaml")
     srch.add_argument("--out", help="run directory (default: runs/<config name>)")

@@ -197,7 +197,7 @@ class SearchConfig(_Section):
     lr_scale: float = Field(0.5, gt=0)  # children's learning rate: train.lr x this
     schedule: Literal["constant", "cosine"] = "cosine"  # children's learning-rate schedule
     margin: float = Field(0.0, ge=0, le=1)  # a child replaces its parent only above this
-    backend: Literal["auto", "local", "ray"] = "auto"  # see growth.searching.SearchSettings
+    backend: Literal["auto", "local", "ray", "tune"] = "auto"  # growth.searching.SearchSettings
     budget: SearchBudget = Field(default_factory=SearchBudget)
     concurrency: int = Field(2, ge=1)  # trials at once
     cpus_per_trial: float = Field(1.0, gt=0)

@@ -2,7 +2,7 @@
 
 A strategy that grows by search (REC, and any plug-in) describes what it wants in a
 `SearchRequest` and hands it to `ctx.searcher`, a `Searcher` the campaign provides (from
-`growth.controllers.service`: the driver, Ray Tune or the in-process backend). The strategy
+`growth.controllers.service`: the driver, on Ray actors, Ray Tune or in-process). The strategy
 never imports a controller, the driver, Tune or Ray; a test gives it any object with a
 `search` method.
 
@@ -95,11 +95,12 @@ class SearchSettings(BaseModel):
     cost: float = Field(0.0, ge=0, description="a network's score: its validation accuracy minus "
                         "cost x the parameters it adds to the network the search started from, "
                         "relative to that network's (RCL's reward); 0: accuracy alone")
-    backend: Literal["auto", "local", "ray"] = Field(
+    backend: Literal["auto", "local", "ray", "tune"] = Field(
         "auto", description="local: children in this process, one after another; ray: Ray "
-        "Tune trials (parallel, clusters); auto: local until a child's training time is "
-        "known, then ray when running children at once saves more than a generation's "
-        "Ray overhead (growth.controllers.driver.choose_backend)")
+        "actors kept for the whole campaign (parallel, clusters); tune: Ray Tune trials "
+        "(Tune's per-child MLflow/W&B loggers); auto: local until a child's training time is "
+        "known, then ray when running children at once saves more than Ray's cost "
+        "(growth.controllers.driver.choose_backend)")
     concurrency: int = Field(2, ge=1, description="children trained at once (ray)")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs (torch threads) per child")
     ray_address: str | None = Field(None, description="join this Ray cluster (default: the "

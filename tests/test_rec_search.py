@@ -1,5 +1,5 @@
-"""REC with its search on: children trained as Ray Tune trials on the new task only, the best
-one kept and compressed, the search cost recorded, and resume after a SIGKILL."""
+"""REC with its search on: children trained (search backend `auto`) on the new task only, the
+best one kept and compressed, the search cost recorded, and resume after a SIGKILL."""
 
 from __future__ import annotations
 

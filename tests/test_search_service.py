@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from graphgen import single_thread  # noqa: F401 (fixture)
-from growth.controllers.driver import RAY_FIXED_S, choose_backend
+from growth.controllers.driver import RAY_FIXED_S, RAY_START_S, choose_backend
 from growth.controllers.records import read_records
 from growth.search_spaces import make_space
 from growth.search_spaces.networks import add_head, mlp
@@ -308,12 +308,16 @@ def test_children_go_on_from_the_parents_moments(tmp_path: Path) -> None:
 
 
 def test_auto_backend_runs_children_here_until_ray_would_save_time() -> None:
-    """(1 - 1/parallel) of the children's training, against RAY_FIXED_S: 4 children of 10 s
-    on 2 CPUs save 20 s (ray), of 5 s save 10 s (here); nothing known yet: here."""
-    fixed = RAY_FIXED_S
+    """(1 - 1/parallel) of the children's training, against RAY_FIXED_S (plus RAY_START_S
+    while the pool's actors are not started): 4 children of t s on 2 CPUs save 2t s;
+    nothing known yet: here."""
+    fixed, start = RAY_FIXED_S, RAY_FIXED_S + RAY_START_S
     assert choose_backend("auto", None, 4, 2, cpus=2) == "local"
-    assert choose_backend("auto", fixed / 2 + 1, 4, 2, cpus=2) == "ray"
-    assert choose_backend("auto", fixed / 2 - 1, 4, 2, cpus=2) == "local"
+    assert choose_backend("auto", None, 4, 2, cpus=2, started=True) == "local"
+    assert choose_backend("auto", start / 2 + 0.1, 4, 2, cpus=2) == "ray"
+    assert choose_backend("auto", start / 2 - 0.1, 4, 2, cpus=2) == "local"
+    assert choose_backend("auto", fixed / 2 + 0.1, 4, 2, cpus=2, started=True) == "ray"
+    assert choose_backend("auto", fixed / 2 - 0.1, 4, 2, cpus=2, started=True) == "local"
     assert choose_backend("auto", 100.0, 4, 1, cpus=8) == "local"  # nothing runs at once
     assert choose_backend("auto", 100.0, 4, 2, cpus=1) == "local"
     assert choose_backend("local", 100.0, 4, 2, cpus=8) == "local"

@@ -1,7 +1,8 @@
-"""Architecture search through Ray Tune: trials in parallel, children that start from their
-parent's weights, failures recorded while the search goes on (one search serves these), a
-SIGKILLed driver resumed, and a two-node cluster that loses a node. Ray is the test
-session's (`ray_session`), except in the two-node test (its own cluster, in a subprocess)."""
+"""Architecture search on Ray, on both Ray backends (`ray`: the pool's actors, `tune`: Ray
+Tune trials): trials in parallel, children that start from their parent's weights, failures
+recorded while the search goes on (one search per backend serves these), a SIGKILLed driver
+resumed, and a two-node cluster that loses a node. Ray is the test session's
+(`ray_session`), except in the two-node test (its own cluster, in a subprocess)."""
 
 from __future__ import annotations
 
@@ -63,12 +64,12 @@ class BreakingController:
         self.inner.load_state_dict(tensors, extra)
 
 
-@pytest.fixture(scope="module")
-def digits_search(tmp_path_factory: pytest.TempPathFactory, ray_session: Any
-                  ) -> tuple[SearchResult, Any, float, Any]:
-    """One small search: 2 generations of 4 children, 2 trials at a time; two children of
-    the first generation fail (see BreakingController)."""
-    tmp = tmp_path_factory.mktemp("search")
+@pytest.fixture(scope="module", params=["ray", "tune"])
+def digits_search(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  ray_session: Any) -> tuple[SearchResult, Any, float, Any, str]:
+    """One small search per Ray backend: 2 generations of 4 children, 2 trials at a time;
+    two children of the first generation fail (see BreakingController)."""
+    tmp = tmp_path_factory.mktemp(f"search-{request.param}")
     task = digits_task()
     base, base_acc = trained_base(task, tmp / "base", hidden=(16, 16))
     space = small_space(base)
@@ -78,22 +79,26 @@ def digits_search(tmp_path_factory: pytest.TempPathFactory, ray_session: Any
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
     result = run_search(tmp / "run", tmp / "base", controller, space, task,
                         TrialSpec(train=train), Budget(children=4, generations=2),
-                        Resources(concurrency=2, max_failures=0), seed=3, parent_acc=base_acc)
+                        Resources(concurrency=2, max_failures=0), seed=3, parent_acc=base_acc,
+                        backend=request.param)
     # Tune's own Ctrl-C handler is gone with its experiment: the caller's next Ctrl-C is heard
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == handlers
-    return result, task, base_acc, controller
+    return result, task, base_acc, controller, request.param
 
 
 def test_search_on_digits_finishes_through_tune_with_trials_in_parallel(digits_search) -> None:
-    result, task, _, controller = digits_search
+    result, task, _, controller, backend = digits_search
     assert result.done and result.generations == 2
     ok = [r for r in result.records if r.ok]
     assert len(ok) == len(result.records) - 2, [r.error for r in result.records]
-    # Tune ran them: one experiment for both generations, holding every trial's folder
     assert {r.generation for r in result.records} == {0, 1}  # this seed trains in both
     exp = result.directory / "tune" / "gen000-a0"
-    assert (sorted(p.name.split("-")[0] for p in exp.iterdir() if p.is_dir()) ==
-            [r.key for r in result.records])
+    if backend == "tune":
+        # Tune ran them: one experiment for both generations, holding every trial's folder
+        assert (sorted(p.name.split("-")[0] for p in exp.iterdir() if p.is_dir()) ==
+                [r.key for r in result.records])
+    else:  # the pool's actors ran them: Tune's storage holds only the parents they read
+        assert sorted(p.name for p in (result.directory / "tune").iterdir()) == ["parents"]
     # at least two children trained at the same time
     spans = [(r.start, r.end) for r in ok]
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
@@ -112,7 +117,7 @@ def test_search_on_digits_finishes_through_tune_with_trials_in_parallel(digits_s
 def test_children_start_from_their_parents_weights(digits_search) -> None:
     """A child before training computes its parent's function: the same validation accuracy
     as the parent it was built from (measured here, independently of the trial)."""
-    result, task, base_acc, _ = digits_search
+    result, task, base_acc, _, _ = digits_search
     parents = json.loads((result.directory / "search.json").read_text())["parents"]
     assert parents["0"]["parent_acc"] == base_acc
     for r in (r for r in result.records if r.ok):
@@ -121,7 +126,7 @@ def test_children_start_from_their_parents_weights(digits_search) -> None:
 
 
 def test_failed_children_are_recorded_and_the_search_goes_on(digits_search) -> None:
-    result, _, _, controller = digits_search
+    result, _, _, controller, _ = digits_search
     by_arch = {r.arch: r for r in result.records}
     raised, diverged = by_arch["raises"], by_arch["diverges"]
     assert raised.status == diverged.status == "failed"
@@ -173,13 +178,16 @@ def _cli(*args: str, ray_address: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_a_killed_search_resumes_to_the_same_leaderboard(tmp_path: Path, ray_session: Any
-                                                         ) -> None:
+@pytest.mark.parametrize("backend", ["ray", "tune"])
+def test_a_killed_search_resumes_to_the_same_leaderboard(tmp_path: Path, ray_session: Any,
+                                                         backend: str) -> None:
     """SIGKILL the driver while generation 1 runs; `growth resume` keeps every finished
-    child (none trained again) and ends where an uninterrupted search ends."""
+    child (none trained again) and ends where an uninterrupted search ends. The killed
+    driver's actors or trials go with it (Ray ends an owner's actors), so the resume finds
+    the session's CPUs free."""
     from growth.commands.search import search_config as run_search_config
 
-    cfg = search_config(tmp_path, children=3)
+    cfg = search_config(tmp_path, children=3, backend=backend)
     reference = run_search_config(cfg, tmp_path / "reference")
     ref = {r.key: r for r in read_records(tmp_path / "reference" / "children.jsonl")}
 
@@ -226,9 +234,10 @@ sys.path.insert(0, sys.argv[2])
 from searchkit import CHILD_TRAIN, digits_task, small_space, trained_base
 from growth.controllers import make_controller
 from growth.controllers.driver import Budget, Resources, SearchProgress, run_search
+from growth.controllers.pool import WorkerPool
 from growth.controllers.trial import TrialSpec
 
-tmp = Path(sys.argv[1])
+tmp, backend = Path(sys.argv[1]), sys.argv[3]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 worker = cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
@@ -244,10 +253,23 @@ def on_child(record, board):
         removed["after"] = [r.key for r in board] + ([] if record.ok else [record.key])
         cluster.remove_node(worker)
 
+pool = None
+if backend == "ray":  # a pool started and placed by an earlier search, as a campaign holds it
+    import ray
+    ray.init(address=cluster.address)
+    pool = WorkerPool()
+    pool.start(2, 1.0, 0.0)
+    for ref in pool.waiting():
+        ray.wait([ref])
+        pool.placed(ref)
 result = run_search(tmp / "run", tmp / "base", controller, space, task,
                     TrialSpec(train=CHILD_TRAIN), Budget(children=2, generations=3),
                     Resources(concurrency=2, max_failures=2), parent_acc=acc,
-                    ray_address=cluster.address, progress=SearchProgress(on_child=on_child))
+                    ray_address=cluster.address, progress=SearchProgress(on_child=on_child),
+                    backend=backend, pool=pool)
+if pool is not None:
+    pool.close()
+    ray.shutdown()
 print(json.dumps({"nodes": nodes, "removed_after": removed.get("after"),
                   "done": result.done,
                   "records": [r.to_json() for r in result.records]}))
@@ -255,12 +277,17 @@ cluster.shutdown()
 """
 
 
-def test_two_node_cluster_places_trials_on_both_and_survives_losing_one(tmp_path: Path
-                                                                        ) -> None:
+@pytest.mark.parametrize("backend", ["ray", "tune"])
+def test_two_node_cluster_places_trials_on_both_and_survives_losing_one(tmp_path: Path,
+                                                                        backend: str) -> None:
+    """Children of 1 CPU on two nodes of 1 CPU: the first generation trains one child on each
+    (on `ray`, the pool's two actors, placed one per node); the worker node goes while
+    generation 1 runs, and the search ends on the head (a lost child retried there; on
+    `ray`, its actor replaced by one that waits for room and gets no work)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", TWO_NODES, str(tmp_path),
-                           str(ROOT / "tests")], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=500)
+                           str(ROOT / "tests"), backend], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     records = {r["key"]: r for r in out["records"]}

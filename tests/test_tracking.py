@@ -357,7 +357,7 @@ def test_ray_tune_logs_each_child_to_mlflow_and_wandb(tmp_path: Path, ray_sessio
     monkeypatch.delenv("WANDB_MODE", raising=False)  # restored after the test
     monkeypatch.setenv("WANDB_SILENT", "true")
     uri = (tmp_path / "mlruns").as_uri()
-    path = tracked_search_config(tmp_path, uri, backend="ray")
+    path = tracked_search_config(tmp_path, uri, backend="tune")
     cfg = yaml.safe_load(path.read_text())
     cfg["tracking"]["wandb"] = {"mode": "offline", "dir": str(tmp_path / "wb")}
     path.write_text(yaml.safe_dump(cfg))

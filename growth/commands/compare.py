@@ -275,7 +275,7 @@ def _resources(cfg: Config) -> dict[str, Any]:
     a searching one whose children train in its own process included, holds its threads."""
     from growth.cluster import driver_task_options
 
-    if _search_backend(cfg) == "ray":
+    if _search_backend(cfg) in ("ray", "tune"):
         return driver_task_options()
     return {"num_cpus": cfg.threads or 1}
 

@@ -16,7 +16,7 @@ Run directory (besides the search directory's own files, see growth.controllers.
   tracking.json          the MLflow run id of the search (with `tracking: {mlflow: ...}`)
 
 Trackers (`tracking:`, growth.tracking): the search is one tracked run (each child's
-validation accuracy, the best so far, and the summary; its files at the end). With the Ray
+validation accuracy, the best so far, and the summary; its files at the end). With the `tune`
 backend, Ray Tune's own MLflow and W&B loggers also get one run per child (`tune_callbacks`).
 """
 
@@ -162,7 +162,8 @@ class SearchRun:
             backend=s.backend, storage=s.storage, name=self.cfg.name,
             ray_address=self.ray_address, progress=self._tracked(tracking),
             log_file=self.run_dir / RAY_LOG,
-            callbacks=tune_callbacks(self.cfg.tracking, self.cfg.name))
+            callbacks=(tune_callbacks(self.cfg.tracking, self.cfg.name)
+                       if s.backend == "tune" else ()))
         metrics = self._finish(result, base)
         write_search_report([self.run_dir])
         return metrics
@@ -268,7 +269,7 @@ def summary_values(metrics: dict[str, Any]) -> dict[str, float]:
 def tune_callbacks(tracking: Any, name: str) -> list[Any]:
     """Ray Tune's own MLflow and W&B loggers with the config's settings: one tracked run per
     child trained as a Tune trial (its reported metrics; MLflow: its trial config as params).
-    The local backend trains children without Tune; the search's own run covers them."""
+    Only the `tune` backend runs Tune; with the others the search's own run covers them."""
     out: list[Any] = []
     if tracking.mlflow is not None:
         from ray.air.integrations.mlflow import MLflowLoggerCallback

@@ -6,7 +6,7 @@ Task 1 trains the base network with the task loss. Every later task t:
    distillation), and the network learns task t as MWC would (the loop's own epochs).
 2. Expand: an architecture search from the trained network, asked of the searcher the
    campaign hands over (`ctx.searcher`, growth.searching: the EAS controller or random search,
-   children in this process or as Ray Tune trials); children go on from the network's weights,
+   children in this process or on Ray); children go on from the network's weights,
    optimizer moments and MWC state with the MWC loss on task t, and are scored on task t's
    validation split. The network is a candidate: a child replaces it only if its validation
    accuracy beats the network's by more than `search.margin`, carrying the strategy's state
