@@ -398,3 +398,267 @@ def test_compress_command_reports_every_task_of_a_multi_task_network(tmp_path, c
         line = (f"task {task.name}: test accuracy {tasks[task.name]['before']:.4f} -> "
                 f"{tasks[task.name]['after']:.4f}")
         assert line in out
+
+
+# ---- sizes, unit choice and what compress hands on, on networks built by hand ------------------
+def test_budget_edges_zero_one_and_two() -> None:
+    base, _ = grown_mlp()
+    trunk = trunk_params(base)
+    with pytest.raises(OperatorError):
+        budget_params(0.0, base)
+    assert budget_params(1.0, base) == trunk  # a fraction: the whole base trunk
+    assert budget_params(2, base) == 2  # above 1: a count
+
+
+def test_a_budget_met_exactly_keeps_the_student_that_meets_it() -> None:
+    """Base widths 12 and 10; the common factors give (7, 5) units at 7/12 <= f < 0.6, whose
+    trunk 64*7+7+7*5+5 = 495 is the budget: that student, not a smaller one."""
+    base, grown = grown_mlp()
+    student, _, widths = shrink(grown, 495, base)
+    assert widths == {"fc1": 7, "fc2": 5}
+    assert trunk_params(student) == 495
+
+
+def test_one_unit_per_layer_meets_the_smallest_budget() -> None:
+    base, grown = grown_mlp()
+    student, _, widths = shrink(grown, 64 + 1 + 1 + 1, base)  # fc1 and fc2 of one unit each
+    assert widths == {"fc1": 1, "fc2": 1} and trunk_params(student) == 67
+
+
+def test_a_layer_wider_than_the_search_resolves_still_meets_its_budget() -> None:
+    """2^21 units: every factor the search tries (20 halvings of [0, 1], the smallest 2^-20)
+    keeps at least 2 of them, so a budget of 1 unit (2 parameters) is met only by the
+    smallest student, one unit per layer."""
+    wide = two_heads(mlp((1,), [2 ** 21]), classes=1)
+    assert trunk_params(wide) == 2 * 2 ** 21
+    student, _, widths = shrink(wide, 2)
+    assert widths == {"fc1": 1} and trunk_params(student) == 2
+    assert student.node("fc1").tensors["weight"].shape == (1, 1)
+
+
+def test_an_inserted_layer_as_wide_as_its_input_is_only_dropped() -> None:
+    base = randomize(two_heads(mlp((1, 8, 8), [12, 10])), 0)
+    deeper = net2deeper(base, "act1").graph  # 12 -> 12: nothing to cut
+    student, records, _ = shrink(deeper, trunk_params(base), base)
+    assert [(r.op, r.params["node"]) for r in records] == [
+        ("remove_layer", "act1_deep1"), ("remove_layer", "act1_deep1_relu")]
+    assert student.to_dict() == base.to_dict()
+
+
+def test_every_group_is_cut_back_after_a_head_that_cannot_be_pruned() -> None:
+    """A head read from the first block sorts before fc2 ("a_head" < "fc2"): it keeps its
+    classes, and fc2 after it is still cut back to the base width."""
+    g = mlp((1, 8, 8), [12, 10])
+    g.add("a_head", "linear", ["act1"], out_features=3)
+    g.add_output("a", "a_head")
+    base = randomize(two_heads(g), 0)
+    grown = net2wider(base, "fc2", 14, noise=0.05, seed=1).graph
+    student, _, widths = shrink(grown, trunk_params(base), base)
+    assert widths == {"fc1": 12, "fc2": 10}
+    assert student.to_dict() == base.to_dict()
+
+
+def test_a_residual_group_is_cut_once_by_the_l1_of_all_its_producers() -> None:
+    """graphgen.residual: c0, c1 and c2 write one residual group; "inner" is its own group and
+    comes after c1 in order. Widen both, deepen after "inner" (a 1x1 conv whose input width is
+    cut first), shrink to the base: the base comes back, one width per group, and the group
+    keeps the units with the largest L1 of incoming weights summed over its three producers."""
+    from graphgen import residual
+
+    base = residual()
+    g = net2wider(base, "c0", 7, noise=0.05, seed=1).graph
+    g = net2wider(g, "inner", 5, noise=0.05, seed=2).graph
+    g = net2deeper(g, "ri").graph
+    l1 = {p: g.node(p).tensors["weight"].abs().flatten(1).sum(1) for p in ("c0", "c1", "c2")}
+    want = sorted(torch.argsort(l1["c0"] + l1["c1"] + l1["c2"], descending=True)[:4].tolist())
+    assert want != sorted(torch.argsort(l1["c2"], descending=True)[:4].tolist())
+    student, records, widths = shrink(g, trunk_params(base), base)
+    assert widths == {"c0": 4, "inner": 3}
+    assert {n: student.node(n).kind for n in student.topo_order()} == \
+        {n: base.node(n).kind for n in base.topo_order()}
+    assert student.to_dict() == base.to_dict()
+    cut = next(r for r in records if r.op == "prune_units" and r.params["node"] == "c0")
+    assert cut.index_maps["c0.weight"][0] == want
+
+
+def test_importance_of_weights_and_biases_adds_up_in_double_precision() -> None:
+    base, grown = grown_mlp()
+    marked = [2, 4, 6, 8, 10, 12, 13, 14, 15, 16, 17, 19]
+    rest = [u for u in range(20) if u not in marked]
+    weight = torch.zeros(20, 64)
+    weight[marked] = 1.0  # 64 per marked unit
+    bias = torch.zeros(20)
+    bias[rest] = 0.5  # the biases alone would prefer the others
+    _, records, _ = shrink(grown, trunk_params(base), base,
+                           importance={"fc1.weight": weight, "fc1.bias": bias})
+    assert records[0].index_maps["fc1.weight"][0] == marked
+
+
+def two_point_task(index: int, val_labels: list[int] | None = None,
+                   test_labels: list[int] | None = None) -> "Task":
+    """Inputs a = (1, 0) and b = (0, 1): a unit of a layer reading them with one nonzero weight
+    and no bias is active on exactly one of the two (relu'(0) = 0: no gradient on the other)."""
+    from growth.data.containers import Task
+
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    xv = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    return Task(index, f"two{index}", (x, y), (xv, torch.tensor(val_labels or [0, 1])),
+                (xv, torch.tensor(test_labels or [0, 1])), [0, 1], 2, 0, (2,))
+
+
+def two_point_nets() -> tuple[NetGraph, NetGraph]:
+    """Base: fc1 of 4 units; teacher: fc1 of 8. Units 0-3 read a, 4-7 read b. Units 2, 3, 6, 7
+    have the largest weights (magnitude keeps them); the heads read units 0, 1, 4, 5 100 times
+    more strongly, so their Fisher is about 10^4 times larger (the Fisher keeps them)."""
+    base = randomize(two_heads(mlp((2,), [4]), classes=2), 0)
+    teacher = randomize(two_heads(mlp((2,), [8]), classes=2), 1)
+    w = torch.zeros(8, 2)
+    w[[0, 1, 2, 3], 0] = torch.tensor([1.0, 1.0, 5.0, 5.0])
+    w[[4, 5, 6, 7], 1] = torch.tensor([1.0, 1.0, 5.0, 5.0])
+    fc1 = teacher.node("fc1")
+    fc1.tensors = {"weight": w, "bias": torch.zeros(8)}
+    scale = torch.tensor([1.0, 1, 0.01, 0.01, 1, 1, 0.01, 0.01])
+    for h in ("head_t0", "head_t1"):
+        head = teacher.node(h)
+        head.tensors = {"weight": torch.tensor([[1.0], [-1.0]]) * scale, "bias": torch.zeros(2)}
+    return base, teacher
+
+
+def two_point_ctx(teacher: NetGraph, **labels) -> Context:
+    return Context(Model(teacher.copy()), two_point_task(1, **labels), [two_point_task(0)],
+                   lambda t: f"t{t.index}", lambda t, y: y, torch.device("cpu"))
+
+
+def kept_fc1(report) -> list[int]:
+    return report.records[0].index_maps["fc1.weight"][0]
+
+
+def test_compress_keeps_the_units_its_importance_names() -> None:
+    base, teacher = two_point_nets()
+    train = TrainConfig(epochs=1, batch_size=2, lr=0.01)
+    magnitude = compress(two_point_ctx(teacher), CompressParams(epochs=0), train, base=base)
+    assert kept_fc1(magnitude) == [2, 3, 6, 7]
+    fisher = CompressParams(epochs=0, importance="fisher", fisher_samples=None)
+    assert kept_fc1(compress(two_point_ctx(teacher), fisher, train, base=base)) == [0, 1, 4, 5]
+    # the Fisher of one sample sees only the units that sample makes active
+    one = CompressParams(epochs=0, importance="fisher", fisher_samples=1)
+    assert kept_fc1(compress(two_point_ctx(teacher), one, train, base=base)) in (
+        [0, 1, 2, 3], [4, 5, 6, 7])
+    # importance the caller adds (in the teacher's shapes) goes onto the Fisher; entries of
+    # other shapes or other parameters are left out
+    extra = {"fc1.bias": 1e3 * torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]),
+             "fc1.weight": torch.ones(3), "nothing.weight": torch.ones(8)}
+    report = compress(two_point_ctx(teacher), fisher, train, base=base, importance=extra)
+    assert kept_fc1(report) == [2, 3, 6, 7]
+    assert report.graph.to_dict() == base.to_dict()
+
+
+def test_compress_reports_accuracy_on_each_split_sizes_and_time() -> None:
+    """The teacher's predictions on a and b, by hand: validation labels agree with them,
+    test labels disagree, so the two splits' accuracies are 1 and 0."""
+    base, teacher = two_point_nets()
+    xv = two_point_task(1).val[0]
+    with torch.no_grad():
+        pred = Model(teacher).head("t1").eval()(xv).argmax(1).tolist()
+    ctx = two_point_ctx(teacher, val_labels=pred, test_labels=[1 - p for p in pred])
+    params = CompressParams(epochs=2)
+    import time as clock
+
+    start = clock.perf_counter()
+    report = compress(ctx, params, TrainConfig(epochs=1, batch_size=2, lr=0.01), base=base)
+    elapsed = clock.perf_counter() - start
+    assert report.accuracy_before == {"val": 1.0, "test": 0.0}
+    assert set(report.accuracy_after) == {"val", "test"}
+    assert len(report.losses) == 2 and all(math.isfinite(v) for v in report.losses)
+    assert 0 < report.wall_time_s <= elapsed
+    assert report.widths == {"fc1": 4}
+    assert [(r.op, r.params["node"]) for r in report.records] == [("prune_units", "fc1")]
+    assert report.trunk_before == 8 * 2 + 8 and report.trunk_after == 4 * 2 + 4
+    assert report.summary()["widths"] == {"fc1": 4}
+
+
+def distillers(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The hooks compress hands to the real loop, kept for inspection."""
+    import growth.train
+
+    hooks = []
+    real = growth.train.fit
+
+    def keep(ctx: Context, strategy, *args, **kwargs):
+        hooks.append(strategy)
+        return real(ctx, strategy, *args, **kwargs)
+
+    monkeypatch.setattr(growth.train, "fit", keep)
+    return hooks
+
+
+def tempered_kl(source: NetGraph, head: str, out: torch.Tensor, x: torch.Tensor) -> float:
+    """T^2 mean_i sum_c p (log p - log q) at T = 2, p from `source`'s head."""
+    with torch.no_grad():
+        p = torch.softmax(Model(source).head(head).eval()(x) / 2, 1)
+    q = torch.softmax(out.detach() / 2, 1)
+    return 4 * float((p * (p.log() - q.log())).sum(1).mean())
+
+
+def test_compress_distils_the_heads_it_is_given_with_its_penalty(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    base, teacher = two_point_nets()
+    hooks = distillers(monkeypatch)
+    ctx = two_point_ctx(teacher)
+    params = CompressParams(epochs=1, kd_weight=0.7, temperature=2.0)
+    compress(ctx, params, TrainConfig(epochs=1, batch_size=2, lr=0.01), base=base,
+             heads=["t1"], penalty=lambda c, *a: torch.tensor(1.5))
+    d, = hooks
+    assert d.heads == ["t1"]
+    for module, _ in d.teachers:  # frozen, in eval mode
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+    x, y = ctx.task.train
+    out = ctx.model.head(("t1", "t0"))(x)
+    ctx.outputs = out
+    got = float(d.penalty(ctx, x, y, out["t1"]).detach())
+    assert got == pytest.approx(0.7 * tempered_kl(teacher, "t1", out["t1"], x) + 1.5, rel=1e-5)
+
+
+def test_compress_with_an_old_teacher_and_a_mix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mix = 0.25: the loss is 0.25 CE + 0.75 T^2 KL per head; the old head's KL targets the
+    old teacher, the task's head's the teacher."""
+    base, teacher = two_point_nets()
+    old = randomize(teacher.copy(), 7)
+    hooks = distillers(monkeypatch)
+    ctx = two_point_ctx(teacher)
+    params = CompressParams(epochs=1, mix=0.25, temperature=2.0)
+    compress(ctx, params, TrainConfig(epochs=1, batch_size=2, lr=0.01), base=base,
+             old_teacher=old)
+    d, = hooks
+    x, y = ctx.task.train
+    out = ctx.model.head(("t1", "t0"))(x)
+    ctx.outputs = out
+    got = float(d.penalty(ctx, x, y, out["t1"]).detach())
+    want = tempered_kl(teacher, "t1", out["t1"], x) + tempered_kl(old, "t0", out["t0"], x)
+    assert got == pytest.approx(0.75 * want, rel=1e-5)
+    ce = float(d.loss(ctx, x, y, out["t1"]).detach())
+    by_hand = -float(torch.log_softmax(out["t1"].detach(), 1)[torch.arange(4), y].mean())
+    assert ce == pytest.approx(0.25 * by_hand, rel=1e-5)
+
+
+def test_compress_is_reproducible_from_its_seed() -> None:
+    base, teacher = two_point_nets()
+    train = TrainConfig(epochs=1, batch_size=1, lr=0.5)
+    params = CompressParams(epochs=1)
+
+    def student(**seed) -> torch.Tensor:
+        ctx = two_point_ctx(teacher)
+        compress(ctx, params, train, base=base, **seed)
+        return ctx.model.graph.node("fc1").tensors["weight"]
+
+    default = student()
+    assert torch.equal(default, student(seed=0))
+    assert not torch.equal(default, student(seed=1))
+    # distill on its own draws from seed 0 by default too
+    trained = []
+    for seed in ({}, {"seed": 0}):
+        ctx = two_point_ctx(teacher)
+        distill(ctx, teacher, params, train, ["t1", "t0"], **seed)
+        trained.append(ctx.model.graph.node("fc1").tensors["weight"])
+    assert torch.equal(*trained)

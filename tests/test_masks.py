@@ -463,3 +463,125 @@ def test_cpg_goal_is_the_accuracy_alone_minus_the_margin() -> None:
     assert alone * n == pytest.approx(round(alone * n))  # an accuracy on the validation split
     assert goals[0.25, False] == pytest.approx(alone - 0.25, abs=1e-12)
     assert goals[0.0, True] == alone
+
+
+# ---- scored masks (Piggyback, SupSup) ----------------------------------------------------------
+@pytest.mark.parametrize("fused", [True, False])
+def test_score_optimizers_step_as_sgd_with_momentum_or_adam(
+        fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two steps on the gradient g = (0.5, -0.25) at lr 0.1. SGD with momentum 0.9: the second
+    step moves by 1.9 lr g. Adam: each of the first steps moves by lr sign(g) (up to eps), also
+    where torch has no fused Adam (an Adam that refuses fused=True stands for that torch)."""
+    from growth.masks import score_optimizer
+
+    if not fused:
+        adam = torch.optim.Adam
+
+        def unfused(*args, **kwargs):
+            if kwargs.get("fused"):
+                raise RuntimeError("fused Adam is not available here")
+            return adam(*args, **kwargs)
+
+        monkeypatch.setattr(torch.optim, "Adam", unfused)
+
+    g = torch.tensor([0.5, -0.25])
+    for kind, first, second in (("sgd", 0.1 * g, 0.19 * g),
+                                ("adam", 0.1 * g.sign(), 0.1 * g.sign())):
+        score = torch.tensor([1.0, -2.0], requires_grad=True)
+        opt = score_optimizer([score], kind, 0.1)
+        start = score.detach().clone()
+        score.grad = g.clone()
+        opt.step()
+        after = score.detach().clone()
+        assert torch.allclose(start - after, first, atol=1e-6), kind
+        score.grad = g.clone()
+        opt.step()
+        assert torch.allclose(after - score.detach(), second, atol=1e-6), kind
+
+
+def test_a_scores_gradient_is_the_weights_gradient_times_w_and_its_sign_only_by_magnitude(
+        ) -> None:
+    """Effective weight W * mask; a score's gradient is dL/d(effective) * W, times sign(score)
+    only where the mask ranks |score| (SupSup), not where it thresholds the score (Piggyback)."""
+    from growth.masks import ScoredMasks, score_optimizer
+
+    w = torch.nn.Parameter(torch.tensor([2.0, -3.0, 4.0]))
+    for magnitude in (False, True):
+        score = torch.tensor([0.5, -0.5, 0.2], requires_grad=True)
+        kwargs = {"magnitude": True} if magnitude else {}
+        scored = ScoredMasks({"w": score}, lambda n, s, out: torch.gt(s, 0.0, out=out).float(),
+                             score_optimizer([score], "sgd", 0.1), **kwargs)
+        with scored.applied({"w": w}):
+            assert torch.equal(w.detach(), torch.tensor([2.0, 0.0, 4.0]))
+            (w * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+            scored.move_grads()
+            assert w.grad is None
+            want = torch.tensor([1.0 * 2, 2.0 * -3, 3.0 * 4])
+            if magnitude:
+                want = want * torch.tensor([1.0, -1.0, 1.0])
+            assert torch.equal(score.grad, want)
+        assert torch.equal(w.detach(), torch.tensor([2.0, -3.0, 4.0]))
+
+
+def test_shared_tensors_of_a_transformer_include_its_attentions_biases() -> None:
+    """ViT's attention nodes hold their parameters one module down (block1_attn.qkv.bias):
+    every one-dimensional trunk parameter is shared, nested or not."""
+    from growth.search_spaces.networks import add_head, vit
+
+    from growth.masks import masked_names, shared_names
+    from growth.model import Model
+
+    model = Model(add_head(add_head(vit((1, 8, 8)), "a", 3), "b", 3))
+    params = model.named_parameters()
+    trunk = model.trunk_parameter_names()
+    assert sorted(shared_names(model)) == sorted(n for n in trunk if params[n].dim() < 2)
+    assert "block1_attn.qkv.bias" in shared_names(model)
+    assert sorted(masked_names(model)) == sorted(n for n in trunk if params[n].dim() >= 2)
+
+
+def test_the_single_smallest_candidate_and_k_zero() -> None:
+    from growth.masks import smallest
+
+    w = torch.tensor([[0.5, -0.1, 3.0], [-2.0, 0.2, 0.05]])
+    cand = torch.tensor([[True, True, True], [False, True, True]])
+    assert smallest(w, cand, 1).tolist() == [[False, False, False], [False, False, True]]
+    assert smallest(w, cand, 2).tolist() == [[False, True, False], [False, False, True]]
+    assert not smallest(w, cand, 0).any()
+    # ties go to the earlier entries, also where a sort would reorder equal keys (large inputs)
+    many = torch.tensor([1.0, 0, 1, 0, 0, 1, 0] * 5000)
+    picked = smallest(many, torch.ones_like(many, dtype=torch.bool), 50)
+    assert picked.nonzero().flatten().tolist() == (many == 0).nonzero().flatten()[:50].tolist()
+
+
+def test_only_an_optimizer_with_weight_decay_decays() -> None:
+    from growth.masks import decays
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert not decays(None)
+    assert not decays(torch.optim.SGD(p, lr=0.1))
+    assert decays(torch.optim.SGD(p, lr=0.1, weight_decay=1e-4))
+    assert decays(torch.optim.AdamW(p, lr=0.1))  # AdamW decays by default (0.01)
+
+
+def test_owner_indices_take_the_smallest_integer_type_that_holds_them() -> None:
+    from growth.masks import owner_dtype
+
+    assert owner_dtype(1) == owner_dtype(200) == torch.uint8
+    assert owner_dtype(300) == owner_dtype(30000) == torch.int16
+    assert owner_dtype(40000) == torch.int32
+
+
+def test_batchnorms_are_the_trunks_only() -> None:
+    """A BatchNorm in one head's branch is that head's, not the trunk's: not frozen with it."""
+    from growth.search_spaces.networks import add_head, mlp
+
+    from growth.masks import batchnorms
+    from growth.model import Model
+
+    g = add_head(mlp((4,), [6], batchnorm=True), "a", 3)
+    g.add("head_bn", "batchnorm1d", ["features"])
+    g.add("head_b", "linear", ["head_bn"], out_features=3)
+    g.add_output("b", "head_b")
+    model = Model(g)
+    norms = batchnorms(model)
+    assert len(norms) == 1 and norms[0] is model.module.get_submodule("bn1")

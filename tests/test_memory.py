@@ -127,3 +127,46 @@ def test_reservoir_never_exceeds_the_budget(budget):
     for i in range(4):
         mem.reservoir(torch.randn(5, 2), torch.arange(5), i, torch.Generator().manual_seed(i))
         assert len(mem) == budget
+
+
+def test_balanced_insertion_admits_a_new_class_when_the_budget_is_below_the_classes():
+    """Budget 2, full with classes 0 and 1; a sample of class 2 holds 0 < 2 / 3 rows of its
+    class, so it goes in, in place of a row of the largest class (ties: the smallest key, 0)."""
+    mem = EpisodicMemory(2)
+    gen = torch.Generator().manual_seed(0)
+    mem.balanced(torch.zeros(2, 1), torch.tensor([0, 1]), 0, by_label, gen)
+    mem.balanced(torch.ones(1, 1), torch.tensor([2]), 1, by_label, gen)
+    assert sorted(mem.y.tolist()) == [1, 2]
+    assert mem.x[mem.y == 2].flatten().tolist() == [1.0]
+
+
+def test_keeping_m_per_class_keeps_each_classes_first_rows_in_order():
+    mem = EpisodicMemory(10)
+    mem.herding(torch.arange(6.0).view(6, 1), torch.tensor([0, 1, 2, 0, 1, 2]), 0,
+                torch.eye(6), 2, by_label)
+    assert mem.x.flatten().tolist() == [0, 3, 1, 4, 2, 5]  # herding order: class by class
+    mem.select(torch.tensor([0, 2, 4, 1, 3, 5]))  # interleave the classes: 0, 1, 2, 0, 1, 2
+    assert mem.y.tolist() == [0, 1, 2, 0, 1, 2]
+    mem.keep_per_class(1, by_label)
+    assert mem.x.flatten().tolist() == [0, 1, 2] and mem.y.tolist() == [0, 1, 2]
+
+
+def test_herding_with_no_room_per_class_adds_nothing():
+    """iCaRL's m = budget // classes is 0 once the classes outnumber the budget."""
+    mem = EpisodicMemory(1)
+    mem.herding(torch.arange(4.0).view(4, 1), torch.tensor([0, 0, 1, 1]), 0, torch.eye(4), 0,
+                by_label)
+    assert len(mem) == 0
+
+
+def test_a_memory_restored_from_a_state_without_rows_is_an_empty_one():
+    """A state holding no row tensors (nothing stored yet) gives an empty memory whose labels
+    and task indices stay integers once samples arrive."""
+    mem = EpisodicMemory(4)
+    assert mem.device == torch.device("cpu")
+    assert mem.to("cpu") is mem and mem.device == torch.device("cpu")
+    mem.load_state_dict({}, {})
+    assert len(mem) == 0 and mem.x is None and mem.seen == 0
+    mem.reservoir(torch.randn(3, 2), torch.tensor([1, 0, 1]), 2, torch.Generator().manual_seed(0))
+    assert mem.y.tolist() == [1, 0, 1] and mem.task.tolist() == [2, 2, 2]
+    assert mem.y.dtype == torch.long and mem.task.dtype == torch.long

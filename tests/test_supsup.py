@@ -68,6 +68,18 @@ def test_top_k_stays_exact_as_scores_move_a_little_or_a_lot() -> None:
         masks.kth_largest = kth_largest  # type: ignore[assignment]
 
 
+def test_top_k_of_a_tiny_fraction_keeps_the_single_largest() -> None:
+    """10 scores at keep 0.1: k = 10 - floor(0.9 * 10) = 1, the one largest |score|, as 1.0 in
+    the scores' dtype in the buffer given."""
+    scores = torch.tensor([0.5, -3.0, 1.0, 2.0, -0.1, 0.0, 2.5, -1.5, 0.2, 1.2])
+    top = TopK(scores, 0.1)
+    out = torch.empty_like(scores)
+    mask = top(scores, out)
+    assert top.k == 1
+    assert mask.dtype == torch.float32 and torch.equal(out, mask)  # written into `out`
+    assert torch.equal(mask, (torch.arange(10) == 1).float())
+
+
 def _steps(top: TopK, scores: torch.Tensor, out: torch.Tensor, radix: list[int]) -> None:
     gen = torch.Generator().manual_seed(1)
     calls = 0
