@@ -18,11 +18,12 @@ from growth.campaign import Campaign, resume_run
 from growth.compile import compile_graph
 from growth.config import load_config, validate_config
 from growth.data.containers import Task
-from growth.errors import ConfigError, OperatorError
+from growth.errors import ConfigError, GraphError, OperatorError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.ops import add_column, freeze, get_operator
-from growth.ops.columns import column_count, column_members, frozen_nodes, lateral_layers
+from growth.ops.columns import (base_column, column_count, column_members, column_value,
+                                 frozen_nodes, lateral_layers)
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, fit, learn_task
 
@@ -404,6 +405,105 @@ def test_operator_errors_name_what_to_fix() -> None:
     with pytest.raises(OperatorError, match="head 't1' does not read the base trunk"):
         add_column(moved, ["t1"])
     assert get_operator("add_column").fn is add_column and get_operator("freeze").fn is freeze
+
+
+def test_a_columns_record_names_its_settings_and_every_new_tensor() -> None:
+    """With the defaults: alpha 0.01, seed 0, V half the input's width, U without a bias, one
+    earlier column read without a concat; the record lists the settings and each new tensor."""
+    graph = mlp_net(3)
+    assert base_column(graph) == ["flatten", "fc1", "act1", "fc2", "act2", "features"]
+    result = add_column(graph, ["t1"])
+    new, record = result.graph, result.record
+    assert record.op == "add_column"
+    assert record.params == {"column": 1, "heads": ["t1"], "trunk": "features",
+                             "reduction": 2.0, "alpha": 0.01, "activation": "relu", "seed": 0,
+                             "lateral": True, "init_from": None}
+    stem = "c1_fc2_lat"
+    assert column_members(new, 1)[1] == [f"{stem}_a0", f"{stem}_v", f"{stem}_f", f"{stem}_u",
+                                         stem]
+    assert sorted(record.added) == sorted([
+        "c1_fc1.weight", "c1_fc1.bias", "c1_fc2.weight", "c1_fc2.bias", f"{stem}_a0.weight",
+        f"{stem}_v.weight", f"{stem}_v.bias", f"{stem}_u.weight"])
+    assert new.node(f"{stem}_a0").tensors["weight"].tolist() == [pytest.approx(0.01)]
+    assert new.node(f"{stem}_f").kind == "relu"
+    torch.manual_seed(0)  # by hand: seed 0 draws fc1's copy first
+    want = torch.nn.Linear(16, 6)
+    assert torch.equal(new.node("c1_fc1").tensors["weight"], want.weight.detach())
+    assert column_value(new, 1, "fc2") == stem and column_value(new, 1, "fc1") == "c1_fc1"
+    cnn = add_column(cnn_net(), ["t1"]).graph  # U of a convolution has no bias either
+    for layer in ("conv2", "fc3"):
+        assert set(cnn.node(f"c1_{layer}_lat_u").tensors) == {"weight"}, layer
+        assert set(cnn.node(f"c1_{layer}_lat_v").tensors) == {"weight", "bias"}, layer
+    assert cnn.node("c1_bn1").tensors["num_batches_tracked"].dtype == torch.long  # not a float
+
+
+def test_column_settings_at_their_edges_are_taken_or_refused() -> None:
+    graph = mlp_net(3)  # fc2 reads 6 features
+    for reduction, width in ((1, 6), (1.5, 4), (100.0, 1)):
+        g = add_column(graph, ["t1"], reduction=reduction).graph
+        assert g.shape("c1_fc2_lat_v") == (width,), reduction
+    tokens = add_column(token_net(), ["t1"], reduction=1).graph  # 5 tokens of 6 features
+    assert tokens.shape("c1_mix_lat_v") == (5, 6)
+    g = add_column(graph, ["t1"], alpha=-0.5, activation="tanh").graph
+    assert g.node("c1_fc2_lat_a0").tensors["weight"].tolist() == [-0.5]
+    assert g.node("c1_fc2_lat_f").kind == "tanh"
+    for bad in (True, "2", 0.99, float("inf"), float("nan")):
+        with pytest.raises(OperatorError, match="reduction must be a number >= 1"):
+            add_column(graph, ["t1"], reduction=bad)
+    for bad in (True, "0.1", float("inf"), -float("inf")):
+        with pytest.raises(OperatorError, match="alpha must be a finite number"):
+            add_column(graph, ["t1"], alpha=bad)
+    first = add_column(graph, ["t1"], seed=1).graph
+    new = add_column(first, ["t2"], seed=2, init_from=0).graph
+    for n in ("fc1", "fc2"):
+        for key, value in graph.node(n).tensors.items():
+            assert torch.equal(new.node(f"c2_{n}").tensors[key], value), (n, key)
+
+
+def test_columns_of_a_trunk_with_another_end_name() -> None:
+    """A trunk ending at `body` (no `features` node) whose base holds a node named `fc1_lat`:
+    column 0's value of fc1 is fc1 itself, and columns are counted and listed on `body`."""
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (4,))
+    g.add("fc1", "linear", ["x"], out_features=5)
+    g.add("fc1_lat", "relu", ["fc1"])  # fc1 is the first layer: it never gets an adapter
+    g.add("fc2", "linear", ["fc1_lat"], out_features=3)
+    g.add("body", "identity", ["fc2"])
+    for i in range(3):
+        g = add_head(g, f"t{i}", 2, "body")
+    assert column_value(g, 0, "fc1") == "fc1"
+    new = add_column(add_column(g, ["t1"], trunk="body").graph, ["t2"], trunk="body").graph
+    assert column_count(new, "body") == 3
+    assert column_members(new, 2, "body") == (
+        ["c2_fc1", "c2_fc1_lat", "c2_fc2", "c2_body"],
+        ["c2_fc2_lat_a0", "c2_fc2_lat_a1", "c2_fc2_lat_cat", "c2_fc2_lat_v", "c2_fc2_lat_f",
+         "c2_fc2_lat_u", "c2_fc2_lat"])
+    assert new.inputs("c2_fc2_lat_a0") == ["fc1_lat"] and new.inputs("head_t2") == ["c2_body"]
+
+
+def test_freeze_and_thaw_name_their_nodes_in_order_and_leave_the_input_graph() -> None:
+    graph = mlp_net(3)
+    frozen = freeze(graph, ["fc2", "fc1", "fc2"])
+    assert frozen.record.op == "freeze"
+    assert frozen.record.params == {"nodes": ["fc1", "fc2"], "frozen": True}
+    assert frozen_nodes(frozen.graph) == ["fc1", "fc2"] and frozen_nodes(graph) == []
+    thawed = freeze(frozen.graph, ["fc1", "act1"], frozen=False)
+    assert thawed.record.params == {"nodes": ["act1", "fc1"], "frozen": False}
+    assert frozen_nodes(thawed.graph) == ["fc2"] and frozen_nodes(frozen.graph) == ["fc1", "fc2"]
+    with pytest.raises(GraphError, match="nope"):
+        freeze(graph, ["fc1", "nope"])
+
+
+def test_a_head_sharing_a_layer_with_a_head_left_behind_is_refused() -> None:
+    graph = mlp_net(0)
+    graph.add("shared", "linear", ["features"], out_features=4)
+    for name in ("t0", "t1"):
+        graph = add_head(graph, name, 3, "shared")
+    with pytest.raises(OperatorError, match=r"head 't1' reads 'features' through \['shared'\]"):
+        add_column(graph, ["t1"])
+    moved = add_column(graph, ["t0", "t1"]).graph  # moved together, the layer moves with them
+    assert moved.inputs("shared") == ["c1_features"]
 
 
 # ---- frozen nodes --------------------------------------------------------------------------------
