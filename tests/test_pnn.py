@@ -22,8 +22,14 @@ from growth.errors import ConfigError, GraphError, OperatorError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.ops import add_column, freeze, get_operator
-from growth.ops.columns import (base_column, column_count, column_members, column_value,
-                                 frozen_nodes, lateral_layers)
+from growth.ops.columns import (
+    base_column,
+    column_count,
+    column_members,
+    column_value,
+    frozen_nodes,
+    lateral_layers,
+)
 from growth.strategies import Context, make_strategy
 from growth.train import TrainConfig, fit, learn_task
 
