@@ -22,6 +22,7 @@ from growth.compress import (
     trunk_params,
 )
 from growth.data import build_stream
+from growth.data.containers import Task
 from growth.distillation import Distillation
 from growth.errors import OperatorError
 from growth.graph import NetGraph
@@ -495,10 +496,9 @@ def test_importance_of_weights_and_biases_adds_up_in_double_precision() -> None:
 
 
 def two_point_task(index: int, val_labels: list[int] | None = None,
-                   test_labels: list[int] | None = None) -> "Task":
+                   test_labels: list[int] | None = None) -> Task:
     """Inputs a = (1, 0) and b = (0, 1): a unit of a layer reading them with one nonzero weight
     and no bias is active on exactly one of the two (relu'(0) = 0: no gradient on the other)."""
-    from growth.data.containers import Task
 
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     y = torch.tensor([0, 0, 1, 1])
