@@ -119,24 +119,39 @@ def decays(optimizer: torch.optim.Optimizer | None) -> bool:
 
 
 @contextmanager
+def held_norms(model: Model) -> Iterator[None]:
+    """BatchNorm held for the block: eval mode (its running statistics, which no penalty
+    can hold) and no gradient for its affine parameters; both put back."""
+    norms = [(m, m.training) for m in batchnorms(model)]
+    params = [(p, p.requires_grad) for m, _ in norms for p in m.parameters()]
+    for m, _ in norms:
+        m.eval()
+    for p, _ in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, mode in norms:
+            m.train(mode)
+        for p, grad in params:
+            p.requires_grad_(grad)
+
+
+@contextmanager
 def frozen_shared(model: Model) -> Iterator[None]:
     """The shared tensors train no more for the block: biases and BatchNorm affine parameters
     get no gradient, BatchNorm runs on its running statistics (eval mode); both put back."""
     params = model.named_parameters()
     frozen = [params[n] for n in shared_names(model) if n in params]
     grads = [p.requires_grad for p in frozen]
-    norms = [(m, m.training) for m in batchnorms(model)]
     for p in frozen:
         p.requires_grad_(False)
-    for m, _ in norms:
-        m.eval()
     try:
-        yield
+        with held_norms(model):
+            yield
     finally:
         for p, g in zip(frozen, grads):
             p.requires_grad_(g)
-        for m, mode in norms:
-            m.train(mode)
 
 
 def shared_copy(model: Model) -> dict[str, Tensor]:

@@ -14,15 +14,13 @@ no penalty holds its running statistics).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from growth.masks import batchnorms, masked_names, owner_dtype, prune_smallest
+from growth.masks import masked_names, owner_dtype, prune_smallest
 from growth.metrics import Stored, index_bits
 from growth.model import Model
 from growth.strategies.base import state_key
@@ -81,25 +79,6 @@ def take(owners: dict[str, Tensor], params: dict[str, torch.nn.Parameter],
     return kept
 
 
-@contextmanager
-def frozen_norms(model: Model) -> Iterator[None]:
-    """BatchNorm held for the block: eval mode (its running statistics, which no penalty
-    can hold) and no gradient for its affine parameters; both put back."""
-    norms = [(m, m.training) for m in batchnorms(model)]
-    params = [(p, p.requires_grad) for m, _ in norms for p in m.parameters()]
-    for m, _ in norms:
-        m.eval()
-    for p, _ in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for m, mode in norms:
-            m.train(mode)
-        for p, grad in params:
-            p.requires_grad_(grad)
-
-
 def visible(owner: Tensor, task: int) -> Tensor:
     """The weights finished task `task` computes with: those owned by tasks 0..task."""
     return (owner > 0) & (owner <= task + 1)
@@ -111,5 +90,5 @@ def mask_sizes(owners: dict[str, Tensor], tasks: int) -> list[Any]:
     return [Stored(o.numel(), bits, parameters=False) for o in owners.values()]
 
 
-__all__ = ["OWNER", "OwnerSettings", "frozen_norms", "mask_sizes", "owner_table", "take",
+__all__ = ["OWNER", "OwnerSettings", "mask_sizes", "owner_table", "take",
            "visible"]

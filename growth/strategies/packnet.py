@@ -29,8 +29,6 @@ from growth.masks import (
     Guard,
     decays,
     frozen_shared,
-    masked_names,
-    owner_dtype,
     prune_smallest,
     shared_copy,
     swapped,
@@ -39,6 +37,7 @@ from growth.metrics import Stored, index_bits
 from growth.regularizers import stored
 from growth.remap import MASK, WEIGHT
 from growth.strategies.base import Context, Scorer, Strategy, StrategyParams, state_key
+from growth.strategies.owned import owner_table, visible
 from growth.strategies.spec import TensorSpec
 
 if TYPE_CHECKING:
@@ -90,15 +89,7 @@ class PackNet(Strategy):
 
     def owners(self, model: Model) -> dict[str, Tensor]:
         """owner/all/<param> for every masked parameter (created free where missing)."""
-        params = model.named_parameters()
-        dtype = owner_dtype(len(self.finished()) + 1)
-        out = {}
-        for n in masked_names(model):
-            key = state_key(OWNER, "all", n)
-            if key not in self.state:
-                self.state[key] = torch.zeros(params[n].shape, dtype=dtype)
-            out[n] = self.state[key]
-        return out
+        return owner_table(self.state, model, len(self.finished()))
 
     def ratio(self, task: int) -> float:
         r = self.params.prune
@@ -159,14 +150,10 @@ class PackNet(Strategy):
             self.state[state_key(SHARED, k, n)] = t
 
     # ---- evaluation ------------------------------------------------------------------------
-    def visible(self, owner: Tensor, task: int) -> Tensor:
-        """Weights task `task` uses: those owned by tasks 0..task."""
-        return (owner > 0) & (owner <= task + 1)
-
     def task_weights(self, ctx: Context, task: Task) -> dict[str, Tensor]:
         """The masked parameters as task `task` sees them."""
         params = ctx.model.named_parameters()
-        return {n: params[n].detach() * self.visible(o, task.index).to(params[n].device)
+        return {n: params[n].detach() * visible(o, task.index).to(params[n].device)
                 for n, o in self.owners(ctx.model).items()}
 
     def task_shared(self, ctx: Context, task: Task) -> dict[str, Tensor]:

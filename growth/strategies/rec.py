@@ -59,7 +59,7 @@ from growth.compress import (
 )
 from growth.errors import ConfigError, DivergedError, OperatorError
 from growth.graph import NetGraph
-from growth.masks import Guard, decays, frozen_shared, masked_names, swapped
+from growth.masks import Guard, decays, frozen_shared, held_norms, masked_names, swapped
 from growth.ops.registry import ChangeRecord
 from growth.regularizers import Component, stored, task_fisher
 from growth.remap import MASK, SPLIT
@@ -77,7 +77,6 @@ from growth.strategies.mwc import MWC, MWCParams
 from growth.strategies.owned import (
     OWNER,
     OwnerSettings,
-    frozen_norms,
     mask_sizes,
     owner_table,
     take,
@@ -271,7 +270,7 @@ class REC(MWC):
         with ExitStack() as stack:
             if self.finished() and not self._frozen.entries:
                 stack.enter_context(frozen_shared(ctx.model) if self.params.owners.shared ==
-                                    "frozen" else frozen_norms(ctx.model))
+                                    "frozen" else held_norms(ctx.model))
             self._owned = Guard(ctx.model.named_parameters(),
                                 {n: o == mine for n, o in owners.items()})
             stack.callback(self._owned.restore)
