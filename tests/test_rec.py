@@ -245,6 +245,26 @@ def test_metrics_record_each_tasks_rec_details(tmp_path: Path) -> None:
     assert data["details"]["rec"]["2"]["trunk_params"] == 64 * 32 + 32 + 32 * 32 + 32
 
 
+def test_the_run_report_sums_the_searches_of_every_task() -> None:
+    """Children, their training time and the searches' wall time summed over the tasks; a
+    task with no search (no "expansion") is no search, one whose parent stayed counts as kept."""
+    rec = REC()
+    tasks = {"0": {"trunk_params": 5},
+             "1": {"expansion": "parent", "children": 3, "child_time_s": 1.5,
+                   "search_wall_s": 2.0},
+             "2": {"expansion": ["widen"], "children": "4", "child_time_s": "2.25",
+                   "search_wall_s": 0.5},
+             "3": {"expansion": "parent"}}
+    rec.extra["rec"] = tasks
+    report = rec.run_report()
+    assert report == {"search": {"children": 7, "child_time_s": 3.75, "search_wall_s": 2.5,
+                                 "searches": 3, "parent_kept": 2},
+                      "details": {"rec": tasks}}
+    assert REC().run_report()["search"] == {"children": 0, "child_time_s": 0.0,
+                                            "search_wall_s": 0.0, "searches": 0,
+                                            "parent_kept": 0}
+
+
 def test_a_copy_coherent_change_after_widening_costs_exactly_the_parents_penalty() -> None:
     """After Net2Wider gives unit 3 of fc1 copies, moving every copy's incoming row by delta
     and every copy's outgoing column by eps / c (what the parent's change becomes in the

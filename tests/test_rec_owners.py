@@ -22,6 +22,7 @@ from growth.model import Model
 from growth.ops.widen_private import widen_private
 from growth.regularizers import stored
 from growth.strategies import Context, make_strategy
+from growth.strategies.owned import owner_table
 from growth.strategies.rec import REC
 from growth.train import TrainConfig, learn_task
 
@@ -256,3 +257,55 @@ def test_old_tasks_do_not_move_on_a_cnn_with_batchnorm(tmp_path: Path) -> None:
     for j in range(3):
         assert all(R[i][j] == R[j + 1][j] for i in range(j + 2, 4)), j
     assert m["bwt"] == 0.0
+
+
+# ---- owned.py on hand-made owner tables -----------------------------------------------------
+def small_model() -> Model:
+    torch.manual_seed(0)
+    return Model(add_head(add_head(mlp((1, 2, 2), [3]), "t0", 2), "t1", 2))
+
+
+def test_a_new_owner_table_holds_the_index_of_the_task_being_learned() -> None:
+    """With T tasks finished, task T (owner index T + 1) is learned next: the table made for
+    it is all free and of the smallest integer type holding T + 1 (uint8 up to 254, then
+    int16), so 255 finished tasks need int16 for index 256."""
+    model = small_model()
+    for tasks, dtype in ((0, torch.uint8), (253, torch.uint8), (255, torch.int16)):
+        state: dict[str, torch.Tensor] = {}
+        owners = owner_table(state, model, tasks)
+        assert sorted(owners) == ["fc1.weight"] and sorted(state) == ["owner/all/fc1.weight"]
+        table = owners["fc1.weight"]
+        assert table.dtype == dtype and table.shape == (3, 4) and not bool(table.any())
+        assert torch.iinfo(dtype).max >= tasks + 1
+        assert owner_table(state, model, tasks)["fc1.weight"] is table  # kept
+
+
+def test_a_finished_task_computes_with_its_own_and_earlier_tasks_weights_only() -> None:
+    """Task 0 finished, task 1 learning: its free weights moved (not zero, as mid-training),
+    some weights hand-marked as task 1's. Task 0 is scored with the weights it owns alone;
+    free and later tasks' weights are zeroed, by hand here; task 1 with the network as it is."""
+    model = small_model()
+    with torch.no_grad():  # positive weights and inputs: every unit active, every weight read
+        model.named_parameters()["fc1.weight"].copy_(torch.arange(1.0, 13.0).view(3, 4) / 10)
+    rec = REC()
+    rec.extra["tasks"] = [0]
+    owner = torch.tensor([[0, 1, 2, 1], [1, 0, 0, 2], [2, 1, 1, 0]], dtype=torch.uint8)
+    rec.state["owner/all/fc1.weight"] = owner
+    x = torch.rand(5, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 10})
+    w = model.named_parameters()["fc1.weight"].detach().clone()
+    keep = torch.tensor([[float(o == 1) for o in row] for row in owner.tolist()])
+    want = {}
+    for zeroed, name in ((w * keep, "t0"), (w, "t1")):
+        with torch.no_grad():
+            model.named_parameters()["fc1.weight"].copy_(zeroed)
+            want[name] = model.head(name)(x).clone()
+            model.named_parameters()["fc1.weight"].copy_(w)
+    assert not torch.equal(want["t0"], want["t1"])
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"))
+        with rec.evaluation(ctx, t) as scorer, torch.no_grad():
+            torch.testing.assert_close(scorer(x), want[f"t{t.index}"], rtol=0, atol=0)
+    assert torch.equal(model.named_parameters()["fc1.weight"], w)  # nothing written back
