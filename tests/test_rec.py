@@ -384,6 +384,7 @@ def test_old_heads_are_distilled_from_the_network_old_heads_names(old_heads: str
     import growth.strategies.rec as rec_module
 
     calls: list[tuple[Any, list[str], Any]] = []
+    wiring: list[tuple[Any, int, Any]] = []
     real = rec_module.distill
 
     def spy(*args: Any, **kwargs: Any) -> Any:
@@ -391,6 +392,7 @@ def test_old_heads_are_distilled_from_the_network_old_heads_names(old_heads: str
         bound.apply_defaults()
         a = bound.arguments
         calls.append((a["teacher"], list(a["heads"]), a["old_teacher"]))
+        wiring.append((a["penalty"], a["seed"], a["hold"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rec_module, "distill", spy)
@@ -406,6 +408,8 @@ def test_old_heads_are_distilled_from_the_network_old_heads_names(old_heads: str
         learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=32, lr=0.05), seed=t.index)
     (teacher, heads, old_teacher), retrain = calls  # compression, then retraining (owners)
     assert retrain[0] is teacher and retrain[1:] == (["t1"], None)
+    # both with the MWC penalty and the owned weights held; seeds: task 1's seed + 1, + 2
+    assert wiring == [(rec._mwc_penalty, 2, rec), (rec._mwc_penalty, 3, rec)]
     parent = searcher.parents[-1]
     assert teacher.node("fc1").attrs["out_features"] == 14  # the expanded network
     assert heads == (["t1"] if old_heads == "none" else ["t1", "t0"])
@@ -415,3 +419,51 @@ def test_old_heads_are_distilled_from_the_network_old_heads_names(old_heads: str
         assert all(torch.equal(v, want[n]) for n, v in old_teacher.named_tensors().items())
     else:
         assert old_teacher is None
+
+
+@pytest.mark.parametrize("importance", ["fisher", "magnitude"])
+def test_the_cut_student_is_scored_by_old_tasks_fisher_weighed_by_relatedness(
+        importance: str, monkeypatch: Any) -> None:
+    """student cut, importance fisher: growth.compress gets sum_k w_{k,t} F_k (the old tasks'
+    stored Fisher, in the expanded shapes; at task 2 two of them, with w other than 1), the MWC
+    penalty and seed t + 1; importance magnitude: no Fisher."""
+    import growth.strategies.rec as rec_module
+
+    calls: list[dict[str, Any]] = []
+    real = rec_module.compress
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        a = bound.arguments
+        t = len(calls) + 1
+        want: dict[str, torch.Tensor] = {}
+        for k, w in enumerate(rec.extra["relatedness"][str(t)]["w"]):
+            for n, f in stored(rec.state, "fisher", k).items():
+                want[n] = want[n] + w * f if n in want else w * f
+        calls.append({"importance": a.get("importance"), "want": want,
+                      "penalty": a.get("penalty"), "seed": a.get("seed")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec_module, "compress", spy)
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 3,
+                          "max_train_per_task": 60, "seed": 1})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(add_head(mlp((1, 8, 8), [12]), "t0", 10), "t1", 10),
+                           "t2", 10))
+    rec = make_strategy("rec", {"compress": {"epochs": 1, "student": "cut",
+                                             "importance": importance},
+                                "owners": False})
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index, searcher=Widening())
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=32, lr=0.05), seed=t.index)
+    assert [(c["penalty"], c["seed"]) for c in calls] == [(rec._mwc_penalty, 2),
+                                                           (rec._mwc_penalty, 3)]
+    if importance == "magnitude":
+        assert [c["importance"] for c in calls] == [None, None]
+        return
+    got, want = calls[1]["importance"], calls[1]["want"]
+    assert sorted(got) == sorted(want) and got["fc1.weight"].shape == (14, 64)
+    assert all(abs(w - 1.0) > 1e-3 for w in rec.extra["relatedness"]["2"]["w"])
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)

@@ -152,6 +152,9 @@ def test_a_task_keeps_the_largest_share_of_what_was_free() -> None:
                      if n.startswith("owner/")}
             k = ctx.task.index
             values, was_free = before[k]
+            counts = [int(f.sum()) for f in was_free.values()]  # all taken, 0.75 given back
+            assert entry["owned"] == {"kept": sum(c - round(0.75 * c) for c in counts),
+                                      "free": sum(round(0.75 * c) for c in counts)}
             for n, f in was_free.items():
                 count = int(f.sum())
                 keep = count - round(0.75 * count)
