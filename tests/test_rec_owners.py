@@ -312,3 +312,71 @@ def test_a_finished_task_computes_with_its_own_and_earlier_tasks_weights_only() 
         with rec.evaluation(ctx, t) as scorer, torch.no_grad():
             torch.testing.assert_close(scorer(x), want[f"t{t.index}"], rtol=0, atol=0)
     assert torch.equal(model.named_parameters()["fc1.weight"], w)  # nothing written back
+
+
+def test_after_a_searched_private_expansion_the_task_retrains_every_weight_it_kept() -> None:
+    """The parent is frozen only while a private child trains (in the search); once the child
+    replaces the network, the retraining moves the kept weights of the parent's units too
+    (fc2 reads only the parent's rows: all of it is the parent's)."""
+    moved: dict[str, bool] = {}
+
+    class Probe(REC):
+        def _retrain(self, ctx: Context, epochs: int) -> None:
+            params = ctx.model.named_parameters()
+            owner = self.state["owner/all/fc2.weight"]
+            before = params["fc2.weight"].detach().clone()
+            super()._retrain(ctx, epochs)
+            mine = owner == ctx.task.index + 1
+            moved[ctx.task.index] = bool((params["fc2.weight"].detach() != before)[mine].any())
+
+    class Private:
+        def search(self, ctx: Context, request: Any) -> Any:
+            from growth.searching import SearchOutcome
+
+            result = widen_private(ctx.model.graph, "fc1", 12, seed=0)
+            return SearchOutcome(result.graph, [result.record], {"children": 1})
+
+    rec = Probe(REC.Params(compress=False, owners={"retrain_epochs": 1}))
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 40, "seed": 1})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(mlp((1, 8, 8), [8, 8]), "t0", 10), "t1", 10))
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index, searcher=Private(), strategy=rec)
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=20, lr=0.05), seed=t.index)
+    assert model.named_parameters()["fc1.weight"].shape == (12, 64)  # the child, kept
+    assert moved == {0: True, 1: True}
+
+
+def test_with_fisher_importance_a_task_keeps_the_weights_of_largest_fisher(
+        monkeypatch: Any) -> None:
+    """importance fisher: the task's own Fisher (fisher_samples of its data) ranks what it
+    keeps, not magnitude: weights growing along the rows, a Fisher falling, so the 3 kept of
+    fc1's 12 (0.75 given back) are its first 3 entries; by magnitude they would be the last."""
+    import growth.strategies.rec as rec_module
+
+    model = small_model()
+    with torch.no_grad():
+        model.named_parameters()["fc1.weight"].copy_(torch.arange(1.0, 13.0).view(3, 4))
+    asked: list[tuple[Any, int]] = []
+
+    def fisher(ctx: Context, task: Any, samples: int) -> dict[str, torch.Tensor]:
+        asked.append((task, samples))
+        return {"fc1.weight": torch.arange(12.0, 0.0, -1.0).view(3, 4)}
+
+    monkeypatch.setattr(rec_module, "task_fisher", fisher)
+    rec = REC(REC.Params(fisher_samples=7, owners={"importance": "fisher",
+                                                   "retrain_epochs": 0}))
+    task = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 1,
+                         "max_train_per_task": 10})[0]
+    ctx = Context(model, task, [], lambda t: f"t{t.index}", lambda t, y: y,
+                  torch.device("cpu"))
+    entry: dict[str, Any] = {}
+    rec._take(ctx, entry)
+    assert asked == [(task, 7)]
+    kept = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.uint8)
+    assert torch.equal(rec.state["owner/all/fc1.weight"], kept)
+    w = torch.arange(1.0, 13.0).view(3, 4) * kept
+    assert torch.equal(model.named_parameters()["fc1.weight"].detach(), w)
+    assert entry["owned"] == {"kept": 3, "free": 9}
