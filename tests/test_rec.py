@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -423,7 +425,7 @@ def test_old_heads_are_distilled_from_the_network_old_heads_names(old_heads: str
 
 @pytest.mark.parametrize("importance", ["fisher", "magnitude"])
 def test_the_cut_student_is_scored_by_old_tasks_fisher_weighed_by_relatedness(
-        importance: str, monkeypatch: Any) -> None:
+        importance: str, monkeypatch: Any, caplog: Any) -> None:
     """student cut, importance fisher: growth.compress gets sum_k w_{k,t} F_k (the old tasks'
     stored Fisher, in the expanded shapes; at task 2 two of them, with w other than 1), the MWC
     penalty and seed t + 1; importance magnitude: no Fisher."""
@@ -445,6 +447,7 @@ def test_the_cut_student_is_scored_by_old_tasks_fisher_weighed_by_relatedness(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rec_module, "compress", spy)
+    caplog.set_level(logging.INFO, logger="growth.rec")
     tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 3,
                           "max_train_per_task": 60, "seed": 1})
     torch.manual_seed(0)
@@ -459,6 +462,10 @@ def test_the_cut_student_is_scored_by_old_tasks_fisher_weighed_by_relatedness(
         learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=32, lr=0.05), seed=t.index)
     assert [(c["penalty"], c["seed"]) for c in calls] == [(rec._mwc_penalty, 2),
                                                            (rec._mwc_penalty, 3)]
+    # fc1: 64 x 12 + 12 = 780 weights and biases; 910 widened to 14
+    line = (r"task 2: compressed trunk 910 -> 780 parameters \(budget 780\); task accuracy "
+            r"val \d\.\d{4}, test \d\.\d{4} -> val \d\.\d{4}, test \d\.\d{4}")
+    assert any(re.fullmatch(line, r.getMessage()) for r in caplog.records), caplog.text
     if importance == "magnitude":
         assert [c["importance"] for c in calls] == [None, None]
         return
@@ -467,3 +474,29 @@ def test_the_cut_student_is_scored_by_old_tasks_fisher_weighed_by_relatedness(
     assert all(abs(w - 1.0) > 1e-3 for w in rec.extra["relatedness"]["2"]["w"])
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
+
+
+def test_retraining_with_the_loss_distils_nothing(monkeypatch: Any) -> None:
+    """owners.retrain loss: after an expansion and its compression, the task retrains what it
+    kept with its loss alone (as PackNet): the compression is the only distillation."""
+    import growth.strategies.rec as rec_module
+
+    teachers: list[Any] = []
+    real = rec_module.distill
+
+    def spy(ctx: Any, teacher: Any, *args: Any, **kwargs: Any) -> Any:
+        teachers.append(teacher)
+        return real(ctx, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(rec_module, "distill", spy)
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 60, "seed": 1})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(mlp((1, 8, 8), [12]), "t0", 10), "t1", 10))
+    rec = make_strategy("rec", {"compress": {"epochs": 1},
+                                "owners": {"retrain": "loss", "retrain_epochs": 1}})
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index, searcher=Widening())
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=32, lr=0.05), seed=t.index)
+    assert len(teachers) == 1 and teachers[0].node("fc1").attrs["out_features"] == 14
