@@ -380,3 +380,21 @@ def test_with_fisher_importance_a_task_keeps_the_weights_of_largest_fisher(
     w = torch.arange(1.0, 13.0).view(3, 4) * kept
     assert torch.equal(model.named_parameters()["fc1.weight"].detach(), w)
     assert entry["owned"] == {"kept": 3, "free": 9}
+
+
+def test_a_checkpoints_owner_table_must_match_its_weight_exactly() -> None:
+    """Owner indices are integers of exactly their weight's shape (a table that merely fits
+    inside it is refused: it would leave weights without an owner); the controller's tensors
+    are optional; with owners off, an owner table does not belong to REC."""
+    model = small_model()
+    graph = model.graph.named_tensors()
+    good = {"owner/all/fc1.weight": torch.zeros(3, 4, dtype=torch.uint8)}
+    assert REC().check_state(good, {}, graph, 0) == []
+    small = {"owner/all/fc1.weight": torch.zeros(2, 4, dtype=torch.uint8)}
+    assert REC().check_state(small, {}, graph, 0) == [
+        "tensor 'owner/all/fc1.weight' has shape (2, 4), but fc1.weight is (3, 4)"]
+    floats = {"owner/all/fc1.weight": torch.zeros(3, 4)}
+    assert REC().check_state(floats, {}, graph, 0) == [
+        "tensor 'owner/all/fc1.weight' has dtype torch.float32, expected int"]
+    off = REC(REC.Params(owners=False)).check_state(good, {}, graph, 0)
+    assert len(off) == 1 and "does not belong to strategy 'rec'" in off[0]
