@@ -423,12 +423,15 @@ def test_old_heads_are_distilled_from_the_network_old_heads_names(old_heads: str
         assert old_teacher is None
 
 
-@pytest.mark.parametrize("importance", ["fisher", "magnitude"])
+@pytest.mark.parametrize(("importance", "old_heads"), [("fisher", "none"),
+                                                      ("magnitude", "parent")])
 def test_the_cut_student_is_scored_by_old_tasks_fisher_weighed_by_relatedness(
-        importance: str, monkeypatch: Any, caplog: Any) -> None:
+        importance: str, old_heads: str, monkeypatch: Any, caplog: Any) -> None:
     """student cut, importance fisher: growth.compress gets sum_k w_{k,t} F_k (the old tasks'
     stored Fisher, in the expanded shapes; at task 2 two of them, with w other than 1), the MWC
-    penalty and seed t + 1; importance magnitude: no Fisher."""
+    penalty and seed t + 1; importance magnitude: no Fisher. The heads and the old teacher
+    as `old_heads` names them: the task's own head alone, or every head with the old ones
+    learning from the network before the expansion."""
     import growth.strategies.rec as rec_module
 
     calls: list[dict[str, Any]] = []
@@ -443,7 +446,8 @@ def test_the_cut_student_is_scored_by_old_tasks_fisher_weighed_by_relatedness(
             for n, f in stored(rec.state, "fisher", k).items():
                 want[n] = want[n] + w * f if n in want else w * f
         calls.append({"importance": a.get("importance"), "want": want,
-                      "penalty": a.get("penalty"), "seed": a.get("seed")})
+                      "penalty": a.get("penalty"), "seed": a.get("seed"),
+                      "heads": a.get("heads"), "old_teacher": a.get("old_teacher")})
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rec_module, "compress", spy)
@@ -454,12 +458,20 @@ def test_the_cut_student_is_scored_by_old_tasks_fisher_weighed_by_relatedness(
     model = Model(add_head(add_head(add_head(mlp((1, 8, 8), [12]), "t0", 10), "t1", 10),
                            "t2", 10))
     rec = make_strategy("rec", {"compress": {"epochs": 1, "student": "cut",
-                                             "importance": importance},
+                                             "importance": importance, "old_heads": old_heads},
                                 "owners": False})
+    searcher = Widening()
     for t in tasks:
         ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
-                      torch.device("cpu"), seed=t.index, searcher=Widening())
+                      torch.device("cpu"), seed=t.index, searcher=searcher)
         learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=32, lr=0.05), seed=t.index)
+    for t, call, parent in zip((1, 2), calls, searcher.parents):
+        if old_heads == "none":
+            assert call["heads"] == [f"t{t}"] and call["old_teacher"] is None
+        else:
+            assert call["heads"][0] == f"t{t}"
+            assert sorted(call["heads"]) == [f"t{k}" for k in range(t + 1)]
+            assert call["old_teacher"].to_dict() == parent.to_dict()
     assert [(c["penalty"], c["seed"]) for c in calls] == [(rec._mwc_penalty, 2),
                                                            (rec._mwc_penalty, 3)]
     # fc1: 64 x 12 + 12 = 780 weights and biases; 910 widened to 14
