@@ -512,3 +512,22 @@ def test_retraining_with_the_loss_distils_nothing(monkeypatch: Any) -> None:
                       torch.device("cpu"), seed=t.index, searcher=Widening())
         learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=32, lr=0.05), seed=t.index)
     assert len(teachers) == 1 and teachers[0].node("fc1").attrs["out_features"] == 14
+
+
+def test_each_tasks_search_wall_time_is_measured_around_the_search() -> None:
+    """search_wall_s: the seconds the searcher took, within the task's own wall time."""
+    import time
+
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 40, "seed": 1})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(mlp((1, 8, 8), [12]), "t0", 10), "t1", 10))
+    rec = make_strategy("rec", {"compress": False, "owners": False})
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index, searcher=Widening())
+        start = time.perf_counter()
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=40, lr=0.05), seed=t.index)
+        took = time.perf_counter() - start
+    wall = rec.run_report()["details"]["rec"]["1"]["search_wall_s"]
+    assert 0 < wall < took
