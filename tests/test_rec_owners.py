@@ -20,6 +20,7 @@ from growth.config import load_config
 from growth.data import build_stream
 from growth.errors import ConfigError
 from growth.masks import swapped
+from growth.metrics import Stored
 from growth.model import Model
 from growth.ops.widen_private import widen_private
 from growth.regularizers import stored
@@ -482,3 +483,21 @@ def test_a_checkpoints_owner_table_must_match_its_weight_exactly() -> None:
         "tensor 'owner/all/fc1.weight' has dtype torch.float32, expected int"]
     off = REC(REC.Params(owners=False)).check_state(good, {}, graph, 0)
     assert len(off) == 1 and "does not belong to strategy 'rec'" in off[0]
+
+
+def test_packing_limits_apply_only_with_owners() -> None:
+    """owners.bits 1 holds one task's index: task 1 is refused before it trains with owners,
+    and learns as usual with owners off (nothing is packed then)."""
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 10})
+    ctx = Context(small_model(), tasks[1], tasks[:1], lambda t: f"t{t.index}",
+                  lambda t, y: y, torch.device("cpu"))
+    REC(REC.Params(owners={"enabled": False, "bits": 1})).before_task(ctx)
+    with pytest.raises(ConfigError, match="owners.bits 1 holds the owner indices of 1 tasks"):
+        REC(REC.Params(owners={"bits": 1})).before_task(ctx)
+
+
+def test_an_owner_table_before_any_task_is_counted_at_one_bit_a_weight() -> None:
+    """store table, no task finished: each masked weight's index (0: free) takes 1 bit."""
+    rec = REC(REC.Params(owners={"store": "table"}))
+    assert rec.size_parts(small_model())["masks"] == [Stored(12, 1, parameters=False)]
