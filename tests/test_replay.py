@@ -245,6 +245,25 @@ def test_a_restored_replay_strategy_continues_identically(name, single_head):
     assert s.memory_report() == fresh.memory_report()
 
 
+def test_saved_memory_rows_are_checked_before_loading():
+    """Integer label and task vectors, one length for x, y and task, finished tasks only."""
+    s = make_strategy("er", {"memory": 10})
+    x, y, t = torch.zeros(3, 2), torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])
+    rows = {"memory/all/x": x, "memory/all/y": y, "memory/all/task": t}
+    assert s.check_state(rows, {}, {}, 2) == []
+    assert s.check_state({"memory/all/x": x}, {}, {}, 2) == []  # labels and tasks absent
+    assert s.check_state({"memory/all/y": y[:0], "memory/all/task": t[:0]}, {}, {}, 0) == []
+    bad = s.check_state({**rows, "memory/all/y": y.float(), "memory/all/task": t[:, None]},
+                        {}, {}, 2)
+    assert bad == ["tensor 'memory/all/y' must be a vector of integers, got torch.float32 of "
+                   "shape (3,)", "tensor 'memory/all/task' must be a vector of integers, got "
+                   "torch.int64 of shape (3, 1)"]
+    assert s.check_state({**rows, "memory/all/y": y[:2]}, {}, {}, 2) == [
+        "the memory's tensors memory/all/x, y and task differ in length ([2, 3])"]
+    assert s.check_state(rows, {}, {}, 1) == [
+        "tensor 'memory/all/task' names task 1, which is not finished (0..0)"]
+
+
 @pytest.mark.parametrize("name,bad,key", [
     ("er", {"memory": 0}, "memory"), ("er", {"alpha": -1}, "alpha"),
     ("gem", {"margin": -0.1}, "margin"), ("agem", {"replay_batch": 0}, "replay_batch"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ from growth.campaign import Campaign, resume_run
 from growth.cli import main
 from growth.config import load_config
 from growth.data.containers import Task
+from growth.data.streaming import ImageFiles
 from growth.errors import ConfigError
 from growth.graph import NetGraph
 from growth.model import Model
@@ -376,6 +378,10 @@ def test_joint_mixes_classes_that_share_a_head():
     assert torch.equal(joined.train[0], torch.cat([t.train[0] for t in tasks]))
     assert joined.train[1].tolist() == [int(v) + t.class_offset for t in tasks
                                         for v in t.train[1]]
+    assert (joined.index, joined.class_offset, tasks[2].class_offset) == (2, 0, 4)  # the last
+    files = ImageFiles([f"{i}.png" for i in range(len(tasks[1].train[1]))], 4)  # never read
+    lazy = [tasks[0], dataclasses.replace(tasks[1], train=(files, tasks[1].train[1]))]
+    assert join_by_head(ctx, lazy) == lazy  # images streamed from disk are not joined
     tasks = synthetic(3)
     ctx = context(mlp(), tasks, 2)
     assert join_by_head(ctx, [*ctx.seen, ctx.task]) == [*ctx.seen, ctx.task]
