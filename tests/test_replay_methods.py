@@ -192,7 +192,9 @@ def test_latent_replay_stores_activations_and_freezes_the_layers_below():
     tasks = synthetic(3)
     model = mlp()
     s = make_strategy("latent_replay", {"layer": "r1", "memory": 500})
+    start = model.module.fc1.weight.detach().clone()
     learn(s, tasks, model, 1)
+    assert not torch.equal(model.module.fc1.weight, start)  # nothing frozen on the first task
     x, _ = tasks[0].train
     with torch.no_grad():
         acts = torch.relu(model.module.fc1(x.flatten(1)))  # the activations, by hand
@@ -210,12 +212,15 @@ def test_latent_replay_stores_activations_and_freezes_the_layers_below():
 def test_latent_replay_sends_replayed_activations_through_the_layers_above_only():
     tasks = synthetic(3)
     model = mlp()
-    s = make_strategy("latent_replay", {"layer": "r1", "memory": 30, "replay_batch": 30})
+    s = make_strategy("latent_replay", {"layer": "r1", "memory": 30, "replay_batch": 7})
     learn(s, tasks, model, 2)
     ctx = context(model, tasks, 2)
     s.before_task(ctx)
+    state = s.gen.get_state()
     got = s.penalty(ctx, None, None, None)
-    a, y, t = s.memory.batch(s.memory.rows())
+    s.gen.set_state(state)
+    a, y, t = s.memory.batch(torch.randperm(30, generator=s.gen)[:7])  # the draw, made again
+    assert len(y) == 7
     m = model.module
     loss = sum(F.cross_entropy(getattr(m, f"head{int(t[i])}")(torch.relu(m.features(a[i:i + 1]))),
                                y[i:i + 1]) for i in range(len(y))) / len(y)
@@ -226,6 +231,15 @@ def test_latent_replay_slowed_layers_get_scaled_gradients():
     tasks = synthetic(2)
     model = mlp()
     s = make_strategy("latent_replay", {"layer": "r1", "lower_lr": 0.25})
+    first = context(model, tasks, 0)
+    s.before_task(first)
+    F.cross_entropy(model.head("out0")(tasks[0].train[0]), tasks[0].train[1]).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters().items()
+             if p.grad is not None}
+    s.after_backward(first)  # the first task trains every layer at the full rate
+    for n, p in model.named_parameters().items():
+        if n in plain:
+            assert torch.equal(p.grad, plain[n]), n
     learn(s, tasks, model, 1)
     ctx = context(model, tasks, 1)
     s.before_task(ctx)
