@@ -135,6 +135,13 @@ def test_icarl_trains_on_the_task_joined_by_its_exemplars():
     x, y = tasks[1].train
     assert torch.equal(joined.train[0], torch.cat([x, s.memory.x]))
     assert joined.train[1].tolist() == [*y.tolist(), *[NOT_NEW] * 8]  # another head's rows
+    tasks = class_incremental(2)  # one head: labels in its space, exemplars keep theirs
+    model = mlp(n_heads=1, classes=4)
+    s = learn(make_strategy("icarl", {"memory": 8}), tasks, model, 1, single_head=True)
+    (joined,) = s.train_sets(context(model, tasks, 1, single_head=True))
+    x, y = tasks[1].train
+    assert tasks[1].class_offset == 2 and joined.class_offset == 0  # not added again
+    assert joined.train[1].tolist() == [*(y + 2).tolist(), *s.memory.y.tolist()]
 
 
 # ---- GDumb ---------------------------------------------------------------------------------
@@ -207,6 +214,21 @@ def test_latent_replay_stores_activations_and_freezes_the_layers_below():
     for n, p in below.items():
         assert torch.equal(model.named_parameters()[n], p), n
     assert not torch.equal(model.module.features.weight, above)
+
+
+def test_latent_replay_freezes_nested_parameters_below_its_layer():
+    """A ViT's attention holds its parameters one module down (block1_attn.qkv.weight): every
+    parameter of a node below the layer is frozen, nested or not, and none above it."""
+    from growth.search_spaces.networks import add_head, vit
+
+    model = Model(add_head(add_head(vit((1, 8, 8)), "out0", 3), "out1", 3))
+    tasks = [make_task(i, torch.randn(8, 1, 8, 8), torch.arange(8) % 3, 3) for i in (0, 1)]
+    s = make_strategy("latent_replay", {"layer": "block1_add2"})
+    s.before_task(context(model, tasks, 1))
+    frozen = {n for n, p in model.named_parameters().items() if not p.requires_grad}
+    below = ("patch.", "cls.", "pos.", "block1_")  # the nodes up to the end of block 1
+    assert "block1_attn.qkv.weight" in frozen
+    assert frozen == {n for n in model.named_parameters() if n.startswith(below)}
 
 
 def test_latent_replay_sends_replayed_activations_through_the_layers_above_only():
