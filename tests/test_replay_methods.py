@@ -137,7 +137,8 @@ def test_icarl_trains_on_the_task_joined_by_its_exemplars():
     assert joined.train[1].tolist() == [*y.tolist(), *[NOT_NEW] * 8]  # another head's rows
     tasks = class_incremental(2)  # one head: labels in its space, exemplars keep theirs
     model = mlp(n_heads=1, classes=4)
-    s = learn(make_strategy("icarl", {"memory": 8}), tasks, model, 1, single_head=True)
+    s = make_strategy("icarl", {"memory": 8})
+    s.memory.reservoir(*(t[:8] for t in tasks[0].train), 0, torch.Generator())
     (joined,) = s.train_sets(context(model, tasks, 1, single_head=True))
     x, y = tasks[1].train
     assert tasks[1].class_offset == 2 and joined.class_offset == 0  # not added again
