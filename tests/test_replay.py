@@ -115,22 +115,26 @@ def test_agem_projection_on_hand_computed_vectors():
     g, ref = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.0, 1.0, 1.0])
     # g.ref = -2, ref.ref = 2: g - (-1) ref = (1, -1, 1), orthogonal to ref
     assert agem_project(g, ref).tolist() == [1.0, -1.0, 1.0]
-    agree = torch.tensor([1.0, 2.0, 0.0])
-    assert agem_project(agree, ref) is agree
+    for agree in ([1.0, 2.0, 0.0], [1.0, 0.5, 0.0], [1.0, 0.0, 0.0]):  # g.ref = 2, 0.5, 0
+        g = torch.tensor(agree)
+        assert agem_project(g, ref) is g
 
 
 def test_agem_writes_the_projected_gradient_of_the_memory_batch():
     tasks, model = synthetic(3), mlp()
-    s = learn("agem", {"memory": 24, "replay_batch": 24}, tasks, model, upto=2)
+    s = learn("agem", {"memory": 24, "replay_batch": 10}, tasks, model, upto=2)
     ctx = context(model, tasks, 2)
     s.before_task(ctx)
     x, y = tasks[2].train
     g = backward_current(ctx, x[:16], y[:16])
-    mx, my, mt = s.memory.batch(s.memory.rows())  # the batch is the whole memory
+    state = s.gen.get_state()
+    mx, my, mt = s.memory.batch(torch.randperm(24, generator=s.gen)[:10])  # the draw, again
+    s.gen.set_state(state)
     ref = grads_of(replay_losses(ctx, mx, my, mt).mean(), model)
     dot = float(g @ ref)
     s.after_backward(ctx)
-    expect = g - dot / float(ref @ ref) * ref if dot < 0 else g
+    assert dot < 0  # the memory disagrees: the step is projected
+    expect = g - dot / float(ref @ ref) * ref
     torch.testing.assert_close(current_grads(model), expect, rtol=1e-4, atol=1e-6)
 
 
