@@ -147,6 +147,15 @@ def closest_feasible(g: np.ndarray, G: np.ndarray) -> np.ndarray:
     return res.x
 
 
+def dual_step(g: np.ndarray, G: np.ndarray, margin: float) -> np.ndarray:
+    """G'v + g for min_v 1/2 v'GG'v + g'G'v subject to v >= margin (bounded L-BFGS-B)."""
+    P, q = G @ G.T, G @ g
+    res = minimize(lambda v: 0.5 * v @ P @ v + q @ v, np.full(len(G), margin),
+                   jac=lambda v: P @ v + q, bounds=[(margin, None)] * len(G),
+                   method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 1000})
+    return res.x @ G + g
+
+
 def test_gem_projection_solves_the_primal_problem():
     g = torch.tensor([-1.0, 1.0])
     assert gem_project(g, torch.tensor([[1.0, 0.0]])).tolist() == [0.0, 1.0]
@@ -188,6 +197,10 @@ def test_gem_step_never_raises_an_old_tasks_memory_loss_to_first_order():
         assert bool((G @ new >= -1e-6 * G.norm(dim=1) * g.norm()).all()), G @ new
         if bool((G @ g >= 0).all()):
             assert torch.equal(new, g)  # nothing violated: the plain gradient
+        else:  # the dual's solution with v >= 0.5, by a general-purpose solver
+            np.testing.assert_allclose(new.numpy(), dual_step(g.double().numpy(),
+                                                              G.double().numpy(), 0.5),
+                                       atol=1e-4 * float(g.norm()))
     assert violated  # the batches did conflict with the memory
 
 
