@@ -159,6 +159,10 @@ def dual_step(g: np.ndarray, G: np.ndarray, margin: float) -> np.ndarray:
 def test_gem_projection_solves_the_primal_problem():
     g = torch.tensor([-1.0, 1.0])
     assert gem_project(g, torch.tensor([[1.0, 0.0]])).tolist() == [0.0, 1.0]
+    assert gem_project(torch.tensor([-1.0]), torch.tensor([[1.0]])).tolist() == [0.0]
+    # g . g_1 = 0 violates nothing: g is kept, not raised along g_1 by the margin
+    g0 = torch.tensor([1.0, 0.0])
+    assert gem_project(g0, torch.tensor([[0.0, 1.0], [1.0, 1.0]]), margin=0.5) is g0
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         G = torch.randn(3, 6, generator=gen, dtype=torch.float64)
