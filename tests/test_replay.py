@@ -175,12 +175,14 @@ def test_gem_projection_solves_the_primal_problem():
 
 
 def test_gem_projection_with_linearly_dependent_memory_gradients_adds_a_small_ridge():
-    """GG' = [[1, 2], [2, 4]] is singular; with the ridge r = 1e-6 * trace / t = 2.5e-6 the
-    dual's solution is v = (1, 2) / (5 + r), so g~ = g + G'v = (-r / (5 + r), 1)."""
-    G, g = torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([-1.0, 1.0])
-    got = gem_project(g, G)
-    r = 1e-6 * 5 / 2
-    assert float(got[0]) == pytest.approx(-r / (5 + r), rel=1e-3) and float(got[1]) == 1.0
+    """G = s [[1, 0], [2, 0]]: GG' = s^2 [[1, 2], [2, 4]] is singular; with the ridge
+    r = 1e-6 * trace / t = 2.5e-6 s^2 the dual's solution is v = s (1, 2) / (5 s^2 + r), so
+    g~ = g + G'v = (-r / (5 s^2 + r), 1) = (-2.5e-6 / (5 + 2.5e-6), 1) at any scale s."""
+    g = torch.tensor([-1.0, 1.0])
+    for scale in (1.0, 0.01):  # gradients of norm below 1 too
+        got = gem_project(g, scale * torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
+        assert float(got[0]) == pytest.approx(-2.5e-6 / (5 + 2.5e-6), rel=1e-3), scale
+        assert float(got[1]) == 1.0
 
 
 def test_gem_step_never_raises_an_old_tasks_memory_loss_to_first_order():
