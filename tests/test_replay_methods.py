@@ -17,6 +17,7 @@ from test_strategies import class_incremental, context, make_task, mlp, perturb,
 
 from growth.campaign import Campaign, resume_run
 from growth.cli import main
+from growth.compile import compile_graph
 from growth.config import load_config
 from growth.data.containers import Task
 from growth.data.streaming import ImageFiles
@@ -24,7 +25,7 @@ from growth.errors import ConfigError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.strategies import Context, make_strategy
-from growth.strategies.dgr import vae_graphs
+from growth.strategies.dgr import _VAETrainer, elbo_loss, sample, vae_graphs
 from growth.strategies.icarl import NOT_NEW
 from growth.strategies.rehearsal import join_by_head
 from growth.train import TrainConfig, evaluate, learn_task
@@ -327,6 +328,43 @@ def test_the_generator_learns_the_tasks_data():
     before = bound()
     s.after_task(ctx)
     assert bound() < 0.9 * before
+
+
+def test_the_evidence_bound_by_hand():
+    """(sum of pixel BCEs + KL(N(mu, exp(logvar)) || N(0, 1))) / batch, z = mu + sigma eps."""
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(2, 3)
+    x = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.2, 0.0]])
+    mu, logvar = torch.tensor([[0.3, -0.2], [1.0, 0.5]]), torch.tensor([[0.1, -0.4], [0.0, 0.3]])
+    eps = torch.randn(2, 2, generator=torch.Generator().manual_seed(4))
+    got = elbo_loss(x, mu, logvar, decoder, torch.Generator().manual_seed(4))
+    p = torch.sigmoid(decoder(mu + torch.exp(logvar / 2) * eps)).detach()
+    recon = -(x * p.log() + (1 - x) * (1 - p).log()).sum()
+    kl = sum(0.5 * (math.exp(lv) + m * m - 1 - lv) for m, lv in zip(mu.flatten().tolist(),
+                                                                   logvar.flatten().tolist()))
+    assert float(got.detach()) == pytest.approx((float(recon) + kl) / 2, rel=1e-5)
+
+
+def test_the_generator_trains_on_its_tasks_weight_of_data_and_the_rest_of_replays():
+    """Loss w ELBO(batch) + (1 - w) ELBO(replays of the previous decoder), w = 1/t."""
+    tasks, model = synthetic(2), mlp()
+    s = make_strategy("dgr", SMALL_VAE)
+    s.before_task(context(model, tasks, 0))  # builds the VAE
+    enc, dec = s.encoder, s.decoder.module
+    previous = compile_graph(s.decoder.graph)  # a copy of the decoder as it was
+    perturb(s.decoder, 1)
+    x = tasks[1].train[0][:6].clamp(0, 1)
+    ctx = Context(enc, tasks[1], [], lambda t: "mu", lambda t, y: y, torch.device("cpu"))
+    ctx.outputs = enc.head(("mu", "logvar"))(x)
+    trainer = _VAETrainer(dec, previous, 0.25, 4, torch.Generator().manual_seed(2))
+    got = trainer.loss(ctx, x, None, None)
+    gen = torch.Generator().manual_seed(2)  # the same draws, in the same order
+    own = elbo_loss(x, ctx.outputs["mu"], ctx.outputs["logvar"], dec, gen)
+    fake = sample(previous, 6, 4, (1, 4, 4), gen, torch.device("cpu"))
+    out = enc.head(("mu", "logvar"))(fake)
+    replayed = elbo_loss(fake, out["mu"], out["logvar"], dec, gen)
+    expect = float((0.25 * own + 0.75 * replayed).detach())
+    assert float(got.detach()) == pytest.approx(expect, rel=1e-5)
 
 
 def replay_setup(name: str, params: dict, single_head: bool):
