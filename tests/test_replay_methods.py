@@ -307,6 +307,10 @@ def test_dgr_counts_its_generator_as_memory():
     # encoder 16->16, 16->4 twice; decoder 4->16, 16->16 (pixels of a 1x4x4 input)
     params = (16 * 16 + 16) + 2 * (16 * 4 + 4) + (4 * 16 + 16) + (16 * 16 + 16)
     assert s.memory_report() == {"samples": 0, "bytes": params * 4, "generator_params": params}
+    # the checkpoint's names: the encoder's layers, its two heads, the decoder's layers
+    layers = {"encoder": ["fc1", "head_mu", "head_logvar"], "decoder": ["fc1", "out"]}
+    assert set(s.state) == {f"generator/{part}/{node}.{kind}" for part, nodes in layers.items()
+                            for node in nodes for kind in ("weight", "bias")}
 
 
 def test_the_generator_learns_the_tasks_data():
