@@ -255,6 +255,27 @@ def test_mir_replays_the_candidates_a_virtual_step_hurts_most(momentum, decay):
     assert sorted(chosen.tolist()) == sorted(torch.topk(rise, 5).indices.tolist())
 
 
+def test_mir_adds_alpha_times_the_chosen_candidates_cross_entropy():
+    tasks, model = synthetic(3), mlp()
+    s = make_strategy("mir", {"memory": 30, "candidates": 12, "replay_batch": 4, "alpha": 0.6})
+    for i in (0, 1):  # the memory of two old tasks, without training
+        s.memory.reservoir(*tasks[i].train, i, torch.Generator().manual_seed(i))
+    ctx = context(model, tasks, 2)
+    s.before_task(ctx)
+    ctx.optimizer = torch.optim.SGD(model.module.parameters(), lr=0.3)
+    x, y = tasks[2].train
+    logits = model.head("out2")(x[:8])
+    state = s.gen.get_state()
+    got = s.penalty(ctx, x[:8], y[:8], logits)
+    s.gen.set_state(state)
+    mx, my, mt = s.memory.batch(torch.randperm(30, generator=s.gen)[:12])  # the candidates
+    chosen = s.retrieve(ctx, logits, y[:8], mx, my, mt).tolist()
+    assert len(chosen) == 4
+    expect = sum(F.cross_entropy(model.head(f"out{int(mt[i])}")(mx[i:i + 1]), my[i:i + 1])
+                 for i in chosen) / 4
+    assert float(got.detach()) == pytest.approx(0.6 * float(expect.detach()), rel=1e-5)
+
+
 # ---- state, scenarios, settings --------------------------------------------------------------
 @pytest.mark.parametrize("name", REPLAY)
 @pytest.mark.parametrize("single_head", [False, True])
