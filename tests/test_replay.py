@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -99,6 +100,19 @@ def test_er_adds_alpha_times_the_replayed_batchs_cross_entropy():
     expect = sum(F.cross_entropy(model.head(f"out{int(mt[i])}")(mx[i:i + 1]), my[i:i + 1])
                  for i in range(8)) / 8
     assert float(got.detach()) == pytest.approx(0.7 * float(expect.detach()), rel=1e-5)
+
+
+def test_replay_draws_come_from_the_tasks_seed_under_the_methods_replay_key():
+    """A resumed run draws the same batches: the generator is seeded from the task's seed
+    and the key "<method>/replay/<task index>" (growth.data.sampling's mixing, by hand)."""
+    tasks, model = synthetic(3), mlp()
+    s = make_strategy("er", {})
+    ctx = context(model, tasks, 2)
+    ctx.seed = 7
+    s.before_task(ctx)
+    seed = (7 * 0x9E3779B1 + zlib.crc32(b"er/replay/2")) % (2**63 - 1)
+    want = torch.randperm(50, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(torch.randperm(50, generator=s.gen), want)
 
 
 def test_no_replay_on_the_first_task():
