@@ -18,10 +18,12 @@ from test_campaign import run, write_config
 from test_strategies import class_incremental, context, mlp, synthetic
 
 from growth.campaign import resume_run
+from growth.memory import EpisodicMemory
 from growth.model import Model
 from growth.strategies import make_strategy
 from growth.strategies.agem import agem_project
 from growth.strategies.gem import gem_project
+from growth.strategies.mir import virtual_steps
 from growth.strategies.rehearsal import replay_losses
 from growth.train import TrainConfig, learn_task
 
@@ -288,6 +290,40 @@ def test_mir_adds_alpha_times_the_chosen_candidates_cross_entropy():
     expect = sum(F.cross_entropy(model.head(f"out{int(mt[i])}")(mx[i:i + 1]), my[i:i + 1])
                  for i in chosen) / 4
     assert float(got.detach()) == pytest.approx(0.6 * float(expect.detach()), rel=1e-5)
+
+
+def test_mir_virtual_steps_by_hand():
+    """lr (momentum * buffer + g + weight_decay * p) per parameter; a parameter without a
+    gradient or outside the optimizer is skipped, and the ones after it still step."""
+    a, b, c, d = (torch.nn.Parameter(torch.tensor([v, -v])) for v in (1.0, 2.0, 3.0, 4.0))
+    opt = torch.optim.SGD([{"params": [a, b]}, {"params": [d], "lr": 0.5, "weight_decay": 0.1,
+                                                 "momentum": 0.9}], lr=0.2)
+    opt.state[d]["momentum_buffer"] = torch.tensor([1.0, 1.0])
+    g = torch.tensor([0.5, 0.25])
+    steps = virtual_steps(opt, {"a": a, "b": b, "c": c, "d": d}, (g, None, g, g))
+    assert set(steps) == {"a", "d"}
+    torch.testing.assert_close(steps["a"], torch.tensor([0.1, 0.05]))
+    # 0.5 * (0.9 * 1 + 0.5 + 0.1 * 4), 0.5 * (0.9 * 1 + 0.25 - 0.1 * 4)
+    torch.testing.assert_close(steps["d"], torch.tensor([0.9, 0.375]))
+
+
+def test_the_memory_is_offered_the_tasks_samples_in_their_seeded_order():
+    """Order from the key "stream/<task>", reservoir draws from "reservoir/<task>" (the
+    task's seed mixed as growth.data.sampling does, by hand)."""
+    tasks, model = synthetic(3), mlp()
+    s = make_strategy("er", {"memory": 5})
+    ctx = context(model, tasks, 1)
+    ctx.seed = 3
+
+    def gen(key: bytes) -> torch.Generator:
+        return torch.Generator().manual_seed((3 * 0x9E3779B1 + zlib.crc32(key)) % (2**63 - 1))
+
+    s.remember(ctx)
+    x, y = tasks[1].train
+    order = torch.randperm(len(y), generator=gen(b"stream/1"))
+    want = EpisodicMemory(5)
+    want.reservoir(x[order], y[order], 1, gen(b"reservoir/1"))
+    assert torch.equal(s.memory.x, want.x) and torch.equal(s.memory.y, want.y)
 
 
 # ---- state, scenarios, settings --------------------------------------------------------------

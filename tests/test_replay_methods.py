@@ -144,6 +144,11 @@ def test_icarl_trains_on_the_task_joined_by_its_exemplars():
     x, y = tasks[1].train
     assert tasks[1].class_offset == 2 and joined.class_offset == 0  # not added again
     assert joined.train[1].tolist() == [*(y + 2).tolist(), *s.memory.y.tolist()]
+    files = ImageFiles([f"{i}.png" for i in range(len(y))], 4)  # never read
+    lazy = dataclasses.replace(tasks[1], train=(files, y))
+    with pytest.raises(ConfigError, match="data.load"):
+        s.train_sets(Context(model, lazy, [tasks[0]], lambda t: "out0",
+                             lambda t, y: y + t.class_offset, torch.device("cpu")))
 
 
 # ---- GDumb ---------------------------------------------------------------------------------
