@@ -585,3 +585,29 @@ def test_batchnorms_are_the_trunks_only() -> None:
     model = Model(g)
     norms = batchnorms(model)
     assert len(norms) == 1 and norms[0] is model.module.get_submodule("bn1")
+
+
+def test_packnet_checks_its_saved_task_list_and_owner_tensors() -> None:
+    """A saved state fits after `finished` tasks when its task list is exactly 0..finished-1
+    (none saved before any task) and its owner tensors fit the graph's."""
+    from rivalkit import ctx_for
+
+    s, model, graph, tasks = _tiny("packnet", {})
+    s.before_task(ctx_for(model, tasks, 0, s))
+    owners, weights = dict(s.state), graph.named_tensors()
+    assert sorted(owners) == ["owner/all/fc1.weight", "owner/all/fc2.weight"]
+    assert s.check_state(owners, {}, weights, 0) == []
+    assert s.check_state(owners, {"tasks": [0, 1]}, weights, 2) == []
+    assert s.check_state(owners, {"tasks": [0]}, weights, 2) == [
+        "extra 'tasks' is [0], expected the 2 finished tasks [0, 1]"]
+    assert s.check_state(owners, {}, weights, 1) == [
+        "extra 'tasks' is None, expected the 1 finished tasks [0]"]
+    bad = {**owners, "owner/all/fc1.weight": torch.zeros(2, 2, dtype=torch.uint8)}
+    (problem,) = s.check_state(bad, {"tasks": [0]}, weights, 1)
+    assert "owner/all/fc1.weight" in problem and "(2, 2)" in problem, problem
+    per_task, model, graph, _ = _tiny("packnet", {"shared": "per_task"})
+    ctx = ctx_for(model, tasks, 0, per_task)
+    per_task.before_task(ctx)
+    per_task.store_shared(ctx, 0)  # task 0's biases: the second task's are missing
+    (problem,) = per_task.check_state(per_task.state, {"tasks": [0, 1]}, weights, 2)
+    assert problem.startswith("no 'shared' tensors for slot(s) 1:"), problem
