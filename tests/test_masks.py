@@ -611,3 +611,7 @@ def test_packnet_checks_its_saved_task_list_and_owner_tensors() -> None:
     per_task.store_shared(ctx, 0)  # task 0's biases: the second task's are missing
     (problem,) = per_task.check_state(per_task.state, {"tasks": [0, 1]}, weights, 2)
     assert problem.startswith("no 'shared' tensors for slot(s) 1:"), problem
+    assert per_task.check_state(per_task.state, {"tasks": [0]}, weights, 1) == []
+    bad = {**per_task.state, "shared/0/fc1.bias": torch.zeros(2)}
+    (problem,) = per_task.check_state(bad, {"tasks": [0]}, weights, 1)
+    assert "shared/0/fc1.bias" in problem and "(2,)" in problem, problem
