@@ -590,7 +590,9 @@ def test_batchnorms_are_the_trunks_only() -> None:
 def test_packnet_checks_its_saved_task_list_and_owner_tensors() -> None:
     """A saved state fits after `finished` tasks when its task list is exactly 0..finished-1
     (none saved before any task) and its owner tensors fit the graph's."""
-    from rivalkit import ctx_for
+    from rivalkit import cnn_net, ctx_for, tasks_for
+
+    from growth.model import Model
 
     s, model, graph, tasks = _tiny("packnet", {})
     s.before_task(ctx_for(model, tasks, 0, s))
@@ -605,13 +607,16 @@ def test_packnet_checks_its_saved_task_list_and_owner_tensors() -> None:
     bad = {**owners, "owner/all/fc1.weight": torch.zeros(2, 2, dtype=torch.uint8)}
     (problem,) = s.check_state(bad, {"tasks": [0]}, weights, 1)
     assert "owner/all/fc1.weight" in problem and "(2, 2)" in problem, problem
-    per_task, model, graph, _ = _tiny("packnet", {"shared": "per_task"})
-    ctx = ctx_for(model, tasks, 0, per_task)
+    graph = cnn_net(2)  # BatchNorm: its per-task copies hold an integer counter
+    per_task, model = make_strategy("packnet", {"shared": "per_task"}), Model(graph)
+    ctx = ctx_for(model, tasks_for(graph, 2), 0, per_task)
     per_task.before_task(ctx)
-    per_task.store_shared(ctx, 0)  # task 0's biases: the second task's are missing
+    per_task.store_shared(ctx, 0)  # task 0's biases and BatchNorm: the second task's missing
+    weights = graph.named_tensors()
+    assert per_task.state["shared/0/bn1.num_batches_tracked"].dtype == torch.int64
+    assert per_task.check_state(per_task.state, {"tasks": [0]}, weights, 1) == []
     (problem,) = per_task.check_state(per_task.state, {"tasks": [0, 1]}, weights, 2)
     assert problem.startswith("no 'shared' tensors for slot(s) 1:"), problem
-    assert per_task.check_state(per_task.state, {"tasks": [0]}, weights, 1) == []
-    bad = {**per_task.state, "shared/0/fc1.bias": torch.zeros(2)}
+    bad = {**per_task.state, "shared/0/conv1.bias": torch.zeros(2)}
     (problem,) = per_task.check_state(bad, {"tasks": [0]}, weights, 1)
-    assert "shared/0/fc1.bias" in problem and "(2,)" in problem, problem
+    assert "shared/0/conv1.bias" in problem and "(2,)" in problem, problem
