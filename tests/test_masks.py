@@ -620,3 +620,29 @@ def test_packnet_checks_its_saved_task_list_and_owner_tensors() -> None:
     bad = {**per_task.state, "shared/0/conv1.bias": torch.zeros(2)}
     (problem,) = per_task.check_state(bad, {"tasks": [0]}, weights, 1)
     assert "shared/0/conv1.bias" in problem and "(2,)" in problem, problem
+
+
+def test_packnet_sizes_count_per_task_copies_of_floating_tensors_only() -> None:
+    """per_task mode adds a "per_task" part: the stored biases and BatchNorm parameters and
+    statistics (integer batch counters not counted); "frozen" mode has no such part."""
+    from rivalkit import cnn_net, ctx_for, tasks_for
+
+    from growth.model import Model
+
+    graph = cnn_net(2)
+    tasks = tasks_for(graph, 2)
+    frozen = make_strategy("packnet", {})
+    model = Model(graph)
+    frozen.before_task(ctx_for(model, tasks, 0, frozen))
+    assert sorted(frozen.size_parts(model)) == ["extra", "heads", "masks", "trunk"]
+    per_task = make_strategy("packnet", {"shared": "per_task"})
+    ctx = ctx_for(model, tasks, 0, per_task)
+    per_task.before_task(ctx)
+    per_task.store_shared(ctx, 0)
+    parts = per_task.size_parts(model)
+    assert sorted(parts) == ["extra", "heads", "masks", "per_task", "trunk"]
+    want = [f"shared/0/{n}" for n in (
+        "conv1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+        "conv2.bias", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var",
+        "fc3.bias")]
+    assert [id(t) for t in parts["per_task"]] == [id(per_task.state[k]) for k in want]
