@@ -646,3 +646,38 @@ def test_packnet_sizes_count_per_task_copies_of_floating_tensors_only() -> None:
         "conv2.bias", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var",
         "fc3.bias")]
     assert [id(t) for t in parts["per_task"]] == [id(per_task.state[k]) for k in want]
+
+
+def test_cpg_grows_every_trunk_layer_by_its_base_width_and_records_the_task() -> None:
+    """Goal 1.01 (never met), budget wide, one growth step: each of three trunk layers grows
+    by ceil(0.25 x its base width) (6, 5, 4 -> 8, 7, 5), the task records one growth, the
+    grown network's size by hand (4*8+8 + 8*7+7 + 7*5+5 + 2*(5*3+3) = 179), no pruning kept
+    (the goal is missed at 0.5 too) and the widths it ends with."""
+    from rivalkit import ctx_for, tasks_for, with_heads
+
+    from growth.graph import NetGraph
+    from growth.model import Model
+    from growth.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (4,))
+    for i, (w, src) in enumerate(((6, "x"), (5, "r1"), (4, "r2")), 1):
+        g.add(f"fc{i}", "linear", [src], out_features=w)
+        g.add(f"r{i}", "relu", [f"fc{i}"])
+    g.add("features", "identity", ["r3"])
+    graph = with_heads(g, 2)
+    model = Model(graph)
+    s = make_strategy("cpg", {"grow": 0.25, "noise": 0.0, "budget": 10, "max_grow": 1,
+                              "ratios": [0.5], "prune_epochs": 1})
+    s.extra["goals"] = {"0": 1.01}
+    ctx = ctx_for(model, tasks_for(graph, 2, n=16), 0, s)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
+    s.before_task(ctx)
+    s.after_task(ctx)
+    assert {n: model.graph.shape(n)[0] for n in ("fc1", "fc2", "fc3")} == {
+        "fc1": 8, "fc2": 7, "fc3": 5}
+    assert s.extra["grown"] == {"0": 1} and s.extra["size"] == {"0": 179}
+    assert s.extra["pruned"] == {"0": 0.0}
+    assert s.extra["widths"] == {"0": {"fc1": 8, "fc2": 7, "fc3": 5}}
