@@ -681,3 +681,51 @@ def test_cpg_grows_every_trunk_layer_by_its_base_width_and_records_the_task() ->
     assert s.extra["grown"] == {"0": 1} and s.extra["size"] == {"0": 179}
     assert s.extra["pruned"] == {"0": 0.0}
     assert s.extra["widths"] == {"0": {"fc1": 8, "fc2": 7, "fc3": 5}}
+
+
+def test_cpg_prunes_by_the_cubic_schedule_one_epoch_at_a_time() -> None:
+    """Stage 0.5 over two epochs from nothing pruned: s = 0.5 + (0 - 0.5)(1 - e/2)^3 gives
+    0.4375 after the first epoch and 0.5 after the second, of each layer's own weights (fc1:
+    96 -> 42 then 48 released; fc2: 30 -> 13 then 15), one epoch per step, released weights
+    zero; the goal met, the stage is kept."""
+    from rivalkit import ctx_for
+
+    from growth.train import TrainConfig, fit
+
+    s, model, _, tasks = _tiny("cpg", {"ratios": [0.5], "prune_epochs": 2})
+    s.extra["goals"] = {"0": 0.0}
+    ctx = ctx_for(model, tasks, 0, s)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    calls: list[tuple[dict[str, Any], dict[str, int]]] = []
+
+    def train_fit(**kw: Any) -> list[float]:
+        calls.append((kw, {n: int(own.sum()) for n, own in s._trainable.items()}))
+        params = model.named_parameters()
+        assert all(bool((params[n][~own] == 0).all()) for n, own in s._trainable.items())
+        return fit(ctx, s, cfg, **{"seed": 1, **kw})
+
+    ctx.train_fit = train_fit
+    s.before_task(ctx)
+    assert s._compact(ctx) == 0.5
+    assert calls == [({"epochs": 1}, {"fc1.weight": 54, "fc2.weight": 17}),
+                     ({"epochs": 1}, {"fc1.weight": 48, "fc2.weight": 15})]
+
+
+def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
+    """While task 1 trains, its evaluation weights are the free weights plus the old ones
+    whose pick is above 5e-3 (row 0's picks set below it: its old weights read as zero)."""
+    from rivalkit import ctx_for
+
+    s, model, _, tasks = _tiny("cpg", {})
+    owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
+    s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
+    s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
+    ctx = ctx_for(model, tasks, 1, s)
+    s.before_task(ctx)
+    with torch.no_grad():
+        s._picks["fc1.weight"][0] = 0.001
+    kept = ~owned
+    kept[1:] = True  # free everywhere, old weights picked but in row 0
+    w = model.named_parameters()["fc1.weight"].detach()
+    assert torch.equal(s.task_weights(ctx, tasks[1])["fc1.weight"], w * kept)
