@@ -712,8 +712,9 @@ def test_cpg_prunes_by_the_cubic_schedule_one_epoch_at_a_time() -> None:
 
 
 def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
-    """While task 1 trains, its evaluation weights are the free weights plus the old ones
-    whose pick is above 5e-3 (row 0's picks set below it: its old weights read as zero)."""
+    """Before task 1 starts it is scored with every weight owned so far; while it trains, with
+    the free weights plus the old ones whose pick is above 5e-3 (row 0's picks set below it:
+    its old weights read as zero)."""
     from rivalkit import ctx_for
 
     s, model, _, tasks = _tiny("cpg", {})
@@ -721,11 +722,28 @@ def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
     s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
     s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
     s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
+    w = model.named_parameters()["fc1.weight"].detach()
+    # before it starts, a task not learned yet sees every weight owned so far
+    assert torch.equal(s.task_weights(ctx_for(model, tasks, 1, s), tasks[1])["fc1.weight"],
+                       w * owned)
     ctx = ctx_for(model, tasks, 1, s)
     s.before_task(ctx)
     with torch.no_grad():
         s._picks["fc1.weight"][0] = 0.001
     kept = ~owned
     kept[1:] = True  # free everywhere, old weights picked but in row 0
-    w = model.named_parameters()["fc1.weight"].detach()
     assert torch.equal(s.task_weights(ctx, tasks[1])["fc1.weight"], w * kept)
+
+
+def test_cpg_checks_its_stored_picks_as_boolean_tensors_per_finished_task() -> None:
+    from rivalkit import ctx_for
+
+    s, model, graph, tasks = _tiny("cpg", {})
+    s.extra["goals"] = {"0": 0.0}
+    s.before_task(ctx_for(model, tasks, 0, s))
+    weights = graph.named_tensors()
+    state = {**s.state, "pick/0/fc1.weight": torch.zeros(6, 16, dtype=torch.bool)}
+    assert s.check_state(state, {"tasks": [0]}, weights, 1) == []
+    state["pick/0/fc1.weight"] = torch.zeros(6, 16, dtype=torch.uint8)
+    (problem,) = s.check_state(state, {"tasks": [0]}, weights, 1)
+    assert "pick/0/fc1.weight" in problem and "bool" in problem, problem
