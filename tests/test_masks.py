@@ -747,3 +747,51 @@ def test_cpg_checks_its_stored_picks_as_boolean_tensors_per_finished_task() -> N
     state["pick/0/fc1.weight"] = torch.zeros(6, 16, dtype=torch.uint8)
     (problem,) = s.check_state(state, {"tasks": [0]}, weights, 1)
     assert "pick/0/fc1.weight" in problem and "bool" in problem, problem
+
+
+def test_cpg_scores_a_task_without_a_validation_split_on_its_training_split() -> None:
+    """No validation samples: the goal and the accuracy checks use the training split (an
+    accuracy over its 24 samples, not NaN), the accuracy as counted by hand."""
+    import dataclasses
+
+    from rivalkit import ctx_for
+
+    from growth.train import TrainConfig
+
+    s, model, _, tasks = _tiny("cpg", {"margin": 0.0})
+    x, y = tasks[0].train
+    tasks[0] = dataclasses.replace(tasks[0], val=(x[:0], y[:0]))
+    ctx = ctx_for(model, tasks, 0, s)
+    ctx.train_config = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    s.before_task(ctx)
+    goal = s.goal(0)
+    assert 0.0 <= goal <= 1.0 and goal * 24 == round(goal * 24), goal
+    with torch.no_grad():
+        by_hand = int((model.head("t0")(x).argmax(1) == y).sum()) / 24
+    assert s._accuracy(ctx) == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_cpg_picks_take_adam_steps_of_their_own() -> None:
+    """One training step: every pick whose gradient g is not zero moves from 0.01 by Adam's
+    first step, pick_lr * g / (|g| + 1e-8)."""
+    from rivalkit import ctx_for
+
+    s, model, _, tasks = _tiny("cpg", {"pick_lr": 1e-3})
+    owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
+    s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
+    s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
+    ctx = ctx_for(model, tasks, 1, s)
+    s.before_task(ctx)
+    x, y = tasks[1].train
+    with s.training(ctx):
+        torch.nn.functional.cross_entropy(model.head("t1")(x), y).backward()
+        s.after_backward(ctx)
+        grad = s._picks["fc1.weight"].grad.clone()
+        s.after_step(ctx)
+    moved = grad != 0
+    assert int(moved.sum()) > 10
+    want = 0.01 - 1e-3 * grad / (grad.abs() + 1e-8)
+    torch.testing.assert_close(s._picks["fc1.weight"].detach()[moved], want[moved],
+                               rtol=0, atol=1e-9)
+    assert torch.equal(s._picks["fc1.weight"].detach()[~moved], torch.full((6, 16), 0.01)[~moved])
