@@ -795,3 +795,29 @@ def test_cpg_picks_take_adam_steps_of_their_own() -> None:
     torch.testing.assert_close(s._picks["fc1.weight"].detach()[moved], want[moved],
                                rtol=0, atol=1e-9)
     assert torch.equal(s._picks["fc1.weight"].detach()[~moved], torch.full((6, 16), 0.01)[~moved])
+
+
+def test_cpg_stores_each_tasks_biases_in_per_task_mode_and_checks_pick_shapes() -> None:
+    """shared: per_task: after task 0, CPG holds a copy of the trunk's biases under
+    shared/0/ (the values the model ends the task with); a stored pick of another shape than
+    its weight is a problem naming both shapes."""
+    from rivalkit import ctx_for
+
+    from growth.train import TrainConfig, fit
+
+    s, model, graph, tasks = _tiny("cpg", {"shared": "per_task", "ratios": [0.5],
+                                           "prune_epochs": 1, "max_grow": 0})
+    s.extra["goals"] = {"0": 0.0}
+    ctx = ctx_for(model, tasks, 0, s)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
+    s.before_task(ctx)
+    s.after_task(ctx)
+    params = model.named_parameters()
+    stored = {k: v for k, v in s.state.items() if k.startswith("shared/")}
+    assert sorted(stored) == ["shared/0/fc1.bias", "shared/0/fc2.bias"]
+    for k, v in stored.items():
+        assert torch.equal(v, params[k.split("/", 2)[2]].detach())
+    bad = {**s.state, "pick/0/fc1.weight": torch.zeros(2, 2, dtype=torch.bool)}
+    (problem,) = s.check_state(bad, {"tasks": [0]}, graph.named_tensors(), 1)
+    assert "pick/0/fc1.weight" in problem and "(2, 2)" in problem, problem
