@@ -821,3 +821,28 @@ def test_cpg_stores_each_tasks_biases_in_per_task_mode_and_checks_pick_shapes() 
     bad = {**s.state, "pick/0/fc1.weight": torch.zeros(2, 2, dtype=torch.bool)}
     (problem,) = s.check_state(bad, {"tasks": [0]}, graph.named_tensors(), 1)
     assert "pick/0/fc1.weight" in problem and "(2, 2)" in problem, problem
+
+
+def test_cpg_growth_adds_noisy_copies_and_its_picks_go_on_training() -> None:
+    """Growth with noise 0.5: each new unit's incoming row is an old row plus noise (equal to
+    none of them); after growth the picks, remapped, still take Adam steps."""
+    from rivalkit import ctx_for
+
+    s, model, _, tasks = _tiny("cpg", {"grow": 0.5, "noise": 0.5, "budget": 10})
+    owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
+    s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
+    s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
+    ctx = ctx_for(model, tasks, 1, s)
+    s.before_task(ctx)
+    assert s._grow(ctx, 0)
+    w = model.named_parameters()["fc1.weight"].detach()
+    assert w.shape == (9, 16)
+    for row in w[6:]:
+        assert not any(torch.equal(row, old) for old in w[:6])
+    x, y = tasks[1].train
+    with s.training(ctx):
+        torch.nn.functional.cross_entropy(model.head("t1")(x), y).backward()
+        s.after_backward(ctx)
+        s.after_step(ctx)
+    assert bool((s._picks["fc1.weight"].detach() != 0.01).any())
