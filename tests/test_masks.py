@@ -845,4 +845,4 @@ def test_cpg_growth_adds_noisy_copies_and_its_picks_go_on_training() -> None:
         torch.nn.functional.cross_entropy(model.head("t1")(x), y).backward()
         s.after_backward(ctx)
         s.after_step(ctx)
-    assert bool((s._picks["fc1.weight"].detach() != 0.01).any())
+    assert bool((s._picks["fc1.weight"].detach()[:6] != 0.01).any())  # the old units' picks
