@@ -846,3 +846,19 @@ def test_cpg_growth_adds_noisy_copies_and_its_picks_go_on_training() -> None:
         s.after_backward(ctx)
         s.after_step(ctx)
     assert bool((s._picks["fc1.weight"].detach()[:6] != 0.01).any())  # the old units' picks
+
+
+def test_cpg_keeps_a_stage_whose_accuracy_equals_the_goal() -> None:
+    """The goal is met at equality: accuracy 0.5 against goal 0.5 keeps stage 0.5."""
+    from rivalkit import ctx_for
+
+    from growth.train import TrainConfig, fit
+
+    s, model, _, tasks = _tiny("cpg", {"ratios": [0.5], "prune_epochs": 1})
+    s.extra["goals"] = {"0": 0.5}
+    ctx = ctx_for(model, tasks, 0, s)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
+    s._accuracy = lambda ctx: 0.5  # type: ignore[method-assign]
+    s.before_task(ctx)
+    assert s._compact(ctx) == 0.5
