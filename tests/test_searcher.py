@@ -13,7 +13,13 @@ import pytest
 import ray.cloudpickle as cloudpickle
 import torch
 from growth.controllers import make_controller
-from growth.controllers.records import ChildRecord, append_record, leaderboard, read_records
+from growth.controllers.records import (
+    ChildRecord,
+    append_record,
+    board_rows,
+    leaderboard,
+    read_records,
+)
 from growth.controllers.searcher import ControllerSearcher, Generation
 from growth.controllers.trial import TrialSpec, child_seed, save_strategy_state, train_child
 from searchkit import CHILD_TRAIN, accuracy, digits_task, small_space, trained_base
@@ -182,6 +188,23 @@ def test_records_survive_a_torn_last_line(tmp_path: Path) -> None:
     assert [r.key for r in got] == ["g000c00", "g000c01", "g000c02"]
     assert got[2].val_acc is None  # NaN is stored as null
     assert [r.key for r in leaderboard(got)] == ["g000c01", "g000c00"]  # fewer params first
+
+
+def test_leaderboard_rows_rank_from_one_best_first_and_keep_the_top() -> None:
+    """The rows `leaderboard.json` holds: rank 1 for the best child, training time rounded to
+    milliseconds, and only the first `top` rows when asked."""
+    a = ChildRecord("g000c00", 0, 0, "a", [], "ok", val_acc=0.5, params=10, train_time_s=2.0)
+    b = ChildRecord("g000c01", 0, 1, "b", [], "ok", val_acc=0.5, params=8, train_time_s=1.5)
+    c = ChildRecord("g001c00", 1, 0, "c", [], "ok", val_acc=0.9, params=20,
+                    train_time_s=1.23456, checkpoint="children/g001c00")
+    board = leaderboard([a, b, c])
+    rows = board_rows(board)
+    assert [(r["rank"], r["key"]) for r in rows] == [(1, "g001c00"), (2, "g000c01"),
+                                                     (3, "g000c00")]
+    assert rows[0] == {"rank": 1, "key": "g001c00", "val_acc": 0.9, "params": 20,
+                       "train_time_s": 1.235, "generation": 1, "arch": "c",
+                       "checkpoint": "children/g001c00"}
+    assert [r["key"] for r in board_rows(board, top=2)] == ["g001c00", "g000c01"]
 
 
 def test_search_config_errors_name_the_file_and_key(tmp_path: Path,
