@@ -82,6 +82,13 @@ def test_generation_is_observed_once_in_proposal_order(setup) -> None:
                    (s.proposals[2].arch, None), (s.proposals[3].arch, 0.5)]
 
 
+def test_the_searcher_tells_tune_it_maximises_the_validation_accuracy(setup) -> None:
+    """Tune reads a searcher's metric and mode (its own are left unset by the driver): the
+    children's `val_acc`, higher is better."""
+    s = _searcher(setup)
+    assert (s.metric, s.mode) == ("val_acc", "max")
+
+
 def test_children_finished_or_trained_before_are_not_trained_again(setup) -> None:
     first = _searcher(setup, seed=5)
     first.advance()
@@ -137,6 +144,35 @@ def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path:
     assert record["key"] == "g000c00" and record["actions"] == config["actions"]
     again = train_child(config, task, space, tmp_path / "again")  # its own seed: repeatable
     assert again["val_acc"] == m["val_acc"]
+
+
+def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
+    """Under scenario "class" a child reads the one shared head with the task's labels offset
+    by its first class: its accuracy is the argmax of that head against y + offset, counted
+    here on the saved child."""
+    from growth.search_spaces import make_space
+    from growth.search_spaces.networks import add_head, mlp
+
+    from growth.compile import compile_graph
+    from growth.data import build_stream
+    from growth.scenarios import SHARED_HEAD
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2, "seed": 0,
+                         "max_train_per_task": 60})[1]
+    assert task.class_offset == 5
+    torch.manual_seed(0)
+    add_head(mlp(task.input_shape, [8]), SHARED_HEAD, 10).save(tmp_path / "parent")
+    space = make_space({"widths": {"fc": [8, 12]}}, NetGraph.load(tmp_path / "parent"))
+    spec = TrialSpec(train=CHILD_TRAIN, scenario="class").model_dump(mode="json")
+    s = ControllerSearcher(make_controller("random", space, seed=0),
+                           Generation(0, 1, str(tmp_path / "parent"), {"spec": spec,
+                                                                       "attempt": 0}))
+    m = train_child(s.suggest("x"), task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    x, y = task.val
+    with torch.no_grad():
+        guess = compile_graph(NetGraph.load(tmp_path / "child")).eval()(x).argmax(1)
+    assert m["val_acc"] == pytest.approx(int((guess == y + 5).sum()) / len(y), abs=1e-12)
 
 
 def test_a_strategy_reaches_the_trial_by_reference(setup, tmp_path: Path) -> None:
