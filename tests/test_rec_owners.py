@@ -18,10 +18,13 @@ from growth.search_spaces.networks import add_head, mlp
 from growth.campaign import Campaign, resume_run
 from growth.config import load_config
 from growth.data import build_stream
+from growth.errors import ConfigError
+from growth.masks import swapped
 from growth.model import Model
 from growth.ops.widen_private import widen_private
 from growth.regularizers import stored
 from growth.strategies import Context, make_strategy
+from growth.strategies.owned import check_packable, pack, unpack, visible
 from growth.strategies.rec import REC
 from growth.train import TrainConfig, learn_task
 
@@ -50,7 +53,7 @@ def test_rec_with_owners_and_no_search_is_packnet_to_the_last_digit(tmp_path: Pa
     differs: PackNet scores it with no weights at all, REC with the network as it is."""
     packnet = campaign(tmp_path, {"name": "packnet"}, "p")
     rec = campaign(tmp_path, {"name": "rec", "search": "off",
-                              "owners": {"shared": "frozen"}}, "r")
+                              "owners": {"shared": "frozen", "store": "table"}}, "r")
     assert len(rec["R"]) == 4
     for i in range(1, 4):
         assert rec["R"][i][:i] == packnet["R"][i][:i], i
@@ -58,8 +61,9 @@ def test_rec_with_owners_and_no_search_is_packnet_to_the_last_digit(tmp_path: Pa
 
 
 def test_owner_indices_are_counted_in_the_stored_bytes(tmp_path: Path) -> None:
-    """1.00x parameters; bytes: base + ceil(log2(T + 1)) bits per masked weight, by hand."""
-    m = campaign(tmp_path, {"name": "rec", "search": "off"}, "r")
+    """1.00x parameters. An index table: base + ceil(log2(T + 1)) bits per masked weight, by
+    hand; owners packed into the weights (the default): no table, 1.00x the base's bytes."""
+    m = campaign(tmp_path, {"name": "rec", "search": "off", "owners": {"store": "table"}}, "r")
     base_bytes = m["sizes"][0]["bytes"] - m["sizes"][0]["masks_bytes"]
     for t, size in enumerate(m["sizes"]):
         bits = math.ceil(math.log2(t + 2))  # owner values 0..t+1 after task t
@@ -67,6 +71,45 @@ def test_owner_indices_are_counted_in_the_stored_bytes(tmp_path: Path) -> None:
         assert size["masks_bytes"] == math.ceil(WEIGHTS * bits / 8), t
         assert size["bytes"] == base_bytes + size["masks_bytes"]
     assert m["sizes"][2]["masks_bytes"] == 768  # 3072 weights x 2 bits
+    packed = campaign(tmp_path, {"name": "rec", "search": "off"}, "packed")
+    for size in packed["sizes"]:
+        assert size["relative"] == size["relative_bytes"] == 1.0
+        assert "masks_bytes" not in size and size["bytes"] == base_bytes
+
+
+def test_packing_writes_each_owner_index_into_the_lowest_bits() -> None:
+    """By hand from float32's layout (1.0 = 0x3F800000, 23 mantissa bits): owner 5 in the
+    lowest 8 bits of 1.0 gives 1 + 5 * 2^-23; -2.0 with owner 3 gives -(2 + 3 * 2^-22); 0.5 with
+    owner 2 gives 0.5 + 2 * 2^-24; low bits already set (1 + 255 * 2^-23) are replaced, not
+    or-ed (owner 1: 1 + 2^-23; in 4 bits: 0x3F8000F1 = 1 + 241 * 2^-23); a free zero stays 0.
+    float64: owner 5 on 1.0 gives 1 + 5 * 2^-52."""
+    values = [1.0, -2.0, 1 + 255 * 2 ** -23, 0.0, 0.5]
+    owner = torch.tensor([5, 3, 1, 0, 2], dtype=torch.uint8)
+    w = torch.nn.Parameter(torch.tensor(values))
+    pack({"w": owner}, {"w": w}, 8)
+    assert w.detach().tolist() == [1 + 5 * 2 ** -23, -(2 + 3 * 2 ** -22), 1 + 2 ** -23, 0.0,
+                                   0.5 + 2 * 2 ** -24]
+    assert unpack({"w": w}, ["w"], 8)["w"].tolist() == [5, 3, 1, 0, 2]
+    w4 = torch.nn.Parameter(torch.tensor(values))
+    pack({"w": owner}, {"w": w4}, 4)
+    assert w4.detach()[2].item() == 1 + 241 * 2 ** -23
+    assert unpack({"w": w4}, ["w"], 4)["w"].tolist() == [5, 3, 1, 0, 2]
+    w64 = torch.nn.Parameter(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    pack({"w": torch.tensor([5, 0], dtype=torch.uint8)}, {"w": w64}, 8)
+    assert w64.detach().tolist() == [1 + 5 * 2 ** -52, 0.0]
+
+
+def test_packing_refuses_what_it_cannot_hold(tmp_path: Path) -> None:
+    """bits = 1 holds one task: the second task stops before it trains, naming the key to
+    change; half-precision weights have no mantissa bits to give away."""
+    with pytest.raises(ConfigError, match=r"owners.bits 1 holds .* 1 tasks; task 1"):
+        campaign(tmp_path, {"name": "rec", "search": "off", "owners": {"bits": 1}}, "b")
+    half = {"w": torch.zeros(3, dtype=torch.float16)}
+    with pytest.raises(ConfigError, match="w is torch.float16.*owners.store=table"):
+        check_packable(half, ["w"], 4, 0)
+    check_packable({"w": torch.zeros(3)}, ["w"], 8, 254)  # 255 tasks fit in 8 bits
+    with pytest.raises(ConfigError, match="task 255 is number 256"):
+        check_packable({"w": torch.zeros(3)}, ["w"], 8, 255)
 
 
 # ---- in the loop, with a private expansion standing in for the search ------------------------
@@ -132,6 +175,47 @@ def test_old_tasks_outputs_and_owned_weights_do_not_move(decay: float) -> None:
     assert sorted(seen) == [0, 1, 2]
     details = rec.run_report()["details"]["rec"]
     assert details["1"]["compression"]["trunk_after"] == 64 * 32 + 32 + 32 * 32 + 32
+
+
+def test_the_packed_weights_alone_carry_the_owners() -> None:
+    """With owners packed (the default), after every task (searched, distilled, pruned,
+    retrained) the indices the weights' lowest 8 bits hold are the owner table, free weights
+    are exactly 0, and the scores a task gets from owners read off the weights equal REC's own.
+    Against the same run with an index table: after the first task each weight differs by less
+    than 2^-15 of itself (8 of 23 mantissa bits given away) and the owners agree."""
+    x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    after_first: dict[str, dict[str, torch.Tensor]] = {}
+
+    def probe_for(rec: REC, store: str) -> Any:
+        def probe(ctx: Context, tasks: list[Any]) -> None:
+            params = ctx.model.named_parameters()
+            owners = {n.split("/", 2)[2]: o for n, o in rec.state.items()
+                      if n.startswith("owner/")}
+            if ctx.task.index == 0:
+                after_first[store] = {n: params[n].detach().clone() for n in owners}
+                after_first[store + "/owners"] = {n: o.clone() for n, o in owners.items()}
+            if store == "table":
+                return
+            read = unpack(params, owners, 8)
+            for n, o in owners.items():
+                assert torch.equal(read[n], o.to(torch.int32)), n
+                assert torch.all(params[n].detach()[o == 0] == 0), n
+            for task in tasks[:ctx.task.index + 1]:
+                values = {n: params[n].detach() * visible(read[n], task.index) for n in read}
+                with torch.no_grad(), swapped(dict(ctx.model.module.state_dict(
+                        keep_vars=True)), values):
+                    own = ctx.model.head(ctx.head_of(task))(x).clone()
+                assert torch.equal(outputs(rec, ctx, task, x), own), task.index
+        return probe
+
+    for store in ("packed", "table"):
+        rec = REC(REC.Params(owners={"store": store}, compress={"epochs": 1}))
+        run_tasks(rec, probe=probe_for(rec, store))
+    packed, table = after_first["packed"], after_first["table"]
+    for n, w in table.items():
+        assert torch.equal(after_first["packed/owners"][n], after_first["table/owners"][n])
+        assert torch.all((packed[n] - w).abs() <= w.abs() * 2 ** -15), n
+        assert not torch.equal(packed[n], w)  # the bits did change
 
 
 def test_a_task_keeps_the_largest_share_of_what_was_free() -> None:

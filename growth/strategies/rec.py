@@ -77,8 +77,10 @@ from growth.strategies.mwc import MWC, MWCParams
 from growth.strategies.owned import (
     OWNER,
     OwnerSettings,
+    check_packable,
     mask_sizes,
     owner_table,
+    pack,
     take,
     visible,
 )
@@ -198,6 +200,10 @@ class REC(MWC):
         if "base" not in self.extra:  # the first task: the base network is the reference
             graph = ctx.model.graph
             self.extra["base"] = {"structure": graph.to_dict(), "trunk": trunk_params(graph)}
+        owners = self.params.owners
+        if owners.enabled and owners.store == "packed":
+            check_packable(ctx.model.named_parameters(), masked_names(ctx.model), owners.bits,
+                           ctx.task.index)
         super().before_task(ctx)  # MWC: relatedness of task t, measured on the network
 
     def after_task(self, ctx: Context) -> None:
@@ -318,6 +324,8 @@ class REC(MWC):
                 self._retrain(ctx, settings.retrain_epochs)
             finally:
                 self._retraining = False
+        if settings.store == "packed":
+            pack(owners, params, settings.bits)
         self._quad = None
         log.info("task %d: owns %d weights, %d left free", k, entry["owned"]["kept"],
                  entry["owned"]["free"])
@@ -347,9 +355,10 @@ class REC(MWC):
             yield head
 
     def size_parts(self, model: Model) -> dict[str, list[Any]]:
-        """Trunk and heads, plus (owners) the owner indices in the bits the tasks need."""
+        """Trunk and heads, plus (owners) the owner indices in the bits the tasks need, unless
+        they are packed into the weights themselves."""
         parts = super().size_parts(model)
-        if self.params.owners.enabled:
+        if self.params.owners.enabled and self.params.owners.store == "table":
             tasks = len(self.finished())
             parts["masks"] = mask_sizes(owner_table(self.state, model, tasks), tasks)
         return parts
