@@ -226,6 +226,19 @@ def test_records_survive_a_torn_last_line(tmp_path: Path) -> None:
     assert [r.key for r in leaderboard(got)] == ["g000c01", "g000c00"]  # fewer params first
 
 
+def test_a_record_reads_back_with_its_accuracy_before_training(tmp_path: Path) -> None:
+    """A record's accuracy before training is kept through the file; a non-finite one reads
+    back as None, as the accuracy after training does."""
+    path = tmp_path / "children.jsonl"
+    append_record(path, ChildRecord("g000c00", 0, 0, "a", [], "ok", val_acc=0.5,
+                                    val_acc_before=0.25, params=10))
+    append_record(path, ChildRecord("g000c01", 0, 1, "b", [], "ok", val_acc=0.75,
+                                    val_acc_before=float("inf"), params=10))
+    a, b = read_records(path)
+    assert (a.val_acc, a.val_acc_before) == (0.5, 0.25)
+    assert (b.val_acc, b.val_acc_before) == (0.75, None)
+
+
 def test_leaderboard_rows_rank_from_one_best_first_and_keep_the_top() -> None:
     """The rows `leaderboard.json` holds: rank 1 for the best child, training time rounded to
     milliseconds, and only the first `top` rows when asked."""
