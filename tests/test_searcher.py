@@ -239,6 +239,20 @@ def test_a_record_reads_back_with_its_accuracy_before_training(tmp_path: Path) -
     assert (b.val_acc, b.val_acc_before) == (0.75, None)
 
 
+def test_a_torn_line_is_skipped_and_a_zero_accuracy_ranks_last(tmp_path: Path) -> None:
+    """A line that cannot be read (a write torn by a kill, then appended after) is skipped and
+    the records after it are kept; a child of accuracy 0.0 is a finished child, ranked below
+    every better one."""
+    path = tmp_path / "children.jsonl"
+    append_record(path, ChildRecord("g000c00", 0, 0, "a", [], "ok", val_acc=0.0, params=5))
+    with open(path, "a") as f:
+        f.write('{"key": "g000c01", "gener\n')
+    append_record(path, ChildRecord("g000c02", 0, 2, "c", [], "ok", val_acc=0.5, params=9))
+    records = read_records(path)
+    assert [r.key for r in records] == ["g000c00", "g000c02"]
+    assert [r.key for r in leaderboard(records)] == ["g000c02", "g000c00"]
+
+
 def test_leaderboard_rows_rank_from_one_best_first_and_keep_the_top() -> None:
     """The rows `leaderboard.json` holds: rank 1 for the best child, training time rounded to
     milliseconds, and only the first `top` rows when asked."""
