@@ -1,5 +1,6 @@
-"""Shared fixtures: one Ray for the whole test session (starting Ray takes seconds); under
-mutmut, the import alias that lets its mutants of controllers/ and search_spaces/ run."""
+"""Shared fixtures: one Ray for the whole test session (starting Ray takes seconds), the
+workers of a parallel run (pytest-xdist, `-n auto` in pyproject.toml) sized to the machine, and,
+under mutmut, the import alias that lets its mutants of controllers/ and search_spaces/ run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +47,21 @@ class _TopLevelAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 if Path(growth.__file__).parents[1].name == "mutants":  # growth imported from mutmut's copy
     sys.meta_path.insert(0, _TopLevelAlias())
+
+MAX_WORKERS = 4  # each worker is a test session of its own, with its own Ray when a test asks
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """One worker per core, at most MAX_WORKERS (a worker with Ray holds about 1 GB)."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a worker, torch's threads share the cores with the other workers instead of each
+    taking all of them (oversubscribed threads make every worker slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")
