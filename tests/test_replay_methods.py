@@ -201,6 +201,37 @@ def test_gdumb_starts_each_task_from_fresh_weights_drawn_from_the_tasks_seed():
                 assert torch.equal(params[f"{node}.{key}"].detach(), value), (seed, node, key)
 
 
+def test_gdumb_offers_each_tasks_stream_to_the_balanced_memory_with_the_tasks_draws():
+    """The memory after each task is what greedy balanced insertion keeps of the task's samples
+    offered in its seeded stream order, its evictions drawn from the task's own "balanced"
+    stream (not a shared or unnamed one): a memory of 10 filled by hand through the same
+    insertion, one class per label of the single head."""
+    from growth.data.sampling import generator
+    from growth.memory import EpisodicMemory
+
+    tasks = class_incremental(2)
+    model = mlp(n_heads=1, classes=4)
+    s = make_strategy("gdumb", {"memory": 10})
+    by_hand = EpisodicMemory(10)
+    for i, seed in enumerate((3, 8)):
+        ctx = context(model, tasks, i, single_head=True)
+        ctx.seed = seed
+        s.before_task(ctx)
+        x, y = tasks[i].train
+        order = torch.randperm(len(y), generator=generator(seed, "stream", i))
+        by_hand.balanced(x[order], y[order] + 2 * i, i, lambda t, y: y,
+                         generator(seed, "balanced", i))
+        assert torch.equal(s.memory.x, by_hand.x) and torch.equal(s.memory.y, by_hand.y), i
+        assert torch.equal(s.memory.task, by_hand.task), i
+    other = EpisodicMemory(10)  # the draws matter: another stream keeps other samples
+    x, y = tasks[0].train
+    order = torch.randperm(len(y), generator=generator(3, "stream", 0))
+    other.balanced(x[order], y[order], 0, lambda t, y: y, generator(3, "balanced", 1))
+    reference = EpisodicMemory(10)
+    reference.balanced(x[order], y[order], 0, lambda t, y: y, generator(3, "balanced", 0))
+    assert not torch.equal(other.x, reference.x)
+
+
 # ---- latent replay -------------------------------------------------------------------------
 def test_latent_replay_stores_activations_and_freezes_the_layers_below():
     tasks = synthetic(3)
