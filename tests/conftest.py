@@ -1,13 +1,52 @@
-"""Shared fixtures: one Ray for the whole test session (starting Ray takes seconds), and the
-workers of a parallel run (pytest-xdist, `-n auto` in pyproject.toml) sized to the machine."""
+"""Shared fixtures: one Ray for the whole test session (starting Ray takes seconds), the
+workers of a parallel run (pytest-xdist, `-n auto` in pyproject.toml) sized to the machine, and,
+under mutmut, the import alias that lets its mutants of controllers/ and search_spaces/ run."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+
+import growth
+
+
+class _TopLevelAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Under mutmut only: `growth.controllers[.x]` and `growth.search_spaces[.x]` are the
+    top-level modules `controllers[.x]` and `search_spaces[.x]` of mutmut's copy.
+
+    The two folders install inside the package through setuptools' package-dir mapping, so the
+    editable install's finder would import them from the checkout, never from `mutants/`, and
+    mutmut names their mutants by file path (`controllers.searcher.x_...`) while a function's
+    trampoline compares that name with its `__module__`. One module object under both names
+    makes the trampolines run and their names match."""
+
+    PACKAGES = ("growth.controllers", "growth.search_spaces")
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname.startswith(tuple(p + "." for p in self.PACKAGES)) or fullname in self.PACKAGES:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        return importlib.import_module(spec.name.removeprefix("growth."))
+
+    def exec_module(self, module: ModuleType) -> None:
+        """Executed already under its top-level name."""
+
+
+if Path(growth.__file__).parents[1].name == "mutants":  # growth imported from mutmut's copy
+    sys.meta_path.insert(0, _TopLevelAlias())
 
 MAX_WORKERS = 4  # each worker is a test session of its own, with its own Ray when a test asks
 

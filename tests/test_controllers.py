@@ -159,6 +159,21 @@ def test_make_controller_validates_name_and_settings() -> None:
         make_controller("random", space, {"deeper_actions": -1})
 
 
+def test_a_random_controller_made_directly_has_seed_0_and_names_itself() -> None:
+    """Made without make_controller: seed 0 by default, settings errors under
+    search.controller, and its saved state's extras name it."""
+    from growth.controllers.random_search import RandomController
+
+    g = _mlp()
+    space = make_space({"widths": {"fc": [8, 16, 24, 32]}}, g)
+    assert ([p.arch for p in RandomController(space).propose(g, 3)] ==
+            [p.arch for p in RandomController(space, seed=0).propose(g, 3)] !=
+            [p.arch for p in RandomController(space, seed=1).propose(g, 3)])
+    with pytest.raises(ConfigError, match=r"^search\.controller\.widen_probability: "):
+        RandomController(space, {"widen_probability": 2})
+    assert RandomController(space).state_dict()[1] == {"controller": "random"}
+
+
 def test_load_state_refuses_a_state_without_a_generator() -> None:
     controller = make_controller("random", SearchSpace())
     with pytest.raises(CheckpointError, match="'rng'"):

@@ -585,3 +585,280 @@ def test_batchnorms_are_the_trunks_only() -> None:
     model = Model(g)
     norms = batchnorms(model)
     assert len(norms) == 1 and norms[0] is model.module.get_submodule("bn1")
+
+
+def test_packnet_checks_its_saved_task_list_and_owner_tensors() -> None:
+    """A saved state fits after `finished` tasks when its task list is exactly 0..finished-1
+    (none saved before any task) and its owner tensors fit the graph's."""
+    from rivalkit import cnn_net, ctx_for, tasks_for
+
+    from growth.model import Model
+
+    s, model, graph, tasks = _tiny("packnet", {})
+    s.before_task(ctx_for(model, tasks, 0, s))
+    owners, weights = dict(s.state), graph.named_tensors()
+    assert sorted(owners) == ["owner/all/fc1.weight", "owner/all/fc2.weight"]
+    assert s.check_state(owners, {}, weights, 0) == []
+    assert s.check_state(owners, {"tasks": [0, 1]}, weights, 2) == []
+    assert s.check_state(owners, {"tasks": [0]}, weights, 2) == [
+        "extra 'tasks' is [0], expected the 2 finished tasks [0, 1]"]
+    assert s.check_state(owners, {}, weights, 1) == [
+        "extra 'tasks' is None, expected the 1 finished tasks [0]"]
+    bad = {**owners, "owner/all/fc1.weight": torch.zeros(2, 2, dtype=torch.uint8)}
+    (problem,) = s.check_state(bad, {"tasks": [0]}, weights, 1)
+    assert "owner/all/fc1.weight" in problem and "(2, 2)" in problem, problem
+    graph = cnn_net(2)  # BatchNorm: its per-task copies hold an integer counter
+    per_task, model = make_strategy("packnet", {"shared": "per_task"}), Model(graph)
+    ctx = ctx_for(model, tasks_for(graph, 2), 0, per_task)
+    per_task.before_task(ctx)
+    per_task.store_shared(ctx, 0)  # task 0's biases and BatchNorm: the second task's missing
+    weights = graph.named_tensors()
+    assert per_task.state["shared/0/bn1.num_batches_tracked"].dtype == torch.int64
+    assert per_task.check_state(per_task.state, {"tasks": [0]}, weights, 1) == []
+    (problem,) = per_task.check_state(per_task.state, {"tasks": [0, 1]}, weights, 2)
+    assert problem.startswith("no 'shared' tensors for slot(s) 1:"), problem
+    bad = {**per_task.state, "shared/0/conv1.bias": torch.zeros(2)}
+    (problem,) = per_task.check_state(bad, {"tasks": [0]}, weights, 1)
+    assert "shared/0/conv1.bias" in problem and "(2,)" in problem, problem
+
+
+def test_packnet_sizes_count_per_task_copies_of_floating_tensors_only() -> None:
+    """per_task mode adds a "per_task" part: the stored biases and BatchNorm parameters and
+    statistics (integer batch counters not counted); "frozen" mode has no such part."""
+    from rivalkit import cnn_net, ctx_for, tasks_for
+
+    from growth.model import Model
+
+    graph = cnn_net(2)
+    tasks = tasks_for(graph, 2)
+    frozen = make_strategy("packnet", {})
+    model = Model(graph)
+    frozen.before_task(ctx_for(model, tasks, 0, frozen))
+    assert sorted(frozen.size_parts(model)) == ["extra", "heads", "masks", "trunk"]
+    per_task = make_strategy("packnet", {"shared": "per_task"})
+    ctx = ctx_for(model, tasks, 0, per_task)
+    per_task.before_task(ctx)
+    per_task.store_shared(ctx, 0)
+    parts = per_task.size_parts(model)
+    assert sorted(parts) == ["extra", "heads", "masks", "per_task", "trunk"]
+    want = [f"shared/0/{n}" for n in (
+        "conv1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+        "conv2.bias", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var",
+        "fc3.bias")]
+    assert [id(t) for t in parts["per_task"]] == [id(per_task.state[k]) for k in want]
+
+
+def test_cpg_grows_every_trunk_layer_by_its_base_width_and_records_the_task() -> None:
+    """Goal 1.01 (never met), budget wide, one growth step: each of three trunk layers grows
+    by ceil(0.25 x its base width) (6, 5, 4 -> 8, 7, 5), the task records one growth, the
+    grown network's size by hand (4*8+8 + 8*7+7 + 7*5+5 + 2*(5*3+3) = 179), no pruning kept
+    (the goal is missed at 0.5 too) and the widths it ends with."""
+    from rivalkit import ctx_for, tasks_for, with_heads
+
+    from growth.graph import NetGraph
+    from growth.model import Model
+    from growth.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (4,))
+    for i, (w, src) in enumerate(((6, "x"), (5, "r1"), (4, "r2")), 1):
+        g.add(f"fc{i}", "linear", [src], out_features=w)
+        g.add(f"r{i}", "relu", [f"fc{i}"])
+    g.add("features", "identity", ["r3"])
+    graph = with_heads(g, 2)
+    model = Model(graph)
+    s = make_strategy("cpg", {"grow": 0.25, "noise": 0.0, "budget": 10, "max_grow": 1,
+                              "ratios": [0.5], "prune_epochs": 1})
+    s.extra["goals"] = {"0": 1.01}
+    ctx = ctx_for(model, tasks_for(graph, 2, n=16), 0, s)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
+    s.before_task(ctx)
+    s.after_task(ctx)
+    assert {n: model.graph.shape(n)[0] for n in ("fc1", "fc2", "fc3")} == {
+        "fc1": 8, "fc2": 7, "fc3": 5}
+    assert s.extra["grown"] == {"0": 1} and s.extra["size"] == {"0": 179}
+    assert s.extra["pruned"] == {"0": 0.0}
+    assert s.extra["widths"] == {"0": {"fc1": 8, "fc2": 7, "fc3": 5}}
+
+
+def test_cpg_prunes_by_the_cubic_schedule_one_epoch_at_a_time() -> None:
+    """Stage 0.5 over two epochs from nothing pruned: s = 0.5 + (0 - 0.5)(1 - e/2)^3 gives
+    0.4375 after the first epoch and 0.5 after the second, of each layer's own weights (fc1:
+    96 -> 42 then 48 released; fc2: 30 -> 13 then 15), one epoch per step, released weights
+    zero; the goal met, the stage is kept."""
+    from rivalkit import ctx_for
+
+    from growth.train import TrainConfig, fit
+
+    s, model, _, tasks = _tiny("cpg", {"ratios": [0.5], "prune_epochs": 2})
+    s.extra["goals"] = {"0": 0.0}
+    ctx = ctx_for(model, tasks, 0, s)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    calls: list[tuple[dict[str, Any], dict[str, int]]] = []
+
+    def train_fit(**kw: Any) -> list[float]:
+        calls.append((kw, {n: int(own.sum()) for n, own in s._trainable.items()}))
+        params = model.named_parameters()
+        assert all(bool((params[n][~own] == 0).all()) for n, own in s._trainable.items())
+        return fit(ctx, s, cfg, **{"seed": 1, **kw})
+
+    ctx.train_fit = train_fit
+    s.before_task(ctx)
+    assert s._compact(ctx) == 0.5
+    assert calls == [({"epochs": 1}, {"fc1.weight": 54, "fc2.weight": 17}),
+                     ({"epochs": 1}, {"fc1.weight": 48, "fc2.weight": 15})]
+
+
+def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
+    """Before task 1 starts it is scored with every weight owned so far; while it trains, with
+    the free weights plus the old ones whose pick is above 5e-3 (row 0's picks set below it:
+    its old weights read as zero)."""
+    from rivalkit import ctx_for
+
+    s, model, _, tasks = _tiny("cpg", {})
+    owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
+    s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
+    s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
+    w = model.named_parameters()["fc1.weight"].detach()
+    # before it starts, a task not learned yet sees every weight owned so far
+    assert torch.equal(s.task_weights(ctx_for(model, tasks, 1, s), tasks[1])["fc1.weight"],
+                       w * owned)
+    ctx = ctx_for(model, tasks, 1, s)
+    s.before_task(ctx)
+    with torch.no_grad():
+        s._picks["fc1.weight"][0] = 0.001
+    kept = ~owned
+    kept[1:] = True  # free everywhere, old weights picked but in row 0
+    assert torch.equal(s.task_weights(ctx, tasks[1])["fc1.weight"], w * kept)
+
+
+def test_cpg_checks_its_stored_picks_as_boolean_tensors_per_finished_task() -> None:
+    from rivalkit import ctx_for
+
+    s, model, graph, tasks = _tiny("cpg", {})
+    s.extra["goals"] = {"0": 0.0}
+    s.before_task(ctx_for(model, tasks, 0, s))
+    weights = graph.named_tensors()
+    state = {**s.state, "pick/0/fc1.weight": torch.zeros(6, 16, dtype=torch.bool)}
+    assert s.check_state(state, {"tasks": [0]}, weights, 1) == []
+    state["pick/0/fc1.weight"] = torch.zeros(6, 16, dtype=torch.uint8)
+    (problem,) = s.check_state(state, {"tasks": [0]}, weights, 1)
+    assert "pick/0/fc1.weight" in problem and "bool" in problem, problem
+
+
+def test_cpg_scores_a_task_without_a_validation_split_on_its_training_split() -> None:
+    """No validation samples: the goal and the accuracy checks use the training split (an
+    accuracy over its 24 samples, not NaN), the accuracy as counted by hand."""
+    import dataclasses
+
+    from rivalkit import ctx_for
+
+    from growth.train import TrainConfig
+
+    s, model, _, tasks = _tiny("cpg", {"margin": 0.0})
+    x, y = tasks[0].train
+    tasks[0] = dataclasses.replace(tasks[0], val=(x[:0], y[:0]))
+    ctx = ctx_for(model, tasks, 0, s)
+    ctx.train_config = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    s.before_task(ctx)
+    goal = s.goal(0)
+    assert 0.0 <= goal <= 1.0 and goal * 24 == round(goal * 24), goal
+    with torch.no_grad():
+        by_hand = int((model.head("t0")(x).argmax(1) == y).sum()) / 24
+    assert s._accuracy(ctx) == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_cpg_picks_take_adam_steps_of_their_own() -> None:
+    """One training step: every pick whose gradient g is not zero moves from 0.01 by Adam's
+    first step, pick_lr * g / (|g| + 1e-8)."""
+    from rivalkit import ctx_for
+
+    s, model, _, tasks = _tiny("cpg", {"pick_lr": 1e-3})
+    owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
+    s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
+    s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
+    ctx = ctx_for(model, tasks, 1, s)
+    s.before_task(ctx)
+    x, y = tasks[1].train
+    with s.training(ctx):
+        torch.nn.functional.cross_entropy(model.head("t1")(x), y).backward()
+        s.after_backward(ctx)
+        grad = s._picks["fc1.weight"].grad.clone()
+        s.after_step(ctx)
+    moved = grad != 0
+    assert int(moved.sum()) > 10
+    want = 0.01 - 1e-3 * grad / (grad.abs() + 1e-8)
+    torch.testing.assert_close(s._picks["fc1.weight"].detach()[moved], want[moved],
+                               rtol=0, atol=1e-9)
+    assert torch.equal(s._picks["fc1.weight"].detach()[~moved], torch.full((6, 16), 0.01)[~moved])
+
+
+def test_cpg_stores_each_tasks_biases_in_per_task_mode_and_checks_pick_shapes() -> None:
+    """shared: per_task: after task 0, CPG holds a copy of the trunk's biases under
+    shared/0/ (the values the model ends the task with); a stored pick of another shape than
+    its weight is a problem naming both shapes."""
+    from rivalkit import ctx_for
+
+    from growth.train import TrainConfig, fit
+
+    s, model, graph, tasks = _tiny("cpg", {"shared": "per_task", "ratios": [0.5],
+                                           "prune_epochs": 1, "max_grow": 0})
+    s.extra["goals"] = {"0": 0.0}
+    ctx = ctx_for(model, tasks, 0, s)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
+    s.before_task(ctx)
+    s.after_task(ctx)
+    params = model.named_parameters()
+    stored = {k: v for k, v in s.state.items() if k.startswith("shared/")}
+    assert sorted(stored) == ["shared/0/fc1.bias", "shared/0/fc2.bias"]
+    for k, v in stored.items():
+        assert torch.equal(v, params[k.split("/", 2)[2]].detach())
+    bad = {**s.state, "pick/0/fc1.weight": torch.zeros(2, 2, dtype=torch.bool)}
+    (problem,) = s.check_state(bad, {"tasks": [0]}, graph.named_tensors(), 1)
+    assert "pick/0/fc1.weight" in problem and "(2, 2)" in problem, problem
+
+
+def test_cpg_growth_adds_noisy_copies_and_its_picks_go_on_training() -> None:
+    """Growth with noise 0.5: each new unit's incoming row is an old row plus noise (equal to
+    none of them); after growth the picks, remapped, still take Adam steps."""
+    from rivalkit import ctx_for
+
+    s, model, _, tasks = _tiny("cpg", {"grow": 0.5, "noise": 0.5, "budget": 10})
+    owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
+    s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
+    s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
+    s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
+    ctx = ctx_for(model, tasks, 1, s)
+    s.before_task(ctx)
+    assert s._grow(ctx, 0)
+    w = model.named_parameters()["fc1.weight"].detach()
+    assert w.shape == (9, 16)
+    for row in w[6:]:
+        assert not any(torch.equal(row, old) for old in w[:6])
+    x, y = tasks[1].train
+    with s.training(ctx):
+        torch.nn.functional.cross_entropy(model.head("t1")(x), y).backward()
+        s.after_backward(ctx)
+        s.after_step(ctx)
+    assert bool((s._picks["fc1.weight"].detach()[:6] != 0.01).any())  # the old units' picks
+
+
+def test_cpg_keeps_a_stage_whose_accuracy_equals_the_goal() -> None:
+    """The goal is met at equality: accuracy 0.5 against goal 0.5 keeps stage 0.5."""
+    from rivalkit import ctx_for
+
+    from growth.train import TrainConfig, fit
+
+    s, model, _, tasks = _tiny("cpg", {"ratios": [0.5], "prune_epochs": 1})
+    s.extra["goals"] = {"0": 0.5}
+    ctx = ctx_for(model, tasks, 0, s)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
+    s._accuracy = lambda ctx: 0.5  # type: ignore[method-assign]
+    s.before_task(ctx)
+    assert s._compact(ctx) == 0.5

@@ -650,6 +650,37 @@ def test_pnn_refuses_a_shared_head_and_a_missing_trunk() -> None:
         make_strategy("pnn", {"trunk": "body"}).before_task(ctx_for(model, tasks, 1))
 
 
+def test_pnn_builds_each_column_with_its_settings_and_groups_it_on_its_trunk() -> None:
+    """Every setting reaches the column: trunk `body` (no `features` node), V as wide as its
+    input (reduction 1: 5 units, not the default 3), alpha 0.5 and a tanh adapter; the size
+    groups are read off the same trunk."""
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (6,))
+    g.add("fc1", "linear", ["x"], out_features=5)
+    g.add("act1", "relu", ["fc1"])
+    g.add("fc2", "linear", ["act1"], out_features=4)
+    g.add("body", "identity", ["fc2"])
+    for i in range(2):
+        g = add_head(g, f"t{i}", 3, "body")
+    model = Model(g)
+    strategy = make_strategy("pnn", {"trunk": "body", "adapter_reduction": 1,
+                                     "alpha_init": 0.5, "adapter_activation": "tanh"})
+    strategy.before_task(ctx_for(model, tasks_for(g, 2), 1))
+    new = model.graph
+    assert new.inputs("head_t1") == ["c1_body"] and new.inputs("head_t0") == ["body"]
+    assert new.node("c1_fc2_lat_v").attrs["out_features"] == 5
+    assert torch.equal(new.node("c1_fc2_lat_a0").tensors["weight"], torch.tensor([0.5]))
+    assert new.node("c1_fc2_lat_f").kind == "tanh"
+    groups = strategy.parameter_groups(new)
+    assert sorted(groups["trunk"]) == sorted(
+        f"{p}{n}.{t}" for p in ("", "c1_") for n in ("fc1", "fc2") for t in ("weight", "bias"))
+    assert sorted(groups["adapters"]) == ["c1_fc2_lat_a0.weight", "c1_fc2_lat_u.weight",
+                                          "c1_fc2_lat_v.bias", "c1_fc2_lat_v.weight"]
+    assert sorted(groups["heads"]) == ["head_t0.bias", "head_t0.weight", "head_t1.bias",
+                                       "head_t1.weight"]
+
+
 def test_a_class_incremental_campaign_is_refused_before_any_write(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", scenario="class",
                        data={**TINY["data"], "stream": "split", "n_tasks": 5})

@@ -200,6 +200,21 @@ def test_the_critic_learns_the_rewards_and_the_actor_the_rewarded_count() -> Non
     assert abs(float(c.value(tokens).detach()) - target) < abs(v0 - target) / 2
 
 
+def test_the_actor_and_the_critic_step_with_their_own_learning_rates() -> None:
+    """Adam's first step moves each weight by lr g / (|g| + eps), that is by lr wherever the
+    gradient is far above eps: after one `observe` (one actor step, one critic step) the
+    largest change of an actor weight is `lr` and of a critic weight `value_lr`."""
+    g = _mlp()
+    c = _rcl(g, seed=2, lr=0.004, value_lr=0.03, value_steps=1)
+    actor = {k: v.clone() for k, v in c.net.state_dict().items()}
+    critic = {k: v.clone() for k, v in c.value.state_dict().items()}
+    proposals = c.propose(g, 4)
+    c.observe(list(zip(proposals, [0.9, 0.2, 0.6, 0.4])))
+    for net, before, lr in ((c.net, actor, 0.004), (c.value, critic, 0.03)):
+        moved = max(float((v - before[k]).abs().max()) for k, v in net.state_dict().items())
+        assert moved == pytest.approx(lr, rel=1e-3)
+
+
 # ---- decisions and proposals -----------------------------------------------------------------
 def test_each_decision_adds_its_count_to_its_layer_with_widen_private() -> None:
     g = randomize(add_head(small_cnn((1, 8, 8), [3, 4], fc=(6,)), "t0", 3), 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -17,10 +18,12 @@ from test_campaign import run, write_config
 from test_strategies import class_incremental, context, mlp, synthetic
 
 from growth.campaign import resume_run
+from growth.memory import EpisodicMemory
 from growth.model import Model
 from growth.strategies import make_strategy
 from growth.strategies.agem import agem_project
 from growth.strategies.gem import gem_project
+from growth.strategies.mir import virtual_steps
 from growth.strategies.rehearsal import replay_losses
 from growth.train import TrainConfig, learn_task
 
@@ -101,6 +104,19 @@ def test_er_adds_alpha_times_the_replayed_batchs_cross_entropy():
     assert float(got.detach()) == pytest.approx(0.7 * float(expect.detach()), rel=1e-5)
 
 
+def test_replay_draws_come_from_the_tasks_seed_under_the_methods_replay_key():
+    """A resumed run draws the same batches: the generator is seeded from the task's seed
+    and the key "<method>/replay/<task index>" (growth.data.sampling's mixing, by hand)."""
+    tasks, model = synthetic(3), mlp()
+    s = make_strategy("er", {})
+    ctx = context(model, tasks, 2)
+    ctx.seed = 7
+    s.before_task(ctx)
+    seed = (7 * 0x9E3779B1 + zlib.crc32(b"er/replay/2")) % (2**63 - 1)
+    want = torch.randperm(50, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(torch.randperm(50, generator=s.gen), want)
+
+
 def test_no_replay_on_the_first_task():
     tasks, model = synthetic(2), mlp()
     for name in REPLAY:
@@ -115,22 +131,26 @@ def test_agem_projection_on_hand_computed_vectors():
     g, ref = torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.0, 1.0, 1.0])
     # g.ref = -2, ref.ref = 2: g - (-1) ref = (1, -1, 1), orthogonal to ref
     assert agem_project(g, ref).tolist() == [1.0, -1.0, 1.0]
-    agree = torch.tensor([1.0, 2.0, 0.0])
-    assert agem_project(agree, ref) is agree
+    for agree in ([1.0, 2.0, 0.0], [1.0, 0.5, 0.0], [1.0, 0.0, 0.0]):  # g.ref = 2, 0.5, 0
+        g = torch.tensor(agree)
+        assert agem_project(g, ref) is g
 
 
 def test_agem_writes_the_projected_gradient_of_the_memory_batch():
     tasks, model = synthetic(3), mlp()
-    s = learn("agem", {"memory": 24, "replay_batch": 24}, tasks, model, upto=2)
+    s = learn("agem", {"memory": 24, "replay_batch": 10}, tasks, model, upto=2)
     ctx = context(model, tasks, 2)
     s.before_task(ctx)
     x, y = tasks[2].train
     g = backward_current(ctx, x[:16], y[:16])
-    mx, my, mt = s.memory.batch(s.memory.rows())  # the batch is the whole memory
+    state = s.gen.get_state()
+    mx, my, mt = s.memory.batch(torch.randperm(24, generator=s.gen)[:10])  # the draw, again
+    s.gen.set_state(state)
     ref = grads_of(replay_losses(ctx, mx, my, mt).mean(), model)
     dot = float(g @ ref)
     s.after_backward(ctx)
-    expect = g - dot / float(ref @ ref) * ref if dot < 0 else g
+    assert dot < 0  # the memory disagrees: the step is projected
+    expect = g - dot / float(ref @ ref) * ref
     torch.testing.assert_close(current_grads(model), expect, rtol=1e-4, atol=1e-6)
 
 
@@ -143,9 +163,22 @@ def closest_feasible(g: np.ndarray, G: np.ndarray) -> np.ndarray:
     return res.x
 
 
+def dual_step(g: np.ndarray, G: np.ndarray, margin: float) -> np.ndarray:
+    """G'v + g for min_v 1/2 v'GG'v + g'G'v subject to v >= margin (bounded L-BFGS-B)."""
+    P, q = G @ G.T, G @ g
+    res = minimize(lambda v: 0.5 * v @ P @ v + q @ v, np.full(len(G), margin),
+                   jac=lambda v: P @ v + q, bounds=[(margin, None)] * len(G),
+                   method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 1000})
+    return res.x @ G + g
+
+
 def test_gem_projection_solves_the_primal_problem():
     g = torch.tensor([-1.0, 1.0])
     assert gem_project(g, torch.tensor([[1.0, 0.0]])).tolist() == [0.0, 1.0]
+    assert gem_project(torch.tensor([-1.0]), torch.tensor([[1.0]])).tolist() == [0.0]
+    # g . g_1 = 0 violates nothing: g is kept, not raised along g_1 by the margin
+    g0 = torch.tensor([1.0, 0.0])
+    assert gem_project(g0, torch.tensor([[0.0, 1.0], [1.0, 1.0]]), margin=0.5) is g0
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         G = torch.randn(3, 6, generator=gen, dtype=torch.float64)
@@ -155,6 +188,17 @@ def test_gem_projection_solves_the_primal_problem():
         np.testing.assert_allclose(got.numpy(), closest_feasible(g.numpy(), G.numpy()),
                                    atol=1e-5)
         assert bool((G @ got >= -1e-9).all())
+
+
+def test_gem_projection_with_linearly_dependent_memory_gradients_adds_a_small_ridge():
+    """G = s [[1, 0], [2, 0]]: GG' = s^2 [[1, 2], [2, 4]] is singular; with the ridge
+    r = 1e-6 * trace / t = 2.5e-6 s^2 the dual's solution is v = s (1, 2) / (5 s^2 + r), so
+    g~ = g + G'v = (-r / (5 s^2 + r), 1) = (-2.5e-6 / (5 + 2.5e-6), 1) at any scale s."""
+    g = torch.tensor([-1.0, 1.0])
+    for scale in (1.0, 0.01):  # gradients of norm below 1 too
+        got = gem_project(g, scale * torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
+        assert float(got[0]) == pytest.approx(-2.5e-6 / (5 + 2.5e-6), rel=1e-3), scale
+        assert float(got[1]) == 1.0
 
 
 def test_gem_step_never_raises_an_old_tasks_memory_loss_to_first_order():
@@ -175,6 +219,10 @@ def test_gem_step_never_raises_an_old_tasks_memory_loss_to_first_order():
         assert bool((G @ new >= -1e-6 * G.norm(dim=1) * g.norm()).all()), G @ new
         if bool((G @ g >= 0).all()):
             assert torch.equal(new, g)  # nothing violated: the plain gradient
+        else:  # the dual's solution with v >= 0.5, by a general-purpose solver
+            np.testing.assert_allclose(new.numpy(), dual_step(g.double().numpy(),
+                                                              G.double().numpy(), 0.5),
+                                       atol=1e-4 * float(g.norm()))
     assert violated  # the batches did conflict with the memory
 
 
@@ -223,6 +271,61 @@ def test_mir_replays_the_candidates_a_virtual_step_hurts_most(momentum, decay):
     assert sorted(chosen.tolist()) == sorted(torch.topk(rise, 5).indices.tolist())
 
 
+def test_mir_adds_alpha_times_the_chosen_candidates_cross_entropy():
+    tasks, model = synthetic(3), mlp()
+    s = make_strategy("mir", {"memory": 30, "candidates": 12, "replay_batch": 4, "alpha": 0.6})
+    for i in (0, 1):  # the memory of two old tasks, without training
+        s.memory.reservoir(*tasks[i].train, i, torch.Generator().manual_seed(i))
+    ctx = context(model, tasks, 2)
+    s.before_task(ctx)
+    ctx.optimizer = torch.optim.SGD(model.module.parameters(), lr=0.3)
+    x, y = tasks[2].train
+    logits = model.head("out2")(x[:8])
+    state = s.gen.get_state()
+    got = s.penalty(ctx, x[:8], y[:8], logits)
+    s.gen.set_state(state)
+    mx, my, mt = s.memory.batch(torch.randperm(30, generator=s.gen)[:12])  # the candidates
+    chosen = s.retrieve(ctx, logits, y[:8], mx, my, mt).tolist()
+    assert len(chosen) == 4
+    expect = sum(F.cross_entropy(model.head(f"out{int(mt[i])}")(mx[i:i + 1]), my[i:i + 1])
+                 for i in chosen) / 4
+    assert float(got.detach()) == pytest.approx(0.6 * float(expect.detach()), rel=1e-5)
+
+
+def test_mir_virtual_steps_by_hand():
+    """lr (momentum * buffer + g + weight_decay * p) per parameter; a parameter without a
+    gradient or outside the optimizer is skipped, and the ones after it still step."""
+    a, b, c, d = (torch.nn.Parameter(torch.tensor([v, -v])) for v in (1.0, 2.0, 3.0, 4.0))
+    opt = torch.optim.SGD([{"params": [a, b]}, {"params": [d], "lr": 0.5, "weight_decay": 0.1,
+                                                 "momentum": 0.9}], lr=0.2)
+    opt.state[d]["momentum_buffer"] = torch.tensor([1.0, 1.0])
+    g = torch.tensor([0.5, 0.25])
+    steps = virtual_steps(opt, {"a": a, "b": b, "c": c, "d": d}, (g, None, g, g))
+    assert set(steps) == {"a", "d"}
+    torch.testing.assert_close(steps["a"], torch.tensor([0.1, 0.05]))
+    # 0.5 * (0.9 * 1 + 0.5 + 0.1 * 4), 0.5 * (0.9 * 1 + 0.25 - 0.1 * 4)
+    torch.testing.assert_close(steps["d"], torch.tensor([0.9, 0.375]))
+
+
+def test_the_memory_is_offered_the_tasks_samples_in_their_seeded_order():
+    """Order from the key "stream/<task>", reservoir draws from "reservoir/<task>" (the
+    task's seed mixed as growth.data.sampling does, by hand)."""
+    tasks, model = synthetic(3), mlp()
+    s = make_strategy("er", {"memory": 5})
+    ctx = context(model, tasks, 1)
+    ctx.seed = 3
+
+    def gen(key: bytes) -> torch.Generator:
+        return torch.Generator().manual_seed((3 * 0x9E3779B1 + zlib.crc32(key)) % (2**63 - 1))
+
+    s.remember(ctx)
+    x, y = tasks[1].train
+    order = torch.randperm(len(y), generator=gen(b"stream/1"))
+    want = EpisodicMemory(5)
+    want.reservoir(x[order], y[order], 1, gen(b"reservoir/1"))
+    assert torch.equal(s.memory.x, want.x) and torch.equal(s.memory.y, want.y)
+
+
 # ---- state, scenarios, settings --------------------------------------------------------------
 @pytest.mark.parametrize("name", REPLAY)
 @pytest.mark.parametrize("single_head", [False, True])
@@ -243,6 +346,25 @@ def test_a_restored_replay_strategy_continues_identically(name, single_head):
         assert torch.equal(p, q), n
     assert torch.equal(s.memory.x, fresh.memory.x) and s.memory.seen == fresh.memory.seen
     assert s.memory_report() == fresh.memory_report()
+
+
+def test_saved_memory_rows_are_checked_before_loading():
+    """Integer label and task vectors, one length for x, y and task, finished tasks only."""
+    s = make_strategy("er", {"memory": 10})
+    x, y, t = torch.zeros(3, 2), torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])
+    rows = {"memory/all/x": x, "memory/all/y": y, "memory/all/task": t}
+    assert s.check_state(rows, {}, {}, 2) == []
+    assert s.check_state({"memory/all/x": x}, {}, {}, 2) == []  # labels and tasks absent
+    assert s.check_state({"memory/all/y": y[:0], "memory/all/task": t[:0]}, {}, {}, 0) == []
+    bad = s.check_state({**rows, "memory/all/y": y.float(), "memory/all/task": t[:, None]},
+                        {}, {}, 2)
+    assert bad == ["tensor 'memory/all/y' must be a vector of integers, got torch.float32 of "
+                   "shape (3,)", "tensor 'memory/all/task' must be a vector of integers, got "
+                   "torch.int64 of shape (3, 1)"]
+    assert s.check_state({**rows, "memory/all/y": y[:2]}, {}, {}, 2) == [
+        "the memory's tensors memory/all/x, y and task differ in length ([2, 3])"]
+    assert s.check_state(rows, {}, {}, 1) == [
+        "tensor 'memory/all/task' names task 1, which is not finished (0..0)"]
 
 
 @pytest.mark.parametrize("name,bad,key", [

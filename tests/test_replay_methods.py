@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -16,13 +17,15 @@ from test_strategies import class_incremental, context, make_task, mlp, perturb,
 
 from growth.campaign import Campaign, resume_run
 from growth.cli import main
+from growth.compile import compile_graph
 from growth.config import load_config
 from growth.data.containers import Task
+from growth.data.streaming import ImageFiles
 from growth.errors import ConfigError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.strategies import Context, make_strategy
-from growth.strategies.dgr import vae_graphs
+from growth.strategies.dgr import _VAETrainer, elbo_loss, sample, vae_graphs
 from growth.strategies.icarl import NOT_NEW
 from growth.strategies.rehearsal import join_by_head
 from growth.train import TrainConfig, evaluate, learn_task
@@ -133,6 +136,19 @@ def test_icarl_trains_on_the_task_joined_by_its_exemplars():
     x, y = tasks[1].train
     assert torch.equal(joined.train[0], torch.cat([x, s.memory.x]))
     assert joined.train[1].tolist() == [*y.tolist(), *[NOT_NEW] * 8]  # another head's rows
+    tasks = class_incremental(2)  # one head: labels in its space, exemplars keep theirs
+    model = mlp(n_heads=1, classes=4)
+    s = make_strategy("icarl", {"memory": 8})
+    s.memory.reservoir(*(t[:8] for t in tasks[0].train), 0, torch.Generator())
+    (joined,) = s.train_sets(context(model, tasks, 1, single_head=True))
+    x, y = tasks[1].train
+    assert tasks[1].class_offset == 2 and joined.class_offset == 0  # not added again
+    assert joined.train[1].tolist() == [*(y + 2).tolist(), *s.memory.y.tolist()]
+    files = ImageFiles([f"{i}.png" for i in range(len(y))], 4)  # never read
+    lazy = dataclasses.replace(tasks[1], train=(files, y))
+    with pytest.raises(ConfigError, match="data.load"):
+        s.train_sets(Context(model, lazy, [tasks[0]], lambda t: "out0",
+                             lambda t, y: y + t.class_offset, torch.device("cpu")))
 
 
 # ---- GDumb ---------------------------------------------------------------------------------
@@ -185,12 +201,45 @@ def test_gdumb_starts_each_task_from_fresh_weights_drawn_from_the_tasks_seed():
                 assert torch.equal(params[f"{node}.{key}"].detach(), value), (seed, node, key)
 
 
+def test_gdumb_offers_each_tasks_stream_to_the_balanced_memory_with_the_tasks_draws():
+    """The memory after each task is what greedy balanced insertion keeps of the task's samples
+    offered in its seeded stream order, its evictions drawn from the task's own "balanced"
+    stream (not a shared or unnamed one): a memory of 10 filled by hand through the same
+    insertion, one class per label of the single head."""
+    from growth.data.sampling import generator
+    from growth.memory import EpisodicMemory
+
+    tasks = class_incremental(2)
+    model = mlp(n_heads=1, classes=4)
+    s = make_strategy("gdumb", {"memory": 10})
+    by_hand = EpisodicMemory(10)
+    for i, seed in enumerate((3, 8)):
+        ctx = context(model, tasks, i, single_head=True)
+        ctx.seed = seed
+        s.before_task(ctx)
+        x, y = tasks[i].train
+        order = torch.randperm(len(y), generator=generator(seed, "stream", i))
+        by_hand.balanced(x[order], y[order] + 2 * i, i, lambda t, y: y,
+                         generator(seed, "balanced", i))
+        assert torch.equal(s.memory.x, by_hand.x) and torch.equal(s.memory.y, by_hand.y), i
+        assert torch.equal(s.memory.task, by_hand.task), i
+    other = EpisodicMemory(10)  # the draws matter: another stream keeps other samples
+    x, y = tasks[0].train
+    order = torch.randperm(len(y), generator=generator(3, "stream", 0))
+    other.balanced(x[order], y[order], 0, lambda t, y: y, generator(3, "balanced", 1))
+    reference = EpisodicMemory(10)
+    reference.balanced(x[order], y[order], 0, lambda t, y: y, generator(3, "balanced", 0))
+    assert not torch.equal(other.x, reference.x)
+
+
 # ---- latent replay -------------------------------------------------------------------------
 def test_latent_replay_stores_activations_and_freezes_the_layers_below():
     tasks = synthetic(3)
     model = mlp()
     s = make_strategy("latent_replay", {"layer": "r1", "memory": 500})
+    start = model.module.fc1.weight.detach().clone()
     learn(s, tasks, model, 1)
+    assert not torch.equal(model.module.fc1.weight, start)  # nothing frozen on the first task
     x, _ = tasks[0].train
     with torch.no_grad():
         acts = torch.relu(model.module.fc1(x.flatten(1)))  # the activations, by hand
@@ -205,15 +254,33 @@ def test_latent_replay_stores_activations_and_freezes_the_layers_below():
     assert not torch.equal(model.module.features.weight, above)
 
 
+def test_latent_replay_freezes_nested_parameters_below_its_layer():
+    """A ViT's attention holds its parameters one module down (block1_attn.qkv.weight): every
+    parameter of a node below the layer is frozen, nested or not, and none above it."""
+    from growth.search_spaces.networks import add_head, vit
+
+    model = Model(add_head(add_head(vit((1, 8, 8)), "out0", 3), "out1", 3))
+    tasks = [make_task(i, torch.randn(8, 1, 8, 8), torch.arange(8) % 3, 3) for i in (0, 1)]
+    s = make_strategy("latent_replay", {"layer": "block1_add2"})
+    s.before_task(context(model, tasks, 1))
+    frozen = {n for n, p in model.named_parameters().items() if not p.requires_grad}
+    below = ("patch.", "cls.", "pos.", "block1_")  # the nodes up to the end of block 1
+    assert "block1_attn.qkv.weight" in frozen
+    assert frozen == {n for n in model.named_parameters() if n.startswith(below)}
+
+
 def test_latent_replay_sends_replayed_activations_through_the_layers_above_only():
     tasks = synthetic(3)
     model = mlp()
-    s = make_strategy("latent_replay", {"layer": "r1", "memory": 30, "replay_batch": 30})
+    s = make_strategy("latent_replay", {"layer": "r1", "memory": 30, "replay_batch": 7})
     learn(s, tasks, model, 2)
     ctx = context(model, tasks, 2)
     s.before_task(ctx)
+    state = s.gen.get_state()
     got = s.penalty(ctx, None, None, None)
-    a, y, t = s.memory.batch(s.memory.rows())
+    s.gen.set_state(state)
+    a, y, t = s.memory.batch(torch.randperm(30, generator=s.gen)[:7])  # the draw, made again
+    assert len(y) == 7
     m = model.module
     loss = sum(F.cross_entropy(getattr(m, f"head{int(t[i])}")(torch.relu(m.features(a[i:i + 1]))),
                                y[i:i + 1]) for i in range(len(y))) / len(y)
@@ -224,6 +291,15 @@ def test_latent_replay_slowed_layers_get_scaled_gradients():
     tasks = synthetic(2)
     model = mlp()
     s = make_strategy("latent_replay", {"layer": "r1", "lower_lr": 0.25})
+    first = context(model, tasks, 0)
+    s.before_task(first)
+    F.cross_entropy(model.head("out0")(tasks[0].train[0]), tasks[0].train[1]).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters().items()
+             if p.grad is not None}
+    s.after_backward(first)  # the first task trains every layer at the full rate
+    for n, p in model.named_parameters().items():
+        if n in plain:
+            assert torch.equal(p.grad, plain[n]), n
     learn(s, tasks, model, 1)
     ctx = context(model, tasks, 1)
     s.before_task(ctx)
@@ -267,6 +343,10 @@ def test_dgr_counts_its_generator_as_memory():
     # encoder 16->16, 16->4 twice; decoder 4->16, 16->16 (pixels of a 1x4x4 input)
     params = (16 * 16 + 16) + 2 * (16 * 4 + 4) + (4 * 16 + 16) + (16 * 16 + 16)
     assert s.memory_report() == {"samples": 0, "bytes": params * 4, "generator_params": params}
+    # the checkpoint's names: the encoder's layers, its two heads, the decoder's layers
+    layers = {"encoder": ["fc1", "head_mu", "head_logvar"], "decoder": ["fc1", "out"]}
+    assert set(s.state) == {f"generator/{part}/{node}.{kind}" for part, nodes in layers.items()
+                            for node in nodes for kind in ("weight", "bias")}
 
 
 def test_the_generator_learns_the_tasks_data():
@@ -288,6 +368,43 @@ def test_the_generator_learns_the_tasks_data():
     before = bound()
     s.after_task(ctx)
     assert bound() < 0.9 * before
+
+
+def test_the_evidence_bound_by_hand():
+    """(sum of pixel BCEs + KL(N(mu, exp(logvar)) || N(0, 1))) / batch, z = mu + sigma eps."""
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(2, 3)
+    x = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.2, 0.0]])
+    mu, logvar = torch.tensor([[0.3, -0.2], [1.0, 0.5]]), torch.tensor([[0.1, -0.4], [0.0, 0.3]])
+    eps = torch.randn(2, 2, generator=torch.Generator().manual_seed(4))
+    got = elbo_loss(x, mu, logvar, decoder, torch.Generator().manual_seed(4))
+    p = torch.sigmoid(decoder(mu + torch.exp(logvar / 2) * eps)).detach()
+    recon = -(x * p.log() + (1 - x) * (1 - p).log()).sum()
+    kl = sum(0.5 * (math.exp(lv) + m * m - 1 - lv) for m, lv in zip(mu.flatten().tolist(),
+                                                                   logvar.flatten().tolist()))
+    assert float(got.detach()) == pytest.approx((float(recon) + kl) / 2, rel=1e-5)
+
+
+def test_the_generator_trains_on_its_tasks_weight_of_data_and_the_rest_of_replays():
+    """Loss w ELBO(batch) + (1 - w) ELBO(replays of the previous decoder), w = 1/t."""
+    tasks, model = synthetic(2), mlp()
+    s = make_strategy("dgr", SMALL_VAE)
+    s.before_task(context(model, tasks, 0))  # builds the VAE
+    enc, dec = s.encoder, s.decoder.module
+    previous = compile_graph(s.decoder.graph)  # a copy of the decoder as it was
+    perturb(s.decoder, 1)
+    x = tasks[1].train[0][:6].clamp(0, 1)
+    ctx = Context(enc, tasks[1], [], lambda t: "mu", lambda t, y: y, torch.device("cpu"))
+    ctx.outputs = enc.head(("mu", "logvar"))(x)
+    trainer = _VAETrainer(dec, previous, 0.25, 4, torch.Generator().manual_seed(2))
+    got = trainer.loss(ctx, x, None, None)
+    gen = torch.Generator().manual_seed(2)  # the same draws, in the same order
+    own = elbo_loss(x, ctx.outputs["mu"], ctx.outputs["logvar"], dec, gen)
+    fake = sample(previous, 6, 4, (1, 4, 4), gen, torch.device("cpu"))
+    out = enc.head(("mu", "logvar"))(fake)
+    replayed = elbo_loss(fake, out["mu"], out["logvar"], dec, gen)
+    expect = float((0.25 * own + 0.75 * replayed).detach())
+    assert float(got.detach()) == pytest.approx(expect, rel=1e-5)
 
 
 def replay_setup(name: str, params: dict, single_head: bool):
@@ -376,6 +493,10 @@ def test_joint_mixes_classes_that_share_a_head():
     assert torch.equal(joined.train[0], torch.cat([t.train[0] for t in tasks]))
     assert joined.train[1].tolist() == [int(v) + t.class_offset for t in tasks
                                         for v in t.train[1]]
+    assert (joined.index, joined.class_offset, tasks[2].class_offset) == (2, 0, 4)  # the last
+    files = ImageFiles([f"{i}.png" for i in range(len(tasks[1].train[1]))], 4)  # never read
+    lazy = [tasks[0], dataclasses.replace(tasks[1], train=(files, tasks[1].train[1]))]
+    assert join_by_head(ctx, lazy) == lazy  # images streamed from disk are not joined
     tasks = synthetic(3)
     ctx = context(mlp(), tasks, 2)
     assert join_by_head(ctx, [*ctx.seen, ctx.task]) == [*ctx.seen, ctx.task]

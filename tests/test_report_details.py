@@ -63,3 +63,29 @@ def test_long_architectures_are_cut_with_their_size_and_a_digest() -> None:
         "net2wider fc1→48, net2deeper after act1 (k3)"
     assert describe_actions([{"op": "x", "after": "a"}] * 6).endswith(", … 2 more")
     assert describe_actions([]) == "none"
+
+
+def test_a_search_report_of_fabricated_records_prints_counts_as_counts(tmp_path: Path
+                                                                       ) -> None:
+    """A search run is a folder with search.json; its report goes into a folder created with
+    its parents, and parameter counts print as integers next to accuracies to 4 digits."""
+    import json
+
+    from growth.controllers.records import RECORDS, ChildRecord, append_record
+    from growth.controllers.search_report import SUMMARY, is_search_run, write_search_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert not is_search_run(run)
+    (run / "search.json").write_text("{}")
+    assert is_search_run(run)
+    (run / SUMMARY).write_text(json.dumps({"base": {"val_acc": 0.5, "params": 120},
+                                           "best": {"key": "g000c00", "val_acc": 0.625,
+                                                    "params": 130}}))
+    append_record(run / RECORDS, ChildRecord("g000c00", 0, 0, "fc1=12", [], "ok",
+                                             val_acc=0.625, params=130))
+    path = write_search_report([run], tmp_path / "new" / "folder")
+    assert path == tmp_path / "new" / "folder" / "search.md"
+    text = path.read_text()
+    assert "| base | base | 0.5000 | n/a | 120 |" in text
+    assert "| best | g000c00 | 0.6250 | n/a | 130 |" in text

@@ -516,3 +516,36 @@ def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -
     assert first == base.to_dict() and before == set()
     assert second == net2wider(base, "fc1", 24).graph.to_dict()  # child 1 of generation 0
     assert trained == {"g0:fc1=20", "g0:fc1=24", "g0:fc1=28"}
+
+
+def test_the_service_reports_each_search_to_its_hooks_and_chooses_a_backend(tmp_path: Path
+                                                                          ) -> None:
+    """`SearchService.search` on the "auto" backend (this process: no child's time is known
+    yet) calls on_start(task index, children x generations), on_child(task index, record) per
+    finished child in key order and on_end(task index), and keeps the children's mean
+    training time for the next search's backend choice."""
+    from growth.controllers.records import RECORDS
+    from growth.controllers.service import SearchService
+
+    from growth.searching import SearchSettings
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2,
+                         "max_train_per_task": 40})[1]
+    torch.manual_seed(0)
+    model = Model(add_head(mlp(task.input_shape, [8]), "t1", task.n_classes))
+    calls: list[tuple[Any, ...]] = []
+    service = SearchService(on_start=lambda i, n: calls.append(("start", i, n)),
+                            on_child=lambda i, r: calls.append(("child", i, r.key)),
+                            on_end=lambda i: calls.append(("end", i)))
+    ctx = Context(model, task, [], lambda t: f"t{t.index}", lambda t, y: y,
+                  torch.device("cpu"), seed=0, workdir=tmp_path)
+    settings = SearchSettings(controller="random", children=2, generations=1, epochs=1,
+                              backend="auto", concurrency=2,
+                              space={"widths": {"fc": [8, 12, 16]}})
+    with service:
+        outcome = service.search(ctx, SearchRequest(settings, TrainConfig(epochs=1)))
+    assert calls == [("start", 1, 2), ("child", 1, "g000c00"), ("child", 1, "g000c01"),
+                     ("end", 1)]
+    records = read_records(tmp_path / "search" / RECORDS)
+    assert service.child_s == pytest.approx(sum(r.train_time_s for r in records) / 2)
+    assert outcome.summary["children"] == 2

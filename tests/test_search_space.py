@@ -36,6 +36,19 @@ def _cnn() -> NetGraph:  # 8x8 -> conv1 8x8 -> pool 4x4 -> conv2 4x4 -> pool 2x2
     return randomize(add_head(small_cnn((1, 8, 8), [3, 4]), "t0", 3), 0)
 
 
+def test_an_mlp_with_batchnorm_and_dropout_chains_its_blocks_in_order() -> None:
+    """Each hidden block is fc{i} -> bn{i} -> act{i} -> drop{i}, each fed by the one before,
+    the first by the input and "features" by the last."""
+    g = mlp((4,), [3, 5], batchnorm=True, dropout=0.5)
+    chain = [(n["name"], n["kind"], n["inputs"]) for n in g.to_dict()["nodes"]]
+    assert chain == [("x", "input", []), ("fc1", "linear", ["x"]),
+                     ("bn1", "batchnorm1d", ["fc1"]), ("act1", "relu", ["bn1"]),
+                     ("drop1", "dropout", ["act1"]), ("fc2", "linear", ["drop1"]),
+                     ("bn2", "batchnorm1d", ["fc2"]), ("act2", "relu", ["bn2"]),
+                     ("drop2", "dropout", ["act2"]), ("features", "identity", ["drop2"])]
+    assert g.node("bn2").attrs["num_features"] == 5 and g.node("drop1").attrs["p"] == 0.5
+
+
 # ---- layers as tokens -------------------------------------------------------------------------
 def test_mlp_layers_are_fc_tokens_in_one_block_heads_excluded() -> None:
     space = SearchSpace()

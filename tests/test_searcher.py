@@ -13,7 +13,13 @@ import pytest
 import ray.cloudpickle as cloudpickle
 import torch
 from growth.controllers import make_controller
-from growth.controllers.records import ChildRecord, append_record, leaderboard, read_records
+from growth.controllers.records import (
+    ChildRecord,
+    append_record,
+    board_rows,
+    leaderboard,
+    read_records,
+)
 from growth.controllers.searcher import ControllerSearcher, Generation
 from growth.controllers.trial import TrialSpec, child_seed, save_strategy_state, train_child
 from searchkit import CHILD_TRAIN, accuracy, digits_task, small_space, trained_base
@@ -76,6 +82,13 @@ def test_generation_is_observed_once_in_proposal_order(setup) -> None:
                    (s.proposals[2].arch, None), (s.proposals[3].arch, 0.5)]
 
 
+def test_the_searcher_tells_tune_it_maximises_the_validation_accuracy(setup) -> None:
+    """Tune reads a searcher's metric and mode (its own are left unset by the driver): the
+    children's `val_acc`, higher is better."""
+    s = _searcher(setup)
+    assert (s.metric, s.mode) == ("val_acc", "max")
+
+
 def test_children_finished_or_trained_before_are_not_trained_again(setup) -> None:
     first = _searcher(setup, seed=5)
     first.advance()
@@ -133,6 +146,35 @@ def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path:
     assert again["val_acc"] == m["val_acc"]
 
 
+def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
+    """Under scenario "class" a child reads the one shared head with the task's labels offset
+    by its first class: its accuracy is the argmax of that head against y + offset, counted
+    here on the saved child."""
+    from growth.search_spaces import make_space
+    from growth.search_spaces.networks import add_head, mlp
+
+    from growth.compile import compile_graph
+    from growth.data import build_stream
+    from growth.scenarios import SHARED_HEAD
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2, "seed": 0,
+                         "max_train_per_task": 60})[1]
+    assert task.class_offset == 5
+    torch.manual_seed(0)
+    add_head(mlp(task.input_shape, [8]), SHARED_HEAD, 10).save(tmp_path / "parent")
+    space = make_space({"widths": {"fc": [8, 12]}}, NetGraph.load(tmp_path / "parent"))
+    spec = TrialSpec(train=CHILD_TRAIN, scenario="class").model_dump(mode="json")
+    s = ControllerSearcher(make_controller("random", space, seed=0),
+                           Generation(0, 1, str(tmp_path / "parent"), {"spec": spec,
+                                                                       "attempt": 0}))
+    m = train_child(s.suggest("x"), task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    x, y = task.val
+    with torch.no_grad():
+        guess = compile_graph(NetGraph.load(tmp_path / "child")).eval()(x).argmax(1)
+    assert m["val_acc"] == pytest.approx(int((guess == y + 5).sum()) / len(y), abs=1e-12)
+
+
 def test_a_strategy_reaches_the_trial_by_reference(setup, tmp_path: Path) -> None:
     """A strong L2 pull, saved after its task and named in the spec, holds the child's old
     units near the parent's weights: its state followed the widened layer into the trial."""
@@ -182,6 +224,50 @@ def test_records_survive_a_torn_last_line(tmp_path: Path) -> None:
     assert [r.key for r in got] == ["g000c00", "g000c01", "g000c02"]
     assert got[2].val_acc is None  # NaN is stored as null
     assert [r.key for r in leaderboard(got)] == ["g000c01", "g000c00"]  # fewer params first
+
+
+def test_a_record_reads_back_with_its_accuracy_before_training(tmp_path: Path) -> None:
+    """A record's accuracy before training is kept through the file; a non-finite one reads
+    back as None, as the accuracy after training does."""
+    path = tmp_path / "children.jsonl"
+    append_record(path, ChildRecord("g000c00", 0, 0, "a", [], "ok", val_acc=0.5,
+                                    val_acc_before=0.25, params=10))
+    append_record(path, ChildRecord("g000c01", 0, 1, "b", [], "ok", val_acc=0.75,
+                                    val_acc_before=float("inf"), params=10))
+    a, b = read_records(path)
+    assert (a.val_acc, a.val_acc_before) == (0.5, 0.25)
+    assert (b.val_acc, b.val_acc_before) == (0.75, None)
+
+
+def test_a_torn_line_is_skipped_and_a_zero_accuracy_ranks_last(tmp_path: Path) -> None:
+    """A line that cannot be read (a write torn by a kill, then appended after) is skipped and
+    the records after it are kept; a child of accuracy 0.0 is a finished child, ranked below
+    every better one."""
+    path = tmp_path / "children.jsonl"
+    append_record(path, ChildRecord("g000c00", 0, 0, "a", [], "ok", val_acc=0.0, params=5))
+    with open(path, "a") as f:
+        f.write('{"key": "g000c01", "gener\n')
+    append_record(path, ChildRecord("g000c02", 0, 2, "c", [], "ok", val_acc=0.5, params=9))
+    records = read_records(path)
+    assert [r.key for r in records] == ["g000c00", "g000c02"]
+    assert [r.key for r in leaderboard(records)] == ["g000c02", "g000c00"]
+
+
+def test_leaderboard_rows_rank_from_one_best_first_and_keep_the_top() -> None:
+    """The rows `leaderboard.json` holds: rank 1 for the best child, training time rounded to
+    milliseconds, and only the first `top` rows when asked."""
+    a = ChildRecord("g000c00", 0, 0, "a", [], "ok", val_acc=0.5, params=10, train_time_s=2.0)
+    b = ChildRecord("g000c01", 0, 1, "b", [], "ok", val_acc=0.5, params=8, train_time_s=1.5)
+    c = ChildRecord("g001c00", 1, 0, "c", [], "ok", val_acc=0.9, params=20,
+                    train_time_s=1.23456, checkpoint="children/g001c00")
+    board = leaderboard([a, b, c])
+    rows = board_rows(board)
+    assert [(r["rank"], r["key"]) for r in rows] == [(1, "g001c00"), (2, "g000c01"),
+                                                     (3, "g000c00")]
+    assert rows[0] == {"rank": 1, "key": "g001c00", "val_acc": 0.9, "params": 20,
+                       "train_time_s": 1.235, "generation": 1, "arch": "c",
+                       "checkpoint": "children/g001c00"}
+    assert [r["key"] for r in board_rows(board, top=2)] == ["g001c00", "g000c01"]
 
 
 def test_search_config_errors_name_the_file_and_key(tmp_path: Path,

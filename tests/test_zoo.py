@@ -117,3 +117,26 @@ def test_model_keys_are_validated(tmp_path, model: str, words: str) -> None:
     with pytest.raises(ConfigError, match="model") as err:
         load_config(cfg_path, [f"model={model}"])
     assert words in str(err.value)
+
+
+def test_only_a_plain_first_convolution_is_adapted_to_other_channels() -> None:
+    """A network whose input feeds anything but an ungrouped convolution (here a flatten
+    before a linear layer) cannot take another channel count: refused, naming the node."""
+    from growth.search_spaces.networks import mlp
+    from growth.search_spaces.zoo import _adapt_input
+
+    with pytest.raises(GraphError, match="cannot adapt 'flatten' \\(flatten\\) to 1 input"):
+        _adapt_input(mlp((3, 4, 4), [5]), 1)
+
+
+def test_an_unknown_architecture_names_at_most_eight_similar_ones() -> None:
+    """'resnet' is no architecture; ten names share its first four letters ('resn'): the
+    error lists the first eight of torchvision's classification models among them."""
+    from growth.search_spaces.zoo import build_model
+
+    similar = [n for n in torchvision.models.list_models(module=torchvision.models)
+               if "resn" in n]
+    assert len(similar) > 8
+    with pytest.raises(ConfigError, match="'resnet' is not") as err:
+        build_model("resnet")
+    assert f"similar: {similar[:8]};" in str(err.value)
