@@ -501,3 +501,11 @@ def test_an_owner_table_before_any_task_is_counted_at_one_bit_a_weight() -> None
     """store table, no task finished: each masked weight's index (0: free) takes 1 bit."""
     rec = REC(REC.Params(owners={"store": "table"}))
     assert rec.size_parts(small_model())["masks"] == [Stored(12, 1, parameters=False)]
+
+
+def test_packing_into_float32_leaves_a_weight_at_least_12_of_its_23_mantissa_bits() -> None:
+    """float32 weights give at most 10 bits to an owner index (23 // 2 = 11 refused)."""
+    params = {"w": torch.zeros(2, 2)}
+    check_packable(params, ["w"], 10, 0)
+    with pytest.raises(ConfigError, match="lowest 11 bits of each weight, but w is torch.float32"):
+        check_packable(params, ["w"], 11, 0)
