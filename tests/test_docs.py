@@ -9,7 +9,7 @@ paths read as in the repository root), in document order:
   `growth ...` through the CLI in-process (it must exit 0), `python SCRIPT` as a process;
   `pip install ./examples/<package>` installs that example plug-in as pip lays it out, other
   `pip install` lines (the package itself), `python -m pytest` (this suite) and `mutmut`
-  (this suite per mutant) are skipped.
+  (this suite per mutant; also as `nice -n N .venv/bin/python -m mutmut`) are skipped.
   In a console block, every other line is output that the previous command must print
   (`...` stands for lines left out);
 - ```yaml blocks parse strictly (duplicate keys are errors); a block whose top-level keys are
@@ -118,6 +118,10 @@ def run_command(cmd: str, site: Path, capsys: pytest.CaptureFixture[str]) -> str
                 install_example(site, folder)
         return ""  # the package itself is installed already
     command = [a for a in args if not re.fullmatch(r"[A-Z_]+=\S*", a)]  # after VAR=value
+    if command[:2] == ["nice", "-n"]:
+        command = command[3:]
+    if command[1:3] == ["-m", "mutmut"] and Path(command[0]).name == "python":
+        command = command[2:]  # a checkout's own interpreter running mutmut
     if args[:3] == ["python", "-m", "pytest"] or command[:1] == ["mutmut"]:
         return ""  # this very suite (mutmut runs it once per mutant)
     if args[0] == "growth":
