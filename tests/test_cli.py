@@ -135,7 +135,7 @@ def test_budget_counts_and_fractions_still_parse() -> None:
 @pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, "interrupted"),
                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_an_interrupt_a_library_turned_into_an_error_is_still_an_interrupt(
-        tmp_path, capsys, monkeypatch, sig, code, words) -> None:
+        tmp_path, capsys, monkeypatch, request, sig, code, words) -> None:
     """Ctrl-C landing in safetensors' read of a memory-mapped strategy tensor came back as
     torch's "could not determine the shape" error, so the run ended as "error: cannot read the
     strategy tensor" (exit 2), blaming a sound file. The signal was seen: it is the cause."""
@@ -143,6 +143,11 @@ def test_an_interrupt_a_library_turned_into_an_error_is_still_an_interrupt(
 
     from growth.campaign import Campaign
     from growth.errors import CheckpointError
+
+    # as in a terminal: a run started in the background of a script inherits Ctrl-C ignored,
+    # and the CLI leaves an ignored Ctrl-C ignored
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, outer))
 
     def start(self):
         try:
