@@ -771,19 +771,25 @@ def test_cpg_scores_a_task_without_a_validation_split_on_its_training_split() ->
     assert s._accuracy(ctx) == pytest.approx(by_hand, abs=1e-12)
 
 
-def test_cpg_picks_take_adam_steps_of_their_own() -> None:
-    """One training step: every pick whose gradient g is not zero moves from 0.01 by Adam's
-    first step, pick_lr * g / (|g| + 1e-8)."""
+def _cpg_at_task_1(settings: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """CPG before its second task, half of fc1's weights owned by task 0 (seeded), fc2 free."""
     from rivalkit import ctx_for
 
-    s, model, _, tasks = _tiny("cpg", {"pick_lr": 1e-3})
+    s, model, _, tasks = _tiny("cpg", settings)
     owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
     s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
     s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
     s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
     ctx = ctx_for(model, tasks, 1, s)
     s.before_task(ctx)
-    x, y = tasks[1].train
+    return s, model, ctx
+
+
+def test_cpg_picks_take_adam_steps_of_their_own() -> None:
+    """One training step: every pick whose gradient g is not zero moves from 0.01 by Adam's
+    first step, pick_lr * g / (|g| + 1e-8)."""
+    s, model, ctx = _cpg_at_task_1({"pick_lr": 1e-3})
+    x, y = ctx.task.train
     with s.training(ctx):
         torch.nn.functional.cross_entropy(model.head("t1")(x), y).backward()
         s.after_backward(ctx)
@@ -826,21 +832,13 @@ def test_cpg_stores_each_tasks_biases_in_per_task_mode_and_checks_pick_shapes() 
 def test_cpg_growth_adds_noisy_copies_and_its_picks_go_on_training() -> None:
     """Growth with noise 0.5: each new unit's incoming row is an old row plus noise (equal to
     none of them); after growth the picks, remapped, still take Adam steps."""
-    from rivalkit import ctx_for
-
-    s, model, _, tasks = _tiny("cpg", {"grow": 0.5, "noise": 0.5, "budget": 10})
-    owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
-    s.state["owner/all/fc1.weight"] = owned.to(torch.uint8)
-    s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
-    s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
-    ctx = ctx_for(model, tasks, 1, s)
-    s.before_task(ctx)
+    s, model, ctx = _cpg_at_task_1({"grow": 0.5, "noise": 0.5, "budget": 10})
     assert s._grow(ctx, 0)
     w = model.named_parameters()["fc1.weight"].detach()
     assert w.shape == (9, 16)
     for row in w[6:]:
         assert not any(torch.equal(row, old) for old in w[:6])
-    x, y = tasks[1].train
+    x, y = ctx.task.train
     with s.training(ctx):
         torch.nn.functional.cross_entropy(model.head("t1")(x), y).backward()
         s.after_backward(ctx)

@@ -33,11 +33,10 @@ from growth.masks import (
     shared_copy,
     swapped,
 )
-from growth.metrics import Stored, index_bits
 from growth.regularizers import stored
 from growth.remap import MASK, WEIGHT
 from growth.strategies.base import Context, Scorer, Strategy, StrategyParams, state_key
-from growth.strategies.owned import owner_table, visible
+from growth.strategies.owned import mask_sizes, owner_table, visible
 from growth.strategies.spec import TensorSpec
 
 if TYPE_CHECKING:
@@ -188,9 +187,7 @@ class PackNet(Strategy):
         """Trunk and heads, plus the owner indices in the bits the finished tasks need, plus
         (per_task mode) the stored biases and BatchNorm copies."""
         parts = super().size_parts(model)
-        bits = index_bits(len(self.finished()) + 1)
-        parts["masks"] = [Stored(o.numel(), bits, parameters=False)
-                          for o in self.owners(model).values()]
+        parts["masks"] = mask_sizes(self.owners(model), len(self.finished()))
         if self.params.shared == "per_task":
             parts["per_task"] = [t for k, t in self.state.items()
                                  if k.startswith(f"{SHARED}/") and t.is_floating_point()]
