@@ -125,6 +125,44 @@ def test_the_searcher_survives_cloudpickle_and_save_restore(setup, tmp_path: Pat
             [p.arch for p in s.controller.propose(parent, 3)])  # the controller's state too
 
 
+def test_a_trial_reported_failed_or_of_another_generation_is_no_result(setup) -> None:
+    """A trial counts only when it reports status "ok" without an error: one that failed, or
+    errored, is None whatever accuracy it carries; a trial the searcher did not hand out counts
+    only when its config names this generation and an index."""
+    s = _searcher(setup, n=2)
+    s.advance()
+    s.on_trial_complete("old", {"status": "ok", "val_acc": 0.9,
+                                "config": {"generation": 3, "index": 0}})
+    s.on_trial_complete("odd", {"status": "ok", "val_acc": 0.9, "config": {"generation": 0}})
+    assert s.results == {}
+    s.suggest("a"), s.suggest("b")
+    s.on_trial_complete("a", {"status": "failed", "val_acc": 0.8})
+    s.on_trial_complete("b", {"status": "ok", "val_acc": 0.7}, error=True)
+    assert s.observed and s.results == {0: None, 1: None}
+
+
+def test_save_and_restore_keep_the_controllers_baseline_and_update_count(setup,
+                                                                        tmp_path: Path) -> None:
+    """EAS keeps its reward baseline and update count beside its tensors: both come back."""
+    tmp, _, _, _, space = setup
+    params = {"wider_actions": 1, "deeper_actions": 1}
+
+    def searcher(seed: int) -> ControllerSearcher:
+        return ControllerSearcher(make_controller("eas", space, params, seed=seed),
+                                  Generation(0, 2, str(tmp / "base"), {}, {}), seed=7)
+
+    s = searcher(3)
+    s.suggest("a"), s.suggest("b")
+    s.on_trial_complete("a", {"status": "ok", "val_acc": 0.5})
+    s.on_trial_complete("b", {"status": "ok", "val_acc": 0.25})
+    assert s.controller.baseline == pytest.approx((math.tan(0.5 * math.pi / 2)
+                                                   + math.tan(0.25 * math.pi / 2)) / 2)
+    s.save(str(tmp_path / "searcher.pkl"))
+    fresh = searcher(99)
+    fresh.restore(str(tmp_path / "searcher.pkl"))
+    assert (fresh.controller.baseline, fresh.controller.updates) == (s.controller.baseline, 1)
+
+
 def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path: Path
                                                                 ) -> None:
     tmp, task, base, acc, space = setup
