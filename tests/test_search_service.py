@@ -549,3 +549,100 @@ def test_the_service_reports_each_search_to_its_hooks_and_chooses_a_backend(tmp_
     records = read_records(tmp_path / "search" / RECORDS)
     assert service.child_s == pytest.approx(sum(r.train_time_s for r in records) / 2)
     assert outcome.summary["children"] == 2
+
+
+def _service_ctx(tmp_path: Path) -> Context:
+    """Task 1 of a two-task split of 40 digits, an MLP of 8 hidden units, workdir tmp_path."""
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2,
+                         "max_train_per_task": 40})[1]
+    torch.manual_seed(0)
+    model = Model(add_head(mlp(task.input_shape, [8]), "t1", task.n_classes))
+    return Context(model, task, [], lambda t: f"t{t.index}", lambda t, y: y,
+                   torch.device("cpu"), seed=0, workdir=tmp_path)
+
+
+def test_a_search_asked_again_keeps_the_parent_it_wrote_first(tmp_path: Path) -> None:
+    """The parent is written once: asked again in the same folder (a resumed task), the
+    service goes on from the parent it saved, not from the network as it is now."""
+    from growth.controllers.service import PARENT, SearchService
+
+    from growth.searching import SearchSettings
+
+    ctx = _service_ctx(tmp_path)
+    before = ctx.model.graph.node("fc1").tensors["weight"].clone()
+    settings = SearchSettings(controller="random", children=1, generations=1, epochs=1,
+                              backend="local", space={"widths": {"fc": [8, 12]}})
+    with SearchService() as service:
+        service.search(ctx, SearchRequest(settings, TrainConfig(epochs=1)))
+        with torch.no_grad():
+            ctx.model.named_parameters()["fc1.weight"].add_(1.0)
+        service.search(ctx, SearchRequest(settings, TrainConfig(epochs=1)))
+    saved = NetGraph.load(tmp_path / "search" / PARENT).node("fc1").tensors["weight"]
+    assert torch.equal(saved, before)
+
+
+def test_a_bad_space_in_a_search_names_the_strategys_search_key(tmp_path: Path) -> None:
+    """The service builds the space under `strategy.search`: an error names the key to fix."""
+    from growth.controllers.service import SearchService
+
+    from growth.errors import ConfigError
+    from growth.searching import SearchSettings
+
+    settings = SearchSettings(controller="random", children=1, generations=1, epochs=1,
+                              backend="local", space={"exclude": ["nope"]})
+    with SearchService() as service, pytest.raises(
+            ConfigError, match=r"^strategy\.search\.space\.exclude: no conv/linear layer named "
+                               r"'nope'"):
+        service.search(_service_ctx(tmp_path), SearchRequest(settings, TrainConfig(epochs=1)))
+
+
+def test_a_controller_without_settings_passes_the_config_check(monkeypatch) -> None:
+    """A plug-in controller need not declare a `Settings` model: the config check then looks
+    only at its name."""
+    import growth.controllers as controllers
+    from growth.controllers.service import check_search_settings
+
+    from growth.errors import ConfigError
+    from growth.searching import SearchSettings
+
+    class Bare:
+        name = "bare"
+
+    monkeypatch.setattr(controllers, "available_controllers", lambda: {"bare": Bare})
+    check_search_settings(SearchSettings(controller="bare", controller_params={"x": 1}),
+                          "strategy.search")
+    with pytest.raises(ConfigError, match="unknown controller 'eas'"):
+        check_search_settings(SearchSettings(controller="eas"), "strategy.search")
+
+
+def test_the_service_starts_ray_once_with_its_address_and_log_and_stops_it_on_close(
+        tmp_path: Path, monkeypatch) -> None:
+    """`_connect` enters `ray_cluster` on the first search that needs Ray (a search's own
+    address first, else the service's, with the service's log file) and hands the same
+    cluster to every later search; `close` leaves it. Ray itself is replaced by a recorder."""
+    from contextlib import contextmanager
+
+    import growth.cluster
+    from growth.controllers.service import SearchService
+
+    calls: list[tuple[Any, ...]] = []
+
+    @contextmanager
+    def fake_cluster(address=None, num_cpus=None, num_gpus=None, log_file=None):
+        calls.append(("start", address, log_file))
+        yield f"cluster@{address}"
+        calls.append(("stop", address))
+
+    monkeypatch.setattr(growth.cluster, "ray_cluster", fake_cluster)
+    log = tmp_path / "ray.log"
+    service = SearchService(log_file=log, ray_address="head:1")
+    with service._connect(None) as first:
+        assert first == "cluster@head:1"
+    with service._connect("other:2") as again:
+        assert again == "cluster@head:1"  # joined once, kept
+    assert calls == [("start", "head:1", log)]
+    service.close()
+    assert calls[1:] == [("stop", "head:1")] and service.cluster is None
+    with SearchService(ray_address="head:1") as other, other._connect("other:2") as got:
+        assert got == "cluster@other:2"
+    assert calls[2:] == [("start", "other:2", None), ("stop", "other:2")]
