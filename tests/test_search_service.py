@@ -646,3 +646,53 @@ def test_the_service_starts_ray_once_with_its_address_and_log_and_stops_it_on_cl
     with SearchService(ray_address="head:1") as other, other._connect("other:2") as got:
         assert got == "cluster@other:2"
     assert calls[2:] == [("start", "other:2", None), ("stop", "other:2")]
+
+
+def test_the_service_hands_the_driver_the_settings_of_its_search(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """What `SearchService.search` asks of the driver, read off a stand-in for `run_search`
+    that records its call and stops: the children's training (epochs, lr x lr_scale, the
+    schedule, no warm-up), each child's threads (cpus_per_trial rounded down, at least 1), the
+    budget, the resources and every choice of the settings; `on_end` is called all the same."""
+    import growth.controllers.driver as driver
+    from growth.controllers.driver import Budget, Resources
+    from growth.controllers.service import SearchService
+
+    from growth.searching import SearchSettings
+
+    class Stop(Exception):
+        pass
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_search(*args: Any, **kwargs: Any) -> Any:
+        seen.update(args=args, kwargs=kwargs)
+        raise Stop
+
+    monkeypatch.setattr(driver, "run_search", fake_run_search)
+    ctx = _service_ctx(tmp_path)
+    ctx.seed = 4
+    settings = SearchSettings(controller="random", children=3, generations=2, epochs=1,
+                              lr_scale=0.25, schedule="constant", margin=0.1, cost=0.5,
+                              parent="fixed", backend="local", concurrency=3,
+                              cpus_per_trial=0.5, space={"widths": {"fc": [8, 12]}})
+    ended: list[int] = []
+    with SearchService(on_end=ended.append) as service, pytest.raises(Stop):
+        service.search(ctx, SearchRequest(settings, TrainConfig(epochs=5, lr=0.2,
+                                                                warmup_epochs=2),
+                                          ("l2", {"lambda": 2.0}), parent_acc=0.75))
+    folder, parent, _, _, task, spec, budget, resources = seen["args"]
+    assert (folder, parent, task) == (tmp_path / "search", tmp_path / "search" / "parent",
+                                      ctx.task)
+    assert (spec.train.epochs, spec.train.lr, spec.train.schedule,
+            spec.train.warmup_epochs) == (1, 0.05, "constant", 0)
+    assert spec.threads == 1 and spec.device == "cpu"
+    assert (spec.strategy.name, spec.strategy.params) == ("l2", {"lambda": 2.0})
+    assert budget == Budget(children=3, generations=2)
+    assert resources == Resources(concurrency=3, cpus_per_trial=0.5)
+    kw = seen["kwargs"]
+    assert {k: kw[k] for k in ("seed", "parent_acc", "policy", "margin", "cost", "backend",
+                               "child_s")} == {
+        "seed": 4, "parent_acc": 0.75, "policy": "fixed", "margin": 0.1, "cost": 0.5,
+        "backend": "local", "child_s": None}
+    assert ended == [1]

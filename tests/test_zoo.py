@@ -140,3 +140,18 @@ def test_an_unknown_architecture_names_at_most_eight_similar_ones() -> None:
     with pytest.raises(ConfigError, match="'resnet' is not") as err:
         build_model("resnet")
     assert f"similar: {similar[:8]};" in str(err.value)
+
+
+def test_a_mismatch_lists_four_keys_then_an_ellipsis_only_for_more(tmp_path) -> None:
+    """A weights file that does not fit names the first four keys of each kind; " ..." says
+    that more were left out, so it follows five keys and not four."""
+    from growth.search_spaces.zoo import load_weights
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(3)])  # 6 keys
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("2.")}
+    state.update({f"x{i}": torch.zeros(1) for i in range(5)})
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match=r"missing \['0.bias', '0.weight', '1.bias', "
+                       r"'1.weight'\]; unexpected \['x0', 'x1', 'x2', 'x3'\] \.\.\.$"):
+        load_weights(model, path, "tiny")
