@@ -213,3 +213,60 @@ def test_random_children_of_random_networks_keep_the_function(g: NetGraph, seed:
     controller = make_controller("random", space, {"wider_actions": 2, "deeper_actions": 2},
                                  seed=seed)
     _check_children(controller, g, 2, _input(g, 4))
+
+
+class _FixedPolicy:
+    """P(widen) 0.25 for every layer; decision k's i-th option weighs i + 1; the decoder
+    state counts the decisions, and every call is recorded."""
+
+    def __init__(self, sizes: tuple[int, int, int]) -> None:
+        self.sizes, self.calls = sizes, []
+
+    def wider_probs(self, tokens: list[int]) -> list[float]:
+        return [0.25] * len(tokens)
+
+    def deeper_start(self, tokens: list[int]) -> int:
+        return 0
+
+    def deeper_probs(self, state: int, step: int, previous: int | None):
+        self.calls.append((state, step, previous))
+        return torch.arange(1, self.sizes[step] + 1, dtype=torch.float32), state + 1
+
+
+def test_a_rollout_records_the_log_probability_of_what_it_drew() -> None:
+    """On a fixed policy the recorded log-probabilities are the hand-computed ones: log 0.25
+    per widened layer and log 0.75 per kept one; for each deeper decision, the chosen option's
+    weight over the offered options' weights. Each decision reads the state the previous one
+    left and the option chosen before it."""
+    from growth.controllers.base import ControllerSettings, rollout
+
+    g = _cnn_bn()
+    space = _small_space(g)
+    spec = space.spec
+    policy = _FixedPolicy((spec.max_blocks, spec.max_layers_per_block, len(spec.kernel_sizes)))
+    settings = ControllerSettings(wider_actions=1, deeper_actions=1)
+    for seed in range(4):
+        policy.calls.clear()
+        wider, deeper = rollout(space, g, policy, torch.Generator().manual_seed(seed),
+                                settings).decisions["steps"]
+        assert wider["logp"] == pytest.approx(sum(
+            math.log(0.25 if c else 0.75) for m, c in zip(wider["mask"], wider["choice"]) if m))
+        decisions = [(deeper["block_mask"], deeper["block"]),
+                     (deeper["position_mask"], deeper["position"]),
+                     (deeper["kernel_mask"], deeper["kernel"])]
+        assert deeper["logp"] == pytest.approx(sum(
+            math.log((c + 1) / sum(i + 1 for i, on in enumerate(m) if on))
+            for m, c in decisions))
+        assert policy.calls == [(0, 0, None), (1, 1, deeper["block"]),
+                                (2, 2, deeper["position"])]
+
+
+def test_a_masked_draw_follows_the_probabilities_and_returns_its_log_probability() -> None:
+    """Renormalised over the mask: [0.1, 0.6, 0.3] without option 1 is [0.25, 0, 0.75]."""
+    from growth.controllers.base import sample_masked
+
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_masked(torch.tensor([0.1, 0.6, 0.3]), [1, 0, 1], gen) for _ in range(400)]
+    assert {c for c, _ in draws} == {0, 2}
+    assert all(lp == pytest.approx(math.log(0.25 if c == 0 else 0.75)) for c, lp in draws)
+    assert 0.65 < sum(c == 2 for c, _ in draws) / 400 < 0.85
