@@ -280,3 +280,23 @@ def test_children_of_an_imported_resnet18_keep_its_function(resnet18: NetGraph,
         child, _ = space.apply(g, p.actions)
         assert space.arch(child) == p.arch
         assert max_rel_error(before, outputs(child, x)) <= 1e-5
+
+
+def test_a_wider_step_with_nothing_to_widen_is_no_decision_in_the_entropy_mean() -> None:
+    """A wider step whose layers are all at their widest decides nothing: with zero
+    advantages the loss is -weight x the deeper step's entropy over its own decisions only."""
+    from growth.controllers.base import Proposal
+
+    g = _cnn(fc=(6,))
+    c = _eas(g, {"widths": {"conv": [4, 8], "fc": [8, 16]}, "max_blocks": 4},
+             wider_actions=0, deeper_actions=1, seed=1)
+    [deeper] = c.propose(g, 1)[0].decisions["steps"]
+    tokens = deeper["tokens"]
+    empty = {"type": "wider", "tokens": tokens, "mask": [0] * len(tokens),
+             "choice": [0] * len(tokens), "logp": 0.0}
+    proposal = Proposal((), "x", {"steps": [empty, deeper]})
+    c.settings.entropy_weight = 0.5
+    entropies = _entropies(c.net, deeper)
+    assert len(entropies) == 3  # block, position, kernel
+    loss = float(c.loss([(proposal, 0.0)]).detach())
+    assert loss == pytest.approx(-0.5 * sum(entropies) / 3, rel=1e-5)
