@@ -141,6 +141,20 @@ def test_a_trial_reported_failed_or_of_another_generation_is_no_result(setup) ->
     assert s.observed and s.results == {0: None, 1: None}
 
 
+def test_a_childs_first_result_stands_and_an_index_out_of_range_is_ignored(setup) -> None:
+    """A child reported twice (a retried trial) keeps its first accuracy; an index the
+    generation does not have is ignored and does not complete it."""
+    s = _searcher(setup, n=2)
+    s.advance()
+    s.result(0, 0.5)
+    s.result(0, 0.9)
+    s.result(2, 0.1)
+    s.result(-1, 0.1)
+    assert s.results == {0: 0.5} and not s.observed
+    s.result(1, 0.25)
+    assert s.results == {0: 0.5, 1: 0.25} and s.observed
+
+
 def test_save_and_restore_keep_the_controllers_baseline_and_update_count(setup,
                                                                         tmp_path: Path) -> None:
     """EAS keeps its reward baseline and update count beside its tensors: both come back."""
