@@ -582,7 +582,8 @@ def test_a_search_asked_again_keeps_the_parent_it_wrote_first(tmp_path: Path) ->
 
 
 def test_a_bad_space_in_a_search_names_the_strategys_search_key(tmp_path: Path) -> None:
-    """The service builds the space under `strategy.search`: an error names the key to fix."""
+    """The service builds the space and the controller under `strategy.search`: an error
+    names the key to fix."""
     from growth.controllers.service import SearchService
 
     from growth.errors import ConfigError
@@ -593,6 +594,11 @@ def test_a_bad_space_in_a_search_names_the_strategys_search_key(tmp_path: Path) 
     with SearchService() as service, pytest.raises(
             ConfigError, match=r"^strategy\.search\.space\.exclude: no conv/linear layer named "
                                r"'nope'"):
+        service.search(_service_ctx(tmp_path), SearchRequest(settings, TrainConfig(epochs=1)))
+    settings = SearchSettings(controller="random", controller_params={"nope": 1}, children=1,
+                              generations=1, epochs=1, backend="local")
+    with SearchService() as service, pytest.raises(
+            ConfigError, match=r"^strategy\.search\.controller\.nope"):
         service.search(_service_ctx(tmp_path), SearchRequest(settings, TrainConfig(epochs=1)))
 
 

@@ -491,3 +491,23 @@ def test_a_vits_moves_respect_the_parameter_limit() -> None:
     assert space.block_options(g) == []  # a block holds 3 + 1 layers: over the limit
     space = make_space({"max_params": g.param_count() + 100, "exclude": ["block1_fc1"]}, g)
     assert space.head_options(g) == []  # one head adds 4 x (3 x 8 + 3 + 8) = 140
+
+
+@pytest.mark.parametrize(("name", "shape", "widths"), [
+    ("digits_mlp", (1, 8, 8), [100, 100]), ("mnist_mlp", (1, 28, 28), [256, 256]),
+    ("cifar_cnn", (3, 32, 32), [32, 64])])
+def test_a_benchmark_network_reads_its_datasets_images(name: str, shape: tuple[int, ...],
+                                                       widths: list[int]) -> None:
+    """Each benchmark network takes its dataset's image shape and has the documented widths."""
+    g = benchmark_network(name)
+    assert tuple(g.shape(g.input_node())) == shape
+    assert [x.width for x in make_space(None, g).layers(g) if x.kind != "pool"] == widths
+
+
+def test_a_default_vit_has_two_blocks_of_32_features_in_4x4_patches() -> None:
+    """vit's defaults: patch 4, dim 32, depth 2, 2 heads, an MLP of 2 x dim."""
+    g = vit((3, 8, 8))
+    blocks = sorted({n.split("_")[0] for n in g.nx.nodes if n.startswith("block")})
+    assert blocks == ["block1", "block2"]
+    assert g.shape("pos") == (5, 32)  # 2 x 2 patches and the class token
+    assert g.shape("block2_fc1") == (5, 64)
