@@ -155,3 +155,18 @@ def test_a_mismatch_lists_four_keys_then_an_ellipsis_only_for_more(tmp_path) -> 
     with pytest.raises(ConfigError, match=r"missing \['0.bias', '0.weight', '1.bias', "
                        r"'1.weight'\]; unexpected \['x0', 'x1', 'x2', 'x3'\] \.\.\.$"):
         load_weights(model, path, "tiny")
+
+
+
+def test_a_users_module_becomes_a_trunk_whose_features_are_its_output() -> None:
+    """`module_trunk` imports a module and ends it at an identity "features" node that reads
+    the module's last layer (its output is the features the heads read)."""
+    from growth.search_spaces.zoo import module_trunk
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    g = module_trunk(net, (4,))
+    assert g.node(FEATURES).kind == "identity"
+    [source] = g.inputs(FEATURES)
+    assert torch.equal(g.node(source).tensors["weight"], net[2].weight.detach())
+    assert add_head(g, "t0", 5).shape(FEATURES) == (2,)
