@@ -263,6 +263,22 @@ def test_a_strategy_reaches_the_trial_by_reference(setup, tmp_path: Path) -> Non
     assert m["status"] == "failed" and "CheckpointError" in m["error"] and "'l2'" in m["error"]
 
 
+def test_a_child_reads_the_strategy_state_its_parent_folder_holds(setup, tmp_path: Path
+                                                                 ) -> None:
+    """A parent folder holding a strategy's state (a child of a later generation) is where the
+    child's strategy state comes from: state saved by L2 there refuses a child told to train
+    with EWC, before any training."""
+    tmp, task, base, _, space = setup
+    parent = tmp_path / "parent"
+    base.save(parent)
+    save_strategy_state(make_strategy("l2", {"lambda": 2.0}), parent)
+    config = _searcher(setup, n=1).suggest("x")
+    config.update(parent=str(parent), spec=TrialSpec(
+        train=CHILD_TRAIN, strategy={"name": "ewc"}).model_dump(mode="json"))
+    m = train_child(config, task, space, tmp_path / "child")
+    assert m["status"] == "failed" and "CheckpointError" in m["error"] and "'l2'" in m["error"]
+
+
 def test_records_survive_a_torn_last_line(tmp_path: Path) -> None:
     path = tmp_path / "children.jsonl"
     a = ChildRecord("g000c00", 0, 0, "a", [], "ok", val_acc=0.5, params=10)
