@@ -155,6 +155,16 @@ def test_a_childs_first_result_stands_and_an_index_out_of_range_is_ignored(setup
     assert s.results == {0: 0.5, 1: 0.25} and s.observed
 
 
+def test_finish_is_false_while_a_child_has_not_reported(setup) -> None:
+    """Tune's fit returned with a child missing (an interrupt): the generation stays open."""
+    s = _searcher(setup, n=2)
+    s.suggest("a"), s.suggest("b")
+    s.on_trial_complete("a", {"status": "ok", "val_acc": 0.5})
+    assert s.finish() is False and not s.observed
+    s.on_trial_complete("b", {"status": "ok", "val_acc": 0.25})
+    assert s.finish() is True and s.ended
+
+
 def test_save_and_restore_keep_the_controllers_baseline_and_update_count(setup,
                                                                         tmp_path: Path) -> None:
     """EAS keeps its reward baseline and update count beside its tensors: both come back."""
