@@ -549,3 +549,191 @@ def test_the_service_reports_each_search_to_its_hooks_and_chooses_a_backend(tmp_
     records = read_records(tmp_path / "search" / RECORDS)
     assert service.child_s == pytest.approx(sum(r.train_time_s for r in records) / 2)
     assert outcome.summary["children"] == 2
+
+
+# ---- the driver's pieces that need no Ray: storage, adoption, resume checks, Tune's callback --
+def _child_folder(folder: Path, key: str, generation: int, index: int) -> NetGraph:
+    """A finished child's folder as a trial leaves it: its graph and its record."""
+    from growth.controllers.records import ChildRecord
+    from growth.controllers.trial import CHILD_FILE
+
+    graph = add_head(mlp((1, 8, 8), [4 + index]), "t0", 10)
+    graph.save(folder)
+    record = ChildRecord(key, generation, index, f"fc{4 + index}", [], "ok", val_acc=0.5,
+                         params=graph.param_count())
+    (folder / CHILD_FILE).write_text(json.dumps(record.to_json()))
+    return graph
+
+
+def test_a_search_directory_keeps_tune_storage_under_itself_or_names_itself_in_shared_storage(
+        tmp_path: Path) -> None:
+    """Default storage: <dir>/tune; a shared path or URI gets a folder named for the search
+    (its `name`, else the directory's name), with no doubled slash; a name that cannot name a
+    folder is refused."""
+    from growth.controllers.driver import SearchDir
+
+    from growth.errors import ConfigError
+
+    root = (tmp_path / "s").resolve()
+    search = SearchDir(tmp_path / "s")
+    assert search.root == root and search.storage == str(root / "tune")
+    assert (search.records, search.children, search.controller, search.state_file) == (
+        root / "children.jsonl", root / "children", root / "controller", root / "search.json")
+    assert SearchDir(tmp_path / "s", "s3://bucket/runs/", "n1").storage == "s3://bucket/runs/n1"
+    assert SearchDir(tmp_path / "s", "s3://bucket/runs").storage == "s3://bucket/runs/s"
+    assert SearchDir(tmp_path / "s", str(tmp_path / "shared"), "n1").storage == str(
+        (tmp_path / "shared").resolve() / "n1")
+    assert SearchDir(tmp_path / "s", str(tmp_path / "shared")).storage == str(
+        (tmp_path / "shared").resolve() / "s")
+    with pytest.raises(ConfigError, match="search name"):
+        SearchDir(tmp_path / "s", name="../up")
+
+
+def test_publish_copies_a_folder_into_storage_and_answers_its_reference(tmp_path: Path
+                                                                        ) -> None:
+    """A parent published to a local path or a file:// URI lands under storage/<name> with
+    every file, and its reference is the storage's own spelling plus the name."""
+    from growth.controllers.driver import _filesystem, publish
+
+    src = tmp_path / "parent"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.json").write_text("{}")
+    (src / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    store = tmp_path / "store"
+    ref = publish(src, str(store) + "/", "parents/gen000")
+    assert ref == f"{store}/parents/gen000"
+    assert (store / "parents" / "gen000" / "a.json").read_text() == "{}"
+    assert (store / "parents" / "gen000" / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    uri = f"file://{tmp_path / 'remote'}"
+    assert publish(src, uri, "strategy") == f"{uri}/strategy"
+    assert (tmp_path / "remote" / "strategy" / "a.json").is_file()
+    fs, path = _filesystem(uri)
+    assert path == str(tmp_path / "remote") and fs.type_name == "local"
+
+
+def test_orphans_adopt_only_this_generations_unrecorded_children_from_tune_storage(
+        tmp_path: Path) -> None:
+    """Tune's storage after a driver died: the experiments' (gen*) trial folders of the
+    generation that are not recorded yet are adopted into children/<key> (graph and record);
+    another generation's, a recorded one, a record whose key is not its own name, a torn
+    record and folders outside the experiments are left."""
+    from growth.controllers.driver import SearchDir, _orphans
+    from growth.controllers.trial import CHILD_FILE
+
+    search = SearchDir(tmp_path / "s")
+    store = Path(search.storage)
+    graph = _child_folder(store / "gen000-a0" / "g000c01-t1" / "checkpoint_000000",
+                          "g000c01", 0, 1)
+    _child_folder(store / "gen000-a1" / "g000c02-t2" / "checkpoint_000000", "g000c02", 0, 2)
+    _child_folder(store / "gen000-a0" / "g001c00-t3" / "checkpoint_000000", "g001c00", 1, 0)
+    _child_folder(store / "gen000-a0" / "g000c00-t4" / "checkpoint_000000", "g000c00", 0, 0)
+    _child_folder(store / "gen000-a0" / "forged" / "checkpoint_000000", "g000c03", 0, 4)
+    _child_folder(store / "parents" / "g000c05", "g000c05", 0, 5)
+    torn = store / "gen000-a0" / "g000c06-t6"
+    torn.mkdir(parents=True)
+    (torn / CHILD_FILE).write_text('{"key": "g000c06", "generation"')
+    (store / "gen-notes").write_text("not an experiment")
+    recorded = {"g000c00"}
+    found = _orphans(search, 0, recorded)
+    assert sorted(r.key for r in found) == ["g000c01", "g000c02"]
+    assert recorded == {"g000c00", "g000c01", "g000c02"}
+    assert all(r.checkpoint == f"children/{r.key}" and r.val_acc == 0.5 for r in found)
+    assert NetGraph.load(search.root / "children" / "g000c01").to_dict() == graph.to_dict()
+    assert sorted(p.name for p in search.children.iterdir()) == ["g000c01", "g000c02"]
+    assert _orphans(SearchDir(tmp_path / "empty"), 0, set()) == []  # no storage yet
+
+
+def test_an_incomplete_or_misnamed_child_folder_is_not_adopted(tmp_path: Path) -> None:
+    """A folder whose graph is missing, or whose record names another child, is not adopted
+    (its temporary copy removed, nothing in children/); a complete one replaces what
+    children/<key> held."""
+    from growth.controllers.driver import SearchDir, _adopt
+
+    search = SearchDir(tmp_path / "s")
+    src = tmp_path / "src"
+    _child_folder(src, "g000c01", 0, 1)
+    (search.children / "g000c01").mkdir(parents=True)
+    (search.children / "g000c01" / "stale.txt").write_text("old")
+
+    def copy(dest: Path) -> None:
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+
+    assert _adopt(search, "g000c02", copy) is None  # its record names g000c01
+    record = _adopt(search, "g000c01", copy)
+    assert record is not None and record.checkpoint == "children/g000c01"
+    assert not (search.children / "g000c01" / "stale.txt").exists()
+    (src / "structure.json").unlink()
+    assert _adopt(search, "g000c01", copy) is None
+    assert sorted(p.name for p in search.children.iterdir()) == ["g000c01"]
+    assert (search.children / "g000c01" / "structure.json").is_file()  # the adopted one kept
+    assert _adopt(search, "../g000c01", copy) is None
+
+
+def test_the_tune_recorder_adopts_finished_trials_and_records_failed_ones(tmp_path: Path
+                                                                          ) -> None:
+    """Tune's callback: a trial that reported ok with a checkpoint is adopted; one that
+    reported a failure is recorded failed with its error (or "the trial reported no result"),
+    and one whose process failed with the last line of its error; each goes to children.jsonl
+    and to `on_child`; pickled, the callback leaves the live hook behind."""
+    import pickle
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Recorder, SearchDir
+
+    search = SearchDir(tmp_path / "s")
+    search.root.mkdir()
+    src = tmp_path / "src"
+    _child_folder(src, "g000c01", 0, 1)
+    seen: list[Any] = []
+    recorder = Recorder(search, seen.append)
+
+    def trial(key: str, index: int, result: Any, checkpoint: Any = None, error: str = ""
+              ) -> Any:
+        config = {"key": key, "generation": 0, "index": index, "arch": f"a{index}",
+                  "actions": [{"op": "x"}], "attempt": 1, "lineage": [[{"op": "y"}]]}
+        return SimpleNamespace(config=config, last_result=result, checkpoint=checkpoint,
+                               get_error=lambda: error)
+
+    ckpt = SimpleNamespace(to_directory=lambda d: shutil.copytree(src, d, dirs_exist_ok=True))
+    recorder.on_trial_complete(0, [], trial("g000c01", 1, {"status": "ok"}, ckpt))
+    recorder.on_trial_complete(0, [], trial("g000c02", 2, {
+        "status": "failed", "error": "boom", "start": 3.0, "end": 4.0, "node": "n"}))
+    recorder.on_trial_complete(0, [], trial("g000c03", 3, None))
+    recorder.on_trial_complete(0, [], trial("g000c04", 4, {"status": "ok"}))  # no checkpoint
+    recorder.on_trial_error(0, [], trial("g000c05", 5, None, error="Traceback\n  x\nOSError: disk\n\n"))
+    recorder.on_trial_error(0, [], trial("g000c06", 6, None))
+    records = read_records(search.records)
+    assert [r.key for r in seen] == [r.key for r in records] == [
+        "g000c01", "g000c02", "g000c03", "g000c04", "g000c05", "g000c06"]
+    ok, *failed = records
+    assert ok.ok and ok.checkpoint == "children/g000c01" and ok.val_acc == 0.5
+    assert [r.error for r in failed] == [
+        "boom", "the trial reported no result", "the trial reported no result",
+        "the trial's process failed: OSError: disk",
+        "the trial's process failed: no error text"]
+    assert all(r.status == "failed" and r.attempt == 1 and r.arch == f"a{r.index}"
+               and r.lineage == [[{"op": "y"}], [{"op": "x"}]] for r in failed)
+    assert (failed[0].start, failed[0].end, failed[0].node) == (3.0, 4.0, "n")
+    assert pickle.loads(pickle.dumps(recorder)).on_child is None
+    assert recorder.on_child is not None
+    Recorder(search, None).on_trial_error(0, [], trial("g000c07", 7, None))  # no hook: recorded
+    assert read_records(search.records)[-1].key == "g000c07"
+
+
+def test_a_trial_that_no_node_of_a_local_ray_can_hold_is_refused() -> None:
+    """cpus_per_trial or gpus_per_trial above what the local Ray has is a ConfigError naming
+    the setting and both figures; equal is fine; a joined cluster is not checked."""
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Resources, _check_fits
+
+    from growth.errors import ConfigError
+
+    local = SimpleNamespace(started=True, cpus=2.0, gpus=1.0)
+    _check_fits(Resources(cpus_per_trial=2.0, gpus_per_trial=1.0), local)
+    with pytest.raises(ConfigError, match=r"search\.cpus_per_trial: 3, but the local Ray has 2"):
+        _check_fits(Resources(cpus_per_trial=3.0), local)
+    with pytest.raises(ConfigError, match=r"search\.gpus_per_trial: 2, but the local Ray has 1"):
+        _check_fits(Resources(gpus_per_trial=2.0), local)
+    _check_fits(Resources(cpus_per_trial=64.0, gpus_per_trial=8.0),
+                SimpleNamespace(started=False, cpus=2.0, gpus=0.0))
