@@ -737,3 +737,65 @@ def test_a_trial_that_no_node_of_a_local_ray_can_hold_is_refused() -> None:
         _check_fits(Resources(gpus_per_trial=2.0), local)
     _check_fits(Resources(cpus_per_trial=64.0, gpus_per_trial=8.0),
                 SimpleNamespace(started=False, cpus=2.0, gpus=0.0))
+
+
+def test_a_search_starts_its_state_from_the_parent_and_resumes_only_with_its_settings(
+        tmp_path: Path) -> None:
+    """A new search's state: generation 0 from the parent (its parameter count, 64x4+4 +
+    4x10+10 = 310, as the root's and the parent's), the controller saved as generation 0's;
+    the same call again reads it back; another controller, seed, policy or cost is refused;
+    a state from before costs existed resumes at cost 0."""
+    from growth.controllers.driver import SearchDir, _begin
+
+    from growth.errors import ConfigError
+
+    search = SearchDir(tmp_path / "s")
+    search.root.mkdir()
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    state = _begin(search, parent, Fixed(), 3, 0.25, "best", 0.5)
+    where = str(parent.resolve())
+    assert state == {"version": 2, "controller": "fixed", "seed": 3, "policy": "best",
+                     "cost": 0.5, "generation": 0, "root": where, "root_params": 310,
+                     "parent": where, "parent_acc": 0.25, "parent_params": 310, "lineage": [],
+                     "kept": 0, "elapsed_s": 0.0, "attempts": {}, "done": False}
+    assert json.loads(search.state_file.read_text()) == state
+    assert json.loads((search.controller / "gen_000.json").read_text()) == {
+        "controller": "fixed"}
+    assert _begin(search, parent, Fixed(), 3, 0.9, "best", 0.5) == state
+    other = Fixed()
+    other.name = "eas"
+    for args, what in (((other, 3, None, "best", 0.5), "controller 'fixed', not 'eas'"),
+                       ((Fixed(), 4, None, "best", 0.5), "seed 3, not 4"),
+                       ((Fixed(), 3, None, "fixed", 0.5), "policy 'best', not 'fixed'"),
+                       ((Fixed(), 3, None, "best", 0.0), "cost 0.5, not 0.0")):
+        with pytest.raises(ConfigError, match=f"started with {what}"):
+            _begin(search, parent, *args)
+    del state["cost"]
+    search.write_state(state)
+    assert _begin(search, parent, Fixed(), 3, None, "best")["cost"] == 0.0
+
+
+def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Path) -> None:
+    """Children per generation: `children` until `generations`; with a trial budget, what is
+    left of it after the earlier generations' children (6 - 2 - 3 = 1 for generation 2);
+    none once the wall-time budget is used."""
+    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.records import ChildRecord, child_key
+    from growth.controllers.trial import TrialSpec
+
+    search = SearchDir(tmp_path / "s")
+
+    def driver(budget: Budget, elapsed: float = 0.0) -> Any:
+        d = _Driver(search, {"elapsed_s": elapsed}, Fixed(), None, None, TrialSpec(), budget,
+                    Resources(), SearchProgress())
+        d.records = [ChildRecord(child_key(g, i), g, i, "a", [], "ok")
+                     for g, n in ((0, 2), (1, 3)) for i in range(n)]
+        return d
+
+    trials = driver(Budget(children=4, generations=3, trials=6))
+    assert [trials._generation_size(g) for g in range(4)] == [4, 4, 1, 0]
+    plain = driver(Budget(children=4, generations=3))
+    assert [plain._generation_size(g) for g in range(4)] == [4, 4, 4, 0]
+    assert driver(Budget(children=4, wall_time_s=10.0), elapsed=10.0)._generation_size(0) == 0
+    assert driver(Budget(children=4, wall_time_s=10.0), elapsed=9.0)._generation_size(0) == 4
