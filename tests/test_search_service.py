@@ -799,3 +799,54 @@ def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Pa
     assert [plain._generation_size(g) for g in range(4)] == [4, 4, 4, 0]
     assert driver(Budget(children=4, wall_time_s=10.0), elapsed=10.0)._generation_size(0) == 0
     assert driver(Budget(children=4, wall_time_s=10.0), elapsed=9.0)._generation_size(0) == 4
+
+
+def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp_path: Path
+                                                                            ) -> None:
+    """On the local backend a child whose actions cannot apply (no node "nope") is recorded
+    failed with the trial's own error line, its start and end times and node "local", and
+    leaves no folder; the search goes on."""
+    from growth.controllers.base import Proposal
+    from growth.controllers.driver import Budget, run_search
+
+    class Broken(Fixed):
+        def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+            return [Proposal(({"op": "net2wider", "node": "nope", "width": 20},), "nope=20")]
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    graph.save(parent)
+    space = make_space({"widths": {"fc": [16, 20]}}, graph)
+    before = time.time()
+    result = run_search(tmp_path / "s", parent, Broken(), space, task, budget=Budget(1, 1),
+                        backend="local")
+    [record] = result.records
+    assert record.status == "failed" and record.node == "local" and "nope" in record.error
+    assert record.error.startswith("OperatorError: ")  # the trial's line: type, message
+    assert before <= record.start <= record.end <= time.time()
+    assert not (tmp_path / "s" / "children" / record.key).exists() and result.done
+
+
+def test_a_process_that_runs_a_ray_task_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """in_ray_task: Ray initialised and a task id (a `growth compare` campaign); then "auto"
+    stays in this process whatever a child costs."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from growth.controllers.driver import in_ray_task
+
+    task_id: list[Any] = ["t1"]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_task_id=lambda: task_id[0]))
+    assert in_ray_task()
+    assert choose_backend("auto", 1000.0, 8, 4, cpus=4) == "local"
+    task_id[0] = None  # the driver process of a Ray job: no task
+    assert not in_ray_task()
+    assert choose_backend("auto", 1000.0, 8, 4, cpus=4) == "ray"
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    task_id[0] = "t1"
+    assert not in_ray_task()
