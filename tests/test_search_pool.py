@@ -481,16 +481,16 @@ def _tiny(tmp: Path) -> tuple[Path, Any, Any]:
 
 def _tiny_search(folder: Path, tiny: tuple[Path, Any, Any], backend: str, pool: Any = None,
                  children: int = 3, concurrency: int = 2, max_failures: int = 1,
-                 progress: SearchProgress | None = None) -> Any:
+                 progress: SearchProgress | None = None, **more: Any) -> Any:
     parent, task, space = tiny
+    more.setdefault("connect", lambda: nullcontext(SimpleNamespace(started=False)))
     controller = make_controller("random", space, {"wider_actions": 2, "deeper_actions": 1},
                                  seed=2)
     return run_search(folder, parent, controller, space, task,
                       TrialSpec(train=TrainConfig(epochs=1, batch_size=32, lr=0.05)),
                       Budget(children=children, generations=1),
                       Resources(concurrency=concurrency, max_failures=max_failures), seed=2,
-                      parent_acc=0.1, backend=backend, pool=pool, progress=progress,
-                      connect=lambda: nullcontext(SimpleNamespace(started=False)))
+                      parent_acc=0.1, backend=backend, pool=pool, progress=progress, **more)
 
 
 def test_the_ray_backend_gives_each_child_to_the_first_free_placed_actor(
@@ -591,18 +591,27 @@ def test_an_interrupt_kills_the_actors_still_training_and_records_nothing_more(
 def test_a_search_without_a_pool_starts_its_own_and_closes_it(
         tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
     """No caller's pool: the search makes one (of `concurrency` actors) and kills its actors
-    when it ends."""
+    when it ends; with no caller's `connect`, Ray is the cluster at `ray_address`, logging
+    to `log_file`."""
     import growth.controllers.driver as driver
 
     worker = FakeWorker()
     made: list[WorkerPool] = []
+    clusters: list[tuple[Any, Any]] = []
 
     def own_pool() -> WorkerPool:
         made.append(WorkerPool(fake_ray, worker))
         return made[-1]
 
+    def cluster(address: Any, log_file: Any) -> Any:
+        clusters.append((address, log_file))
+        return nullcontext(SimpleNamespace(started=False))
+
     monkeypatch.setattr(driver, "WorkerPool", own_pool)
-    result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray", children=2)
+    monkeypatch.setattr(driver, "_ray", cluster)
+    result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray", children=2, connect=None,
+                          ray_address="10.0.0.1:6379", log_file=tmp_path / "ray.log")
+    assert clusters == [("10.0.0.1:6379", tmp_path / "ray.log")]
     assert len(made) == 1 and all(r.ok for r in result.records)
     assert fake_ray.killed == [(a, True) for a in worker.actors] and len(worker.actors) == 2
     assert made[0].slots == []

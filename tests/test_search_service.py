@@ -799,6 +799,9 @@ def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Pa
     assert [plain._generation_size(g) for g in range(4)] == [4, 4, 4, 0]
     assert driver(Budget(children=4, wall_time_s=10.0), elapsed=10.0)._generation_size(0) == 0
     assert driver(Budget(children=4, wall_time_s=10.0), elapsed=9.0)._generation_size(0) == 4
+    fresh = _Driver(search, {}, Fixed(), None, None, TrialSpec(), Budget(), Resources(),
+                    SearchProgress())
+    assert 0.0 <= fresh.elapsed() < 60.0  # a state without elapsed time starts at 0
 
 
 def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp_path: Path
@@ -850,3 +853,41 @@ def test_a_process_that_runs_a_ray_task_is_told_apart(monkeypatch: pytest.Monkey
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     task_id[0] = "t1"
     assert not in_ray_task()
+
+
+def test_the_search_cost_is_kept_in_its_state_and_ranks_its_children(tmp_path: Path) -> None:
+    """cost 0.5 on a parent of 64x16+16 + 16x10+10 = 1210 parameters: a child of accuracy 0.9
+    that doubles them scores 0.9 - 0.5 x 1210/1210 = 0.4, one of 0.8 that adds none 0.8, so
+    the second continues (it beats the parent's 0.5); search.json keeps the cost."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    add_head(mlp(task.input_shape, [16]), "t0", task.n_classes).save(parent)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for i, (acc, params) in enumerate(((0.9, 2420), (0.8, 1210))):
+        key = child_key(0, i)
+        append_record(folder / RECORDS, ChildRecord(
+            key, 0, i, f"fc1={20 + 4 * i}", [], "ok", val_acc=acc, params=params,
+            checkpoint=f"children/{key}"))
+    result = run_search(folder, parent, Fixed(), None, task, budget=Budget(2, 1), seed=0,
+                        parent_acc=0.5, cost=0.5, backend="local")
+    assert json.loads((folder / "search.json").read_text())["cost"] == 0.5
+    assert result.parent == folder.resolve() / "children" / child_key(0, 1)
+
+
+def test_a_child_folder_is_a_plain_name_under_children(tmp_path: Path) -> None:
+    """children/<key> for a plain key; a key with a path in it (even one that stays inside
+    the search directory) is refused."""
+    from growth.controllers.driver import SearchDir
+
+    from growth.errors import RunDirError
+
+    search = SearchDir(tmp_path / "s")
+    assert search.child_folder("g000c01") == search.root / "children" / "g000c01"
+    for bad in ("../g000c01", "a/b", "."):
+        with pytest.raises(RunDirError, match="child key"):
+            search.child_folder(bad)
