@@ -615,3 +615,41 @@ def test_a_search_without_a_pool_starts_its_own_and_closes_it(
     assert len(made) == 1 and all(r.ok for r in result.records)
     assert fake_ray.killed == [(a, True) for a in worker.actors] and len(worker.actors) == 2
     assert made[0].slots == []
+
+
+def test_the_actor_body_reads_a_searchs_inputs_once_and_returns_its_childs_files(
+        fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ChildWorker.train reads the object store's (task, space) on its first child of a
+    search and again only for another search's; it trains in a temporary folder on its node
+    and returns the metrics and every file by relative path (none for a failed child)."""
+    import growth.controllers.trial as trial
+    from growth.controllers.pool import ChildWorker
+
+    gets: list[Any] = []
+    seen: list[tuple[Any, ...]] = []
+
+    def get(ref: FakeRef) -> Any:
+        gets.append(ref)
+        return ref.value
+
+    def fake_train(config: Any, task: Any, space: Any, out: str, node: Any = None) -> Any:
+        seen.append((config["key"], task, space, node))
+        (Path(out) / "sub").mkdir()
+        (Path(out) / "a.txt").write_text(config["key"])
+        (Path(out) / "sub" / "b.bin").write_bytes(b"\x01")
+        return {"status": config["status"], "key": config["key"]}
+
+    import ray
+
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(trial, "train_child", fake_train)
+    body = ChildWorker()
+    first, second = FakeRef(("task1", "space1")), FakeRef(("task2", "space2"))
+    metrics, files = body.train({"key": "c0", "status": "ok"}, [first])
+    assert metrics == {"status": "ok", "key": "c0"}
+    assert files == {"a.txt": b"c0", "sub/b.bin": b"\x01"}
+    assert body.train({"key": "c1", "status": "failed"}, [first])[1] == {}
+    body.train({"key": "c2", "status": "ok"}, [second])
+    assert gets == [first, second]
+    assert seen == [("c0", "task1", "space1", "node-1"), ("c1", "task1", "space1", "node-1"),
+                    ("c2", "task2", "space2", "node-1")]
