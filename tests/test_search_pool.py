@@ -653,3 +653,21 @@ def test_the_actor_body_reads_a_searchs_inputs_once_and_returns_its_childs_files
     assert gets == [first, second]
     assert seen == [("c0", "task1", "space1", "node-1"), ("c1", "task1", "space1", "node-1"),
                     ("c2", "task2", "space2", "node-1")]
+
+
+def test_auto_trains_on_the_pool_when_a_known_child_time_makes_it_worth_it(
+        tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" with a child known to take 100 s, two at once on 4 CPUs: running the
+    generation's three saves 100 x 3 x (1 - 1/2) = 150 s, more than the pool's start, so
+    its children train on the pool's actors; with no time known they train here."""
+    worker = FakeWorker()
+    pool = WorkerPool(fake_ray, worker)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    tiny = _tiny(tmp_path)
+    here = _tiny_search(tmp_path / "here", tiny, "auto", pool)
+    assert worker.actors == [] and {r.node for r in here.records} == {"local"}
+    result = _tiny_search(tmp_path / "ray", tiny, "auto", pool, child_s=100.0)
+    assert sorted(k for a in worker.actors for k in a.trained) == ["g000c00", "g000c01",
+                                                                   "g000c02"]
+    assert {r.node for r in result.records} == {"node-1"}
+    assert _outcome(result) == _outcome(here)

@@ -891,3 +891,30 @@ def test_a_child_folder_is_a_plain_name_under_children(tmp_path: Path) -> None:
     for bad in ("../g000c01", "a/b", "."):
         with pytest.raises(RunDirError, match="child key"):
             search.child_folder(bad)
+
+
+def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_and_kept(
+        tmp_path: Path) -> None:
+    """A search whose budget is spent reports the generations it ran and the generations
+    after which the parent stayed; a state written before `kept` existed reports 0."""
+    from growth.controllers.driver import Budget, run_search
+
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    folder = tmp_path / "s"
+    first = run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
+                       backend="local")
+    assert (first.generations, first.kept, first.done) == (0, 0, True)
+    state = json.loads((folder / "search.json").read_text())
+    state.update(generation=3, kept=2)
+    (folder / "search.json").write_text(json.dumps(state))
+    (folder / "controller" / "gen_003.json").write_text(json.dumps({"controller": "fixed"}))
+    shutil.copy(folder / "controller" / "gen_000.safetensors",
+                folder / "controller" / "gen_003.safetensors")
+    again = run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
+                       backend="local")
+    assert (again.generations, again.kept) == (3, 2)
+    del state["kept"]
+    (folder / "search.json").write_text(json.dumps(state))
+    assert run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
+                      backend="local").kept == 0
