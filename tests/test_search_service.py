@@ -918,3 +918,27 @@ def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_a
     (folder / "search.json").write_text(json.dumps(state))
     assert run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
                       backend="local").kept == 0
+
+
+def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(tmp_path: Path
+                                                                         ) -> None:
+    """A state written before `kept` existed, resumed into a generation whose recorded
+    children (best 0.9) do not beat the parent's 0.95: the parent stays and kept is 1."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    folder = tmp_path / "s"
+    run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 0), backend="local")
+    state = json.loads((folder / "search.json").read_text())
+    del state["kept"]
+    state.update(done=False, parent_acc=0.95)
+    (folder / "search.json").write_text(json.dumps(state))
+    for i, acc in enumerate((0.6, 0.9, 0.7)):
+        key = child_key(0, i)
+        append_record(folder / RECORDS, ChildRecord(key, 0, i, f"fc1={20 + 4 * i}", [], "ok",
+                                                    val_acc=acc, checkpoint=f"children/{key}"))
+    result = run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 1),
+                        backend="local")
+    assert result.kept == 1 and result.parent == parent.resolve() and result.parent_acc == 0.95
