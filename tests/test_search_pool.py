@@ -448,9 +448,11 @@ def test_a_pool_closed_after_ray_stopped_kills_nothing_and_an_unused_one_calls_n
     assert unused.shape is None
 
 
-def test_the_actor_class_is_made_once_without_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_actor_class_is_made_once_without_restarts(
+        fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray must not restart a dead actor by itself (the pool replaces it and retries its
-    child): ChildWorker is made remote once per process, with max_restarts=0."""
+    child): ChildWorker is made remote once per process, with max_restarts=0, and a pool
+    given no actor class makes its actors from it."""
     import ray
 
     import growth.controllers.pool as pool_module
@@ -466,6 +468,11 @@ def test_the_actor_class_is_made_once_without_restarts(monkeypatch: pytest.Monke
     assert pool_module._remote() is first
     assert made == [({"max_restarts": 0}, pool_module.ChildWorker)]
     assert first == ("remote", pool_module.ChildWorker)
+    worker = FakeWorker()
+    monkeypatch.setattr(pool_module, "_REMOTE", worker)
+    pool = WorkerPool(fake_ray)  # no actor class given: ChildWorker's remote class
+    pool.start(1, 1.0, 0.0)
+    assert [s.actor for s in pool.slots] == worker.actors and len(worker.actors) == 1
 
 
 def _tiny(tmp: Path) -> tuple[Path, Any, Any]:
