@@ -942,3 +942,26 @@ def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(tmp_path:
     result = run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 1),
                         backend="local")
     assert result.kept == 1 and result.parent == parent.resolve() and result.parent_acc == 0.95
+
+
+def test_a_new_search_adopts_nothing_from_shared_storage_that_holds_an_older_ones(
+        tmp_path: Path) -> None:
+    """Only a resumed generation (attempt 1 on) looks for unrecorded children in Tune's
+    storage: a new search whose shared storage and name hold an older search's finished
+    g000c00 trains its own g000c00 here."""
+    from growth.controllers.driver import Budget, run_search
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    graph.save(parent)
+    _child_folder(tmp_path / "shared" / "n" / "gen000-a0" / "g000c00-t0" / "checkpoint",
+                  "g000c00", 0, 0)
+    result = run_search(tmp_path / "s", parent, Fixed(), make_space(
+        {"widths": {"fc": [16, 20]}}, graph), task, budget=Budget(1, 1), backend="local",
+        storage=str(tmp_path / "shared"), name="n")
+    [record] = result.records
+    assert record.ok and record.node == "local" and record.arch == "fc1=20"
+    assert NetGraph.load(tmp_path / "s" / "children" / "g000c00").node("fc1").tensors[
+        "weight"].shape[0] == 20
