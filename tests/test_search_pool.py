@@ -448,11 +448,10 @@ def test_a_pool_closed_after_ray_stopped_kills_nothing_and_an_unused_one_calls_n
     assert unused.shape is None
 
 
-def test_the_actor_class_is_made_once_without_restarts(
-        fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_actor_class_is_made_once_without_restarts(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
     """Ray must not restart a dead actor by itself (the pool replaces it and retries its
-    child): ChildWorker is made remote once per process, with max_restarts=0, and a pool
-    given no actor class makes its actors from it."""
+    child): ChildWorker is made remote once per process, with max_restarts=0."""
     import ray
 
     import growth.controllers.pool as pool_module
@@ -468,9 +467,17 @@ def test_the_actor_class_is_made_once_without_restarts(
     assert pool_module._remote() is first
     assert made == [({"max_restarts": 0}, pool_module.ChildWorker)]
     assert first == ("remote", pool_module.ChildWorker)
+
+
+def test_a_pool_given_no_actor_class_makes_its_actors_from_the_remote_child_worker(
+        fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WorkerPool() as the driver and the search service make it: its actors come from
+    ChildWorker's remote class (`_remote()`)."""
+    import growth.controllers.pool as pool_module
+
     worker = FakeWorker()
     monkeypatch.setattr(pool_module, "_REMOTE", worker)
-    pool = WorkerPool(fake_ray)  # no actor class given: ChildWorker's remote class
+    pool = WorkerPool(fake_ray)
     pool.start(1, 1.0, 0.0)
     assert [s.actor for s in pool.slots] == worker.actors and len(worker.actors) == 1
 
