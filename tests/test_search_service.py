@@ -965,3 +965,64 @@ def test_a_new_search_adopts_nothing_from_shared_storage_that_holds_an_older_one
     assert record.ok and record.node == "local" and record.arch == "fc1=20"
     assert NetGraph.load(tmp_path / "s" / "children" / "g000c00").node("fc1").tensors[
         "weight"].shape[0] == 20
+
+
+def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the "tune" backend gives Ray Tune, read from a stand-in Tuner that stops the
+    search when asked to run: the trial function with the task's data and the space, each
+    trial holding cpus_per_trial and gpus_per_trial; the searcher as the search algorithm
+    maximising the metric, trials without end until it finishes, at most `concurrency` at
+    once on reused actors, named by the child's key; the experiment gen000-a0 in the search's
+    storage, retrying a trial max_failures times, the recorder first among its callbacks."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Budget, Recorder, Resources, _trial_dirname, run_search
+    from growth.controllers.searcher import METRIC, ControllerSearcher
+    from growth.controllers.trial import tune_trial
+    from ray import tune
+
+    from growth.cluster import FORCED_ENV, QUIET_ENV
+
+    for key in {**QUIET_ENV, **FORCED_ENV}:
+        monkeypatch.delenv(key, raising=False)  # put back after the test
+
+    class Stop(Exception):
+        pass
+
+    given: dict[str, Any] = {}
+
+    class Tuner:
+        def __init__(self, trainable: Any, tune_config: Any, run_config: Any) -> None:
+            given.update(trainable=trainable, tc=tune_config, rc=run_config)
+
+        def fit(self) -> None:
+            raise Stop
+
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: ("parameters", fn, kw))
+    monkeypatch.setattr(tune, "with_resources", lambda fn, res: ("resources", fn, res))
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    graph.save(parent)
+    space = make_space({"widths": {"fc": [16, 20, 24]}}, graph)
+    with pytest.raises(Stop):
+        run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(2, 1),
+                   resources=Resources(concurrency=3, cpus_per_trial=2.0, max_failures=2),
+                   backend="tune", connect=lambda: nullcontext(SimpleNamespace(started=False)))
+    kind, inner, resources = given["trainable"]
+    assert kind == "resources" and resources == {"cpu": 2.0, "gpu": 0.0}
+    assert inner[:2] == ("parameters", tune_trial) and inner[2]["space"] is space
+    assert torch.equal(inner[2]["task"].train[0], task.train[0])
+    tc, rc = given["tc"], given["rc"]
+    assert isinstance(tc.search_alg, ControllerSearcher)
+    assert (tc.metric, tc.mode, tc.num_samples, tc.max_concurrent_trials) == (METRIC, "max",
+                                                                             -1, 3)
+    assert tc.reuse_actors is True
+    assert tc.trial_dirname_creator is _trial_dirname and tc.trial_name_creator is _trial_dirname
+    assert (rc.name, rc.verbose, rc.failure_config.max_failures) == ("gen000-a0", 0, 2)
+    assert Path(rc.storage_path) == (tmp_path / "s" / "tune").resolve()
+    assert isinstance(rc.callbacks[0], Recorder)
