@@ -569,6 +569,10 @@ def test_owner_indices_take_the_smallest_integer_type_that_holds_them() -> None:
     assert owner_dtype(1) == owner_dtype(200) == torch.uint8
     assert owner_dtype(300) == owner_dtype(30000) == torch.int16
     assert owner_dtype(40000) == torch.int32
+    # at the edges: uint8 holds 0..255 and int16 0..32767 (the types' own limits)
+    assert torch.iinfo(torch.uint8).max == 255 and torch.iinfo(torch.int16).max == 32767
+    assert (owner_dtype(255), owner_dtype(256)) == (torch.uint8, torch.int16)
+    assert (owner_dtype(32767), owner_dtype(32768)) == (torch.int16, torch.int32)
 
 
 def test_batchnorms_are_the_trunks_only() -> None:
