@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import signal
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,7 @@ from growth.controllers import make_controller
 from growth.controllers.driver import Budget, Resources, SearchProgress, run_search
 from growth.controllers.pool import READY, WorkerPool
 from growth.controllers.service import SearchService
-from growth.controllers.trial import TrialSpec, train_child
+from growth.controllers.trial import TrialSpec
 from growth.search_spaces import make_space
 from growth.search_spaces.networks import add_head, mlp
 from searchkit import CHILD_TRAIN, digits_task, small_space, trained_base
@@ -32,7 +31,6 @@ from growth.campaign import Campaign
 from growth.config import load_config
 from growth.data import build_stream
 from growth.train import TrainConfig
-
 
 
 @pytest.fixture(scope="module")
@@ -452,9 +450,8 @@ def test_the_actor_class_is_made_once_without_restarts(monkeypatch: pytest.Monke
                                                        ) -> None:
     """Ray must not restart a dead actor by itself (the pool replaces it and retries its
     child): ChildWorker is made remote once per process, with max_restarts=0."""
-    import ray
-
     import growth.controllers.pool as pool_module
+    import ray
 
     made: list[tuple[dict[str, Any], Any]] = []
 

@@ -700,7 +700,8 @@ def test_the_tune_recorder_adopts_finished_trials_and_records_failed_ones(tmp_pa
         "status": "failed", "error": "boom", "start": 3.0, "end": 4.0, "node": "n"}))
     recorder.on_trial_complete(0, [], trial("g000c03", 3, None))
     recorder.on_trial_complete(0, [], trial("g000c04", 4, {"status": "ok"}))  # no checkpoint
-    recorder.on_trial_error(0, [], trial("g000c05", 5, None, error="Traceback\n  x\nOSError: disk\n\n"))
+    recorder.on_trial_error(0, [], trial("g000c05", 5, None,
+                                         error="Traceback\n  x\nOSError: disk\n\n"))
     recorder.on_trial_error(0, [], trial("g000c06", 6, None))
     records = read_records(search.records)
     assert [r.key for r in seen] == [r.key for r in records] == [
@@ -838,7 +839,6 @@ def test_a_process_that_runs_a_ray_task_is_told_apart(monkeypatch: pytest.Monkey
     from types import SimpleNamespace
 
     import ray
-
     from growth.controllers.driver import in_ray_task
 
     task_id: list[Any] = ["t1"]
