@@ -1,5 +1,6 @@
-"""Output details: `growth report` over search runs and campaign runs together, and the search
-leaderboard's architecture strings shortened to fit a table cell."""
+"""Output details: `growth report` over search runs and campaign runs together, the search
+leaderboard's architecture strings shortened to fit a table cell, and the search report's page
+and figure read back from fabricated runs."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from growth.controllers.records import ChildRecord
+from growth.controllers.search_report import _markdown, best_so_far, describe_actions, short_arch
 from matplotlib import rcParams
 from matplotlib.axes import Axes
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from growth.controllers.records import ChildRecord
-from growth.controllers.search_report import _markdown, best_so_far, describe_actions, short_arch
 from runfiles import write_config
 
 from growth.cli import main
