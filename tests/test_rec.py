@@ -531,3 +531,32 @@ def test_each_tasks_search_wall_time_is_measured_around_the_search() -> None:
         took = time.perf_counter() - start
     wall = rec.run_report()["details"]["rec"]["1"]["search_wall_s"]
     assert 0 < wall < took
+
+
+@pytest.mark.parametrize("student", ["parent", "cut"])
+def test_only_a_network_of_its_students_architecture_within_budget_skips_the_compression(
+        student: str) -> None:
+    """The student's architecture (parent: the network the task began with; cut: the base)
+    within the budget: nothing to compress. Any other architecture is compressed, even within
+    the budget (here without training settings, so the compression stops at their absence)."""
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 40, "seed": 1})
+    net = add_head(add_head(mlp((1, 8, 8), [12]), "t0", 10), "t1", 10)
+    wide = add_head(add_head(mlp((1, 8, 8), [14]), "t0", 10), "t1", 10)
+
+    def compression(reference: Any) -> Any:
+        """_compress on a network of 12 units whose student's architecture is `reference`."""
+        rec = REC(REC.Params(compress={"student": student}))
+        base = net if student == "parent" else reference
+        rec.extra["base"] = {"structure": base.to_dict(), "trunk": trunk_params(base)}
+        rec._parent = reference if student == "parent" else net
+        ctx = Context(Model(net), tasks[1], tasks[:1], lambda t: f"t{t.index}",
+                      lambda t, y: y, torch.device("cpu"), seed=1)
+        entry: dict[str, Any] = {}
+        rec._compress(ctx, entry)
+        return entry["compression"]
+
+    assert compression(net) == "none needed (the network is the base architecture)"
+    assert trunk_params(net) == 64 * 12 + 12 <= trunk_params(wide)
+    with pytest.raises(ConfigError, match="REC's compression needs the task's training"):
+        compression(wide)
