@@ -23,6 +23,7 @@ from growth.data import Task, build_stream
 from growth.errors import ConfigError, OperatorError
 from growth.model import Model
 from growth.ops import net2deeper, net2wider
+from growth.ops.widen_private import widen_private
 from growth.regularizers import stored
 from growth.strategies import Context, make_strategy
 from growth.strategies.rec import REC
@@ -334,6 +335,44 @@ def test_an_inserted_layer_is_anchored_with_each_old_tasks_mean_fisher() -> None
             assert f.shape == (48, 48) and level > 0
             assert torch.allclose(f, torch.full_like(f, level))
     assert "act1_deep1.weight" not in got[False]
+
+
+def test_the_zero_columns_of_private_units_are_anchored_with_each_old_tasks_mean_fisher() -> None:
+    """protect_copies: widen_private's zero columns (fc2's inputs from fc1's 4 new units, which
+    task 0 never read) get task 0's mean Fisher over the grown network as it was carried
+    (by hand), their anchors staying 0; every other entry keeps its carried Fisher."""
+    seen: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    class Probe(REC):
+        def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
+            result = widen_private(ctx.model.graph, "fc1", 16, seed=1)
+            ctx.replace_graph(result.graph, [result.record])
+
+        def _anchor_inserted(self, ctx: Context, records: list[Any]) -> None:
+            carried = {k: v.clone() for k, v in stored(self.state, "fisher", 0).items()}
+            super()._anchor_inserted(ctx, records)
+            seen.append((carried, stored(self.state, "fisher", 0)))
+
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 50, "seed": 1})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(mlp((1, 8, 8), [12, 12]), "t0", 10), "t1", 10))
+    rec = Probe(REC.Params(compress=False, owners=False))
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index)
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=16, lr=0.05), seed=t.index)
+    (carried, got), = seen
+    level = float(sum(v.double().sum() for v in carried.values()) /
+                  sum(v.numel() for v in carried.values()))
+    fresh = torch.zeros(12, 16, dtype=torch.bool)
+    fresh[:, 12:] = True
+    assert level > 0 and torch.equal(carried["fc2.weight"][fresh], torch.zeros(48))
+    torch.testing.assert_close(got["fc2.weight"][fresh], torch.full((48,), level,
+                                                                   dtype=torch.float32))
+    assert torch.equal(got["fc2.weight"][~fresh], carried["fc2.weight"][~fresh])
+    assert all(torch.equal(got[n], carried[n]) for n in carried if n != "fc2.weight")
+    assert torch.equal(stored(rec.state, "anchor", 0)["fc2.weight"][:, 12:], torch.zeros(12, 4))
 
 
 # ---- compression's wiring: old tasks' importance, and whom old heads are distilled from ------
