@@ -307,6 +307,15 @@ def test_mir_virtual_steps_by_hand():
     torch.testing.assert_close(steps["d"], torch.tensor([0.9, 0.375]))
 
 
+def test_mir_virtual_step_of_an_optimizer_without_weight_decay_is_lr_times_the_gradient():
+    """Groups with no weight_decay or momentum setting at all (Rprop's): lr g, by hand."""
+    a = torch.nn.Parameter(torch.tensor([3.0, -1.0]))
+    opt = torch.optim.Rprop([a], lr=0.2)
+    assert "weight_decay" not in opt.param_groups[0] and "momentum" not in opt.param_groups[0]
+    steps = virtual_steps(opt, {"a": a}, (torch.tensor([0.5, 0.25]),))
+    torch.testing.assert_close(steps["a"], torch.tensor([0.1, 0.05]))
+
+
 def test_the_memory_is_offered_the_tasks_samples_in_their_seeded_order():
     """Order from the key "stream/<task>", reservoir draws from "reservoir/<task>" (the
     task's seed mixed as growth.data.sampling does, by hand)."""
