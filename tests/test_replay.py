@@ -308,10 +308,12 @@ def test_mir_virtual_steps_by_hand():
 
 
 def test_mir_virtual_step_of_an_optimizer_without_weight_decay_is_lr_times_the_gradient():
-    """Groups with no weight_decay or momentum setting at all (Rprop's): lr g, by hand."""
+    """Groups with no weight_decay or momentum setting at all (Rprop's): lr g, by hand; a
+    state entry named momentum_buffer is no momentum without the setting."""
     a = torch.nn.Parameter(torch.tensor([3.0, -1.0]))
     opt = torch.optim.Rprop([a], lr=0.2)
     assert "weight_decay" not in opt.param_groups[0] and "momentum" not in opt.param_groups[0]
+    opt.state[a]["momentum_buffer"] = torch.tensor([1.0, 1.0])
     steps = virtual_steps(opt, {"a": a}, (torch.tensor([0.5, 0.25]),))
     torch.testing.assert_close(steps["a"], torch.tensor([0.1, 0.05]))
 
