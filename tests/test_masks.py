@@ -860,3 +860,31 @@ def test_cpg_keeps_a_stage_whose_accuracy_equals_the_goal() -> None:
     s._accuracy = lambda ctx: 0.5  # type: ignore[method-assign]
     s.before_task(ctx)
     assert s._compact(ctx) == 0.5
+
+
+def test_cpg_goal_draws_and_trains_its_solo_copy_from_the_tasks_seed() -> None:
+    """The solo copy's fresh weights and its batches' order both come from the task's seed
+    (ctx_for gives task 1 seed 101): the goal is the validation accuracy of a copy drawn and
+    trained by hand with that seed, and the campaign's random stream is left where it was."""
+    from rivalkit import ctx_for, tasks_for
+
+    from growth.model import Model
+    from growth.strategies.base import Strategy
+    from growth.train import TrainConfig, evaluate, fit
+
+    s, model, graph, _ = _tiny("cpg", {"margin": 0.0})
+    tasks = tasks_for(graph, 2, n=96)  # 24 validation samples: batches' order shows
+    ctx = ctx_for(model, tasks, 1, s)
+    cfg = ctx.train_config = TrainConfig(epochs=2, batch_size=4, lr=0.2)
+    torch.manual_seed(3)
+    stream = torch.random.get_rng_state()
+    s.before_task(ctx)
+    assert torch.equal(torch.random.get_rng_state(), stream)
+    alone = Model(graph)
+    torch.manual_seed(101)
+    for m in alone.module.modules():
+        if m is not alone.module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    solo = ctx_for(alone, tasks, 1)
+    fit(solo, Strategy(), cfg, seed=101)
+    assert s.goal(1) == evaluate(solo, tasks[1], "val")
