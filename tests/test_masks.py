@@ -888,3 +888,33 @@ def test_cpg_goal_draws_and_trains_its_solo_copy_from_the_tasks_seed() -> None:
     solo = ctx_for(alone, tasks, 1)
     fit(solo, Strategy(), cfg, seed=101)
     assert s.goal(1) == evaluate(solo, tasks[1], "val")
+
+
+def test_cpg_grows_a_residual_group_once_and_the_layers_after_it() -> None:
+    """fc2's output is added to fc1's (one channel group of base width 6, widened once by
+    ceil(0.25 x 6) = 2 with fc1), and fc3 after the group grows by its own ceil(0.25 x 4) = 1:
+    6, 6, 4 -> 8, 8, 5."""
+    from rivalkit import ctx_for, tasks_for, with_heads
+
+    from growth.graph import NetGraph
+    from growth.model import Model
+
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (4,))
+    g.add("fc1", "linear", ["x"], out_features=6)
+    g.add("r1", "relu", ["fc1"])
+    g.add("fc2", "linear", ["r1"], out_features=6)
+    g.add("sum", "add", ["r1", "fc2"])
+    g.add("fc3", "linear", ["sum"], out_features=4)
+    g.add("r3", "relu", ["fc3"])
+    g.add("features", "identity", ["r3"])
+    graph = with_heads(g, 2)
+    model = Model(graph)
+    s = make_strategy("cpg", {"grow": 0.25, "noise": 0.0, "budget": 10})
+    s.extra["goals"] = {"0": 0.0}
+    ctx = ctx_for(model, tasks_for(graph, 2, n=16), 0, s)
+    s.before_task(ctx)
+    assert s._grow(ctx, 0)
+    assert {n: model.graph.node(n).attrs["out_features"] for n in ("fc1", "fc2", "fc3")} == {
+        "fc1": 8, "fc2": 8, "fc3": 5}
