@@ -918,3 +918,27 @@ def test_cpg_grows_a_residual_group_once_and_the_layers_after_it() -> None:
     assert s._grow(ctx, 0)
     assert {n: model.graph.node(n).attrs["out_features"] for n in ("fc1", "fc2", "fc3")} == {
         "fc1": 8, "fc2": 8, "fc3": 5}
+
+
+def test_cpg_grows_a_transformer_by_units_and_scores_old_tasks_on_its_old_widths() -> None:
+    """A ViT trunk (5 tokens of 4 features, MLP hidden 6): a linear layer's units are its
+    output's last axis, not the tokens. Task 0 ends with widths patch 4, fc1 6, fc2 4 (fc2
+    adds into patch's channels: one group); task 1 misses its goal and doubles them (grow 1.0)
+    to 8, 12, 8. Task 0 is then scored on the network cut back to its widths (the attention's
+    nested `qkv.weight` and `proj.weight` keys included) and its outputs stay bitwise equal."""
+    from rivalkit import learn_all, tasks_for, with_heads
+
+    from growth.search_spaces.networks import vit
+    from growth.train import TrainConfig
+
+    torch.manual_seed(0)
+    graph = with_heads(vit((1, 4, 4), patch=2, dim=4, depth=1, heads=1, mlp_dim=6), 2)
+    s = make_strategy("cpg", {"grow": 1.0, "noise": 0.0, "budget": 10, "max_grow": 1,
+                              "ratios": [0.5], "prune_epochs": 1})
+    s._goal = lambda ctx: 1.01 if ctx.task.index == 1 else 0.0  # type: ignore[method-assign]
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    model, s, scores = learn_all(s, graph, tasks_for(graph, 2, n=16), cfg)
+    assert s.extra["grown"] == {"0": 0, "1": 1}
+    assert s.extra["widths"] == {"0": {"patch": 4, "block1_fc1": 6, "block1_fc2": 4},
+                                 "1": {"patch": 8, "block1_fc1": 12, "block1_fc2": 8}}
+    assert torch.equal(scores[1][0], scores[0][0])
