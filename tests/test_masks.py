@@ -723,8 +723,11 @@ def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
     s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
     s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
     w = model.named_parameters()["fc1.weight"].detach()
-    # before it starts, a task not learned yet sees every weight owned so far
+    # before it starts, a task not learned yet sees every weight owned so far; a finished
+    # task without stored picks, its own weights alone
     assert torch.equal(s.task_weights(ctx_for(model, tasks, 1, s), tasks[1])["fc1.weight"],
+                       w * owned)
+    assert torch.equal(s.task_weights(ctx_for(model, tasks, 1, s), tasks[0])["fc1.weight"],
                        w * owned)
     ctx = ctx_for(model, tasks, 1, s)
     s.before_task(ctx)
@@ -847,19 +850,21 @@ def test_cpg_growth_adds_noisy_copies_and_its_picks_go_on_training() -> None:
 
 
 def test_cpg_keeps_a_stage_whose_accuracy_equals_the_goal() -> None:
-    """The goal is met at equality: accuracy 0.5 against goal 0.5 keeps stage 0.5."""
+    """The goal is met at equality: accuracy 0.5 against goal 0.5 neither grows the network
+    (room for it in the budget) nor undoes stage 0.5."""
     from rivalkit import ctx_for
 
     from growth.train import TrainConfig, fit
 
-    s, model, _, tasks = _tiny("cpg", {"ratios": [0.5], "prune_epochs": 1})
+    s, model, _, tasks = _tiny("cpg", {"ratios": [0.5], "prune_epochs": 1, "budget": 10})
     s.extra["goals"] = {"0": 0.5}
     ctx = ctx_for(model, tasks, 0, s)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
     ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
     s._accuracy = lambda ctx: 0.5  # type: ignore[method-assign]
     s.before_task(ctx)
-    assert s._compact(ctx) == 0.5
+    s.after_task(ctx)
+    assert s.extra["grown"] == {"0": 0} and s.extra["pruned"] == {"0": 0.5}
 
 
 def test_cpg_goal_draws_and_trains_its_solo_copy_from_the_tasks_seed() -> None:
@@ -942,3 +947,4 @@ def test_cpg_grows_a_transformer_by_units_and_scores_old_tasks_on_its_old_widths
     assert s.extra["widths"] == {"0": {"patch": 4, "block1_fc1": 6, "block1_fc2": 4},
                                  "1": {"patch": 8, "block1_fc1": 12, "block1_fc2": 8}}
     assert torch.equal(scores[1][0], scores[0][0])
+
