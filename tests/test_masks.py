@@ -948,3 +948,21 @@ def test_cpg_grows_a_transformer_by_units_and_scores_old_tasks_on_its_old_widths
                                  "1": {"patch": 8, "block1_fc1": 12, "block1_fc2": 8}}
     assert torch.equal(scores[1][0], scores[0][0])
 
+
+
+def test_cpg_growth_step_draws_each_layers_noise_from_the_task_seed_step_and_layer() -> None:
+    """Growth step 2 of task 1 (seed 101) widens fc1 (6 -> 9) with net2wider's noise drawn
+    from seed 101 + 1000 x 2 + 0 and fc2 (5 -> 8) from 101 + 2000 + 1, after fc1's new
+    columns in fc2 were set to zero and its old ones kept: the same weights built by hand."""
+    from growth.ops import net2wider
+
+    s, model, ctx = _cpg_at_task_1({"grow": 0.5, "noise": 0.5, "budget": 10})
+    before = model.graph
+    assert s._grow(ctx, 2)
+    first = net2wider(before, "fc1", 9, noise=0.5, seed=2101).graph
+    old = before.node("fc2").tensors["weight"]
+    first.node("fc2").tensors["weight"] = torch.cat([old, torch.zeros(5, 3)], 1)
+    second = net2wider(first, "fc2", 8, noise=0.5, seed=2102).graph
+    got = model.named_parameters()
+    assert torch.equal(got["fc1.weight"].detach(), first.node("fc1").tensors["weight"])
+    assert torch.equal(got["fc2.weight"].detach(), second.node("fc2").tensors["weight"])
