@@ -649,10 +649,11 @@ def test_packnet_sizes_count_per_task_copies_of_floating_tensors_only() -> None:
 
 
 def test_cpg_grows_every_trunk_layer_by_its_base_width_and_records_the_task() -> None:
-    """Goal 1.01 (never met), budget wide, one growth step: each of three trunk layers grows
-    by ceil(0.25 x its base width) (6, 5, 4 -> 8, 7, 5), the task records one growth, the
-    grown network's size by hand (4*8+8 + 8*7+7 + 7*5+5 + 2*(5*3+3) = 179), no pruning kept
-    (the goal is missed at 0.5 too) and the widths it ends with."""
+    """Goal 1.01 (never met), one growth step: each of three trunk layers grows by
+    ceil(0.25 x its base width) (6, 5, 4 -> 8, 7, 5), the task records one growth, the grown
+    network's size by hand (4*8+8 + 8*7+7 + 7*5+5 + 2*(5*3+3) = 179, the budget exactly:
+    179/119 of the base's 4*6+6 + 6*5+5 + 5*4+4 + 2*(4*3+3) = 119), no pruning kept (the
+    goal is missed at 0.5 too) and the widths it ends with."""
     from rivalkit import ctx_for, tasks_for, with_heads
 
     from growth.graph import NetGraph
@@ -668,7 +669,7 @@ def test_cpg_grows_every_trunk_layer_by_its_base_width_and_records_the_task() ->
     g.add("features", "identity", ["r3"])
     graph = with_heads(g, 2)
     model = Model(graph)
-    s = make_strategy("cpg", {"grow": 0.25, "noise": 0.0, "budget": 10, "max_grow": 1,
+    s = make_strategy("cpg", {"grow": 0.25, "noise": 0.0, "budget": 179 / 119, "max_grow": 1,
                               "ratios": [0.5], "prune_epochs": 1})
     s.extra["goals"] = {"0": 1.01}
     ctx = ctx_for(model, tasks_for(graph, 2, n=16), 0, s)
@@ -713,9 +714,11 @@ def test_cpg_prunes_by_the_cubic_schedule_one_epoch_at_a_time() -> None:
 
 def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
     """Before task 1 starts it is scored with every weight owned so far; while it trains, with
-    the free weights plus the old ones whose pick is above 5e-3 (row 0's picks set below it:
-    its old weights read as zero)."""
+    the free weights plus the old ones whose pick is above 5e-3 (row 0's picks set below it,
+    row 1's at it: their old weights read as zero)."""
     from rivalkit import ctx_for
+
+    from growth.strategies.cpg import PICK_THRESHOLD
 
     s, model, _, tasks = _tiny("cpg", {})
     owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -733,8 +736,9 @@ def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
     s.before_task(ctx)
     with torch.no_grad():
         s._picks["fc1.weight"][0] = 0.001
+        s._picks["fc1.weight"][1] = PICK_THRESHOLD
     kept = ~owned
-    kept[1:] = True  # free everywhere, old weights picked but in row 0
+    kept[2:] = True  # free everywhere, old weights picked but in rows 0 and 1
     assert torch.equal(s.task_weights(ctx, tasks[1])["fc1.weight"], w * kept)
 
 
@@ -966,3 +970,35 @@ def test_cpg_growth_step_draws_each_layers_noise_from_the_task_seed_step_and_lay
     got = model.named_parameters()
     assert torch.equal(got["fc1.weight"].detach(), first.node("fc1").tensors["weight"])
     assert torch.equal(got["fc2.weight"].detach(), second.node("fc2").tensors["weight"])
+
+
+def test_cpg_checks_its_goal_and_stores_its_picks_through_the_picks_above_the_threshold() -> None:
+    """After task 1 trains, its accuracy is that of its effective weights (free ones plus the
+    picked old ones: none picked here, so task 0's half of fc1 reads as zero), and it stores
+    as picked only task 0's weights whose pick is above 5e-3 (row 0 at exactly 5e-3 is not;
+    a pick_lr of 1e-12 leaves the picks where they are)."""
+    from rivalkit import tasks_for
+
+    from growth.strategies.cpg import PICK_THRESHOLD
+    from growth.train import TrainConfig, fit
+
+    s, model, ctx = _cpg_at_task_1({"pick_lr": 1e-12, "ratios": [0.5], "prune_epochs": 1,
+                                    "max_grow": 0})
+    ctx.task = tasks_for(model.graph, 2, n=400)[1]  # 100 validation samples
+    owned = s.state["owner/all/fc1.weight"] == 1
+    with torch.no_grad():
+        s._picks["fc1.weight"].fill_(0.001)
+    cfg = TrainConfig(epochs=4, batch_size=8, lr=0.2)
+    fit(ctx, s, cfg, seed=1)
+    x, y = ctx.task.val
+    w = model.named_parameters()["fc1.weight"].detach()
+    with torch.no_grad():
+        out = torch.func.functional_call(model.head("t1"), {"fc1.weight": w * ~owned}, (x,))
+        assert s._accuracy(ctx) == pytest.approx(float((out.argmax(1) == y).float().mean()))
+        s._picks["fc1.weight"].fill_(0.01)
+        s._picks["fc1.weight"][0] = PICK_THRESHOLD
+    ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
+    s.after_task(ctx)
+    picked = owned.clone()
+    picked[0] = False
+    assert torch.equal(s.state["pick/1/fc1.weight"], picked)
