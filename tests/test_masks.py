@@ -973,10 +973,11 @@ def test_cpg_growth_step_draws_each_layers_noise_from_the_task_seed_step_and_lay
 
 
 def test_cpg_checks_its_goal_and_stores_its_picks_through_the_picks_above_the_threshold() -> None:
-    """After task 1 trains, its accuracy is that of its effective weights (free ones plus the
-    picked old ones: none picked here, so task 0's half of fc1 reads as zero), and it stores
-    as picked only task 0's weights whose pick is above 5e-3 (row 0 at exactly 5e-3 is not;
-    a pick_lr of 1e-12 leaves the picks where they are)."""
+    """Task 1's goal check scores its effective weights (free ones plus the picked old ones:
+    none picked here, so task 0's half of fc1 reads as zero; biases zeroed, so that the head's
+    bias alone does not decide), and the task stores as picked only task 0's weights whose
+    pick is above 5e-3 (row 0 at exactly 5e-3 is not; a pick_lr of 1e-12 leaves the picks
+    where they are through the pruning's retraining)."""
     from rivalkit import tasks_for
 
     from growth.strategies.cpg import PICK_THRESHOLD
@@ -986,17 +987,18 @@ def test_cpg_checks_its_goal_and_stores_its_picks_through_the_picks_above_the_th
                                     "max_grow": 0})
     ctx.task = tasks_for(model.graph, 2, n=400)[1]  # 100 validation samples
     owned = s.state["owner/all/fc1.weight"] == 1
-    with torch.no_grad():
-        s._picks["fc1.weight"].fill_(0.001)
-    cfg = TrainConfig(epochs=4, batch_size=8, lr=0.2)
-    fit(ctx, s, cfg, seed=1)
     x, y = ctx.task.val
     w = model.named_parameters()["fc1.weight"].detach()
     with torch.no_grad():
+        for n, p in model.named_parameters().items():  # else the head's bias decides alone
+            if n.endswith(".bias"):
+                p.zero_()
+        s._picks["fc1.weight"].fill_(0.001)
         out = torch.func.functional_call(model.head("t1"), {"fc1.weight": w * ~owned}, (x,))
-        assert s._accuracy(ctx) == pytest.approx(float((out.argmax(1) == y).float().mean()))
+        assert s._accuracy(ctx) == float((out.argmax(1) == y).sum()) / 100
         s._picks["fc1.weight"].fill_(0.01)
         s._picks["fc1.weight"][0] = PICK_THRESHOLD
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
     ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
     s.after_task(ctx)
     picked = owned.clone()
