@@ -935,9 +935,9 @@ def test_cpg_grows_a_transformer_by_units_and_scores_old_tasks_on_its_old_widths
     adds into patch's channels: one group); task 1 misses its goal and doubles them (grow 1.0)
     to 8, 12, 8. Task 0 is then scored on the network cut back to its widths (the attention's
     nested `qkv.weight` and `proj.weight` keys included) and its outputs stay bitwise equal."""
+    from growth.search_spaces.networks import vit
     from rivalkit import learn_all, tasks_for, with_heads
 
-    from growth.search_spaces.networks import vit
     from growth.train import TrainConfig
 
     torch.manual_seed(0)
