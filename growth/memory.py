@@ -38,8 +38,8 @@ class EpisodicMemory:
         self.budget = int(budget)
         self.device = torch.device(device)
         self.x: Tensor | None = None  # [n, *sample shape], None until the first insertion
-        self.y = torch.empty(0, dtype=torch.long)
-        self.task = torch.empty(0, dtype=torch.long)
+        self.y = torch.empty(0, dtype=torch.long, device=self.device)
+        self.task = torch.empty(0, dtype=torch.long, device=self.device)
         self.seen = 0  # samples offered to the reservoir so far
 
     def __len__(self) -> int:

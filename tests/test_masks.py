@@ -489,6 +489,8 @@ def test_score_optimizers_step_as_sgd_with_momentum_or_adam(
                                 ("adam", 0.1 * g.sign(), 0.1 * g.sign())):
         score = torch.tensor([1.0, -2.0], requires_grad=True)
         opt = score_optimizer([score], kind, 0.1)
+        if kind == "adam":  # one fused pass over each tensor wherever torch has one
+            assert bool(opt.defaults.get("fused")) is fused
         start = score.detach().clone()
         score.grad = g.clone()
         opt.step()
@@ -569,6 +571,10 @@ def test_owner_indices_take_the_smallest_integer_type_that_holds_them() -> None:
     assert owner_dtype(1) == owner_dtype(200) == torch.uint8
     assert owner_dtype(300) == owner_dtype(30000) == torch.int16
     assert owner_dtype(40000) == torch.int32
+    # at the edges: uint8 holds 0..255 and int16 0..32767 (the types' own limits)
+    assert torch.iinfo(torch.uint8).max == 255 and torch.iinfo(torch.int16).max == 32767
+    assert (owner_dtype(255), owner_dtype(256)) == (torch.uint8, torch.int16)
+    assert (owner_dtype(32767), owner_dtype(32768)) == (torch.int16, torch.int32)
 
 
 def test_batchnorms_are_the_trunks_only() -> None:

@@ -170,3 +170,37 @@ def test_a_memory_restored_from_a_state_without_rows_is_an_empty_one():
     mem.reservoir(torch.randn(3, 2), torch.tensor([1, 0, 1]), 2, torch.Generator().manual_seed(0))
     assert mem.y.tolist() == [1, 0, 1] and mem.task.tolist() == [2, 2, 2]
     assert mem.y.dtype == torch.long and mem.task.dtype == torch.long
+
+
+def test_a_memory_on_another_device_keeps_every_row_there():
+    """The meta device stands in for an accelerator (every machine has it): whatever the
+    memory holds, returns or loads stays on the memory's device from construction on, as rows
+    on a GPU must (a CPU tensor beside a meta one fails at once, as beside a GPU one)."""
+    meta = torch.device("meta")
+
+    def on_meta(mem: EpisodicMemory) -> bool:
+        return all(t.device == meta for t in (mem.x, mem.y, mem.task) if t is not None)
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3), torch.arange(6)
+    mem = EpisodicMemory(4, meta)
+    assert on_meta(mem)  # empty, before the first insertion
+    mem.reservoir(x, y, 0, gen)  # fills 4 rows, then overwrites some
+    mem.reservoir(x, y, torch.ones(6, dtype=torch.long), gen)
+    assert on_meta(mem) and len(mem) == 4 and mem.y.dtype == mem.task.dtype == torch.long
+    assert {t.device for t in (mem.rows(), mem.sample(2, gen), mem.sample(1, gen, mem.rows()),
+                               *mem.batch(torch.tensor([0, 3])))} == {meta}
+    mem.select(torch.tensor([0, 2]))
+    assert on_meta(mem) and len(mem) == 2
+
+    cpu = EpisodicMemory(4)
+    cpu.reservoir(x, y, 0, gen)
+    assert on_meta(cpu.to("meta")) and cpu.device == meta
+    tensors, extra = cpu.state_dict()
+    restored = EpisodicMemory(4, meta)
+    restored.load_state_dict({k: torch.zeros(v.shape, dtype=v.dtype)
+                              for k, v in tensors.items()}, extra)
+    assert on_meta(restored) and len(restored) == 4
+    empty = EpisodicMemory(4, meta)
+    empty.load_state_dict({}, {})
+    assert on_meta(empty) and len(empty) == 0

@@ -23,6 +23,7 @@ from growth.data import Task, build_stream
 from growth.errors import ConfigError, OperatorError
 from growth.model import Model
 from growth.ops import net2deeper, net2wider
+from growth.ops.widen_private import widen_private
 from growth.regularizers import stored
 from growth.strategies import Context, make_strategy
 from growth.strategies.rec import REC
@@ -336,6 +337,44 @@ def test_an_inserted_layer_is_anchored_with_each_old_tasks_mean_fisher() -> None
     assert "act1_deep1.weight" not in got[False]
 
 
+def test_the_zero_columns_of_private_units_are_anchored_with_each_old_tasks_mean_fisher() -> None:
+    """protect_copies: widen_private's zero columns (fc2's inputs from fc1's 4 new units, which
+    task 0 never read) get task 0's mean Fisher over the grown network as it was carried
+    (by hand), their anchors staying 0; every other entry keeps its carried Fisher."""
+    seen: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    class Probe(REC):
+        def _expand(self, ctx: Context, entry: dict[str, Any]) -> None:
+            result = widen_private(ctx.model.graph, "fc1", 16, seed=1)
+            ctx.replace_graph(result.graph, [result.record])
+
+        def _anchor_inserted(self, ctx: Context, records: list[Any]) -> None:
+            carried = {k: v.clone() for k, v in stored(self.state, "fisher", 0).items()}
+            super()._anchor_inserted(ctx, records)
+            seen.append((carried, stored(self.state, "fisher", 0)))
+
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 50, "seed": 1})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(mlp((1, 8, 8), [12, 12]), "t0", 10), "t1", 10))
+    rec = Probe(REC.Params(compress=False, owners=False))
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index)
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=16, lr=0.05), seed=t.index)
+    (carried, got), = seen
+    level = float(sum(v.double().sum() for v in carried.values()) /
+                  sum(v.numel() for v in carried.values()))
+    fresh = torch.zeros(12, 16, dtype=torch.bool)
+    fresh[:, 12:] = True
+    assert level > 0 and torch.equal(carried["fc2.weight"][fresh], torch.zeros(48))
+    torch.testing.assert_close(got["fc2.weight"][fresh], torch.full((48,), level,
+                                                                   dtype=torch.float32))
+    assert torch.equal(got["fc2.weight"][~fresh], carried["fc2.weight"][~fresh])
+    assert all(torch.equal(got[n], carried[n]) for n in carried if n != "fc2.weight")
+    assert torch.equal(stored(rec.state, "anchor", 0)["fc2.weight"][:, 12:], torch.zeros(12, 4))
+
+
 # ---- compression's wiring: old tasks' importance, and whom old heads are distilled from ------
 def test_old_tasks_importance_weighs_each_tasks_fisher_by_its_relatedness() -> None:
     """What the "cut" student's units are scored by, besides the task's own Fisher:
@@ -531,3 +570,32 @@ def test_each_tasks_search_wall_time_is_measured_around_the_search() -> None:
         took = time.perf_counter() - start
     wall = rec.run_report()["details"]["rec"]["1"]["search_wall_s"]
     assert 0 < wall < took
+
+
+@pytest.mark.parametrize("student", ["parent", "cut"])
+def test_only_a_network_of_its_students_architecture_within_budget_skips_the_compression(
+        student: str) -> None:
+    """The student's architecture (parent: the network the task began with; cut: the base)
+    within the budget: nothing to compress. Any other architecture is compressed, even within
+    the budget (here without training settings, so the compression stops at their absence)."""
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 40, "seed": 1})
+    net = add_head(add_head(mlp((1, 8, 8), [12]), "t0", 10), "t1", 10)
+    wide = add_head(add_head(mlp((1, 8, 8), [14]), "t0", 10), "t1", 10)
+
+    def compression(reference: Any) -> Any:
+        """_compress on a network of 12 units whose student's architecture is `reference`."""
+        rec = REC(REC.Params(compress={"student": student}))
+        base = net if student == "parent" else reference
+        rec.extra["base"] = {"structure": base.to_dict(), "trunk": trunk_params(base)}
+        rec._parent = reference if student == "parent" else net
+        ctx = Context(Model(net), tasks[1], tasks[:1], lambda t: f"t{t.index}",
+                      lambda t, y: y, torch.device("cpu"), seed=1)
+        entry: dict[str, Any] = {}
+        rec._compress(ctx, entry)
+        return entry["compression"]
+
+    assert compression(net) == "none needed (the network is the base architecture)"
+    assert trunk_params(net) == 64 * 12 + 12 <= trunk_params(wide)
+    with pytest.raises(ConfigError, match="REC's compression needs the task's training"):
+        compression(wide)

@@ -509,3 +509,63 @@ def test_packing_into_float32_leaves_a_weight_at_least_12_of_its_23_mantissa_bit
     check_packable(params, ["w"], 10, 0)
     with pytest.raises(ConfigError, match="lowest 11 bits of each weight, but w is torch.float32"):
         check_packable(params, ["w"], 11, 0)
+
+
+def test_a_task_retrains_what_it_kept_for_owners_retrain_epochs() -> None:
+    """retrain_epochs is the retraining's own count, not the task's (1 here): with no
+    expansion there is no teacher, and the loop runs them on the task's loss, each epoch one
+    forward pass in training mode per batch."""
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 1,
+                          "max_train_per_task": 50, "seed": 1})
+    batches = math.ceil(len(tasks[0].train[1]) / 16)
+
+    def training_passes(retrain_epochs: int) -> int:
+        torch.manual_seed(0)
+        model = Model(add_head(mlp((1, 8, 8), [12]), "t0", 10))
+        passes = [0]
+        fc1 = dict(model.module.named_modules())["fc1"]
+        fc1.register_forward_hook(lambda m, i, o: passes.__setitem__(0, passes[0] + m.training))
+        rec = make_strategy("rec", {"owners": {"retrain_epochs": retrain_epochs}})
+        ctx = Context(model, tasks[0], [], lambda t: "t0", lambda t, y: y,
+                      torch.device("cpu"), seed=0)
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=16, lr=0.05), seed=0)
+        return passes[0]
+
+    assert training_passes(3) - training_passes(0) == 3 * batches
+
+
+@pytest.mark.parametrize("owners", [True, False])
+def test_under_weight_decay_the_owned_weights_are_put_back_after_every_step(
+        owners: bool) -> None:
+    """Weight decay moves weights whose gradient is zero: after every optimizer step of the
+    second task (its training and its retraining) the weights the first task owns are where
+    they were, so the task trains beside them as they are, not only after its fits. Without
+    owners nothing is held, and the decay runs through."""
+    tasks = build_stream({"dataset": "digits", "stream": "permuted", "n_tasks": 2,
+                          "max_train_per_task": 50, "seed": 1})
+    torch.manual_seed(0)
+    model = Model(add_head(add_head(mlp((1, 8, 8), [12]), "t0", 10), "t1", 10))
+    held: list[bool] = []
+    first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    class Probe(REC):
+        def after_step(self, ctx: Context) -> None:
+            super().after_step(ctx)
+            params = ctx.model.named_parameters()
+            held.extend(torch.equal(params[n].detach()[mask], value)
+                        for n, (mask, value) in first.items())
+
+    rec = Probe(REC.Params(search=False, compress=False, owners=owners))
+    for t in tasks:
+        ctx = Context(model, t, tasks[:t.index], lambda t: f"t{t.index}", lambda t, y: y,
+                      torch.device("cpu"), seed=t.index)
+        learn_task(ctx, rec, TrainConfig(epochs=1, batch_size=16, lr=0.05, weight_decay=0.1),
+                   seed=t.index)
+        params = model.named_parameters()
+        first.update({n.split("/", 2)[2]: (o == 1, params[n.split("/", 2)[2]].detach()[o == 1]
+                                           .clone())
+                      for n, o in rec.state.items() if n.startswith("owner/")})
+    batches = math.ceil(len(tasks[1].train[1]) / 16)
+    assert sorted(first) == (["fc1.weight"] if owners else [])
+    assert len(held) == (3 * batches if owners else 0)  # an epoch and two of retraining
+    assert all(held)

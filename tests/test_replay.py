@@ -292,6 +292,19 @@ def test_mir_adds_alpha_times_the_chosen_candidates_cross_entropy():
     assert float(got.detach()) == pytest.approx(0.6 * float(expect.detach()), rel=1e-5)
 
 
+def test_mir_replays_every_candidate_in_memory_order_when_they_are_no_more_than_its_batch():
+    """replay_batch 4 of 4 candidates: all of them, as drawn (no virtual step to rank them)."""
+    tasks, model = synthetic(3), mlp()
+    s = make_strategy("mir", {"memory": 30, "candidates": 4, "replay_batch": 4})
+    s.memory.reservoir(*tasks[0].train, 0, torch.Generator().manual_seed(0))
+    ctx = context(model, tasks, 1)
+    ctx.optimizer = torch.optim.SGD(model.module.parameters(), lr=0.3)
+    x, y = tasks[1].train
+    mx, my, mt = s.memory.batch(torch.arange(4))
+    chosen = s.retrieve(ctx, model.head("out1")(x[:8]), y[:8], mx, my, mt)
+    assert chosen.tolist() == [0, 1, 2, 3]
+
+
 def test_mir_virtual_steps_by_hand():
     """lr (momentum * buffer + g + weight_decay * p) per parameter; a parameter without a
     gradient or outside the optimizer is skipped, and the ones after it still step."""
@@ -305,6 +318,17 @@ def test_mir_virtual_steps_by_hand():
     torch.testing.assert_close(steps["a"], torch.tensor([0.1, 0.05]))
     # 0.5 * (0.9 * 1 + 0.5 + 0.1 * 4), 0.5 * (0.9 * 1 + 0.25 - 0.1 * 4)
     torch.testing.assert_close(steps["d"], torch.tensor([0.9, 0.375]))
+
+
+def test_mir_virtual_step_of_an_optimizer_without_weight_decay_is_lr_times_the_gradient():
+    """Groups with no weight_decay or momentum setting at all (Rprop's): lr g, by hand; a
+    state entry named momentum_buffer is no momentum without the setting."""
+    a = torch.nn.Parameter(torch.tensor([3.0, -1.0]))
+    opt = torch.optim.Rprop([a], lr=0.2)
+    assert "weight_decay" not in opt.param_groups[0] and "momentum" not in opt.param_groups[0]
+    opt.state[a]["momentum_buffer"] = torch.tensor([1.0, 1.0])
+    steps = virtual_steps(opt, {"a": a}, (torch.tensor([0.5, 0.25]),))
+    torch.testing.assert_close(steps["a"], torch.tensor([0.1, 0.05]))
 
 
 def test_the_memory_is_offered_the_tasks_samples_in_their_seeded_order():

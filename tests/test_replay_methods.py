@@ -73,6 +73,9 @@ def test_icarl_classifies_by_the_nearest_mean_of_normalised_exemplars():
     s = make_strategy("icarl", {"memory": 10})
     s.memory.reservoir(ex, ey, 0, torch.Generator())
     assert evaluate(ctx, task, strategy=s) == 1.0
+    labels, got = s.class_means(ctx, "out0")  # each class's mean scaled to unit length
+    assert labels.tolist() == [0, 1]
+    assert torch.allclose(got, torch.stack([m / m.norm() for m in means]), atol=1e-6)
     # the head, unnormalised means, or raw exemplar means would score these points otherwise
     assert model.head("out0")(points).argmax(1).tolist() != expect
     assert [nearest(p / p.norm(), means) for p in points] != expect
@@ -113,6 +116,31 @@ def test_icarl_loss_is_bce_on_new_classes_plus_distillation_of_old_ones():
         for c in (0, 1):  # old classes: the previous model's sigmoid
             total -= q[i, c] * math.log(p[i, c]) + (1 - q[i, c]) * math.log(1 - p[i, c])
     assert float(got.detach()) == pytest.approx(float(total) / 6, rel=1e-5)
+
+
+def test_icarl_distils_from_the_forward_pass_that_gave_the_logits():
+    """The old classes' outputs are the loop's own forward pass (ctx.outputs): a second pass
+    of the batch would move BatchNorm's running statistics twice per step."""
+    tasks = class_incremental(2)
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (1, 4, 4))
+    g.add("flat", "flatten", ["x"])
+    g.add("fc1", "linear", ["flat"], out_features=8)
+    g.add("bn", "batchnorm1d", ["fc1"])
+    g.add("features", "relu", ["bn"])
+    g.add("head0", "linear", ["features"], out_features=4)
+    g.add_output("out0", "head0")
+    model = Model(g)
+    s = learn(make_strategy("icarl", {"memory": 6}), tasks, model, 1, single_head=True)
+    bn = dict(model.module.named_buffers())
+    tracked = {k: v for k, v in bn.items() if k.endswith("num_batches_tracked")}
+    assert len(tracked) == 1
+    [(name, before)] = [(k, int(v)) for k, v in tracked.items()]
+    joined = len(tasks[1].train[1]) + len(s.memory)  # the task's samples and every exemplar
+    learn(s, tasks, model, 2, single_head=True, start=1)
+    steps = CFG.epochs * math.ceil(joined / CFG.batch_size)
+    assert int(dict(model.module.named_buffers())[name]) - before == steps
 
 
 def test_icarl_keeps_m_herded_exemplars_per_class_and_cuts_old_classes_to_their_first_m():

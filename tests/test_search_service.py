@@ -549,3 +549,480 @@ def test_the_service_reports_each_search_to_its_hooks_and_chooses_a_backend(tmp_
     records = read_records(tmp_path / "search" / RECORDS)
     assert service.child_s == pytest.approx(sum(r.train_time_s for r in records) / 2)
     assert outcome.summary["children"] == 2
+
+
+# ---- the driver's pieces that need no Ray: storage, adoption, resume checks, Tune's callback --
+def _child_folder(folder: Path, key: str, generation: int, index: int) -> NetGraph:
+    """A finished child's folder as a trial leaves it: its graph and its record."""
+    from growth.controllers.records import ChildRecord
+    from growth.controllers.trial import CHILD_FILE
+
+    graph = add_head(mlp((1, 8, 8), [4 + index]), "t0", 10)
+    graph.save(folder)
+    record = ChildRecord(key, generation, index, f"fc{4 + index}", [], "ok", val_acc=0.5,
+                         params=graph.param_count())
+    (folder / CHILD_FILE).write_text(json.dumps(record.to_json()))
+    return graph
+
+
+def test_a_search_directory_keeps_tune_storage_under_itself_or_names_itself_in_shared_storage(
+        tmp_path: Path) -> None:
+    """Default storage: <dir>/tune; a shared path or URI gets a folder named for the search
+    (its `name`, else the directory's name), with no doubled slash; a name that cannot name a
+    folder is refused."""
+    from growth.controllers.driver import SearchDir
+
+    from growth.errors import ConfigError
+
+    root = (tmp_path / "s").resolve()
+    search = SearchDir(tmp_path / "s")
+    assert search.root == root and search.storage == str(root / "tune")
+    assert (search.records, search.children, search.controller, search.state_file) == (
+        root / "children.jsonl", root / "children", root / "controller", root / "search.json")
+    assert SearchDir(tmp_path / "s", "s3://bucket/runs/", "n1").storage == "s3://bucket/runs/n1"
+    assert SearchDir(tmp_path / "s", "s3://bucket/runs").storage == "s3://bucket/runs/s"
+    assert SearchDir(tmp_path / "s", str(tmp_path / "shared"), "n1").storage == str(
+        (tmp_path / "shared").resolve() / "n1")
+    assert SearchDir(tmp_path / "s", str(tmp_path / "shared")).storage == str(
+        (tmp_path / "shared").resolve() / "s")
+    with pytest.raises(ConfigError, match="search name"):
+        SearchDir(tmp_path / "s", name="../up")
+
+
+def test_publish_copies_a_folder_into_storage_and_answers_its_reference(tmp_path: Path
+                                                                        ) -> None:
+    """A parent published to a local path or a file:// URI lands under storage/<name> with
+    every file, and its reference is the storage's own spelling plus the name."""
+    from growth.controllers.driver import _filesystem, publish
+
+    src = tmp_path / "parent"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.json").write_text("{}")
+    (src / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    store = tmp_path / "store"
+    ref = publish(src, str(store) + "/", "parents/gen000")
+    assert ref == f"{store}/parents/gen000"
+    assert (store / "parents" / "gen000" / "a.json").read_text() == "{}"
+    assert (store / "parents" / "gen000" / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    uri = f"file://{tmp_path / 'remote'}"
+    assert publish(src, uri, "strategy") == f"{uri}/strategy"
+    assert (tmp_path / "remote" / "strategy" / "a.json").is_file()
+    fs, path = _filesystem(uri)
+    assert path == str(tmp_path / "remote") and fs.type_name == "local"
+
+
+def test_orphans_adopt_only_this_generations_unrecorded_children_from_tune_storage(
+        tmp_path: Path) -> None:
+    """Tune's storage after a driver died: the experiments' (gen*) trial folders of the
+    generation that are not recorded yet are adopted into children/<key> (graph and record);
+    another generation's, a recorded one, a record whose key is not its own name, a torn
+    record and folders outside the experiments are left."""
+    from growth.controllers.driver import SearchDir, _orphans
+    from growth.controllers.trial import CHILD_FILE
+
+    search = SearchDir(tmp_path / "s")
+    store = Path(search.storage)
+    graph = _child_folder(store / "gen000-a0" / "g000c01-t1" / "checkpoint_000000",
+                          "g000c01", 0, 1)
+    _child_folder(store / "gen000-a1" / "g000c02-t2" / "checkpoint_000000", "g000c02", 0, 2)
+    _child_folder(store / "gen000-a0" / "g001c00-t3" / "checkpoint_000000", "g001c00", 1, 0)
+    _child_folder(store / "gen000-a0" / "g000c00-t4" / "checkpoint_000000", "g000c00", 0, 0)
+    _child_folder(store / "gen000-a0" / "forged" / "checkpoint_000000", "g000c03", 0, 4)
+    _child_folder(store / "parents" / "g000c05", "g000c05", 0, 5)
+    torn = store / "gen000-a0" / "g000c06-t6"
+    torn.mkdir(parents=True)
+    (torn / CHILD_FILE).write_text('{"key": "g000c06", "generation"')
+    (store / "gen-notes").write_text("not an experiment")
+    recorded = {"g000c00"}
+    found = _orphans(search, 0, recorded)
+    assert sorted(r.key for r in found) == ["g000c01", "g000c02"]
+    assert recorded == {"g000c00", "g000c01", "g000c02"}
+    assert all(r.checkpoint == f"children/{r.key}" and r.val_acc == 0.5 for r in found)
+    assert NetGraph.load(search.root / "children" / "g000c01").to_dict() == graph.to_dict()
+    assert sorted(p.name for p in search.children.iterdir()) == ["g000c01", "g000c02"]
+    assert _orphans(SearchDir(tmp_path / "empty"), 0, set()) == []  # no storage yet
+
+
+def test_an_incomplete_or_misnamed_child_folder_is_not_adopted(tmp_path: Path) -> None:
+    """A folder whose graph is missing, or whose record names another child, is not adopted
+    (its temporary copy removed, nothing in children/); a complete one replaces what
+    children/<key> held."""
+    from growth.controllers.driver import SearchDir, _adopt
+
+    search = SearchDir(tmp_path / "s")
+    src = tmp_path / "src"
+    _child_folder(src, "g000c01", 0, 1)
+    (search.children / "g000c01").mkdir(parents=True)
+    (search.children / "g000c01" / "stale.txt").write_text("old")
+
+    def copy(dest: Path) -> None:
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+
+    assert _adopt(search, "g000c02", copy) is None  # its record names g000c01
+    record = _adopt(search, "g000c01", copy)
+    assert record is not None and record.checkpoint == "children/g000c01"
+    assert not (search.children / "g000c01" / "stale.txt").exists()
+    (src / "structure.json").unlink()
+    assert _adopt(search, "g000c01", copy) is None
+    assert sorted(p.name for p in search.children.iterdir()) == ["g000c01"]
+    assert (search.children / "g000c01" / "structure.json").is_file()  # the adopted one kept
+    assert _adopt(search, "../g000c01", copy) is None
+
+
+def test_the_tune_recorder_adopts_finished_trials_and_records_failed_ones(tmp_path: Path
+                                                                          ) -> None:
+    """Tune's callback: a trial that reported ok with a checkpoint is adopted; one that
+    reported a failure is recorded failed with its error (or "the trial reported no result"),
+    and one whose process failed with the last line of its error; each goes to children.jsonl
+    and to `on_child`; pickled, the callback leaves the live hook behind."""
+    import pickle
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Recorder, SearchDir
+
+    search = SearchDir(tmp_path / "s")
+    search.root.mkdir()
+    src = tmp_path / "src"
+    _child_folder(src, "g000c01", 0, 1)
+    seen: list[Any] = []
+    recorder = Recorder(search, seen.append)
+
+    def trial(key: str, index: int, result: Any, checkpoint: Any = None, error: str = ""
+              ) -> Any:
+        config = {"key": key, "generation": 0, "index": index, "arch": f"a{index}",
+                  "actions": [{"op": "x"}], "attempt": 1, "lineage": [[{"op": "y"}]]}
+        return SimpleNamespace(config=config, last_result=result, checkpoint=checkpoint,
+                               get_error=lambda: error)
+
+    ckpt = SimpleNamespace(to_directory=lambda d: shutil.copytree(src, d, dirs_exist_ok=True))
+    recorder.on_trial_complete(0, [], trial("g000c01", 1, {"status": "ok"}, ckpt))
+    recorder.on_trial_complete(0, [], trial("g000c02", 2, {
+        "status": "failed", "error": "boom", "start": 3.0, "end": 4.0, "node": "n"}))
+    recorder.on_trial_complete(0, [], trial("g000c03", 3, None))
+    recorder.on_trial_complete(0, [], trial("g000c04", 4, {"status": "ok"}))  # no checkpoint
+    recorder.on_trial_error(0, [], trial("g000c05", 5, None,
+                                         error="Traceback\n  x\nOSError: disk\n\n"))
+    recorder.on_trial_error(0, [], trial("g000c06", 6, None))
+    records = read_records(search.records)
+    assert [r.key for r in seen] == [r.key for r in records] == [
+        "g000c01", "g000c02", "g000c03", "g000c04", "g000c05", "g000c06"]
+    ok, *failed = records
+    assert ok.ok and ok.checkpoint == "children/g000c01" and ok.val_acc == 0.5
+    assert [r.error for r in failed] == [
+        "boom", "the trial reported no result", "the trial reported no result",
+        "the trial's process failed: OSError: disk",
+        "the trial's process failed: no error text"]
+    assert all(r.status == "failed" and r.attempt == 1 and r.arch == f"a{r.index}"
+               and r.lineage == [[{"op": "y"}], [{"op": "x"}]] for r in failed)
+    assert (failed[0].start, failed[0].end, failed[0].node) == (3.0, 4.0, "n")
+    assert pickle.loads(pickle.dumps(recorder)).on_child is None
+    assert recorder.on_child is not None
+    Recorder(search, None).on_trial_error(0, [], trial("g000c07", 7, None))  # no hook: recorded
+    assert read_records(search.records)[-1].key == "g000c07"
+
+
+def test_a_trial_that_no_node_of_a_local_ray_can_hold_is_refused() -> None:
+    """cpus_per_trial or gpus_per_trial above what the local Ray has is a ConfigError naming
+    the setting and both figures; equal is fine; a joined cluster is not checked."""
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Resources, _check_fits
+
+    from growth.errors import ConfigError
+
+    local = SimpleNamespace(started=True, cpus=2.0, gpus=1.0)
+    _check_fits(Resources(cpus_per_trial=2.0, gpus_per_trial=1.0), local)
+    with pytest.raises(ConfigError, match=r"search\.cpus_per_trial: 3, but the local Ray has 2"):
+        _check_fits(Resources(cpus_per_trial=3.0), local)
+    with pytest.raises(ConfigError, match=r"search\.gpus_per_trial: 2, but the local Ray has 1"):
+        _check_fits(Resources(gpus_per_trial=2.0), local)
+    _check_fits(Resources(cpus_per_trial=64.0, gpus_per_trial=8.0),
+                SimpleNamespace(started=False, cpus=2.0, gpus=0.0))
+
+
+def test_a_search_starts_its_state_from_the_parent_and_resumes_only_with_its_settings(
+        tmp_path: Path) -> None:
+    """A new search's state: generation 0 from the parent (its parameter count, 64x4+4 +
+    4x10+10 = 310, as the root's and the parent's), the controller saved as generation 0's;
+    the same call again reads it back; another controller, seed, policy or cost is refused;
+    a state from before costs existed resumes at cost 0."""
+    from growth.controllers.driver import SearchDir, _begin
+
+    from growth.errors import ConfigError
+
+    search = SearchDir(tmp_path / "s")
+    search.root.mkdir()
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    state = _begin(search, parent, Fixed(), 3, 0.25, "best", 0.5)
+    where = str(parent.resolve())
+    assert state == {"version": 2, "controller": "fixed", "seed": 3, "policy": "best",
+                     "cost": 0.5, "generation": 0, "root": where, "root_params": 310,
+                     "parent": where, "parent_acc": 0.25, "parent_params": 310, "lineage": [],
+                     "kept": 0, "elapsed_s": 0.0, "attempts": {}, "done": False}
+    assert json.loads(search.state_file.read_text()) == state
+    assert json.loads((search.controller / "gen_000.json").read_text()) == {
+        "controller": "fixed"}
+    assert _begin(search, parent, Fixed(), 3, 0.9, "best", 0.5) == state
+    other = Fixed()
+    other.name = "eas"
+    for args, what in (((other, 3, None, "best", 0.5), "controller 'fixed', not 'eas'"),
+                       ((Fixed(), 4, None, "best", 0.5), "seed 3, not 4"),
+                       ((Fixed(), 3, None, "fixed", 0.5), "policy 'best', not 'fixed'"),
+                       ((Fixed(), 3, None, "best", 0.0), "cost 0.5, not 0.0")):
+        with pytest.raises(ConfigError, match=f"started with {what}"):
+            _begin(search, parent, *args)
+    del state["cost"]
+    search.write_state(state)
+    assert _begin(search, parent, Fixed(), 3, None, "best")["cost"] == 0.0
+
+
+def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Path) -> None:
+    """Children per generation: `children` until `generations`; with a trial budget, what is
+    left of it after the earlier generations' children (6 - 2 - 3 = 1 for generation 2);
+    none once the wall-time budget is used."""
+    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.records import ChildRecord, child_key
+    from growth.controllers.trial import TrialSpec
+
+    search = SearchDir(tmp_path / "s")
+
+    def driver(budget: Budget, elapsed: float = 0.0) -> Any:
+        d = _Driver(search, {"elapsed_s": elapsed}, Fixed(), None, None, TrialSpec(), budget,
+                    Resources(), SearchProgress())
+        d.records = [ChildRecord(child_key(g, i), g, i, "a", [], "ok")
+                     for g, n in ((0, 2), (1, 3)) for i in range(n)]
+        return d
+
+    trials = driver(Budget(children=4, generations=3, trials=6))
+    assert [trials._generation_size(g) for g in range(4)] == [4, 4, 1, 0]
+    plain = driver(Budget(children=4, generations=3))
+    assert [plain._generation_size(g) for g in range(4)] == [4, 4, 4, 0]
+    assert driver(Budget(children=4, wall_time_s=10.0), elapsed=10.0)._generation_size(0) == 0
+    assert driver(Budget(children=4, wall_time_s=10.0), elapsed=9.0)._generation_size(0) == 4
+    fresh = _Driver(search, {}, Fixed(), None, None, TrialSpec(), Budget(), Resources(),
+                    SearchProgress())
+    assert 0.0 <= fresh.elapsed() < 60.0  # a state without elapsed time starts at 0
+
+
+def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp_path: Path
+                                                                            ) -> None:
+    """On the local backend a child whose actions cannot apply (no node "nope") is recorded
+    failed with the trial's own error line, its start and end times and node "local", and
+    leaves no folder; the search goes on."""
+    from growth.controllers.base import Proposal
+    from growth.controllers.driver import Budget, run_search
+
+    class Broken(Fixed):
+        def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+            return [Proposal(({"op": "net2wider", "node": "nope", "width": 20},), "nope=20")]
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    graph.save(parent)
+    space = make_space({"widths": {"fc": [16, 20]}}, graph)
+    before = time.time()
+    result = run_search(tmp_path / "s", parent, Broken(), space, task, budget=Budget(1, 1),
+                        backend="local")
+    [record] = result.records
+    assert record.status == "failed" and record.node == "local" and "nope" in record.error
+    assert record.error.startswith("OperatorError: ")  # the trial's line: type, message
+    assert before <= record.start <= record.end <= time.time()
+    assert not (tmp_path / "s" / "children" / record.key).exists() and result.done
+
+
+def test_a_process_that_runs_a_ray_task_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """in_ray_task: Ray initialised and a task id (a `growth compare` campaign); then "auto"
+    stays in this process whatever a child costs."""
+    from types import SimpleNamespace
+
+    import ray
+    from growth.controllers.driver import in_ray_task
+
+    task_id: list[Any] = ["t1"]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_task_id=lambda: task_id[0]))
+    assert in_ray_task()
+    assert choose_backend("auto", 1000.0, 8, 4, cpus=4) == "local"
+    task_id[0] = None  # the driver process of a Ray job: no task
+    assert not in_ray_task()
+    assert choose_backend("auto", 1000.0, 8, 4, cpus=4) == "ray"
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    task_id[0] = "t1"
+    assert not in_ray_task()
+
+
+def test_the_search_cost_is_kept_in_its_state_and_ranks_its_children(tmp_path: Path) -> None:
+    """cost 0.5 on a parent of 64x16+16 + 16x10+10 = 1210 parameters: a child of accuracy 0.9
+    that doubles them scores 0.9 - 0.5 x 1210/1210 = 0.4, one of 0.8 that adds none 0.8, so
+    the second continues (it beats the parent's 0.5); search.json keeps the cost."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    add_head(mlp(task.input_shape, [16]), "t0", task.n_classes).save(parent)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for i, (acc, params) in enumerate(((0.9, 2420), (0.8, 1210))):
+        key = child_key(0, i)
+        append_record(folder / RECORDS, ChildRecord(
+            key, 0, i, f"fc1={20 + 4 * i}", [], "ok", val_acc=acc, params=params,
+            checkpoint=f"children/{key}"))
+    result = run_search(folder, parent, Fixed(), None, task, budget=Budget(2, 1), seed=0,
+                        parent_acc=0.5, cost=0.5, backend="local")
+    assert json.loads((folder / "search.json").read_text())["cost"] == 0.5
+    assert result.parent == folder.resolve() / "children" / child_key(0, 1)
+
+
+def test_a_child_folder_is_a_plain_name_under_children(tmp_path: Path) -> None:
+    """children/<key> for a plain key; a key with a path in it (even one that stays inside
+    the search directory) is refused."""
+    from growth.controllers.driver import SearchDir
+
+    from growth.errors import RunDirError
+
+    search = SearchDir(tmp_path / "s")
+    assert search.child_folder("g000c01") == search.root / "children" / "g000c01"
+    for bad in ("../g000c01", "a/b", "."):
+        with pytest.raises(RunDirError, match="child key"):
+            search.child_folder(bad)
+
+
+def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_and_kept(
+        tmp_path: Path) -> None:
+    """A search whose budget is spent reports the generations it ran and the generations
+    after which the parent stayed; a state written before `kept` existed reports 0."""
+    from growth.controllers.driver import Budget, run_search
+
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    folder = tmp_path / "s"
+    first = run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
+                       backend="local")
+    assert (first.generations, first.kept, first.done) == (0, 0, True)
+    state = json.loads((folder / "search.json").read_text())
+    state.update(generation=3, kept=2)
+    (folder / "search.json").write_text(json.dumps(state))
+    (folder / "controller" / "gen_003.json").write_text(json.dumps({"controller": "fixed"}))
+    shutil.copy(folder / "controller" / "gen_000.safetensors",
+                folder / "controller" / "gen_003.safetensors")
+    again = run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
+                       backend="local")
+    assert (again.generations, again.kept) == (3, 2)
+    del state["kept"]
+    (folder / "search.json").write_text(json.dumps(state))
+    assert run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
+                      backend="local").kept == 0
+
+
+def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(tmp_path: Path
+                                                                         ) -> None:
+    """A state written before `kept` existed, resumed into a generation whose recorded
+    children (best 0.9) do not beat the parent's 0.95: the parent stays and kept is 1."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    folder = tmp_path / "s"
+    run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 0), backend="local")
+    state = json.loads((folder / "search.json").read_text())
+    del state["kept"]
+    state.update(done=False, parent_acc=0.95)
+    (folder / "search.json").write_text(json.dumps(state))
+    for i, acc in enumerate((0.6, 0.9, 0.7)):
+        key = child_key(0, i)
+        append_record(folder / RECORDS, ChildRecord(key, 0, i, f"fc1={20 + 4 * i}", [], "ok",
+                                                    val_acc=acc, checkpoint=f"children/{key}"))
+    result = run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 1),
+                        backend="local")
+    assert result.kept == 1 and result.parent == parent.resolve() and result.parent_acc == 0.95
+
+
+def test_a_new_search_adopts_nothing_from_shared_storage_that_holds_an_older_ones(
+        tmp_path: Path) -> None:
+    """Only a resumed generation (attempt 1 on) looks for unrecorded children in Tune's
+    storage: a new search whose shared storage and name hold an older search's finished
+    g000c00 trains its own g000c00 here."""
+    from growth.controllers.driver import Budget, run_search
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    graph.save(parent)
+    _child_folder(tmp_path / "shared" / "n" / "gen000-a0" / "g000c00-t0" / "checkpoint",
+                  "g000c00", 0, 0)
+    result = run_search(tmp_path / "s", parent, Fixed(), make_space(
+        {"widths": {"fc": [16, 20]}}, graph), task, budget=Budget(1, 1), backend="local",
+        storage=str(tmp_path / "shared"), name="n")
+    [record] = result.records
+    assert record.ok and record.node == "local" and record.arch == "fc1=20"
+    assert NetGraph.load(tmp_path / "s" / "children" / "g000c00").node("fc1").tensors[
+        "weight"].shape[0] == 20
+
+
+def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the "tune" backend gives Ray Tune, read from a stand-in Tuner that stops the
+    search when asked to run: the trial function with the task's data and the space, each
+    trial holding cpus_per_trial and gpus_per_trial; the searcher as the search algorithm
+    maximising the metric, trials without end until it finishes, at most `concurrency` at
+    once on reused actors, named by the child's key; the experiment gen000-a0 in the search's
+    storage, retrying a trial max_failures times, the recorder first among its callbacks."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Budget, Recorder, Resources, _trial_dirname, run_search
+    from growth.controllers.searcher import METRIC, ControllerSearcher
+    from growth.controllers.trial import tune_trial
+    from ray import tune
+
+    from growth.cluster import FORCED_ENV, QUIET_ENV
+
+    for key in {**QUIET_ENV, **FORCED_ENV}:
+        monkeypatch.delenv(key, raising=False)  # put back after the test
+
+    class Stop(Exception):
+        pass
+
+    given: dict[str, Any] = {}
+
+    class Tuner:
+        def __init__(self, trainable: Any, tune_config: Any, run_config: Any) -> None:
+            given.update(trainable=trainable, tc=tune_config, rc=run_config)
+
+        def fit(self) -> None:
+            raise Stop
+
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: ("parameters", fn, kw))
+    monkeypatch.setattr(tune, "with_resources", lambda fn, res: ("resources", fn, res))
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    parent = tmp_path / "parent"
+    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    graph.save(parent)
+    space = make_space({"widths": {"fc": [16, 20, 24]}}, graph)
+    with pytest.raises(Stop):
+        run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(2, 1),
+                   resources=Resources(concurrency=3, cpus_per_trial=2.0, max_failures=2),
+                   backend="tune", connect=lambda: nullcontext(SimpleNamespace(started=False)))
+    kind, inner, resources = given["trainable"]
+    assert kind == "resources" and resources == {"cpu": 2.0, "gpu": 0.0}
+    assert inner[:2] == ("parameters", tune_trial) and inner[2]["space"] is space
+    assert torch.equal(inner[2]["task"].train[0], task.train[0])
+    tc, rc = given["tc"], given["rc"]
+    assert isinstance(tc.search_alg, ControllerSearcher)
+    assert (tc.metric, tc.mode, tc.num_samples, tc.max_concurrent_trials) == (METRIC, "max",
+                                                                             -1, 3)
+    assert tc.reuse_actors is True
+    assert tc.trial_dirname_creator is _trial_dirname and tc.trial_name_creator is _trial_dirname
+    assert (rc.name, rc.verbose, rc.failure_config.max_failures) == ("gen000-a0", 0, 2)
+    assert Path(rc.storage_path) == (tmp_path / "s" / "tune").resolve()
+    assert isinstance(rc.callbacks[0], Recorder)
