@@ -655,10 +655,11 @@ def test_packnet_sizes_count_per_task_copies_of_floating_tensors_only() -> None:
 
 
 def test_cpg_grows_every_trunk_layer_by_its_base_width_and_records_the_task() -> None:
-    """Goal 1.01 (never met), budget wide, one growth step: each of three trunk layers grows
-    by ceil(0.25 x its base width) (6, 5, 4 -> 8, 7, 5), the task records one growth, the
-    grown network's size by hand (4*8+8 + 8*7+7 + 7*5+5 + 2*(5*3+3) = 179), no pruning kept
-    (the goal is missed at 0.5 too) and the widths it ends with."""
+    """Goal 1.01 (never met), one growth step: each of three trunk layers grows by
+    ceil(0.25 x its base width) (6, 5, 4 -> 8, 7, 5), the task records one growth, the grown
+    network's size by hand (4*8+8 + 8*7+7 + 7*5+5 + 2*(5*3+3) = 179, the budget exactly:
+    179/119 of the base's 4*6+6 + 6*5+5 + 5*4+4 + 2*(4*3+3) = 119), no pruning kept (the
+    goal is missed at 0.5 too) and the widths it ends with."""
     from rivalkit import ctx_for, tasks_for, with_heads
 
     from growth.graph import NetGraph
@@ -674,7 +675,7 @@ def test_cpg_grows_every_trunk_layer_by_its_base_width_and_records_the_task() ->
     g.add("features", "identity", ["r3"])
     graph = with_heads(g, 2)
     model = Model(graph)
-    s = make_strategy("cpg", {"grow": 0.25, "noise": 0.0, "budget": 10, "max_grow": 1,
+    s = make_strategy("cpg", {"grow": 0.25, "noise": 0.0, "budget": 179 / 119, "max_grow": 1,
                               "ratios": [0.5], "prune_epochs": 1})
     s.extra["goals"] = {"0": 1.01}
     ctx = ctx_for(model, tasks_for(graph, 2, n=16), 0, s)
@@ -719,9 +720,11 @@ def test_cpg_prunes_by_the_cubic_schedule_one_epoch_at_a_time() -> None:
 
 def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
     """Before task 1 starts it is scored with every weight owned so far; while it trains, with
-    the free weights plus the old ones whose pick is above 5e-3 (row 0's picks set below it:
-    its old weights read as zero)."""
+    the free weights plus the old ones whose pick is above 5e-3 (row 0's picks set below it,
+    row 1's at it: their old weights read as zero)."""
     from rivalkit import ctx_for
+
+    from growth.strategies.cpg import PICK_THRESHOLD
 
     s, model, _, tasks = _tiny("cpg", {})
     owned = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -729,15 +732,19 @@ def test_cpg_evaluates_the_task_in_training_with_its_live_picks() -> None:
     s.state["owner/all/fc2.weight"] = torch.zeros(5, 6, dtype=torch.uint8)
     s.extra.update({"tasks": [0], "goals": {"1": 0.0}})
     w = model.named_parameters()["fc1.weight"].detach()
-    # before it starts, a task not learned yet sees every weight owned so far
+    # before it starts, a task not learned yet sees every weight owned so far; a finished
+    # task without stored picks, its own weights alone
     assert torch.equal(s.task_weights(ctx_for(model, tasks, 1, s), tasks[1])["fc1.weight"],
+                       w * owned)
+    assert torch.equal(s.task_weights(ctx_for(model, tasks, 1, s), tasks[0])["fc1.weight"],
                        w * owned)
     ctx = ctx_for(model, tasks, 1, s)
     s.before_task(ctx)
     with torch.no_grad():
         s._picks["fc1.weight"][0] = 0.001
+        s._picks["fc1.weight"][1] = PICK_THRESHOLD
     kept = ~owned
-    kept[1:] = True  # free everywhere, old weights picked but in row 0
+    kept[2:] = True  # free everywhere, old weights picked but in rows 0 and 1
     assert torch.equal(s.task_weights(ctx, tasks[1])["fc1.weight"], w * kept)
 
 
@@ -853,16 +860,153 @@ def test_cpg_growth_adds_noisy_copies_and_its_picks_go_on_training() -> None:
 
 
 def test_cpg_keeps_a_stage_whose_accuracy_equals_the_goal() -> None:
-    """The goal is met at equality: accuracy 0.5 against goal 0.5 keeps stage 0.5."""
+    """The goal is met at equality: accuracy 0.5 against goal 0.5 neither grows the network
+    (room for it in the budget) nor undoes stage 0.5."""
     from rivalkit import ctx_for
 
     from growth.train import TrainConfig, fit
 
-    s, model, _, tasks = _tiny("cpg", {"ratios": [0.5], "prune_epochs": 1})
+    s, model, _, tasks = _tiny("cpg", {"ratios": [0.5], "prune_epochs": 1, "budget": 10})
     s.extra["goals"] = {"0": 0.5}
     ctx = ctx_for(model, tasks, 0, s)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
     ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
     s._accuracy = lambda ctx: 0.5  # type: ignore[method-assign]
     s.before_task(ctx)
-    assert s._compact(ctx) == 0.5
+    s.after_task(ctx)
+    assert s.extra["grown"] == {"0": 0} and s.extra["pruned"] == {"0": 0.5}
+
+
+def test_cpg_goal_draws_and_trains_its_solo_copy_from_the_tasks_seed() -> None:
+    """The solo copy's fresh weights and its batches' order both come from the task's seed
+    (ctx_for gives task 1 seed 101): the goal is the validation accuracy of a copy drawn and
+    trained by hand with that seed, and the campaign's random stream is left where it was."""
+    from rivalkit import ctx_for, tasks_for
+
+    from growth.model import Model
+    from growth.strategies.base import Strategy
+    from growth.train import TrainConfig, evaluate, fit
+
+    s, model, graph, _ = _tiny("cpg", {"margin": 0.0})
+    tasks = tasks_for(graph, 2, n=96)  # 24 validation samples: batches' order shows
+    ctx = ctx_for(model, tasks, 1, s)
+    cfg = ctx.train_config = TrainConfig(epochs=2, batch_size=4, lr=0.2)
+    torch.manual_seed(3)
+    stream = torch.random.get_rng_state()
+    s.before_task(ctx)
+    assert torch.equal(torch.random.get_rng_state(), stream)
+    alone = Model(graph)
+    torch.manual_seed(101)
+    for m in alone.module.modules():
+        if m is not alone.module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    solo = ctx_for(alone, tasks, 1)
+    fit(solo, Strategy(), cfg, seed=101)
+    assert s.goal(1) == evaluate(solo, tasks[1], "val")
+
+
+def test_cpg_grows_a_residual_group_once_and_the_layers_after_it() -> None:
+    """fc2's output is added to fc1's (one channel group of base width 6, widened once by
+    ceil(0.25 x 6) = 2 with fc1), and fc3 after the group grows by its own ceil(0.25 x 4) = 1:
+    6, 6, 4 -> 8, 8, 5."""
+    from rivalkit import ctx_for, tasks_for, with_heads
+
+    from growth.graph import NetGraph
+    from growth.model import Model
+
+    torch.manual_seed(0)
+    g = NetGraph()
+    g.add_input("x", (4,))
+    g.add("fc1", "linear", ["x"], out_features=6)
+    g.add("r1", "relu", ["fc1"])
+    g.add("fc2", "linear", ["r1"], out_features=6)
+    g.add("sum", "add", ["r1", "fc2"])
+    g.add("fc3", "linear", ["sum"], out_features=4)
+    g.add("r3", "relu", ["fc3"])
+    g.add("features", "identity", ["r3"])
+    graph = with_heads(g, 2)
+    model = Model(graph)
+    s = make_strategy("cpg", {"grow": 0.25, "noise": 0.0, "budget": 10})
+    s.extra["goals"] = {"0": 0.0}
+    ctx = ctx_for(model, tasks_for(graph, 2, n=16), 0, s)
+    s.before_task(ctx)
+    assert s._grow(ctx, 0)
+    assert {n: model.graph.node(n).attrs["out_features"] for n in ("fc1", "fc2", "fc3")} == {
+        "fc1": 8, "fc2": 8, "fc3": 5}
+
+
+def test_cpg_grows_a_transformer_by_units_and_scores_old_tasks_on_its_old_widths() -> None:
+    """A ViT trunk (5 tokens of 4 features, MLP hidden 6): a linear layer's units are its
+    output's last axis, not the tokens. Task 0 ends with widths patch 4, fc1 6, fc2 4 (fc2
+    adds into patch's channels: one group); task 1 misses its goal and doubles them (grow 1.0)
+    to 8, 12, 8. Task 0 is then scored on the network cut back to its widths (the attention's
+    nested `qkv.weight` and `proj.weight` keys included) and its outputs stay bitwise equal."""
+    from growth.search_spaces.networks import vit
+    from rivalkit import learn_all, tasks_for, with_heads
+
+    from growth.train import TrainConfig
+
+    torch.manual_seed(0)
+    graph = with_heads(vit((1, 4, 4), patch=2, dim=4, depth=1, heads=1, mlp_dim=6), 2)
+    s = make_strategy("cpg", {"grow": 1.0, "noise": 0.0, "budget": 10, "max_grow": 1,
+                              "ratios": [0.5], "prune_epochs": 1})
+    s._goal = lambda ctx: 1.01 if ctx.task.index == 1 else 0.0  # type: ignore[method-assign]
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    model, s, scores = learn_all(s, graph, tasks_for(graph, 2, n=16), cfg)
+    assert s.extra["grown"] == {"0": 0, "1": 1}
+    assert s.extra["widths"] == {"0": {"patch": 4, "block1_fc1": 6, "block1_fc2": 4},
+                                 "1": {"patch": 8, "block1_fc1": 12, "block1_fc2": 8}}
+    assert torch.equal(scores[1][0], scores[0][0])
+
+
+
+def test_cpg_growth_step_draws_each_layers_noise_from_the_task_seed_step_and_layer() -> None:
+    """Growth step 2 of task 1 (seed 101) widens fc1 (6 -> 9) with net2wider's noise drawn
+    from seed 101 + 1000 x 2 + 0 and fc2 (5 -> 8) from 101 + 2000 + 1, after fc1's new
+    columns in fc2 were set to zero and its old ones kept: the same weights built by hand."""
+    from growth.ops import net2wider
+
+    s, model, ctx = _cpg_at_task_1({"grow": 0.5, "noise": 0.5, "budget": 10})
+    before = model.graph
+    assert s._grow(ctx, 2)
+    first = net2wider(before, "fc1", 9, noise=0.5, seed=2101).graph
+    old = before.node("fc2").tensors["weight"]
+    first.node("fc2").tensors["weight"] = torch.cat([old, torch.zeros(5, 3)], 1)
+    second = net2wider(first, "fc2", 8, noise=0.5, seed=2102).graph
+    got = model.named_parameters()
+    assert torch.equal(got["fc1.weight"].detach(), first.node("fc1").tensors["weight"])
+    assert torch.equal(got["fc2.weight"].detach(), second.node("fc2").tensors["weight"])
+
+
+def test_cpg_checks_its_goal_and_stores_its_picks_through_the_picks_above_the_threshold() -> None:
+    """Task 1's goal check scores its effective weights (free ones plus the picked old ones:
+    none picked here, so task 0's half of fc1 reads as zero; biases zeroed, so that the head's
+    bias alone does not decide), and the task stores as picked only task 0's weights whose
+    pick is above 5e-3 (row 0 at exactly 5e-3 is not; a pick_lr of 1e-12 leaves the picks
+    where they are through the pruning's retraining)."""
+    from rivalkit import tasks_for
+
+    from growth.strategies.cpg import PICK_THRESHOLD
+    from growth.train import TrainConfig, fit
+
+    s, model, ctx = _cpg_at_task_1({"pick_lr": 1e-12, "ratios": [0.5], "prune_epochs": 1,
+                                    "max_grow": 0})
+    ctx.task = tasks_for(model.graph, 2, n=400)[1]  # 100 validation samples
+    owned = s.state["owner/all/fc1.weight"] == 1
+    x, y = ctx.task.val
+    w = model.named_parameters()["fc1.weight"].detach()
+    with torch.no_grad():
+        for n, p in model.named_parameters().items():  # else the head's bias decides alone
+            if n.endswith(".bias"):
+                p.zero_()
+        s._picks["fc1.weight"].fill_(0.001)
+        out = torch.func.functional_call(model.head("t1"), {"fc1.weight": w * ~owned}, (x,))
+        assert s._accuracy(ctx) == float((out.argmax(1) == y).sum()) / 100
+        s._picks["fc1.weight"].fill_(0.01)
+        s._picks["fc1.weight"][0] = PICK_THRESHOLD
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05)
+    ctx.train_fit = lambda **kw: fit(ctx, s, cfg, **{"seed": 1, **kw})
+    s.after_task(ctx)
+    picked = owned.clone()
+    picked[0] = False
+    assert torch.equal(s.state["pick/1/fc1.weight"], picked)

@@ -269,8 +269,8 @@ class CPG(PackNet):
             if any(f"{layer}.weight" in r.index_maps and 0 in r.index_maps[f"{layer}.weight"]
                    for r in records):
                 continue  # widened with an earlier layer's channel group (a residual add)
-            width = graph.shape(layer)[0] + max(1, math.ceil(self.params.grow
-                                                             * base.get(layer, 1)))
+            width = _units(graph, layer) + max(1, math.ceil(self.params.grow
+                                                            * base.get(layer, 1)))
             result = net2wider(graph, layer, width, noise=self.params.noise,
                                seed=ctx.seed + 1000 * step + i)
             graph = _keep_old_values(graph, result.graph, result.record)
@@ -334,7 +334,7 @@ class CPG(PackNet):
             node, key = name.split(".", 1)
             graph.node(node).tensors[key] = v.detach().cpu().to(graph.node(node).tensors[key])
         for layer, width in widths.items():
-            now = graph.shape(layer)[0]
+            now = _units(graph, layer)
             if now > width:  # net2wider appends units: keep the first `width`
                 graph = prune_units(graph, layer, width, scores=-torch.arange(now)).graph
         return compile_graph(graph, head=ctx.head_of(task)).to(ctx.device).eval()
@@ -371,7 +371,14 @@ def _split(task: Task) -> str:
 
 
 def _widths(graph: NetGraph) -> dict[str, int]:
-    return {n: graph.shape(n)[0] for n in resizable(graph)}
+    return {n: _units(graph, n) for n in resizable(graph)}
+
+
+def _units(graph: NetGraph, node: str) -> int:
+    """A producer's units: its output's first axis only for a flat vector or a feature map
+    (a linear layer over a transformer's tokens has the tokens first)."""
+    n = graph.node(node)
+    return int(n.attrs["out_features" if n.kind == "linear" else "out_channels"])
 
 
 def _keep_old_values(old: NetGraph, new: NetGraph, record: ChangeRecord) -> NetGraph:
