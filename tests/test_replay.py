@@ -389,6 +389,11 @@ def test_saved_memory_rows_are_checked_before_loading():
         "the memory's tensors memory/all/x, y and task differ in length ([2, 3])"]
     assert s.check_state(rows, {}, {}, 1) == [
         "tensor 'memory/all/task' names task 1, which is not finished (0..0)"]
+    assert s.check_state({**rows, "memory/all/x": x[:2]}, {}, {}, 2) == [  # the inputs too
+        "the memory's tensors memory/all/x, y and task differ in length ([2, 3])"]
+    assert s.check_state({}, {}, {}, 1) == [  # a finished task leaves a memory, if empty
+        "no 'memory' tensors for slot(s) all: strategy 'er' stores them after every finished "
+        "task (1)"]
 
 
 @pytest.mark.parametrize("name,bad,key", [
@@ -447,3 +452,34 @@ def test_replay_campaigns_resume_to_the_same_R(tmp_path, name, scenario):
     resumed = resume_run(part)
     assert resumed["R"] == full["R"]
     assert resumed["sizes"] == full["sizes"]
+
+
+def test_a_replay_strategys_own_state_and_its_memory_load_apart():
+    """The memory's rows and counter go to the memory, everything else to the strategy; a
+    state saved without a memory entry loads as an empty counter."""
+    s = make_strategy("er", {"memory": 10})
+    rows = {"memory/all/x": torch.ones(2, 3), "memory/all/y": torch.tensor([1, 0]),
+            "memory/all/task": torch.tensor([0, 0])}
+    own = {"anchor/0/fc1.weight": torch.zeros(2)}
+    s.load_state_dict({**rows, **own}, {"memory": {"seen": 7}, "note": 1})
+    assert set(s.state) == set(own) and s.extra == {"note": 1}
+    assert s.memory.seen == 7 and s.memory.y.tolist() == [1, 0] and len(s.memory) == 2
+    s.load_state_dict(rows, {"note": 2})
+    assert s.memory.seen == 0 and s.extra == {"note": 2} and len(s.memory) == 2
+
+
+def test_class_keys_put_each_heads_labels_2_to_the_20_apart():
+    from growth.strategies.rehearsal import as_tasks, class_keys
+
+    tasks, model = synthetic(3), mlp()
+    ctx = context(model, tasks, 2)  # task-incremental: task i on head out{i}
+    pos = [model.heads.index(f"out{i}") for i in range(3)]
+    key = class_keys(ctx)
+    got = key(torch.tensor([0, 1, 2, 1]), torch.tensor([3, 3, 0, 1], dtype=torch.int32))
+    assert got.tolist() == [pos[0] * 2 ** 20 + 3, pos[1] * 2 ** 20 + 3, pos[2] * 2 ** 20,
+                            pos[1] * 2 ** 20 + 1]
+    # rows grouped by head: a head with a single row is a training set of that row
+    x, y = torch.arange(3.0)[:, None].expand(3, 16).reshape(3, 1, 4, 4), torch.tensor([2, 0, 1])
+    sets = as_tasks(ctx, x, y, torch.tensor([1, 0, 1]))
+    assert sorted((t.index, t.train[1].tolist(), t.class_offset) for t in sets) == [
+        (0, [0], 0), (1, [2, 1], 0)]
