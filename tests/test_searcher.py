@@ -430,3 +430,42 @@ def test_a_trial_no_local_node_can_hold_is_refused(setup, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="cpus_per_trial: 3"):
         _check_fits(Resources(cpus_per_trial=3), local)
     _check_fits(Resources(gpus_per_trial=1), ClusterInfo("10.0.0.1:6379", False, 1, 2.0, 0.0))
+
+
+def test_a_searcher_that_has_not_begun_has_nothing_to_train_and_saves_an_empty_state(
+        setup) -> None:
+    """Tune may ask for the searcher's state before its first suggestion: empty containers,
+    the default seed 0, and a state that restores into another fresh searcher."""
+    tmp, _, _, _, space = setup
+    gen = Generation(0, 2, str(tmp / "base"), {"spec": {}, "attempt": 0}, {})
+    s = ControllerSearcher(make_controller("random", space, seed=0), gen)
+    assert s.seed == 0 and s.to_train == []
+    state = s.get_state()
+    assert (state["proposals"], state["results"], state["pending"], state["running"]) == (
+        [], {}, [], {})
+    other = ControllerSearcher(make_controller("random", space, seed=0), gen, seed=5)
+    other.set_state(state)
+    assert other.seed == 0 and other.to_train == []
+
+
+def test_a_source_that_has_no_generation_left_is_not_asked_again(setup) -> None:
+    tmp, _, _, _, space = setup
+
+    class Source:
+        asked = 0
+
+        def next_generation(self):
+            self.asked += 1
+            return None
+
+        def began(self, searcher) -> None:
+            pass
+
+        def ended(self, searcher) -> None:
+            pass
+
+    source = Source()
+    s = ControllerSearcher(make_controller("random", space, seed=0), source)
+    assert s.advance() is False and s.advance() is False
+    assert s.suggest("t") == ControllerSearcher.FINISHED  # Tune: the search is over
+    assert source.asked == 1 and s.done
