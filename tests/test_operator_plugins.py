@@ -100,6 +100,13 @@ def test_several_operators_of_a_role_are_drawn_and_one_per_role_rolls_out_as_bef
            for a in p.actions}
     assert {"net2deeper", "residual_deeper"} <= ops
 
+    def drawn(global_seed: int) -> list[list[str]]:  # the controller's own generator draws
+        torch.manual_seed(global_seed)  # the operator, whatever torch's global one holds
+        return [[a["op"] for a in p.actions] for p in
+                make_controller("random", space, settings, seed=3).propose(graph, 8)]
+
+    assert drawn(0) == drawn(1) == drawn(2)
+
 
 @pytest.mark.parametrize("operators,message", [
     (["net2wider", "no_such_op"], "unknown operator 'no_such_op'"),
