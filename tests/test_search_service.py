@@ -1105,8 +1105,9 @@ def test_the_service_starts_ray_once_with_its_address_and_log_and_stops_it_on_cl
     cluster to every later search; `close` leaves it. Ray itself is replaced by a recorder."""
     from contextlib import contextmanager
 
-    import growth.cluster
     from growth.controllers.service import SearchService
+
+    import growth.cluster
 
     calls: list[tuple[Any, ...]] = []
 
