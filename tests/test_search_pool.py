@@ -366,8 +366,9 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch) -> FakeRay:
 
     fake = FakeRay()
     monkeypatch.setattr(ray, "get", fake.get)
-    monkeypatch.setattr(ray, "get_runtime_context",
-                        lambda: SimpleNamespace(get_node_id=lambda: "node-1"))
+    monkeypatch.setattr(ray, "get_runtime_context",  # this process runs no Ray task, also
+                        lambda: SimpleNamespace(get_node_id=lambda: "node-1",  # beside a
+                                                get_task_id=lambda: None))  # session of Ray
     return fake
 
 
