@@ -511,3 +511,57 @@ def test_a_default_vit_has_two_blocks_of_32_features_in_4x4_patches() -> None:
     assert blocks == ["block1", "block2"]
     assert g.shape("pos") == (5, 32)  # 2 x 2 patches and the class token
     assert g.shape("block2_fc1") == (5, 64)
+
+
+def test_fc_tokens_follow_the_conv_tokens_one_per_width_bucket() -> None:
+    """Vocabulary by hand: (conv widths + 1) x (kernel sizes + 1) conv ids, then one id per fc
+    width bucket (a width goes to the first listed width at or above it), then the pool."""
+    from growth.search_spaces.space import Layer
+
+    widths = [4, 8, 16]
+    space = make_space({"widths": {"fc": widths}}, _mlp())
+    s = space.spec
+    conv_ids = (len(s.widths.conv) + 1) * (len(s.kernel_sizes) + 1)
+    for width, bucket in ((4, 0), (5, 1), (8, 1), (16, 2), (17, 3)):
+        layer = Layer("fc1", "fc", width, None, 0, 0, "fc1")
+        assert space.token(layer) == conv_ids + bucket < space.vocab_size
+
+
+def test_an_fc_layers_label_lists_its_settings_apart_from_the_defaults() -> None:
+    from growth.search_spaces.space import _label
+
+    g = NetGraph()
+    g.add_input("x", [6])
+    g.add("fc1", "linear", ["x"], out_features=8, bias=False)
+    g.add("fc2", "linear", ["fc1"], out_features=3)
+    assert (_label(g, "fc1"), _label(g, "fc2")) == ("fc8(bias=False)", "fc3")
+
+
+def test_an_mlps_layers_are_one_block_numbered_in_order() -> None:
+    g = randomize(add_head(mlp((6,), [5, 7, 9]), "t0", 3), 0)
+    layers = make_space(None, g).layers(g)
+    assert [(la.kind, la.width, la.block, la.position) for la in layers] == [
+        ("fc", 5, 0, 0), ("fc", 7, 0, 1), ("fc", 9, 0, 2)]
+
+
+def test_a_bad_space_setting_is_named_under_the_key_the_caller_gives() -> None:
+    g = _mlp()
+    with pytest.raises(ConfigError, match=r"^strategy\.search\.space\.nosuch: "):
+        make_space({"nosuch": 1}, g, where="strategy.search.space")
+    with pytest.raises(ConfigError, match=r"^search\.space\.nosuch: "):  # the default key
+        SearchSpace({"nosuch": 1})
+
+
+def test_a_block_is_offered_only_where_its_parameters_fit_the_limit() -> None:
+    """The block's cost is what inserting it adds (applied by the operator and counted):
+    offered at a limit of exactly that, not one below (the cost of the block on the
+    network's features, not on its tokens)."""
+    g = add_head(vit((1, 8, 8)), "t0", 3)
+    free = make_space({"max_new_params": None}, g)
+    [first, *_] = free.block_options(g)
+    child, _ = free.apply(g, [first])
+    cost = child.param_count() - g.param_count()
+    assert g.shapes()[first["after"]][-2] < g.shapes()[first["after"]][-1]  # tokens < dim
+    for limit, offered in ((cost, True), (cost - 1, False)):
+        space = make_space({"max_new_params": None, "max_params": g.param_count() + limit}, g)
+        assert (first in space.block_options(g)) is offered, limit
