@@ -423,6 +423,33 @@ def test_the_next_generation_grows_from_the_best_child_not_another(tmp_path: Pat
     assert controller.parents[1] == NetGraph.load(tmp_path / "s" / best.checkpoint).to_dict()
 
 
+def _digits_parent(tmp_path: Path) -> tuple[Any, Path, Any]:
+    """One split-digits task (40 training samples) and its MLP parent (16 units: 64x16+16 +
+    16x10+10 = 1210 parameters), saved at tmp_path/parent: (task, folder, graph)."""
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
+                         "max_train_per_task": 40})[0]
+    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
+    graph.save(tmp_path / "parent")
+    return task, tmp_path / "parent", graph
+
+
+def _record_generation(folder: Path, accs: tuple[float, ...],
+                       params: tuple[int, ...] | None = None) -> None:
+    """Generation 0's children as a resumed search finds them: recorded `ok`, child i widening
+    fc1 to 20 + 4i (its lineage that one step), of accuracy accs[i] and params[i] (else
+    100 + i) parameters."""
+    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, acc in enumerate(accs):
+        key = child_key(0, i)
+        actions = [{"op": "net2wider", "node": "fc1", "width": 20 + 4 * i}]
+        append_record(folder / RECORDS, ChildRecord(
+            key, 0, i, f"fc1={20 + 4 * i}", actions, "ok", val_acc=acc,
+            params=params[i] if params else 100 + i, checkpoint=f"children/{key}",
+            lineage=[actions]))
+
+
 class Fixed:
     """A controller that proposes three fixed children and keeps what it observes."""
 
@@ -460,20 +487,11 @@ def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
     trains nothing; the driver then takes the child of highest validation accuracy as the next
     parent, with its accuracy and lineage, if it beats the parent by more than the margin."""
     from growth.controllers.driver import Budget, run_search
-    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+    from growth.controllers.records import child_key
 
-    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
-                         "max_train_per_task": 40})[0]
-    parent = tmp_path / "parent"
-    add_head(mlp(task.input_shape, [16]), "t0", task.n_classes).save(parent)
+    task, parent, _ = _digits_parent(tmp_path)
     folder = tmp_path / "s"
-    folder.mkdir()
-    for i, acc in enumerate(accs):
-        key = child_key(0, i)
-        actions = [{"op": "net2wider", "node": "fc1", "width": 20 + 4 * i}]
-        append_record(folder / RECORDS, ChildRecord(
-            key, 0, i, f"fc1={20 + 4 * i}", actions, "ok", val_acc=acc, params=100 + i,
-            checkpoint=f"children/{key}", lineage=[actions]))
+    _record_generation(folder, accs)
     controller = Fixed()
     result = run_search(folder, parent, controller, None, task, budget=Budget(3, 1), seed=0,
                         parent_acc=0.5, margin=margin, backend="local")
@@ -496,11 +514,7 @@ def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -
 
     from growth.ops import net2wider
 
-    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
-                         "max_train_per_task": 40})[0]
-    parent = tmp_path / "parent"
-    base = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
-    base.save(parent)
+    task, parent, base = _digits_parent(tmp_path)
     folder = tmp_path / "s"
     for g, accs in enumerate(((0.6, 0.9, 0.7), (0.8, 0.85, 0.7))):
         for i, acc in enumerate(accs):
@@ -817,11 +831,7 @@ def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp
         def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
             return [Proposal(({"op": "net2wider", "node": "nope", "width": 20},), "nope=20")]
 
-    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
-                         "max_train_per_task": 40})[0]
-    parent = tmp_path / "parent"
-    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
-    graph.save(parent)
+    task, parent, graph = _digits_parent(tmp_path)
     space = make_space({"widths": {"fc": [16, 20]}}, graph)
     before = time.time()
     result = run_search(tmp_path / "s", parent, Broken(), space, task, budget=Budget(1, 1),
@@ -860,19 +870,11 @@ def test_the_search_cost_is_kept_in_its_state_and_ranks_its_children(tmp_path: P
     that doubles them scores 0.9 - 0.5 x 1210/1210 = 0.4, one of 0.8 that adds none 0.8, so
     the second continues (it beats the parent's 0.5); search.json keeps the cost."""
     from growth.controllers.driver import Budget, run_search
-    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
+    from growth.controllers.records import child_key
 
-    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
-                         "max_train_per_task": 40})[0]
-    parent = tmp_path / "parent"
-    add_head(mlp(task.input_shape, [16]), "t0", task.n_classes).save(parent)
+    task, parent, _ = _digits_parent(tmp_path)
     folder = tmp_path / "s"
-    folder.mkdir()
-    for i, (acc, params) in enumerate(((0.9, 2420), (0.8, 1210))):
-        key = child_key(0, i)
-        append_record(folder / RECORDS, ChildRecord(
-            key, 0, i, f"fc1={20 + 4 * i}", [], "ok", val_acc=acc, params=params,
-            checkpoint=f"children/{key}"))
+    _record_generation(folder, (0.9, 0.8), params=(2420, 1210))
     result = run_search(folder, parent, Fixed(), None, task, budget=Budget(2, 1), seed=0,
                         parent_acc=0.5, cost=0.5, backend="local")
     assert json.loads((folder / "search.json").read_text())["cost"] == 0.5
@@ -925,7 +927,6 @@ def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(tmp_path:
     """A state written before `kept` existed, resumed into a generation whose recorded
     children (best 0.9) do not beat the parent's 0.95: the parent stays and kept is 1."""
     from growth.controllers.driver import Budget, run_search
-    from growth.controllers.records import RECORDS, ChildRecord, append_record, child_key
 
     parent = tmp_path / "parent"
     add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
@@ -935,10 +936,7 @@ def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(tmp_path:
     del state["kept"]
     state.update(done=False, parent_acc=0.95)
     (folder / "search.json").write_text(json.dumps(state))
-    for i, acc in enumerate((0.6, 0.9, 0.7)):
-        key = child_key(0, i)
-        append_record(folder / RECORDS, ChildRecord(key, 0, i, f"fc1={20 + 4 * i}", [], "ok",
-                                                    val_acc=acc, checkpoint=f"children/{key}"))
+    _record_generation(folder, (0.6, 0.9, 0.7))
     result = run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 1),
                         backend="local")
     assert result.kept == 1 and result.parent == parent.resolve() and result.parent_acc == 0.95
@@ -951,11 +949,7 @@ def test_a_new_search_adopts_nothing_from_shared_storage_that_holds_an_older_one
     g000c00 trains its own g000c00 here."""
     from growth.controllers.driver import Budget, run_search
 
-    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
-                         "max_train_per_task": 40})[0]
-    parent = tmp_path / "parent"
-    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
-    graph.save(parent)
+    task, parent, graph = _digits_parent(tmp_path)
     _child_folder(tmp_path / "shared" / "n" / "gen000-a0" / "g000c00-t0" / "checkpoint",
                   "g000c00", 0, 0)
     result = run_search(tmp_path / "s", parent, Fixed(), make_space(
@@ -1003,11 +997,7 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     monkeypatch.setattr(tune, "Tuner", Tuner)
     monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: ("parameters", fn, kw))
     monkeypatch.setattr(tune, "with_resources", lambda fn, res: ("resources", fn, res))
-    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 1,
-                         "max_train_per_task": 40})[0]
-    parent = tmp_path / "parent"
-    graph = add_head(mlp(task.input_shape, [16]), "t0", task.n_classes)
-    graph.save(parent)
+    task, parent, graph = _digits_parent(tmp_path)
     space = make_space({"widths": {"fc": [16, 20, 24]}}, graph)
     with pytest.raises(Stop):
         run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(2, 1),
