@@ -41,7 +41,7 @@ from growth.compile import compile_graph
 from growth.distillation import Distillation
 from growth.errors import OperatorError
 from growth.graph import NetGraph
-from growth.ops.channels import PRODUCERS, ChannelGroup, find_group
+from growth.ops.channels import PRODUCERS, ChannelGroup, find_group, units
 from growth.ops.prune_units import prune_units
 from growth.ops.registry import ChangeRecord
 from growth.ops.remove_layer import remove_layer
@@ -125,11 +125,6 @@ def budget_params(budget: float | None, base: NetGraph) -> int:
 
 
 # ---- step 1: the student's structure -----------------------------------------------------------
-def _width(graph: NetGraph, node: str) -> int:
-    n = graph.node(node)
-    return int(n.attrs["out_features" if n.kind == "linear" else "out_channels"])
-
-
 def _in_width(graph: NetGraph, node: str) -> int:
     n = graph.node(node)
     return int(n.attrs["in_features" if n.kind == "linear" else "in_channels"])
@@ -161,16 +156,16 @@ def _plan(teacher: NetGraph, base: NetGraph, importance: dict[str, Tensor] | Non
         try:
             group = find_group(teacher, n, shapes)
         except OperatorError:  # reaches a head, grouped conv, ...: must already be base-sized
-            if _width(teacher, n) != _width(base, n):
+            if units(teacher, n) != units(base, n):
                 raise OperatorError(
-                    f"compress: {n!r} has {_width(teacher, n)} units against {_width(base, n)} "
+                    f"compress: {n!r} has {units(teacher, n)} units against {units(base, n)} "
                     "in the base, and its units cannot be pruned") from None
             continue
         key = frozenset(group.producers)
         if key in seen:
             continue
         seen.add(key)
-        groups[n] = (_width(base, n), _unit_scores(teacher, group, importance))
+        groups[n] = (units(base, n), _unit_scores(teacher, group, importance))
     inserted = [n for n in teacher.topo_order() if n not in base]
     return _Plan(groups, inserted)
 
@@ -197,13 +192,13 @@ def _student(teacher: NetGraph, base: NetGraph, plan: _Plan, factor: float
     """The base architecture at `factor` times the base widths, cut out of the teacher."""
     g, records, widths = teacher, [], {}
     for rep, (base_width, scores) in plan.groups.items():
-        target = max(1, min(_width(g, rep), int(math.floor(factor * base_width + 1e-9))))
+        target = max(1, min(units(g, rep), int(math.floor(factor * base_width + 1e-9))))
         widths[rep] = target
-        if target < _width(g, rep):
+        if target < units(g, rep):
             result = prune_units(g, rep, target, scores=scores)
             g, records = result.graph, [*records, result.record]
     for n in plan.inserted:  # topological: an insertion's input is final when it is reached
-        if g.node(n).kind in PRODUCERS and _width(g, n) > _in_width(g, n):
+        if g.node(n).kind in PRODUCERS and units(g, n) > _in_width(g, n):
             result = prune_units(g, n, _in_width(g, n))  # L1 of incoming weights: alignment
             g, records = result.graph, [*records, result.record]
     for n in plan.inserted:

@@ -11,6 +11,7 @@ from growth.ops.channels import (
     find_group,
     not_resizable,
     resizable,
+    units,
     widening_cost,
 )
 from growth.ops.columns import add_column, freeze
@@ -61,6 +62,5 @@ __all__ = [
     "available_operators", "block_cost", "blockable", "deepenable", "deepening_cost",
     "feature_axes", "find_group", "freeze", "get_operator", "heads_cost", "is_builtin",
     "net2deeper", "net2wider", "not_resizable", "prune_units", "register", "remove_layer",
-    "resizable", "widen_private",
-    "widening_cost",
+    "resizable", "units", "widen_private", "widening_cost",
 ]

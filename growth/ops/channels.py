@@ -300,6 +300,13 @@ def _grouped(node: Node) -> bool:
     return node.kind == "conv2d" and node.attrs.get("groups", 1) > 1
 
 
+def units(graph: NetGraph, node: str) -> int:
+    """A producer's units, read off its settings: a linear layer over a transformer's tokens
+    has the tokens, not its units, on its output's first axis."""
+    n = graph.node(node)
+    return int(n.attrs["out_features" if n.kind == "linear" else "out_channels"])
+
+
 def group_width(node: Node) -> int:
     """Input channels per group of a convolution (1 for depthwise ones)."""
     return node.attrs["in_channels"] // node.attrs.get("groups", 1)

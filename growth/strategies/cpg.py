@@ -35,7 +35,7 @@ from growth.compile import compile_graph
 from growth.errors import DivergedError
 from growth.masks import Guard, decays, smallest, swapped
 from growth.metrics import Stored
-from growth.ops import net2wider, prune_units, resizable
+from growth.ops import net2wider, prune_units, resizable, units
 from growth.regularizers import stored
 from growth.remap import MASK, remap
 from growth.strategies.base import Context, Scorer, state_key
@@ -269,7 +269,7 @@ class CPG(PackNet):
             if any(f"{layer}.weight" in r.index_maps and 0 in r.index_maps[f"{layer}.weight"]
                    for r in records):
                 continue  # widened with an earlier layer's channel group (a residual add)
-            width = _units(graph, layer) + max(1, math.ceil(self.params.grow
+            width = units(graph, layer) + max(1, math.ceil(self.params.grow
                                                             * base.get(layer, 1)))
             result = net2wider(graph, layer, width, noise=self.params.noise,
                                seed=ctx.seed + 1000 * step + i)
@@ -334,7 +334,7 @@ class CPG(PackNet):
             node, key = name.split(".", 1)
             graph.node(node).tensors[key] = v.detach().cpu().to(graph.node(node).tensors[key])
         for layer, width in widths.items():
-            now = _units(graph, layer)
+            now = units(graph, layer)
             if now > width:  # net2wider appends units: keep the first `width`
                 graph = prune_units(graph, layer, width, scores=-torch.arange(now)).graph
         return compile_graph(graph, head=ctx.head_of(task)).to(ctx.device).eval()
@@ -371,14 +371,7 @@ def _split(task: Task) -> str:
 
 
 def _widths(graph: NetGraph) -> dict[str, int]:
-    return {n: _units(graph, n) for n in resizable(graph)}
-
-
-def _units(graph: NetGraph, node: str) -> int:
-    """A producer's units: its output's first axis only for a flat vector or a feature map
-    (a linear layer over a transformer's tokens has the tokens first)."""
-    n = graph.node(node)
-    return int(n.attrs["out_features" if n.kind == "linear" else "out_channels"])
+    return {n: units(graph, n) for n in resizable(graph)}
 
 
 def _keep_old_values(old: NetGraph, new: NetGraph, record: ChangeRecord) -> NetGraph:
