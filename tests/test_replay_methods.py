@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from growth.search_spaces.networks import add_head
+from growth.search_spaces.networks import mlp as mlp_trunk
 from runfiles import kill_after_first_checkpoint
 from safetensors.torch import load, save
 from test_campaign import run, write_config
@@ -123,15 +125,7 @@ def test_icarl_distils_from_the_forward_pass_that_gave_the_logits():
     of the batch would move BatchNorm's running statistics twice per step."""
     tasks = class_incremental(2)
     torch.manual_seed(0)
-    g = NetGraph()
-    g.add_input("x", (1, 4, 4))
-    g.add("flat", "flatten", ["x"])
-    g.add("fc1", "linear", ["flat"], out_features=8)
-    g.add("bn", "batchnorm1d", ["fc1"])
-    g.add("features", "relu", ["bn"])
-    g.add("head0", "linear", ["features"], out_features=4)
-    g.add_output("out0", "head0")
-    model = Model(g)
+    model = Model(add_head(mlp_trunk((1, 4, 4), [8], batchnorm=True), "out0", 4))
     s = learn(make_strategy("icarl", {"memory": 6}), tasks, model, 1, single_head=True)
     bn = dict(model.module.named_buffers())
     tracked = {k: v for k, v in bn.items() if k.endswith("num_batches_tracked")}
