@@ -300,3 +300,20 @@ def test_a_wider_step_with_nothing_to_widen_is_no_decision_in_the_entropy_mean()
     assert len(entropies) == 3  # block, position, kernel
     loss = float(c.loss([(proposal, 0.0)]).detach())
     assert loss == pytest.approx(-0.5 * sum(entropies) / 3, rel=1e-5)
+
+
+def test_an_eas_state_names_its_controller_and_one_without_an_update_count_loads_as_zero(
+        ) -> None:
+    """The saved extras carry the controller's name, baseline, update count and settings; a
+    state saved without an update count (no update yet) restores 0 updates."""
+    g = _mlp()
+    c = _eas(g, wider_actions=1, deeper_actions=0)
+    ps = c.propose(g, 2)
+    c.observe([(ps[0], 0.5), (ps[1], 0.5)])  # baseline tan(pi/4) = 1
+    tensors, extra = c.state_dict()
+    assert (extra["controller"], extra["updates"]) == ("eas", 1)
+    assert extra["baseline"] == pytest.approx(1.0)
+    assert extra["settings"]["wider_actions"] == 1
+    fresh = _eas(g, wider_actions=1, deeper_actions=0)
+    fresh.load_state_dict(tensors, {k: v for k, v in extra.items() if k != "updates"})
+    assert fresh.updates == 0 and fresh.baseline == pytest.approx(1.0)
