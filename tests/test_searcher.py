@@ -208,6 +208,39 @@ def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path:
     assert again["val_acc"] == m["val_acc"]
 
 
+def test_the_tune_trial_reports_the_metrics_with_the_childs_folder_as_its_checkpoint(
+        setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tune_trial` with Ray's runtime context and `tune.report` replaced by recorders (no Ray
+    session): a child that trains is reported with its metrics, the node it ran on and a
+    checkpoint of the folder holding its graph and record; a child that cannot be built is
+    reported failed, without a checkpoint."""
+    from types import SimpleNamespace
+
+    import ray
+    from growth.controllers.trial import tune_trial
+    from ray import tune
+
+    _, task, _, _, space = setup
+    reported = []
+
+    def report(metrics, checkpoint=None) -> None:  # the folder is gone once the trial returns
+        files = None if checkpoint is None else sorted(p.name for p in
+                                                       Path(checkpoint.path).iterdir())
+        reported.append((metrics, files))
+
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_node_id=lambda: "node-7"))
+    config = _searcher(setup, n=1).suggest("x")
+    config["spec"] = TrialSpec(train=CHILD_TRAIN).model_dump(mode="json")
+    tune_trial(config, task, space)
+    tune_trial({**config, "actions": [{"op": "no_such_operator"}]}, task, space)
+    (ok, files), (failed, no_files) = reported
+    assert (ok["status"], ok["node"], ok["key"]) == ("ok", "node-7", "g000c00"), ok["error"]
+    assert {"child.json", "structure.json"} <= set(files)
+    assert (failed["status"], failed["node"], no_files) == ("failed", "node-7", None)
+
+
 def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
     """Under scenario "class" a child reads the one shared head with the task's labels offset
     by its first class: its accuracy is the argmax of that head against y + offset, counted
