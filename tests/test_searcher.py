@@ -241,6 +241,23 @@ def test_the_tune_trial_reports_the_metrics_with_the_childs_folder_as_its_checkp
     assert (failed["status"], failed["node"], no_files) == ("failed", "node-7", None)
 
 
+def test_an_earlier_task_reaches_a_trial_as_its_fields_and_empty_splits() -> None:
+    """`TaskMeta`: a task's identity, classes, offset and input shape travel as JSON, and
+    come back as a Task of those fields with no sample in any split."""
+    from growth.controllers.trial import TaskMeta
+
+    from growth.data import build_stream
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2, "seed": 0,
+                         "max_train_per_task": 20})[1]
+    meta = TaskMeta.model_validate_json(TaskMeta.of(task).model_dump_json())
+    back = meta.task()
+    assert (back.index, back.name, back.classes, back.n_classes, back.class_offset,
+            back.input_shape) == (1, task.name, list(task.classes), 5, 5, (1, 8, 8))
+    for x, y in (back.train, back.val, back.test):
+        assert x.shape == (0, 1, 8, 8) and y.shape == (0,) and y.dtype == torch.int64
+
+
 def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
     """Under scenario "class" a child reads the one shared head with the task's labels offset
     by its first class: its accuracy is the argmax of that head against y + offset, counted
