@@ -258,6 +258,52 @@ def test_an_earlier_task_reaches_a_trial_as_its_fields_and_empty_splits() -> Non
         assert x.shape == (0, 1, 8, 8) and y.shape == (0,) and y.dtype == torch.int64
 
 
+def test_a_childs_accuracies_are_scored_by_its_strategy(setup, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strategy that overrides `evaluation` scores the child before and after training:
+    one that predicts the head's least likely class gives the share of validation samples
+    whose smallest output is their label, counted here on the parent and the saved child."""
+    from contextlib import contextmanager
+
+    from growth.compile import compile_graph
+    from growth.strategies import STRATEGIES, Strategy
+
+    class Contrary(Strategy):
+        name = "contrary"
+
+        @contextmanager
+        def evaluation(self, ctx, task):
+            head = ctx.model.head(ctx.head_of(task))
+            yield lambda x: -head(x)
+
+    def contrary(graph: NetGraph) -> float:
+        x, y = task.val
+        with torch.no_grad():
+            return int((compile_graph(graph).eval()(x).argmin(1) == y).sum()) / len(y)
+
+    monkeypatch.setitem(STRATEGIES, "contrary", Contrary)
+    _, task, base, acc, space = setup
+    config = _searcher(setup, n=1).suggest("x")
+    config["spec"] = TrialSpec(train=CHILD_TRAIN, strategy={"name": "contrary"}).model_dump(
+        mode="json")
+    m = train_child(config, task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    assert contrary(base) < 0.5 * acc  # the two scorings are far apart
+    assert m["val_acc_before"] == pytest.approx(contrary(base), abs=1e-12)
+    assert m["val_acc"] == pytest.approx(contrary(NetGraph.load(tmp_path / "child")), abs=1e-12)
+
+
+def test_a_trial_receives_the_training_and_validation_splits_and_no_test_sample(setup
+                                                                               ) -> None:
+    from growth.controllers.trial import trial_data
+
+    _, task, _, _, _ = setup
+    data = trial_data(task)
+    assert data.train is task.train and data.val is task.val and len(task.test[1]) > 0
+    x, y = data.test
+    assert x.shape == (0, *task.input_shape) and y.shape == (0,) and y.dtype == torch.int64
+
+
 def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
     """Under scenario "class" a child reads the one shared head with the task's labels offset
     by its first class: its accuracy is the argmax of that head against y + offset, counted
