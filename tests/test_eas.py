@@ -317,3 +317,14 @@ def test_an_eas_state_names_its_controller_and_one_without_an_update_count_loads
     fresh = _eas(g, wider_actions=1, deeper_actions=0)
     fresh.load_state_dict(tensors, {k: v for k, v in extra.items() if k != "updates"})
     assert fresh.updates == 0 and fresh.baseline == pytest.approx(1.0)
+
+
+def test_the_baseline_moves_a_tenth_of_the_way_to_a_later_generations_mean() -> None:
+    """Decay 0.9, first mean reward 1 (accuracy 0.5), then rewards 0 and 1 (mean 0.5): the
+    baseline becomes 0.9 x 1 + 0.1 x 0.5 = 0.95."""
+    g = _mlp()
+    c = _eas(g, baseline_decay=0.9)
+    ps = c.propose(g, 2)
+    c.observe([(ps[0], 0.5), (ps[1], 0.5)])
+    c.observe([(ps[0], 0.0), (ps[1], 0.5)])
+    assert c.baseline == pytest.approx(0.95)

@@ -304,6 +304,14 @@ def test_a_trial_receives_the_training_and_validation_splits_and_no_test_sample(
     assert x.shape == (0, *task.input_shape) and y.shape == (0,) and y.dtype == torch.int64
 
 
+def test_a_childs_seed_is_a_fixed_function_of_the_search_seed_generation_and_index() -> None:
+    """Values by hand: (seed x 1000003 + generation x 7919 + index x 104729 + 11) modulo the
+    prime 2^31 - 1, so a saved search trains the same children in a later version."""
+    assert child_seed(0, 0, 0) == 11
+    assert child_seed(1, 2, 3) == 1_000_003 + 2 * 7919 + 3 * 104_729 + 11 == 1_330_039
+    assert child_seed(3000, 0, 0) == 3_000_009_011 - 2_147_483_647 == 852_525_364
+
+
 def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
     """Under scenario "class" a child reads the one shared head with the task's labels offset
     by its first class: its accuracy is the argmax of that head against y + offset, counted
