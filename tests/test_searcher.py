@@ -312,6 +312,26 @@ def test_a_childs_seed_is_a_fixed_function_of_the_search_seed_generation_and_ind
     assert child_seed(3000, 0, 0) == 3_000_009_011 - 2_147_483_647 == 852_525_364
 
 
+def test_a_failed_childs_error_is_one_line_naming_where_it_was_raised() -> None:
+    """Its type, the first line of its message and the file and line of the innermost frame
+    (here `boom`'s raise, two calls deep); no place for an exception never raised."""
+    from growth.controllers.trial import _one_line
+
+    def boom() -> None:
+        raise ValueError("first line\nsecond line")
+
+    def outer() -> None:
+        boom()
+
+    try:
+        outer()
+    except ValueError as exc:
+        raised = exc
+    line = boom.__code__.co_firstlineno + 1
+    assert _one_line(raised) == f"ValueError: first line (at test_searcher.py:{line})"
+    assert _one_line(KeyError()) == "KeyError: "
+
+
 def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
     """Under scenario "class" a child reads the one shared head with the task's labels offset
     by its first class: its accuracy is the argmax of that head against y + offset, counted
