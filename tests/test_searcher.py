@@ -332,6 +332,34 @@ def test_a_failed_childs_error_is_one_line_naming_where_it_was_raised() -> None:
     assert _one_line(KeyError()) == "KeyError: "
 
 
+def test_a_childs_strategy_hooks_see_the_trials_training_settings(
+        setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook that reads `ctx.train_config` in the child's fit (as HAT's training hook does)
+    finds the spec's settings."""
+    from contextlib import contextmanager
+
+    from growth.strategies import STRATEGIES, Strategy
+
+    seen = []
+
+    class Reading(Strategy):
+        name = "reading"
+
+        @contextmanager
+        def training(self, ctx):
+            seen.append(ctx.train_config)
+            yield
+
+    monkeypatch.setitem(STRATEGIES, "reading", Reading)
+    _, task, _, _, space = setup
+    config = _searcher(setup, n=1).suggest("x")
+    config["spec"] = TrialSpec(train=CHILD_TRAIN, strategy={"name": "reading"}).model_dump(
+        mode="json")
+    m = train_child(config, task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    assert seen == [CHILD_TRAIN]
+
+
 def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
     """Under scenario "class" a child reads the one shared head with the task's labels offset
     by its first class: its accuracy is the argmax of that head against y + offset, counted
