@@ -513,6 +513,15 @@ def test_a_default_vit_has_two_blocks_of_32_features_in_4x4_patches() -> None:
     assert g.shape("block2_fc1") == (5, 64)
 
 
+def test_every_layernorm_of_a_vit_has_vits_eps_of_1e_6() -> None:
+    """ViT's LayerNorms take eps 1e-6 (torch's default is 1e-5): both of each block's and the
+    final one."""
+    g = vit((3, 8, 8))
+    eps = {n: g.node(n).attrs["eps"] for n in g.topo_order() if g.node(n).kind == "layernorm"}
+    assert eps == {n: 1e-6 for n in ("block1_norm1", "block1_norm2", "block2_norm1",
+                                     "block2_norm2", "norm")}
+
+
 def test_fc_tokens_follow_the_conv_tokens_one_per_width_bucket() -> None:
     """Vocabulary by hand: (conv widths + 1) x (kernel sizes + 1) conv ids, then one id per fc
     width bucket (a width goes to the first listed width at or above it), then the pool."""
@@ -565,3 +574,25 @@ def test_a_block_is_offered_only_where_its_parameters_fit_the_limit() -> None:
     for limit, offered in ((cost, True), (cost - 1, False)):
         space = make_space({"max_new_params": None, "max_params": g.param_count() + limit}, g)
         assert (first in space.block_options(g)) is offered, limit
+
+
+def test_a_block_on_tokens_without_attention_gets_one_head_per_64_features_of_full_width() -> None:
+    """A residual token network with no attention layer (nothing to copy the head count or
+    head width from): the block offered has max(1, 130 // 64) = 2 heads of 130 // 2 = 65
+    features, an MLP of 4 x 130, and costs, counted by hand, 2 LayerNorms 2 x 2 x 130 +
+    qkv 131 x 3 x 130 + proj 131 x 130 + fc1 131 x 520 + fc2 521 x 130 = 204,490; offered at
+    that limit, not one below, and inserting it adds exactly that."""
+    dim, cost = 130, 4 * 130 + 131 * 3 * 130 + 131 * 130 + 131 * 520 + 521 * 130
+    g = NetGraph()
+    g.add_input("x", (2, dim))
+    g.add("fc", "linear", ["x"], out_features=dim)
+    g.add("res", "add", ["x", "fc"])
+    g.add("pool", "getitem", ["res"], index=[0])
+    g.add("features", "identity", ["pool"])
+    g = add_head(g, "t0", 3)
+    for limit, offered in ((cost, [{"op": "add_block", "after": "res"}]), (cost - 1, [])):
+        space = make_space({"max_new_params": None, "max_params": g.param_count() + limit}, g)
+        assert space.block_options(g) == offered, limit
+    child, _ = make_space({"max_new_params": None}, g).apply(g, [{"op": "add_block",
+                                                                  "after": "res"}])
+    assert child.param_count() - g.param_count() == cost == 204_490
