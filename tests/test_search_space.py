@@ -596,3 +596,61 @@ def test_a_block_on_tokens_without_attention_gets_one_head_per_64_features_of_fu
     child, _ = make_space({"max_new_params": None}, g).apply(g, [{"op": "add_block",
                                                                   "after": "res"}])
     assert child.param_count() - g.param_count() == cost == 204_490
+
+
+def test_a_square_kernel_given_as_a_pair_is_one_size_and_an_oblong_one_none() -> None:
+    """An imported convolution's kernel may be a pair: (3, 3) reads as 3, (1, 3) as -1 (no
+    size of the space), and a label lists each list-valued setting joined by "x", settings
+    in sorted order and apart by commas."""
+    g = NetGraph()
+    g.add_input("x", (1, 8, 8))
+    g.add("c1", "conv2d", ["x"], out_channels=4, kernel_size=[3, 3], stride=[2, 2],
+          padding=[1, 1])
+    g.add("c2", "conv2d", ["c1"], out_channels=4, kernel_size=[1, 3], padding=[0, 1])
+    g.add("flatten", "flatten", ["c2"])
+    g.add("features", "identity", ["flatten"])
+    g = add_head(g, "t0", 2)
+    assert [(la.node, la.kernel) for la in make_space(None, g).layers(g)] == [
+        ("c1", 3), ("c2", -1)]
+    assert arch_string(g).split()[1:3] == ["conv3x3-4(padding=1x1,stride=2x2)",
+                                           "conv1x3-4(padding=0x1)"]
+
+
+def test_a_private_widening_takes_the_spaces_noise() -> None:
+    """`widen_private` (a private space's wider step) gets the space's noise, as net2wider
+    does: the child is the operator's own call with that noise, not its default (0)."""
+    from growth.ops import get_operator
+
+    g = _mlp()
+    action = {"op": "widen_private", "node": "fc1", "width": 7, "seed": 3}
+    child = make_space({"private": True, "noise": 0.3}, g).step(g, action)
+    want = get_operator("widen_private")(g, "fc1", 7, noise=0.3, seed=3).graph
+    exact = get_operator("widen_private")(g, "fc1", 7, noise=0.0, seed=3).graph
+    w = child.node("fc1").tensors["weight"]
+    assert torch.equal(w, want.node("fc1").tensors["weight"])
+    assert not torch.equal(w, exact.node("fc1").tensors["weight"])
+
+
+def test_a_wider_plugin_is_offered_where_it_accepts_within_the_limit(monkeypatch) -> None:
+    """A wider operator that is not built in is asked (a dry run): offered on fc1, which it
+    accepts, not on fc2, which it refuses; and only while its child's growth, 2 units of
+    fc1 (2 x (6 + 1)) and 2 more inputs of fc2 (2 x 7), 28 parameters, fits the limit."""
+    from growth.ops import Operator, registry
+
+    def fc1_only(graph, node, width, seed=0):
+        if node != "fc1":
+            raise OperatorError(f"{node} refused")
+        return net2wider(graph, node, width, noise=0.0, seed=seed)
+
+    monkeypatch.setitem(registry._BUILTIN, "fc1_only",
+                        Operator("fc1_only", "widens fc1 only", fc1_only, "wider"))
+    g = _mlp()  # 6 -> fc1 5 -> fc2 7 -> head 3
+    spec = {"operators": ["fc1_only"], "widths": {"fc": [5, 7, 9]}}
+    space = make_space(spec, g)
+    fc1, fc2 = space.layers(g)
+    assert space.wider_options(g, fc1) == [{"op": "fc1_only", "node": "fc1", "width": 7,
+                                            "seed": 0}]
+    assert space.wider_options(g, fc2) == []
+    for extra, offered in ((28, True), (27, False)):
+        limited = make_space({**spec, "max_params": g.param_count() + extra}, g)
+        assert bool(limited.wider_options(g, fc1)) is offered, extra
