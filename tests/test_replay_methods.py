@@ -22,11 +22,13 @@ from growth.cli import main
 from growth.compile import compile_graph
 from growth.config import load_config
 from growth.data.containers import Task
+from growth.data.sampling import generator
 from growth.data.streaming import ImageFiles
 from growth.errors import ConfigError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.strategies import Context, make_strategy
+from growth.strategies import dgr as dgr_module
 from growth.strategies.dgr import _VAETrainer, elbo_loss, sample, vae_graphs
 from growth.strategies.icarl import NOT_NEW
 from growth.strategies.rehearsal import join_by_head
@@ -397,7 +399,8 @@ def test_the_evidence_bound_by_hand():
     torch.manual_seed(0)
     decoder = torch.nn.Linear(2, 3)
     x = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.2, 0.0]])
-    mu, logvar = torch.tensor([[0.3, -0.2], [1.0, 0.5]]), torch.tensor([[0.1, -0.4], [0.0, 0.3]])
+    # the log-variances do not sum to 0: KL's +logvar and -logvar terms then differ
+    mu, logvar = torch.tensor([[0.3, -0.2], [1.0, 0.5]]), torch.tensor([[0.1, -0.4], [0.2, 0.3]])
     eps = torch.randn(2, 2, generator=torch.Generator().manual_seed(4))
     got = elbo_loss(x, mu, logvar, decoder, torch.Generator().manual_seed(4))
     p = torch.sigmoid(decoder(mu + torch.exp(logvar / 2) * eps)).detach()
@@ -439,6 +442,20 @@ def replay_setup(name: str, params: dict, single_head: bool):
     return s, ctx, model
 
 
+def replay_by_hand(s, model, n: int, cols: list[int], targets: str, t: float) -> torch.Tensor:
+    """The replay loss on n samples drawn from the strategy's replay generator as it stands:
+    the old solver's labels over its old columns `cols` of head out0, hard or soft at t."""
+    z = torch.randn(n, 4, generator=s.gen)
+    fake = torch.sigmoid(s.decoder.module(z)).view(n, 1, 4, 4)
+    teacher = s._teacher(fake)["out0"][:, cols].detach()
+    student = model.head("out0")(fake).detach()
+    if targets == "hard":
+        return F.cross_entropy(student, torch.tensor(cols)[teacher.argmax(1)])
+    q = torch.zeros_like(student)
+    q[:, cols] = torch.softmax(teacher / t, 1)
+    return -(q * torch.log_softmax(student / t, 1)).sum(1).mean() * t * t
+
+
 @pytest.mark.parametrize("targets", ["hard", "soft"])
 @pytest.mark.parametrize("single_head", [False, True])
 def test_dgr_replay_is_labelled_by_the_previous_solver(targets, single_head):
@@ -446,21 +463,61 @@ def test_dgr_replay_is_labelled_by_the_previous_solver(targets, single_head):
     state = s.gen.get_state()
     got = float(s.replay_loss(ctx, 10, (1, 4, 4)).detach())
     s.gen.set_state(state)
-    z = torch.randn(10, 4, generator=s.gen)
-    fake = torch.sigmoid(s.decoder.module(z)).view(10, 1, 4, 4)
-    head = "out0"
     cols = [0, 1]  # class-incremental: the old task's classes in the shared head
     if not single_head:
         cols = [0, 1, 2, 3]  # task-incremental: the old task's whole head
-    teacher = s._teacher(fake)[head][:, cols].detach()
-    student = model.head(head)(fake).detach()
-    if targets == "hard":
-        expect = F.cross_entropy(student, torch.tensor(cols)[teacher.argmax(1)])
-    else:
-        q = torch.zeros_like(student)
-        q[:, cols] = torch.softmax(teacher / 3.0, 1)
-        expect = -(q * torch.log_softmax(student / 3.0, 1)).sum(1).mean() * 9.0
+    expect = replay_by_hand(s, model, 10, cols, targets, 3.0)
     assert got == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_dgr_weighs_the_current_batch_one_over_the_tasks_so_far_and_replays_the_rest():
+    """Second task (t = 2): loss = CE(batch) / 2 + replay loss / 2, the replay as large as the
+    batch."""
+    s, ctx, model = replay_setup("dgr", {"targets": "hard"}, single_head=False)
+    x, y = ctx.task.train[0][:8], ctx.task.train[1][:8]
+    logits = model.head("out1")(x)
+    state = s.gen.get_state()
+    got = float(s.loss(ctx, x, y, logits).detach())
+    s.gen.set_state(state)
+    replay = replay_by_hand(s, model, 8, [0, 1, 2, 3], "hard", 1.0)
+    expect = 0.5 * float(F.cross_entropy(logits, y).detach()) + 0.5 * float(replay)
+    assert got == pytest.approx(expect, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dgr", "dgr_negative"])
+def test_generative_replay_draws_from_the_tasks_seed_under_its_own_keys(name, monkeypatch):
+    """Replays under `<method>/replay/<task>`, the generator's training under
+    `generator/<task>`: each task draws its own streams, and a resumed run the same ones."""
+    tasks, model = class_incremental(2), mlp(n_heads=1, classes=4)
+    fits: list[tuple[torch.Generator, torch.Tensor]] = []  # each fit's generator, first state
+
+    def first_draws(x, mu, logvar, decoder, gen):
+        if not any(g is gen for g, _ in fits):
+            fits.append((gen, gen.get_state()))
+        return elbo_loss(x, mu, logvar, decoder, gen)
+
+    monkeypatch.setattr(dgr_module, "elbo_loss", first_draws)
+    s = make_strategy(name, SMALL_VAE)
+    for i in range(2):
+        ctx = context(model, tasks, i, single_head=True)
+        ctx.seed = 11
+        s.before_task(ctx)
+        assert torch.equal(s.gen.get_state(), generator(11, name, "replay", i).get_state())
+        learn_task(ctx, s, CFG, seed=11)
+    assert len(fits) == 2
+    for i, (_, state) in enumerate(fits):
+        assert torch.equal(state, generator(11, "generator", i).get_state()), i
+
+
+def test_the_generator_is_built_on_the_runs_device():
+    """The meta device stands in for an accelerator: both parts of the VAE are put there."""
+    meta = torch.device("meta")
+    ctx = dataclasses.replace(context(mlp(), synthetic(1), 0), device=meta)
+    s = make_strategy("dgr", SMALL_VAE)
+    s.build_generator(ctx)
+    for part in (s.encoder, s.decoder):
+        assert part.device == meta
+        assert all(p.device == meta for p in part.module.parameters())
 
 
 def test_negative_replay_trains_only_the_other_classes_outputs():
