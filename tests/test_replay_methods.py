@@ -509,6 +509,34 @@ def test_generative_replay_draws_from_the_tasks_seed_under_its_own_keys(name, mo
         assert torch.equal(state, generator(11, "generator", i).get_state()), i
 
 
+def test_the_evidence_bound_and_the_samples_follow_the_datas_device():
+    """On the meta device (an accelerator's stand-in) the bound's noise and the samples' latent
+    codes are moved to the data's device: a CPU tensor beside a meta one fails at once."""
+    meta = torch.device("meta")
+    decoder = torch.nn.Linear(2, 3).to(meta)
+    mu = torch.zeros(4, 2, device=meta)
+    got = elbo_loss(torch.zeros(4, 3, device=meta), mu, mu, decoder, torch.Generator())
+    assert got.device == meta
+    assert sample(decoder, 5, 2, (3,), torch.Generator(), meta).device == meta
+
+
+def test_the_generator_takes_adam_steps_at_its_own_rate():
+    """One epoch of one batch: Adam's first step moves every weight that has a gradient by
+    gen_lr (lr g / (|g| + eps)), whatever the gradient's size (SGD would move it lr g)."""
+    tasks, model = synthetic(1), mlp()
+    s = make_strategy("dgr", {**SMALL_VAE, "gen_epochs": 1, "gen_batch": 64, "gen_lr": 0.01})
+    ctx = context(model, tasks, 0)
+    s.before_task(ctx)  # builds the VAE
+    parts = (s.encoder.module, s.decoder.module)
+    before = [p.detach().clone() for part in parts for p in part.parameters()]
+    s.after_task(ctx)  # trains it on the task's 36 inputs
+    moved = torch.cat([(p.detach() - b).abs().flatten() for p, b in
+                       zip((p for part in parts for p in part.parameters()), before)])
+    stepped = moved[moved > 1e-6]
+    assert len(stepped) > 0.9 * len(moved)  # units that never fire have no gradient
+    torch.testing.assert_close(stepped, torch.full_like(stepped, 0.01), rtol=1e-2, atol=0)
+
+
 def test_the_generator_is_built_on_the_runs_device():
     """The meta device stands in for an accelerator: both parts of the VAE are put there."""
     meta = torch.device("meta")
@@ -561,6 +589,8 @@ def test_vae_graphs_shapes():
     enc, dec = vae_graphs((1, 8, 8), [32, 16], 5)
     assert enc.shape("head_mu") == (5,) and enc.shape("head_logvar") == (5,)
     assert dec.shape("out") == (64,)
+    enc, dec = vae_graphs((4, 6), [8], 3)  # two-dimensional inputs are flattened too
+    assert enc.shape("head_mu") == (3,) and dec.shape("out") == (24,)
 
 
 # ---- joint, the shared pieces --------------------------------------------------------------
