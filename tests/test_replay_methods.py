@@ -561,6 +561,14 @@ def test_negative_replay_trains_only_the_other_classes_outputs():
     assert torch.all(model.module.head0.weight.grad[:2] == 0)
 
 
+def test_negative_replay_detaches_the_old_columns_on_the_logits_device():
+    """On the meta device (an accelerator's stand-in) the old-column mask is made beside the
+    logits: a CPU mask beside meta logits fails at once."""
+    s, _, _ = replay_setup("dgr_negative", {}, single_head=True)
+    logits = torch.zeros(3, 4, device=torch.device("meta"), requires_grad=True)
+    assert s.freeze_old(logits).device == logits.device
+
+
 def test_negative_replay_is_refused_in_the_task_scenario(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", strategy={"name": "dgr_negative"})
     with pytest.raises(ConfigError, match="dgr_negative.*class"):
