@@ -17,6 +17,7 @@ from safetensors.torch import load, save
 from test_campaign import run, write_config
 from test_strategies import class_incremental, context, make_task, mlp, perturb, synthetic
 
+from growth import train as train_module
 from growth.campaign import Campaign, resume_run
 from growth.cli import main
 from growth.compile import compile_graph
@@ -535,6 +536,32 @@ def test_the_generator_takes_adam_steps_at_its_own_rate():
     stepped = moved[moved > 1e-6]
     assert len(stepped) > 0.9 * len(moved)  # units that never fire have no gradient
     torch.testing.assert_close(stepped, torch.full_like(stepped, 0.01), rtol=1e-2, atol=0)
+
+
+def test_each_generator_fit_runs_on_the_runs_device_and_weighs_its_task_one_over_t(monkeypatch):
+    """The fit after task t (1, 2) trains on the run's device with the task's data weighted 1/t
+    against replays of the generator as it was (none after the first task)."""
+    fits = []
+    real_fit = train_module.fit
+
+    def recorded(ctx, strategy, cfg, **kw):
+        if isinstance(strategy, _VAETrainer):
+            fits.append((ctx.device, strategy.w, strategy.previous is None))
+        return real_fit(ctx, strategy, cfg, **kw)
+
+    monkeypatch.setattr(train_module, "fit", recorded)
+    learn(make_strategy("dgr", SMALL_VAE), synthetic(2), mlp(), 2)
+    cpu = torch.device("cpu")
+    assert fits == [(cpu, 1.0, True), (cpu, 0.5, False)]
+
+
+def test_the_teacher_is_put_on_the_runs_device():
+    """On the meta device (an accelerator's stand-in) the previous solver's copy is put there."""
+    tasks, model = synthetic(2), mlp()
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 1)
+    meta = torch.device("meta")
+    s.before_task(dataclasses.replace(context(model, tasks, 1), device=meta))
+    assert all(p.device == meta for p in s._teacher.parameters())
 
 
 def test_the_generator_is_built_on_the_runs_device():
