@@ -443,13 +443,16 @@ def replay_setup(name: str, params: dict, single_head: bool):
     return s, ctx, model
 
 
-def replay_by_hand(s, model, n: int, cols: list[int], targets: str, t: float) -> torch.Tensor:
-    """The replay loss on n samples drawn from the strategy's replay generator as it stands:
-    the old solver's labels over its old columns `cols` of head out0, hard or soft at t."""
-    z = torch.randn(n, 4, generator=s.gen)
-    fake = torch.sigmoid(s.decoder.module(z)).view(n, 1, 4, 4)
-    teacher = s._teacher(fake)["out0"][:, cols].detach()
-    student = model.head("out0")(fake).detach()
+def replay_by_hand(s, model, n: int, cols: list[int], targets: str, t: float,
+                   head: str = "out0", fake: torch.Tensor | None = None) -> torch.Tensor:
+    """The replay loss on n samples drawn from the strategy's replay generator as it stands
+    (or on `fake`): the old solver's labels over its old columns `cols` of `head`, hard or soft
+    at t."""
+    if fake is None:
+        z = torch.randn(n, 4, generator=s.gen)
+        fake = torch.sigmoid(s.decoder.module(z)).view(n, 1, 4, 4)
+    teacher = s._teacher(fake)[head][:, cols].detach()
+    student = model.head(head)(fake).detach()
     if targets == "hard":
         return F.cross_entropy(student, torch.tensor(cols)[teacher.argmax(1)])
     q = torch.zeros_like(student)
@@ -469,6 +472,22 @@ def test_dgr_replay_is_labelled_by_the_previous_solver(targets, single_head):
         cols = [0, 1, 2, 3]  # task-incremental: the old task's whole head
     expect = replay_by_hand(s, model, 10, cols, targets, 3.0)
     assert got == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_dgr_averages_the_replay_loss_over_the_old_heads():
+    """Third task, task-incremental: the replays are scored through both old heads, averaged."""
+    tasks, model = synthetic(3), mlp(n_heads=3)
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 2)
+    s.before_task(context(model, tasks, 2))
+    perturb(model, 2)
+    state = s.gen.get_state()
+    got = float(s.replay_loss(context(model, tasks, 2), 10, (1, 4, 4)).detach())
+    s.gen.set_state(state)
+    z = torch.randn(10, 4, generator=s.gen)
+    fake = torch.sigmoid(s.decoder.module(z)).view(10, 1, 4, 4)
+    heads = [float(replay_by_hand(s, model, 10, [0, 1, 2, 3], "soft", 2.0, head, fake))
+             for head in ("out0", "out1")]
+    assert got == pytest.approx(sum(heads) / 2, rel=1e-5)
 
 
 def test_dgr_weighs_the_current_batch_one_over_the_tasks_so_far_and_replays_the_rest():
@@ -539,29 +558,48 @@ def test_the_generator_takes_adam_steps_at_its_own_rate():
 
 
 def test_each_generator_fit_runs_on_the_runs_device_and_weighs_its_task_one_over_t(monkeypatch):
-    """The fit after task t (1, 2) trains on the run's device with the task's data weighted 1/t
-    against replays of the generator as it was (none after the first task)."""
+    """The fit after task t (1, 2) trains on the run's device, its batches in the order of the
+    task's seed, with the task's data weighted 1/t against replays of the generator as it was
+    (none after the first task)."""
     fits = []
     real_fit = train_module.fit
 
     def recorded(ctx, strategy, cfg, **kw):
         if isinstance(strategy, _VAETrainer):
-            fits.append((ctx.device, strategy.w, strategy.previous is None))
+            fits.append((ctx.device, kw.get("seed"), strategy.w, strategy.previous is None))
         return real_fit(ctx, strategy, cfg, **kw)
 
     monkeypatch.setattr(train_module, "fit", recorded)
-    learn(make_strategy("dgr", SMALL_VAE), synthetic(2), mlp(), 2)
+    tasks, model, s = synthetic(2), mlp(), make_strategy("dgr", SMALL_VAE)
+    for i in range(2):
+        ctx = context(model, tasks, i)
+        ctx.seed = 7 + i
+        learn_task(ctx, s, CFG, seed=7 + i)
     cpu = torch.device("cpu")
-    assert fits == [(cpu, 1.0, True), (cpu, 0.5, False)]
+    assert fits == [(cpu, 7, 1.0, True), (cpu, 8, 0.5, False)]
 
 
-def test_the_teacher_is_put_on_the_runs_device():
+def test_dgr_puts_the_previous_solver_on_the_runs_device():
     """On the meta device (an accelerator's stand-in) the previous solver's copy is put there."""
     tasks, model = synthetic(2), mlp()
     s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 1)
     meta = torch.device("meta")
     s.before_task(dataclasses.replace(context(model, tasks, 1), device=meta))
     assert all(p.device == meta for p in s._teacher.parameters())
+
+
+def test_the_generators_replays_are_drawn_on_the_datas_device():
+    """On the meta device (an accelerator's stand-in) the previous generator's replays are
+    drawn beside the batch: a CPU latent code beside a meta decoder fails at once."""
+    meta = torch.device("meta")
+    enc, dec = vae_graphs((1, 4, 4), [8], 4)
+    encoder, decoder = Model(enc, meta), Model(dec, meta)
+    x = torch.zeros(6, 1, 4, 4, device=meta)
+    ctx = Context(encoder, synthetic(1)[0], [], lambda t: "mu", lambda t, y: y, meta)
+    ctx.outputs = encoder.head(("mu", "logvar"))(x)
+    previous = compile_graph(dec).to(meta)
+    trainer = _VAETrainer(decoder.module, previous, 0.5, 4, torch.Generator())
+    assert trainer.loss(ctx, x, None, None).device == meta
 
 
 def test_the_generator_is_built_on_the_runs_device():
