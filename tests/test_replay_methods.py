@@ -588,6 +588,31 @@ def test_dgr_puts_the_previous_solver_on_the_runs_device():
     assert all(p.device == meta for p in s._teacher.parameters())
 
 
+def test_dgr_replays_inputs_of_several_channels_shaped_like_the_data():
+    """Inputs of 2 x 2 x 4: the solver's and the generator's replays take the data's shape
+    (without its batch dimension), not a shape with a channel dropped."""
+    gen = torch.Generator().manual_seed(0)
+    tasks = [make_task(i, torch.rand(32, 2, 2, 4, generator=gen),
+                       torch.randint(0, 4, (32,), generator=gen), 4) for i in range(2)]
+    model = mlp(n_heads=2, in_shape=(2, 2, 4))
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 2)  # replays on the second task
+    assert sample(s.decoder.module, 3, 4, (2, 2, 4), gen, torch.device("cpu")).shape == \
+        (3, 2, 2, 4)
+
+
+def test_dgr_replays_on_the_runs_device():
+    """A run resumed on the meta device (an accelerator's stand-in): the generator is rebuilt
+    there from its saved weights, and the replays are drawn there, beside the solver."""
+    tasks, model = synthetic(2), mlp()
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 1)
+    s.load_state_dict(*s.state_dict())
+    meta = torch.device("meta")
+    ctx = dataclasses.replace(context(model, tasks, 1), device=meta)
+    s.before_task(ctx)
+    ctx.model = Model(model.graph, meta)  # the solver there too (a meta one cannot be copied)
+    assert s.replay_loss(ctx, 5, (1, 4, 4)).device == meta
+
+
 def test_the_generators_replays_are_drawn_on_the_datas_device():
     """On the meta device (an accelerator's stand-in) the previous generator's replays are
     drawn beside the batch: a CPU latent code beside a meta decoder fails at once."""
