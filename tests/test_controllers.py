@@ -270,3 +270,14 @@ def test_a_masked_draw_follows_the_probabilities_and_returns_its_log_probability
     assert {c for c, _ in draws} == {0, 2}
     assert all(lp == pytest.approx(math.log(0.25 if c == 0 else 0.75)) for c, lp in draws)
     assert 0.65 < sum(c == 2 for c, _ in draws) / 400 < 0.85
+
+
+def test_a_proposal_read_without_decisions_gets_an_empty_mapping_and_round_trips() -> None:
+    """A proposal's JSON may omit its decisions (nothing to score): it reads back with an
+    empty mapping, which a learning controller reads as no steps, and `to_json` gives back
+    what `from_json` read."""
+    actions = [{"op": "net2wider", "layer": "fc1", "width": 8}]
+    p = Proposal.from_json({"actions": actions, "arch": "fc8"})
+    assert p == Proposal(tuple(actions), "fc8", {}) and p.decisions.get("steps", []) == []
+    data = {"actions": actions, "arch": "fc8", "decisions": {"steps": [], "params": 3}}
+    assert Proposal.from_json(data).to_json() == data

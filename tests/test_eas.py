@@ -10,7 +10,7 @@ import pytest
 import torch
 from graphgen import max_rel_error, outputs, randomize, single_thread  # noqa: F401
 from growth.controllers import make_controller
-from growth.controllers.base import sample_masked
+from growth.controllers.base import Proposal, sample_masked
 from growth.controllers.eas import ACC_CAP, EASController, reward, step_log_prob
 from growth.search_spaces import make_space
 from growth.search_spaces.networks import add_head, mlp, small_cnn
@@ -300,3 +300,81 @@ def test_a_wider_step_with_nothing_to_widen_is_no_decision_in_the_entropy_mean()
     assert len(entropies) == 3  # block, position, kernel
     loss = float(c.loss([(proposal, 0.0)]).detach())
     assert loss == pytest.approx(-0.5 * sum(entropies) / 3, rel=1e-5)
+
+
+def test_an_eas_state_names_its_controller_and_one_without_an_update_count_loads_as_zero(
+        ) -> None:
+    """The saved extras carry the controller's name, baseline, update count and settings; a
+    state saved without an update count (no update yet) restores 0 updates."""
+    g = _mlp()
+    c = _eas(g, wider_actions=1, deeper_actions=0)
+    ps = c.propose(g, 2)
+    c.observe([(ps[0], 0.5), (ps[1], 0.5)])  # baseline tan(pi/4) = 1
+    tensors, extra = c.state_dict()
+    assert (extra["controller"], extra["updates"]) == ("eas", 1)
+    assert extra["baseline"] == pytest.approx(1.0)
+    assert extra["settings"]["wider_actions"] == 1
+    fresh = _eas(g, wider_actions=1, deeper_actions=0)
+    fresh.load_state_dict(tensors, {k: v for k, v in extra.items() if k != "updates"})
+    assert fresh.updates == 0 and fresh.baseline == pytest.approx(1.0)
+
+
+def test_the_baseline_moves_a_tenth_of_the_way_to_a_later_generations_mean() -> None:
+    """Decay 0.9, first mean reward 1 (accuracy 0.5), then rewards 0 and 1 (mean 0.5): the
+    baseline becomes 0.9 x 1 + 0.1 x 0.5 = 0.95."""
+    g = _mlp()
+    c = _eas(g, baseline_decay=0.9)
+    ps = c.propose(g, 2)
+    c.observe([(ps[0], 0.5), (ps[1], 0.5)])
+    c.observe([(ps[0], 0.0), (ps[1], 0.5)])
+    assert c.baseline == pytest.approx(0.95)
+
+
+def _lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One LSTM step by its equations (gates in torch's order: input, forget, cell, output)."""
+    i, f, g, o = (x @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def test_the_decoder_starts_from_both_directions_final_states_computed_by_hand() -> None:
+    """The encoder's final (h, c), forward then backward, each from the LSTM's equations
+    over the tokens (the backward direction reads them last to first), start the decoder;
+    its first block logits and its state after one step are checked the same way."""
+    g = _mlp()
+    c = _eas(g, hidden=5, embedding_dim=3)
+    net, tokens = c.net, c.space.tokens(c.space.layers(g))
+    enc = dict(net.encoder.named_parameters())
+    with torch.no_grad():
+        x = net.embed(torch.tensor(tokens))
+        final = []
+        for suffix, seq in (("l0", x), ("l0_reverse", x.flip(0))):
+            h = cell = torch.zeros(5)
+            for t in seq:
+                h, cell = _lstm_cell(t, h, cell, *(enc[f"{w}_{suffix}"] for w in
+                                                    ("weight_ih", "weight_hh", "bias_ih",
+                                                     "bias_hh")))
+            final.append((h, cell))
+        h0 = torch.cat([final[0][0], final[1][0]])
+        c0 = torch.cat([final[0][1], final[1][1]])
+        state = net.deeper_start(tokens)
+        torch.testing.assert_close(state[0][0], h0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(state[1][0], c0, rtol=0, atol=1e-6)
+        d = net.decoder
+        h1, c1 = _lstm_cell(net.decoder_inputs[0].weight[0], h0, c0, d.weight_ih, d.weight_hh,
+                            d.bias_ih, d.bias_hh)
+        logits, (h, cell) = net.deeper_logits(state, 0, None)
+        torch.testing.assert_close(logits, net.classifiers[0](h1), rtol=0, atol=1e-6)
+        torch.testing.assert_close((h[0], cell[0]), (h1, c1), rtol=0, atol=1e-6)
+
+
+def test_a_child_without_decisions_adds_nothing_to_the_loss_but_counts_in_its_mean() -> None:
+    """-(1/N) sum_i A_i log p(child i): a child read back without decisions has log p = 0,
+    so the loss of (a, 1) and (it, 5) is half the loss of (a, 1) alone."""
+    g = _mlp()
+    c = _eas(g, entropy_weight=0.0)
+    a = c.propose(g, 1)[0]
+    bare = Proposal.from_json({"actions": [], "arch": "bare"})
+    alone = float(c.loss([(a, 1.0)]).detach())
+    assert alone != 0
+    assert float(c.loss([(a, 1.0), (bare, 5.0)]).detach()) == pytest.approx(alone / 2)

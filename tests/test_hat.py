@@ -93,6 +93,14 @@ def test_the_slope_anneals_from_1_over_s_max_to_s_max_over_each_epochs_batches()
     assert seen[3] == 50.0
 
 
+def test_a_fit_without_the_tasks_training_settings_is_refused_naming_them() -> None:
+    """The slope's schedule counts an epoch's batches, so HAT needs the batch size."""
+    ctx, s, _, _ = _setup(_two_heads(mlp, (6,), [5]))
+    ctx.train_config = None
+    with pytest.raises(ValueError, match="Context.train_config"), s.training(ctx):
+        pass
+
+
 def test_gradients_of_used_units_are_scaled_by_one_minus_the_mask_product() -> None:
     """conv1 (3 channels) -> relu -> pool -> flatten -> fc2 (4 units): task 0 used conv channels
     0 and 2 and fc units 1 and 3. fc2's weight from feature f (channel f // 4) to unit i trains

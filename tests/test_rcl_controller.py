@@ -142,6 +142,25 @@ def test_critic_loss_and_its_gradient_match_a_hand_computation() -> None:
     assert c.net.out.bias.grad is None  # the critic's loss never reaches the actor
 
 
+def test_the_critics_value_is_its_lstms_last_state_over_every_token_by_hand() -> None:
+    """V(s) = out(h_L): the critic's LSTM run by its equations over the layer tokens, first to
+    last, from zero states."""
+    from types import SimpleNamespace
+
+    g = _mlp()
+    c = _rcl(g)
+    tokens = c.space.tokens(c.space.layers(g))
+    lstm, value = c.value.lstm, c.value
+    weights = SimpleNamespace(**{w: getattr(lstm, f"{w}_l0") for w in
+                                 ("weight_ih", "weight_hh", "bias_ih", "bias_hh")})
+    h = cell = torch.zeros(lstm.hidden_size)
+    with torch.no_grad():
+        for token in tokens:
+            h, cell = _lstm_cell(value.tokens.weight[token], h, cell, weights)
+        want = float(value.out.weight[0] @ h + value.out.bias[0])
+        assert len(tokens) > 1 and float(value(tokens)) == pytest.approx(want, abs=1e-6)
+
+
 def test_observe_steps_the_actor_on_the_advantage_over_the_critics_value_before_its_update(
         ) -> None:
     """Two generations through `observe` against the same steps taken by hand: rewards from

@@ -513,6 +513,15 @@ def test_a_default_vit_has_two_blocks_of_32_features_in_4x4_patches() -> None:
     assert g.shape("block2_fc1") == (5, 64)
 
 
+def test_every_layernorm_of_a_vit_has_vits_eps_of_1e_6() -> None:
+    """ViT's LayerNorms take eps 1e-6 (torch's default is 1e-5): both of each block's and the
+    final one."""
+    g = vit((3, 8, 8))
+    eps = {n: g.node(n).attrs["eps"] for n in g.topo_order() if g.node(n).kind == "layernorm"}
+    assert eps == {n: 1e-6 for n in ("block1_norm1", "block1_norm2", "block2_norm1",
+                                     "block2_norm2", "norm")}
+
+
 def test_fc_tokens_follow_the_conv_tokens_one_per_width_bucket() -> None:
     """Vocabulary by hand: (conv widths + 1) x (kernel sizes + 1) conv ids, then one id per fc
     width bucket (a width goes to the first listed width at or above it), then the pool."""
@@ -565,3 +574,83 @@ def test_a_block_is_offered_only_where_its_parameters_fit_the_limit() -> None:
     for limit, offered in ((cost, True), (cost - 1, False)):
         space = make_space({"max_new_params": None, "max_params": g.param_count() + limit}, g)
         assert (first in space.block_options(g)) is offered, limit
+
+
+def test_a_block_on_tokens_without_attention_gets_one_head_per_64_features_of_full_width() -> None:
+    """A residual token network with no attention layer (nothing to copy the head count or
+    head width from): the block offered has max(1, 130 // 64) = 2 heads of 130 // 2 = 65
+    features, an MLP of 4 x 130, and costs, counted by hand, 2 LayerNorms 2 x 2 x 130 +
+    qkv 131 x 3 x 130 + proj 131 x 130 + fc1 131 x 520 + fc2 521 x 130 = 204,490; offered at
+    that limit, not one below, and inserting it adds exactly that."""
+    dim, cost = 130, 4 * 130 + 131 * 3 * 130 + 131 * 130 + 131 * 520 + 521 * 130
+    g = NetGraph()
+    g.add_input("x", (2, dim))
+    g.add("fc", "linear", ["x"], out_features=dim)
+    g.add("res", "add", ["x", "fc"])
+    g.add("pool", "getitem", ["res"], index=[0])
+    g.add("features", "identity", ["pool"])
+    g = add_head(g, "t0", 3)
+    for limit, offered in ((cost, [{"op": "add_block", "after": "res"}]), (cost - 1, [])):
+        space = make_space({"max_new_params": None, "max_params": g.param_count() + limit}, g)
+        assert space.block_options(g) == offered, limit
+    child, _ = make_space({"max_new_params": None}, g).apply(g, [{"op": "add_block",
+                                                                  "after": "res"}])
+    assert child.param_count() - g.param_count() == cost == 204_490
+
+
+def test_a_square_kernel_given_as_a_pair_is_one_size_and_an_oblong_one_none() -> None:
+    """An imported convolution's kernel may be a pair: (3, 3) reads as 3, (1, 3) as -1 (no
+    size of the space), and a label lists each list-valued setting joined by "x", settings
+    in sorted order and apart by commas."""
+    g = NetGraph()
+    g.add_input("x", (1, 8, 8))
+    g.add("c1", "conv2d", ["x"], out_channels=4, kernel_size=[3, 3], stride=[2, 2],
+          padding=[1, 1])
+    g.add("c2", "conv2d", ["c1"], out_channels=4, kernel_size=[1, 3], padding=[0, 1])
+    g.add("flatten", "flatten", ["c2"])
+    g.add("features", "identity", ["flatten"])
+    g = add_head(g, "t0", 2)
+    assert [(la.node, la.kernel) for la in make_space(None, g).layers(g)] == [
+        ("c1", 3), ("c2", -1)]
+    assert arch_string(g).split()[1:3] == ["conv3x3-4(padding=1x1,stride=2x2)",
+                                           "conv1x3-4(padding=0x1)"]
+
+
+def test_a_private_widening_takes_the_spaces_noise() -> None:
+    """`widen_private` (a private space's wider step) gets the space's noise, as net2wider
+    does: the child is the operator's own call with that noise, not its default (0)."""
+    from growth.ops import get_operator
+
+    g = _mlp()
+    action = {"op": "widen_private", "node": "fc1", "width": 7, "seed": 3}
+    child = make_space({"private": True, "noise": 0.3}, g).step(g, action)
+    want = get_operator("widen_private")(g, "fc1", 7, noise=0.3, seed=3).graph
+    exact = get_operator("widen_private")(g, "fc1", 7, noise=0.0, seed=3).graph
+    w = child.node("fc1").tensors["weight"]
+    assert torch.equal(w, want.node("fc1").tensors["weight"])
+    assert not torch.equal(w, exact.node("fc1").tensors["weight"])
+
+
+def test_a_wider_plugin_is_offered_where_it_accepts_within_the_limit(monkeypatch) -> None:
+    """A wider operator that is not built in is asked (a dry run): offered on fc1, which it
+    accepts, not on fc2, which it refuses; and only while its child's growth, 2 units of
+    fc1 (2 x (6 + 1)) and 2 more inputs of fc2 (2 x 7), 28 parameters, fits the limit."""
+    from growth.ops import Operator, registry
+
+    def fc1_only(graph, node, width, seed=0):
+        if node != "fc1":
+            raise OperatorError(f"{node} refused")
+        return net2wider(graph, node, width, noise=0.0, seed=seed)
+
+    monkeypatch.setitem(registry._BUILTIN, "fc1_only",
+                        Operator("fc1_only", "widens fc1 only", fc1_only, "wider"))
+    g = _mlp()  # 6 -> fc1 5 -> fc2 7 -> head 3
+    spec = {"operators": ["fc1_only"], "widths": {"fc": [5, 7, 9]}}
+    space = make_space(spec, g)
+    fc1, fc2 = space.layers(g)
+    assert space.wider_options(g, fc1) == [{"op": "fc1_only", "node": "fc1", "width": 7,
+                                            "seed": 0}]
+    assert space.wider_options(g, fc2) == []
+    for extra, offered in ((28, True), (27, False)):
+        limited = make_space({**spec, "max_params": g.param_count() + extra}, g)
+        assert bool(limited.wider_options(g, fc1)) is offered, extra

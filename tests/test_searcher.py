@@ -208,6 +208,158 @@ def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path:
     assert again["val_acc"] == m["val_acc"]
 
 
+def test_the_tune_trial_reports_the_metrics_with_the_childs_folder_as_its_checkpoint(
+        setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tune_trial` with Ray's runtime context and `tune.report` replaced by recorders (no Ray
+    session): a child that trains is reported with its metrics, the node it ran on and a
+    checkpoint of the folder holding its graph and record; a child that cannot be built is
+    reported failed, without a checkpoint."""
+    from types import SimpleNamespace
+
+    import ray
+    from growth.controllers.trial import tune_trial
+    from ray import tune
+
+    _, task, _, _, space = setup
+    reported = []
+
+    def report(metrics, checkpoint=None) -> None:  # the folder is gone once the trial returns
+        files = None if checkpoint is None else sorted(p.name for p in
+                                                       Path(checkpoint.path).iterdir())
+        reported.append((metrics, files))
+
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_node_id=lambda: "node-7"))
+    config = _searcher(setup, n=1).suggest("x")
+    config["spec"] = TrialSpec(train=CHILD_TRAIN).model_dump(mode="json")
+    tune_trial(config, task, space)
+    tune_trial({**config, "actions": [{"op": "no_such_operator"}]}, task, space)
+    (ok, files), (failed, no_files) = reported
+    assert (ok["status"], ok["node"], ok["key"]) == ("ok", "node-7", "g000c00"), ok["error"]
+    assert {"child.json", "structure.json"} <= set(files)
+    assert (failed["status"], failed["node"], no_files) == ("failed", "node-7", None)
+
+
+def test_an_earlier_task_reaches_a_trial_as_its_fields_and_empty_splits() -> None:
+    """`TaskMeta`: a task's identity, classes, offset and input shape travel as JSON, and
+    come back as a Task of those fields with no sample in any split."""
+    from growth.controllers.trial import TaskMeta
+
+    from growth.data import build_stream
+
+    task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2, "seed": 0,
+                         "max_train_per_task": 20})[1]
+    meta = TaskMeta.model_validate_json(TaskMeta.of(task).model_dump_json())
+    back = meta.task()
+    assert (back.index, back.name, back.classes, back.n_classes, back.class_offset,
+            back.input_shape) == (1, task.name, list(task.classes), 5, 5, (1, 8, 8))
+    for x, y in (back.train, back.val, back.test):
+        assert x.shape == (0, 1, 8, 8) and y.shape == (0,) and y.dtype == torch.int64
+
+
+def test_a_childs_accuracies_are_scored_by_its_strategy(setup, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strategy that overrides `evaluation` scores the child before and after training:
+    one that predicts the head's least likely class gives the share of validation samples
+    whose smallest output is their label, counted here on the parent and the saved child."""
+    from contextlib import contextmanager
+
+    from growth.compile import compile_graph
+    from growth.strategies import STRATEGIES, Strategy
+
+    class Contrary(Strategy):
+        name = "contrary"
+
+        @contextmanager
+        def evaluation(self, ctx, task):
+            head = ctx.model.head(ctx.head_of(task))
+            yield lambda x: -head(x)
+
+    def contrary(graph: NetGraph) -> float:
+        x, y = task.val
+        with torch.no_grad():
+            return int((compile_graph(graph).eval()(x).argmin(1) == y).sum()) / len(y)
+
+    monkeypatch.setitem(STRATEGIES, "contrary", Contrary)
+    _, task, base, acc, space = setup
+    config = _searcher(setup, n=1).suggest("x")
+    config["spec"] = TrialSpec(train=CHILD_TRAIN, strategy={"name": "contrary"}).model_dump(
+        mode="json")
+    m = train_child(config, task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    assert contrary(base) < 0.5 * acc  # the two scorings are far apart
+    assert m["val_acc_before"] == pytest.approx(contrary(base), abs=1e-12)
+    assert m["val_acc"] == pytest.approx(contrary(NetGraph.load(tmp_path / "child")), abs=1e-12)
+
+
+def test_a_trial_receives_the_training_and_validation_splits_and_no_test_sample(setup
+                                                                               ) -> None:
+    from growth.controllers.trial import trial_data
+
+    _, task, _, _, _ = setup
+    data = trial_data(task)
+    assert data.train is task.train and data.val is task.val and len(task.test[1]) > 0
+    x, y = data.test
+    assert x.shape == (0, *task.input_shape) and y.shape == (0,) and y.dtype == torch.int64
+
+
+def test_a_childs_seed_is_a_fixed_function_of_the_search_seed_generation_and_index() -> None:
+    """Values by hand: (seed x 1000003 + generation x 7919 + index x 104729 + 11) modulo the
+    prime 2^31 - 1, so a saved search trains the same children in a later version."""
+    assert child_seed(0, 0, 0) == 11
+    assert child_seed(1, 2, 3) == 1_000_003 + 2 * 7919 + 3 * 104_729 + 11 == 1_330_039
+    assert child_seed(3000, 0, 0) == 3_000_009_011 - 2_147_483_647 == 852_525_364
+
+
+def test_a_failed_childs_error_is_one_line_naming_where_it_was_raised() -> None:
+    """Its type, the first line of its message and the file and line of the innermost frame
+    (here `boom`'s raise, two calls deep); no place for an exception never raised."""
+    from growth.controllers.trial import _one_line
+
+    def boom() -> None:
+        raise ValueError("first line\nsecond line")
+
+    def outer() -> None:
+        boom()
+
+    try:
+        outer()
+    except ValueError as exc:
+        raised = exc
+    line = boom.__code__.co_firstlineno + 1
+    assert _one_line(raised) == f"ValueError: first line (at test_searcher.py:{line})"
+    assert _one_line(KeyError()) == "KeyError: "
+
+
+def test_a_childs_strategy_hooks_see_the_trials_training_settings(
+        setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook that reads `ctx.train_config` in the child's fit (as HAT's training hook does)
+    finds the spec's settings."""
+    from contextlib import contextmanager
+
+    from growth.strategies import STRATEGIES, Strategy
+
+    seen = []
+
+    class Reading(Strategy):
+        name = "reading"
+
+        @contextmanager
+        def training(self, ctx):
+            seen.append(ctx.train_config)
+            yield
+
+    monkeypatch.setitem(STRATEGIES, "reading", Reading)
+    _, task, _, _, space = setup
+    config = _searcher(setup, n=1).suggest("x")
+    config["spec"] = TrialSpec(train=CHILD_TRAIN, strategy={"name": "reading"}).model_dump(
+        mode="json")
+    m = train_child(config, task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    assert seen == [CHILD_TRAIN]
+
+
 def test_a_class_incremental_child_trains_and_scores_the_shared_head(tmp_path: Path) -> None:
     """Under scenario "class" a child reads the one shared head with the task's labels offset
     by its first class: its accuracy is the argmax of that head against y + offset, counted

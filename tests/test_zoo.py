@@ -89,7 +89,7 @@ def test_a_weights_file_that_does_not_fit_is_a_config_error(resnet_file, tmp_pat
 
 
 def test_an_architecture_without_a_linear_classifier_is_refused() -> None:
-    with pytest.raises(GraphError, match="not a linear classifier"):
+    with pytest.raises(GraphError, match="^squeezenet1_1 ends in .* not a linear classifier"):
         torchvision_trunk("squeezenet1_1", (3, 64, 64))
 
 
@@ -170,3 +170,81 @@ def test_a_users_module_becomes_a_trunk_whose_features_are_its_output() -> None:
     [source] = g.inputs(FEATURES)
     assert torch.equal(g.node(source).tensors["weight"], net[2].weight.detach())
     assert add_head(g, "t0", 5).shape(FEATURES) == (2,)
+
+
+def test_a_users_classifier_is_cut_and_the_features_read_the_layer_before_it() -> None:
+    """`output="classifier"`: the module's last linear layer is the classifier the heads
+    replace, so the trunk ends at the ReLU before it (3 features), without that layer."""
+    from growth.search_spaces.zoo import module_trunk
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    g = module_trunk(net, (4,), output="classifier", name="my_net")
+    [source] = g.inputs(FEATURES)
+    assert g.node(source).kind == "relu" and g.shape(FEATURES) == (3,)
+    assert [n for n in g.topo_order() if g.node(n).kind == "linear"] == [g.inputs(source)[0]]
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = compile_graph(add_head(g, "t0", 2)).eval()(x)  # a fresh head on 3 features
+        assert got.shape == (5, 2)
+    with pytest.raises(GraphError, match="^my_net ends in"):  # the name given, in the error
+        module_trunk(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()), (4,),
+                     output="classifier", name="my_net")
+
+
+def _tiny_state() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    return model, {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_weights_load_from_safetensors_and_from_a_data_parallel_state_dict(tmp_path) -> None:
+    """A .safetensors file, and a torch file saved from nn.DataParallel (every key under
+    "module."), both load the file's tensors into the model."""
+    from growth.search_spaces.zoo import load_weights
+    from safetensors.torch import save_file
+
+    model, state = _tiny_state()
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "dp.pt")
+    for name in ("w.safetensors", "dp.pt"):
+        fresh, _ = _tiny_state()
+        load_weights(fresh, tmp_path / name, "tiny")
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, state[k]), (name, k)
+
+
+class _Planted:
+    """A pickled object whose unpickling runs code: a weights file must never run it."""
+
+    def __reduce__(self):
+        return (_mark_ran, ())
+
+
+_RAN: list[int] = []
+
+
+def _mark_ran() -> int:
+    _RAN.append(1)
+    return 0
+
+
+def test_a_weights_file_holding_code_is_refused_without_running_it(tmp_path, monkeypatch
+                                                                    ) -> None:
+    """Loading asks torch for tensors only, even where torch.load's default would unpickle
+    anything (torch < 2.6, or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set)."""
+    from growth.search_spaces.zoo import load_weights
+
+    model, state = _tiny_state()
+    torch.save({**state, "extra": _Planted()}, tmp_path / "w.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_weights(model, tmp_path / "w.pt", "tiny")
+    assert _RAN == []
+
+
+def test_an_unknown_architecture_like_no_other_gets_no_hint() -> None:
+    from growth.search_spaces.zoo import build_model
+
+    with pytest.raises(ConfigError, match=r"'qqqq' is not a torchvision classification "
+                       r"architecture; see torchvision"):
+        build_model("qqqq")

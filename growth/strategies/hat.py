@@ -196,7 +196,7 @@ class HAT(Strategy):
 
     @contextmanager
     def training(self, ctx: Context) -> Iterator[None]:
-        cfg = ctx.train_config or ctx.train_cfg
+        cfg = ctx.train_config
         if cfg is None:
             raise ValueError("HAT anneals its slope over an epoch's batches and needs the "
                              "task's training settings (Context.train_config, set by "
