@@ -17,16 +17,19 @@ from safetensors.torch import load, save
 from test_campaign import run, write_config
 from test_strategies import class_incremental, context, make_task, mlp, perturb, synthetic
 
+from growth import train as train_module
 from growth.campaign import Campaign, resume_run
 from growth.cli import main
 from growth.compile import compile_graph
 from growth.config import load_config
 from growth.data.containers import Task
+from growth.data.sampling import generator
 from growth.data.streaming import ImageFiles
 from growth.errors import ConfigError
 from growth.graph import NetGraph
 from growth.model import Model
 from growth.strategies import Context, make_strategy
+from growth.strategies import dgr as dgr_module
 from growth.strategies.dgr import _VAETrainer, elbo_loss, sample, vae_graphs
 from growth.strategies.icarl import NOT_NEW
 from growth.strategies.rehearsal import join_by_head
@@ -397,7 +400,8 @@ def test_the_evidence_bound_by_hand():
     torch.manual_seed(0)
     decoder = torch.nn.Linear(2, 3)
     x = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.2, 0.0]])
-    mu, logvar = torch.tensor([[0.3, -0.2], [1.0, 0.5]]), torch.tensor([[0.1, -0.4], [0.0, 0.3]])
+    # the log-variances do not sum to 0: KL's +logvar and -logvar terms then differ
+    mu, logvar = torch.tensor([[0.3, -0.2], [1.0, 0.5]]), torch.tensor([[0.1, -0.4], [0.2, 0.3]])
     eps = torch.randn(2, 2, generator=torch.Generator().manual_seed(4))
     got = elbo_loss(x, mu, logvar, decoder, torch.Generator().manual_seed(4))
     p = torch.sigmoid(decoder(mu + torch.exp(logvar / 2) * eps)).detach()
@@ -439,6 +443,23 @@ def replay_setup(name: str, params: dict, single_head: bool):
     return s, ctx, model
 
 
+def replay_by_hand(s, model, n: int, cols: list[int], targets: str, t: float,
+                   head: str = "out0", fake: torch.Tensor | None = None) -> torch.Tensor:
+    """The replay loss on n samples drawn from the strategy's replay generator as it stands
+    (or on `fake`): the old solver's labels over its old columns `cols` of `head`, hard or soft
+    at t."""
+    if fake is None:
+        z = torch.randn(n, 4, generator=s.gen)
+        fake = torch.sigmoid(s.decoder.module(z)).view(n, 1, 4, 4)
+    teacher = s._teacher(fake)[head][:, cols].detach()
+    student = model.head(head)(fake).detach()
+    if targets == "hard":
+        return F.cross_entropy(student, torch.tensor(cols)[teacher.argmax(1)])
+    q = torch.zeros_like(student)
+    q[:, cols] = torch.softmax(teacher / t, 1)
+    return -(q * torch.log_softmax(student / t, 1)).sum(1).mean() * t * t
+
+
 @pytest.mark.parametrize("targets", ["hard", "soft"])
 @pytest.mark.parametrize("single_head", [False, True])
 def test_dgr_replay_is_labelled_by_the_previous_solver(targets, single_head):
@@ -446,21 +467,175 @@ def test_dgr_replay_is_labelled_by_the_previous_solver(targets, single_head):
     state = s.gen.get_state()
     got = float(s.replay_loss(ctx, 10, (1, 4, 4)).detach())
     s.gen.set_state(state)
-    z = torch.randn(10, 4, generator=s.gen)
-    fake = torch.sigmoid(s.decoder.module(z)).view(10, 1, 4, 4)
-    head = "out0"
     cols = [0, 1]  # class-incremental: the old task's classes in the shared head
     if not single_head:
         cols = [0, 1, 2, 3]  # task-incremental: the old task's whole head
-    teacher = s._teacher(fake)[head][:, cols].detach()
-    student = model.head(head)(fake).detach()
-    if targets == "hard":
-        expect = F.cross_entropy(student, torch.tensor(cols)[teacher.argmax(1)])
-    else:
-        q = torch.zeros_like(student)
-        q[:, cols] = torch.softmax(teacher / 3.0, 1)
-        expect = -(q * torch.log_softmax(student / 3.0, 1)).sum(1).mean() * 9.0
+    expect = replay_by_hand(s, model, 10, cols, targets, 3.0)
     assert got == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_dgr_averages_the_replay_loss_over_the_old_heads():
+    """Third task, task-incremental: the replays are scored through both old heads, averaged."""
+    tasks, model = synthetic(3), mlp(n_heads=3)
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 2)
+    s.before_task(context(model, tasks, 2))
+    perturb(model, 2)
+    state = s.gen.get_state()
+    got = float(s.replay_loss(context(model, tasks, 2), 10, (1, 4, 4)).detach())
+    s.gen.set_state(state)
+    z = torch.randn(10, 4, generator=s.gen)
+    fake = torch.sigmoid(s.decoder.module(z)).view(10, 1, 4, 4)
+    heads = [float(replay_by_hand(s, model, 10, [0, 1, 2, 3], "soft", 2.0, head, fake))
+             for head in ("out0", "out1")]
+    assert got == pytest.approx(sum(heads) / 2, rel=1e-5)
+
+
+def test_dgr_weighs_the_current_batch_one_over_the_tasks_so_far_and_replays_the_rest():
+    """Second task (t = 2): loss = CE(batch) / 2 + replay loss / 2, the replay as large as the
+    batch."""
+    s, ctx, model = replay_setup("dgr", {"targets": "hard"}, single_head=False)
+    x, y = ctx.task.train[0][:8], ctx.task.train[1][:8]
+    logits = model.head("out1")(x)
+    state = s.gen.get_state()
+    got = float(s.loss(ctx, x, y, logits).detach())
+    s.gen.set_state(state)
+    replay = replay_by_hand(s, model, 8, [0, 1, 2, 3], "hard", 1.0)
+    expect = 0.5 * float(F.cross_entropy(logits, y).detach()) + 0.5 * float(replay)
+    assert got == pytest.approx(expect, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dgr", "dgr_negative"])
+def test_generative_replay_draws_from_the_tasks_seed_under_its_own_keys(name, monkeypatch):
+    """Replays under `<method>/replay/<task>`, the generator's training under
+    `generator/<task>`: each task draws its own streams, and a resumed run the same ones."""
+    tasks, model = class_incremental(2), mlp(n_heads=1, classes=4)
+    fits: list[tuple[torch.Generator, torch.Tensor]] = []  # each fit's generator, first state
+
+    def first_draws(x, mu, logvar, decoder, gen):
+        if not any(g is gen for g, _ in fits):
+            fits.append((gen, gen.get_state()))
+        return elbo_loss(x, mu, logvar, decoder, gen)
+
+    monkeypatch.setattr(dgr_module, "elbo_loss", first_draws)
+    s = make_strategy(name, SMALL_VAE)
+    for i in range(2):
+        ctx = context(model, tasks, i, single_head=True)
+        ctx.seed = 11
+        s.before_task(ctx)
+        assert torch.equal(s.gen.get_state(), generator(11, name, "replay", i).get_state())
+        learn_task(ctx, s, CFG, seed=11)
+    assert len(fits) == 2
+    for i, (_, state) in enumerate(fits):
+        assert torch.equal(state, generator(11, "generator", i).get_state()), i
+
+
+def test_the_evidence_bound_and_the_samples_follow_the_datas_device():
+    """On the meta device (an accelerator's stand-in) the bound's noise and the samples' latent
+    codes are moved to the data's device: a CPU tensor beside a meta one fails at once."""
+    meta = torch.device("meta")
+    decoder = torch.nn.Linear(2, 3).to(meta)
+    mu = torch.zeros(4, 2, device=meta)
+    got = elbo_loss(torch.zeros(4, 3, device=meta), mu, mu, decoder, torch.Generator())
+    assert got.device == meta
+    assert sample(decoder, 5, 2, (3,), torch.Generator(), meta).device == meta
+
+
+def test_the_generator_takes_adam_steps_at_its_own_rate():
+    """One epoch of one batch: Adam's first step moves every weight that has a gradient by
+    gen_lr (lr g / (|g| + eps)), whatever the gradient's size (SGD would move it lr g)."""
+    tasks, model = synthetic(1), mlp()
+    s = make_strategy("dgr", {**SMALL_VAE, "gen_epochs": 1, "gen_batch": 64, "gen_lr": 0.01})
+    ctx = context(model, tasks, 0)
+    s.before_task(ctx)  # builds the VAE
+    parts = (s.encoder.module, s.decoder.module)
+    before = [p.detach().clone() for part in parts for p in part.parameters()]
+    s.after_task(ctx)  # trains it on the task's 36 inputs
+    moved = torch.cat([(p.detach() - b).abs().flatten() for p, b in
+                       zip((p for part in parts for p in part.parameters()), before)])
+    stepped = moved[moved > 1e-6]
+    assert len(stepped) > 0.9 * len(moved)  # units that never fire have no gradient
+    torch.testing.assert_close(stepped, torch.full_like(stepped, 0.01), rtol=1e-2, atol=0)
+
+
+def test_each_generator_fit_runs_on_the_runs_device_and_weighs_its_task_one_over_t(monkeypatch):
+    """The fit after task t (1, 2) trains on the run's device, its batches in the order of the
+    task's seed, with the task's data weighted 1/t against replays of the generator as it was
+    (none after the first task)."""
+    fits = []
+    real_fit = train_module.fit
+
+    def recorded(ctx, strategy, cfg, **kw):
+        if isinstance(strategy, _VAETrainer):
+            fits.append((ctx.device, kw.get("seed"), strategy.w, strategy.previous is None))
+        return real_fit(ctx, strategy, cfg, **kw)
+
+    monkeypatch.setattr(train_module, "fit", recorded)
+    tasks, model, s = synthetic(2), mlp(), make_strategy("dgr", SMALL_VAE)
+    for i in range(2):
+        ctx = context(model, tasks, i)
+        ctx.seed = 7 + i
+        learn_task(ctx, s, CFG, seed=7 + i)
+    cpu = torch.device("cpu")
+    assert fits == [(cpu, 7, 1.0, True), (cpu, 8, 0.5, False)]
+
+
+def test_dgr_puts_the_previous_solver_on_the_runs_device():
+    """On the meta device (an accelerator's stand-in) the previous solver's copy is put there."""
+    tasks, model = synthetic(2), mlp()
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 1)
+    meta = torch.device("meta")
+    s.before_task(dataclasses.replace(context(model, tasks, 1), device=meta))
+    assert all(p.device == meta for p in s._teacher.parameters())
+
+
+def test_dgr_replays_inputs_of_several_channels_shaped_like_the_data():
+    """Inputs of 2 x 2 x 4: the solver's and the generator's replays take the data's shape
+    (without its batch dimension), not a shape with a channel dropped."""
+    gen = torch.Generator().manual_seed(0)
+    tasks = [make_task(i, torch.rand(32, 2, 2, 4, generator=gen),
+                       torch.randint(0, 4, (32,), generator=gen), 4) for i in range(2)]
+    model = mlp(n_heads=2, in_shape=(2, 2, 4))
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 2)  # replays on the second task
+    assert sample(s.decoder.module, 3, 4, (2, 2, 4), gen, torch.device("cpu")).shape == \
+        (3, 2, 2, 4)
+
+
+def test_dgr_replays_on_the_runs_device():
+    """A run resumed on the meta device (an accelerator's stand-in): the generator is rebuilt
+    there from its saved weights, and the replays are drawn there, beside the solver."""
+    tasks, model = synthetic(2), mlp()
+    s = learn(make_strategy("dgr", SMALL_VAE), tasks, model, 1)
+    s.load_state_dict(*s.state_dict())
+    meta = torch.device("meta")
+    ctx = dataclasses.replace(context(model, tasks, 1), device=meta)
+    s.before_task(ctx)
+    ctx.model = Model(model.graph, meta)  # the solver there too (a meta one cannot be copied)
+    assert s.replay_loss(ctx, 5, (1, 4, 4)).device == meta
+
+
+def test_the_generators_replays_are_drawn_on_the_datas_device():
+    """On the meta device (an accelerator's stand-in) the previous generator's replays are
+    drawn beside the batch: a CPU latent code beside a meta decoder fails at once."""
+    meta = torch.device("meta")
+    enc, dec = vae_graphs((1, 4, 4), [8], 4)
+    encoder, decoder = Model(enc, meta), Model(dec, meta)
+    x = torch.zeros(6, 1, 4, 4, device=meta)
+    ctx = Context(encoder, synthetic(1)[0], [], lambda t: "mu", lambda t, y: y, meta)
+    ctx.outputs = encoder.head(("mu", "logvar"))(x)
+    previous = compile_graph(dec).to(meta)
+    trainer = _VAETrainer(decoder.module, previous, 0.5, 4, torch.Generator())
+    assert trainer.loss(ctx, x, None, None).device == meta
+
+
+def test_the_generator_is_built_on_the_runs_device():
+    """The meta device stands in for an accelerator: both parts of the VAE are put there."""
+    meta = torch.device("meta")
+    ctx = dataclasses.replace(context(mlp(), synthetic(1), 0), device=meta)
+    s = make_strategy("dgr", SMALL_VAE)
+    s.build_generator(ctx)
+    for part in (s.encoder, s.decoder):
+        assert part.device == meta
+        assert all(p.device == meta for p in part.module.parameters())
 
 
 def test_negative_replay_trains_only_the_other_classes_outputs():
@@ -474,6 +649,14 @@ def test_negative_replay_trains_only_the_other_classes_outputs():
     logits = model.head("out0")(x[:8])
     s.loss(ctx, x[:8], y[:8] + 2, logits).backward()
     assert torch.all(model.module.head0.weight.grad[:2] == 0)
+
+
+def test_negative_replay_detaches_the_old_columns_on_the_logits_device():
+    """On the meta device (an accelerator's stand-in) the old-column mask is made beside the
+    logits: a CPU mask beside meta logits fails at once."""
+    s, _, _ = replay_setup("dgr_negative", {}, single_head=True)
+    logits = torch.zeros(3, 4, device=torch.device("meta"), requires_grad=True)
+    assert s.freeze_old(logits).device == logits.device
 
 
 def test_negative_replay_is_refused_in_the_task_scenario(tmp_path):
@@ -504,6 +687,8 @@ def test_vae_graphs_shapes():
     enc, dec = vae_graphs((1, 8, 8), [32, 16], 5)
     assert enc.shape("head_mu") == (5,) and enc.shape("head_logvar") == (5,)
     assert dec.shape("out") == (64,)
+    enc, dec = vae_graphs((4, 6), [8], 3)  # two-dimensional inputs are flattened too
+    assert enc.shape("head_mu") == (3,) and dec.shape("out") == (24,)
 
 
 # ---- joint, the shared pieces --------------------------------------------------------------
