@@ -1028,6 +1028,116 @@ def _service_ctx(tmp_path: Path) -> Context:
                    torch.device("cpu"), seed=0, workdir=tmp_path)
 
 
+def test_the_service_hands_the_driver_its_context_hooks_and_ray(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """The rest of what `SearchService.search` passes on, read off a stand-in for `run_search`:
+    the scenario, the earlier tasks and the device for every child, one thread per CPU a trial
+    has, the budget's child count to `on_start`, the last search's mean child time, the Ray log
+    file, the worker pool, and a `connect` that joins Ray at the search's own address."""
+    import growth.controllers.driver as driver
+    from growth.controllers.service import SearchService
+    from growth.controllers.trial import TaskMeta
+
+    from growth.searching import SearchSettings
+
+    class Stop(Exception):
+        pass
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_search(*args: Any, **kwargs: Any) -> Any:
+        seen.update(args=args, kwargs=kwargs)
+        raise Stop
+
+    monkeypatch.setattr(driver, "run_search", fake_run_search)
+    ctx = _service_ctx(tmp_path)
+    earlier = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2,
+                            "max_train_per_task": 40})[0]
+    ctx.seen, ctx.scenario, ctx.device = [earlier], "class", torch.device("cuda", 1)
+    settings = SearchSettings(controller="random", children=3, generations=2, epochs=1,
+                              backend="local", cpus_per_trial=2.0, ray_address="ray://head:1",
+                              space={"widths": {"fc": [8, 12]}})
+    started: list[tuple[int, int]] = []
+    joined: list[str | None] = []
+    with SearchService(log_file=tmp_path / "ray.log",
+                       on_start=lambda *a: started.append(a)) as service, pytest.raises(Stop):
+        service.child_s = 1.5  # a mean child time measured by an earlier search
+        monkeypatch.setattr(service, "_connect", joined.append)
+        service.search(ctx, SearchRequest(settings, TrainConfig(epochs=1)))
+    spec, kw = seen["args"][5], seen["kwargs"]
+    assert (spec.scenario, spec.seen, spec.device, spec.threads) == (
+        "class", [TaskMeta.of(earlier)], "cuda:1", 2)
+    assert started == [(1, 6)]  # 3 children x 2 generations
+    assert (kw["child_s"], kw["log_file"], kw["pool"]) == (1.5, tmp_path / "ray.log",
+                                                           service.pool)
+    kw["connect"]()
+    assert joined == ["ray://head:1"]
+
+
+def test_a_search_that_keeps_the_parent_returns_no_graph_no_records_and_its_costs(
+        tmp_path: Path, monkeypatch) -> None:
+    """A search whose driver kept the parent: no graph, an empty list of records (not None),
+    the summary counted from the driver's records, and the mean child time kept for the next
+    search."""
+    from types import SimpleNamespace
+
+    import growth.controllers.driver as driver
+    from growth.controllers.service import SearchService
+
+    from growth.searching import SearchSettings
+
+    records = [SimpleNamespace(ok=True, train_time_s=2.0), SimpleNamespace(ok=False,
+                                                                          train_time_s=0.5),
+               SimpleNamespace(ok=True, train_time_s=4.0)]
+    result = SimpleNamespace(records=records, generations=1, kept=1, best=None,
+                             replaced=False)
+    monkeypatch.setattr(driver, "run_search", lambda *a, **k: result)
+    settings = SearchSettings(controller="random", children=3, generations=1, epochs=1,
+                              backend="local", space={"widths": {"fc": [8, 12]}})
+    with SearchService() as service:
+        out = service.search(_service_ctx(tmp_path), SearchRequest(
+            settings, TrainConfig(epochs=1), parent_acc=0.5))
+        assert service.child_s == 3.0  # the mean of the children that finished
+    assert out.graph is None and out.records == []
+    assert {k: out.summary[k] for k in ("children", "failed", "child_time_s", "generations",
+                                        "parent_kept", "parent_acc", "best_child_val",
+                                        "expansion")} == {
+        "children": 3, "failed": 1, "child_time_s": 6.5, "generations": 1, "parent_kept": 1,
+        "parent_acc": 0.5, "best_child_val": None, "expansion": "parent"}
+
+
+def test_a_kept_child_is_rebuilt_from_its_actions_on_a_batch_of_the_tasks_inputs(
+        tmp_path: Path, monkeypatch) -> None:
+    """The chosen child is rebuilt from the parent by its actions; a deeper layer with
+    BatchNorm needs a batch of network inputs to set its statistics, and the service gives
+    it the task's training inputs (not its labels, not nothing)."""
+    from types import SimpleNamespace
+
+    import growth.controllers.driver as driver
+    from growth.controllers.service import SearchService
+    from growth.search_spaces.space import make_space
+
+    from growth.searching import SearchSettings
+
+    ctx = _service_ctx(tmp_path)
+    space_settings = {"deeper_batchnorm": True, "widths": {"fc": [8, 12]}}
+    actions = [{"op": "net2deeper", "after": "act1", "batchnorm": True}]
+    child = make_space(space_settings, ctx.model.graph).apply(
+        ctx.model.graph, actions, sample=ctx.task.train[0][:256])[0]
+    child.save(tmp_path / "child")
+    result = SimpleNamespace(records=[], generations=1, kept=0, replaced=True,
+                             best=SimpleNamespace(val_acc=0.9), parent=tmp_path / "child",
+                             lineage=[actions], parent_acc=0.9)
+    monkeypatch.setattr(driver, "run_search", lambda *a, **k: result)
+    settings = SearchSettings(controller="random", children=1, generations=1, epochs=1,
+                              backend="local", space=space_settings)
+    with SearchService() as service:
+        out = service.search(ctx, SearchRequest(settings, TrainConfig(epochs=1)))
+    assert out.graph.to_dict() == child.to_dict()
+    assert [r.op for r in out.records] == ["net2deeper"]
+    assert (out.summary["expansion"], out.summary["val_acc"]) == (actions, 0.9)
+
+
 def test_a_search_asked_again_keeps_the_parent_it_wrote_first(tmp_path: Path) -> None:
     """The parent is written once: asked again in the same folder (a resumed task), the
     service goes on from the parent it saved, not from the network as it is now."""
