@@ -621,3 +621,29 @@ def test_a_source_that_has_no_generation_left_is_not_asked_again(setup) -> None:
     assert s.advance() is False and s.advance() is False
     assert s.suggest("t") == ControllerSearcher.FINISHED  # Tune: the search is over
     assert source.asked == 1 and s.done
+
+
+def test_the_source_hears_when_a_generation_begins_and_when_it_ends(setup) -> None:
+    """`began` once the children are proposed (with what needs a trial), `ended` once the
+    controller has observed them, then the next generation is asked for."""
+    tmp, _, _, _, space = setup
+    calls: list[tuple[str, int | None, list[int] | None, bool]] = []
+
+    class Source:
+        plans = [Generation(0, 2, str(tmp / "base"), {}, {1: 0.5})]
+
+        def next_generation(self):
+            return self.plans.pop(0) if self.plans else None
+
+        def began(self, searcher) -> None:
+            calls.append(("began", searcher.generation, searcher.to_train, searcher.observed))
+
+        def ended(self, searcher) -> None:
+            calls.append(("ended", searcher.generation, None, searcher.observed))
+
+    s = ControllerSearcher(make_controller("random", space, seed=0), Source())
+    assert s.advance() is True
+    assert calls == [("began", 0, [0], False)]  # child 1 finished before: only 0 to train
+    s.result(0, 0.75)
+    assert s.advance() is False and s.done
+    assert calls == [("began", 0, [0], False), ("ended", 0, None, True)]
