@@ -982,9 +982,6 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     for key in {**QUIET_ENV, **FORCED_ENV}:
         monkeypatch.delenv(key, raising=False)  # put back after the test
 
-    class Stop(Exception):
-        pass
-
     given: dict[str, Any] = {}
 
     class Tuner:
@@ -992,14 +989,14 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
             given.update(trainable=trainable, tc=tune_config, rc=run_config)
 
         def fit(self) -> None:
-            raise Stop
+            raise _Stop
 
     monkeypatch.setattr(tune, "Tuner", Tuner)
     monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: ("parameters", fn, kw))
     monkeypatch.setattr(tune, "with_resources", lambda fn, res: ("resources", fn, res))
     task, parent, graph = _digits_parent(tmp_path)
     space = make_space({"widths": {"fc": [16, 20, 24]}}, graph)
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(2, 1),
                    resources=Resources(concurrency=3, cpus_per_trial=2.0, max_failures=2),
                    backend="tune", connect=lambda: nullcontext(SimpleNamespace(started=False)))
@@ -1018,6 +1015,25 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     assert isinstance(rc.callbacks[0], Recorder)
 
 
+class _Stop(Exception):
+    """Raised by the stand-in for `run_search` once it has recorded its call."""
+
+
+def _record_run_search(monkeypatch) -> dict[str, Any]:
+    """Replace the driver's `run_search` with a recorder that stops the search: the returned
+    dict gets its `args` and `kwargs`."""
+    import growth.controllers.driver as driver
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_search(*args: Any, **kwargs: Any) -> Any:
+        seen.update(args=args, kwargs=kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(driver, "run_search", fake_run_search)
+    return seen
+
+
 def _service_ctx(tmp_path: Path) -> Context:
     """Task 1 of a two-task split of 40 digits, an MLP of 8 hidden units, workdir tmp_path."""
     task = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2,
@@ -1034,22 +1050,12 @@ def test_the_service_hands_the_driver_its_context_hooks_and_ray(tmp_path: Path,
     the scenario, the earlier tasks and the device for every child, one thread per CPU a trial
     has, the budget's child count to `on_start`, the last search's mean child time, the Ray log
     file, the worker pool, and a `connect` that joins Ray at the search's own address."""
-    import growth.controllers.driver as driver
     from growth.controllers.service import SearchService
     from growth.controllers.trial import TaskMeta
 
     from growth.searching import SearchSettings
 
-    class Stop(Exception):
-        pass
-
-    seen: dict[str, Any] = {}
-
-    def fake_run_search(*args: Any, **kwargs: Any) -> Any:
-        seen.update(args=args, kwargs=kwargs)
-        raise Stop
-
-    monkeypatch.setattr(driver, "run_search", fake_run_search)
+    seen = _record_run_search(monkeypatch)
     ctx = _service_ctx(tmp_path)
     earlier = build_stream({"dataset": "digits", "stream": "split", "n_tasks": 2,
                             "max_train_per_task": 40})[0]
@@ -1060,7 +1066,7 @@ def test_the_service_hands_the_driver_its_context_hooks_and_ray(tmp_path: Path,
     started: list[tuple[int, int]] = []
     joined: list[str | None] = []
     with SearchService(log_file=tmp_path / "ray.log",
-                       on_start=lambda *a: started.append(a)) as service, pytest.raises(Stop):
+                       on_start=lambda *a: started.append(a)) as service, pytest.raises(_Stop):
         service.child_s = 1.5  # a mean child time measured by an earlier search
         monkeypatch.setattr(service, "_connect", joined.append)
         service.search(ctx, SearchRequest(settings, TrainConfig(epochs=1)))
@@ -1238,22 +1244,12 @@ def test_the_service_hands_the_driver_the_settings_of_its_search(tmp_path: Path,
     that records its call and stops: the children's training (epochs, lr x lr_scale, the
     schedule, no warm-up), each child's threads (cpus_per_trial rounded down, at least 1), the
     budget, the resources and every choice of the settings; `on_end` is called all the same."""
-    import growth.controllers.driver as driver
     from growth.controllers.driver import Budget, Resources
     from growth.controllers.service import SearchService
 
     from growth.searching import SearchSettings
 
-    class Stop(Exception):
-        pass
-
-    seen: dict[str, Any] = {}
-
-    def fake_run_search(*args: Any, **kwargs: Any) -> Any:
-        seen.update(args=args, kwargs=kwargs)
-        raise Stop
-
-    monkeypatch.setattr(driver, "run_search", fake_run_search)
+    seen = _record_run_search(monkeypatch)
     ctx = _service_ctx(tmp_path)
     ctx.seed = 4
     settings = SearchSettings(controller="random", children=3, generations=2, epochs=1,
@@ -1261,7 +1257,7 @@ def test_the_service_hands_the_driver_the_settings_of_its_search(tmp_path: Path,
                               parent="fixed", backend="local", concurrency=3,
                               cpus_per_trial=0.5, space={"widths": {"fc": [8, 12]}})
     ended: list[int] = []
-    with SearchService(on_end=ended.append) as service, pytest.raises(Stop):
+    with SearchService(on_end=ended.append) as service, pytest.raises(_Stop):
         service.search(ctx, SearchRequest(settings, TrainConfig(epochs=5, lr=0.2,
                                                                 warmup_epochs=2),
                                           ("l2", {"lambda": 2.0}), parent_acc=0.75))

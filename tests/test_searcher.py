@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray.cloudpickle as cloudpickle
@@ -45,6 +46,18 @@ def _searcher(setup, seed: int = 1, n: int = 4, known=None, exclude=frozenset()
     return ControllerSearcher(controller, Generation(0, n, str(tmp / "base"),
                                                      {"spec": {}, "attempt": 0}, known or {},
                                                      exclude), seed=7)
+
+
+def _child_trained_by(setup, strategy: str, folder: Path) -> dict[str, Any]:
+    """Child 0 of a one-child generation, trained with the registered `strategy`; its
+    metrics (the training must succeed)."""
+    _, task, _, _, space = setup
+    config = _searcher(setup, n=1).suggest("x")
+    config["spec"] = TrialSpec(train=CHILD_TRAIN, strategy={"name": strategy}).model_dump(
+        mode="json")
+    m = train_child(config, task, space, folder)
+    assert m["status"] == "ok", m["error"]
+    return m
 
 
 class Recording:
@@ -282,12 +295,8 @@ def test_a_childs_accuracies_are_scored_by_its_strategy(setup, tmp_path: Path,
             return int((compile_graph(graph).eval()(x).argmin(1) == y).sum()) / len(y)
 
     monkeypatch.setitem(STRATEGIES, "contrary", Contrary)
-    _, task, base, acc, space = setup
-    config = _searcher(setup, n=1).suggest("x")
-    config["spec"] = TrialSpec(train=CHILD_TRAIN, strategy={"name": "contrary"}).model_dump(
-        mode="json")
-    m = train_child(config, task, space, tmp_path / "child")
-    assert m["status"] == "ok", m["error"]
+    _, task, base, acc, _ = setup
+    m = _child_trained_by(setup, "contrary", tmp_path / "child")
     assert contrary(base) < 0.5 * acc  # the two scorings are far apart
     assert m["val_acc_before"] == pytest.approx(contrary(base), abs=1e-12)
     assert m["val_acc"] == pytest.approx(contrary(NetGraph.load(tmp_path / "child")), abs=1e-12)
@@ -351,12 +360,7 @@ def test_a_childs_strategy_hooks_see_the_trials_training_settings(
             yield
 
     monkeypatch.setitem(STRATEGIES, "reading", Reading)
-    _, task, _, _, space = setup
-    config = _searcher(setup, n=1).suggest("x")
-    config["spec"] = TrialSpec(train=CHILD_TRAIN, strategy={"name": "reading"}).model_dump(
-        mode="json")
-    m = train_child(config, task, space, tmp_path / "child")
-    assert m["status"] == "ok", m["error"]
+    _child_trained_by(setup, "reading", tmp_path / "child")
     assert seen == [CHILD_TRAIN]
 
 
