@@ -343,3 +343,35 @@ def test_a_fixed_search_grows_every_child_from_its_first_parent_and_picks_the_be
         TrialSpec(train=TrainConfig(epochs=1, lr=0.05)), Budget(children=3, generations=2),
         seed=0, policy="fixed", cost=cost, parent_acc=2.0, backend="local")
     assert not again.replaced  # no child beats a parent scored above any accuracy
+
+
+def test_a_controller_made_without_seed_or_key_uses_seed_0_and_names_search_controller() -> None:
+    g = _mlp()
+    space = make_space({"private": True}, g)
+    made = RCLController(space, {"counts": [0, 1, 3]})
+    assert [p.to_json() for p in made.propose(g, 2)] == [
+        p.to_json() for p in _rcl(g, seed=0).propose(g, 2)]
+    with pytest.raises(ConfigError, match=r"^search\.controller\.counts"):
+        RCLController(space, {"counts": [1, 2]})
+
+
+def test_the_state_names_its_controller_and_one_without_an_update_count_loads_as_zero() -> None:
+    g = _mlp()
+    a = _rcl(g)
+    first = a.propose(g, 2)
+    a.observe([(p, 0.5) for p in first])
+    tensors, extra = a.state_dict()
+    assert extra["controller"] == "rcl" and extra["updates"] == 1
+    b = _rcl(g)
+    b.load_state_dict(tensors, {k: v for k, v in extra.items() if k != "updates"})
+    assert b.updates == 0
+
+
+def test_no_children_asked_none_proposed_and_one_child_is_observed() -> None:
+    g = _mlp()
+    c = _rcl(g)
+    assert c.propose(g, 0) == []  # and nothing drawn: the next generation is a fresh one's
+    assert [p.to_json() for p in c.propose(g, 1)] == [p.to_json() for p in _rcl(g).propose(g, 1)]
+    [child] = c.propose(g, 1)
+    c.observe([(child, 0.5)])  # a generation of one child still updates
+    assert c.updates == 1
