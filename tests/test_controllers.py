@@ -281,3 +281,15 @@ def test_a_proposal_read_without_decisions_gets_an_empty_mapping_and_round_trips
     assert p == Proposal(tuple(actions), "fc8", {}) and p.decisions.get("steps", []) == []
     data = {"actions": actions, "arch": "fc8", "decisions": {"steps": [], "params": 3}}
     assert Proposal.from_json(data).to_json() == data
+
+
+def test_a_masked_draw_whose_allowed_mass_underflowed_is_uniform_over_the_mask() -> None:
+    """Every allowed probability is 0 (underflow): the draw falls back to uniform over the
+    allowed entries, log-probability log(1/2), never a masked entry or a NaN."""
+    from growth.controllers.base import sample_masked
+
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_masked(torch.tensor([0.0, 1.0, 0.0, 0.0]), [1, 0, 0, 1], gen)
+             for _ in range(200)]
+    assert {c for c, _ in draws} == {0, 3}
+    assert all(lp == pytest.approx(math.log(0.5), abs=1e-12) for _, lp in draws)
