@@ -261,6 +261,59 @@ def test_a_rollout_records_the_log_probability_of_what_it_drew() -> None:
                                 (2, 2, deeper["position"])]
 
 
+class _SurePolicy(_FixedPolicy):
+    """P(widen) exactly 0 for the first layer and 1 for every other (a saturated policy)."""
+
+    def wider_probs(self, tokens: list[int]) -> list[float]:
+        return [0.0] + [1.0] * (len(tokens) - 1)
+
+
+def test_a_wider_decision_the_policy_is_sure_of_has_log_probability_0() -> None:
+    """Decisions of probability 0 or 1 are certain: the first layer is never widened, every
+    other one always, and the step's log-probability is log 1 = 0 (not a count of them)."""
+    from growth.controllers.base import ControllerSettings, rollout
+
+    g = _mlp()
+    space = _small_space(g)
+    policy = _SurePolicy((1, 1, 1))
+    for seed in range(3):
+        (wider,) = rollout(space, g, policy, torch.Generator().manual_seed(seed),
+                           ControllerSettings(wider_actions=1, deeper_actions=0)
+                           ).decisions["steps"]
+        assert wider["mask"] == [1, 1] and wider["choice"] == [0, 1]
+        assert wider["logp"] == 0.0
+
+
+def test_one_of_draws_only_between_several_options() -> None:
+    """A single option is returned without a draw (the generator's state is untouched, so a
+    space with one operator per role rolls out as it did before roles held several); no
+    option gives None; several are drawn uniformly with the generator given."""
+    from growth.controllers.base import _one_of, generator_state
+
+    gen = torch.Generator().manual_seed(5)
+    before = generator_state(gen)
+    assert _one_of(["a"], gen) == "a" and _one_of([], gen) is None
+    assert torch.equal(generator_state(gen), before)
+    draws = [_one_of(["a", "b", "c"], gen) for _ in range(300)]
+    assert all(70 < draws.count(o) < 130 for o in "abc")
+    again = torch.Generator().manual_seed(5)
+    assert [_one_of(["a", "b", "c"], again) for _ in range(300)] == draws
+
+
+def test_a_generator_state_saved_as_another_integer_type_restores() -> None:
+    """A state tensor read back as int64 (a format that widens bytes) restores the generator
+    exactly: it is converted to the bytes the generator takes."""
+    from growth.controllers.base import generator_state, set_generator_state
+
+    gen = torch.Generator().manual_seed(11)
+    torch.rand(3, generator=gen)
+    state = generator_state(gen).to(torch.int64)
+    expected = torch.rand(4, generator=gen)
+    fresh = torch.Generator()
+    set_generator_state(fresh, {"rng": state})
+    assert torch.equal(torch.rand(4, generator=fresh), expected)
+
+
 def test_a_masked_draw_follows_the_probabilities_and_returns_its_log_probability() -> None:
     """Renormalised over the mask: [0.1, 0.6, 0.3] without option 1 is [0.25, 0, 0.75]."""
     from growth.controllers.base import sample_masked
