@@ -104,8 +104,8 @@ def test_one_operator_per_role_rolls_out_as_the_default_space_does(site: Path) -
                          ids=["mlp", "cnn"])
 def test_each_drawn_operator_builds_the_rolled_out_child_and_actions_are_seeded_by_index(
         site: Path, build) -> None:
-    """With two operators of each role, every one is drawn (the kernel is part of what a
-    deeper operator is drawn for on images); a proposal's architecture is the one its own
+    """With two operators of each role, every one is drawn, and where both deeper operators
+    fit an insertion (its kernel included, on images) either may be drawn there; a proposal's architecture is the one its own
     actions build (the rollout continues from the child the drawn operator built), each
     action's seed is its index in the proposal, and the draws come from the controller's
     generator alone."""
@@ -125,6 +125,13 @@ def test_each_drawn_operator_builds_the_rolled_out_child_and_actions_are_seeded_
         assert space.arch(space.apply(graph, p.actions)[0]) == p.arch
         assert [a["seed"] for a in p.actions] == list(range(len(p.actions)))
     assert [p.actions for p in proposals(1)] == [p.actions for p in first]
+    menu = space.deeper_menu(graph)  # the insertions (kernel included) both deeper ops fit
+    both = {(o.action["after"], o.action.get("kernel_size")) for o in space.deeper_options(graph)
+            if len(menu.operators(o.block, o.position, o.kernel)) == 2}
+    one = make_controller("random", space, {"wider_actions": 0, "deeper_actions": 1},
+                          seed=3).propose(graph, 8)
+    assert {a["op"] for p in one for a in p.actions
+            if (a["after"], a.get("kernel_size")) in both} == {"net2deeper", "residual_deeper"}
 
 
 @pytest.mark.parametrize("operators,message", [
