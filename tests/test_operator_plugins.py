@@ -105,10 +105,10 @@ def test_one_operator_per_role_rolls_out_as_the_default_space_does(site: Path) -
 def test_each_drawn_operator_builds_the_rolled_out_child_and_actions_are_seeded_by_index(
         site: Path, build) -> None:
     """With two operators of each role, every one is drawn, and where both deeper operators
-    fit an insertion (its kernel included, on images) either may be drawn there; a proposal's architecture is the one its own
-    actions build (the rollout continues from the child the drawn operator built), each
-    action's seed is its index in the proposal, and the draws come from the controller's
-    generator alone."""
+    fit an insertion (its kernel included, on images) either may be drawn there. A
+    proposal's architecture is the one its own actions build (the rollout continues from the
+    child the drawn operator built), each action's seed is its index in the proposal, and
+    the draws come from the controller's generator alone."""
     torch.manual_seed(0)
     graph = add_head(build(), "t0", 3)
     ops = ["net2wider", "widen_private", "net2deeper", "residual_deeper"]
