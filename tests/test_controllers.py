@@ -160,8 +160,8 @@ def test_make_controller_validates_name_and_settings() -> None:
 
 
 def test_a_random_controller_made_directly_has_seed_0_and_names_itself() -> None:
-    """Made without make_controller: seed 0 by default, settings errors under
-    search.controller, and its saved state's extras name it."""
+    """Made without make_controller: seed 0 by default (as by make_controller), settings
+    errors under search.controller, and its saved state's extras name it."""
     from growth.controllers.random_search import RandomController
 
     g = _mlp()
@@ -172,6 +172,8 @@ def test_a_random_controller_made_directly_has_seed_0_and_names_itself() -> None
     with pytest.raises(ConfigError, match=r"^search\.controller\.widen_probability: "):
         RandomController(space, {"widen_probability": 2})
     assert RandomController(space).state_dict()[1] == {"controller": "random"}
+    assert ([p.arch for p in make_controller("random", space).propose(g, 3)] ==
+            [p.arch for p in RandomController(space, seed=0).propose(g, 3)])  # by name: 0 too
 
 
 def test_load_state_refuses_a_state_without_a_generator() -> None:
