@@ -131,6 +131,40 @@ def test_excluded_and_per_layer_widths() -> None:
     assert all(o.action["after"] != "act1" for o in space.deeper_options(g))
 
 
+def test_the_callers_widenable_set_decides_what_may_widen() -> None:
+    """A controller passes the set it read once (`widenable`): a layer outside it is not
+    offered, by the width list or by a count, though the graph could widen it."""
+    g = _mlp()  # 6 -> fc1 5 -> fc2 7 -> head 3
+    space = SearchSpace()
+    fc1, _ = space.layers(g)
+    assert space.wider_options(g, fc1) == [{"op": "net2wider", "node": "fc1", "width": 64,
+                                            "seed": 0}]
+    assert space.wider_options(g, fc1, widenable={"fc2"}) == []
+    assert space.widen_by(g, fc1, 2) is not None
+    assert space.widen_by(g, fc1, 2, widenable={"fc2"}) is None
+
+
+def test_widen_by_offers_count_more_units_with_seed_0_and_nothing_for_no_units() -> None:
+    g = _mlp()
+    space = SearchSpace()
+    fc1, _ = space.layers(g)
+    assert space.widen_by(g, fc1, 2) == {"op": "net2wider", "node": "fc1", "width": 5 + 2,
+                                         "seed": 0}
+    assert space.widen_by(g, fc1, 0) is None  # not a widening to the same 5 units
+    assert space.widen_by(g, fc1, -1) is None
+
+
+def test_a_pool_is_never_widened_even_in_the_callers_set_nor_given_a_next_width() -> None:
+    space = SearchSpace({"widths": {"conv": [4, 8], "fc": [16]}})
+    g = _cnn()
+    layers = {x.node: x for x in space.layers(g)}
+    pool = layers["pool1"]
+    assert space.wider_options(g, pool, widenable={"pool1"}) == []
+    assert space.widen_by(g, pool, 2, widenable={"pool1"}) is None
+    assert space.next_width(layers["conv1"], 5) == 8
+    assert space.next_width(pool, 5) is None  # not the fc list's 16
+
+
 # ---- where a layer may go ----------------------------------------------------------------------
 def test_kernels_follow_the_operator_and_vectors_get_no_kernel_choice() -> None:
     g = _cnn()
@@ -339,6 +373,10 @@ def test_a_space_from_yaml() -> None:
                                       "'act1'"),
     ({"layer_widths": {"fc1": [9, 8]}}, "search.space.layer_widths: the width list of layer "
                                         "'fc1' must increase strictly"),
+    ({"widths": {"conv": [16, 16]}}, "search.space.widths.conv: a width list must increase "
+                                     "strictly"),  # a repeat is not an increase
+    ({"layer_widths": {"fc1": [9, 9]}}, "search.space.layer_widths: the width list of layer "
+                                        "'fc1' must increase strictly"),
     ([1, 2], "search.space: expected a mapping of keys, got list"),
 ])
 def test_bad_specs_are_one_line_config_errors(raw, message: str) -> None:
@@ -457,6 +495,19 @@ def test_a_private_space_widens_a_vits_mlp_but_not_its_normalised_embedding() ->
         {"op": "widen_private", "node": "block1_fc1", "width": 16, "seed": 0}]
 
 
+def test_a_normalised_layer_skips_widen_private_but_still_asks_the_next_wider_operator() -> None:
+    """With operators [widen_private, net2wider], the embedding (read by LayerNorms) gets
+    net2wider's widening alone; the MLP's hidden layer gets both, in the space's order."""
+    g = _vit()
+    space = make_space({"operators": ["widen_private", "net2wider"],
+                        "widths": {"conv": [8, 16], "fc": [12, 16]}}, g)
+    layers = {x.node: x for x in space.layers(g)}
+    assert space.wider_options(g, layers["patch"]) == [
+        {"op": "net2wider", "node": "patch", "width": 16, "seed": 0}]
+    assert [a["op"] for a in space.wider_options(g, layers["block1_fc1"])] == [
+        "widen_private", "net2wider"]
+
+
 def test_a_space_naming_add_block_draws_identity_blocks_in_its_deeper_steps() -> None:
     from growth.controllers import make_controller
 
@@ -559,6 +610,19 @@ def test_a_bad_space_setting_is_named_under_the_key_the_caller_gives() -> None:
         make_space({"nosuch": 1}, g, where="strategy.search.space")
     with pytest.raises(ConfigError, match=r"^search\.space\.nosuch: "):  # the default key
         SearchSpace({"nosuch": 1})
+
+
+def test_errors_described_under_no_key_name_the_bare_keys() -> None:
+    """describe_errors with `where` "" (a document's top level): "widths.fc.0", not
+    ".widths.fc.0"."""
+    from growth.search_spaces.space import SpaceSpec, describe_errors
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        SpaceSpec.model_validate({"widths": {"fc": [0, 5]}, "widht": {}})
+    assert describe_errors(info.value, "").splitlines() == [
+        "widths.fc.0: Input should be greater than 0 (got 0)",
+        "widht: unknown key (check the spelling)"]
 
 
 def test_a_block_is_offered_only_where_its_parameters_fit_the_limit() -> None:
