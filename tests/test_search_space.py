@@ -192,6 +192,15 @@ def test_block_and_position_capacity() -> None:
     assert menu.kernel_mask(0, 0) == [1, 1, 1]
 
 
+def test_insertion_is_offered_only_after_the_layers_the_caller_passes() -> None:
+    g = _mlp()
+    space = SearchSpace()
+    _, fc2 = space.layers(g)
+    assert [o.action["after"] for o in space.deeper_options(g)] == ["act1", "act2"]
+    assert [o.action["after"] for o in space.deeper_options(g, [fc2])] == ["act2"]
+    assert space.deeper_menu(g, [fc2]).candidates == {0: {1: "act2"}}
+
+
 # ---- size limits -----------------------------------------------------------------------------
 def test_parameter_limit_masks_what_would_exceed_it() -> None:
     g = _mlp()  # 6 -> 5 -> 7 -> 3
@@ -220,6 +229,19 @@ def test_parameter_limit_masks_what_would_exceed_it() -> None:
     assert below.deeper_options(g) == []
     assert all(below.wider_option(g, x) is None for x in below.layers(g))
     assert below.apply(g, [])[0].param_count() == base
+
+
+def test_a_child_exactly_at_the_parameter_limit_is_offered_and_built() -> None:
+    """The limit is inclusive, in the offer and in `apply` alike: a 5x5 identity after act1
+    adds 5 x 5 + 5 = 30 parameters; at base + 30 it is offered and built, at base + 29
+    refused."""
+    g = _mlp()
+    base, action = g.param_count(), {"op": "net2deeper", "after": "act1"}
+    at = SearchSpace({"max_params": base + 30, **EXACT})
+    assert [o.action for o in at.deeper_options(g)] == [action]
+    assert at.apply(g, [action])[0].param_count() == base + 30
+    with pytest.raises(OperatorError, match="above the space's limit"):
+        SearchSpace({"max_params": base + 29, **EXACT}).apply(g, [action])
 
 
 def test_the_operators_size_guard_is_respected_and_can_be_lifted() -> None:
