@@ -201,6 +201,49 @@ def test_insertion_is_offered_only_after_the_layers_the_caller_passes() -> None:
     assert space.deeper_menu(g, [fc2]).candidates == {0: {1: "act2"}}
 
 
+def test_a_deeper_plugin_is_asked_per_kernel_and_the_operators_after_it_still_are(
+        monkeypatch) -> None:
+    """A deeper plug-in that accepts only 1x1 layers is dry-run with each kernel size: it is
+    listed at kernel 1 only, with net2deeper (listed after it) at every kernel that fits the
+    map; where nothing accepts (5x5 on act2's 4x4 map) the list is empty."""
+    from growth.ops import Operator, registry
+
+    def k1_only(graph, after, kernel_size=3, seed=0):
+        if kernel_size != 1:
+            raise OperatorError(f"k1_only: kernel {kernel_size} refused")
+        return net2deeper(graph, after, kernel_size=1, noise=0.0, seed=seed)
+
+    monkeypatch.setitem(registry._BUILTIN, "k1_only",
+                        Operator("k1_only", "inserts 1x1 layers only", k1_only, "deeper"))
+    g = _cnn()  # act1: 3 channels on 8x8; act2: 4 channels on 4x4
+    space = SearchSpace({"operators": ["net2wider", "k1_only", "net2deeper"]})
+    menu = space.deeper_menu(g)
+    assert [menu.operators(0, 0, k) for k in range(3)] == [
+        ["k1_only", "net2deeper"], ["net2deeper"], ["net2deeper"]]
+    assert [menu.operators(1, 0, k) for k in range(3)] == [
+        ["k1_only", "net2deeper"], ["net2deeper"], []]
+    assert menu.kernel_mask(1, 0) == [1, 1, 0]
+
+
+def test_a_lifted_size_guard_offers_an_identity_above_the_operators_default() -> None:
+    """A 5x5 identity on 1,132 channels has 25 x 1132^2 + 1132 = 32,036,732 parameters, over
+    the operators' default guard of 32,000,000 (1x1 and 3x3 ones are under it): offered once
+    the space lifts the guard, not under the default. Counted on shapes: nothing is built."""
+    assert MAX_NEW_PARAMS == 32_000_000
+    g = NetGraph()
+    g.add_input("x", (1, 5, 5))
+    g.add("conv1", "conv2d", ["x"], out_channels=1132, kernel_size=1)
+    g.add("act1", "relu", ["conv1"])
+    g.add("flat", "flatten", ["act1"])
+    g.add("features", "identity", ["flat"])
+    g = add_head(g, "t0", 2)
+    kernels = {None: [], MAX_NEW_PARAMS: []}
+    for guard in kernels:
+        space = SearchSpace({"max_new_params": guard})
+        kernels[guard] = [o.action["kernel_size"] for o in space.deeper_options(g)]
+    assert kernels == {None: [1, 3, 5], MAX_NEW_PARAMS: [1, 3]}
+
+
 # ---- size limits -----------------------------------------------------------------------------
 def test_parameter_limit_masks_what_would_exceed_it() -> None:
     g = _mlp()  # 6 -> 5 -> 7 -> 3
@@ -242,6 +285,18 @@ def test_a_child_exactly_at_the_parameter_limit_is_offered_and_built() -> None:
     assert at.apply(g, [action])[0].param_count() == base + 30
     with pytest.raises(OperatorError, match="above the space's limit"):
         SearchSpace({"max_params": base + 29, **EXACT}).apply(g, [action])
+
+
+def test_an_insertion_with_batchnorm_is_held_to_the_limit_with_the_bns_parameters() -> None:
+    """After act1 (5 units) a linear identity adds 5 x 5 + 5 = 30 parameters and its
+    BatchNorm 2 x 5 more: 40 in all, offered at base + 40, not at base + 39."""
+    g = _mlp()
+    base = g.param_count()
+    for extra, offered in ((40, ["act1"]), (39, [])):
+        space = SearchSpace({"max_params": base + extra, "deeper_batchnorm": True, **EXACT})
+        assert [o.action["after"] for o in space.deeper_options(g)] == offered, extra
+    menu = SearchSpace({"max_params": base + 40, "deeper_batchnorm": True}).deeper_menu(g)
+    assert menu.child(0, 0, None).param_count() == base + 40
 
 
 def test_the_operators_size_guard_is_respected_and_can_be_lifted() -> None:
