@@ -201,11 +201,8 @@ def test_insertion_is_offered_only_after_the_layers_the_caller_passes() -> None:
     assert space.deeper_menu(g, [fc2]).candidates == {0: {1: "act2"}}
 
 
-def test_a_deeper_plugin_is_asked_per_kernel_and_the_operators_after_it_still_are(
-        monkeypatch) -> None:
-    """A deeper plug-in that accepts only 1x1 layers is dry-run with each kernel size: it is
-    listed at kernel 1 only, with net2deeper (listed after it) at every kernel that fits the
-    map; where nothing accepts (5x5 on act2's 4x4 map) the list is empty."""
+def _register_k1_only(monkeypatch) -> None:
+    """A deeper plug-in, "k1_only", that inserts 1x1 layers and refuses other kernels."""
     from growth.ops import Operator, registry
 
     def k1_only(graph, after, kernel_size=3, seed=0):
@@ -215,6 +212,14 @@ def test_a_deeper_plugin_is_asked_per_kernel_and_the_operators_after_it_still_ar
 
     monkeypatch.setitem(registry._BUILTIN, "k1_only",
                         Operator("k1_only", "inserts 1x1 layers only", k1_only, "deeper"))
+
+
+def test_a_deeper_plugin_is_asked_per_kernel_and_the_operators_after_it_still_are(
+        monkeypatch) -> None:
+    """A deeper plug-in that accepts only 1x1 layers is dry-run with each kernel size: it is
+    listed at kernel 1 only, with net2deeper (listed after it) at every kernel that fits the
+    map; where nothing accepts (5x5 on act2's 4x4 map) the list is empty."""
+    _register_k1_only(monkeypatch)
     g = _cnn()  # act1: 3 channels on 8x8; act2: 4 channels on 4x4
     space = SearchSpace({"operators": ["net2wider", "k1_only", "net2deeper"]})
     menu = space.deeper_menu(g)
@@ -223,6 +228,19 @@ def test_a_deeper_plugin_is_asked_per_kernel_and_the_operators_after_it_still_ar
     assert [menu.operators(1, 0, k) for k in range(3)] == [
         ["k1_only", "net2deeper"], ["net2deeper"], []]
     assert menu.kernel_mask(1, 0) == [1, 1, 0]
+
+
+def test_an_unaccepted_insertions_action_names_the_spaces_own_deeper_operator(
+        monkeypatch) -> None:
+    """A space whose only deeper operator is a plug-in: the action of an insertion no operator
+    accepts (3x3 after act1, refused by k1_only) still names k1_only, never net2deeper,
+    which the space does not list."""
+    _register_k1_only(monkeypatch)
+    menu = SearchSpace({"operators": ["net2wider", "k1_only"]}).deeper_menu(_cnn())
+    assert menu.operators(0, 0, 1) == []
+    assert menu.action(0, 0, 1) == {"op": "k1_only", "after": "act1", "kernel_size": 3,
+                                    "seed": 0}
+    assert menu.action(0, 0, 0)["op"] == "k1_only"
 
 
 def test_a_lifted_size_guard_offers_an_identity_above_the_operators_default() -> None:
