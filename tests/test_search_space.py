@@ -218,7 +218,8 @@ def test_a_deeper_plugin_is_asked_per_kernel_and_the_operators_after_it_still_ar
         monkeypatch) -> None:
     """A deeper plug-in that accepts only 1x1 layers is dry-run with each kernel size: it is
     listed at kernel 1 only, with net2deeper (listed after it) at every kernel that fits the
-    map; where nothing accepts (5x5 on act2's 4x4 map) the list is empty."""
+    map; where nothing accepts (5x5 on act2's 4x4 map) the list is empty. An action names
+    the first operator that accepts it: k1_only at 1x1, net2deeper at 3x3."""
     _register_k1_only(monkeypatch)
     g = _cnn()  # act1: 3 channels on 8x8; act2: 4 channels on 4x4
     space = SearchSpace({"operators": ["net2wider", "k1_only", "net2deeper"]})
@@ -228,6 +229,7 @@ def test_a_deeper_plugin_is_asked_per_kernel_and_the_operators_after_it_still_ar
     assert [menu.operators(1, 0, k) for k in range(3)] == [
         ["k1_only", "net2deeper"], ["net2deeper"], []]
     assert menu.kernel_mask(1, 0) == [1, 1, 0]
+    assert [menu.action(0, 0, k)["op"] for k in (0, 1)] == ["k1_only", "net2deeper"]
 
 
 def test_an_unaccepted_insertions_action_names_the_spaces_own_deeper_operator(
