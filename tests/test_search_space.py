@@ -192,6 +192,42 @@ def test_block_and_position_capacity() -> None:
     assert menu.kernel_mask(0, 0) == [1, 1, 1]
 
 
+def test_a_block_without_candidates_masks_every_position() -> None:
+    menu = SearchSpace().deeper_menu(_mlp())  # one block: block 1 has no layer
+    assert menu.block_mask() == [1] + [0] * 7
+    assert menu.position_mask(1) == [0] * 32
+    assert menu.position_mask(0) == [1, 1] + [0] * 30
+
+
+def test_a_menus_child_takes_seed_0_by_default_as_its_action_does() -> None:
+    """The child is the operator's call with the action's seed (the identity's noise): the
+    default seed 0, as `action` gives, not another."""
+    g = _mlp()
+    space = SearchSpace()  # deeper_noise 1e-3: the seed shows in the new weights
+    menu = space.deeper_menu(g)
+    assert menu.action(0, 0, None) == {"op": "net2deeper", "after": "act1", "seed": 0}
+    new = menu.child(0, 0, None).node("act1_deep1").tensors["weight"]
+    assert torch.equal(new, net2deeper(g, "act1", noise=1e-3, seed=0).graph.node(
+        "act1_deep1").tensors["weight"])
+    assert not torch.equal(new, net2deeper(g, "act1", noise=1e-3, seed=1).graph.node(
+        "act1_deep1").tensors["weight"])
+
+
+def test_a_menus_child_with_batchnorm_is_reproducible_and_leaves_torchs_generator_alone() -> None:
+    """A BN insertion's dry run draws its stand-in batch from its own generator: the same
+    BN statistics on every call, and torch's global random stream is not advanced."""
+    g = _mlp()
+    menu = SearchSpace({"deeper_batchnorm": True}).deeper_menu(g)
+    torch.manual_seed(123)
+    first = menu.child(0, 0, None).node("act1_deep1_bn").tensors
+    second = menu.child(0, 0, None).node("act1_deep1_bn").tensors
+    drawn = torch.rand(3)
+    assert torch.equal(first["running_mean"], second["running_mean"])
+    assert torch.equal(first["running_var"], second["running_var"])
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(3))  # the children drew nothing from it
+
+
 def test_insertion_is_offered_only_after_the_layers_the_caller_passes() -> None:
     g = _mlp()
     space = SearchSpace()
