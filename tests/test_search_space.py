@@ -88,6 +88,24 @@ def test_residual_stages_are_blocks_by_resolution() -> None:
                                                               ("c3", 1, 1)]
 
 
+def test_a_pool_before_any_layer_does_not_end_an_empty_block() -> None:
+    """x -> pool0 -> conv1 -> pool1 -> conv2: pool0 closes nothing (its block has no layer
+    yet), so conv1 is block 0 and conv2, after pool1, block 1."""
+    g = NetGraph()
+    g.add_input("x", (1, 8, 8))
+    g.add("pool0", "maxpool2d", ["x"], kernel_size=2)
+    g.add("conv1", "conv2d", ["pool0"], out_channels=2, kernel_size=3, padding=1)
+    g.add("act1", "relu", ["conv1"])
+    g.add("pool1", "maxpool2d", ["act1"], kernel_size=2)
+    g.add("conv2", "conv2d", ["pool1"], out_channels=2, kernel_size=3, padding=1)
+    g.add("act2", "relu", ["conv2"])
+    g.add("flat", "flatten", ["act2"])
+    g.add("features", "identity", ["flat"])
+    g = add_head(g, "t0", 2)
+    assert [(x.node, x.block, x.position) for x in SearchSpace().layers(g)] == [
+        ("pool0", 0, None), ("conv1", 0, 0), ("pool1", 0, None), ("conv2", 1, 0)]
+
+
 # ---- what may widen ------------------------------------------------------------------------
 def test_widening_follows_the_operators_check_and_jumps_to_the_next_width() -> None:
     g = residual()  # c0, c1, c2 form one residual group; inner is a plain layer
@@ -826,6 +844,17 @@ def test_a_private_widening_takes_the_spaces_noise() -> None:
     w = child.node("fc1").tensors["weight"]
     assert torch.equal(w, want.node("fc1").tensors["weight"])
     assert not torch.equal(w, exact.node("fc1").tensors["weight"])
+
+
+def test_a_net2wider_step_takes_the_spaces_noise() -> None:
+    """An action without "noise" gets the space's: the child is net2wider's own call with
+    noise 0.3, not with the operator's default (0, exact)."""
+    g = _mlp()
+    action = {"op": "net2wider", "node": "fc1", "width": 7, "seed": 3}
+    w = make_space({"noise": 0.3}, g).step(g, action).node("fc1").tensors["weight"]
+    want = net2wider(g, "fc1", 7, noise=0.3, seed=3).graph.node("fc1").tensors["weight"]
+    exact = net2wider(g, "fc1", 7, noise=0.0, seed=3).graph.node("fc1").tensors["weight"]
+    assert torch.equal(w, want) and not torch.equal(w, exact)
 
 
 def test_a_wider_plugin_is_offered_where_it_accepts_within_the_limit(monkeypatch) -> None:
