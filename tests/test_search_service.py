@@ -506,6 +506,35 @@ def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
         assert result.lineage == [[{"op": "net2wider", "node": "fc1", "width": 20 + 4 * chosen}]]
 
 
+class FixedAndBroken(Fixed):
+    """Fixed's three children and a fourth that widens a layer the parent lacks (it fails)."""
+
+    def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+        from growth.controllers.base import Proposal
+
+        return [*super().propose(parent, n, exclude),
+                Proposal(({"op": "net2wider", "node": "nope", "width": 20},), "nope=20")][:n]
+
+
+def test_children_trained_here_give_the_controller_their_recorded_accuracies(
+        tmp_path: Path) -> None:
+    """The local backend hands the controller each child's validation accuracy as its record
+    holds it, in proposal order, and None for the child that failed."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.trial import TrialSpec
+
+    torch.manual_seed(0)  # the parent's initial weights
+    task, parent, graph = _digits_parent(tmp_path)
+    space = make_space({"widths": {"fc": [16, 20, 24, 28]}, "noise": 0.0}, graph)
+    controller = FixedAndBroken()
+    result = run_search(tmp_path / "s", parent, controller, space, task,
+                        TrialSpec(train=TrainConfig(epochs=1, batch_size=32, lr=0.05)),
+                        Budget(4, 1), seed=0, parent_acc=0.5, backend="local")
+    records = sorted(result.records, key=lambda r: r.index)
+    assert [r.ok for r in records] == [True, True, True, False]
+    assert controller.observed == [[r.val_acc for r in records[:3]] + [None]]
+
+
 def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -> None:
     """Two generations already recorded: the second is asked for children of the first's best
     child (its saved graph), excluding every architecture the first trained."""
