@@ -635,7 +635,8 @@ def test_a_search_directory_keeps_tune_storage_under_itself_or_names_itself_in_s
 def test_publish_copies_a_folder_into_storage_and_answers_its_reference(tmp_path: Path
                                                                         ) -> None:
     """A parent published to a local path or a file:// URI lands under storage/<name> with
-    every file, and its reference is the storage's own spelling plus the name."""
+    every file (a trailing slash aside, the storage's path as given), and its reference is
+    the storage's own spelling plus the name."""
     from growth.controllers.driver import _filesystem, publish
 
     src = tmp_path / "parent"
@@ -647,6 +648,9 @@ def test_publish_copies_a_folder_into_storage_and_answers_its_reference(tmp_path
     assert ref == f"{store}/parents/gen000"
     assert (store / "parents" / "gen000" / "a.json").read_text() == "{}"
     assert (store / "parents" / "gen000" / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    spaced = tmp_path / "store "  # only slashes are trimmed: a folder may end in a space
+    assert publish(src, str(spaced), "p") == f"{spaced}/p"
+    assert (spaced / "p" / "a.json").is_file()
     uri = f"file://{tmp_path / 'remote'}"
     assert publish(src, uri, "strategy") == f"{uri}/strategy"
     assert (tmp_path / "remote" / "strategy" / "a.json").is_file()
