@@ -519,7 +519,8 @@ class FixedAndBroken(Fixed):
 def test_children_trained_here_give_the_controller_their_recorded_accuracies(
         tmp_path: Path) -> None:
     """The local backend hands the controller each child's validation accuracy as its record
-    holds it, in proposal order, and None for the child that failed."""
+    holds it, in proposal order, and None for the child that failed (recorded with its error,
+    its training folder removed)."""
     from growth.controllers.driver import Budget, run_search
     from growth.controllers.trial import TrialSpec
 
@@ -532,7 +533,10 @@ def test_children_trained_here_give_the_controller_their_recorded_accuracies(
                         Budget(4, 1), seed=0, parent_acc=0.5, backend="local")
     records = sorted(result.records, key=lambda r: r.index)
     assert [r.ok for r in records] == [True, True, True, False]
+    assert "no node named 'nope'" in records[3].error  # the trial's own error
     assert controller.observed == [[r.val_acc for r in records[:3]] + [None]]
+    assert sorted(p.name for p in (tmp_path / "s" / "children").iterdir()) == [
+        r.key for r in records[:3]]
 
 
 def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -> None:
