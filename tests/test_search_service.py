@@ -697,7 +697,7 @@ def test_orphans_adopt_only_this_generations_unrecorded_children_from_tune_stora
 def test_an_incomplete_or_misnamed_child_folder_is_not_adopted(tmp_path: Path) -> None:
     """A folder whose graph is missing, or whose record names another child, is not adopted
     (its temporary copy removed, nothing in children/); a complete one replaces what
-    children/<key> held."""
+    children/<key> held, past a temporary copy an interrupted adoption left."""
     from growth.controllers.driver import SearchDir, _adopt
 
     search = SearchDir(tmp_path / "s")
@@ -710,9 +710,12 @@ def test_an_incomplete_or_misnamed_child_folder_is_not_adopted(tmp_path: Path) -
         shutil.copytree(src, dest, dirs_exist_ok=True)
 
     assert _adopt(search, "g000c02", copy) is None  # its record names g000c01
+    (search.children / ".tmp-g000c01").mkdir()  # an adoption an interrupted driver left
+    (search.children / ".tmp-g000c01" / "partial.bin").write_bytes(b"\x00")
     record = _adopt(search, "g000c01", copy)
     assert record is not None and record.checkpoint == "children/g000c01"
     assert not (search.children / "g000c01" / "stale.txt").exists()
+    assert not (search.children / "g000c01" / "partial.bin").exists()
     (src / "structure.json").unlink()
     assert _adopt(search, "g000c01", copy) is None
     assert sorted(p.name for p in search.children.iterdir()) == ["g000c01"]
