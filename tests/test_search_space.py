@@ -654,3 +654,77 @@ def test_a_wider_plugin_is_offered_where_it_accepts_within_the_limit(monkeypatch
     for extra, offered in ((28, True), (27, False)):
         limited = make_space({**spec, "max_params": g.param_count() + extra}, g)
         assert bool(limited.wider_options(g, fc1)) is offered, extra
+
+
+def test_a_spec_with_several_problems_names_each_on_a_line_with_the_value_given() -> None:
+    """One line per problem, in the spec's key order: a value that is not a mapping is shown
+    as given, a mapping (here the kernel sizes given as one) is not, and an unknown key is
+    named as a spelling to check."""
+    with pytest.raises(ConfigError) as info:
+        make_space({"max_growth": 0.5, "kernel_sizes": {"a": 1}, "widht": {}}, _mlp())
+    assert str(info.value).split("\n") == [
+        "search.space.kernel_sizes: Input should be a valid list",
+        "search.space.max_growth: Input should be greater than 1 (got 0.5)",
+        "search.space.widht: unknown key (check the spelling)"]
+
+
+def test_an_excluded_attention_layer_gets_no_head_and_the_next_one_still_does() -> None:
+    """(SearchSpace itself: make_space accepts only conv/linear names in `exclude`.)"""
+    g = _vit()
+    space = SearchSpace({"exclude": ["block1_attn"]})
+    assert space.head_options(g) == [{"op": "add_heads", "node": "block2_attn", "heads": 3}]
+
+
+def test_a_widening_is_offered_only_for_the_widenable_layers_given_and_carries_the_seed() -> None:
+    """`widenable`, when given, is the set of layers that may widen (a caller's cached
+    `space.widenable(graph)`); the seed travels in the action."""
+    g = _mlp()
+    space = SearchSpace({"widths": {"fc": [5, 7, 9]}})
+    fc1, _ = space.layers(g)
+    assert space.wider_option(g, fc1, widenable={"fc2"}) is None
+    assert space.wider_option(g, fc1, widenable={"fc1"}, seed=5) == {
+        "op": "net2wider", "node": "fc1", "width": 7, "seed": 5}
+
+
+def test_insertions_are_offered_after_the_layers_given() -> None:
+    g = _mlp()
+    space = SearchSpace()
+    layers = space.layers(g)
+    assert [o.action["after"] for o in space.deeper_options(g, layers[1:])] == ["act2"]
+    assert [o.action["after"] for o in space.deeper_options(g, layers[:1])] == ["act1"]
+
+
+def test_a_menus_child_is_built_by_the_operator_named() -> None:
+    """Where net2deeper and add_block both accept an insertion, the child is the named
+    operator's (a whole transformer block, or one identity layer); by default the space's
+    first deeper operator's."""
+    g = _vit()
+    space = make_space({"operators": ["net2wider", "net2deeper", "add_block"], **EXACT}, g)
+    menu = space.deeper_menu(g)
+    [(block, position)] = [(b, p) for b, ps in menu.candidates.items() for p in ps
+                           if ps[p] == "block1_fc2"]
+    assert menu.operators(block, position, None) == ["net2deeper", "add_block"]
+    by_op = {op: arch_string(space.step(g, {"op": op, "after": "block1_fc2"}))
+             for op in ("net2deeper", "add_block")}
+    assert by_op["net2deeper"] != by_op["add_block"]
+    assert arch_string(menu.child(block, position, None, op="add_block")) == by_op["add_block"]
+    assert arch_string(menu.child(block, position, None)) == by_op["net2deeper"]
+
+
+def test_a_block_on_one_feature_has_heads_of_one_feature() -> None:
+    """One feature, no attention layer: one head of 1 // 1 = 1 feature and an MLP of 4, so
+    the block costs 2 x 2 x 1 + 2 x 3 + 2 x 1 + 2 x 4 + 5 x 1 = 25 parameters: offered at
+    that limit, not one below, and inserting it adds exactly that."""
+    g = NetGraph()
+    g.add_input("x", (2, 1))
+    g.add("fc", "linear", ["x"], out_features=1)
+    g.add("res", "add", ["x", "fc"])
+    g.add("pool", "getitem", ["res"], index=[0])
+    g.add("features", "identity", ["pool"])
+    g = add_head(g, "t0", 3)
+    for limit, offered in ((25, [{"op": "add_block", "after": "res"}]), (24, [])):
+        space = make_space({"max_new_params": None, "max_params": g.param_count() + limit}, g)
+        assert space.block_options(g) == offered, limit
+    child, _ = make_space({"max_new_params": None}, g).apply(g, [{"op": "add_block",
+                                                                  "after": "res"}])
+    assert child.param_count() - g.param_count() == 25
