@@ -728,3 +728,18 @@ def test_a_block_on_one_feature_has_heads_of_one_feature() -> None:
     child, _ = make_space({"max_new_params": None}, g).apply(g, [{"op": "add_block",
                                                                   "after": "res"}])
     assert child.param_count() - g.param_count() == 25
+
+
+def test_a_deeper_action_names_its_operator_kernel_seed_and_batchnorm() -> None:
+    """By default net2deeper with seed 0; a kernel only on images; `batchnorm: true` where
+    the space inserts BatchNorms, and the child then holds one after the new layer."""
+    assert SearchSpace().deeper_action("act1", None) == {"op": "net2deeper", "after": "act1",
+                                                         "seed": 0}
+    space = SearchSpace({"deeper_batchnorm": True})
+    action = space.deeper_action("act1", 3, seed=2)
+    assert action == {"op": "net2deeper", "after": "act1", "kernel_size": 3,
+                      "batchnorm": True, "seed": 2}
+    g = _cnn()
+    child = space.step(g, action, sample=torch.randn(4, 1, 8, 8))
+    assert sorted(child.node(n).kind for n in child.nx.nodes if n.startswith("act1_deep")) == [
+        "batchnorm2d", "conv2d", "relu"]
