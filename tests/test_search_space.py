@@ -743,3 +743,46 @@ def test_a_deeper_action_names_its_operator_kernel_seed_and_batchnorm() -> None:
     child = space.step(g, action, sample=torch.randn(4, 1, 8, 8))
     assert sorted(child.node(n).kind for n in child.nx.nodes if n.startswith("act1_deep")) == [
         "batchnorm2d", "conv2d", "relu"]
+
+
+def test_insertion_stops_at_the_last_position_a_block_allows() -> None:
+    g = _mlp()  # one block, fc1 at position 0 and fc2 at position 1
+    assert [o.action["after"] for o in SearchSpace({"max_layers_per_block": 1})
+            .deeper_options(g)] == ["act1"]
+    assert [o.action["after"] for o in SearchSpace({"max_layers_per_block": 2})
+            .deeper_options(g)] == ["act1", "act2"]
+
+
+def test_an_insertion_on_tokens_is_costed_on_the_features_not_the_tokens() -> None:
+    """5 tokens of 6 features after fc1: the identity linear layer has 6 x 6 + 6 = 42
+    parameters (on the token count it would be 30): offered at a guard of 42, not 41."""
+    g = NetGraph()
+    g.add_input("x", (5, 4))
+    g.add("fc1", "linear", ["x"], out_features=6)
+    g.add("a1", "relu", ["fc1"])
+    g.add("flat", "flatten", ["a1"])
+    g.add("features", "identity", ["flat"])
+    g = add_head(g, "t0", 3)
+    for guard, offered in ((42, ["a1"]), (41, [])):
+        options = SearchSpace({"max_new_params": guard}).deeper_options(g)
+        assert [o.action["after"] for o in options] == offered, guard
+    child = SearchSpace().step(g, {"op": "net2deeper", "after": "a1"})
+    assert child.param_count() - g.param_count() == 42
+
+
+def test_a_deeper_plugin_is_asked_with_each_kernel_size(monkeypatch) -> None:
+    """A deeper operator that is not built in gets the kernel of each insertion it is asked
+    about: one that accepts only 3 x 3 layers is offered only those."""
+    from growth.ops import Operator, registry
+
+    def three_only(graph, after, kernel_size=None, seed=0):
+        if kernel_size != 3:
+            raise OperatorError(f"kernel {kernel_size} refused")
+        return net2deeper(graph, after, kernel_size=3, noise=0.0, seed=seed)
+
+    monkeypatch.setitem(registry._BUILTIN, "three_only",
+                        Operator("three_only", "inserts 3x3 layers only", three_only, "deeper"))
+    g = _cnn()
+    space = make_space({"operators": ["net2wider", "three_only"]}, g)
+    got = {(o.action["after"], o.action["kernel_size"]) for o in space.deeper_options(g)}
+    assert got == {("act1", 3), ("act2", 3)}
