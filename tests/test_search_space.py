@@ -786,3 +786,19 @@ def test_a_deeper_plugin_is_asked_with_each_kernel_size(monkeypatch) -> None:
     space = make_space({"operators": ["net2wider", "three_only"]}, g)
     got = {(o.action["after"], o.action["kernel_size"]) for o in space.deeper_options(g)}
     assert got == {("act1", 3), ("act2", 3)}
+    # with net2deeper after it, each insertion is built by the first operator that accepts it
+    menu = make_space({"operators": ["net2wider", "three_only", "net2deeper"]}, g).deeper_menu(g)
+    assert [menu.action(0, 0, k)["op"] for k in range(3)] == ["net2deeper", "three_only",
+                                                              "net2deeper"]
+
+
+def test_an_insertion_with_batchnorm_is_costed_with_the_norm() -> None:
+    """After fc1's 5 units: a 5 x 5 + 5 identity and a BatchNorm of 2 x 5, 40 parameters:
+    offered at a guard of 40, not 39."""
+    g = _mlp()
+    for guard, offered in ((40, ["act1"]), (39, [])):
+        space = SearchSpace({"deeper_batchnorm": True, "max_new_params": guard})
+        assert [o.action["after"] for o in space.deeper_options(g)] == offered, guard
+    child = SearchSpace({"deeper_batchnorm": True}).step(
+        g, {"op": "net2deeper", "after": "act1", "batchnorm": True}, sample=torch.randn(4, 6))
+    assert child.param_count() - g.param_count() == 40
