@@ -802,3 +802,12 @@ def test_an_insertion_with_batchnorm_is_costed_with_the_norm() -> None:
     child = SearchSpace({"deeper_batchnorm": True}).step(
         g, {"op": "net2deeper", "after": "act1", "batchnorm": True}, sample=torch.randn(4, 6))
     assert child.param_count() - g.param_count() == 40
+
+
+def test_the_next_width_is_above_the_layers_own_width_or_the_one_given() -> None:
+    g = _cnn()
+    space = SearchSpace({"widths": {"conv": [3, 4, 8, 16], "fc": [16]}})
+    conv1, pool1, *_ = space.layers(g)  # conv1 has 3 filters
+    assert space.next_width(conv1) == 4
+    assert space.next_width(conv1, 8) == 16 and space.next_width(conv1, 16) is None
+    assert space.next_width(pool1) is None and space.next_width(pool1, 3) is None
