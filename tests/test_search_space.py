@@ -811,3 +811,12 @@ def test_the_next_width_is_above_the_layers_own_width_or_the_one_given() -> None
     assert space.next_width(conv1) == 4
     assert space.next_width(conv1, 8) == 16 and space.next_width(conv1, 16) is None
     assert space.next_width(pool1) is None and space.next_width(pool1, 3) is None
+
+
+def test_a_space_is_made_from_a_spec_object_as_from_its_mapping() -> None:
+    from growth.search_spaces import SpaceSpec
+
+    g = _mlp()
+    spec = SpaceSpec(exclude=["fc1"], max_growth=2.0)
+    space = make_space(spec, g)
+    assert space.spec == spec and space.max_params == 2 * g.param_count()
