@@ -820,3 +820,9 @@ def test_a_space_is_made_from_a_spec_object_as_from_its_mapping() -> None:
     spec = SpaceSpec(exclude=["fc1"], max_growth=2.0)
     space = make_space(spec, g)
     assert space.spec == spec and space.max_params == 2 * g.param_count()
+
+
+def test_a_refused_step_is_named_as_action_0() -> None:
+    """One step is an action list of one: its error names it as action 0, as `apply` would."""
+    with pytest.raises(OperatorError, match=r"^action 0: .*below the current width"):
+        SearchSpace().step(_mlp(), {"op": "net2wider", "node": "fc1", "width": 2})
