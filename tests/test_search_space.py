@@ -258,6 +258,8 @@ def test_apply_names_the_refused_action() -> None:
         SearchSpace().apply(g, [{"op": "net2wider", "node": "fc1", "units": 8}])
     with pytest.raises(OperatorError, match="'op' key"):
         SearchSpace().apply(g, [["net2wider", "fc1"]])
+    with pytest.raises(OperatorError, match="action 0: .* is not a JSON object with an 'op'"):
+        SearchSpace().apply(g, [{"node": "fc1", "width": 8}])  # a mapping without "op"
 
 
 # ---- canonical architecture strings -----------------------------------------------------------
