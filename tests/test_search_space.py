@@ -828,3 +828,18 @@ def test_a_refused_step_is_named_as_action_0() -> None:
     """One step is an action list of one: its error names it as action 0, as `apply` would."""
     with pytest.raises(OperatorError, match=r"^action 0: .*below the current width"):
         SearchSpace().step(_mlp(), {"op": "net2wider", "node": "fc1", "width": 2})
+
+
+@pytest.mark.parametrize("action", [
+    {"op": "net2wider", "node": "fc1", "width": 7},
+    {"op": "widen_private", "node": "fc1", "width": 7},
+    {"op": "net2deeper", "after": "act1"},
+    {"op": "add_heads", "node": "block1_attn", "heads": 3},
+    {"op": "add_block", "after": "block1_add2"},
+])
+def test_every_built_in_step_is_held_to_the_spaces_size_guard(action) -> None:
+    """Each operator gets the space's `max_new_params` (here 10, below what any of these
+    adds), not its own default."""
+    g = _vit() if action["op"].startswith("add_") else _mlp()
+    with pytest.raises(OperatorError, match="action 0: .*over the limit of 10"):
+        SearchSpace({"max_new_params": 10}).step(g, action)
