@@ -843,3 +843,18 @@ def test_every_built_in_step_is_held_to_the_spaces_size_guard(action) -> None:
     g = _vit() if action["op"].startswith("add_") else _mlp()
     with pytest.raises(OperatorError, match="action 0: .*over the limit of 10"):
         SearchSpace({"max_new_params": 10}).step(g, action)
+
+
+def test_an_insertion_takes_the_spaces_deeper_noise() -> None:
+    """net2deeper gets the space's `deeper_noise`: the child is the operator's own call with
+    that noise, not with the operator's default."""
+    g = _mlp()
+    action = {"op": "net2deeper", "after": "act1", "seed": 3}
+    child = SearchSpace({"deeper_noise": 0.3}).step(g, action)
+    want = net2deeper(g, "act1", noise=0.3, seed=3).graph
+    default = net2deeper(g, "act1", seed=3).graph
+    new = [n for n in child.nx.nodes if child.node(n).kind == "linear" and n not in g.nx.nodes]
+    [name] = new
+    w = child.node(name).tensors["weight"]
+    assert torch.equal(w, want.node(name).tensors["weight"])
+    assert not torch.equal(w, default.node(name).tensors["weight"])
