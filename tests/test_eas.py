@@ -378,3 +378,22 @@ def test_a_child_without_decisions_adds_nothing_to_the_loss_but_counts_in_its_me
     alone = float(c.loss([(a, 1.0)]).detach())
     assert alone != 0
     assert float(c.loss([(a, 1.0), (bare, 5.0)]).detach()) == pytest.approx(alone / 2)
+
+
+def test_a_saved_policy_of_another_shape_or_with_a_missing_tensor_is_refused_by_name() -> None:
+    """A state saved by a controller with another hidden size (same tensor names, other
+    shapes), or one missing a policy tensor, is a CheckpointError naming what to check, not
+    torch's size mismatch or a KeyError; the controller is left as it was."""
+    from growth.errors import CheckpointError
+
+    g = _mlp()
+    tensors, extra = _eas(g, hidden=5, embedding_dim=3).state_dict()
+    c = _eas(g, hidden=6, embedding_dim=3)
+    before = {k: v.clone() for k, v in c.net.state_dict().items()}
+    with pytest.raises(CheckpointError, match="hidden"):
+        c.load_state_dict(tensors, extra)
+    own, own_extra = _eas(g, hidden=6, embedding_dim=3, seed=1).state_dict()
+    del own["policy/wider.bias"]
+    with pytest.raises(CheckpointError, match="hidden"):
+        c.load_state_dict(own, own_extra)
+    assert all(torch.equal(before[k], v) for k, v in c.net.state_dict().items())
