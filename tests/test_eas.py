@@ -397,3 +397,17 @@ def test_a_saved_policy_of_another_shape_or_with_a_missing_tensor_is_refused_by_
     with pytest.raises(CheckpointError, match="hidden"):
         c.load_state_dict(own, own_extra)
     assert all(torch.equal(before[k], v) for k, v in c.net.state_dict().items())
+
+
+def test_the_baseline_scales_an_earlier_baseline_other_than_one_by_the_decay() -> None:
+    """Decay 0.8; the first generation's rewards are tan(pi/3) = sqrt(3) (accuracy 2/3), so
+    the baseline starts at sqrt(3); a second generation of mean reward (1 + 0) / 2 = 0.5 moves
+    it to 0.8 sqrt(3) + 0.2 x 0.5 (a baseline of 1, as the tests above start from, would not
+    tell d x b from d / b)."""
+    g = _mlp()
+    c = _eas(g, baseline_decay=0.8)
+    ps = c.propose(g, 2)
+    c.observe([(ps[0], 2 / 3), (ps[1], 2 / 3)])
+    assert c.baseline == pytest.approx(math.sqrt(3))
+    c.observe([(ps[0], 0.5), (ps[1], 0.0)])
+    assert c.baseline == pytest.approx(0.8 * math.sqrt(3) + 0.2 * 0.5)
