@@ -411,3 +411,26 @@ def test_the_baseline_scales_an_earlier_baseline_other_than_one_by_the_decay() -
     assert c.baseline == pytest.approx(math.sqrt(3))
     c.observe([(ps[0], 0.5), (ps[1], 0.0)])
     assert c.baseline == pytest.approx(0.8 * math.sqrt(3) + 0.2 * 0.5)
+
+
+def test_each_later_decoder_step_reads_the_previous_decisions_embedding_by_hand() -> None:
+    """Steps 1 and 2 (position, kernel) are fed the embedding row of the previous decision
+    (block 1, then position 2), not the row of decision 0: each step's state and logits from
+    the LSTM cell's equations."""
+    g = _cnn()
+    c = _eas(g, {"max_blocks": 3}, hidden=4, embedding_dim=3)
+    net, d = c.net, c.net.decoder
+    assert net.decoder_inputs[2].num_embeddings > 2
+    with torch.no_grad():
+        h = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+        cell = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+        state = (h, cell)
+        for step, previous in ((1, 1), (2, 2)):
+            want_h, want_c = _lstm_cell(net.decoder_inputs[step].weight[previous], state[0][0],
+                                        state[1][0], d.weight_ih, d.weight_hh, d.bias_ih,
+                                        d.bias_hh)
+            logits, state = net.deeper_logits(state, step, previous)
+            torch.testing.assert_close((state[0][0], state[1][0]), (want_h, want_c), rtol=0,
+                                       atol=1e-6)
+            torch.testing.assert_close(logits, net.classifiers[step](want_h), rtol=0,
+                                       atol=1e-6)
