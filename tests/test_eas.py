@@ -434,3 +434,18 @@ def test_each_later_decoder_step_reads_the_previous_decisions_embedding_by_hand(
                                        atol=1e-6)
             torch.testing.assert_close(logits, net.classifiers[step](want_h), rtol=0,
                                        atol=1e-6)
+
+
+def test_a_child_of_one_decision_has_that_decisions_entropy_as_its_mean() -> None:
+    """One wider step offering one layer is one decision: with zero advantages the loss is
+    -weight x that decision's entropy -(p log p + (1 - p) log(1 - p)), p = sigmoid(logit)."""
+    g = _mlp()
+    c = _eas(g, wider_actions=1, deeper_actions=0, entropy_weight=0.5)
+    tokens = c.space.tokens(c.space.layers(g))
+    step = {"type": "wider", "tokens": tokens, "mask": [1] + [0] * (len(tokens) - 1),
+            "choice": [1] + [0] * (len(tokens) - 1), "logp": 0.0}
+    with torch.no_grad():
+        p = float(torch.sigmoid(c.net.wider_logits(tokens)[0]))
+    entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    loss = float(c.loss([(Proposal((), "one", {"steps": [step]}), 0.0)]).detach())
+    assert loss == pytest.approx(-0.5 * entropy, rel=1e-5)
