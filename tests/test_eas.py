@@ -449,3 +449,22 @@ def test_a_child_of_one_decision_has_that_decisions_entropy_as_its_mean() -> Non
     entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
     loss = float(c.loss([(Proposal((), "one", {"steps": [step]}), 0.0)]).detach())
     assert loss == pytest.approx(-0.5 * entropy, rel=1e-5)
+
+
+def test_the_policys_tables_follow_the_space_and_default_to_the_papers_sizes() -> None:
+    """The decoder's input tables hold one start symbol, then one row per block and one per
+    position (the previous decision), its classifiers one output per block, position and
+    kernel; built without sizes, the policy embeds in 16 dimensions with 50 units per
+    direction (the paper's)."""
+    from growth.controllers.eas import EASPolicy
+
+    g = _cnn()
+    c = _eas(g, {"max_blocks": 3, "max_layers_per_block": 5}, hidden=4, embedding_dim=3)
+    net = c.net
+    assert len(c.space.spec.kernel_sizes) == 3
+    assert [e.weight.shape for e in net.decoder_inputs] == [(1, 3), (3, 3), (5, 3)]
+    assert [(m.in_features, m.out_features) for m in net.classifiers] == [(8, 3), (8, 5),
+                                                                           (8, 3)]
+    paper = EASPolicy(7, (3, 5, 3))
+    assert paper.embed.weight.shape == (7, 16) and paper.encoder.hidden_size == 50
+    assert paper.decoder.hidden_size == 100 and paper.decoder_inputs[1].weight.shape == (3, 16)
