@@ -468,3 +468,19 @@ def test_the_policys_tables_follow_the_space_and_default_to_the_papers_sizes() -
     paper = EASPolicy(7, (3, 5, 3))
     assert paper.embed.weight.shape == (7, 16) and paper.encoder.hidden_size == 50
     assert paper.decoder.hidden_size == 100 and paper.decoder_inputs[1].weight.shape == (3, 16)
+
+
+def test_an_eas_controller_made_without_seed_or_key_uses_seed_0_and_names_its_key() -> None:
+    """Built directly, the controller draws as one seeded 0 and its settings' errors name
+    `search.controller.<key>`; a caller's key, when given, names them instead."""
+    from growth.errors import ConfigError
+
+    g = _mlp()
+    space = make_space({}, g)
+    made = EASController(space, {"wider_actions": 1, "deeper_actions": 1})
+    assert [p.to_json() for p in made.propose(g, 2)] == [
+        p.to_json() for p in _eas(g, seed=0, wider_actions=1, deeper_actions=1).propose(g, 2)]
+    with pytest.raises(ConfigError, match=r"^search\.controller\.lr"):
+        EASController(space, {"lr": 0})
+    with pytest.raises(ConfigError, match=r"^rec\.search\.controller\.baseline_decay"):
+        EASController(space, {"baseline_decay": 1.0}, where="rec.search.controller")
