@@ -1015,6 +1015,66 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     assert isinstance(rc.callbacks[0], Recorder)
 
 
+def test_a_tune_experiment_that_starts_at_a_later_generation_is_named_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed search whose generation 0 is recorded already trains nothing there: its
+    first Tune experiment starts at generation 1 and is named gen001-a0."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Budget, run_search
+    from ray import tune
+
+    from growth.cluster import FORCED_ENV, QUIET_ENV
+    from growth.ops import net2wider
+
+    for key in {**QUIET_ENV, **FORCED_ENV}:
+        monkeypatch.delenv(key, raising=False)  # put back after the test
+    names: list[str] = []
+
+    class Tuner:
+        def __init__(self, trainable: Any, tune_config: Any, run_config: Any) -> None:
+            names.append(run_config.name)
+
+        def fit(self) -> None:
+            raise _Stop
+
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: fn)
+    monkeypatch.setattr(tune, "with_resources", lambda fn, res: fn)
+    task, parent, graph = _digits_parent(tmp_path)
+    _record_generation(tmp_path / "s", (0.6, 0.9, 0.7))
+    net2wider(graph, "fc1", 24).graph.save(tmp_path / "s" / "children" / "g000c01")  # the best
+    with pytest.raises(_Stop):
+        run_search(tmp_path / "s", parent, Fixed(), None, task, budget=Budget(3, 2),
+                   parent_acc=0.5, backend="tune",
+                   connect=lambda: nullcontext(SimpleNamespace(started=False)))
+    assert names == ["gen001-a0"]
+
+
+def test_a_tune_trial_is_named_by_its_childs_key_and_a_trial_without_one_by_trial() -> None:
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import _trial_dirname
+
+    assert _trial_dirname(SimpleNamespace(config={"key": "g001c02"}, trial_id="7f3a")) == \
+        "g001c02-7f3a"
+    assert _trial_dirname(SimpleNamespace(config={}, trial_id="7f3a")) == "trial-7f3a"
+
+
+def test_a_search_without_connect_joins_ray_at_its_address_logging_to_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's default Ray: `ray_cluster` given the search's address and log file."""
+    import growth.cluster
+    from growth.controllers.driver import _ray
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(growth.cluster, "ray_cluster",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or "cluster")
+    assert _ray("10.0.0.1:6379", tmp_path / "ray.log") == "cluster"
+    assert calls == [(("10.0.0.1:6379",), {"log_file": tmp_path / "ray.log"})]
+
+
 class _Stop(Exception):
     """Raised by the stand-in for `run_search` once it has recorded its call."""
 
