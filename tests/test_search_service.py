@@ -973,6 +973,7 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     from types import SimpleNamespace
 
     from growth.controllers.driver import Budget, Recorder, Resources, _trial_dirname, run_search
+    from growth.controllers.records import ChildRecord
     from growth.controllers.searcher import METRIC, ControllerSearcher
     from growth.controllers.trial import tune_trial
     from ray import tune
@@ -1012,7 +1013,11 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     assert tc.trial_dirname_creator is _trial_dirname and tc.trial_name_creator is _trial_dirname
     assert (rc.name, rc.verbose, rc.failure_config.max_failures) == ("gen000-a0", 0, 2)
     assert Path(rc.storage_path) == (tmp_path / "s" / "tune").resolve()
-    assert isinstance(rc.callbacks[0], Recorder)
+    recorder = rc.callbacks[0]
+    assert isinstance(recorder, Recorder) and recorder.search.root == (tmp_path / "s").resolve()
+    recorder.on_child(ChildRecord("g000c01", 0, 1, "fc1=24", [], "ok", val_acc=0.75))
+    assert [row["key"] for row in json.loads((tmp_path / "s" / "leaderboard.json").read_text())
+            ] == ["g000c01"]  # the driver's bookkeeping hears of each recorded child
 
 
 def test_a_tune_experiment_that_starts_at_a_later_generation_is_named_after_it(
