@@ -657,6 +657,32 @@ def test_orphans_adopt_only_this_generations_unrecorded_children_from_tune_stora
     assert _orphans(SearchDir(tmp_path / "empty"), 0, set()) == []  # no storage yet
 
 
+def test_orphans_are_adopted_from_a_remote_storage_past_a_forged_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune's storage on another filesystem (pyarrow's in-memory one stands in for a bucket;
+    it lists in name order): a trial folder whose record is not its own child is skipped,
+    and the experiment's next trial folder is still read and copied from that filesystem."""
+    from datetime import datetime
+
+    import growth.controllers.driver as driver
+    import pyarrow.fs as pafs
+    from growth.controllers.driver import SearchDir, _orphans
+
+    remote = pafs._MockFileSystem(datetime(2020, 1, 1))
+    monkeypatch.setattr(driver, "_filesystem", lambda ref: (remote, "bucket/s"))
+    search = SearchDir(tmp_path / "s", storage="mock://bucket")
+    for trial, key, index in (("a-forged", "g000c03", 4), ("g000c01-t1", "g000c01", 1)):
+        local = tmp_path / "local" / trial
+        graph = _child_folder(local, key, 0, index)
+        dest = f"bucket/s/gen000-a0/{trial}/checkpoint_000000"
+        remote.create_dir(dest, recursive=True)
+        pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=remote)
+    [record] = _orphans(search, 0, set())
+    assert record.key == "g000c01" and record.checkpoint == "children/g000c01"
+    assert NetGraph.load(search.root / "children" / "g000c01").to_dict() == graph.to_dict()
+
+
 def test_an_incomplete_or_misnamed_child_folder_is_not_adopted(tmp_path: Path) -> None:
     """A folder whose graph is missing, or whose record names another child, is not adopted
     (its temporary copy removed, nothing in children/); a complete one replaces what
