@@ -753,7 +753,8 @@ def test_the_tune_recorder_adopts_finished_trials_and_records_failed_ones(tmp_pa
         "the trial's process failed: OSError: disk",
         "the trial's process failed: no error text"]
     assert all(r.status == "failed" and r.attempt == 1 and r.arch == f"a{r.index}"
-               and r.lineage == [[{"op": "y"}], [{"op": "x"}]] for r in failed)
+               and r.generation == 0 and r.lineage == [[{"op": "y"}], [{"op": "x"}]]
+               for r in failed)
     assert (failed[0].start, failed[0].end, failed[0].node) == (3.0, 4.0, "n")
     assert pickle.loads(pickle.dumps(recorder)).on_child is None
     assert recorder.on_child is not None
