@@ -762,6 +762,27 @@ def test_the_tune_recorder_adopts_finished_trials_and_records_failed_ones(tmp_pa
     assert read_records(search.records)[-1].key == "g000c07"
 
 
+def test_a_failed_trial_with_a_bare_config_and_no_result_is_recorded_with_defaults(
+        tmp_path: Path) -> None:
+    """A trial config without lineage or attempt, whose process failed before any result:
+    recorded failed at attempt 0, its lineage its own actions, started and ended at 0.0."""
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Recorder, SearchDir
+
+    search = SearchDir(tmp_path / "s")
+    search.root.mkdir()
+    config = {"key": "g001c02", "generation": 1, "index": 2, "arch": "a2",
+              "actions": [{"op": "x"}]}
+    Recorder(search, None).on_trial_error(0, [], SimpleNamespace(
+        config=config, last_result=None, checkpoint=None, get_error=lambda: None))
+    [record] = read_records(search.records)
+    assert (record.key, record.generation, record.index, record.status) == (
+        "g001c02", 1, 2, "failed")
+    assert record.lineage == [[{"op": "x"}]] and record.attempt == 0
+    assert (record.start, record.end, record.node) == (0.0, 0.0, None)
+
+
 def test_a_trial_that_no_node_of_a_local_ray_can_hold_is_refused() -> None:
     """cpus_per_trial or gpus_per_trial above what the local Ray has is a ConfigError naming
     the setting and both figures; equal is fine; a joined cluster is not checked."""
