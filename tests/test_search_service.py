@@ -779,6 +779,7 @@ def test_a_failed_trial_with_a_bare_config_and_no_result_is_recorded_with_defaul
     [record] = read_records(search.records)
     assert (record.key, record.generation, record.index, record.status) == (
         "g001c02", 1, 2, "failed")
+    assert record.actions == [{"op": "x"}] and record.arch == "a2"
     assert record.lineage == [[{"op": "x"}]] and record.attempt == 0
     assert (record.start, record.end, record.node) == (0.0, 0.0, None)
 
