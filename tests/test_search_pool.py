@@ -612,6 +612,22 @@ def test_an_interrupt_kills_the_actors_still_training_and_records_nothing_more(
     assert [json.loads(line)["key"] for line in lines] == ["g000c00"]
 
 
+def test_a_ray_backend_search_ends_with_every_child_reported(tmp_path: Path,
+                                                             fake_ray: FakeRay) -> None:
+    """One child on the pool: the search returns its record. A generation left with children
+    unreported raises KeyboardInterrupt (a resume trains them), which would stop the test run
+    instead of failing this test: it is turned into a failure here."""
+    try:
+        result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
+                              WorkerPool(fake_ray, FakeWorker()), children=1)
+    except KeyboardInterrupt as exc:
+        if "unreported" not in str(exc):
+            raise
+        pytest.fail(f"the search stopped: {exc}")
+    [record] = result.records
+    assert record.key == "g000c00" and record.ok and result.generations == 1
+
+
 def test_a_search_without_a_pool_starts_its_own_and_closes_it(
         tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
     """No caller's pool: the search makes one (of `concurrency` actors) and kills its actors
