@@ -505,14 +505,15 @@ def _tiny(tmp: Path) -> tuple[Path, Any, Any]:
 
 def _tiny_search(folder: Path, tiny: tuple[Path, Any, Any], backend: str, pool: Any = None,
                  children: int = 3, concurrency: int = 2, max_failures: int = 1,
-                 progress: SearchProgress | None = None, **more: Any) -> Any:
+                 progress: SearchProgress | None = None, generations: int = 1, **more: Any
+                 ) -> Any:
     parent, task, space = tiny
     more.setdefault("connect", lambda: nullcontext(SimpleNamespace(started=False)))
     controller = make_controller("random", space, {"wider_actions": 2, "deeper_actions": 1},
                                  seed=2)
     return run_search(folder, parent, controller, space, task,
                       TrialSpec(train=TrainConfig(epochs=1, batch_size=32, lr=0.05)),
-                      Budget(children=children, generations=1),
+                      Budget(children=children, generations=generations),
                       Resources(concurrency=concurrency, max_failures=max_failures), seed=2,
                       parent_acc=0.1, backend=backend, pool=pool, progress=progress, **more)
 
@@ -570,6 +571,18 @@ def test_a_child_whose_actor_dies_is_retried_on_a_new_actor_then_recorded_failed
         assert got[1] == reference[1] and result.done
 
 
+def test_a_child_whose_actors_die_more_than_max_failures_times_is_recorded_failed(
+        tmp_path: Path, fake_ray: FakeRay) -> None:
+    """max_failures 1: child 0's actor dies, its replacement dies too; the child is then
+    recorded failed, and the third actor (the second replacement) trains nothing."""
+    worker = FakeWorker({0: "dies", 1: "dies"}, "node lost")
+    result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
+                          WorkerPool(fake_ray, worker), children=1, concurrency=1)
+    assert [a.trained for a in worker.actors] == [["g000c00"], ["g000c00"], []]
+    [failed] = result.records
+    assert failed.status == "failed" and failed.error == "the trial's process failed: node lost"
+
+
 @pytest.mark.parametrize(("fate", "error"), [
     ("fails", "the child failed by itself"),
     ("drops", "the child's folder is incomplete"),
@@ -614,18 +627,19 @@ def test_an_interrupt_kills_the_actors_still_training_and_records_nothing_more(
 
 def test_a_ray_backend_search_ends_with_every_child_reported(tmp_path: Path,
                                                              fake_ray: FakeRay) -> None:
-    """One child on the pool: the search returns its record. A generation left with children
-    unreported raises KeyboardInterrupt (a resume trains them), which would stop the test run
-    instead of failing this test: it is turned into a failure here."""
+    """Two generations of one child on the pool: the search returns both records. A
+    generation left with children unreported raises KeyboardInterrupt (a resume trains them),
+    which would stop the test run instead of failing this test: it is turned into a failure
+    here."""
     try:
         result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
-                              WorkerPool(fake_ray, FakeWorker()), children=1)
+                              WorkerPool(fake_ray, FakeWorker()), children=1, generations=2)
     except KeyboardInterrupt as exc:
         if "unreported" not in str(exc):
             raise
         pytest.fail(f"the search stopped: {exc}")
-    [record] = result.records
-    assert record.key == "g000c00" and record.ok and result.generations == 1
+    assert [(r.key, r.ok) for r in result.records] == [("g000c00", True), ("g001c00", True)]
+    assert result.generations == 2 and result.done
 
 
 def test_a_search_without_a_pool_starts_its_own_and_closes_it(
