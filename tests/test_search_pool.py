@@ -583,6 +583,19 @@ def test_a_child_whose_actors_die_more_than_max_failures_times_is_recorded_faile
     assert failed.status == "failed" and failed.error == "the trial's process failed: node lost"
 
 
+def test_no_child_goes_to_an_actor_that_has_not_answered_ready(tmp_path: Path,
+                                                              fake_ray: FakeRay) -> None:
+    """Two actors, actor 0 dying before it answers `ready`: the child waits for a placed
+    actor and trains on actor 1, never on actor 0 (which is replaced)."""
+    worker = FakeWorker(unplaced=(0,))
+    result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
+                          WorkerPool(fake_ray, worker), children=1, concurrency=2)
+    assert [a.trained for a in worker.actors][:2] == [[], ["g000c00"]]
+    assert fake_ray.killed[0] == (worker.actors[0], True)
+    [record] = result.records
+    assert record.ok
+
+
 @pytest.mark.parametrize(("fate", "error"), [
     ("fails", "the child failed by itself"),
     ("drops", "the child's folder is incomplete"),
