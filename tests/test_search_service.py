@@ -506,6 +506,25 @@ def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
         assert result.lineage == [[{"op": "net2wider", "node": "fc1", "width": 20 + 4 * chosen}]]
 
 
+def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
+    """One child trained here: the search returns its record. A generation left with
+    children unreported raises KeyboardInterrupt (a resume trains them), which would stop the
+    test run instead of failing this test: it is turned into a failure here."""
+    from growth.controllers.driver import Budget, run_search
+
+    task, parent, graph = _digits_parent(tmp_path)
+    space = make_space({"widths": {"fc": [16, 20]}}, graph)
+    try:
+        result = run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(1, 1),
+                            backend="local")
+    except KeyboardInterrupt as exc:
+        if "unreported" not in str(exc):
+            raise
+        pytest.fail(f"the search stopped: {exc}")
+    [record] = result.records
+    assert record.key == "g000c00" and record.ok and result.generations == 1
+
+
 def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -> None:
     """Two generations already recorded: the second is asked for children of the first's best
     child (its saved graph), excluding every architecture the first trained."""
