@@ -722,6 +722,28 @@ def test_the_actor_body_reads_a_searchs_inputs_once_and_returns_its_childs_files
                     ("c2", "task2", "space2", "node-1")]
 
 
+def test_auto_moves_to_a_started_pool_after_a_generation_trained_here(
+        tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto", no child time known: generation 0 trains here. Its measured time then decides
+    generation 1, and a caller's pool whose actors are started already costs no start (here
+    every start is made prohibitive and the fixed cost nothing): generation 1 trains on the
+    pool's actors."""
+    import growth.controllers.driver as driver
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(driver, "RAY_FIXED_S", 0.0)
+    monkeypatch.setattr(driver, "RAY_START_S", 1e9)
+    worker = FakeWorker()
+    pool = WorkerPool(fake_ray, worker)
+    tiny = _tiny(tmp_path)
+    _tiny_search(tmp_path / "warm", tiny, "ray", pool, children=1)  # the actors start
+    trained = [list(a.trained) for a in worker.actors]
+    result = _tiny_search(tmp_path / "auto", tiny, "auto", pool, children=2, generations=2)
+    nodes = {g: [r.node for r in result.records if r.generation == g] for g in (0, 1)}
+    assert nodes[0] == ["local", "local"] and nodes[1] and set(nodes[1]) == {"node-1"}
+    assert sum(len(a.trained) for a in worker.actors) == sum(map(len, trained)) + len(nodes[1])
+
+
 def test_auto_trains_on_the_pool_when_a_known_child_time_makes_it_worth_it(
         tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
     """"auto" with a child known to take 100 s, two at once on 4 CPUs: running the
