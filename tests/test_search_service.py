@@ -525,6 +525,23 @@ def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
     assert record.key == "g000c00" and record.ok and result.generations == 1
 
 
+def test_a_child_trains_here_over_the_folder_an_interrupted_driver_left(tmp_path: Path
+                                                                       ) -> None:
+    """A driver killed mid-child leaves children/.train-<key>: the resumed child trains in a
+    fresh folder, and nothing left there reaches its graph folder."""
+    from growth.controllers.driver import Budget, run_search
+
+    task, parent, graph = _digits_parent(tmp_path)
+    stale = tmp_path / "s" / "children" / ".train-g000c00"
+    stale.mkdir(parents=True)
+    (stale / "leftover.txt").write_text("from the killed driver")
+    result = run_search(tmp_path / "s", parent, Fixed(), make_space(
+        {"widths": {"fc": [16, 20]}}, graph), task, budget=Budget(1, 1), backend="local")
+    [record] = result.records
+    assert record.ok and not stale.exists()
+    assert not (tmp_path / "s" / "children" / "g000c00" / "leftover.txt").exists()
+
+
 def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -> None:
     """Two generations already recorded: the second is asked for children of the first's best
     child (its saved graph), excluding every architecture the first trained."""
