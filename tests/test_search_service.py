@@ -926,6 +926,7 @@ def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp
     assert record.error.startswith("OperatorError: ")  # the trial's line: type, message
     assert before <= record.start <= record.end <= time.time()
     assert not (tmp_path / "s" / "children" / record.key).exists() and result.done
+    assert not any((tmp_path / "s" / "children").iterdir())  # its training folder removed
 
 
 def test_a_process_that_runs_a_ray_task_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
