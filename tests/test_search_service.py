@@ -929,6 +929,34 @@ def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp
     assert not any((tmp_path / "s" / "children").iterdir())  # its training folder removed
 
 
+def test_a_child_trained_here_whose_folder_is_incomplete_is_recorded_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer that reports ok but leaves only the child's record (no graph): the folder,
+    moved out for adoption, is not adopted; the child is recorded failed ("the child's
+    folder is incomplete", with the trainer's times) and no folder is left behind."""
+    import growth.controllers.driver as driver
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import ChildRecord
+    from growth.controllers.trial import CHILD_FILE
+
+    def record_only(config: dict[str, Any], task: Any, space: Any, out: Path, node: str
+                    ) -> dict[str, Any]:
+        record = ChildRecord(config["key"], config["generation"], config["index"],
+                             config["arch"], config["actions"], "ok", val_acc=0.5)
+        (Path(out) / CHILD_FILE).write_text(json.dumps(record.to_json()))
+        return {"status": "ok", "error": "", "val_acc": 0.5, "start": 1.0, "end": 2.0,
+                "node": node}
+
+    monkeypatch.setattr(driver, "train_child", record_only)
+    task, parent, _ = _digits_parent(tmp_path)
+    result = run_search(tmp_path / "s", parent, Fixed(), None, task, budget=Budget(1, 1),
+                        backend="local")
+    [record] = result.records
+    assert record.status == "failed" and record.error == "the child's folder is incomplete"
+    assert (record.start, record.end, record.node) == (1.0, 2.0, "local")
+    assert not any((tmp_path / "s" / "children").iterdir())
+
+
 def test_a_process_that_runs_a_ray_task_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """in_ray_task: Ray initialised and a task id (a `growth compare` campaign); then "auto"
     stays in this process whatever a child costs."""
