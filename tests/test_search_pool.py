@@ -655,6 +655,20 @@ def test_a_ray_backend_search_ends_with_every_child_reported(tmp_path: Path,
     assert result.generations == 2 and result.done
 
 
+def test_a_search_on_a_started_local_ray_too_small_for_a_child_starts_no_actor(
+        tmp_path: Path, fake_ray: FakeRay) -> None:
+    """The search's own local Ray (started, 0.5 CPUs) cannot hold a child of one CPU: the
+    search says so before the pool makes any actor."""
+    from growth.errors import ConfigError
+
+    worker = FakeWorker()
+    small = SimpleNamespace(started=True, cpus=0.5, gpus=0.0)
+    with pytest.raises(ConfigError, match="cpus_per_trial"):
+        _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray", WorkerPool(fake_ray, worker),
+                     connect=lambda: nullcontext(small))
+    assert worker.actors == []
+
+
 def test_a_search_without_a_pool_starts_its_own_and_closes_it(
         tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
     """No caller's pool: the search makes one (of `concurrency` actors) and kills its actors

@@ -957,6 +957,25 @@ def test_a_child_trained_here_whose_folder_is_incomplete_is_recorded_failed(
     assert not any((tmp_path / "s" / "children").iterdir())
 
 
+def test_a_childs_files_from_an_actor_are_written_in_nested_folders_and_never_outside(
+        tmp_path: Path) -> None:
+    """What a pool actor returns (relative path -> bytes) is written under the folder, its
+    subfolders made as needed; a path that leads outside is refused, naming a child's file,
+    and nothing is written there."""
+    from growth.controllers.driver import _write_files
+
+    from growth.errors import RunDirError
+
+    folder = tmp_path / "child"
+    folder.mkdir()
+    _write_files(folder, {"structure.json": b"{}", "state/optim/moments.bin": b"\x01\x02"})
+    assert (folder / "structure.json").read_bytes() == b"{}"
+    assert (folder / "state" / "optim" / "moments.bin").read_bytes() == b"\x01\x02"
+    with pytest.raises(RunDirError, match="^a child's file "):
+        _write_files(folder, {"../escaped.bin": b"x"})
+    assert not (tmp_path / "escaped.bin").exists()
+
+
 def test_a_process_that_runs_a_ray_task_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """in_ray_task: Ray initialised and a task id (a `growth compare` campaign); then "auto"
     stays in this process whatever a child costs."""
