@@ -661,6 +661,29 @@ def test_publish_copies_a_folder_into_storage_and_answers_its_reference(tmp_path
     assert path == str(tmp_path / "remote") and fs.type_name == "local"
 
 
+def test_publish_writes_into_a_storage_on_another_filesystem_whatever_its_name_ends_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage on another filesystem (pyarrow's in-memory one stands in for a bucket): the
+    folder is copied there, not to a local path of that name; a storage whose name ends in a
+    letter other than "/" keeps it."""
+    from datetime import datetime
+
+    import growth.controllers.driver as driver
+    import pyarrow.fs as pafs
+    from growth.controllers.driver import publish
+
+    monkeypatch.chdir(tmp_path)  # a wrong copy to a local relative path would land here
+    src = tmp_path / "parent"
+    src.mkdir()
+    (src / "a.json").write_text("{}")
+    remote = pafs._MockFileSystem(datetime(2020, 1, 1))
+    monkeypatch.setattr(driver, "_filesystem", lambda ref: (remote, "bucketX/"))
+    assert publish(src, "mock://bucketX/", "parents/gen000") == "mock://bucketX/parents/gen000"
+    with remote.open_input_stream("bucketX/parents/gen000/a.json") as f:
+        assert f.readall() == b"{}"
+    assert not (tmp_path / "bucketX").exists()
+
+
 def test_orphans_adopt_only_this_generations_unrecorded_children_from_tune_storage(
         tmp_path: Path) -> None:
     """Tune's storage after a driver died: the experiments' (gen*) trial folders of the
