@@ -527,18 +527,20 @@ def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
 
 def test_a_child_trains_here_over_the_folder_an_interrupted_driver_left(tmp_path: Path
                                                                        ) -> None:
-    """A driver killed mid-child leaves children/.train-<key>: the resumed child trains in a
-    fresh folder, and nothing left there reaches its graph folder."""
+    """A driver killed mid-child leaves children/.train-<key> (training) and .tmp-<key>
+    (adopting): the resumed child trains and is adopted in fresh folders, and nothing left
+    there reaches its graph folder."""
     from growth.controllers.driver import Budget, run_search
 
     task, parent, graph = _digits_parent(tmp_path)
-    stale = tmp_path / "s" / "children" / ".train-g000c00"
-    stale.mkdir(parents=True)
-    (stale / "leftover.txt").write_text("from the killed driver")
+    stale = [tmp_path / "s" / "children" / f".{stage}-g000c00" for stage in ("train", "tmp")]
+    for folder in stale:
+        folder.mkdir(parents=True)
+        (folder / "leftover.txt").write_text("from the killed driver")
     result = run_search(tmp_path / "s", parent, Fixed(), make_space(
         {"widths": {"fc": [16, 20]}}, graph), task, budget=Budget(1, 1), backend="local")
     [record] = result.records
-    assert record.ok and not stale.exists()
+    assert record.ok and not any(folder.exists() for folder in stale)
     assert not (tmp_path / "s" / "children" / "g000c00" / "leftover.txt").exists()
 
 
