@@ -669,6 +669,21 @@ def test_a_search_on_a_started_local_ray_too_small_for_a_child_starts_no_actor(
     assert worker.actors == []
 
 
+def test_the_controller_observes_the_accuracies_of_children_trained_on_the_pool(
+        tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each child an actor returns is observed with its validation accuracy, the same values
+    as the records."""
+    from growth.controllers.random_search import RandomController
+
+    observed: list[list[float | None]] = []
+    monkeypatch.setattr(RandomController, "observe",
+                        lambda self, results: observed.append([acc for _, acc in results]))
+    result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
+                          WorkerPool(fake_ray, FakeWorker()), children=2)
+    assert observed == [[r.val_acc for r in result.records]]
+    assert all(acc is not None for acc in observed[0])
+
+
 def test_a_search_without_a_pool_starts_its_own_and_closes_it(
         tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
     """No caller's pool: the search makes one (of `concurrency` actors) and kills its actors
