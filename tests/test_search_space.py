@@ -522,6 +522,45 @@ def test_every_layernorm_of_a_vit_has_vits_eps_of_1e_6() -> None:
                                      "block2_norm2", "norm")}
 
 
+def test_a_vits_features_are_its_class_token_after_the_final_norm() -> None:
+    """With no blocks nothing mixes the tokens: the features are read at the class token
+    (index 0), LayerNorm(cls + pos[0]) by hand, the same for every image."""
+    g = randomize(add_head(vit((1, 8, 8), patch=4, dim=8, depth=0, heads=2), "t0", 3), 0)
+    cls, pos = g.node("cls").tensors["weight"], g.node("pos").tensors["weight"]
+    norm, head = g.node("norm").tensors, g.node("head_t0").tensors
+    token = cls[0, 0] + pos[0, 0]
+    normed = (token - token.mean()) / torch.sqrt(token.var(unbiased=False) + 1e-6)
+    want = (normed * norm["weight"] + norm["bias"]) @ head["weight"].T + head["bias"]
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = outputs(g, x)["t0"]
+    assert torch.allclose(got, want.expand(2, 3), atol=1e-5)
+
+
+def test_a_vit_refuses_an_image_whose_width_alone_does_not_split_into_patches() -> None:
+    with pytest.raises(GraphError, match="the 8x6 input does not split into 4x4 patches"):
+        vit((1, 8, 6), patch=4)
+    with pytest.raises(GraphError, match="the 6x8 input does not split into 4x4 patches"):
+        vit((1, 6, 8), patch=4)
+
+
+def test_a_small_cnn_and_the_cifar_benchmark_have_batchnorm_and_ten_classes_by_default() -> None:
+    """small_cnn's blocks are conv -> bn -> act -> pool unless told otherwise, named by
+    position after the input "x" as the other builders' nodes, and its dense blocks have no
+    dropout unless asked; cifar_cnn is that with 32 and 64 channels; a benchmark network's
+    head has 10 classes by default."""
+    block = ["conv2d", "batchnorm2d", "relu", "maxpool2d"]
+    g = small_cnn((3, 8, 8), (4,), fc=(5,))
+    assert [g.node(n).kind for n in g.topo_order()] == [
+        "input", *block, "flatten", "linear", "relu", "identity"]
+    assert g.topo_order() == ["x", "conv1", "bn1", "act1", "pool1", "flatten", "fc2", "act2",
+                              "features"]
+    g = benchmark_network("cifar_cnn")
+    assert [g.node(n).kind for n in g.topo_order()][:9] == ["input", *block, *block]
+    assert [g.node(f"conv{i}").attrs["out_channels"] for i in (1, 2)] == [32, 64]
+    for name in sorted(BENCHMARKS):
+        assert benchmark_network(name).node("head_t0").attrs["out_features"] == 10, name
+
+
 def test_fc_tokens_follow_the_conv_tokens_one_per_width_bucket() -> None:
     """Vocabulary by hand: (conv widths + 1) x (kernel sizes + 1) conv ids, then one id per fc
     width bucket (a width goes to the first listed width at or above it), then the pool."""
