@@ -522,6 +522,14 @@ def test_every_layernorm_of_a_vit_has_vits_eps_of_1e_6() -> None:
                                      "block2_norm2", "norm")}
 
 
+def test_an_mlp_flattens_any_input_of_more_than_one_dimension() -> None:
+    """A (4, 6) input (tokens by features) is flattened to 24 features as an image is."""
+    g = mlp((4, 6), [5])
+    assert g.topo_order() == ["x", "flatten", "fc1", "act1", "features"]
+    assert g.shape("flatten") == (24,) and g.shape("features") == (5,)
+    assert mlp((6,), [5]).topo_order() == ["x", "fc1", "act1", "features"]
+
+
 def test_a_vits_features_are_its_class_token_after_the_final_norm() -> None:
     """With no blocks nothing mixes the tokens: the features are read at the class token
     (index 0), LayerNorm(cls + pos[0]) by hand, the same for every image."""
@@ -554,6 +562,7 @@ def test_a_small_cnn_and_the_cifar_benchmark_have_batchnorm_and_ten_classes_by_d
         "input", *block, "flatten", "linear", "relu", "identity"]
     assert g.topo_order() == ["x", "conv1", "bn1", "act1", "pool1", "flatten", "fc2", "act2",
                               "features"]
+    assert small_cnn((3, 8, 8), (4,), kernel_size=5).shape("conv1") == (4, 8, 8)  # same pad
     g = benchmark_network("cifar_cnn")
     assert [g.node(n).kind for n in g.topo_order()][:9] == ["input", *block, *block]
     assert [g.node(f"conv{i}").attrs["out_channels"] for i in (1, 2)] == [32, 64]
