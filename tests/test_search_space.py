@@ -39,14 +39,15 @@ def _cnn() -> NetGraph:  # 8x8 -> conv1 8x8 -> pool 4x4 -> conv2 4x4 -> pool 2x2
 def test_an_mlp_with_batchnorm_and_dropout_chains_its_blocks_in_order() -> None:
     """Each hidden block is fc{i} -> bn{i} -> act{i} -> drop{i}, each fed by the one before,
     the first by the input and "features" by the last."""
-    g = mlp((4,), [3, 5], batchnorm=True, dropout=0.5)
+    g = mlp((4,), [3, 5], batchnorm=True, dropout=0.25)  # not the dropout kind's default 0.5
     chain = [(n["name"], n["kind"], n["inputs"]) for n in g.to_dict()["nodes"]]
     assert chain == [("x", "input", []), ("fc1", "linear", ["x"]),
                      ("bn1", "batchnorm1d", ["fc1"]), ("act1", "relu", ["bn1"]),
                      ("drop1", "dropout", ["act1"]), ("fc2", "linear", ["drop1"]),
                      ("bn2", "batchnorm1d", ["fc2"]), ("act2", "relu", ["bn2"]),
                      ("drop2", "dropout", ["act2"]), ("features", "identity", ["drop2"])]
-    assert g.node("bn2").attrs["num_features"] == 5 and g.node("drop1").attrs["p"] == 0.5
+    assert g.node("bn2").attrs["num_features"] == 5
+    assert g.node("drop1").attrs["p"] == g.node("drop2").attrs["p"] == 0.25
 
 
 # ---- layers as tokens -------------------------------------------------------------------------
