@@ -523,6 +523,20 @@ def test_every_layernorm_of_a_vit_has_vits_eps_of_1e_6() -> None:
                                      "block2_norm2", "norm")}
 
 
+def test_a_head_is_named_by_an_identifier_and_has_at_least_one_class() -> None:
+    """A head's name must be a Python identifier and it needs a class or more: one class is
+    enough. The graph it is added to is left as it was."""
+    g = mlp((4,), [3])
+    for bad in ("1st", "t-0", "", 5):
+        with pytest.raises(GraphError, match="must be a Python identifier"):
+            add_head(g, bad, 2)
+    with pytest.raises(GraphError, match="needs n_classes >= 1, got 0"):
+        add_head(g, "t0", 0)
+    one = add_head(g, "t0", 1)
+    assert one.heads == ["t0"] and one.shape("t0") == (1,)
+    assert g.heads == [] and "head_t0" not in g
+
+
 def test_an_mlp_flattens_any_input_of_more_than_one_dimension() -> None:
     """A (4, 6) input (tokens by features) is flattened to 24 features as an image is."""
     g = mlp((4, 6), [5])
