@@ -1228,8 +1228,9 @@ def test_a_tune_trial_is_named_by_its_childs_key_and_a_trial_without_one_by_tria
 def test_a_search_without_connect_joins_ray_at_its_address_logging_to_its_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver's default Ray: `ray_cluster` given the search's address and log file."""
-    import growth.cluster
     from growth.controllers.driver import _ray
+
+    import growth.cluster
 
     calls: list[tuple[Any, ...]] = []
     monkeypatch.setattr(growth.cluster, "ray_cluster",
