@@ -302,6 +302,13 @@ def test_a_wider_step_with_nothing_to_widen_is_no_decision_in_the_entropy_mean()
     assert loss == pytest.approx(-0.5 * sum(entropies) / 3, rel=1e-5)
 
 
+def test_a_network_with_no_hidden_layer_gets_no_child_and_no_error() -> None:
+    """Logistic regression has no layer token: the encoder is never run on an empty sequence
+    (an LSTM refuses one), and there is nothing to propose."""
+    g = randomize(add_head(mlp((6,), []), "t0", 3), 0)
+    assert _eas(g).propose(g, 2) == []
+
+
 def test_an_eas_state_names_its_controller_and_one_without_an_update_count_loads_as_zero(
         ) -> None:
     """The saved extras carry the controller's name, baseline, update count and settings; a
