@@ -160,8 +160,8 @@ def test_make_controller_validates_name_and_settings() -> None:
 
 
 def test_a_random_controller_made_directly_has_seed_0_and_names_itself() -> None:
-    """Made without make_controller: seed 0 by default, settings errors under
-    search.controller, and its saved state's extras name it."""
+    """Made without make_controller: seed 0 by default (as by make_controller), settings
+    errors under search.controller, and its saved state's extras name it."""
     from growth.controllers.random_search import RandomController
 
     g = _mlp()
@@ -172,6 +172,8 @@ def test_a_random_controller_made_directly_has_seed_0_and_names_itself() -> None
     with pytest.raises(ConfigError, match=r"^search\.controller\.widen_probability: "):
         RandomController(space, {"widen_probability": 2})
     assert RandomController(space).state_dict()[1] == {"controller": "random"}
+    assert ([p.arch for p in make_controller("random", space).propose(g, 3)] ==
+            [p.arch for p in RandomController(space, seed=0).propose(g, 3)])  # by name: 0 too
 
 
 def test_load_state_refuses_a_state_without_a_generator() -> None:
@@ -259,6 +261,59 @@ def test_a_rollout_records_the_log_probability_of_what_it_drew() -> None:
             for m, c in decisions))
         assert policy.calls == [(0, 0, None), (1, 1, deeper["block"]),
                                 (2, 2, deeper["position"])]
+
+
+class _SurePolicy(_FixedPolicy):
+    """P(widen) exactly 0 for the first layer and 1 for every other (a saturated policy)."""
+
+    def wider_probs(self, tokens: list[int]) -> list[float]:
+        return [0.0] + [1.0] * (len(tokens) - 1)
+
+
+def test_a_wider_decision_the_policy_is_sure_of_has_log_probability_0() -> None:
+    """Decisions of probability 0 or 1 are certain: the first layer is never widened, every
+    other one always, and the step's log-probability is log 1 = 0 (not a count of them)."""
+    from growth.controllers.base import ControllerSettings, rollout
+
+    g = _mlp()
+    space = _small_space(g)
+    policy = _SurePolicy((1, 1, 1))
+    for seed in range(3):
+        (wider,) = rollout(space, g, policy, torch.Generator().manual_seed(seed),
+                           ControllerSettings(wider_actions=1, deeper_actions=0)
+                           ).decisions["steps"]
+        assert wider["mask"] == [1, 1] and wider["choice"] == [0, 1]
+        assert wider["logp"] == 0.0
+
+
+def test_one_of_draws_only_between_several_options() -> None:
+    """A single option is returned without a draw (the generator's state is untouched, so a
+    space with one operator per role rolls out as it did before roles held several); no
+    option gives None; several are drawn uniformly with the generator given."""
+    from growth.controllers.base import _one_of, generator_state
+
+    gen = torch.Generator().manual_seed(5)
+    before = generator_state(gen)
+    assert _one_of(["a"], gen) == "a" and _one_of([], gen) is None
+    assert torch.equal(generator_state(gen), before)
+    draws = [_one_of(["a", "b", "c"], gen) for _ in range(300)]
+    assert all(70 < draws.count(o) < 130 for o in "abc")
+    again = torch.Generator().manual_seed(5)
+    assert [_one_of(["a", "b", "c"], again) for _ in range(300)] == draws
+
+
+def test_a_generator_state_saved_as_another_integer_type_restores() -> None:
+    """A state tensor read back as int64 (a format that widens bytes) restores the generator
+    exactly: it is converted to the bytes the generator takes."""
+    from growth.controllers.base import generator_state, set_generator_state
+
+    gen = torch.Generator().manual_seed(11)
+    torch.rand(3, generator=gen)
+    state = generator_state(gen).to(torch.int64)
+    expected = torch.rand(4, generator=gen)
+    fresh = torch.Generator()
+    set_generator_state(fresh, {"rng": state})
+    assert torch.equal(torch.rand(4, generator=fresh), expected)
 
 
 def test_a_masked_draw_follows_the_probabilities_and_returns_its_log_probability() -> None:

@@ -86,8 +86,9 @@ def test_a_space_proposes_the_plugin_where_it_accepts(site: Path) -> None:
                                rtol=0, atol=0)
 
 
-def test_several_operators_of_a_role_are_drawn_and_one_per_role_rolls_out_as_before(
-        site: Path) -> None:
+def test_one_operator_per_role_rolls_out_as_the_default_space_does(site: Path) -> None:
+    """Naming the default operators changes nothing: a single operator is used without a
+    draw, so the generator gives the same children."""
     graph = add_head(mlp((6,), [5, 4]), "t0", 3)
     settings = {"wider_actions": 1, "deeper_actions": 2}
 
@@ -97,17 +98,40 @@ def test_several_operators_of_a_role_are_drawn_and_one_per_role_rolls_out_as_bef
                                                 seed=3).propose(graph, 6)]
 
     assert archs({}) == archs({"operators": ["net2wider", "net2deeper"]})
-    space = make_space({"operators": ["net2wider", "net2deeper", "residual_deeper"]}, graph)
-    ops = {a["op"] for p in make_controller("random", space, settings, seed=3).propose(graph, 8)
-           for a in p.actions}
-    assert {"net2deeper", "residual_deeper"} <= ops
 
-    def drawn(global_seed: int) -> list[list[str]]:  # the controller's own generator draws
-        torch.manual_seed(global_seed)  # the operator, whatever torch's global one holds
-        return [[a["op"] for a in p.actions] for p in
-                make_controller("random", space, settings, seed=3).propose(graph, 8)]
 
-    assert drawn(0) == drawn(1) == drawn(2)
+@pytest.mark.parametrize("build", [lambda: mlp((6,), [5, 4]), lambda: small_cnn((1, 8, 8), [3, 4])],
+                         ids=["mlp", "cnn"])
+def test_each_drawn_operator_builds_the_rolled_out_child_and_actions_are_seeded_by_index(
+        site: Path, build) -> None:
+    """With two operators of each role, every one is drawn, and where both deeper operators
+    fit an insertion (its kernel included, on images) either may be drawn there. A
+    proposal's architecture is the one its own actions build (the rollout continues from the
+    child the drawn operator built), each action's seed is its index in the proposal, and
+    the draws come from the controller's generator alone."""
+    torch.manual_seed(0)
+    graph = add_head(build(), "t0", 3)
+    ops = ["net2wider", "widen_private", "net2deeper", "residual_deeper"]
+    space = make_space({"operators": ops}, graph)
+    settings = {"wider_actions": 1, "deeper_actions": 2}
+
+    def proposals(global_seed: int) -> list:
+        torch.manual_seed(global_seed)
+        return make_controller("random", space, settings, seed=3).propose(graph, 8)
+
+    first = proposals(0)
+    assert {a["op"] for p in first for a in p.actions} == set(ops)
+    for p in first:
+        assert space.arch(space.apply(graph, p.actions)[0]) == p.arch
+        assert [a["seed"] for a in p.actions] == list(range(len(p.actions)))
+    assert [p.actions for p in proposals(1)] == [p.actions for p in first]
+    menu = space.deeper_menu(graph)  # the insertions (kernel included) both deeper ops fit
+    both = {(o.action["after"], o.action.get("kernel_size")) for o in space.deeper_options(graph)
+            if len(menu.operators(o.block, o.position, o.kernel)) == 2}
+    one = make_controller("random", space, {"wider_actions": 0, "deeper_actions": 1},
+                          seed=3).propose(graph, 8)
+    assert {a["op"] for p in one for a in p.actions
+            if (a["after"], a.get("kernel_size")) in both} == {"net2deeper", "residual_deeper"}
 
 
 @pytest.mark.parametrize("operators,message", [

@@ -86,6 +86,9 @@ CONTROLLER = textwrap.dedent('''
         def propose(self, parent, n, exclude=()):
             return super().propose(parent, min(n, 1), exclude)
 
+    class Clash(RandomController):  # a built-in's name: ignored, the built-in stays
+        name = "eas"
+
     NOT_A_CONTROLLER = object()
 
     class Stateless:  # no state to restore: a search could not resume it
@@ -97,19 +100,25 @@ CONTROLLER = textwrap.dedent('''
 
 
 def test_controller_plugin_is_made_by_name(site: Path) -> None:
-    from growth.controllers import available_controllers, make_controller
+    from growth.controllers import EASController, available_controllers, make_controller
     from growth.search_spaces import make_space
     from growth.search_spaces.networks import add_head, mlp
 
     install(site, "fake-controllers", "1.0", {"fake_controllers": CONTROLLER},
             {"growth.controllers": {"shy": "fake_controllers:Shy",
                                     "broken": "fake_controllers:NOT_A_CONTROLLER",
-                                    "stateless": "fake_controllers:Stateless"}})
+                                    "stateless": "fake_controllers:Stateless",
+                                    "clash": "fake_controllers:Clash"}})
     with pytest.warns(RuntimeWarning) as caught:
-        found = set(available_controllers())
-    assert {"eas", "random", "shy"} <= found and "stateless" not in found
-    text = " ".join(str(w.message) for w in caught)
-    assert "'broken'" in text and "'stateless'" in text and "load_state_dict" in text
+        found = available_controllers()
+    assert {"eas", "random", "shy"} <= set(found) and "stateless" not in found
+    assert found["eas"] is EASController
+
+    def said(name: str) -> str:  # the warning about plug-in entry `name`
+        return " ".join(str(w.message) for w in caught if f"plug-in '{name}' (" in str(w.message))
+
+    assert "not a controller class" in said("stateless") and "load_state_dict" in said("stateless")
+    assert said("broken") and "already taken" in said("clash")
     graph = add_head(mlp((6,), [5, 7]), "t0", 3)
     space = make_space({"widths": {"fc": [8, 12]}}, graph)
     with pytest.warns(RuntimeWarning):

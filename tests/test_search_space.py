@@ -39,14 +39,15 @@ def _cnn() -> NetGraph:  # 8x8 -> conv1 8x8 -> pool 4x4 -> conv2 4x4 -> pool 2x2
 def test_an_mlp_with_batchnorm_and_dropout_chains_its_blocks_in_order() -> None:
     """Each hidden block is fc{i} -> bn{i} -> act{i} -> drop{i}, each fed by the one before,
     the first by the input and "features" by the last."""
-    g = mlp((4,), [3, 5], batchnorm=True, dropout=0.5)
+    g = mlp((4,), [3, 5], batchnorm=True, dropout=0.25)  # not the dropout kind's default 0.5
     chain = [(n["name"], n["kind"], n["inputs"]) for n in g.to_dict()["nodes"]]
     assert chain == [("x", "input", []), ("fc1", "linear", ["x"]),
                      ("bn1", "batchnorm1d", ["fc1"]), ("act1", "relu", ["bn1"]),
                      ("drop1", "dropout", ["act1"]), ("fc2", "linear", ["drop1"]),
                      ("bn2", "batchnorm1d", ["fc2"]), ("act2", "relu", ["bn2"]),
                      ("drop2", "dropout", ["act2"]), ("features", "identity", ["drop2"])]
-    assert g.node("bn2").attrs["num_features"] == 5 and g.node("drop1").attrs["p"] == 0.5
+    assert g.node("bn2").attrs["num_features"] == 5
+    assert g.node("drop1").attrs["p"] == g.node("drop2").attrs["p"] == 0.25
 
 
 # ---- layers as tokens -------------------------------------------------------------------------
@@ -522,6 +523,68 @@ def test_every_layernorm_of_a_vit_has_vits_eps_of_1e_6() -> None:
     eps = {n: g.node(n).attrs["eps"] for n in g.topo_order() if g.node(n).kind == "layernorm"}
     assert eps == {n: 1e-6 for n in ("block1_norm1", "block1_norm2", "block2_norm1",
                                      "block2_norm2", "norm")}
+
+
+def test_a_head_is_named_by_an_identifier_and_has_at_least_one_class() -> None:
+    """A head's name must be a Python identifier and it needs a class or more: one class is
+    enough. The graph it is added to is left as it was."""
+    g = mlp((4,), [3])
+    for bad in ("1st", "t-0", "", 5):
+        with pytest.raises(GraphError, match="must be a Python identifier"):
+            add_head(g, bad, 2)
+    with pytest.raises(GraphError, match="needs n_classes >= 1, got 0"):
+        add_head(g, "t0", 0)
+    one = add_head(g, "t0", 1)
+    assert one.heads == ["t0"] and one.shape("t0") == (1,)
+    assert g.heads == [] and "head_t0" not in g
+
+
+def test_an_mlp_flattens_any_input_of_more_than_one_dimension() -> None:
+    """A (4, 6) input (tokens by features) is flattened to 24 features as an image is."""
+    g = mlp((4, 6), [5])
+    assert g.topo_order() == ["x", "flatten", "fc1", "act1", "features"]
+    assert g.shape("flatten") == (24,) and g.shape("features") == (5,)
+    assert mlp((6,), [5]).topo_order() == ["x", "fc1", "act1", "features"]
+
+
+def test_a_vits_features_are_its_class_token_after_the_final_norm() -> None:
+    """With no blocks nothing mixes the tokens: the features are read at the class token
+    (index 0), LayerNorm(cls + pos[0]) by hand, the same for every image."""
+    g = randomize(add_head(vit((1, 8, 8), patch=4, dim=8, depth=0, heads=2), "t0", 3), 0)
+    cls, pos = g.node("cls").tensors["weight"], g.node("pos").tensors["weight"]
+    norm, head = g.node("norm").tensors, g.node("head_t0").tensors
+    token = cls[0, 0] + pos[0, 0]
+    normed = (token - token.mean()) / torch.sqrt(token.var(unbiased=False) + 1e-6)
+    want = (normed * norm["weight"] + norm["bias"]) @ head["weight"].T + head["bias"]
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = outputs(g, x)["t0"]
+    assert torch.allclose(got, want.expand(2, 3), atol=1e-5)
+
+
+def test_a_vit_refuses_an_image_whose_width_alone_does_not_split_into_patches() -> None:
+    with pytest.raises(GraphError, match="the 8x6 input does not split into 4x4 patches"):
+        vit((1, 8, 6), patch=4)
+    with pytest.raises(GraphError, match="the 6x8 input does not split into 4x4 patches"):
+        vit((1, 6, 8), patch=4)
+
+
+def test_a_small_cnn_and_the_cifar_benchmark_have_batchnorm_and_ten_classes_by_default() -> None:
+    """small_cnn's blocks are conv -> bn -> act -> pool unless told otherwise, named by
+    position after the input "x" as the other builders' nodes, and its dense blocks have no
+    dropout unless asked; cifar_cnn is that with 32 and 64 channels; a benchmark network's
+    head has 10 classes by default."""
+    block = ["conv2d", "batchnorm2d", "relu", "maxpool2d"]
+    g = small_cnn((3, 8, 8), (4,), fc=(5,))
+    assert [g.node(n).kind for n in g.topo_order()] == [
+        "input", *block, "flatten", "linear", "relu", "identity"]
+    assert g.topo_order() == ["x", "conv1", "bn1", "act1", "pool1", "flatten", "fc2", "act2",
+                              "features"]
+    assert small_cnn((3, 8, 8), (4,), kernel_size=5).shape("conv1") == (4, 8, 8)  # same pad
+    g = benchmark_network("cifar_cnn")
+    assert [g.node(n).kind for n in g.topo_order()][:9] == ["input", *block, *block]
+    assert [g.node(f"conv{i}").attrs["out_channels"] for i in (1, 2)] == [32, 64]
+    for name in sorted(BENCHMARKS):
+        assert benchmark_network(name).node("head_t0").attrs["out_features"] == 10, name
 
 
 def test_fc_tokens_follow_the_conv_tokens_one_per_width_bucket() -> None:
