@@ -385,3 +385,109 @@ def test_a_child_without_decisions_adds_nothing_to_the_loss_but_counts_in_its_me
     alone = float(c.loss([(a, 1.0)]).detach())
     assert alone != 0
     assert float(c.loss([(a, 1.0), (bare, 5.0)]).detach()) == pytest.approx(alone / 2)
+
+
+def test_a_saved_policy_of_another_shape_or_with_a_missing_tensor_is_refused_by_name() -> None:
+    """A state saved by a controller with another hidden size (same tensor names, other
+    shapes), or one missing a policy tensor, is a CheckpointError naming what to check, not
+    torch's size mismatch or a KeyError; the controller is left as it was."""
+    from growth.errors import CheckpointError
+
+    g = _mlp()
+    tensors, extra = _eas(g, hidden=5, embedding_dim=3).state_dict()
+    c = _eas(g, hidden=6, embedding_dim=3)
+    before = {k: v.clone() for k, v in c.net.state_dict().items()}
+    with pytest.raises(CheckpointError, match="hidden"):
+        c.load_state_dict(tensors, extra)
+    own, own_extra = _eas(g, hidden=6, embedding_dim=3, seed=1).state_dict()
+    del own["policy/wider.bias"]
+    with pytest.raises(CheckpointError, match="hidden"):
+        c.load_state_dict(own, own_extra)
+    assert all(torch.equal(before[k], v) for k, v in c.net.state_dict().items())
+
+
+def test_the_baseline_scales_an_earlier_baseline_other_than_one_by_the_decay() -> None:
+    """Decay 0.8; the first generation's rewards are tan(pi/3) = sqrt(3) (accuracy 2/3), so
+    the baseline starts at sqrt(3); a second generation of mean reward (1 + 0) / 2 = 0.5 moves
+    it to 0.8 sqrt(3) + 0.2 x 0.5 (a baseline of 1, as the tests above start from, would not
+    tell d x b from d / b)."""
+    g = _mlp()
+    c = _eas(g, baseline_decay=0.8)
+    ps = c.propose(g, 2)
+    c.observe([(ps[0], 2 / 3), (ps[1], 2 / 3)])
+    assert c.baseline == pytest.approx(math.sqrt(3))
+    c.observe([(ps[0], 0.5), (ps[1], 0.0)])
+    assert c.baseline == pytest.approx(0.8 * math.sqrt(3) + 0.2 * 0.5)
+
+
+def test_each_later_decoder_step_reads_the_previous_decisions_embedding_by_hand() -> None:
+    """Steps 1 and 2 (position, kernel) are fed the embedding row of the previous decision
+    (block 1, then position 2), not the row of decision 0: each step's state and logits from
+    the LSTM cell's equations."""
+    g = _cnn()
+    c = _eas(g, {"max_blocks": 3}, hidden=4, embedding_dim=3)
+    net, d = c.net, c.net.decoder
+    assert net.decoder_inputs[2].num_embeddings > 2
+    with torch.no_grad():
+        h = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+        cell = torch.randn(1, 8, generator=torch.Generator().manual_seed(1))
+        state = (h, cell)
+        for step, previous in ((1, 1), (2, 2)):
+            want_h, want_c = _lstm_cell(net.decoder_inputs[step].weight[previous], state[0][0],
+                                        state[1][0], d.weight_ih, d.weight_hh, d.bias_ih,
+                                        d.bias_hh)
+            logits, state = net.deeper_logits(state, step, previous)
+            torch.testing.assert_close((state[0][0], state[1][0]), (want_h, want_c), rtol=0,
+                                       atol=1e-6)
+            torch.testing.assert_close(logits, net.classifiers[step](want_h), rtol=0,
+                                       atol=1e-6)
+
+
+def test_a_child_of_one_decision_has_that_decisions_entropy_as_its_mean() -> None:
+    """One wider step offering one layer is one decision: with zero advantages the loss is
+    -weight x that decision's entropy -(p log p + (1 - p) log(1 - p)), p = sigmoid(logit)."""
+    g = _mlp()
+    c = _eas(g, wider_actions=1, deeper_actions=0, entropy_weight=0.5)
+    tokens = c.space.tokens(c.space.layers(g))
+    step = {"type": "wider", "tokens": tokens, "mask": [1] + [0] * (len(tokens) - 1),
+            "choice": [1] + [0] * (len(tokens) - 1), "logp": 0.0}
+    with torch.no_grad():
+        p = float(torch.sigmoid(c.net.wider_logits(tokens)[0]))
+    entropy = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    loss = float(c.loss([(Proposal((), "one", {"steps": [step]}), 0.0)]).detach())
+    assert loss == pytest.approx(-0.5 * entropy, rel=1e-5)
+
+
+def test_the_policys_tables_follow_the_space_and_default_to_the_papers_sizes() -> None:
+    """The decoder's input tables hold one start symbol, then one row per block and one per
+    position (the previous decision), its classifiers one output per block, position and
+    kernel; built without sizes, the policy embeds in 16 dimensions with 50 units per
+    direction (the paper's)."""
+    from growth.controllers.eas import EASPolicy
+
+    g = _cnn()
+    c = _eas(g, {"max_blocks": 3, "max_layers_per_block": 5}, hidden=4, embedding_dim=3)
+    net = c.net
+    assert len(c.space.spec.kernel_sizes) == 3
+    assert [e.weight.shape for e in net.decoder_inputs] == [(1, 3), (3, 3), (5, 3)]
+    assert [(m.in_features, m.out_features) for m in net.classifiers] == [(8, 3), (8, 5),
+                                                                           (8, 3)]
+    paper = EASPolicy(7, (3, 5, 3))
+    assert paper.embed.weight.shape == (7, 16) and paper.encoder.hidden_size == 50
+    assert paper.decoder.hidden_size == 100 and paper.decoder_inputs[1].weight.shape == (3, 16)
+
+
+def test_an_eas_controller_made_without_seed_or_key_uses_seed_0_and_names_its_key() -> None:
+    """Built directly, the controller draws as one seeded 0 and its settings' errors name
+    `search.controller.<key>`; a caller's key, when given, names them instead."""
+    from growth.errors import ConfigError
+
+    g = _mlp()
+    space = make_space({}, g)
+    made = EASController(space, {"wider_actions": 1, "deeper_actions": 1})
+    assert [p.to_json() for p in made.propose(g, 2)] == [
+        p.to_json() for p in _eas(g, seed=0, wider_actions=1, deeper_actions=1).propose(g, 2)]
+    with pytest.raises(ConfigError, match=r"^search\.controller\.lr"):
+        EASController(space, {"lr": 0})
+    with pytest.raises(ConfigError, match=r"^rec\.search\.controller\.baseline_decay"):
+        EASController(space, {"baseline_decay": 1.0}, where="rec.search.controller")

@@ -505,14 +505,15 @@ def _tiny(tmp: Path) -> tuple[Path, Any, Any]:
 
 def _tiny_search(folder: Path, tiny: tuple[Path, Any, Any], backend: str, pool: Any = None,
                  children: int = 3, concurrency: int = 2, max_failures: int = 1,
-                 progress: SearchProgress | None = None, **more: Any) -> Any:
+                 progress: SearchProgress | None = None, generations: int = 1, **more: Any
+                 ) -> Any:
     parent, task, space = tiny
     more.setdefault("connect", lambda: nullcontext(SimpleNamespace(started=False)))
     controller = make_controller("random", space, {"wider_actions": 2, "deeper_actions": 1},
                                  seed=2)
     return run_search(folder, parent, controller, space, task,
                       TrialSpec(train=TrainConfig(epochs=1, batch_size=32, lr=0.05)),
-                      Budget(children=children, generations=1),
+                      Budget(children=children, generations=generations),
                       Resources(concurrency=concurrency, max_failures=max_failures), seed=2,
                       parent_acc=0.1, backend=backend, pool=pool, progress=progress, **more)
 
@@ -570,6 +571,31 @@ def test_a_child_whose_actor_dies_is_retried_on_a_new_actor_then_recorded_failed
         assert got[1] == reference[1] and result.done
 
 
+def test_a_child_whose_actors_die_more_than_max_failures_times_is_recorded_failed(
+        tmp_path: Path, fake_ray: FakeRay) -> None:
+    """max_failures 1: child 0's actor dies, its replacement dies too; the child is then
+    recorded failed, and the third actor (the second replacement) trains nothing."""
+    worker = FakeWorker({0: "dies", 1: "dies"}, "node lost")
+    result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
+                          WorkerPool(fake_ray, worker), children=1, concurrency=1)
+    assert [a.trained for a in worker.actors] == [["g000c00"], ["g000c00"], []]
+    [failed] = result.records
+    assert failed.status == "failed" and failed.error == "the trial's process failed: node lost"
+
+
+def test_no_child_goes_to_an_actor_that_has_not_answered_ready(tmp_path: Path,
+                                                              fake_ray: FakeRay) -> None:
+    """Two actors, actor 0 dying before it answers `ready`: the child waits for a placed
+    actor and trains on actor 1, never on actor 0 (which is replaced)."""
+    worker = FakeWorker(unplaced=(0,))
+    result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
+                          WorkerPool(fake_ray, worker), children=1, concurrency=2)
+    assert [a.trained for a in worker.actors][:2] == [[], ["g000c00"]]
+    assert fake_ray.killed[0] == (worker.actors[0], True)
+    [record] = result.records
+    assert record.ok
+
+
 @pytest.mark.parametrize(("fate", "error"), [
     ("fails", "the child failed by itself"),
     ("drops", "the child's folder is incomplete"),
@@ -610,6 +636,52 @@ def test_an_interrupt_kills_the_actors_still_training_and_records_nothing_more(
     assert [s.actor for s in pool.slots] == [worker.actors[0]]
     lines = (tmp_path / "ray" / "children.jsonl").read_text().splitlines()
     assert [json.loads(line)["key"] for line in lines] == ["g000c00"]
+
+
+def test_a_ray_backend_search_ends_with_every_child_reported(tmp_path: Path,
+                                                             fake_ray: FakeRay) -> None:
+    """Two generations of one child on the pool: the search returns both records. A
+    generation left with children unreported raises KeyboardInterrupt (a resume trains them),
+    which would stop the test run instead of failing this test: it is turned into a failure
+    here."""
+    try:
+        result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
+                              WorkerPool(fake_ray, FakeWorker()), children=1, generations=2)
+    except KeyboardInterrupt as exc:
+        if "unreported" not in str(exc):
+            raise
+        pytest.fail(f"the search stopped: {exc}")
+    assert [(r.key, r.ok) for r in result.records] == [("g000c00", True), ("g001c00", True)]
+    assert result.generations == 2 and result.done
+
+
+def test_a_search_on_a_started_local_ray_too_small_for_a_child_starts_no_actor(
+        tmp_path: Path, fake_ray: FakeRay) -> None:
+    """The search's own local Ray (started, 0.5 CPUs) cannot hold a child of one CPU: the
+    search says so before the pool makes any actor."""
+    from growth.errors import ConfigError
+
+    worker = FakeWorker()
+    small = SimpleNamespace(started=True, cpus=0.5, gpus=0.0)
+    with pytest.raises(ConfigError, match="cpus_per_trial"):
+        _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray", WorkerPool(fake_ray, worker),
+                     connect=lambda: nullcontext(small))
+    assert worker.actors == []
+
+
+def test_the_controller_observes_the_accuracies_of_children_trained_on_the_pool(
+        tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each child an actor returns is observed with its validation accuracy, the same values
+    as the records."""
+    from growth.controllers.random_search import RandomController
+
+    observed: list[list[float | None]] = []
+    monkeypatch.setattr(RandomController, "observe",
+                        lambda self, results: observed.append([acc for _, acc in results]))
+    result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
+                          WorkerPool(fake_ray, FakeWorker()), children=2)
+    assert observed == [[r.val_acc for r in result.records]]
+    assert all(acc is not None for acc in observed[0])
 
 
 def test_a_search_without_a_pool_starts_its_own_and_closes_it(
@@ -677,6 +749,28 @@ def test_the_actor_body_reads_a_searchs_inputs_once_and_returns_its_childs_files
     assert gets == [first, second]
     assert seen == [("c0", "task1", "space1", "node-1"), ("c1", "task1", "space1", "node-1"),
                     ("c2", "task2", "space2", "node-1")]
+
+
+def test_auto_moves_to_a_started_pool_after_a_generation_trained_here(
+        tmp_path: Path, fake_ray: FakeRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto", no child time known: generation 0 trains here. Its measured time then decides
+    generation 1, and a caller's pool whose actors are started already costs no start (here
+    every start is made prohibitive and the fixed cost nothing): generation 1 trains on the
+    pool's actors."""
+    import growth.controllers.driver as driver
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(driver, "RAY_FIXED_S", 0.0)
+    monkeypatch.setattr(driver, "RAY_START_S", 1e9)
+    worker = FakeWorker()
+    pool = WorkerPool(fake_ray, worker)
+    tiny = _tiny(tmp_path)
+    _tiny_search(tmp_path / "warm", tiny, "ray", pool, children=1)  # the actors start
+    trained = [list(a.trained) for a in worker.actors]
+    result = _tiny_search(tmp_path / "auto", tiny, "auto", pool, children=2, generations=2)
+    nodes = {g: [r.node for r in result.records if r.generation == g] for g in (0, 1)}
+    assert nodes[0] == ["local", "local"] and nodes[1] and set(nodes[1]) == {"node-1"}
+    assert sum(len(a.trained) for a in worker.actors) == sum(map(len, trained)) + len(nodes[1])
 
 
 def test_auto_trains_on_the_pool_when_a_known_child_time_makes_it_worth_it(

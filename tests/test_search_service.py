@@ -506,6 +506,77 @@ def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
         assert result.lineage == [[{"op": "net2wider", "node": "fc1", "width": 20 + 4 * chosen}]]
 
 
+class FixedAndBroken(Fixed):
+    """Fixed's three children and a fourth that widens a layer the parent lacks (it fails)."""
+
+    def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+        from growth.controllers.base import Proposal
+
+        return [*super().propose(parent, n, exclude),
+                Proposal(({"op": "net2wider", "node": "nope", "width": 20},), "nope=20")][:n]
+
+
+def test_children_trained_here_give_the_controller_their_recorded_accuracies(
+        tmp_path: Path) -> None:
+    """The local backend hands the controller each child's validation accuracy as its record
+    holds it, in proposal order, and None for the child that failed (recorded with its error,
+    its training folder removed)."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.trial import TrialSpec
+
+    torch.manual_seed(0)  # the parent's initial weights
+    task, parent, graph = _digits_parent(tmp_path)
+    space = make_space({"widths": {"fc": [16, 20, 24, 28]}, "noise": 0.0}, graph)
+    controller = FixedAndBroken()
+    result = run_search(tmp_path / "s", parent, controller, space, task,
+                        TrialSpec(train=TrainConfig(epochs=1, batch_size=32, lr=0.05)),
+                        Budget(4, 1), seed=0, parent_acc=0.5, backend="local")
+    records = sorted(result.records, key=lambda r: r.index)
+    assert [r.ok for r in records] == [True, True, True, False]
+    assert "no node named 'nope'" in records[3].error  # the trial's own error
+    assert controller.observed == [[r.val_acc for r in records[:3]] + [None]]
+    assert sorted(p.name for p in (tmp_path / "s" / "children").iterdir()) == [
+        r.key for r in records[:3]]
+
+
+def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
+    """One child trained here: the search returns its record. A generation left with
+    children unreported raises KeyboardInterrupt (a resume trains them), which would stop the
+    test run instead of failing this test: it is turned into a failure here."""
+    from growth.controllers.driver import Budget, run_search
+
+    task, parent, graph = _digits_parent(tmp_path)
+    space = make_space({"widths": {"fc": [16, 20]}}, graph)
+    try:
+        result = run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(1, 1),
+                            backend="local")
+    except KeyboardInterrupt as exc:
+        if "unreported" not in str(exc):
+            raise
+        pytest.fail(f"the search stopped: {exc}")
+    [record] = result.records
+    assert record.key == "g000c00" and record.ok and result.generations == 1
+
+
+def test_a_child_trains_here_over_the_folder_an_interrupted_driver_left(tmp_path: Path
+                                                                       ) -> None:
+    """A driver killed mid-child leaves children/.train-<key> (training) and .tmp-<key>
+    (adopting): the resumed child trains and is adopted in fresh folders, and nothing left
+    there reaches its graph folder."""
+    from growth.controllers.driver import Budget, run_search
+
+    task, parent, graph = _digits_parent(tmp_path)
+    stale = [tmp_path / "s" / "children" / f".{stage}-g000c00" for stage in ("train", "tmp")]
+    for folder in stale:
+        folder.mkdir(parents=True)
+        (folder / "leftover.txt").write_text("from the killed driver")
+    result = run_search(tmp_path / "s", parent, Fixed(), make_space(
+        {"widths": {"fc": [16, 20]}}, graph), task, budget=Budget(1, 1), backend="local")
+    [record] = result.records
+    assert record.ok and not any(folder.exists() for folder in stale)
+    assert not (tmp_path / "s" / "children" / "g000c00" / "leftover.txt").exists()
+
+
 def test_a_later_generation_excludes_what_earlier_ones_trained(tmp_path: Path) -> None:
     """Two generations already recorded: the second is asked for children of the first's best
     child (its saved graph), excluding every architecture the first trained."""
@@ -606,7 +677,8 @@ def test_a_search_directory_keeps_tune_storage_under_itself_or_names_itself_in_s
 def test_publish_copies_a_folder_into_storage_and_answers_its_reference(tmp_path: Path
                                                                         ) -> None:
     """A parent published to a local path or a file:// URI lands under storage/<name> with
-    every file, and its reference is the storage's own spelling plus the name."""
+    every file (a trailing slash aside, the storage's path as given), and its reference is
+    the storage's own spelling plus the name."""
     from growth.controllers.driver import _filesystem, publish
 
     src = tmp_path / "parent"
@@ -618,11 +690,37 @@ def test_publish_copies_a_folder_into_storage_and_answers_its_reference(tmp_path
     assert ref == f"{store}/parents/gen000"
     assert (store / "parents" / "gen000" / "a.json").read_text() == "{}"
     assert (store / "parents" / "gen000" / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    spaced = tmp_path / "store "  # only slashes are trimmed: a folder may end in a space
+    assert publish(src, str(spaced), "p") == f"{spaced}/p"
+    assert (spaced / "p" / "a.json").is_file()
     uri = f"file://{tmp_path / 'remote'}"
     assert publish(src, uri, "strategy") == f"{uri}/strategy"
     assert (tmp_path / "remote" / "strategy" / "a.json").is_file()
     fs, path = _filesystem(uri)
     assert path == str(tmp_path / "remote") and fs.type_name == "local"
+
+
+def test_publish_writes_into_a_storage_on_another_filesystem_whatever_its_name_ends_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage on another filesystem (pyarrow's in-memory one stands in for a bucket): the
+    folder is copied there, not to a local path of that name; a storage whose name ends in a
+    letter other than "/" keeps it."""
+    from datetime import datetime
+
+    import growth.controllers.driver as driver
+    import pyarrow.fs as pafs
+    from growth.controllers.driver import publish
+
+    monkeypatch.chdir(tmp_path)  # a wrong copy to a local relative path would land here
+    src = tmp_path / "parent"
+    src.mkdir()
+    (src / "a.json").write_text("{}")
+    remote = pafs._MockFileSystem(datetime(2020, 1, 1))
+    monkeypatch.setattr(driver, "_filesystem", lambda ref: (remote, "bucketX/"))
+    assert publish(src, "mock://bucketX/", "parents/gen000") == "mock://bucketX/parents/gen000"
+    with remote.open_input_stream("bucketX/parents/gen000/a.json") as f:
+        assert f.readall() == b"{}"
+    assert not (tmp_path / "bucketX").exists()
 
 
 def test_orphans_adopt_only_this_generations_unrecorded_children_from_tune_storage(
@@ -657,10 +755,36 @@ def test_orphans_adopt_only_this_generations_unrecorded_children_from_tune_stora
     assert _orphans(SearchDir(tmp_path / "empty"), 0, set()) == []  # no storage yet
 
 
+def test_orphans_are_adopted_from_a_remote_storage_past_a_forged_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune's storage on another filesystem (pyarrow's in-memory one stands in for a bucket;
+    it lists in name order): a trial folder whose record is not its own child is skipped,
+    and the experiment's next trial folder is still read and copied from that filesystem."""
+    from datetime import datetime
+
+    import growth.controllers.driver as driver
+    import pyarrow.fs as pafs
+    from growth.controllers.driver import SearchDir, _orphans
+
+    remote = pafs._MockFileSystem(datetime(2020, 1, 1))
+    monkeypatch.setattr(driver, "_filesystem", lambda ref: (remote, "bucket/s"))
+    search = SearchDir(tmp_path / "s", storage="mock://bucket")
+    for trial, key, index in (("a-forged", "g000c03", 4), ("g000c01-t1", "g000c01", 1)):
+        local = tmp_path / "local" / trial
+        graph = _child_folder(local, key, 0, index)
+        dest = f"bucket/s/gen000-a0/{trial}/checkpoint_000000"
+        remote.create_dir(dest, recursive=True)
+        pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=remote)
+    [record] = _orphans(search, 0, set())
+    assert record.key == "g000c01" and record.checkpoint == "children/g000c01"
+    assert NetGraph.load(search.root / "children" / "g000c01").to_dict() == graph.to_dict()
+
+
 def test_an_incomplete_or_misnamed_child_folder_is_not_adopted(tmp_path: Path) -> None:
     """A folder whose graph is missing, or whose record names another child, is not adopted
     (its temporary copy removed, nothing in children/); a complete one replaces what
-    children/<key> held."""
+    children/<key> held, past a temporary copy an interrupted adoption left."""
     from growth.controllers.driver import SearchDir, _adopt
 
     search = SearchDir(tmp_path / "s")
@@ -673,9 +797,12 @@ def test_an_incomplete_or_misnamed_child_folder_is_not_adopted(tmp_path: Path) -
         shutil.copytree(src, dest, dirs_exist_ok=True)
 
     assert _adopt(search, "g000c02", copy) is None  # its record names g000c01
+    (search.children / ".tmp-g000c01").mkdir()  # an adoption an interrupted driver left
+    (search.children / ".tmp-g000c01" / "partial.bin").write_bytes(b"\x00")
     record = _adopt(search, "g000c01", copy)
     assert record is not None and record.checkpoint == "children/g000c01"
     assert not (search.children / "g000c01" / "stale.txt").exists()
+    assert not (search.children / "g000c01" / "partial.bin").exists()
     (src / "structure.json").unlink()
     assert _adopt(search, "g000c01", copy) is None
     assert sorted(p.name for p in search.children.iterdir()) == ["g000c01"]
@@ -727,12 +854,36 @@ def test_the_tune_recorder_adopts_finished_trials_and_records_failed_ones(tmp_pa
         "the trial's process failed: OSError: disk",
         "the trial's process failed: no error text"]
     assert all(r.status == "failed" and r.attempt == 1 and r.arch == f"a{r.index}"
-               and r.lineage == [[{"op": "y"}], [{"op": "x"}]] for r in failed)
+               and r.generation == 0 and r.actions == [{"op": "x"}]
+               and r.lineage == [[{"op": "y"}], [{"op": "x"}]]
+               for r in failed)
     assert (failed[0].start, failed[0].end, failed[0].node) == (3.0, 4.0, "n")
     assert pickle.loads(pickle.dumps(recorder)).on_child is None
     assert recorder.on_child is not None
     Recorder(search, None).on_trial_error(0, [], trial("g000c07", 7, None))  # no hook: recorded
     assert read_records(search.records)[-1].key == "g000c07"
+
+
+def test_a_failed_trial_with_a_bare_config_and_no_result_is_recorded_with_defaults(
+        tmp_path: Path) -> None:
+    """A trial config without lineage or attempt, whose process failed before any result:
+    recorded failed at attempt 0, its lineage its own actions, started and ended at 0.0."""
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Recorder, SearchDir
+
+    search = SearchDir(tmp_path / "s")
+    search.root.mkdir()
+    config = {"key": "g001c02", "generation": 1, "index": 2, "arch": "a2",
+              "actions": [{"op": "x"}]}
+    Recorder(search, None).on_trial_error(0, [], SimpleNamespace(
+        config=config, last_result=None, checkpoint=None, get_error=lambda: None))
+    [record] = read_records(search.records)
+    assert (record.key, record.generation, record.index, record.status) == (
+        "g001c02", 1, 2, "failed")
+    assert record.actions == [{"op": "x"}] and record.arch == "a2"
+    assert record.lineage == [[{"op": "x"}]] and record.attempt == 0
+    assert (record.start, record.end, record.node) == (0.0, 0.0, None)
 
 
 def test_a_trial_that_no_node_of_a_local_ray_can_hold_is_refused() -> None:
@@ -841,6 +992,54 @@ def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp
     assert record.error.startswith("OperatorError: ")  # the trial's line: type, message
     assert before <= record.start <= record.end <= time.time()
     assert not (tmp_path / "s" / "children" / record.key).exists() and result.done
+    assert not any((tmp_path / "s" / "children").iterdir())  # its training folder removed
+
+
+def test_a_child_trained_here_whose_folder_is_incomplete_is_recorded_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trainer that reports ok but leaves only the child's record (no graph): the folder,
+    moved out for adoption, is not adopted; the child is recorded failed ("the child's
+    folder is incomplete", with the trainer's times) and no folder is left behind."""
+    import growth.controllers.driver as driver
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import ChildRecord
+    from growth.controllers.trial import CHILD_FILE
+
+    def record_only(config: dict[str, Any], task: Any, space: Any, out: Path, node: str
+                    ) -> dict[str, Any]:
+        record = ChildRecord(config["key"], config["generation"], config["index"],
+                             config["arch"], config["actions"], "ok", val_acc=0.5)
+        (Path(out) / CHILD_FILE).write_text(json.dumps(record.to_json()))
+        return {"status": "ok", "error": "", "val_acc": 0.5, "start": 1.0, "end": 2.0,
+                "node": node}
+
+    monkeypatch.setattr(driver, "train_child", record_only)
+    task, parent, _ = _digits_parent(tmp_path)
+    result = run_search(tmp_path / "s", parent, Fixed(), None, task, budget=Budget(1, 1),
+                        backend="local")
+    [record] = result.records
+    assert record.status == "failed" and record.error == "the child's folder is incomplete"
+    assert (record.start, record.end, record.node) == (1.0, 2.0, "local")
+    assert not any((tmp_path / "s" / "children").iterdir())
+
+
+def test_a_childs_files_from_an_actor_are_written_in_nested_folders_and_never_outside(
+        tmp_path: Path) -> None:
+    """What a pool actor returns (relative path -> bytes) is written under the folder, its
+    subfolders made as needed; a path that leads outside is refused, naming a child's file,
+    and nothing is written there."""
+    from growth.controllers.driver import _write_files
+
+    from growth.errors import RunDirError
+
+    folder = tmp_path / "child"
+    folder.mkdir()
+    _write_files(folder, {"structure.json": b"{}", "state/optim/moments.bin": b"\x01\x02"})
+    assert (folder / "structure.json").read_bytes() == b"{}"
+    assert (folder / "state" / "optim" / "moments.bin").read_bytes() == b"\x01\x02"
+    with pytest.raises(RunDirError, match="^a child's file "):
+        _write_files(folder, {"../escaped.bin": b"x"})
+    assert not (tmp_path / "escaped.bin").exists()
 
 
 def test_a_process_that_runs_a_ray_task_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -973,6 +1172,7 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     from types import SimpleNamespace
 
     from growth.controllers.driver import Budget, Recorder, Resources, _trial_dirname, run_search
+    from growth.controllers.records import ChildRecord
     from growth.controllers.searcher import METRIC, ControllerSearcher
     from growth.controllers.trial import tune_trial
     from ray import tune
@@ -1012,7 +1212,72 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     assert tc.trial_dirname_creator is _trial_dirname and tc.trial_name_creator is _trial_dirname
     assert (rc.name, rc.verbose, rc.failure_config.max_failures) == ("gen000-a0", 0, 2)
     assert Path(rc.storage_path) == (tmp_path / "s" / "tune").resolve()
-    assert isinstance(rc.callbacks[0], Recorder)
+    recorder = rc.callbacks[0]
+    assert isinstance(recorder, Recorder) and recorder.search.root == (tmp_path / "s").resolve()
+    recorder.on_child(ChildRecord("g000c01", 0, 1, "fc1=24", [], "ok", val_acc=0.75))
+    assert [row["key"] for row in json.loads((tmp_path / "s" / "leaderboard.json").read_text())
+            ] == ["g000c01"]  # the driver's bookkeeping hears of each recorded child
+
+
+def test_a_tune_experiment_that_starts_at_a_later_generation_is_named_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed search whose generation 0 is recorded already trains nothing there: its
+    first Tune experiment starts at generation 1 and is named gen001-a0."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import Budget, run_search
+    from ray import tune
+
+    from growth.cluster import FORCED_ENV, QUIET_ENV
+    from growth.ops import net2wider
+
+    for key in {**QUIET_ENV, **FORCED_ENV}:
+        monkeypatch.delenv(key, raising=False)  # put back after the test
+    names: list[str] = []
+
+    class Tuner:
+        def __init__(self, trainable: Any, tune_config: Any, run_config: Any) -> None:
+            names.append(run_config.name)
+
+        def fit(self) -> None:
+            raise _Stop
+
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: fn)
+    monkeypatch.setattr(tune, "with_resources", lambda fn, res: fn)
+    task, parent, graph = _digits_parent(tmp_path)
+    _record_generation(tmp_path / "s", (0.6, 0.9, 0.7))
+    net2wider(graph, "fc1", 24).graph.save(tmp_path / "s" / "children" / "g000c01")  # the best
+    with pytest.raises(_Stop):
+        run_search(tmp_path / "s", parent, Fixed(), None, task, budget=Budget(3, 2),
+                   parent_acc=0.5, backend="tune",
+                   connect=lambda: nullcontext(SimpleNamespace(started=False)))
+    assert names == ["gen001-a0"]
+
+
+def test_a_tune_trial_is_named_by_its_childs_key_and_a_trial_without_one_by_trial() -> None:
+    from types import SimpleNamespace
+
+    from growth.controllers.driver import _trial_dirname
+
+    assert _trial_dirname(SimpleNamespace(config={"key": "g001c02"}, trial_id="7f3a")) == \
+        "g001c02-7f3a"
+    assert _trial_dirname(SimpleNamespace(config={}, trial_id="7f3a")) == "trial-7f3a"
+
+
+def test_a_search_without_connect_joins_ray_at_its_address_logging_to_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's default Ray: `ray_cluster` given the search's address and log file."""
+    from growth.controllers.driver import _ray
+
+    import growth.cluster
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(growth.cluster, "ray_cluster",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or "cluster")
+    assert _ray("10.0.0.1:6379", tmp_path / "ray.log") == "cluster"
+    assert calls == [(("10.0.0.1:6379",), {"log_file": tmp_path / "ray.log"})]
 
 
 class _Stop(Exception):

@@ -39,14 +39,15 @@ def _cnn() -> NetGraph:  # 8x8 -> conv1 8x8 -> pool 4x4 -> conv2 4x4 -> pool 2x2
 def test_an_mlp_with_batchnorm_and_dropout_chains_its_blocks_in_order() -> None:
     """Each hidden block is fc{i} -> bn{i} -> act{i} -> drop{i}, each fed by the one before,
     the first by the input and "features" by the last."""
-    g = mlp((4,), [3, 5], batchnorm=True, dropout=0.5)
+    g = mlp((4,), [3, 5], batchnorm=True, dropout=0.25)  # not the dropout kind's default 0.5
     chain = [(n["name"], n["kind"], n["inputs"]) for n in g.to_dict()["nodes"]]
     assert chain == [("x", "input", []), ("fc1", "linear", ["x"]),
                      ("bn1", "batchnorm1d", ["fc1"]), ("act1", "relu", ["bn1"]),
                      ("drop1", "dropout", ["act1"]), ("fc2", "linear", ["drop1"]),
                      ("bn2", "batchnorm1d", ["fc2"]), ("act2", "relu", ["bn2"]),
                      ("drop2", "dropout", ["act2"]), ("features", "identity", ["drop2"])]
-    assert g.node("bn2").attrs["num_features"] == 5 and g.node("drop1").attrs["p"] == 0.5
+    assert g.node("bn2").attrs["num_features"] == 5
+    assert g.node("drop1").attrs["p"] == g.node("drop2").attrs["p"] == 0.25
 
 
 # ---- layers as tokens -------------------------------------------------------------------------
@@ -443,6 +444,8 @@ def test_apply_names_the_refused_action() -> None:
         SearchSpace().apply(g, [{"op": "net2wider", "node": "fc1", "units": 8}])
     with pytest.raises(OperatorError, match="'op' key"):
         SearchSpace().apply(g, [["net2wider", "fc1"]])
+    with pytest.raises(OperatorError, match="action 0: .* is not a JSON object with an 'op'"):
+        SearchSpace().apply(g, [{"node": "fc1", "width": 8}])  # a mapping without "op"
 
 
 # ---- canonical architecture strings -----------------------------------------------------------
@@ -724,6 +727,68 @@ def test_every_layernorm_of_a_vit_has_vits_eps_of_1e_6() -> None:
                                      "block2_norm2", "norm")}
 
 
+def test_a_head_is_named_by_an_identifier_and_has_at_least_one_class() -> None:
+    """A head's name must be a Python identifier and it needs a class or more: one class is
+    enough. The graph it is added to is left as it was."""
+    g = mlp((4,), [3])
+    for bad in ("1st", "t-0", "", 5):
+        with pytest.raises(GraphError, match="must be a Python identifier"):
+            add_head(g, bad, 2)
+    with pytest.raises(GraphError, match="needs n_classes >= 1, got 0"):
+        add_head(g, "t0", 0)
+    one = add_head(g, "t0", 1)
+    assert one.heads == ["t0"] and one.shape("t0") == (1,)
+    assert g.heads == [] and "head_t0" not in g
+
+
+def test_an_mlp_flattens_any_input_of_more_than_one_dimension() -> None:
+    """A (4, 6) input (tokens by features) is flattened to 24 features as an image is."""
+    g = mlp((4, 6), [5])
+    assert g.topo_order() == ["x", "flatten", "fc1", "act1", "features"]
+    assert g.shape("flatten") == (24,) and g.shape("features") == (5,)
+    assert mlp((6,), [5]).topo_order() == ["x", "fc1", "act1", "features"]
+
+
+def test_a_vits_features_are_its_class_token_after_the_final_norm() -> None:
+    """With no blocks nothing mixes the tokens: the features are read at the class token
+    (index 0), LayerNorm(cls + pos[0]) by hand, the same for every image."""
+    g = randomize(add_head(vit((1, 8, 8), patch=4, dim=8, depth=0, heads=2), "t0", 3), 0)
+    cls, pos = g.node("cls").tensors["weight"], g.node("pos").tensors["weight"]
+    norm, head = g.node("norm").tensors, g.node("head_t0").tensors
+    token = cls[0, 0] + pos[0, 0]
+    normed = (token - token.mean()) / torch.sqrt(token.var(unbiased=False) + 1e-6)
+    want = (normed * norm["weight"] + norm["bias"]) @ head["weight"].T + head["bias"]
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = outputs(g, x)["t0"]
+    assert torch.allclose(got, want.expand(2, 3), atol=1e-5)
+
+
+def test_a_vit_refuses_an_image_whose_width_alone_does_not_split_into_patches() -> None:
+    with pytest.raises(GraphError, match="the 8x6 input does not split into 4x4 patches"):
+        vit((1, 8, 6), patch=4)
+    with pytest.raises(GraphError, match="the 6x8 input does not split into 4x4 patches"):
+        vit((1, 6, 8), patch=4)
+
+
+def test_a_small_cnn_and_the_cifar_benchmark_have_batchnorm_and_ten_classes_by_default() -> None:
+    """small_cnn's blocks are conv -> bn -> act -> pool unless told otherwise, named by
+    position after the input "x" as the other builders' nodes, and its dense blocks have no
+    dropout unless asked; cifar_cnn is that with 32 and 64 channels; a benchmark network's
+    head has 10 classes by default."""
+    block = ["conv2d", "batchnorm2d", "relu", "maxpool2d"]
+    g = small_cnn((3, 8, 8), (4,), fc=(5,))
+    assert [g.node(n).kind for n in g.topo_order()] == [
+        "input", *block, "flatten", "linear", "relu", "identity"]
+    assert g.topo_order() == ["x", "conv1", "bn1", "act1", "pool1", "flatten", "fc2", "act2",
+                              "features"]
+    assert small_cnn((3, 8, 8), (4,), kernel_size=5).shape("conv1") == (4, 8, 8)  # same pad
+    g = benchmark_network("cifar_cnn")
+    assert [g.node(n).kind for n in g.topo_order()][:9] == ["input", *block, *block]
+    assert [g.node(f"conv{i}").attrs["out_channels"] for i in (1, 2)] == [32, 64]
+    for name in sorted(BENCHMARKS):
+        assert benchmark_network(name).node("head_t0").attrs["out_features"] == 10, name
+
+
 def test_fc_tokens_follow_the_conv_tokens_one_per_width_bucket() -> None:
     """Vocabulary by hand: (conv widths + 1) x (kernel sizes + 1) conv ids, then one id per fc
     width bucket (a width goes to the first listed width at or above it), then the pool."""
@@ -880,3 +945,205 @@ def test_a_wider_plugin_is_offered_where_it_accepts_within_the_limit(monkeypatch
     for extra, offered in ((28, True), (27, False)):
         limited = make_space({**spec, "max_params": g.param_count() + extra}, g)
         assert bool(limited.wider_options(g, fc1)) is offered, extra
+
+
+def test_a_spec_with_several_problems_names_each_on_a_line_with_the_value_given() -> None:
+    """One line per problem, in the spec's key order: a value that is not a mapping is shown
+    as given, a mapping (here the kernel sizes given as one) is not, and an unknown key is
+    named as a spelling to check."""
+    with pytest.raises(ConfigError) as info:
+        make_space({"max_growth": 0.5, "kernel_sizes": {"a": 1}, "widht": {}}, _mlp())
+    assert str(info.value).split("\n") == [
+        "search.space.kernel_sizes: Input should be a valid list",
+        "search.space.max_growth: Input should be greater than 1 (got 0.5)",
+        "search.space.widht: unknown key (check the spelling)"]
+
+
+def test_an_excluded_attention_layer_gets_no_head_and_the_next_one_still_does() -> None:
+    """(SearchSpace itself: make_space accepts only conv/linear names in `exclude`.)"""
+    g = _vit()
+    space = SearchSpace({"exclude": ["block1_attn"]})
+    assert space.head_options(g) == [{"op": "add_heads", "node": "block2_attn", "heads": 3}]
+
+
+def test_a_widening_is_offered_only_for_the_widenable_layers_given_and_carries_the_seed() -> None:
+    """`widenable`, when given, is the set of layers that may widen (a caller's cached
+    `space.widenable(graph)`); the seed travels in the action."""
+    g = _mlp()
+    space = SearchSpace({"widths": {"fc": [5, 7, 9]}})
+    fc1, _ = space.layers(g)
+    assert space.wider_option(g, fc1, widenable={"fc2"}) is None
+    assert space.wider_option(g, fc1, widenable={"fc1"}, seed=5) == {
+        "op": "net2wider", "node": "fc1", "width": 7, "seed": 5}
+
+
+def test_insertions_are_offered_after_the_layers_given() -> None:
+    g = _mlp()
+    space = SearchSpace()
+    layers = space.layers(g)
+    assert [o.action["after"] for o in space.deeper_options(g, layers[1:])] == ["act2"]
+    assert [o.action["after"] for o in space.deeper_options(g, layers[:1])] == ["act1"]
+
+
+def test_a_menus_child_is_built_by_the_operator_named() -> None:
+    """Where net2deeper and add_block both accept an insertion, the child is the named
+    operator's (a whole transformer block, or one identity layer); by default the space's
+    first deeper operator's."""
+    g = _vit()
+    space = make_space({"operators": ["net2wider", "net2deeper", "add_block"], **EXACT}, g)
+    menu = space.deeper_menu(g)
+    [(block, position)] = [(b, p) for b, ps in menu.candidates.items() for p in ps
+                           if ps[p] == "block1_fc2"]
+    assert menu.operators(block, position, None) == ["net2deeper", "add_block"]
+    by_op = {op: arch_string(space.step(g, {"op": op, "after": "block1_fc2"}))
+             for op in ("net2deeper", "add_block")}
+    assert by_op["net2deeper"] != by_op["add_block"]
+    assert arch_string(menu.child(block, position, None, op="add_block")) == by_op["add_block"]
+    assert arch_string(menu.child(block, position, None)) == by_op["net2deeper"]
+
+
+def test_a_block_on_one_feature_has_heads_of_one_feature() -> None:
+    """One feature, no attention layer: one head of 1 // 1 = 1 feature and an MLP of 4, so
+    the block costs 2 x 2 x 1 + 2 x 3 + 2 x 1 + 2 x 4 + 5 x 1 = 25 parameters: offered at
+    that limit, not one below, and inserting it adds exactly that."""
+    g = NetGraph()
+    g.add_input("x", (2, 1))
+    g.add("fc", "linear", ["x"], out_features=1)
+    g.add("res", "add", ["x", "fc"])
+    g.add("pool", "getitem", ["res"], index=[0])
+    g.add("features", "identity", ["pool"])
+    g = add_head(g, "t0", 3)
+    for limit, offered in ((25, [{"op": "add_block", "after": "res"}]), (24, [])):
+        space = make_space({"max_new_params": None, "max_params": g.param_count() + limit}, g)
+        assert space.block_options(g) == offered, limit
+    child, _ = make_space({"max_new_params": None}, g).apply(g, [{"op": "add_block",
+                                                                  "after": "res"}])
+    assert child.param_count() - g.param_count() == 25
+
+
+def test_a_deeper_action_names_its_operator_kernel_seed_and_batchnorm() -> None:
+    """By default net2deeper with seed 0; a kernel only on images; `batchnorm: true` where
+    the space inserts BatchNorms, and the child then holds one after the new layer."""
+    assert SearchSpace().deeper_action("act1", None) == {"op": "net2deeper", "after": "act1",
+                                                         "seed": 0}
+    space = SearchSpace({"deeper_batchnorm": True})
+    action = space.deeper_action("act1", 3, seed=2)
+    assert action == {"op": "net2deeper", "after": "act1", "kernel_size": 3,
+                      "batchnorm": True, "seed": 2}
+    g = _cnn()
+    child = space.step(g, action, sample=torch.randn(4, 1, 8, 8))
+    assert sorted(child.node(n).kind for n in child.nx.nodes if n.startswith("act1_deep")) == [
+        "batchnorm2d", "conv2d", "relu"]
+
+
+def test_insertion_stops_at_the_last_position_a_block_allows() -> None:
+    g = _mlp()  # one block, fc1 at position 0 and fc2 at position 1
+    assert [o.action["after"] for o in SearchSpace({"max_layers_per_block": 1})
+            .deeper_options(g)] == ["act1"]
+    assert [o.action["after"] for o in SearchSpace({"max_layers_per_block": 2})
+            .deeper_options(g)] == ["act1", "act2"]
+
+
+def test_an_insertion_on_tokens_is_costed_on_the_features_not_the_tokens() -> None:
+    """5 tokens of 6 features after fc1: the identity linear layer has 6 x 6 + 6 = 42
+    parameters (on the token count it would be 30): offered at a guard of 42, not 41."""
+    g = NetGraph()
+    g.add_input("x", (5, 4))
+    g.add("fc1", "linear", ["x"], out_features=6)
+    g.add("a1", "relu", ["fc1"])
+    g.add("flat", "flatten", ["a1"])
+    g.add("features", "identity", ["flat"])
+    g = add_head(g, "t0", 3)
+    for guard, offered in ((42, ["a1"]), (41, [])):
+        options = SearchSpace({"max_new_params": guard}).deeper_options(g)
+        assert [o.action["after"] for o in options] == offered, guard
+    child = SearchSpace().step(g, {"op": "net2deeper", "after": "a1"})
+    assert child.param_count() - g.param_count() == 42
+
+
+def test_a_deeper_plugin_is_asked_with_each_kernel_size(monkeypatch) -> None:
+    """A deeper operator that is not built in gets the kernel of each insertion it is asked
+    about: one that accepts only 3 x 3 layers is offered only those."""
+    from growth.ops import Operator, registry
+
+    def three_only(graph, after, kernel_size=None, seed=0):
+        if kernel_size != 3:
+            raise OperatorError(f"kernel {kernel_size} refused")
+        return net2deeper(graph, after, kernel_size=3, noise=0.0, seed=seed)
+
+    monkeypatch.setitem(registry._BUILTIN, "three_only",
+                        Operator("three_only", "inserts 3x3 layers only", three_only, "deeper"))
+    g = _cnn()
+    space = make_space({"operators": ["net2wider", "three_only"]}, g)
+    got = {(o.action["after"], o.action["kernel_size"]) for o in space.deeper_options(g)}
+    assert got == {("act1", 3), ("act2", 3)}
+    # with net2deeper after it, each insertion is built by the first operator that accepts it
+    menu = make_space({"operators": ["net2wider", "three_only", "net2deeper"]}, g).deeper_menu(g)
+    assert [menu.action(0, 0, k)["op"] for k in range(3)] == ["net2deeper", "three_only",
+                                                              "net2deeper"]
+
+
+def test_an_insertion_with_batchnorm_is_costed_with_the_norm() -> None:
+    """After fc1's 5 units: a 5 x 5 + 5 identity and a BatchNorm of 2 x 5, 40 parameters:
+    offered at a guard of 40, not 39."""
+    g = _mlp()
+    for guard, offered in ((40, ["act1"]), (39, [])):
+        space = SearchSpace({"deeper_batchnorm": True, "max_new_params": guard})
+        assert [o.action["after"] for o in space.deeper_options(g)] == offered, guard
+    child = SearchSpace({"deeper_batchnorm": True}).step(
+        g, {"op": "net2deeper", "after": "act1", "batchnorm": True}, sample=torch.randn(4, 6))
+    assert child.param_count() - g.param_count() == 40
+
+
+def test_the_next_width_is_above_the_layers_own_width_or_the_one_given() -> None:
+    g = _cnn()
+    space = SearchSpace({"widths": {"conv": [3, 4, 8, 16], "fc": [16]}})
+    conv1, pool1, *_ = space.layers(g)  # conv1 has 3 filters
+    assert space.next_width(conv1) == 4
+    assert space.next_width(conv1, 8) == 16 and space.next_width(conv1, 16) is None
+    assert space.next_width(pool1) is None and space.next_width(pool1, 3) is None
+
+
+def test_a_space_is_made_from_a_spec_object_as_from_its_mapping() -> None:
+    from growth.search_spaces import SpaceSpec
+
+    g = _mlp()
+    spec = SpaceSpec(exclude=["fc1"], max_growth=2.0)
+    space = make_space(spec, g)
+    assert space.spec == spec and space.max_params == 2 * g.param_count()
+
+
+def test_a_refused_step_is_named_as_action_0() -> None:
+    """One step is an action list of one: its error names it as action 0, as `apply` would."""
+    with pytest.raises(OperatorError, match=r"^action 0: .*below the current width"):
+        SearchSpace().step(_mlp(), {"op": "net2wider", "node": "fc1", "width": 2})
+
+
+@pytest.mark.parametrize("action", [
+    {"op": "net2wider", "node": "fc1", "width": 7},
+    {"op": "widen_private", "node": "fc1", "width": 7},
+    {"op": "net2deeper", "after": "act1"},
+    {"op": "add_heads", "node": "block1_attn", "heads": 3},
+    {"op": "add_block", "after": "block1_add2"},
+])
+def test_every_built_in_step_is_held_to_the_spaces_size_guard(action) -> None:
+    """Each operator gets the space's `max_new_params` (here 10, below what any of these
+    adds), not its own default."""
+    g = _vit() if action["op"].startswith("add_") else _mlp()
+    with pytest.raises(OperatorError, match="action 0: .*over the limit of 10"):
+        SearchSpace({"max_new_params": 10}).step(g, action)
+
+
+def test_an_insertion_takes_the_spaces_deeper_noise() -> None:
+    """net2deeper gets the space's `deeper_noise`: the child is the operator's own call with
+    that noise, not with the operator's default."""
+    g = _mlp()
+    action = {"op": "net2deeper", "after": "act1", "seed": 3}
+    child = SearchSpace({"deeper_noise": 0.3}).step(g, action)
+    want = net2deeper(g, "act1", noise=0.3, seed=3).graph
+    default = net2deeper(g, "act1", seed=3).graph
+    new = [n for n in child.nx.nodes if child.node(n).kind == "linear" and n not in g.nx.nodes]
+    [name] = new
+    w = child.node(name).tensors["weight"]
+    assert torch.equal(w, want.node(name).tensors["weight"])
+    assert not torch.equal(w, default.node(name).tensors["weight"])

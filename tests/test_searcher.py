@@ -651,3 +651,19 @@ def test_the_source_hears_when_a_generation_begins_and_when_it_ends(setup) -> No
     s.result(0, 0.75)
     assert s.advance() is False and s.done
     assert calls == [("began", 0, [0], False), ("ended", 0, None, True)]
+
+
+def test_a_saved_strategy_state_without_extras_loads_with_empty_extras(tmp_path: Path
+                                                                      ) -> None:
+    """A strategy's state is saved into a folder whose parents do not exist yet; one whose
+    strategy.json names the strategy but holds no `extra` (written by hand, or by an older
+    version) loads with its tensors and empty extras."""
+    from growth.controllers.trial import StrategyRef, load_strategy
+
+    saved = make_strategy("l2", {"lambda": 2.0})
+    saved.state = {"anchor/fc1.weight": torch.arange(6.0).reshape(2, 3)}
+    folder = save_strategy_state(saved, tmp_path / "run" / "g000" / "state")
+    (folder / "strategy.json").write_text(json.dumps({"name": "l2"}))
+    loaded = load_strategy(StrategyRef(name="l2", params={"lambda": 2.0}, state=str(folder)))
+    assert loaded.extra == {}
+    assert torch.equal(loaded.state["anchor/fc1.weight"], torch.arange(6.0).reshape(2, 3))

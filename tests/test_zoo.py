@@ -248,3 +248,138 @@ def test_an_unknown_architecture_like_no_other_gets_no_hint() -> None:
     with pytest.raises(ConfigError, match=r"'qqqq' is not a torchvision classification "
                        r"architecture; see torchvision"):
         build_model("qqqq")
+
+
+def test_a_corrupt_safetensors_file_is_read_as_safetensors_and_named(tmp_path) -> None:
+    """A `.safetensors` file goes to the safetensors reader (torch.load reads one only in recent
+    torch), whose refusal of a corrupt file says what the file should be."""
+    from growth.search_spaces.zoo import load_weights
+
+    model, _ = _tiny_state()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(ConfigError, match=r"cannot read .*w\.safetensors: CheckpointError: "
+                       r".* is corrupt or not a safetensors file"):
+        load_weights(model, path, "tiny")
+
+
+def _as_saved_on_a_gpu(src, dst) -> None:
+    """Copy torch file `src` to `dst` with every storage's location rewritten from "cpu" to
+    "cuda:0", as torch.save writes tensors that lived on a GPU."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("data.pkl"):
+                # the pickle writes "cpu" once; the other storages refer back to it
+                assert data.count(b"X\x03\x00\x00\x00cpu") == 1
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            zout.writestr(info, data)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows only where there is no GPU")
+def test_weights_saved_on_a_gpu_load_on_a_machine_without_one(tmp_path) -> None:
+    """A state dict saved from GPU tensors is mapped to the CPU when read (torch.load without
+    `map_location` would try to put it on a CUDA device, which this machine lacks)."""
+    from growth.search_spaces.zoo import load_weights
+
+    model, state = _tiny_state()
+    torch.save(state, tmp_path / "cpu.pt")
+    _as_saved_on_a_gpu(tmp_path / "cpu.pt", tmp_path / "gpu.pt")
+    with pytest.raises(RuntimeError, match="CUDA"):  # the file really names a GPU
+        torch.load(tmp_path / "gpu.pt", weights_only=True)
+    load_weights(model, tmp_path / "gpu.pt", "tiny")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("content", [[torch.zeros(1)], {"0.weight": 1.0}],
+                         ids=["a list", "a number"])
+def test_a_file_without_a_state_dict_of_tensors_is_refused(tmp_path, content) -> None:
+    from growth.search_spaces.zoo import load_weights
+
+    model, _ = _tiny_state()
+    torch.save(content, tmp_path / "w.pt")
+    with pytest.raises(ConfigError, match=r"w\.pt does not hold a state dict of tensors$"):
+        load_weights(model, tmp_path / "w.pt", "tiny")
+
+
+def test_a_tensor_of_the_wrong_shape_alone_is_named(tmp_path) -> None:
+    """Every key present, one tensor of another shape: a ConfigError naming that key (not
+    torch's size-mismatch error from load_state_dict), and the model left as it was."""
+    from growth.search_spaces.zoo import load_weights
+
+    model, state = _tiny_state()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state["1.weight"] = torch.zeros(1, 4)
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ConfigError, match=r"w\.pt does not fit tiny: wrong shape "
+                       r"\['1\.weight'\]$"):
+        load_weights(model, tmp_path / "w.pt", "tiny")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_grouped_first_convolution_is_not_adapted_to_other_channels() -> None:
+    """A depthwise first convolution (groups=3) cannot sum its filters over RGB: refused."""
+    from growth.search_spaces.zoo import _adapt_input
+
+    from growth.trace import import_module
+
+    graph = import_module(torch.nn.Conv2d(3, 6, 3, groups=3).eval(), (3, 5, 5))
+    [conv] = [n for n in graph.topo_order() if graph.node(n).kind == "conv2d"]
+    with pytest.raises(GraphError, match=f"cannot adapt '{conv}' \\(conv2d\\) to 1 input"):
+        _adapt_input(graph, 1)
+
+
+def test_two_channel_inputs_see_what_rgb_sees_of_a_grey_image() -> None:
+    """Adapted to 2 channels, each filter is its RGB sum halved and repeated: an input whose two
+    channels both hold g gives what the RGB network gives on g repeated three times."""
+    from growth.search_spaces.zoo import _adapt_input
+
+    from growth.trace import import_module
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).eval()
+    graph = _adapt_input(import_module(conv, (3, 5, 5)), 2)
+    assert graph.shape(graph.input_node()) == (2, 5, 5)
+    g = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = conv(g.repeat(1, 3, 1, 1))
+        got = compile_graph(graph).eval()(g.repeat(1, 2, 1, 1))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_a_users_factory_that_returns_no_module_is_named_the_model_by_default() -> None:
+    from growth.search_spaces.zoo import module_trunk
+
+    with pytest.raises(ConfigError, match="^the model returned str, not a torch.nn.Module"):
+        module_trunk("not a module", (4,))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda state: state.pop("1.bias"), r"missing \['1\.bias'\]"),
+    (lambda state: state.update(extra=torch.zeros(1)), r"unexpected \['extra'\]"),
+], ids=["a key missing", "a key too many"])
+def test_one_kind_of_mismatch_alone_is_named(tmp_path, change, words: str) -> None:
+    """Only a key missing, or only one too many: a ConfigError naming it, not torch's
+    load_state_dict error."""
+    from growth.search_spaces.zoo import load_weights
+
+    model, state = _tiny_state()
+    change(state)
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(ConfigError, match=f"w\\.pt does not fit tiny: {words}$"):
+        load_weights(model, tmp_path / "w.pt", "tiny")
+
+
+def test_the_hint_for_an_unknown_architecture_reads_its_first_four_letters() -> None:
+    """'ResNXt' shares its first four letters, lower-cased, with the resnet family (and only
+    'resnx', its first five, with none): the hint names the first eight of those."""
+    from growth.search_spaces.zoo import build_model
+
+    similar = [n for n in torchvision.models.list_models(module=torchvision.models)
+               if "resn" in n]
+    with pytest.raises(ConfigError, match="'ResNXt' is not") as err:
+        build_model("ResNXt")
+    assert f"similar: {similar[:8]};" in str(err.value)
