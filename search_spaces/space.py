@@ -577,11 +577,16 @@ def make_space(spec: SpaceSpec | Mapping[str, Any] | None, graph: NetGraph,
     layer names it mentions. Every problem is a ConfigError naming the key."""
     spec = spec if isinstance(spec, SpaceSpec) else _validate(spec or {}, where)
     layers = {n for n in graph.nx.nodes if graph.node(n).kind in PRODUCERS}
-    for key, names in (("exclude", spec.exclude), ("layer_widths", list(spec.layer_widths))):
-        missing = [n for n in names if n not in layers]
+    # an attention layer may be excluded too (it then gets no head); only units have widths
+    excludable = layers | set(attention_nodes(graph))
+    for key, names, known, kinds in (
+            ("exclude", spec.exclude, excludable,
+             "conv/linear/attention" if excludable != layers else "conv/linear"),
+            ("layer_widths", list(spec.layer_widths), layers, "conv/linear")):
+        missing = [n for n in names if n not in known]
         if missing:
-            raise ConfigError(f"{where}.{key}: no conv/linear layer named {missing[0]!r} in the "
-                              f"network; its layers are {sorted(layers)}")
+            raise ConfigError(f"{where}.{key}: no {kinds} layer named {missing[0]!r} in the "
+                              f"network; its layers are {sorted(known)}")
     return SearchSpace(spec, base_params=graph.param_count())
 
 

@@ -960,10 +960,17 @@ def test_a_spec_with_several_problems_names_each_on_a_line_with_the_value_given(
 
 
 def test_an_excluded_attention_layer_gets_no_head_and_the_next_one_still_does() -> None:
-    """(SearchSpace itself: make_space accepts only conv/linear names in `exclude`.)"""
+    """A config may name an attention layer in `exclude` (not in `layer_widths`: it has no
+    unit width), and a name that is no layer is refused with the network's layers."""
     g = _vit()
-    space = SearchSpace({"exclude": ["block1_attn"]})
+    space = make_space({"exclude": ["block1_attn"]}, g)
     assert space.head_options(g) == [{"op": "add_heads", "node": "block2_attn", "heads": 3}]
+    with pytest.raises(ConfigError, match=r"^search\.space\.layer_widths: no conv/linear layer "
+                       r"named 'block1_attn'"):
+        make_space({"layer_widths": {"block1_attn": [8]}}, g)
+    with pytest.raises(ConfigError, match=r"^search\.space\.exclude: no conv/linear/attention "
+                       r"layer named 'attn9'.*'block1_attn'"):
+        make_space({"exclude": ["attn9"]}, g)
 
 
 def test_a_widening_is_offered_only_for_the_widenable_layers_given_and_carries_the_seed() -> None:
