@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from growth.search_spaces import SearchSpace, make_space
 from growth.search_spaces.networks import add_head, mlp
@@ -65,3 +68,16 @@ def search_config(tmp: Path, **search: object) -> Path:
     path = tmp / "search.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@contextmanager
+def all_children_reported() -> Iterator[None]:
+    """A search that ends a generation with children unreported raises KeyboardInterrupt (a
+    resume trains them), which would stop the test run rather than fail the test: inside
+    this block it fails the test instead."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if "unreported" not in str(exc):
+            raise
+        pytest.fail(f"the search stopped: {exc}")

@@ -26,7 +26,13 @@ from growth.controllers.service import SearchService
 from growth.controllers.trial import TrialSpec
 from growth.search_spaces import make_space
 from growth.search_spaces.networks import add_head, mlp
-from searchkit import CHILD_TRAIN, digits_task, small_space, trained_base
+from searchkit import (
+    CHILD_TRAIN,
+    all_children_reported,
+    digits_task,
+    small_space,
+    trained_base,
+)
 
 from growth.campaign import Campaign
 from growth.config import load_config
@@ -640,17 +646,11 @@ def test_an_interrupt_kills_the_actors_still_training_and_records_nothing_more(
 
 def test_a_ray_backend_search_ends_with_every_child_reported(tmp_path: Path,
                                                              fake_ray: FakeRay) -> None:
-    """Two generations of one child on the pool: the search returns both records. A
-    generation left with children unreported raises KeyboardInterrupt (a resume trains them),
-    which would stop the test run instead of failing this test: it is turned into a failure
-    here."""
-    try:
+    """Two generations of one child on the pool: the search returns both records (a
+    generation left with children unreported fails the test)."""
+    with all_children_reported():
         result = _tiny_search(tmp_path / "ray", _tiny(tmp_path), "ray",
                               WorkerPool(fake_ray, FakeWorker()), children=1, generations=2)
-    except KeyboardInterrupt as exc:
-        if "unreported" not in str(exc):
-            raise
-        pytest.fail(f"the search stopped: {exc}")
     assert [(r.key, r.ok) for r in result.records] == [("g000c00", True), ("g001c00", True)]
     assert result.generations == 2 and result.done
 

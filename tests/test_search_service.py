@@ -24,6 +24,7 @@ from growth.controllers.driver import RAY_FIXED_S, RAY_START_S, choose_backend
 from growth.controllers.records import read_records
 from growth.search_spaces import make_space
 from growth.search_spaces.networks import add_head, mlp
+from searchkit import all_children_reported
 
 from growth.campaign import Campaign, resume_run
 from growth.checkpoint import latest_checkpoint, read_checkpoint
@@ -540,20 +541,15 @@ def test_children_trained_here_give_the_controller_their_recorded_accuracies(
 
 
 def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
-    """One child trained here: the search returns its record. A generation left with
-    children unreported raises KeyboardInterrupt (a resume trains them), which would stop the
-    test run instead of failing this test: it is turned into a failure here."""
+    """One child trained here: the search returns its record (a generation left with
+    children unreported fails the test)."""
     from growth.controllers.driver import Budget, run_search
 
     task, parent, graph = _digits_parent(tmp_path)
     space = make_space({"widths": {"fc": [16, 20]}}, graph)
-    try:
+    with all_children_reported():
         result = run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(1, 1),
                             backend="local")
-    except KeyboardInterrupt as exc:
-        if "unreported" not in str(exc):
-            raise
-        pytest.fail(f"the search stopped: {exc}")
     [record] = result.records
     assert record.key == "g000c00" and record.ok and result.generations == 1
 
@@ -700,23 +696,31 @@ def test_publish_copies_a_folder_into_storage_and_answers_its_reference(tmp_path
     assert path == str(tmp_path / "remote") and fs.type_name == "local"
 
 
+def _bucket(monkeypatch, path: str) -> Any:
+    """pyarrow's in-memory filesystem, standing in for a bucket: every storage reference the
+    driver resolves names it, at `path`."""
+    from datetime import datetime
+
+    import growth.controllers.driver as driver
+    import pyarrow.fs as pafs
+
+    remote = pafs._MockFileSystem(datetime(2020, 1, 1))
+    monkeypatch.setattr(driver, "_filesystem", lambda ref: (remote, path))
+    return remote
+
+
 def test_publish_writes_into_a_storage_on_another_filesystem_whatever_its_name_ends_with(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Storage on another filesystem (pyarrow's in-memory one stands in for a bucket): the
     folder is copied there, not to a local path of that name; a storage whose name ends in a
     letter other than "/" keeps it."""
-    from datetime import datetime
-
-    import growth.controllers.driver as driver
-    import pyarrow.fs as pafs
     from growth.controllers.driver import publish
 
     monkeypatch.chdir(tmp_path)  # a wrong copy to a local relative path would land here
     src = tmp_path / "parent"
     src.mkdir()
     (src / "a.json").write_text("{}")
-    remote = pafs._MockFileSystem(datetime(2020, 1, 1))
-    monkeypatch.setattr(driver, "_filesystem", lambda ref: (remote, "bucketX/"))
+    remote = _bucket(monkeypatch, "bucketX/")
     assert publish(src, "mock://bucketX/", "parents/gen000") == "mock://bucketX/parents/gen000"
     with remote.open_input_stream("bucketX/parents/gen000/a.json") as f:
         assert f.readall() == b"{}"
@@ -760,14 +764,10 @@ def test_orphans_are_adopted_from_a_remote_storage_past_a_forged_record(
     """Tune's storage on another filesystem (pyarrow's in-memory one stands in for a bucket;
     it lists in name order): a trial folder whose record is not its own child is skipped,
     and the experiment's next trial folder is still read and copied from that filesystem."""
-    from datetime import datetime
-
-    import growth.controllers.driver as driver
     import pyarrow.fs as pafs
     from growth.controllers.driver import SearchDir, _orphans
 
-    remote = pafs._MockFileSystem(datetime(2020, 1, 1))
-    monkeypatch.setattr(driver, "_filesystem", lambda ref: (remote, "bucket/s"))
+    remote = _bucket(monkeypatch, "bucket/s")
     search = SearchDir(tmp_path / "s", storage="mock://bucket")
     for trial, key, index in (("a-forged", "g000c03", 4), ("g000c01-t1", "g000c01", 1)):
         local = tmp_path / "local" / trial
@@ -1175,25 +1175,8 @@ def test_the_tune_backend_hands_tune_one_experiment_of_the_generation(
     from growth.controllers.records import ChildRecord
     from growth.controllers.searcher import METRIC, ControllerSearcher
     from growth.controllers.trial import tune_trial
-    from ray import tune
 
-    from growth.cluster import FORCED_ENV, QUIET_ENV
-
-    for key in {**QUIET_ENV, **FORCED_ENV}:
-        monkeypatch.delenv(key, raising=False)  # put back after the test
-
-    given: dict[str, Any] = {}
-
-    class Tuner:
-        def __init__(self, trainable: Any, tune_config: Any, run_config: Any) -> None:
-            given.update(trainable=trainable, tc=tune_config, rc=run_config)
-
-        def fit(self) -> None:
-            raise _Stop
-
-    monkeypatch.setattr(tune, "Tuner", Tuner)
-    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: ("parameters", fn, kw))
-    monkeypatch.setattr(tune, "with_resources", lambda fn, res: ("resources", fn, res))
+    given = _stand_in_tuner(monkeypatch)
     task, parent, graph = _digits_parent(tmp_path)
     space = make_space({"widths": {"fc": [16, 20, 24]}}, graph)
     with pytest.raises(_Stop):
@@ -1227,25 +1210,10 @@ def test_a_tune_experiment_that_starts_at_a_later_generation_is_named_after_it(
     from types import SimpleNamespace
 
     from growth.controllers.driver import Budget, run_search
-    from ray import tune
 
-    from growth.cluster import FORCED_ENV, QUIET_ENV
     from growth.ops import net2wider
 
-    for key in {**QUIET_ENV, **FORCED_ENV}:
-        monkeypatch.delenv(key, raising=False)  # put back after the test
-    names: list[str] = []
-
-    class Tuner:
-        def __init__(self, trainable: Any, tune_config: Any, run_config: Any) -> None:
-            names.append(run_config.name)
-
-        def fit(self) -> None:
-            raise _Stop
-
-    monkeypatch.setattr(tune, "Tuner", Tuner)
-    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: fn)
-    monkeypatch.setattr(tune, "with_resources", lambda fn, res: fn)
+    given = _stand_in_tuner(monkeypatch)
     task, parent, graph = _digits_parent(tmp_path)
     _record_generation(tmp_path / "s", (0.6, 0.9, 0.7))
     net2wider(graph, "fc1", 24).graph.save(tmp_path / "s" / "children" / "g000c01")  # the best
@@ -1253,7 +1221,7 @@ def test_a_tune_experiment_that_starts_at_a_later_generation_is_named_after_it(
         run_search(tmp_path / "s", parent, Fixed(), None, task, budget=Budget(3, 2),
                    parent_acc=0.5, backend="tune",
                    connect=lambda: nullcontext(SimpleNamespace(started=False)))
-    assert names == ["gen001-a0"]
+    assert given["names"] == ["gen001-a0"]
 
 
 def test_a_tune_trial_is_named_by_its_childs_key_and_a_trial_without_one_by_trial() -> None:
@@ -1281,7 +1249,36 @@ def test_a_search_without_connect_joins_ray_at_its_address_logging_to_its_file(
 
 
 class _Stop(Exception):
-    """Raised by the stand-in for `run_search` once it has recorded its call."""
+    """Raised by a stand-in (Tune's Tuner, the driver's `run_search`) once it has recorded
+    its call."""
+
+
+def _stand_in_tuner(monkeypatch) -> dict[str, Any]:
+    """Replace Ray Tune's Tuner with one that records what it is given (`trainable`, `tc`,
+    `rc`, and every experiment's name in `names`) in the returned dict and raises _Stop when
+    asked to run; `with_parameters` and
+    `with_resources` return tuples that show what they wrapped. The cluster environment
+    variables are cleared for the test."""
+    from ray import tune
+
+    from growth.cluster import FORCED_ENV, QUIET_ENV
+
+    for key in {**QUIET_ENV, **FORCED_ENV}:
+        monkeypatch.delenv(key, raising=False)  # put back after the test
+    given: dict[str, Any] = {}
+
+    class Tuner:
+        def __init__(self, trainable: Any, tune_config: Any, run_config: Any) -> None:
+            given.update(trainable=trainable, tc=tune_config, rc=run_config)
+            given.setdefault("names", []).append(run_config.name)
+
+        def fit(self) -> None:
+            raise _Stop
+
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: ("parameters", fn, kw))
+    monkeypatch.setattr(tune, "with_resources", lambda fn, res: ("resources", fn, res))
+    return given
 
 
 def _record_run_search(monkeypatch) -> dict[str, Any]:

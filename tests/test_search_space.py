@@ -250,23 +250,34 @@ def test_a_menus_child_with_batchnorm_is_reproducible_and_leaves_torchs_generato
 def test_insertion_is_offered_only_after_the_layers_the_caller_passes() -> None:
     g = _mlp()
     space = SearchSpace()
-    _, fc2 = space.layers(g)
+    layers = space.layers(g)
+    _, fc2 = layers
     assert [o.action["after"] for o in space.deeper_options(g)] == ["act1", "act2"]
     assert [o.action["after"] for o in space.deeper_options(g, [fc2])] == ["act2"]
     assert space.deeper_menu(g, [fc2]).candidates == {0: {1: "act2"}}
+    assert [o.action["after"] for o in space.deeper_options(g, layers[1:])] == ["act2"]
+    assert [o.action["after"] for o in space.deeper_options(g, layers[:1])] == ["act1"]
+
+
+def _plug_in(monkeypatch, fn, role: str) -> None:
+    """Register `fn` as an operator of `role` under its own name, for this test only (as a
+    plug-in that is not built in)."""
+    from growth.ops import Operator, registry
+
+    monkeypatch.setitem(registry._BUILTIN, fn.__name__,
+                        Operator(fn.__name__, fn.__doc__ or fn.__name__, fn, role))
 
 
 def _register_k1_only(monkeypatch) -> None:
     """A deeper plug-in, "k1_only", that inserts 1x1 layers and refuses other kernels."""
-    from growth.ops import Operator, registry
 
     def k1_only(graph, after, kernel_size=3, seed=0):
+        """inserts 1x1 layers only"""
         if kernel_size != 1:
             raise OperatorError(f"k1_only: kernel {kernel_size} refused")
         return net2deeper(graph, after, kernel_size=1, noise=0.0, seed=seed)
 
-    monkeypatch.setitem(registry._BUILTIN, "k1_only",
-                        Operator("k1_only", "inserts 1x1 layers only", k1_only, "deeper"))
+    _plug_in(monkeypatch, k1_only, "deeper")
 
 
 def test_a_deeper_plugin_is_asked_per_kernel_and_the_operators_after_it_still_are(
@@ -926,15 +937,13 @@ def test_a_wider_plugin_is_offered_where_it_accepts_within_the_limit(monkeypatch
     """A wider operator that is not built in is asked (a dry run): offered on fc1, which it
     accepts, not on fc2, which it refuses; and only while its child's growth, 2 units of
     fc1 (2 x (6 + 1)) and 2 more inputs of fc2 (2 x 7), 28 parameters, fits the limit."""
-    from growth.ops import Operator, registry
-
     def fc1_only(graph, node, width, seed=0):
+        """widens fc1 only"""
         if node != "fc1":
             raise OperatorError(f"{node} refused")
         return net2wider(graph, node, width, noise=0.0, seed=seed)
 
-    monkeypatch.setitem(registry._BUILTIN, "fc1_only",
-                        Operator("fc1_only", "widens fc1 only", fc1_only, "wider"))
+    _plug_in(monkeypatch, fc1_only, "wider")
     g = _mlp()  # 6 -> fc1 5 -> fc2 7 -> head 3
     spec = {"operators": ["fc1_only"], "widths": {"fc": [5, 7, 9]}}
     space = make_space(spec, g)
@@ -982,14 +991,6 @@ def test_a_widening_is_offered_only_for_the_widenable_layers_given_and_carries_t
     assert space.wider_option(g, fc1, widenable={"fc2"}) is None
     assert space.wider_option(g, fc1, widenable={"fc1"}, seed=5) == {
         "op": "net2wider", "node": "fc1", "width": 7, "seed": 5}
-
-
-def test_insertions_are_offered_after_the_layers_given() -> None:
-    g = _mlp()
-    space = SearchSpace()
-    layers = space.layers(g)
-    assert [o.action["after"] for o in space.deeper_options(g, layers[1:])] == ["act2"]
-    assert [o.action["after"] for o in space.deeper_options(g, layers[:1])] == ["act1"]
 
 
 def test_a_menus_child_is_built_by_the_operator_named() -> None:
@@ -1071,15 +1072,13 @@ def test_an_insertion_on_tokens_is_costed_on_the_features_not_the_tokens() -> No
 def test_a_deeper_plugin_is_asked_with_each_kernel_size(monkeypatch) -> None:
     """A deeper operator that is not built in gets the kernel of each insertion it is asked
     about: one that accepts only 3 x 3 layers is offered only those."""
-    from growth.ops import Operator, registry
-
     def three_only(graph, after, kernel_size=None, seed=0):
+        """inserts 3x3 layers only"""
         if kernel_size != 3:
             raise OperatorError(f"kernel {kernel_size} refused")
         return net2deeper(graph, after, kernel_size=3, noise=0.0, seed=seed)
 
-    monkeypatch.setitem(registry._BUILTIN, "three_only",
-                        Operator("three_only", "inserts 3x3 layers only", three_only, "deeper"))
+    _plug_in(monkeypatch, three_only, "deeper")
     g = _cnn()
     space = make_space({"operators": ["net2wider", "three_only"]}, g)
     got = {(o.action["after"], o.action["kernel_size"]) for o in space.deeper_options(g)}
