@@ -554,6 +554,49 @@ def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
     assert record.key == "g000c00" and record.ok and result.generations == 1
 
 
+def test_the_progress_hears_each_child_with_the_leaderboard_so_far(tmp_path: Path) -> None:
+    """After each child the progress display gets its record and the leaderboard of the
+    children so far, best validation accuracy first (what the bar's "best" shows)."""
+    from growth.controllers.driver import Budget, SearchProgress, run_search
+
+    heard: list[tuple[str, list[str]]] = []
+    seen: dict[str, float] = {}
+
+    def on_child(record: Any, board: list[Any]) -> None:
+        seen[record.key] = record.val_acc
+        heard.append((record.key, [r.key for r in board]))
+
+    task, parent, graph = _digits_parent(tmp_path)
+    space = make_space({"widths": {"fc": [16, 20, 24, 28]}}, graph)
+    run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(3, 1),
+               backend="local", progress=SearchProgress(on_child=on_child))
+    assert [k for k, _ in heard] == ["g000c00", "g000c01", "g000c02"]
+    for n, (_, board) in enumerate(heard, start=1):
+        so_far = list(seen)[:n]
+        assert sorted(board) == sorted(so_far)
+        assert seen[board[0]] == max(seen[k] for k in so_far)
+
+
+def test_a_search_whose_controller_proposes_nothing_ends_after_that_generation(
+        tmp_path: Path) -> None:
+    """A space with no child left (the controller proposes none) ends the search at once: one
+    generation, done, though the budget allows three."""
+    from growth.controllers.driver import Budget, run_search
+
+    class Empty(Fixed):
+        def propose(self, parent: NetGraph, n: int, exclude: Any = ()) -> list[Any]:
+            self.asked.append((parent.to_dict(), set(exclude)))
+            return []
+
+    task, parent, graph = _digits_parent(tmp_path)
+    controller = Empty()
+    result = run_search(tmp_path / "s", parent, controller, make_space({}, graph), task,
+                        budget=Budget(2, 3), backend="local")
+    assert result.done and result.generations == 1 and result.records == []
+    assert len(controller.asked) == 1
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["done"] is True
+
+
 def test_a_child_trains_here_over_the_folder_an_interrupted_driver_left(tmp_path: Path
                                                                        ) -> None:
     """A driver killed mid-child leaves children/.train-<key> (training) and .tmp-<key>
@@ -1092,6 +1135,10 @@ def test_a_child_folder_is_a_plain_name_under_children(tmp_path: Path) -> None:
     for bad in ("../g000c01", "a/b", "."):
         with pytest.raises(RunDirError, match="child key"):
             search.child_folder(bad)
+    (search.root / "children").mkdir(parents=True)
+    (search.root / "children" / "g000c02").symlink_to(tmp_path)  # a plain name, linked out
+    with pytest.raises(RunDirError, match=r"^child folder .*g000c02 resolves to"):
+        search.child_folder("g000c02")
 
 
 def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_and_kept(
