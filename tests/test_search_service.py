@@ -556,7 +556,8 @@ def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
 
 def test_the_progress_hears_each_child_with_the_leaderboard_so_far(tmp_path: Path) -> None:
     """After each child the progress display gets its record and the leaderboard of the
-    children so far, best validation accuracy first (what the bar's "best" shows)."""
+    children so far, best validation accuracy first (what the bar's "best" shows); after the
+    generation, its number and the whole leaderboard."""
     from growth.controllers.driver import Budget, SearchProgress, run_search
 
     heard: list[tuple[str, list[str]]] = []
@@ -568,8 +569,12 @@ def test_the_progress_hears_each_child_with_the_leaderboard_so_far(tmp_path: Pat
 
     task, parent, graph = _digits_parent(tmp_path)
     space = make_space({"widths": {"fc": [16, 20, 24, 28]}}, graph)
+    ends: list[tuple[int, list[str]]] = []
     run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(3, 1),
-               backend="local", progress=SearchProgress(on_child=on_child))
+               backend="local", progress=SearchProgress(
+                   on_child=on_child,
+                   on_generation_end=lambda g, board: ends.append((g, [r.key for r in board]))))
+    assert ends == [(0, heard[-1][1])]
     assert [k for k, _ in heard] == ["g000c00", "g000c01", "g000c02"]
     for n, (_, board) in enumerate(heard, start=1):
         so_far = list(seen)[:n]
