@@ -505,6 +505,27 @@ def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
         assert result.parent == folder.resolve() / "children" / key
         assert result.parent_acc == accs[chosen] and result.kept == 0
         assert result.lineage == [[{"op": "net2wider", "node": "fc1", "width": 20 + 4 * chosen}]]
+        state = json.loads((folder / "search.json").read_text())
+        assert state["parent_params"] == 100 + chosen  # the new parent's size, for its score
+
+
+def test_a_best_child_whose_checkpoint_lies_outside_the_search_is_refused(tmp_path: Path
+                                                                          ) -> None:
+    """A forged record whose checkpoint points out of the search directory cannot become the
+    parent: the error names it as the best child."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record
+
+    from growth.errors import RunDirError
+
+    task, parent, _ = _digits_parent(tmp_path)
+    folder = tmp_path / "s"
+    _record_generation(folder, (0.6, 0.7))
+    append_record(folder / RECORDS, ChildRecord("g000c02", 0, 2, "fc1=28", [], "ok",
+                                                val_acc=0.9, params=102, checkpoint="../parent"))
+    with pytest.raises(RunDirError, match=r"^the best child .*parent resolves to"):
+        run_search(folder, parent, Fixed(), None, task, budget=Budget(3, 1), seed=0,
+                   parent_acc=0.5, backend="local")
 
 
 class FixedAndBroken(Fixed):
@@ -1173,10 +1194,12 @@ def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_a
                       backend="local").kept == 0
 
 
-def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(tmp_path: Path
-                                                                         ) -> None:
-    """A state written before `kept` existed, resumed into a generation whose recorded
-    children (best 0.9) do not beat the parent's 0.95: the parent stays and kept is 1."""
+@pytest.mark.parametrize(("kept", "after"), [(None, 1), (2, 3)])
+def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(
+        tmp_path: Path, kept: int | None, after: int) -> None:
+    """A state written before `kept` existed (or one that kept the parent twice), resumed
+    into a generation whose recorded children (best 0.9) do not beat the parent's 0.95: the
+    parent stays and kept is 1 (3)."""
     from growth.controllers.driver import Budget, run_search
 
     parent = tmp_path / "parent"
@@ -1185,12 +1208,15 @@ def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(tmp_path:
     run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 0), backend="local")
     state = json.loads((folder / "search.json").read_text())
     del state["kept"]
+    if kept is not None:
+        state["kept"] = kept
     state.update(done=False, parent_acc=0.95)
     (folder / "search.json").write_text(json.dumps(state))
     _record_generation(folder, (0.6, 0.9, 0.7))
     result = run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 1),
                         backend="local")
-    assert result.kept == 1 and result.parent == parent.resolve() and result.parent_acc == 0.95
+    assert result.kept == after and result.parent == parent.resolve()
+    assert result.parent_acc == 0.95
 
 
 def test_a_new_search_adopts_nothing_from_shared_storage_that_holds_an_older_ones(
