@@ -481,6 +481,7 @@ class Fixed:
     ((0.6, 0.9, 0.7), 0.0, 1),  # the best child, not the first, last or worst
     ((0.8, 0.55, 0.65), 0.0, 0),
     ((0.6, 0.9, 0.7), 0.5, None),  # 0.9 does not beat the parent's 0.5 by 0.5: kept
+    ((0.6, 0.75, 0.7), 0.25, None),  # 0.75 only equals 0.5 + 0.25: kept
 ])
 def test_the_driver_continues_from_the_best_child_of_a_finished_generation(
         tmp_path: Path, accs: tuple[float, ...], margin: float, chosen: int | None) -> None:
@@ -1147,6 +1148,49 @@ def test_the_search_cost_is_kept_in_its_state_and_ranks_its_children(tmp_path: P
                         parent_acc=0.5, cost=0.5, backend="local")
     assert json.loads((folder / "search.json").read_text())["cost"] == 0.5
     assert result.parent == folder.resolve() / "children" / child_key(0, 1)
+
+
+@pytest.mark.parametrize(("parent", "child", "replaced"), [
+    ((0.8, 2420), (0.7, 1210), True),  # 0.7 - 0 beats 0.8 - 0.5 x 1210/1210 = 0.3
+    ((0.5, 1210), (0.9, 2420), False),  # 0.9 - 0.5 = 0.4 does not beat 0.5
+])
+def test_a_child_must_beat_the_parents_score_with_both_charged_for_their_size(
+        tmp_path: Path, parent: tuple[float, int], child: tuple[float, int], replaced: bool
+        ) -> None:
+    """With cost 0.5 and a root of 1210 parameters, the current parent (accuracy, size) and
+    the one recorded child are each scored as accuracy - 0.5 x added / 1210."""
+    from growth.controllers.driver import Budget, run_search
+
+    root = tmp_path / "root"
+    add_head(mlp((1, 8, 8), [16]), "t0", 10).save(root)  # 64x16+16 + 16x10+10 = 1210
+    folder = tmp_path / "s"
+    run_search(folder, root, Fixed(), None, None, budget=Budget(1, 0), cost=0.5,
+               backend="local")
+    state = json.loads((folder / "search.json").read_text())
+    assert state["root_params"] == 1210
+    state.update(done=False, parent_acc=parent[0], parent_params=parent[1])
+    (folder / "search.json").write_text(json.dumps(state))
+    _record_generation(folder, (child[0],), params=(child[1],))
+    result = run_search(folder, root, Fixed(), None, None, budget=Budget(1, 1), cost=0.5,
+                        backend="local")
+    assert (result.parent == folder.resolve() / "children" / "g000c00") is replaced
+
+
+def test_a_finished_child_without_a_checkpoint_never_becomes_the_parent(tmp_path: Path
+                                                                        ) -> None:
+    """A record that says ok but names no checkpoint (a damaged search directory) is not
+    taken as the parent, however well it scored: the parent stays."""
+    from growth.controllers.driver import Budget, run_search
+    from growth.controllers.records import RECORDS, ChildRecord, append_record
+
+    task, parent, _ = _digits_parent(tmp_path)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    append_record(folder / RECORDS, ChildRecord("g000c00", 0, 0, "fc1=20", [], "ok",
+                                                val_acc=0.9, params=1300, checkpoint=None))
+    result = run_search(folder, parent, Fixed(), None, task, budget=Budget(1, 1), seed=0,
+                        parent_acc=0.5, backend="local")
+    assert result.parent == parent.resolve() and result.kept == 1
 
 
 def test_a_child_folder_is_a_plain_name_under_children(tmp_path: Path) -> None:
