@@ -22,7 +22,13 @@ from growth.controllers.records import (
     read_records,
 )
 from growth.controllers.searcher import ControllerSearcher, Generation
-from growth.controllers.trial import TrialSpec, child_seed, save_strategy_state, train_child
+from growth.controllers.trial import (
+    CHILD_FILE,
+    TrialSpec,
+    child_seed,
+    save_strategy_state,
+    train_child,
+)
 from searchkit import CHILD_TRAIN, accuracy, digits_task, small_space, trained_base
 
 from growth.errors import CheckpointError, ConfigError
@@ -443,6 +449,11 @@ def test_a_child_reads_the_strategy_state_its_parent_folder_holds(setup, tmp_pat
         train=CHILD_TRAIN, strategy={"name": "ewc"}).model_dump(mode="json"))
     m = train_child(config, task, space, tmp_path / "child")
     assert m["status"] == "failed" and "CheckpointError" in m["error"] and "'l2'" in m["error"]
+    # a failed child's figures: no accuracy (NaN, not 0), nothing trained, no record file
+    assert math.isnan(m["val_acc"]) and math.isnan(m["val_acc_before"])
+    assert (m["params"], m["train_time_s"], m["steps"], m["epochs"]) == (0, 0.0, 0, 0)
+    assert m["key"] == config["key"] and m["node"] is None
+    assert not (tmp_path / "child" / CHILD_FILE).exists()
 
 
 def test_records_survive_a_torn_last_line(tmp_path: Path) -> None:
