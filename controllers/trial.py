@@ -235,7 +235,6 @@ def _build_and_train(config: Mapping[str, Any], spec: TrialSpec, task: Task, spa
         load_moments(ctx.optimizer, params, saved_moments)
     ctx.replace_graph(child, records)  # the strategy's state and the moments follow
     before = evaluate(ctx, task, "val", strategy=strategy)
-    ctx.train_fit = lambda **kw: fit(ctx, strategy, spec.train, **{"seed": seed, **kw})
     _warm_up()
     t0 = time.perf_counter()
     losses = fit(ctx, strategy, spec.train, seed=seed, optimizer=ctx.optimizer)

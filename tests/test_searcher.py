@@ -221,6 +221,7 @@ def test_train_child_starts_from_the_parent_and_saves_the_child(setup, tmp_path:
     assert accuracy(child, task) == pytest.approx(m["val_acc"], abs=1e-12)
     batches = math.ceil(len(task.train[1]) / CHILD_TRAIN.batch_size)
     assert m["steps"] == CHILD_TRAIN.epochs * batches
+    assert 0.0 < m["train_time_s"] <= m["end"] - m["start"]  # the training, within the call
     record = json.loads((out / "child.json").read_text())
     assert record["key"] == "g000c00" and record["actions"] == config["actions"]
     again = train_child(config, task, space, tmp_path / "again")  # its own seed: repeatable
@@ -433,6 +434,91 @@ def test_a_strategy_reaches_the_trial_by_reference(setup, tmp_path: Path) -> Non
         mode="json")
     m = train_child(config, task, space, tmp_path / "wrong")
     assert m["status"] == "failed" and "CheckpointError" in m["error"] and "'l2'" in m["error"]
+
+
+def _one_child(setup, action: dict[str, Any], seed: int, **spec: Any) -> dict[str, Any]:
+    """A one-child generation's config, its actions replaced by `action`, its seed by `seed`."""
+    _, _, base, _, space = setup
+    config = _searcher(setup, n=1).suggest("x")
+    child, _ = space.apply(base, [action], sample=digits_task().train[0][:8])
+    config.update(actions=[action], arch=space.arch(child), seed=seed,
+                  spec=TrialSpec(**{"train": CHILD_TRAIN, **spec}).model_dump(mode="json"))
+    return config
+
+
+def test_a_child_trains_in_the_batch_order_of_its_own_seed(setup, tmp_path: Path) -> None:
+    """The same exact (noise-free) child trained from seeds 11 and 12 ends with different
+    weights: its seed orders the batches, not a fixed one."""
+    _, task, _, _, space = setup
+    action = {"op": "net2wider", "node": "fc1", "width": 24}
+    weights = []
+    for seed in (11, 12):
+        m = train_child(_one_child(setup, action, seed), task, space, tmp_path / str(seed))
+        assert m["status"] == "ok", m["error"]
+        weights.append(NetGraph.load(tmp_path / str(seed)).node("fc1").tensors["weight"])
+    assert not torch.equal(*weights)
+
+
+def test_a_child_deepened_with_batchnorm_keeps_its_parents_function(setup, tmp_path: Path
+                                                                   ) -> None:
+    """A layer with BatchNorm inserted after fc1 gets its statistics from a batch of the
+    task's training inputs, so the child starts at its parent's validation accuracy."""
+    _, task, _, acc, space = setup
+    config = _one_child(setup, {"op": "net2deeper", "after": "fc1", "batchnorm": True}, 3)
+    m = train_child(config, task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    assert m["val_acc_before"] == pytest.approx(acc, abs=1e-12)
+
+
+def test_a_childs_hooks_see_its_seed_earlier_tasks_device_and_settings(
+        setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strategy's hooks, inside a trial, see the child's seed, the earlier tasks the spec
+    names (identity only, no data), the device and the training settings."""
+    from growth.controllers.trial import TaskMeta
+
+    from growth.strategies import STRATEGIES, Strategy
+
+    seen: list[tuple[Any, ...]] = []
+
+    class Probe(Strategy):
+        name = "probe"
+
+        def after_step(self, ctx) -> None:
+            seen.append((ctx.seed, [(t.index, t.name, len(t.train[1])) for t in ctx.seen],
+                         ctx.device, ctx.train_config))
+
+    monkeypatch.setitem(STRATEGIES, "probe", Probe)
+    _, task, _, _, space = setup
+    earlier = TaskMeta(index=0, name="t0", classes=[0, 1], n_classes=2, class_offset=0,
+                       input_shape=list(task.input_shape))
+    config = _one_child(setup, {"op": "net2wider", "node": "fc1", "width": 24}, 5,
+                        strategy={"name": "probe"}, seen=[earlier])
+    m = train_child(config, task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    assert seen[0] == (5, [(0, "t0", 0)], torch.device("cpu"), CHILD_TRAIN)
+
+
+def test_a_child_saves_its_optimizers_moments_for_the_next_generation(setup, tmp_path: Path
+                                                                     ) -> None:
+    """With momentum, the child's folder holds the optimizer's moments, one buffer per
+    parameter of the child, shaped like it (a later generation goes on from them)."""
+    from growth.controllers.trial import MOMENTS
+
+    from growth.io import load_tensors
+    from growth.model import Model
+    from growth.train import TrainConfig
+
+    _, task, _, _, space = setup
+    train = TrainConfig(epochs=1, lr=0.02, batch_size=32, momentum=0.9)
+    config = _one_child(setup, {"op": "net2wider", "node": "fc1", "width": 24}, 5, train=train)
+    m = train_child(config, task, space, tmp_path / "child")
+    assert m["status"] == "ok", m["error"]
+    params = Model(NetGraph.load(tmp_path / "child")).named_parameters()
+    saved = load_tensors(tmp_path / "child" / MOMENTS)
+    assert {k: tuple(t.shape) for k, t in saved.items()} == {
+        f"{n}/momentum_buffer": tuple(p.shape) for n, p in params.items()}
+    assert saved["fc1.weight/momentum_buffer"].shape == (24, 64)
+    assert saved["fc1.weight/momentum_buffer"].abs().sum() > 0
 
 
 def test_a_child_reads_the_strategy_state_its_parent_folder_holds(setup, tmp_path: Path
