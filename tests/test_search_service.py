@@ -577,9 +577,10 @@ def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
 
 
 def test_the_progress_hears_each_child_with_the_leaderboard_so_far(tmp_path: Path) -> None:
-    """After each child the progress display gets its record and the leaderboard of the
-    children so far, best validation accuracy first (what the bar's "best" shows); after the
-    generation, its number and the whole leaderboard."""
+    """Each generation's start is told its number and children to train; after each child
+    the progress display gets its record and the leaderboard of the children so far, best
+    validation accuracy first (what the bar's "best" shows); after the generation, its
+    number and the whole leaderboard."""
     from growth.controllers.driver import Budget, SearchProgress, run_search
 
     heard: list[tuple[str, list[str]]] = []
@@ -591,13 +592,15 @@ def test_the_progress_hears_each_child_with_the_leaderboard_so_far(tmp_path: Pat
 
     task, parent, graph = _digits_parent(tmp_path)
     space = make_space({"widths": {"fc": [16, 20, 24, 28]}}, graph)
+    starts: list[tuple[int, int]] = []
     ends: list[tuple[int, list[str]]] = []
-    run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(3, 1),
+    run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(3, 2),
                backend="local", progress=SearchProgress(
-                   on_child=on_child,
+                   on_child=on_child, on_generation=lambda g, n: starts.append((g, n)),
                    on_generation_end=lambda g, board: ends.append((g, [r.key for r in board]))))
-    assert ends == [(0, heard[-1][1])]
-    assert [k for k, _ in heard] == ["g000c00", "g000c01", "g000c02"]
+    assert starts == [(0, 3), (1, 3)]
+    assert ends == [(0, heard[2][1]), (1, heard[-1][1])]
+    assert [k for k, _ in heard] == [f"g00{g}c0{i}" for g in (0, 1) for i in range(3)]
     for n, (_, board) in enumerate(heard, start=1):
         so_far = list(seen)[:n]
         assert sorted(board) == sorted(so_far)
@@ -1038,6 +1041,50 @@ def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Pa
     fresh = _Driver(search, {}, Fixed(), None, None, TrialSpec(), Budget(), Resources(),
                     SearchProgress())
     assert 0.0 <= fresh.elapsed() < 60.0  # a state without elapsed time starts at 0
+
+
+def test_a_strategy_state_goes_to_storage_only_for_children_trained_elsewhere(tmp_path: Path
+                                                                             ) -> None:
+    """The trial spec a generation hands out: on Tune or the pool, a strategy state on local
+    disk is first copied into the search's storage and named there; on the local backend, or
+    when it is already a URI, the reference stays as it is."""
+    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.trial import TrialSpec
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "strategy.json").write_text("{}")
+    search = SearchDir(tmp_path / "s")
+
+    def spec_state(backend: str, ref: str) -> str:
+        spec = TrialSpec(strategy={"name": "l2", "state": ref})
+        d = _Driver(search, {}, Fixed(), None, None, spec, Budget(), Resources(),
+                    SearchProgress(), backend=backend)
+        return d._spec_json()["strategy"]["state"]
+
+    assert spec_state("local", str(state)) == str(state)
+    assert spec_state("tune", "s3://bucket/state") == "s3://bucket/state"
+    assert spec_state("tune", str(state)) == f"{search.storage}/strategy"
+    assert (Path(search.storage) / "strategy" / "strategy.json").read_text() == "{}"
+
+
+def test_the_search_reports_the_mean_training_time_of_its_finished_children(tmp_path: Path
+                                                                            ) -> None:
+    """What "auto" weighs Ray's start-up against: the mean of the finished children's training
+    times ((1 + 2 + 6) / 3 = 3; a failed child's time is not counted), else the caller's
+    hint."""
+    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.records import ChildRecord
+    from growth.controllers.trial import TrialSpec
+
+    d = _Driver(SearchDir(tmp_path / "s"), {}, Fixed(), None, None, TrialSpec(), Budget(),
+                Resources(), SearchProgress(), child_s=7.5)
+    assert d.measured_child_s() == 7.5
+    d.records = [ChildRecord(f"g000c0{i}", 0, i, "a", [], status, val_acc=acc, train_time_s=t)
+                 for i, (status, acc, t) in enumerate((
+                     ("ok", 0.5, 1.0), ("ok", 0.5, 2.0), ("failed", None, 50.0),
+                     ("ok", 0.5, 6.0)))]
+    assert d.measured_child_s() == 3.0
 
 
 def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp_path: Path

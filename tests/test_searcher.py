@@ -434,6 +434,7 @@ def test_a_strategy_reaches_the_trial_by_reference(setup, tmp_path: Path) -> Non
         mode="json")
     m = train_child(config, task, space, tmp_path / "wrong")
     assert m["status"] == "failed" and "CheckpointError" in m["error"] and "'l2'" in m["error"]
+    assert f"{folder} holds the state of strategy 'l2'" in m["error"]  # names where it looked
 
 
 def _one_child(setup, action: dict[str, Any], seed: int, **spec: Any) -> dict[str, Any]:
@@ -535,6 +536,7 @@ def test_a_child_reads_the_strategy_state_its_parent_folder_holds(setup, tmp_pat
         train=CHILD_TRAIN, strategy={"name": "ewc"}).model_dump(mode="json"))
     m = train_child(config, task, space, tmp_path / "child")
     assert m["status"] == "failed" and "CheckpointError" in m["error"] and "'l2'" in m["error"]
+    assert f"{parent} holds the state of strategy 'l2'" in m["error"]
     # a failed child's figures: no accuracy (NaN, not 0), nothing trained, no record file
     assert math.isnan(m["val_acc"]) and math.isnan(m["val_acc_before"])
     assert (m["params"], m["train_time_s"], m["steps"], m["epochs"]) == (0, 0.0, 0, 0)
