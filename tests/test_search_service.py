@@ -324,6 +324,18 @@ def test_auto_backend_runs_children_here_until_ray_would_save_time() -> None:
     assert choose_backend("auto", 100.0, 4, 2, cpus=1) == "local"
     assert choose_backend("local", 100.0, 4, 2, cpus=8) == "local"
     assert choose_backend("ray", None, 4, 2, cpus=8) == "ray"
+    assert choose_backend("auto", start / 2, 4, 2, cpus=2) == "local"  # saves just the cost
+
+
+def test_auto_counts_the_machines_cpus_and_one_where_it_cannot_tell(monkeypatch) -> None:
+    """Without `cpus`, "auto" runs as many children at once as os.cpu_count() gives (at most
+    `concurrency`), and one where it gives None: then nothing runs at once, so here."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert choose_backend("auto", 100.0, 4, 8) == "ray"
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert choose_backend("auto", 100.0, 4, 8) == "local"
 
 
 def test_a_finished_search_starts_no_ray_when_resumed(tmp_path: Path) -> None:
@@ -1063,6 +1075,10 @@ def test_a_strategy_state_goes_to_storage_only_for_children_trained_elsewhere(tm
         return d._spec_json()["strategy"]["state"]
 
     assert spec_state("local", str(state)) == str(state)
+    spec = TrialSpec(strategy={"name": "l2", "state": str(state)})
+    here = _Driver(search, {}, Fixed(), None, None, spec, Budget(), Resources(),
+                   SearchProgress(), backend="local")._spec_json()
+    assert here == json.loads(spec.model_dump_json())  # plain JSON, as trials receive it
     assert spec_state("tune", "s3://bucket/state") == "s3://bucket/state"
     assert spec_state("tune", str(state)) == f"{search.storage}/strategy"
     assert (Path(search.storage) / "strategy" / "strategy.json").read_text() == "{}"
