@@ -327,6 +327,34 @@ def test_auto_backend_runs_children_here_until_ray_would_save_time() -> None:
     assert choose_backend("auto", start / 2, 4, 2, cpus=2) == "local"  # saves just the cost
 
 
+def test_run_search_hands_the_driver_its_defaults_storage_name_and_callbacks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `run_search` builds for its driver (a stand-in that records it): the backend
+    "ray" and seed 0 by default, the search directory in the storage under the given name,
+    and the caller's Tune callbacks."""
+    from growth.controllers import driver as drv
+
+    made: dict[str, Any] = {}
+
+    class Recorded:
+        def __init__(self, search, state, *args: Any, **kwargs: Any) -> None:
+            made.update(search=search, state=state, **kwargs)
+
+        def run(self) -> str:
+            return "ran"
+
+    monkeypatch.setattr(drv, "_Driver", Recorded)
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    marker = object()
+    assert drv.run_search(tmp_path / "s", parent, Fixed(), None, None,
+                          storage=str(tmp_path / "shared"), name="mine",
+                          callbacks=[marker]) == "ran"
+    assert made["backend"] == "ray" and made["state"]["seed"] == 0
+    assert made["search"].storage == str(tmp_path.resolve() / "shared" / "mine")
+    assert made["callbacks"] == [marker]
+
+
 def test_auto_counts_the_machines_cpus_and_one_where_it_cannot_tell(monkeypatch) -> None:
     """Without `cpus`, "auto" runs as many children at once as os.cpu_count() gives (at most
     `concurrency`), and one where it gives None: then nothing runs at once, so here."""
