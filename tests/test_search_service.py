@@ -602,6 +602,28 @@ def test_children_trained_here_give_the_controller_their_recorded_accuracies(
         r.key for r in records[:3]]
 
 
+def test_each_child_trains_from_a_seed_drawn_from_the_searchs_seed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Search seed 5: child i of generation 0 trains from (5 x 1000003 + i x 104729 + 11)
+    mod (2^31 - 1), the trial's own formula, not from seed 0's."""
+    from growth.controllers import driver as drv
+    from growth.controllers.driver import Budget, run_search
+
+    seeds: list[int] = []
+    real = drv.train_child
+
+    def recorded(config: Any, *args: Any, **kwargs: Any) -> Any:
+        seeds.append(config["seed"])
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(drv, "train_child", recorded)
+    task, parent, graph = _digits_parent(tmp_path)
+    space = make_space({"widths": {"fc": [16, 20, 24]}}, graph)
+    run_search(tmp_path / "s", parent, Fixed(), space, task, budget=Budget(2, 1), seed=5,
+               backend="local")
+    assert seeds == [(5 * 1_000_003 + i * 104_729 + 11) % (2**31 - 1) for i in range(2)]
+
+
 def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
     """One child trained here: the search returns its record (a generation left with
     children unreported fails the test)."""
