@@ -1326,8 +1326,10 @@ def test_a_child_folder_is_a_plain_name_under_children(tmp_path: Path) -> None:
 
 def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_and_kept(
         tmp_path: Path) -> None:
-    """A search whose budget is spent reports the generations it ran and the generations
-    after which the parent stayed; a state written before `kept` existed reports 0."""
+    """A search whose budget is spent reports its folder, the generations it ran and the
+    generations after which the parent stayed, its time so far, an empty leaderboard and
+    the network it started from; a state written before `kept`, `root` and `lineage`
+    existed reports 0, its parent as the root and no lineage."""
     from growth.controllers.driver import Budget, run_search
 
     parent = tmp_path / "parent"
@@ -1336,8 +1338,10 @@ def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_a
     first = run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
                        backend="local")
     assert (first.generations, first.kept, first.done) == (0, 0, True)
+    assert first.directory == folder.resolve() and first.leaderboard == []
+    assert first.root == parent.resolve() and first.lineage == []
     state = json.loads((folder / "search.json").read_text())
-    state.update(generation=3, kept=2)
+    state.update(generation=3, kept=2, elapsed_s=100.0, parent=str(tmp_path / "grown"))
     (folder / "search.json").write_text(json.dumps(state))
     (folder / "controller" / "gen_003.json").write_text(json.dumps({"controller": "fixed"}))
     shutil.copy(folder / "controller" / "gen_000.safetensors",
@@ -1345,10 +1349,14 @@ def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_a
     again = run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
                        backend="local")
     assert (again.generations, again.kept) == (3, 2)
-    del state["kept"]
+    assert isinstance(again.elapsed_s, float) and 100.0 <= again.elapsed_s < 160.0
+    assert again.root == parent.resolve() and again.parent == tmp_path / "grown"
+    for key in ("kept", "root", "lineage"):
+        del state[key]
+    state["parent"] = str(tmp_path / "elsewhere")
     (folder / "search.json").write_text(json.dumps(state))
-    assert run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
-                      backend="local").kept == 0
+    old = run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0), backend="local")
+    assert old.kept == 0 and old.root == tmp_path / "elsewhere" and old.lineage == []
 
 
 @pytest.mark.parametrize(("kept", "after"), [(None, 1), (2, 3)])
