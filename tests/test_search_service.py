@@ -1153,6 +1153,32 @@ def test_the_search_reports_the_mean_training_time_of_its_finished_children(tmp_
     assert d.measured_child_s() == 3.0
 
 
+@pytest.mark.parametrize(("children", "limit"), [(1, 6), (2, 3), (4, 1), (8, 1)])
+def test_one_experiment_holds_at_most_generations_per_fit_trials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, children: int, limit: int) -> None:
+    """With GENERATIONS_PER_FIT 6, one run of generations (a Tune experiment) holds 6 // n of
+    them for n children each, at least one; then the driver hands out none until a fresh
+    experiment starts. A finished search hands out none at all."""
+    from growth.controllers import driver as drv
+    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.trial import TrialSpec
+
+    monkeypatch.setattr(drv, "GENERATIONS_PER_FIT", 6)
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    state = {"generation": 0, "done": False, "parent": str(parent), "parent_acc": None}
+    d = _Driver(SearchDir(tmp_path / "s"), state, Fixed(), None, None, TrialSpec(),
+                Budget(children=children, generations=10), Resources(), SearchProgress(),
+                backend="local")
+    handed = 0
+    while d.next_generation() is not None:
+        handed += 1
+        assert handed <= 10
+    assert handed == limit
+    d.in_fit, d.state["done"] = 0, True
+    assert d.next_generation() is None
+
+
 def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp_path: Path
                                                                             ) -> None:
     """On the local backend a child whose actions cannot apply (no node "nope") is recorded
