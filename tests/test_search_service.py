@@ -1175,8 +1175,31 @@ def test_one_experiment_holds_at_most_generations_per_fit_trials(
         handed += 1
         assert handed <= 10
     assert handed == limit
+    assert d.state["attempts"] == {"0": limit - 1}  # each hand-out of generation 0 counted
     d.in_fit, d.state["done"] = 0, True
     assert d.next_generation() is None
+
+
+def test_a_generations_second_attempt_adopts_children_tune_finished_unrecorded(
+        tmp_path: Path) -> None:
+    """Generation 0 handed out once before (attempt 0, then the driver died): its second
+    attempt first adopts the child Tune's storage holds finished but unrecorded, so the
+    generation knows it is trained."""
+    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.trial import TrialSpec
+
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    search = SearchDir(tmp_path / "s")
+    _child_folder(Path(search.storage) / "gen000-a0" / "g000c01-t1" / "checkpoint_000000",
+                  "g000c01", 0, 1)
+    state = {"generation": 0, "done": False, "parent": str(parent), "parent_acc": None,
+             "attempts": {"0": 0}}
+    d = _Driver(search, state, Fixed(), None, None, TrialSpec(), Budget(3, 1), Resources(),
+                SearchProgress(), backend="local")
+    generation = d.next_generation()
+    assert generation is not None and generation.base_config["attempt"] == 1
+    assert [r.key for r in d.records] == ["g000c01"] and generation.known == {1: 0.5}
 
 
 def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp_path: Path
