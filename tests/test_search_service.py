@@ -1200,6 +1200,27 @@ def test_a_generations_second_attempt_adopts_children_tune_finished_unrecorded(
     generation = d.next_generation()
     assert generation is not None and generation.base_config["attempt"] == 1
     assert [r.key for r in d.records] == ["g000c01"] and generation.known == {1: 0.5}
+    assert generation.parent == str(parent)  # trained here: the parent where it lies
+
+
+def test_a_generation_for_trials_elsewhere_grows_from_a_copy_of_its_parent_in_storage(
+        tmp_path: Path) -> None:
+    """On Tune (or the pool) the generation's parent is first copied into the search's
+    storage, under parents/gen000, and the generation names that copy."""
+    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.trial import TrialSpec
+
+    parent = tmp_path / "parent"
+    graph = add_head(mlp((1, 8, 8), [4]), "t0", 10)
+    graph.save(parent)
+    search = SearchDir(tmp_path / "s")
+    state = {"generation": 0, "done": False, "parent": str(parent), "parent_acc": None}
+    d = _Driver(search, state, Fixed(), None, None, TrialSpec(), Budget(3, 1), Resources(),
+                SearchProgress(), backend="tune")
+    generation = d.next_generation()
+    assert generation is not None
+    assert generation.parent == f"{search.storage}/parents/gen000"
+    assert NetGraph.load(Path(generation.parent)).to_dict() == graph.to_dict()
 
 
 def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp_path: Path
