@@ -636,6 +636,8 @@ def test_a_local_search_ends_with_every_child_reported(tmp_path: Path) -> None:
                             backend="local")
     [record] = result.records
     assert record.key == "g000c00" and record.ok and result.generations == 1
+    saved = json.loads((tmp_path / "s" / "search.json").read_text())["elapsed_s"]
+    assert 0.0 < saved <= result.elapsed_s  # the clock is saved, for a resume to go on from
 
 
 def test_the_progress_hears_each_child_with_the_leaderboard_so_far(tmp_path: Path) -> None:
@@ -1102,7 +1104,7 @@ def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Pa
     assert driver(Budget(children=4, wall_time_s=10.0), elapsed=9.0)._generation_size(0) == 4
     fresh = _Driver(search, {}, Fixed(), None, None, TrialSpec(), Budget(), Resources(),
                     SearchProgress())
-    assert 0.0 <= fresh.elapsed() < 60.0  # a state without elapsed time starts at 0
+    assert 0.0 <= fresh.elapsed() < 0.5  # a state without elapsed time starts at 0
 
 
 def test_a_strategy_state_goes_to_storage_only_for_children_trained_elsewhere(tmp_path: Path
