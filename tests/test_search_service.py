@@ -1102,6 +1102,10 @@ def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Pa
     assert [plain._generation_size(g) for g in range(4)] == [4, 4, 4, 0]
     assert driver(Budget(children=4, wall_time_s=10.0), elapsed=10.0)._generation_size(0) == 0
     assert driver(Budget(children=4, wall_time_s=10.0), elapsed=9.0)._generation_size(0) == 4
+    with pytest.MonkeyPatch.context() as frozen:  # no time passes: the budget just used up
+        frozen.setattr(time, "monotonic", lambda: 5.0)
+        assert driver(Budget(children=4, wall_time_s=10.0), elapsed=10.0
+                      )._generation_size(0) == 0
     fresh = _Driver(search, {}, Fixed(), None, None, TrialSpec(), Budget(), Resources(),
                     SearchProgress())
     assert 0.0 <= fresh.elapsed() < 0.5  # a state without elapsed time starts at 0
