@@ -799,6 +799,7 @@ def test_a_search_directory_keeps_tune_storage_under_itself_or_names_itself_in_s
         root / "children.jsonl", root / "children", root / "controller", root / "search.json")
     assert SearchDir(tmp_path / "s", "s3://bucket/runs/", "n1").storage == "s3://bucket/runs/n1"
     assert SearchDir(tmp_path / "s", "s3://bucket/runs").storage == "s3://bucket/runs/s"
+    assert SearchDir(tmp_path / "s", "s3://bucket/runX/", "n1").storage == "s3://bucket/runX/n1"
     assert SearchDir(tmp_path / "s", str(tmp_path / "shared"), "n1").storage == str(
         (tmp_path / "shared").resolve() / "n1")
     assert SearchDir(tmp_path / "s", str(tmp_path / "shared")).storage == str(
