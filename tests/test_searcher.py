@@ -144,6 +144,18 @@ def test_the_searcher_survives_cloudpickle_and_save_restore(setup, tmp_path: Pat
             [p.arch for p in s.controller.propose(parent, 3)])  # the controller's state too
 
 
+def test_a_searcher_unpickled_without_its_source_has_no_generation_to_go_on_to(setup
+                                                                               ) -> None:
+    """Tune's pickled searcher keeps no source (the driver): once its generation is over,
+    advancing it ends the search instead of asking a source that is not there."""
+    s = _searcher(setup, n=1)
+    s.suggest("a")
+    s.on_trial_complete("a", {"status": "ok", "val_acc": 0.5})
+    clone = cloudpickle.loads(cloudpickle.dumps(s))
+    assert clone.source is None
+    assert clone.advance() is False and clone.done
+
+
 def test_a_trial_reported_failed_or_of_another_generation_is_no_result(setup) -> None:
     """A trial counts only when it reports status "ok" without an error: one that failed, or
     errored, is None whatever accuracy it carries; a trial the searcher did not hand out counts
