@@ -73,12 +73,13 @@ def test_cnn_blocks_end_at_pools_and_tokens_encode_width_and_kernel() -> None:
     assert space.tokens(space.layers(wide))[2] == 1 * 3 + 1
 
 
-def test_residual_stages_are_blocks_by_resolution() -> None:
+@pytest.mark.parametrize("stride", [2, [2, 1]])  # [2, 1]: only the height halves
+def test_residual_stages_are_blocks_by_resolution(stride: int | list[int]) -> None:
     g = NetGraph()
     g.add_input("x", (2, 8, 8))
     g.add("c1", "conv2d", ["x"], out_channels=3, kernel_size=3, padding=1)
     g.add("r1", "relu", ["c1"])
-    g.add("c2", "conv2d", ["r1"], out_channels=3, kernel_size=3, padding=1, stride=2)
+    g.add("c2", "conv2d", ["r1"], out_channels=3, kernel_size=3, padding=1, stride=stride)
     g.add("r2", "relu", ["c2"])
     g.add("c3", "conv2d", ["r2"], out_channels=3, kernel_size=3, padding=1)
     g.add("flat", "flatten", ["c3"])
