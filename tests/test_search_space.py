@@ -503,6 +503,39 @@ def test_arch_string_of_branches_does_not_depend_on_names() -> None:
                               "flatten fc2 out:out")
 
 
+def _like_branches(wide_tail: str, narrow_tail: str) -> NetGraph:
+    """_two_branches with a ReLU on both branches, named `wide_tail` and `narrow_tail`."""
+    g = NetGraph()
+    g.add_input("x", (2, 5, 5))
+    g.add("w", "conv2d", ["x"], out_channels=3, kernel_size=3, padding=1)
+    g.add(wide_tail, "relu", ["w"])
+    g.add("n", "conv2d", ["x"], out_channels=3, kernel_size=1)
+    g.add(narrow_tail, "relu", ["n"])
+    g.add("sum", "add", [wide_tail, narrow_tail])
+    g.add("flat", "flatten", ["sum"])
+    g.add("fc", "linear", ["flat"], out_features=2)
+    g.add_output("out", "fc")
+    return g
+
+
+def test_like_nodes_ready_together_go_in_the_order_of_their_inputs_not_their_names() -> None:
+    """Both ReLUs are ready after both convolutions (the 1x1 at position 1, the 3x3 at 2): the
+    one reading position 1 goes first (position 3), whatever the two are called; the sum reads
+    the 3x3's ReLU, then the 1x1's."""
+    a, b = _like_branches("zz", "aa"), _like_branches("aa", "zz")
+    assert arch_string(a) == arch_string(b) == (
+        "in2x5x5 conv1x1-3 conv3x3-3(padding=1)<0 relu<1 relu<2 add<4,3 flatten fc2 out:out")
+
+
+def test_a_cycle_has_no_canonical_order() -> None:
+    from growth.search_spaces.space import canonical_order
+
+    g = _mlp()
+    g.rewire("fc2", "act1", "act2")  # fc2 now reads its own consumer's output
+    with pytest.raises(GraphError, match="cycle"):
+        canonical_order(g)
+
+
 def test_arch_string_of_a_branching_network_lists_inputs() -> None:
     s = arch_string(residual())
     assert "add<" in s and s.startswith("in3x6x6 conv3x3-4(padding=1) batchnorm2d relu")
