@@ -536,6 +536,14 @@ def test_a_cycle_has_no_canonical_order() -> None:
         canonical_order(g)
 
 
+def test_arch_string_names_a_pools_kernel() -> None:
+    """A pool's label carries its kernel: maxpool2d(k=2)."""
+    g = add_head(small_cnn((1, 8, 8), [3, 4]), "t0", 3)
+    assert arch_string(g) == (
+        "in1x8x8 conv3x3-3(padding=1) batchnorm2d relu maxpool2d(k=2) conv3x3-4(padding=1) "
+        "batchnorm2d relu maxpool2d(k=2) flatten identity fc3 out:t0")
+
+
 def test_arch_string_of_a_branching_network_lists_inputs() -> None:
     s = arch_string(residual())
     assert "add<" in s and s.startswith("in3x6x6 conv3x3-4(padding=1) batchnorm2d relu")
