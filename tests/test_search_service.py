@@ -1080,19 +1080,34 @@ def test_a_search_starts_its_state_from_the_parent_and_resumes_only_with_its_set
     assert _begin(search, parent, Fixed(), 3, None, "best")["cost"] == 0.0
 
 
+def _driver(tmp_path: Path, state: dict[str, Any] | None = None, budget: Any = None,
+            spec: Any = None, **kwargs: Any) -> Any:
+    """The driver of a search in tmp_path/s, from `state` (a fresh one: empty), with Fixed as
+    its controller, no space or task, and the default resources and progress."""
+    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.trial import TrialSpec
+
+    return _Driver(SearchDir(tmp_path / "s"), {} if state is None else state, Fixed(), None,
+                   None, spec or TrialSpec(), budget or Budget(), Resources(), SearchProgress(),
+                   **kwargs)
+
+
+def _state_at(tmp_path: Path, **more: Any) -> dict[str, Any]:
+    """A search state at generation 0 whose parent is a tiny MLP saved at tmp_path/parent."""
+    parent = tmp_path / "parent"
+    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    return {"generation": 0, "done": False, "parent": str(parent), "parent_acc": None, **more}
+
+
 def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Path) -> None:
     """Children per generation: `children` until `generations`; with a trial budget, what is
     left of it after the earlier generations' children (6 - 2 - 3 = 1 for generation 2);
     none once the wall-time budget is used."""
-    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
+    from growth.controllers.driver import Budget
     from growth.controllers.records import ChildRecord, child_key
-    from growth.controllers.trial import TrialSpec
-
-    search = SearchDir(tmp_path / "s")
 
     def driver(budget: Budget, elapsed: float = 0.0) -> Any:
-        d = _Driver(search, {"elapsed_s": elapsed}, Fixed(), None, None, TrialSpec(), budget,
-                    Resources(), SearchProgress())
+        d = _driver(tmp_path, {"elapsed_s": elapsed}, budget)
         d.records = [ChildRecord(child_key(g, i), g, i, "a", [], "ok")
                      for g, n in ((0, 2), (1, 3)) for i in range(n)]
         return d
@@ -1107,9 +1122,7 @@ def test_a_generations_size_follows_the_trial_and_wall_time_budgets(tmp_path: Pa
         frozen.setattr(time, "monotonic", lambda: 5.0)
         assert driver(Budget(children=4, wall_time_s=10.0), elapsed=10.0
                       )._generation_size(0) == 0
-    fresh = _Driver(search, {}, Fixed(), None, None, TrialSpec(), Budget(), Resources(),
-                    SearchProgress())
-    assert 0.0 <= fresh.elapsed() < 0.5  # a state without elapsed time starts at 0
+    assert 0.0 <= _driver(tmp_path).elapsed() < 0.5  # a state without elapsed time starts at 0
 
 
 def test_a_strategy_state_goes_to_storage_only_for_children_trained_elsewhere(tmp_path: Path
@@ -1117,28 +1130,26 @@ def test_a_strategy_state_goes_to_storage_only_for_children_trained_elsewhere(tm
     """The trial spec a generation hands out: on Tune or the pool, a strategy state on local
     disk is first copied into the search's storage and named there; on the local backend, or
     when it is already a URI, the reference stays as it is."""
-    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
     from growth.controllers.trial import TrialSpec
 
     state = tmp_path / "state"
     state.mkdir()
     (state / "strategy.json").write_text("{}")
-    search = SearchDir(tmp_path / "s")
+
+    def spec_json(backend: str, ref: str) -> dict[str, Any]:
+        spec = TrialSpec(strategy={"name": "l2", "state": ref})
+        return _driver(tmp_path, spec=spec, backend=backend)._spec_json()
 
     def spec_state(backend: str, ref: str) -> str:
-        spec = TrialSpec(strategy={"name": "l2", "state": ref})
-        d = _Driver(search, {}, Fixed(), None, None, spec, Budget(), Resources(),
-                    SearchProgress(), backend=backend)
-        return d._spec_json()["strategy"]["state"]
+        return spec_json(backend, ref)["strategy"]["state"]
 
     assert spec_state("local", str(state)) == str(state)
     spec = TrialSpec(strategy={"name": "l2", "state": str(state)})
-    here = _Driver(search, {}, Fixed(), None, None, spec, Budget(), Resources(),
-                   SearchProgress(), backend="local")._spec_json()
-    assert here == json.loads(spec.model_dump_json())  # plain JSON, as trials receive it
+    assert spec_json("local", str(state)) == json.loads(spec.model_dump_json())  # plain JSON
+    storage = _driver(tmp_path).search.storage
     assert spec_state("tune", "s3://bucket/state") == "s3://bucket/state"
-    assert spec_state("tune", str(state)) == f"{search.storage}/strategy"
-    assert (Path(search.storage) / "strategy" / "strategy.json").read_text() == "{}"
+    assert spec_state("tune", str(state)) == f"{storage}/strategy"
+    assert (Path(storage) / "strategy" / "strategy.json").read_text() == "{}"
 
 
 def test_the_search_reports_the_mean_training_time_of_its_finished_children(tmp_path: Path
@@ -1146,12 +1157,9 @@ def test_the_search_reports_the_mean_training_time_of_its_finished_children(tmp_
     """What "auto" weighs Ray's start-up against: the mean of the finished children's training
     times ((1 + 2 + 6) / 3 = 3; a failed child's time is not counted), else the caller's
     hint."""
-    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
     from growth.controllers.records import ChildRecord
-    from growth.controllers.trial import TrialSpec
 
-    d = _Driver(SearchDir(tmp_path / "s"), {}, Fixed(), None, None, TrialSpec(), Budget(),
-                Resources(), SearchProgress(), child_s=7.5)
+    d = _driver(tmp_path, child_s=7.5)
     assert d.measured_child_s() == 7.5
     d.records = [ChildRecord(f"g000c0{i}", 0, i, "a", [], status, val_acc=acc, train_time_s=t)
                  for i, (status, acc, t) in enumerate((
@@ -1167,15 +1175,10 @@ def test_one_experiment_holds_at_most_generations_per_fit_trials(
     them for n children each, at least one; then the driver hands out none until a fresh
     experiment starts. A finished search hands out none at all."""
     from growth.controllers import driver as drv
-    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
-    from growth.controllers.trial import TrialSpec
+    from growth.controllers.driver import Budget
 
     monkeypatch.setattr(drv, "GENERATIONS_PER_FIT", 6)
-    parent = tmp_path / "parent"
-    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
-    state = {"generation": 0, "done": False, "parent": str(parent), "parent_acc": None}
-    d = _Driver(SearchDir(tmp_path / "s"), state, Fixed(), None, None, TrialSpec(),
-                Budget(children=children, generations=10), Resources(), SearchProgress(),
+    d = _driver(tmp_path, _state_at(tmp_path), Budget(children=children, generations=10),
                 backend="local")
     handed = 0
     while d.next_generation() is not None:
@@ -1192,42 +1195,30 @@ def test_a_generations_second_attempt_adopts_children_tune_finished_unrecorded(
     """Generation 0 handed out once before (attempt 0, then the driver died): its second
     attempt first adopts the child Tune's storage holds finished but unrecorded, so the
     generation knows it is trained."""
-    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
-    from growth.controllers.trial import TrialSpec
+    from growth.controllers.driver import Budget
 
-    parent = tmp_path / "parent"
-    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
-    search = SearchDir(tmp_path / "s")
-    _child_folder(Path(search.storage) / "gen000-a0" / "g000c01-t1" / "checkpoint_000000",
+    d = _driver(tmp_path, _state_at(tmp_path, attempts={"0": 0}), Budget(3, 1),
+                backend="local")
+    _child_folder(Path(d.search.storage) / "gen000-a0" / "g000c01-t1" / "checkpoint_000000",
                   "g000c01", 0, 1)
-    state = {"generation": 0, "done": False, "parent": str(parent), "parent_acc": None,
-             "attempts": {"0": 0}}
-    d = _Driver(search, state, Fixed(), None, None, TrialSpec(), Budget(3, 1), Resources(),
-                SearchProgress(), backend="local")
     generation = d.next_generation()
     assert generation is not None and generation.base_config["attempt"] == 1
     assert [r.key for r in d.records] == ["g000c01"] and generation.known == {1: 0.5}
-    assert generation.parent == str(parent)  # trained here: the parent where it lies
+    assert generation.parent == str(tmp_path / "parent")  # trained here: where it lies
 
 
 def test_a_generation_for_trials_elsewhere_grows_from_a_copy_of_its_parent_in_storage(
         tmp_path: Path) -> None:
     """On Tune (or the pool) the generation's parent is first copied into the search's
     storage, under parents/gen000, and the generation names that copy."""
-    from growth.controllers.driver import Budget, Resources, SearchDir, SearchProgress, _Driver
-    from growth.controllers.trial import TrialSpec
+    from growth.controllers.driver import Budget
 
-    parent = tmp_path / "parent"
-    graph = add_head(mlp((1, 8, 8), [4]), "t0", 10)
-    graph.save(parent)
-    search = SearchDir(tmp_path / "s")
-    state = {"generation": 0, "done": False, "parent": str(parent), "parent_acc": None}
-    d = _Driver(search, state, Fixed(), None, None, TrialSpec(), Budget(3, 1), Resources(),
-                SearchProgress(), backend="tune")
+    d = _driver(tmp_path, _state_at(tmp_path), Budget(3, 1), backend="tune")
     generation = d.next_generation()
     assert generation is not None
-    assert generation.parent == f"{search.storage}/parents/gen000"
-    assert NetGraph.load(Path(generation.parent)).to_dict() == graph.to_dict()
+    assert generation.parent == f"{d.search.storage}/parents/gen000"
+    assert (NetGraph.load(Path(generation.parent)).to_dict() ==
+            NetGraph.load(tmp_path / "parent").to_dict())
 
 
 def test_a_child_that_fails_here_is_recorded_with_the_trials_error_and_times(tmp_path: Path
