@@ -344,8 +344,7 @@ def test_run_search_hands_the_driver_its_defaults_storage_name_and_callbacks(
             return "ran"
 
     monkeypatch.setattr(drv, "_Driver", Recorded)
-    parent = tmp_path / "parent"
-    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    parent = _tiny_parent(tmp_path)
     marker = object()
     assert drv.run_search(tmp_path / "s", parent, Fixed(), None, None,
                           storage=str(tmp_path / "shared"), name="mine",
@@ -1055,8 +1054,7 @@ def test_a_search_starts_its_state_from_the_parent_and_resumes_only_with_its_set
 
     search = SearchDir(tmp_path / "s")
     search.root.mkdir()
-    parent = tmp_path / "parent"
-    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    parent = _tiny_parent(tmp_path)
     state = _begin(search, parent, Fixed(), 3, 0.25, "best", 0.5)
     where = str(parent.resolve())
     assert state == {"version": 2, "controller": "fixed", "seed": 3, "policy": "best",
@@ -1092,10 +1090,16 @@ def _driver(tmp_path: Path, state: dict[str, Any] | None = None, budget: Any = N
                    **kwargs)
 
 
-def _state_at(tmp_path: Path, **more: Any) -> dict[str, Any]:
-    """A search state at generation 0 whose parent is a tiny MLP saved at tmp_path/parent."""
+def _tiny_parent(tmp_path: Path) -> Path:
+    """A tiny MLP (64 -> 4 -> 10) saved at tmp_path/parent, for searches that train nothing."""
     parent = tmp_path / "parent"
     add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    return parent
+
+
+def _state_at(tmp_path: Path, **more: Any) -> dict[str, Any]:
+    """A search state at generation 0 whose parent is a tiny MLP saved at tmp_path/parent."""
+    parent = _tiny_parent(tmp_path)
     return {"generation": 0, "done": False, "parent": str(parent), "parent_acc": None, **more}
 
 
@@ -1400,8 +1404,7 @@ def test_a_finished_search_resumed_from_an_older_state_reports_its_generations_a
     existed reports 0, its parent as the root and no lineage."""
     from growth.controllers.driver import Budget, run_search
 
-    parent = tmp_path / "parent"
-    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    parent = _tiny_parent(tmp_path)
     folder = tmp_path / "s"
     first = run_search(folder, parent, Fixed(), None, None, budget=Budget(2, 0),
                        backend="local")
@@ -1435,8 +1438,7 @@ def test_a_generation_that_keeps_the_parent_counts_from_an_older_state(
     parent stays and kept is 1 (3)."""
     from growth.controllers.driver import Budget, run_search
 
-    parent = tmp_path / "parent"
-    add_head(mlp((1, 8, 8), [4]), "t0", 10).save(parent)
+    parent = _tiny_parent(tmp_path)
     folder = tmp_path / "s"
     run_search(folder, parent, Fixed(), None, None, budget=Budget(3, 0), backend="local")
     state = json.loads((folder / "search.json").read_text())
